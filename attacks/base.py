@@ -1,0 +1,112 @@
+"""The attack contract: keyword-only configuration, the model at call time, an AttackResult.
+
+As in foolbox 3, one final ``__call__`` in the base checks inputs, puts the model in eval mode
+and restores every module's mode afterwards (try/finally), freezes nothing on the caller's
+model, clips the result to [0, 1] and computes success; subclasses write only ``run``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, final
+
+import torch
+from torch import nn
+
+from guard.features import eval_mode
+from guard.validation import check_images, check_labels
+
+__all__ = ["Attack", "AttackResult", "model_device"]
+
+
+@dataclass
+class AttackResult:
+    """What every attack returns.
+
+    Attributes:
+        x_adv: adversarial images, float32 NCHW in [0, 1], on the model's device.
+        success: bool[N]: the attack reached its goal for that image (untargeted: the model's
+            label differs from ``y``; targeted: equals ``target``; fooling images: confidence
+            reached the threshold).
+        y: labels the attack started from (true labels or the model's own predictions).
+        target: target labels for targeted attacks, else None.
+        extras: attack-specific outputs (the patch, positions, guides, confidences, ...).
+    """
+
+    x_adv: torch.Tensor
+    success: torch.Tensor
+    y: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if self.success.numel() else 0.0
+
+    def __len__(self) -> int:
+        return int(self.x_adv.shape[0])
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for parameter-free models)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+class Attack:
+    """Base for input-conditioned attacks (FGSM, PGD, feature adversaries, patches at sample time).
+
+    Subclasses implement ``run(model, x, y, target) -> AttackResult`` and may assume: ``x`` is
+    validated and on the model's device, the model is in eval mode, ``y`` is int64 on the same
+    device (the model's own prediction when the caller gave none).
+    """
+
+    targeted_supported: bool = True
+
+    @final
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        *,
+        target: torch.Tensor | None = None,
+    ) -> AttackResult:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        check_images(x, "x")
+        device = model_device(model)
+        x = x.to(device=device, dtype=torch.float32)
+        if target is not None:
+            if not self.targeted_supported:
+                raise ValueError(f"{type(self).__name__} does not support targeted attacks; got target=...")
+            target = check_labels(target, "target", n=int(x.shape[0])).to(device)
+        with eval_mode(model):
+            if y is None:
+                with torch.no_grad():
+                    y = model(x).argmax(1)
+            else:
+                y = check_labels(y, "y", n=int(x.shape[0])).to(device)
+            result = self.run(model, x, y, target)
+        result.x_adv = result.x_adv.detach().clamp_(0.0, 1.0)
+        if result.y is None:
+            result.y = y
+        if result.target is None:
+            result.target = target
+        return result
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
+        raise NotImplementedError
+
+    @staticmethod
+    @torch.no_grad()
+    def is_success(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        pred = model(x_adv).argmax(1)
+        return pred == target if target is not None else pred != y
+
+    def params(self) -> dict[str, Any]:
+        """The configuration, JSON-friendly (for report.json)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))}

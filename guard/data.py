@@ -1,0 +1,140 @@
+"""Data: the embedded MNIST default and turning user data into tensors.
+
+Users hand guard tensors, a ``torch.utils.data.Dataset``, a ``DataLoader`` or an image folder
+(torchvision ``ImageFolder`` layout: one sub-folder per class). Everything becomes a pair
+``(x, y)``: float32 NCHW in [0, 1] and int64 labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from guard.idx import read_idx
+from guard.validation import check_images, check_labels
+
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+
+DEMO_SEED = 0
+DEMO_TRAIN = 8000
+DEMO_TEST = 2000
+_IMAGES = "t10k-images-idx3-ubyte.gz"
+_LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images and labels of one split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:  # allows ``x, y = split``
+        return iter((self.x, self.y))
+
+
+def _mnist_dir() -> Path:
+    return Path(str(resources.files("guard") / "_data" / "mnist"))
+
+
+def demo_data_digest() -> str:
+    """SHA-256 of the embedded MNIST files (part of the demo model's cache key)."""
+    h = hashlib.sha256()
+    for name in (_IMAGES, _LABELS):
+        h.update((_mnist_dir() / name).read_bytes())
+    return h.hexdigest()
+
+
+def demo_data(*, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DEMO_TEST) -> tuple[Split, Split]:
+    """The embedded MNIST test split (10,000 images), divided with a fixed seed.
+
+    Returns:
+        ``(train, test)``: 8,000 images to train the demo model and fit detectors, 2,000 to
+        evaluate. Images are float32 (N, 1, 28, 28) in [0, 1]; labels int64.
+
+    Source: the MNIST database (LeCun, Cortes, Burges), CC BY-SA 3.0; see
+    ``guard/_data/mnist/LICENSE.txt``.
+    """
+    if n_train < 1 or n_test < 1 or n_train + n_test > 10000:
+        raise ValueError(f"n_train and n_test must be >= 1 and sum to at most 10000; got {n_train} and {n_test}.")
+    images = read_idx(_mnist_dir() / _IMAGES, expect_dims=3)
+    labels = read_idx(_mnist_dir() / _LABELS, expect_dims=1)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(f"MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count.")
+    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+    x = images.unsqueeze(1).float().div_(255.0)
+    y = labels.long()
+    tr, te = perm[:n_train], perm[n_train:n_train + n_test]
+    return Split(x[tr].contiguous(), y[tr].contiguous()), Split(x[te].contiguous(), y[te].contiguous())
+
+
+def _from_dataset(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    loader = ds if isinstance(ds, DataLoader) else DataLoader(ds, batch_size=256, shuffle=False)
+    for item in loader:
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise TypeError(f"{name} must yield (image, label) pairs; got {type(item).__name__}.")
+        xb, yb = item[0], item[1]
+        if not isinstance(xb, torch.Tensor):
+            raise TypeError(f"{name} must yield image tensors (add transforms.ToTensor()); got {type(xb).__name__}.")
+        xs.append(xb)
+        ys.append(torch.as_tensor(yb))
+    if not xs:
+        raise ValueError(f"{name} is empty: it yielded no images.")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int] | None = None, grayscale: bool = False) -> Split:
+    """Turn user data into a validated :class:`Split`.
+
+    Args:
+        data: ``(x, y)`` tensors, a :class:`Split`, a ``Dataset`` or ``DataLoader`` yielding
+            ``(image, label)``, or a path to an image folder (one sub-folder per class).
+        name: the argument's name for error messages.
+        image_size: resize folder images to this size (needed when they differ in size).
+        grayscale: load folder images as one channel.
+    """
+    if isinstance(data, Split):
+        x, y = data.x, data.y
+    elif isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_dir():
+            raise ValueError(f"{name} must be an existing image folder (one sub-folder per class); got {str(path)!r}.")
+        from torchvision import datasets, transforms
+
+        tf: list[Any] = []
+        if grayscale:
+            tf.append(transforms.Grayscale(1))
+        if image_size is not None:
+            tf.append(transforms.Resize(image_size))
+        tf.append(transforms.ToTensor())
+        try:
+            folder = datasets.ImageFolder(str(path), transform=transforms.Compose(tf))
+        except (FileNotFoundError, RuntimeError) as err:
+            raise ValueError(f"{name}: {str(path)!r} is not a usable image folder: {err}") from err
+        x, y = _from_dataset(folder, name)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data[0], data[1]
+    elif isinstance(data, (Dataset, DataLoader)):
+        x, y = _from_dataset(data, name)
+    else:
+        raise TypeError(f"{name} must be (x, y) tensors, a Dataset, a DataLoader or an image-folder path; got {type(data).__name__}.")
+    check_images(x, f"{name} images")
+    y = check_labels(y, f"{name} labels", n=int(x.shape[0]))
+    return Split(x.float(), y)
+
+
+def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """Consecutive slices of ``x`` of at most ``batch_size`` rows."""
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size]

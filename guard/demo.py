@@ -1,0 +1,80 @@
+"""The demo model: DemoNet trained on the embedded MNIST 8,000 and cached."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from guard.cache import cache_dir, load_tensors, save_tensors
+from guard.data import DEMO_SEED, demo_data, demo_data_digest
+from guard.models import DemoNet
+
+__all__ = ["demo_model", "demo_model_key", "shift_augment"]
+
+log = logging.getLogger(__name__)
+
+_TRAIN = {"epochs": 12, "batch_size": 64, "lr": 3e-3, "augment": "shift2"}
+
+
+def shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (zero padding), per image."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, (max_shift,) * 4)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
+    idx_n = torch.arange(n).view(n, 1, 1)
+    return pad[idx_n, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2).contiguous()
+
+
+def demo_model_key(seed: int = DEMO_SEED) -> str:
+    """Hash of architecture + data + seed + training settings: the cache key."""
+    arch = repr(DemoNet())
+    blob = json.dumps({"arch": arch, "data": demo_data_digest(), "seed": seed, "train": _TRAIN, "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def demo_model(*, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: bool = True, progress: bool = True) -> DemoNet:
+    """The demo MNIST classifier, loaded from the cache or trained (about a minute on 2 cores).
+
+    Args:
+        seed: training seed (part of the cache key).
+        cache: read and write ``cache_dir()/demo/demonet-<key>.safetensors``.
+        train_if_missing: train when not cached; otherwise raise ValueError.
+        progress: show a progress bar while training.
+
+    Returns:
+        A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
+        a cache hit.
+    """
+    from training.classifier import accuracy, train_classifier
+
+    key = demo_model_key(seed)
+    path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
+    model = DemoNet()
+    if cache and path.is_file():
+        tensors, meta = load_tensors(path)
+        model.load_state_dict(tensors)
+        model.eval()
+        model.guard_meta = {"cache_path": str(path), "cache_hit": True, **meta}  # type: ignore[attr-defined]
+        return model
+    if not train_if_missing:
+        raise ValueError(f"demo model not cached at {str(path)!r} and train_if_missing=False.")
+    train, test = demo_data()
+    torch.manual_seed(seed)
+    model = DemoNet()
+    log.info("training the demo model (cache miss: %s)", path)
+    train_classifier(model, train.x, train.y, epochs=_TRAIN["epochs"], batch_size=_TRAIN["batch_size"],
+                     lr=_TRAIN["lr"], seed=seed, augment=shift_augment, progress=progress)
+    model.eval()
+    meta = {"key": key, "seed": seed, "test_accuracy": accuracy(model, test.x, test.y), **_TRAIN}
+    if cache:
+        save_tensors(path, model.state_dict(), meta)
+    model.guard_meta = {"cache_path": str(path), "cache_hit": False, **meta}  # type: ignore[attr-defined]
+    return model

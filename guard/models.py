@@ -1,0 +1,120 @@
+"""Models: the demo LeNet, the Normalize wrapper, and loading a user's model."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["DemoNet", "Normalize", "Normalized", "load_model", "find_head"]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, so that the model takes [0, 1] pixels."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std_t = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        if mean_t.numel() != std_t.numel():
+            raise ValueError(f"mean and std must have the same length; got {mean_t.numel()} and {std_t.numel()}.")
+        if bool((std_t <= 0).any()):
+            raise ValueError(f"std must be > 0 for every channel; got {list(std)}.")
+        self.register_buffer("mean", mean_t)
+        self.register_buffer("std", std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Normalized(nn.Sequential):
+    """A model that expects normalised inputs, wrapped to take [0, 1] pixels.
+
+    Layer names gain the prefix ``"model."`` (``"model.layer4"``).
+    """
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(OrderedDict(normalize=Normalize(mean, std), model=model))
+
+
+class DemoNet(nn.Module):
+    """The demo classifier: a LeNet-style CNN with named layers.
+
+    Layers: ``normalize`` -> ``conv1`` (conv 5x5, 32, ReLU, max-pool) -> ``conv2`` (conv 5x5,
+    64, ReLU, max-pool) -> ``fc1`` (1024 -> 128, ReLU) -> ``fc2`` (the classifier head).
+    Input (N, 1, 28, 28) in [0, 1].
+    """
+
+    def __init__(self, num_classes: int = 10, *, in_channels: int = 1, width: int = 32, hidden: int = 128) -> None:
+        super().__init__()
+        self.normalize = Normalize([0.1307] * in_channels, [0.3081] * in_channels)
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, width, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.conv2 = nn.Sequential(nn.Conv2d(width, 2 * width, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Sequential(nn.Linear(2 * width * 4 * 4, hidden), nn.ReLU())
+        self.dropout = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv2(self.conv1(self.normalize(x)))
+        return self.fc2(self.dropout(self.fc1(self.flatten(x))))
+
+
+def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
+    """The classifier head: the named Linear layer, or the last ``nn.Linear`` registered."""
+    if name is not None:
+        from guard.features import get_layer
+
+        mod = get_layer(model, name)
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"head {name!r} must be an nn.Linear; got {type(mod).__name__}.")
+        return name, mod
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"Could not find a classifier head in {type(model).__name__}: it has no nn.Linear layer; pass head='module.path'.")
+    return linears[-1]
+
+
+def load_model(spec: str | os.PathLike[str]) -> nn.Module:
+    """Load a user's model from a spec.
+
+    Args:
+        spec: a TorchScript file (``torch.jit.save``), an exported program (``.pt2``,
+            ``torch.export.save``), or ``"package.module:callable"`` returning an nn.Module
+            (the callable is imported and called with no arguments).
+
+    The model must take float NCHW images in [0, 1] and return logits.
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.suffix in {".pt", ".pth", ".ts", ".pt2", ".jit"} or path.exists():
+        if not path.is_file():
+            raise ValueError(f"model file {text!r} does not exist.")
+        if path.suffix == ".pt2":
+            try:
+                return torch.export.load(str(path)).module()
+            except Exception as err:  # torch raises many types for a bad archive
+                raise ValueError(f"model file {text!r} is not a readable exported program (.pt2): {err}") from err
+        try:
+            return torch.jit.load(str(path), map_location="cpu")
+        except Exception as err:
+            raise ValueError(f"model file {text!r} is not a TorchScript archive (torch.jit.save); plain state_dicts need 'module:callable': {err}") from err
+    if ":" not in text:
+        raise ValueError(f"model must be a TorchScript/.pt2 file or 'module:callable'; got {text!r}.")
+    mod_name, _, attr = text.partition(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ValueError(f"model {text!r}: cannot import module {mod_name!r}: {err}") from err
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ValueError(f"model {text!r}: module {mod_name!r} has no attribute {attr!r}.")
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {text!r} must give an nn.Module; got {type(model).__name__}.")
+    return model

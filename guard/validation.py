@@ -1,0 +1,136 @@
+"""Input checks shared by every package.
+
+Every public function in guard takes images as float NCHW tensors in [0, 1]. These helpers turn
+a wrong input into one clear ``ValueError``/``TypeError`` that names the argument, what was
+expected and what came, instead of a crash deep inside torch or a silently wrong answer.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+__all__ = [
+    "NotFittedError",
+    "check_images",
+    "check_labels",
+    "check_int",
+    "check_float",
+    "check_probability",
+]
+
+
+class NotFittedError(ValueError, AttributeError):
+    """Raised when a detector or attack is used before ``fit``.
+
+    Subclasses ValueError and AttributeError like scikit-learn's NotFittedError, so callers that
+    catch either keep working.
+    """
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+def check_images(
+    x: Any,
+    name: str = "x",
+    *,
+    channels: int | None = None,
+    allow_empty: bool = False,
+    check_range: bool = True,
+) -> torch.Tensor:
+    """Validate a batch of images: a floating tensor, NCHW, finite, in [0, 1], non-empty.
+
+    Args:
+        x: the images.
+        name: the argument's name, used in the error message.
+        channels: if given, the required channel count.
+        allow_empty: accept a batch of zero images.
+        check_range: check that values lie in [0, 1] (pixel space).
+
+    Returns:
+        ``x`` itself (no copy), so the call can be used inline.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of float images NCHW in [0, 1]; got {_describe(x)}.")
+    if not x.is_floating_point():
+        hint = " (divide uint8 images by 255)" if x.dtype == torch.uint8 else ""
+        raise TypeError(f"{name} must be a floating-point tensor in [0, 1]; got dtype {x.dtype}{hint}.")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W); got shape {tuple(x.shape)}.")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} must hold at least one image; got an empty batch of shape {tuple(x.shape)}.")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channel(s); got {x.shape[1]} (shape {tuple(x.shape)}).")
+    if x.numel() == 0:
+        return x
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite; got {bad} NaN/inf value(s).")
+    if check_range:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"{name} must lie in [0, 1] (pixel space; normalise inside the model); got values in [{lo:.4g}, {hi:.4g}].")
+    return x
+
+
+def check_labels(y: Any, name: str = "y", *, n: int | None = None, num_classes: int | None = None) -> torch.Tensor:
+    """Validate integer class labels of shape (N,)."""
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 labels; got {_describe(y)}.")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels; got dtype {y.dtype}.")
+    if y.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (N,); got shape {tuple(y.shape)}.")
+    if n is not None and y.shape[0] != n:
+        raise ValueError(f"{name} must have {n} entries (one per image); got {y.shape[0]}.")
+    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}]; got values in [{int(y.min())}, {int(y.max())}].")
+    return y.long()
+
+
+def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
+    """Check an int parameter with scikit-learn's uniform message."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if ok and low is not None and value < low:
+        ok = False
+    if ok and high is not None and value > high:
+        ok = False
+    if not ok:
+        bound = " and ".join(b for b in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if b)
+        raise ValueError(f"The '{name}' parameter of {owner} must be an int{(' ' + bound) if bound else ''}. Got {value!r}.")
+    return int(value)
+
+
+def check_float(
+    value: Any,
+    name: str,
+    owner: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Check a finite real parameter within bounds ("(" / ")" for open ends)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and abs(float(value)) != float("inf")
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        rng = f" in {lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}"
+        raise ValueError(f"The '{name}' parameter of {owner} must be a finite float{rng}. Got {value!r}.")
+    return float(value)
+
+
+def check_probability(value: Any, name: str, owner: str) -> float:
+    """A float strictly inside (0, 1)."""
+    return check_float(value, name, owner, low=0.0, high=1.0, low_open=True, high_open=True)

@@ -1,0 +1,89 @@
+"""Plain supervised training of a classifier on tensors (the demo model, hardening rounds)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from guard.validation import check_images, check_int, check_labels, check_float
+
+__all__ = ["train_classifier", "accuracy"]
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, evaluated in eval mode (mode restored)."""
+    from guard.features import eval_mode
+
+    check_images(x, "x")
+    y = check_labels(y, "y", n=int(x.shape[0]))
+    device = next((p.device for p in model.parameters()), x.device)
+    correct = 0
+    with eval_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            pred = model(x[i:i + batch_size].to(device)).argmax(1).cpu()
+            correct += int((pred == y[i:i + batch_size]).sum())
+    return correct / int(x.shape[0])
+
+
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
+) -> nn.Module:
+    """Train ``model`` in place with Adam and cross-entropy; deterministic for a given seed.
+
+    A cosine learning-rate schedule over all steps. ``on_epoch_end(epoch, model, optimizer)``
+    is where callers checkpoint.
+    """
+    check_images(x, "x")
+    y = check_labels(y, "y", n=int(x.shape[0]))
+    epochs = check_int(epochs, "epochs", "train_classifier", low=1)
+    batch_size = check_int(batch_size, "batch_size", "train_classifier", low=1)
+    lr = check_float(lr, "lr", "train_classifier", low=0.0, low_open=True)
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * ((x.shape[0] + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    was_training = model.training
+    model.train()
+    try:
+        for epoch in tqdm(range(epochs), desc="train", unit="epoch", disable=not progress, leave=False):
+            perm = torch.randperm(x.shape[0], generator=gen)
+            total, n = 0.0, 0
+            for i in range(0, x.shape[0], batch_size):
+                idx = perm[i:i + batch_size]
+                xb, yb = x[idx], y[idx]
+                if augment is not None:
+                    xb = augment(xb, gen)
+                xb, yb = xb.to(device), yb.to(device)
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(idx)
+                n += len(idx)
+            log.debug("epoch %d loss %.4f", epoch, total / n)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model, opt)
+    finally:
+        model.train(was_training)
+    return model
