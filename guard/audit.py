@@ -29,10 +29,17 @@ log = logging.getLogger(__name__)
 
 REPORT_VERSION = 1
 
-# (section, "module:function"). Each function takes an AuditContext and fills
-# ctx.report[section]. Steps whose module is missing are skipped with a warning.
+# (step id, "module:function"). Each function takes an AuditContext and fills its section of
+# ctx.report (several attack steps share report["attacks"]). Steps whose module is missing are skipped with a warning.
 STEPS: list[tuple[str, str]] = [
     ("model", "guard.audit_model:run"),
+    ("attacks_gradient", "guard.audit_gradient:run"),  # fgsm, pgd
+    ("attacks_patches", "guard.audit_patches:run"),  # patch_gan, universal_patch, random_patch
+    ("attacks_features", "guard.audit_features:run"),  # feature_adversary
+    ("attacks_fooling", "guard.audit_fooling:run"),  # fooling_gradient, fooling_direct, fooling_cppn
+    ("detectors", "guard.audit_detectors:run"),
+    ("harden", "guard.audit_harden:run"),  # only with options.harden
+    ("export", "guard.audit_export:run"),  # skipped with options.export False
 ]
 
 
