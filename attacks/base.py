@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from guard.features import eval_mode
-from guard.validation import check_images, check_labels
+from guard.validation import call_model, check_images, check_labels
 
 __all__ = ["Attack", "AttackResult", "model_device"]
 
@@ -87,7 +87,7 @@ class Attack:
         with eval_mode(model):
             if y is None:
                 with torch.no_grad():
-                    y = model(x).argmax(1)
+                    y = call_model(model, x).argmax(1)
             else:
                 y = check_labels(y, "y", n=int(x.shape[0])).to(device)
             result = self.run(model, x, y, target)

@@ -101,7 +101,8 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
         data: ``(x, y)`` tensors, a :class:`Split`, a ``Dataset`` or ``DataLoader`` yielding
             ``(image, label)``, or a path to an image folder (one sub-folder per class).
         name: the argument's name for error messages.
-        image_size: resize folder images to this size (needed when they differ in size).
+        image_size: resize folder images to this size, an int meaning a square (needed when
+            they differ in size).
         grayscale: load folder images as one channel.
     """
     if isinstance(data, Split):
@@ -116,7 +117,8 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
         if grayscale:
             tf.append(transforms.Grayscale(1))
         if image_size is not None:
-            tf.append(transforms.Resize(image_size))
+            size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+            tf.append(transforms.Resize(size))
         tf.append(transforms.ToTensor())
         try:
             folder = datasets.ImageFolder(str(path), transform=transforms.Compose(tf))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,11 +60,15 @@ def demo_model(*, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: b
     path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
     model = DemoNet()
     if cache and path.is_file():
-        tensors, meta = load_tensors(path)
-        model.load_state_dict(tensors)
-        model.eval()
-        model.guard_meta = {"cache_path": str(path), "cache_hit": True, **meta}  # type: ignore[attr-defined]
-        return model
+        try:
+            tensors, meta = load_tensors(path)
+            model.load_state_dict(tensors)
+        except (ValueError, RuntimeError) as err:  # damaged or foreign file: retrain over it
+            warnings.warn(f"demo model cache {str(path)!r} is unreadable ({err}); retraining.", RuntimeWarning, stacklevel=2)
+        else:
+            model.eval()
+            model.guard_meta = {"cache_path": str(path), "cache_hit": True, **meta}  # type: ignore[attr-defined]
+            return model
     if not train_if_missing:
         raise ValueError(f"demo model not cached at {str(path)!r} and train_if_missing=False.")
     train, test = demo_data()

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from guard.validation import check_images
+from guard.validation import call_model, check_images
 
 __all__ = ["get_layer", "layer_names", "FeatureExtractor", "extract_features", "eval_mode"]
 
@@ -86,7 +86,7 @@ class FeatureExtractor:
         for name, mod in self._modules.items():
             handles.append(mod.register_forward_hook(make_hook(name)))
         try:
-            logits = self.model(x)
+            logits = call_model(self.model, x)
         finally:
             for h in handles:
                 h.remove()

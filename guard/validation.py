@@ -19,6 +19,7 @@ __all__ = [
     "check_int",
     "check_float",
     "check_probability",
+    "call_model",
 ]
 
 
@@ -134,3 +135,18 @@ def check_float(
 def check_probability(value: Any, name: str, owner: str) -> float:
     """A float strictly inside (0, 1)."""
     return check_float(value, name, owner, low=0.0, high=1.0, low_open=True, high_open=True)
+
+
+def call_model(model: Any, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """``model(x)``, turning a shape/dtype mismatch inside torch into a clear ValueError.
+
+    A model built for 1-channel 28x28 images fed 3-channel or 32x32 ones fails deep inside a
+    conv or linear layer; the message then names the argument and the shape that came.
+    """
+    try:
+        return model(x)
+    except RuntimeError as err:
+        text = str(err)
+        if any(k in text for k in ("shape", "size", "channels", "dimension", "mat1", "expected input")):
+            raise ValueError(f"the model cannot take {name} of shape {tuple(x.shape)} (check channels and image size): {text.splitlines()[0]}") from err
+        raise

@@ -1,0 +1,64 @@
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+import guard
+from guard.data import demo_data, load_data
+
+
+def test_split_sizes_types_and_disjointness(demo_split):
+    train, test = demo_split
+    assert train.x.shape == (8000, 1, 28, 28) and test.x.shape == (2000, 1, 28, 28)
+    assert train.x.dtype == torch.float32 and train.y.dtype == torch.int64
+    assert 0.0 <= float(train.x.min()) and float(train.x.max()) <= 1.0
+    # No image of the test split appears in the train split (exact duplicates aside, MNIST has none).
+    tr = {hash(r.numpy().tobytes()) for r in train.x.flatten(1)}
+    assert not any(hash(r.numpy().tobytes()) in tr for r in test.x.flatten(1))
+    # every class present in both splits, roughly balanced
+    assert torch.bincount(test.y, minlength=10).min() > 150
+
+
+def test_split_is_deterministic_and_seeded(demo_split):
+    train, test = demo_split
+    train2, test2 = demo_data()
+    assert torch.equal(train.x, train2.x) and torch.equal(test.y, test2.y)
+    other, _ = demo_data(seed=1)
+    assert not torch.equal(train.y, other.y)
+
+
+def test_demo_data_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="n_train"):
+        demo_data(n_train=9000, n_test=2000)
+
+
+def test_load_data_accepts_tensors_dataset_loader(small_split):
+    train, _ = small_split
+    x, y = train.x[:40], train.y[:40]
+    for data in [(x, y), TensorDataset(x, y), DataLoader(TensorDataset(x, y), batch_size=7)]:
+        s = load_data(data)
+        assert torch.equal(s.x, x) and torch.equal(s.y, y)
+
+
+def test_load_data_image_folder(tmp_path):
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (10, 12), color=(40 * i, 0, 255)).save(tmp_path / cls / f"{i}.png")
+    s = load_data(tmp_path)
+    assert s.x.shape == (6, 3, 12, 10) and s.y.tolist() == [0, 0, 0, 1, 1, 1]
+    g = load_data(str(tmp_path), grayscale=True, image_size=8)
+    assert g.x.shape == (6, 1, 8, 8)
+
+
+def test_load_data_errors(tmp_path):
+    with pytest.raises(ValueError, match="image folder"):
+        load_data(tmp_path / "missing")
+    with pytest.raises(TypeError, match="data must be"):
+        load_data(42)
+    with pytest.raises(ValueError, match="one per image"):
+        load_data((torch.rand(3, 1, 4, 4), torch.zeros(2, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"data images must lie in \[0, 1\]"):
+        load_data((torch.rand(3, 1, 4, 4) * 255, torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(ValueError, match="empty"):
+        load_data(TensorDataset(torch.rand(0, 1, 4, 4), torch.zeros(0, dtype=torch.long)))
