@@ -1,0 +1,123 @@
+"""The (n+1)-class "reject" head of Nguyen et al. (2015), and a classifier that predicts -1 for it.
+
+Nguyen, Yosinski, Clune, "Deep Neural Networks are Easily Fooled: High Confidence Predictions
+for Unrecognizable Images", CVPR 2015, section 3.3: retrain the network with an extra
+"fooling images" class. :func:`grow_head` copies a model and widens its final ``nn.Linear``
+from n to n+1 outputs, keeping the n learned rows bit for bit; :class:`RejectClassifier`
+wraps the widened model so that ``predict`` gives ``-1`` for the reject class.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from guard.features import eval_mode, get_layer
+from guard.models import find_head
+from guard.validation import call_model, check_images, check_int
+
+__all__ = ["REJECT", "grow_head", "set_submodule", "RejectClassifier"]
+
+#: What :meth:`RejectClassifier.predict` returns for a rejected input.
+REJECT = -1
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` (``"fc2"``, ``"classifier.3"``)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = get_layer(model, parent_name) if parent_name else model
+    if isinstance(parent, (nn.Sequential, nn.ModuleList)) and leaf.isdigit():
+        parent[int(leaf)] = module
+    else:
+        setattr(parent, leaf, module)
+
+
+def grow_head(model: nn.Module, *, num_classes: int | None = None, head: str | None = None, seed: int = 0) -> tuple[nn.Module, str]:
+    """A deep copy of ``model`` whose classifier head has one more output (the reject class).
+
+    Args:
+        model: the classifier; never modified.
+        num_classes: the number of classes the head must have now (checked when given).
+        head: dotted name of the head ``nn.Linear``; default: the last ``nn.Linear``.
+        seed: seeds the new row's small random weights.
+
+    Returns:
+        ``(new_model, head_name)``. Rows ``0..n-1`` of the new head equal the old head's; row
+        ``n`` has small random weights and the lowest old bias, so the copy predicts exactly
+        what the original predicted until it is trained.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("model is a TorchScript module; harden needs an editable nn.Module (its head is replaced).")
+    name, old = find_head(model, head)
+    n = int(old.out_features)
+    if num_classes is not None:
+        num_classes = check_int(num_classes, "num_classes", "harden", low=2)
+        if num_classes != n:
+            raise ValueError(f"num_classes={num_classes} does not match the head {name!r}, which has {n} outputs "
+                             "(pass head='module.path' if this is not the classifier head).")
+    new_model = copy.deepcopy(model)
+    _, old_copy = find_head(new_model, name)
+    p = old_copy.weight
+    new = nn.Linear(old_copy.in_features, n + 1, bias=old_copy.bias is not None, device=p.device, dtype=p.dtype)
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        new.weight[:n].copy_(old_copy.weight)
+        scale = float(old_copy.weight.std()) * 0.1 if old_copy.weight.numel() > 1 else 0.01
+        new.weight[n].copy_((torch.randn(old_copy.in_features, generator=gen) * scale).to(p))
+        if new.bias is not None and old_copy.bias is not None:
+            new.bias[:n].copy_(old_copy.bias)
+            new.bias[n] = old_copy.bias.min() - 1.0
+    new.train(old_copy.training)
+    set_submodule(new_model, name, new)
+    return new_model, name
+
+
+class RejectClassifier(nn.Module):
+    """A classifier with an extra reject class: ``forward`` gives n+1 logits, ``predict`` -1 for reject.
+
+    Attributes:
+        model: the widened network (its layer names are the original model's under ``model.``).
+        num_classes: n, the number of real classes.
+        reject_index: n, the index of the reject logit.
+        head: the dotted name of the head inside ``model``.
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, head: str) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = check_int(num_classes, "num_classes", "RejectClassifier", low=1)
+        self.head = head
+        out = find_head(model, head)[1].out_features
+        if out != self.num_classes + 1:
+            raise ValueError(f"the head {head!r} must have num_classes + 1 = {self.num_classes + 1} outputs; got {out}.")
+
+    @property
+    def reject_index(self) -> int:
+        return self.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+        """Softmax over the n+1 outputs, (N, n+1), eval mode (restored), batched."""
+        check_images(x, "x")
+        device = next((p.device for p in self.parameters()), x.device)
+        outs = []
+        with eval_mode(self):
+            for i in range(0, x.shape[0], batch_size):
+                outs.append(call_model(self, x[i:i + batch_size].to(device)).softmax(1))
+        return torch.cat(outs)
+
+    def reject_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """P(reject | x), (N,)."""
+        return self.probabilities(x)[:, self.reject_index]
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Labels in ``0..n-1``, or :data:`REJECT` (-1) where the reject class wins."""
+        pred = self.probabilities(x).argmax(1)
+        return torch.where(pred == self.reject_index, torch.full_like(pred, REJECT), pred)
