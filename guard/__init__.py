@@ -32,4 +32,15 @@ __all__ = [
     "layer_names",
     "load_data",
     "load_model",
+    "harden",
+    "RejectClassifier",
 ]
+
+
+def __getattr__(name: str):
+    # Lazy: ``training`` imports ``attacks``; ``import guard`` stays light.
+    if name in ("harden", "RejectClassifier", "HardenResult"):
+        import training
+
+        return getattr(training, name)
+    raise AttributeError(f"module 'guard' has no attribute {name!r}")

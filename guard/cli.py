@@ -72,12 +72,105 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_harden(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "harden",
+        help="retrain a model with an (n+1)-th reject class against fresh attacks (Nguyen et al. 2015)",
+        description="Rounds of: attack the current model (fooling images by gradient ascent, direct and CPPN evolution; "
+        "localized patches), label the images as a reject class, fine-tune. Writes OUT/harden.json (the report's harden "
+        "section), OUT/hardened_model.safetensors and checkpoints in OUT/checkpoints (resume with --resume). "
+        "Runs under torchrun --nproc_per_node=N as well (DDP).",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--demo", action="store_true", help="the embedded MNIST split and the demo model (default)")
+    src.add_argument("--model", metavar="SPEC", help="'module:callable' giving an nn.Module (its last nn.Linear, or --head, grows)")
+    p.add_argument("--data", metavar="DIR", help="image folder for --model; split 80/20 with --seed")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--grayscale", action="store_true")
+    p.add_argument("--head", default=None, help="dotted name of the classifier's final nn.Linear")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--epochs-per-round", type=int, default=2)
+    p.add_argument("--reject-share", type=float, default=0.12, help="share of reject images in each epoch (default 0.12)")
+    p.add_argument("--attacks", default=None, help="comma-separated round attacks (default: fooling_gradient,fooling_direct,fooling_cppn,universal_patch; also random_patch, pgd)")
+    p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--out", default="out-harden", metavar="DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_harden)
+
+
+def _cmd_harden(args: argparse.Namespace) -> int:
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import guard
+    from guard.audit_harden import harden_section
+    from guard.cache import atomic_write_text, save_tensors
+    from training.harden import harden
+    from training.round_attacks import DEFAULT_ATTACKS, AttackBudget
+
+    if args.model is not None:
+        if args.data is None:
+            raise ValueError("--model needs --data DIR (an image folder, one sub-folder per class).")
+        import torch
+
+        model = guard.load_model(args.model)
+        data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
+        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+        cut = int(0.8 * len(data))
+        train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
+        test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+        augment = None
+    else:
+        if args.data is not None:
+            raise ValueError("--data needs --model (the demo uses the embedded MNIST).")
+        from guard.demo import shift_augment
+
+        model = guard.demo_model(progress=not args.quiet)
+        train, test = guard.demo_data()
+        augment = shift_augment
+    out = Path(args.out)
+    attacks = [a for a in args.attacks.split(",") if a.strip()] if args.attacks is not None else list(DEFAULT_ATTACKS)
+    budget = AttackBudget.quick() if args.budget == "quick" else AttackBudget()
+    t0 = time.perf_counter()
+    res = harden(model.to(args.device), train, test=test, attacks=attacks, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
+                 reject_share=args.reject_share, head=args.head, budget=budget, lr=args.lr, augment=augment,
+                 checkpoint_dir=out / "checkpoints", resume=args.resume, seed=args.seed, progress=not args.quiet)
+    from training.distributed import world
+
+    if world()[0] != 0:
+        return 0
+    section = harden_section(res, attacks=attacks, budget=asdict(budget), seconds=time.perf_counter() - t0,
+                             settings={"rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "reject_share": args.reject_share,
+                                       "lr": args.lr, "seed": args.seed, "checkpoint_dir": str(out / "checkpoints")})
+    path = out / "hardened_model.safetensors"
+    save_tensors(path, res.model.model.state_dict(), {"num_classes": res.model.num_classes, "head": res.model.head,
+                                                       "reject_index": res.model.reject_index})
+    section["model_path"] = str(path)
+    atomic_write_text(out / "harden.json", json.dumps({"harden": section}, indent=2) + "\n")
+    def f(v, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    for r in [section["baseline"], *section["rounds"]]:
+        print(f"round {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  classes fooled >=99% "
+              f"{f(r['fooling_classes_ge99_count'], 'd')}/{section['num_classes']}  median fooling conf "
+              f"{f(r['fooling_median_confidence'], '.4f')}  patch fooling {f(r['patch_fooling_rate'], '.3f')}  "
+              f"rejects {f(r.get('rejected_share_of_round_attacks'), '.3f')} of its round's attacks")
+    print(f"clean accuracy drop {section['clean_accuracy_drop_points']:.2f} points; wrote {out}/harden.json and {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Attack, detect, harden and export PyTorch image classifiers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_audit(sub)
+    _add_harden(sub)
     return parser
 
 

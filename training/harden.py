@@ -80,12 +80,15 @@ def _seed(*parts: int) -> int:
     return s
 
 
-def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
-    correct = 0
+def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, reject: int | None = None) -> tuple[float, float]:
+    """(accuracy, share predicted as reject); a rejected clean image counts as an error."""
+    correct, rejected = 0, 0
     with torch.no_grad(), eval_mode(model):
         for i in range(0, x.shape[0], 1000):
-            correct += int((model(x[i:i + 1000].to(device)).argmax(1).cpu() == y[i:i + 1000]).sum())
-    return correct / max(1, int(x.shape[0]))
+            pred = model(x[i:i + 1000].to(device)).argmax(1).cpu()
+            correct += int((pred == y[i:i + 1000]).sum())
+            rejected += int((pred == reject).sum()) if reject is not None else 0
+    return correct / max(1, int(x.shape[0])), rejected / max(1, int(x.shape[0]))
 
 
 def _split_data(data: Any, test: Any) -> tuple[Split, Split | None]:
@@ -261,7 +264,8 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
         return out
 
     if not baseline:
-        baseline = {"round": 0, "clean_accuracy": _clean_accuracy(net, held.x, held.y, device)}
+        acc, rej = _clean_accuracy(net, held.x, held.y, device, n)
+        baseline = {"round": 0, "clean_accuracy": acc, "clean_rejected_share": rej}
 
     rounds_bar = tqdm(range(1, rounds + 1), desc="harden", unit="round", disable=not show, initial=0)
     for r in rounds_bar:
@@ -293,7 +297,8 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
             barrier()
             if on_epoch_end is not None:
                 on_epoch_end(r, e, net)
-        entry = {"round": r, "clean_accuracy": _clean_accuracy(net, held.x, held.y, device),
+        acc, rej = _clean_accuracy(net, held.x, held.y, device, n)
+        entry = {"round": r, "clean_accuracy": acc, "clean_rejected_share": rej,
                  "rejected_share_of_round_attacks": score_attack_set(net, cur, n)["rejected_share"],
                  "n_round_attacks": len(cur), "archive_size": int(archive_x.shape[0]),
                  "reject_share": reject_share, "epochs": epochs_per_round}
