@@ -1,0 +1,123 @@
+"""``guard.evaluate``: how well each detector separates adversarial from clean inputs.
+
+Per detector (and "combined") and per attack: AUROC and TPR at 1% and 5% FPR from
+scikit-learn's ``roc_auc_score`` / ``roc_curve``, with positives = the *successful*
+adversarial examples (the keys of DESIGN.md's report) and, under ``"all"``, every adversarial
+example the attack produced. Also the operating point of the calibrated thresholds: the share
+of positives flagged and the clean flag rate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from guard.data import Split
+from guard.validation import check_images
+
+__all__ = ["evaluate", "detection_metrics", "tpr_at_fpr"]
+
+
+def _finite(a: np.ndarray, fill_hi: float) -> np.ndarray:
+    a = np.where(np.isnan(a), np.inf, a)
+    return np.where(np.isposinf(a), fill_hi, np.where(np.isneginf(a), -fill_hi, a))
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """The largest TPR on the ROC curve whose FPR does not exceed ``target``."""
+    ok = fpr <= target + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def detection_metrics(pos: torch.Tensor, neg: torch.Tensor, threshold: float | None = None) -> dict[str, Any]:
+    """AUROC, TPR at 1% / 5% FPR, counts (and the flag rates at ``threshold`` when given)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    p = pos.detach().double().cpu().numpy().ravel()
+    n = neg.detach().double().cpu().numpy().ravel()
+    out: dict[str, Any] = {"auroc": None, "tpr_at_1fpr": None, "tpr_at_5fpr": None, "n_pos": int(p.size), "n_neg": int(n.size)}
+    if threshold is not None and math.isfinite(threshold):
+        out["tpr_at_threshold"] = float(np.mean(~(p <= threshold))) if p.size else None
+        out["fpr_at_threshold"] = float(np.mean(~(n <= threshold))) if n.size else None
+    if p.size == 0 or n.size == 0:
+        return out
+    both = np.concatenate([p, n])
+    fin = both[np.isfinite(both)]
+    hi = (float(np.abs(fin).max()) + 1.0) * 2.0 if fin.size else 1.0
+    scores = _finite(both, hi)
+    labels = np.concatenate([np.ones(p.size), np.zeros(n.size)])
+    out["auroc"] = float(roc_auc_score(labels, scores))
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    out["tpr_at_1fpr"] = tpr_at_fpr(fpr, tpr, 0.01)
+    out["tpr_at_5fpr"] = tpr_at_fpr(fpr, tpr, 0.05)
+    return out
+
+
+def _adv(item: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_adv, success) from an AttackResult, a (x_adv, success) pair, a dict or bare images."""
+    if hasattr(item, "x_adv") and hasattr(item, "success"):
+        x, ok = item.x_adv, item.success
+    elif isinstance(item, Mapping) and "x_adv" in item:
+        x, ok = item["x_adv"], item.get("success")
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        x, ok = item
+    elif isinstance(item, torch.Tensor):
+        x, ok = item, None
+    else:
+        raise TypeError(f"attacks[{name!r}] must be an AttackResult, (x_adv, success), a dict with 'x_adv', or images; got {type(item).__name__}.")
+    check_images(x, f"attacks[{name!r}].x_adv", allow_empty=True)
+    ok = torch.ones(x.shape[0], dtype=torch.bool) if ok is None else ok.detach().bool().cpu().reshape(-1)
+    if ok.shape[0] != x.shape[0]:
+        raise ValueError(f"attacks[{name!r}]: success must have one entry per image ({x.shape[0]}); got {ok.shape[0]}.")
+    return x, ok
+
+
+def _all_scores(guarded: Any, x: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
+    if x.shape[0] == 0:
+        return {n: torch.empty(0) for n in list(guarded.detectors) + ["combined"]}
+    _, scores, _ = guarded.score(x, progress=progress)
+    if guarded.combined is not None:
+        scores["combined"] = guarded.combined.combine(scores)
+    return scores
+
+
+def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: bool = False,
+             clean_scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Detection quality of a calibrated GuardedModel, per detector and attack.
+
+    Args:
+        guarded: a fitted (and, for "combined", calibrated) :class:`guard.GuardedModel`.
+        clean: clean held-out images (the negatives): a Tensor or a Split. Not the data the
+            detectors were fitted or calibrated on.
+        attacks: name -> AttackResult (or (x_adv, success), or images: all counted successful).
+        progress: show a progress bar while scoring.
+        clean_scores: precomputed scores of ``clean`` (as ``guarded.score`` gives), to reuse.
+
+    Returns:
+        ``{detector: {attack: {"auroc", "tpr_at_1fpr", "tpr_at_5fpr", "n_pos", "n_neg",
+        "tpr_at_threshold", "fpr_at_threshold", "all": {same, every adversarial}}}}``; the
+        successful-only figures are ``None`` when no adversarial succeeded.
+    """
+    x_clean = clean.x if isinstance(clean, Split) else clean
+    check_images(x_clean, "clean")
+    if not isinstance(attacks, Mapping):
+        raise TypeError(f"attacks must be a dict name -> AttackResult; got {type(attacks).__name__}.")
+    neg = dict(clean_scores) if clean_scores is not None else _all_scores(guarded, x_clean, progress)
+    if "combined" not in neg and guarded.combined is not None:
+        neg["combined"] = guarded.combined.combine(neg)
+    names = [n for n in list(guarded.detectors) + ["combined"] if n in neg]
+    thresholds = {n: getattr(guarded.detectors[n], "threshold_", None) for n in guarded.detectors}
+    if guarded.combined is not None:
+        thresholds["combined"] = getattr(guarded.combined, "threshold_", None)
+    report: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in names}
+    for attack, item in attacks.items():
+        x_adv, ok = _adv(item, attack)
+        pos = _all_scores(guarded, x_adv, progress)
+        for n in names:
+            entry = detection_metrics(pos[n][ok], neg[n], thresholds.get(n))
+            entry["all"] = detection_metrics(pos[n], neg[n], thresholds.get(n))
+            report[n][attack] = entry
+    return report
