@@ -1,3 +1,28 @@
-"""Export: the guarded/hardened model and its detector heads as one ONNX graph."""
+"""Export: the guarded/hardened model and its detector heads as one ONNX graph, served by onnxruntime.
 
-__all__: list[str] = []
+Example::
+
+    from export import to_onnx, load_session
+    report = to_onnx(guarded, "model.onnx", test.x[:8])
+    sess = load_session("model.onnx", device="cpu")
+    out = sess.run(test.x[:4])          # {"logits": ..., "knn_score": ..., "flag": ...}
+"""
+
+from export.onnx_graph import ExportHead
+from export.parity import ParityReport, check_parity, compare_with_guarded
+from export.session import GuardSession, ProviderError, SessionReport, load_session
+from export.to_onnx import ExportError, ExportReport, to_onnx
+
+__all__ = [
+    "ExportError",
+    "ExportHead",
+    "ExportReport",
+    "GuardSession",
+    "ParityReport",
+    "ProviderError",
+    "SessionReport",
+    "check_parity",
+    "compare_with_guarded",
+    "load_session",
+    "to_onnx",
+]

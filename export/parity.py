@@ -1,0 +1,224 @@
+"""Parity: the exported graph in onnxruntime against PyTorch, output by output.
+
+Two references:
+
+* :func:`check_parity`: the ``ExportHead`` run eagerly in PyTorch vs the graph, at batch sizes
+  1, an odd size and 64 (a dynamic batch dimension that only works at the example's size is
+  the commonest export bug).
+* :func:`compare_with_guarded`: the ``GuardedModel`` itself (FAISS kNN, float64 PPCA, Captum
+  saliency) vs the graph on a whole image set: scores, argmax and flags.
+
+Float outputs are compared with an absolute and a relative tolerance each
+(``|a - b| <= atol + rtol |b|``, as ``numpy.allclose``); TopK outputs are compared by their
+values (sorted distances), never by indices, since ties may be ordered differently; integer
+outputs by agreement; boolean flags by count of differences, with the differences whose score
+lies within the score tolerance of the threshold counted as borderline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from guard.features import eval_mode
+
+__all__ = ["check_parity", "compare_outputs", "compare_with_guarded", "run_reference", "run_session", "ParityReport",
+           "DEFAULT_TOLERANCES"]
+
+#: output name -> (atol, rtol)
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "logits": (1e-4, 1e-4),
+    "reject_prob": (1e-5, 1e-4),
+    "knn_topk": (1e-6, 1e-4),
+    "knn_distance": (1e-6, 1e-4),
+    "knn_score": (1e-6, 1e-4),
+    "knn_consistency_score": (1e-6, 0.0),
+    "ppca_loglik": (1e-3, 1e-4),
+    "ppca_score": (1e-3, 1e-4),
+    "saliency_score": (1e-5, 1e-4),
+    "combined_score": (1e-4, 1e-4),
+}
+_FLAG_SCORE = {"knn": "knn_score", "knn_consistency": "knn_consistency_score", "ppca": "ppca_score", "saliency": "saliency_score", "combined": "combined_score",
+               "reject": "reject_prob"}
+
+
+@dataclass
+class ParityReport:
+    """Per-output figures (``outputs``), per batch size (``by_batch``), and ``passed``."""
+
+    outputs: dict[str, dict[str, Any]]
+    by_batch: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    n: int = 0
+    passed: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _np(t: Any) -> np.ndarray:
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerances: Mapping[str, tuple[float, float]] | None = None,
+                    flag_names: Sequence[str] = (), thresholds: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-output comparison of ``got`` (onnxruntime) against ``ref`` (PyTorch), names in both.
+
+    Returns output -> figures: floats ``max_abs``, ``max_rel``, ``atol``, ``rtol``, ``passed``;
+    ints ``agreement``; bools ``n_diff`` and ``borderline`` (differences whose score is within
+    tolerance of the threshold), ``identical``.
+    """
+    tol = dict(DEFAULT_TOLERANCES)
+    tol.update(tolerances or {})
+    out: dict[str, dict[str, Any]] = {}
+    for name in ref:
+        if name not in got:
+            continue
+        a, b = _np(got[name]), _np(ref[name])
+        if a.shape != b.shape:
+            out[name] = {"passed": False, "error": f"shape {list(a.shape)} vs PyTorch {list(b.shape)}"}
+            continue
+        if b.dtype == np.bool_:
+            diff = a != b
+            rows = np.nonzero(diff.reshape(diff.shape[0], -1).any(1))[0] if diff.ndim > 1 else np.nonzero(diff)[0]
+            borderline = 0
+            if diff.any() and thresholds is not None and diff.ndim == 2 and flag_names:
+                for j, fname in enumerate(flag_names):
+                    s = _FLAG_SCORE.get(fname)
+                    if s in ref and fname in thresholds:
+                        atol, rtol = tol.get(s, (1e-4, 1e-4))
+                        sc = _np(ref[s])
+                        near = np.abs(sc - thresholds[fname]) <= atol + rtol * np.abs(sc)
+                        borderline += int((diff[:, j] & near).sum())
+            out[name] = {"n": int(b.shape[0]), "n_diff": int(diff.sum()), "rows_diff": int(len(rows)),
+                         "borderline": borderline, "identical": bool(not diff.any()), "passed": bool(not diff.any())}
+        elif np.issubdtype(b.dtype, np.integer):
+            agree = float((a == b).mean()) if b.size else 1.0
+            out[name] = {"agreement": agree, "n": int(b.shape[0]), "passed": agree == 1.0}
+        else:
+            atol, rtol = tol.get(name, (1e-4, 1e-4))
+            a64, b64 = a.astype(np.float64), b.astype(np.float64)
+            finite = np.isfinite(b64) & np.isfinite(a64)
+            same_inf = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+            d = np.abs(a64 - b64)
+            d = np.where(finite, d, np.where(same_inf, 0.0, np.inf))
+            rel = d / np.maximum(np.abs(b64), 1e-6)
+            ok = bool(np.all(d <= atol + rtol * np.where(finite, np.abs(b64), 0.0)))
+            out[name] = {"max_abs": float(d.max()) if d.size else 0.0, "max_rel": float(rel.max()) if rel.size else 0.0,
+                         "atol": atol, "rtol": rtol, "passed": ok, "n": int(b.shape[0])}
+    return out
+
+
+@torch.no_grad()
+def run_reference(head: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The ExportHead's outputs in PyTorch (eval mode), batched, as numpy arrays."""
+    names = list(head.output_names)  # type: ignore[attr-defined]
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    with eval_mode(head.model):  # type: ignore[arg-type]
+        for i in range(0, x.shape[0], batch_size):
+            for n, v in zip(names, head(x[i:i + batch_size].float())):
+                parts[n].append(_np(v))
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def run_session(session: Any, x: Any, *, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """A GuardSession's outputs on all of ``x``, batched."""
+    x = _np(x)
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, x.shape[0], batch_size):
+        for n, v in session.run(x[i:i + batch_size]).items():
+            parts.setdefault(n, []).append(v)
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def _merge(figs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for f in figs:
+        for name, v in f.items():
+            m = out.setdefault(name, dict(v))
+            if m is v:
+                continue
+            for k, val in v.items():
+                if k in ("max_abs", "max_rel"):
+                    m[k] = max(m[k], val)
+                elif k in ("n", "n_diff", "rows_diff", "borderline"):
+                    m[k] = m[k] + val
+                elif k in ("passed", "identical"):
+                    m[k] = m[k] and val
+                elif k == "agreement":
+                    m[k] = min(m[k], val)
+    return out
+
+
+def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 7, 64),
+                 tolerances: Mapping[str, tuple[float, float]] | None = None) -> ParityReport:
+    """Compare the ExportHead in PyTorch with the graph in onnxruntime at several batch sizes.
+
+    Args:
+        head: the ExportHead that was exported.
+        session_or_path: a :class:`export.session.GuardSession` or the .onnx path (opened on CPU).
+        x: images (N, C, H, W); batch size b uses the first b (repeated if N < b).
+        batch_sizes: batch sizes tried.
+        tolerances: per-output (atol, rtol) overriding :data:`DEFAULT_TOLERANCES`.
+    """
+    from export.session import GuardSession, load_session
+
+    sess = session_or_path if isinstance(session_or_path, GuardSession) else load_session(session_or_path, "cpu")
+    thresholds = dict(getattr(head, "thresholds", {}))
+    flag_names = list(getattr(head, "flag_names", []))
+    by_batch: dict[str, dict[str, dict[str, Any]]] = {}
+    for b in batch_sizes:
+        xb = x[:b] if x.shape[0] >= b else x.repeat((b + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:b]
+        ref = run_reference(head, xb, batch_size=b)
+        got = sess.run(xb)
+        by_batch[str(b)] = compare_outputs(ref, got, tolerances=tolerances, flag_names=flag_names, thresholds=thresholds)
+    merged = _merge(list(by_batch.values()))
+    return ParityReport(outputs=merged, by_batch=by_batch, n=int(sum(batch_sizes)),
+                        passed=all(v.get("passed", True) for v in merged.values()))
+
+
+def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_size: int = 256,
+                         head: torch.nn.Module | None = None) -> dict[str, dict[str, Any]]:
+    """The GuardedModel's own logits, scores and flags vs the graph's, on all of ``x``.
+
+    Maps ``GuardedModel.score``'s detector names to the graph's outputs (knn -> knn_score, ...)
+    and the combined flag to the graph's ``flags`` column "combined".
+    """
+    from export.adapters import head_from  # noqa: F401  (documents where the name mapping lives)
+
+    logits, scores, errors = guarded.score(x)
+    if errors:
+        raise RuntimeError(f"the GuardedModel's detectors failed on the parity inputs: {errors}")
+    got = run_session(session, x, batch_size=batch_size)
+    ref: dict[str, Any] = {"logits": logits.float(), "pred": logits.argmax(1)}
+    flag_names = list(getattr(head, "flag_names", [])) if head is not None else []
+    thresholds: dict[str, float] = {}
+    kinds = {"KNNRank": "knn", "KNNConsistency": "knn_consistency", "PPCAManifold": "ppca", "SaliencyConcentration": "saliency"}
+    flag_cols: dict[str, torch.Tensor] = {}
+    for name, det in guarded.detectors.items():
+        kind = kinds.get(type(det).__name__)
+        if kind is None or f"{kind}_score" not in got:
+            continue
+        ref[f"{kind}_score"] = scores[name]
+        if hasattr(det, "threshold_"):
+            thresholds[kind] = float(det.threshold_)
+            flag_cols[kind] = det.predict_scores(scores[name])
+    if guarded.combined is not None and "combined_score" in got and not getattr(head, "combined_partial", False):
+        comb = guarded.combined.combine(scores)
+        ref["combined_score"] = comb
+        thresholds["combined"] = float(guarded.combined.threshold_)
+        flag_cols["combined"] = guarded.combined.predict_scores(comb)
+    figs = compare_outputs(ref, got)
+    if "flags" in got and flag_names:
+        for j, fname in enumerate(flag_names):
+            if fname in flag_cols:
+                diff = got["flags"][:, j] != _np(flag_cols[fname])
+                s = _FLAG_SCORE[fname]
+                atol, rtol = DEFAULT_TOLERANCES.get(s, (1e-4, 1e-4))
+                sc = _np(ref[s]).astype(np.float64)
+                near = np.abs(sc - thresholds[fname]) <= atol + rtol * np.abs(sc)
+                figs[f"flag_{fname}"] = {"n": int(diff.shape[0]), "n_diff": int(diff.sum()), "borderline": int((diff & near).sum()),
+                                         "identical": bool(not diff.any()), "passed": bool(not diff.any())}
+    return figs

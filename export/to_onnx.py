@@ -1,0 +1,231 @@
+"""``to_onnx``: export a model, guarded model or hardened model as one ONNX graph.
+
+Uses ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript translation, the
+default exporter since torch 2.9) with a dynamic batch dimension, then checks the file with
+``onnx.checker.check_model(path, full_check=True)`` (given the path, so weights stored as
+external data beyond 2 GB are checked too) and reads the opset back from the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from export.onnx_graph import ExportHead
+from guard.features import eval_mode
+from guard.validation import check_images, check_int
+
+__all__ = ["to_onnx", "ExportReport", "build_export_head", "ExportError"]
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "input"
+_TWO_GB = 2 * 1024**3
+
+
+class ExportError(ValueError):
+    """The model cannot be exported to ONNX; the message names the failing op or line."""
+
+
+@dataclass
+class ExportReport:
+    """What ``to_onnx`` wrote and checked.
+
+    Attributes:
+        path: the .onnx file.
+        opset: the default-domain opset read back from the file.
+        input_name / input_shape: the graph input; ``"batch"`` marks the dynamic dimension.
+        output_names: graph outputs in order.
+        heads: which detector heads are in the graph, and notes on those left out.
+        external_data: True when weights were written beside the file (models > 2 GB).
+        parity: per-output figures from :func:`export.parity.check_parity` (when inputs given).
+    """
+
+    path: str
+    opset: int
+    input_name: str
+    input_shape: list[Any]
+    output_names: list[str]
+    heads: dict[str, Any]
+    dynamo: bool
+    fp16_backbone: bool
+    external_data: bool
+    file_bytes: int
+    seconds: float
+    checker: str = "onnx.checker.check_model(full_check=True): passed"
+    versions: dict[str, str] = field(default_factory=dict)
+    parity: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _failing_op(err: BaseException) -> str:
+    """The op or source line that made the export fail, read from the exception chain."""
+    texts = []
+    e: BaseException | None = err
+    while e is not None:
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(texts)
+    m = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+    if m:
+        return f"op {m.group(1)}.{m.group(2)} has no ONNX translation"
+    m = re.search(r"target=(torch\.ops\.[\w.]+)", text)
+    if m:
+        return f"op {m.group(1)} could not be translated"
+    m = re.search(r"Unsupported: ONNX export of operator (\w+)", text) or re.search(r"aten::(\w+)", text)
+    if m:
+        return f"op aten::{m.group(1)} is not supported"
+    m = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', text)
+    first = next((t for t in texts[1:] if t.strip()), texts[0]).strip().splitlines()[0][:300]
+    if m:
+        return f"{first} (at {m.group(1)}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()})"
+    return first
+
+
+def build_export_head(obj: nn.Module, example: torch.Tensor, *, saliency: bool = True) -> tuple[ExportHead, dict[str, Any]]:
+    """The ExportHead for a plain model, a hardened model or a GuardedModel, and notes.
+
+    Delegates to :mod:`export.adapters`, which reads the detectors' fitted state.
+    """
+    from export.adapters import head_from
+
+    return head_from(obj, example, saliency=saliency)
+
+
+class _Fp16Backbone(nn.Module):
+    """Runs the backbone in float16 and hands float32 logits/features to the heads."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
+
+
+def to_onnx(
+    guarded_or_hardened: nn.Module,
+    path: str | os.PathLike[str],
+    example_input: torch.Tensor,
+    *,
+    opset: int | None = None,
+    fp16_backbone: bool = False,
+    dynamo: bool = True,
+    saliency: bool = True,
+    parity_inputs: torch.Tensor | None = None,
+) -> ExportReport:
+    """Export the model and its detector heads as one ONNX graph with a dynamic batch.
+
+    Args:
+        guarded_or_hardened: an ``nn.Module`` classifier (images in [0, 1] -> logits), a
+            hardened model (with a reject class) or a ``GuardedModel`` (model + fitted detectors).
+        path: the .onnx file to write; its directory must exist.
+        example_input: (N, C, H, W) float images in [0, 1]; fixes C, H, W (the batch is dynamic).
+        opset: default-domain ONNX opset to target (None: the exporter's recommended one);
+            checked against the written file.
+        fp16_backbone: run the classifier in float16, keep every detector head in float32
+            (a float16 kNN bank would change neighbour order).
+        dynamo: use the torch.export-based exporter (default) or the TorchScript one.
+        saliency: include the Grad-CAM concentration head when the guarded model has one.
+        parity_inputs: if given, compare PyTorch and onnxruntime on them (batch sizes 1, 7, 64)
+            and put the figures in the report.
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        ValueError: the directory of ``path`` is missing, ``example_input`` is not images, the
+            opset is not the one asked for.
+        ExportError: (a ValueError) the model cannot be exported; names the failing op.
+    """
+    import onnx
+
+    t0 = time.perf_counter()
+    if not isinstance(guarded_or_hardened, nn.Module):
+        raise TypeError(f"guarded_or_hardened must be an nn.Module (a model or a GuardedModel); got {type(guarded_or_hardened).__name__}.")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
+    out = Path(path)
+    if out.suffix != ".onnx":
+        raise ValueError(f"path must end in .onnx; got {str(out)!r}.")
+    if not out.parent.is_dir():
+        raise ValueError(f"path {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first.")
+    check_images(example_input, "example_input")
+    if opset is not None:
+        opset = check_int(opset, "opset", "to_onnx", low=7)
+    example = example_input.detach().float().cpu()
+    if example.shape[0] < 2:  # a batch of 1 would let torch.export specialise the batch dimension to 1
+        example = example.expand(2, *example.shape[1:]).contiguous()
+
+    head, notes = build_export_head(guarded_or_hardened, example, saliency=saliency)
+    head = head.cpu()
+    if fp16_backbone:
+        float_model = head.model
+        head.model = _Fp16Backbone(float_model)
+        head.feature_prefix = "model."  # hooks must find the layers inside the float16 copy
+        if head.saliency is not None:
+            head.float_model = float_model  # the saliency chain's float32 weights
+    with eval_mode(head.model), torch.no_grad():
+        head(example)  # fail here, in PyTorch, with its own error before tracing
+        names = list(head.output_names)
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink):  # the exporter prints progress lines
+                if dynamo:
+                    batch = torch.export.Dim("batch", min=1)
+                    prog = torch.onnx.export(head, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=names,
+                                             opset_version=opset, dynamic_shapes={"x": {0: batch}}, verbose=False)
+                else:
+                    axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]}
+                    torch.onnx.export(head, (example,), str(out), dynamo=False, input_names=[INPUT_NAME], output_names=names,
+                                      opset_version=opset, dynamic_axes=axes)
+                    prog = None
+        except Exception as err:  # the exporters raise many types; all mean "cannot export"
+            raise ExportError(f"{type(guarded_or_hardened).__name__} cannot be exported to ONNX: {_failing_op(err)}.") from err
+        log.debug("exporter output: %s", sink.getvalue())
+    if prog is not None:
+        size = sum(int(t.numel()) * t.element_size() for t in head.state_dict().values())
+        external = size > _TWO_GB - 64 * 1024**2
+        prog.save(str(out), external_data=external)
+    else:
+        external = False
+    onnx.checker.check_model(str(out), full_check=True)
+    proto = onnx.load(str(out), load_external_data=False)
+    got_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got_opset is None:
+        raise ValueError(f"{str(out)!r} declares no default-domain opset.")
+    if opset is not None and got_opset != opset:
+        raise ValueError(f"asked for opset {opset} but the exporter wrote opset {got_opset} to {str(out)!r}.")
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if dims and not isinstance(dims[0], str):
+        raise ValueError(f"the exported graph's batch dimension is fixed to {dims[0]}, not dynamic.")
+    got_names = [o.name for o in proto.graph.output]
+    if got_names != names:
+        raise ValueError(f"the exported graph's outputs are {got_names}; expected {names}.")
+    import onnxruntime
+
+    report = ExportReport(
+        path=str(out), opset=int(got_opset), input_name=proto.graph.input[0].name, input_shape=["batch", *dims[1:]],
+        output_names=got_names, heads=notes, dynamo=dynamo, fp16_backbone=fp16_backbone, external_data=external,
+        file_bytes=out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(out.name + ".data")),
+        seconds=0.0, versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    )
+    if parity_inputs is not None:
+        from export.parity import check_parity
+
+        report.parity = check_parity(head, out, parity_inputs).to_dict()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
