@@ -222,7 +222,7 @@ class Detector:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the fitted state to ``path`` (safetensors + JSON; no pickle)."""
-        tensors = self.state_tensors()
+        tensors = {k: v.detach().cpu().clone() for k, v in self.state_tensors().items()}  # no shared storage
         meta = {
             "format": FORMAT,
             "class": type(self).__name__,

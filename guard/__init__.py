@@ -34,6 +34,9 @@ __all__ = [
     "load_model",
     "harden",
     "RejectClassifier",
+    "wrap",
+    "GuardedModel",
+    "evaluate",
 ]
 
 
@@ -43,4 +46,13 @@ def __getattr__(name: str):
         import training
 
         return getattr(training, name)
+    if name in ("wrap", "GuardedModel", "GuardedOutput"):
+        # Lazy: guard.guarded imports ``detectors``, which imports guard's submodules.
+        from guard import guarded
+
+        return getattr(guarded, name)
+    if name == "evaluate":
+        from guard.evaluation import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'guard' has no attribute {name!r}")

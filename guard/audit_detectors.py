@@ -1,0 +1,147 @@
+"""Audit step ``detectors``: fit, calibrate and evaluate every detector against every attack.
+
+* Fit on ``ctx.train`` (clean only; the demo's 8,000 training images, true labels).
+* Calibrate on a clean held-out part that is not the evaluation negatives: ``ctx.test`` is
+  split with ``options.seed`` into a calibration half and an evaluation half (1,000 / 1,000 on
+  the demo). Thresholds (per detector and combined) are set for ``FPR = 0.05`` on the
+  calibration half.
+* Evaluate on the evaluation half (negatives) against every attack in
+  ``ctx.shared["attack_results"]`` (or the ``attack_<NAME>`` artifacts when resuming);
+  positives are the successful adversarial examples (and, under "all", every one).
+
+Writes ``report["detectors"][DETECTOR][ATTACK]`` (DESIGN.md keys) for saliency, knn, ppca,
+knn_consistency and combined, and ``report["detectors_info"]``: the split, the clean flag rate
+on the evaluation half, the wrapped model's clean accuracy, per-layer kNN AUROCs (the
+multi-layer view) and timings. The fitted GuardedModel goes to ``ctx.shared["guarded"]`` and
+is saved under ``ctx.out / "guarded"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from attacks.base import AttackResult
+from guard.audit import AuditContext
+from guard.data import Split
+from guard.evaluation import detection_metrics, evaluate
+from guard.features import extract_features
+from guard.guarded import GuardedModel, wrap
+
+__all__ = ["run", "ATTACK_NAMES", "FPR"]
+
+log = logging.getLogger(__name__)
+
+ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
+                "fooling_gradient", "fooling_direct", "fooling_cppn")
+FPR = 0.05
+
+
+def _attack_results(ctx: AuditContext) -> dict[str, Any]:
+    found = dict(ctx.shared.get("attack_results", {}))
+    for name in ATTACK_NAMES:
+        if name in found:
+            continue
+        art = ctx.load_artifact("attack_" + name)
+        if art is None:
+            continue
+        tensors, _ = art
+        if "x_adv" not in tensors:
+            continue
+        success = tensors.get("success", torch.ones(tensors["x_adv"].shape[0], dtype=torch.bool))
+        found[name] = AttackResult(tensors["x_adv"].float(), success.bool(), extras={"test_index": tensors.get("test_index")})
+    return found
+
+
+def split_heldout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the calibration and evaluation halves of a held-out set of size ``n``."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 5))
+    half = n // 2
+    return perm[:half], perm[half:]
+
+
+def _per_layer_knn(guarded: GuardedModel, clean: torch.Tensor, attacks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """AUROC (successful adversarials) of each layer's kNN rank alone: the multi-layer view."""
+    knn = guarded.detectors.get("knn")
+    if knn is None or not hasattr(knn, "layer_scores"):
+        return {}
+    layers = knn.feature_layers
+    lo, fe = extract_features(guarded.model, clean, layers)
+    neg = knn.layer_scores(fe, lo)
+    out: dict[str, dict[str, Any]] = {layer: {} for layer in layers}
+    for name, res in attacks.items():
+        if res.x_adv.shape[0] == 0:
+            continue
+        la, fa = extract_features(guarded.model, res.x_adv, layers)
+        pos = knn.layer_scores(fa, la)
+        ok = res.success.bool().cpu()
+        for layer in layers:
+            m = detection_metrics(pos[layer][ok], neg[layer])
+            out[layer][name] = {"auroc": m["auroc"], "tpr_at_1fpr": m["tpr_at_1fpr"], "n_pos": m["n_pos"]}
+    return out
+
+
+def run(ctx: AuditContext) -> None:
+    t0 = time.perf_counter()
+    opts = ctx.options
+    train = ctx.train
+    if opts.quick and len(train) > 2000:
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:2000]
+        train = Split(train.x[idx], train.y[idx])
+    guarded = wrap(ctx.model)
+    guarded.fit(train)
+    t_fit = time.perf_counter() - t0
+
+    cal_idx, ev_idx = split_heldout(len(ctx.test), opts.seed)
+    if opts.quick:
+        cal_idx, ev_idx = cal_idx[:256], ev_idx[:256]
+    x_all = ctx.test.x
+    logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
+    ncal = cal_idx.numel()
+    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors)
+    ev_scores = {k: v[ncal:] for k, v in scores.items()}
+    ev_scores["combined"] = guarded.combined.combine(ev_scores)
+    t_cal = time.perf_counter() - t0 - t_fit
+
+    attacks = _attack_results(ctx)
+    if not attacks:
+        log.warning("detectors: no attack results found (run the attack steps first); only clean figures are reported")
+    x_ev = x_all[ev_idx]
+    report = evaluate(guarded, x_ev, attacks, progress=opts.progress, clean_scores=ev_scores)
+    t_eval = time.perf_counter() - t0 - t_fit - t_cal
+
+    # clean behaviour of the wrapped model on the evaluation half
+    y_ev = ctx.test.y[ev_idx]
+    pred_wrapped = logits[ncal:].argmax(1).cpu()
+    with torch.no_grad():
+        from guard.features import eval_mode
+
+        with eval_mode(ctx.model):
+            pred_bare = torch.cat([ctx.model(x_ev[i:i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)])
+    flag_rate = {n: float(guarded.combined.predict_scores(s).float().mean()) if n == "combined"
+                 else float(guarded.detectors[n].predict_scores(s).float().mean()) for n, s in ev_scores.items()}
+    per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks else {}
+
+    ctx.report["detectors"] = report
+    ctx.report["detectors_info"] = {
+        "detectors": {n: {"class": type(d).__name__, "params": d.get_params(), "threshold": d.threshold_}
+                      for n, d in guarded.detectors.items()},
+        "combined": {"rule": "max over detectors of -log10 clean-calibrated p-value (+ linear outer tail)",
+                     "threshold": guarded.combined.threshold_},
+        "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
+        "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
+                        "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},
+        "clean_flag_rate": flag_rate,
+        "clean_accuracy_bare": float((pred_bare == y_ev).float().mean()),
+        "clean_accuracy_wrapped": float((pred_wrapped == y_ev).float().mean()),
+        "predictions_identical": bool((pred_bare == pred_wrapped).all()),
+        "knn_per_layer": per_layer,
+        "attacks_evaluated": sorted(attacks),
+        "seconds": {"fit": round(t_fit, 3), "calibrate": round(t_cal, 3), "evaluate": round(t_eval, 3),
+                    "total": round(time.perf_counter() - t0, 3)},
+    }
+    ctx.shared["guarded"] = guarded
+    guarded.save(ctx.out / "guarded")
