@@ -1,0 +1,129 @@
+"""FGSM / PGD: budgets, ranges, dtype and device, model untouched, determinism, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attacks.gradient import FGSM, L2PGD, LinfPGD, PGD
+
+
+@pytest.fixture(scope="module")
+def batch(small_split):
+    _, test = small_split
+    return test.x[:64], test.y[:64]
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("attack", [FGSM(eps=0.1), LinfPGD(eps=0.1, steps=5), LinfPGD(eps=0.1, steps=5, early_stop=False),
+                                    LinfPGD(eps=0.1, steps=5, random_start=False)])
+def test_linf_budget_range_dtype(tiny_model, batch, attack):
+    x, _ = batch
+    r = attack(tiny_model, x)
+    assert r.x_adv.dtype == torch.float32 and r.x_adv.device == x.device and r.x_adv.shape == x.shape
+    assert float((r.x_adv - x).abs().max()) <= 0.1 + 1e-6
+    assert float(r.x_adv.min()) >= 0.0 and float(r.x_adv.max()) <= 1.0
+    # success is recomputed from the model on x_adv, not made up
+    with torch.no_grad():
+        pred = tiny_model(r.x_adv).argmax(1)
+    assert torch.equal(r.success, pred != r.y)
+
+
+def test_l2_budget(tiny_model, batch):
+    x, _ = batch
+    r = L2PGD(eps=1.5, steps=5)(tiny_model, x)
+    norms = (r.x_adv - x).flatten(1).norm(dim=1)
+    assert float(norms.max()) <= 1.5 + 1e-4
+    assert float(r.x_adv.min()) >= 0.0 and float(r.x_adv.max()) <= 1.0
+    assert r.success_rate > 0.0
+
+
+def test_pgd_beats_fgsm_and_big_eps_succeeds(tiny_model, batch):
+    x, _ = batch
+    small_fgsm = FGSM(eps=0.05)(tiny_model, x).success_rate
+    small_pgd = LinfPGD(eps=0.05, steps=10)(tiny_model, x).success_rate
+    assert small_pgd >= small_fgsm
+    assert LinfPGD(eps=0.3, steps=20)(tiny_model, x).success_rate >= 0.95
+
+
+def test_zero_eps_changes_nothing(tiny_model, batch):
+    x, _ = batch
+    r = LinfPGD(eps=0.0, steps=3)(tiny_model, x)
+    assert torch.equal(r.x_adv, x)
+    assert not r.success.any()
+
+
+def test_targeted(tiny_model, batch):
+    x, _ = batch
+    target = torch.full((x.shape[0],), 3, dtype=torch.long)
+    r = LinfPGD(eps=0.3, steps=20)(tiny_model, x, target=target)
+    with torch.no_grad():
+        pred = tiny_model(r.x_adv).argmax(1)
+    assert torch.equal(r.success, pred == 3)
+    assert r.success_rate >= 0.8
+    assert torch.equal(r.target, target)
+
+
+def test_early_stop_freezes_successful_images(tiny_model, batch):
+    x, _ = batch
+    x = x[:32]
+    r = LinfPGD(eps=0.3, steps=10, early_stop=True)(tiny_model, x)
+    steps = r.extras["steps_taken"]
+    assert int(steps.max()) <= 10
+    assert int(steps.min()) < 10  # some images stopped early
+    full = LinfPGD(eps=0.3, steps=10, early_stop=False)(tiny_model, x)
+    assert int(full.extras["steps_taken"].min()) == 10
+
+
+def test_model_untouched(tiny_model, batch):
+    x, _ = batch
+    tiny_model.train()
+    before = _snapshot(tiny_model)
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in tiny_model.parameters()]
+    try:
+        LinfPGD(eps=0.1, steps=3)(tiny_model, x)
+        FGSM(eps=0.1)(tiny_model, x)
+        assert tiny_model.training and all(m.training for m in tiny_model.modules())
+        assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+        assert [p.requires_grad for p in tiny_model.parameters()] == flags
+        assert all((g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
+                   for g, p in zip(grads, tiny_model.parameters()))
+    finally:
+        tiny_model.eval()
+
+
+def test_deterministic_with_seed(tiny_model, batch):
+    x, _ = batch
+    a = LinfPGD(eps=0.1, steps=3, seed=7)(tiny_model, x).x_adv
+    b = LinfPGD(eps=0.1, steps=3, seed=7)(tiny_model, x).x_adv
+    c = LinfPGD(eps=0.1, steps=3, seed=8)(tiny_model, x).x_adv
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_alias():
+    assert PGD is LinfPGD
+
+
+@pytest.mark.parametrize("kwargs", [{"eps": -0.1}, {"eps": float("nan")}, {"eps": 0.1, "steps": 0}, {"eps": 0.1, "step_size": 0.0},
+                                    {"eps": 0.1, "seed": -1}])
+def test_bad_params(kwargs):
+    with pytest.raises(ValueError, match="LinfPGD"):
+        LinfPGD(**kwargs)
+
+
+def test_bad_inputs(tiny_model, batch):
+    x, _ = batch
+    with pytest.raises(ValueError, match="eps"):
+        FGSM(eps=-1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        FGSM(eps=0.1)(tiny_model, x * 2 + 0.5)
+    with pytest.raises(TypeError, match="floating"):
+        FGSM(eps=0.1)(tiny_model, (x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="target"):
+        LinfPGD(eps=0.1)(tiny_model, x, target=torch.zeros(3, dtype=torch.long))
