@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.onnx_graph import ExportHead, KNNConsistencyHead, KNNHead, KNNRankHead, PPCAHead, SaliencyHead, head_chain
+from export.onnx_graph import CombinedHead, ExportHead, KNNConsistencyHead, KNNHead, KNNRankHead, PPCAHead, SaliencyHead, head_chain
 
 __all__ = ["head_from", "reject_index_of"]
 
@@ -131,7 +131,8 @@ def head_from(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = T
             notes["combined_partial"] = True
         if keep:
             idx = torch.tensor(keep, dtype=torch.long)
-            kw["combined"] = ([kinds[combined.names[i]] for i in keep], combined.loc_[idx], combined.scale_[idx])
+            kw["combined"] = ([kinds[combined.names[i]] for i in keep],
+                              CombinedHead(combined.ref_[idx], combined.counts_[idx], combined.top_[idx], combined.scale_[idx]))
             thr = getattr(combined, "threshold_", None)
             if thr is not None:
                 thresholds["combined"] = float(thr)

@@ -55,6 +55,7 @@ __all__ = [
     "KNNHead",
     "KNNRankHead",
     "KNNConsistencyHead",
+    "CombinedHead",
     "PPCAHead",
     "SaliencyHead",
     "head_chain",
@@ -269,17 +270,16 @@ def _vjp(saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor]], g: torch.Ten
             opw = inp.shape[-1] - ((out.shape[-1] - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
             g = F.conv_transpose2d(g, m.weight, None, m.stride, m.padding, (oph, opw), m.groups, m.dilation)
         elif isinstance(m, nn.MaxPool2d):
-            # the gradient goes to the position(s) holding the window's max; a tie between
-            # positive maxima (measure zero) would send it to each, autograd to the first.
-            # Tied zeros after a ReLU are masked by that ReLU's own VJP, as autograd's.
+            # the gradient goes to the first position (row-major in the window) holding the
+            # window's max, as PyTorch's CPU kernel does: flat image regions tie often
             kh, kw = nn.modules.utils._pair(m.kernel_size)
-            up_out = out.repeat_interleave(kh, dim=-2).repeat_interleave(kw, dim=-1)
-            up_g = g.repeat_interleave(kh, dim=-2).repeat_interleave(kw, dim=-1)
-            ph, pw = inp.shape[-2] - up_out.shape[-2], inp.shape[-1] - up_out.shape[-1]
-            if ph or pw:
-                up_out = F.pad(up_out, (0, pw, 0, ph), value=float("inf"))
-                up_g = F.pad(up_g, (0, pw, 0, ph))
-            g = up_g * (inp == up_out).to(g.dtype)
+            n, c, ho, wo = out.shape
+            win = inp[..., : ho * kh, : wo * kw].reshape(n, c, ho, kh, wo, kw).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, kh * kw)
+            eq = (win == out[..., None]).to(g.dtype)
+            first = eq * (torch.cumsum(eq, dim=-1) == 1).to(g.dtype)
+            gw = (first * g[..., None]).reshape(n, c, ho, wo, kh, kw).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho * kh, wo * kw)
+            ph, pw = inp.shape[-2] - ho * kh, inp.shape[-1] - wo * kw
+            g = F.pad(gw, (0, pw, 0, ph)) if (ph or pw) else gw
         # Dropout (eval) and Identity: the gradient passes unchanged
     return g
 
@@ -391,6 +391,32 @@ class KNNConsistencyHead(nn.Module):
         return torch.stack(per_layer, 1).mean(1)
 
 
+class CombinedHead(nn.Module):
+    """As ``detectors.combined.Combined``: max over detectors of -log10 of the clean p-value + tail.
+
+    ``p_k = (1 + #{clean_k >= s_k}) / (n_k + 1)`` against the stored sorted clean scores
+    (conformal p-value), plus ``relu(s_k - max clean_k) / scale_k``; NaN scores count as +inf
+    (fail closed).
+    """
+
+    def __init__(self, ref: torch.Tensor, counts: torch.Tensor, top: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("ref", ref.detach().float())
+        self.register_buffer("pad", (ref.shape[1] - counts.long()).float())
+        self.register_buffer("denom", counts.float() + 1.0)
+        self.register_buffer("top", top.detach().float())
+        self.register_buffer("scale", scale.detach().float())
+
+    def forward(self, scores: Sequence[torch.Tensor]) -> torch.Tensor:
+        cols = []
+        for i, s in enumerate(scores):
+            s = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)
+            ge = (self.ref[i][None, :] >= s[:, None]).to(s.dtype).sum(1) - self.pad[i]
+            p = (1.0 + ge) / self.denom[i]
+            cols.append(-torch.log10(p) + (s - self.top[i]).clamp_min(0.0) / self.scale[i])
+        return torch.stack(cols, 1).amax(1)
+
+
 class ExportHead(nn.Module):
     """The model and its detector heads as one module returning a tuple of named outputs.
 
@@ -406,8 +432,7 @@ class ExportHead(nn.Module):
         thresholds: detector kind -> calibrated threshold; a flag is ``not score <= threshold``
             (so a NaN score flags, fail closed), as ``Detector.predict_scores``. A hardened
             model's "reject" flag is ``pred == reject_index`` (what its ``predict`` maps to -1).
-        combined: (kinds, loc, scale): the combined score ``max_k (s_k - loc_k) / scale_k`` of
-            the named scores (NaN -> +inf), as ``detectors.combined.Combined``.
+        combined: (kinds, CombinedHead): the combined score of the named scores.
         flag_from: the flag names whose OR is the ``flag`` output (default: "combined" and
             "reject" where present, else every flag).
 
@@ -431,7 +456,7 @@ class ExportHead(nn.Module):
         ppca: tuple[str, PPCAHead] | None = None,
         saliency: tuple[str | None, SaliencyHead] | None = None,
         thresholds: dict[str, float] | None = None,
-        combined: tuple[Sequence[str], torch.Tensor, torch.Tensor] | None = None,
+        combined: tuple[Sequence[str], CombinedHead] | None = None,
         flag_from: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
@@ -452,9 +477,7 @@ class ExportHead(nn.Module):
         self.saliency_layer = saliency[0] if saliency else None
         self.saliency = saliency[1] if saliency else None
         self.combined_names = list(combined[0]) if combined else []
-        if combined is not None:
-            self.register_buffer("combined_loc", combined[1].detach().float().reshape(-1))
-            self.register_buffer("combined_scale", combined[2].detach().float().reshape(-1))
+        self.combined = combined[1] if combined else None
         self.feature_prefix = ""  # "model." once the backbone is wrapped (float16)
         names = ["logits", "pred"]
         if reject_index is not None:
@@ -513,9 +536,7 @@ class ExportHead(nn.Module):
             a = x.float() if self.saliency_layer is None else store[self.saliency_layer]
             out["saliency_score"] = scores["saliency"] = self.saliency(a, pred)
         if self.combined_names:
-            z = torch.stack([(scores[n] - self.combined_loc[i]) / self.combined_scale[i] for i, n in enumerate(self.combined_names)], 1)
-            z = torch.where(torch.isnan(z), torch.full_like(z, float("inf")), z)
-            out["combined_score"] = scores["combined"] = z.amax(1)
+            out["combined_score"] = scores["combined"] = self.combined([scores[n] for n in self.combined_names])
         if self.flag_names:
             flags = torch.stack([pred == self.reject_index if n == "reject" else ~(scores[n] <= self.thresholds[n])
                                  for n in self.flag_names], 1)
