@@ -1,0 +1,381 @@
+"""PatchGAN: a generator of localized visible adversarial patches (G2LVAP).
+
+Implements "Generative Localized Visible Adversarial Patches" (the G2LVAP paper: a generator
+G maps z ~ U[0, 1]^100 to a small square patch; the attacked classifier f is a frozen
+discriminator). One trained generator yields many different patches, each of which fools f
+wherever it is placed on (almost) any image.
+
+Loss = L_f + alpha * L_d + beta * L_p, per batch of images x with two latent batches z, z':
+
+* L_f = -log(1 - P_{y(x)}(A(x, G(z))))  (the paper's fooling loss; y(x) = f's own label of
+  the clean image, A pastes the patch at a random place). ``loss="margin"`` replaces it with
+  the Carlini-Wagner margin max(z_y - max_{j != y} z_j, -kappa), which keeps pushing images
+  that are already fooled less and those still correct more (compare both with
+  ``benchmarks/bench_patch.py --loss``).
+* L_d = -mean |phi(A(x, G(z))) - phi(A(x, G(z')))|: pushes apart f's last-conv features of the
+  same image carrying two different patches at the same place (diversity in what f sees).
+* L_p = -mean ||G(z) - G(z')||_2 / sqrt(d): pushes the patches themselves apart (2-norm,
+  divided by sqrt of the patch size so that beta means the same for every patch size).
+
+The paper's generator ends in tanh because its Inception-V3 takes [-1, 1]; ours ends in a
+sigmoid because every guard model takes [0, 1] pixels. The classifier is never modified:
+only the generator's parameters are optimised, gradients are taken with
+``torch.autograd.grad`` with respect to them only (the model's ``.grad`` stays untouched)
+and the model runs in eval mode with every module's mode restored afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from attacks.base import Attack, AttackResult, model_device
+from attacks.patching import apply_patches, patch_side, random_positions
+from guard.cache import load_tensors, save_tensors
+from guard.data import Split
+from guard.features import FeatureExtractor, eval_mode
+from guard.validation import NotFittedError, check_float, check_images, check_int, check_labels
+
+__all__ = ["PatchGAN", "PatchGenerator", "fooling_loss", "last_conv_layer", "as_images"]
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("paper", "margin")
+
+
+def fooling_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "paper", *, target: torch.Tensor | None = None,
+                 kappa: float = 5.0) -> torch.Tensor:
+    """Mean fooling loss of a batch (lower = more fooled).
+
+    Args:
+        logits: (N, K) logits of the patched images.
+        y: (N,) the model's labels of the clean images.
+        kind: ``"paper"``: -log(1 - p_y) (G2LVAP's L_f); ``"margin"``: max(z_y - max_{j!=y} z_j, -kappa).
+        target: targeted variant: ``"paper"`` becomes -log p_t (cross-entropy), ``"margin"``
+            becomes max(max_{j!=t} z_j - z_t, -kappa).
+        kappa: confidence margin of the margin loss.
+    """
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}; got {kind!r}.")
+    label = target if target is not None else y
+    if kind == "paper":
+        if target is not None:
+            return F.cross_entropy(logits, label)
+        log_p = F.log_softmax(logits, 1)
+        log_py = log_p.gather(1, label.view(-1, 1)).squeeze(1)
+        # log(1 - p_y) computed stably as log(-expm1(log p_y)).
+        return -torch.log(-torch.expm1(log_py.clamp(max=-1e-6))).mean()
+    z_label = logits.gather(1, label.view(-1, 1)).squeeze(1)
+    other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), float("-inf")).amax(1)
+    diff = (other - z_label) if target is not None else (z_label - other)
+    return diff.clamp(min=-kappa).mean()
+
+
+def last_conv_layer(model: nn.Module) -> str:
+    """Module path of the last ``nn.Conv2d`` in ``model`` (G2LVAP's L_d uses its features)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d; pass feature_layer= (a layer name) or alpha=0.")
+    return names[-1]
+
+
+def as_images(data: Any, name: str = "data") -> torch.Tensor:
+    """Images from a Split, an (x, y) pair or an image tensor (labels are not needed)."""
+    if isinstance(data, Split):
+        x = data.x
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        x = data[0]
+    elif isinstance(data, torch.Tensor):
+        x = data
+    else:
+        raise TypeError(f"{name} must be a guard Split, an (x, y) pair or an image tensor; got {type(data).__name__}.")
+    return check_images(x, name)
+
+
+class PatchGenerator(nn.Module):
+    """z (latent_dim) -> Linear -> BatchNorm -> transposed convolutions -> sigmoid patch (C, s, s).
+
+    The architecture scales with the side s: ``n_up = max(1, ceil(log2 s) - 1)`` stride-2
+    transposed convolutions (each BatchNorm + ReLU) from a ``ceil(s / 2^n_up)`` seed, widths
+    halving from ``width * 2^(n_up - 1)``; the output is centre-cropped to s.
+    """
+
+    def __init__(self, side: int, channels: int = 1, latent_dim: int = 100, width: int = 32) -> None:
+        super().__init__()
+        self.side, self.channels, self.latent_dim, self.width = side, channels, latent_dim, width
+        self.n_up = max(1, math.ceil(math.log2(max(side, 2))) - 1)
+        self.seed_side = math.ceil(side / 2 ** self.n_up)
+        c0 = width * 2 ** (self.n_up - 1)
+        self.fc = nn.Sequential(nn.Linear(latent_dim, c0 * self.seed_side ** 2), nn.BatchNorm1d(c0 * self.seed_side ** 2), nn.ReLU())
+        ups: list[nn.Module] = []
+        c = c0
+        for _ in range(self.n_up):
+            c_out = max(c // 2, 8)
+            ups += [nn.ConvTranspose2d(c, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c = c_out
+        self.up = nn.Sequential(*ups)
+        self.out = nn.Conv2d(c, channels, 3, padding=1)
+        self._c0 = c0
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], self._c0, self.seed_side, self.seed_side)
+        h = self.out(self.up(h))
+        off = (h.shape[-1] - self.side) // 2
+        return torch.sigmoid(h[..., off:off + self.side, off:off + self.side])
+
+    def config(self) -> dict[str, int]:
+        return {"side": self.side, "channels": self.channels, "latent_dim": self.latent_dim, "width": self.width}
+
+
+class PatchGAN(Attack):
+    """G2LVAP patch generator: ``fit(model, data)``, then ``sample``/``apply`` or call like any attack.
+
+    Args:
+        size: patch side in pixels (int) or fraction of the image area (float in (0, 1)).
+        alpha: weight of the feature-diversity loss L_d (paper: 20).
+        beta: weight of the patch-distance loss L_p (paper: 0.1).
+        lr: Adam learning rate (paper: 1e-3).
+        loss: ``"paper"`` (-log(1 - p_y)) or ``"margin"`` (CW margin, see module docstring).
+        kappa: margin of the margin loss.
+        steps: maximum training steps.
+        batch_size: images per step (each carries two patches: z and z').
+        latent_dim: size of z (paper: 100).
+        width: generator width (channels of the last transposed convolution times 2).
+        feature_layer: layer for L_d; default the model's last ``nn.Conv2d``.
+        val_fraction: fraction of the fit data held out to measure the validation fooling rate.
+        eval_every: steps between validation checks.
+        patience: stop after this many checks without improvement (the best generator is kept).
+        max_seconds: optional wall-clock budget for ``fit``.
+        seed: seeds the generator's initialisation, batches, latents and positions.
+        progress: show a tqdm bar during fit.
+
+    Fitted attributes: ``generator_`` (eval mode), ``side_``, ``history_`` (validation fooling
+    rate per check), ``val_fooling_rate_``, ``steps_``, ``fit_seconds_``.
+    """
+
+    targeted_supported = False
+
+    def __init__(self, *, size: int | float = 0.05, alpha: float = 20.0, beta: float = 0.1, lr: float = 1e-3,
+                 loss: str = "paper", kappa: float = 5.0, steps: int = 1000, batch_size: int = 64, latent_dim: int = 100,
+                 width: int = 32, feature_layer: str | None = None, val_fraction: float = 0.2, eval_every: int = 50,
+                 patience: int = 4, max_seconds: float | None = None, seed: int = 0, progress: bool = False) -> None:
+        owner = "PatchGAN"
+        if isinstance(size, bool) or not isinstance(size, (int, float)):
+            raise TypeError(f"The 'size' parameter of {owner} must be an int side or a float area fraction. Got {size!r}.")
+        if isinstance(size, float):
+            check_float(size, "size", owner, low=0.0, high=1.0, low_open=True, high_open=True)
+        else:
+            check_int(size, "size", owner, low=1)
+        self.size = size
+        self.alpha = check_float(alpha, "alpha", owner, low=0.0)
+        self.beta = check_float(beta, "beta", owner, low=0.0)
+        self.lr = check_float(lr, "lr", owner, low=0.0, low_open=True)
+        if loss not in LOSSES:
+            raise ValueError(f"The 'loss' parameter of {owner} must be one of {LOSSES}. Got {loss!r}.")
+        self.loss = loss
+        self.kappa = check_float(kappa, "kappa", owner, low=0.0)
+        self.steps = check_int(steps, "steps", owner, low=1)
+        self.batch_size = check_int(batch_size, "batch_size", owner, low=2)
+        self.latent_dim = check_int(latent_dim, "latent_dim", owner, low=1)
+        self.width = check_int(width, "width", owner, low=8)
+        self.feature_layer = feature_layer
+        self.val_fraction = check_float(val_fraction, "val_fraction", owner, low=0.0, high=1.0, high_open=True)
+        self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
+        self.patience = check_int(patience, "patience", owner, low=1)
+        self.max_seconds = None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        self.seed = check_int(seed, "seed", owner, low=0)
+        self.progress = bool(progress)
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, model: nn.Module, data: Any) -> "PatchGAN":
+        """Train the generator against the frozen ``model`` on the images of ``data``.
+
+        Args:
+            model: the classifier (takes [0, 1] NCHW images); not modified.
+            data: training images (a Split, an (x, y) pair or a tensor); labels are ignored
+                (the model's own predictions are used). A ``val_fraction`` slice of it is held
+                out for early stopping; never pass the evaluation images here.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        x = as_images(data)
+        n_all, c, h, w = x.shape
+        side = patch_side(self.size, (h, w), name="size")
+        device = model_device(model)
+        gen = torch.Generator().manual_seed(self.seed)
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(self.seed)  # generator initialisation
+        G = PatchGenerator(side, c, self.latent_dim, self.width).to(device)
+        torch.random.set_rng_state(torch_state)
+        perm = torch.randperm(n_all, generator=gen)
+        n_val = int(round(self.val_fraction * n_all)) if n_all > 1 else 0
+        if n_val >= n_all:
+            n_val = n_all - 1
+        x_val, x_tr = x[perm[:n_val]].to(device), x[perm[n_val:]].to(device)
+        layer = self.feature_layer if self.feature_layer is not None else (last_conv_layer(model) if self.alpha > 0 else None)
+        opt = torch.optim.Adam(G.parameters(), lr=self.lr, betas=(0.5, 0.999))
+        params = list(G.parameters())
+        history: list[dict[str, float]] = []
+        t0 = time.perf_counter()
+        with eval_mode(model):
+            y_tr = _predict(model, x_tr)
+            y_val = _predict(model, x_val) if n_val else None
+            fx = FeatureExtractor(model, [layer]) if layer is not None else None
+            # Fixed validation latents and positions so the checks are comparable.
+            vgen = torch.Generator().manual_seed(self.seed + 1)
+            z_val = torch.rand(max(n_val, 1), self.latent_dim, generator=vgen).to(device)
+            pos_val = random_positions(max(n_val, 1), side, (h, w), generator=vgen, device=device)
+            best_rate, best_state, bad, step = -1.0, copy.deepcopy(G.state_dict()), 0, 0
+            bar = tqdm(total=self.steps, desc=f"PatchGAN {side}x{side}", disable=not self.progress, leave=False)
+            for step in range(1, self.steps + 1):
+                G.train()
+                b = min(self.batch_size, int(x_tr.shape[0]))
+                idx = torch.randint(0, x_tr.shape[0], (b,), generator=gen).to(device)
+                xb, yb = x_tr[idx], y_tr[idx]
+                z = torch.rand(2 * b, self.latent_dim, generator=gen).to(device)
+                pos = random_positions(b, side, (h, w), generator=gen, device=device)
+                patches = G(z)
+                xa = apply_patches(xb.repeat(2, 1, 1, 1), patches, pos.repeat(2, 1))
+                if fx is not None:
+                    logits, feats = fx(xa)
+                    f1, f2 = feats[layer].flatten(1).chunk(2)
+                    l_d = -(f1 - f2).abs().mean()
+                else:
+                    logits, l_d = model(xa), torch.zeros((), device=device)
+                l_f = fooling_loss(logits, yb.repeat(2), self.loss, kappa=self.kappa)
+                p1, p2 = patches.flatten(1).chunk(2)
+                l_p = -((p1 - p2).norm(dim=1) / math.sqrt(p1.shape[1])).mean()
+                total = l_f + self.alpha * l_d + self.beta * l_p
+                grads = torch.autograd.grad(total, params)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+                bar.update(1)
+                out_of_time = self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds
+                if step % self.eval_every == 0 or step == self.steps or out_of_time:
+                    if n_val:
+                        rate = self._val_rate(model, G, x_val, y_val, z_val, pos_val)
+                    else:  # no validation slice: the training batch's fooling rate
+                        rate = float((logits.detach().argmax(1) != yb.repeat(2)).float().mean())
+                    history.append({"step": step, "val_fooling_rate": rate, "l_f": float(l_f), "l_d": float(l_d), "l_p": float(l_p)})
+                    bar.set_postfix(val=f"{rate:.3f}")
+                    if rate > best_rate:
+                        best_rate, best_state, bad = rate, copy.deepcopy(G.state_dict()), 0
+                    else:
+                        bad += 1
+                    if bad >= self.patience or rate >= 1.0:
+                        break
+                if out_of_time:
+                    break
+            bar.close()
+        G.load_state_dict(best_state)
+        G.eval()
+        self.generator_ = G
+        self.side_ = side
+        self.image_size_ = (h, w)
+        self.history_ = history
+        self.val_fooling_rate_ = best_rate
+        self.steps_ = step
+        self.fit_seconds_ = time.perf_counter() - t0
+        self.feature_layer_ = layer
+        return self
+
+    @torch.no_grad()
+    def _val_rate(self, model: nn.Module, G: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
+                  z_val: torch.Tensor, pos_val: torch.Tensor) -> float:
+        G.eval()
+        fooled = 0
+        for i in range(0, x_val.shape[0], 500):
+            xa = apply_patches(x_val[i:i + 500], G(z_val[i:i + 500]), pos_val[i:i + 500])
+            fooled += int((model(xa).argmax(1) != y_val[i:i + 500]).sum())
+        return fooled / int(x_val.shape[0])
+
+    # ------------------------------------------------------------------ use
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "generator_"):
+            raise NotFittedError("This PatchGAN is not fitted yet; call fit(model, data) or PatchGAN.load(path) first.")
+
+    @torch.no_grad()
+    def sample(self, n: int, *, generator: torch.Generator | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` patches (n, C, s, s) in [0, 1] from z ~ U[0, 1]^latent_dim (or the given ``z``)."""
+        self._check_fitted()
+        G = self.generator_
+        dev = next(G.parameters()).device
+        if z is None:
+            n = check_int(n, "n", "PatchGAN.sample", low=1)
+            z = torch.rand(n, G.latent_dim, generator=generator)
+        elif z.dim() != 2 or z.shape[1] != G.latent_dim:
+            raise ValueError(f"z must have shape (n, {G.latent_dim}); got {tuple(z.shape)}.")
+        with eval_mode(G):
+            return G(z.to(dev)).clamp(0.0, 1.0)
+
+    def apply(self, x: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor | None = None, *,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """Paste ``patches`` on ``x`` at ``positions`` (random positions from ``generator`` if None)."""
+        check_images(x, "x")
+        if positions is None:
+            positions = random_positions(int(x.shape[0]), int(patches.shape[-1]), x.shape[-2:], generator=generator, device=x.device)
+        return apply_patches(x, patches.to(x.device), positions)
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
+        self._check_fitted()
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        patches = self.sample(int(x.shape[0]), generator=gen).to(x.device)
+        positions = random_positions(int(x.shape[0]), self.side_, x.shape[-2:], generator=gen, device=x.device)
+        x_adv = apply_patches(x, patches, positions)
+        with torch.no_grad():
+            success = self.is_success(model, x_adv, y, None)
+        return AttackResult(x_adv, success, extras={"patches": patches, "positions": positions, "side": self.side_})
+
+    def params(self) -> dict[str, Any]:
+        p = {k: v for k, v in super().params().items() if not k.endswith("_")}
+        if hasattr(self, "side_"):
+            p["side"] = self.side_
+        return p
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Save the generator (safetensors) with its JSON config in the file's metadata."""
+        self._check_fitted()
+        meta = {"format": "guard.PatchGAN", "version": 1, "generator": self.generator_.config(), "params": self.params(),
+                "image_size": list(self.image_size_), "val_fooling_rate": self.val_fooling_rate_}
+        save_tensors(path, self.generator_.state_dict(), meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "PatchGAN":
+        """Load what :meth:`save` wrote (no pickle)."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != "guard.PatchGAN":
+            raise ValueError(f"{str(path)!r} is not a saved PatchGAN (format {meta.get('format')!r}).")
+        cfg = meta["generator"]
+        kwargs = {k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS}
+        self = cls(**kwargs)
+        G = PatchGenerator(int(cfg["side"]), int(cfg["channels"]), int(cfg["latent_dim"]), int(cfg["width"]))
+        G.load_state_dict(tensors)
+        self.generator_ = G.to(device).eval()
+        self.side_ = int(cfg["side"])
+        self.image_size_ = tuple(meta.get("image_size", (0, 0)))
+        self.val_fooling_rate_ = float(meta.get("val_fooling_rate", float("nan")))
+        self.history_ = []
+        return self
+
+
+_INIT_KEYS = {"size", "alpha", "beta", "lr", "loss", "kappa", "steps", "batch_size", "latent_dim", "width", "feature_layer",
+              "val_fraction", "eval_every", "patience", "max_seconds", "seed", "progress"}
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])

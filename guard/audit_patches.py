@@ -1,0 +1,163 @@
+"""Audit step ``attacks_patches``: PatchGAN (G2LVAP), UniversalPatch and RandomPatch.
+
+For every area of the curve (default 1%, 2%, 5%, 10% of the image) one PatchGAN and one
+UniversalPatch are trained on a slice of the *training* split (their early stopping uses a
+validation slice of that slice; the held-out images are never seen in training), under a
+wall-clock budget per area. Each attack is then evaluated on the held-out images with
+``options.repetitions`` independent draws of patches and random positions (mean and std, the
+paper's Figure 4). Report entries ``attacks.patch_gan``, ``attacks.universal_patch``,
+``attacks.random_patch``: the headline success rate is the first draw at the largest area on
+all held-out images; ``curve`` holds the fooling-rate-vs-area curve; PatchGAN also gets the
+class comparison, the pairwise SSIM/PSNR diversity and a latent interpolation.
+
+Options (``options.extra``): ``patch_areas`` (list of floats), ``patch_train_images``,
+``patch_gan_seconds`` / ``patch_gan_steps`` and ``universal_seconds`` / ``universal_steps``
+(per area), ``patch_loss`` ("paper" or "margin").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from attacks.base import AttackResult
+from attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
+                                    patch_sampler)
+from attacks.patch_gan import PatchGAN
+from attacks.random_patch import RandomPatch
+from attacks.universal_patch import UniversalPatch
+from guard.audit import AuditContext
+
+__all__ = ["run", "DEFAULT_AREAS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AREAS = [0.01, 0.02, 0.05, 0.1]
+
+
+def _settings(ctx: AuditContext) -> dict[str, Any]:
+    ex = ctx.options.extra
+    if ctx.options.quick:
+        s = {"areas": [0.02, 0.05, 0.1, 0.2], "train": 256, "test": 256, "reps": 2, "gan_steps": 15, "gan_seconds": 2.0,
+             "up_steps": 15, "up_seconds": 1.0, "eval_every": 5, "div_n": 32, "cc_n": 64, "interp_points": 3}
+    else:
+        s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": len(ctx.test), "reps": ctx.options.repetitions,
+             "gan_steps": 400, "gan_seconds": 15.0, "up_steps": 300, "up_seconds": 5.0, "eval_every": 25, "div_n": 100,
+             "cc_n": 500, "interp_points": 9}
+    s["areas"] = [float(a) for a in ex.get("patch_areas", s["areas"])]
+    s["train"] = int(ex.get("patch_train_images", s["train"]))
+    s["gan_seconds"] = float(ex.get("patch_gan_seconds", s["gan_seconds"]))
+    s["gan_steps"] = int(ex.get("patch_gan_steps", s["gan_steps"]))
+    s["up_seconds"] = float(ex.get("universal_seconds", s["up_seconds"]))
+    s["up_steps"] = int(ex.get("universal_steps", s["up_steps"]))
+    s["loss"] = str(ex.get("patch_loss", "paper"))
+    return s
+
+
+def _store(ctx: AuditContext, name: str, result: AttackResult, idx: torch.Tensor, params: dict[str, Any]) -> None:
+    result.extras["test_index"] = idx
+    ctx.shared.setdefault("attack_results", {})[name] = result
+    ctx.save_artifact("attack_" + name, {"x_adv": result.x_adv.cpu(), "success": result.success.cpu(), "test_index": idx,
+                                         "y": result.y.cpu()}, {"attack": name, "params": params})
+
+
+def run(ctx: AuditContext) -> None:
+    s = _settings(ctx)
+    seed = ctx.options.seed
+    model = ctx.model
+    n_test = min(s["test"], len(ctx.test))
+    x_test, y_test = ctx.test.x[:n_test], ctx.test.y[:n_test]
+    idx = torch.arange(n_test)
+    x_train = ctx.train.x[:s["train"]]
+    shape = (int(x_test.shape[1]), tuple(x_test.shape[-2:]))
+    curves: dict[str, list[dict[str, Any]]] = {"patch_gan": [], "universal_patch": [], "random_patch": []}
+    fitted: dict[str, dict[float, Any]] = {k: {} for k in curves}
+    fit_seconds: dict[str, float] = {k: 0.0 for k in curves}
+    bar = tqdm(total=len(s["areas"]) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
+    for area in s["areas"]:
+        makers = {
+            "patch_gan": lambda: PatchGAN(size=area, loss=s["loss"], steps=s["gan_steps"], max_seconds=s["gan_seconds"],
+                                          eval_every=s["eval_every"], seed=seed),
+            "universal_patch": lambda: UniversalPatch(size=area, loss=s["loss"], steps=s["up_steps"], max_seconds=s["up_seconds"],
+                                                      eval_every=s["eval_every"], seed=seed),
+            "random_patch": lambda: RandomPatch(size=area, seed=seed),
+        }
+        for name, make in makers.items():
+            t0 = time.perf_counter()
+            attack = make().fit(model, x_train)
+            fit_s = time.perf_counter() - t0
+            fit_seconds[name] += fit_s
+            stats = fooling_rate_repeated(model, x_test, patch_sampler(attack, *shape), repetitions=s["reps"], seed=seed, y=y_test)
+            point = {"area": area, "side": _side(attack, x_test), **stats, "fit_seconds": round(fit_s, 3)}
+            if hasattr(attack, "steps_"):
+                point.update(fit_steps=attack.steps_, val_fooling_rate=attack.val_fooling_rate_)
+            curves[name].append(point)
+            fitted[name][area] = attack
+            bar.update(1)
+    bar.close()
+
+    section = ctx.report.setdefault("attacks", {})
+    head_area = max(s["areas"])
+    for name in curves:
+        attack = fitted[name][head_area]
+        t0 = time.perf_counter()
+        result = attack(model, x_test)
+        seconds = time.perf_counter() - t0 + fit_seconds[name]
+        correct = result.y.cpu() == y_test
+        entry: dict[str, Any] = {
+            "success_rate": result.success_rate,
+            "n": len(result),
+            "success_rate_on_correct": float(result.success.cpu()[correct].float().mean()) if correct.any() else float("nan"),
+            "n_correct": int(correct.sum()),
+            "success_definition": "model's label on the patched image != its label on the clean image",
+            "area": head_area,
+            "side": _side(attack, x_test),
+            "seconds": round(seconds, 3),
+            "params": attack.params(),
+            "curve": curves[name],
+            "curve_repetitions": s["reps"],
+            "curve_training": "one attack trained per area on the training split, with a wall-clock budget per area",
+        }
+        section[name] = entry
+        _store(ctx, name, result, idx, attack.params())
+
+    gan = fitted["patch_gan"][head_area]
+    x_cc = x_test[:s["cc_n"]]
+    gen = torch.Generator().manual_seed(seed + 11)
+    g_patches = gan.sample(int(x_cc.shape[0]), generator=gen)
+    cc = class_comparison(model, x_cc, g_patches)
+    cc.pop("grid", None)
+    section["patch_gan"]["class_comparison"] = cc
+    section["patch_gan"]["diversity"] = pairwise_diversity(gan.sample(s["div_n"], generator=gen))
+    section["patch_gan"]["latent_interpolation"] = latent_interpolation(model, gan, x_cc, points=s["interp_points"], seed=seed)
+    up = fitted["universal_patch"][head_area]
+    cc_up = class_comparison(model, x_cc, up.patch_)
+    cc_up.pop("grid", None)
+    section["universal_patch"]["class_comparison"] = cc_up
+    rp = fitted["random_patch"][head_area]
+    section["random_patch"]["diversity"] = pairwise_diversity(rp.sample(s["div_n"], channels=shape[0], image_size=shape[1], generator=gen))
+    section["patch_summary"] = _summary(curves)
+    ctx.save_artifact("patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area})
+
+
+def _side(attack: Any, x: torch.Tensor) -> int:
+    from attacks.patching import patch_side
+
+    return int(getattr(attack, "side_", 0)) or patch_side(attack.size, x.shape[-2:])
+
+
+def _summary(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Whether PatchGAN beats both baselines at every area, and its best area <= 10%."""
+    gan = {p["area"]: p["mean"] for p in curves["patch_gan"]}
+    above = {str(a): bool(gan[a] > max(p["mean"] for c in ("universal_patch", "random_patch") for p in curves[c] if p["area"] == a))
+             for a in gan}
+    small = [p for p in curves["patch_gan"] if p["area"] <= 0.1 + 1e-9]
+    return {
+        "patch_gan_above_both_baselines": above,
+        "patch_gan_above_both_at_every_area": all(above.values()),
+        "patch_gan_best_fooling_at_area_le_10pct": max((p["mean"] for p in small), default=float("nan")),
+    }

@@ -1,0 +1,269 @@
+"""Patch placement, PatchGAN, UniversalPatch, RandomPatch and the patch analyses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
+                                    patch_sampler, psnr, ssim)
+from attacks.patch_gan import PatchGAN, PatchGenerator, fooling_loss
+from attacks.patching import apply_patches, grid_positions, patch_mask, patch_side, random_positions
+from attacks.random_patch import RandomPatch
+from attacks.universal_patch import UniversalPatch
+from guard.validation import NotFittedError
+
+
+# ---------------------------------------------------------------- placement
+def test_patch_side():
+    assert patch_side(5, (28, 28)) == 5
+    assert patch_side(0.01, (28, 28)) == 3  # round(sqrt(7.84))
+    assert patch_side(0.1, (28, 28)) == 9
+    assert patch_side(0.5, (28, 28)) == 20
+
+
+@pytest.mark.parametrize("bad, err", [(0, ValueError), (29, ValueError), (0.0, ValueError), (1.0, ValueError), (-0.1, ValueError),
+                                      (1.5, ValueError), ("3", TypeError), (True, TypeError)])
+def test_patch_side_errors(bad, err):
+    with pytest.raises(err, match="size"):
+        patch_side(bad, (28, 28))
+
+
+def test_apply_changes_only_the_patch_region():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 20, 24, generator=gen)
+    patches = torch.rand(16, 3, 5, 5, generator=gen)
+    pos = random_positions(16, 5, (20, 24), generator=gen)
+    out = apply_patches(x, patches, pos)
+    mask = patch_mask(pos, 5, (20, 24)).expand_as(x)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out[~mask], x[~mask])
+    for i in range(16):
+        r, c = pos[i].tolist()
+        assert torch.equal(out[i, :, r:r + 5, c:c + 5], patches[i])
+    assert int(mask[:, 0].flatten(1).sum(1).unique().item()) == 25
+    assert not torch.equal(out, x) and torch.equal(x, x.clone())  # input not modified in place
+
+
+def test_apply_one_patch_for_all_and_gradients():
+    x = torch.rand(4, 1, 10, 10)
+    patch = torch.rand(1, 1, 3, 3, requires_grad=True)
+    out = apply_patches(x, patch, torch.tensor([[0, 0], [7, 7], [2, 5], [0, 7]]))
+    out.sum().backward()
+    assert torch.allclose(patch.grad, torch.full_like(patch, 4.0))
+
+
+def test_positions_random_in_range_and_seeded():
+    a = random_positions(1000, 9, (28, 28), generator=torch.Generator().manual_seed(1))
+    b = random_positions(1000, 9, (28, 28), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.dtype == torch.long
+    assert int(a.min()) == 0 and int(a.max()) == 19
+    g = grid_positions(9, (28, 28), 9)
+    assert g.tolist() == [[r, c] for r in (0, 9, 18) for c in (0, 9, 18)]
+
+
+def test_apply_errors():
+    x = torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="inside"):
+        apply_patches(x, torch.rand(2, 1, 3, 3), torch.tensor([[6, 0], [0, 0]]))
+    with pytest.raises(ValueError, match="larger"):
+        apply_patches(x, torch.rand(2, 1, 9, 9), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="square"):
+        apply_patches(x, torch.rand(2, 1, 3, 4), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="channel"):
+        apply_patches(x, torch.rand(2, 3, 3, 3), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions"):
+        apply_patches(x, torch.rand(2, 1, 3, 3), torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------- losses, generator
+def test_fooling_loss_values():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 5.0, 0.0]])
+    y = torch.tensor([0, 0])
+    p0 = torch.softmax(logits, 1)[:, 0]
+    assert torch.allclose(fooling_loss(logits, y, "paper"), -torch.log(1 - p0).mean(), atol=1e-5)
+    assert torch.allclose(fooling_loss(logits, y, "margin", kappa=10.0), torch.tensor((2.0 + -5.0) / 2))
+    assert torch.allclose(fooling_loss(logits, y, "margin", kappa=1.0), torch.tensor((2.0 - 1.0) / 2))
+    with pytest.raises(ValueError, match="loss"):
+        fooling_loss(logits, y, "hinge")
+
+
+@pytest.mark.parametrize("side", [1, 3, 4, 6, 9, 16, 20])
+def test_generator_scales_with_side(side):
+    g = PatchGenerator(side, channels=3).eval()
+    with torch.no_grad():
+        out = g(torch.rand(5, 100))
+    assert out.shape == (5, 3, side, side)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def fitted_gan(tiny_model, small_split):
+    train, _ = small_split
+    return PatchGAN(size=0.1, steps=30, eval_every=10, batch_size=32, seed=0).fit(tiny_model, train.x[:256])
+
+
+def test_gan_fit_sample_apply(fitted_gan, tiny_model, small_split):
+    _, test = small_split
+    g = fitted_gan
+    assert g.side_ == 9 and 0.0 <= g.val_fooling_rate_ <= 1.0 and g.history_
+    p = g.sample(7, generator=torch.Generator().manual_seed(0))
+    assert p.shape == (7, 1, 9, 9) and float(p.min()) >= 0 and float(p.max()) <= 1
+    assert torch.equal(p, g.sample(7, generator=torch.Generator().manual_seed(0)))
+    x = test.x[:7]
+    pos = torch.tensor([[0, 0]] * 7)
+    out = g.apply(x, p, pos)
+    assert torch.equal(out[..., 9:, :], x[..., 9:, :]) and torch.equal(out[..., :9, :9], p)
+    r = g(tiny_model, test.x[:64])
+    assert r.x_adv.shape == (64, 1, 28, 28) and r.x_adv.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(r.success, tiny_model(r.x_adv).argmax(1) != tiny_model(test.x[:64]).argmax(1))
+    changed = (r.x_adv != test.x[:64]).flatten(1).sum(1)
+    assert int(changed.max()) <= 81
+
+
+def test_gan_leaves_model_untouched(tiny_model, small_split):
+    train, _ = small_split
+    tiny_model.train()
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    flags = [p.requires_grad for p in tiny_model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in tiny_model.parameters()]
+    try:
+        PatchGAN(size=4, steps=3, eval_every=2, batch_size=8).fit(tiny_model, train.x[:64])
+        UniversalPatch(size=4, steps=3, eval_every=2, batch_size=8).fit(tiny_model, train.x[:64])
+        assert all(m.training for m in tiny_model.modules())
+        assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+        assert [p.requires_grad for p in tiny_model.parameters()] == flags
+        assert all((g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
+                   for g, p in zip(grads, tiny_model.parameters()))
+    finally:
+        tiny_model.eval()
+
+
+def test_gan_deterministic(tiny_model, small_split):
+    train, _ = small_split
+    a = PatchGAN(size=4, steps=4, eval_every=2, batch_size=8, seed=3).fit(tiny_model, train.x[:64])
+    b = PatchGAN(size=4, steps=4, eval_every=2, batch_size=8, seed=3).fit(tiny_model, train.x[:64])
+    z = torch.Generator().manual_seed(0)
+    pa = a.sample(5, generator=z)
+    pb = b.sample(5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pa, pb)
+
+
+def test_gan_learns_to_fool_better_than_noise(fitted_gan, tiny_model, small_split):
+    _, test = small_split
+    gan = fooling_rate_repeated(tiny_model, test.x, patch_sampler(fitted_gan), repetitions=2)["mean"]
+    noise = fooling_rate_repeated(tiny_model, test.x, patch_sampler(RandomPatch(size=0.1)), repetitions=2)["mean"]
+    assert gan > noise
+
+
+def test_gan_save_load_roundtrip(fitted_gan, tmp_path):
+    path = fitted_gan.save(tmp_path / "g.safetensors")
+    loaded = PatchGAN.load(path)
+    z = torch.rand(4, 100)
+    assert torch.equal(loaded.sample(4, z=z), fitted_gan.sample(4, z=z))
+    assert loaded.side_ == fitted_gan.side_ and loaded.size == fitted_gan.size
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="corrupt"):
+        PatchGAN.load(tmp_path / "bad.safetensors")
+
+
+def test_not_fitted_errors(tiny_model, small_split):
+    _, test = small_split
+    with pytest.raises(NotFittedError):
+        PatchGAN().sample(3)
+    with pytest.raises(NotFittedError):
+        PatchGAN()(tiny_model, test.x[:2])
+    with pytest.raises(NotFittedError):
+        UniversalPatch().sample(3)
+
+
+@pytest.mark.parametrize("cls", [PatchGAN, UniversalPatch, RandomPatch])
+@pytest.mark.parametrize("size", [0.0, 1.0, -0.5, 2.5, 0, -3])
+def test_bad_size(cls, size):
+    with pytest.raises(ValueError, match="size"):
+        cls(size=size)
+
+
+def test_patch_larger_than_image(tiny_model, small_split):
+    train, _ = small_split
+    with pytest.raises(ValueError, match="larger than the image"):
+        PatchGAN(size=40, steps=1).fit(tiny_model, train.x[:16])
+    with pytest.raises(ValueError, match="larger than the image"):
+        RandomPatch(size=29)(tiny_model, train.x[:2])
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": -1.0}, {"beta": -0.1}, {"lr": 0.0}, {"loss": "l2"}, {"steps": 0}, {"seed": -2},
+                                    {"val_fraction": 1.0}])
+def test_gan_bad_params(kwargs):
+    with pytest.raises(ValueError):
+        PatchGAN(**kwargs)
+
+
+def test_gan_bad_data(tiny_model):
+    with pytest.raises(TypeError, match="data"):
+        PatchGAN(steps=1).fit(tiny_model, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        PatchGAN(steps=1).fit(tiny_model, torch.full((4, 1, 28, 28), 3.0))
+
+
+# ---------------------------------------------------------------- baselines
+def test_universal_patch_untargeted_and_targeted(tiny_model, small_split):
+    train, test = small_split
+    up = UniversalPatch(size=0.1, steps=30, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
+    assert up.patch_.shape == (1, 1, 9, 9) and float(up.patch_.min()) >= 0 and float(up.patch_.max()) <= 1
+    r = up(tiny_model, test.x[:128])
+    assert r.success_rate > RandomPatch(size=0.1)(tiny_model, test.x[:128]).success_rate
+    tp = UniversalPatch(size=0.1, target=3, steps=30, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
+    rt = tp(tiny_model, test.x[:128])
+    with torch.no_grad():
+        assert torch.equal(rt.success, tiny_model(rt.x_adv).argmax(1) == 3)
+    with pytest.raises(ValueError, match="target"):
+        UniversalPatch(target=10, steps=1).fit(tiny_model, train.x[:16])
+
+
+def test_random_patch_seeded_and_local(tiny_model, small_split):
+    _, test = small_split
+    x = test.x[:32]
+    a, b = RandomPatch(size=5, seed=1)(tiny_model, x), RandomPatch(size=5, seed=1)(tiny_model, x)
+    assert torch.equal(a.x_adv, b.x_adv)
+    mask = patch_mask(a.extras["positions"], 5, (28, 28))
+    assert torch.equal(a.x_adv[~mask], x[~mask])
+
+
+# ---------------------------------------------------------------- analysis
+def test_ssim_psnr_known_values():
+    a = torch.rand(3, 1, 9, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ssim(a, a), torch.ones(3), atol=1e-5)
+    assert bool(torch.isinf(psnr(a, a)).all())
+    b = (a + 0.1).clamp(0, 1)
+    assert bool((ssim(a, b) < 1).all())
+    assert torch.allclose(psnr(torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), 0.1)), torch.tensor([20.0]), atol=1e-4)
+    noise = torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1))
+    assert float(ssim(noise[:1], noise[1:]).abs().max()) < 0.3  # independent noise is dissimilar
+    d = pairwise_diversity(torch.rand(10, 1, 9, 9))
+    assert d["n_pairs"] == 45 and d["ssim_median"] < 0.3
+    same = pairwise_diversity(torch.ones(4, 1, 3, 3) * 0.5)
+    assert same["identical_pairs"] == 6 and same["ssim_median"] > 0.999
+
+
+def test_class_comparison_and_interpolation(fitted_gan, tiny_model, small_split):
+    _, test = small_split
+    x = test.x[:32]
+    p = fitted_gan.sample(32, generator=torch.Generator().manual_seed(0))
+    cc = class_comparison(tiny_model, x, p, stride=9)
+    assert cc["positions"] == 9 and cc["pairs"] == 9 * 32
+    assert 0.0 <= cc["patched_takes_canvas_class"] <= 1.0
+    assert len(cc["fooling_rate_per_position"]) == 9
+    li = latent_interpolation(tiny_model, fitted_gan, x, points=4)
+    assert li["t"] == [0.0, 0.3333, 0.6667, 1.0] and len(li["fooling_rate"]) == 4
+
+
+def test_fooling_rate_repeated_stats(tiny_model, small_split):
+    _, test = small_split
+    out = fooling_rate_repeated(tiny_model, test.x[:64], patch_sampler(RandomPatch(size=0.2)), repetitions=3, y=test.y[:64])
+    assert len(out["rates"]) == 3 and out["n"] == 64
+    t = torch.tensor(out["rates"])
+    assert abs(out["mean"] - float(t.mean())) < 1e-6 and out["std"] >= 0
+    assert "mean_correct" in out
