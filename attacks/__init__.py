@@ -2,5 +2,9 @@
 fooling images. Every attack returns an :class:`AttackResult`."""
 
 from attacks.base import Attack, AttackResult
+from attacks.gradient import FGSM, PGD, L2PGD, LinfPGD
+from attacks.patch_gan import PatchGAN
+from attacks.random_patch import RandomPatch
+from attacks.universal_patch import UniversalPatch
 
-__all__ = ["Attack", "AttackResult"]
+__all__ = ["Attack", "AttackResult", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch", "RandomPatch"]
