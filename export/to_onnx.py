@@ -178,6 +178,10 @@ def to_onnx(
         head.feature_prefix = "model."  # hooks must find the layers inside the float16 copy
         if head.saliency is not None:
             head.float_model = float_model  # the saliency chain's float32 weights
+    own = set(head.model.modules())
+    for m in head.modules():  # the heads have no train-time behaviour; the model's modes are left alone
+        if m not in own:
+            m.training = False
     with eval_mode(head.model), torch.no_grad():
         head(example)  # fail here, in PyTorch, with its own error before tracing
         names = list(head.output_names)

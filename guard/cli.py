@@ -164,6 +164,58 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a model (and its fitted detectors) as one ONNX graph; check parity with onnxruntime",
+        description="Export the model, or a saved GuardedModel folder (guard audit writes OUT/guarded), as one ONNX "
+        "graph: logits, detector scores and flags; then compare PyTorch and onnxruntime on held-out images.",
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--demo", action="store_true", help="the cached demo model (the default when no --model is given)")
+    src.add_argument("--model", metavar="SPEC", help="TorchScript file, exported program (.pt2) or 'module:callable'")
+    p.add_argument("--guarded", metavar="DIR", help="a saved GuardedModel folder (GuardedModel.save / guard audit's OUT/guarded)")
+    p.add_argument("--out", default="model.onnx", metavar="FILE", help="the .onnx file to write (its folder must exist)")
+    p.add_argument("--image-shape", default="1,28,28", metavar="C,H,W", help="input shape without the batch (default 1,28,28)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--fp16-backbone", action="store_true", help="run the classifier in float16, detector heads in float32")
+    p.add_argument("--no-saliency", action="store_true", help="leave the saliency head out")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    import guard
+    from export import to_onnx
+
+    model = guard.load_model(args.model) if args.model is not None else guard.demo_model(progress=False)
+    try:
+        shape = [int(v) for v in args.image_shape.split(",")]
+    except ValueError:
+        shape = []
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--image-shape must be C,H,W with positive ints; got {args.image_shape!r}.")
+    if args.model is None:
+        _, test = guard.demo_data()
+        x = test.x[:64]
+    else:
+        x = torch.rand([64, *shape], generator=torch.Generator().manual_seed(0))
+    obj = guard.GuardedModel.load(args.guarded, model) if args.guarded else model
+    rep = to_onnx(obj, args.out, x[:8], opset=args.opset, fp16_backbone=args.fp16_backbone,
+                  saliency=not args.no_saliency, parity_inputs=None if args.no_check else x)
+    print(f"wrote {rep.path} (opset {rep.opset}, {rep.file_bytes / 1e6:.1f} MB, outputs: {', '.join(rep.output_names)})")
+    if rep.heads.get("left_out"):
+        print(f"left out: {rep.heads['left_out']}")
+    if rep.parity is not None:
+        for name, v in rep.parity["outputs"].items():
+            figs = "  ".join(f"{k} {v[k]:.3g}" for k in ("max_abs", "max_rel", "agreement", "n_diff") if k in v)
+            print(f"parity {name:<22} {figs}  {'ok' if v.get('passed') else 'OUT OF TOLERANCE'}")
+        return 0 if rep.parity["passed"] else 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Attack, detect, harden and export PyTorch image classifiers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
@@ -171,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_audit(sub)
     _add_harden(sub)
+    _add_export(sub)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""Audit step ``export``: write OUT/model.onnx and fill report["export"].
+
+Exports ``ctx.shared["hardened"]`` (the RejectClassifier from the harden step) with the guarded
+model's detectors refitted on it, else ``ctx.shared["guarded"]`` (the detectors step), else the
+bare model; checks parity (ExportHead in PyTorch vs onnxruntime at batch sizes 1, 7 and 64, and,
+for a GuardedModel, its own FAISS/Captum scores and flags vs the graph on the held-out images
+and on the attack sets) and measures latency (onnxruntime CPU vs PyTorch eager).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from guard.audit import AuditContext
+
+log = logging.getLogger(__name__)
+
+
+def _median_ms(fn: Any, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) -> Any:
+    """The guarded model's detector configuration refitted on the hardened model."""
+    import guard
+    from detectors import Detector
+
+    prefix = "model." if hasattr(hardened, "reject_index") and hasattr(hardened, "model") else ""
+    dets: dict[str, Detector] = {}
+    for name, det in guarded.detectors.items():
+        params = dict(det.get_params())
+        for key in ("layer", "layers"):
+            if key in params and params[key] is not None:
+                v = params[key]
+                params[key] = prefix + v if isinstance(v, str) else [prefix + s for s in v]
+        dets[name] = type(det)(**params)
+    g = guard.wrap(hardened, dets)
+    n = 1000 if not ctx.options.quick else 256
+    g.fit(ctx.train.x[: (len(ctx.train) if not ctx.options.quick else 1000)], ctx.train.y[: (len(ctx.train) if not ctx.options.quick else 1000)])
+    perm = torch.randperm(len(ctx.test), generator=torch.Generator().manual_seed(ctx.options.seed + 5))
+    g.calibrate(ctx.test.x[perm[:n]], fpr=0.05)
+    return g
+
+
+def run(ctx: AuditContext) -> None:
+    if not ctx.options.export:
+        log.info("export: skipped (options.export is False)")
+        return
+    from export import compare_with_guarded, load_session, to_onnx
+    from export.adapters import head_from
+    from export.parity import compare_outputs, run_reference, run_session
+
+    t0 = time.perf_counter()
+    quick = ctx.options.quick
+    guarded = ctx.shared.get("guarded")
+    hardened = ctx.shared.get("hardened")
+    source = "model"
+    if hardened is not None:
+        obj = _harden_guarded(ctx, hardened, guarded) if guarded is not None else hardened
+        source = "hardened+guarded" if guarded is not None else "hardened"
+    elif guarded is not None:
+        obj, source = guarded, "guarded"
+    else:
+        obj = ctx.model
+    obj = obj.cpu() if hasattr(obj, "cpu") else obj
+    path = ctx.out / "model.onnx"
+    x_test = ctx.test.x
+    rep = to_onnx(obj, path, x_test[:8], saliency="auto", parity_inputs=x_test[:64])
+    sess = load_session(path, device="cpu", strict=True, threads=1)
+    section: dict[str, Any] = {
+        "path": str(path), "source": source, "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
+        "file_bytes": rep.file_bytes, "external_data": rep.external_data,
+        "parity": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "identical", "passed") if m in v}
+                   for k, v in rep.parity["outputs"].items()},  # type: ignore[index]
+        "parity_batch_sizes": [1, 7, 64],
+        "providers": sess.report.providers, "session": sess.report.to_dict(),
+        "cuda": "no CUDAExecutionProvider in this onnxruntime build; GPU parity/latency not measured"
+        if "CUDAExecutionProvider" not in sess.report.available else "available",
+        "export_seconds": rep.seconds, "versions": rep.versions,
+    }
+    # full-set checks: the held-out images and every attack set
+    n_eval = 256 if quick else len(ctx.test)
+    sets: dict[str, torch.Tensor] = {"clean": x_test[:n_eval]}
+    for name, res in (ctx.shared.get("attack_results") or {}).items():
+        xa = getattr(res, "x_adv", None)
+        if isinstance(xa, torch.Tensor) and xa.numel():
+            sets[name] = xa[: (64 if quick else 2000)].detach().float().cpu()
+    head, _ = head_from(obj, x_test[:8], saliency="auto")
+    full: dict[str, Any] = {}
+    flags_identical = True
+    for name, xs in sets.items():
+        if hasattr(obj, "detectors"):
+            figs = compare_with_guarded(obj, sess, xs, head=head)
+        else:
+            figs = compare_outputs(run_reference(head, xs), run_session(sess, xs))
+        full[name] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "passed") if m in v}
+                      for k, v in figs.items()}
+        for k, v in figs.items():
+            if k.startswith("flag") and not v.get("identical", True):
+                flags_identical = False
+    section["parity_full"] = full
+    section["flags_identical"] = flags_identical
+    # latency: onnxruntime CPU (1 thread) vs PyTorch eager (the guarded model as served)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        lat: dict[str, Any] = {}
+        for b in ((1, 64) if quick else (1, 256)):
+            xb = x_test[:b].contiguous()
+            reps = 3 if quick else (20 if b == 1 else 5)
+            ort_ms = _median_ms(lambda: sess.run(xb), reps)
+            if hasattr(obj, "detectors"):
+                eager_ms = _median_ms(lambda: obj(xb), reps)
+            else:
+                with torch.no_grad():
+                    eager_ms = _median_ms(lambda: obj(xb), reps)
+            lat[f"batch_{b}"] = {"onnxruntime_cpu_ms": round(ort_ms, 3), "pytorch_eager_ms": round(eager_ms, 3),
+                                 "ratio": round(ort_ms / eager_ms, 4) if eager_ms > 0 else None}
+        lat["threads"] = 1
+    finally:
+        torch.set_num_threads(torch_threads)
+    section["latency_ms"] = lat
+    section["seconds"] = round(time.perf_counter() - t0, 3)
+    ctx.report["export"] = section
