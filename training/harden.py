@@ -206,6 +206,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
     archive_x = torch.empty((0, *image_shape))
     archive_round = torch.empty(0, dtype=torch.long)
     cur: RoundAttackSet | None = None
+    cur_keep = torch.empty(0, dtype=torch.bool)  # which of ``cur`` joined the reject archive
     cur_round = 0  # the round whose attack set ``cur`` is
     round_done, epoch_done = 0, -1
     timings = {"attack_seconds": 0.0, "train_seconds": 0.0}
@@ -232,6 +233,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
             cur_round = int(meta.get("cur_round", 0))
             if cur_round:
                 cur = RoundAttackSet.from_tensors({k: extra["cur_" + k] for k in _SET_NAMES}, meta["cur_names"], meta.get("cur_seconds"))
+                cur_keep = extra["cur_keep"].bool()
             log.info("harden: resumed at round %d (epochs done %d) from %s", round_done, epoch_done + 1, checkpoint_dir)
 
     def checkpoint() -> None:
@@ -243,6 +245,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
                                 "rng": {"scheme": "seed per (seed, round, epoch)", "seed": seed}}
         if cur is not None:
             extra.update({"cur_" + k: v for k, v in cur.to_tensors().items()})
+            extra["cur_keep"] = cur_keep
             meta["cur_names"], meta["cur_seconds"] = cur.names, cur.seconds
         save_checkpoint(checkpoint_dir, net, opt, meta, extra)
 
@@ -279,8 +282,9 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
                 baseline["fresh"] = fresh
             else:
                 history[r - 2]["fresh"] = fresh
-            archive_x = torch.cat([archive_x, cur.x])
-            archive_round = torch.cat([archive_round, torch.full((len(cur),), r, dtype=torch.long)])
+            cur_keep = _to_archive(net, cur, n)
+            archive_x = torch.cat([archive_x, cur.x[cur_keep]])
+            archive_round = torch.cat([archive_round, torch.full((int(cur_keep.sum()),), r, dtype=torch.long)])
             epoch_done = -1
             checkpoint()
         assert cur is not None
@@ -299,8 +303,9 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
                 on_epoch_end(r, e, net)
         acc, rej = _clean_accuracy(net, held.x, held.y, device, n)
         entry = {"round": r, "clean_accuracy": acc, "clean_rejected_share": rej,
-                 "rejected_share_of_round_attacks": score_attack_set(net, cur, n)["rejected_share"],
-                 "n_round_attacks": len(cur), "archive_size": int(archive_x.shape[0]),
+                 "rejected_share_of_round_attacks": _rejected_share(net, cur.x[cur_keep], n, device),
+                 "rejected_share_of_all_round_images": score_attack_set(net, cur, n)["rejected_share"],
+                 "n_round_attacks": int(cur_keep.sum()), "n_round_images": len(cur), "archive_size": int(archive_x.shape[0]),
                  "reject_share": reject_share, "epochs": epochs_per_round}
         if len(history) >= r:
             history[r - 1] = entry
@@ -320,6 +325,26 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
     net.eval()
     return HardenResult(RejectClassifier(net, n, head_name).eval(), history, baseline, int(archive_x.shape[0]),
                         {k: round(v, 3) for k, v in timings.items()})
+
+
+def _predict(net: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with torch.no_grad(), eval_mode(net):
+        return torch.cat([net(x[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], 1000)]) if len(x) else torch.empty(0, dtype=torch.long)
+
+
+def _rejected_share(net: nn.Module, x: torch.Tensor, n: int, device: torch.device) -> float:
+    return float((_predict(net, x, device) == n).float().mean()) if len(x) else 0.0
+
+
+def _to_archive(net: nn.Module, s: RoundAttackSet, n: int) -> torch.Tensor:
+    """Which attack images become reject examples: every fooling image (unrecognisable by
+    construction), but a patched / PGD digit only where it fools the current model (a patched
+    digit the model still reads correctly is a digit, and calling it "reject" would teach the
+    model to reject clean digits)."""
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    pred = _predict(net, s.x, device)
+    input_based = s.source >= 0
+    return ~input_based | ((pred != s.source) & (pred < n))
 
 
 def _wrap(net: nn.Module, size: int, device: torch.device) -> nn.Module:
