@@ -1,0 +1,326 @@
+"""Fooling images by evolution: MAP-Elites over the classes, direct or CPPN encoding.
+
+Nguyen, Yosinski, Clune. "Deep Neural Networks are Easily Fooled: High Confidence Predictions
+for Unrecognizable Images", CVPR 2015, Sec. 3.1-3.2. MAP-Elites keeps one elite per class;
+every generation, parents are drawn uniformly from the elites, mutated, scored by the model,
+and a child replaces the elite of *every* class where its softmax confidence is higher.
+
+* ``encoding="direct"``: the genome is the image. Initial pixels are uniform noise; each pixel
+  mutates with probability ``mutation_rate`` (halved every ``rate_halving`` generations) by
+  the polynomial mutation operator of strength ``eta`` (15 in the paper).
+* ``encoding="cppn"``: the genome is a :class:`attacks.cppn.Genome`, rendered at the model's
+  resolution; mutations add nodes and connections, perturb weights, change activations.
+
+The archive is pyribs' :class:`ribs.archives.GridArchive` with one measure, the class index,
+and ``dims=[num_classes]``, so each cell is one class. The paper's rule, "a child replaces the
+elite of every class it beats", is a batch insertion of each child once per class, with that
+class's confidence as the objective and the class as the measure: GridArchive keeps the best
+per cell, which is exactly the rule (ties: the first). The archive stores the rendered images
+as the solution and, for CPPNs, the genome's id as an extra field (genomes are variable-size,
+so they live beside the archive, pruned to the ids the archive still holds).
+
+:func:`transfer_check` scores fooling images made against one model with a second model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ribs.archives import GridArchive
+from torch import nn
+
+from attacks.base import AttackResult, model_device
+from attacks.cppn import Genome, MutationRates, mutate, random_genome, render
+from guard.features import eval_mode
+from guard.validation import check_float, check_images, check_int, check_labels
+
+__all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("direct", "cppn")
+
+
+def polynomial_mutation(x: torch.Tensor, rate: float, eta: float, gen: torch.Generator) -> torch.Tensor:
+    """Deb's polynomial mutation on values in [0, 1]: each entry mutates with probability ``rate``."""
+    u = torch.rand(x.shape, generator=gen)
+    mask = torch.rand(x.shape, generator=gen) < rate
+    e = 1.0 / (eta + 1.0)
+    dq = torch.where(u < 0.5, (2 * u).pow(e) - 1.0, 1.0 - (2 * (1 - u)).pow(e))
+    return torch.where(mask.to(x.device), x + dq.to(x.device, x.dtype), x).clamp_(0.0, 1.0)
+
+
+class ClassArchive:
+    """MAP-Elites archive with one cell per class, on pyribs' GridArchive.
+
+    ``add(images, probs, genome_ids)`` inserts every image once per class (objective = that
+    class's probability), so an image replaces the elite of every class where it is better.
+    """
+
+    def __init__(self, num_classes: int, image_shape: tuple[int, ...], *, seed: int = 0, with_ids: bool = False) -> None:
+        self.num_classes = check_int(num_classes, "num_classes", "ClassArchive", low=1)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        dim = int(np.prod(self.image_shape))
+        extra = {"genome_id": ((), np.int64)} if with_ids else None
+        self.archive = GridArchive(solution_dim=dim, dims=[self.num_classes], ranges=[(-0.5, self.num_classes - 0.5)],
+                                   seed=seed, solution_dtype=np.float32, extra_fields=extra)
+        self.with_ids = with_ids
+
+    def __len__(self) -> int:
+        return len(self.archive)
+
+    def add(self, images: torch.Tensor, probs: torch.Tensor, genome_ids: np.ndarray | None = None) -> np.ndarray:
+        """Insert; returns the (N, K) ribs status (0 not added, 1 improved, 2 new cell)."""
+        n, k = probs.shape
+        if k != self.num_classes or images.shape[0] != n:
+            raise ValueError(f"probs must be (N, {self.num_classes}) for N={images.shape[0]} images; got {tuple(probs.shape)}.")
+        sol = images.detach().float().cpu().reshape(n, -1).numpy()
+        sol = np.repeat(sol, k, axis=0)
+        obj = probs.detach().double().cpu().numpy().reshape(-1)
+        meas = np.tile(np.arange(k, dtype=np.float64), n)[:, None]
+        fields: dict[str, Any] = {}
+        if self.with_ids:
+            if genome_ids is None:
+                raise ValueError("genome_ids are required for an archive made with with_ids=True.")
+            fields["genome_id"] = np.repeat(np.asarray(genome_ids, dtype=np.int64), k)
+        info = self.archive.add(sol, obj, meas, **fields)
+        return np.asarray(info["status"]).reshape(n, k)
+
+    def elites(self) -> dict[str, Any]:
+        """Images (E, *shape), labels (E,), confidences (E,) and genome ids, sorted by class."""
+        d = self.archive.data()
+        labels = np.rint(np.asarray(d["measures"])[:, 0]).astype(np.int64)
+        order = np.argsort(labels)
+        out = {
+            "images": torch.from_numpy(np.asarray(d["solution"], dtype=np.float32)[order]).view(-1, *self.image_shape),
+            "labels": torch.from_numpy(labels[order]),
+            "confidence": torch.from_numpy(np.asarray(d["objective"], dtype=np.float64)[order]),
+        }
+        if self.with_ids:
+            out["genome_id"] = np.asarray(d["genome_id"])[order]
+        return out
+
+    def sample(self, n: int) -> dict[str, Any]:
+        """``n`` elites drawn uniformly with replacement (the archive's own seeded generator)."""
+        d = self.archive.sample_elites(n)
+        out = {"images": torch.from_numpy(np.asarray(d["solution"], dtype=np.float32)).view(n, *self.image_shape)}
+        if self.with_ids:
+            out["genome_id"] = np.asarray(d["genome_id"])
+        return out
+
+
+class FoolingEvolution:
+    """Evolve fooling images with MAP-Elites (one elite per class).
+
+    Args:
+        encoding: ``"direct"`` (pixels) or ``"cppn"``.
+        population: children per generation (>= 1).
+        generations: maximum generations.
+        threshold: confidence that counts as fooled (0.9999 in the paper).
+        stop_when_done: stop once every class's elite reaches the threshold.
+        mutation_rate, eta, rate_halving: direct-encoding mutation (per-pixel probability,
+            polynomial-mutation strength, generations between halvings of the rate).
+        rates: CPPN mutation probabilities.
+        init_hidden: add-node mutations applied to each initial CPPN.
+        parent_selection: ``"uniform"`` (the paper: parents drawn uniformly from all elites) or
+            ``"unfooled"`` (uniformly from the elites still below the threshold, all elites once
+            every class is fooled; not in the paper: it spends the children on the classes
+            that are left, which on the demo model are the slow ones, e.g. "1").
+        extra_samples: besides the elites, keep a seeded reservoir sample of up to this many
+            children that reached the threshold for their top class (positives for detectors).
+        seed: seed of every random choice (torch, NumPy and the archive).
+
+    Call ``evolver(model, shape=(1, 28, 28))`` -> :class:`AttackResult`: ``x_adv`` the elites
+    (sorted by class) then the extra samples; ``success`` = confidence >= threshold;
+    ``extras``: ``label``, ``confidence``, ``is_elite``, ``generations``,
+    ``generation_all_fooled`` (first generation at which all classes reached the threshold,
+    -1 if never), ``seconds``, ``history`` and, for CPPNs, ``genomes`` of the elites.
+    """
+
+    def __init__(
+        self,
+        *,
+        encoding: str = "direct",
+        population: int = 100,
+        generations: int = 1000,
+        threshold: float = 0.9999,
+        stop_when_done: bool = True,
+        mutation_rate: float = 0.1,
+        eta: float = 15.0,
+        rate_halving: int = 1000,
+        rates: MutationRates = MutationRates(),
+        init_hidden: int = 2,
+        parent_selection: str = "uniform",
+        extra_samples: int = 100,
+        seed: int = 0,
+    ) -> None:
+        owner = type(self).__name__
+        if encoding not in ENCODINGS:
+            raise ValueError(f"The 'encoding' parameter of {owner} must be one of {ENCODINGS}. Got {encoding!r}.")
+        self.encoding = encoding
+        self.population = check_int(population, "population", owner, low=1)
+        self.generations = check_int(generations, "generations", owner, low=1)
+        self.threshold = check_float(threshold, "threshold", owner, low=0.0, high=1.0, low_open=True)
+        self.stop_when_done = bool(stop_when_done)
+        self.mutation_rate = check_float(mutation_rate, "mutation_rate", owner, low=0.0, high=1.0, low_open=True)
+        self.eta = check_float(eta, "eta", owner, low=0.0)
+        self.rate_halving = check_int(rate_halving, "rate_halving", owner, low=1)
+        if not isinstance(rates, MutationRates):
+            raise TypeError(f"The 'rates' parameter of {owner} must be a MutationRates. Got {type(rates).__name__}.")
+        self.rates = rates
+        self.init_hidden = check_int(init_hidden, "init_hidden", owner, low=0)
+        if parent_selection not in ("uniform", "unfooled"):
+            raise ValueError(f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. Got {parent_selection!r}.")
+        self.parent_selection = parent_selection
+        self.extra_samples = check_int(extra_samples, "extra_samples", owner, low=0)
+        self.seed = check_int(seed, "seed", owner)
+
+    def params(self) -> dict[str, Any]:
+        p = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "rates"}
+        p["rates"] = vars(self.rates) if self.encoding == "cppn" else None
+        return p
+
+    def __call__(
+        self,
+        model: nn.Module,
+        *,
+        shape: tuple[int, int, int] = (1, 28, 28),
+        num_classes: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> AttackResult:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
+            raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}.")
+        device = model_device(model)
+        t0 = time.perf_counter()
+        gen = torch.Generator().manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        cppn = self.encoding == "cppn"
+        with eval_mode(model), torch.no_grad():
+            if num_classes is None:
+                num_classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
+            archive = ClassArchive(num_classes, shape, seed=self.seed, with_ids=cppn)
+            genomes: dict[int, Genome] = {}
+            next_id = 0
+            pool_x: list[torch.Tensor] = []
+            pool_l: list[int] = []
+            pool_c: list[float] = []
+            seen = 0
+            history: list[dict[str, float]] = []
+            all_fooled_at = -1
+            g_done = 0
+            el: dict[str, Any] = {}
+            for g_idx in range(self.generations):
+                g_done = g_idx + 1
+                ids = None
+                parents = self._parents(archive, el, rng) if len(archive) else None
+                if cppn:
+                    if parents is None:
+                        kids = [random_genome(shape[0], rng=rng, hidden=self.init_hidden) for _ in range(self.population)]
+                    else:
+                        kids = [mutate(genomes[int(i)], rng, self.rates) for i in parents["genome_id"]]
+                    ids = np.arange(next_id, next_id + len(kids))
+                    next_id += len(kids)
+                    for i, k in zip(ids, kids):
+                        genomes[int(i)] = k
+                    x = render(kids, shape[1], shape[2], device=device)
+                else:
+                    if parents is None:
+                        x = torch.rand(self.population, *shape, generator=gen)
+                    else:
+                        rate = self.mutation_rate * 0.5 ** (g_idx // self.rate_halving)
+                        x = polynomial_mutation(parents["images"], rate, self.eta, gen)
+                    x = x.to(device)
+                probs = F.softmax(model(x).float(), 1)
+                archive.add(x, probs, ids)
+                if cppn:
+                    keep = {int(i) for i in archive.elites()["genome_id"]}
+                    genomes = {i: genomes[i] for i in keep}
+                # Reservoir sample (seeded) of children at the threshold for their top class.
+                top_c, top_l = probs.max(1)
+                for j in (top_c >= self.threshold).nonzero().flatten().tolist():
+                    seen += 1
+                    if len(pool_x) < self.extra_samples:
+                        pool_x.append(x[j].cpu()); pool_l.append(int(top_l[j])); pool_c.append(float(top_c[j]))
+                    elif self.extra_samples:
+                        r = int(rng.integers(seen))
+                        if r < self.extra_samples:
+                            pool_x[r], pool_l[r], pool_c[r] = x[j].cpu(), int(top_l[j]), float(top_c[j])
+                el = archive.elites()
+                n_fooled = int((el["confidence"] >= self.threshold).sum())
+                if g_idx % 10 == 0 or n_fooled == num_classes:
+                    history.append({"generation": g_done, "classes_fooled": n_fooled, "classes_filled": len(el["labels"]),
+                                    "median_confidence": float(el["confidence"].median()), "seconds": time.perf_counter() - t0})
+                if progress is not None:
+                    progress(g_done, n_fooled)
+                if n_fooled == num_classes and all_fooled_at < 0:
+                    all_fooled_at = g_done
+                    if self.stop_when_done:
+                        break
+            el = archive.elites()
+            xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
+            x_all = torch.cat(xs).to(device)
+            labels = torch.cat([el["labels"], torch.tensor(pool_l, dtype=torch.long)]).to(device)
+            conf = F.softmax(model(x_all).float(), 1).gather(1, labels[:, None]).squeeze(1)
+        seconds = time.perf_counter() - t0
+        n_el = int(el["labels"].numel())
+        extras: dict[str, Any] = {
+            "label": labels,
+            "confidence": conf,
+            "is_elite": torch.arange(labels.numel(), device=device) < n_el,
+            "elite_confidence": el["confidence"].float(),
+            "elite_label": el["labels"],
+            "generations": g_done,
+            "generation_all_fooled": all_fooled_at,
+            "evaluations": g_done * self.population,
+            "seconds": seconds,
+            "history": history,
+            "threshold": self.threshold,
+            "encoding": self.encoding,
+        }
+        if cppn:
+            extras["genomes"] = [genomes[int(i)].to_dict() for i in el["genome_id"]]
+        return AttackResult(x_adv=x_all, success=conf >= self.threshold, target=labels, extras=extras)
+
+
+    def _parents(self, archive: ClassArchive, el: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        if self.parent_selection == "uniform" or not el:
+            return archive.sample(self.population)
+        left = (el["confidence"] < self.threshold).nonzero().flatten().numpy()
+        if left.size == 0:
+            return archive.sample(self.population)
+        pick = left[rng.integers(left.size, size=self.population)]
+        out = {"images": el["images"][pick]}
+        if "genome_id" in el:
+            out["genome_id"] = el["genome_id"][pick]
+        return out
+
+
+@torch.no_grad()
+def transfer_check(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, threshold: float = 0.9999, batch_size: int = 512) -> dict[str, float]:
+    """How a second model sees fooling images made for ``labels`` by a first one.
+
+    Returns the share the second model labels as ``labels``, the share at >= ``threshold``
+    confidence for that label, and the median confidence of that label.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    check_images(x, "x")
+    labels = check_labels(labels, "labels", n=int(x.shape[0]))
+    threshold = check_float(threshold, "threshold", "transfer_check", low=0.0, high=1.0, low_open=True)
+    device = model_device(model)
+    conf, pred = [], []
+    with eval_mode(model):
+        for i in range(0, x.shape[0], batch_size):
+            p = F.softmax(model(x[i:i + batch_size].to(device)).float(), 1)
+            conf.append(p.gather(1, labels[i:i + batch_size].to(device)[:, None]).squeeze(1).cpu())
+            pred.append(p.argmax(1).cpu())
+    c, pr = torch.cat(conf), torch.cat(pred)
+    return {"same_label": float((pr == labels.cpu()).float().mean()), "at_threshold": float((c >= threshold).float().mean()),
+            "median_confidence": float(c.median()), "n": int(c.numel())}

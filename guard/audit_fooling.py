@@ -1,0 +1,128 @@
+"""Audit step ``attacks_fooling``: fooling images (Nguyen et al. 2015) three ways.
+
+Fills ``report["attacks"]`` entries ``fooling_gradient``, ``fooling_direct`` and
+``fooling_cppn``. For each: ``success_rate`` = share of classes with at least one image at
+>= ``threshold`` (99.99%) confidence; ``median_confidence`` over the archive (one elite per
+class; for gradient ascent the best image per class); ``generations`` (evolution) or
+``steps`` (gradient ascent); ``seconds``; ``n`` images handed to the detectors (elites plus
+extra samples at the threshold, see :class:`attacks.fooling_evolution.FoolingEvolution`);
+and ``transfer``: how a second, independently trained model (a narrow DemoNet, seed + 1,
+trained for ``transfer_epochs`` on the training split) labels the same images, when the
+input is 28x28.
+
+Options (``ctx.options.extra``): ``fooling_threshold`` (0.9999), ``fooling_grad_steps`` (300),
+``fooling_grad_samples`` (10 per class), ``fooling_population`` (100),
+``fooling_generations`` (direct 400, CPPN 300), ``fooling_transfer`` (True),
+``transfer_epochs`` (1). Quick mode shrinks everything to a smoke run.
+
+Results go to ``ctx.shared["attack_results"][NAME]`` (``x_adv`` the images, ``success`` their
+confidence >= threshold, ``extras["label"]``/``["confidence"]``) and artifacts ``attack_NAME``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from attacks.base import AttackResult
+from attacks.fooling_evolution import FoolingEvolution, transfer_check
+from attacks.fooling_gradient import FoolingGradient
+from guard.audit import AuditContext
+from guard.models import DemoNet
+
+__all__ = ["run", "second_model"]
+
+log = logging.getLogger(__name__)
+
+
+def second_model(ctx: AuditContext, epochs: int) -> nn.Module | None:
+    """A narrow DemoNet trained with another seed: the transfer target (None if shapes differ)."""
+    from training.classifier import train_classifier
+
+    shape = tuple(ctx.train.x.shape[1:])
+    if shape[1:] != (28, 28):
+        return None
+    num_classes = int(ctx.report.get("model", {}).get("num_classes", int(ctx.train.y.max()) + 1))
+    torch.manual_seed(ctx.options.seed + 1)
+    model = DemoNet(num_classes, in_channels=shape[0], width=8, hidden=32)
+    train_classifier(model, ctx.train.x, ctx.train.y, epochs=epochs, lr=3e-3, seed=ctx.options.seed + 1, progress=False)
+    return model.to(ctx.options.device).eval()
+
+
+def _entry(res: AttackResult, num_classes: int, threshold: float, params: dict[str, Any], seconds: float,
+           elite_conf: torch.Tensor, elite_label: torch.Tensor) -> dict[str, Any]:
+    fooled = {int(c) for c, v in zip(elite_label.tolist(), elite_conf.tolist()) if v >= threshold}
+    return {
+        "success_rate": len(fooled) / num_classes,
+        "classes_fooled": sorted(fooled),
+        "median_confidence": float(elite_conf.double().median()) if elite_conf.numel() else 0.0,
+        "min_confidence": float(elite_conf.double().min()) if elite_conf.numel() else 0.0,
+        "image_success_rate": res.success_rate,
+        "n": len(res),
+        "seconds": round(seconds, 3),
+        "threshold": threshold,
+        "params": params,
+    }
+
+
+def _store(ctx: AuditContext, name: str, res: AttackResult) -> None:
+    ctx.shared.setdefault("attack_results", {})[name] = res
+    ctx.save_artifact("attack_" + name, {"x_adv": res.x_adv.cpu(), "success": res.success.cpu(),
+                                         "label": res.extras["label"].cpu(), "confidence": res.extras["confidence"].float().cpu()})
+
+
+def run(ctx: AuditContext) -> None:
+    opts, extra = ctx.options, ctx.options.extra
+    quick = opts.quick
+    threshold = float(extra.get("fooling_threshold", 0.9999))
+    shape = tuple(int(s) for s in ctx.test.x.shape[1:])
+    with torch.no_grad():
+        num_classes = int(ctx.model(ctx.test.x[:1].to(opts.device)).shape[1])
+    attacks = ctx.report.setdefault("attacks", {})
+    results: dict[str, AttackResult] = {}
+
+    # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
+    grad = FoolingGradient(steps=int(extra.get("fooling_grad_steps", 20 if quick else 300)), lr=0.1, threshold=threshold,
+                           samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else 10)), seed=opts.seed)
+    t0 = time.perf_counter()
+    res = grad(ctx.model, shape=shape, num_classes=num_classes)
+    sec = time.perf_counter() - t0
+    conf = res.extras["confidence"].view(num_classes, grad.samples_per_class)
+    best = conf.max(1).values.cpu()
+    e = _entry(res, num_classes, threshold, grad.params(), sec, best, torch.arange(num_classes))
+    reached = res.extras["steps"]
+    e["steps"] = int(reached.max()) + 1 if bool((reached >= 0).all()) else grad.steps
+    e["generations"] = e["steps"]
+    attacks["fooling_gradient"] = e
+    results["fooling_gradient"] = res
+    _store(ctx, "fooling_gradient", res)
+
+    pop = int(extra.get("fooling_population", 20 if quick else 100))
+    for name, encoding, default_gens in (("fooling_direct", "direct", 400), ("fooling_cppn", "cppn", 300)):
+        gens = int(extra.get("fooling_generations", 5 if quick else default_gens))
+        evo = FoolingEvolution(encoding=encoding, population=pop, generations=gens, threshold=threshold,
+                               extra_samples=20 if quick else 100, seed=opts.seed)
+        t0 = time.perf_counter()
+        res = evo(ctx.model, shape=shape, num_classes=num_classes)
+        sec = time.perf_counter() - t0
+        ex = res.extras
+        e = _entry(res, num_classes, threshold, evo.params(), sec, ex["elite_confidence"], ex["elite_label"])
+        e.update({"generations": ex["generations"], "generation_all_fooled": ex["generation_all_fooled"],
+                  "evaluations": ex["evaluations"], "history": ex["history"][-20:]})
+        attacks[name] = e
+        results[name] = res
+        _store(ctx, name, res)
+
+    if bool(extra.get("fooling_transfer", True)):
+        t0 = time.perf_counter()
+        other = second_model(ctx, int(extra.get("transfer_epochs", 1)))
+        if other is not None:
+            for name, res in results.items():
+                tr = transfer_check(other, res.x_adv, res.extras["label"], threshold=threshold)
+                tr["second_model"] = "DemoNet(width=8, hidden=32), seed+1"
+                attacks[name]["transfer"] = tr
+        log.info("fooling transfer check: %.1f s", time.perf_counter() - t0)
