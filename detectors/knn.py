@@ -38,7 +38,7 @@ def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000,
     """A FAISS index over ``bank`` rows (already normalised for cosine).
 
     Exact flat search up to ``ivf_min_bank`` rows; above that an IVF index with
-    ``4 * sqrt(M)`` lists (FAISS's rule of thumb), trained on at most 64 points per list.
+    ``4 * sqrt(M)`` lists (FAISS's rule of thumb; at most M / 39), trained on at most 64 points per list.
     """
     import faiss
 
@@ -48,15 +48,14 @@ def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000,
     if bank.shape[0] < ivf_min_bank:
         flat.add(data)
         return flat
-    nlist = int(4 * math.sqrt(bank.shape[0]))
+    nlist = max(1, min(int(4 * math.sqrt(bank.shape[0])), bank.shape[0] // 39))  # FAISS wants >= 39 points per list
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     index = faiss.IndexIVFFlat(flat, d, nlist, mt)
     rng = np.random.default_rng(seed)
     n_train = min(bank.shape[0], 64 * nlist)
     index.train(data[rng.choice(bank.shape[0], n_train, replace=False)])
     index.add(data)
-    index.nprobe = nprobe
-    index._keep = flat  # the quantizer must outlive the index (python wrapper ownership)
+    index.nprobe = nprobe  # (faiss's python wrapper keeps the quantizer alive with the index)
     return index
 
 

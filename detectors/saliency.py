@@ -129,7 +129,7 @@ class SaliencyConcentration(Detector):
                 else:
                     tb = target[i:i + self.batch_size].to(device)
                 with torch.enable_grad():
-                    a = self.attributions(model, xb.clone(), tb)
+                    a = self.attributions(model, xb.detach().clone().requires_grad_(True), tb)
                 out.append(window_share(a, self.window) if self.reduce == "window" else topk_share(a, self.topk))
         return torch.cat(out).float().cpu()
 

@@ -1,0 +1,59 @@
+"""PPCAManifold: the log-likelihood is scikit-learn's PCA.score_samples; outliers score higher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detectors import PPCAManifold
+from guard.validation import NotFittedError
+
+
+def _data(n: int = 400, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    basis = torch.randn(3, d, generator=torch.Generator().manual_seed(123))  # same manifold for every seed
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    z = torch.randn(n, 3, generator=g)
+    return z @ basis + 0.1 * torch.randn(n, d, generator=g) + 5 * y[:, None].float(), y
+
+
+def test_log_likelihood_equals_sklearn_score_samples() -> None:
+    x, y = _data()
+    det = PPCAManifold("f", n_components=3).fit_features({"f": x}, y)
+    q, qy = _data(50, seed=1)
+    for c in (0, 1):
+        got = det.log_likelihood({"f": q}, torch.full((50,), c))
+        want = torch.from_numpy(det.pcas_[c].score_samples(q.double().numpy())).float()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
+    allc = det.log_likelihood({"f": q})
+    torch.testing.assert_close(allc[:, 1], det.log_likelihood({"f": q}, torch.ones(50, dtype=torch.long)))
+    logits = torch.nn.functional.one_hot(qy, 2).float()
+    torch.testing.assert_close(det.score_features({"f": q}, logits), -det.log_likelihood({"f": q}, qy))
+
+
+def test_off_manifold_point_scores_higher_and_angle(tmp_path) -> None:
+    x, y = _data()
+    det = PPCAManifold("f", n_components=3).fit_features({"f": x}, y)
+    q, qy = _data(100, seed=2)
+    logits = torch.nn.functional.one_hot(qy, 2).float()
+    normal = det.score_features({"f": q}, logits)
+    off = q + 3.0 * torch.randn(100, 12, generator=torch.Generator().manual_seed(3))
+    assert float((det.score_features({"f": off}, logits) > normal.max()).float().mean()) > 0.95
+    assert float(det.angular_features({"f": off}, logits).mean()) > float(det.angular_features({"f": q}, logits).mean())
+    det.calibrate(normal, fpr=0.05)
+    det.save(tmp_path / "p.safetensors")
+    back = PPCAManifold.load(tmp_path / "p.safetensors")
+    torch.testing.assert_close(back.score_features({"f": q}, logits), normal)
+
+
+def test_bad_inputs() -> None:
+    x, y = _data()
+    with pytest.raises(NotFittedError):
+        PPCAManifold("f").score_features({"f": x}, torch.zeros(len(x), 2))
+    with pytest.raises(ValueError, match="at least 2"):
+        PPCAManifold("f").fit_features({"f": x[:0]}, y[:0])
+    det = PPCAManifold("f", n_components=2).fit_features({"f": x}, y)
+    with pytest.raises(ValueError, match="width 12"):
+        det.score_features({"f": x[:, :5]}, torch.zeros(len(x), 2))
+    with pytest.raises(ValueError, match="'n_components' parameter"):
+        PPCAManifold("f", n_components=0).fit_features({"f": x}, y)
