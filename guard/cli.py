@@ -136,13 +136,21 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     out = Path(args.out)
     attacks = [a for a in args.attacks.split(",") if a.strip()] if args.attacks is not None else list(DEFAULT_ATTACKS)
     budget = AttackBudget.quick() if args.budget == "quick" else AttackBudget()
-    t0 = time.perf_counter()
-    res = harden(model.to(args.device), train, test=test, attacks=attacks, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
-                 reject_share=args.reject_share, head=args.head, budget=budget, lr=args.lr, augment=augment,
-                 checkpoint_dir=out / "checkpoints", resume=args.resume, seed=args.seed, progress=not args.quiet)
-    from training.distributed import world
+    from training.distributed import init_from_env, world
 
-    if world()[0] != 0:
+    created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
+    rank = world()[0]
+    t0 = time.perf_counter()
+    try:
+        res = harden(model.to(args.device), train, test=test, attacks=attacks, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
+                     reject_share=args.reject_share, head=args.head, budget=budget, lr=args.lr, augment=augment,
+                     checkpoint_dir=out / "checkpoints", resume=args.resume, seed=args.seed, progress=not args.quiet and rank == 0)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
         return 0
     section = harden_section(res, attacks=attacks, budget=asdict(budget), seconds=time.perf_counter() - t0,
                              settings={"rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "reject_share": args.reject_share,

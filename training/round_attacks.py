@@ -339,9 +339,8 @@ def score_attack_set(model: nn.Module, s: RoundAttackSet, num_classes: int, *, t
     Returns ``fooling_classes_ge99`` (share of the n classes for which some fooling image in
     ``s`` gets P(class) >= threshold), ``fooling_median_confidence`` (median over classes of
     the best fooling image's P(class), as Nguyen et al. report it), ``patch_fooling_rate``
-    (share of patched / PGD images whose clean source was correctly labelled... approximated
-    by the true label: predicted as another real class), and ``rejected_share`` (share of
-    all images predicted as reject).
+    (share of patched images predicted as a real class other than their true label), and
+    ``rejected_share`` (share of all images predicted as reject); per-attack breakdowns too.
     """
     n = num_classes
     with eval_mode(model):
@@ -355,6 +354,10 @@ def score_attack_set(model: nn.Module, s: RoundAttackSet, num_classes: int, *, t
         out["fooling_classes_ge99_count"] = int((best >= threshold).sum())
         out["fooling_median_confidence"] = float(best.median())
         out["fooling_top_confidence_median"] = float(probs[fool][:, :n].max(1).values.median())
+        for i, name in enumerate(s.names):
+            m = s.kind == i
+            if name in FOOLING_ATTACKS and bool(m.any()):
+                out[f"fooling_classes_ge99_count_{name}"] = int((probs[m][:, :n].max(0).values >= threshold).sum())
     else:
         out.update(fooling_classes_ge99=None, fooling_classes_ge99_count=None, fooling_median_confidence=None)
     patch = s.mask(("universal_patch", "random_patch"))
