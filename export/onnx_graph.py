@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.features import get_layer
+from guard.features import eval_mode, get_layer
 from guard.models import Normalize
 
 __all__ = [
@@ -185,7 +185,7 @@ def head_chain(model: nn.Module, layer: str | None, example: torch.Tensor) -> li
             handles.append(m.register_forward_hook(on_leaf))
     store: dict[str, torch.Tensor] = {}
     try:
-        with torch.no_grad(), _capture(model, [layer] if layer else [], store):
+        with torch.no_grad(), eval_mode(model), _capture(model, [layer] if layer else [], store):
             logits = model(example)
     finally:
         for h in handles:

@@ -1,0 +1,152 @@
+"""Export: one ONNX graph (model + detector heads) served by onnxruntime, checked against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import guard
+from detectors import SaliencyConcentration
+from export import ExportError, ProviderError, compare_with_guarded, load_session, to_onnx
+from export.adapters import head_from
+from export.onnx_graph import SaliencyHead, head_chain
+from guard.features import FeatureExtractor
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_model, small_split):
+    train, test = small_split
+    g = guard.wrap(tiny_model).fit(train)
+    g.calibrate(test.x[:128], fpr=0.05)
+    return g
+
+
+@pytest.fixture(scope="module")
+def exported(guarded, small_split, tmp_path_factory):
+    _, test = small_split
+    path = tmp_path_factory.mktemp("onnx") / "guarded.onnx"
+    rep = to_onnx(guarded, path, test.x[:8], parity_inputs=test.x[128:192])  # not the calibration images
+    return rep, path
+
+
+def test_guarded_graph_matches_pytorch_at_batch_1_odd_64(exported):
+    rep, path = exported
+    assert rep.parity is not None and rep.parity["passed"], rep.parity
+    assert set(rep.parity["by_batch"]) == {"1", "7", "64"}
+    for name in ("logits", "knn_topk", "knn_score", "ppca_loglik", "saliency_score", "combined_score", "flags", "flag"):
+        assert name in rep.output_names
+    assert rep.parity["outputs"]["logits"]["max_abs"] <= 1e-4
+    assert rep.parity["outputs"]["pred"]["agreement"] == 1.0
+    assert rep.parity["outputs"]["flags"]["n_diff"] == 0
+    model = onnx.load(str(path), load_external_data=False)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
+    assert rep.opset == next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "TopK" in ops and "MatMul" in ops
+
+
+def test_graph_matches_the_guarded_models_own_scores(guarded, exported, small_split):
+    """Against FAISS, float64 PPCA and Captum themselves, not just the ExportHead."""
+    _, path = exported
+    _, test = small_split
+    sess = load_session(path, device="cpu")
+    head, _ = head_from(guarded, test.x[:8])
+    figs = compare_with_guarded(guarded, sess, test.x, head=head)
+    assert figs["logits"]["max_abs"] <= 1e-4
+    assert figs["pred"]["agreement"] == 1.0
+    for name in ("knn_score", "ppca_score", "saliency_score"):
+        assert figs[name]["passed"], (name, figs[name])
+    for name, v in figs.items():
+        if name.startswith("flag_"):
+            # a flag may only differ for a calibration image sitting exactly on the threshold
+            assert v["n_diff"] == v["borderline"], (name, v)
+
+
+@pytest.mark.parametrize("method,layer", [("saliency", None), ("gradcam", "conv2")])
+def test_saliency_head_equals_captum_exactly(tiny_model, small_split, method, layer):
+    _, test = small_split
+    x = test.x[:64]
+    det = SaliencyConcentration(method, layer=layer).fit(tiny_model)
+    ref = det.score(tiny_model, x)
+    head = SaliencyHead(head_chain(tiny_model, layer, x[:4]), method=method, window=det.window)
+    with torch.no_grad():
+        logits, feats = FeatureExtractor(tiny_model, [layer or "conv1"])(x)
+        mine = head(x if layer is None else feats[layer], logits.argmax(1))
+    torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-5)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 28 * 28, 3)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc((h + x).flatten(1))  # a skip connection the VJP chain cannot see
+
+
+def test_saliency_chain_refuses_a_skip_connection():
+    with pytest.raises(ValueError, match="do not reproduce the model's logits"):
+        head_chain(_Residual(), None, torch.rand(2, 1, 28, 28))
+
+
+def test_strict_cuda_on_a_cpu_only_machine(exported):
+    _, path = exported
+    if HAS_CUDA:
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(ProviderError, match="CUDAExecutionProvider"):
+        load_session(path, device="cuda", strict=True)
+    sess = load_session(path, device="cuda", strict=False)
+    assert sess.report.fell_back
+    assert sess.report.providers == ["CPUExecutionProvider"]
+    assert any("strict=False" in n for n in sess.report.notes)
+    assert sum(sess.report.node_providers.values()) > 0
+
+
+def test_session_rejects_wrong_input_shape(exported):
+    _, path = exported
+    sess = load_session(path, device="cpu")
+    with pytest.raises(ValueError, match=r"input 'input' must have shape \['batch', 1, 28, 28\]; got \[2, 1, 27, 28\]"):
+        sess.run(np.zeros((2, 1, 27, 28), dtype=np.float32))
+    out = sess.run(np.zeros((3, 1, 28, 28), dtype=np.float32))
+    assert out["logits"].shape == (3, 10)
+
+
+def test_missing_directory_is_a_clear_error(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        to_onnx(tiny_model, tmp_path / "nope" / "m.onnx", torch.rand(2, 1, 28, 28))
+
+
+class _Eigh(nn.Module):
+    def forward(self, x):
+        f = x.flatten(1)
+        return torch.linalg.eigh(f.T @ f)[0][None].expand(x.shape[0], -1)
+
+
+def test_unexportable_model_names_the_op(tmp_path):
+    with pytest.raises(ExportError, match="linalg_eigh"):
+        to_onnx(_Eigh(), tmp_path / "m.onnx", torch.rand(2, 1, 4, 4))
+
+
+def test_plain_model_opset_and_hardened_reject_output(tiny_model, small_split, tmp_path):
+    from training.reject import RejectClassifier, grow_head
+
+    _, test = small_split
+    net, head_name = grow_head(tiny_model)
+    hardened = RejectClassifier(net, 10, head_name)
+    rep = to_onnx(hardened, tmp_path / "h.onnx", test.x[:1], opset=18, parity_inputs=test.x[:64])
+    assert rep.opset == 18
+    assert rep.parity["passed"]
+    assert "reject_prob" in rep.output_names and rep.output_names[-2:] == ["flags", "flag"]
+    out = load_session(tmp_path / "h.onnx", "cpu").run(test.x[:5])
+    with torch.no_grad():
+        p = hardened(test.x[:5]).softmax(1)
+    np.testing.assert_allclose(out["reject_prob"], p[:, 10].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out["flag"], p.argmax(1).numpy() == 10)
