@@ -1,0 +1,61 @@
+"""The audit's export step: model.onnx and report["export"] (quick mode)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import guard
+from attacks.gradient import FGSM
+from guard.audit import AuditContext, AuditOptions
+from guard.audit_export import run
+
+
+def _ctx(model, small_split, tmp_path, **opts) -> AuditContext:
+    train, test = small_split
+    return AuditContext(model=model, model_name="tiny", train=train, test=test, data_source="test", out=tmp_path,
+                        options=AuditOptions(quick=True, progress=False, **opts))
+
+
+def test_export_step_skipped_without_option(tiny_model, small_split, tmp_path):
+    ctx = _ctx(tiny_model, small_split, tmp_path, export=False)
+    run(ctx)
+    assert "export" not in ctx.report and not (tmp_path / "model.onnx").exists()
+
+
+def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
+    train, test = small_split
+    ctx = _ctx(tiny_model, small_split, tmp_path)
+    g = guard.wrap(tiny_model, ["knn", "ppca", "saliency"]).fit(train)
+    g.calibrate(test.x[:128])
+    ctx.shared["guarded"] = g
+    ctx.shared["attack_results"] = {"fgsm": FGSM(eps=0.3)(tiny_model, test.x[:32], test.y[:32])}
+    t0 = time.perf_counter()
+    run(ctx)
+    seconds = time.perf_counter() - t0
+    sec = ctx.report["export"]
+    assert (tmp_path / "model.onnx").is_file() and sec["path"] == str(tmp_path / "model.onnx")
+    assert sec["source"] == "guarded" and isinstance(sec["opset"], int)
+    assert sec["parity"]["logits"]["max_abs"] <= 1e-4
+    assert set(sec["parity_full"]) == {"clean", "fgsm"}
+    assert sec["parity_full"]["fgsm"]["pred"]["agreement"] == 1.0
+    assert sec["providers"] == ["CPUExecutionProvider"]
+    assert sec["latency_ms"]["batch_1"]["onnxruntime_cpu_ms"] > 0
+    assert isinstance(sec["flags_identical"], bool)
+    assert seconds < 40  # quick mode; the budget is < 20 s on an idle machine
+
+
+def test_fp16_backbone_keeps_heads_in_fp32(tiny_model, small_split, tmp_path):
+    from export import load_session, to_onnx
+
+    train, test = small_split
+    g = guard.wrap(tiny_model, ["knn", "ppca"]).fit(train)
+    g.calibrate(test.x[:128])
+    rep = to_onnx(g, tmp_path / "h.onnx", test.x[:8], fp16_backbone=True)
+    out = load_session(tmp_path / "h.onnx", "cpu").run(test.x[128:192])
+    logits, scores, _ = g.score(test.x[128:192])
+    assert rep.fp16_backbone
+    assert out["knn_topk"].dtype.name == "float32"
+    assert (out["pred"] == logits.argmax(1).numpy()).mean() >= 0.98
+    assert torch.allclose(torch.from_numpy(out["logits"]), logits, atol=0.05)
