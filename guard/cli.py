@@ -93,6 +93,8 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reject-share", type=float, default=0.12, help="share of reject images in each epoch (default 0.12)")
     p.add_argument("--attacks", default=None, help="comma-separated round attacks (default: fooling_gradient,fooling_direct,fooling_cppn,universal_patch; also random_patch, pgd)")
     p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
+    p.add_argument("--attack-engine", choices=["builtin", "attacks"], default="builtin",
+                   help="fooling images from the small built-in generators (default) or the attacks package's classes")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--out", default="out-harden", metavar="DIR")
     p.add_argument("--seed", type=int, default=0)
@@ -144,7 +146,8 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     try:
         res = harden(model.to(args.device), train, test=test, attacks=attacks, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
                      reject_share=args.reject_share, head=args.head, budget=budget, lr=args.lr, augment=augment,
-                     checkpoint_dir=out / "checkpoints", resume=args.resume, seed=args.seed, progress=not args.quiet and rank == 0)
+                     checkpoint_dir=out / "checkpoints", resume=args.resume, seed=args.seed, progress=not args.quiet and rank == 0,
+                     attack_engine=args.attack_engine)
     finally:
         if created:
             import torch.distributed as dist
@@ -154,7 +157,8 @@ def _cmd_harden(args: argparse.Namespace) -> int:
         return 0
     section = harden_section(res, attacks=attacks, budget=asdict(budget), seconds=time.perf_counter() - t0,
                              settings={"rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "reject_share": args.reject_share,
-                                       "lr": args.lr, "seed": args.seed, "checkpoint_dir": str(out / "checkpoints")})
+                                       "lr": args.lr, "seed": args.seed, "checkpoint_dir": str(out / "checkpoints"),
+                                       "attack_engine": args.attack_engine})
     path = out / "hardened_model.safetensors"
     save_tensors(path, res.model.model.state_dict(), {"num_classes": res.model.num_classes, "head": res.model.head,
                                                        "reject_index": res.model.reject_index})

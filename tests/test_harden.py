@@ -276,3 +276,17 @@ def test_audit_step_quick(tmp_path, tiny_model, small_split):
 def test_guard_exposes_harden():
     assert guard.harden is harden
     assert guard.RejectClassifier is RejectClassifier
+
+
+def test_team_attack_engine(tiny_model, small_split):
+    pytest.importorskip("ribs")
+    train, test = small_split
+    grown, _ = grow_head(tiny_model)
+    s = generate_round_attacks(grown, ["fooling_gradient", "fooling_direct", "fooling_cppn"], num_classes=10,
+                               image_shape=(1, 28, 28), pool=(train.x, train.y), budget=QUICK, seed=1, engine="attacks")
+    assert len(s) > 0 and s.x.min() >= 0 and s.x.max() <= 1
+    assert int(s.target.max()) < 10 and int(s.target.min()) >= 0  # never the reject class
+    res = harden(tiny_model, train, test=test, attack_engine="attacks", **{**SMALL, "rounds": 1, "epochs_per_round": 1})
+    assert res.history[0]["fooling_classes_ge99"] is not None
+    with pytest.raises(ValueError, match="attack_engine"):
+        harden(tiny_model, train, attack_engine="foolbox", **SMALL)

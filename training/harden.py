@@ -43,7 +43,7 @@ from guard.validation import check_float, check_int
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.distributed import barrier, broadcast_tensors, init_from_env, world
 from training.reject import RejectClassifier, grow_head
-from training.round_attacks import (DEFAULT_ATTACKS, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks,
+from training.round_attacks import (DEFAULT_ATTACKS, ENGINES, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks,
                                     score_attack_set)
 
 __all__ = ["harden", "HardenResult"]
@@ -117,6 +117,7 @@ def harden(
     seed: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[int, int, nn.Module], None] | None = None,
+    attack_engine: str = "builtin",
 ) -> HardenResult:
     """Retrain ``model`` with an (n+1)-th reject class against fresh attacks, round after round.
 
@@ -143,6 +144,9 @@ def harden(
         seed: seeds everything (attacks, reject sampling, shuffling, dropout).
         progress: tqdm bars for rounds, attacks and epochs.
         on_epoch_end: ``on_epoch_end(round, epoch, model)`` after each epoch's checkpoint.
+        attack_engine: ``"builtin"`` (small batched generators, the default) or ``"attacks"``
+            (the fooling images from the ``attacks`` package's classes; see
+            :func:`training.round_attacks.generate_round_attacks`).
 
     Returns:
         A :class:`HardenResult` with the hardened model and the per-round history.
@@ -150,6 +154,8 @@ def harden(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     names = check_attacks(attacks)
+    if attack_engine not in ENGINES:
+        raise ValueError(f"attack_engine must be one of {ENGINES}; got {attack_engine!r}.")
     rounds = check_int(rounds, "rounds", "harden", low=1)
     epochs_per_round = check_int(epochs_per_round, "epochs_per_round", "harden", low=1)
     batch_size = check_int(batch_size, "batch_size", "harden", low=1)
@@ -184,7 +190,7 @@ def harden(
     image_shape = tuple(train.x.shape[1:])
     config = {"attacks": list(names), "epochs_per_round": epochs_per_round, "reject_share": reject_share, "lr": lr,
               "batch_size": batch_size, "seed": seed, "budget": asdict(budget), "num_classes": n, "head": head_name,
-              "n_train": len(train)}
+              "n_train": len(train), "engine": attack_engine}
 
     created = init_from_env(device)
     rank, size = world()
@@ -210,6 +216,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
     cur_round = 0  # the round whose attack set ``cur`` is
     round_done, epoch_done = 0, -1
     timings = {"attack_seconds": 0.0, "train_seconds": 0.0}
+    round_secs = {"attack": 0.0, "train": 0.0}  # of the round in progress
     show = progress and rank == 0
 
     if resume:
@@ -231,6 +238,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
             timings = meta.get("timings", timings)
             archive_x, archive_round = extra["archive_x"], extra["archive_round"].long()
             cur_round = int(meta.get("cur_round", 0))
+            round_secs = meta.get("round_seconds", round_secs)
             if cur_round:
                 cur = RoundAttackSet.from_tensors({k: extra["cur_" + k] for k in _SET_NAMES}, meta["cur_names"], meta.get("cur_seconds"))
                 cur_keep = extra["cur_keep"].bool()
@@ -241,7 +249,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
             return
         extra = {"archive_x": archive_x, "archive_round": archive_round}
         meta: dict[str, Any] = {"config": config, "round_done": round_done, "epoch_done": epoch_done, "history": history,
-                                "baseline": baseline, "timings": timings, "cur_round": cur_round,
+                                "baseline": baseline, "timings": timings, "cur_round": cur_round, "round_seconds": round_secs,
                                 "rng": {"scheme": "seed per (seed, round, epoch)", "seed": seed}}
         if cur is not None:
             extra.update({"cur_" + k: v for k, v in cur.to_tensors().items()})
@@ -255,10 +263,12 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
         tensors, secs = None, {}
         if rank == 0:
             s = generate_round_attacks(net, names, num_classes=n, image_shape=image_shape, pool=(train.x, train.y),
-                                       budget=budget, seed=_seed(seed, r, 1), progress=show)
+                                       budget=budget, seed=_seed(seed, r, 1), progress=show,
+                                       engine=config["engine"])
             tensors, secs = s.to_tensors(), s.seconds
         tensors = broadcast_tensors(tensors, _SET_NAMES)
         timings["attack_seconds"] += time.perf_counter() - t0
+        round_secs["attack"] = time.perf_counter() - t0
         return RoundAttackSet.from_tensors(tensors, list(names), secs)
 
     def measure(s: RoundAttackSet) -> dict[str, Any]:
@@ -277,6 +287,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
         if cur_round != r:  # attack phase of round r (against the model after round r - 1)
             cur = fresh_attacks(r)
             cur_round = r
+            round_secs["train"] = 0.0
             fresh = measure(cur)
             if r == 1:
                 baseline["fresh"] = fresh
@@ -295,6 +306,7 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
             t0 = time.perf_counter()
             loss = _train_epoch(ddp, opt, train, archive_x, n, reject_share, batch_size, augment, _seed(seed, r, e, 2), rank, size, device)
             timings["train_seconds"] += time.perf_counter() - t0
+            round_secs["train"] += time.perf_counter() - t0
             epoch_done = e
             log.info("harden: round %d epoch %d loss %.4f", r, e, loss)
             checkpoint()
@@ -306,7 +318,8 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
                  "rejected_share_of_round_attacks": _rejected_share(net, cur.x[cur_keep], n, device),
                  "rejected_share_of_all_round_images": score_attack_set(net, cur, n)["rejected_share"],
                  "n_round_attacks": int(cur_keep.sum()), "n_round_images": len(cur), "archive_size": int(archive_x.shape[0]),
-                 "reject_share": reject_share, "epochs": epochs_per_round}
+                 "reject_share": reject_share, "epochs": epochs_per_round,
+                 "seconds_attack": round(round_secs["attack"], 3), "seconds_train": round(round_secs["train"], 3)}
         if len(history) >= r:
             history[r - 1] = entry
         else:

@@ -36,13 +36,14 @@ from torch import nn
 from attacks.patching import apply_patches, random_positions
 from guard.features import eval_mode
 
-__all__ = ["ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
+__all__ = ["ENGINES", "ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
            "check_attacks", "generate_round_attacks", "score_attack_set"]
 
 FOOLING_ATTACKS = ("fooling_gradient", "fooling_direct", "fooling_cppn")
 PATCH_ATTACKS = ("universal_patch", "random_patch")
 ROUND_ATTACKS = FOOLING_ATTACKS + PATCH_ATTACKS + ("pgd",)
 DEFAULT_ATTACKS = ("fooling_gradient", "fooling_direct", "fooling_cppn", "universal_patch")
+ENGINES = ("builtin", "attacks")
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,36 @@ def _fooling_cppn(model, n, shape, gen, b, device):
     return _map_elites(model, n, init, render, mutate, gen, b, device)
 
 
+# ---------------------------------------------------------------- the team's attack classes (engine="attacks")
+
+def _gen_seed(gen: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+
+
+def _team_fooling_gradient(model, n, shape, gen, b, device):
+    from attacks.fooling_gradient import FoolingGradient
+
+    res = FoolingGradient(steps=b.gradient_steps, samples_per_class=b.per_class, seed=_gen_seed(gen))(
+        model, classes=list(range(n)), shape=tuple(shape))
+    return res.x_adv.cpu(), res.extras["label"].cpu().long()
+
+
+def _team_evolution(encoding: str):
+    def run(model, n, shape, gen, b, device):
+        from attacks.fooling_evolution import FoolingEvolution
+
+        with torch.no_grad():
+            outputs = int(model(torch.zeros(1, *shape, device=device)).shape[1])
+        # The archive covers every output (the reject class too, once the head has grown);
+        # only elites of real classes are fooling images.
+        res = FoolingEvolution(encoding=encoding, population=b.per_class * n, generations=b.generations, threshold=0.99,
+                               stop_when_done=False, extra_samples=0, seed=_gen_seed(gen))(model, shape=tuple(shape), num_classes=outputs)
+        label = res.extras["label"].cpu().long()
+        keep = label < n
+        return res.x_adv.cpu()[keep], label[keep]
+    return run
+
+
 # ---------------------------------------------------------------- patches and PGD
 
 def _other_class_loss(logits: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
@@ -291,6 +322,7 @@ def generate_round_attacks(
     budget: AttackBudget,
     seed: int,
     progress: bool = False,
+    engine: str = "builtin",
 ) -> RoundAttackSet:
     """Run each named generator against ``model`` (eval mode, restored; weights untouched).
 
@@ -302,12 +334,19 @@ def generate_round_attacks(
         pool: clean ``(x, y)`` that patches and PGD start from (``budget.patch_images`` drawn).
         budget: sizes and steps.
         seed: every random choice comes from ``torch.Generator().manual_seed(seed + i)``.
+        engine: ``"builtin"`` (the small batched generators of this module) or ``"attacks"``:
+            the fooling images come from the team's classes ``attacks.fooling_gradient.FoolingGradient``
+            and ``attacks.fooling_evolution.FoolingEvolution`` (pyribs MAP-Elites, NEAT-style
+            CPPNs), sized by the same budget; patches and PGD stay built in (their losses here
+            aim at a *real* class, never at the reject class).
     """
     import time
 
     from tqdm.auto import tqdm
 
     names = list(check_attacks(attacks))
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}.")
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     xs, kinds, targets, sources, seconds = [], [], [], [], {}
     px, py = pool
@@ -316,7 +355,11 @@ def generate_round_attacks(
             gen = torch.Generator().manual_seed((int(seed) * 7919 + i) % (2**63 - 1))
             t0 = time.perf_counter()
             if name in FOOLING_ATTACKS:
-                fn = {"fooling_gradient": _fooling_gradient, "fooling_direct": _fooling_direct, "fooling_cppn": _fooling_cppn}[name]
+                if engine == "attacks":
+                    fn = {"fooling_gradient": _team_fooling_gradient, "fooling_direct": _team_evolution("direct"),
+                          "fooling_cppn": _team_evolution("cppn")}[name]
+                else:
+                    fn = {"fooling_gradient": _fooling_gradient, "fooling_direct": _fooling_direct, "fooling_cppn": _fooling_cppn}[name]
                 x, target = fn(model, num_classes, tuple(image_shape), gen, budget, device)
                 source = torch.full_like(target, -1)
             else:
