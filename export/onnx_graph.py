@@ -1,40 +1,42 @@
 """ExportHead: the classifier and its detector heads as one traceable ``nn.Module``.
 
 One forward pass gives every serving output, written only with ops that ONNX has (MatMul,
-TopK, Softmax, Gemm, ReduceSum, AveragePool), so that ``torch.onnx.export`` turns the whole
-guard into one graph:
+TopK, Gather, Softmax, Gemm, ConvTranspose, AveragePool, Resize), so that ``torch.onnx.export``
+turns the whole guard into one graph. Each head reproduces a detector of ``detectors/`` from
+its fitted state:
 
-- ``logits``: the model's logits (for hardened models the (n+1)-th is the reject class).
-- ``reject_prob``: softmax probability of the reject class (hardened models; Nguyen et al. 2015
-  "Deep neural networks are easily fooled", the extra "fooling" class).
-- ``knn_topk`` / ``knn_score``: the k nearest stored training features, exact (MatMul against
-  the stored bank + TopK), so they equal what FAISS' flat index returns (cosine: the bank is
-  normalised and the distance is ``1 - q.b``; l2: squared distance ``|q|^2 - 2 q.b + |b|^2``
-  as FAISS computes it). Sabour et al. 2016 "Adversarial manipulation of deep
-  representations" use the kNN rank to show feature adversaries are inliers.
-- ``ppca_loglik``: Gaussian log-likelihood of the features under the predicted class's stored
-  mean, precision and log-determinant (probabilistic PCA, Tipping & Bishop 1999).
-- ``saliency_score``: concentration of the Grad-CAM map (Selvaraju et al. 2017) of the top
-  logit: the largest share of the map inside one ``window x window`` square (visible
-  patches, G2LVAP, make the map peak in one small region).
-- ``flags`` (N, D) bool, one column per detector, and ``flag`` (N,) bool: the calibrated
-  decisions (score > threshold).
+- ``logits`` / ``pred``; ``reject_prob``: softmax probability of the reject class of a
+  hardened model (Nguyen et al. 2015, "Deep neural networks are easily fooled": the extra
+  "fooling" class), whose flag is ``pred == reject_index``.
+- kNN (``KNNRank``, Sabour et al. 2016 "Adversarial manipulation of deep representations"):
+  MatMul against the stored bank + TopK, exact, so it equals FAISS' flat index (cosine: bank
+  rows normalised, distance ``1 - q.b``; l2: ``sqrt(|q|^2 - 2 q.b + |b|^2)``); the mean of the
+  k distances, then the rank among the predicted class's stored training scores.
+  ``KNNConsistency`` (Deep k-NN) gathers the neighbours' labels from the same TopK indices.
+- ``ppca_loglik``: the Gaussian log-likelihood of the predicted class from the stored means,
+  precisions and log-determinants (probabilistic PCA, Tipping & Bishop 1999, as sklearn's
+  ``PCA.score_samples``).
+- ``saliency_score``: the share of the attribution map inside the best ``window x window``
+  square, for Captum ``Saliency`` (|d logit / d x|) or ``LayerGradCam`` (Selvaraju et al. 2017).
+- ``combined_score``: ``detectors.combined.Combined``'s conformal max; ``flags`` / ``flag``:
+  the calibrated decisions.
 
-Grad-CAM in the forward graph: ONNX has no autograd, so the gradient of the top logit with
-respect to the CAM layer is written as an explicit vector-Jacobian product of the layers that
-follow it. This is exact (it equals ``torch.autograd.grad``) when the layers after the CAM
-layer form a chain of ``Flatten``, ``Linear``, ``ReLU``, ``LeakyReLU``, ``Dropout`` (eval),
-``Identity``, ``BatchNorm1d`` (eval) and global average pooling (``AdaptiveAvgPool2d(1)``,
-``AdaptiveAvgPool2d((1, 1))``): that covers ResNet/VGG-style GAP heads (where Grad-CAM is
-CAM, Zhou et al. 2016) and the demo LeNet (conv2 -> flatten -> fc1 -> ReLU -> fc2), whose
-piecewise-linear head has an exact, input-dependent gradient ``W1^T (1[h>0] * W2[c])``.
-Heads with other layers (max-pooling or attention after the CAM layer, softmax gating) are
-refused with a ValueError naming the layer; :func:`head_chain` checks on an example input
-that the chain reproduces the model's logits, so a forward() that does more than call the
-chain (a skip connection, a functional op between modules) is caught rather than exported
-wrong.
+Gradients in a forward graph: ONNX has no autograd, so the gradient of the top logit is written
+as an explicit vector-Jacobian product of the layers between the input (or the CAM layer) and
+the logits. It is exact (it equals ``torch.autograd.grad``, and Captum's maps bit for bit on the
+demo) when those layers form a chain of ``Normalize``, ``Conv2d`` (zero padding),
+``MaxPool2d`` (stride = kernel, no padding; the gradient goes to the first max of each window,
+as PyTorch's kernel does), ``ReLU``, ``LeakyReLU``, ``Flatten``, ``Linear``, ``Dropout`` (eval),
+``Identity``, ``BatchNorm1d`` (eval) and global average pooling. That covers the demo LeNet
+(normalize -> conv/ReLU/pool x2 -> flatten -> fc1 -> ReLU -> fc2) for both methods, and
+GAP-headed CNNs (ResNet/VGG style: Grad-CAM at the last conv block, where the head is
+GAP -> Linear and Grad-CAM is CAM, Zhou et al. 2016). Models with skip connections, BatchNorm2d
+or attention between the input and the CAM layer support only "gradcam" at a layer after them;
+:func:`head_chain` checks on an example that the chain reproduces the logits and refuses
+(naming the layer) what it cannot differentiate, rather than exporting a wrong map.
+Integrated gradients are not exported.
 
-Written by hand because no library exports kNN/PPCA/Grad-CAM detectors to ONNX.
+Written by hand because no library exports kNN/PPCA/saliency detectors to ONNX.
 """
 
 from __future__ import annotations

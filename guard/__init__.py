@@ -37,6 +37,8 @@ __all__ = [
     "wrap",
     "GuardedModel",
     "evaluate",
+    "to_onnx",
+    "load_session",
 ]
 
 
@@ -55,4 +57,8 @@ def __getattr__(name: str):
         from guard.evaluation import evaluate
 
         return evaluate
+    if name in ("to_onnx", "load_session"):
+        import export
+
+        return getattr(export, name)
     raise AttributeError(f"module 'guard' has no attribute {name!r}")

@@ -1,0 +1,87 @@
+"""Parity of the exported graph on the demo: the GuardedModel (FAISS, float64 PPCA, Captum) vs onnxruntime.
+
+Fits ``guard.wrap(demo_model())`` (default detectors) on the 8,000 training images, calibrates
+it on 1,000 held-out images (FPR 0.05, the audit's split), exports it, and compares on the
+2,000 held-out images and on FGSM / PGD (eps 0.3) adversarial sets; with ``--hardened`` the
+same for a model hardened by ``guard.harden`` (quick budget), detectors refitted on it.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/export_parity.py [--hardened] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import guard  # noqa: E402
+from attacks.gradient import FGSM, LinfPGD  # noqa: E402
+from export import compare_with_guarded, load_session, to_onnx  # noqa: E402
+from export.adapters import head_from  # noqa: E402
+
+
+def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split, prefix: str = "") -> guard.GuardedModel:
+    layers = [prefix + n for n in ("conv1", "conv2", "fc1")]
+    g = guard.wrap(model, layers=layers).fit(train)
+    perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(5))
+    g.calibrate(test.x[perm[:1000]], fpr=0.05)
+    return g
+
+
+def check(name: str, g: guard.GuardedModel, test: guard.Split, attack_model: torch.nn.Module, n_pgd: int) -> dict:
+    out = Path(tempfile.mkdtemp()) / f"{name}.onnx"
+    t0 = time.perf_counter()
+    rep = to_onnx(g, out, test.x[:8], parity_inputs=test.x[1000:1064])
+    t_export = time.perf_counter() - t0
+    sess = load_session(out, device="cpu", threads=1)
+    head, _ = head_from(g, test.x[:8])
+    sets = {"clean_2000": test.x}
+    sets["fgsm_eps0.3"] = FGSM(eps=0.3)(attack_model, test.x, test.y).x_adv
+    sets["pgd_eps0.3"] = LinfPGD(eps=0.3, steps=20, seed=0)(attack_model, test.x[:n_pgd], test.y[:n_pgd]).x_adv
+    res = {"export_seconds": round(t_export, 2), "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
+           "parity_vs_exporthead_batches_1_7_64": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
+                                                   for k, v in rep.parity["outputs"].items()}, "sets": {}}
+    for sname, xs in sets.items():
+        figs = compare_with_guarded(g, sess, xs, head=head)
+        res["sets"][sname] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "n_out_of_tol") if m in v}
+                              for k, v in figs.items()}
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it")
+    ap.add_argument("--n-pgd", type=int, default=500)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    model = guard.demo_model(progress=False)
+    train, test = guard.demo_data()
+    results = {"guarded": check("guarded", _guarded(model, train, test), test, model, args.n_pgd)}
+    if args.hardened:
+        from training.harden import harden
+        from training.round_attacks import AttackBudget
+
+        t0 = time.perf_counter()
+        res = harden(model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0)
+        hardened = res.model
+        results["harden_seconds"] = round(time.perf_counter() - t0, 1)
+        results["hardened"] = check("hardened", _guarded(hardened, train, test, prefix="model."), test, hardened, args.n_pgd)
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
