@@ -92,22 +92,25 @@ class _PGDBase(Attack):
         n = int(x.shape[0])
         done = torch.zeros(n, dtype=torch.bool, device=x.device)
         steps_taken = torch.zeros(n, dtype=torch.long, device=x.device)
-        active = torch.arange(n, device=x.device)
-        for _ in range(self.steps):
-            if self.early_stop:
-                active = (~done).nonzero().squeeze(1)
-                if active.numel() == 0:
-                    break
+        if not self.early_stop:
+            # Every image takes every step: no index bookkeeping (the same work as torchattacks).
+            for _ in range(self.steps):
+                grad, _ = _input_grad(model, x_adv, labels, targeted)
+                x_adv = (x + self._project(x_adv + self.step_size * self._step(grad) - x)).clamp(0.0, 1.0)
+            steps_taken += self.steps
+        for _ in range(self.steps if self.early_stop else 0):
+            active = (~done).nonzero().squeeze(1)
+            if active.numel() == 0:
+                break
             xa, x0, lab = x_adv[active], x[active], labels[active]
             grad, logits = _input_grad(model, xa, lab, targeted)
-            if self.early_stop:
-                pred = logits.argmax(1)
-                hit = pred == lab if targeted else pred != lab
-                done[active[hit]] = True
-                keep = ~hit
-                active, xa, x0, grad = active[keep], xa[keep], x0[keep], grad[keep]
-                if active.numel() == 0:
-                    break
+            pred = logits.argmax(1)
+            hit = pred == lab if targeted else pred != lab
+            done[active[hit]] = True
+            keep = ~hit
+            active, xa, x0, grad = active[keep], xa[keep], x0[keep], grad[keep]
+            if active.numel() == 0:
+                break
             delta = self._project(xa + self.step_size * self._step(grad) - x0)
             x_adv[active] = (x0 + delta).clamp(0.0, 1.0)
             steps_taken[active] += 1

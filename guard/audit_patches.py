@@ -42,8 +42,8 @@ DEFAULT_AREAS = [0.01, 0.02, 0.05, 0.1]
 def _settings(ctx: AuditContext) -> dict[str, Any]:
     ex = ctx.options.extra
     if ctx.options.quick:
-        s = {"areas": [0.02, 0.05, 0.1, 0.2], "train": 256, "test": 256, "reps": 2, "gan_steps": 15, "gan_seconds": 2.0,
-             "up_steps": 15, "up_seconds": 1.0, "eval_every": 5, "div_n": 32, "cc_n": 64, "interp_points": 3}
+        s = {"areas": [0.05, 0.2], "train": 256, "test": 256, "reps": 2, "gan_steps": 12, "gan_seconds": 1.5,
+             "up_steps": 12, "up_seconds": 1.0, "eval_every": 4, "div_n": 32, "cc_n": 64, "interp_points": 3}
     else:
         s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": len(ctx.test), "reps": ctx.options.repetitions,
              "gan_steps": 400, "gan_seconds": 15.0, "up_steps": 300, "up_seconds": 5.0, "eval_every": 25, "div_n": 100,
