@@ -1,4 +1,5 @@
-"""Detectors: saliency concentration (Captum), kNN rank (FAISS), PPCA in-manifold likelihood.
+"""Detectors: saliency concentration (Captum), kNN rank (FAISS), PPCA in-manifold likelihood,
+feature squeezing.
 
 All follow scikit-learn conventions (see ``detectors.base``): fit on clean data, scores where
 higher = more suspicious, ``calibrate(clean, fpr)`` -> ``threshold_``, ``predict`` -> flags,
@@ -10,8 +11,10 @@ from detectors.combined import Combined
 from detectors.knn import KNNConsistency, KNNRank
 from detectors.ppca import PPCAManifold
 from detectors.saliency import SaliencyConcentration
+from detectors.squeeze import BitDepthSqueeze
 
 __all__ = [
+    "BitDepthSqueeze",
     "Combined",
     "Detector",
     "FeatureDetector",

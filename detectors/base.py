@@ -41,9 +41,13 @@ Fitted state (all plain float32 / int64 torch tensors, for the ONNX exporter):
   ``layer`` (conv layer for "gradcam"), ``window`` (int), ``threshold_``. Score = the largest
   share of |attribution| mass inside any ``window x window`` square (average-pool then max,
   times window^2 over the total).
-* ``Combined``: ``names`` (list), ``loc_`` / ``scale_`` Tensor[K] (median and IQR/1.349 of
-  each detector's clean calibration scores), score = max_k (s_k - loc_k) / scale_k,
-  ``threshold_``.
+* ``BitDepthSqueeze``: ``bits`` (int), ``threshold_``; score = L1 distance between
+  softmax(model(x)) and softmax(model(round(x * (2**bits - 1)) / (2**bits - 1))).
+* ``Combined``: ``names`` (list), ``ref_`` Tensor[K, N] (each detector's sorted clean
+  calibration scores, +inf padded), ``counts_`` Tensor[K], ``top_`` Tensor[K] (largest clean
+  score), ``scale_`` Tensor[K] (IQR / 1.349), ``loc_`` (median, informative only). Score =
+  max_k [ -log10((1 + #{ref_k >= s_k}) / (counts_k + 1)) + relu(s_k - top_k) / scale_k ]
+  (NaN scores count as +inf: fail closed); ``threshold_``.
 * ``GuardedModel``: ``.model``, ``.detectors`` (dict name -> detector), ``.combined``.
 
 Saved files are safetensors plus JSON metadata (guard.cache) holding the class name, the

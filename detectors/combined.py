@@ -72,7 +72,7 @@ class Combined(Detector):
         self.fitted_ = True
         return self
 
-    def combine(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def combine(self, scores: Mapping[str, torch.Tensor], *, _leave_one_out: bool = False) -> torch.Tensor:
         """The combined score Tensor[N] from per-detector scores {name: Tensor[N]}."""
         self._check_fitted()
         missing = [n for n in self.names if n not in scores]
@@ -84,7 +84,10 @@ class Combined(Detector):
             s = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)  # fail closed
             pad = float(self.ref_.shape[1] - self.counts_[i])  # +inf padding is >= every s: discount it
             ge = (self.ref_[i][None, :] >= s[:, None]).sum(1).float() - pad
-            p = (1.0 + ge) / (float(self.counts_[i]) + 1.0)
+            n = float(self.counts_[i])
+            if _leave_one_out:  # the calibration points themselves: do not count each point in its own p-value
+                ge, n = (ge - 1.0).clamp_min(0.0), n - 1.0
+            p = (1.0 + ge) / (n + 1.0)
             tail = (s - self.top_[i]).clamp_min(0.0) / self.scale_[i]
             cols.append(-torch.log10(p) + tail)
         return torch.stack(cols, 1).max(1).values
@@ -93,7 +96,9 @@ class Combined(Detector):
         """Fit the standardisation and set ``threshold_`` on clean held-out scores."""
         fpr = check_probability(fpr, "fpr", type(self).__name__)
         self.fit_scores(clean_scores)
-        self.threshold_ = quantile_threshold(self.combine(clean_scores), fpr)
+        # leave-one-out p-values on the calibration points: with self-inclusion their combined
+        # scores would be biased low and the held-out flag rate would exceed fpr
+        self.threshold_ = quantile_threshold(self.combine(clean_scores, _leave_one_out=True), fpr)
         self.calibration_fpr_ = fpr
         return self.threshold_
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from detectors import Combined, Detector, FeatureDetector, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
+from detectors import BitDepthSqueeze, Combined, Detector, FeatureDetector, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
 from guard.cache import atomic_write_text
 from guard.data import Split, load_data
 from guard.features import FeatureExtractor, eval_mode
@@ -38,7 +38,7 @@ __all__ = ["wrap", "GuardedModel", "GuardedOutput", "default_layers"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DETECTORS = ("saliency", "knn", "ppca", "knn_consistency")
+DEFAULT_DETECTORS = ("saliency", "knn", "ppca", "knn_consistency", "squeeze")
 _SKIP = (nn.Dropout, nn.Flatten, nn.Identity, nn.ReLU)
 
 
@@ -91,6 +91,8 @@ def _make(name: str, layers: list[str]) -> Detector:
         return KNNConsistency(layers[-2:] if len(layers) >= 2 else layers)
     if name == "saliency":
         return SaliencyConcentration(window=6)
+    if name == "squeeze":
+        return BitDepthSqueeze(bits=1)
     raise ValueError(f"unknown detector {name!r}; expected one of {DEFAULT_DETECTORS} or a Detector instance.")
 
 
@@ -146,6 +148,8 @@ class GuardedModel(nn.Module):
                         s = det.score_features(feats, logits)
                     elif isinstance(det, SaliencyConcentration):
                         s = det.score(self.model, x, target=logits.argmax(1))
+                    elif isinstance(det, BitDepthSqueeze):
+                        s = det.score(self.model, x, logits=logits)
                     else:
                         s = det.score(self.model, x)
                     s = s.detach().float().cpu().reshape(-1)
@@ -286,8 +290,10 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
 
     Args:
         model: the classifier (images in [0, 1] -> logits); not modified.
-        detectors: names from ("saliency", "knn", "ppca", "knn_consistency"), Detector
-            instances, or a dict name -> Detector. Default: all four.
+        detectors: names from ("saliency", "knn", "ppca", "knn_consistency", "squeeze"),
+            Detector instances, or a dict name -> Detector. Default: all five. "squeeze" is
+            1-bit feature squeezing (the MNIST setting of Xu et al.); for natural images pass
+            ``BitDepthSqueeze(bits=5)`` or leave it out.
         layers: feature layers (module paths) in network order; the last two feed KNNRank
             (max of per-layer ranks) and KNNConsistency, the last PPCAManifold. Default:
             :func:`default_layers`. Saliency uses a 6x6 window (the side of a 5%-area patch

@@ -67,3 +67,18 @@ def test_bad_inputs(tiny_model) -> None:
         SaliencyConcentration("gradcam", layer="nope").fit(tiny_model)
     with pytest.raises(ValueError, match="window"):
         SaliencyConcentration(window=0).fit(tiny_model)
+
+
+def test_bit_depth_squeeze_undoes_small_linf_noise(tiny_model, small_split) -> None:
+    from detectors import BitDepthSqueeze
+    from detectors.squeeze import squeeze_bits
+
+    _, test = small_split
+    x = (test.x[:32] > 0.5).float()  # already 1-bit: the squeeze is the identity
+    det = BitDepthSqueeze(bits=1).fit(tiny_model)
+    torch.testing.assert_close(det.score(tiny_model, x), torch.zeros(32), atol=1e-6, rtol=0)
+    noisy = (x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).sign()).clamp(0, 1)
+    torch.testing.assert_close(squeeze_bits(noisy, 1), x)  # |noise| < half a step: removed
+    assert float(det.score(tiny_model, noisy).mean()) > 0.0
+    with pytest.raises(ValueError, match="'bits' parameter"):
+        BitDepthSqueeze(bits=0).fit(tiny_model)
