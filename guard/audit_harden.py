@@ -83,8 +83,8 @@ def run(ctx: AuditContext) -> None:
     if opts.quick:
         settings = {"rounds": 1, "epochs_per_round": 1, "reject_share": 0.12}
         budget = AttackBudget.quick()
-        train = Split(ctx.train.x[:1000], ctx.train.y[:1000])
-        test = Split(ctx.test.x[:500], ctx.test.y[:500])
+        train = Split(ctx.train.x[:500], ctx.train.y[:500])
+        test = Split(ctx.test.x[:300], ctx.test.y[:300])
     else:
         settings = {"rounds": int(extra.get("harden_rounds", HARDEN_DEFAULTS["rounds"])),
                     "epochs_per_round": int(extra.get("harden_epochs", HARDEN_DEFAULTS["epochs_per_round"])),

@@ -290,3 +290,35 @@ def test_team_attack_engine(tiny_model, small_split):
     assert res.history[0]["fooling_classes_ge99"] is not None
     with pytest.raises(ValueError, match="attack_engine"):
         harden(tiny_model, train, attack_engine="foolbox", **SMALL)
+
+
+@pytest.mark.parametrize("archive_n", [5, 500])
+def test_epoch_set_keeps_the_reject_share(small_split, archive_n):
+    from training.harden import epoch_set
+
+    train, _ = small_split
+    archive = torch.rand(archive_n, 1, 28, 28)
+    x, y, clean = epoch_set(train, archive, 10, 0.12, torch.Generator().manual_seed(0))
+    share = float((y == 10).float().mean())
+    assert abs(share - 0.12) < 0.005
+    assert int(clean.sum()) == len(train) and torch.equal(x[clean], train.x)
+    assert (y[~clean] == 10).all()
+    if archive_n == 500:  # a large archive is subsampled without repeats
+        flat = x[~clean].flatten(1)
+        assert torch.unique(flat, dim=0).shape[0] == flat.shape[0]
+
+
+@pytest.mark.slow
+def test_cli_harden_demo_one_round(tmp_path, monkeypatch, small_split):
+    from guard.cli import main
+
+    monkeypatch.setattr(guard, "demo_data", lambda: small_split)  # the demo model, on 512 / 256 images
+
+    out = tmp_path / "h"
+    rc = main(["harden", "--demo", "--rounds", "1", "--epochs-per-round", "1", "--budget", "quick", "--out", str(out), "-q"])
+    assert rc == 0
+    section = json.loads((out / "harden.json").read_text())["harden"]
+    assert [r["round"] for r in section["rounds"]] == [1]
+    assert section["baseline"]["clean_accuracy"] > 0.98
+    assert (out / "hardened_model.safetensors").is_file() and (out / "checkpoints" / "harden_state.safetensors").is_file()
+    assert main(["harden", "--demo", "--rounds", "0", "--out", str(out), "-q"]) == 2  # a clear error, no traceback

@@ -368,19 +368,34 @@ def _wrap(net: nn.Module, size: int, device: torch.device) -> nn.Module:
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, archive_x: torch.Tensor, n: int,
-                 reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device) -> float:
-    """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive."""
-    gen = torch.Generator().manual_seed(epoch_seed)
+def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One epoch's images: all clean ones plus reject images making up ``reject_share`` of the total.
+
+    The reject images are drawn uniformly from the whole archive (every earlier round's
+    images stay eligible): without replacement when the archive is large enough, otherwise
+    repeated, so the reject class never swamps the clean classes nor vanishes.
+
+    Returns:
+        ``(x, y, is_clean)``.
+    """
     n_clean = len(train)
-    n_rej = int(round(reject_share / (1.0 - reject_share) * n_clean))
+    n_rej = int(round(reject_share / (1.0 - reject_share) * n_clean)) if archive_x.shape[0] else 0
     if archive_x.shape[0] >= n_rej:
         pick = torch.randperm(archive_x.shape[0], generator=gen)[:n_rej]
-    else:  # few reject images so far: repeat them (with fresh augmentation-free copies)
+    else:
         pick = torch.randint(0, archive_x.shape[0], (n_rej,), generator=gen)
     x = torch.cat([train.x, archive_x[pick]])
     y = torch.cat([train.y, torch.full((n_rej,), n, dtype=torch.long)])
     is_clean = torch.cat([torch.ones(n_clean, dtype=torch.bool), torch.zeros(n_rej, dtype=torch.bool)])
+    return x, y, is_clean
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, archive_x: torch.Tensor, n: int,
+                 reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device) -> float:
+    """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive."""
+    gen = torch.Generator().manual_seed(epoch_seed)
+    x, y, is_clean = epoch_set(train, archive_x, n, reject_share, gen)
     sampler = DistributedSampler(TensorDataset(y), num_replicas=size, rank=rank, shuffle=True, seed=epoch_seed % (2**31))
     order = torch.tensor(list(sampler), dtype=torch.long)
     local_bs = max(1, batch_size // size)
