@@ -111,9 +111,12 @@ def head_from(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = T
                 continue
             kw["saliency"] = (det.layer if det.method == "gradcam" else None, head)
             kinds[name] = "saliency"
+        elif type(det).__name__ == "BitDepthSqueeze" and "squeeze" not in kinds.values():
+            kw["squeeze_bits"] = int(det.bits)
+            kinds[name] = "squeeze"
         else:
             notes["left_out"][name] = f"{type(det).__name__} has no ONNX head" if type(det).__name__ not in (
-                "KNNRank", "KNNConsistency", "PPCAManifold", "SaliencyConcentration") else "a second detector of this kind"
+                "KNNRank", "KNNConsistency", "PPCAManifold", "SaliencyConcentration", "BitDepthSqueeze") else "a second detector of this kind"
             continue
         thr = getattr(det, "threshold_", None)
         if thr is not None:

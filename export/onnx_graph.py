@@ -431,6 +431,9 @@ class ExportHead(nn.Module):
         knn_consistency: (bank keys, KNNConsistencyHead).
         ppca: (layer, PPCAHead).
         saliency: (layer or None for the input, SaliencyHead).
+        squeeze_bits: feature squeezing (``detectors.squeeze.BitDepthSqueeze``, Xu et al. 2018):
+            a second forward pass on ``round(x (2^b - 1)) / (2^b - 1)``; the score is the L1
+            distance between the two softmaxes.
         thresholds: detector kind -> calibrated threshold; a flag is ``not score <= threshold``
             (so a NaN score flags, fail closed), as ``Detector.predict_scores``. A hardened
             model's "reject" flag is ``pred == reject_index`` (what its ``predict`` maps to -1).
@@ -441,11 +444,11 @@ class ExportHead(nn.Module):
     ``output_names`` lists the outputs in order: ``logits``, ``pred``, then as available
     ``reject_prob``, ``knn_topk`` (N, P, k) distances ascending per rank part, ``knn_distance``
     (N, P), ``knn_score``, ``knn_consistency_score``, ``ppca_loglik``, ``ppca_score``,
-    ``saliency_score``, ``combined_score``, ``flags`` (N, F) bool in the order of
+    ``saliency_score``, ``squeeze_score``, ``combined_score``, ``flags`` (N, F) bool in the order of
     ``flag_names``, and ``flag`` (N,) bool.
     """
 
-    KINDS = ("reject", "knn", "knn_consistency", "ppca", "saliency", "combined")
+    KINDS = ("reject", "knn", "knn_consistency", "ppca", "saliency", "squeeze", "combined")
 
     def __init__(
         self,
@@ -457,6 +460,7 @@ class ExportHead(nn.Module):
         knn_consistency: tuple[Sequence[str], KNNConsistencyHead] | None = None,
         ppca: tuple[str, PPCAHead] | None = None,
         saliency: tuple[str | None, SaliencyHead] | None = None,
+        squeeze_bits: int | None = None,
         thresholds: dict[str, float] | None = None,
         combined: tuple[Sequence[str], CombinedHead] | None = None,
         flag_from: Sequence[str] | None = None,
@@ -478,6 +482,7 @@ class ExportHead(nn.Module):
         self.ppca = ppca[1] if ppca else None
         self.saliency_layer = saliency[0] if saliency else None
         self.saliency = saliency[1] if saliency else None
+        self.squeeze_bits = squeeze_bits
         self.combined_names = list(combined[0]) if combined else []
         self.combined = combined[1] if combined else None
         self.feature_prefix = ""  # "model." once the backbone is wrapped (float16)
@@ -492,6 +497,8 @@ class ExportHead(nn.Module):
             names += ["ppca_loglik", "ppca_score"]
         if self.saliency is not None:
             names.append("saliency_score")
+        if squeeze_bits is not None:
+            names.append("squeeze_score")
         if combined is not None:
             names.append("combined_score")
         thresholds = {k: float(v) for k, v in (thresholds or {}).items() if k != "reject"}
@@ -537,6 +544,10 @@ class ExportHead(nn.Module):
         if self.saliency is not None:
             a = x.float() if self.saliency_layer is None else store[self.saliency_layer]
             out["saliency_score"] = scores["saliency"] = self.saliency(a, pred)
+        if self.squeeze_bits is not None:
+            levels = float(2 ** self.squeeze_bits - 1)
+            sq = self.model(torch.round(x * levels) / levels).float()
+            out["squeeze_score"] = scores["squeeze"] = (torch.softmax(logits, 1) - torch.softmax(sq, 1)).abs().sum(1)
         if self.combined_names:
             out["combined_score"] = scores["combined"] = self.combined([scores[n] for n in self.combined_names])
         if self.flag_names:
