@@ -1,0 +1,224 @@
+"""Fooling images (Nguyen et al. 2015): CPPN genomes, the MAP-Elites archive, evolution, gradient ascent."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks.cppn import ACTIVATIONS, Genome, MutationRates, mutate, random_genome, render
+from attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial_mutation, transfer_check
+from attacks.fooling_gradient import FoolingGradient
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these are many tiny ops, and on a shared 2-core machine a second
+    thread spin-waits (measured 15x slower under load); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Brightness(nn.Module):
+    """Closed form: logits (-w (m - 1/2), +w (m - 1/2)) with m the mean pixel.
+
+    Class 1 wants bright images, class 0 dark ones; p >= 0.9999 iff |m - 1/2| >= ln(9999) / (2w).
+    """
+
+    def __init__(self, w: float = 40.0) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1, keepdim=True) - 0.5
+        return torch.cat([-self.w * m, self.w * m], 1)
+
+
+# -- CPPN ------------------------------------------------------------------------------------
+
+def test_cppn_render_shape_range_determinism():
+    g = random_genome(1, rng=np.random.default_rng(0), hidden=3)
+    a = render(g, 28)
+    assert a.shape == (1, 1, 28, 28) and a.dtype == torch.float32
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert torch.equal(a, render(g, 28))
+    big = render([g, g], 64, 48)
+    assert big.shape == (2, 1, 64, 48)
+    # the same function at another resolution: corners coincide exactly
+    assert torch.allclose(big[0, 0, 0, 0], a[0, 0, 0, 0]) and torch.allclose(big[0, 0, -1, -1], a[0, 0, -1, -1])
+    rgb = render(random_genome(3, rng=np.random.default_rng(1)), 16)
+    assert rgb.shape == (1, 3, 16, 16)
+
+
+def test_cppn_seeded_and_mutation_leaves_parent():
+    g1 = random_genome(1, rng=np.random.default_rng(5), hidden=2)
+    g2 = random_genome(1, rng=np.random.default_rng(5), hidden=2)
+    assert g1.to_dict() == g2.to_dict()
+    before = g1.to_dict()
+    rng = np.random.default_rng(0)
+    child = g1
+    for _ in range(30):
+        child = mutate(child, rng, MutationRates(add_node=0.5, add_connection=0.5))
+        child.validate()
+    assert g1.to_dict() == before
+    assert child.num_hidden > g1.num_hidden
+    assert set(child.activations.values()) <= set(ACTIVATIONS)
+    back = Genome.from_dict(child.to_dict())
+    assert torch.equal(render(back, 20), render(child, 20))
+
+
+def test_cppn_errors():
+    with pytest.raises(ValueError, match="empty"):
+        render([], 28)
+    g = random_genome(1, rng=np.random.default_rng(0))
+    bad = g.to_dict()
+    bad["connections"].append([4, 0, 1.0])  # output -> input: backwards
+    with pytest.raises(ValueError, match="forward"):
+        Genome.from_dict(bad)
+    with pytest.raises(ValueError, match="add_node"):
+        MutationRates(add_node=1.5)
+
+
+# -- MAP-Elites archive -------------------------------------------------------------------------
+
+def test_archive_child_replaces_every_class_it_beats():
+    arc = ClassArchive(3, (1, 1, 2), seed=0)
+    imgs = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]]).view(3, 1, 1, 2)
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.6, 0.2], [0.3, 0.3, 0.4]])
+    arc.add(imgs, probs)
+    el = arc.elites()
+    assert el["labels"].tolist() == [0, 1, 2]
+    assert el["images"][:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    # one child beats the elites of classes 0 and 2 but not 1: it replaces both, class 1 stays
+    child = torch.tensor([[0.9, 0.9]]).view(1, 1, 1, 2)
+    status = arc.add(child, torch.tensor([[0.55, 0.05, 0.45]]))
+    assert status.tolist() == [[1, 0, 1]]
+    el = arc.elites()
+    assert el["images"][:, 0, 0, 0].tolist() == pytest.approx([0.9, 0.2, 0.9])
+    assert el["confidence"].tolist() == pytest.approx([0.55, 0.6, 0.45])
+    # within a batch, the best per class wins
+    arc.add(torch.tensor([[0.7, 0.7], [0.8, 0.8]]).view(2, 1, 1, 2), torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.8, 0.0]]))
+    assert arc.elites()["images"][1, 0, 0, 0] == pytest.approx(0.8)
+
+
+def test_polynomial_mutation_range_and_rate():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((200, 50), 0.5)
+    y = polynomial_mutation(x, 0.1, 15.0, gen)
+    changed = float((y != x).float().mean())
+    assert 0.07 < changed < 0.13
+    assert float(y.min()) >= 0 and float(y.max()) <= 1
+
+
+# -- evolution on a closed-form model --------------------------------------------------------------
+
+@pytest.mark.parametrize("encoding", ["direct", "cppn"])
+def test_evolution_fools_closed_form_model(encoding):
+    model = Brightness()
+    evo = FoolingEvolution(encoding=encoding, population=30, generations=300, mutation_rate=0.5, eta=2.0,
+                           extra_samples=10, seed=0)
+    res = evo(model, shape=(1, 6, 6))
+    ex = res.extras
+    assert ex["generation_all_fooled"] > 0 and ex["generations"] == ex["generation_all_fooled"]
+    assert ex["elite_label"].tolist() == [0, 1]
+    assert bool((ex["elite_confidence"] >= 0.9999).all())
+    # the reported confidence is the model's softmax of the label, success is exactly the threshold test
+    with torch.no_grad():
+        p = F.softmax(model(res.x_adv), 1).gather(1, ex["label"][:, None]).squeeze(1)
+    torch.testing.assert_close(ex["confidence"], p)
+    assert torch.equal(res.success, p >= 0.9999)
+    m = res.x_adv[ex["is_elite"]].flatten(1).mean(1)
+    assert float(m[0]) < 0.5 - np.log(9999) / 80 + 1e-6 and float(m[1]) > 0.5 + np.log(9999) / 80 - 1e-6
+    assert float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
+    if encoding == "cppn":
+        assert len(ex["genomes"]) == 2
+        torch.testing.assert_close(render(Genome.from_dict(ex["genomes"][1]), 6), res.x_adv[1:2])
+
+
+def test_evolution_is_seeded():
+    model = Brightness()
+    a = FoolingEvolution(population=8, generations=5, seed=1)(model, shape=(1, 4, 4))
+    b = FoolingEvolution(population=8, generations=5, seed=1)(model, shape=(1, 4, 4))
+    assert torch.equal(a.x_adv, b.x_adv)
+
+
+def test_evolution_errors():
+    with pytest.raises(ValueError, match="population"):
+        FoolingEvolution(population=0)
+    with pytest.raises(ValueError, match="generations"):
+        FoolingEvolution(generations=0)
+    with pytest.raises(ValueError, match="encoding"):
+        FoolingEvolution(encoding="indirect")
+    with pytest.raises(ValueError, match="threshold"):
+        FoolingEvolution(threshold=1.5)
+    with pytest.raises(ValueError, match="parent_selection"):
+        FoolingEvolution(parent_selection="best")
+    with pytest.raises(ValueError, match="shape"):
+        FoolingEvolution()(Brightness(), shape=(28, 28))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model"):
+        FoolingEvolution()("model")  # type: ignore[arg-type]
+
+
+# -- gradient ascent --------------------------------------------------------------------------------
+
+def test_gradient_ascent_closed_form_and_tiny_model(tiny_model):
+    res = FoolingGradient(steps=100, lr=0.05, seed=0)(Brightness(), shape=(1, 8, 8))
+    assert bool(res.success.all())
+    m = res.x_adv.flatten(1).mean(1)
+    assert float(m[0]) < 0.4 and float(m[1]) > 0.6
+    fooler = FoolingGradient(steps=60, lr=0.1, samples_per_class=2, seed=0)
+    out = fooler(tiny_model, classes=[0, 3, 7])
+    assert out.x_adv.shape == (6, 1, 28, 28)
+    assert out.extras["label"].tolist() == [0, 0, 3, 3, 7, 7]
+    assert float(out.x_adv.min()) >= 0 and float(out.x_adv.max()) <= 1
+    with torch.no_grad():
+        p = F.softmax(tiny_model(out.x_adv), 1).gather(1, out.extras["label"][:, None]).squeeze(1)
+        start = F.softmax(tiny_model(torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))), 1)
+    torch.testing.assert_close(out.extras["confidence"], p)
+    assert bool((p > start.gather(1, out.extras["label"][:, None]).squeeze(1)).all())
+    assert float(p.min()) > 0.99
+    again = fooler(tiny_model, classes=[0, 3, 7])
+    assert torch.equal(again.x_adv, out.x_adv)
+    smooth = FoolingGradient(steps=20, tv_weight=0.5, blur_sigma=0.8, seed=0)(tiny_model, classes=[1])
+    assert smooth.x_adv.shape == (1, 1, 28, 28)
+
+
+def test_gradient_ascent_errors(tiny_model):
+    with pytest.raises(ValueError, match="steps"):
+        FoolingGradient(steps=0)
+    with pytest.raises(ValueError, match="samples_per_class"):
+        FoolingGradient(samples_per_class=0)
+    with pytest.raises(ValueError, match="classes"):
+        FoolingGradient(steps=1)(tiny_model, classes=[10])
+    with pytest.raises(ValueError, match="objective"):
+        FoolingGradient(objective="hinge")
+
+
+def test_transfer_check_same_model_agrees(tiny_model):
+    res = FoolingGradient(steps=40, lr=0.1, seed=0)(tiny_model)
+    tr = transfer_check(tiny_model, res.x_adv, res.extras["label"], threshold=0.9999)
+    assert tr["at_threshold"] == pytest.approx(res.success_rate)
+    assert tr["n"] == 10
+    with pytest.raises(ValueError, match="labels"):
+        transfer_check(tiny_model, res.x_adv, res.extras["label"][:3])
+
+
+def test_audit_step_quick(tiny_model, demo_split, tmp_path):
+    from guard.audit import AuditContext, AuditOptions, _resolve
+    from guard.data import Split
+
+    train, test = demo_split
+    ctx = AuditContext(model=tiny_model, model_name="tiny", train=Split(train.x[:1000], train.y[:1000]), test=test,
+                       data_source="test", out=tmp_path, options=AuditOptions(quick=True, progress=False))
+    _resolve("guard.audit_fooling:run")(ctx)
+    for name in ("fooling_gradient", "fooling_direct", "fooling_cppn"):
+        e = ctx.report["attacks"][name]
+        assert 0.0 <= e["success_rate"] <= 1.0 and e["n"] >= 10
+        assert {"median_confidence", "generations", "seconds", "transfer"} <= set(e)
+        res = ctx.shared["attack_results"][name]
+        assert torch.equal(res.success, res.extras["confidence"] >= 0.9999)
+        assert (tmp_path / "artifacts" / f"attack_{name}.safetensors").is_file()
