@@ -59,3 +59,20 @@ def test_fp16_backbone_keeps_heads_in_fp32(tiny_model, small_split, tmp_path):
     assert out["knn_topk"].dtype.name == "float32"
     assert (out["pred"] == logits.argmax(1).numpy()).mean() >= 0.98
     assert torch.allclose(torch.from_numpy(out["logits"]), logits, atol=0.05)
+
+
+def test_export_step_hardened_refits_the_guarded_heads(tiny_model, small_split, tmp_path):
+    from training.reject import RejectClassifier, grow_head
+
+    train, test = small_split
+    ctx = _ctx(tiny_model, small_split, tmp_path)
+    g = guard.wrap(tiny_model, ["knn", "ppca"]).fit(train)
+    g.calibrate(test.x[:128])
+    net, head_name = grow_head(tiny_model)
+    ctx.shared["guarded"] = g
+    ctx.shared["hardened"] = RejectClassifier(net, 10, head_name)
+    run(ctx)
+    sec = ctx.report["export"]
+    assert sec["source"] == "hardened+guarded"
+    assert "reject_prob" in sec["outputs"] and "knn_score" in sec["outputs"]
+    assert sec["parity_full"]["clean"]["pred"]["agreement"] == 1.0
