@@ -38,7 +38,8 @@ def harden_section(res: Any, *, attacks: list[str], budget: dict[str, Any], seco
         row.update({"clean_rejected_share": h.get("clean_rejected_share"),
                     "fooling_classes_ge99_count": fresh.get("fooling_classes_ge99_count"),
                     "fresh_rejected_share": fresh.get("rejected_share"),
-                    "archive_size": h.get("archive_size"), "fresh": fresh})
+                    "archive_size": h.get("archive_size"), "seconds_attack": h.get("seconds_attack"),
+                    "seconds_train": h.get("seconds_train"), "fresh": fresh})
         rounds.append(row)
     base = res.baseline
     bf = base.get("fresh", {})

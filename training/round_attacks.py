@@ -57,6 +57,8 @@ class AttackBudget:
         patch_images: clean images patched by ``universal_patch`` / ``random_patch`` / ``pgd``.
         patch_steps: optimisation steps of ``universal_patch`` (and PGD steps / 4).
         patch_side: patch side in pixels (8 on 28x28: 8% of the area).
+        evolved_extra: besides the elites, up to this many evolved children that reached
+            P(real class) >= 0.9 on the way (a seeded sample), per evolution attack.
     """
 
     per_class: int = 4
@@ -65,10 +67,11 @@ class AttackBudget:
     patch_images: int = 200
     patch_steps: int = 60
     patch_side: int = 8
+    evolved_extra: int = 200
 
     @classmethod
     def quick(cls) -> "AttackBudget":
-        return cls(per_class=1, gradient_steps=10, generations=10, patch_images=32, patch_steps=8)
+        return cls(per_class=1, gradient_steps=10, generations=10, patch_images=32, patch_steps=8, evolved_extra=10)
 
     def scaled(self, factor: float) -> "AttackBudget":
         return replace(self, gradient_steps=max(1, int(self.gradient_steps * factor)),
@@ -165,16 +168,29 @@ def _map_elites(model: nn.Module, n: int, genomes: torch.Tensor, render: Callabl
     fit = _class_probs(model, render(elites.view(k * n, -1)).to(device))[:, :n].cpu().view(k, n, -1)
     fit = fit[:, torch.arange(n), torch.arange(n)]  # (k, n): P(c) of archive j's elite of class c
     ar = torch.arange(k)[:, None]
+    extra_g: list[torch.Tensor] = []
+    extra_c: list[torch.Tensor] = []
     for _ in range(b.generations):
         parents = torch.randint(0, n, (k, n), generator=gen)
         children = mutate(elites[ar, parents], gen)  # (k, n, G)
         p = _class_probs(model, render(children.view(k * n, -1)).to(device))[:, :n].cpu().view(k, n, n)  # (k, child, class)
+        if b.evolved_extra > 0:  # children that already fool the model well: more reject examples
+            top, cls = p.reshape(k * n, n).max(1)
+            hit = top >= 0.9
+            if bool(hit.any()):
+                extra_g.append(children.reshape(k * n, -1)[hit])
+                extra_c.append(cls[hit])
         best, who = p.max(1)  # (k, class)
         better = best > fit
         if bool(better.any()):
             fit = torch.where(better, best, fit)
             elites = torch.where(better[..., None], children[ar, who], elites)
-    return render(elites.view(k * n, -1)).cpu(), torch.arange(n).repeat(k)
+    genomes_out, target = elites.view(k * n, -1), torch.arange(n).repeat(k)
+    if extra_g:
+        eg, ec = torch.cat(extra_g), torch.cat(extra_c)
+        pick = torch.randperm(eg.shape[0], generator=gen)[:b.evolved_extra]
+        genomes_out, target = torch.cat([genomes_out, eg[pick]]), torch.cat([target, ec[pick]])
+    return render(genomes_out).cpu(), target
 
 
 def _fooling_direct(model, n, shape, gen, b, device):
