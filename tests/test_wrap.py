@@ -132,3 +132,29 @@ def test_evaluate_matches_hand_computed_auroc() -> None:
     m = detection_metrics(torch.tensor([2.0, 3.0, float("inf")]), torch.tensor([0.0, 1.0, 2.5, 0.5]))
     assert m["auroc"] == pytest.approx(11 / 12)
     assert m["tpr_at_5fpr"] == pytest.approx(2 / 3)
+
+
+def test_audit_step_quick_reloads_attack_artifacts(tiny_model, demo_split, tmp_path) -> None:
+    import json
+
+    from guard.audit import AuditOptions, run_audit
+    from guard.cache import save_tensors
+
+    train, test = demo_split
+    # an attack artifact as the attack steps write it (here: uniform noise, all "successful")
+    noise = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    save_tensors(tmp_path / "artifacts" / "attack_fooling_direct.safetensors",
+                 {"x_adv": noise, "success": torch.ones(64, dtype=torch.bool), "test_index": torch.arange(64)})
+    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False, export=False),
+                    steps=[("detectors", "guard.audit_detectors:run")])
+    sec = rep["detectors"]
+    for det in ("saliency", "knn", "ppca", "combined"):
+        e = sec[det]["fooling_direct"]
+        assert {"auroc", "tpr_at_1fpr", "tpr_at_5fpr", "n_pos", "n_neg"} <= set(e)
+        assert e["n_pos"] == 64 and e["n_neg"] == 256
+    assert sec["knn"]["fooling_direct"]["auroc"] > 0.95
+    info = rep["detectors_info"]
+    assert info["predictions_identical"] and info["calibration"]["n_calibration"] == 256
+    assert json.loads((tmp_path / "report.json").read_text())["detectors"] == json.loads(json.dumps(sec))
+    back = guard.GuardedModel.load(tmp_path / "guarded", tiny_model)
+    assert set(back.detectors) == set(sec) - {"combined"}
