@@ -128,8 +128,10 @@ class SaliencyConcentration(Detector):
                         tb = model(xb).argmax(1)
                 else:
                     tb = target[i:i + self.batch_size].to(device)
-                with torch.enable_grad():
-                    a = self.attributions(model, xb.detach().clone().requires_grad_(True), tb)
+                # gradients w.r.t. the input only; works even when the caller is under
+                # torch.no_grad() or torch.inference_mode()
+                with torch.inference_mode(False), torch.enable_grad():
+                    a = self.attributions(model, xb.detach().clone().requires_grad_(True), tb.clone())
                 out.append(window_share(a, self.window) if self.reduce == "window" else topk_share(a, self.topk))
         return torch.cat(out).float().cpu()
 

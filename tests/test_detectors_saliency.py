@@ -44,6 +44,8 @@ def test_concentrated_gradient_scores_higher_and_model_untouched() -> None:
     s2 = det.score(m2, x, target=target)
     torch.testing.assert_close(s1, torch.full((4,), 16 / 144))
     assert bool((s2 > 0.8).all())
+    with torch.inference_mode():  # serving code often runs under inference mode
+        torch.testing.assert_close(det.score(m1, x, target=target), s1)
     assert m1.w.requires_grad and m1.w.grad is None and m1.training
 
 
