@@ -172,6 +172,8 @@ def to_onnx(
 
     head, notes = build_export_head(guarded_or_hardened, example, saliency=saliency)
     head = head.cpu()
+    if not fp16_backbone:
+        notes["shared_forward"] = head.share_forward(example)
     if fp16_backbone:
         float_model = head.model
         head.model = _Fp16Backbone(float_model)
