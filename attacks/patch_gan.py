@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attacks.base import Attack, AttackResult, model_device
+from attacks.patch_analysis import ssim
 from attacks.patching import apply_patches, patch_side, random_positions
 from guard.cache import load_tensors, save_tensors
 from guard.data import Split
@@ -155,6 +156,12 @@ class PatchGAN(Attack):
         eval_every: steps between validation checks.
         patience: stop after this many checks without improvement (the best generator is kept).
         max_seconds: optional wall-clock budget for ``fit``.
+        cap_d: optional cap on each image's feature distance in L_d (None: the paper's
+            uncapped form). Capped, the diversity terms stop pulling once two patches differ
+            enough, so they no longer trade fooling for ever more diversity.
+        cap_p: optional cap on each pair's patch distance in L_p (None: uncapped).
+        patch_distance: L_p's distance: ``"l2"`` (the paper's 2-norm, divided by sqrt(d)) or
+            ``"ssim"`` (1 - SSIM, structural, the measure the diversity figure reports).
         seed: seeds the generator's initialisation, batches, latents and positions.
         progress: show a tqdm bar during fit.
 
@@ -167,7 +174,8 @@ class PatchGAN(Attack):
     def __init__(self, *, size: int | float = 0.05, alpha: float = 20.0, beta: float = 0.1, lr: float = 1e-3,
                  loss: str = "paper", kappa: float = 5.0, steps: int = 1000, batch_size: int = 64, latent_dim: int = 100,
                  width: int = 32, feature_layer: str | None = None, val_fraction: float = 0.2, eval_every: int = 50,
-                 patience: int = 4, max_seconds: float | None = None, seed: int = 0, progress: bool = False) -> None:
+                 patience: int = 4, max_seconds: float | None = None, cap_d: float | None = None, cap_p: float | None = None,
+                 patch_distance: str = "l2", seed: int = 0, progress: bool = False) -> None:
         owner = "PatchGAN"
         if isinstance(size, bool) or not isinstance(size, (int, float)):
             raise TypeError(f"The 'size' parameter of {owner} must be an int side or a float area fraction. Got {size!r}.")
@@ -192,6 +200,11 @@ class PatchGAN(Attack):
         self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
         self.patience = check_int(patience, "patience", owner, low=1)
         self.max_seconds = None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        self.cap_d = None if cap_d is None else check_float(cap_d, "cap_d", owner, low=0.0, low_open=True)
+        self.cap_p = None if cap_p is None else check_float(cap_p, "cap_p", owner, low=0.0, low_open=True)
+        if patch_distance not in ("l2", "ssim"):
+            raise ValueError(f"The 'patch_distance' parameter of {owner} must be 'l2' or 'ssim'. Got {patch_distance!r}.")
+        self.patch_distance = patch_distance
         self.seed = check_int(seed, "seed", owner, low=0)
         self.progress = bool(progress)
 
@@ -248,12 +261,18 @@ class PatchGAN(Attack):
                 if fx is not None:
                     logits, feats = fx(xa)
                     f1, f2 = feats[layer].flatten(1).chunk(2)
-                    l_d = -(f1 - f2).abs().mean()
+                    d_feat = (f1 - f2).abs().mean(1)
+                    l_d = -(d_feat.clamp(max=self.cap_d) if self.cap_d is not None else d_feat).mean()
                 else:
                     logits, l_d = model(xa), torch.zeros((), device=device)
                 l_f = fooling_loss(logits, yb.repeat(2), self.loss, kappa=self.kappa)
                 p1, p2 = patches.flatten(1).chunk(2)
-                l_p = -((p1 - p2).norm(dim=1) / math.sqrt(p1.shape[1])).mean()
+                if self.patch_distance == "l2":
+                    d_patch = (p1 - p2).norm(dim=1) / math.sqrt(p1.shape[1])
+                else:  # structural: 1 - SSIM, the measure the diversity analysis reports
+                    q1, q2 = patches.chunk(2)
+                    d_patch = 1.0 - ssim(q1, q2)
+                l_p = -(d_patch.clamp(max=self.cap_p) if self.cap_p is not None else d_patch).mean()
                 total = l_f + self.alpha * l_d + self.beta * l_p
                 grads = torch.autograd.grad(total, params)
                 for p, g in zip(params, grads):
@@ -371,7 +390,7 @@ class PatchGAN(Attack):
 
 
 _INIT_KEYS = {"size", "alpha", "beta", "lr", "loss", "kappa", "steps", "batch_size", "latent_dim", "width", "feature_layer",
-              "val_fraction", "eval_every", "patience", "max_seconds", "seed", "progress"}
+              "val_fraction", "eval_every", "patience", "max_seconds", "cap_d", "cap_p", "patch_distance", "seed", "progress"}
 
 
 @torch.no_grad()

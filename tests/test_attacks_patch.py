@@ -101,7 +101,7 @@ def test_generator_scales_with_side(side):
 @pytest.fixture(scope="module")
 def fitted_gan(tiny_model, small_split):
     train, _ = small_split
-    return PatchGAN(size=0.1, steps=30, eval_every=10, batch_size=32, seed=0).fit(tiny_model, train.x[:256])
+    return PatchGAN(size=0.1, steps=20, eval_every=10, batch_size=32, seed=0).fit(tiny_model, train.x[:256])
 
 
 def test_gan_fit_sample_apply(fitted_gan, tiny_model, small_split):
@@ -211,11 +211,11 @@ def test_gan_bad_data(tiny_model):
 # ---------------------------------------------------------------- baselines
 def test_universal_patch_untargeted_and_targeted(tiny_model, small_split):
     train, test = small_split
-    up = UniversalPatch(size=0.1, steps=30, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
+    up = UniversalPatch(size=0.1, steps=20, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
     assert up.patch_.shape == (1, 1, 9, 9) and float(up.patch_.min()) >= 0 and float(up.patch_.max()) <= 1
     r = up(tiny_model, test.x[:128])
     assert r.success_rate > RandomPatch(size=0.1)(tiny_model, test.x[:128]).success_rate
-    tp = UniversalPatch(size=0.1, target=3, steps=30, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
+    tp = UniversalPatch(size=0.1, target=3, steps=20, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
     rt = tp(tiny_model, test.x[:128])
     with torch.no_grad():
         assert torch.equal(rt.success, tiny_model(rt.x_adv).argmax(1) == 3)
