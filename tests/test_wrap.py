@@ -152,7 +152,7 @@ def test_audit_step_quick_reloads_attack_artifacts(tiny_model, demo_split, tmp_p
         e = sec[det]["fooling_direct"]
         assert {"auroc", "tpr_at_1fpr", "tpr_at_5fpr", "n_pos", "n_neg"} <= set(e)
         assert e["n_pos"] == 64 and e["n_neg"] == 256
-    assert sec["knn"]["fooling_direct"]["auroc"] > 0.95
+    assert sec["knn"]["fooling_direct"]["auroc"] > 0.9
     info = rep["detectors_info"]
     assert info["predictions_identical"] and info["calibration"]["n_calibration"] == 256
     assert json.loads((tmp_path / "report.json").read_text())["detectors"] == json.loads(json.dumps(sec))
