@@ -30,8 +30,8 @@ Fitted state (all plain float32 / int64 torch tensors, for the ONNX exporter):
   (Sabour's rank, extended linearly beyond the largest training score so that far outliers
   are not tied); with ``score="distance"`` the score is ``d``. ``threshold_`` (float).
 * ``KNNConsistency``: ``layers`` (list of str), ``k``, ``banks_`` {layer: Tensor[M, D]} unit
-  rows, ``bank_labels_`` Tensor[M]; score = share of the k neighbours over all layers whose
-  label differs from the prediction.
+  rows (saved as tensors "bank.<layer>"), ``bank_labels_`` Tensor[M]; score = mean over layers
+  of the share of the k neighbours whose label differs from the prediction.
 * ``PPCAManifold``: ``layer``, ``means_`` Tensor[C, D], ``precisions_`` Tensor[C, D, D],
   ``logdets_`` Tensor[C] (log-determinant of each class covariance), so the log-likelihood of
   x under class c is ``-0.5 * (D * log(2 pi) + logdets_[c] + (x - m_c)^T P_c (x - m_c))``
