@@ -27,14 +27,18 @@ import guard  # noqa: E402
 from export import load_session, to_onnx  # noqa: E402
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
+def paired_median_ms(fa, fb, reps: int) -> tuple[float, float]:
+    """Median ms of fa and fb, calls interleaved so that both see the same machine load."""
+    fa(), fb()
+    ta, tb = [], []
     for _ in range(reps):
         t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1000)
-    return statistics.median(ts)
+        fa()
+        ta.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        fb()
+        tb.append((time.perf_counter() - t) * 1000)
+    return statistics.median(ta), statistics.median(tb)
 
 
 def main() -> int:
@@ -56,13 +60,11 @@ def main() -> int:
     print(f"{'what':<10} {'batch':>5} {'eager ms':>10} {'ort ms':>10} {'ratio':>7}")
     for b in (1, 256):
         xb = test.x[:b].contiguous()
-        reps = args.reps if b == 1 else max(3, args.reps // 4)
-        eager = median_ms(lambda: g(xb), reps)
-        ort = median_ms(lambda: s_guard.run(xb), reps)
+        reps = args.reps if b == 1 else max(5, args.reps // 2)
+        eager, ort = paired_median_ms(lambda: g(xb), lambda: s_guard.run(xb), reps)
         print(f"{'guarded':<10} {b:>5} {eager:>10.2f} {ort:>10.2f} {ort / eager:>7.3f}")
         with torch.no_grad():
-            eager_b = median_ms(lambda: model(xb), reps)
-        ort_b = median_ms(lambda: s_bare.run(xb), reps)
+            eager_b, ort_b = paired_median_ms(lambda: model(xb), lambda: s_bare.run(xb), reps)
         print(f"{'bare':<10} {b:>5} {eager_b:>10.2f} {ort_b:>10.2f} {ort_b / eager_b:>7.3f}")
     return 0
 

@@ -61,12 +61,26 @@ def main() -> int:
     ap.add_argument("--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it")
     ap.add_argument("--n-pgd", type=int, default=500)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--audit-step", action="store_true", help="also time the audit's export step (full mode) on the guarded demo")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     model = guard.demo_model(progress=False)
     train, test = guard.demo_data()
-    results = {"guarded": check("guarded", _guarded(model, train, test), test, model, args.n_pgd)}
+    g = _guarded(model, train, test)
+    results = {"guarded": check("guarded", g, test, model, args.n_pgd)}
+    if args.audit_step:
+        from guard.audit import AuditContext, AuditOptions
+        from guard.audit_export import run
+
+        ctx = AuditContext(model=model, model_name="demo", train=train, test=test, data_source="demo",
+                           out=Path(tempfile.mkdtemp()), options=AuditOptions(progress=False))
+        ctx.shared["guarded"] = g
+        ctx.shared["attack_results"] = {"fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
+                                        "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500])}
+        t0 = time.perf_counter()
+        run(ctx)
+        results["audit_step"] = {"seconds": round(time.perf_counter() - t0, 1), "report": ctx.report["export"]}
     if args.hardened:
         from training.harden import harden
         from training.round_attacks import AttackBudget
