@@ -23,9 +23,11 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _data(small_split):
+@pytest.fixture(scope="module")
+def tiny_split(small_split):
+    """256 training and 128 held-out images: enough for the checks, cheap on two cores."""
     train, test = small_split
-    return train, test
+    return guard.Split(train.x[:256], train.y[:256]), guard.Split(test.x[:128], test.y[:128])
 
 
 # ------------------------------------------------------------------ reject head
@@ -157,8 +159,8 @@ def test_harden_returns_reject_model_and_history(tiny_model, small_split):
     assert res.history[-1]["rejected_share_of_round_attacks"] > 0.5
 
 
-def test_harden_is_deterministic(tiny_model, small_split):
-    train, test = small_split
+def test_harden_is_deterministic(tiny_model, tiny_split):
+    train, test = tiny_split
     kw = {**SMALL, "rounds": 1}
     a = harden(tiny_model, train, test=test, **kw)
     b = harden(tiny_model, train, test=test, **kw)
@@ -166,8 +168,8 @@ def test_harden_is_deterministic(tiny_model, small_split):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_harden_continues_a_reject_classifier(tiny_model, small_split):
-    train, test = small_split
+def test_harden_continues_a_reject_classifier(tiny_model, tiny_split):
+    train, test = tiny_split
     kw = {**SMALL, "rounds": 1, "epochs_per_round": 1}
     first = harden(tiny_model, train, test=test, **kw)
     second = harden(first.model, (train, test), **kw)
@@ -202,8 +204,8 @@ class _Stop(KeyboardInterrupt):
     pass
 
 
-def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model, small_split):
-    train, test = small_split
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model, tiny_split):
+    train, test = tiny_split
     kw = {**SMALL, "rounds": 3}
     full = harden(tiny_model, train, test=test, **kw)
 
@@ -230,8 +232,8 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model, small
     assert strip(full.history[-1]["fresh"]) == strip(resumed.history[-1]["fresh"])
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, small_split):
-    train, test = small_split
+def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, tiny_split):
+    train, test = tiny_split
     kw = {**SMALL, "rounds": 1, "epochs_per_round": 1}
     harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, **kw)
     with pytest.raises(ValueError, match="cannot resume.*reject_share"):
@@ -241,8 +243,8 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, small_split
         harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True, **kw)
 
 
-def test_resume_finished_run_does_no_work(tmp_path, tiny_model, small_split):
-    train, test = small_split
+def test_resume_finished_run_does_no_work(tmp_path, tiny_model, tiny_split):
+    train, test = tiny_split
     kw = {**SMALL, "rounds": 1, "epochs_per_round": 1}
     a = harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, **kw)
     calls: list = []
