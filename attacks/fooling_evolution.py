@@ -122,7 +122,8 @@ class FoolingEvolution:
         population: children per generation (>= 1).
         generations: maximum generations.
         threshold: confidence that counts as fooled (0.9999 in the paper).
-        stop_when_done: stop once every class's elite reaches the threshold.
+        stop_when_done: stop once every class's elite reaches the threshold (after
+            ``extra_generations`` more, which fill the reservoir of extra samples).
         mutation_rate, eta, rate_halving: direct-encoding mutation (per-pixel probability,
             polynomial-mutation strength, generations between halvings of the rate).
         rates: CPPN mutation probabilities.
@@ -150,6 +151,7 @@ class FoolingEvolution:
         generations: int = 1000,
         threshold: float = 0.9999,
         stop_when_done: bool = True,
+        extra_generations: int = 0,
         mutation_rate: float = 0.1,
         eta: float = 15.0,
         rate_halving: int = 1000,
@@ -167,6 +169,7 @@ class FoolingEvolution:
         self.generations = check_int(generations, "generations", owner, low=1)
         self.threshold = check_float(threshold, "threshold", owner, low=0.0, high=1.0, low_open=True)
         self.stop_when_done = bool(stop_when_done)
+        self.extra_generations = check_int(extra_generations, "extra_generations", owner, low=0)
         self.mutation_rate = check_float(mutation_rate, "mutation_rate", owner, low=0.0, high=1.0, low_open=True)
         self.eta = check_float(eta, "eta", owner, low=0.0)
         self.rate_halving = check_int(rate_halving, "rate_halving", owner, low=1)
@@ -261,8 +264,8 @@ class FoolingEvolution:
                     progress(g_done, n_fooled)
                 if n_fooled == num_classes and all_fooled_at < 0:
                     all_fooled_at = g_done
-                    if self.stop_when_done:
-                        break
+                if self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations:
+                    break
             el = archive.elites()
             xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
             x_all = torch.cat(xs).to(device)

@@ -12,8 +12,8 @@ input is 28x28.
 
 Options (``ctx.options.extra``): ``fooling_threshold`` (0.9999), ``fooling_grad_steps`` (300),
 ``fooling_grad_samples`` (10 per class), ``fooling_population`` (100),
-``fooling_generations`` (direct 1500, stopping once all classes pass; CPPN 100, run in full so
-that the reservoir collects extra positives), ``fooling_selection`` ("unfooled": parents from
+``fooling_generations`` (direct 1500, stopping 100 generations after all classes pass, so that
+the reservoir collects extra positives; CPPN 100, run in full), ``fooling_selection`` ("unfooled": parents from
 the classes still below the threshold, which the direct encoding needs to finish within the
 demo budget; "uniform" is the paper's), ``fooling_transfer`` (True), ``transfer_epochs`` (1).
 Quick mode shrinks everything to a smoke run.
@@ -97,9 +97,12 @@ def run(ctx: AuditContext) -> None:
     conf = res.extras["confidence"].view(num_classes, grad.samples_per_class)
     best = conf.max(1).values.cpu()
     e = _entry(res, num_classes, threshold, grad.params(), sec, best, torch.arange(num_classes))
-    reached = res.extras["steps"]
-    e["steps"] = int(reached.max()) + 1 if bool((reached >= 0).all()) else grad.steps
+    reached = res.extras["steps"].view(num_classes, grad.samples_per_class).cpu()
+    first = torch.where(reached >= 0, reached, torch.full_like(reached, grad.steps)).min(1).values
+    # steps until every class had one image at the threshold (grad.steps: some class never did)
+    e["steps"] = int(first.max()) + 1 if bool((first < grad.steps).all()) else grad.steps
     e["generations"] = e["steps"]
+    e["images_at_threshold"] = int(res.success.sum())
     attacks["fooling_gradient"] = e
     results["fooling_gradient"] = res
     _store(ctx, "fooling_gradient", res)
@@ -109,7 +112,8 @@ def run(ctx: AuditContext) -> None:
     for name, encoding, default_gens, stop in (("fooling_direct", "direct", 1500, True), ("fooling_cppn", "cppn", 100, False)):
         gens = int(extra.get("fooling_generations", 5 if quick else default_gens))
         evo = FoolingEvolution(encoding=encoding, population=pop, generations=gens, threshold=threshold, stop_when_done=stop,
-                               parent_selection=selection, extra_samples=20 if quick else 100, seed=opts.seed)
+                               extra_generations=0 if quick else 100, parent_selection=selection,
+                               extra_samples=20 if quick else 100, seed=opts.seed)
         t0 = time.perf_counter()
         res = evo(ctx.model, shape=shape, num_classes=num_classes)
         sec = time.perf_counter() - t0

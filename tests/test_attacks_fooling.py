@@ -139,6 +139,16 @@ def test_evolution_fools_closed_form_model(encoding):
         torch.testing.assert_close(render(Genome.from_dict(ex["genomes"][1]), 6), res.x_adv[1:2])
 
 
+def test_evolution_extra_generations_fill_reservoir():
+    model = Brightness()
+    res = FoolingEvolution(population=20, generations=400, mutation_rate=0.5, eta=2.0, extra_generations=5,
+                           extra_samples=40, seed=0)(model, shape=(1, 4, 4))
+    ex = res.extras
+    assert ex["generations"] == ex["generation_all_fooled"] + 5
+    extra = ~ex["is_elite"]
+    assert int(extra.sum()) == 40 and bool(res.success[extra].all())
+
+
 def test_evolution_is_seeded():
     model = Brightness()
     a = FoolingEvolution(population=8, generations=5, seed=1)(model, shape=(1, 4, 4))
