@@ -26,12 +26,14 @@ def reject_index_of(model: nn.Module) -> int | None:
     return int(idx) if isinstance(idx, int) else None
 
 
-def head_from(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = True) -> tuple[ExportHead, dict[str, Any]]:
+def head_from(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = True,
+              model: nn.Module | None = None) -> tuple[ExportHead, dict[str, Any]]:
     """(ExportHead, notes) for ``obj``.
 
     Args:
         obj: a classifier, a hardened ``RejectClassifier`` or a ``guard.wrap`` GuardedModel.
         example: example images (to trace the saliency chain and check it).
+        model: use this classifier instead of ``obj``'s (a CPU copy of a model on a GPU).
         saliency: True: export the saliency head, raise if it cannot be; "auto": leave it out
             (with a note and without the combined score/flag that needs it) when it cannot be;
             False: leave it out.
@@ -44,13 +46,13 @@ def head_from(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = T
 
     notes: dict[str, Any] = {"exported": [], "left_out": {}}
     if not (hasattr(obj, "detectors") and hasattr(obj, "model")):
-        model = obj
+        model = obj if model is None else model
         reject = reject_index_of(model)
         if reject is not None:
             notes["exported"].append("reject")
         return ExportHead(model, reject_index=reject), notes
 
-    model: nn.Module = obj.model  # type: ignore[no-redef]
+    model = obj.model if model is None else model  # type: ignore[assignment]
     reject = reject_index_of(model)
     dets: dict[str, Any] = dict(obj.detectors)  # type: ignore[arg-type]
     combined: Combined | None = getattr(obj, "combined", None)

@@ -95,14 +95,19 @@ def _failing_op(err: BaseException) -> str:
     return first
 
 
-def build_export_head(obj: nn.Module, example: torch.Tensor, *, saliency: bool = True) -> tuple[ExportHead, dict[str, Any]]:
+def build_export_head(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = True) -> tuple[ExportHead, dict[str, Any]]:
     """The ExportHead for a plain model, a hardened model or a GuardedModel, and notes.
 
-    Delegates to :mod:`export.adapters`, which reads the detectors' fitted state.
+    Delegates to :mod:`export.adapters`, which reads the detectors' fitted state. A model with
+    weights off the CPU is exported from a CPU copy, so the caller's model never moves.
     """
     from export.adapters import head_from
 
-    return head_from(obj, example, saliency=saliency)
+    model = obj.model if (hasattr(obj, "detectors") and hasattr(obj, "model")) else obj
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device.type != "cpu" for t in tensors):
+        model = copy.deepcopy(model).cpu()
+    return head_from(obj, example, saliency=saliency, model=model)
 
 
 class _Fp16Backbone(nn.Module):
@@ -124,7 +129,7 @@ def to_onnx(
     opset: int | None = None,
     fp16_backbone: bool = False,
     dynamo: bool = True,
-    saliency: bool = True,
+    saliency: bool | str = True,
     parity_inputs: torch.Tensor | None = None,
 ) -> ExportReport:
     """Export the model and its detector heads as one ONNX graph with a dynamic batch.
@@ -139,7 +144,9 @@ def to_onnx(
         fp16_backbone: run the classifier in float16, keep every detector head in float32
             (a float16 kNN bank would change neighbour order).
         dynamo: use the torch.export-based exporter (default) or the TorchScript one.
-        saliency: include the Grad-CAM concentration head when the guarded model has one.
+        saliency: True: include the guarded model's saliency head (ValueError naming the
+            layer if its attribution cannot be written in the graph); "auto": leave it out
+            with a note in that case; False: leave it out.
         parity_inputs: if given, compare PyTorch and onnxruntime on them (batch sizes 1, 7, 64)
             and put the figures in the report.
 
@@ -171,7 +178,6 @@ def to_onnx(
         example = example.expand(2, *example.shape[1:]).contiguous()
 
     head, notes = build_export_head(guarded_or_hardened, example, saliency=saliency)
-    head = head.cpu()
     if not fp16_backbone:
         notes["shared_forward"] = head.share_forward(example)
     if fp16_backbone:

@@ -73,7 +73,6 @@ def run(ctx: AuditContext) -> None:
         obj, source = guarded, "guarded"
     else:
         obj = ctx.model
-    obj = obj.cpu() if hasattr(obj, "cpu") else obj
     path = ctx.out / "model.onnx"
     x_test = ctx.test.x
     rep = to_onnx(obj, path, x_test[:8], saliency="auto", parity_inputs=x_test[:64])
