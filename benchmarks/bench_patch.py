@@ -35,10 +35,11 @@ def main() -> None:
     from art.estimators.classification import PyTorchClassifier
 
     import guard
-    from attacks.patch_analysis import fooling_rate_repeated, patch_sampler
+    from attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
     from attacks.patch_gan import PatchGAN
     from attacks.patching import patch_side
     from attacks.universal_patch import UniversalPatch
+    from guard.audit_patches import GAN_AUDIT_KWARGS
 
     model = guard.demo_model(progress=False).eval()
     train, test = guard.demo_data()
@@ -69,17 +70,23 @@ def main() -> None:
           f"in {budget:.1f} s -> fooling {art_mean:.4f} +- {np.std(art_rates):.4f}")
 
     rows = {}
-    for name, atk in [("PatchGAN loss=paper", PatchGAN(size=args.area, loss="paper", steps=100000, max_seconds=budget, eval_every=25, patience=100, seed=args.seed)),
-                      ("PatchGAN loss=margin", PatchGAN(size=args.area, loss="margin", steps=100000, max_seconds=budget, eval_every=25, patience=100, seed=args.seed)),
-                      ("UniversalPatch loss=paper", UniversalPatch(size=args.area, steps=100000, max_seconds=budget, eval_every=25, patience=100, seed=args.seed))]:
+    common = dict(size=args.area, steps=100000, max_seconds=budget, eval_every=25, patience=100, seed=args.seed)
+    candidates = [
+        ("PatchGAN paper loss+alpha,beta", PatchGAN(loss="paper", **common)),  # alpha=20, beta=0.1, 2-norm L_p
+        ("PatchGAN paper loss, audit div.", PatchGAN(loss="paper", **GAN_AUDIT_KWARGS, **common)),
+        ("PatchGAN margin loss, audit div.", PatchGAN(loss="margin", **GAN_AUDIT_KWARGS, **common)),
+        ("UniversalPatch margin loss", UniversalPatch(loss="margin", **common)),
+    ]
+    for name, atk in candidates:
         t0 = time.perf_counter()
         atk.fit(model, x_tr)
         fit_s = time.perf_counter() - t0
         st = fooling_rate_repeated(model, test.x, patch_sampler(atk), repetitions=args.reps, seed=args.seed)
         rows[name] = st["mean"]
-        print(f"{name:<26} fit {fit_s:5.1f} s ({atk.steps_} steps) -> fooling {st['mean']:.4f} +- {st['std']:.4f}")
+        div = pairwise_diversity(atk.sample(100, generator=torch.Generator().manual_seed(0)))["ssim_median"] if isinstance(atk, PatchGAN) else 1.0
+        print(f"{name:<32} fit {fit_s:5.1f} s ({atk.steps_} steps) -> fooling {st['mean']:.4f} +- {st['std']:.4f}  median SSIM {div:.3f}")
     for name, v in rows.items():
-        print(f"ratio {name} / ART: {v / art_mean if art_mean > 0 else float('inf'):.2f}x")
+        print(f"ratio {name:<32} / ART: {v / art_mean if art_mean > 0 else float('inf'):.2f}x")
 
 
 if __name__ == "__main__":
