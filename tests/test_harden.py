@@ -230,6 +230,8 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model, tiny_
     assert [h["clean_accuracy"] for h in full.history] == [h["clean_accuracy"] for h in resumed.history]
     strip = lambda d: {k: v for k, v in d.items() if k != "attack_seconds"}  # noqa: E731
     assert strip(full.history[-1]["fresh"]) == strip(resumed.history[-1]["fresh"])
+    with pytest.raises(ValueError, match="3 finished rounds"):
+        harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True, **{**kw, "rounds": 2})
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, tiny_split):

@@ -25,7 +25,6 @@ resumed from a checkpoint gives the same model as an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -235,6 +234,9 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
                 opt.load_state_dict(opt_state)
             history, baseline = meta["history"], meta["baseline"]
             round_done, epoch_done = int(meta["round_done"]), int(meta["epoch_done"])
+            if round_done > rounds:
+                raise ValueError(f"cannot resume from {str(checkpoint_dir)!r} with rounds={rounds}: it already holds "
+                                 f"{round_done} finished rounds (pass rounds >= {round_done}).")
             timings = meta.get("timings", timings)
             archive_x, archive_round = extra["archive_x"], extra["archive_round"].long()
             cur_round = int(meta.get("cur_round", 0))
