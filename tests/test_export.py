@@ -150,3 +150,11 @@ def test_plain_model_opset_and_hardened_reject_output(tiny_model, small_split, t
         p = hardened(test.x[:5]).softmax(1)
     np.testing.assert_allclose(out["reject_prob"], p[:, 10].numpy(), atol=1e-6)
     np.testing.assert_array_equal(out["flag"], p.argmax(1).numpy() == 10)
+
+
+def test_cli_export_reports_a_missing_directory(tmp_path, capsys):
+    from guard.cli import main
+
+    rc = main(["export", "--out", str(tmp_path / "nope" / "m.onnx")])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err

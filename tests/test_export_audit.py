@@ -1,9 +1,13 @@
-"""The audit's export step: model.onnx and report["export"] (quick mode)."""
+"""The audit's export step: model.onnx and report["export"] (quick mode); fp16 backbone.
+
+Each export takes 5-20 s on two loaded cores, so these end-to-end runs are marked slow.
+"""
 
 from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 import guard
@@ -24,6 +28,7 @@ def test_export_step_skipped_without_option(tiny_model, small_split, tmp_path):
     assert "export" not in ctx.report and not (tmp_path / "model.onnx").exists()
 
 
+@pytest.mark.slow
 def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
     train, test = small_split
     ctx = _ctx(tiny_model, small_split, tmp_path)
@@ -46,6 +51,7 @@ def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
     assert seconds < 40  # quick mode; the budget is < 20 s on an idle machine
 
 
+@pytest.mark.slow
 def test_fp16_backbone_keeps_heads_in_fp32(tiny_model, small_split, tmp_path):
     from export import load_session, to_onnx
 
@@ -61,6 +67,7 @@ def test_fp16_backbone_keeps_heads_in_fp32(tiny_model, small_split, tmp_path):
     assert torch.allclose(torch.from_numpy(out["logits"]), logits, atol=0.05)
 
 
+@pytest.mark.slow
 def test_export_step_hardened_refits_the_guarded_heads(tiny_model, small_split, tmp_path):
     from training.reject import RejectClassifier, grow_head
 
