@@ -240,6 +240,10 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, tiny_split)
     harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, **kw)
     with pytest.raises(ValueError, match="cannot resume.*reject_share"):
         harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True, reject_share=0.2, **kw)
+    with pytest.raises(ValueError, match="cannot resume.*model_digest"):
+        harden(DemoNet(width=8, hidden=32), train, test=test, checkpoint_dir=tmp_path, resume=True, **kw)
+    with pytest.raises(ValueError, match="cannot resume.*data_digest"):
+        harden(tiny_model, guard.Split(train.x.flip(0), train.y.flip(0)), test=test, checkpoint_dir=tmp_path, resume=True, **kw)
     (tmp_path / "harden_state.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True, **kw)

@@ -79,6 +79,15 @@ def _seed(*parts: int) -> int:
     return s
 
 
+def _digest(tensors: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, reject: int | None = None) -> tuple[float, float]:
     """(accuracy, share predicted as reject); a rejected clean image counts as an error."""
     correct, rejected = 0, 0
@@ -189,7 +198,9 @@ def harden(
     image_shape = tuple(train.x.shape[1:])
     config = {"attacks": list(names), "epochs_per_round": epochs_per_round, "reject_share": reject_share, "lr": lr,
               "batch_size": batch_size, "seed": seed, "budget": asdict(budget), "num_classes": n, "head": head_name,
-              "n_train": len(train), "engine": attack_engine}
+              "n_train": len(train), "engine": attack_engine,
+              # a checkpoint of another model or other data must never be resumed
+              "model_digest": _digest(net.state_dict().values()), "data_digest": _digest([train.x, train.y])}
 
     created = init_from_env(device)
     rank, size = world()
