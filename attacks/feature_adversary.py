@@ -31,7 +31,7 @@ differs from each source's (or equals ``target`` when one is given).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
