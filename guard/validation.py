@@ -70,11 +70,12 @@ def check_images(
         raise ValueError(f"{name} must have {channels} channel(s); got {x.shape[1]} (shape {tuple(x.shape)}).")
     if x.numel() == 0:
         return x
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
+    xd = x.detach()
+    if not bool(torch.isfinite(xd).all()):
+        bad = int((~torch.isfinite(xd)).sum())
         raise ValueError(f"{name} must be finite; got {bad} NaN/inf value(s).")
     if check_range:
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(xd.min()), float(xd.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{name} must lie in [0, 1] (pixel space; normalise inside the model); got values in [{lo:.4g}, {hi:.4g}].")
     return x
