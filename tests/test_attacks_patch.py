@@ -101,7 +101,8 @@ def test_generator_scales_with_side(side):
 @pytest.fixture(scope="module")
 def fitted_gan(tiny_model, small_split):
     train, _ = small_split
-    return PatchGAN(size=0.1, steps=20, eval_every=10, batch_size=32, seed=0).fit(tiny_model, train.x[:256])
+    return PatchGAN(size=0.1, steps=40, eval_every=10, batch_size=32, seed=0, loss="margin", alpha=1.0, beta=3.0,
+                    patch_distance="ssim", cap_p=0.8, lr=1e-2).fit(tiny_model, train.x[:256])
 
 
 def test_gan_fit_sample_apply(fitted_gan, tiny_model, small_split):
@@ -195,7 +196,7 @@ def test_patch_larger_than_image(tiny_model, small_split):
 
 
 @pytest.mark.parametrize("kwargs", [{"alpha": -1.0}, {"beta": -0.1}, {"lr": 0.0}, {"loss": "l2"}, {"steps": 0}, {"seed": -2},
-                                    {"val_fraction": 1.0}])
+                                    {"val_fraction": 1.0}, {"patch_distance": "l1"}, {"cap_p": 0.0}, {"cap_d": -1.0}])
 def test_gan_bad_params(kwargs):
     with pytest.raises(ValueError):
         PatchGAN(**kwargs)
