@@ -149,7 +149,8 @@ def run(ctx: AuditContext) -> None:
     section["universal_patch"]["class_comparison"] = cc_up
     rp = fitted["random_patch"][head_area]
     section["random_patch"]["diversity"] = pairwise_diversity(rp.sample(s["div_n"], channels=shape[0], image_size=shape[1], generator=gen))
-    section["patch_summary"] = _summary(curves)
+    # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
+    section["patch_gan"]["summary"] = _summary(curves)
     ctx.save_artifact("patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area})
 
 

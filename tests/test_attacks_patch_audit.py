@@ -42,5 +42,6 @@ def test_quick_audit_steps(tiny_model, small_split, tmp_path):
     pg = attacks["patch_gan"]
     assert {"class_comparison", "diversity", "latent_interpolation"} <= pg.keys()
     assert -1.0 <= pg["diversity"]["ssim_median"] <= 1.0
-    assert "patch_gan_above_both_at_every_area" in attacks["patch_summary"]
+    assert "patch_gan_above_both_at_every_area" in pg["summary"]
+    assert all(isinstance(v, dict) and "success_rate" in v for v in attacks.values())
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
