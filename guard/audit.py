@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 REPORT_VERSION = 1
 
 # (step id, "module:function"). Each function takes an AuditContext and fills its section of
-# ctx.report (several attack steps share report["attacks"]). Steps whose module is missing are skipped with a warning.
+# ctx.report (several attack steps share report["attacks"]). A step that returns False was
+# skipped by an option: it is not marked complete, so a later ``--resume`` with the option on
+# runs it. Steps whose module is missing are skipped with a warning.
 STEPS: list[tuple[str, str]] = [
     ("model", "guard.audit_model:run"),
     ("attacks_gradient", "guard.audit_gradient:run"),  # fgsm, pgd
@@ -86,7 +88,7 @@ class AuditContext:
         return load_tensors(path) if path.is_file() else None
 
 
-def _resolve(spec: str) -> Callable[[AuditContext], None] | None:
+def _resolve(spec: str) -> Callable[[AuditContext], bool | None] | None:
     mod_name, _, fn = spec.partition(":")
     try:
         module = importlib.import_module(mod_name)
@@ -121,7 +123,7 @@ def run_audit(
         except json.JSONDecodeError as err:
             raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not valid JSON: {err}") from err
     ctx.report.setdefault("version", REPORT_VERSION)
-    done = set(ctx.report.get("_completed_steps", []))
+    done = set(ctx.report.setdefault("_completed_steps", []))
     for section, spec in steps if steps is not None else STEPS:
         if section in done:
             log.info("audit: %s already in the report, skipped (resume)", section)
@@ -132,9 +134,10 @@ def run_audit(
             continue
         t0 = time.perf_counter()
         log.info("audit: %s", section)
-        fn(ctx)
-        ctx.report.setdefault("timings", {})[section] = round(time.perf_counter() - t0, 3)
-        ctx.report["_completed_steps"] = sorted(done | {section})
-        done.add(section)
+        ran = fn(ctx)
+        if ran is not False:
+            ctx.report.setdefault("timings", {})[section] = round(time.perf_counter() - t0, 3)
+            ctx.report["_completed_steps"] = sorted(done | {section})
+            done.add(section)
         ctx.save_report()
     return ctx.report

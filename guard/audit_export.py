@@ -53,10 +53,10 @@ def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) 
     return g
 
 
-def run(ctx: AuditContext) -> None:
+def run(ctx: AuditContext) -> bool:
     if not ctx.options.export:
         log.info("export: skipped (options.export is False)")
-        return
+        return False
     from export import compare_with_guarded, load_session, to_onnx
     from export.adapters import head_from
     from export.parity import compare_outputs, run_reference, run_session

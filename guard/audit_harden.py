@@ -69,10 +69,10 @@ def harden_section(res: Any, *, attacks: list[str], budget: dict[str, Any], seco
     }
 
 
-def run(ctx: AuditContext) -> None:
+def run(ctx: AuditContext) -> bool:
     if not ctx.options.harden:
         ctx.report["harden"] = {"skipped": "run guard audit with --harden (or guard harden) to harden the model"}
-        return
+        return False
     import torch
 
     from guard.demo import shift_augment

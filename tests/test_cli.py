@@ -75,3 +75,32 @@ def test_demo_audit_model_section(tmp_path, demo_net):
     rep = run_audit(demo_net, train, test, tmp_path, steps=[("model", "guard.audit_model:run")])
     assert rep["model"]["num_classes"] == 10 and rep["model"]["clean_accuracy"] >= 0.98
     assert rep["model"]["data"] == {"source": "user data", "train": 8000, "test": 2000}
+
+
+def test_skipped_step_runs_on_resume_when_enabled(tmp_path, tiny_model, small_split):
+    """A step skipped by an option (returns False) is not marked complete."""
+    import types
+
+    from guard.audit import AuditOptions
+
+    mod = types.ModuleType("guard_test_optional_step")
+
+    def step(ctx):
+        if not ctx.options.harden:
+            ctx.report["opt"] = {"skipped": True}
+            return False
+        ctx.report["opt"] = {"ran": True}
+
+    mod.run = step
+    import sys
+
+    sys.modules[mod.__name__] = mod
+    try:
+        steps = [("opt", f"{mod.__name__}:run")]
+        train, test = small_split
+        rep = run_audit(tiny_model, train, test, tmp_path, steps=steps)
+        assert rep["opt"] == {"skipped": True} and "opt" not in rep["_completed_steps"]
+        rep = run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=True, options=AuditOptions(harden=True))
+        assert rep["opt"] == {"ran": True} and rep["_completed_steps"] == ["opt"]
+    finally:
+        del sys.modules[mod.__name__]
