@@ -110,8 +110,14 @@ def run_audit(
     options: AuditOptions | None = None,
     resume: bool = False,
     steps: list[tuple[str, str]] | None = None,
+    fail_fast: bool = False,
 ) -> dict[str, Any]:
-    """Run the audit steps and return the report (also written to ``out/report.json``)."""
+    """Run the audit steps and return the report (also written to ``out/report.json``).
+
+    A step that raises is recorded under ``report["errors"][step]`` (and logged) and the audit
+    goes on with the next step; it is not marked complete, so ``resume=True`` retries it.
+    ``fail_fast=True`` re-raises instead.
+    """
     opts = options or AuditOptions()
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
@@ -134,7 +140,18 @@ def run_audit(
             continue
         t0 = time.perf_counter()
         log.info("audit: %s", section)
-        ran = fn(ctx)
+        try:
+            ran = fn(ctx)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # one capability failing must not lose the others' results
+            log.error("audit: step %s failed: %s: %s", section, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            ctx.report.setdefault("errors", {})[section] = f"{type(err).__name__}: {err}"
+            ctx.save_report()
+            if fail_fast:
+                raise
+            continue
+        ctx.report.get("errors", {}).pop(section, None)
         if ran is not False:
             ctx.report.setdefault("timings", {})[section] = round(time.perf_counter() - t0, 3)
             ctx.report["_completed_steps"] = sorted(done | {section})

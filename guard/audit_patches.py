@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from attacks.base import AttackResult
 from attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
                                     patch_sampler)
-from attacks.patch_gan import PatchGAN
+from attacks.patch_gan import PatchGAN, last_conv_layer
 from attacks.random_patch import RandomPatch
 from attacks.universal_patch import UniversalPatch
 from guard.audit import AuditContext
@@ -86,11 +86,17 @@ def run(ctx: AuditContext) -> None:
     curves: dict[str, list[dict[str, Any]]] = {"patch_gan": [], "universal_patch": [], "random_patch": []}
     fitted: dict[str, dict[float, Any]] = {k: {} for k in curves}
     fit_seconds: dict[str, float] = {k: 0.0 for k in curves}
+    gan_kwargs = dict(s["gan"])
+    try:
+        last_conv_layer(model)
+    except ValueError:  # e.g. TorchScript models expose no nn.Conv2d: no feature-diversity term
+        log.warning("patch_gan: %s exposes no nn.Conv2d, training without L_d (alpha=0)", type(model).__name__)
+        gan_kwargs["alpha"] = 0.0
     bar = tqdm(total=len(s["areas"]) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
     for area in s["areas"]:
         makers = {
             "patch_gan": lambda: PatchGAN(size=area, loss=s["loss"], steps=s["gan_steps"], max_seconds=s["gan_seconds"],
-                                          eval_every=s["eval_every"], seed=seed, **s["gan"]),
+                                          eval_every=s["eval_every"], seed=seed, **gan_kwargs),
             "universal_patch": lambda: UniversalPatch(size=area, loss=s["loss"], steps=s["up_steps"], max_seconds=s["up_seconds"],
                                                       eval_every=s["eval_every"], seed=seed),
             "random_patch": lambda: RandomPatch(size=area, seed=seed),

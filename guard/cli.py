@@ -69,7 +69,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if isinstance(sec, dict) and "success_rate" in sec:
             print(f"attack {name_:<18} success {sec['success_rate']:.3f}")
     print(f"wrote {args.out}/report.json")
-    return 0
+    errors = report.get("errors", {})
+    for step, msg in errors.items():
+        print(f"guard audit: step {step} failed: {msg}", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def _add_harden(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 
 from guard.validation import call_model, check_images
 
-__all__ = ["get_layer", "layer_names", "FeatureExtractor", "extract_features", "eval_mode"]
+__all__ = ["check_hookable", "get_layer", "layer_names", "FeatureExtractor", "extract_features", "eval_mode"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -26,8 +26,18 @@ def layer_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_modules() if n]
 
 
+def check_hookable(model: nn.Module) -> None:
+    """Raise a clear ValueError for models whose layers cannot be hooked (TorchScript)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            "model is a TorchScript module, which does not support forward hooks, so its named layers "
+            "cannot be read; load the model as an nn.Module ('package.module:callable') for layer-based steps."
+        )
+
+
 def get_layer(model: nn.Module, name: str) -> nn.Module:
     """The sub-module at path ``name``; a clear ValueError listing the choices otherwise."""
+    check_hookable(model)
     if not isinstance(name, str):
         raise TypeError(f"layer name must be a str module path such as 'conv2'; got {type(name).__name__}.")
     modules = dict(model.named_modules())

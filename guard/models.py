@@ -74,6 +74,9 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear
         if not isinstance(mod, nn.Linear):
             raise ValueError(f"head {name!r} must be an nn.Linear; got {type(mod).__name__}.")
         return name, mod
+    from guard.features import check_hookable
+
+    check_hookable(model)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"Could not find a classifier head in {type(model).__name__}: it has no nn.Linear layer; pass head='module.path'.")
