@@ -38,6 +38,23 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_audit)
 
 
+def _user_model_and_data(args: argparse.Namespace):
+    """--model and --data: the user's model and a seeded 80/20 split of the image folder."""
+    import torch
+
+    import guard
+
+    if args.data is None:
+        raise ValueError("--model needs --data DIR (an image folder, one sub-folder per class).")
+    model = guard.load_model(args.model)
+    data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+    cut = int(0.8 * len(data))
+    train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
+    test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+    return model, train, test
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
     import guard
     from guard.audit import AuditOptions, run_audit
@@ -45,16 +62,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.model is None and args.data is not None:
         raise ValueError("--data needs --model (the demo uses the embedded MNIST).")
     if args.model is not None:
-        if args.data is None:
-            raise ValueError("--model needs --data DIR (an image folder, one sub-folder per class).")
-        model = guard.load_model(args.model)
-        data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
-        import torch
-
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-        cut = int(0.8 * len(data))
-        train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
-        test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+        model, train, test = _user_model_and_data(args)
         name, source = args.model, f"image folder {args.data} (seed-{args.seed} split 80/20)"
     else:
         model = guard.demo_model(progress=not args.quiet)
@@ -119,16 +127,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     from training.round_attacks import DEFAULT_ATTACKS, AttackBudget
 
     if args.model is not None:
-        if args.data is None:
-            raise ValueError("--model needs --data DIR (an image folder, one sub-folder per class).")
-        import torch
-
-        model = guard.load_model(args.model)
-        data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
-        perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-        cut = int(0.8 * len(data))
-        train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
-        test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+        model, train, test = _user_model_and_data(args)
         augment = None
     else:
         if args.data is not None:

@@ -60,7 +60,8 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, names: Sequence[s
     """Broadcast named CPU tensors from ``src`` to every rank (no pickling: shapes go first)."""
     rank, size = world()
     if size == 1:
-        assert tensors is not None  # internal: rank 0 always has them
+        if tensors is None:  # internal invariant: the source rank always has them
+            raise RuntimeError("broadcast_tensors: the source rank passed no tensors")
         return tensors
     backend_cuda = dist.get_backend() == "nccl"
     dev = torch.device("cuda", torch.cuda.current_device()) if backend_cuda else torch.device("cpu")

@@ -311,7 +311,8 @@ def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject
             archive_round = torch.cat([archive_round, torch.full((int(cur_keep.sum()),), r, dtype=torch.long)])
             epoch_done = -1
             checkpoint()
-        assert cur is not None
+        if cur is None:  # internal invariant: the attack phase always sets it
+            raise RuntimeError(f"harden: round {r} has no attack set (corrupt checkpoint?)")
         ddp = _wrap(net, size, device)
         for e in tqdm(range(epochs_per_round), desc=f"round {r}", unit="epoch", disable=not show, leave=False):
             if e <= epoch_done:
