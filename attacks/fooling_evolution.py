@@ -37,7 +37,7 @@ from torch import nn
 from attacks.base import AttackResult, model_device
 from attacks.cppn import Genome, MutationRates, mutate, random_genome, render
 from guard.features import eval_mode
-from guard.validation import check_float, check_images, check_int, check_labels
+from guard.validation import check_float, check_images, check_int, check_labels, check_model_and_shape
 
 __all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
 
@@ -196,10 +196,7 @@ class FoolingEvolution:
         num_classes: int | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> AttackResult:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
-            raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}.")
+        shape = check_model_and_shape(model, shape)
         device = model_device(model)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed)

@@ -25,7 +25,7 @@ from torch import nn
 
 from attacks.base import AttackResult, model_device
 from guard.features import eval_mode
-from guard.validation import check_float, check_int
+from guard.validation import check_float, check_int, check_model_and_shape
 
 __all__ = ["FoolingGradient", "gaussian_blur", "total_variation"]
 
@@ -105,10 +105,7 @@ class FoolingGradient:
         shape: tuple[int, int, int] = (1, 28, 28),
         num_classes: int | None = None,
     ) -> AttackResult:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        if len(shape) != 3 or any(not isinstance(s, int) or s < 1 for s in shape):
-            raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}.")
+        shape = check_model_and_shape(model, shape)
         device = model_device(model)
         t0 = time.perf_counter()
         with eval_mode(model):

@@ -48,11 +48,11 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, AttackResult, model_device
 from attacks.patch_analysis import ssim
-from attacks.patching import apply_patches, patch_side, random_positions
+from attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
 from guard.cache import load_tensors, save_tensors
 from guard.data import Split
 from guard.features import FeatureExtractor, eval_mode
-from guard.validation import NotFittedError, check_float, check_images, check_int, check_labels
+from guard.validation import NotFittedError, check_float, check_images, check_int
 
 __all__ = ["PatchGAN", "PatchGenerator", "fooling_loss", "last_conv_layer", "as_images"]
 
@@ -185,13 +185,7 @@ class PatchGAN(Attack):
                  patience: int = 4, max_seconds: float | None = None, cap_d: float | None = None, cap_p: float | None = None,
                  patch_distance: str = "l2", seed: int = 0, progress: bool = False) -> None:
         owner = "PatchGAN"
-        if isinstance(size, bool) or not isinstance(size, (int, float)):
-            raise TypeError(f"The 'size' parameter of {owner} must be an int side or a float area fraction. Got {size!r}.")
-        if isinstance(size, float):
-            check_float(size, "size", owner, low=0.0, high=1.0, low_open=True, high_open=True)
-        else:
-            check_int(size, "size", owner, low=1)
-        self.size = size
+        self.size = check_patch_size(size, owner)
         self.alpha = check_float(alpha, "alpha", owner, low=0.0)
         self.beta = check_float(beta, "beta", owner, low=0.0)
         self.lr = check_float(lr, "lr", owner, low=0.0, low_open=True)

@@ -15,9 +15,18 @@ import numbers
 
 import torch
 
-from guard.validation import check_images
+from guard.validation import check_float, check_images, check_int
 
-__all__ = ["patch_side", "random_positions", "grid_positions", "apply_patches", "patch_mask"]
+__all__ = ["check_patch_size", "patch_side", "random_positions", "grid_positions", "apply_patches", "patch_mask"]
+
+
+def check_patch_size(size: int | float, owner: str) -> int | float:
+    """Validate a patch size parameter: an int side in pixels or a float area fraction in (0, 1)."""
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise TypeError(f"The 'size' parameter of {owner} must be an int side or a float area fraction. Got {size!r}.")
+    if isinstance(size, float):
+        return check_float(size, "size", owner, low=0.0, high=1.0, low_open=True, high_open=True)
+    return check_int(size, "size", owner, low=1)
 
 
 def patch_side(size: int | float, image_size: tuple[int, int] | torch.Size, *, name: str = "size") -> int:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, AttackResult, model_device
 from attacks.patch_gan import LOSSES, _predict, as_images, fooling_loss
-from attacks.patching import apply_patches, patch_side, random_positions
+from attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
 from guard.features import eval_mode
 from guard.validation import NotFittedError, check_float, check_int
 
@@ -50,13 +50,7 @@ class UniversalPatch(Attack):
                  lr: float = 0.05, steps: int = 1000, batch_size: int = 64, val_fraction: float = 0.2, eval_every: int = 50,
                  patience: int = 4, max_seconds: float | None = None, seed: int = 0, progress: bool = False) -> None:
         owner = "UniversalPatch"
-        if isinstance(size, bool) or not isinstance(size, (int, float)):
-            raise TypeError(f"The 'size' parameter of {owner} must be an int side or a float area fraction. Got {size!r}.")
-        if isinstance(size, float):
-            check_float(size, "size", owner, low=0.0, high=1.0, low_open=True, high_open=True)
-        else:
-            check_int(size, "size", owner, low=1)
-        self.size = size
+        self.size = check_patch_size(size, owner)
         self.target = None if target is None else check_int(target, "target", owner, low=0)
         if loss not in LOSSES:
             raise ValueError(f"The 'loss' parameter of {owner} must be one of {LOSSES}. Got {loss!r}.")

@@ -212,7 +212,6 @@ def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_s
     Maps ``GuardedModel.score``'s detector names to the graph's outputs (knn -> knn_score, ...)
     and the combined flag to the graph's ``flags`` column "combined".
     """
-    from export.adapters import head_from  # noqa: F401  (documents where the name mapping lives)
 
     logits, scores, errors = guarded.score(x)
     if errors:

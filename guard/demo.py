@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

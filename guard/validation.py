@@ -20,6 +20,7 @@ __all__ = [
     "check_float",
     "check_probability",
     "call_model",
+    "check_model_and_shape",
 ]
 
 
@@ -151,3 +152,14 @@ def call_model(model: Any, x: torch.Tensor, name: str = "x") -> torch.Tensor:
         if any(k in text for k in ("shape", "size", "channels", "dimension", "mat1", "expected input")):
             raise ValueError(f"the model cannot take {name} of shape {tuple(x.shape)} (check channels and image size): {text.splitlines()[0]}") from err
         raise
+
+
+def check_model_and_shape(model: Any, shape: Any) -> tuple[int, int, int]:
+    """For generators that need no input image: an nn.Module and an image shape (C, H, W)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    if not isinstance(shape, (tuple, list)) or len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}.")
+    return (int(shape[0]), int(shape[1]), int(shape[2]))
