@@ -287,7 +287,7 @@ class PatchGAN(Attack):
                         rate = self._val_rate(model, G, x_val, y_val, z_val, pos_val)
                     else:  # no validation slice: the training batch's fooling rate
                         rate = float((logits.detach().argmax(1) != yb.repeat(2)).float().mean())
-                    history.append({"step": step, "val_fooling_rate": rate, "l_f": float(l_f), "l_d": float(l_d), "l_p": float(l_p)})
+                    history.append({"step": step, "val_fooling_rate": rate, "l_f": l_f.item(), "l_d": l_d.item(), "l_p": l_p.item()})
                     bar.set_postfix(val=f"{rate:.3f}")
                     if rate > best_rate:
                         best_rate, best_state, bad = rate, copy.deepcopy(G.state_dict()), 0
