@@ -116,7 +116,7 @@ class UniversalPatch(Attack):
                             rate = float(self._goal(pred, y_val).float().mean())
                         else:
                             rate = float(self._goal(logits.argmax(1), y_tr[idx]).float().mean())
-                    history.append({"step": step, "val_fooling_rate": rate, "loss": float(loss)})
+                    history.append({"step": step, "val_fooling_rate": rate, "loss": loss.item()})
                     bar.set_postfix(val=f"{rate:.3f}")
                     if rate > best_rate:
                         best_rate, best_patch, bad = rate, patch.detach().clone(), 0
