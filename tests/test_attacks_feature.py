@@ -12,14 +12,9 @@ from attacks.feature_adversary import VARIANTS, FeatureAdversary, feature_object
 from attacks.representation import active_units, distance_ratio, knn_rank_analysis, label_agreement, representation_report
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these are many tiny ops, and on a shared 2-core machine a second
-    thread spin-waits (measured 15x slower under load); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """These are many tiny ops: see conftest.one_thread."""
 
 
 @pytest.fixture(scope="module")

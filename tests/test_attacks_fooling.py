@@ -13,14 +13,9 @@ from attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial
 from attacks.fooling_gradient import FoolingGradient
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these are many tiny ops, and on a shared 2-core machine a second
-    thread spin-waits (measured 15x slower under load); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """These are many tiny ops: see conftest.one_thread."""
 
 
 class Brightness(nn.Module):

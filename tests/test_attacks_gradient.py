@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from attacks.gradient import FGSM, L2PGD, LinfPGD, PGD
 
@@ -13,10 +12,6 @@ from attacks.gradient import FGSM, L2PGD, LinfPGD, PGD
 def batch(small_split):
     _, test = small_split
     return test.x[:64], test.y[:64]
-
-
-def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("attack", [FGSM(eps=0.1), LinfPGD(eps=0.1, steps=5), LinfPGD(eps=0.1, steps=5, early_stop=False),
@@ -80,19 +75,16 @@ def test_early_stop_freezes_successful_images(tiny_model, batch):
 
 
 def test_model_untouched(tiny_model, batch):
+    from conftest import ModelSnapshot
+
     x, _ = batch
     tiny_model.train()
-    before = _snapshot(tiny_model)
-    flags = [p.requires_grad for p in tiny_model.parameters()]
-    grads = [None if p.grad is None else p.grad.clone() for p in tiny_model.parameters()]
+    snap = ModelSnapshot(tiny_model)
     try:
         LinfPGD(eps=0.1, steps=3)(tiny_model, x)
         FGSM(eps=0.1)(tiny_model, x)
-        assert tiny_model.training and all(m.training for m in tiny_model.modules())
-        assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-        assert [p.requires_grad for p in tiny_model.parameters()] == flags
-        assert all((g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
-                   for g, p in zip(grads, tiny_model.parameters()))
+        assert tiny_model.training
+        snap.assert_unchanged(tiny_model)
     finally:
         tiny_model.eval()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
                                     patch_sampler, psnr, ssim)
@@ -125,19 +124,15 @@ def test_gan_fit_sample_apply(fitted_gan, tiny_model, small_split):
 
 
 def test_gan_leaves_model_untouched(tiny_model, small_split):
+    from conftest import ModelSnapshot
+
     train, _ = small_split
     tiny_model.train()
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    flags = [p.requires_grad for p in tiny_model.parameters()]
-    grads = [None if p.grad is None else p.grad.clone() for p in tiny_model.parameters()]
+    snap = ModelSnapshot(tiny_model)
     try:
         PatchGAN(size=4, steps=3, eval_every=2, batch_size=8).fit(tiny_model, train.x[:64])
         UniversalPatch(size=4, steps=3, eval_every=2, batch_size=8).fit(tiny_model, train.x[:64])
-        assert all(m.training for m in tiny_model.modules())
-        assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
-        assert [p.requires_grad for p in tiny_model.parameters()] == flags
-        assert all((g is None and p.grad is None) or (g is not None and p.grad is not None and torch.equal(g, p.grad))
-                   for g, p in zip(grads, tiny_model.parameters()))
+        snap.assert_unchanged(tiny_model)
     finally:
         tiny_model.eval()
 

@@ -3,7 +3,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-import guard
 from guard.data import demo_data, load_data
 
 

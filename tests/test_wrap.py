@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import guard
-from detectors import FeatureDetector, KNNRank, PPCAManifold
+from detectors import FeatureDetector, KNNRank
 from guard.guarded import default_layers
 from guard.validation import NotFittedError
 
