@@ -13,6 +13,16 @@ __all__ = ["main", "build_parser"]
 DEMO_SOURCE = "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0), seed-0 split 8000/2000"
 
 
+def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
+    """--demo | --model SPEC, and the image-folder options that go with --model."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--demo", action="store_true", help="the embedded MNIST default and the demo model (the default when no --model is given)")
+    src.add_argument("--model", metavar="SPEC", help=model_help)
+    p.add_argument("--data", metavar="DIR", help="image folder (one sub-folder per class) for --model; split 80/20 with --seed")
+    p.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
+    p.add_argument("--grayscale", action="store_true", help="load folder images with one channel")
+
+
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
@@ -20,12 +30,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
         description="Run every capability on a model and write OUT/report.json (see DESIGN.md for the keys). "
         "With --demo: the embedded MNIST split and the cached demo LeNet.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--demo", action="store_true", help="use the embedded MNIST default and the demo model (the default when no --model is given)")
-    src.add_argument("--model", metavar="SPEC", help="TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
-    p.add_argument("--data", metavar="DIR", help="image folder (one sub-folder per class) for --model; split 80/20 with --seed")
-    p.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
-    p.add_argument("--grayscale", action="store_true", help="load folder images with one channel")
+    _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: ./out)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small settings everywhere (smoke test, ~1 min)")
@@ -92,12 +97,7 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         "section), OUT/hardened_model.safetensors and checkpoints in OUT/checkpoints (resume with --resume). "
         "Runs under torchrun --nproc_per_node=N as well (DDP).",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--demo", action="store_true", help="the embedded MNIST split and the demo model (default)")
-    src.add_argument("--model", metavar="SPEC", help="'module:callable' giving an nn.Module (its last nn.Linear, or --head, grows)")
-    p.add_argument("--data", metavar="DIR", help="image folder for --model; split 80/20 with --seed")
-    p.add_argument("--image-size", type=int, default=None)
-    p.add_argument("--grayscale", action="store_true")
+    _add_model_and_data(p, "'module:callable' giving an nn.Module (its last nn.Linear, or --head, grows)")
     p.add_argument("--head", default=None, help="dotted name of the classifier's final nn.Linear")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--epochs-per-round", type=int, default=2)
