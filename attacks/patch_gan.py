@@ -54,7 +54,7 @@ from guard.data import Split
 from guard.features import FeatureExtractor, eval_mode
 from guard.validation import NotFittedError, check_float, check_images, check_int
 
-__all__ = ["PatchGAN", "PatchGenerator", "fooling_loss", "last_conv_layer", "as_images"]
+__all__ = ["PatchGAN", "PatchGenerator", "fooling_loss", "last_conv_layer", "as_images", "patch_fit_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,14 @@ def as_images(data: Any, name: str = "data") -> torch.Tensor:
     else:
         raise TypeError(f"{name} must be a guard Split, an (x, y) pair or an image tensor; got {type(data).__name__}.")
     return check_images(x, name)
+
+
+def patch_fit_inputs(model: Any, data: Any, size: int | float) -> tuple[torch.Tensor, int, torch.device]:
+    """What every patch ``fit`` starts from: the images, the patch side in pixels, the model's device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    x = as_images(data)
+    return x, patch_side(size, tuple(x.shape[-2:]), name="size"), model_device(model)
 
 
 class PatchGenerator(nn.Module):
@@ -220,12 +228,8 @@ class PatchGAN(Attack):
                 (the model's own predictions are used). A ``val_fraction`` slice of it is held
                 out for early stopping; never pass the evaluation images here.
         """
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        x = as_images(data)
+        x, side, device = patch_fit_inputs(model, data, self.size)
         n_all, c, h, w = x.shape
-        side = patch_side(self.size, (h, w), name="size")
-        device = model_device(model)
         gen = torch.Generator().manual_seed(self.seed)
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed)  # generator initialisation

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.base import Attack, AttackResult, model_device
-from attacks.patch_gan import LOSSES, _predict, as_images, fooling_loss
-from attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
+from attacks.base import Attack, AttackResult
+from attacks.patch_gan import LOSSES, _predict, fooling_loss, patch_fit_inputs
+from attacks.patching import apply_patches, check_patch_size, random_positions
 from guard.features import eval_mode
 from guard.validation import NotFittedError, check_float, check_int
 
@@ -71,12 +71,8 @@ class UniversalPatch(Attack):
 
     def fit(self, model: nn.Module, data: Any) -> "UniversalPatch":
         """Optimise the patch against ``model`` on the images of ``data`` (labels ignored)."""
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        x = as_images(data)
+        x, side, device = patch_fit_inputs(model, data, self.size)
         n_all, c, h, w = x.shape
-        side = patch_side(self.size, (h, w), name="size")
-        device = model_device(model)
         gen = torch.Generator().manual_seed(self.seed)
         perm = torch.randperm(n_all, generator=gen)
         n_val = min(int(round(self.val_fraction * n_all)), n_all - 1)
