@@ -13,8 +13,8 @@ from typing import Any, final
 import torch
 from torch import nn
 
-from guard.features import eval_mode
-from guard.validation import call_model, check_images, check_labels
+from guard.core.models import eval_mode, model_device
+from guard.core.validation import call_model, check_images, check_labels
 
 __all__ = ["Attack", "AttackResult", "model_device"]
 
@@ -45,15 +45,6 @@ class AttackResult:
 
     def __len__(self) -> int:
         return int(self.x_adv.shape[0])
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for parameter-free models)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 class Attack:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from guard.validation import check_float, check_int
+from guard.core.validation import check_float, check_int
 
 __all__ = ["ACTIVATIONS", "Genome", "MutationRates", "random_genome", "mutate", "render", "coordinate_grid"]
 

@@ -35,12 +35,12 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy.optimize import minimize
 from torch import nn
 
-from attacks.base import Attack, AttackResult, model_device
-from guard.features import eval_mode, get_layer
-from guard.validation import check_float, check_images, check_int, check_labels
+from guard.attacks.base import Attack, AttackResult, model_device
+from guard.core.features import get_layer
+from guard.core.models import eval_mode
+from guard.core.validation import check_float, check_images, check_int, check_labels
 
 __all__ = ["FeatureAdversary", "sample_guides", "feature_objective", "VARIANTS"]
 
@@ -91,7 +91,7 @@ def sample_guides(
 class _Tap:
     """Logits and one layer's flattened output, by a forward hook removed after each call.
 
-    Like :class:`guard.features.FeatureExtractor` but without its per-call input validation:
+    Like :class:`guard.core.features.FeatureExtractor` but without its per-call input validation:
     inside L-BFGS-B every iterate is inside the box by construction, and the check would sync
     and warn on tensors that require grad.
     """
@@ -283,6 +283,8 @@ class FeatureAdversary(Attack):
             fun = self._label_objective(model, x, glabel)
         else:
             fun = self._linear_objective(fx, x, fg)
+        from scipy.optimize import minimize
+
         bounds = np.stack([lo.double().cpu().numpy().ravel(), hi.double().cpu().numpy().ravel()], axis=1)
         z0 = x.double().cpu().numpy().ravel()
         res = minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds,

@@ -31,13 +31,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ribs.archives import GridArchive
 from torch import nn
 
-from attacks.base import AttackResult, model_device
-from attacks.cppn import Genome, MutationRates, mutate, random_genome, render
-from guard.features import eval_mode
-from guard.validation import check_float, check_images, check_int, check_labels, check_model_and_shape
+from guard.attacks.base import AttackResult, model_device
+from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
+from guard.core.models import eval_mode
+from guard.core.validation import check_float, check_images, check_int, check_labels, check_model_and_shape
 
 __all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
 
@@ -63,6 +62,8 @@ class ClassArchive:
     """
 
     def __init__(self, num_classes: int, image_shape: tuple[int, ...], *, seed: int = 0, with_ids: bool = False) -> None:
+        from ribs.archives import GridArchive  # pyribs pulls in numba (~2 s): imported when first used
+
         self.num_classes = check_int(num_classes, "num_classes", "ClassArchive", low=1)
         self.image_shape = tuple(int(s) for s in image_shape)
         dim = int(np.prod(self.image_shape))

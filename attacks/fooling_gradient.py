@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import AttackResult, model_device
-from guard.features import eval_mode
-from guard.validation import check_float, check_int, check_model_and_shape
+from guard.attacks.base import AttackResult, model_device
+from guard.core.models import eval_mode
+from guard.core.validation import check_float, check_int, check_model_and_shape
 
 __all__ = ["FoolingGradient", "gaussian_blur", "total_variation"]
 

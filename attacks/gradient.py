@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.base import Attack, AttackResult
-from guard.validation import check_float, check_int
+from guard.attacks.base import Attack, AttackResult
+from guard.core.validation import check_float, check_int
 
 __all__ = ["FGSM", "LinfPGD", "L2PGD", "PGD", "LinfFastGradientAttack", "LinfProjectedGradientDescentAttack",
            "L2ProjectedGradientDescentAttack"]

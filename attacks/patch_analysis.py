@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.patching import apply_patches, grid_positions, random_positions
-from guard.features import eval_mode
-from guard.validation import check_images, check_int
+from guard.attacks.patching import apply_patches, grid_positions, random_positions
+from guard.core.models import eval_mode, predict_labels
+from guard.core.validation import check_images, check_int
 
 __all__ = ["ssim", "psnr", "pairwise_diversity", "class_comparison", "latent_interpolation", "fooling_rate_repeated",
            "fooling_vs_area", "patch_sampler"]
@@ -99,14 +99,9 @@ def pairwise_diversity(patches: torch.Tensor, *, max_pairs: int = 20000, seed: i
     }
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
-
-
 def patch_sampler(attack: Any, channels: int = 1, image_size: tuple[int, int] = (28, 28)) -> Sampler:
     """A ``(n, generator) -> patches`` function for PatchGAN, UniversalPatch or RandomPatch."""
-    from attacks.random_patch import RandomPatch
+    from guard.attacks.random_patch import RandomPatch
 
     if isinstance(attack, RandomPatch):
         return lambda n, gen: attack.sample(n, channels=channels, image_size=image_size, generator=gen)
@@ -135,7 +130,7 @@ def fooling_rate_repeated(model: nn.Module, x: torch.Tensor, sampler: Sampler, *
     device = next((p.device for p in model.parameters()), x.device)
     x = x.to(device)
     with eval_mode(model):
-        clean = _predict(model, x, batch_size)
+        clean = predict_labels(model, x, batch_size=batch_size)
         correct = (clean == y.to(device)) if y is not None else None
         rates, rates_c = [], []
         for r in range(repetitions):
@@ -189,13 +184,13 @@ def class_comparison(model: nn.Module, x: torch.Tensor, patches: torch.Tensor, *
     x, patches = x.to(device), patches.to(device)
     same, same_fooled, fooled_total, per_pos = 0, 0, 0, []
     with eval_mode(model):
-        clean = _predict(model, x, batch_size)
+        clean = predict_labels(model, x, batch_size=batch_size)
         canvas = torch.zeros_like(x)
         for g in grid:
             pos = g.view(1, 2).to(device)
-            cls_canvas = _predict(model, apply_patches(canvas, patches, pos), batch_size) if patches.shape[0] == n else \
-                _predict(model, apply_patches(canvas[:1], patches, pos), batch_size).expand(n)
-            pred = _predict(model, apply_patches(x, patches, pos), batch_size)
+            cls_canvas = predict_labels(model, apply_patches(canvas, patches, pos), batch_size=batch_size) if patches.shape[0] == n else \
+                predict_labels(model, apply_patches(canvas[:1], patches, pos), batch_size=batch_size).expand(n)
+            pred = predict_labels(model, apply_patches(x, patches, pos), batch_size=batch_size)
             fooled = pred != clean
             match = pred == cls_canvas
             same += int(match.sum())
@@ -234,10 +229,10 @@ def latent_interpolation(model: nn.Module, gan: Any, x: torch.Tensor, *, points:
     ts = torch.linspace(0, 1, points)
     rates = []
     with eval_mode(model):
-        clean = _predict(model, x, batch_size)
+        clean = predict_labels(model, x, batch_size=batch_size)
         for t in ts:
             patch = gan.sample(1, z=(1 - t) * z0 + t * z1).to(device)
-            pred = _predict(model, apply_patches(x, patch, pos), batch_size)
+            pred = predict_labels(model, apply_patches(x, patch, pos), batch_size=batch_size)
             rates.append(float((pred != clean).float().mean()))
     return {"t": [round(float(t), 4) for t in ts], "fooling_rate": rates,
             "min": min(rates), "max": max(rates), "mean": sum(rates) / len(rates)}

@@ -46,13 +46,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.base import Attack, AttackResult, model_device
-from attacks.patch_analysis import ssim
-from attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
-from guard.cache import load_tensors, save_tensors
-from guard.data import Split
-from guard.features import FeatureExtractor, eval_mode
-from guard.validation import NotFittedError, check_float, check_images, check_int
+from guard.attacks.base import Attack, AttackResult, model_device
+from guard.attacks.patch_analysis import ssim
+from guard.attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
+from guard.core.cache import load_tensors, save_tensors
+from guard.core.data import Split
+from guard.core.features import FeatureExtractor
+from guard.core.models import eval_mode
+from guard.core.models import predict_labels
+from guard.core.validation import NotFittedError, check_float, check_images, check_int
 
 __all__ = ["PatchGAN", "PatchGenerator", "fooling_loss", "last_conv_layer", "as_images", "patch_fit_inputs"]
 
@@ -246,8 +248,8 @@ class PatchGAN(Attack):
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         with eval_mode(model):
-            y_tr = _predict(model, x_tr)
-            y_val = _predict(model, x_val) if n_val else None
+            y_tr = predict_labels(model, x_tr)
+            y_val = predict_labels(model, x_val) if n_val else None
             fx = FeatureExtractor(model, [layer]) if layer is not None else None
             # Fixed validation latents and positions so the checks are comparable.
             vgen = torch.Generator().manual_seed(self.seed + 1)
@@ -398,9 +400,3 @@ class PatchGAN(Attack):
 _INIT_KEYS = {"size", "alpha", "beta", "lr", "loss", "kappa", "steps", "batch_size", "latent_dim", "width", "feature_layer",
               "val_fraction", "eval_every", "patience", "max_seconds", "cap_d", "cap_p", "patch_distance", "seed", "progress"}
 
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    if x.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=x.device)
-    return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])

@@ -15,7 +15,7 @@ import numbers
 
 import torch
 
-from guard.validation import check_float, check_images, check_int
+from guard.core.validation import check_float, check_images, check_int
 
 __all__ = ["check_patch_size", "patch_side", "random_positions", "grid_positions", "apply_patches", "patch_mask"]
 

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.base import Attack, AttackResult
-from attacks.patching import apply_patches, patch_side, random_positions
-from guard.validation import check_float, check_int
+from guard.attacks.base import Attack, AttackResult
+from guard.attacks.patching import apply_patches, patch_side, random_positions
+from guard.core.validation import check_float, check_int
 
 __all__ = ["RandomPatch"]
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from guard.features import extract_features
-from guard.validation import check_images, check_int, check_labels
+from guard.core.features import extract_features
+from guard.core.validation import check_images, check_int, check_labels
 
 __all__ = [
     "distance_ratio",

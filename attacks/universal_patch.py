@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks.base import Attack, AttackResult
-from attacks.patch_gan import LOSSES, _predict, fooling_loss, patch_fit_inputs
-from attacks.patching import apply_patches, check_patch_size, random_positions
-from guard.features import eval_mode
-from guard.validation import NotFittedError, check_float, check_int
+from guard.attacks.base import Attack, AttackResult
+from guard.attacks.patch_gan import LOSSES, fooling_loss, patch_fit_inputs
+from guard.attacks.patching import apply_patches, check_patch_size, random_positions
+from guard.core.models import eval_mode, predict_labels
+from guard.core.validation import NotFittedError, check_float, check_int
 
 __all__ = ["UniversalPatch"]
 
@@ -82,8 +82,8 @@ class UniversalPatch(Attack):
         history: list[dict[str, float]] = []
         t0 = time.perf_counter()
         with eval_mode(model):
-            y_tr = _predict(model, x_tr)
-            y_val = _predict(model, x_val)
+            y_tr = predict_labels(model, x_tr)
+            y_val = predict_labels(model, x_val)
             num_classes = int(model(x_tr[:1]).shape[1]) if self.target is not None else 0
             if self.target is not None and self.target >= num_classes:
                 raise ValueError(f"target must be a class index in [0, {num_classes - 1}]; got {self.target}.")

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import guard
-from attacks.cppn import NUM_INPUTS, Genome, MutationRates, mutate, random_genome, render
-from attacks.fooling_evolution import FoolingEvolution
+from guard.attacks.cppn import NUM_INPUTS, Genome, MutationRates, mutate, random_genome, render
+from guard.attacks.fooling_evolution import FoolingEvolution
 
 _ACT = {
     "sine": math.sin,

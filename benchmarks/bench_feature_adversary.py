@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 import guard
-from attacks.feature_adversary import FeatureAdversary, sample_guides
-from attacks.representation import distance_ratio
-from guard.features import extract_features
+from guard.attacks.feature_adversary import FeatureAdversary, sample_guides
+from guard.attacks.representation import distance_ratio
+from guard.core.features import extract_features
 
 
 def dr(model: nn.Module, layer: str, adv: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,9 @@ def main() -> int:
             import torch
 
             import guard
-            from guard.cache import save_tensors
-            from guard.models import DemoNet
-            from training.classifier import train_classifier
+            from guard.core.cache import save_tensors
+            from guard.core.models import DemoNet
+            from guard.training.classifier import train_classifier
 
             torch.set_num_threads(1)
             train, _ = guard.demo_data()

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
-from detectors.knn import build_index, knn_search  # noqa: E402
+from guard.detectors.knn import build_index, knn_search  # noqa: E402
 
 
 def _time(fn, repeat: int = 1) -> tuple[float, object]:

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import guard  # noqa: E402
-from export import load_session, to_onnx  # noqa: E402
+from guard.export import load_session, to_onnx  # noqa: E402
 
 
 def paired_median_ms(fa, fb, reps: int) -> tuple[float, float]:

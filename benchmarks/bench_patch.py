@@ -35,11 +35,11 @@ def main() -> None:
     from art.estimators.classification import PyTorchClassifier
 
     import guard
-    from attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
-    from attacks.patch_gan import PatchGAN
-    from attacks.patching import patch_side
-    from attacks.universal_patch import UniversalPatch
-    from guard.audit_patches import GAN_AUDIT_KWARGS
+    from guard.attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
+    from guard.attacks.patch_gan import PatchGAN
+    from guard.attacks.patching import patch_side
+    from guard.attacks.universal_patch import UniversalPatch
+    from guard.audit.patches import GAN_AUDIT_KWARGS
 
     model = guard.demo_model(progress=False).eval()
     train, test = guard.demo_data()

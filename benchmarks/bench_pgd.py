@@ -29,7 +29,7 @@ def main() -> None:
     import torchattacks
 
     import guard
-    from attacks.gradient import LinfPGD
+    from guard.attacks.gradient import LinfPGD
 
     model = guard.demo_model(progress=False).eval()
     _, test = guard.demo_data()

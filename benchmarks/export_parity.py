@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import guard  # noqa: E402
-from attacks.gradient import FGSM, LinfPGD  # noqa: E402
-from export import compare_with_guarded, load_session, to_onnx  # noqa: E402
-from export.adapters import head_from  # noqa: E402
+from guard.attacks.gradient import FGSM, LinfPGD  # noqa: E402
+from guard.export import compare_with_guarded, load_session, to_onnx  # noqa: E402
+from guard.export.adapters import head_from  # noqa: E402
 
 
 def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split, prefix: str = "") -> guard.GuardedModel:
@@ -70,20 +70,18 @@ def main() -> int:
     g = _guarded(model, train, test)
     results = {"guarded": check("guarded", g, test, model, args.n_pgd)}
     if args.audit_step:
-        from guard.audit import AuditContext, AuditOptions
-        from guard.audit_export import run
+        from guard.audit import AttackSet, AuditContext, AuditOptions, step
 
         ctx = AuditContext(model=model, model_name="demo", train=train, test=test, data_source="demo",
                            out=Path(tempfile.mkdtemp()), options=AuditOptions(progress=False))
-        ctx.shared["guarded"] = g
-        ctx.shared["attack_results"] = {"fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
-                                        "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500])}
+        attacks = AttackSet({"fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
+                             "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500])})
         t0 = time.perf_counter()
-        run(ctx)
+        step("export").run(ctx, guarded=g, attacks=attacks)
         results["audit_step"] = {"seconds": round(time.perf_counter() - t0, 1), "report": ctx.report["export"]}
     if args.hardened:
-        from training.harden import harden
-        from training.round_attacks import AttackBudget
+        from guard.training.harden import harden
+        from guard.training.round_attacks import AttackBudget
 
         t0 = time.perf_counter()
         res = harden(model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0)

@@ -17,8 +17,8 @@ import time
 import torch
 
 import guard
-from attacks.representation import representation_report
-from guard.audit_features import _pick, feature_curves
+from guard.attacks.representation import representation_report
+from guard.audit.features import _pick, feature_curves
 
 
 def main() -> None:
@@ -42,7 +42,7 @@ def main() -> None:
             for delta, r in by_delta.items():
                 d = r["distance_ratio"]
                 print(f"| {layer} | {variant} | {delta} | {r['guide_label_agreement']:.2f} | {d['median']:.3f} | {d['p10']:.3f} | {d['p90']:.3f} | {r['seconds']:.1f} |")
-    from attacks.feature_adversary import FeatureAdversary
+    from guard.attacks.feature_adversary import FeatureAdversary
 
     src, gid = _pick(test, args.n, args.seed)
     print("\n| layer | delta | 3-NN intersection mean | rank diff median (p10, p90) | rank adv median | rank guide median | IoU(adv, guide) | IoU(adv, source) | IoU(source, guide)* |")

@@ -17,10 +17,10 @@ import time
 import torch
 
 import guard
-from attacks.fooling_evolution import FoolingEvolution, transfer_check
-from attacks.fooling_gradient import FoolingGradient
-from guard.models import DemoNet
-from training.classifier import train_classifier
+from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
+from guard.attacks.fooling_gradient import FoolingGradient
+from guard.core.models import DemoNet
+from guard.training.classifier import train_classifier
 
 
 def main() -> None:

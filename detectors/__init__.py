@@ -6,12 +6,12 @@ higher = more suspicious, ``calibrate(clean, fpr)`` -> ``threshold_``, ``predict
 safe ``save`` / ``load`` (safetensors + JSON, integrity-checked).
 """
 
-from detectors.base import Detector, FeatureDetector
-from detectors.combined import Combined
-from detectors.knn import KNNConsistency, KNNRank
-from detectors.ppca import PPCAManifold
-from detectors.saliency import SaliencyConcentration
-from detectors.squeeze import BitDepthSqueeze
+from guard.detectors.base import Detector, FeatureDetector
+from guard.detectors.combined import Combined
+from guard.detectors.knn import KNNConsistency, KNNRank
+from guard.detectors.ppca import PPCAManifold
+from guard.detectors.saliency import SaliencyConcentration
+from guard.detectors.squeeze import BitDepthSqueeze
 
 __all__ = [
     "BitDepthSqueeze",

@@ -50,7 +50,7 @@ Fitted state (all plain float32 / int64 torch tensors, for the ONNX exporter):
   (NaN scores count as +inf: fail closed); ``threshold_``.
 * ``GuardedModel``: ``.model``, ``.detectors`` (dict name -> detector), ``.combined``.
 
-Saved files are safetensors plus JSON metadata (guard.cache) holding the class name, the
+Saved files are safetensors plus JSON metadata (guard.core.cache) holding the class name, the
 parameters and a SHA-256 of every tensor; ``load`` recomputes it and raises ValueError when the
 file was altered.
 """
@@ -65,8 +65,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from guard.cache import load_tensors, save_tensors
-from guard.validation import NotFittedError, check_images, check_probability
+from guard.core.cache import load_tensors, save_tensors
+from guard.core.validation import NotFittedError, check_images, check_probability
 
 __all__ = ["Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict"]
 
@@ -279,8 +279,8 @@ class FeatureDetector(Detector):
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 512) -> "FeatureDetector":
         """Extract the features of clean ``x`` and fit on them (``y``: labels; default the model's)."""
-        from guard.features import extract_features
-        from guard.validation import check_labels
+        from guard.core.features import extract_features
+        from guard.core.validation import check_labels
 
         check_images(x, "x")
         logits, feats = extract_features(model, x, self.feature_layers, batch_size=batch_size)
@@ -288,7 +288,7 @@ class FeatureDetector(Detector):
         return self.fit_features(feats, labels)
 
     def score(self, model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-        from guard.features import extract_features
+        from guard.core.features import extract_features
 
         self._check_fitted()
         check_images(x, "x")
@@ -297,7 +297,7 @@ class FeatureDetector(Detector):
 
 
 def _registry() -> dict[str, type[Detector]]:
-    import detectors  # noqa: F401  (registers the subclasses)
+    import guard.detectors  # noqa: F401  (registers the subclasses)
 
     out: dict[str, type[Detector]] = {}
     stack = list(Detector.__subclasses__())

@@ -17,8 +17,8 @@ from typing import ClassVar, Mapping
 
 import torch
 
-from detectors.base import Detector, quantile_threshold
-from guard.validation import check_probability
+from guard.detectors.base import Detector, quantile_threshold
+from guard.core.validation import check_probability
 
 __all__ = ["Combined"]
 

@@ -21,8 +21,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 
-from detectors.base import FeatureDetector, as_feature_dict
-from guard.validation import check_int, check_labels
+from guard.detectors.base import FeatureDetector, as_feature_dict
+from guard.core.validation import check_int, check_labels
 
 __all__ = ["KNNRank", "KNNConsistency", "build_index", "knn_search"]
 

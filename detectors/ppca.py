@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from detectors.base import FeatureDetector, as_feature_dict
-from guard.validation import check_float, check_int, check_labels
+from guard.detectors.base import FeatureDetector, as_feature_dict
+from guard.core.validation import check_float, check_int, check_labels
 
 __all__ = ["PPCAManifold"]
 

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detectors.base import Detector
-from guard.features import eval_mode, get_layer
-from guard.validation import check_float, check_images, check_int
+from guard.detectors.base import Detector
+from guard.core.features import get_layer
+from guard.core.models import eval_mode
+from guard.core.validation import check_float, check_images, check_int
 
 __all__ = ["SaliencyConcentration", "window_share", "topk_share"]
 

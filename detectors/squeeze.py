@@ -18,9 +18,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from detectors.base import Detector
-from guard.features import eval_mode
-from guard.validation import check_images, check_int
+from guard.detectors.base import Detector
+from guard.core.models import eval_mode
+from guard.core.validation import check_images, check_int
 
 __all__ = ["BitDepthSqueeze", "squeeze_bits"]
 

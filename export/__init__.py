@@ -2,16 +2,16 @@
 
 Example::
 
-    from export import to_onnx, load_session
+    from guard.export import to_onnx, load_session
     report = to_onnx(guarded, "model.onnx", test.x[:8])
     sess = load_session("model.onnx", device="cpu")
     out = sess.run(test.x[:4])          # {"logits": ..., "knn_score": ..., "flag": ...}
 """
 
-from export.onnx_graph import ExportHead
-from export.parity import ParityReport, check_parity, compare_with_guarded
-from export.session import GuardSession, ProviderError, SessionReport, load_session
-from export.to_onnx import ExportError, ExportReport, to_onnx
+from guard.export.onnx_graph import ExportHead
+from guard.export.parity import ParityReport, check_parity, compare_with_guarded
+from guard.export.session import GuardSession, ProviderError, SessionReport, load_session
+from guard.export.to_onnx import ExportError, ExportReport, to_onnx
 
 __all__ = [
     "ExportError",

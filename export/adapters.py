@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.onnx_graph import CombinedHead, ExportHead, KNNConsistencyHead, KNNHead, KNNRankHead, PPCAHead, SaliencyHead, head_chain
+from guard.export.onnx_graph import CombinedHead, ExportHead, KNNConsistencyHead, KNNHead, KNNRankHead, PPCAHead, SaliencyHead, head_chain
 
 __all__ = ["head_from", "reject_index_of"]
 
@@ -42,7 +42,7 @@ def head_from(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = T
         ValueError: a detector that the combined flag needs cannot be exported, or the
             GuardedModel is not calibrated.
     """
-    from detectors import Combined, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
+    from guard.detectors import Combined, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
 
     notes: dict[str, Any] = {"exported": [], "left_out": {}}
     if not (hasattr(obj, "detectors") and hasattr(obj, "model")):

@@ -49,8 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.features import eval_mode, get_layer
-from guard.models import Normalize
+from guard.core.features import get_layer
+
+from guard.core.models import eval_mode
+from guard.core.models import Normalize
 
 __all__ = [
     "ExportHead",

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from guard.features import eval_mode
+from guard.core.models import eval_mode
 
 __all__ = ["check_parity", "compare_outputs", "compare_with_guarded", "run_reference", "run_session", "ParityReport",
            "DEFAULT_TOLERANCES"]
@@ -173,7 +173,7 @@ def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *
         batch_sizes: batch sizes tried.
         tolerances: per-output (atol, rtol) overriding :data:`DEFAULT_TOLERANCES`.
     """
-    from export.session import GuardSession, load_session
+    from guard.export.session import GuardSession, load_session
 
     sess = session_or_path if isinstance(session_or_path, GuardSession) else load_session(session_or_path, "cpu")
     thresholds = dict(getattr(head, "thresholds", {}))
@@ -234,7 +234,7 @@ def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_s
     knn = next((d for d in guarded.detectors.values() if type(d).__name__ == "KNNRank"), None)
     if knn is not None and "knn_distance" in got:
         # the mean distance FAISS returns (before the rank's step function), part by part
-        from guard.features import extract_features
+        from guard.core.features import extract_features
 
         parts = list(knn.parts_.values()) if getattr(knn, "multi", False) else [knn]
         _, feats = extract_features(guarded.model, x, [p.layer for p in parts])

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from export.onnx_graph import ExportHead
-from guard.features import eval_mode
-from guard.validation import check_images, check_int
+from guard.export.onnx_graph import ExportHead
+from guard.core.models import eval_mode
+from guard.core.validation import check_images, check_int
 
 __all__ = ["to_onnx", "ExportReport", "build_export_head", "ExportError"]
 
@@ -101,7 +101,7 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, saliency: bool |
     Delegates to :mod:`export.adapters`, which reads the detectors' fitted state. A model with
     weights off the CPU is exported from a CPU copy, so the caller's model never moves.
     """
-    from export.adapters import head_from
+    from guard.export.adapters import head_from
 
     model = obj.model if (hasattr(obj, "detectors") and hasattr(obj, "model")) else obj
     tensors = [*model.parameters(), *model.buffers()]
@@ -236,7 +236,7 @@ def to_onnx(
         seconds=0.0, versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     )
     if parity_inputs is not None:
-        from export.parity import check_parity
+        from guard.export.parity import check_parity
 
         report.parity = check_parity(head, out, parity_inputs).to_dict()
     report.seconds = round(time.perf_counter() - t0, 3)

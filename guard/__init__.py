@@ -5,60 +5,50 @@ Everyday use::
     import guard
     model = guard.demo_model()
     train, test = guard.demo_data()
+    guarded = guard.wrap(model).fit(train).calibrate(test.x[:1000], fpr=0.05)
+
+The parts live in one namespace: ``guard.attacks``, ``guard.detectors``, ``guard.training``,
+``guard.export`` and the shared foundation ``guard.core``. This module only re-exports the
+names people use every day; heavy third-party libraries (FAISS, Captum, onnxruntime, pyribs)
+are imported when first used.
 """
 
 from __future__ import annotations
 
-from guard.data import Split, demo_data, load_data
+from guard._version import __version__
+from guard.core.data import Split, demo_data, load_data
+from guard.core.features import FeatureExtractor, extract_features, get_layer, layer_names
+from guard.core.models import DemoNet, Normalize, Normalized, load_model
+from guard.core.validation import NotFittedError, check_images
 from guard.demo import demo_model
-from guard.features import FeatureExtractor, extract_features, get_layer, layer_names
-from guard.models import DemoNet, Normalize, Normalized, load_model
-from guard.validation import NotFittedError, check_images
-
-__version__ = "0.1.0"
+from guard.evaluation import evaluate
+from guard.export import load_session, to_onnx
+from guard.guarded import GuardedModel, GuardedOutput, wrap
+from guard.training import HardenResult, RejectClassifier, harden
 
 __all__ = [
+    "__version__",
     "DemoNet",
     "FeatureExtractor",
+    "GuardedModel",
+    "GuardedOutput",
+    "HardenResult",
     "NotFittedError",
     "Normalize",
     "Normalized",
+    "RejectClassifier",
     "Split",
     "check_images",
     "demo_data",
     "demo_model",
+    "evaluate",
     "extract_features",
     "get_layer",
+    "harden",
     "layer_names",
     "load_data",
     "load_model",
-    "harden",
-    "RejectClassifier",
-    "wrap",
-    "GuardedModel",
-    "evaluate",
-    "to_onnx",
     "load_session",
+    "to_onnx",
+    "wrap",
 ]
-
-
-def __getattr__(name: str):
-    # Lazy: ``training`` imports ``attacks``; ``import guard`` stays light.
-    if name in ("harden", "RejectClassifier", "HardenResult"):
-        import training
-
-        return getattr(training, name)
-    if name in ("wrap", "GuardedModel", "GuardedOutput"):
-        # Lazy: guard.guarded imports ``detectors``, which imports guard's submodules.
-        from guard import guarded
-
-        return getattr(guarded, name)
-    if name == "evaluate":
-        from guard.evaluation import evaluate
-
-        return evaluate
-    if name in ("to_onnx", "load_session"):
-        import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module 'guard' has no attribute {name!r}")

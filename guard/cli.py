@@ -27,7 +27,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="attack, detect, harden and export a model; write OUT/report.json",
-        description="Run every capability on a model and write OUT/report.json (see DESIGN.md for the keys). "
+        description="Run every capability on a model and write OUT/report.json (its keys are documented in the README, section \"report.json\"). "
         "With --demo: the embedded MNIST split and the cached demo LeNet.",
     )
     _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
@@ -121,10 +121,10 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import guard
-    from guard.audit_harden import harden_section
-    from guard.cache import atomic_write_text, save_tensors
-    from training.harden import harden
-    from training.round_attacks import DEFAULT_ATTACKS, AttackBudget
+    from guard.audit.harden import harden_section
+    from guard.core.cache import atomic_write_text, save_tensors
+    from guard.training.harden import harden
+    from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget
 
     if args.model is not None:
         model, train, test = _user_model_and_data(args)
@@ -140,7 +140,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     out = Path(args.out)
     attacks = [a for a in args.attacks.split(",") if a.strip()] if args.attacks is not None else list(DEFAULT_ATTACKS)
     budget = AttackBudget.quick() if args.budget == "quick" else AttackBudget()
-    from training.distributed import init_from_env, world
+    from guard.training.distributed import init_from_env, world
 
     created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
     rank = world()[0]
@@ -202,7 +202,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     import guard
-    from export import to_onnx
+    from guard.export import to_onnx
 
     model = guard.load_model(args.model) if args.model is not None else guard.demo_model(progress=False)
     try:

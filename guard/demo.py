@@ -10,9 +10,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from guard.cache import cache_dir, load_tensors, save_tensors
-from guard.data import DEMO_SEED, demo_data, demo_data_digest
-from guard.models import DemoNet
+from guard.core.cache import cache_dir, load_tensors, save_tensors
+from guard.core.data import DEMO_SEED, demo_data, demo_data_digest
+from guard.core.models import DemoNet, accuracy
+from guard.training.classifier import train_classifier
 
 __all__ = ["demo_model", "demo_model_key", "shift_augment"]
 
@@ -53,8 +54,6 @@ def demo_model(*, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: b
         A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
         a cache hit.
     """
-    from training.classifier import accuracy, train_classifier
-
     key = demo_model_key(seed)
     path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
     model = DemoNet()

@@ -15,8 +15,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from guard.data import Split
-from guard.validation import check_images
+from guard.core.data import Split
+from guard.core.validation import check_images
 
 __all__ = ["evaluate", "detection_metrics", "tpr_at_fpr"]
 

@@ -1,7 +1,7 @@
 """``guard.wrap(model)`` -> a GuardedModel: logits, per-detector scores and a calibrated flag.
 
 One forward pass of the wrapped model collects the logits and the features every feature
-detector needs (hooks, :class:`guard.features.FeatureExtractor`); input-level detectors
+detector needs (hooks, :class:`guard.core.features.FeatureExtractor`); input-level detectors
 (saliency) add one backward pass. The combined flag is the max of robustly standardised
 scores, calibrated on clean held-out data to a target false-positive rate
 (:class:`detectors.Combined`). Fails closed: a detector that raises at serving time gives
@@ -27,12 +27,13 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from detectors import BitDepthSqueeze, Combined, Detector, FeatureDetector, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
-from guard.cache import atomic_write_text
-from guard.data import Split, load_data
-from guard.features import FeatureExtractor, eval_mode
-from guard.models import find_head
-from guard.validation import NotFittedError, check_images, check_int, check_probability
+from guard.detectors import BitDepthSqueeze, Combined, Detector, FeatureDetector, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
+from guard.core.cache import atomic_write_text
+from guard.core.data import Split, load_data
+from guard.core.features import FeatureExtractor
+from guard.core.models import eval_mode
+from guard.core.features import find_head
+from guard.core.validation import NotFittedError, check_images, check_int, check_probability
 
 __all__ = ["wrap", "GuardedModel", "GuardedOutput", "default_layers"]
 
@@ -65,7 +66,7 @@ def default_layers(model: nn.Module) -> list[str]:
     For the demo net: ``["conv1", "conv2", "fc1"]``. :func:`wrap` gives the last two to
     KNNRank and KNNConsistency and the last one (the head's input) to PPCAManifold.
     """
-    from guard.models import Normalize
+    from guard.core.models import Normalize
 
     head, _ = find_head(model)
     parent_name, _, head_leaf = head.rpartition(".")
@@ -189,7 +190,7 @@ class GuardedModel(nn.Module):
         else:
             split = load_data((data, y) if isinstance(data, torch.Tensor) else data, "data")
             x, labels = split.x, split.y
-        from guard.features import extract_features
+        from guard.core.features import extract_features
 
         layers = self.feature_layers
         if layers:
@@ -311,7 +312,7 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
         layers = [layers] if isinstance(layers, str) else list(layers)
         if not layers:
             raise ValueError("layers must name at least one layer; got an empty list.")
-        from guard.features import get_layer
+        from guard.core.features import get_layer
 
         for lay in layers:
             get_layer(model, lay)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import guard
-from guard.models import DemoNet
-from training.classifier import train_classifier
+from guard.core.models import DemoNet
+from guard.training.classifier import train_classifier
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

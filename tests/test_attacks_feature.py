@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.feature_adversary import VARIANTS, FeatureAdversary, feature_objective, sample_guides
-from attacks.representation import active_units, distance_ratio, knn_rank_analysis, label_agreement, representation_report
+from guard.attacks.feature_adversary import VARIANTS, FeatureAdversary, feature_objective, sample_guides
+from guard.attacks.representation import active_units, distance_ratio, knn_rank_analysis, label_agreement, representation_report
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +75,7 @@ def test_fgrad_is_one_signed_step_projected(tiny_model, pairs):
 def test_gradient_matches_finite_differences(tiny_model, pairs):
     x, _, g = pairs
     model = copy.deepcopy(tiny_model).double()
-    from guard.features import extract_features
+    from guard.core.features import extract_features
 
     _, fg = extract_features(model, g[:2].double(), ["conv2"])
     fun = feature_objective(model, "conv2", fg["conv2"], tuple(x[:2].shape))
@@ -178,11 +178,11 @@ def test_knn_rank_analysis_identity_and_outlier():
 
 
 def test_audit_step_quick(tiny_model, demo_split, tmp_path):
-    from guard.audit import AuditOptions, run_audit
+    from guard.audit import AuditOptions, run_audit, step
 
     train, test = demo_split
     opts = AuditOptions(quick=True, progress=False, extra={"feature_n": 12})
-    report = run_audit(tiny_model, train, test, tmp_path, options=opts, steps=[("attacks_features", "guard.audit_features:run")])
+    report = run_audit(tiny_model, train, test, tmp_path, options=opts, steps=[step("attacks_features")])
     e = report["attacks"]["feature_adversary"]
     assert e["n"] == 12 and 0.0 <= e["success_rate"] <= 1.0
     assert e["linf_max"] <= e["delta"] + 1e-6

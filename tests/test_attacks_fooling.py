@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.cppn import ACTIVATIONS, Genome, MutationRates, mutate, random_genome, render
-from attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial_mutation, transfer_check
-from attacks.fooling_gradient import FoolingGradient
+from guard.attacks.cppn import ACTIVATIONS, Genome, MutationRates, mutate, random_genome, render
+from guard.attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial_mutation, transfer_check
+from guard.attacks.fooling_gradient import FoolingGradient
 
 
 @pytest.fixture(autouse=True)
@@ -213,17 +213,17 @@ def test_transfer_check_same_model_agrees(tiny_model):
 
 
 def test_audit_step_quick(tiny_model, demo_split, tmp_path):
-    from guard.audit import AuditContext, AuditOptions, _resolve
-    from guard.data import Split
+    from guard.audit import AuditContext, AuditOptions, step
+    from guard.core.data import Split
 
     train, test = demo_split
     ctx = AuditContext(model=tiny_model, model_name="tiny", train=Split(train.x[:1000], train.y[:1000]), test=test,
                        data_source="test", out=tmp_path, options=AuditOptions(quick=True, progress=False))
-    _resolve("guard.audit_fooling:run")(ctx)
+    given = step("attacks_fooling").run(ctx)
     for name in ("fooling_gradient", "fooling_direct", "fooling_cppn"):
         e = ctx.report["attacks"][name]
         assert 0.0 <= e["success_rate"] <= 1.0 and e["n"] >= 10
         assert {"median_confidence", "generations", "seconds", "transfer"} <= set(e)
-        res = ctx.shared["attack_results"][name]
+        res = given.results[name]
         assert torch.equal(res.success, res.extras["confidence"] >= 0.9999)
         assert (tmp_path / "artifacts" / f"attack_{name}.safetensors").is_file()

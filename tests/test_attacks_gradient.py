@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.gradient import FGSM, L2PGD, LinfPGD, PGD
+from guard.attacks.gradient import FGSM, L2PGD, LinfPGD, PGD
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
+from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
                                     patch_sampler, psnr, ssim)
-from attacks.patch_gan import PatchGAN, PatchGenerator, fooling_loss
-from attacks.patching import apply_patches, grid_positions, patch_mask, patch_side, random_positions
-from attacks.random_patch import RandomPatch
-from attacks.universal_patch import UniversalPatch
-from guard.validation import NotFittedError
+from guard.attacks.patch_gan import PatchGAN, PatchGenerator, fooling_loss
+from guard.attacks.patching import apply_patches, grid_positions, patch_mask, patch_side, random_positions
+from guard.attacks.random_patch import RandomPatch
+from guard.attacks.universal_patch import UniversalPatch
+from guard.core.validation import NotFittedError
 
 
 # ---------------------------------------------------------------- placement

@@ -6,9 +6,7 @@ import json
 
 import torch
 
-import guard.audit_gradient as ag
-import guard.audit_patches as ap
-from guard.audit import AuditContext, AuditOptions
+from guard.audit import AuditContext, AuditOptions, step
 
 
 def test_quick_audit_steps(tiny_model, small_split, tmp_path):
@@ -16,14 +14,13 @@ def test_quick_audit_steps(tiny_model, small_split, tmp_path):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     ctx = AuditContext(model=tiny_model, model_name="tiny", train=train, test=test, data_source="test", out=tmp_path,
                        options=AuditOptions(quick=True, progress=False, repetitions=2))
-    ag.run(ctx)
-    ap.run(ctx)
+    given = step("attacks_gradient").run(ctx).merged(step("attacks_patches").run(ctx))
     ctx.save_report()
     attacks = json.loads((tmp_path / "report.json").read_text())["attacks"]
     for name in ("fgsm", "pgd", "patch_gan", "universal_patch", "random_patch"):
         entry = attacks[name]
         assert 0.0 <= entry["success_rate"] <= 1.0 and entry["n"] > 0 and entry["seconds"] >= 0 and isinstance(entry["params"], dict)
-        res = ctx.shared["attack_results"][name]
+        res = given.results[name]
         idx = res.extras["test_index"]
         assert res.x_adv.shape == test.x[idx].shape and res.success.shape == idx.shape
         assert abs(entry["success_rate"] - float(res.success.float().mean())) < 1e-6
@@ -35,7 +32,7 @@ def test_quick_audit_steps(tiny_model, small_split, tmp_path):
         curve = attacks[name]["curve"]
         assert len(curve) >= 2 and [p["area"] for p in curve] == sorted(p["area"] for p in curve)
         assert all(len(p["rates"]) == 2 and p["std"] >= 0 for p in curve)
-        res = ctx.shared["attack_results"][name]
+        res = given.results[name]
         idx = res.extras["test_index"]
         changed = (res.x_adv != test.x[idx]).flatten(1).sum(1)
         assert int(changed.max()) <= attacks[name]["side"] ** 2  # only the patch region changes

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from guard.audit import run_audit
+from guard.audit import Step, run_audit, step
 from guard.cli import main
 
 
@@ -26,7 +26,7 @@ def test_audit_model_section_with_user_folder(tmp_path, tiny_model, capsys):
     """`guard audit --model FILE --data DIR`: a user's TorchScript model on an image folder."""
     from PIL import Image
 
-    from guard.data import demo_data
+    from guard.core.data import demo_data
 
     _, test = demo_data()
     for i in range(40):
@@ -54,20 +54,31 @@ def test_audit_model_section_with_user_folder(tmp_path, tiny_model, capsys):
 def test_audit_resume_skips_completed_steps(tmp_path, tiny_model, small_split):
     train, test = small_split
     calls = []
-    import guard.audit_model as am
 
-    steps = [("model", "guard.audit_model:run"), ("missing", "guard.no_such_step:run")]
+    class Counting(Step):
+        name = "model"
+
+        def run(self, ctx):
+            calls.append(1)
+            step("model").run(ctx)
+
+    class Failing(Step):
+        name = "broken"
+
+        def run(self, ctx):
+            raise RuntimeError("boom")
+
+    steps = [Counting(), Failing()]
     rep = run_audit(tiny_model, train, test, tmp_path, steps=steps)
-    assert rep["_completed_steps"] == ["model"]
-    real = am.run
-    am.run = lambda ctx: calls.append(1) or real(ctx)
-    try:
-        run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=True)
-        assert calls == []  # not recomputed
-        run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=False)
-        assert calls == [1]
-    finally:
-        am.run = real
+    assert rep["_completed_steps"] == ["model"] and rep["errors"] == {"broken": "RuntimeError: boom"}
+    run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=True)
+    assert calls == [1]  # not recomputed
+    run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=False)
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="twice"):
+        run_audit(tiny_model, train, test, tmp_path, steps=[Counting(), Counting()])
+    with pytest.raises(TypeError, match="Step instances"):
+        run_audit(tiny_model, train, test, tmp_path, steps=[("model", "guard.audit.model:run")])
     (tmp_path / "report.json").write_text("{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
         run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=True)
@@ -75,38 +86,29 @@ def test_audit_resume_skips_completed_steps(tmp_path, tiny_model, small_split):
 
 @pytest.mark.slow
 def test_demo_audit_model_section(tmp_path, demo_net):
-    from guard.data import demo_data
+    from guard.core.data import demo_data
 
     train, test = demo_data()
-    rep = run_audit(demo_net, train, test, tmp_path, steps=[("model", "guard.audit_model:run")])
+    rep = run_audit(demo_net, train, test, tmp_path, steps=[step("model")])
     assert rep["model"]["num_classes"] == 10 and rep["model"]["clean_accuracy"] >= 0.98
     assert rep["model"]["data"] == {"source": "user data", "train": 8000, "test": 2000}
 
 
 def test_skipped_step_runs_on_resume_when_enabled(tmp_path, tiny_model, small_split):
-    """A step skipped by an option (returns False) is not marked complete."""
-    import types
-
+    """A step skipped by an option is not marked complete, so a resume with the option runs it."""
     from guard.audit import AuditOptions
 
-    mod = types.ModuleType("guard_test_optional_step")
+    class Optional(Step):
+        name = "opt"
 
-    def step(ctx):
-        if not ctx.options.harden:
-            ctx.report["opt"] = {"skipped": True}
-            return False
-        ctx.report["opt"] = {"ran": True}
+        def skip_reason(self, ctx):
+            return None if ctx.options.harden else "needs --harden"
 
-    mod.run = step
-    import sys
+        def run(self, ctx):
+            ctx.report["opt"] = {"ran": True}
 
-    sys.modules[mod.__name__] = mod
-    try:
-        steps = [("opt", f"{mod.__name__}:run")]
-        train, test = small_split
-        rep = run_audit(tiny_model, train, test, tmp_path, steps=steps)
-        assert rep["opt"] == {"skipped": True} and "opt" not in rep["_completed_steps"]
-        rep = run_audit(tiny_model, train, test, tmp_path, steps=steps, resume=True, options=AuditOptions(harden=True))
-        assert rep["opt"] == {"ran": True} and rep["_completed_steps"] == ["opt"]
-    finally:
-        del sys.modules[mod.__name__]
+    train, test = small_split
+    rep = run_audit(tiny_model, train, test, tmp_path, steps=[Optional()])
+    assert rep["skipped"] == {"opt": "needs --harden"} and "opt" not in rep["_completed_steps"] and "opt" not in rep
+    rep = run_audit(tiny_model, train, test, tmp_path, steps=[Optional()], resume=True, options=AuditOptions(harden=True))
+    assert rep["opt"] == {"ran": True} and rep["_completed_steps"] == ["opt"] and "skipped" not in rep

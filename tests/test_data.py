@@ -3,7 +3,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from guard.data import demo_data, load_data
+from guard.core.data import demo_data, load_data
 
 
 def test_split_sizes_types_and_disjointness(demo_split):

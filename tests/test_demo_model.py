@@ -2,9 +2,9 @@ import pytest
 import torch
 
 import guard
-import training.classifier as tc
+import guard.training.classifier as tc
 from guard import demo as demo_mod
-from guard.models import DemoNet
+from guard.core.models import DemoNet
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def fake_training(monkeypatch, tmp_path):
         kw.update(epochs=1)
         return real(model, x[:256], y[:256], **kw)
 
-    monkeypatch.setattr(tc, "train_classifier", quick)
+    monkeypatch.setattr(demo_mod, "train_classifier", quick)
     return calls
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detectors import KNNConsistency, KNNRank
-from guard.validation import NotFittedError
+from guard.detectors import KNNConsistency, KNNRank
+from guard.core.validation import NotFittedError
 
 
 def _blobs(n: int = 300, d: int = 16, c: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

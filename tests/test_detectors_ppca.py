@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detectors import PPCAManifold
-from guard.validation import NotFittedError
+from guard.detectors import PPCAManifold
+from guard.core.validation import NotFittedError
 
 
 def _data(n: int = 400, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

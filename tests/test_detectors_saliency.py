@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from detectors import SaliencyConcentration
-from detectors.saliency import topk_share, window_share
-from guard.validation import NotFittedError
+from guard.detectors import SaliencyConcentration
+from guard.detectors.saliency import topk_share, window_share
+from guard.core.validation import NotFittedError
 
 
 def test_window_share_exact() -> None:
@@ -72,8 +72,8 @@ def test_bad_inputs(tiny_model) -> None:
 
 
 def test_bit_depth_squeeze_undoes_small_linf_noise(tiny_model, small_split) -> None:
-    from detectors import BitDepthSqueeze
-    from detectors.squeeze import squeeze_bits
+    from guard.detectors import BitDepthSqueeze
+    from guard.detectors.squeeze import squeeze_bits
 
     _, test = small_split
     x = (test.x[:32] > 0.5).float()  # already 1-bit: the squeeze is the identity

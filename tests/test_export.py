@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 import guard
-from detectors import SaliencyConcentration
-from export import ExportError, ProviderError, compare_with_guarded, load_session, to_onnx
-from export.adapters import head_from
-from export.onnx_graph import SaliencyHead, head_chain
-from guard.features import FeatureExtractor
+from guard.detectors import SaliencyConcentration
+from guard.export import ExportError, ProviderError, compare_with_guarded, load_session, to_onnx
+from guard.export.adapters import head_from
+from guard.export.onnx_graph import SaliencyHead, head_chain
+from guard.core.features import FeatureExtractor
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -136,7 +136,7 @@ def test_unexportable_model_names_the_op(tmp_path):
 
 
 def test_plain_model_opset_and_hardened_reject_output(tiny_model, small_split, tmp_path):
-    from training.reject import RejectClassifier, grow_head
+    from guard.training.reject import RejectClassifier, grow_head
 
     _, test = small_split
     net, head_name = grow_head(tiny_model)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import guard
-from attacks.gradient import FGSM
-from guard.audit import AuditContext, AuditOptions
-from guard.audit_export import run
+from guard.attacks.gradient import FGSM
+from guard.audit import AttackSet, AuditContext, AuditOptions, run_audit, step
 
 
 def _ctx(model, small_split, tmp_path, **opts) -> AuditContext:
@@ -23,9 +22,10 @@ def _ctx(model, small_split, tmp_path, **opts) -> AuditContext:
 
 
 def test_export_step_skipped_without_option(tiny_model, small_split, tmp_path):
-    ctx = _ctx(tiny_model, small_split, tmp_path, export=False)
-    run(ctx)
-    assert "export" not in ctx.report and not (tmp_path / "model.onnx").exists()
+    train, test = small_split
+    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False, export=False),
+                    steps=[step("export")])
+    assert "export" not in rep and "export" in rep["skipped"] and not (tmp_path / "model.onnx").exists()
 
 
 @pytest.mark.slow
@@ -34,10 +34,9 @@ def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
     ctx = _ctx(tiny_model, small_split, tmp_path)
     g = guard.wrap(tiny_model, ["knn", "ppca", "saliency"]).fit(train)
     g.calibrate(test.x[:128])
-    ctx.shared["guarded"] = g
-    ctx.shared["attack_results"] = {"fgsm": FGSM(eps=0.3)(tiny_model, test.x[:32], test.y[:32])}
+    attacks = AttackSet({"fgsm": FGSM(eps=0.3)(tiny_model, test.x[:32], test.y[:32])})
     t0 = time.perf_counter()
-    run(ctx)
+    step("export").run(ctx, guarded=g, attacks=attacks)
     seconds = time.perf_counter() - t0
     sec = ctx.report["export"]
     assert (tmp_path / "model.onnx").is_file() and sec["path"] == str(tmp_path / "model.onnx")
@@ -53,7 +52,7 @@ def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
 
 @pytest.mark.slow
 def test_fp16_backbone_keeps_heads_in_fp32(tiny_model, small_split, tmp_path):
-    from export import load_session, to_onnx
+    from guard.export import load_session, to_onnx
 
     train, test = small_split
     g = guard.wrap(tiny_model, ["knn", "ppca"]).fit(train)
@@ -69,16 +68,14 @@ def test_fp16_backbone_keeps_heads_in_fp32(tiny_model, small_split, tmp_path):
 
 @pytest.mark.slow
 def test_export_step_hardened_refits_the_guarded_heads(tiny_model, small_split, tmp_path):
-    from training.reject import RejectClassifier, grow_head
+    from guard.training.reject import RejectClassifier, grow_head
 
     train, test = small_split
     ctx = _ctx(tiny_model, small_split, tmp_path)
     g = guard.wrap(tiny_model, ["knn", "ppca"]).fit(train)
     g.calibrate(test.x[:128])
     net, head_name = grow_head(tiny_model)
-    ctx.shared["guarded"] = g
-    ctx.shared["hardened"] = RejectClassifier(net, 10, head_name)
-    run(ctx)
+    step("export").run(ctx, guarded=g, hardened=RejectClassifier(net, 10, head_name))
     sec = ctx.report["export"]
     assert sec["source"] == "hardened+guarded"
     assert "reject_prob" in sec["outputs"] and "knn_score" in sec["outputs"]

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from guard.features import FeatureExtractor, eval_mode, extract_features, get_layer, layer_names
+from guard.core.features import FeatureExtractor, extract_features, get_layer, layer_names
+
+from guard.core.models import eval_mode
 
 
 def test_layer_names_and_lookup(tiny_model):

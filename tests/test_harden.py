@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import guard
-from guard.models import DemoNet
-from training.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
-from training.harden import harden
-from training.reject import REJECT, RejectClassifier, grow_head
-from training.round_attacks import ROUND_ATTACKS, AttackBudget, check_attacks, generate_round_attacks, score_attack_set
+from guard.core.models import DemoNet
+from guard.training.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
+from guard.training.harden import harden
+from guard.training.reject import REJECT, RejectClassifier, grow_head
+from guard.training.round_attacks import ROUND_ATTACKS, AttackBudget, check_attacks, generate_round_attacks, score_attack_set
 
 QUICK = AttackBudget.quick()
 SMALL = dict(rounds=2, epochs_per_round=2, budget=QUICK, progress=False, seed=3, lr=3e-3)
@@ -262,10 +262,10 @@ def test_resume_finished_run_does_no_work(tmp_path, tiny_model, tiny_split):
 # ------------------------------------------------------------------ audit wiring
 
 def test_audit_step_quick(tmp_path, tiny_model, small_split):
-    from guard.audit import AuditOptions, run_audit
+    from guard.audit import AuditContext, AuditOptions, run_audit, step
 
     train, test = small_split
-    steps = [("model", "guard.audit_model:run"), ("harden", "guard.audit_harden:run")]
+    steps = [step("model"), step("harden")]
     report = run_audit(tiny_model, train, test, tmp_path / "a", options=AuditOptions(quick=True, harden=True, progress=False), steps=steps)
     h = report["harden"]
     assert len(h["rounds"]) == 1
@@ -278,7 +278,12 @@ def test_audit_step_quick(tmp_path, tiny_model, small_split):
     assert on_disk["harden"]["rounds"][0]["clean_accuracy"] == row["clean_accuracy"]
 
     skipped = run_audit(tiny_model, train, test, tmp_path / "b", options=AuditOptions(quick=True, progress=False), steps=steps)
-    assert "skipped" in skipped["harden"]
+    assert "harden" in skipped["skipped"] and "harden" not in skipped
+    # a resumed audit gets the hardened model back from its file, as the export step needs it
+    back = step("harden").restore(AuditContext(tiny_model, "tiny", train, test, "test", tmp_path / "a", AuditOptions()))
+    assert isinstance(back, RejectClassifier) and back.num_classes == 10
+    x = test.x[:16]
+    assert torch.equal(back.predict(x), RejectClassifier.load(tmp_path / "a" / "artifacts" / "hardened_model.safetensors", tiny_model).predict(x))
 
 
 def test_guard_exposes_harden():
@@ -302,7 +307,7 @@ def test_team_attack_engine(tiny_model, small_split):
 
 @pytest.mark.parametrize("archive_n", [5, 500])
 def test_epoch_set_keeps_the_reject_share(small_split, archive_n):
-    from training.harden import epoch_set
+    from guard.training.harden import epoch_set
 
     train, _ = small_split
     archive = torch.rand(archive_n, 1, 28, 28)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from guard.cache import save_tensors
+from guard.core.cache import save_tensors
 
 
 def _torchrun(n: int, state: Path, out: Path, ckpt: Path) -> dict:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard.idx import read_idx
+from guard.core.idx import read_idx
 
 
 def _write(path, header: bytes, body: bytes, compress: bool = False) -> None:
@@ -67,7 +67,7 @@ def test_corrupt_gzip(tmp_path):
 
 
 def test_embedded_mnist_headers():
-    from guard.data import _mnist_dir
+    from guard.core.data import _mnist_dir
 
     images = read_idx(_mnist_dir() / "t10k-images-idx3-ubyte.gz", expect_dims=3)
     labels = read_idx(_mnist_dir() / "t10k-labels-idx1-ubyte.gz", expect_dims=1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import guard
-from guard.models import Normalize, Normalized, find_head, load_model
+from guard.core.features import find_head
+from guard.core.models import Normalize, Normalized, load_model
 
 
 def test_normalize_wrapper_matches_manual():

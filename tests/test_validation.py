@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from guard.validation import check_float, check_images, check_int, check_labels
+from guard.core.validation import check_float, check_images, check_int, check_labels
 
 
 @pytest.mark.parametrize(
@@ -30,14 +30,14 @@ def test_check_images_channels_and_pass_through():
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 32, 32)])
 def test_wrong_image_geometry_gives_clear_error(tiny_model, shape):
-    from guard.features import FeatureExtractor
+    from guard.core.features import FeatureExtractor
 
     with pytest.raises(ValueError, match=r"the model cannot take x of shape " + repr(shape).replace("(", r"\(").replace(")", r"\)")):
         FeatureExtractor(tiny_model, ["conv2"])(torch.rand(shape))
 
 
 def test_feature_extractor_rejects_inf(tiny_model):
-    from guard.features import FeatureExtractor
+    from guard.core.features import FeatureExtractor
 
     with pytest.raises(ValueError, match="x must be finite"):
         FeatureExtractor(tiny_model, ["conv2"])(torch.full((1, 1, 28, 28), float("inf")))

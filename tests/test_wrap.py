@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import guard
-from detectors import FeatureDetector, KNNRank
+from guard.detectors import FeatureDetector, KNNRank
 from guard.guarded import default_layers
-from guard.validation import NotFittedError
+from guard.core.validation import NotFittedError
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +137,18 @@ def test_evaluate_matches_hand_computed_auroc() -> None:
 def test_audit_step_quick_reloads_attack_artifacts(tiny_model, demo_split, tmp_path) -> None:
     import json
 
-    from guard.audit import AuditOptions, run_audit
-    from guard.cache import save_tensors
+    from guard.attacks import AttackResult
+    from guard.audit import AuditContext, AuditOptions, run_audit, step
 
     train, test = demo_split
-    # an attack artifact as the attack steps write it (here: uniform noise, all "successful")
+    # an interrupted audit whose fooling step had finished: its artifact and report entry exist
     noise = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(2))
-    save_tensors(tmp_path / "artifacts" / "attack_fooling_direct.safetensors",
-                 {"x_adv": noise, "success": torch.ones(64, dtype=torch.bool), "test_index": torch.arange(64)})
+    ctx = AuditContext(tiny_model, "tiny", train, test, "test", tmp_path, AuditOptions())
+    ctx.save_attack("fooling_direct", AttackResult(noise, torch.ones(64, dtype=torch.bool)))
+    ctx.report = {"version": 1, "_completed_steps": ["attacks_fooling"]}
+    ctx.save_report()
     rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False, export=False),
-                    steps=[("detectors", "guard.audit_detectors:run")])
+                    steps=[step("attacks_fooling"), step("detectors")], resume=True)
     sec = rep["detectors"]
     for det in ("saliency", "knn", "ppca", "combined"):
         e = sec[det]["fooling_direct"]

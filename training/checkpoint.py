@@ -1,7 +1,7 @@
 """Atomic, pickle-free checkpoints of a hardening run (model, optimizer, reject archive, progress).
 
 One file, ``<dir>/harden_state.safetensors``, rewritten atomically (temp file + ``os.replace``
-through :func:`guard.cache.save_tensors`) after the attack phase of a round, after every
+through :func:`guard.core.cache.save_tensors`) after the attack phase of a round, after every
 fine-tuning epoch and at the end of every round. Tensors: the model's state dict under
 ``model.``, the optimizer's per-parameter state under ``opt.<index>.<key>``, and any extra
 tensors (the reject archive, the current round's attack set) under ``extra.``. The JSON
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from guard.cache import load_tensors, save_tensors
+from guard.core.cache import load_tensors, save_tensors
 
 __all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors"]
 
@@ -87,7 +87,7 @@ def save_checkpoint(
 def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, torch.Tensor], dict[str, Any]] | None:
     """``(model_state, optimizer_state_or_None, extra, meta)``, or None when there is no checkpoint.
 
-    A damaged file raises ValueError (from :func:`guard.cache.load_tensors`).
+    A damaged file raises ValueError (from :func:`guard.core.cache.load_tensors`).
     """
     path = checkpoint_path(directory)
     if not path.is_file():

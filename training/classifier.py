@@ -10,27 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from guard.validation import check_images, check_int, check_labels, check_float
+from guard.core.models import accuracy, model_device
+from guard.core.validation import check_float, check_images, check_int, check_labels
 
 __all__ = ["train_classifier", "accuracy"]
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on ``(x, y)``, evaluated in eval mode (mode restored)."""
-    from guard.features import eval_mode
-
-    check_images(x, "x")
-    y = check_labels(y, "y", n=int(x.shape[0]))
-    device = next((p.device for p in model.parameters()), x.device)
-    correct = 0
-    with eval_mode(model):
-        for i in range(0, x.shape[0], batch_size):
-            pred = model(x[i:i + batch_size].to(device)).argmax(1).cpu()
-            correct += int((pred == y[i:i + batch_size]).sum())
-    return correct / int(x.shape[0])
 
 
 def train_classifier(
@@ -58,7 +43,7 @@ def train_classifier(
     batch_size = check_int(batch_size, "batch_size", "train_classifier", low=1)
     lr = check_float(lr, "lr", "train_classifier", low=0.0, low_open=True)
     gen = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((x.shape[0] + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)

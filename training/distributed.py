@@ -102,11 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     import guard
-    from guard.cache import atomic_write_text, load_tensors
+    from guard.core.cache import atomic_write_text, load_tensors
     from guard.demo import shift_augment
-    from guard.models import DemoNet
-    from training.harden import harden
-    from training.round_attacks import DEFAULT_ATTACKS, AttackBudget
+    from guard.core.models import DemoNet
+    from guard.training.harden import harden
+    from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget
 
     train, test = guard.demo_data()
     if args.model_state:

@@ -36,13 +36,13 @@ from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from guard.data import Split, load_data
-from guard.features import eval_mode
-from guard.validation import check_float, check_int
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.distributed import barrier, broadcast_tensors, init_from_env, world
-from training.reject import RejectClassifier, grow_head
-from training.round_attacks import (DEFAULT_ATTACKS, ENGINES, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks,
+from guard.core.data import Split, load_data
+from guard.core.models import eval_mode
+from guard.core.validation import check_float, check_int
+from guard.training.checkpoint import load_checkpoint, save_checkpoint
+from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
+from guard.training.reject import RejectClassifier, grow_head
+from guard.training.round_attacks import (DEFAULT_ATTACKS, ENGINES, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks,
                                     score_attack_set)
 
 __all__ = ["harden", "HardenResult"]
@@ -132,8 +132,8 @@ def harden(
     Args:
         model: the classifier (n outputs; images in [0, 1]). Never modified: a deep copy
             grows the head. A :class:`RejectClassifier` continues hardening with its head.
-        data: the clean training data (anything :func:`guard.data.load_data` takes), or a
-            ``(train, test)`` pair of :class:`~guard.data.Split`.
+        data: the clean training data (anything :func:`guard.core.data.load_data` takes), or a
+            ``(train, test)`` pair of :class:`~guard.core.data.Split`.
         test: clean held-out data for the per-round clean accuracy (default: the training data).
         attacks: round attack names (:data:`training.round_attacks.ROUND_ATTACKS`).
         rounds: number of rounds (>= 1).

@@ -10,15 +10,21 @@ wraps the widened model so that ``predict`` gives ``-1`` for the reject class.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 from torch import nn
 
-from guard.features import eval_mode, get_layer
-from guard.models import find_head
-from guard.validation import call_model, check_images, check_int
+from guard.core.features import get_layer
 
-__all__ = ["REJECT", "grow_head", "set_submodule", "RejectClassifier"]
+from guard.core.models import eval_mode
+from guard.core.features import find_head
+from guard.core.cache import load_tensors, save_tensors
+from guard.core.validation import call_model, check_images, check_int
+
+__all__ = ["REJECT", "grow_head", "set_submodule", "RejectClassifier", "FORMAT"]
+
+FORMAT = "guard.reject_classifier/1"
 
 #: What :meth:`RejectClassifier.predict` returns for a rejected input.
 REJECT = -1
@@ -121,3 +127,29 @@ class RejectClassifier(nn.Module):
         """Labels in ``0..n-1``, or :data:`REJECT` (-1) where the reject class wins."""
         pred = self.probabilities(x).argmax(1)
         return torch.where(pred == self.reject_index, torch.full_like(pred, REJECT), pred)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the widened network's weights (safetensors) and the class count and head (JSON).
+
+        No pickle: the architecture is not stored, so :meth:`load` takes the original model.
+        """
+        meta = {"format": FORMAT, "num_classes": self.num_classes, "head": self.head}
+        save_tensors(path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module) -> "RejectClassifier":
+        """Load what :meth:`save` wrote, around ``model`` (the classifier before hardening, n outputs).
+
+        ``model`` is not modified: a copy grows the head and takes the saved weights.
+        Raises ValueError for a file that is not a saved RejectClassifier or does not fit ``model``.
+        """
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a saved RejectClassifier (format {meta.get('format')!r}; expected {FORMAT!r}).")
+        net, head = grow_head(model, num_classes=int(meta["num_classes"]), head=meta["head"])
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise ValueError(f"{os.fspath(path)!r} does not fit the model given ({type(model).__name__}): {err}") from err
+        return cls(net, int(meta["num_classes"]), head).eval()

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.patching import apply_patches, random_positions
-from guard.features import eval_mode
+from guard.attacks.patching import apply_patches, random_positions
+from guard.core.models import eval_mode
 
 __all__ = ["ENGINES", "ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
            "check_attacks", "generate_round_attacks", "score_attack_set"]
@@ -260,7 +260,7 @@ def _gen_seed(gen: torch.Generator) -> int:
 
 
 def _team_fooling_gradient(model, n, shape, gen, b, device):
-    from attacks.fooling_gradient import FoolingGradient
+    from guard.attacks.fooling_gradient import FoolingGradient
 
     res = FoolingGradient(steps=b.gradient_steps, samples_per_class=b.per_class, seed=_gen_seed(gen))(
         model, classes=list(range(n)), shape=tuple(shape))
@@ -269,7 +269,7 @@ def _team_fooling_gradient(model, n, shape, gen, b, device):
 
 def _team_evolution(encoding: str):
     def run(model, n, shape, gen, b, device):
-        from attacks.fooling_evolution import FoolingEvolution
+        from guard.attacks.fooling_evolution import FoolingEvolution
 
         with torch.no_grad():
             outputs = int(model(torch.zeros(1, *shape, device=device)).shape[1])

@@ -5,13 +5,58 @@ from __future__ import annotations
 import importlib
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DemoNet", "Normalize", "Normalized", "load_model", "find_head"]
+__all__ = ["DemoNet", "Normalize", "Normalized", "load_model", "eval_mode", "model_device", "predict_labels",
+           "accuracy"]
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore each module's own mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, was in modes:
+            m.train(was)
+
+
+def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of the model's first parameter or buffer (``default`` for a model with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device(default)
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
+    """The model's argmax labels of ``x`` (int64, on ``x``'s device), batched, in eval mode (restored).
+
+    The one batched prediction helper every package uses.
+    """
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=x.device)
+    device = model_device(model, x.device)
+    with eval_mode(model):
+        return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).to(x.device) for i in range(0, x.shape[0], batch_size)])
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``, in eval mode (restored)."""
+    from guard.core.validation import check_images, check_labels
+
+    check_images(x, "x")
+    y = check_labels(y, "y", n=int(x.shape[0]))
+    return float((predict_labels(model, x, batch_size=batch_size).cpu() == y.cpu()).float().mean())
 
 
 class Normalize(nn.Module):
@@ -63,24 +108,6 @@ class DemoNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2(self.conv1(self.normalize(x)))
         return self.fc2(self.dropout(self.fc1(self.flatten(x))))
-
-
-def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
-    """The classifier head: the named Linear layer, or the last ``nn.Linear`` registered."""
-    if name is not None:
-        from guard.features import get_layer
-
-        mod = get_layer(model, name)
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"head {name!r} must be an nn.Linear; got {type(mod).__name__}.")
-        return name, mod
-    from guard.features import check_hookable
-
-    check_hookable(model)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"Could not find a classifier head in {type(model).__name__}: it has no nn.Linear layer; pass head='module.path'.")
-    return linears[-1]
 
 
 def load_model(spec: str | os.PathLike[str]) -> nn.Module:

@@ -17,8 +17,8 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from guard.idx import read_idx
-from guard.validation import check_images, check_labels
+from guard.core.idx import read_idx
+from guard.core.validation import check_images, check_labels
 
 __all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 

@@ -10,15 +10,15 @@ layer, and leave the caller's model untouched once the context ends. torchvision
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from guard.validation import call_model, check_images
+from guard.core.models import eval_mode, model_device
+from guard.core.validation import call_model, check_images
 
-__all__ = ["check_hookable", "get_layer", "layer_names", "FeatureExtractor", "extract_features", "eval_mode"]
+__all__ = ["check_hookable", "get_layer", "layer_names", "find_head", "FeatureExtractor", "extract_features", "eval_mode"]
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -47,16 +47,18 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     return modules[name]
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore each module's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in modes:
-            m.train(was)
+def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear]:
+    """The classifier head: the named Linear layer, or the last ``nn.Linear`` registered."""
+    if name is not None:
+        mod = get_layer(model, name)
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"head {name!r} must be an nn.Linear; got {type(mod).__name__}.")
+        return name, mod
+    check_hookable(model)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"Could not find a classifier head in {type(model).__name__}: it has no nn.Linear layer; pass head='module.path'.")
+    return linears[-1]
 
 
 class FeatureExtractor:
@@ -120,7 +122,7 @@ def extract_features(
     """Logits and flattened features of ``layers`` for all of ``x``, batched, in eval mode."""
     check_images(x, "x")
     fx = FeatureExtractor(model, layers)
-    device = next((p.device for p in model.parameters()), x.device)
+    device = model_device(model, x.device)
     logits, feats = [], {n: [] for n in fx.layers}
     with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):

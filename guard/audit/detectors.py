@@ -5,15 +5,15 @@
   split with ``options.seed`` into a calibration half and an evaluation half (1,000 / 1,000 on
   the demo). Thresholds (per detector and combined) are set for ``FPR = 0.05`` on the
   calibration half.
-* Evaluate on the evaluation half (negatives) against every attack in
-  ``ctx.shared["attack_results"]`` (or the ``attack_<NAME>`` artifacts when resuming);
-  positives are the successful adversarial examples (and, under "all", every one).
+* Evaluate on the evaluation half (negatives) against every attack of the :class:`AttackSet`
+  the attack steps gave; positives are the successful adversarial examples (and, under
+  "all", every one).
 
 Writes ``report["detectors"][DETECTOR][ATTACK]`` (DESIGN.md keys) for saliency, knn, ppca,
 knn_consistency and combined, and ``report["detectors_info"]``: the split, the clean flag rate
 on the evaluation half, the wrapped model's clean accuracy, per-layer kNN AUROCs (the
-multi-layer view) and timings. The fitted GuardedModel goes to ``ctx.shared["guarded"]`` and
-is saved under ``ctx.out / "guarded"``.
+multi-layer view) and timings. Gives the fitted GuardedModel (saved under ``OUT/guarded``) to
+the export step.
 
 Quick mode (``options.quick``): 1,000 training images, 256 calibration and 256 evaluation
 images, no per-layer kNN view.
@@ -27,36 +27,19 @@ from typing import Any
 
 import torch
 
-from attacks.base import AttackResult
-from guard.audit import AuditContext
-from guard.data import Split
+from guard.audit.step import AttackSet, AuditContext, Step
+from guard.core.data import Split
 from guard.evaluation import detection_metrics, evaluate
-from guard.features import extract_features
+from guard.core.features import extract_features
 from guard.guarded import GuardedModel, wrap
 
-__all__ = ["run", "ATTACK_NAMES", "FPR"]
+__all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "split_heldout"]
 
 log = logging.getLogger(__name__)
 
 ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
                 "fooling_gradient", "fooling_direct", "fooling_cppn")
 FPR = 0.05
-
-
-def _attack_results(ctx: AuditContext) -> dict[str, Any]:
-    found = dict(ctx.shared.get("attack_results", {}))
-    for name in ATTACK_NAMES:
-        if name in found:
-            continue
-        art = ctx.load_artifact("attack_" + name)
-        if art is None:
-            continue
-        tensors, _ = art
-        if "x_adv" not in tensors:
-            continue
-        success = tensors.get("success", torch.ones(tensors["x_adv"].shape[0], dtype=torch.bool))
-        found[name] = AttackResult(tensors["x_adv"].float(), success.bool(), extras={"test_index": tensors.get("test_index")})
-    return found
 
 
 def split_heldout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +73,7 @@ def _per_layer_knn(guarded: GuardedModel, clean: torch.Tensor, attacks: dict[str
 def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]) -> dict[str, float]:
     import copy
 
-    from detectors import Combined
+    from guard.detectors import Combined
 
     out = {}
     for n, det in guarded.detectors.items():
@@ -103,7 +86,22 @@ def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: 
     return out
 
 
-def run(ctx: AuditContext) -> None:
+class DetectorStep(Step):
+    """Fit, calibrate and evaluate every detector against every attack result."""
+
+    name = "detectors"
+    needs = {"attacks": AttackSet}
+    gives = GuardedModel
+
+    def restore(self, ctx: AuditContext) -> GuardedModel | None:
+        folder = ctx.out / "guarded"
+        return GuardedModel.load(folder, ctx.model) if (folder / "guarded.json").is_file() else None
+
+    def run(self, ctx: AuditContext, attacks: AttackSet | None = None) -> GuardedModel:
+        return _run(ctx, dict(attacks.results) if attacks is not None else {})
+
+
+def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     t0 = time.perf_counter()
     opts = ctx.options
     train = ctx.train
@@ -125,7 +123,6 @@ def run(ctx: AuditContext) -> None:
     ev_scores["combined"] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
 
-    attacks = _attack_results(ctx)
     if not attacks:
         log.warning("detectors: no attack results found (run the attack steps first); only clean figures are reported")
     x_ev = x_all[ev_idx]
@@ -136,7 +133,7 @@ def run(ctx: AuditContext) -> None:
     y_ev = ctx.test.y[ev_idx]
     pred_wrapped = logits[ncal:].argmax(1).cpu()
     with torch.no_grad():
-        from guard.features import eval_mode
+        from guard.core.models import eval_mode
 
         with eval_mode(ctx.model):
             pred_bare = torch.cat([ctx.model(x_ev[i:i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)])
@@ -167,5 +164,5 @@ def run(ctx: AuditContext) -> None:
         "seconds": {"fit": round(t_fit, 3), "calibrate": round(t_cal, 3), "evaluate": round(t_eval, 3),
                     "total": round(time.perf_counter() - t0, 3)},
     }
-    ctx.shared["guarded"] = guarded
     guarded.save(ctx.out / "guarded")
+    return guarded

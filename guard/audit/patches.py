@@ -25,22 +25,24 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from attacks.base import AttackResult
-from attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
+from guard.attacks.base import AttackResult
+from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
                                     patch_sampler)
-from attacks.patch_gan import PatchGAN, last_conv_layer
-from attacks.random_patch import RandomPatch
-from attacks.universal_patch import UniversalPatch
-from guard.audit import AuditContext
+from guard.attacks.patch_gan import PatchGAN, last_conv_layer
+from guard.attacks.random_patch import RandomPatch
+from guard.attacks.universal_patch import UniversalPatch
+from guard.audit.step import AttackSet, AuditContext, Step
 
-__all__ = ["run", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS"]
+__all__ = ["PatchStep", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS"]
+
+NAMES = ("patch_gan", "universal_patch", "random_patch")
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AREAS = [0.01, 0.02, 0.05, 0.1]
 
 # The diversity setting the audit trains PatchGAN with (measured on the demo model, see
-# BENCHMARKS_3.md): the paper's alpha=20 / beta=0.1 with 2-norm L_p gave diverse patches
+# BENCHMARKS.md, "Attacks I"): the paper's alpha=20 / beta=0.1 with 2-norm L_p gave diverse patches
 # (median SSIM ~0) that fooled less (~20% at 10% area vs ~32% here); with these settings the
 # patches stay diverse (median SSIM ~0.15) and fool about as well as one universal patch.
 GAN_AUDIT_KWARGS: dict[str, Any] = {"alpha": 1.0, "beta": 3.0, "patch_distance": "ssim", "cap_p": 0.8}
@@ -67,14 +69,20 @@ def _settings(ctx: AuditContext) -> dict[str, Any]:
     return s
 
 
-def _store(ctx: AuditContext, name: str, result: AttackResult, idx: torch.Tensor, params: dict[str, Any]) -> None:
-    result.extras["test_index"] = idx
-    ctx.shared.setdefault("attack_results", {})[name] = result
-    ctx.save_artifact("attack_" + name, {"x_adv": result.x_adv.cpu(), "success": result.success.cpu(), "test_index": idx,
-                                         "y": result.y.cpu()}, {"attack": name, "params": params})
+class PatchStep(Step):
+    """PatchGAN, UniversalPatch and RandomPatch: the fooling-vs-area curve and the analyses."""
+
+    name = "attacks_patches"
+    gives = AttackSet
+
+    def restore(self, ctx: AuditContext) -> AttackSet:
+        return AttackSet({n: r for n in NAMES if (r := ctx.load_attack(n)) is not None})
+
+    def run(self, ctx: AuditContext) -> AttackSet:
+        return _run(ctx)
 
 
-def run(ctx: AuditContext) -> None:
+def _run(ctx: AuditContext) -> AttackSet:
     s = _settings(ctx)
     seed = ctx.options.seed
     model = ctx.model
@@ -116,6 +124,7 @@ def run(ctx: AuditContext) -> None:
     bar.close()
 
     section = ctx.report.setdefault("attacks", {})
+    out = AttackSet()
     head_area = max(s["areas"])
     for name in curves:
         attack = fitted[name][head_area]
@@ -138,7 +147,9 @@ def run(ctx: AuditContext) -> None:
             "curve_training": "one attack trained per area on the training split, with a wall-clock budget per area",
         }
         section[name] = entry
-        _store(ctx, name, result, idx, attack.params())
+        result.extras["test_index"] = idx
+        out.results[name] = result
+        ctx.save_attack(name, result, {"params": attack.params()})
 
     gan = fitted["patch_gan"][head_area]
     x_cc = x_test[:s["cc_n"]]
@@ -158,10 +169,11 @@ def run(ctx: AuditContext) -> None:
     # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
     section["patch_gan"]["summary"] = _summary(curves)
     ctx.save_artifact("patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area})
+    return out
 
 
 def _side(attack: Any, x: torch.Tensor) -> int:
-    from attacks.patching import patch_side
+    from guard.attacks.patching import patch_side
 
     return int(getattr(attack, "side_", 0)) or patch_side(attack.size, x.shape[-2:])
 

@@ -17,8 +17,8 @@ one, else the layer before the head), ``feature_delta`` (0.3), ``feature_n`` (20
 ``feature_full`` (True: curves on ``feature_n`` images with ``feature_max_iter`` iterations).
 Quick mode shrinks everything to a smoke run.
 
-The results go to ``ctx.shared["attack_results"]["feature_adversary"]`` and the artifact
-``attack_feature_adversary`` for the detectors step.
+Gives an :class:`AttackSet` with ``feature_adversary`` (artifact ``attack_feature_adversary``)
+to the detectors step.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from attacks.feature_adversary import VARIANTS, FeatureAdversary, sample_guides
-from attacks.representation import representation_report, summarize
-from guard.audit import AuditContext
-from guard.data import Split
-from guard.features import layer_names
-from guard.models import find_head
+from guard.attacks.feature_adversary import VARIANTS, FeatureAdversary, sample_guides
+from guard.attacks.representation import representation_report, summarize
+from guard.audit.step import AttackSet, AuditContext, Step
+from guard.core.data import Split
+from guard.core.features import layer_names
+from guard.core.features import find_head
 
-__all__ = ["run", "feature_curves", "default_layers"]
+__all__ = ["FeatureAdversaryStep", "feature_curves", "default_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,21 @@ def feature_curves(
     return {"n": int(src.numel()), "max_iter": max_iter, "guides": "test split, another true class, seeded", "by_layer": curves}
 
 
-def run(ctx: AuditContext) -> None:
+class FeatureAdversaryStep(Step):
+    """Feature adversaries (Sabour et al. 2016) at one layer and delta, plus the curves."""
+
+    name = "attacks_features"
+    gives = AttackSet
+
+    def restore(self, ctx: AuditContext) -> AttackSet:
+        r = ctx.load_attack(NAME)
+        return AttackSet({NAME: r} if r is not None else {})
+
+    def run(self, ctx: AuditContext) -> AttackSet:
+        return _run(ctx)
+
+
+def _run(ctx: AuditContext) -> AttackSet:
     opts, extra = ctx.options, ctx.options.extra
     quick = opts.quick
     layers = list(extra.get("feature_curve_layers") or default_layers(ctx.model))
@@ -114,10 +128,7 @@ def run(ctx: AuditContext) -> None:
     res.extras["guide_index"] = gid
     train = ctx.train if not quick else Split(ctx.train.x[:1000], ctx.train.y[:1000])
     rep = representation_report(ctx.model, layer, x, res.x_adv, g, train_x=train.x.to(device), train_y=train.y)
-    ctx.shared.setdefault("attack_results", {})[NAME] = res
-    ctx.save_artifact("attack_" + NAME, {"x_adv": res.x_adv.cpu(), "success": res.success.cpu(), "test_index": src,
-                                         "guide": g.cpu(), "guide_index": gid, "guide_label": res.extras["guide_label"].cpu()},
-                      {"layer": layer, "delta": delta})
+    ctx.save_attack(NAME, res, {"layer": layer, "delta": delta})
     t1 = time.perf_counter()
     if quick:
         curves = feature_curves(ctx.model, ctx.test, layers=[layer], deltas=(delta,), variants=("lbfgs", "feature-fgrad"),
@@ -144,4 +155,5 @@ def run(ctx: AuditContext) -> None:
     }
     log.info("feature adversary: agreement %.3f, median distance ratio %.3f", res.success_rate,
              float(res.extras["distance_ratio"].median()))
+    return AttackSet({NAME: res})
 

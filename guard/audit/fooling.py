@@ -18,8 +18,8 @@ the classes still below the threshold, which the direct encoding needs to finish
 demo budget; "uniform" is the paper's), ``fooling_transfer`` (True), ``transfer_epochs`` (1).
 Quick mode shrinks everything to a smoke run.
 
-Results go to ``ctx.shared["attack_results"][NAME]`` (``x_adv`` the images, ``success`` their
-confidence >= threshold, ``extras["label"]``/``["confidence"]``) and artifacts ``attack_NAME``.
+Gives an :class:`AttackSet` (``x_adv`` the images, ``success`` their confidence >= threshold,
+``extras["label"]`` / ``["confidence"]``; artifacts ``attack_NAME``) to the detectors step.
 """
 
 from __future__ import annotations
@@ -31,20 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from attacks.base import AttackResult
-from attacks.fooling_evolution import FoolingEvolution, transfer_check
-from attacks.fooling_gradient import FoolingGradient
-from guard.audit import AuditContext
-from guard.models import DemoNet
+from guard.attacks.base import AttackResult
+from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
+from guard.attacks.fooling_gradient import FoolingGradient
+from guard.audit.step import AttackSet, AuditContext, Step
+from guard.core.models import DemoNet
 
-__all__ = ["run", "second_model"]
+__all__ = ["FoolingStep", "second_model"]
+
+NAMES = ("fooling_gradient", "fooling_direct", "fooling_cppn")
 
 log = logging.getLogger(__name__)
 
 
 def second_model(ctx: AuditContext, epochs: int) -> nn.Module | None:
     """A narrow DemoNet trained with another seed: the transfer target (None if shapes differ)."""
-    from training.classifier import train_classifier
+    from guard.training.classifier import train_classifier
 
     shape = tuple(ctx.train.x.shape[1:])
     if shape[1:] != (28, 28):
@@ -72,13 +74,20 @@ def _entry(res: AttackResult, num_classes: int, threshold: float, params: dict[s
     }
 
 
-def _store(ctx: AuditContext, name: str, res: AttackResult) -> None:
-    ctx.shared.setdefault("attack_results", {})[name] = res
-    ctx.save_artifact("attack_" + name, {"x_adv": res.x_adv.cpu(), "success": res.success.cpu(),
-                                         "label": res.extras["label"].cpu(), "confidence": res.extras["confidence"].float().cpu()})
+class FoolingStep(Step):
+    """Fooling images by gradient ascent and by MAP-Elites with the direct and CPPN encodings."""
+
+    name = "attacks_fooling"
+    gives = AttackSet
+
+    def restore(self, ctx: AuditContext) -> AttackSet:
+        return AttackSet({n: r for n in NAMES if (r := ctx.load_attack(n)) is not None})
+
+    def run(self, ctx: AuditContext) -> AttackSet:
+        return _run(ctx)
 
 
-def run(ctx: AuditContext) -> None:
+def _run(ctx: AuditContext) -> AttackSet:
     opts, extra = ctx.options, ctx.options.extra
     quick = opts.quick
     threshold = float(extra.get("fooling_threshold", 0.9999))
@@ -105,7 +114,7 @@ def run(ctx: AuditContext) -> None:
     e["images_at_threshold"] = int(res.success.sum())
     attacks["fooling_gradient"] = e
     results["fooling_gradient"] = res
-    _store(ctx, "fooling_gradient", res)
+    ctx.save_attack("fooling_gradient", res)
 
     pop = int(extra.get("fooling_population", 20 if quick else 100))
     selection = str(extra.get("fooling_selection", "unfooled"))
@@ -123,7 +132,7 @@ def run(ctx: AuditContext) -> None:
                   "evaluations": ex["evaluations"], "history": ex["history"][-20:]})
         attacks[name] = e
         results[name] = res
-        _store(ctx, name, res)
+        ctx.save_attack(name, res)
 
     if bool(extra.get("fooling_transfer", True)):
         t0 = time.perf_counter()
@@ -134,3 +143,4 @@ def run(ctx: AuditContext) -> None:
                 tr["second_model"] = "DemoNet(width=8, hidden=32), seed+1"
                 attacks[name]["transfer"] = tr
         log.info("fooling transfer check: %.1f s", time.perf_counter() - t0)
+    return AttackSet(results)

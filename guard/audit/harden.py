@@ -3,9 +3,9 @@
 Fills ``report["harden"]``: per round the clean accuracy on the held-out split, the share of
 classes for which freshly evolved fooling images (run against the model after that round)
 still reach >= 99% confidence as a class, their median confidence, the patch fooling rate,
-and the share of that round's attacks the model now rejects. The hardened model goes to
-``ctx.shared["hardened"]`` (a :class:`training.reject.RejectClassifier`) for the export step
-and to ``artifacts/hardened_model.safetensors``.
+and the share of that round's attacks the model now rejects. Gives the hardened
+:class:`~guard.training.RejectClassifier` (saved to ``artifacts/hardened_model.safetensors``) to
+the export step.
 
 Options (``ctx.options.extra``): ``harden_rounds`` (default 3), ``harden_epochs`` (2),
 ``harden_attacks`` (list of names), ``harden_reject_share`` (0.12).
@@ -17,10 +17,11 @@ import logging
 import time
 from typing import Any
 
-from guard.audit import AuditContext
-from guard.data import Split
+from guard.audit.step import AuditContext, Step
+from guard.core.data import Split
+from guard.training.reject import RejectClassifier
 
-__all__ = ["run", "harden_section", "HARDEN_DEFAULTS"]
+__all__ = ["HardenStep", "harden_section", "HARDEN_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +70,27 @@ def harden_section(res: Any, *, attacks: list[str], budget: dict[str, Any], seco
     }
 
 
-def run(ctx: AuditContext) -> bool:
-    if not ctx.options.harden:
-        ctx.report["harden"] = {"skipped": "run guard audit with --harden (or guard harden) to harden the model"}
-        return False
-    import torch
+class HardenStep(Step):
+    """Nguyen et al.'s reject-class rounds (only with ``options.harden``)."""
 
+    name = "harden"
+    gives = RejectClassifier
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        return None if ctx.options.harden else "run guard audit with --harden (or guard harden) to harden the model"
+
+    def restore(self, ctx: AuditContext) -> RejectClassifier | None:
+        path = ctx.artifact_path("hardened_model")
+        return RejectClassifier.load(path, ctx.model) if path.is_file() else None
+
+    def run(self, ctx: AuditContext) -> RejectClassifier:
+        return _run(ctx)
+
+
+def _run(ctx: AuditContext) -> RejectClassifier:
     from guard.demo import shift_augment
-    from training.harden import harden
-    from training.round_attacks import DEFAULT_ATTACKS, AttackBudget
+    from guard.training.harden import harden
+    from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget
 
     opts, extra = ctx.options, ctx.options.extra
     attacks = list(extra.get("harden_attacks", DEFAULT_ATTACKS))
@@ -109,9 +122,7 @@ def run(ctx: AuditContext) -> bool:
 
     ctx.report["harden"] = harden_section(res, attacks=attacks, budget=asdict(budget), seconds=time.perf_counter() - t0,
                                           settings={**settings, "quick": opts.quick, "seed": opts.seed, "checkpoint_dir": str(ckpt)})
-    ctx.shared["hardened"] = res.model
-    with torch.no_grad():
-        state = {k: v.detach().cpu() for k, v in res.model.model.state_dict().items()}
-    path = ctx.save_artifact("hardened_model", state, {"num_classes": res.model.num_classes, "head": res.model.head,
-                                                       "reject_index": res.model.reject_index, "wrapper": "training.reject.RejectClassifier"})
+    path = ctx.artifact_path("hardened_model")
+    res.model.save(path)
     ctx.report["harden"]["model_path"] = str(path)
+    return res.model

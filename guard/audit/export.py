@@ -1,8 +1,7 @@
 """Audit step ``export``: write OUT/model.onnx and fill report["export"].
 
-Exports ``ctx.shared["hardened"]`` (the RejectClassifier from the harden step) with the guarded
-model's detectors refitted on it, else ``ctx.shared["guarded"]`` (the detectors step), else the
-bare model; checks parity (ExportHead in PyTorch vs onnxruntime at batch sizes 1, 7 and 64, and,
+Exports the hardened model (the harden step's RejectClassifier) with the guarded model's
+detectors refitted on it, else the GuardedModel of the detectors step, else the bare model; checks parity (ExportHead in PyTorch vs onnxruntime at batch sizes 1, 7 and 64, and,
 for a GuardedModel, its own FAISS/Captum scores and flags vs the graph on the held-out images
 and on the attack sets) and measures latency (onnxruntime CPU vs PyTorch eager).
 """
@@ -16,7 +15,9 @@ from typing import Any
 
 import torch
 
-from guard.audit import AuditContext
+from guard.audit.step import AttackSet, AuditContext, Step
+from guard.guarded import GuardedModel
+from guard.training.reject import RejectClassifier
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def _median_ms(fn: Any, reps: int) -> float:
 def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) -> Any:
     """The guarded model's detector configuration refitted on the hardened model."""
     import guard
-    from detectors import Detector
+    from guard.detectors import Detector
 
     prefix = "model." if hasattr(hardened, "reject_index") and hasattr(hardened, "model") else ""
     dets: dict[str, Detector] = {}
@@ -53,18 +54,27 @@ def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) 
     return g
 
 
-def run(ctx: AuditContext) -> bool:
-    if not ctx.options.export:
-        log.info("export: skipped (options.export is False)")
-        return False
-    from export import compare_with_guarded, load_session, to_onnx
-    from export.adapters import head_from
-    from export.parity import compare_outputs, run_reference, run_session
+class ExportStep(Step):
+    """One ONNX graph of the model and its detector heads, with parity and latency figures."""
+
+    name = "export"
+    needs = {"guarded": GuardedModel, "hardened": RejectClassifier, "attacks": AttackSet}
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        return None if ctx.options.export else "export turned off (--no-export)"
+
+    def run(self, ctx: AuditContext, guarded: GuardedModel | None = None, hardened: RejectClassifier | None = None,
+            attacks: AttackSet | None = None) -> None:
+        _run(ctx, guarded, hardened, attacks.results if attacks is not None else {})
+
+
+def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None, attack_results: dict[str, Any]) -> None:
+    from guard.export import compare_with_guarded, load_session, to_onnx
+    from guard.export.adapters import head_from
+    from guard.export.parity import compare_outputs, run_reference, run_session
 
     t0 = time.perf_counter()
     quick = ctx.options.quick
-    guarded = ctx.shared.get("guarded")
-    hardened = ctx.shared.get("hardened")
     source = "model"
     if hardened is not None:
         obj = _harden_guarded(ctx, hardened, guarded) if guarded is not None else hardened
@@ -91,7 +101,7 @@ def run(ctx: AuditContext) -> bool:
     # full-set checks: the held-out images and every attack set
     n_eval = 256 if quick else len(ctx.test)
     sets: dict[str, torch.Tensor] = {"clean": x_test[:n_eval]}
-    for name, res in (ctx.shared.get("attack_results") or {}).items():
+    for name, res in attack_results.items():
         xa = getattr(res, "x_adv", None)
         if isinstance(xa, torch.Tensor) and xa.numel():
             sets[name] = xa[: (64 if quick else 500)].detach().float().cpu()  # 500 per attack keeps the step near 1 min

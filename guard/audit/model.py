@@ -1,0 +1,30 @@
+"""Audit step ``model``: the report's model section (clean accuracy on the held-out split)."""
+
+from __future__ import annotations
+
+import torch
+
+from guard.audit.step import AuditContext, Step
+from guard.core.models import accuracy
+
+__all__ = ["ModelStep"]
+
+
+class ModelStep(Step):
+    """``report["model"]``: name, number of classes, clean and training accuracy, data sizes."""
+
+    name = "model"
+
+    def run(self, ctx: AuditContext) -> None:
+        with torch.no_grad():
+            probe = ctx.model(ctx.test.x[:2].to(ctx.options.device))
+        meta = getattr(ctx.model, "guard_meta", {})
+        ctx.report["model"] = {
+            "name": ctx.model_name,
+            "num_classes": int(probe.shape[1]),
+            "clean_accuracy": accuracy(ctx.model, ctx.test.x, ctx.test.y),
+            "train_accuracy": accuracy(ctx.model, ctx.train.x, ctx.train.y),
+            "data": {"source": ctx.data_source, "train": len(ctx.train), "test": len(ctx.test)},
+            "parameters": sum(p.numel() for p in ctx.model.parameters()),
+            "cache": {k: meta[k] for k in ("cache_path", "cache_hit", "key") if k in meta},
+        }

@@ -1,0 +1,148 @@
+"""``run_audit``: run the steps in order and write OUT/report.json after each one.
+
+The data path reads top to bottom: every step of :data:`guard.audit.steps.STEPS` gets the
+context and the typed results it declares in ``needs``; what it returns (``gives``) is handed
+to the steps after it. The report is rewritten atomically after every step, so an interrupted
+audit re-run with ``resume=True`` skips the steps already done and rebuilds their results from
+the output folder (:meth:`Step.restore`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
+from guard.core.data import Split
+
+__all__ = ["run_audit"]
+
+log = logging.getLogger(__name__)
+
+
+def _check_steps(steps: Sequence[Step]) -> list[Step]:
+    seen: set[str] = set()
+    out = []
+    for s in steps:
+        if not isinstance(s, Step):
+            raise TypeError(f"steps must be guard.audit.Step instances; got {type(s).__name__}.")
+        if s.name in seen:
+            raise ValueError(f"steps lists the step {s.name!r} twice.")
+        seen.add(s.name)
+        out.append(s)
+    return out
+
+
+def _keep(results: dict[type, Any], value: Any) -> None:
+    if value is None:
+        return
+    key = type(value)
+    if isinstance(value, AttackSet) and AttackSet in results:
+        results[AttackSet] = results[AttackSet].merged(value)
+        return
+    for known in list(results):  # a subclass result (e.g. a GuardedModel subclass) fills its base slot
+        if isinstance(value, known):
+            key = known
+    results[key] = value
+
+
+def _lookup(results: dict[type, Any], want: type) -> Any:
+    for key, value in results.items():
+        if issubclass(key, want):
+            return value
+    return None
+
+
+def run_audit(
+    model: nn.Module,
+    train: Split,
+    test: Split,
+    out: str | Path,
+    *,
+    model_name: str = "model",
+    data_source: str = "user data",
+    options: AuditOptions | None = None,
+    resume: bool = False,
+    steps: Sequence[Step] | None = None,
+    fail_fast: bool = False,
+) -> dict[str, Any]:
+    """Run the audit steps and return the report (also written to ``out/report.json``).
+
+    Args:
+        model: the classifier (images in [0, 1] -> logits).
+        train, test: clean data; detectors and patch attacks learn on ``train`` only.
+        out: the output folder (created).
+        model_name, data_source: recorded in the report's ``model`` section.
+        options: :class:`AuditOptions`.
+        resume: keep the steps already in ``out/report.json`` (their results are reloaded).
+        steps: the steps to run (default :data:`guard.audit.steps.STEPS`).
+        fail_fast: re-raise a step's exception instead of recording it.
+
+    A step that raises is recorded under ``report["errors"][step]`` (and logged) and the audit
+    goes on with the next step; it is not marked complete, so ``resume=True`` retries it.
+    """
+    if steps is None:
+        from guard.audit.steps import STEPS
+
+        steps = STEPS
+    steps = _check_steps(steps)
+    opts = options or AuditOptions()
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    ctx = AuditContext(model=model.to(opts.device), model_name=model_name, train=train, test=test,
+                       data_source=data_source, out=out_path, options=opts)
+    if resume and ctx.report_path.is_file():
+        try:
+            ctx.report = json.loads(ctx.report_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not valid JSON: {err}") from err
+        if not isinstance(ctx.report, dict) or ctx.report.get("version", REPORT_VERSION) != REPORT_VERSION:
+            raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not a version-{REPORT_VERSION} guard report.")
+    ctx.report.setdefault("version", REPORT_VERSION)
+    done = set(ctx.report.setdefault("_completed_steps", []))
+    results: dict[type, Any] = {}
+    for step in steps:
+        if step.name in done:
+            log.info("audit: %s already in the report, skipped (resume)", step.name)
+            _keep(results, step.restore(ctx))
+            continue
+        reason = step.skip_reason(ctx)
+        if reason is not None:
+            log.info("audit: %s skipped: %s", step.name, reason)
+            ctx.report.setdefault("skipped", {})[step.name] = reason
+            ctx.save_report()
+            continue
+        ctx.report.get("skipped", {}).pop(step.name, None)
+        inputs = {key: _lookup(results, typ) for key, typ in step.needs.items()}
+        t0 = time.perf_counter()
+        log.info("audit: %s", step.name)
+        try:
+            value = step.run(ctx, **inputs)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # one capability failing must not lose the others' results
+            log.error("audit: step %s failed: %s: %s", step.name, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            ctx.report.setdefault("errors", {})[step.name] = f"{type(err).__name__}: {err}"
+            ctx.save_report()
+            if fail_fast:
+                raise
+            continue
+        if step.gives is not None and value is not None and not isinstance(value, step.gives):
+            raise TypeError(f"audit step {step.name!r} must give a {step.gives.__name__}; it gave a {type(value).__name__}.")
+        _keep(results, value)
+        ctx.report.get("errors", {}).pop(step.name, None)
+        ctx.report.setdefault("timings", {})[step.name] = round(time.perf_counter() - t0, 3)
+        done.add(step.name)
+        ctx.report["_completed_steps"] = [s.name for s in steps if s.name in done]
+        ctx.save_report()
+    if not ctx.report.get("errors"):
+        ctx.report.pop("errors", None)
+    if not ctx.report.get("skipped"):
+        ctx.report.pop("skipped", None)
+    ctx.save_report()
+    return ctx.report

@@ -1,0 +1,141 @@
+"""What an audit step is: a named object that declares what it needs and what it gives.
+
+Each step fills its own section of ``report.json`` and may hand a typed result to later steps:
+
+* :class:`AttackSet` — attack results by name (every attack step gives one; the runner merges
+  them, so the detectors step sees all of them);
+* :class:`guard.GuardedModel` — the fitted and calibrated detectors (the detectors step);
+* :class:`guard.training.RejectClassifier` — the hardened model (the harden step).
+
+A step lists the results it reads in ``needs`` (keyword -> type); the runner passes the
+latest result of each type, or ``None`` when no earlier step gave one. A step that was
+completed in an earlier, interrupted run is not run again: its ``restore`` rebuilds its result
+from the files it wrote into the output folder, so the steps after it see the same inputs as
+in an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from guard.attacks.base import AttackResult
+from guard.core.cache import atomic_write_text, load_tensors, save_tensors
+from guard.core.data import Split
+
+__all__ = ["AttackSet", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION"]
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class AuditOptions:
+    """Knobs of an audit run. ``quick`` shrinks every step for tests and smoke runs.
+
+    ``extra`` holds per-step overrides (documented in each step's module docstring).
+    """
+
+    seed: int = 0
+    quick: bool = False
+    harden: bool = False
+    export: bool = True
+    repetitions: int = 10
+    progress: bool = True
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AttackSet:
+    """Attack results by attack name (``report["attacks"]`` keys)."""
+
+    results: dict[str, AttackResult] = field(default_factory=dict)
+
+    def merged(self, other: "AttackSet") -> "AttackSet":
+        return AttackSet({**self.results, **other.results})
+
+
+@dataclass
+class AuditContext:
+    """What every step sees: the model, the data, the output folder, the options, the report."""
+
+    model: nn.Module
+    model_name: str
+    train: Split
+    test: Split
+    data_source: str
+    out: Path
+    options: AuditOptions
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "report.json"
+
+    def save_report(self) -> None:
+        atomic_write_text(self.report_path, json.dumps(self.report, indent=2, sort_keys=False) + "\n")
+
+    def artifact_path(self, name: str) -> Path:
+        return self.out / "artifacts" / f"{name}.safetensors"
+
+    def save_artifact(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> Path:
+        path = self.artifact_path(name)
+        save_tensors(path, tensors, meta)
+        return path
+
+    def load_artifact(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        path = self.artifact_path(name)
+        return load_tensors(path) if path.is_file() else None
+
+    # -- attack results: the one format every attack step writes and the resume path reads
+    def save_attack(self, name: str, result: AttackResult, meta: dict[str, Any] | None = None) -> None:
+        tensors = {"x_adv": result.x_adv.detach().float().cpu(), "success": result.success.detach().bool().cpu()}
+        for key in ("test_index", "guide_index", "label", "confidence", "guide"):
+            value = result.extras.get(key)
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu()
+        if result.y is not None:
+            tensors["y"] = result.y.detach().cpu()
+        self.save_artifact("attack_" + name, tensors, {"attack": name, **(meta or {})})
+
+    def load_attack(self, name: str) -> AttackResult | None:
+        art = self.load_artifact("attack_" + name)
+        if art is None or "x_adv" not in art[0]:
+            return None
+        t = art[0]
+        extras = {k: v for k, v in t.items() if k not in ("x_adv", "success", "y")}
+        return AttackResult(t["x_adv"].float(), t["success"].bool(), t.get("y"), extras=extras)
+
+
+class Step:
+    """One audit step. Subclasses set ``name``, ``needs``, ``gives`` and write ``run``.
+
+    Attributes:
+        name: the step's id (``report["_completed_steps"]``, ``report["timings"]``).
+        needs: keyword -> type of an earlier step's result that ``run`` takes.
+        gives: the type of what ``run`` returns (None: nothing for later steps).
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[dict[str, type]] = {}
+    gives: ClassVar[type | None] = None
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:
+        """Why the options leave this step out (None: it runs). A skipped step is not marked
+        complete, so a resumed audit with the option on runs it."""
+        return None
+
+    def run(self, ctx: AuditContext, **inputs: Any) -> Any:
+        raise NotImplementedError
+
+    def restore(self, ctx: AuditContext) -> Any:
+        """The result ``run`` gave, rebuilt from the output folder (for ``--resume``)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
