@@ -16,7 +16,7 @@ from torch import nn
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import call_model, check_images, check_labels
 
-__all__ = ["Attack", "AttackResult", "model_device"]
+__all__ = ["Attack", "AttackResult", "Fooler", "model_device"]
 
 
 @dataclass
@@ -56,6 +56,10 @@ class Attack:
     """
 
     targeted_supported: bool = True
+    #: Input-conditioned: called as ``attack(model, x, y)`` (a :class:`Fooler` makes images from nothing).
+    needs_images: bool = True
+    #: Outputs ``>= real_classes`` (a hardened model's reject class) never count as success.
+    real_classes: int | None = None
 
     @final
     def __call__(
@@ -89,14 +93,41 @@ class Attack:
             result.target = target
         return result
 
+    def fit(self, model: nn.Module, data: Any) -> "Attack":
+        """Learn from clean data where the attack needs to (patches); the default learns nothing."""
+        return self
+
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
         raise NotImplementedError
 
-    @staticmethod
     @torch.no_grad()
-    def is_success(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    def is_success(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        """Targeted: the model predicts ``target``; untargeted: a (real) class other than ``y``."""
         pred = model(x_adv).argmax(1)
-        return pred == target if target is not None else pred != y
+        if target is not None:
+            return pred == target
+        hit = pred != y
+        return hit & (pred < self.real_classes) if self.real_classes is not None else hit
+
+    def params(self) -> dict[str, Any]:
+        """The configuration, JSON-friendly (for report.json)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+
+
+class Fooler:
+    """Base for attacks that make images from nothing (fooling images, Nguyen et al. 2015).
+
+    Called ``fooler(model, shape=(C, H, W), classes=None, num_classes=None)``: one or more images
+    per wanted class (default every output), returned as an :class:`AttackResult` whose
+    ``extras["label"]`` is the class each image aims at and ``extras["confidence"]`` the
+    model's softmax probability of it (over every output).
+    """
+
+    needs_images: bool = False
+
+    def __call__(self, model: nn.Module, *, shape: tuple[int, int, int], classes: Any = None,
+                 num_classes: int | None = None) -> AttackResult:
+        raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
         """The configuration, JSON-friendly (for report.json)."""

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.base import AttackResult, model_device
+from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
 from guard.core.models import eval_mode
 from guard.core.validation import check_float, check_images, check_int, check_labels, check_model_and_shape
@@ -115,7 +115,7 @@ class ClassArchive:
         return out
 
 
-class FoolingEvolution:
+class FoolingEvolution(Fooler):
     """Evolve fooling images with MAP-Elites (one elite per class).
 
     Args:
@@ -134,10 +134,14 @@ class FoolingEvolution:
             every class is fooled; not in the paper: it spends the children on the classes
             that are left, which on the demo model are the slow ones, e.g. "1").
         extra_samples: besides the elites, keep a seeded reservoir sample of up to this many
-            children that reached the threshold for their top class (positives for detectors).
+            children that reached ``extra_threshold`` for their top class (positives for
+            detectors, reject examples for hardening).
+        extra_threshold: the confidence those children need (default: ``threshold``).
         seed: seed of every random choice (torch, NumPy and the archive).
 
-    Call ``evolver(model, shape=(1, 28, 28))`` -> :class:`AttackResult`: ``x_adv`` the elites
+    Call ``evolver(model, shape=(1, 28, 28), classes=None)`` -> :class:`AttackResult` (``classes``:
+    the classes that get an archive cell, default all; confidences are always the softmax over
+    every output, so a hardened model's reject class competes): ``x_adv`` the elites
     (sorted by class) then the extra samples; ``success`` = confidence >= threshold;
     ``extras``: ``label``, ``confidence``, ``is_elite``, ``generations``,
     ``generation_all_fooled`` (first generation at which all classes reached the threshold,
@@ -160,6 +164,7 @@ class FoolingEvolution:
         init_hidden: int = 2,
         parent_selection: str = "uniform",
         extra_samples: int = 100,
+        extra_threshold: float | None = None,
         seed: int = 0,
     ) -> None:
         owner = type(self).__name__
@@ -182,6 +187,8 @@ class FoolingEvolution:
             raise ValueError(f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. Got {parent_selection!r}.")
         self.parent_selection = parent_selection
         self.extra_samples = check_int(extra_samples, "extra_samples", owner, low=0)
+        self.extra_threshold = self.threshold if extra_threshold is None else check_float(
+            extra_threshold, "extra_threshold", owner, low=0.0, high=1.0, low_open=True)
         self.seed = check_int(seed, "seed", owner)
 
     def params(self) -> dict[str, Any]:
@@ -195,6 +202,7 @@ class FoolingEvolution:
         *,
         shape: tuple[int, int, int] = (1, 28, 28),
         num_classes: int | None = None,
+        classes: Sequence[int] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> AttackResult:
         shape = check_model_and_shape(model, shape)
@@ -206,7 +214,12 @@ class FoolingEvolution:
         with eval_mode(model), torch.no_grad():
             if num_classes is None:
                 num_classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
-            archive = ClassArchive(num_classes, shape, seed=self.seed, with_ids=cppn)
+            cls = torch.arange(num_classes) if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
+            if cls.numel() == 0 or int(cls.min()) < 0 or int(cls.max()) >= num_classes or cls.unique().numel() != cls.numel():
+                raise ValueError(f"classes must be distinct class indices in [0, {num_classes - 1}]; got {cls.tolist()}.")
+            cells = int(cls.numel())
+            cls_dev = cls.to(device)
+            archive = ClassArchive(cells, shape, seed=self.seed, with_ids=cppn)
             genomes: dict[int, Genome] = {}
             next_id = 0
             pool_x: list[torch.Tensor] = []
@@ -238,36 +251,37 @@ class FoolingEvolution:
                         rate = self.mutation_rate * 0.5 ** (g_idx // self.rate_halving)
                         x = polynomial_mutation(parents["images"], rate, self.eta, gen)
                     x = x.to(device)
-                probs = F.softmax(model(x).float(), 1)
+                # softmax over every output (a reject class too), one archive cell per wanted class
+                probs = F.softmax(model(x).float(), 1)[:, cls_dev]
                 archive.add(x, probs, ids)
                 if cppn:
                     keep = {int(i) for i in archive.elites()["genome_id"]}
                     genomes = {i: genomes[i] for i in keep}
                 # Reservoir sample (seeded) of children at the threshold for their top class.
                 top_c, top_l = probs.max(1)
-                for j in (top_c >= self.threshold).nonzero().flatten().tolist():
+                for j in (top_c >= self.extra_threshold).nonzero().flatten().tolist():
                     seen += 1
                     if len(pool_x) < self.extra_samples:
-                        pool_x.append(x[j].cpu()); pool_l.append(int(top_l[j])); pool_c.append(float(top_c[j]))
+                        pool_x.append(x[j].cpu()); pool_l.append(int(cls[top_l[j]])); pool_c.append(float(top_c[j]))
                     elif self.extra_samples:
                         r = int(rng.integers(seen))
                         if r < self.extra_samples:
-                            pool_x[r], pool_l[r], pool_c[r] = x[j].cpu(), int(top_l[j]), float(top_c[j])
+                            pool_x[r], pool_l[r], pool_c[r] = x[j].cpu(), int(cls[top_l[j]]), float(top_c[j])
                 el = archive.elites()
                 n_fooled = int((el["confidence"] >= self.threshold).sum())
-                if g_idx % 10 == 0 or n_fooled == num_classes:
+                if g_idx % 10 == 0 or n_fooled == cells:
                     history.append({"generation": g_done, "classes_fooled": n_fooled, "classes_filled": len(el["labels"]),
                                     "median_confidence": float(el["confidence"].median()), "seconds": time.perf_counter() - t0})
                 if progress is not None:
                     progress(g_done, n_fooled)
-                if n_fooled == num_classes and all_fooled_at < 0:
+                if n_fooled == cells and all_fooled_at < 0:
                     all_fooled_at = g_done
                 if self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations:
                     break
             el = archive.elites()
             xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
             x_all = torch.cat(xs).to(device)
-            labels = torch.cat([el["labels"], torch.tensor(pool_l, dtype=torch.long)]).to(device)
+            labels = torch.cat([cls[el["labels"]], torch.tensor(pool_l, dtype=torch.long)]).to(device)
             conf = F.softmax(model(x_all).float(), 1).gather(1, labels[:, None]).squeeze(1)
         seconds = time.perf_counter() - t0
         n_el = int(el["labels"].numel())
@@ -276,7 +290,7 @@ class FoolingEvolution:
             "confidence": conf,
             "is_elite": torch.arange(labels.numel(), device=device) < n_el,
             "elite_confidence": el["confidence"].float(),
-            "elite_label": el["labels"],
+            "elite_label": cls[el["labels"]],
             "generations": g_done,
             "generation_all_fooled": all_fooled_at,
             "evaluations": g_done * self.population,

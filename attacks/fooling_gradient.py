@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.base import AttackResult, model_device
+from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.core.models import eval_mode
 from guard.core.validation import check_float, check_int, check_model_and_shape
 
@@ -47,7 +47,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-class FoolingGradient:
+class FoolingGradient(Fooler):
     """Gradient-ascent fooling images, one batch for all classes.
 
     Args:
@@ -94,9 +94,6 @@ class FoolingGradient:
         self.objective = objective
         self.seed = check_int(seed, "seed", owner)
 
-    def params(self) -> dict[str, object]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
     def __call__(
         self,
         model: nn.Module,
@@ -112,7 +109,7 @@ class FoolingGradient:
             if num_classes is None:
                 with torch.no_grad():
                     num_classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
-            cls = torch.arange(num_classes) if classes is None else torch.as_tensor(classes, dtype=torch.long).flatten()
+            cls = torch.arange(num_classes) if classes is None else torch.as_tensor(list(classes), dtype=torch.long).flatten()
             if cls.numel() == 0 or int(cls.min()) < 0 or int(cls.max()) >= num_classes:
                 raise ValueError(f"classes must be non-empty and lie in [0, {num_classes - 1}]; got {cls.tolist()}.")
             labels = cls.repeat_interleave(self.samples_per_class).to(device)

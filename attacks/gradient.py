@@ -25,13 +25,22 @@ __all__ = ["FGSM", "LinfPGD", "L2PGD", "PGD", "LinfFastGradientAttack", "LinfPro
            "L2ProjectedGradientDescentAttack"]
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targeted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gradient of the ascent objective w.r.t. x, logits). Ascent: +CE(y) or -CE(target)."""
+def _input_grad(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targeted: bool,
+                real_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient of the ascent objective w.r.t. x, logits).
+
+    Ascent on +CE(y), or -CE(target); with ``real_classes`` (untargeted) on
+    log P(a real class other than y), so that the extra outputs (a reject class) are avoided.
+    """
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    loss = F.cross_entropy(logits, labels, reduction="sum")
     if targeted:
-        loss = -loss
+        loss = -F.cross_entropy(logits, labels, reduction="sum")
+    elif real_classes is None:
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+    else:
+        logp = F.log_softmax(logits, 1)[:, :real_classes]
+        loss = torch.logsumexp(logp.masked_fill(F.one_hot(labels, real_classes).bool(), float("-inf")), 1).sum()
     (grad,) = torch.autograd.grad(loss, x)
     return grad, logits.detach()
 
@@ -43,12 +52,13 @@ class FGSM(Attack):
         eps: L-inf budget (>= 0).
     """
 
-    def __init__(self, *, eps: float = 0.3) -> None:
+    def __init__(self, *, eps: float = 0.3, real_classes: int | None = None) -> None:
         self.eps = check_float(eps, "eps", "FGSM", low=0.0)
+        self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", "FGSM", low=2)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
         targeted = target is not None
-        grad, _ = _input_grad(model, x, target if targeted else y, targeted)
+        grad, _ = _input_grad(model, x, target if targeted else y, targeted, self.real_classes)
         x_adv = (x + self.eps * grad.sign()).clamp(0.0, 1.0)
         return AttackResult(x_adv, self.is_success(model, x_adv, y, target), extras={"norm": "linf", "eps": self.eps})
 
@@ -57,8 +67,9 @@ class _PGDBase(Attack):
     norm = "linf"
 
     def __init__(self, *, eps: float, steps: int = 40, step_size: float | None = None, random_start: bool = True,
-                 early_stop: bool = True, seed: int = 0) -> None:
+                 early_stop: bool = True, real_classes: int | None = None, seed: int = 0) -> None:
         owner = type(self).__name__
+        self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", owner, low=2)
         self.eps = check_float(eps, "eps", owner, low=0.0)
         self.steps = check_int(steps, "steps", owner, low=1)
         # Madry et al.'s rule of thumb: 2.5 * eps / steps lets a run cross the ball and come back.
@@ -95,7 +106,7 @@ class _PGDBase(Attack):
         if not self.early_stop:
             # Every image takes every step: no index bookkeeping (the same work as torchattacks).
             for _ in range(self.steps):
-                grad, _ = _input_grad(model, x_adv, labels, targeted)
+                grad, _ = _input_grad(model, x_adv, labels, targeted, self.real_classes)
                 x_adv = (x + self._project(x_adv + self.step_size * self._step(grad) - x)).clamp(0.0, 1.0)
             steps_taken += self.steps
         for _ in range(self.steps if self.early_stop else 0):
@@ -103,9 +114,11 @@ class _PGDBase(Attack):
             if active.numel() == 0:
                 break
             xa, x0, lab = x_adv[active], x[active], labels[active]
-            grad, logits = _input_grad(model, xa, lab, targeted)
+            grad, logits = _input_grad(model, xa, lab, targeted, self.real_classes)
             pred = logits.argmax(1)
             hit = pred == lab if targeted else pred != lab
+            if not targeted and self.real_classes is not None:
+                hit &= pred < self.real_classes
             done[active[hit]] = True
             keep = ~hit
             active, xa, x0, grad = active[keep], xa[keep], x0[keep], grad[keep]
@@ -130,14 +143,18 @@ class LinfPGD(_PGDBase):
         step_size: step length; default 2.5 * eps / steps.
         random_start: start from a uniform point of the ball.
         early_stop: stop each image once it is adversarial (the attack's goal is reached).
+        real_classes: the model's first ``real_classes`` outputs are its classes and the rest
+            (a hardened model's reject class) never count as success: untargeted PGD then
+            ascends log P(a real class other than y).
         seed: seed of the random start.
     """
 
     norm = "linf"
 
     def __init__(self, *, eps: float = 0.3, steps: int = 40, step_size: float | None = None, random_start: bool = True,
-                 early_stop: bool = True, seed: int = 0) -> None:
-        super().__init__(eps=eps, steps=steps, step_size=step_size, random_start=random_start, early_stop=early_stop, seed=seed)
+                 early_stop: bool = True, real_classes: int | None = None, seed: int = 0) -> None:
+        super().__init__(eps=eps, steps=steps, step_size=step_size, random_start=random_start, early_stop=early_stop,
+                         real_classes=real_classes, seed=seed)
 
     def _random_delta(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return (torch.rand(x.shape, generator=gen) * 2 - 1) * self.eps
@@ -164,8 +181,9 @@ class L2PGD(_PGDBase):
     norm = "l2"
 
     def __init__(self, *, eps: float = 2.0, steps: int = 40, step_size: float | None = None, random_start: bool = True,
-                 early_stop: bool = True, seed: int = 0) -> None:
-        super().__init__(eps=eps, steps=steps, step_size=step_size, random_start=random_start, early_stop=early_stop, seed=seed)
+                 early_stop: bool = True, real_classes: int | None = None, seed: int = 0) -> None:
+        super().__init__(eps=eps, steps=steps, step_size=step_size, random_start=random_start, early_stop=early_stop,
+                         real_classes=real_classes, seed=seed)
 
     def _random_delta(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # Uniform in the ball: a Gaussian direction and radius eps * u^(1/d).

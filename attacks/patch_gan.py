@@ -37,23 +37,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from guard.attacks.base import Attack, AttackResult, model_device
 from guard.attacks.patch_analysis import ssim
+from guard.attacks.patch_fit import fit_patch_source
 from guard.attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
 from guard.core.cache import load_tensors, save_tensors
 from guard.core.data import Split
 from guard.core.features import FeatureExtractor
 from guard.core.models import eval_mode
-from guard.core.models import predict_labels
 from guard.core.validation import NotFittedError, check_float, check_images, check_int
 
 __all__ = ["PatchGAN", "PatchGenerator", "fooling_loss", "last_conv_layer", "as_images", "patch_fit_inputs"]
@@ -64,7 +62,7 @@ LOSSES = ("paper", "margin")
 
 
 def fooling_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "paper", *, target: torch.Tensor | None = None,
-                 kappa: float = 5.0) -> torch.Tensor:
+                 kappa: float = 5.0, real_classes: int | None = None) -> torch.Tensor:
     """Mean fooling loss of a batch (lower = more fooled).
 
     Args:
@@ -74,20 +72,30 @@ def fooling_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "paper", *, 
         target: targeted variant: ``"paper"`` becomes -log p_t (cross-entropy), ``"margin"``
             becomes max(max_{j!=t} z_j - z_t, -kappa).
         kappa: confidence margin of the margin loss.
+        real_classes: outputs ``>= real_classes`` (a hardened model's reject class) count as
+            *not* fooled: ``"paper"`` becomes -log P(a real class other than y), ``"margin"``
+            compares the best other real class with the best of y and the extra outputs.
     """
     if kind not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}; got {kind!r}.")
     label = target if target is not None else y
+    k = logits.shape[1]
+    n = k if real_classes is None or target is not None else min(int(real_classes), k)
+    keep = F.one_hot(label, k).bool()  # the classes that mean "not fooled"
+    if n < k:
+        keep[:, n:] = True
     if kind == "paper":
         if target is not None:
             return F.cross_entropy(logits, label)
         log_p = F.log_softmax(logits, 1)
-        log_py = log_p.gather(1, label.view(-1, 1)).squeeze(1)
-        # log(1 - p_y) computed stably as log(-expm1(log p_y)).
-        return -torch.log(-torch.expm1(log_py.clamp(max=-1e-6))).mean()
-    z_label = logits.gather(1, label.view(-1, 1)).squeeze(1)
-    other = logits.masked_fill(F.one_hot(label, logits.shape[1]).bool(), float("-inf")).amax(1)
-    diff = (other - z_label) if target is not None else (z_label - other)
+        if n == k:
+            log_py = log_p.gather(1, label.view(-1, 1)).squeeze(1)
+            # log(1 - p_y) computed stably as log(-expm1(log p_y)).
+            return -torch.log(-torch.expm1(log_py.clamp(max=-1e-6))).mean()
+        return -torch.logsumexp(log_p.masked_fill(keep, float("-inf")), 1).mean()
+    z_keep = logits.masked_fill(~keep, float("-inf")).amax(1)
+    other = logits.masked_fill(keep, float("-inf")).amax(1)
+    diff = (other - z_keep) if target is not None else (z_keep - other)
     return diff.clamp(min=-kappa).mean()
 
 
@@ -231,100 +239,28 @@ class PatchGAN(Attack):
                 out for early stopping; never pass the evaluation images here.
         """
         x, side, device = patch_fit_inputs(model, data, self.size)
-        n_all, c, h, w = x.shape
-        gen = torch.Generator().manual_seed(self.seed)
+        _, c, h, w = x.shape
         torch_state = torch.random.get_rng_state()
         torch.manual_seed(self.seed)  # generator initialisation
         G = PatchGenerator(side, c, self.latent_dim, self.width).to(device)
         torch.random.set_rng_state(torch_state)
-        perm = torch.randperm(n_all, generator=gen)
-        n_val = int(round(self.val_fraction * n_all)) if n_all > 1 else 0
-        if n_val >= n_all:
-            n_val = n_all - 1
-        x_val, x_tr = x[perm[:n_val]].to(device), x[perm[n_val:]].to(device)
         layer = self.feature_layer if self.feature_layer is not None else (last_conv_layer(model) if self.alpha > 0 else None)
+        source = _GeneratorSource(self, G, model, layer, side, (h, w), device)
         opt = torch.optim.Adam(G.parameters(), lr=self.lr, betas=(0.5, 0.999))
-        params = list(G.parameters())
-        history: list[dict[str, float]] = []
-        t0 = time.perf_counter()
-        with eval_mode(model):
-            y_tr = predict_labels(model, x_tr)
-            y_val = predict_labels(model, x_val) if n_val else None
-            fx = FeatureExtractor(model, [layer]) if layer is not None else None
-            # Fixed validation latents and positions so the checks are comparable.
-            vgen = torch.Generator().manual_seed(self.seed + 1)
-            z_val = torch.rand(max(n_val, 1), self.latent_dim, generator=vgen).to(device)
-            pos_val = random_positions(max(n_val, 1), side, (h, w), generator=vgen, device=device)
-            best_rate, best_state, bad, step = -1.0, copy.deepcopy(G.state_dict()), 0, 0
-            bar = tqdm(total=self.steps, desc=f"PatchGAN {side}x{side}", disable=not self.progress, leave=False)
-            for step in range(1, self.steps + 1):
-                G.train()
-                b = min(self.batch_size, int(x_tr.shape[0]))
-                idx = torch.randint(0, x_tr.shape[0], (b,), generator=gen).to(device)
-                xb, yb = x_tr[idx], y_tr[idx]
-                z = torch.rand(2 * b, self.latent_dim, generator=gen).to(device)
-                pos = random_positions(b, side, (h, w), generator=gen, device=device)
-                patches = G(z)
-                xa = apply_patches(xb.repeat(2, 1, 1, 1), patches, pos.repeat(2, 1))
-                if fx is not None:
-                    logits, feats = fx(xa)
-                    f1, f2 = feats[layer].flatten(1).chunk(2)
-                    d_feat = (f1 - f2).abs().mean(1)
-                    l_d = -(d_feat.clamp(max=self.cap_d) if self.cap_d is not None else d_feat).mean()
-                else:
-                    logits, l_d = model(xa), torch.zeros((), device=device)
-                l_f = fooling_loss(logits, yb.repeat(2), self.loss, kappa=self.kappa)
-                p1, p2 = patches.flatten(1).chunk(2)
-                if self.patch_distance == "l2":
-                    d_patch = (p1 - p2).norm(dim=1) / math.sqrt(p1.shape[1])
-                else:  # structural: 1 - SSIM, the measure the diversity analysis reports
-                    q1, q2 = patches.chunk(2)
-                    d_patch = 1.0 - ssim(q1, q2)
-                l_p = -(d_patch.clamp(max=self.cap_p) if self.cap_p is not None else d_patch).mean()
-                total = l_f + self.alpha * l_d + self.beta * l_p
-                grads = torch.autograd.grad(total, params)
-                for p, g in zip(params, grads):
-                    p.grad = g
-                opt.step()
-                bar.update(1)
-                out_of_time = self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds
-                if step % self.eval_every == 0 or step == self.steps or out_of_time:
-                    if n_val:
-                        rate = self._val_rate(model, G, x_val, y_val, z_val, pos_val)
-                    else:  # no validation slice: the training batch's fooling rate
-                        rate = float((logits.detach().argmax(1) != yb.repeat(2)).float().mean())
-                    history.append({"step": step, "val_fooling_rate": rate, "l_f": l_f.item(), "l_d": l_d.item(), "l_p": l_p.item()})
-                    bar.set_postfix(val=f"{rate:.3f}")
-                    if rate > best_rate:
-                        best_rate, best_state, bad = rate, copy.deepcopy(G.state_dict()), 0
-                    else:
-                        bad += 1
-                    if bad >= self.patience or rate >= 1.0:
-                        break
-                if out_of_time:
-                    break
-            bar.close()
-        G.load_state_dict(best_state)
+        fit = fit_patch_source(model, x.to(device), source, opt, goal=lambda pred, y: pred != y, steps=self.steps,
+                               batch_size=self.batch_size, val_fraction=self.val_fraction, eval_every=self.eval_every,
+                               patience=self.patience, max_seconds=self.max_seconds, seed=self.seed, progress=self.progress,
+                               desc=f"PatchGAN {side}x{side}")
         G.eval()
         self.generator_ = G
         self.side_ = side
         self.image_size_ = (h, w)
-        self.history_ = history
-        self.val_fooling_rate_ = best_rate
-        self.steps_ = step
-        self.fit_seconds_ = time.perf_counter() - t0
+        self.history_ = fit.history
+        self.val_fooling_rate_ = fit.best_rate
+        self.steps_ = fit.steps
+        self.fit_seconds_ = fit.seconds
         self.feature_layer_ = layer
         return self
-
-    @torch.no_grad()
-    def _val_rate(self, model: nn.Module, G: nn.Module, x_val: torch.Tensor, y_val: torch.Tensor,
-                  z_val: torch.Tensor, pos_val: torch.Tensor) -> float:
-        G.eval()
-        fooled = 0
-        for i in range(0, x_val.shape[0], 500):
-            xa = apply_patches(x_val[i:i + 500], G(z_val[i:i + 500]), pos_val[i:i + 500])
-            fooled += int((model(xa).argmax(1) != y_val[i:i + 500]).sum())
-        return fooled / int(x_val.shape[0])
 
     # ------------------------------------------------------------------ use
     def _check_fitted(self) -> None:
@@ -400,3 +336,58 @@ class PatchGAN(Attack):
 _INIT_KEYS = {"size", "alpha", "beta", "lr", "loss", "kappa", "steps", "batch_size", "latent_dim", "width", "feature_layer",
               "val_fraction", "eval_every", "patience", "max_seconds", "cap_d", "cap_p", "patch_distance", "seed", "progress"}
 
+
+class _GeneratorSource:
+    """PatchGAN's side of the shared training loop: the G2LVAP loss L_f + alpha L_d + beta L_p."""
+
+    def __init__(self, attack: PatchGAN, G: PatchGenerator, model: nn.Module, layer: str | None, side: int,
+                 hw: tuple[int, int], device: torch.device) -> None:
+        self.a, self.G, self.layer, self.side, self.hw, self.device = attack, G, layer, side, hw, device
+        self.fx = FeatureExtractor(model, [layer]) if layer is not None else None
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self.G.parameters())
+
+    def batch_loss(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+        a = self.a
+        self.G.train()
+        b = int(xb.shape[0])
+        z = torch.rand(2 * b, a.latent_dim, generator=gen).to(self.device)
+        pos = random_positions(b, self.side, self.hw, generator=gen, device=self.device)
+        patches = self.G(z)
+        xa = apply_patches(xb.repeat(2, 1, 1, 1), patches, pos.repeat(2, 1))
+        if self.fx is not None:
+            logits, feats = self.fx(xa)
+            f1, f2 = feats[self.layer].flatten(1).chunk(2)
+            d_feat = (f1 - f2).abs().mean(1)
+            l_d = -(d_feat.clamp(max=a.cap_d) if a.cap_d is not None else d_feat).mean()
+        else:
+            logits, l_d = model(xa), torch.zeros((), device=self.device)
+        labels = yb.repeat(2)
+        l_f = fooling_loss(logits, labels, a.loss, kappa=a.kappa)
+        p1, p2 = patches.flatten(1).chunk(2)
+        if a.patch_distance == "l2":
+            d_patch = (p1 - p2).norm(dim=1) / math.sqrt(p1.shape[1])
+        else:  # structural: 1 - SSIM, the measure the diversity analysis reports
+            q1, q2 = patches.chunk(2)
+            d_patch = 1.0 - ssim(q1, q2)
+        l_p = -(d_patch.clamp(max=a.cap_p) if a.cap_p is not None else d_patch).mean()
+        total = l_f + a.alpha * l_d + a.beta * l_p
+        return total, logits, labels, {"l_f": l_f.item(), "l_d": l_d.item(), "l_p": l_p.item()}
+
+    def validation_draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.rand(n, self.a.latent_dim, generator=gen).to(self.device)
+        return z, random_positions(n, self.side, self.hw, generator=gen, device=self.device)
+
+    def current_patches(self, z: torch.Tensor) -> torch.Tensor:
+        self.G.eval()
+        return self.G(z)
+
+    def after_step(self) -> None:
+        pass
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return copy.deepcopy(self.G.state_dict())
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.G.load_state_dict(state)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from guard.attacks.base import Attack, AttackResult
-from guard.attacks.patching import apply_patches, patch_side, random_positions
-from guard.core.validation import check_float, check_int
+from guard.attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
+from guard.core.validation import check_int
 
 __all__ = ["RandomPatch"]
 
@@ -24,19 +24,15 @@ class RandomPatch(Attack):
 
     Args:
         size: patch side in pixels (int) or area fraction (float in (0, 1)).
+        real_classes: outputs from this index on (a reject class) do not count as fooled.
         seed: seeds the noise and the positions.
     """
 
     targeted_supported = False
 
-    def __init__(self, *, size: int | float = 0.05, seed: int = 0) -> None:
-        if isinstance(size, bool) or not isinstance(size, (int, float)):
-            raise TypeError(f"The 'size' parameter of RandomPatch must be an int side or a float area fraction. Got {size!r}.")
-        if isinstance(size, float):
-            check_float(size, "size", "RandomPatch", low=0.0, high=1.0, low_open=True, high_open=True)
-        else:
-            check_int(size, "size", "RandomPatch", low=1)
-        self.size = size
+    def __init__(self, *, size: int | float = 0.05, real_classes: int | None = None, seed: int = 0) -> None:
+        self.size = check_patch_size(size, "RandomPatch")
+        self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", "RandomPatch", low=2)
         self.seed = check_int(seed, "seed", "RandomPatch", low=0)
 
     def fit(self, model: nn.Module | None = None, data: Any = None) -> "RandomPatch":

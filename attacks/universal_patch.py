@@ -10,17 +10,16 @@ Adam (projected back to [0, 1] after every step) to make the model change its la
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from guard.attacks.base import Attack, AttackResult
 from guard.attacks.patch_gan import LOSSES, fooling_loss, patch_fit_inputs
+from guard.attacks.patch_fit import fit_patch_source
 from guard.attacks.patching import apply_patches, check_patch_size, random_positions
-from guard.core.models import eval_mode, predict_labels
+from guard.core.models import eval_mode
 from guard.core.validation import NotFittedError, check_float, check_int
 
 __all__ = ["UniversalPatch"]
@@ -38,6 +37,9 @@ class UniversalPatch(Attack):
         steps: maximum steps.
         batch_size: images per step.
         val_fraction, eval_every, patience, max_seconds: early stopping as in PatchGAN.
+        real_classes: for a model with extra outputs after its real classes (the reject class of
+            a hardened model): success means another *real* class, and the loss counts the
+            extra outputs as not fooled.
         seed: seeds the initial patch, batches and positions.
         progress: show a tqdm bar.
 
@@ -48,7 +50,8 @@ class UniversalPatch(Attack):
 
     def __init__(self, *, size: int | float = 0.05, target: int | None = None, loss: str = "paper", kappa: float = 5.0,
                  lr: float = 0.05, steps: int = 1000, batch_size: int = 64, val_fraction: float = 0.2, eval_every: int = 50,
-                 patience: int = 4, max_seconds: float | None = None, seed: int = 0, progress: bool = False) -> None:
+                 patience: int = 4, max_seconds: float | None = None, real_classes: int | None = None, seed: int = 0,
+                 progress: bool = False) -> None:
         owner = "UniversalPatch"
         self.size = check_patch_size(size, owner)
         self.target = None if target is None else check_int(target, "target", owner, low=0)
@@ -63,72 +66,37 @@ class UniversalPatch(Attack):
         self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
         self.patience = check_int(patience, "patience", owner, low=1)
         self.max_seconds = None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", owner, low=2)
         self.seed = check_int(seed, "seed", owner, low=0)
         self.progress = bool(progress)
 
     def _goal(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return pred == self.target if self.target is not None else pred != y
+        if self.target is not None:
+            return pred == self.target
+        return (pred != y) & (pred < self.real_classes) if self.real_classes is not None else pred != y
 
     def fit(self, model: nn.Module, data: Any) -> "UniversalPatch":
         """Optimise the patch against ``model`` on the images of ``data`` (labels ignored)."""
         x, side, device = patch_fit_inputs(model, data, self.size)
-        n_all, c, h, w = x.shape
-        gen = torch.Generator().manual_seed(self.seed)
-        perm = torch.randperm(n_all, generator=gen)
-        n_val = min(int(round(self.val_fraction * n_all)), n_all - 1)
-        x_val, x_tr = x[perm[:n_val]].to(device), x[perm[n_val:]].to(device)
-        patch = torch.rand(1, c, side, side, generator=gen).to(device).requires_grad_(True)
-        opt = torch.optim.Adam([patch], lr=self.lr)
-        history: list[dict[str, float]] = []
-        t0 = time.perf_counter()
-        with eval_mode(model):
-            y_tr = predict_labels(model, x_tr)
-            y_val = predict_labels(model, x_val)
-            num_classes = int(model(x_tr[:1]).shape[1]) if self.target is not None else 0
-            if self.target is not None and self.target >= num_classes:
+        _, c, h, w = x.shape
+        if self.target is not None:
+            with torch.no_grad(), eval_mode(model):
+                num_classes = int(model(x[:1].to(device)).shape[1])
+            if self.target >= num_classes:
                 raise ValueError(f"target must be a class index in [0, {num_classes - 1}]; got {self.target}.")
-            vgen = torch.Generator().manual_seed(self.seed + 1)
-            pos_val = random_positions(max(n_val, 1), side, (h, w), generator=vgen, device=device)
-            best_rate, best_patch, bad, step = -1.0, patch.detach().clone(), 0, 0
-            bar = tqdm(total=self.steps, desc=f"UniversalPatch {side}x{side}", disable=not self.progress, leave=False)
-            for step in range(1, self.steps + 1):
-                b = min(self.batch_size, int(x_tr.shape[0]))
-                idx = torch.randint(0, x_tr.shape[0], (b,), generator=gen).to(device)
-                pos = random_positions(b, side, (h, w), generator=gen, device=device)
-                logits = model(apply_patches(x_tr[idx], patch, pos))
-                tgt = None if self.target is None else torch.full((b,), self.target, dtype=torch.long, device=device)
-                loss = fooling_loss(logits, y_tr[idx], self.loss, target=tgt, kappa=self.kappa)
-                (patch.grad,) = torch.autograd.grad(loss, [patch])
-                opt.step()
-                with torch.no_grad():
-                    patch.clamp_(0.0, 1.0)
-                bar.update(1)
-                out_of_time = self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds
-                if step % self.eval_every == 0 or step == self.steps or out_of_time:
-                    with torch.no_grad():
-                        if n_val:
-                            pred = torch.cat([model(apply_patches(x_val[i:i + 500], patch, pos_val[i:i + 500])).argmax(1)
-                                              for i in range(0, n_val, 500)])
-                            rate = float(self._goal(pred, y_val).float().mean())
-                        else:
-                            rate = float(self._goal(logits.argmax(1), y_tr[idx]).float().mean())
-                    history.append({"step": step, "val_fooling_rate": rate, "loss": loss.item()})
-                    bar.set_postfix(val=f"{rate:.3f}")
-                    if rate > best_rate:
-                        best_rate, best_patch, bad = rate, patch.detach().clone(), 0
-                    else:
-                        bad += 1
-                    if bad >= self.patience or rate >= 1.0:
-                        break
-                if out_of_time:
-                    break
-            bar.close()
-        self.patch_ = best_patch
+        init = torch.rand(1, c, side, side, generator=torch.Generator().manual_seed(self.seed + 3))
+        source = _PixelSource(self, init.to(device).requires_grad_(True), side, (h, w), device)
+        opt = torch.optim.Adam(source.parameters(), lr=self.lr)
+        fit = fit_patch_source(model, x.to(device), source, opt, goal=self._goal, steps=self.steps, batch_size=self.batch_size,
+                               val_fraction=self.val_fraction, eval_every=self.eval_every, patience=self.patience,
+                               max_seconds=self.max_seconds, seed=self.seed, progress=self.progress,
+                               desc=f"UniversalPatch {side}x{side}")
+        self.patch_ = source.patch.detach().clone()
         self.side_ = side
-        self.history_ = history
-        self.val_fooling_rate_ = best_rate
-        self.steps_ = step
-        self.fit_seconds_ = time.perf_counter() - t0
+        self.history_ = fit.history
+        self.val_fooling_rate_ = fit.best_rate
+        self.steps_ = fit.steps
+        self.fit_seconds_ = fit.seconds
         return self
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -150,3 +118,38 @@ class UniversalPatch(Attack):
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in super().params().items() if not k.endswith("_")}
+
+
+class _PixelSource:
+    """UniversalPatch's side of the shared training loop: the pixels of one patch, kept in [0, 1]."""
+
+    def __init__(self, attack: UniversalPatch, patch: torch.Tensor, side: int, hw: tuple[int, int], device: torch.device) -> None:
+        self.a, self.patch, self.side, self.hw, self.device = attack, patch, side, hw, device
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.patch]
+
+    def batch_loss(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator):
+        a = self.a
+        b = int(xb.shape[0])
+        pos = random_positions(b, self.side, self.hw, generator=gen, device=self.device)
+        logits = model(apply_patches(xb, self.patch, pos))
+        tgt = None if a.target is None else torch.full((b,), a.target, dtype=torch.long, device=self.device)
+        return fooling_loss(logits, yb, a.loss, target=tgt, kappa=a.kappa, real_classes=a.real_classes), logits, yb, {}
+
+    def validation_draw(self, n: int, gen: torch.Generator) -> tuple[None, torch.Tensor]:
+        return None, random_positions(n, self.side, self.hw, generator=gen, device=self.device)
+
+    def current_patches(self, _draw: None) -> torch.Tensor:
+        return self.patch.detach()
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            self.patch.clamp_(0.0, 1.0)
+
+    def snapshot(self) -> torch.Tensor:
+        return self.patch.detach().clone()
+
+    def restore(self, state: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.patch.copy_(state)

@@ -1,34 +1,100 @@
-"""The ``guard`` command-line tool."""
+"""The ``guard`` command-line tool: it parses arguments and calls the library, nothing more."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
-DEMO_SOURCE = "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0), seed-0 split 8000/2000"
 
+# ---------------------------------------------------------------- model and data options
 
 def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
-    """--demo | --model SPEC, and the image-folder options that go with --model."""
+    """--demo [NAME] | --model SPEC, and --data (a folder or an embedded data set) for --model."""
+    from guard.demo import DEMOS
+
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--demo", action="store_true", help="the embedded MNIST default and the demo model (the default when no --model is given)")
-    src.add_argument("--model", metavar="SPEC", help=model_help)
-    p.add_argument("--data", metavar="DIR", help="image folder (one sub-folder per class) for --model; split 80/20 with --seed")
+    src.add_argument("--demo", nargs="?", const="mnist", default=None, choices=DEMOS, metavar="NAME",
+                     help=f"an embedded default: its data and its demo model ({', '.join(DEMOS)}; default mnist, "
+                          "also when neither --demo nor --model is given)")
+    src.add_argument("--model", metavar="SPEC", help=model_help + "; a module in the current directory is found, as uvicorn does")
+    p.add_argument("--data", metavar="DIR|NAME", help="for --model: an image folder (one sub-folder per class, split 80/20 with "
+                   f"--seed) or the name of an embedded data set ({', '.join(DEMOS)})")
     p.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
     p.add_argument("--grayscale", action="store_true", help="load folder images with one channel")
+    p.add_argument("--train-size", type=int, default=None, metavar="N", help="use at most N training images")
+    p.add_argument("--test-size", type=int, default=None, metavar="N", help="use at most N held-out images")
 
+
+@dataclass
+class _Setup:
+    model: Any
+    train: Any
+    test: Any
+    name: str
+    source: str
+    demo: str | None
+
+
+def _load_user_model(spec: str) -> Any:
+    import guard
+
+    if ":" in spec and os.getcwd() not in sys.path:  # 'module:callable' from the working directory
+        sys.path.insert(0, os.getcwd())
+    return guard.load_model(spec)
+
+
+def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
+    import torch
+
+    import guard
+    from guard.demo import DEMOS, demo_source
+
+    if args.model is None:
+        if args.data is not None:
+            raise ValueError("--data needs --model (--demo NAME brings its own data).")
+        demo = args.demo or "mnist"
+        s = _Setup(guard.demo_model(demo, progress=progress), *guard.demo_data(demo), f"guard.demo_model({demo!r})",
+                   demo_source(demo), demo)
+    else:
+        if args.data is None:
+            raise ValueError(f"--model needs --data DIR (an image folder, one sub-folder per class) or an embedded data set ({', '.join(DEMOS)}).")
+        model = _load_user_model(args.model)
+        if args.data in DEMOS and not Path(args.data).is_dir():
+            train, test = guard.demo_data(args.data)
+            source = demo_source(args.data)
+        else:
+            data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
+            perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
+            cut = int(0.8 * len(data))
+            train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
+            test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+            source = f"image folder {args.data} (seed-{args.seed} split 80/20)"
+        s = _Setup(model, train, test, args.model, source, None)
+    for attr, cap in (("train", args.train_size), ("test", args.test_size)):
+        if cap is not None:
+            if cap < 1:
+                raise ValueError(f"--{attr}-size must be >= 1; got {cap}.")
+            split = getattr(s, attr)
+            setattr(s, attr, guard.Split(split.x[:cap], split.y[:cap]))
+    return s
+
+
+# ---------------------------------------------------------------- guard audit
 
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="attack, detect, harden and export a model; write OUT/report.json",
-        description="Run every capability on a model and write OUT/report.json (its keys are documented in the README, section \"report.json\"). "
-        "With --demo: the embedded MNIST split and the cached demo LeNet.",
+        description="Run every capability on a model and write OUT/report.json (its keys are documented in the README, "
+        "section 'report.json'). Without --model: an embedded default (--demo NAME) and its demo model.",
     )
     _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: ./out)")
@@ -43,44 +109,18 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_audit)
 
 
-def _user_model_and_data(args: argparse.Namespace):
-    """--model and --data: the user's model and a seeded 80/20 split of the image folder."""
-    import torch
-
-    import guard
-
-    if args.data is None:
-        raise ValueError("--model needs --data DIR (an image folder, one sub-folder per class).")
-    model = guard.load_model(args.model)
-    data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
-    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
-    cut = int(0.8 * len(data))
-    train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
-    test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
-    return model, train, test
-
-
 def _cmd_audit(args: argparse.Namespace) -> int:
-    import guard
     from guard.audit import AuditOptions, run_audit
 
-    if args.model is None and args.data is not None:
-        raise ValueError("--data needs --model (the demo uses the embedded MNIST).")
-    if args.model is not None:
-        model, train, test = _user_model_and_data(args)
-        name, source = args.model, f"image folder {args.data} (seed-{args.seed} split 80/20)"
-    else:
-        model = guard.demo_model(progress=not args.quiet)
-        train, test = guard.demo_data()
-        name, source = "guard.demo_model (DemoNet)", DEMO_SOURCE
+    s = _setup(args, progress=not args.quiet)
     opts = AuditOptions(seed=args.seed, quick=args.quick, harden=args.harden, export=not args.no_export,
                         repetitions=args.repetitions, progress=not args.quiet, device=args.device)
-    report = run_audit(model, train, test, args.out, model_name=name, data_source=source, options=opts, resume=args.resume)
+    report = run_audit(s.model, s.train, s.test, args.out, model_name=s.name, data_source=s.source, options=opts, resume=args.resume)
     m = report.get("model", {})
     print(f"clean accuracy {m.get('clean_accuracy', float('nan')):.4f} on {m.get('data', {}).get('test')} held-out images")
-    for name_, sec in report.get("attacks", {}).items():
+    for name, sec in report.get("attacks", {}).items():
         if isinstance(sec, dict) and "success_rate" in sec:
-            print(f"attack {name_:<18} success {sec['success_rate']:.3f}")
+            print(f"attack {name:<18} success {sec['success_rate']:.3f}")
     print(f"wrote {args.out}/report.json")
     errors = report.get("errors", {})
     for step, msg in errors.items():
@@ -88,27 +128,33 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+# ---------------------------------------------------------------- guard harden
+
 def _add_harden(sub: argparse._SubParsersAction) -> None:
+    from guard.training import ROUND_ATTACKS, HardenConfig
+
+    d = HardenConfig()
     p = sub.add_parser(
         "harden",
         help="retrain a model with an (n+1)-th reject class against fresh attacks (Nguyen et al. 2015)",
         description="Rounds of: attack the current model (fooling images by gradient ascent, direct and CPPN evolution; "
         "localized patches), label the images as a reject class, fine-tune. Writes OUT/harden.json (the report's harden "
-        "section), OUT/hardened_model.safetensors and checkpoints in OUT/checkpoints (resume with --resume). "
-        "Runs under torchrun --nproc_per_node=N as well (DDP).",
+        "section), OUT/hardened_model.safetensors (RejectClassifier.save) and checkpoints in OUT/checkpoints (resume "
+        "with --resume). Runs under 'torchrun --nproc_per_node=N -m guard harden ...' as well (DDP). Defaults are "
+        "guard.training.HardenConfig's.",
     )
     _add_model_and_data(p, "'module:callable' giving an nn.Module (its last nn.Linear, or --head, grows)")
-    p.add_argument("--head", default=None, help="dotted name of the classifier's final nn.Linear")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--epochs-per-round", type=int, default=2)
-    p.add_argument("--reject-share", type=float, default=0.12, help="share of reject images in each epoch (default 0.12)")
-    p.add_argument("--attacks", default=None, help="comma-separated round attacks (default: fooling_gradient,fooling_direct,fooling_cppn,universal_patch; also random_patch, pgd)")
+    p.add_argument("--head", default=d.head, help="dotted name of the classifier's final nn.Linear")
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)
+    p.add_argument("--reject-share", type=float, default=d.reject_share, help=f"share of reject images in each epoch (default {d.reject_share})")
+    p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma-separated round attacks (default {','.join(d.attacks)}; "
+                   f"choose from {','.join(ROUND_ATTACKS)})")
     p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
-    p.add_argument("--attack-engine", choices=["builtin", "attacks"], default="builtin",
-                   help="fooling images from the small built-in generators (default) or the attacks package's classes")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--out", default="out-harden", metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--device", default="cpu")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -117,39 +163,24 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_harden(args: argparse.Namespace) -> int:
     import time
-    from dataclasses import asdict
-    from pathlib import Path
 
-    import guard
     from guard.audit.harden import harden_section
-    from guard.core.cache import atomic_write_text, save_tensors
-    from guard.training.harden import harden
-    from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget
-
-    if args.model is not None:
-        model, train, test = _user_model_and_data(args)
-        augment = None
-    else:
-        if args.data is not None:
-            raise ValueError("--data needs --model (the demo uses the embedded MNIST).")
-        from guard.demo import shift_augment
-
-        model = guard.demo_model(progress=not args.quiet)
-        train, test = guard.demo_data()
-        augment = shift_augment
-    out = Path(args.out)
-    attacks = [a for a in args.attacks.split(",") if a.strip()] if args.attacks is not None else list(DEFAULT_ATTACKS)
-    budget = AttackBudget.quick() if args.budget == "quick" else AttackBudget()
+    from guard.core.cache import atomic_write_text
+    from guard.demo import demo_augment
+    from guard.training import AttackBudget, HardenConfig, harden
     from guard.training.distributed import init_from_env, world
 
+    s = _setup(args, progress=not args.quiet)
+    config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
+                          batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
+                          budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head)
+    out = Path(args.out)
     created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
-    rank = world()[0]
+    rank, size = world()
     t0 = time.perf_counter()
     try:
-        res = harden(model.to(args.device), train, test=test, attacks=attacks, rounds=args.rounds, epochs_per_round=args.epochs_per_round,
-                     reject_share=args.reject_share, head=args.head, budget=budget, lr=args.lr, augment=augment,
-                     checkpoint_dir=out / "checkpoints", resume=args.resume, seed=args.seed, progress=not args.quiet and rank == 0,
-                     attack_engine=args.attack_engine)
+        res = harden(s.model.to(args.device), s.train, test=s.test, config=config, augment=demo_augment(s.demo),
+                     checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet and rank == 0)
     finally:
         if created:
             import torch.distributed as dist
@@ -157,16 +188,13 @@ def _cmd_harden(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if rank != 0:
         return 0
-    section = harden_section(res, attacks=attacks, budget=asdict(budget), seconds=time.perf_counter() - t0,
-                             settings={"rounds": args.rounds, "epochs_per_round": args.epochs_per_round, "reject_share": args.reject_share,
-                                       "lr": args.lr, "seed": args.seed, "checkpoint_dir": str(out / "checkpoints"),
-                                       "attack_engine": args.attack_engine})
+    section = harden_section(res, seconds=time.perf_counter() - t0, settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size})
     path = out / "hardened_model.safetensors"
-    save_tensors(path, res.model.model.state_dict(), {"num_classes": res.model.num_classes, "head": res.model.head,
-                                                       "reject_index": res.model.reject_index})
+    res.model.save(path)
     section["model_path"] = str(path)
-    atomic_write_text(out / "harden.json", json.dumps({"harden": section}, indent=2) + "\n")
-    def f(v, spec: str) -> str:
+    atomic_write_text(out / "harden.json", json.dumps({"harden": section, "world_size": size}, indent=2) + "\n")
+
+    def f(v: Any, spec: str) -> str:
         return "n/a" if v is None else format(v, spec)
 
     for r in [section["baseline"], *section["rounds"]]:
@@ -178,45 +206,39 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- guard export
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a model (and its fitted detectors) as one ONNX graph; check parity with onnxruntime",
-        description="Export the model, or a saved GuardedModel folder (guard audit writes OUT/guarded), as one ONNX "
-        "graph: logits, detector scores and flags; then compare PyTorch and onnxruntime on held-out images.",
+        description="Export the model, a hardened model (--hardened) and/or a saved GuardedModel folder (--guarded; "
+        "guard audit writes OUT/guarded) as one ONNX graph: logits, detector scores and flags; then compare PyTorch "
+        "and onnxruntime on held-out images.",
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--demo", action="store_true", help="the cached demo model (the default when no --model is given)")
-    src.add_argument("--model", metavar="SPEC", help="TorchScript file, exported program (.pt2) or 'module:callable'")
+    _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'")
+    p.add_argument("--hardened", metavar="FILE", help="a saved RejectClassifier (guard harden's OUT/hardened_model.safetensors) "
+                   "grown from the model")
     p.add_argument("--guarded", metavar="DIR", help="a saved GuardedModel folder (GuardedModel.save / guard audit's OUT/guarded)")
     p.add_argument("--out", default="model.onnx", metavar="FILE", help="the .onnx file to write (its folder must exist)")
-    p.add_argument("--image-shape", default="1,28,28", metavar="C,H,W", help="input shape without the batch (default 1,28,28)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--fp16-backbone", action="store_true", help="run the classifier in float16, detector heads in float32")
     p.add_argument("--no-saliency", action="store_true", help="leave the saliency head out")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     import guard
     from guard.export import to_onnx
 
-    model = guard.load_model(args.model) if args.model is not None else guard.demo_model(progress=False)
-    try:
-        shape = [int(v) for v in args.image_shape.split(",")]
-    except ValueError:
-        shape = []
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"--image-shape must be C,H,W with positive ints; got {args.image_shape!r}.")
-    if args.model is None:
-        _, test = guard.demo_data()
-        x = test.x[:64]
-    else:
-        x = torch.rand([64, *shape], generator=torch.Generator().manual_seed(0))
+    s = _setup(args, progress=False)
+    model = s.model
+    if args.hardened:
+        model = guard.RejectClassifier.load(args.hardened, model)
     obj = guard.GuardedModel.load(args.guarded, model) if args.guarded else model
+    x = s.test.x[:64]
     rep = to_onnx(obj, args.out, x[:8], opset=args.opset, fp16_backbone=args.fp16_backbone,
                   saliency=not args.no_saliency, parity_inputs=None if args.no_check else x)
     print(f"wrote {rep.path} (opset {rep.opset}, {rep.file_bytes / 1e6:.1f} MB, outputs: {', '.join(rep.output_names)})")
@@ -230,21 +252,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the parser
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_audit, _add_harden, _add_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="guard", description="Attack, detect, harden and export PyTorch image classifiers.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_audit(sub)
-    _add_harden(sub)
-    _add_export(sub)
-    return parser
-
-
-def _version() -> str:
     from guard import __version__
 
-    return __version__
+    parser = argparse.ArgumentParser(prog="guard", description="Attack, detect, harden and export PyTorch image classifiers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,7 @@
-"""The demo model: DemoNet trained on the embedded MNIST 8,000 and cached."""
+"""The embedded defaults: their names, data sources, augmentations and demo models.
+
+``mnist``: DemoNet (a LeNet-style CNN) trained on the embedded MNIST 8,000 on first use and cached.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import hashlib
 import json
 import logging
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +19,23 @@ from guard.core.data import DEMO_SEED, demo_data, demo_data_digest
 from guard.core.models import DemoNet, accuracy
 from guard.training.classifier import train_classifier
 
-__all__ = ["demo_model", "demo_model_key", "shift_augment"]
+__all__ = ["DEMOS", "demo_model", "demo_model_key", "demo_source", "demo_augment", "shift_augment"]
+
+#: The embedded defaults, by name.
+DEMOS: tuple[str, ...] = ("mnist",)
+
+_SOURCES = {"mnist": "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0), seed-0 split 8000/2000"}
+
+
+def _check_demo(name: str) -> str:
+    if not isinstance(name, str) or name not in DEMOS:
+        raise ValueError(f"unknown demo {name!r}; expected one of {', '.join(DEMOS)}.")
+    return name
+
+
+def demo_source(name: str = "mnist") -> str:
+    """Where the embedded data of demo ``name`` comes from (for report.json)."""
+    return _SOURCES[_check_demo(name)]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +54,11 @@ def shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> 
     return pad[idx_n, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2).contiguous()
 
 
+def demo_augment(name: str | None) -> "Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None":
+    """The augmentation the demo model of ``name`` was trained with (None for a user's data)."""
+    return shift_augment if name == "mnist" else None
+
+
 def demo_model_key(seed: int = DEMO_SEED) -> str:
     """Hash of architecture + data + seed + training settings: the cache key."""
     arch = repr(DemoNet())
@@ -41,10 +66,14 @@ def demo_model_key(seed: int = DEMO_SEED) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def demo_model(*, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: bool = True, progress: bool = True) -> DemoNet:
-    """The demo MNIST classifier, loaded from the cache or trained (about a minute on 2 cores).
+def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: bool = True,
+               progress: bool = True) -> DemoNet:
+    """The demo classifier of an embedded default, loaded from the cache or trained.
+
+    ``"mnist"``: DemoNet, trained on first use (about half a minute on 2 cores) and cached.
 
     Args:
+        name: the embedded default (:data:`DEMOS`).
         seed: training seed (part of the cache key).
         cache: read and write ``cache_dir()/demo/demonet-<key>.safetensors``.
         train_if_missing: train when not cached; otherwise raise ValueError.
@@ -54,6 +83,7 @@ def demo_model(*, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: b
         A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
         a cache hit.
     """
+    _check_demo(name)
     key = demo_model_key(seed)
     path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
     model = DemoNet()

@@ -291,18 +291,29 @@ def test_guard_exposes_harden():
     assert guard.RejectClassifier is RejectClassifier
 
 
-def test_team_attack_engine(tiny_model, small_split):
-    pytest.importorskip("ribs")
-    train, test = small_split
+def test_round_schedule_is_guards_own_attacks(tiny_model, small_split):
+    """The rounds run configured instances of guard.attacks, aimed at real classes only."""
+    from guard import attacks
+    from guard.training import HardenConfig, round_attack_table
+
+    table = round_attack_table(QUICK, num_classes=10, seed=0)
+    assert set(table) == set(ROUND_ATTACKS)
+    kinds = {"fooling_gradient": attacks.FoolingGradient, "fooling_direct": attacks.FoolingEvolution,
+             "fooling_cppn": attacks.FoolingEvolution, "universal_patch": attacks.UniversalPatch,
+             "random_patch": attacks.RandomPatch, "pgd": attacks.LinfPGD}
+    assert all(type(table[k]) is v for k, v in kinds.items())
+    assert table["fooling_cppn"].encoding == "cppn" and table["pgd"].real_classes == 10
+    train, _ = small_split
     grown, _ = grow_head(tiny_model)
-    s = generate_round_attacks(grown, ["fooling_gradient", "fooling_direct", "fooling_cppn"], num_classes=10,
-                               image_shape=(1, 28, 28), pool=(train.x, train.y), budget=QUICK, seed=1, engine="attacks")
-    assert len(s) > 0 and s.x.min() >= 0 and s.x.max() <= 1
-    assert int(s.target.max()) < 10 and int(s.target.min()) >= 0  # never the reject class
-    res = harden(tiny_model, train, test=test, attack_engine="attacks", **{**SMALL, "rounds": 1, "epochs_per_round": 1})
-    assert res.history[0]["fooling_classes_ge99"] is not None
-    with pytest.raises(ValueError, match="attack_engine"):
-        harden(tiny_model, train, attack_engine="foolbox", **SMALL)
+    with torch.no_grad():
+        grown.fc2.bias[10] = 50.0  # the reject class wins everywhere: a fooling image must still aim at a real class
+    s = generate_round_attacks(grown, ROUND_ATTACKS, num_classes=10, image_shape=(1, 28, 28), pool=(train.x, train.y),
+                               budget=QUICK, seed=1)
+    fool = s.mask(("fooling_gradient", "fooling_direct", "fooling_cppn"))
+    assert int(s.target[fool].max()) < 10 and int(s.target[fool].min()) >= 0
+    with pytest.raises(TypeError, match="unknown keyword"):
+        harden(tiny_model, train, attack_engine="attacks", **SMALL)
+    assert HardenConfig.quick().rounds == 1 and HardenConfig().rounds == 3
 
 
 @pytest.mark.parametrize("archive_n", [5, 500])
@@ -322,16 +333,19 @@ def test_epoch_set_keeps_the_reject_share(small_split, archive_n):
 
 
 @pytest.mark.slow
-def test_cli_harden_demo_one_round(tmp_path, monkeypatch, small_split):
+def test_cli_harden_demo_one_round(tmp_path, demo_net):
     from guard.cli import main
 
-    monkeypatch.setattr(guard, "demo_data", lambda: small_split)  # the demo model, on 512 / 256 images
-
     out = tmp_path / "h"
-    rc = main(["harden", "--demo", "--rounds", "1", "--epochs-per-round", "1", "--budget", "quick", "--out", str(out), "-q"])
+    rc = main(["harden", "--demo", "--train-size", "512", "--test-size", "256", "--rounds", "1", "--epochs-per-round", "1",
+               "--budget", "quick", "--out", str(out), "-q"])
     assert rc == 0
     section = json.loads((out / "harden.json").read_text())["harden"]
     assert [r["round"] for r in section["rounds"]] == [1]
     assert section["baseline"]["clean_accuracy"] > 0.98
     assert (out / "hardened_model.safetensors").is_file() and (out / "checkpoints" / "harden_state.safetensors").is_file()
+    back = RejectClassifier.load(out / "hardened_model.safetensors", demo_net)  # what guard export --hardened reads
+    assert back.num_classes == 10 and back(guard.demo_data()[1].x[:2]).shape == (2, 11)
+    with pytest.raises(ValueError, match="not a saved RejectClassifier"):
+        RejectClassifier.load(out / "checkpoints" / "harden_state.safetensors", demo_net)
     assert main(["harden", "--demo", "--rounds", "0", "--out", str(out), "-q"]) == 2  # a clear error, no traceback

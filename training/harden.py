@@ -7,10 +7,10 @@ to the training data, fine-tune, evaluate.
 
 Each round ``r``:
 
-1. the attacks of :mod:`training.round_attacks` run against the model after round ``r - 1``
-   (round 1: the caller's model). These images also *measure* that model: how many classes
-   still get a >= 99% fooling image, the median fooling confidence, the patch fooling rate
-   (``history[r - 1]["fresh"]``; round 0 is the baseline);
+1. the attacks of :func:`guard.training.round_attacks.round_attack_table` run against the
+   model after round ``r - 1`` (round 1: the caller's model). These images also *measure*
+   that model: how many classes still get a >= 99% fooling image, the median fooling
+   confidence, the patch fooling rate (``history[r - 1]["fresh"]``; round 0 is the baseline);
 2. they join the reject archive (all earlier rounds are kept);
 3. ``epochs_per_round`` epochs of fine-tuning on the clean data plus reject images drawn from
    the archive so that they are ``reject_share`` of every epoch (neither swamping nor
@@ -20,15 +20,22 @@ Each round ``r``:
 After the last round one more fresh generation measures the final model. Every epoch's
 shuffling, reject sampling and dropout are seeded from ``(seed, round, epoch)``, so a run
 resumed from a checkpoint gives the same model as an uninterrupted one.
+
+:func:`harden` is the one entry point; :class:`HardenConfig` holds the one set of defaults
+that ``guard harden`` (also under ``torchrun``), the audit's harden step and the Python API
+start from.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,19 +44,76 @@ from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
 from guard.core.data import Split, load_data
-from guard.core.models import eval_mode
+from guard.core.models import model_device, predict_labels
 from guard.core.validation import check_float, check_int
 from guard.training.checkpoint import load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
 from guard.training.reject import RejectClassifier, grow_head
-from guard.training.round_attacks import (DEFAULT_ATTACKS, ENGINES, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks,
-                                    score_attack_set)
+from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks, score_attack_set
 
-__all__ = ["harden", "HardenResult"]
+__all__ = ["harden", "HardenConfig", "HardenResult", "CheckpointMismatch", "epoch_set"]
 
 log = logging.getLogger(__name__)
 
 _SET_NAMES = ("x", "kind", "target", "source")
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in ``checkpoint_dir`` belongs to another run (settings, model or data differ)."""
+
+
+@dataclass(frozen=True)
+class HardenConfig:
+    """The settings of a hardening run: the one set of defaults every front end starts from.
+
+    Attributes:
+        rounds: attack-and-retrain rounds (>= 1).
+        epochs_per_round: fine-tuning epochs per round (>= 1).
+        reject_share: share of each epoch's images that are reject examples, in (0, 0.5].
+        lr: Adam learning rate of the fine-tuning (constant).
+        batch_size: global batch size (split across processes under torchrun).
+        attacks: round attack names (:data:`guard.training.round_attacks.ROUND_ATTACKS`).
+        budget: attack sizes per round.
+        seed: seeds everything (attacks, reject sampling, shuffling, dropout).
+        head: dotted name of the classifier's final ``nn.Linear`` (default: the last one).
+    """
+
+    rounds: int = 3
+    epochs_per_round: int = 2
+    reject_share: float = 0.12
+    lr: float = 5e-4
+    batch_size: int = 64
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS
+    budget: AttackBudget = AttackBudget()
+    seed: int = 0
+    head: str | None = None
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "HardenConfig":
+        """One short round with small attacks (smoke runs, the quick audit)."""
+        return cls(**{"rounds": 1, "epochs_per_round": 1, "budget": AttackBudget.quick(), **overrides})
+
+    def validated(self) -> "HardenConfig":
+        owner = "harden"
+        if not isinstance(self.budget, AttackBudget):
+            raise TypeError(f"budget must be an AttackBudget; got {type(self.budget).__name__}.")
+        if self.head is not None and not isinstance(self.head, str):
+            raise TypeError(f"head must be a dotted module name (str) or None; got {type(self.head).__name__}.")
+        return dataclasses.replace(
+            self,
+            rounds=check_int(self.rounds, "rounds", owner, low=1),
+            epochs_per_round=check_int(self.epochs_per_round, "epochs_per_round", owner, low=1),
+            reject_share=check_float(self.reject_share, "reject_share", owner, low=0.0, low_open=True, high=0.5),
+            lr=check_float(self.lr, "lr", owner, low=0.0, low_open=True),
+            batch_size=check_int(self.batch_size, "batch_size", owner, low=1),
+            attacks=check_attacks(self.attacks),
+            seed=check_int(self.seed, "seed", owner, low=0),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attacks"] = list(self.attacks)
+        return d
 
 
 @dataclass
@@ -57,12 +121,13 @@ class HardenResult:
     """What :func:`harden` returns.
 
     Attributes:
-        model: the hardened :class:`~training.reject.RejectClassifier` (n+1 outputs, eval mode).
+        model: the hardened :class:`~guard.training.RejectClassifier` (n+1 outputs, eval mode).
         history: one dict per round (``round``, ``clean_accuracy``, ``rejected_share_of_round_attacks``,
             ``fresh``: how fresh attacks against the model after that round fare, and timings).
         baseline: the same measures for the model before hardening (round 0).
         archive_size: reject images accumulated over all rounds.
         timings: seconds spent generating attacks and training, in total.
+        config: the settings of the run.
     """
 
     model: RejectClassifier
@@ -70,6 +135,7 @@ class HardenResult:
     baseline: dict[str, Any] = field(default_factory=dict)
     archive_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    config: HardenConfig | None = None
 
 
 def _seed(*parts: int) -> int:
@@ -80,23 +146,10 @@ def _seed(*parts: int) -> int:
 
 
 def _digest(tensors: Any) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, reject: int | None = None) -> tuple[float, float]:
-    """(accuracy, share predicted as reject); a rejected clean image counts as an error."""
-    correct, rejected = 0, 0
-    with torch.no_grad(), eval_mode(model):
-        for i in range(0, x.shape[0], 1000):
-            pred = model(x[i:i + 1000].to(device)).argmax(1).cpu()
-            correct += int((pred == y[i:i + 1000]).sum())
-            rejected += int((pred == reject).sum()) if reject is not None else 0
-    return correct / max(1, int(x.shape[0])), rejected / max(1, int(x.shape[0]))
 
 
 def _split_data(data: Any, test: Any) -> tuple[Split, Split | None]:
@@ -110,103 +163,70 @@ def harden(
     data: Any,
     *,
     test: Any = None,
-    attacks: Sequence[str] = DEFAULT_ATTACKS,
-    rounds: int = 3,
-    epochs_per_round: int = 2,
-    reject_share: float = 0.12,
-    head: str | None = None,
+    config: HardenConfig | None = None,
     num_classes: int | None = None,
-    budget: AttackBudget | None = None,
-    lr: float = 5e-4,
-    batch_size: int = 64,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
-    seed: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[int, int, nn.Module], None] | None = None,
-    attack_engine: str = "builtin",
+    **overrides: Any,
 ) -> HardenResult:
     """Retrain ``model`` with an (n+1)-th reject class against fresh attacks, round after round.
 
     Args:
         model: the classifier (n outputs; images in [0, 1]). Never modified: a deep copy
             grows the head. A :class:`RejectClassifier` continues hardening with its head.
-        data: the clean training data (anything :func:`guard.core.data.load_data` takes), or a
-            ``(train, test)`` pair of :class:`~guard.core.data.Split`.
+        data: the clean training data (anything :func:`guard.load_data` takes), or a
+            ``(train, test)`` pair of :class:`~guard.Split`.
         test: clean held-out data for the per-round clean accuracy (default: the training data).
-        attacks: round attack names (:data:`training.round_attacks.ROUND_ATTACKS`).
-        rounds: number of rounds (>= 1).
-        epochs_per_round: fine-tuning epochs per round (>= 1).
-        reject_share: share of each epoch's images that are reject examples, in (0, 0.5].
-        head: dotted name of the classifier's final ``nn.Linear`` (default: the last one).
+        config: a :class:`HardenConfig` (default ``HardenConfig()``).
         num_classes: n, checked against the head and the labels when given.
-        budget: attack sizes per round (default :class:`AttackBudget()`).
-        lr: Adam learning rate of the fine-tuning (constant).
-        batch_size: global batch size (split across processes under torchrun).
         augment: optional ``augment(x, generator)`` for the clean images of each batch.
         checkpoint_dir: where to write the checkpoint after the attack phase of a round,
             after every epoch and after every round (rank 0 only; atomic).
         resume: continue from the checkpoint in ``checkpoint_dir`` (a finished epoch or round
-            is never redone). Without a checkpoint there, start from scratch.
-        seed: seeds everything (attacks, reject sampling, shuffling, dropout).
+            is never redone); without one there, start from scratch. A checkpoint of other
+            settings, another model or other data raises :class:`CheckpointMismatch`.
         progress: tqdm bars for rounds, attacks and epochs.
         on_epoch_end: ``on_epoch_end(round, epoch, model)`` after each epoch's checkpoint.
-        attack_engine: ``"builtin"`` (small batched generators, the default) or ``"attacks"``
-            (the fooling images from the ``attacks`` package's classes; see
-            :func:`training.round_attacks.generate_round_attacks`).
+        **overrides: any :class:`HardenConfig` field (``rounds=5``), replacing ``config``'s.
 
     Returns:
         A :class:`HardenResult` with the hardened model and the per-round history.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    names = check_attacks(attacks)
-    if attack_engine not in ENGINES:
-        raise ValueError(f"attack_engine must be one of {ENGINES}; got {attack_engine!r}.")
-    rounds = check_int(rounds, "rounds", "harden", low=1)
-    epochs_per_round = check_int(epochs_per_round, "epochs_per_round", "harden", low=1)
-    batch_size = check_int(batch_size, "batch_size", "harden", low=1)
-    reject_share = check_float(reject_share, "reject_share", "harden", low=0.0, low_open=True, high=0.5)
-    lr = check_float(lr, "lr", "harden", low=0.0, low_open=True)
-    seed = check_int(seed, "seed", "harden", low=0)
-    budget = budget if budget is not None else AttackBudget()
-    if not isinstance(budget, AttackBudget):
-        raise TypeError(f"budget must be an AttackBudget; got {type(budget).__name__}.")
+    config = config if config is not None else HardenConfig()
+    if not isinstance(config, HardenConfig):
+        raise TypeError(f"config must be a HardenConfig; got {type(config).__name__}.")
+    known = {f.name for f in dataclasses.fields(HardenConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"harden() got unknown keyword argument(s) {unknown}; HardenConfig fields are {sorted(known)}.")
+    config = dataclasses.replace(config, **overrides).validated()
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoint).")
     train, held = _split_data(data, test)
 
-    # -- the (n+1)-class model
     if isinstance(model, RejectClassifier):
         n = model.num_classes
         if num_classes is not None and num_classes != n:
             raise ValueError(f"num_classes={num_classes} does not match the RejectClassifier's {n} classes.")
-        import copy
-
         net, head_name = copy.deepcopy(model.model), model.head
     else:
-        net, head_name = grow_head(model, num_classes=num_classes, head=head, seed=seed)
+        net, head_name = grow_head(model, num_classes=num_classes, head=config.head, seed=config.seed)
         n = int(net.state_dict()[head_name + ".weight"].shape[0]) - 1
     ymax = int(train.y.max())
     if ymax >= n:
         raise ValueError(f"num_classes mismatch: the labels of data go up to {ymax} but the head {head_name!r} has {n} outputs.")
     if held is not None and int(held.y.max()) >= n:
         raise ValueError(f"num_classes mismatch: the labels of test go up to {int(held.y.max())} but the head {head_name!r} has {n} outputs.")
-    held = held if held is not None else train
-    device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    image_shape = tuple(train.x.shape[1:])
-    config = {"attacks": list(names), "epochs_per_round": epochs_per_round, "reject_share": reject_share, "lr": lr,
-              "batch_size": batch_size, "seed": seed, "budget": asdict(budget), "num_classes": n, "head": head_name,
-              "n_train": len(train), "engine": attack_engine,
-              # a checkpoint of another model or other data must never be resumed
-              "model_digest": _digest(net.state_dict().values()), "data_digest": _digest([train.x, train.y])}
-
-    created = init_from_env(device)
-    rank, size = world()
+    hardener = _Hardener(net, n, head_name, train, held if held is not None else train, config, augment=augment,
+                         checkpoint_dir=checkpoint_dir, progress=progress, on_epoch_end=on_epoch_end)
+    created = init_from_env(hardener.device)
     try:
-        return _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject_share, budget, lr, batch_size,
-                    augment, checkpoint_dir, resume, seed, progress, on_epoch_end, device, image_shape, config, rank, size)
+        return hardener.run(resume=resume)
     finally:
         if created:
             import torch.distributed as dist
@@ -214,164 +234,214 @@ def harden(
             dist.destroy_process_group()
 
 
-def _run(net, n, head_name, train, held, names, rounds, epochs_per_round, reject_share, budget, lr, batch_size, augment,
-         checkpoint_dir, resume, seed, progress, on_epoch_end, device, image_shape, config, rank, size) -> HardenResult:
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    history: list[dict[str, Any]] = []
-    baseline: dict[str, Any] = {}
-    archive_x = torch.empty((0, *image_shape))
-    archive_round = torch.empty(0, dtype=torch.long)
-    cur: RoundAttackSet | None = None
-    cur_keep = torch.empty(0, dtype=torch.bool)  # which of ``cur`` joined the reject archive
-    cur_round = 0  # the round whose attack set ``cur`` is
-    round_done, epoch_done = 0, -1
-    timings = {"attack_seconds": 0.0, "train_seconds": 0.0}
-    round_secs = {"attack": 0.0, "train": 0.0}  # of the round in progress
-    show = progress and rank == 0
+@dataclass
+class _State:
+    """Everything a checkpoint holds besides the model and optimizer."""
 
-    if resume:
-        state = load_checkpoint(checkpoint_dir)
-        if state is None:
-            log.info("harden: no checkpoint in %s; starting from scratch", checkpoint_dir)
-        else:
-            model_state, opt_state, extra, meta = state
-            old = {k: v for k, v in meta.get("config", {}).items()}
-            if old != config:
-                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise ValueError(f"cannot resume from {str(checkpoint_dir)!r}: the run's settings differ in {diff} "
-                                 f"(checkpoint {[old.get(k) for k in diff]}, now {[config.get(k) for k in diff]}).")
-            net.load_state_dict(model_state)
-            if opt_state is not None:
-                opt.load_state_dict(opt_state)
-            history, baseline = meta["history"], meta["baseline"]
-            round_done, epoch_done = int(meta["round_done"]), int(meta["epoch_done"])
-            if round_done > rounds:
-                raise ValueError(f"cannot resume from {str(checkpoint_dir)!r} with rounds={rounds}: it already holds "
-                                 f"{round_done} finished rounds (pass rounds >= {round_done}).")
-            timings = meta.get("timings", timings)
-            archive_x, archive_round = extra["archive_x"], extra["archive_round"].long()
-            cur_round = int(meta.get("cur_round", 0))
-            round_secs = meta.get("round_seconds", round_secs)
-            if cur_round:
-                cur = RoundAttackSet.from_tensors({k: extra["cur_" + k] for k in _SET_NAMES}, meta["cur_names"], meta.get("cur_seconds"))
-                cur_keep = extra["cur_keep"].bool()
-            log.info("harden: resumed at round %d (epochs done %d) from %s", round_done, epoch_done + 1, checkpoint_dir)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    archive_x: torch.Tensor | None = None
+    archive_round: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    cur: RoundAttackSet | None = None  # the attack set of round ``cur_round``
+    cur_keep: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))  # which of it joined the archive
+    cur_round: int = 0
+    round_done: int = 0
+    epoch_done: int = -1
+    timings: dict[str, float] = field(default_factory=lambda: {"attack_seconds": 0.0, "train_seconds": 0.0})
+    round_secs: dict[str, float] = field(default_factory=lambda: {"attack": 0.0, "train": 0.0})
 
-    def checkpoint() -> None:
-        if checkpoint_dir is None or rank != 0:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"archive_x": self.archive_x, "archive_round": self.archive_round}
+        if self.cur is not None:
+            out.update({"cur_" + k: v for k, v in self.cur.to_tensors().items()})
+            out["cur_keep"] = self.cur_keep
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"round_done": self.round_done, "epoch_done": self.epoch_done, "history": self.history,
+                             "baseline": self.baseline, "timings": self.timings, "cur_round": self.cur_round,
+                             "round_seconds": self.round_secs}
+        if self.cur is not None:
+            m["cur_names"], m["cur_seconds"] = self.cur.names, self.cur.seconds
+        return m
+
+    @classmethod
+    def restore(cls, extra: dict[str, torch.Tensor], meta: dict[str, Any]) -> "_State":
+        s = cls(history=meta["history"], baseline=meta["baseline"], archive_x=extra["archive_x"],
+                archive_round=extra["archive_round"].long(), cur_round=int(meta.get("cur_round", 0)),
+                round_done=int(meta["round_done"]), epoch_done=int(meta["epoch_done"]),
+                timings=meta.get("timings", {"attack_seconds": 0.0, "train_seconds": 0.0}),
+                round_secs=meta.get("round_seconds", {"attack": 0.0, "train": 0.0}))
+        if s.cur_round:
+            s.cur = RoundAttackSet.from_tensors({k: extra["cur_" + k] for k in _SET_NAMES}, meta["cur_names"], meta.get("cur_seconds"))
+            s.cur_keep = extra["cur_keep"].bool()
+        return s
+
+
+class _Hardener:
+    """One hardening run: the rounds, the checkpoints, the measurements."""
+
+    def __init__(self, net: nn.Module, n: int, head: str, train: Split, held: Split, config: HardenConfig, *,
+                 augment: Callable | None, checkpoint_dir: str | Path | None, progress: bool,
+                 on_epoch_end: Callable[[int, int, nn.Module], None] | None) -> None:
+        self.net, self.n, self.head, self.train, self.held, self.cfg = net, n, head, train, held, config
+        self.augment, self.checkpoint_dir, self.on_epoch_end = augment, checkpoint_dir, on_epoch_end
+        self.device = model_device(net)
+        self.image_shape = tuple(train.x.shape[1:])
+        # a checkpoint of other settings, another model or other data must never be resumed;
+        # the number of rounds may grow (continue a finished run with more rounds)
+        settings = {k: v for k, v in config.to_dict().items() if k != "rounds"}
+        self.fingerprint = {**settings, "num_classes": n, "head": head, "n_train": len(train),
+                            "model_digest": _digest(net.state_dict().values()), "data_digest": _digest([train.x, train.y])}
+        self.opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+        self.rank, self.size = world()
+        self.show = progress and self.rank == 0
+        self.state = _State(archive_x=torch.empty((0, *self.image_shape)))
+
+    # ---------------------------------------------------------------- checkpoints
+    def _load(self) -> None:
+        found = load_checkpoint(self.checkpoint_dir)
+        if found is None:
+            log.info("harden: no checkpoint in %s; starting from scratch", self.checkpoint_dir)
             return
-        extra = {"archive_x": archive_x, "archive_round": archive_round}
-        meta: dict[str, Any] = {"config": config, "round_done": round_done, "epoch_done": epoch_done, "history": history,
-                                "baseline": baseline, "timings": timings, "cur_round": cur_round, "round_seconds": round_secs,
-                                "rng": {"scheme": "seed per (seed, round, epoch)", "seed": seed}}
-        if cur is not None:
-            extra.update({"cur_" + k: v for k, v in cur.to_tensors().items()})
-            extra["cur_keep"] = cur_keep
-            meta["cur_names"], meta["cur_seconds"] = cur.names, cur.seconds
-        save_checkpoint(checkpoint_dir, net, opt, meta, extra)
+        model_state, opt_state, extra, meta = found
+        old = dict(meta.get("config", {}))
+        if old != self.fingerprint:
+            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            raise CheckpointMismatch(f"cannot resume from {str(self.checkpoint_dir)!r}: the run's settings differ in {diff} "
+                                     f"(checkpoint {[old.get(k) for k in diff]}, now {[self.fingerprint.get(k) for k in diff]}).")
+        state = _State.restore(extra, meta)
+        if state.round_done > self.cfg.rounds:
+            raise CheckpointMismatch(f"cannot resume from {str(self.checkpoint_dir)!r} with rounds={self.cfg.rounds}: it already "
+                                     f"holds {state.round_done} finished rounds (pass rounds >= {state.round_done}).")
+        self.net.load_state_dict(model_state)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
+        self.state = state
+        log.info("harden: resumed at round %d (epochs done %d) from %s", state.round_done, state.epoch_done + 1, self.checkpoint_dir)
 
-    def fresh_attacks(r: int) -> RoundAttackSet:
-        """Rank 0 generates against the current model; the images are broadcast."""
+    def _checkpoint(self) -> None:
+        if self.checkpoint_dir is None or self.rank != 0:
+            return
+        meta = {"config": self.fingerprint, "rng": {"scheme": "seed per (seed, round, epoch)", "seed": self.cfg.seed},
+                **self.state.meta()}
+        save_checkpoint(self.checkpoint_dir, self.net, self.opt, meta, self.state.tensors())
+
+    # ---------------------------------------------------------------- attacks and measures
+    def _fresh_attacks(self, r: int) -> RoundAttackSet:
+        """Rank 0 attacks the current model; the images are broadcast to every rank."""
         t0 = time.perf_counter()
         tensors, secs = None, {}
-        if rank == 0:
-            s = generate_round_attacks(net, names, num_classes=n, image_shape=image_shape, pool=(train.x, train.y),
-                                       budget=budget, seed=_seed(seed, r, 1), progress=show,
-                                       engine=config["engine"])
+        if self.rank == 0:
+            s = generate_round_attacks(self.net, self.cfg.attacks, num_classes=self.n, image_shape=self.image_shape,
+                                       pool=(self.train.x, self.train.y), budget=self.cfg.budget,
+                                       seed=_seed(self.cfg.seed, r, 1), progress=self.show)
             tensors, secs = s.to_tensors(), s.seconds
         tensors = broadcast_tensors(tensors, _SET_NAMES)
-        timings["attack_seconds"] += time.perf_counter() - t0
-        round_secs["attack"] = time.perf_counter() - t0
-        return RoundAttackSet.from_tensors(tensors, list(names), secs)
+        self.state.timings["attack_seconds"] += time.perf_counter() - t0
+        self.state.round_secs["attack"] = time.perf_counter() - t0
+        return RoundAttackSet.from_tensors(tensors, list(self.cfg.attacks), secs)
 
-    def measure(s: RoundAttackSet) -> dict[str, Any]:
-        out = score_attack_set(net, s, n)
+    def _measure(self, s: RoundAttackSet) -> dict[str, Any]:
+        out = score_attack_set(self.net, s, self.n)
         out["attack_seconds"] = {k: round(v, 3) for k, v in s.seconds.items()}
         return out
 
-    if not baseline:
-        acc, rej = _clean_accuracy(net, held.x, held.y, device, n)
-        baseline = {"round": 0, "clean_accuracy": acc, "clean_rejected_share": rej}
+    def _clean(self) -> tuple[float, float]:
+        """(accuracy, share predicted as reject) on the held-out data; a rejected image is an error."""
+        pred = predict_labels(self.net, self.held.x).cpu()
+        return float((pred == self.held.y).float().mean()), float((pred == self.n).float().mean())
 
-    rounds_bar = tqdm(range(1, rounds + 1), desc="harden", unit="round", disable=not show, initial=0)
-    for r in rounds_bar:
-        if r <= round_done:
-            continue
-        if cur_round != r:  # attack phase of round r (against the model after round r - 1)
-            cur = fresh_attacks(r)
-            cur_round = r
-            round_secs["train"] = 0.0
-            fresh = measure(cur)
-            if r == 1:
-                baseline["fresh"] = fresh
-            else:
-                history[r - 2]["fresh"] = fresh
-            cur_keep = _to_archive(net, cur, n)
-            archive_x = torch.cat([archive_x, cur.x[cur_keep]])
-            archive_round = torch.cat([archive_round, torch.full((int(cur_keep.sum()),), r, dtype=torch.long)])
-            epoch_done = -1
-            checkpoint()
-        if cur is None:  # internal invariant: the attack phase always sets it
-            raise RuntimeError(f"harden: round {r} has no attack set (corrupt checkpoint?)")
-        ddp = _wrap(net, size, device)
-        for e in tqdm(range(epochs_per_round), desc=f"round {r}", unit="epoch", disable=not show, leave=False):
-            if e <= epoch_done:
+    def _rejected_share(self, x: torch.Tensor) -> float:
+        return float((predict_labels(self.net, x).cpu() == self.n).float().mean()) if len(x) else 0.0
+
+    def _to_archive(self, s: RoundAttackSet) -> torch.Tensor:
+        """Which attack images become reject examples: every fooling image (unrecognisable by
+        construction), but a patched / PGD image only where it fools the current model (a
+        patched digit the model still reads correctly is a digit, and calling it "reject"
+        would teach the model to reject clean digits)."""
+        pred = predict_labels(self.net, s.x).cpu()
+        input_based = s.source >= 0
+        return ~input_based | ((pred != s.source) & (pred < self.n))
+
+    # ---------------------------------------------------------------- the rounds
+    def run(self, *, resume: bool) -> HardenResult:
+        st = self.state
+        if resume:
+            self._load()
+            st = self.state
+        if not st.baseline:
+            acc, rej = self._clean()
+            st.baseline = {"round": 0, "clean_accuracy": acc, "clean_rejected_share": rej}
+        cfg = self.cfg
+        for r in tqdm(range(1, cfg.rounds + 1), desc="harden", unit="round", disable=not self.show):
+            if r <= st.round_done:
+                continue
+            if st.cur_round != r:
+                self._attack_phase(r)
+            if st.cur is None:  # internal invariant: the attack phase always sets it
+                raise RuntimeError(f"harden: round {r} has no attack set (corrupt checkpoint?)")
+            self._train_phase(r)
+        if "fresh" not in st.history[-1]:
+            st.history[-1]["fresh"] = self._measure(self._fresh_attacks(cfg.rounds + 1))
+            self._checkpoint()
+        for h in st.history:  # flatten the report's fixed keys
+            f = h.get("fresh", {})
+            for key in ("fooling_classes_ge99", "fooling_median_confidence", "patch_fooling_rate"):
+                h[key] = f.get(key)
+        self.net.eval()
+        return HardenResult(RejectClassifier(self.net, self.n, self.head).eval(), st.history, st.baseline,
+                            int(st.archive_x.shape[0]), {k: round(v, 3) for k, v in st.timings.items()}, cfg)
+
+    def _attack_phase(self, r: int) -> None:
+        """Round r's attacks against the model after round r - 1; they also measure that model."""
+        st = self.state
+        st.cur = self._fresh_attacks(r)
+        st.cur_round = r
+        st.round_secs["train"] = 0.0
+        fresh = self._measure(st.cur)
+        if r == 1:
+            st.baseline["fresh"] = fresh
+        else:
+            st.history[r - 2]["fresh"] = fresh
+        st.cur_keep = self._to_archive(st.cur)
+        st.archive_x = torch.cat([st.archive_x, st.cur.x[st.cur_keep]])
+        st.archive_round = torch.cat([st.archive_round, torch.full((int(st.cur_keep.sum()),), r, dtype=torch.long)])
+        st.epoch_done = -1
+        self._checkpoint()
+
+    def _train_phase(self, r: int) -> None:
+        st, cfg = self.state, self.cfg
+        ddp = _wrap(self.net, self.size, self.device)
+        for e in tqdm(range(cfg.epochs_per_round), desc=f"round {r}", unit="epoch", disable=not self.show, leave=False):
+            if e <= st.epoch_done:
                 continue
             t0 = time.perf_counter()
-            loss = _train_epoch(ddp, opt, train, archive_x, n, reject_share, batch_size, augment, _seed(seed, r, e, 2), rank, size, device)
-            timings["train_seconds"] += time.perf_counter() - t0
-            round_secs["train"] += time.perf_counter() - t0
-            epoch_done = e
+            loss = _train_epoch(ddp, self.opt, self.train, st.archive_x, self.n, cfg.reject_share, cfg.batch_size, self.augment,
+                                _seed(cfg.seed, r, e, 2), self.rank, self.size, self.device)
+            st.timings["train_seconds"] += time.perf_counter() - t0
+            st.round_secs["train"] += time.perf_counter() - t0
+            st.epoch_done = e
             log.info("harden: round %d epoch %d loss %.4f", r, e, loss)
-            checkpoint()
+            self._checkpoint()
             barrier()
-            if on_epoch_end is not None:
-                on_epoch_end(r, e, net)
-        acc, rej = _clean_accuracy(net, held.x, held.y, device, n)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(r, e, self.net)
+        acc, rej = self._clean()
+        cur, keep = st.cur, st.cur_keep
         entry = {"round": r, "clean_accuracy": acc, "clean_rejected_share": rej,
-                 "rejected_share_of_round_attacks": _rejected_share(net, cur.x[cur_keep], n, device),
-                 "rejected_share_of_all_round_images": score_attack_set(net, cur, n)["rejected_share"],
-                 "n_round_attacks": int(cur_keep.sum()), "n_round_images": len(cur), "archive_size": int(archive_x.shape[0]),
-                 "reject_share": reject_share, "epochs": epochs_per_round,
-                 "seconds_attack": round(round_secs["attack"], 3), "seconds_train": round(round_secs["train"], 3)}
-        if len(history) >= r:
-            history[r - 1] = entry
+                 "rejected_share_of_round_attacks": self._rejected_share(cur.x[keep]),
+                 "rejected_share_of_all_round_images": score_attack_set(self.net, cur, self.n)["rejected_share"],
+                 "n_round_attacks": int(keep.sum()), "n_round_images": len(cur), "archive_size": int(st.archive_x.shape[0]),
+                 "reject_share": cfg.reject_share, "epochs": cfg.epochs_per_round,
+                 "seconds_attack": round(st.round_secs["attack"], 3), "seconds_train": round(st.round_secs["train"], 3)}
+        if len(st.history) >= r:
+            st.history[r - 1] = entry
         else:
-            history.append(entry)
-        round_done, epoch_done = r, -1
-        checkpoint()
+            st.history.append(entry)
+        st.round_done, st.epoch_done = r, -1
+        self._checkpoint()
         barrier()
-    if "fresh" not in history[-1]:
-        final = fresh_attacks(rounds + 1)
-        history[-1]["fresh"] = measure(final)
-        checkpoint()
-    for h in history:  # flatten the report's fixed keys
-        f = h.get("fresh", {})
-        for key in ("fooling_classes_ge99", "fooling_median_confidence", "patch_fooling_rate"):
-            h[key] = f.get(key)
-    net.eval()
-    return HardenResult(RejectClassifier(net, n, head_name).eval(), history, baseline, int(archive_x.shape[0]),
-                        {k: round(v, 3) for k, v in timings.items()})
-
-
-def _predict(net: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with torch.no_grad(), eval_mode(net):
-        return torch.cat([net(x[i:i + 1000].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], 1000)]) if len(x) else torch.empty(0, dtype=torch.long)
-
-
-def _rejected_share(net: nn.Module, x: torch.Tensor, n: int, device: torch.device) -> float:
-    return float((_predict(net, x, device) == n).float().mean()) if len(x) else 0.0
-
-
-def _to_archive(net: nn.Module, s: RoundAttackSet, n: int) -> torch.Tensor:
-    """Which attack images become reject examples: every fooling image (unrecognisable by
-    construction), but a patched / PGD digit only where it fools the current model (a patched
-    digit the model still reads correctly is a digit, and calling it "reject" would teach the
-    model to reject clean digits)."""
-    device = next((p.device for p in net.parameters()), torch.device("cpu"))
-    pred = _predict(net, s.x, device)
-    input_based = s.source >= 0
-    return ~input_based | ((pred != s.source) & (pred < n))
 
 
 def _wrap(net: nn.Module, size: int, device: torch.device) -> nn.Module:

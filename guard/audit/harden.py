@@ -7,8 +7,9 @@ and the share of that round's attacks the model now rejects. Gives the hardened
 :class:`~guard.training.RejectClassifier` (saved to ``artifacts/hardened_model.safetensors``) to
 the export step.
 
-Options (``ctx.options.extra``): ``harden_rounds`` (default 3), ``harden_epochs`` (2),
-``harden_attacks`` (list of names), ``harden_reject_share`` (0.12).
+Settings: :class:`~guard.training.HardenConfig`'s defaults (``HardenConfig.quick()`` in quick
+mode), the audit's seed, and any field overridden as ``options.extra["harden_<field>"]``
+(``harden_rounds``, ``harden_epochs_per_round``, ``harden_reject_share``, ``harden_attacks``, ...).
 """
 
 from __future__ import annotations
@@ -17,21 +18,22 @@ import logging
 import time
 from typing import Any
 
+import dataclasses
+
 from guard.audit.step import AuditContext, Step
 from guard.core.data import Split
+from guard.training.harden import CheckpointMismatch, HardenConfig, HardenResult, harden
 from guard.training.reject import RejectClassifier
 
-__all__ = ["HardenStep", "harden_section", "HARDEN_DEFAULTS"]
+__all__ = ["HardenStep", "harden_section", "audit_config"]
 
 log = logging.getLogger(__name__)
-
-HARDEN_DEFAULTS: dict[str, Any] = {"rounds": 3, "epochs_per_round": 2, "reject_share": 0.12}
 _ROUND_KEYS = ("round", "clean_accuracy", "fooling_classes_ge99", "fooling_median_confidence", "patch_fooling_rate",
                "rejected_share_of_round_attacks")
 
 
-def harden_section(res: Any, *, attacks: list[str], budget: dict[str, Any], seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
-    """The report's ``harden`` section from a :class:`training.harden.HardenResult`."""
+def harden_section(res: HardenResult, *, seconds: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report's ``harden`` section from a :class:`~guard.training.HardenResult`."""
     rounds = []
     for h in res.history:
         row = {k: h.get(k) for k in _ROUND_KEYS}
@@ -58,9 +60,9 @@ def harden_section(res: Any, *, attacks: list[str], budget: dict[str, Any], seco
         "baseline": baseline,
         "num_classes": n_classes,
         "reject_index": res.model.reject_index,
-        "attacks": attacks,
-        "budget": budget,
-        "settings": settings,
+        "attacks": list(res.config.attacks) if res.config else None,
+        "budget": dataclasses.asdict(res.config.budget) if res.config else None,
+        "settings": {**(res.config.to_dict() if res.config else {}), **(settings or {})},
         "archive_size": res.archive_size,
         "clean_accuracy_drop_points": drop,
         "goals": {"clean_accuracy_drop_le_0.5_points": bool(drop <= 0.5),
@@ -87,41 +89,33 @@ class HardenStep(Step):
         return _run(ctx)
 
 
+def audit_config(ctx: AuditContext) -> HardenConfig:
+    """The audit's hardening settings: HardenConfig's defaults (quick ones in quick mode) + overrides."""
+    known = {f.name for f in dataclasses.fields(HardenConfig)}
+    overrides = {k[len("harden_"):]: v for k, v in ctx.options.extra.items() if k.startswith("harden_") and k[len("harden_"):] in known}
+    base = HardenConfig.quick() if ctx.options.quick else HardenConfig()
+    return dataclasses.replace(base, seed=ctx.options.seed, **overrides)
+
+
 def _run(ctx: AuditContext) -> RejectClassifier:
     from guard.demo import shift_augment
-    from guard.training.harden import harden
-    from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget
 
-    opts, extra = ctx.options, ctx.options.extra
-    attacks = list(extra.get("harden_attacks", DEFAULT_ATTACKS))
-    if opts.quick:
-        settings = {"rounds": 1, "epochs_per_round": 1, "reject_share": 0.12}
-        budget = AttackBudget.quick()
-        train = Split(ctx.train.x[:500], ctx.train.y[:500])
-        test = Split(ctx.test.x[:300], ctx.test.y[:300])
-    else:
-        settings = {"rounds": int(extra.get("harden_rounds", HARDEN_DEFAULTS["rounds"])),
-                    "epochs_per_round": int(extra.get("harden_epochs", HARDEN_DEFAULTS["epochs_per_round"])),
-                    "reject_share": float(extra.get("harden_reject_share", HARDEN_DEFAULTS["reject_share"]))}
-        budget = AttackBudget()
-        train, test = ctx.train, ctx.test
+    config = audit_config(ctx)
+    train, test = ctx.train, ctx.test
+    if ctx.options.quick:
+        train, test = Split(train.x[:500], train.y[:500]), Split(test.x[:300], test.y[:300])
     ckpt = ctx.out / "harden"
     # The demo model was trained with 2-pixel shifts; keep them for the clean images.
     augment = shift_augment if tuple(train.x.shape[1:]) == (1, 28, 28) else None
     t0 = time.perf_counter()
-    kwargs = dict(test=test, attacks=attacks, budget=budget, seed=opts.seed, augment=augment, checkpoint_dir=ckpt,
-                  progress=opts.progress, **settings)
+    kwargs = dict(test=test, config=config, augment=augment, checkpoint_dir=ckpt, progress=ctx.options.progress)
     try:
         res = harden(ctx.model, train, resume=True, **kwargs)
-    except ValueError as err:
-        if "cannot resume" not in str(err):
-            raise
+    except CheckpointMismatch as err:  # an earlier audit with other settings: its rounds do not count
         log.warning("harden: %s; starting over", err)
         res = harden(ctx.model, train, resume=False, **kwargs)
-    from dataclasses import asdict
-
-    ctx.report["harden"] = harden_section(res, attacks=attacks, budget=asdict(budget), seconds=time.perf_counter() - t0,
-                                          settings={**settings, "quick": opts.quick, "seed": opts.seed, "checkpoint_dir": str(ckpt)})
+    ctx.report["harden"] = harden_section(res, seconds=time.perf_counter() - t0,
+                                          settings={"quick": ctx.options.quick, "checkpoint_dir": str(ckpt)})
     path = ctx.artifact_path("hardened_model")
     res.model.save(path)
     ctx.report["harden"]["model_path"] = str(path)

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guard.attacks.base import AttackResult
 from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
                                     patch_sampler)
 from guard.attacks.patch_gan import PatchGAN, last_conv_layer

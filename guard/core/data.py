@@ -55,8 +55,8 @@ def demo_data_digest() -> str:
     return h.hexdigest()
 
 
-def demo_data(*, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DEMO_TEST) -> tuple[Split, Split]:
-    """The embedded MNIST test split (10,000 images), divided with a fixed seed.
+def demo_data(name: str = "mnist", *, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DEMO_TEST) -> tuple[Split, Split]:
+    """The embedded data of a demo (``"mnist"``: the MNIST test split, 10,000 images), divided with a fixed seed.
 
     Returns:
         ``(train, test)``: 8,000 images to train the demo model and fit detectors, 2,000 to
@@ -65,6 +65,8 @@ def demo_data(*, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int =
     Source: the MNIST database (LeCun, Cortes, Burges), CC BY-SA 3.0; see
     ``guard/_data/mnist/LICENSE.txt``.
     """
+    if name != "mnist":
+        raise ValueError(f"unknown embedded data set {name!r}; expected 'mnist'.")
     if n_train < 1 or n_test < 1 or n_train + n_test > 10000:
         raise ValueError(f"n_train and n_test must be >= 1 and sum to at most 10000; got {n_train} and {n_test}.")
     images = read_idx(_mnist_dir() / _IMAGES, expect_dims=3)
