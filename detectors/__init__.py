@@ -1,21 +1,36 @@
 """Detectors: saliency concentration (Captum), kNN rank (FAISS), PPCA in-manifold likelihood,
-feature squeezing.
+kNN label consistency, feature squeezing; ``Combined`` turns their scores into one flag.
 
-All follow scikit-learn conventions (see ``detectors.base``): fit on clean data, scores where
-higher = more suspicious, ``calibrate(clean, fpr)`` -> ``threshold_``, ``predict`` -> flags,
-safe ``save`` / ``load`` (safetensors + JSON, integrity-checked).
+All follow scikit-learn conventions (see :mod:`guard.detectors.base`): fit on clean data,
+scores where higher = more suspicious, ``calibrate(clean, fpr)`` -> ``threshold_``,
+``predict`` -> flags, safe ``save`` / ``load`` (safetensors + JSON, integrity-checked). Each
+owns its serving score (``score_batch``) and its ONNX head (``export_head``).
+
+:data:`DETECTORS` is the registry ``guard.wrap`` builds its detectors from, by name (and the
+contract tests run over): a new detector is one file plus one line here.
 """
 
-from guard.detectors.base import Detector, FeatureDetector
+from guard.detectors.base import Batch, Detector, FeatureDetector
 from guard.detectors.combined import Combined
 from guard.detectors.knn import KNNConsistency, KNNRank
 from guard.detectors.ppca import PPCAManifold
 from guard.detectors.saliency import SaliencyConcentration
 from guard.detectors.squeeze import BitDepthSqueeze
 
+#: name -> detector class (``cls.default(layers)`` is how ``guard.wrap`` configures it).
+DETECTORS: dict[str, type[Detector]] = {
+    "saliency": SaliencyConcentration,
+    "knn": KNNRank,
+    "ppca": PPCAManifold,
+    "knn_consistency": KNNConsistency,
+    "squeeze": BitDepthSqueeze,
+}
+
 __all__ = [
+    "Batch",
     "BitDepthSqueeze",
     "Combined",
+    "DETECTORS",
     "Detector",
     "FeatureDetector",
     "KNNConsistency",

@@ -1,76 +1,70 @@
-"""The detector contract (scikit-learn style) and safe save/load.
+"""The detector contract (scikit-learn style), the serving batch, and safe save/load.
 
 Every detector stores only its parameters in ``__init__``; ``fit`` learns from clean data and
 returns ``self``; what it learns ends in ``_``. Scores: higher = more suspicious.
 ``calibrate(clean, fpr)`` sets ``threshold_`` to the ``1 - fpr`` quantile of clean held-out
 scores, and ``predict`` flags ``score > threshold_``.
 
-Two families:
+Each detector owns three things, so that ``guard.GuardedModel`` and the exported ONNX graph
+just loop over detectors (adding a detector touches one file):
 
-* **feature detectors** (``KNNRank``, ``KNNConsistency``, ``PPCAManifold``) work on named
-  layers' flattened features: ``fit_features(feats, labels)`` and
-  ``score_features(feats, logits)`` where ``feats`` maps a layer name to ``Tensor[N, D]``, so
-  several detectors share one forward pass (as in pytorch-ood). ``fit(model, x, y)`` and
-  ``score(model, x)`` run the forward pass for you.
-* **input detectors** (``SaliencyConcentration``) need the model itself (gradients):
-  ``score(model, x)``.
+* ``score_batch(batch)``: its serving score from one :class:`Batch` (the images, the logits,
+  the named pooled features and the model of one forward pass);
+* ``fit_batch(batch, labels)``: its fit from the same kind of batch, over clean training data;
+* ``export_head()``: an ``nn.Module`` whose ``forward(batch)`` computes the same score with
+  plain torch ops (the helpers it shares with ``score_batch``), traced into the ONNX graph.
 
-Fitted state (all plain float32 / int64 torch tensors, for the ONNX exporter):
+Feature detectors (``FeatureDetector``: kNN, PPCA) also take features directly,
+``fit_features(feats, labels)`` / ``score_features(feats, logits)`` with
+``feats = {layer: Tensor[N, D]}`` (as pytorch-ood), so several share one forward pass.
+``fit(model, x, y)`` and ``score(model, x)`` run the forward pass for you.
 
-* ``KNNRank``: ``layer`` (str), ``k`` (int), ``metric`` ("cosine" | "l2"), ``bank_``
-  Tensor[M, D] float32 (rows already L2-normalised when metric is "cosine"), ``bank_labels_``
-  Tensor[M] int64, ``class_ref_scores_`` Tensor[C, Mmax] float32: per class, the sorted
-  leave-one-out mean-kNN-distance of that class's training points, padded with +inf;
-  ``class_counts_`` Tensor[C] int64 (valid entries per row); ``class_spread_`` Tensor[C]
-  float32. With a list of layers, ``parts_`` is a dict layer -> single-layer KNNRank (saved
-  as tensors named "<layer>/bank_", ...) and the score is the max of the parts' scores.
-  Distance for "cosine" is ``1 - <q, b>`` on unit vectors, for "l2" the Euclidean
-  distance. ``d = mean of the k smallest distances``; with ``score="rank"`` (default) and
-  predicted class c: ``rank = #(ref_c <= d) / count_c + relu(d - max ref_c) / spread_c``
-  (Sabour's rank, extended linearly beyond the largest training score so that far outliers
-  are not tied); with ``score="distance"`` the score is ``d``. ``threshold_`` (float).
-* ``KNNConsistency``: ``layers`` (list of str), ``k``, ``banks_`` {layer: Tensor[M, D]} unit
-  rows (saved as tensors "bank.<layer>"), ``bank_labels_`` Tensor[M]; score = mean over layers
-  of the share of the k neighbours whose label differs from the prediction.
-* ``PPCAManifold``: ``layer``, ``means_`` Tensor[C, D], ``precisions_`` Tensor[C, D, D],
-  ``logdets_`` Tensor[C] (log-determinant of each class covariance), so the log-likelihood of
-  x under class c is ``-0.5 * (D * log(2 pi) + logdets_[c] + (x - m_c)^T P_c (x - m_c))``
-  (exactly sklearn ``PCA.score_samples``); score = minus that for the predicted class.
-  ``components_`` Tensor[C, q, D] gives the angular score. ``threshold_``.
-* ``SaliencyConcentration``: ``method`` ("saliency" | "integrated_gradients" | "gradcam"),
-  ``layer`` (conv layer for "gradcam"), ``window`` (int), ``threshold_``. Score = the largest
-  share of |attribution| mass inside any ``window x window`` square (average-pool then max,
-  times window^2 over the total).
-* ``BitDepthSqueeze``: ``bits`` (int), ``threshold_``; score = L1 distance between
-  softmax(model(x)) and softmax(model(round(x * (2**bits - 1)) / (2**bits - 1))).
-* ``Combined``: ``names`` (list), ``ref_`` Tensor[K, N] (each detector's sorted clean
-  calibration scores, +inf padded), ``counts_`` Tensor[K], ``top_`` Tensor[K] (largest clean
-  score), ``scale_`` Tensor[K] (IQR / 1.349), ``loc_`` (median, informative only). Score =
-  max_k [ -log10((1 + #{ref_k >= s_k}) / (counts_k + 1)) + relu(s_k - top_k) / scale_k ]
-  (NaN scores count as +inf: fail closed); ``threshold_``.
-* ``GuardedModel``: ``.model``, ``.detectors`` (dict name -> detector), ``.combined``.
-
-Saved files are safetensors plus JSON metadata (guard.core.cache) holding the class name, the
-parameters and a SHA-256 of every tensor; ``load`` recomputes it and raises ValueError when the
-file was altered.
+Fitted state is plain float32 / int64 tensors (listed in each class's ``_tensor_attrs``) and
+JSON scalars (``_meta_attrs``), saved as safetensors plus JSON (:class:`Persistent`): no pickle.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from guard.core.cache import load_tensors, save_tensors
-from guard.core.validation import NotFittedError, check_images, check_probability
+from guard.core.features import extract_features
+from guard.core.models import eval_mode, model_device
+from guard.core.validation import NotFittedError, check_images, check_labels, check_probability
 
-__all__ = ["Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict"]
+__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
+           "registry"]
 
 FORMAT = "guard.detector/1"
+
+
+@dataclass
+class Batch:
+    """One forward pass's worth of what detectors score.
+
+    Attributes:
+        x: the images (N, C, H, W) in [0, 1], on the model's device.
+        logits: the model's logits (N, K).
+        features: layer -> pooled features (N, D) (:func:`guard.core.features.pool_features`).
+        model: the classifier (input detectors differentiate through it).
+    """
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    model: nn.Module | None = None
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.logits.argmax(1)
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -101,7 +95,7 @@ def quantile_threshold(scores: torch.Tensor, fpr: float) -> float:
 
 
 def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torch.Tensor]:
-    """Accept ``{layer: Tensor}`` or a bare Tensor (for a single-layer detector)."""
+    """Accept ``{layer: Tensor}`` or a bare Tensor (for a single-layer detector); checked, (N, D) float."""
     if isinstance(feats, torch.Tensor):
         if len(layers) != 1:
             raise TypeError(f"{owner} uses layers {layers}; pass features as a dict layer -> Tensor[N, D].")
@@ -124,25 +118,33 @@ def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torc
     return out
 
 
-class Detector:
-    """Base class: parameters in ``__init__``, state in ``*_`` attributes, safe save/load.
+def registry() -> dict[str, type["Persistent"]]:
+    """Class name -> class of everything ``Persistent.load`` can rebuild (detectors and combiners)."""
+    import guard.detectors  # noqa: F401  (imports every subclass)
 
-    Subclasses set ``name`` and implement ``fit`` and ``score``; they list their fitted tensor
-    attributes in ``_tensor_attrs`` and their JSON-able fitted scalars in ``_meta_attrs``.
+    out: dict[str, type[Persistent]] = {}
+    stack = list(Persistent.__subclasses__())
+    while stack:
+        k = stack.pop()
+        out[k.__name__] = k
+        stack.extend(k.__subclasses__())
+    return out
+
+
+class Persistent:
+    """Parameters from ``__init__``'s signature, fitted state in ``*_`` attributes, safe save/load.
+
+    Subclasses list their fitted tensor attributes in ``_tensor_attrs`` and their JSON-able
+    fitted scalars in ``_meta_attrs``; ``get_params`` reads ``__init__``'s signature (every
+    parameter is stored under its own name), as in scikit-learn.
     """
 
-    name: ClassVar[str] = "detector"
-    needs_model: ClassVar[bool] = True  # True: scores need the model (gradients), not just features
     _tensor_attrs: ClassVar[tuple[str, ...]] = ()
     _meta_attrs: ClassVar[tuple[str, ...]] = ()
+    _calibration_attrs: ClassVar[tuple[str, ...]] = ("threshold_", "calibration_fpr_", "calibration_n_")
 
-    threshold_: float
-
-    # ---------------------------------------------------------------- parameters
     def get_params(self) -> dict[str, Any]:
         """The ``__init__`` arguments (JSON-friendly)."""
-        import inspect
-
         sig = inspect.signature(type(self).__init__)
         return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
 
@@ -150,10 +152,9 @@ class Detector:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"{type(self).__name__}({args})"
 
-    # ---------------------------------------------------------------- state checks
     @property
     def is_fitted(self) -> bool:
-        return all(hasattr(self, a) for a in self._tensor_attrs + self._meta_attrs) and hasattr(self, "fitted_")
+        return hasattr(self, "fitted_") and all(hasattr(self, a) for a in self._tensor_attrs + self._meta_attrs)
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:
@@ -164,13 +165,114 @@ class Detector:
         if not hasattr(self, "threshold_"):
             raise NotFittedError(f"This {type(self).__name__} instance is not calibrated yet. Call 'calibrate' with clean held-out data first.")
 
-    # ---------------------------------------------------------------- api
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> "Detector":
+    def predict_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Flags (bool) for precomputed scores: ``score > threshold_`` (NaN flags too)."""
+        self._check_calibrated()
+        return ~(scores <= self.threshold_)
+
+    # ---------------------------------------------------------------- persistence
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        self._check_fitted()
+        return {a: getattr(self, a) for a in self._tensor_attrs}
+
+    def state_meta(self) -> dict[str, Any]:
+        meta = {a: getattr(self, a) for a in self._meta_attrs}
+        for a in self._calibration_attrs:
+            if hasattr(self, a):
+                meta[a] = getattr(self, a)
+        return meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Set the fitted state read from a file (subclasses rebuild derived objects here)."""
+        for k, v in tensors.items():
+            setattr(self, k, v)
+        for k, v in meta.items():
+            setattr(self, k, v)
+        self.fitted_ = True
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted state to ``path`` (safetensors + JSON; no pickle)."""
+        tensors = {k: v.detach().cpu().clone() for k, v in self.state_tensors().items()}  # no shared storage
+        meta = {"format": FORMAT, "class": type(self).__name__, "params": self.get_params(), "state": self.state_meta(),
+                "sha256": tensors_digest(tensors)}
+        save_tensors(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Persistent":
+        """Load what :meth:`save` wrote; ValueError if the file is damaged, altered or of another class."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}).")
+        klass = registry().get(meta.get("class", ""))
+        if klass is None:
+            raise ValueError(f"{os.fspath(path)!r} holds an unknown detector class {meta.get('class')!r}.")
+        if cls is not Persistent and not issubclass(klass, cls):
+            raise ValueError(f"{os.fspath(path)!r} holds a {klass.__name__}, not a {cls.__name__}.")
+        if tensors_digest(tensors) != meta.get("sha256"):
+            raise ValueError(f"detector file {os.fspath(path)!r} was altered: the SHA-256 of its tensors does not match the one recorded when it was saved.")
+        obj = klass(**meta.get("params", {}))
+        obj.load_state(tensors, meta.get("state", {}))
+        return obj
+
+
+class Detector(Persistent):
+    """Base class of every detector (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = "detector"
+
+    threshold_: float
+
+    @property
+    def feature_layers(self) -> list[str]:
+        """The layers whose features :meth:`score_batch` reads (none for input detectors)."""
+        return []
+
+    @classmethod
+    def default(cls, layers: list[str]) -> "Detector":
+        """This detector as ``guard.wrap`` configures it, given the model's feature layers in
+        network order (the last is the head's input)."""
+        return cls()
+
+    # ---------------------------------------------------------------- what subclasses write
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "Detector":
+        """Fit on clean training data given as one batch (features of every image, a few images)."""
         raise NotImplementedError
 
-    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Suspicion scores Tensor[N] (higher = more suspicious)."""
+    def score_batch(self, batch: Batch) -> torch.Tensor:
+        """Suspicion scores Tensor[N] for one serving batch (higher = more suspicious)."""
         raise NotImplementedError
+
+    def export_head(self) -> nn.Module:
+        """An ``nn.Module`` with ``forward(batch) -> Tensor[N]`` (or a dict whose ``"score"`` is
+        the score and whose other entries are extra graph outputs), in plain torch ops."""
+        raise NotImplementedError(f"{type(self).__name__} has no ONNX head.")
+
+    # ---------------------------------------------------------------- conveniences
+    def _batch(self, model: nn.Module, x: torch.Tensor, *, pool: str = "auto") -> Batch:
+        device = model_device(model, x.device)
+        layers = self.feature_layers
+        if layers:
+            logits, feats = extract_features(model, x, layers, pool=pool)
+        else:
+            with torch.no_grad(), eval_mode(model):
+                logits, feats = torch.cat([model(x[i:i + 512].to(device)) for i in range(0, x.shape[0], 512)]), {}
+        return Batch(x.to(device), logits, feats, model)
+
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> "Detector":
+        """Fit on clean images ``x`` (``y``: their labels; default the model's predictions)."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+        check_images(x, "x")
+        batch = self._batch(model, x)
+        labels = batch.pred.cpu() if y is None else check_labels(y, "y", n=int(x.shape[0])).cpu()
+        return self.fit_batch(batch, labels)
+
+    def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Scores Tensor[N] (CPU) of images ``x``, scored in batches of 512."""
+        self._check_fitted()
+        check_images(x, "x")
+        return torch.cat([self.score_batch(self._batch(model, x[i:i + 512])).detach().float().cpu()
+                          for i in range(0, x.shape[0], 512)])
 
     def calibrate(self, clean: Any, fpr: float = 0.05, *, model: nn.Module | None = None) -> float:
         """Set ``threshold_`` so that a share ``fpr`` of clean held-out inputs is flagged.
@@ -185,91 +287,29 @@ class Detector:
         """
         fpr = check_probability(fpr, "fpr", type(self).__name__)
         self._check_fitted()
-        scores = self._clean_scores(clean, model)
+        if isinstance(clean, torch.Tensor) and clean.dim() == 1:
+            if clean.numel() == 0:
+                raise ValueError("clean scores must be non-empty; got an empty tensor.")
+            scores = clean
+        elif isinstance(clean, torch.Tensor) and clean.dim() == 4:
+            if model is None:
+                raise ValueError("calibrate(clean images) needs model=...; or pass clean scores (a 1-D tensor).")
+            scores = self.score(model, check_images(clean, "clean"))
+        else:
+            raise TypeError(f"clean must be a 1-D tensor of clean scores or a 4-D tensor of clean images; got "
+                            f"{type(clean).__name__} {tuple(getattr(clean, 'shape', ()))}.")
         self.threshold_ = quantile_threshold(scores, fpr)
         self.calibration_fpr_ = fpr
         self.calibration_n_ = int(scores.numel())
         return self.threshold_
 
-    def _clean_scores(self, clean: Any, model: nn.Module | None) -> torch.Tensor:
-        if isinstance(clean, torch.Tensor) and clean.dim() == 1:
-            if clean.numel() == 0:
-                raise ValueError("clean scores must be non-empty; got an empty tensor.")
-            return clean
-        if isinstance(clean, torch.Tensor) and clean.dim() == 4:
-            if model is None:
-                raise ValueError("calibrate(clean images) needs model=...; or pass clean scores (a 1-D tensor).")
-            check_images(clean, "clean")
-            return self.score(model, clean)
-        raise TypeError(f"clean must be a 1-D tensor of clean scores or a 4-D tensor of clean images; got {type(clean).__name__} {tuple(getattr(clean, 'shape', ()))}.")
-
-    def predict_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Flags (bool) for precomputed scores: ``score > threshold_`` (NaN flags too)."""
-        self._check_calibrated()
-        return ~(scores <= self.threshold_)
-
     def predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Bool flags Tensor[N]: True = suspicious."""
         return self.predict_scores(self.score(model, x))
 
-    # ---------------------------------------------------------------- persistence
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        self._check_fitted()
-        return {a: getattr(self, a) for a in self._tensor_attrs}
-
-    def state_meta(self) -> dict[str, Any]:
-        meta = {a: getattr(self, a) for a in self._meta_attrs}
-        for a in ("threshold_", "calibration_fpr_", "calibration_n_"):
-            if hasattr(self, a):
-                meta[a] = getattr(self, a)
-        return meta
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the fitted state to ``path`` (safetensors + JSON; no pickle)."""
-        tensors = {k: v.detach().cpu().clone() for k, v in self.state_tensors().items()}  # no shared storage
-        meta = {
-            "format": FORMAT,
-            "class": type(self).__name__,
-            "params": self.get_params(),
-            "state": self.state_meta(),
-            "sha256": tensors_digest(tensors),
-        }
-        save_tensors(path, tensors, meta)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Detector":
-        """Load what :meth:`save` wrote; ValueError if the file is damaged or was altered."""
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}).")
-        klass = _registry().get(meta.get("class", ""))
-        if klass is None:
-            raise ValueError(f"{os.fspath(path)!r} holds an unknown detector class {meta.get('class')!r}.")
-        if cls is not Detector and not issubclass(klass, cls):
-            raise ValueError(f"{os.fspath(path)!r} holds a {klass.__name__}, not a {cls.__name__}.")
-        if tensors_digest(tensors) != meta.get("sha256"):
-            raise ValueError(f"detector file {os.fspath(path)!r} was altered: the SHA-256 of its tensors does not match the one recorded when it was saved.")
-        det = klass(**meta.get("params", {}))
-        for k, v in tensors.items():
-            setattr(det, k, v)
-        for k, v in meta.get("state", {}).items():
-            setattr(det, k, v)
-        det.fitted_ = True
-        det._after_load()
-        return det
-
-    def _after_load(self) -> None:
-        """Rebuild derived objects (e.g. a FAISS index) after :meth:`load`."""
-
 
 class FeatureDetector(Detector):
-    """A detector that scores named layers' features; several share one forward pass."""
-
-    needs_model: ClassVar[bool] = False
-
-    @property
-    def feature_layers(self) -> list[str]:
-        raise NotImplementedError
+    """A detector that scores named layers' pooled features; several share one forward pass."""
 
     def fit_features(self, feats: Any, labels: torch.Tensor) -> "FeatureDetector":
         raise NotImplementedError
@@ -277,32 +317,10 @@ class FeatureDetector(Detector):
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, batch_size: int = 512) -> "FeatureDetector":
-        """Extract the features of clean ``x`` and fit on them (``y``: labels; default the model's)."""
-        from guard.core.features import extract_features
-        from guard.core.validation import check_labels
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "FeatureDetector":
+        return self.fit_features(batch.features, labels)
 
-        check_images(x, "x")
-        logits, feats = extract_features(model, x, self.feature_layers, batch_size=batch_size)
-        labels = logits.argmax(1) if y is None else check_labels(y, "y", n=int(x.shape[0])).to(logits.device)
-        return self.fit_features(feats, labels)
-
-    def score(self, model: nn.Module, x: torch.Tensor, *, batch_size: int = 512) -> torch.Tensor:
-        from guard.core.features import extract_features
-
-        self._check_fitted()
-        check_images(x, "x")
-        logits, feats = extract_features(model, x, self.feature_layers, batch_size=batch_size)
-        return self.score_features(feats, logits)
+    def score_batch(self, batch: Batch) -> torch.Tensor:
+        return self.score_features(batch.features, batch.logits)
 
 
-def _registry() -> dict[str, type[Detector]]:
-    import guard.detectors  # noqa: F401  (registers the subclasses)
-
-    out: dict[str, type[Detector]] = {}
-    stack = list(Detector.__subclasses__())
-    while stack:
-        k = stack.pop()
-        out[k.__name__] = k
-        stack.extend(k.__subclasses__())
-    return out

@@ -8,9 +8,11 @@ neighbours, over several layers, whose label disagrees with the prediction (Pape
 McDaniel, "Deep k-Nearest Neighbors", 2018): a feature adversary imitates the guide at one
 layer but not at the others.
 
-Nearest neighbours come from FAISS (exact ``IndexFlatIP`` on L2-normalised rows for the cosine
-metric, ``IndexFlatL2`` for Euclidean; an ``IndexIVFFlat`` when the bank is larger than
-``ivf_min_bank`` rows).
+Nearest neighbours come from FAISS at serving time (exact ``IndexFlatIP`` on L2-normalised
+rows for the cosine metric, ``IndexFlatL2`` for Euclidean; an ``IndexIVFFlat`` when the bank
+has at least ``ivf_min_bank`` rows). The exported graph searches the same bank exactly with
+MatMul + TopK (:func:`torch_knn`); both then go through the same torch functions
+(:func:`sabour_rank`, :func:`label_disagreement`).
 """
 
 from __future__ import annotations
@@ -20,18 +22,20 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from guard.detectors.base import FeatureDetector, as_feature_dict
 from guard.core.validation import check_int, check_labels
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
 
-__all__ = ["KNNRank", "KNNConsistency", "build_index", "knn_search"]
+__all__ = ["KNNRank", "KNNConsistency", "build_index", "knn_search", "torch_knn", "sabour_rank", "label_disagreement"]
 
 _METRICS = ("cosine", "l2")
 
 
 def _prep(x: torch.Tensor, metric: str) -> torch.Tensor:
     x = x.detach().float().cpu()
-    return torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+    return F.normalize(x, dim=1) if metric == "cosine" else x
 
 
 def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000, nprobe: int = 16, seed: int = 0) -> Any:
@@ -64,11 +68,41 @@ def knn_search(index: Any, queries: torch.Tensor, k: int, metric: str) -> tuple[
     q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
     sims, idx = index.search(q, k)
     sims_t = torch.from_numpy(sims)
-    if metric == "cosine":
-        dist = (1.0 - sims_t).clamp_min(0.0)
-    else:
-        dist = sims_t.clamp_min(0.0).sqrt()
+    dist = (1.0 - sims_t).clamp_min(0.0) if metric == "cosine" else sims_t.clamp_min(0.0).sqrt()
     return dist, torch.from_numpy(idx).long()
+
+
+def torch_knn(feats: torch.Tensor, bank_t: torch.Tensor, bank_sqnorm: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact kNN in torch ops (MatMul + TopK), as FAISS's flat indexes: (N, k) distances ascending, indices.
+
+    ``bank_t`` is the (D, M) transposed bank (rows L2-normalised for cosine).
+    """
+    q = feats.flatten(1).float()
+    if metric == "cosine":
+        sims, idx = torch.topk(F.normalize(q, dim=1) @ bank_t, k, dim=1, largest=True, sorted=True)
+        return (1.0 - sims).clamp_min(0.0), idx
+    d = (q * q).sum(1, keepdim=True) - 2.0 * (q @ bank_t) + bank_sqnorm
+    dist, idx = torch.topk(d, k, dim=1, largest=False, sorted=True)
+    return dist.clamp_min(0.0).sqrt(), idx
+
+
+def sabour_rank(d: torch.Tensor, pred: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, top: torch.Tensor,
+                spread: torch.Tensor) -> torch.Tensor:
+    """Sabour's rank of mean kNN distances ``d`` (N,) within the predicted classes ``pred`` (N,).
+
+    ``rank = #(ref_c <= d) / count_c + relu(d - top_c) / spread_c``: the share of class c's
+    training points (leave-one-out scores ``ref`` (C, M), +inf padded) that are at least as
+    close to their neighbours, extended linearly beyond the largest so that far outliers are
+    not tied. A prediction outside the bank's classes (a reject class) uses the last class.
+    """
+    c = pred.long().clamp(0, ref.shape[0] - 1)
+    below = (ref[c] <= d[:, None]).to(d.dtype).sum(1) / counts[c]
+    return below + (d - top[c]).clamp_min(0.0) / spread[c]
+
+
+def label_disagreement(neighbour_labels: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """Share (N,) of the neighbours' labels (N, k) that differ from the prediction (N,)."""
+    return (neighbour_labels != pred.long()[:, None]).to(torch.float32).mean(1)
 
 
 def _check_bank(feats: torch.Tensor, labels: torch.Tensor, k: int, owner: str) -> torch.Tensor:
@@ -84,37 +118,62 @@ def _check_width(f: torch.Tensor, d: int, layer: str, owner: str) -> None:
         raise ValueError(f"{owner}: features of layer {layer!r} must have width {d} (as fitted); got {f.shape[1]} (shape {tuple(f.shape)}).")
 
 
+def _check_metric(metric: str, owner: str) -> None:
+    if metric not in _METRICS:
+        raise ValueError(f"The 'metric' parameter of {owner} must be one of {_METRICS}. Got {metric!r}.")
+
+
+class _Bank(nn.Module):
+    """A stored feature bank for exact search in the graph (transposed once, at build time)."""
+
+    def __init__(self, bank: torch.Tensor, k: int, metric: str) -> None:
+        super().__init__()
+        bank = bank.detach().float()
+        self.k, self.metric = int(k), metric
+        self.register_buffer("bank_t", bank.t().contiguous())
+        self.register_buffer("sqnorm", (bank * bank).sum(1))
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch_knn(feats, self.bank_t, self.sqnorm, self.k, self.metric)
+
+
 class KNNRank(FeatureDetector):
     """Mean distance to the k nearest clean training features, as a rank within the predicted class.
 
     Args:
-        layer: the layer whose flattened features are compared (module path, e.g. "fc1"), or a
-            list of layers: then one single-layer KNNRank per layer is fitted (``parts_``,
-            dict layer -> KNNRank) and the score is the max of their ranks (an input must be
-            an inlier at every layer).
+        layer: the layer whose pooled features are compared (e.g. "fc1"), or a list of layers:
+            then one single-layer KNNRank per layer is fitted (``parts_``, dict layer ->
+            KNNRank) and the score is the max of their ranks (an input must be an inlier at
+            every layer).
         k: neighbours averaged.
         metric: "cosine" (default; features L2-normalised, FAISS inner product) or "l2".
-        score: "rank" (Sabour's rank of the kNN distance among the training points of the
+        statistic: "rank" (Sabour's rank of the kNN distance among the training points of the
             predicted class, in [0, 1], extended linearly beyond the largest) or "distance".
         ivf_min_bank: banks with at least this many rows use an IVF index instead of exact search.
         nprobe: IVF lists visited per query.
+
+    Fitted state: ``bank_`` (M, D) (unit rows for cosine), ``bank_labels_`` (M,),
+    ``class_ref_scores_`` (C, Mmax) sorted leave-one-out mean kNN distances per class (+inf
+    padded), ``class_counts_`` (C,), ``class_spread_`` (C,); with several layers, ``parts_``
+    (saved as tensors named "<layer>/bank_", ...).
     """
 
     name: ClassVar[str] = "knn"
     _tensor_attrs = ("bank_", "bank_labels_", "class_ref_scores_", "class_counts_", "class_spread_")
 
-    def __init__(self, layer: str | Sequence[str] = "fc1", *, k: int = 10, metric: str = "cosine", score: str = "rank",
+    def __init__(self, layer: str | Sequence[str] = "fc1", *, k: int = 10, metric: str = "cosine", statistic: str = "rank",
                  ivf_min_bank: int = 200_000, nprobe: int = 16) -> None:
         self.layer = layer if isinstance(layer, str) else list(layer)
         self.k = k
         self.metric = metric
-        self.score_kind = score
+        self.statistic = statistic
         self.ivf_min_bank = ivf_min_bank
         self.nprobe = nprobe
 
-    def get_params(self) -> dict[str, Any]:
-        return {"layer": self.layer, "k": self.k, "metric": self.metric, "score": self.score_kind,
-                "ivf_min_bank": self.ivf_min_bank, "nprobe": self.nprobe}
+    @classmethod
+    def default(cls, layers: list[str]) -> "KNNRank":
+        """The max of the ranks at the last two layers (the head's input and the stage before it)."""
+        return cls(layers[-2:] if len(layers) >= 2 else layers[-1])
 
     @property
     def feature_layers(self) -> list[str]:
@@ -125,8 +184,12 @@ class KNNRank(FeatureDetector):
         return not isinstance(self.layer, str)
 
     def _part(self, layer: str) -> "KNNRank":
-        return KNNRank(layer, k=self.k, metric=self.metric, score=self.score_kind,
-                       ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe)
+        return KNNRank(layer, k=self.k, metric=self.metric, statistic=self.statistic, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe)
+
+    @property
+    def parts(self) -> list["KNNRank"]:
+        self._check_fitted()
+        return list(self.parts_.values()) if self.multi else [self]
 
     @property
     def is_fitted(self) -> bool:
@@ -147,10 +210,9 @@ class KNNRank(FeatureDetector):
         check_int(self.k, "k", owner, low=1)
         check_int(self.ivf_min_bank, "ivf_min_bank", owner, low=1)
         check_int(self.nprobe, "nprobe", owner, low=1)
-        if self.metric not in _METRICS:
-            raise ValueError(f"The 'metric' parameter of {owner} must be one of {_METRICS}. Got {self.metric!r}.")
-        if self.score_kind not in ("rank", "distance"):
-            raise ValueError(f"The 'score' parameter of {owner} must be 'rank' or 'distance'. Got {self.score_kind!r}.")
+        _check_metric(self.metric, owner)
+        if self.statistic not in ("rank", "distance"):
+            raise ValueError(f"The 'statistic' parameter of {owner} must be 'rank' or 'distance'. Got {self.statistic!r}.")
 
     def fit_features(self, feats: Any, labels: torch.Tensor) -> "KNNRank":
         """Build the bank from clean features and the per-class leave-one-out reference scores."""
@@ -182,51 +244,72 @@ class KNNRank(FeatureDetector):
         self.fitted_ = True
         return self
 
-    def _after_load(self) -> None:
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        super().load_state(tensors, meta)
         if self.multi:
             self.parts_ = {}
             for layer in self.layer:
                 part = self._part(layer)
-                for a in self._tensor_attrs:
-                    setattr(part, a, getattr(self, f"{layer}/{a}"))
-                part.fitted_ = True
-                part._after_load()
+                part.load_state({a: tensors[f"{layer}/{a}"] for a in self._tensor_attrs}, {})
                 self.parts_[layer] = part
             return
         self._index = build_index(self.bank_, self.metric, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe)
 
+    def _rank_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        counts = self.class_counts_
+        top = self.class_ref_scores_.gather(1, (counts - 1).clamp_min(0)[:, None]).squeeze(1)
+        return self.class_ref_scores_, counts.clamp_min(1).float(), top, self.class_spread_
+
     def distances(self, feats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distances Tensor[N, k] and indices Tensor[N, k] of the k nearest bank rows."""
+        """Distances Tensor[N, k] and indices Tensor[N, k] of the k nearest bank rows (FAISS)."""
         self._check_fitted()
         f = as_feature_dict(feats, [self.layer], type(self).__name__)[self.layer]
         _check_width(f, int(self.bank_.shape[1]), self.layer, type(self).__name__)
         return knn_search(self._index, _prep(f, self.metric), self.k, self.metric)
 
-    def rank(self, dist: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """Sabour's rank of mean kNN distances ``dist`` [N] within classes ``pred`` [N]."""
-        n_classes = self.class_ref_scores_.shape[0]
-        pred = pred.long().cpu().clamp(0, n_classes - 1)
-        ref = self.class_ref_scores_[pred]  # [N, Mmax], +inf padded
-        counts = self.class_counts_[pred].clamp_min(1).float()
-        below = (ref <= dist[:, None]).sum(1).float() / counts
-        top = ref.gather(1, (self.class_counts_[pred] - 1).clamp_min(0)[:, None]).squeeze(1)
-        return below + (dist - top).clamp_min(0.0) / self.class_spread_[pred]
-
     def layer_scores(self, feats: Any, logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-layer scores {layer: Tensor[N]}."""
-        self._check_fitted()
-        if self.multi:
-            return {layer: part.score_features(feats, logits) for layer, part in self.parts_.items()}
-        return {self.layer: self.score_features(feats, logits)}
+        out = {}
+        pred = logits.argmax(1).cpu()
+        for part in self.parts:
+            d = part.distances(feats)[0].mean(1)
+            out[part.layer] = d if self.statistic == "distance" else sabour_rank(d, pred, *part._rank_tables())
+        return out
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
-        if self.multi:
-            return torch.stack(list(self.layer_scores(feats, logits).values()), 1).max(1).values
-        dist, _ = self.distances(feats)
-        d = dist.mean(1)
-        if self.score_kind == "distance":
-            return d
-        return self.rank(d, logits.argmax(1))
+        return torch.stack(list(self.layer_scores(feats, logits).values()), 1).amax(1)
+
+    def export_head(self) -> nn.Module:
+        return _KNNRankHead(self)
+
+
+class _KNNRankHead(nn.Module):
+    """KNNRank in the graph: exact search of each part's bank, then the same :func:`sabour_rank`."""
+
+    def __init__(self, det: KNNRank) -> None:
+        super().__init__()
+        parts = det.parts
+        self.layers = [p.layer for p in parts]
+        self.statistic = det.statistic
+        # the rank counts reference distances <= d: a step function of ``distance``
+        self.step_outputs = ("score",) if det.statistic == "rank" else ()
+        self.banks = nn.ModuleList([_Bank(p.bank_, p.k, p.metric) for p in parts])
+        for i, p in enumerate(parts):
+            for name, t in zip(("ref", "counts", "top", "spread"), p._rank_tables()):
+                self.register_buffer(f"{name}{i}", t.detach().float())
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        pred = batch.pred
+        dists, scores = [], []
+        for i, (layer, bank) in enumerate(zip(self.layers, self.banks)):
+            d = bank(batch.features[layer])[0].mean(1)
+            dists.append(d)
+            if self.statistic == "distance":
+                scores.append(d)
+            else:
+                tables = [getattr(self, f"{n}{i}") for n in ("ref", "counts", "top", "spread")]
+                scores.append(sabour_rank(d, pred, *tables))
+        return {"score": torch.stack(scores, 1).amax(1), "distance": torch.stack(dists, 1)}
 
 
 class KNNConsistency(FeatureDetector):
@@ -250,23 +333,29 @@ class KNNConsistency(FeatureDetector):
         self.ivf_min_bank = ivf_min_bank
         self.nprobe = nprobe
 
+    @classmethod
+    def default(cls, layers: list[str]) -> "KNNConsistency":
+        """Neighbours' votes at the last two layers."""
+        return cls(layers[-2:] if len(layers) >= 2 else layers)
+
     @property
     def feature_layers(self) -> list[str]:
         return list(self.layers)
 
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "fitted_") and hasattr(self, "bank_labels_")
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         self._check_fitted()
-        out = {"bank_labels_": self.bank_labels_}
-        out.update({f"bank.{layer}": b for layer, b in self.banks_.items()})
-        return out
+        return {"bank_labels_": self.bank_labels_, **{f"bank.{layer}": b for layer, b in self.banks_.items()}}
 
     def fit_features(self, feats: Any, labels: torch.Tensor) -> "KNNConsistency":
         owner = type(self).__name__
         if not self.layers:
             raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
         check_int(self.k, "k", owner, low=1)
-        if self.metric not in _METRICS:
-            raise ValueError(f"The 'metric' parameter of {owner} must be one of {_METRICS}. Got {self.metric!r}.")
+        _check_metric(self.metric, owner)
         fd = as_feature_dict(feats, self.layers, owner)
         n = {layer: f.shape[0] for layer, f in fd.items()}
         if len(set(n.values())) != 1:
@@ -274,19 +363,21 @@ class KNNConsistency(FeatureDetector):
         labels = _check_bank(next(iter(fd.values())), labels, self.k, owner)
         self.bank_labels_ = labels.long().contiguous()
         self.banks_ = {layer: _prep(f, self.metric).contiguous() for layer, f in fd.items()}
-        self._after_load()
+        self._build()
         self.fitted_ = True
         return self
 
-    def _after_load(self) -> None:
-        if not hasattr(self, "banks_"):  # loaded from a file: tensors came as "bank.<layer>"
-            self.banks_ = {layer: getattr(self, f"bank.{layer}") for layer in self.layers}
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.bank_labels_ = tensors["bank_labels_"]
+        self.banks_ = {layer: tensors[f"bank.{layer}"] for layer in self.layers}
+        for k, v in meta.items():
+            setattr(self, k, v)
+        self._build()
+        self.fitted_ = True
+
+    def _build(self) -> None:
         self._indexes = {layer: build_index(b, self.metric, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe)
                          for layer, b in self.banks_.items()}
-
-    @property
-    def is_fitted(self) -> bool:
-        return hasattr(self, "fitted_") and hasattr(self, "bank_labels_")
 
     def disagreement(self, feats: Any, pred: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per layer, the share of the k neighbours whose label differs from ``pred``."""
@@ -296,9 +387,31 @@ class KNNConsistency(FeatureDetector):
         for layer, f in fd.items():
             _check_width(f, int(self.banks_[layer].shape[1]), layer, type(self).__name__)
             _, idx = knn_search(self._indexes[layer], _prep(f, self.metric), self.k, self.metric)
-            out[layer] = (self.bank_labels_[idx] != pred.long().cpu()[:, None]).float().mean(1)
+            out[layer] = label_disagreement(self.bank_labels_[idx], pred.cpu())
         return out
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
-        per_layer = self.disagreement(feats, logits.argmax(1))
-        return torch.stack(list(per_layer.values()), 1).mean(1)
+        return torch.stack(list(self.disagreement(feats, logits.argmax(1)).values()), 1).mean(1)
+
+    def export_head(self) -> nn.Module:
+        return _KNNConsistencyHead(self)
+
+
+class _KNNConsistencyHead(nn.Module):
+    """KNNConsistency in the graph: TopK indices of each layer's bank, then :func:`label_disagreement`.
+
+    A tie in similarity may order indices differently than FAISS (a label can differ only
+    between exactly equidistant rows).
+    """
+
+    def __init__(self, det: KNNConsistency) -> None:
+        super().__init__()
+        det._check_fitted()
+        self.layers = list(det.layers)
+        self.banks = nn.ModuleList([_Bank(det.banks_[layer], det.k, det.metric) for layer in self.layers])
+        self.register_buffer("labels", det.bank_labels_.detach().long())
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        pred = batch.pred
+        per = [label_disagreement(self.labels[bank(batch.features[layer])[1]], pred) for layer, bank in zip(self.layers, self.banks)]
+        return torch.stack(per, 1).mean(1)

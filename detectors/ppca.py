@@ -3,15 +3,24 @@
 Sabour et al. ("Adversarial Manipulation of Deep Representations", ICLR 2016, Sec. 4.2) test
 whether feature adversaries are inliers with a probabilistic PCA (Tipping & Bishop 1999)
 likelihood and with angular consistency. Here each class gets a PPCA fitted by scikit-learn
-(``PCA(n_components=q).fit``; its ``score_samples`` is exactly the PPCA log-likelihood); its
-Gaussian (mean, precision, log-determinant) is kept as plain tensors so that scoring, and the
-ONNX export, are matmuls. Score = negative log-likelihood under the predicted class (higher =
-more suspicious). ``angular_features`` gives the second score: the sine of the angle between
-``x - mean`` and the class's principal subspace (1 = orthogonal to every principal direction).
+(``PCA(n_components=q).fit``; its ``score_samples`` is exactly the PPCA log-likelihood), kept
+in low-rank form: the class mean, its q principal directions W (q, d), their variances
+lambda (q,) and the noise variance sigma^2. With r = x - mean, the covariance
+``W^T diag(lambda - sigma^2) W + sigma^2 I`` is never formed; by Woodbury
 
-The paper's *local* construction (a PPCA on 15 of the guide's 20 nearest neighbours) is not
-implemented: with 15 points in 128 dimensions the PPCA needs a hand-set noise floor, and one
-model per query does not export; per-class PPCA keeps the same likelihood test with a stable fit.
+    (x - mu)^T Sigma^-1 (x - mu) = (|r|^2 - sum_i (1 - sigma^2 / lambda_i) (w_i . r)^2) / sigma^2
+    log det Sigma = sum_i log lambda_i + (d - q) log sigma^2
+
+so state is O(C d q) and scoring a batch O(B d q) (never a (B, d, d) or (C, d, d) tensor): a
+ResNet-18's 25,088-wide map or 1,000 ImageNet classes fit in memory. The same function
+(:func:`ppca_log_likelihood`) scores in eager mode and in the exported graph. Score = minus the
+log-likelihood under the predicted class (higher = more suspicious). ``angular_features``
+gives Sabour's second test: the sine of the angle between ``x - mean`` and the class's
+principal subspace (1 = orthogonal to every principal direction).
+
+The paper's *local* construction (a PPCA on 15 of the guide's 20 nearest neighbours, per
+query) is an analysis of one adversary against its guide, not a serving-time detector; it
+lives in :mod:`guard.attacks.representation`.
 """
 
 from __future__ import annotations
@@ -21,84 +30,111 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
-from guard.detectors.base import FeatureDetector, as_feature_dict
 from guard.core.validation import check_float, check_int, check_labels
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
 
-__all__ = ["PPCAManifold"]
+__all__ = ["PPCAManifold", "ppca_log_likelihood", "fit_ppca"]
+
+
+def fit_ppca(x: np.ndarray, q: int, noise_floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """scikit-learn's PPCA of rows ``x`` (n, d): (mean (d,), components (q', d), variances (q',), noise variance).
+
+    ``q' = min(q, n - 1, d - 1)``; ``noise_floor`` is added to the noise variance (dead units
+    have zero variance) and the variances are kept >= the noise variance, as
+    ``PCA.get_covariance`` does.
+    """
+    from sklearn.decomposition import PCA
+
+    q = max(1, min(q, x.shape[0] - 1, x.shape[1] - 1))
+    pca = PCA(n_components=q, svd_solver="full").fit(x)
+    noise = float(pca.noise_variance_) + noise_floor
+    var = np.maximum(pca.explained_variance_, noise)
+    return pca.mean_, pca.components_, var, noise
+
+
+def ppca_log_likelihood(f: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor, var: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Low-rank PPCA log-likelihood (N,) of rows ``f`` (N, d), each under its own Gaussian.
+
+    ``mean`` (N, d), ``comps`` (N, q, d) orthonormal rows, ``var`` (N, q), ``noise`` (N,): the
+    parameters of the Gaussian each row is scored under (gathered by class by the caller).
+    The Mahalanobis term is computed as ``|r_perp|^2 / sigma^2 + sum_i (w_i . r)^2 / lambda_i``
+    (r_perp: the part of r outside the principal subspace), equal to the Woodbury form of the
+    module docstring but without its cancellation in float32. Torch ops only.
+    """
+    d = f.shape[1]
+    r = f - mean
+    proj = torch.einsum("nqd,nd->nq", comps, r)
+    r_perp = r - torch.einsum("nq,nqd->nd", proj, comps)
+    maha = (r_perp * r_perp).sum(1) / noise + (proj * proj / var).sum(1)
+    logdet = torch.log(var).sum(1) + (d - var.shape[1]) * torch.log(noise)
+    return -0.5 * (d * math.log(2 * math.pi) + logdet + maha)
 
 
 class PPCAManifold(FeatureDetector):
-    """Per-class probabilistic PCA negative log-likelihood of a layer's features.
+    """Per-class probabilistic PCA negative log-likelihood of a layer's features (low-rank).
 
     Args:
-        layer: the layer whose flattened features are modelled (e.g. "fc1").
+        layer: the layer whose pooled features are modelled (e.g. "fc1").
         n_components: principal components q per class (clipped to the class size - 1 and D - 1).
-        reg: added to the noise variance for numerical stability (relative to the mean
-            feature variance).
-        min_class_size: classes with fewer clean examples fall back to the pooled PPCA.
+        reg: added to each class's noise variance, relative to the mean feature variance.
+        min_class_size: classes with fewer clean examples use the PPCA of all the data.
+        batch_size: rows scored at once (the gathered components take batch x q x d floats).
+
+    Fitted state: ``means_`` (C, D), ``components_`` (C, q, D) (zero rows where a class has
+    fewer), ``variances_`` (C, q), ``noise_`` (C,).
     """
 
     name: ClassVar[str] = "ppca"
-    _tensor_attrs = ("means_", "precisions_", "logdets_", "components_")
+    _tensor_attrs = ("means_", "components_", "variances_", "noise_")
 
-    def __init__(self, layer: str = "fc1", *, n_components: int = 16, reg: float = 1e-3, min_class_size: int = 10) -> None:
+    def __init__(self, layer: str = "fc1", *, n_components: int = 16, reg: float = 1e-3, min_class_size: int = 10,
+                 batch_size: int = 256) -> None:
         self.layer = layer
         self.n_components = n_components
         self.reg = reg
         self.min_class_size = min_class_size
+        self.batch_size = batch_size
+
+    @classmethod
+    def default(cls, layers: list[str]) -> "PPCAManifold":
+        """The PPCA of the head's input."""
+        return cls(layers[-1])
 
     @property
     def feature_layers(self) -> list[str]:
         return [self.layer]
 
-    @staticmethod
-    def _fit_one(f: np.ndarray, q: int, reg: float) -> tuple[Any, np.ndarray, np.ndarray, float, np.ndarray]:
-        from sklearn.decomposition import PCA
-
-        q = max(1, min(q, f.shape[0] - 1, f.shape[1] - 1))
-        pca = PCA(n_components=q, svd_solver="full").fit(f)
-        pca.noise_variance_ = pca.noise_variance_ + reg  # floor: dead ReLU units have zero variance
-        cov = pca.get_covariance()
-        prec = pca.get_precision()
-        sign, logdet = np.linalg.slogdet(cov)
-        if sign <= 0:
-            raise ValueError("PPCAManifold: a class covariance is not positive definite; raise 'reg'.")
-        comps = np.zeros((q, f.shape[1]), dtype=np.float64)
-        comps[:q] = pca.components_
-        return pca, pca.mean_, prec, float(logdet), comps
-
     def fit_features(self, feats: Any, labels: torch.Tensor) -> "PPCAManifold":
         owner = type(self).__name__
         check_int(self.n_components, "n_components", owner, low=1)
         check_int(self.min_class_size, "min_class_size", owner, low=2)
+        check_int(self.batch_size, "batch_size", owner, low=1)
         check_float(self.reg, "reg", owner, low=0.0, low_open=True)
         f = as_feature_dict(feats, [self.layer], owner)[self.layer].cpu()
         if f.shape[0] < 2:
             raise ValueError(f"{owner}: fit needs at least 2 clean examples (an empty or one-row bank cannot define a PPCA); got {f.shape[0]}.")
         labels = check_labels(labels, "labels", n=int(f.shape[0])).cpu()
         x = f.double().numpy()
-        scale = float(x.var(0).mean()) or 1.0
-        reg = self.reg * scale
+        floor = self.reg * (float(x.var(0).mean()) or 1.0)
         q = self.n_components
-        pooled = self._fit_one(x, q, reg)
-        n_classes = int(labels.max()) + 1
-        means, precs, logdets, comps = [], [], [], []
-        self.pcas_ = []
+        pooled = fit_ppca(x, q, floor)
+        n_classes, d = int(labels.max()) + 1, x.shape[1]
+        q_all = min(q, d - 1) if d > 1 else 1
+        self.means_ = torch.zeros(n_classes, d)
+        self.components_ = torch.zeros(n_classes, q_all, d)
+        self.variances_ = torch.ones(n_classes, q_all)
+        self.noise_ = torch.ones(n_classes)
         for c in range(n_classes):
             xc = x[(labels == c).numpy()]
-            fit = self._fit_one(xc, q, reg) if xc.shape[0] >= self.min_class_size else pooled
-            self.pcas_.append(fit[0])
-            means.append(fit[1])
-            precs.append(fit[2])
-            logdets.append(fit[3])
-            cp = np.zeros((q, x.shape[1]))
-            cp[: fit[4].shape[0]] = fit[4]
-            comps.append(cp)
-        self.means_ = torch.from_numpy(np.stack(means)).float()
-        self.precisions_ = torch.from_numpy(np.stack(precs)).float()
-        self.logdets_ = torch.tensor(logdets, dtype=torch.float32)
-        self.components_ = torch.from_numpy(np.stack(comps)).float()
+            mean, comps, var, noise = fit_ppca(xc, q, floor) if xc.shape[0] >= self.min_class_size else pooled
+            k = comps.shape[0]
+            self.means_[c] = torch.from_numpy(mean).float()
+            self.components_[c, :k] = torch.from_numpy(comps).float()
+            self.variances_[c] = noise  # unused directions: the noise variance (no contribution)
+            self.variances_[c, :k] = torch.from_numpy(var).float()
+            self.noise_[c] = noise
         self.fitted_ = True
         return self
 
@@ -110,20 +146,22 @@ class PPCAManifold(FeatureDetector):
             raise ValueError(f"{type(self).__name__}: features of layer {self.layer!r} must have width {d} (as fitted); got {f.shape[1]}.")
         return f
 
+    def _loglik(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        c = c.long().clamp(0, self.means_.shape[0] - 1)  # a reject class maps to the last class, as in the graph
+        out = []
+        for i in range(0, f.shape[0], self.batch_size):
+            ci = c[i:i + self.batch_size]
+            out.append(ppca_log_likelihood(f[i:i + self.batch_size], self.means_[ci], self.components_[ci], self.variances_[ci],
+                                           self.noise_[ci]))
+        return torch.cat(out) if out else torch.zeros(0)
+
     def log_likelihood(self, feats: Any, classes: torch.Tensor | None = None) -> torch.Tensor:
         """PPCA log-likelihood: Tensor[N] under ``classes`` [N], or Tensor[N, C] for every class."""
-        f = self._features(feats).double()
-        d = f.shape[1]
-        means, precs, logdets = self.means_.double(), self.precisions_.double(), self.logdets_.double()
-        const = d * math.log(2 * math.pi)
+        f = self._features(feats)
         if classes is not None:
-            c = classes.long().cpu().clamp(0, means.shape[0] - 1)
-            diff = f - means[c]
-            maha = torch.einsum("nd,nde,ne->n", diff, precs[c], diff)
-            return (-0.5 * (const + logdets[c] + maha)).float()
-        diff = f[:, None, :] - means[None]  # [N, C, D]
-        maha = torch.einsum("ncd,cde,nce->nc", diff, precs, diff)
-        return (-0.5 * (const + logdets[None] + maha)).float()
+            return self._loglik(f, classes.cpu())
+        n = f.shape[0]
+        return torch.stack([self._loglik(f, torch.full((n,), c, dtype=torch.long)) for c in range(self.means_.shape[0])], 1)
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
         return -self.log_likelihood(feats, logits.argmax(1))
@@ -136,3 +174,39 @@ class PPCAManifold(FeatureDetector):
         proj = torch.einsum("nqd,nd->nq", self.components_[c], diff)
         cos = proj.norm(dim=1) / diff.norm(dim=1).clamp_min(1e-12)
         return (1.0 - cos.clamp(0, 1) ** 2).clamp_min(0).sqrt()
+
+    def sklearn_pca(self, c: int) -> Any:
+        """Class ``c``'s PPCA as a fitted ``sklearn.decomposition.PCA`` (its ``score_samples`` is
+        the full-covariance reference the low-rank score equals)."""
+        from sklearn.decomposition import PCA
+
+        self._check_fitted()
+        keep = self.components_[c].abs().sum(1) > 0
+        pca = PCA(n_components=int(keep.sum()))
+        pca.mean_ = self.means_[c].double().numpy()
+        pca.components_ = self.components_[c][keep].double().numpy()
+        pca.explained_variance_ = self.variances_[c][keep].double().numpy()
+        pca.noise_variance_ = float(self.noise_[c])
+        pca.n_components_ = int(keep.sum())
+        pca.n_features_in_ = int(self.means_.shape[1])
+        pca.whiten = False
+        return pca
+
+    def export_head(self) -> nn.Module:
+        return _PPCAHead(self)
+
+
+class _PPCAHead(nn.Module):
+    """PPCAManifold in the graph: the same :func:`ppca_log_likelihood` of the predicted class."""
+
+    def __init__(self, det: PPCAManifold) -> None:
+        super().__init__()
+        det._check_fitted()
+        self.layer = det.layer
+        for name in ("means_", "components_", "variances_", "noise_"):
+            self.register_buffer(name.rstrip("_"), getattr(det, name).detach().float())
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        c = batch.pred.clamp(0, self.means.shape[0] - 1)
+        ll = ppca_log_likelihood(batch.features[self.layer].float(), self.means[c], self.components[c], self.variances[c], self.noise[c])
+        return {"score": -ll, "loglik": ll}

@@ -2,31 +2,38 @@
 
 G2LVAP (localized visible adversarial patches) observes that a successful patch is the most
 salient thing the network sees: the patch alone is classified as the patched images' class.
-So the attribution map of a patched image has most of its mass inside one patch-sized window,
-while a clean digit spreads it over its strokes. Attributions come from Captum: ``Saliency``
+So the attribution map of a patched image has much of its mass inside one patch-sized window,
+while a clean image spreads it over the object. Attributions come from Captum: ``Saliency``
 (|d logit / d x|, Simonyan et al. 2014; one batched backward pass), ``IntegratedGradients``
 (Sundararajan et al. 2017) or ``LayerGradCam`` (Selvaraju et al. 2017, a class activation map
 at a named conv layer, upsampled to the input).
 
 Score = the largest share of |attribution| mass inside any ``window x window`` square
 (average-pool with stride 1, then max, times ``window**2`` over the total), or with
-``reduce="topk"`` the share inside the top ``topk`` fraction of pixels.
+``reduce="topk"`` the share inside the top ``topk`` fraction of pixels. ``window="auto"``
+takes the side of a square of ``window_area`` (5%) of the image, read from the data at fit.
+
+The exported graph computes the same attribution with ``torch.autograd.grad`` of the same
+target logit (:func:`torch_attributions`, what Captum's methods compute), traced together with
+the backward pass into plain ONNX ops, so any model exports (skip connections, BatchNorm,
+attention): nothing about the model's layers is assumed.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.detectors.base import Detector
 from guard.core.features import get_layer
-from guard.core.models import eval_mode
+from guard.core.models import eval_mode, model_device
 from guard.core.validation import check_float, check_images, check_int
+from guard.detectors.base import Batch, Detector
 
-__all__ = ["SaliencyConcentration", "window_share", "topk_share"]
+__all__ = ["SaliencyConcentration", "window_share", "topk_share", "torch_attributions"]
 
 _METHODS = ("saliency", "integrated_gradients", "gradcam")
 
@@ -47,29 +54,66 @@ def topk_share(attr: torch.Tensor, frac: float) -> torch.Tensor:
     return a.topk(k, dim=1).values.sum(1) / a.sum(1).clamp_min(1e-12)
 
 
+def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str, *, layer: str | None = None,
+                       n_steps: int = 16) -> torch.Tensor:
+    """Non-negative attribution maps (N, H, W) of class ``target`` with ``torch.autograd.grad``.
+
+    The same quantities as Captum's ``Saliency`` (abs=True), ``IntegratedGradients`` (zero
+    baseline, ``method="riemann_right"`` with ``n_steps`` steps, as the detector asks Captum
+    for) and ``LayerGradCam`` (ReLU, bilinear upsampling), written with autograd so that the
+    exporter can trace them. Channels are summed.
+    """
+    x = x.detach().requires_grad_(True)
+    if method == "saliency":
+        logits = model(x)
+        (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)
+        return g.abs().sum(1)
+    if method == "integrated_gradients":
+        total = torch.zeros_like(x)
+        for i in range(1, n_steps + 1):
+            xi = (x.detach() * (i / n_steps)).requires_grad_(True)
+            (g,) = torch.autograd.grad(model(xi).gather(1, target[:, None]).sum(), xi)
+            total = total + g
+        return (x.detach() * total / n_steps).abs().sum(1)
+    store: list[torch.Tensor] = []
+    handle = get_layer(model, layer).register_forward_hook(lambda _m, _i, out: store.append(out))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    act = store[0]
+    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act)
+    cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True))
+    return F.interpolate(cam, tuple(x.shape[-2:]), mode="bilinear", align_corners=False).clamp_min(0).sum(1)
+
+
 class SaliencyConcentration(Detector):
     """Concentration of the attribution map of the predicted class.
 
     Args:
         method: "saliency" (default: one backward pass per batch), "integrated_gradients" or
             "gradcam" (needs ``layer``, a conv layer; the map is upsampled to the input size).
-        window: side of the square window in pixels (tune it to the patch size you defend
-            against; the default 8 suits 28x28 inputs and patches of about 5-8 pixels).
+        window: side of the square window in pixels, or "auto": the side of a square covering
+            ``window_area`` of the image (set at fit from the data; tune it to the patch size
+            you defend against, on patches you then do not report).
+        window_area: the area fraction that ``window="auto"`` covers.
         reduce: "window" or "topk".
         topk: the fraction of pixels for ``reduce="topk"``.
         layer: the conv layer for "gradcam".
         n_steps: integration steps for "integrated_gradients".
         batch_size: images per backward pass.
+
+    Fitted state: ``window_`` (the side used).
     """
 
     name: ClassVar[str] = "saliency"
-    needs_model: ClassVar[bool] = True
-    _tensor_attrs = ()
+    _meta_attrs = ("window_",)
 
-    def __init__(self, method: str = "saliency", *, window: int = 8, reduce: str = "window", topk: float = 0.05,
-                 layer: str | None = None, n_steps: int = 16, batch_size: int = 512) -> None:
+    def __init__(self, method: str = "saliency", *, window: int | str = "auto", window_area: float = 0.05, reduce: str = "window",
+                 topk: float = 0.05, layer: str | None = None, n_steps: int = 16, batch_size: int = 512) -> None:
         self.method = method
         self.window = window
+        self.window_area = window_area
         self.reduce = reduce
         self.topk = topk
         self.layer = layer
@@ -82,7 +126,9 @@ class SaliencyConcentration(Detector):
             raise ValueError(f"The 'method' parameter of {owner} must be one of {_METHODS}. Got {self.method!r}.")
         if self.reduce not in ("window", "topk"):
             raise ValueError(f"The 'reduce' parameter of {owner} must be 'window' or 'topk'. Got {self.reduce!r}.")
-        check_int(self.window, "window", owner, low=1)
+        if self.window != "auto":
+            check_int(self.window, "window", owner, low=1)
+        check_float(self.window_area, "window_area", owner, low=0.0, high=1.0, low_open=True)
         check_float(self.topk, "topk", owner, low=0.0, high=1.0, low_open=True)
         check_int(self.n_steps, "n_steps", owner, low=1)
         check_int(self.batch_size, "batch_size", owner, low=1)
@@ -93,33 +139,46 @@ class SaliencyConcentration(Detector):
                 get_layer(model, self.layer)
 
     def fit(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> "SaliencyConcentration":
-        """Check the parameters against ``model`` (the score needs no training data)."""
+        """Check the parameters against ``model`` and, for ``window="auto"``, read the image size from ``x``."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         self._validate(model)
         if x is not None:
             check_images(x, "x")
+            hw = tuple(int(s) for s in x.shape[-2:])
+        elif self.window == "auto":
+            raise ValueError("SaliencyConcentration(window='auto') reads the image size at fit: pass clean images, fit(model, x).")
+        else:
+            hw = (int(self.window), int(self.window))
+        self.window_ = int(self.window) if self.window != "auto" else max(2, round(math.sqrt(self.window_area * hw[0] * hw[1])))
         self.fitted_ = True
         return self
 
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "SaliencyConcentration":
+        return self.fit(batch.model, batch.x[:8])
+
     def attributions(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Non-negative attribution maps [N, H, W] for class ``target`` (channels summed)."""
+        """Non-negative attribution maps [N, H, W] for class ``target`` (channels summed), from Captum."""
         from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
         if self.method == "saliency":
             a = Saliency(model).attribute(x, target=target, abs=True)
         elif self.method == "integrated_gradients":
-            a = IntegratedGradients(model).attribute(x, target=target, n_steps=self.n_steps).abs()
+            a = IntegratedGradients(model).attribute(x, target=target, n_steps=self.n_steps, method="riemann_right").abs()
         else:
             cam = LayerGradCam(model, get_layer(model, self.layer)).attribute(x, target=target, relu_attributions=True)
             a = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear").clamp_min(0)
         return a.detach().sum(1)
 
+    def concentration(self, attr: torch.Tensor) -> torch.Tensor:
+        """The score of attribution maps (N, H, W): the window share or the top-k share."""
+        return window_share(attr, self.window_) if self.reduce == "window" else topk_share(attr, self.topk)
+
     def score(self, model: nn.Module, x: torch.Tensor, *, target: torch.Tensor | None = None) -> torch.Tensor:
         """Concentration scores Tensor[N] for the predicted class (or ``target``)."""
         self._check_fitted()
         check_images(x, "x")
-        device = next((p.device for p in model.parameters()), x.device)
+        device = model_device(model, x.device)
         out = []
         with eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
@@ -133,9 +192,26 @@ class SaliencyConcentration(Detector):
                 # torch.no_grad() or torch.inference_mode()
                 with torch.inference_mode(False), torch.enable_grad():
                     a = self.attributions(model, xb.detach().clone().requires_grad_(True), tb.clone())
-                out.append(window_share(a, self.window) if self.reduce == "window" else topk_share(a, self.topk))
+                out.append(self.concentration(a))
         return torch.cat(out).float().cpu()
 
-    def get_params(self) -> dict[str, Any]:
-        return {"method": self.method, "window": self.window, "reduce": self.reduce, "topk": self.topk,
-                "layer": self.layer, "n_steps": self.n_steps, "batch_size": self.batch_size}
+    def score_batch(self, batch: Batch) -> torch.Tensor:
+        return self.score(batch.model, batch.x, target=batch.pred)
+
+    def export_head(self) -> nn.Module:
+        self._check_fitted()
+        return _SaliencyHead(self)
+
+
+class _SaliencyHead(nn.Module):
+    """SaliencyConcentration in the graph: :func:`torch_attributions`, then the same concentration."""
+
+    def __init__(self, det: SaliencyConcentration) -> None:
+        super().__init__()
+        self.method, self.layer, self.n_steps = det.method, det.layer, det.n_steps
+        self.reduce, self.window, self.topk = det.reduce, det.window_, det.topk
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        with torch.enable_grad():
+            attr = torch_attributions(batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps)
+        return window_share(attr, self.window) if self.reduce == "window" else topk_share(attr, self.topk)

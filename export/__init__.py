@@ -8,7 +8,7 @@ Example::
     out = sess.run(test.x[:4])          # {"logits": ..., "knn_score": ..., "flag": ...}
 """
 
-from guard.export.onnx_graph import ExportHead
+from guard.export.graph import ExportHead, build_export_head
 from guard.export.parity import ParityReport, check_parity, compare_with_guarded
 from guard.export.session import GuardSession, ProviderError, SessionReport, load_session
 from guard.export.to_onnx import ExportError, ExportReport, to_onnx
@@ -16,6 +16,7 @@ from guard.export.to_onnx import ExportError, ExportReport, to_onnx
 __all__ = [
     "ExportError",
     "ExportHead",
+    "build_export_head",
     "ExportReport",
     "GuardSession",
     "ParityReport",

@@ -28,29 +28,30 @@ import torch
 from guard.core.models import eval_mode
 
 __all__ = ["check_parity", "compare_outputs", "compare_with_guarded", "run_reference", "run_session", "ParityReport",
-           "DEFAULT_TOLERANCES"]
+           "DEFAULT_TOLERANCES", "DEFAULT_TOLERANCE"]
 
-#: output name -> (atol, rtol)
+#: output name -> (atol, rtol); anything else: :data:`DEFAULT_TOLERANCE`.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "logits": (1e-4, 1e-4),
     "reject_prob": (1e-5, 1e-4),
-    "knn_topk": (1e-6, 1e-4),
-    "knn_distance": (1e-6, 1e-4),
-    "knn_score": (1e-6, 1e-4),
-    "knn_consistency_score": (1e-6, 0.0),
-    "ppca_loglik": (1e-3, 1e-4),
-    "ppca_score": (1e-3, 1e-4),
-    "saliency_score": (1e-5, 1e-4),
-    "squeeze_score": (1e-5, 1e-4),
-    "combined_score": (1e-4, 1e-4),
 }
+DEFAULT_TOLERANCE = (1e-4, 1e-4)
 #: outputs that are step functions of other scores: the conformal combined score counts clean
 #: calibration scores >= s, so an input that *is* a calibration image (its score equals a stored
 #: one) moves by a whole step for a last-bit difference. Their figures are reported; their
 #: parity is judged by the flags they feed.
 STEP_OUTPUTS = frozenset({"combined_score"})
-_FLAG_SCORE = {"knn": "knn_score", "knn_consistency": "knn_consistency_score", "ppca": "ppca_score", "saliency": "saliency_score", "squeeze": "squeeze_score", "combined": "combined_score",
-               "reject": "reject_prob"}
+# A detector head adds its own step outputs (``head.step_outputs``: the kNN rank is a step
+# function of the kNN distance, which is compared with tolerance instead).
+
+
+def _tol(name: str, tolerances: Mapping[str, tuple[float, float]]) -> tuple[float, float]:
+    return tolerances.get(name, DEFAULT_TOLERANCE)
+
+
+def _flag_score(flag: str) -> str:
+    """The output a flag column thresholds."""
+    return "reject_prob" if flag == "reject" else f"{flag}_score"
 
 
 @dataclass
@@ -71,7 +72,8 @@ def _np(t: Any) -> np.ndarray:
 
 
 def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerances: Mapping[str, tuple[float, float]] | None = None,
-                    flag_names: Sequence[str] = (), thresholds: Mapping[str, float] | None = None) -> dict[str, dict[str, Any]]:
+                    flag_names: Sequence[str] = (), thresholds: Mapping[str, float] | None = None,
+                    step_outputs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Per-output comparison of ``got`` (onnxruntime) against ``ref`` (PyTorch), names in both.
 
     Returns output -> figures: floats ``max_abs``, ``max_rel``, ``atol``, ``rtol``, ``passed``;
@@ -94,9 +96,9 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
             borderline = 0
             if diff.any() and thresholds is not None and diff.ndim == 2 and flag_names:
                 for j, fname in enumerate(flag_names):
-                    s = _FLAG_SCORE.get(fname)
+                    s = _flag_score(fname)
                     if s in ref and fname in thresholds:
-                        atol, rtol = tol.get(s, (1e-4, 1e-4))
+                        atol, rtol = _tol(s, tol)
                         sc = _np(ref[s])
                         near = np.abs(sc - thresholds[fname]) <= atol + rtol * np.abs(sc)
                         borderline += int((diff[:, j] & near).sum())
@@ -106,7 +108,7 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
             agree = float((a == b).mean()) if b.size else 1.0
             out[name] = {"agreement": agree, "n": int(b.shape[0]), "passed": agree == 1.0}
         else:
-            atol, rtol = tol.get(name, (1e-4, 1e-4))
+            atol, rtol = _tol(name, tol)
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             finite = np.isfinite(b64) & np.isfinite(a64)
             same_inf = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
@@ -115,7 +117,7 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
             rel = d / np.maximum(np.abs(b64), 1e-6)
             bad = d > atol + rtol * np.where(finite, np.abs(b64), 0.0)
             bad_rows = int(bad.reshape(bad.shape[0], -1).any(1).sum()) if bad.size else 0
-            ok = bad_rows == 0 or name in STEP_OUTPUTS
+            ok = bad_rows == 0 or name in STEP_OUTPUTS or name in step_outputs
             out[name] = {"max_abs": float(d.max()) if d.size else 0.0, "max_rel": float(rel.max()) if rel.size else 0.0,
                          "atol": atol, "rtol": rtol, "n_out_of_tol": bad_rows, "passed": bool(ok), "n": int(b.shape[0])}
     return out
@@ -126,7 +128,7 @@ def run_reference(head: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 2
     """The ExportHead's outputs in PyTorch (eval mode), batched, as numpy arrays."""
     names = list(head.output_names)  # type: ignore[attr-defined]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    with eval_mode(head.model):  # type: ignore[arg-type]
+    with eval_mode(head.float_model), eval_mode(head.backbone):  # type: ignore[arg-type]
         for i in range(0, x.shape[0], batch_size):
             for n, v in zip(names, head(x[i:i + batch_size].float())):
                 parts[n].append(_np(v))
@@ -183,7 +185,8 @@ def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *
         xb = x[:b] if x.shape[0] >= b else x.repeat((b + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:b]
         ref = run_reference(head, xb, batch_size=b)
         got = sess.run(xb)
-        by_batch[str(b)] = compare_outputs(ref, got, tolerances=tolerances, flag_names=flag_names, thresholds=thresholds)
+        by_batch[str(b)] = compare_outputs(ref, got, tolerances=tolerances, flag_names=flag_names, thresholds=thresholds,
+                                           step_outputs=getattr(head, "step_outputs", ()))
     merged = _merge(list(by_batch.values()))
     return ParityReport(outputs=merged, by_batch=by_batch, n=int(sum(batch_sizes)),
                         passed=all(v.get("passed", True) for v in merged.values()))
@@ -196,10 +199,10 @@ def _near_step(combined: Any, scores: Mapping[str, torch.Tensor]) -> np.ndarray:
     calibration image itself) jumps by a whole step for a last-bit difference in s.
     """
     out = None
-    for i, name in enumerate(combined.names):
+    for i, name in enumerate(combined.names_):
         s = scores[name].detach().double().cpu()[:, None]
         ref = combined.ref_[i][: int(combined.counts_[i])].double()[None, :]
-        atol, rtol = DEFAULT_TOLERANCES.get(_FLAG_SCORE.get(name, ""), (1e-4, 1e-4))
+        atol, rtol = DEFAULT_TOLERANCE
         hit = ((s - ref).abs() <= atol + rtol * s.abs()).any(1).numpy()
         out = hit if out is None else out | hit
     return out if out is not None else np.zeros(0, dtype=bool)
@@ -207,51 +210,38 @@ def _near_step(combined: Any, scores: Mapping[str, torch.Tensor]) -> np.ndarray:
 
 def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_size: int = 256,
                          head: torch.nn.Module | None = None) -> dict[str, dict[str, Any]]:
-    """The GuardedModel's own logits, scores and flags vs the graph's, on all of ``x``.
+    """The GuardedModel's own logits, scores and flags (FAISS, Captum) vs the graph's, on all of ``x``.
 
-    Maps ``GuardedModel.score``'s detector names to the graph's outputs (knn -> knn_score, ...)
-    and the combined flag to the graph's ``flags`` column "combined".
+    Each detector's score is compared with the graph's ``<name>_score``, and each flag with
+    the graph's ``flags`` column of the same name (``head.flag_names``).
     """
-
     logits, scores, errors = guarded.score(x)
     if errors:
         raise RuntimeError(f"the GuardedModel's detectors failed on the parity inputs: {errors}")
     got = run_session(session, x, batch_size=batch_size)
     ref: dict[str, Any] = {"logits": logits.float(), "pred": logits.argmax(1)}
-    flag_names = list(getattr(head, "flag_names", [])) if head is not None else []
     thresholds: dict[str, float] = {}
-    kinds = {"KNNRank": "knn", "KNNConsistency": "knn_consistency", "PPCAManifold": "ppca", "SaliencyConcentration": "saliency",
-             "BitDepthSqueeze": "squeeze"}
     flag_cols: dict[str, torch.Tensor] = {}
     for name, det in guarded.detectors.items():
-        kind = kinds.get(type(det).__name__)
-        if kind is None or f"{kind}_score" not in got:
+        if f"{name}_score" not in got:
             continue
-        ref[f"{kind}_score"] = scores[name]
+        ref[f"{name}_score"] = scores[name]
         if hasattr(det, "threshold_"):
-            thresholds[kind] = float(det.threshold_)
-            flag_cols[kind] = det.predict_scores(scores[name])
-    knn = next((d for d in guarded.detectors.values() if type(d).__name__ == "KNNRank"), None)
-    if knn is not None and "knn_distance" in got:
-        # the mean distance FAISS returns (before the rank's step function), part by part
-        from guard.core.features import extract_features
-
-        parts = list(knn.parts_.values()) if getattr(knn, "multi", False) else [knn]
-        _, feats = extract_features(guarded.model, x, [p.layer for p in parts])
-        ref["knn_distance"] = torch.stack([p.distances(feats)[0].mean(1) for p in parts], 1)
+            thresholds[name] = float(det.threshold_)
+            flag_cols[name] = det.predict_scores(scores[name])
     if guarded.combined is not None and "combined_score" in got and not getattr(head, "combined_partial", False):
         comb = guarded.combined.combine(scores)
         ref["combined_score"] = comb
         thresholds["combined"] = float(guarded.combined.threshold_)
         flag_cols["combined"] = guarded.combined.predict_scores(comb)
-    figs = compare_outputs(ref, got)
+    figs = compare_outputs(ref, got, step_outputs=getattr(head, "step_outputs", ()))
+    flag_names = list(getattr(head, "flag_names", [])) if head is not None else []
     if "flags" in got and flag_names:
         for j, fname in enumerate(flag_names):
             if fname in flag_cols:
                 diff = got["flags"][:, j] != _np(flag_cols[fname])
-                s = _FLAG_SCORE[fname]
-                atol, rtol = DEFAULT_TOLERANCES.get(s, (1e-4, 1e-4))
-                sc = _np(ref[s]).astype(np.float64)
+                atol, rtol = _tol(_flag_score(fname), DEFAULT_TOLERANCES)
+                sc = _np(ref[_flag_score(fname)]).astype(np.float64)
                 near = np.abs(sc - thresholds[fname]) <= atol + rtol * np.abs(sc)
                 if fname == "combined":
                     near = near | _near_step(guarded.combined, scores)

@@ -1,15 +1,15 @@
 """``to_onnx``: export a model, guarded model or hardened model as one ONNX graph.
 
-Uses ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript translation, the
-default exporter since torch 2.9) with a dynamic batch dimension, then checks the file with
-``onnx.checker.check_model(path, full_check=True)`` (given the path, so weights stored as
-external data beyond 2 GB are checked too) and reads the opset back from the file.
+The :class:`~guard.export.graph.ExportHead` is traced with backward passes made explicit
+(:func:`guard.export.graph.trace`), then exported by ``torch.onnx.export(..., dynamo=True)``
+(torch.export + onnxscript translation) with a dynamic batch dimension; the file is checked
+with ``onnx.checker.check_model(path, full_check=True)`` (given the path, so weights stored as
+external data beyond 2 GB are checked too) and the opset is read back from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -17,16 +17,16 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+import warnings
 
 import torch
 from torch import nn
 
-from guard.export.onnx_graph import ExportHead
-from guard.core.models import eval_mode
+from guard.export.graph import build_export_head, trace
 from guard.core.validation import check_images, check_int
 
-__all__ = ["to_onnx", "ExportReport", "build_export_head", "ExportError"]
+__all__ = ["to_onnx", "ExportReport", "ExportError"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ class ExportReport:
     input_shape: list[Any]
     output_names: list[str]
     heads: dict[str, Any]
-    dynamo: bool
     fp16_backbone: bool
     external_data: bool
     file_bytes: int
@@ -95,32 +94,6 @@ def _failing_op(err: BaseException) -> str:
     return first
 
 
-def build_export_head(obj: nn.Module, example: torch.Tensor, *, saliency: bool | str = True) -> tuple[ExportHead, dict[str, Any]]:
-    """The ExportHead for a plain model, a hardened model or a GuardedModel, and notes.
-
-    Delegates to :mod:`export.adapters`, which reads the detectors' fitted state. A model with
-    weights off the CPU is exported from a CPU copy, so the caller's model never moves.
-    """
-    from guard.export.adapters import head_from
-
-    model = obj.model if (hasattr(obj, "detectors") and hasattr(obj, "model")) else obj
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(t.device.type != "cpu" for t in tensors):
-        model = copy.deepcopy(model).cpu()
-    return head_from(obj, example, saliency=saliency, model=model)
-
-
-class _Fp16Backbone(nn.Module):
-    """Runs the backbone in float16 and hands float32 logits/features to the heads."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = copy.deepcopy(model).half()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x.half()).float()
-
-
 def to_onnx(
     guarded_or_hardened: nn.Module,
     path: str | os.PathLike[str],
@@ -128,8 +101,8 @@ def to_onnx(
     *,
     opset: int | None = None,
     fp16_backbone: bool = False,
-    dynamo: bool = True,
-    saliency: bool | str = True,
+    leave_out: Sequence[str] = (),
+    strict: bool = True,
     parity_inputs: torch.Tensor | None = None,
 ) -> ExportReport:
     """Export the model and its detector heads as one ONNX graph with a dynamic batch.
@@ -143,10 +116,8 @@ def to_onnx(
             checked against the written file.
         fp16_backbone: run the classifier in float16, keep every detector head in float32
             (a float16 kNN bank would change neighbour order).
-        dynamo: use the torch.export-based exporter (default) or the TorchScript one.
-        saliency: True: include the guarded model's saliency head (ValueError naming the
-            layer if its attribution cannot be written in the graph); "auto": leave it out
-            with a note in that case; False: leave it out.
+        leave_out: detector names whose heads stay out of the graph.
+        strict: a detector without an export head raises (True) or is left out with a note.
         parity_inputs: if given, compare PyTorch and onnxruntime on them (batch sizes 1, 7, 64)
             and put the figures in the report.
 
@@ -177,43 +148,22 @@ def to_onnx(
     if example.shape[0] < 2:  # a batch of 1 would let torch.export specialise the batch dimension to 1
         example = example.expand(2, *example.shape[1:]).contiguous()
 
-    head, notes = build_export_head(guarded_or_hardened, example, saliency=saliency)
-    if not fp16_backbone:
-        notes["shared_forward"] = head.share_forward(example)
-    if fp16_backbone:
-        float_model = head.model
-        head.model = _Fp16Backbone(float_model)
-        head.feature_prefix = "model."  # hooks must find the layers inside the float16 copy
-        if head.saliency is not None:
-            head.float_model = float_model  # the saliency chain's float32 weights
-    own = set(head.model.modules())
-    for m in head.modules():  # the heads have no train-time behaviour; the model's modes are left alone
-        if m not in own:
-            m.training = False
-    with eval_mode(head.model), torch.no_grad():
-        head(example)  # fail here, in PyTorch, with its own error before tracing
-        names = list(head.output_names)
-        sink = io.StringIO()
-        try:
-            with contextlib.redirect_stdout(sink):  # the exporter prints progress lines
-                if dynamo:
-                    batch = torch.export.Dim("batch", min=1)
-                    prog = torch.onnx.export(head, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=names,
-                                             opset_version=opset, dynamic_shapes={"x": {0: batch}}, verbose=False)
-                else:
-                    axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]}
-                    torch.onnx.export(head, (example,), str(out), dynamo=False, input_names=[INPUT_NAME], output_names=names,
-                                      opset_version=opset, dynamic_axes=axes)
-                    prog = None
-        except Exception as err:  # the exporters raise many types; all mean "cannot export"
-            raise ExportError(f"{type(guarded_or_hardened).__name__} cannot be exported to ONNX: {_failing_op(err)}.") from err
-        log.debug("exporter output: %s", sink.getvalue())
-    if prog is not None:
-        size = sum(int(t.numel()) * t.element_size() for t in head.state_dict().values())
-        external = size > _TWO_GB - 64 * 1024**2
-        prog.save(str(out), external_data=external)
-    else:
-        external = False
+    head, notes = build_export_head(guarded_or_hardened, example, leave_out=leave_out, strict=strict, fp16_backbone=fp16_backbone)
+    names = list(head.output_names)
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink), warnings.catch_warnings():  # the exporter prints progress lines
+            warnings.simplefilter("ignore")
+            graph = trace(head, example)
+            batch = torch.export.Dim("batch", min=1)
+            prog = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=names,
+                                     opset_version=opset, dynamic_shapes=({0: batch},), verbose=False)
+    except Exception as err:  # the tracer and the exporter raise many types; all mean "cannot export"
+        raise ExportError(f"{type(guarded_or_hardened).__name__} cannot be exported to ONNX: {_failing_op(err)}.") from err
+    log.debug("exporter output: %s", sink.getvalue())
+    size = sum(int(t.numel()) * t.element_size() for t in {id(t): t for t in head.state_dict().values()}.values())
+    external = size > _TWO_GB - 64 * 1024**2
+    prog.save(str(out), external_data=external)
     onnx.checker.check_model(str(out), full_check=True)
     proto = onnx.load(str(out), load_external_data=False)
     got_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -231,7 +181,7 @@ def to_onnx(
 
     report = ExportReport(
         path=str(out), opset=int(got_opset), input_name=proto.graph.input[0].name, input_shape=["batch", *dims[1:]],
-        output_names=got_names, heads=notes, dynamo=dynamo, fp16_backbone=fp16_backbone, external_data=external,
+        output_names=got_names, heads=notes, fp16_backbone=fp16_backbone, external_data=external,
         file_bytes=out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(out.name + ".data")),
         seconds=0.0, versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
     )

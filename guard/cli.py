@@ -223,7 +223,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="model.onnx", metavar="FILE", help="the .onnx file to write (its folder must exist)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--fp16-backbone", action="store_true", help="run the classifier in float16, detector heads in float32")
-    p.add_argument("--no-saliency", action="store_true", help="leave the saliency head out")
+    p.add_argument("--leave-out", default="", metavar="NAMES", help="comma-separated detectors whose heads stay out of the graph")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_export)
@@ -240,7 +240,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     obj = guard.GuardedModel.load(args.guarded, model) if args.guarded else model
     x = s.test.x[:64]
     rep = to_onnx(obj, args.out, x[:8], opset=args.opset, fp16_backbone=args.fp16_backbone,
-                  saliency=not args.no_saliency, parity_inputs=None if args.no_check else x)
+                  leave_out=[n for n in args.leave_out.split(",") if n], parity_inputs=None if args.no_check else x)
     print(f"wrote {rep.path} (opset {rep.opset}, {rep.file_bytes / 1e6:.1f} MB, outputs: {', '.join(rep.output_names)})")
     if rep.heads.get("left_out"):
         print(f"left out: {rep.heads['left_out']}")

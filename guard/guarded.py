@@ -1,11 +1,18 @@
 """``guard.wrap(model)`` -> a GuardedModel: logits, per-detector scores and a calibrated flag.
 
-One forward pass of the wrapped model collects the logits and the features every feature
-detector needs (hooks, :class:`guard.core.features.FeatureExtractor`); input-level detectors
-(saliency) add one backward pass. The combined flag is the max of robustly standardised
-scores, calibrated on clean held-out data to a target false-positive rate
-(:class:`detectors.Combined`). Fails closed: a detector that raises at serving time gives
-``+inf`` scores, so the whole batch is flagged, and the error is logged — never passed silently.
+One forward pass of the wrapped model collects the logits and the pooled features every
+feature detector needs (hooks, :class:`guard.core.features.FeatureExtractor`); each detector
+then scores that :class:`~guard.detectors.Batch` (input-level detectors such as saliency add
+their own backward pass). The combined flag is a conformal max over the detectors, calibrated
+on clean held-out data to a target false-positive rate (:class:`guard.detectors.Combined`).
+Fails closed: a detector that raises at serving time gives ``+inf`` scores, so its batch is
+flagged, and the error is logged and returned, never passed silently.
+
+By default the detectors see the layers :func:`guard.core.features.default_feature_layers`
+reads from the model's forward pass (the head's input and the two deepest spatial stages,
+pooled by :func:`guard.core.features.pool_features`), so a user's model works as it comes;
+they are chosen at ``fit`` from the first images. A default detector that cannot run on the
+model is left out with its reason in ``left_out_``; the rest go on.
 
 Example::
 
@@ -27,20 +34,19 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from guard.detectors import BitDepthSqueeze, Combined, Detector, FeatureDetector, KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
 from guard.core.cache import atomic_write_text
 from guard.core.data import Split, load_data
-from guard.core.features import FeatureExtractor
-from guard.core.models import eval_mode
-from guard.core.features import find_head
+from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
+from guard.core.models import eval_mode, model_device
 from guard.core.validation import NotFittedError, check_images, check_int, check_probability
+from guard.detectors import DETECTORS, Batch, Combined, Detector
 
-__all__ = ["wrap", "GuardedModel", "GuardedOutput", "default_layers"]
+__all__ = ["wrap", "GuardedModel", "GuardedOutput", "DEFAULT_DETECTORS"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTORS = ("saliency", "knn", "ppca", "knn_consistency", "squeeze")
-_SKIP = (nn.Dropout, nn.Flatten, nn.Identity, nn.ReLU)
+FORMAT = "guard.guarded/2"
 
 
 @dataclass
@@ -60,100 +66,64 @@ class GuardedOutput:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """Layers before the classifier head, in order (Dropout/Flatten/activations skipped).
-
-    For the demo net: ``["conv1", "conv2", "fc1"]``. :func:`wrap` gives the last two to
-    KNNRank and KNNConsistency and the last one (the head's input) to PPCAManifold.
-    """
-    from guard.core.models import Normalize
-
-    head, _ = find_head(model)
-    parent_name, _, head_leaf = head.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    out = []
-    for name, child in parent.named_children():
-        if name == head_leaf:
-            break
-        if isinstance(child, _SKIP + (Normalize,)) or not any(True for _ in child.parameters()):
-            continue
-        out.append(f"{parent_name}.{name}" if parent_name else name)
-    if not out:
-        raise ValueError(f"could not find feature layers before the head {head!r} of {type(model).__name__}; pass layers=[...].")
-    return out
-
-
-def _make(name: str, layers: list[str]) -> Detector:
-    if name == "knn":
-        return KNNRank(layers[-2:] if len(layers) >= 2 else layers[-1])
-    if name == "ppca":
-        return PPCAManifold(layers[-1])
-    if name == "knn_consistency":
-        return KNNConsistency(layers[-2:] if len(layers) >= 2 else layers)
-    if name == "saliency":
-        return SaliencyConcentration(window=6)
-    if name == "squeeze":
-        return BitDepthSqueeze(bits=1)
-    raise ValueError(f"unknown detector {name!r}; expected one of {DEFAULT_DETECTORS} or a Detector instance.")
-
-
 class GuardedModel(nn.Module):
     """A classifier with detectors attached (see :func:`wrap`).
 
     Attributes:
         model: the wrapped classifier (not modified).
-        detectors: name -> fitted detector.
-        combined: the :class:`detectors.Combined` flagger (after ``calibrate``).
+        detectors: name -> detector (the defaults are built at ``fit``).
+        combined: the :class:`~guard.detectors.Combined` flagger (after ``calibrate``).
+        layers: the feature layers the default detectors were given (None until chosen).
+        pool: how spatial maps become the vectors detectors see.
+        left_out_: default detector name -> why it could not run on this model.
     """
 
-    def __init__(self, model: nn.Module, detectors: Mapping[str, Detector], *, batch_size: int = 512) -> None:
+    def __init__(self, model: nn.Module, detectors: Mapping[str, Detector] | None = None, *, defaults: Sequence[str] = (),
+                 layers: Sequence[str] | None = None, pool: str = "auto", batch_size: int = 512) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-        if not detectors:
+        if not detectors and not defaults:
             raise ValueError("GuardedModel needs at least one detector; got none.")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}; got {pool!r}.")
         self.model = model
-        self.detectors: dict[str, Detector] = dict(detectors)
+        self.detectors: dict[str, Detector] = dict(detectors or {})
+        self.defaults = [d for d in defaults if d not in self.detectors]
+        self.layers = None if layers is None else list(layers)
+        self.pool = pool
         self.combined: Combined | None = None
         self.batch_size = check_int(batch_size, "batch_size", "GuardedModel", low=1)
+        self.left_out_: dict[str, str] = {}
+        self.feature_widths_: dict[str, int] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
     def feature_layers(self) -> list[str]:
-        layers: list[str] = []
-        for det in self.detectors.values():
-            if isinstance(det, FeatureDetector):
-                layers += [lay for lay in det.feature_layers if lay not in layers]
-        return layers
+        return list(dict.fromkeys(layer for det in self.detectors.values() for layer in det.feature_layers))
 
     def _device(self) -> torch.device:
-        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return model_device(self.model)
 
-    @torch.no_grad()
-    def _forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        layers = self.feature_layers
-        if not layers:
-            return self.model(x), {}
-        logits, feats = FeatureExtractor(self.model, layers)(x, flatten=True)
-        return logits, feats
+    def _forward(self, x: torch.Tensor) -> Batch:
+        """One forward pass: logits and the pooled features of every detector's layers."""
+        x = x.to(self._device(), dtype=torch.float32)
+        with torch.no_grad(), eval_mode(self.model):
+            layers = self.feature_layers
+            if layers:
+                logits, feats = FeatureExtractor(self.model, layers)(x, pool=self.pool)
+            else:
+                logits, feats = self.model(x), {}
+        return Batch(x, logits, feats, self.model)
 
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
-        x = x.to(self._device(), dtype=torch.float32)
+        batch = self._forward(x)
+        scores: dict[str, torch.Tensor] = {}
+        errors: dict[str, str] = {}
         with eval_mode(self.model):
-            logits, feats = self._forward_features(x)
-            scores: dict[str, torch.Tensor] = {}
-            errors: dict[str, str] = {}
             for name, det in self.detectors.items():
                 try:
-                    if isinstance(det, FeatureDetector):
-                        s = det.score_features(feats, logits)
-                    elif isinstance(det, SaliencyConcentration):
-                        s = det.score(self.model, x, target=logits.argmax(1))
-                    elif isinstance(det, BitDepthSqueeze):
-                        s = det.score(self.model, x, logits=logits)
-                    else:
-                        s = det.score(self.model, x)
-                    s = s.detach().float().cpu().reshape(-1)
+                    s = det.score_batch(batch).detach().float().cpu().reshape(-1)
                     if s.shape[0] != x.shape[0]:
                         raise RuntimeError(f"returned {s.shape[0]} scores for {x.shape[0]} inputs")
                 except Exception as err:  # fail closed: flag, log, never pass silently
@@ -161,16 +131,17 @@ class GuardedModel(nn.Module):
                     errors[name] = f"{type(err).__name__}: {err}"
                     s = torch.full((x.shape[0],), float("inf"))
                 scores[name] = s
-        return logits, scores, errors
+        return batch.logits, scores, errors
 
     def score(self, x: torch.Tensor, *, progress: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
         """Logits and per-detector scores (CPU) for all of ``x``, in batches of ``batch_size``."""
         check_images(x, "x")
+        if not self.detectors:
+            raise NotFittedError("This GuardedModel is not fitted yet. Call 'fit' on clean training data first.")
         from tqdm.auto import tqdm
 
         logits, scores, errors = [], {n: [] for n in self.detectors}, {}
-        starts = range(0, x.shape[0], self.batch_size)
-        for i in tqdm(starts, desc="guard score", disable=not progress, leave=False):
+        for i in tqdm(range(0, x.shape[0], self.batch_size), desc="guard score", disable=not progress, leave=False):
             lo, sc, er = self._score_batch(x[i:i + self.batch_size])
             logits.append(lo)
             for n, s in sc.items():
@@ -178,11 +149,30 @@ class GuardedModel(nn.Module):
             errors.update(er)
         return torch.cat(logits), {n: torch.cat(v) for n, v in scores.items()}, errors
 
+    def describe(self) -> dict[str, Any]:
+        """Each detector's class, parameters, layers and their feature widths (for report.json)."""
+        return {name: {"class": type(det).__name__, "params": det.get_params(),
+                       "layers": {layer: self.feature_widths_.get(layer) for layer in det.feature_layers},
+                       "threshold": getattr(det, "threshold_", None)} for name, det in self.detectors.items()}
+
     # ------------------------------------------------------------------ fit / calibrate
+    def _build_defaults(self, example: torch.Tensor) -> None:
+        if not self.defaults:
+            return
+        if self.layers is None:
+            self.layers = default_feature_layers(self.model, example)
+        for lay in self.layers:
+            get_layer(self.model, lay)
+        for name in self.defaults:
+            self.detectors[name] = DETECTORS[name].default(list(self.layers))
+        self.defaults = []
+
     def fit(self, data: Any, y: torch.Tensor | None = None) -> "GuardedModel":
         """Fit every detector on clean training data (a Split, (x, y), a Dataset, or images + ``y``).
 
-        Labels are the true labels given; feature detectors share one forward pass.
+        Labels are the true labels given (images alone: the model's predictions); the feature
+        detectors share one forward pass. A default detector that fails to fit is left out
+        (``left_out_``), the others are fitted; a detector the caller chose raises.
         """
         if isinstance(data, torch.Tensor) and y is None:  # images only: the model's predictions are the labels
             check_images(data, "data")
@@ -190,18 +180,26 @@ class GuardedModel(nn.Module):
         else:
             split = load_data((data, y) if isinstance(data, torch.Tensor) else data, "data")
             x, labels = split.x, split.y
-        from guard.core.features import extract_features
-
+        chosen_by_caller = set(self.detectors)
+        self._build_defaults(x[:2])
         layers = self.feature_layers
-        if layers:
-            logits, feats = extract_features(self.model, x, layers, batch_size=self.batch_size)
-            lab = logits.argmax(1).cpu() if labels is None else labels
-            for det in self.detectors.values():
-                if isinstance(det, FeatureDetector):
-                    det.fit_features(feats, lab)
-        for det in self.detectors.values():
-            if not isinstance(det, FeatureDetector):
-                det.fit(self.model, x[: min(len(x), 64)])
+        chunks = [self._forward(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        logits = torch.cat([c.logits for c in chunks])
+        feats = {layer: torch.cat([c.features[layer] for c in chunks]) for layer in layers}
+        self.feature_widths_ = {layer: int(f.shape[1]) for layer, f in feats.items()}
+        batch = Batch(x.to(self._device()), logits, feats, self.model)
+        lab = logits.argmax(1).cpu() if labels is None else labels.cpu()
+        for name in list(self.detectors):
+            try:
+                self.detectors[name].fit_batch(batch, lab)
+            except Exception as err:
+                if name in chosen_by_caller:
+                    raise
+                log.warning("guard.wrap: detector %r left out: %s: %s", name, type(err).__name__, err)
+                self.left_out_[name] = f"{type(err).__name__}: {err}"
+                del self.detectors[name]
+        if not self.detectors:
+            raise ValueError(f"no detector could be fitted on this model: {self.left_out_}")
         self.combined = None
         return self
 
@@ -251,9 +249,12 @@ class GuardedModel(nn.Module):
 
         The model itself is not saved: pass it again to :meth:`load`.
         """
+        if not self.detectors:
+            raise NotFittedError("This GuardedModel is not fitted yet; there is nothing to save.")
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        index = {"format": "guard.guarded/1", "detectors": {}, "batch_size": self.batch_size}
+        index: dict[str, Any] = {"format": FORMAT, "detectors": {}, "batch_size": self.batch_size, "pool": self.pool,
+                                 "layers": self.layers, "left_out": self.left_out_, "feature_widths": self.feature_widths_}
         for name, det in self.detectors.items():
             det.save(folder / f"{name}.safetensors")
             index["detectors"][name] = f"{name}.safetensors"
@@ -273,32 +274,34 @@ class GuardedModel(nn.Module):
             index = json.loads(idx_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{str(idx_path)!r} is not valid JSON: {err}") from err
-        if index.get("format") != "guard.guarded/1":
-            raise ValueError(f"{str(idx_path)!r} has an unknown format {index.get('format')!r}.")
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise ValueError(f"{str(idx_path)!r} has an unknown format {index.get('format') if isinstance(index, dict) else None!r} "
+                             f"(expected {FORMAT!r}).")
         dets = {name: Detector.load(folder / fname) for name, fname in index["detectors"].items()}
-        guarded = cls(model, dets, batch_size=index.get("batch_size", 512))
+        guarded = cls(model, dets, layers=index.get("layers"), pool=index.get("pool", "auto"), batch_size=index.get("batch_size", 512))
+        guarded.left_out_ = dict(index.get("left_out", {}))
+        guarded.feature_widths_ = dict(index.get("feature_widths", {}))
         if "combined" in index:
-            comb = Detector.load(folder / index["combined"])
-            if not isinstance(comb, Combined):
-                raise ValueError(f"{str(folder)!r}: combined.safetensors holds a {type(comb).__name__}.")
-            guarded.combined = comb
+            guarded.combined = Combined.load(folder / index["combined"])  # type: ignore[assignment]
         return guarded
 
 
 def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, Detector] | None = None,
-         layers: Sequence[str] | None = None, *, batch_size: int = 512) -> GuardedModel:
+         layers: Sequence[str] | None = None, *, pool: str = "auto", batch_size: int = 512) -> GuardedModel:
     """Attach detectors to ``model``.
 
     Args:
         model: the classifier (images in [0, 1] -> logits); not modified.
-        detectors: names from ("saliency", "knn", "ppca", "knn_consistency", "squeeze"),
-            Detector instances, or a dict name -> Detector. Default: all five. "squeeze" is
-            1-bit feature squeezing (the MNIST setting of Xu et al.); for natural images pass
-            ``BitDepthSqueeze(bits=5)`` or leave it out.
-        layers: feature layers (module paths) in network order; the last two feed KNNRank
-            (max of per-layer ranks) and KNNConsistency, the last PPCAManifold. Default:
-            :func:`default_layers`. Saliency uses a 6x6 window (the side of a 5%-area patch
-            on 28x28 inputs; pass your own SaliencyConcentration for other sizes).
+        detectors: names from :data:`guard.detectors.DETECTORS` ("saliency", "knn", "ppca",
+            "knn_consistency", "squeeze"), Detector instances, or a dict name -> Detector.
+            Default: all five. Named detectors get their default configuration on the feature
+            layers (``DETECTORS[name].default(layers)``: kNN rank and consistency on the last
+            two, PPCA on the last); a default detector that cannot run on the model is left
+            out at ``fit`` with its reason (``left_out_``).
+        layers: feature layers (module paths, or ``"path:input"``) in network order, the last
+            being the head's input. Default: read from the model's forward pass at ``fit``
+            (:func:`guard.core.features.default_feature_layers`).
+        pool: how a spatial map becomes a vector (:func:`guard.core.features.pool_features`).
         batch_size: images per forward pass when scoring many.
 
     Returns:
@@ -306,28 +309,31 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if layers is None:
-        layers = default_layers(model)
-    else:
+    if layers is not None:
         layers = [layers] if isinstance(layers, str) else list(layers)
         if not layers:
             raise ValueError("layers must name at least one layer; got an empty list.")
-        from guard.core.features import get_layer
-
         for lay in layers:
             get_layer(model, lay)
     if detectors is None:
         detectors = DEFAULT_DETECTORS
     if isinstance(detectors, Mapping):
-        dets = dict(detectors)
+        dets, names = dict(detectors), []
     else:
-        dets = {}
+        dets, names = {}, []
         for d in detectors:
-            det = _make(d, list(layers)) if isinstance(d, str) else d
-            if not isinstance(det, Detector):
+            if isinstance(d, str):
+                if d not in DETECTORS:
+                    raise ValueError(f"unknown detector {d!r}; expected one of {sorted(DETECTORS)} or a Detector instance.")
+                names.append(d)
+            elif isinstance(d, Detector):
+                dets[d.name] = d
+            else:
                 raise TypeError(f"detectors must be names or Detector instances; got {type(d).__name__}.")
-            dets[det.name if not isinstance(d, str) else d] = det
     for name, det in dets.items():
         if not isinstance(det, Detector):
             raise TypeError(f"detector {name!r} must be a Detector; got {type(det).__name__}.")
-    return GuardedModel(model, dets, batch_size=batch_size)
+    guarded = GuardedModel(model, dets, defaults=names, layers=layers, pool=pool, batch_size=batch_size)
+    if names and layers is not None:
+        guarded._build_defaults(torch.empty(0))
+    return guarded

@@ -32,8 +32,10 @@ def test_combined_is_conformal_and_fails_closed(tmp_path) -> None:
     out = comb.combine({"a": torch.tensor([10.0, 0.0]), "b": torch.tensor([1.0, float("nan")])})
     assert bool(comb.predict_scores(out).all())  # the NaN (a failed detector) flags too
     comb.save(tmp_path / "c.safetensors")
-    back = Detector.load(tmp_path / "c.safetensors")
+    back = Combined.load(tmp_path / "c.safetensors")
     assert isinstance(back, Combined) and back.names == ["a", "b"]
+    with pytest.raises(ValueError, match="holds a Combined, not a Detector"):
+        Detector.load(tmp_path / "c.safetensors")  # a calibrator is not a detector
     torch.testing.assert_close(back.combine(held), comb.combine(held))
 
 

@@ -24,7 +24,7 @@ def _onehot_logits(y: torch.Tensor, c: int = 3) -> torch.Tensor:
 def test_knn_distance_equals_brute_force(metric: str) -> None:
     x, y = _blobs()
     q, qy = _blobs(50, seed=1)
-    det = KNNRank("f", k=5, metric=metric, score="distance").fit_features({"f": x}, y)
+    det = KNNRank("f", k=5, metric=metric, statistic="distance").fit_features({"f": x}, y)
     got = det.score_features({"f": q}, _onehot_logits(qy))
     if metric == "cosine":
         xn, qn = torch.nn.functional.normalize(x, dim=1), torch.nn.functional.normalize(q, dim=1)
@@ -112,8 +112,8 @@ def test_knn_consistency_counts_disagreeing_neighbours(tmp_path) -> None:
 
 def test_ivf_index_for_large_banks_agrees_with_exact() -> None:
     x, y = _blobs(2000, d=8)
-    exact = KNNRank("f", k=5, score="distance").fit_features({"f": x}, y)
-    ivf = KNNRank("f", k=5, score="distance", ivf_min_bank=1000, nprobe=64).fit_features({"f": x}, y)
+    exact = KNNRank("f", k=5, statistic="distance").fit_features({"f": x}, y)
+    ivf = KNNRank("f", k=5, statistic="distance", ivf_min_bank=1000, nprobe=64).fit_features({"f": x}, y)
     assert type(ivf._index).__name__.startswith("IndexIVF")
     q, qy = _blobs(50, d=8, seed=9)
     torch.testing.assert_close(ivf.score_features({"f": q}, _onehot_logits(qy)), exact.score_features({"f": q}, _onehot_logits(qy)), atol=1e-4, rtol=1e-3)

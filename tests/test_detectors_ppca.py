@@ -18,13 +18,20 @@ def _data(n: int = 400, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 def test_log_likelihood_equals_sklearn_score_samples() -> None:
+    """The low-rank (Woodbury) score equals scikit-learn's full-covariance PPCA likelihood."""
+    from sklearn.decomposition import PCA
+
     x, y = _data()
-    det = PPCAManifold("f", n_components=3).fit_features({"f": x}, y)
+    det = PPCAManifold("f", n_components=3, reg=1e-9).fit_features({"f": x}, y)
     q, qy = _data(50, seed=1)
     for c in (0, 1):
         got = det.log_likelihood({"f": q}, torch.full((50,), c))
-        want = torch.from_numpy(det.pcas_[c].score_samples(q.double().numpy())).float()
+        # an independent sklearn fit of the class, scored with its full d x d precision
+        ref = PCA(n_components=3, svd_solver="full").fit(x[y == c].double().numpy())
+        want = torch.from_numpy(ref.score_samples(q.double().numpy())).float()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(got, torch.from_numpy(det.sklearn_pca(c).score_samples(q.double().numpy())).float(),
+                                   rtol=1e-4, atol=1e-2)
     allc = det.log_likelihood({"f": q})
     torch.testing.assert_close(allc[:, 1], det.log_likelihood({"f": q}, torch.ones(50, dtype=torch.long)))
     logits = torch.nn.functional.one_hot(qy, 2).float()

@@ -12,9 +12,8 @@ from torch import nn
 import guard
 from guard.detectors import SaliencyConcentration
 from guard.export import ExportError, ProviderError, compare_with_guarded, load_session, to_onnx
-from guard.export.adapters import head_from
-from guard.export.onnx_graph import SaliencyHead, head_chain
-from guard.core.features import FeatureExtractor
+from guard.detectors import Batch
+from guard.export import build_export_head
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -39,7 +38,8 @@ def test_guarded_graph_matches_pytorch_at_batch_1_odd_64(exported):
     rep, path = exported
     assert rep.parity is not None and rep.parity["passed"], rep.parity
     assert set(rep.parity["by_batch"]) == {"1", "7", "64"}
-    for name in ("logits", "knn_topk", "knn_score", "ppca_loglik", "saliency_score", "combined_score", "flags", "flag"):
+    for name in ("logits", "knn_distance", "knn_score", "ppca_loglik", "saliency_score", "squeeze_score",
+                 "knn_consistency_score", "combined_score", "flags", "flag"):
         assert name in rep.output_names
     assert rep.parity["outputs"]["logits"]["max_abs"] <= 1e-4
     assert rep.parity["outputs"]["pred"]["agreement"] == 1.0
@@ -56,11 +56,11 @@ def test_graph_matches_the_guarded_models_own_scores(guarded, exported, small_sp
     _, path = exported
     _, test = small_split
     sess = load_session(path, device="cpu")
-    head, _ = head_from(guarded, test.x[:8])
+    head, _ = build_export_head(guarded, test.x[:8])
     figs = compare_with_guarded(guarded, sess, test.x, head=head)
     assert figs["logits"]["max_abs"] <= 1e-4
     assert figs["pred"]["agreement"] == 1.0
-    for name in ("knn_score", "ppca_score", "saliency_score"):
+    for name in ("knn_score", "ppca_score", "saliency_score", "squeeze_score", "knn_consistency_score"):
         assert figs[name]["passed"], (name, figs[name])
     for name, v in figs.items():
         if name.startswith("flag_"):
@@ -68,33 +68,48 @@ def test_graph_matches_the_guarded_models_own_scores(guarded, exported, small_sp
             assert v["n_diff"] == v["borderline"], (name, v)
 
 
-@pytest.mark.parametrize("method,layer", [("saliency", None), ("gradcam", "conv2")])
-def test_saliency_head_equals_captum_exactly(tiny_model, small_split, method, layer):
+@pytest.mark.parametrize("method,layer", [("saliency", None), ("gradcam", "conv2"), ("integrated_gradients", None)])
+def test_saliency_head_equals_captum(tiny_model, small_split, method, layer):
+    """The graph's autograd attribution equals Captum's, the eager detector's."""
     _, test = small_split
     x = test.x[:64]
-    det = SaliencyConcentration(method, layer=layer).fit(tiny_model)
+    det = SaliencyConcentration(method, layer=layer, n_steps=8).fit(tiny_model, x)
     ref = det.score(tiny_model, x)
-    head = SaliencyHead(head_chain(tiny_model, layer, x[:4]), method=method, window=det.window)
     with torch.no_grad():
-        logits, feats = FeatureExtractor(tiny_model, [layer or "conv1"])(x)
-        mine = head(x if layer is None else feats[layer], logits.argmax(1))
+        logits = tiny_model(x)
+    mine = det.export_head()(Batch(x, logits, {}, tiny_model))
     torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-5)
 
 
 class _Residual(nn.Module):
+    """A skip connection and BatchNorm between the input and the head: what a hand-written VJP chain could not export."""
+
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 28 * 28, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        h = self.conv(x)
-        return self.fc((h + x).flatten(1))  # a skip connection the VJP chain cannot see
+        h = torch.relu(self.bn(self.conv(x))) + x
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
 
 
-def test_saliency_chain_refuses_a_skip_connection():
-    with pytest.raises(ValueError, match="do not reproduce the model's logits"):
-        head_chain(_Residual(), None, torch.rand(2, 1, 28, 28))
+def test_skip_connection_and_batchnorm_export_with_saliency(tmp_path):
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(160, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    g = guard.wrap(model, ["saliency", "knn", "ppca"]).fit(x[:64])
+    g.calibrate(x[64:96])
+    x = x[96:]  # neither fitted nor calibrated on
+    rep = to_onnx(g, tmp_path / "r.onnx", x[:4], parity_inputs=x)
+    assert rep.parity["passed"], rep.parity["outputs"]
+    assert "saliency_score" in rep.output_names and rep.parity["outputs"]["saliency_score"]["max_abs"] < 1e-5
+    figs = compare_with_guarded(g, load_session(tmp_path / "r.onnx", "cpu"), x, head=build_export_head(g, x[:4])[0])
+    assert figs["saliency_score"]["passed"], figs["saliency_score"]  # against Captum itself
 
 
 def test_strict_cuda_on_a_cpu_only_machine(exported):

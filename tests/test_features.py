@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from guard.core.features import FeatureExtractor, extract_features, get_layer, layer_names
+from torch import nn
+
+from guard.core.features import MAX_FEATURES, FeatureExtractor, default_feature_layers, extract_features, get_layer, layer_names, pool_features
 
 from guard.core.models import eval_mode
 
@@ -10,7 +12,7 @@ def test_layer_names_and_lookup(tiny_model):
     names = layer_names(tiny_model)
     assert {"conv1", "conv2", "fc1", "fc2", "conv2.0"} <= set(names)
     assert isinstance(get_layer(tiny_model, "fc2"), torch.nn.Linear)
-    with pytest.raises(ValueError, match=r"Unknown layer name 'fc9'.*expected one of: .*conv1"):
+    with pytest.raises(ValueError, match=r"Unknown layer name 'fc9'.*expected a module path .*conv1"):
         get_layer(tiny_model, "fc9")
     with pytest.raises(TypeError, match="layer name must be a str"):
         get_layer(tiny_model, 3)
@@ -65,3 +67,54 @@ def test_eval_mode_restores_mixed_modes(tiny_model):
 def test_empty_layer_list(tiny_model):
     with pytest.raises(ValueError, match="layers must name at least one layer"):
         FeatureExtractor(tiny_model, [])
+
+
+def test_module_input_is_what_the_next_layer_sees(tiny_model, small_split):
+    x = small_split[1].x[:8]
+    with torch.no_grad():
+        _, feats = FeatureExtractor(tiny_model, ["fc1", "fc2:input"])(x)
+    torch.testing.assert_close(feats["fc2:input"], feats["fc1"])  # dropout is the identity in eval
+    assert get_layer(tiny_model, "fc2:input") is tiny_model.fc2
+
+
+def test_pool_features_keeps_small_maps_and_averages_large_ones():
+    t = torch.arange(2 * 16 * 4 * 4, dtype=torch.float32).view(2, 16, 4, 4)
+    assert torch.equal(pool_features(t, "auto"), t.flatten(1))  # 256 values: kept whole
+    big = torch.rand(2, 8, 12, 12)  # 1,152 values > MAX_FEATURES: averaged over a 4x4 grid
+    torch.testing.assert_close(pool_features(big, "auto"), nn.functional.adaptive_avg_pool2d(big, 4).flatten(1))
+    wide = torch.rand(2, 2048, 7, 7)  # even 2x2 is too wide: the global average
+    torch.testing.assert_close(pool_features(wide, "auto"), wide.mean(dim=(2, 3)))
+    assert pool_features(wide, "auto").shape[1] <= 2048 and pool_features(big, "auto").shape[1] <= MAX_FEATURES
+    torch.testing.assert_close(pool_features(big, "avg"), big.mean(dim=(2, 3)))
+    with pytest.raises(ValueError, match="pool must be one of"):
+        pool_features(big, "max")
+
+
+class _InPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(2 * 26 * 26, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+def test_a_later_inplace_op_does_not_change_the_captured_output():
+    m = _InPlace().eval()
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        ref = m.conv(x)
+        _, feats = FeatureExtractor(m, ["conv"])(x)
+    torch.testing.assert_close(feats["conv"], ref)  # the pre-ReLU values, as the conv returned them
+    assert bool((ref < 0).any())
+
+
+@pytest.mark.parametrize("arch,expected", [("resnet18", ["layer3", "layer4", "fc:input"]),
+                                           ("mobilenet_v3_small", ["features.8", "features", "classifier.3:input"])])
+def test_default_layers_of_torchvision_models(arch, expected):
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    assert default_feature_layers(model, torch.rand(2, 3, 64, 64)) == expected

@@ -9,7 +9,7 @@ import torch
 
 import guard
 from guard.detectors import FeatureDetector, KNNRank
-from guard.guarded import default_layers
+from guard.core.features import default_feature_layers
 from guard.core.validation import NotFittedError
 
 
@@ -21,8 +21,12 @@ def fitted(tiny_model, demo_split):
     return g
 
 
-def test_default_layers_of_demo_net(tiny_model) -> None:
-    assert default_layers(tiny_model) == ["conv1", "conv2", "fc1"]
+def test_default_layers_of_demo_net(tiny_model, fitted) -> None:
+    assert default_feature_layers(tiny_model, torch.rand(2, 1, 28, 28)) == ["conv1", "conv2", "fc2:input"]
+    assert fitted.layers == ["conv1", "conv2", "fc2:input"]
+    info = fitted.describe()
+    assert info["knn"]["layers"] == {"conv2": 16 * 4 * 4, "fc2:input": 32}  # conv2's 256 values kept whole
+    assert info["ppca"]["layers"] == {"fc2:input": 32}
 
 
 def test_forward_keeps_logits_and_flags_near_fpr(fitted, tiny_model, demo_split) -> None:

@@ -55,13 +55,13 @@ def _per_layer_knn(guarded: GuardedModel, clean: torch.Tensor, attacks: dict[str
     if knn is None or not hasattr(knn, "layer_scores"):
         return {}
     layers = knn.feature_layers
-    lo, fe = extract_features(guarded.model, clean, layers)
+    lo, fe = extract_features(guarded.model, clean, layers, pool=guarded.pool)
     neg = knn.layer_scores(fe, lo)
     out: dict[str, dict[str, Any]] = {layer: {} for layer in layers}
     for name, res in attacks.items():
         if res.x_adv.shape[0] == 0:
             continue
-        la, fa = extract_features(guarded.model, res.x_adv, layers)
+        la, fa = extract_features(guarded.model, res.x_adv, layers, pool=guarded.pool)
         pos = knn.layer_scores(fa, la)
         ok = res.success.bool().cpu()
         for layer in layers:
@@ -146,8 +146,10 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
 
     ctx.report["detectors"] = report
     ctx.report["detectors_info"] = {
-        "detectors": {n: {"class": type(d).__name__, "params": d.get_params(), "threshold": d.threshold_}
-                      for n, d in guarded.detectors.items()},
+        "detectors": guarded.describe(),
+        "feature_layers": guarded.layers,
+        "pool": guarded.pool,
+        "left_out": guarded.left_out_,
         "combined": {"rule": "max over detectors of -log10 clean-calibrated p-value (+ linear outer tail)",
                      "threshold": guarded.combined.threshold_},
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},

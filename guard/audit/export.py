@@ -46,7 +46,7 @@ def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) 
                 v = params[key]
                 params[key] = prefix + v if isinstance(v, str) else [prefix + s for s in v]
         dets[name] = type(det)(**params)
-    g = guard.wrap(hardened, dets)
+    g = guard.wrap(hardened, dets, pool=guarded.pool)
     n = 1000 if not ctx.options.quick else 256
     g.fit(ctx.train.x[: (len(ctx.train) if not ctx.options.quick else 1000)], ctx.train.y[: (len(ctx.train) if not ctx.options.quick else 1000)])
     perm = torch.randperm(len(ctx.test), generator=torch.Generator().manual_seed(ctx.options.seed + 5))
@@ -69,8 +69,7 @@ class ExportStep(Step):
 
 
 def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None, attack_results: dict[str, Any]) -> None:
-    from guard.export import compare_with_guarded, load_session, to_onnx
-    from guard.export.adapters import head_from
+    from guard.export import build_export_head, compare_with_guarded, load_session, to_onnx
     from guard.export.parity import compare_outputs, run_reference, run_session
 
     t0 = time.perf_counter()
@@ -85,7 +84,7 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
         obj = ctx.model
     path = ctx.out / "model.onnx"
     x_test = ctx.test.x
-    rep = to_onnx(obj, path, x_test[:8], saliency="auto", parity_inputs=x_test[:64])
+    rep = to_onnx(obj, path, x_test[:8], strict=False, parity_inputs=x_test[:64])
     sess = load_session(path, device="cpu", strict=True, threads=1)
     section: dict[str, Any] = {
         "path": str(path), "source": source, "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
@@ -105,7 +104,7 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
         xa = getattr(res, "x_adv", None)
         if isinstance(xa, torch.Tensor) and xa.numel():
             sets[name] = xa[: (64 if quick else 500)].detach().float().cpu()  # 500 per attack keeps the step near 1 min
-    head, _ = head_from(obj, x_test[:8], saliency="auto")
+    head, _ = build_export_head(obj, x_test[:8], strict=False)
     full: dict[str, Any] = {}
     flags_identical = True
     unexplained = 0  # flag differences not on a threshold / calibration-score step
