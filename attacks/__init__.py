@@ -1,15 +1,34 @@
 """Attacks: patch GAN (G2LVAP), universal and random patches, FGSM/PGD, feature adversaries,
-fooling images. Every attack returns an :class:`AttackResult`."""
+fooling images. Every attack returns an :class:`AttackResult`.
 
-from guard.attacks.base import Attack, AttackResult
+Input attacks (:class:`Attack`) are called ``attack(model, x, y)``; patch attacks learn first
+(``attack.fit(model, train_x)``). Fooling-image generators (:class:`Fooler`) make images from
+nothing: ``fooler(model, shape=(C, H, W))``. :data:`ATTACKS` lists every one by its report name
+(the contract tests run over it: a new attack is one file plus one line here).
+"""
+
+from guard.attacks.base import Attack, AttackResult, Fooler
 from guard.attacks.cppn import Genome
 from guard.attacks.feature_adversary import FeatureAdversary
 from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
-from guard.attacks.gradient import FGSM, PGD, L2PGD, LinfPGD
+from guard.attacks.gradient import FGSM, L2PGD, PGD, LinfPGD
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
 
-__all__ = ["Attack", "AttackResult", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch", "RandomPatch",
-           "FeatureAdversary", "FoolingGradient", "FoolingEvolution", "Genome", "transfer_check"]
+#: report name -> attack class (``report["attacks"]`` keys; the audit's names).
+ATTACKS: dict[str, type] = {
+    "fgsm": FGSM,
+    "pgd": LinfPGD,
+    "pgd_l2": L2PGD,
+    "patch_gan": PatchGAN,
+    "universal_patch": UniversalPatch,
+    "random_patch": RandomPatch,
+    "feature_adversary": FeatureAdversary,
+    "fooling_gradient": FoolingGradient,
+    "fooling_evolution": FoolingEvolution,
+}
+
+__all__ = ["ATTACKS", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
+           "RandomPatch", "FeatureAdversary", "FoolingGradient", "FoolingEvolution", "Genome", "transfer_check"]

@@ -102,7 +102,7 @@ class MutationRates:
     change_activation: float = 0.1  # per hidden node
     # Wide weights matter: with |w| <= 4 and sigma 0.6 the sigmoid outputs stay soft and, on the
     # demo model, classes 3 and 9 stalled below 99.99% for 1,500 generations; with |w| <= 8 and
-    # sigma 1 all ten classes pass within 50 generations (BENCHMARKS_4.md).
+    # sigma 1 all ten classes pass within 50 generations (BENCHMARKS.md, "Attacks II").
     max_weight: float = 8.0
 
     def __post_init__(self) -> None:

@@ -20,17 +20,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import guard  # noqa: E402
 from guard.attacks.gradient import FGSM, LinfPGD  # noqa: E402
 from guard.export import compare_with_guarded, load_session, to_onnx  # noqa: E402
-from guard.export.adapters import head_from  # noqa: E402
+from guard.export import build_export_head  # noqa: E402
 
 
-def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split, prefix: str = "") -> guard.GuardedModel:
-    layers = [prefix + n for n in ("conv1", "conv2", "fc1")]
-    g = guard.wrap(model, layers=layers).fit(train)
+def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split) -> guard.GuardedModel:
+    g = guard.wrap(model).fit(train)  # the default layers, read from the model itself
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(5))
     g.calibrate(test.x[perm[:1000]], fpr=0.05)
     return g
@@ -42,7 +39,7 @@ def check(name: str, g: guard.GuardedModel, test: guard.Split, attack_model: tor
     rep = to_onnx(g, out, test.x[:8], parity_inputs=test.x[1000:1064])
     t_export = time.perf_counter() - t0
     sess = load_session(out, device="cpu", threads=1)
-    head, _ = head_from(g, test.x[:8])
+    head, _ = build_export_head(g, test.x[:8])
     sets = {"clean_2000": test.x}
     sets["fgsm_eps0.3"] = FGSM(eps=0.3)(attack_model, test.x, test.y).x_adv
     sets["pgd_eps0.3"] = LinfPGD(eps=0.3, steps=20, seed=0)(attack_model, test.x[:n_pgd], test.y[:n_pgd]).x_adv
@@ -87,7 +84,7 @@ def main() -> int:
         res = harden(model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0)
         hardened = res.model
         results["harden_seconds"] = round(time.perf_counter() - t0, 1)
-        results["hardened"] = check("hardened", _guarded(hardened, train, test, prefix="model."), test, hardened, args.n_pgd)
+        results["hardened"] = check("hardened", _guarded(hardened, train, test), test, hardened, args.n_pgd)
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:

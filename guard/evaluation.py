@@ -2,7 +2,7 @@
 
 Per detector (and "combined") and per attack: AUROC and TPR at 1% and 5% FPR from
 scikit-learn's ``roc_auc_score`` / ``roc_curve``, with positives = the *successful*
-adversarial examples (the keys of DESIGN.md's report) and, under ``"all"``, every adversarial
+adversarial examples (the keys of report.json, see the README) and, under ``"all"``, every adversarial
 example the attack produced. Also the operating point of the calibrated thresholds: the share
 of positives flagged and the clean flag rate.
 """

@@ -9,7 +9,7 @@
   the attack steps gave; positives are the successful adversarial examples (and, under
   "all", every one).
 
-Writes ``report["detectors"][DETECTOR][ATTACK]`` (DESIGN.md keys) for saliency, knn, ppca,
+Writes ``report["detectors"][DETECTOR][ATTACK]`` (the report.json keys of the README) for saliency, knn, ppca,
 knn_consistency and combined, and ``report["detectors_info"]``: the split, the clean flag rate
 on the evaluation half, the wrapped model's clean accuracy, per-layer kNN AUROCs (the
 multi-layer view) and timings. Gives the fitted GuardedModel (saved under ``OUT/guarded``) to
