@@ -27,6 +27,9 @@ __all__ = ["PatchSource", "PatchFit", "fit_patch_source"]
 class PatchSource(Protocol):
     """What the loop needs from the thing being trained."""
 
+    def init(self, gen: torch.Generator) -> None:
+        """Draw the initial state (if it is random) from the loop's generator, after the split."""
+
     def parameters(self) -> list[torch.Tensor]:
         """The tensors the optimiser updates."""
 
@@ -64,7 +67,7 @@ def fit_patch_source(
     model: nn.Module,
     x: torch.Tensor,
     source: PatchSource,
-    optimizer: torch.optim.Optimizer,
+    make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     *,
     goal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     steps: int,
@@ -81,6 +84,7 @@ def fit_patch_source(
     """Train ``source`` against ``model`` on the images ``x`` (already on the model's device).
 
     Args:
+        make_optimizer: builds the optimiser over ``source.parameters()`` (after ``source.init``).
         goal: ``goal(pred, y) -> bool[N]``: the attack's success (untargeted: a label other
             than the clean one; targeted: the target).
         val_fraction: share of ``x`` held out for the validation checks (at least one image
@@ -97,7 +101,9 @@ def fit_patch_source(
     perm = torch.randperm(n_all, generator=gen)
     n_val = min(int(round(val_fraction * n_all)), n_all - 1) if n_all > 1 else 0
     x_val, x_tr = x[perm[:n_val]], x[perm[n_val:]]
+    source.init(gen)
     params = source.parameters()
+    optimizer = make_optimizer(params)
     fit = PatchFit(best_rate=-1.0)
     t0 = time.perf_counter()
     with eval_mode(model):

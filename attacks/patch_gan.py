@@ -246,8 +246,7 @@ class PatchGAN(Attack):
         torch.random.set_rng_state(torch_state)
         layer = self.feature_layer if self.feature_layer is not None else (last_conv_layer(model) if self.alpha > 0 else None)
         source = _GeneratorSource(self, G, model, layer, side, (h, w), device)
-        opt = torch.optim.Adam(G.parameters(), lr=self.lr, betas=(0.5, 0.999))
-        fit = fit_patch_source(model, x.to(device), source, opt, goal=lambda pred, y: pred != y, steps=self.steps,
+        fit = fit_patch_source(model, x.to(device), source, lambda ps: torch.optim.Adam(ps, lr=self.lr, betas=(0.5, 0.999)), goal=lambda pred, y: pred != y, steps=self.steps,
                                batch_size=self.batch_size, val_fraction=self.val_fraction, eval_every=self.eval_every,
                                patience=self.patience, max_seconds=self.max_seconds, seed=self.seed, progress=self.progress,
                                desc=f"PatchGAN {side}x{side}")
@@ -344,6 +343,9 @@ class _GeneratorSource:
                  hw: tuple[int, int], device: torch.device) -> None:
         self.a, self.G, self.layer, self.side, self.hw, self.device = attack, G, layer, side, hw, device
         self.fx = FeatureExtractor(model, [layer]) if layer is not None else None
+
+    def init(self, gen: torch.Generator) -> None:
+        pass  # G was initialised from torch.manual_seed(seed), as before the loop was shared
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.G.parameters())

@@ -84,10 +84,8 @@ class UniversalPatch(Attack):
                 num_classes = int(model(x[:1].to(device)).shape[1])
             if self.target >= num_classes:
                 raise ValueError(f"target must be a class index in [0, {num_classes - 1}]; got {self.target}.")
-        init = torch.rand(1, c, side, side, generator=torch.Generator().manual_seed(self.seed + 3))
-        source = _PixelSource(self, init.to(device).requires_grad_(True), side, (h, w), device)
-        opt = torch.optim.Adam(source.parameters(), lr=self.lr)
-        fit = fit_patch_source(model, x.to(device), source, opt, goal=self._goal, steps=self.steps, batch_size=self.batch_size,
+        source = _PixelSource(self, c, side, (h, w), device)
+        fit = fit_patch_source(model, x.to(device), source, lambda ps: torch.optim.Adam(ps, lr=self.lr), goal=self._goal, steps=self.steps, batch_size=self.batch_size,
                                val_fraction=self.val_fraction, eval_every=self.eval_every, patience=self.patience,
                                max_seconds=self.max_seconds, seed=self.seed, progress=self.progress,
                                desc=f"UniversalPatch {side}x{side}")
@@ -123,8 +121,11 @@ class UniversalPatch(Attack):
 class _PixelSource:
     """UniversalPatch's side of the shared training loop: the pixels of one patch, kept in [0, 1]."""
 
-    def __init__(self, attack: UniversalPatch, patch: torch.Tensor, side: int, hw: tuple[int, int], device: torch.device) -> None:
-        self.a, self.patch, self.side, self.hw, self.device = attack, patch, side, hw, device
+    def __init__(self, attack: UniversalPatch, channels: int, side: int, hw: tuple[int, int], device: torch.device) -> None:
+        self.a, self.channels, self.side, self.hw, self.device = attack, channels, side, hw, device
+
+    def init(self, gen: torch.Generator) -> None:
+        self.patch = torch.rand(1, self.channels, self.side, self.side, generator=gen).to(self.device).requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.patch]
