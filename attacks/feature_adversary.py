@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from guard.attacks.base import Attack, AttackResult, model_device
-from guard.core.features import get_layer
+from guard.core.features import FeatureExtractor, get_layer
 from guard.core.models import eval_mode
 from guard.core.validation import check_float, check_images, check_int, check_labels
 
@@ -88,32 +88,17 @@ def sample_guides(
     return idx
 
 
-class _Tap:
-    """Logits and one layer's flattened output, by a forward hook removed after each call.
+def _tap(model: nn.Module, layer: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``x -> (logits, the layer's flattened features)``, the one feature extractor without its
+    per-call input check (inside L-BFGS-B every iterate is in the box by construction, and the
+    check would sync on tensors that require grad)."""
+    fx = FeatureExtractor(model, [layer])
 
-    Like :class:`guard.core.features.FeatureExtractor` but without its per-call input validation:
-    inside L-BFGS-B every iterate is inside the box by construction, and the check would sync
-    and warn on tensors that require grad.
-    """
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, feats = fx(x, flatten=True, check=False)
+        return logits, feats[layer]
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
-        self.model = model
-        self.module = get_layer(model, layer)
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        store: list[torch.Tensor] = []
-        handle = self.module.register_forward_hook(lambda _m, _i, out: store.append(out))
-        try:
-            logits = self.model(x)
-        finally:
-            handle.remove()
-        if not store or not isinstance(store[0], torch.Tensor):
-            raise ValueError("the feature layer was not called with a tensor output during the forward pass.")
-        return logits, store[0].flatten(1)
-
-
-def _features(fx: _Tap, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return fx(x)
+    return run
 
 
 def feature_objective(
@@ -124,13 +109,13 @@ def feature_objective(
     ``z`` is the flattened batch of images; the model runs in its own dtype (float32 usually,
     float64 for gradient checks). Exposed for tests and benchmarks.
     """
-    fx = _Tap(model, layer)
+    fx = _tap(model, layer)
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     device = guide_feats.device
 
     def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
         a = torch.from_numpy(z).to(device=device, dtype=dtype).view(shape).requires_grad_(True)
-        _, f = _features(fx, layer, a)
+        _, f = fx(a)
         loss = (f - guide_feats).pow(2).sum()
         (grad,) = torch.autograd.grad(loss, a)
         return float(loss.detach()), grad.detach().double().cpu().numpy().ravel()
@@ -237,11 +222,11 @@ class FeatureAdversary(Attack):
             parts.append(adv)
             iters.append(it)
         adv = torch.cat(parts)
-        fx = _Tap(model, self.layer)
+        fx = _tap(model, self.layer)
         with torch.no_grad():
-            _, fs = _features(fx, self.layer, x)
-            _, fg = _features(fx, self.layer, guides)
-            logits, fa = _features(fx, self.layer, adv)
+            _, fs = fx(x)
+            _, fg = fx(guides)
+            logits, fa = fx(adv)
         d_sg = (fs - fg).norm(dim=1)
         d_ag = (fa - fg).norm(dim=1)
         pred = logits.argmax(1)
@@ -268,12 +253,12 @@ class FeatureAdversary(Attack):
 
     def _solve_batch(self, model: nn.Module, x: torch.Tensor, guides: torch.Tensor, glabel: torch.Tensor) -> tuple[torch.Tensor, int]:
         lo, hi = self._bounds(x)
-        fx = _Tap(model, self.layer)
+        fx = _tap(model, self.layer)
         with torch.no_grad():
-            _, fg = _features(fx, self.layer, guides)
+            _, fg = fx(guides)
         if self.variant == "feature-fgrad":
             s = x.clone().requires_grad_(True)
-            _, f = _features(fx, self.layer, s)
+            _, f = fx(s)
             (g,) = torch.autograd.grad((f - fg).pow(2).sum(), s)
             return torch.minimum(torch.maximum(x - self.delta * g.sign(), lo), hi), 1
         shape = tuple(x.shape)
@@ -307,10 +292,10 @@ class FeatureAdversary(Attack):
 
         return fun
 
-    def _linear_objective(self, fx: _Tap, x: torch.Tensor, fg: torch.Tensor) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    def _linear_objective(self, fx: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, fg: torch.Tensor) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
         # J v and J^T u at s by double backward: gs(u) = J^T u is linear in u, so d<gs(u), v>/du = J v.
         s = x.clone().requires_grad_(True)
-        _, fs = _features(fx, self.layer, s)
+        _, fs = fx(s)
         u = torch.zeros_like(fs, requires_grad=True)
         (jt_u,) = torch.autograd.grad(fs, s, u, create_graph=True)
         r0 = (fs - fg).detach()

@@ -119,7 +119,7 @@ class PPCAManifold(FeatureDetector):
         x = f.double().numpy()
         floor = self.reg * (float(x.var(0).mean()) or 1.0)
         q = self.n_components
-        pooled = fit_ppca(x, q, floor)
+        pooled = None  # the PPCA of all the data, for classes too small for their own (fitted only if needed)
         n_classes, d = int(labels.max()) + 1, x.shape[1]
         q_all = min(q, d - 1) if d > 1 else 1
         self.means_ = torch.zeros(n_classes, d)
@@ -128,7 +128,11 @@ class PPCAManifold(FeatureDetector):
         self.noise_ = torch.ones(n_classes)
         for c in range(n_classes):
             xc = x[(labels == c).numpy()]
-            mean, comps, var, noise = fit_ppca(xc, q, floor) if xc.shape[0] >= self.min_class_size else pooled
+            if xc.shape[0] >= self.min_class_size:
+                mean, comps, var, noise = fit_ppca(xc, q, floor)
+            else:
+                pooled = pooled if pooled is not None else fit_ppca(x, q, floor)
+                mean, comps, var, noise = pooled
             k = comps.shape[0]
             self.means_[c] = torch.from_numpy(mean).float()
             self.components_[c, :k] = torch.from_numpy(comps).float()

@@ -1,6 +1,9 @@
 """The embedded defaults: their names, data sources, augmentations and demo models.
 
-``mnist``: DemoNet (a LeNet-style CNN) trained on the embedded MNIST 8,000 on first use and cached.
+* ``mnist``: DemoNet (a LeNet-style CNN) trained on the embedded MNIST 8,000 on first use and cached.
+* ``cifar10``: a CIFAR ResNet-20 fine-tuned from akamaster's pretrained weights on the 50,000
+  JPEG training images (``tools/train_cifar10_resnet20.py``), shipped in ``guard/_data/cifar10``
+  with its SHA-256, which loading checks.
 """
 
 from __future__ import annotations
@@ -9,22 +12,22 @@ import hashlib
 import json
 import logging
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from guard.core.cache import cache_dir, load_tensors, save_tensors
-from guard.core.data import DEMO_SEED, demo_data, demo_data_digest
-from guard.core.models import DemoNet, accuracy
+from guard.core.data import DEMO_DATA, DEMO_SEED, DEMO_TEST, DEMO_TRAIN, demo_data, demo_data_digest
+from guard.core.models import CifarResNet, DemoNet, accuracy
 from guard.training.classifier import train_classifier
 
-__all__ = ["DEMOS", "demo_model", "demo_model_key", "demo_source", "demo_augment", "shift_augment"]
+__all__ = ["DEMOS", "cifar10_model", "crop_flip_augment", "demo_model", "demo_model_key", "demo_source", "demo_augment",
+           "shift_augment"]
 
 #: The embedded defaults, by name.
-DEMOS: tuple[str, ...] = ("mnist",)
-
-_SOURCES = {"mnist": "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0), seed-0 split 8000/2000"}
+DEMOS: tuple[str, ...] = ("mnist", "cifar10")
 
 
 def _check_demo(name: str) -> str:
@@ -35,7 +38,7 @@ def _check_demo(name: str) -> str:
 
 def demo_source(name: str = "mnist") -> str:
     """Where the embedded data of demo ``name`` comes from (for report.json)."""
-    return _SOURCES[_check_demo(name)]
+    return f"{DEMO_DATA[_check_demo(name)]['source']}, seed-{DEMO_SEED} split {DEMO_TRAIN}/{DEMO_TEST}"
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,24 @@ def shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> 
     return pad[idx_n, :, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2).contiguous()
 
 
+def crop_flip_augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """A random crop of the ``pad``-pixel zero-padded image and a random horizontal flip, per image
+    (the CIFAR-10 training augmentation of He et al. 2016)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad,) * 4)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    rows = dy[:, None] + torch.arange(h)[None]
+    cols = dx[:, None] + torch.arange(w)[None]
+    out = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out.contiguous()
+
+
 def demo_augment(name: str | None) -> "Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None":
     """The augmentation the demo model of ``name`` was trained with (None for a user's data)."""
-    return shift_augment if name == "mnist" else None
+    return {"mnist": shift_augment, "cifar10": crop_flip_augment}.get(name or "")
 
 
 def demo_model_key(seed: int = DEMO_SEED) -> str:
@@ -71,6 +89,8 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
     """The demo classifier of an embedded default, loaded from the cache or trained.
 
     ``"mnist"``: DemoNet, trained on first use (about half a minute on 2 cores) and cached.
+    ``"cifar10"``: the shipped ResNet-20 (:func:`cifar10_model`; ``seed``, ``cache`` and
+    ``train_if_missing`` do not apply).
 
     Args:
         name: the embedded default (:data:`DEMOS`).
@@ -83,7 +103,8 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
         A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
         a cache hit.
     """
-    _check_demo(name)
+    if _check_demo(name) == "cifar10":
+        return cifar10_model()
     key = demo_model_key(seed)
     path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
     model = DemoNet()
@@ -110,4 +131,34 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
     if cache:
         save_tensors(path, model.state_dict(), meta)
     model.guard_meta = {"cache_path": str(path), "cache_hit": False, **meta}  # type: ignore[attr-defined]
+    return model
+
+
+def cifar10_model(folder: str | Path | None = None) -> CifarResNet:
+    """The shipped CIFAR-10 ResNet-20, its file checked against the SHA-256 recorded when it was trained.
+
+    Args:
+        folder: where ``resnet20.safetensors`` and ``resnet20.json`` are (default: the package's data).
+
+    Raises:
+        ValueError: the weights file is missing, or its hash does not match ``resnet20.json``.
+    """
+    from importlib import resources
+
+    folder = Path(folder) if folder is not None else Path(str(resources.files("guard") / "_data" / "cifar10"))
+    record_path, path = folder / "resnet20.json", folder / "resnet20.safetensors"
+    if not record_path.is_file() or not path.is_file():
+        raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} (resnet20.safetensors and resnet20.json); "
+                         "reinstall guard or train them with tools/train_cifar10_resnet20.py.")
+    record = json.loads(record_path.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != record.get("sha256"):
+        raise ValueError(f"{str(path)!r} does not match its recorded SHA-256 ({record.get('sha256')}, file {digest}): "
+                         "the weights are damaged or were replaced.")
+    tensors, _ = load_tensors(path)
+    model = CifarResNet(20)
+    model.load_state_dict(tensors)
+    model.eval()
+    model.guard_meta = {"cache_path": str(path), "cache_hit": True, "sha256": digest,  # type: ignore[attr-defined]
+                        "test_accuracy": record.get("test_accuracy"), "command": record.get("command")}
     return model

@@ -64,3 +64,42 @@ def test_bad_inputs() -> None:
         det.score_features({"f": x[:, :5]}, torch.zeros(len(x), 2))
     with pytest.raises(ValueError, match="'n_components' parameter"):
         PPCAManifold("f", n_components=0).fit_features({"f": x}, y)
+
+
+_MEMORY_SCRIPT = """
+import re, sys, torch
+from guard.detectors import PPCAManifold
+
+def peak_mb():
+    return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+
+d, classes, per_class = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+g = torch.Generator().manual_seed(0)
+y = torch.arange(classes).repeat_interleave(per_class)
+x = torch.randn(classes * per_class, 16, generator=g) @ torch.randn(16, d, generator=g) + 0.1 * torch.randn(classes * per_class, d, generator=g)
+q = torch.randn(64, 16, generator=g) @ torch.randn(16, d, generator=g)
+before = peak_mb()
+det = PPCAManifold("f", n_components=16, min_class_size=per_class).fit_features({"f": x}, y)
+s = det.score_features({"f": q}, torch.nn.functional.one_hot(torch.arange(64) % classes, classes).float())
+assert s.shape == (64,) and bool(torch.isfinite(s).all())
+state = sum(t.numel() * 4 for t in det.state_tensors().values()) / 2**20
+print(f"{peak_mb() - before:.0f} {state:.0f}")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("d,classes,per_class,bound_mb", [(25_088, 10, 40, 400), (1_280, 1_000, 12, 400)])
+def test_memory_is_linear_in_d_and_classes(d, classes, per_class, bound_mb):
+    """A ResNet-18 layer4 map (25,088 values) and 1,000 ImageNet classes: state O(C d q), no (B, d, d) tensor.
+
+    The full-covariance form would need 10 x 25,088^2 and 1,000 x 1,280^2 floats (25 GB, 6.5 GB).
+    """
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(d), str(classes), str(per_class)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    peak, state = (float(v) for v in proc.stdout.split())
+    assert state <= classes * 16 * d * 4 / 2**20 + classes * (d + 17) * 4 / 2**20 + 1
+    assert peak < bound_mb, f"peak memory grew by {peak:.0f} MB (bound {bound_mb} MB)"

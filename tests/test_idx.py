@@ -67,9 +67,9 @@ def test_corrupt_gzip(tmp_path):
 
 
 def test_embedded_mnist_headers():
-    from guard.core.data import _mnist_dir
+    from guard.core.data import _data_dir
 
-    images = read_idx(_mnist_dir() / "t10k-images-idx3-ubyte.gz", expect_dims=3)
-    labels = read_idx(_mnist_dir() / "t10k-labels-idx1-ubyte.gz", expect_dims=1)
+    images = read_idx(_data_dir("mnist") / "t10k-images-idx3-ubyte.gz", expect_dims=3)
+    labels = read_idx(_data_dir("mnist") / "t10k-labels-idx1-ubyte.gz", expect_dims=1)
     assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
     assert labels.shape == (10000,) and set(labels.unique().tolist()) == set(range(10))

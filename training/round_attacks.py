@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from guard.attacks import FoolingEvolution, FoolingGradient, LinfPGD, RandomPatch, UniversalPatch
+from guard.core.budget import data_defaults
 from guard.core.models import eval_mode, model_device
 
 __all__ = ["ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
@@ -54,7 +55,8 @@ class AttackBudget:
         evolved_extra: besides the elites, up to this many evolved children that reached
             P(real class) >= ``extra_threshold`` on the way (a seeded sample), per evolution attack.
         extra_threshold: the confidence those extra children need.
-        pgd_eps: L-inf budget of ``pgd``.
+        pgd_eps: L-inf budget of ``pgd``; None: from the data (0.3 on near-binary digits, 8/255
+            on natural images, :func:`guard.core.budget.data_defaults`).
     """
 
     per_class: int = 4
@@ -65,7 +67,7 @@ class AttackBudget:
     patch_area: float = 0.08
     evolved_extra: int = 200
     extra_threshold: float = 0.9
-    pgd_eps: float = 0.3
+    pgd_eps: float | None = None
 
     @classmethod
     def quick(cls) -> "AttackBudget":
@@ -130,13 +132,15 @@ def check_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
-def round_attack_table(budget: AttackBudget, *, num_classes: int, seed: int) -> dict[str, Any]:
+def round_attack_table(budget: AttackBudget, *, num_classes: int, seed: int, eps: float | None = None) -> dict[str, Any]:
     """The round schedule: attack name -> a configured instance of a ``guard.attacks`` class.
 
     The fooling generators are called ``attack(model, shape=..., classes=range(n))``; the input
-    attacks are fitted on and applied to the round's clean images.
+    attacks are fitted on and applied to the round's clean images. ``eps``: PGD's budget when
+    ``budget.pgd_eps`` is None (default 0.3).
     """
     n = num_classes
+    pgd_eps = budget.pgd_eps if budget.pgd_eps is not None else (eps if eps is not None else 0.3)
     evolution = dict(population=budget.per_class * n, generations=budget.generations, threshold=0.99, stop_when_done=False,
                      extra_samples=budget.evolved_extra, extra_threshold=budget.extra_threshold)
     return {
@@ -147,7 +151,7 @@ def round_attack_table(budget: AttackBudget, *, num_classes: int, seed: int) -> 
         "universal_patch": UniversalPatch(size=budget.patch_area, loss="paper", lr=0.1, steps=budget.patch_steps,
                                           val_fraction=0.0, eval_every=max(1, budget.patch_steps), real_classes=n, seed=seed + 3),
         "random_patch": RandomPatch(size=budget.patch_area, real_classes=n, seed=seed + 4),
-        "pgd": LinfPGD(eps=budget.pgd_eps, steps=max(1, budget.patch_steps // 4), early_stop=False, real_classes=n, seed=seed + 5),
+        "pgd": LinfPGD(eps=pgd_eps, steps=max(1, budget.patch_steps // 4), early_stop=False, real_classes=n, seed=seed + 5),
     }
 
 
@@ -177,10 +181,10 @@ def generate_round_attacks(
 
     names = list(check_attacks(attacks))
     seed = int(seed) % (2**31 - 16)
-    table = round_attack_table(budget, num_classes=num_classes, seed=seed)
+    px, py = pool
+    table = round_attack_table(budget, num_classes=num_classes, seed=seed, eps=data_defaults(px)["eps"])
     device = model_device(model)
     xs, kinds, targets, sources, seconds = [], [], [], [], {}
-    px, py = pool
     with eval_mode(model):
         for i, name in enumerate(tqdm(names, desc="attacks", unit="attack", disable=not progress, leave=False)):
             attack = table[name]

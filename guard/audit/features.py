@@ -10,10 +10,11 @@ Fills ``report["attacks"]["feature_adversary"]``:
 * ``curves[layer][variant][delta]``: guide-label agreement and distance-ratio median / p10 /
   p90 for the variants ``lbfgs``, ``feature-fgrad``, ``feature-linear``, ``label-opt``.
 
-Options (``ctx.options.extra``): ``feature_layer`` (main layer; default ``fc1`` if the model has
-one, else the layer before the head), ``feature_delta`` (0.3), ``feature_n`` (200),
-``feature_max_iter`` (50), ``feature_curve_layers``, ``feature_curve_deltas``
-(0.05, 0.1, 0.2, 0.3), ``feature_curve_n`` (24), ``feature_curve_max_iter`` (25),
+Options (``ctx.options.extra``): ``feature_layer`` (main layer; default the head's input),
+``feature_delta`` (default from the data: 0.3 on near-binary digits, 8/255 on natural images),
+``feature_n`` (200), ``feature_max_iter`` (50), ``feature_curve_layers`` (default the deepest
+spatial stage and the head's input), ``feature_curve_deltas`` (0.05 to 0.3, or 4/255 to 16/255),
+``feature_curve_n`` (24), ``feature_curve_max_iter`` (25),
 ``feature_full`` (True: curves on ``feature_n`` images with ``feature_max_iter`` iterations).
 Quick mode shrinks everything to a smoke run.
 
@@ -34,8 +35,7 @@ from guard.attacks.feature_adversary import VARIANTS, FeatureAdversary, sample_g
 from guard.attacks.representation import representation_report, summarize
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
-from guard.core.features import layer_names
-from guard.core.features import find_head
+from guard.core.features import default_feature_layers
 
 __all__ = ["FeatureAdversaryStep", "feature_curves", "default_layers"]
 
@@ -44,15 +44,10 @@ log = logging.getLogger(__name__)
 NAME = "feature_adversary"
 
 
-def default_layers(model: nn.Module) -> list[str]:
-    """``conv2`` and ``fc1`` when present (DemoNet), else the head's input layer's neighbours."""
-    names = layer_names(model)
-    picked = [n for n in ("conv2", "fc1") if n in names]
-    if picked:
-        return picked
-    head, _ = find_head(model)
-    top = [n for n in names if "." not in n and n != head]
-    return top[-2:] if len(top) >= 2 else [head]
+def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """The deepest spatial stage and the head's input (:func:`guard.core.features.default_feature_layers`):
+    ``conv2`` and ``fc2:input`` on the demo net, ``layer3`` and ``linear:input`` on a CIFAR ResNet."""
+    return default_feature_layers(model, example)[-2:]
 
 
 def _pick(test: Split, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +106,9 @@ class FeatureAdversaryStep(Step):
 def _run(ctx: AuditContext) -> AttackSet:
     opts, extra = ctx.options, ctx.options.extra
     quick = opts.quick
-    layers = list(extra.get("feature_curve_layers") or default_layers(ctx.model))
+    layers = list(extra.get("feature_curve_layers") or default_layers(ctx.model, ctx.test.x[:2]))
     layer = str(extra.get("feature_layer") or layers[-1])
-    delta = float(extra.get("feature_delta", 0.3))
+    delta = float(extra.get("feature_delta", ctx.defaults.get("feature_delta", 0.3)))
     n = int(extra.get("feature_n", 16 if quick else 200))
     max_iter = int(extra.get("feature_max_iter", 8 if quick else 50))
     full = bool(extra.get("feature_full", False))
@@ -135,7 +130,7 @@ def _run(ctx: AuditContext) -> AttackSet:
                                 n=8, max_iter=5, seed=opts.seed)
     else:
         curves = feature_curves(ctx.model, ctx.test, layers=layers,
-                                deltas=tuple(extra.get("feature_curve_deltas", (0.05, 0.1, 0.2, 0.3))),
+                                deltas=tuple(extra.get("feature_curve_deltas", ctx.defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3)))),
                                 n=n if full else int(extra.get("feature_curve_n", 24)),
                                 max_iter=max_iter if full else int(extra.get("feature_curve_max_iter", 25)), seed=opts.seed)
     ctx.report.setdefault("attacks", {})[NAME] = {

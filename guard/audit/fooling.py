@@ -99,7 +99,7 @@ def _run(ctx: AuditContext) -> AttackSet:
 
     # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
     grad = FoolingGradient(steps=int(extra.get("fooling_grad_steps", 20 if quick else 300)), lr=0.1, threshold=threshold,
-                           samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else 10)), seed=opts.seed)
+                           samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else ctx.scaled(10, 2))), seed=opts.seed)
     t0 = time.perf_counter()
     res = grad(ctx.model, shape=shape, num_classes=num_classes)
     sec = time.perf_counter() - t0
@@ -116,7 +116,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     results["fooling_gradient"] = res
     ctx.save_attack("fooling_gradient", res)
 
-    pop = int(extra.get("fooling_population", 20 if quick else 100))
+    pop = int(extra.get("fooling_population", 20 if quick else ctx.scaled(100, 30)))
     selection = str(extra.get("fooling_selection", "unfooled"))
     for name, encoding, default_gens, stop in (("fooling_direct", "direct", 1500, True), ("fooling_cppn", "cppn", 100, False)):
         gens = int(extra.get("fooling_generations", 5 if quick else default_gens))

@@ -5,7 +5,8 @@ Report entries ``attacks.fgsm`` and ``attacks.pgd``: success rate over all held-
 the model classifies correctly, plus L-inf distances. Gives an :class:`AttackSet` (saved as
 artifacts ``attack_fgsm`` / ``attack_pgd``) to the detectors step.
 
-Options (``options.extra``): ``eps`` (L-inf budget, default 0.3).
+Options (``options.extra``): ``eps`` (L-inf budget; default from the data, :func:`guard.core.budget.data_defaults`:
+0.3 on near-binary digits, 8/255 on natural images).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class GradientStep(Step):
         n = 256 if quick else len(ctx.test)
         idx = torch.arange(n)
         x, y_true = ctx.test.x[:n], ctx.test.y[:n]
-        eps = float(ctx.options.extra.get("eps", 0.3))
+        eps = float(ctx.options.extra.get("eps", ctx.defaults.get("eps", 0.3)))
         attacks = {
             "fgsm": FGSM(eps=eps),
             "pgd": LinfPGD(eps=eps, steps=10 if quick else 40, random_start=True, early_stop=True, seed=ctx.options.seed),

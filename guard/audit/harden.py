@@ -98,15 +98,15 @@ def audit_config(ctx: AuditContext) -> HardenConfig:
 
 
 def _run(ctx: AuditContext) -> RejectClassifier:
-    from guard.demo import shift_augment
+    from guard.demo import crop_flip_augment, shift_augment
 
     config = audit_config(ctx)
     train, test = ctx.train, ctx.test
     if ctx.options.quick:
         train, test = Split(train.x[:500], train.y[:500]), Split(test.x[:300], test.y[:300])
     ckpt = ctx.out / "harden"
-    # The demo model was trained with 2-pixel shifts; keep them for the clean images.
-    augment = shift_augment if tuple(train.x.shape[1:]) == (1, 28, 28) else None
+    # the clean images keep a standard augmentation for their kind: shifts for digits, crops and flips for natural images
+    augment = shift_augment if ctx.defaults.get("kind") == "near-binary" else crop_flip_augment
     t0 = time.perf_counter()
     kwargs = dict(test=test, config=config, augment=augment, checkpoint_dir=ckpt, progress=ctx.options.progress)
     try:

@@ -54,9 +54,10 @@ def _settings(ctx: AuditContext) -> dict[str, Any]:
              "up_steps": 8, "up_seconds": 1.0, "eval_every": 4, "div_n": 32, "cc_n": 64, "interp_points": 3}
     else:
         # Step counts, no wall-clock caps: the results do not depend on how busy the machine is.
-        s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": len(ctx.test), "reps": ctx.options.repetitions,
-             "gan_steps": 200, "gan_seconds": None, "up_steps": 200, "up_seconds": None, "eval_every": 25, "div_n": 100,
-             "cc_n": 500, "interp_points": 9}
+        # They were set on the demo LeNet and shrink with the model's cost per image (ctx.scaled).
+        s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": len(ctx.test), "reps": ctx.scaled(ctx.options.repetitions, 3),
+             "gan_steps": ctx.scaled(200, 60), "gan_seconds": None, "up_steps": ctx.scaled(200, 60), "up_seconds": None,
+             "eval_every": ctx.scaled(25, 10), "div_n": 100, "cc_n": ctx.scaled(500, 200), "interp_points": 9}
     s["areas"] = [float(a) for a in ex.get("patch_areas", s["areas"])]
     s["train"] = int(ex.get("patch_train_images", s["train"]))
     s["gan_seconds"] = ex.get("patch_gan_seconds", s["gan_seconds"])

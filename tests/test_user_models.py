@@ -1,0 +1,127 @@
+"""A user's own colour classifier, as it comes: a quick audit through ``--model module:callable``.
+
+Three architectures users bring, each built by a module in a temporary working directory (found
+there without PYTHONPATH, as uvicorn finds an app): a CIFAR-style ResNet-20 written by the user
+(a Normalize layer, nn.AdaptiveAvgPool2d and nn.Flatten modules, then ``linear``), a torchvision
+``resnet18`` and a torchvision ``mobilenet_v3_small`` (random weights, 64 px). Every step must
+complete, every default detector must be fitted, and the report must list the layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+RESNET20 = '''
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Normalize(nn.Module):
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = (cout - cin) // 2 if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        short = x if self.pad is None else F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + short)
+
+
+class ResNet20(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.layer1 = nn.Sequential(Block(16, 16, 1), Block(16, 16, 1), Block(16, 16, 1))
+        self.layer2 = nn.Sequential(Block(16, 32, 2), Block(32, 32, 1), Block(32, 32, 1))
+        self.layer3 = nn.Sequential(Block(32, 64, 2), Block(64, 64, 1), Block(64, 64, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.linear = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.linear(self.flatten(self.pool(self.layer3(self.layer2(self.layer1(x))))))
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ResNet20()).eval()
+'''
+
+TORCHVISION = '''
+import torch
+import torchvision
+
+
+def build():
+    torch.manual_seed(0)
+    return torchvision.models.{arch}(num_classes=10).eval()
+'''
+
+CASES = {
+    "resnet20": (RESNET20, 32, ["1.layer2", "1.layer3", "1.linear:input"]),
+    "resnet18": (TORCHVISION.format(arch="resnet18"), 64, ["layer3", "layer4", "fc:input"]),
+    "mobilenet_v3_small": (TORCHVISION.format(arch="mobilenet_v3_small"), 64, ["features.8", "features", "classifier.3:input"]),
+}
+
+
+def _folder(root: Path, size: int, per_class: int = 8) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        d = root / "images" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            base = rng.integers(0, 256, (1, 1, 3))  # a colour per image, plus noise
+            img = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i}.png")
+    return root / "images"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_quick_audit_of_a_users_model(arch, tmp_path):
+    code, size, layers = CASES[arch]
+    (tmp_path / "user_model.py").write_text(code)
+    _folder(tmp_path, size)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "guard", "audit", "--model", "user_model:build", "--data", "images", "--quick",
+                           "--out", "out", "-q"], cwd=tmp_path, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True,
+                          text=True, timeout=900)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert proc.returncode == 0, (proc.stderr[-3000:], report.get("errors"))
+    assert not report.get("errors")
+    assert set(report["_completed_steps"]) == {"model", "attacks_gradient", "attacks_patches", "attacks_features",
+                                               "attacks_fooling", "detectors", "export"}
+    info = report["detectors_info"]
+    assert info["feature_layers"] == layers
+    assert set(info["detectors"]) | set(info["left_out"]) == {"saliency", "knn", "ppca", "knn_consistency", "squeeze"}
+    assert {"saliency", "knn", "ppca", "knn_consistency"} <= set(info["detectors"]), info["left_out"]
+    for det in info["detectors"].values():
+        assert all(isinstance(w, int) and 0 < w <= 1024 for w in det["layers"].values()), det  # pooled, O(channels)
+    assert report["defaults"]["kind"] == "natural" and abs(report["defaults"]["eps"] - 8 / 255) < 1e-9
+    assert report["attacks"]["pgd"]["linf_max"] <= 8 / 255 + 1e-6
+    assert "saliency_score" in report["export"]["outputs"]
