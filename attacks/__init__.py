@@ -7,6 +7,7 @@ nothing: ``fooler(model, shape=(C, H, W))``. :data:`ATTACKS` lists every one by 
 (the contract tests run over it: a new attack is one file plus one line here).
 """
 
+from guard.attacks.adaptive import AdaptivePGD
 from guard.attacks.base import Attack, AttackResult, Fooler
 from guard.attacks.cppn import Genome
 from guard.attacks.feature_adversary import FeatureAdversary
@@ -30,5 +31,5 @@ ATTACKS: dict[str, type] = {
     "fooling_evolution": FoolingEvolution,
 }
 
-__all__ = ["ATTACKS", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
+__all__ = ["ATTACKS", "AdaptivePGD", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
            "RandomPatch", "FeatureAdversary", "FoolingGradient", "FoolingEvolution", "Genome", "transfer_check"]

@@ -1,5 +1,6 @@
 """Detectors: saliency concentration (Captum), kNN rank (FAISS), PPCA in-manifold likelihood,
-kNN label consistency, feature squeezing; ``Combined`` turns their scores into one flag.
+kNN label consistency, feature squeezing, and the published anchors Mahalanobis (Lee et al.
+2018) and LID (Ma et al. 2018); ``Combined`` turns their scores into one flag.
 
 All follow scikit-learn conventions (see :mod:`guard.detectors.base`): fit on clean data,
 scores where higher = more suspicious, ``calibrate(clean, fpr)`` -> ``threshold_``,
@@ -13,6 +14,8 @@ contract tests run over): a new detector is one file plus one line here.
 from guard.detectors.base import Batch, Detector, FeatureDetector
 from guard.detectors.combined import Combined
 from guard.detectors.knn import KNNConsistency, KNNRank
+from guard.detectors.lid import LIDDetector
+from guard.detectors.mahalanobis import MahalanobisDetector
 from guard.detectors.ppca import PPCAManifold
 from guard.detectors.saliency import SaliencyConcentration
 from guard.detectors.squeeze import BitDepthSqueeze
@@ -24,6 +27,9 @@ DETECTORS: dict[str, type[Detector]] = {
     "ppca": PPCAManifold,
     "knn_consistency": KNNConsistency,
     "squeeze": BitDepthSqueeze,
+    # the published anchors guard is measured against (Lee et al. 2018; Ma et al. 2018)
+    "mahalanobis": MahalanobisDetector,
+    "lid": LIDDetector,
 }
 
 __all__ = [
@@ -35,6 +41,8 @@ __all__ = [
     "FeatureDetector",
     "KNNConsistency",
     "KNNRank",
+    "LIDDetector",
+    "MahalanobisDetector",
     "PPCAManifold",
     "SaliencyConcentration",
 ]

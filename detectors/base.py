@@ -29,14 +29,13 @@ import hashlib
 import inspect
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
 
 from guard.core.cache import load_tensors, save_tensors
-from guard.core.features import extract_features
+from guard.core.features import Batch, extract_features
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import NotFittedError, check_images, check_labels, check_probability
 
@@ -44,27 +43,6 @@ __all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest
            "registry"]
 
 FORMAT = "guard.detector/1"
-
-
-@dataclass
-class Batch:
-    """One forward pass's worth of what detectors score.
-
-    Attributes:
-        x: the images (N, C, H, W) in [0, 1], on the model's device.
-        logits: the model's logits (N, K).
-        features: layer -> pooled features (N, D) (:func:`guard.core.features.pool_features`).
-        model: the classifier (input detectors differentiate through it).
-    """
-
-    x: torch.Tensor
-    logits: torch.Tensor
-    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    model: nn.Module | None = None
-
-    @property
-    def pred(self) -> torch.Tensor:
-        return self.logits.argmax(1)
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:

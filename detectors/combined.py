@@ -1,18 +1,28 @@
-"""One flag from several detectors: the max of clean-calibrated tail scores, calibrated to an FPR.
+"""One flag from several detectors: clean-calibrated tail scores combined by a rule, calibrated to an FPR.
 
 Each detector's score is turned into its empirical p-value among clean held-out calibration
 scores, ``p_k = (1 + #{clean_k >= s_k}) / (n + 1)`` (a conformal p-value, Vovk et al.), and
-the combined score is ``max_k -log10(p_k)`` plus, beyond the largest clean score, a linear
-tail ``(s_k - max clean_k) / scale_k`` (scale = IQR / 1.349) so that far outliers are not tied.
-Every detector then speaks on the same scale (its own clean quantiles), whatever its units:
-a max of raw z-scores would let the detector with the heaviest clean tail set the threshold
-and mute a detector, such as the bounded kNN rank, that separates perfectly. The combined
-``threshold_`` is the ``1 - fpr`` quantile of the combined clean scores (leave-one-out on the
-calibration points themselves). Written by hand: a few lines, no library does it.
+into the tail score ``t_k = -log10(p_k)`` plus, beyond the largest clean score, a linear tail
+``(s_k - max clean_k) / scale_k`` (scale = IQR / 1.349) so that far outliers are not tied.
+Every detector then speaks on the same scale (its own clean quantiles), whatever its units.
+The rule combines the K tail scores into one:
+
+* ``"max"``: ``max_k t_k``, an input is as suspicious as its most suspicious detector finds it
+  (the cost: at the same overall FPR each detector works at about FPR / K);
+* ``"fisher"``: ``sum_k t_k`` (Fisher's method on the p-values: weak evidence from several
+  detectors adds up);
+* ``"weighted"``: ``sum_k w_k t_k`` with non-negative weights ``w`` learned by logistic regression
+  on clean calibration scores against *proxy* inputs that are not attacks (noise images,
+  noise-perturbed and occluded clean images; :func:`guard.guarded` makes them), so no reported
+  attack is tuned on; a detector whose weight comes out 0 is dropped.
+
+The combined ``threshold_`` is the ``1 - fpr`` quantile of the combined clean scores
+(leave-one-out on the calibration points themselves). Written by hand: a few lines, no library
+does it; the logistic regression is scikit-learn's.
 
 ``Combined`` is a calibrator, not a detector: it is fitted on clean *scores* of the detectors
-it combines, never on images; :func:`conformal_score` is the one function its eager
-``combine`` and its export head both run.
+it combines, never on images; :func:`tail_scores` and :func:`combine_tails` are the functions
+its eager ``combine`` and its export head both run.
 """
 
 from __future__ import annotations
@@ -25,12 +35,14 @@ from torch import nn
 from guard.core.validation import check_probability
 from guard.detectors.base import Persistent, quantile_threshold
 
-__all__ = ["Combined", "conformal_score"]
+__all__ = ["Combined", "tail_scores", "combine_tails", "RULES"]
+
+RULES = ("max", "fisher", "weighted")
 
 
-def conformal_score(scores: Sequence[torch.Tensor], ref: torch.Tensor, counts: torch.Tensor, top: torch.Tensor,
-                    scale: torch.Tensor, *, leave_one_out: bool = False) -> torch.Tensor:
-    """Max over detectors k of ``-log10(p_k) + relu(s_k - top_k) / scale_k`` (N,).
+def tail_scores(scores: Sequence[torch.Tensor], ref: torch.Tensor, counts: torch.Tensor, top: torch.Tensor,
+                scale: torch.Tensor, *, leave_one_out: bool = False) -> torch.Tensor:
+    """(N, K) ``-log10(p_k) + relu(s_k - top_k) / scale_k`` per detector k.
 
     ``ref`` (K, M): each detector's sorted clean scores padded with +inf; ``counts`` (K,) the
     valid entries; NaN scores count as +inf (a failed detector flags: fail closed).
@@ -47,29 +59,43 @@ def conformal_score(scores: Sequence[torch.Tensor], ref: torch.Tensor, counts: t
             ge, n = (ge - 1.0).clamp_min(0.0), n - 1.0
         p = (1.0 + ge) / (n + 1.0)
         cols.append(-torch.log10(p) + (s - top[i]).clamp_min(0.0) / scale[i])
-    return torch.stack(cols, 1).amax(1)
+    return torch.stack(cols, 1)
+
+
+def combine_tails(tails: torch.Tensor, rule: str, weights: torch.Tensor) -> torch.Tensor:
+    """The combined score (N,) of tail scores (N, K) under ``rule`` (weights used by "weighted")."""
+    if rule == "max":
+        return tails.amax(1)
+    if rule == "fisher":
+        return tails.sum(1)
+    return (tails * weights[None, :]).sum(1)
 
 
 class Combined(Persistent):
-    """Max over detectors of -log10 of the clean-calibrated p-value (with a linear outer tail).
+    """Clean-calibrated tail scores of several detectors, combined by a rule and calibrated to an FPR.
 
     Args:
         names: the detectors combined, in order (keys of the score dicts).
+        rule: "max" (default), "fisher" or "weighted" (see the module docstring).
 
     Fitted state: ``ref_`` Tensor[K, N] (each detector's sorted finite clean scores, padded
     with +inf), ``counts_`` Tensor[K] (valid entries), ``top_`` Tensor[K] (largest clean
-    score), ``loc_`` Tensor[K] (median), ``scale_`` Tensor[K] (IQR / 1.349), ``threshold_``.
+    score), ``loc_`` Tensor[K] (median), ``scale_`` Tensor[K] (IQR / 1.349), ``weights_``
+    Tensor[K] (the "weighted" rule's; ones otherwise), ``threshold_``.
     """
 
     name: ClassVar[str] = "combined"
-    _tensor_attrs = ("ref_", "counts_", "top_", "loc_", "scale_")
+    _tensor_attrs = ("ref_", "counts_", "top_", "loc_", "scale_", "weights_")
     _meta_attrs = ("names_",)
 
-    def __init__(self, names: Sequence[str] = ()) -> None:
+    def __init__(self, names: Sequence[str] = (), *, rule: str = "max") -> None:
         self.names = list(names)
+        self.rule = rule
 
     def fit_scores(self, clean_scores: Mapping[str, torch.Tensor]) -> "Combined":
         """Fit the per-detector references on clean held-out scores {name: Tensor[N]}."""
+        if self.rule not in RULES:
+            raise ValueError(f"The 'rule' parameter of Combined must be one of {RULES}. Got {self.rule!r}.")
         names = self.names or list(clean_scores)
         missing = [n for n in names if n not in clean_scores]
         if missing:
@@ -96,6 +122,7 @@ class Combined(Persistent):
         self.top_ = torch.tensor(tops, dtype=torch.float32)
         self.loc_ = torch.tensor(locs, dtype=torch.float32)
         self.scale_ = torch.tensor(scales, dtype=torch.float32)
+        self.weights_ = torch.ones(len(names), dtype=torch.float32)
         self.names_ = list(names)
         self.fitted_ = True
         return self
@@ -107,35 +134,62 @@ class Combined(Persistent):
             raise ValueError(f"Combined needs scores for {missing}; got {sorted(scores)}.")
         return [scores[n].detach().float().cpu().reshape(-1) for n in self.names_]
 
+    def tails(self, scores: Mapping[str, torch.Tensor], *, leave_one_out: bool = False) -> torch.Tensor:
+        """(N, K) tail scores of per-detector scores {name: Tensor[N]}."""
+        return tail_scores(self._columns(scores), self.ref_, self.counts_, self.top_, self.scale_, leave_one_out=leave_one_out)
+
     def combine(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The combined score Tensor[N] from per-detector scores {name: Tensor[N]}."""
-        return conformal_score(self._columns(scores), self.ref_, self.counts_, self.top_, self.scale_)
+        return combine_tails(self.tails(scores), self.rule, self.weights_)
 
-    def calibrate_scores(self, clean_scores: Mapping[str, torch.Tensor], fpr: float = 0.05) -> float:
-        """Fit the references and set ``threshold_`` on clean held-out scores."""
+    def calibrate_scores(self, clean_scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *,
+                         proxy_scores: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Fit the references (and, for "weighted", the weights) and set ``threshold_`` on clean held-out scores.
+
+        ``proxy_scores``: the detectors' scores of proxy inputs that are not attacks (needed by
+        the "weighted" rule; see the module docstring).
+        """
         fpr = check_probability(fpr, "fpr", type(self).__name__)
         self.fit_scores(clean_scores)
-        # leave-one-out p-values on the calibration points: with self-inclusion their combined
+        # leave-one-out tail scores on the calibration points: with self-inclusion their combined
         # scores would be biased low and the held-out flag rate would exceed fpr
-        loo = conformal_score(self._columns(clean_scores), self.ref_, self.counts_, self.top_, self.scale_, leave_one_out=True)
-        self.threshold_ = quantile_threshold(loo, fpr)
+        clean_tails = self.tails(clean_scores, leave_one_out=True)
+        if self.rule == "weighted":
+            if proxy_scores is None:
+                raise ValueError("Combined(rule='weighted') learns its weights from proxy_scores (scores of non-attack proxy inputs); got None.")
+            self.weights_ = self._learn_weights(clean_tails, self.tails(proxy_scores))
+        self.threshold_ = quantile_threshold(combine_tails(clean_tails, self.rule, self.weights_), fpr)
         self.calibration_fpr_ = fpr
-        self.calibration_n_ = int(loo.numel())
+        self.calibration_n_ = int(clean_tails.shape[0])
         return self.threshold_
+
+    @staticmethod
+    def _learn_weights(clean: torch.Tensor, proxy: torch.Tensor) -> torch.Tensor:
+        """Non-negative logistic-regression weights of the tail scores (clean 0, proxies 1), scaled to sum to K."""
+        from sklearn.linear_model import LogisticRegression
+
+        xs = torch.cat([clean, proxy]).double().clamp(max=50.0).numpy()
+        ys = torch.cat([torch.zeros(clean.shape[0]), torch.ones(proxy.shape[0])]).numpy()
+        lr = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit(xs, ys)
+        w = torch.from_numpy(lr.coef_[0]).float().clamp_min(0.0)
+        if float(w.sum()) <= 0:
+            return torch.ones(clean.shape[1])
+        return w * (clean.shape[1] / float(w.sum()))
 
     def export_head(self) -> nn.Module:
         return _CombinedHead(self)
 
 
 class _CombinedHead(nn.Module):
-    """Combined in the graph: :func:`conformal_score` over the graph's detector scores."""
+    """Combined in the graph: :func:`tail_scores` and :func:`combine_tails` over the graph's detector scores."""
 
     def __init__(self, comb: Combined) -> None:
         super().__init__()
         comb._check_fitted()
-        self.names = list(comb.names_)
-        for name in ("ref_", "counts_", "top_", "scale_"):
+        self.names, self.rule = list(comb.names_), comb.rule
+        for name in ("ref_", "counts_", "top_", "scale_", "weights_"):
             self.register_buffer(name.rstrip("_"), getattr(comb, name).detach().clone())
 
     def forward(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return conformal_score([scores[n] for n in self.names], self.ref, self.counts, self.top, self.scale)
+        tails = tail_scores([scores[n] for n in self.names], self.ref, self.counts, self.top, self.scale)
+        return combine_tails(tails, self.rule, self.weights)

@@ -311,6 +311,24 @@ class _KNNRankHead(nn.Module):
                 scores.append(sabour_rank(d, pred, *tables))
         return {"score": torch.stack(scores, 1).amax(1), "distance": torch.stack(dists, 1)}
 
+    def surrogate(self, batch: Batch) -> torch.Tensor:
+        """A differentiable stand-in for the rank (for adaptive attacks): each count ``ref <= d``
+        becomes ``sigmoid((d - ref) / tau)``, tau a twentieth of the class's spread."""
+        pred = batch.pred
+        out = []
+        for i, (layer, bank) in enumerate(zip(self.layers, self.banks)):
+            d = bank(batch.features[layer])[0].mean(1)
+            if self.statistic == "distance":
+                out.append(d)
+                continue
+            ref, counts, top, spread = (getattr(self, f"{n}{i}") for n in ("ref", "counts", "top", "spread"))
+            c = pred.clamp(0, ref.shape[0] - 1)
+            tau = (spread[c] / 20.0)[:, None]
+            r = ref[c]
+            soft = torch.where(torch.isfinite(r), torch.sigmoid((d[:, None] - r.clamp(max=1e6)) / tau), torch.zeros_like(r))
+            out.append(soft.sum(1) / counts[c] + (d - top[c]).clamp_min(0.0) / spread[c])
+        return torch.stack(out, 1).amax(1)
+
 
 class KNNConsistency(FeatureDetector):
     """Multi-layer kNN label consistency (Deep k-NN): share of neighbours disagreeing with the prediction.
@@ -414,4 +432,15 @@ class _KNNConsistencyHead(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         pred = batch.pred
         per = [label_disagreement(self.labels[bank(batch.features[layer])[1]], pred) for layer, bank in zip(self.layers, self.banks)]
+        return torch.stack(per, 1).mean(1)
+
+    def surrogate(self, batch: Batch) -> torch.Tensor:
+        """A differentiable stand-in (for adaptive attacks): the neighbours' votes weighted by a
+        softmax of their negative distances, so moving towards same-label neighbours lowers it."""
+        pred = batch.pred
+        per = []
+        for layer, bank in zip(self.layers, self.banks):
+            dist, idx = bank(batch.features[layer])
+            w = torch.softmax(-dist / dist.detach().mean(1, keepdim=True).clamp_min(1e-6), 1)
+            per.append((w * (self.labels[idx] != pred[:, None]).to(w.dtype)).sum(1))
         return torch.stack(per, 1).mean(1)

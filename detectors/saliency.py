@@ -55,26 +55,30 @@ def topk_share(attr: torch.Tensor, frac: float) -> torch.Tensor:
 
 
 def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str, *, layer: str | None = None,
-                       n_steps: int = 16) -> torch.Tensor:
+                       n_steps: int = 16, create_graph: bool = False) -> torch.Tensor:
     """Non-negative attribution maps (N, H, W) of class ``target`` with ``torch.autograd.grad``.
 
     The same quantities as Captum's ``Saliency`` (abs=True), ``IntegratedGradients`` (zero
     baseline, ``method="riemann_right"`` with ``n_steps`` steps, as the detector asks Captum
     for) and ``LayerGradCam`` (ReLU, bilinear upsampling), written with autograd so that the
-    exporter can trace them. Channels are summed.
+    exporter can trace them. Channels are summed. ``create_graph``: keep the graph of the
+    attribution itself (an adaptive attack differentiates the concentration: double backward).
     """
-    x = x.detach().requires_grad_(True)
+    if not create_graph:
+        x = x.detach()
+    if not x.requires_grad:
+        x = x.requires_grad_(True)
     if method == "saliency":
         logits = model(x)
-        (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x)
+        (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), x, create_graph=create_graph)
         return g.abs().sum(1)
     if method == "integrated_gradients":
         total = torch.zeros_like(x)
         for i in range(1, n_steps + 1):
-            xi = (x.detach() * (i / n_steps)).requires_grad_(True)
-            (g,) = torch.autograd.grad(model(xi).gather(1, target[:, None]).sum(), xi)
+            xi = x * (i / n_steps) if create_graph else (x.detach() * (i / n_steps)).requires_grad_(True)
+            (g,) = torch.autograd.grad(model(xi).gather(1, target[:, None]).sum(), xi, create_graph=create_graph)
             total = total + g
-        return (x.detach() * total / n_steps).abs().sum(1)
+        return ((x if create_graph else x.detach()) * total / n_steps).abs().sum(1)
     store: list[torch.Tensor] = []
     handle = get_layer(model, layer).register_forward_hook(lambda _m, _i, out: store.append(out))
     try:
@@ -82,7 +86,7 @@ def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     finally:
         handle.remove()
     act = store[0]
-    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act)
+    (g,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), act, create_graph=create_graph)
     cam = F.relu((g.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True))
     return F.interpolate(cam, tuple(x.shape[-2:]), mode="bilinear", align_corners=False).clamp_min(0).sum(1)
 
@@ -214,4 +218,10 @@ class _SaliencyHead(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         with torch.enable_grad():
             attr = torch_attributions(batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps)
+        return window_share(attr, self.window) if self.reduce == "window" else topk_share(attr, self.topk)
+
+    def surrogate(self, batch: Batch) -> torch.Tensor:
+        """The same concentration, differentiable in the input (double backward) for adaptive attacks."""
+        attr = torch_attributions(batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps,
+                                  create_graph=True)
         return window_share(attr, self.window) if self.reduce == "window" else topk_share(attr, self.topk)

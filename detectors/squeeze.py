@@ -130,3 +130,9 @@ class _SqueezeHead(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return squeeze_distance(batch.logits, batch.model(squeeze_bits(batch.x, self.bits)).float())
+
+    def surrogate(self, batch: Batch) -> torch.Tensor:
+        """BPDA (Athalye et al. 2018): the rounding's gradient is taken as the identity."""
+        x = batch.x
+        squeezed = x + (squeeze_bits(x, self.bits) - x).detach()
+        return squeeze_distance(batch.logits, batch.model(squeezed).float())

@@ -187,9 +187,9 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
             notes["combined_partial"] = True
             from guard.detectors import Combined
 
-            part = Combined([n for n in obj.combined.names_ if n in heads])
+            part = Combined([n for n in obj.combined.names_ if n in heads], rule=obj.combined.rule)
             idx = torch.tensor([obj.combined.names_.index(n) for n in part.names], dtype=torch.long)
-            for a in ("ref_", "counts_", "top_", "loc_", "scale_"):
+            for a in ("ref_", "counts_", "top_", "loc_", "scale_", "weights_"):
                 setattr(part, a, getattr(obj.combined, a)[idx])
             part.names_, part.fitted_ = list(part.names), True
             comb_src = part

@@ -10,7 +10,7 @@ of positives flagged and the clean flag rate.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ import torch
 from guard.core.data import Split
 from guard.core.validation import check_images
 
-__all__ = ["evaluate", "detection_metrics", "tpr_at_fpr"]
+__all__ = ["evaluate", "evaluate_adaptive", "detection_metrics", "tpr_at_fpr"]
 
 
 def _finite(a: np.ndarray, fill_hi: float) -> np.ndarray:
@@ -85,7 +85,7 @@ def _all_scores(guarded: Any, x: torch.Tensor, progress: bool) -> dict[str, torc
 
 
 def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: bool = False,
-             clean_scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+             clean_scores: Mapping[str, torch.Tensor] | None = None, adaptive: bool = False, **adaptive_kw: Any) -> dict[str, Any]:
     """Detection quality of a calibrated GuardedModel, per detector and attack.
 
     Args:
@@ -95,11 +95,15 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         attacks: name -> AttackResult (or (x_adv, success), or images: all counted successful).
         progress: show a progress bar while scoring.
         clean_scores: precomputed scores of ``clean`` (as ``guarded.score`` gives), to reuse.
+        adaptive: also attack the guarded model with an attacker who knows it
+            (:func:`evaluate_adaptive` on ``clean``; ``adaptive_kw`` go there) and add its
+            section under the key ``"adaptive"``.
 
     Returns:
         ``{detector: {attack: {"auroc", "tpr_at_1fpr", "tpr_at_5fpr", "n_pos", "n_neg",
         "tpr_at_threshold", "fpr_at_threshold", "all": {same, every adversarial}}}}``; the
-        successful-only figures are ``None`` when no adversarial succeeded.
+        successful-only figures are ``None`` when no adversarial succeeded. With
+        ``adaptive=True``, plus ``"adaptive"``: the section :func:`evaluate_adaptive` returns.
     """
     x_clean = clean.x if isinstance(clean, Split) else clean
     check_images(x_clean, "clean")
@@ -112,7 +116,7 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     thresholds = {n: getattr(guarded.detectors[n], "threshold_", None) for n in guarded.detectors}
     if guarded.combined is not None:
         thresholds["combined"] = getattr(guarded.combined, "threshold_", None)
-    report: dict[str, dict[str, dict[str, Any]]] = {n: {} for n in names}
+    report: dict[str, Any] = {n: {} for n in names}
     for attack, item in attacks.items():
         x_adv, ok = _adv(item, attack)
         pos = _all_scores(guarded, x_adv, progress)
@@ -120,4 +124,63 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
             entry = detection_metrics(pos[n][ok], neg[n], thresholds.get(n))
             entry["all"] = detection_metrics(pos[n], neg[n], thresholds.get(n))
             report[n][attack] = entry
+    if adaptive:
+        report["adaptive"] = evaluate_adaptive(guarded, clean, **adaptive_kw)
     return report
+
+
+def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float | None = None, steps: int = 50, n: int = 200,
+                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Evasion rate of an attacker who knows the guarded model (:class:`guard.attacks.AdaptivePGD`).
+
+    Args:
+        guarded: a calibrated GuardedModel.
+        data: clean images (a Split with labels, or a Tensor: the model's labels are used).
+            The first ``n`` images the model classifies correctly are attacked.
+        eps: L-inf budgets; default from the data (:func:`guard.core.budget.data_defaults`):
+            half, once and twice the customary budget (0.3 for near-binary digits, 8/255 for
+            natural images). The first of the defaults' middle one is the headline.
+        steps: PGD steps.
+
+    Returns:
+        ``{"eps", "evasion", "n", "steps", "fpr", "per_eps": [{"eps", "evasion",
+        "oblivious_evasion", "flagged", "misclassified", "n", "seconds"}], "rule"}``:
+        evasion = share of the attacked images that end misclassified *and* not flagged by
+        the calibrated combined flag; oblivious_evasion the same for plain PGD (which does not
+        know the detectors), for comparison.
+    """
+    import time
+
+    from guard.attacks import AdaptivePGD, LinfPGD
+    from guard.core.budget import data_defaults
+
+    x = data.x if isinstance(data, Split) else data
+    check_images(x, "data")
+    if getattr(guarded, "combined", None) is None:
+        raise ValueError("evaluate_adaptive needs a calibrated GuardedModel (call calibrate first).")
+    model = guarded.model
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        pred = torch.cat([model(x[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], 500)])
+    y = data.y.cpu() if isinstance(data, Split) else pred
+    keep = (pred == y).nonzero().squeeze(1)[:n]
+    xs, ys = x[keep], y[keep]
+    base = data_defaults(x)["eps"]
+    budgets = [base / 2, base, 2 * base] if eps is None else ([float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps])
+    headline = base if eps is None else budgets[0]
+    per_eps = []
+    for e in budgets:
+        t0 = time.perf_counter()
+        res = AdaptivePGD(guarded=guarded, eps=e, steps=steps, seed=seed)(model, xs, ys)
+        obl = LinfPGD(eps=e, steps=steps, seed=seed)(model, xs, ys)
+        out = guarded(obl.x_adv)
+        oblivious = (out.logits.argmax(1).cpu() != ys) & ~out.flagged.cpu()
+        per_eps.append({"eps": e, "evasion": res.success_rate, "oblivious_evasion": float(oblivious.float().mean()),
+                        "flagged": float(res.extras["flagged"].float().mean()),
+                        "misclassified": float(res.extras["misclassified"].float().mean()), "n": len(res),
+                        "seconds": round(time.perf_counter() - t0, 2)})
+    head = next(p for p in per_eps if p["eps"] == headline)
+    return {"eps": headline, "evasion": head["evasion"], "n": int(keep.numel()), "steps": steps,
+            "fpr": float(getattr(guarded.combined, "calibration_fpr_", float("nan"))), "per_eps": per_eps,
+            "rule": "attacked: the first n correctly classified images; evasion: misclassified and not flagged by the "
+                    "calibrated combined flag (AdaptivePGD: margin + smooth max of the detectors' surrogate scores)"}

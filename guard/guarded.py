@@ -40,8 +40,9 @@ from guard.core.features import POOLS, FeatureExtractor, default_feature_layers,
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import NotFittedError, check_images, check_int, check_probability
 from guard.detectors import DETECTORS, Batch, Combined, Detector
+from guard.detectors.combined import RULES
 
-__all__ = ["wrap", "GuardedModel", "GuardedOutput", "DEFAULT_DETECTORS"]
+__all__ = ["wrap", "GuardedModel", "GuardedOutput", "DEFAULT_DETECTORS", "proxy_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,34 @@ class GuardedOutput:
     errors: dict[str, str] = field(default_factory=dict)
 
 
+def proxy_inputs(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
+    """Suspicious-looking inputs that are not attacks, from clean images ``x`` (N of them, N/5 per kind).
+
+    The "weighted" combiner learns its weights from these, so no reported attack is tuned on:
+    uniform noise images, blurred noise images, clean images with Gaussian noise (sigma 0.1),
+    clean images with a grey square over 5% of the area, and clean images with random-sign
+    noise of the data's customary budget (:func:`guard.core.budget.data_defaults`: no gradient).
+    """
+    from guard.core.budget import data_defaults
+
+    g = torch.Generator().manual_seed(seed)
+    n = max(1, x.shape[0] // 5)
+    src = x[torch.randperm(x.shape[0], generator=g)[:n]].detach().cpu().float()
+    shape = src.shape
+    noise = torch.rand(shape, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(torch.rand(shape, generator=g), 5, stride=1, padding=2, count_include_pad=False)
+    gauss = (src + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
+    side = max(1, round((0.05 * shape[-1] * shape[-2]) ** 0.5))
+    occluded = src.clone()
+    rows = torch.randint(0, shape[-2] - side + 1, (n,), generator=g)
+    cols = torch.randint(0, shape[-1] - side + 1, (n,), generator=g)
+    for i in range(n):
+        occluded[i, :, rows[i]:rows[i] + side, cols[i]:cols[i] + side] = 0.5
+    eps = data_defaults(x)["eps"]
+    signed = (src + eps * torch.randint(0, 2, shape, generator=g).float().mul(2).sub(1)).clamp(0, 1)
+    return torch.cat([noise, blurred, gauss, occluded, signed])
+
+
 class GuardedModel(nn.Module):
     """A classifier with detectors attached (see :func:`wrap`).
 
@@ -79,7 +108,8 @@ class GuardedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, detectors: Mapping[str, Detector] | None = None, *, defaults: Sequence[str] = (),
-                 layers: Sequence[str] | None = None, pool: str = "auto", batch_size: int = 512) -> None:
+                 layers: Sequence[str] | None = None, pool: str = "auto", batch_size: int = 512, combine: str = "max",
+                 flag_with: Sequence[str] | None = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -94,6 +124,10 @@ class GuardedModel(nn.Module):
         self.pool = pool
         self.combined: Combined | None = None
         self.batch_size = check_int(batch_size, "batch_size", "GuardedModel", low=1)
+        if combine not in RULES:
+            raise ValueError(f"combine must be one of {RULES}; got {combine!r}.")
+        self.combine = combine
+        self.flag_with = None if flag_with is None else list(flag_with)
         self.left_out_: dict[str, str] = {}
         self.feature_widths_: dict[str, int] = {}
 
@@ -211,17 +245,28 @@ class GuardedModel(nn.Module):
         fpr = check_probability(fpr, "fpr", "GuardedModel.calibrate")
         x = clean_data.x if isinstance(clean_data, Split) else clean_data
         _, scores, errors = self.score(x)
-        return self.calibrate_scores(scores, fpr, errors=errors)
+        proxy = None
+        if self.combine == "weighted":
+            _, proxy, perr = self.score(proxy_inputs(check_images(x, "clean_data")))
+            errors = {**errors, **perr}
+        return self.calibrate_scores(scores, fpr, errors=errors, proxy_scores=proxy)
 
-    def calibrate_scores(self, scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *, errors: Mapping[str, str] | None = None) -> "GuardedModel":
-        """Calibrate from precomputed clean scores {name: Tensor[N]} (as :meth:`score` gives)."""
+    def calibrate_scores(self, scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *, errors: Mapping[str, str] | None = None,
+                         proxy_scores: Mapping[str, torch.Tensor] | None = None) -> "GuardedModel":
+        """Calibrate from precomputed clean scores {name: Tensor[N]} (as :meth:`score` gives).
+
+        ``proxy_scores``: scores of :func:`proxy_inputs` (the "weighted" rule learns from them).
+        """
         fpr = check_probability(fpr, "fpr", "GuardedModel.calibrate")
         if errors:
             raise RuntimeError(f"cannot calibrate: detectors failed on clean data: {dict(errors)}")
         for name, det in self.detectors.items():
             det.calibrate(scores[name], fpr)
-        self.combined = Combined(list(self.detectors))
-        self.combined.calibrate_scores({n: scores[n] for n in self.detectors}, fpr)
+        names = [n for n in self.detectors if self.flag_with is None or n in self.flag_with]
+        if not names:
+            raise ValueError(f"flag_with={self.flag_with} names none of the detectors {list(self.detectors)}.")
+        self.combined = Combined(names, rule=self.combine)
+        self.combined.calibrate_scores({n: scores[n] for n in names}, fpr, proxy_scores=proxy_scores)
         return self
 
     # ------------------------------------------------------------------ serving
@@ -254,7 +299,8 @@ class GuardedModel(nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         index: dict[str, Any] = {"format": FORMAT, "detectors": {}, "batch_size": self.batch_size, "pool": self.pool,
-                                 "layers": self.layers, "left_out": self.left_out_, "feature_widths": self.feature_widths_}
+                                 "layers": self.layers, "left_out": self.left_out_, "feature_widths": self.feature_widths_,
+                                 "combine": self.combine, "flag_with": self.flag_with}
         for name, det in self.detectors.items():
             det.save(folder / f"{name}.safetensors")
             index["detectors"][name] = f"{name}.safetensors"
@@ -278,7 +324,8 @@ class GuardedModel(nn.Module):
             raise ValueError(f"{str(idx_path)!r} has an unknown format {index.get('format') if isinstance(index, dict) else None!r} "
                              f"(expected {FORMAT!r}).")
         dets = {name: Detector.load(folder / fname) for name, fname in index["detectors"].items()}
-        guarded = cls(model, dets, layers=index.get("layers"), pool=index.get("pool", "auto"), batch_size=index.get("batch_size", 512))
+        guarded = cls(model, dets, layers=index.get("layers"), pool=index.get("pool", "auto"), batch_size=index.get("batch_size", 512),
+                      combine=index.get("combine", "max"), flag_with=index.get("flag_with"))
         guarded.left_out_ = dict(index.get("left_out", {}))
         guarded.feature_widths_ = dict(index.get("feature_widths", {}))
         if "combined" in index:
@@ -287,7 +334,8 @@ class GuardedModel(nn.Module):
 
 
 def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, Detector] | None = None,
-         layers: Sequence[str] | None = None, *, pool: str = "auto", batch_size: int = 512) -> GuardedModel:
+         layers: Sequence[str] | None = None, *, pool: str = "auto", batch_size: int = 512, combine: str = "max",
+         flag_with: Sequence[str] | None = None) -> GuardedModel:
     """Attach detectors to ``model``.
 
     Args:
@@ -303,6 +351,10 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
             (:func:`guard.core.features.default_feature_layers`).
         pool: how a spatial map becomes a vector (:func:`guard.core.features.pool_features`).
         batch_size: images per forward pass when scoring many.
+        combine: the rule of the combined flag ("max", "fisher", "weighted";
+            :class:`guard.detectors.Combined`).
+        flag_with: the detectors the combined flag uses (default all); the others are scored
+            and calibrated on their own (the audit measures the published anchors this way).
 
     Returns:
         an unfitted :class:`GuardedModel`; call ``.fit(train)`` then ``.calibrate(heldout)``.
@@ -333,7 +385,8 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
     for name, det in dets.items():
         if not isinstance(det, Detector):
             raise TypeError(f"detector {name!r} must be a Detector; got {type(det).__name__}.")
-    guarded = GuardedModel(model, dets, defaults=names, layers=layers, pool=pool, batch_size=batch_size)
+    guarded = GuardedModel(model, dets, defaults=names, layers=layers, pool=pool, batch_size=batch_size, combine=combine,
+                           flag_with=flag_with)
     if names and layers is not None:
         guarded._build_defaults(torch.empty(0))
     return guarded

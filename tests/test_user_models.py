@@ -115,7 +115,7 @@ def test_quick_audit_of_a_users_model(arch, tmp_path):
     assert proc.returncode == 0, (proc.stderr[-3000:], report.get("errors"))
     assert not report.get("errors")
     assert set(report["_completed_steps"]) == {"model", "attacks_gradient", "attacks_patches", "attacks_features",
-                                               "attacks_fooling", "detectors", "export"}
+                                               "attacks_fooling", "detectors", "adaptive", "export"}
     info = report["detectors_info"]
     assert info["feature_layers"] == layers
     assert set(info["detectors"]) | set(info["left_out"]) == {"saliency", "knn", "ppca", "knn_consistency", "squeeze"}

@@ -31,12 +31,14 @@ from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
 from guard.evaluation import detection_metrics, evaluate
 from guard.core.features import extract_features
-from guard.guarded import GuardedModel, wrap
+from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
 __all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "split_heldout"]
 
 log = logging.getLogger(__name__)
 
+ANCHORS = ("mahalanobis", "lid")
+COMBINE = "max"
 ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
                 "fooling_gradient", "fooling_direct", "fooling_cppn")
 FPR = 0.05
@@ -80,9 +82,10 @@ def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: 
         d2 = copy.copy(det)
         d2.calibrate(ev[n], FPR)
         out[n] = float(d2.predict_scores(cal[n]).float().mean())
-    comb = Combined(list(guarded.detectors))
-    comb.calibrate_scores(ev, FPR)
-    out["combined"] = float(comb.predict_scores(comb.combine(cal)).float().mean())
+    if guarded.combined is not None and guarded.combined.rule != "weighted":  # "weighted" would need proxies of the other half
+        comb = Combined(guarded.combined.names_, rule=guarded.combined.rule)
+        comb.calibrate_scores(ev, FPR)
+        out["combined"] = float(comb.predict_scores(comb.combine(cal)).float().mean())
     return out
 
 
@@ -108,7 +111,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if opts.quick and len(train) > 1000:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:1000]
         train = Split(train.x[idx], train.y[idx])
-    guarded = wrap(ctx.model)
+    # guard's own detectors make the combined flag; the published anchors are fitted and measured beside them
+    combine = str(ctx.options.extra.get("combine", COMBINE))
+    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=combine, flag_with=DEFAULT_DETECTORS)
     guarded.fit(train)
     t_fit = time.perf_counter() - t0
 
@@ -118,7 +123,11 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     x_all = ctx.test.x
     logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
     ncal = cal_idx.numel()
-    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors)
+    proxy = None
+    if guarded.combine == "weighted":  # the weights are learned on proxies of the calibration half, never on attacks
+        _, proxy, perr = guarded.score(proxy_inputs(x_all[cal_idx], seed=opts.seed), progress=opts.progress)
+        errors = {**errors, **perr}
+    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy)
     ev_scores = {k: v[ncal:] for k, v in scores.items()}
     ev_scores["combined"] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
@@ -150,8 +159,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "feature_layers": guarded.layers,
         "pool": guarded.pool,
         "left_out": guarded.left_out_,
-        "combined": {"rule": "max over detectors of -log10 clean-calibrated p-value (+ linear outer tail)",
-                     "threshold": guarded.combined.threshold_},
+        "combined": {"rule": guarded.combined.rule, "detectors": guarded.combined.names_,
+                     "weights": guarded.combined.weights_.tolist(), "threshold": guarded.combined.threshold_,
+                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors]},
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
         "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
                         "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},

@@ -12,6 +12,7 @@ attacks_patches    guard.audit.patches        attacks.patch_gan, ...       Attac
 attacks_features   guard.audit.features       attacks.feature_adversary    AttackSet
 attacks_fooling    guard.audit.fooling        attacks.fooling_*            AttackSet
 detectors          guard.audit.detectors      detectors, detectors_info    GuardedModel
+adaptive           guard.audit.adaptive       adaptive                     -
 harden             guard.audit.harden         harden (with --harden)       RejectClassifier
 export             guard.audit.export         export                       -
 =================  =========================  ===========================  ==============
@@ -19,6 +20,7 @@ export             guard.audit.export         export                       -
 
 from __future__ import annotations
 
+from guard.audit.adaptive import AdaptiveStep
 from guard.audit.detectors import DetectorStep
 from guard.audit.export import ExportStep
 from guard.audit.features import FeatureAdversaryStep
@@ -38,6 +40,7 @@ STEPS: tuple[Step, ...] = (
     FeatureAdversaryStep(),
     FoolingStep(),
     DetectorStep(),
+    AdaptiveStep(),
     HardenStep(),
     ExportStep(),
 )

@@ -19,7 +19,8 @@ finest square grid that fits), the same ops in eager scoring and in the exported
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +30,34 @@ from guard.core.models import eval_mode, model_device
 from guard.core.validation import call_model, check_images
 
 __all__ = ["check_hookable", "get_layer", "layer_names", "find_head", "FeatureExtractor", "extract_features", "eval_mode",
-           "pool_features", "POOLS", "MAX_FEATURES", "INPUT_SUFFIX", "default_feature_layers"]
+           "pool_features", "POOLS", "MAX_FEATURES", "INPUT_SUFFIX", "default_feature_layers", "Batch"]
 
 #: Suffix that names a module's input instead of its output (``"fc:input"``).
 INPUT_SUFFIX = ":input"
 #: ``pool="auto"`` keeps a spatial map whole up to this many values per image.
 MAX_FEATURES = 1024
 POOLS = ("auto", "avg", "flatten")
+
+
+@dataclass
+class Batch:
+    """One forward pass's worth of what detectors score.
+
+    Attributes:
+        x: the images (N, C, H, W) in [0, 1], on the model's device.
+        logits: the model's logits (N, K).
+        features: layer -> pooled features (N, D) (:func:`guard.core.features.pool_features`).
+        model: the classifier (input detectors differentiate through it).
+    """
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    model: nn.Module | None = None
+
+    @property
+    def pred(self) -> torch.Tensor:
+        return self.logits.argmax(1)
 
 
 def layer_names(model: nn.Module) -> list[str]:
