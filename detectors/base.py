@@ -21,11 +21,12 @@ Feature detectors (``FeatureDetector``: kNN, PPCA) also take features directly,
 
 Fitted state is plain float32 / int64 tensors (listed in each class's ``_tensor_attrs``) and
 JSON scalars (``_meta_attrs``), saved as safetensors plus JSON (:class:`Persistent`): no pickle.
+The file's seal (:mod:`guard.core.integrity`) covers all of it: the tensors, the parameters,
+the threshold, the class and the format; with ``key=`` it is an HMAC-SHA256.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import os
@@ -34,27 +35,16 @@ from typing import Any, ClassVar, Mapping
 import torch
 from torch import nn
 
-from guard.core.cache import load_tensors, save_tensors
 from guard.core.features import Batch, extract_features
 from guard.core.models import eval_mode, model_device
+from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_digest
 from guard.core.validation import NotFittedError, check_images, check_labels, check_probability
 
 __all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
            "registry"]
 
-FORMAT = "guard.detector/1"
-
-
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+FORMAT = "guard.detector/2"
+LEGACY_FORMATS = ("guard.detector/1",)  # sealed its tensors only; loads only with expected_sha256
 
 
 def quantile_threshold(scores: torch.Tensor, fpr: float) -> float:
@@ -168,28 +158,51 @@ class Persistent:
             setattr(self, k, v)
         self.fitted_ = True
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the fitted state to ``path`` (safetensors + JSON; no pickle)."""
+    def _write(self, path: str | os.PathLike[str], key: bytes | None, digest_file: bool) -> str:
         tensors = {k: v.detach().cpu().clone() for k, v in self.state_tensors().items()}  # no shared storage
-        meta = {"format": FORMAT, "class": type(self).__name__, "params": self.get_params(), "state": self.state_meta(),
-                "sha256": tensors_digest(tensors)}
-        save_tensors(path, tensors, meta)
+        meta = {"format": FORMAT, "class": type(self).__name__, "params": self.get_params(), "state": self.state_meta()}
+        return save_sealed(path, tensors, meta, key=key, digest_file=digest_file)
+
+    def save(self, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None) -> str:
+        """Write the fitted state to ``path`` (safetensors + JSON; no pickle), sealed.
+
+        Args:
+            path: the file to write (atomically).
+            key: sign with HMAC-SHA256 under this secret (bytes, at least 16); :meth:`load`
+                then needs the same key.
+            key_env: read the key from this environment variable instead.
+
+        Returns:
+            the SHA-256 of the written file, also written to ``PATH.sha256``: keep it where a
+            writer of ``path`` cannot reach and pass it to ``load(..., expected_sha256=...)``.
+        """
+        return self._write(path, resolve_key(key, key_env), True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Persistent":
-        """Load what :meth:`save` wrote; ValueError if the file is damaged, altered or of another class."""
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}).")
+    def load(cls, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None,
+             expected_sha256: str | None = None) -> "Persistent":
+        """Load what :meth:`save` wrote; ValueError if the file is damaged, altered or of another class.
+
+        Args:
+            path: the file.
+            key / key_env: the key it was signed with; a signed file without it, or with
+                another, raises, and so does an unsigned file when a key is given.
+            expected_sha256: the digest :meth:`save` returned; the file must match it.
+        """
+        tensors, meta = load_sealed(path, key=resolve_key(key, key_env), expected_sha256=expected_sha256, what="detector file",
+                                    legacy_formats=LEGACY_FORMATS)
+        if meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS:  # legacy: pinned by expected_sha256
+            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}; expected {FORMAT!r}).")
         klass = registry().get(meta.get("class", ""))
         if klass is None:
             raise ValueError(f"{os.fspath(path)!r} holds an unknown detector class {meta.get('class')!r}.")
         if cls is not Persistent and not issubclass(klass, cls):
             raise ValueError(f"{os.fspath(path)!r} holds a {klass.__name__}, not a {cls.__name__}.")
-        if tensors_digest(tensors) != meta.get("sha256"):
-            raise ValueError(f"detector file {os.fspath(path)!r} was altered: the SHA-256 of its tensors does not match the one recorded when it was saved.")
-        obj = klass(**meta.get("params", {}))
-        obj.load_state(tensors, meta.get("state", {}))
+        try:
+            obj = klass(**meta.get("params", {}))
+            obj.load_state(tensors, meta.get("state", {}))
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{os.fspath(path)!r}: cannot rebuild the {klass.__name__} it holds: {type(err).__name__}: {err}") from err
         return obj
 
 
