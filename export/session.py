@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from guard.core.integrity import pinned_sha256, resolve_key
+from guard.core.validation import check_int
+from guard.export.signing import verify_graph
+
 __all__ = ["load_session", "GuardSession", "SessionReport", "ProviderError"]
 
 log = logging.getLogger(__name__)
@@ -127,7 +131,8 @@ def _node_placement(sess: Any) -> list[dict[str, Any]]:
 
 
 def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: bool = True, *, threads: int | None = None,
-                 optimization: str = "all") -> GuardSession:
+                 optimization: str = "all", key: bytes | None = None, key_env: str | None = None,
+                 expected_sha256: str | None = None) -> GuardSession:
     """Open an exported graph with onnxruntime on ``device``, never falling back silently.
 
     Args:
@@ -139,18 +144,33 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         threads: intra-op threads (None: onnxruntime's default, all cores); pin it to compare
             latencies.
         optimization: graph optimisation level: "all", "extended", "basic" or "disabled".
+        key: the HMAC key the graph was signed with (bytes; ``to_onnx(..., key=...)``): a
+            signed graph needs it, and with a key an unsigned graph is refused.
+        key_env: read the key from this environment variable instead.
+        expected_sha256: the digest ``to_onnx`` returned (``report.sha256``); the graph must
+            match it. Without a pin, ``PATH.sha256`` beside the graph (when present) is checked.
 
     Returns:
         a :class:`GuardSession`.
+
+    Raises:
+        guard.core.integrity.IntegrityError: (a ValueError) the graph or its external data
+            fail the checks of :func:`guard.export.signing.verify_graph`; nothing is served.
     """
     import onnxruntime as ort
 
     if not isinstance(device, str) or device.lower() not in _PROVIDERS:
         raise ValueError(f"device must be 'cuda' or 'cpu'; got {device!r}.")
     device = device.lower()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
     p = Path(os.fspath(path))
     if not p.is_file():
         raise ValueError(f"path {str(p)!r} is not a file; export one with export.to_onnx first.")
+    if threads is not None:
+        threads = check_int(threads, "threads", "load_session", low=1)
+    secret = resolve_key(key, key_env)
+    expected_sha256 = pinned_sha256(expected_sha256)
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     if optimization not in levels:
@@ -176,8 +196,9 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         opts.inter_op_num_threads = 1
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"guard_ort_profile_{os.getpid()}_{time.monotonic_ns()}")
-    try:
-        sess = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
+    graph, external = verify_graph(p, secret, expected_sha256)
+    try:  # the verified bytes themselves, unless onnxruntime must find external data beside the file
+        sess = ort.InferenceSession(str(p) if external else graph, sess_options=opts, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
         raise ValueError(f"onnxruntime cannot load {str(p)!r}: {err}") from err
     report.providers = list(sess.get_providers())
