@@ -20,6 +20,7 @@ from torch import nn
 import torch
 
 from guard.core.budget import data_defaults, macs_per_image, work_scale
+from guard.core.cache import remove_stale_temps
 from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
 from guard.core.data import Split
 
@@ -97,6 +98,7 @@ def run_audit(
     opts = options or AuditOptions()
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_path)  # what a killed run was writing; the audit owns its output folder
     ctx = AuditContext(model=model.to(opts.device), model_name=model_name, train=train, test=test,
                        data_source=data_source, out=out_path, options=opts)
     if resume and ctx.report_path.is_file():
