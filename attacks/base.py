@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import call_model, check_images, check_labels
+from guard.core.validation import call_model, check_images, check_labels, check_logits
 
 __all__ = ["Attack", "AttackResult", "Fooler", "model_device"]
 
@@ -74,17 +74,16 @@ class Attack:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         check_images(x, "x")
         device = model_device(model)
-        x = x.to(device=device, dtype=torch.float32)
-        if target is not None:
-            if not self.targeted_supported:
-                raise ValueError(f"{type(self).__name__} does not support targeted attacks; got target=...")
-            target = check_labels(target, "target", n=int(x.shape[0])).to(device)
+        x = x.detach().to(device=device, dtype=torch.float32)  # the caller's graph is not the attack's
+        if target is not None and not self.targeted_supported:
+            raise ValueError(f"{type(self).__name__} does not support targeted attacks; got target=...")
         with eval_mode(model):
-            if y is None:
-                with torch.no_grad():
-                    y = call_model(model, x).argmax(1)
-            else:
-                y = check_labels(y, "y", n=int(x.shape[0])).to(device)
+            with torch.no_grad():  # the model's labels, or a one-image probe: what it returns fixes the valid labels
+                probe = check_logits(call_model(model, x if y is None else x[:1]), n=int(x.shape[0]) if y is None else 1)
+            classes = int(probe.shape[1])
+            y = probe.argmax(1) if y is None else check_labels(y, "y", n=int(x.shape[0]), num_classes=classes).to(device)
+            if target is not None:
+                target = check_labels(target, "target", n=int(x.shape[0]), num_classes=classes).to(device)
             result = self.run(model, x, y, target)
         result.x_adv = result.x_adv.detach().clamp_(0.0, 1.0)
         if result.y is None:

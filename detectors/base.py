@@ -38,7 +38,7 @@ from torch import nn
 from guard.core.features import Batch, extract_features
 from guard.core.models import eval_mode, model_device
 from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_digest
-from guard.core.validation import NotFittedError, check_images, check_labels, check_probability
+from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_probability
 
 __all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
            "registry"]
@@ -241,13 +241,16 @@ class Detector(Persistent):
     # ---------------------------------------------------------------- conveniences
     def _batch(self, model: nn.Module, x: torch.Tensor, *, pool: str = "auto") -> Batch:
         device = model_device(model, x.device)
+        x = x.detach().to(device=device, dtype=torch.float32)  # float16/float64 images: the model's own dtype
         layers = self.feature_layers
         if layers:
             logits, feats = extract_features(model, x, layers, pool=pool)
         else:
             with torch.no_grad(), eval_mode(model):
-                logits, feats = torch.cat([model(x[i:i + 512].to(device)) for i in range(0, x.shape[0], 512)]), {}
-        return Batch(x.to(device), logits, feats, model)
+                logits, feats = torch.cat([call_model(model, x[i:i + 512]) for i in range(0, x.shape[0], 512)]), {}
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}.")
+        return Batch(x, logits, feats, model)
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> "Detector":
         """Fit on clean images ``x`` (``y``: their labels; default the model's predictions)."""
@@ -255,7 +258,7 @@ class Detector(Persistent):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         check_images(x, "x")
         batch = self._batch(model, x)
-        labels = batch.pred.cpu() if y is None else check_labels(y, "y", n=int(x.shape[0])).cpu()
+        labels = batch.pred.cpu() if y is None else check_labels(y, "y", n=int(x.shape[0]), num_classes=int(batch.logits.shape[1])).cpu()
         return self.fit_batch(batch, labels)
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +284,9 @@ class Detector(Persistent):
         if isinstance(clean, torch.Tensor) and clean.dim() == 1:
             if clean.numel() == 0:
                 raise ValueError("clean scores must be non-empty; got an empty tensor.")
+            if clean.dtype == torch.bool or clean.is_complex() or clean.is_meta:
+                raise TypeError(f"clean scores must be real numbers (a float tensor on cpu or cuda); got dtype {clean.dtype} on {clean.device}"
+                                " (flags are not scores).")
             scores = clean
         elif isinstance(clean, torch.Tensor) and clean.dim() == 4:
             if model is None:

@@ -95,6 +95,9 @@ class MahalanobisDetector(FeatureDetector):
             means = torch.stack([f[labels == c].mean(0) if bool((labels == c).any()) else f.mean(0) for c in range(classes)])
             centred = (f - means[labels]).numpy()
             cov = EmpiricalCovariance(assume_centered=True).fit(centred)
+            if float(np.trace(cov.covariance_)) <= 1e-12:  # its (pseudo-)precision would be 0: every input scored 0, blind
+                raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (zero covariance); "
+                                 "fit on varied clean images or choose another layer.")
             prec = torch.from_numpy(np.asarray(cov.precision_))
             setattr(self, f"means{i}_", means.float())
             setattr(self, f"precision{i}_", prec.float())

@@ -30,7 +30,7 @@ from torch import nn
 
 from guard.core.features import get_layer
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import check_float, check_images, check_int
+from guard.core.validation import call_model, check_float, check_images, check_int, check_labels
 from guard.detectors.base import Batch, Detector
 
 __all__ = ["SaliencyConcentration", "window_share", "topk_share", "torch_attributions"]
@@ -182,15 +182,20 @@ class SaliencyConcentration(Detector):
         """Concentration scores Tensor[N] for the predicted class (or ``target``)."""
         self._check_fitted()
         check_images(x, "x")
+        if target is not None:
+            target = check_labels(target, "target", n=int(x.shape[0]))
         device = model_device(model, x.device)
         out = []
         with eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size].to(device)
+                xb = x[i:i + self.batch_size].to(device=device, dtype=torch.float32)
+                with torch.no_grad():  # the predicted class, or a check that the model takes these images
+                    logits = call_model(model, xb if target is None else xb[:1])
                 if target is None:
-                    with torch.no_grad():
-                        tb = model(xb).argmax(1)
+                    tb = logits.argmax(1)
                 else:
+                    if i == 0:  # a class the model has no output for: IndexError deep in Captum otherwise
+                        check_labels(target, "target", num_classes=int(logits.shape[1]))
                     tb = target[i:i + self.batch_size].to(device)
                 # gradients w.r.t. the input only; works even when the caller is under
                 # torch.no_grad() or torch.inference_mode()

@@ -90,7 +90,11 @@ class GuardSession:
     def check_input(self, x: Any) -> np.ndarray:
         """``x`` as a contiguous float32 array; ValueError naming the input if its shape is wrong."""
         if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
+            if x.is_meta:
+                raise ValueError(f"input {self.input_name!r} is on the meta device (a tensor without data); expected images on 'cpu' or 'cuda'.")
+            if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
+                raise TypeError(f"input {self.input_name!r} must be floating point in [0, 1]; got dtype {x.dtype}.")
+            x = x.detach().cpu().float().numpy()
         if not isinstance(x, np.ndarray):
             raise TypeError(f"input {self.input_name!r} must be a numpy array or torch tensor; got {type(x).__name__}.")
         want = ["batch" if d is None else d for d in self.input_shape]
@@ -100,7 +104,13 @@ class GuardSession:
             raise ValueError(f"input {self.input_name!r} must hold at least one image; got shape {list(x.shape)}.")
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"input {self.input_name!r} must be floating point in [0, 1]; got dtype {x.dtype}.")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"input {self.input_name!r} must be finite; got {int((~np.isfinite(arr)).sum())} NaN/inf value(s).")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"input {self.input_name!r} must lie in [0, 1] (pixel space); got values in [{lo:.4g}, {hi:.4g}].")
+        return arr
 
     def run(self, x: Any, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph on images ``x`` (N, C, H, W); returns output name -> array."""
@@ -159,6 +169,8 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
     """
     import onnxruntime as ort
 
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False; got {type(strict).__name__} {strict!r}.")
     if not isinstance(device, str) or device.lower() not in _PROVIDERS:
         raise ValueError(f"device must be 'cuda' or 'cpu'; got {device!r}.")
     device = device.lower()

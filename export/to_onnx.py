@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from guard.core.integrity import resolve_key
-from guard.core.validation import check_images, check_int
+from guard.core.models import eval_mode, model_device
+from guard.core.validation import call_model, check_images, check_int
 from guard.export.graph import build_export_head, trace
 from guard.export.signing import bind_external_data, commit, seal_graph, staging_dir
 
@@ -180,6 +181,14 @@ def to_onnx(
         raise ValueError(f"path {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first.")
     check_images(example_input, "example_input")
     secret = resolve_key(key, key_env)
+    inner = guarded_or_hardened.model if hasattr(guarded_or_hardened, "detectors") else guarded_or_hardened
+    with torch.no_grad(), eval_mode(inner):  # a wrong image size fails here, with its name, not deep in the tracer
+        call_model(inner, example_input[:1].detach().float().to(model_device(inner, example_input.device)), "example_input")
+    if parity_inputs is not None:
+        check_images(parity_inputs, "parity_inputs")
+        if tuple(parity_inputs.shape[1:]) != tuple(example_input.shape[1:]):
+            raise ValueError(f"parity_inputs must have the shape of example_input's images (N, {', '.join(map(str, example_input.shape[1:]))}); "
+                             f"got {tuple(parity_inputs.shape)}.")
     if opset is not None:
         opset = check_int(opset, "opset", "to_onnx", low=7)
     example = example_input.detach().float().cpu()

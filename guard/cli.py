@@ -40,11 +40,17 @@ def _add_key_env(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _check_key_env(args: argparse.Namespace) -> None:
-    """Fail before any work when --key-env names an unset variable."""
+    """Fail before any work when --key-env names an unset variable or --device a missing device."""
     if getattr(args, "key_env", None) is not None:
         from guard.core.integrity import resolve_key
 
         resolve_key(key_env=args.key_env)
+    if getattr(args, "device", None) is not None:
+        from guard.core.validation import check_device
+
+        check_device(args.device, "--device")
+    if getattr(args, "repetitions", 1) < 1:
+        raise ValueError(f"--repetitions must be >= 1; got {args.repetitions}.")
 
 
 @dataclass

@@ -41,7 +41,7 @@ from guard.core.data import Split, load_data
 from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import NotFittedError, check_images, check_int, check_probability
+from guard.core.validation import NotFittedError, call_model, check_images, check_int, check_labels, check_probability
 from guard.detectors import DETECTORS, Batch, Combined, Detector
 from guard.detectors.combined import RULES
 
@@ -132,7 +132,7 @@ class GuardedModel(nn.Module):
         if combine not in RULES:
             raise ValueError(f"combine must be one of {RULES}; got {combine!r}.")
         self.combine = combine
-        self.flag_with = None if flag_with is None else list(flag_with)
+        self.flag_with = None if flag_with is None else _names(flag_with, "flag_with")
         self.left_out_: dict[str, str] = {}
         self.feature_widths_: dict[str, int] = {}
 
@@ -146,13 +146,13 @@ class GuardedModel(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> Batch:
         """One forward pass: logits and the pooled features of every detector's layers."""
-        x = x.to(self._device(), dtype=torch.float32)
+        x = x.detach().to(self._device(), dtype=torch.float32)
         with torch.no_grad(), eval_mode(self.model):
             layers = self.feature_layers
             if layers:
                 logits, feats = FeatureExtractor(self.model, layers)(x, pool=self.pool)
             else:
-                logits, feats = self.model(x), {}
+                logits, feats = call_model(self.model, x), {}
         return Batch(x, logits, feats, self.model)
 
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
@@ -224,6 +224,10 @@ class GuardedModel(nn.Module):
         layers = self.feature_layers
         chunks = [self._forward(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
         logits = torch.cat([c.logits for c in chunks])
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}.")
+        if labels is not None:  # labels the model cannot output would silently skew the label-based detectors
+            check_labels(labels, "data labels", num_classes=int(logits.shape[1]))
         feats = {layer: torch.cat([c.features[layer] for c in chunks]) for layer in layers}
         self.feature_widths_ = {layer: int(f.shape[1]) for layer, f in feats.items()}
         batch = Batch(x.to(self._device()), logits, feats, self.model)
@@ -249,6 +253,7 @@ class GuardedModel(nn.Module):
         """
         fpr = check_probability(fpr, "fpr", "GuardedModel.calibrate")
         x = clean_data.x if isinstance(clean_data, Split) else clean_data
+        check_images(x, "clean_data")
         _, scores, errors = self.score(x)
         proxy = None
         if self.combine == "weighted":
@@ -380,6 +385,15 @@ class GuardedModel(nn.Module):
         return guarded
 
 
+def _names(value: Any, name: str) -> list[Any]:
+    """A list from a list/tuple/set or a single name (a str is one name, not its letters)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)) or (hasattr(value, "__iter__") and not isinstance(value, (bytes, torch.Tensor, Mapping))):
+        return list(value)
+    raise TypeError(f"{name} must be a list of names (or one name); got {type(value).__name__}.")
+
+
 def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, Detector] | None = None,
          layers: Sequence[str] | None = None, *, pool: str = "auto", batch_size: int = 512, combine: str = "max",
          flag_with: Sequence[str] | None = None) -> GuardedModel:
@@ -409,7 +423,7 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if layers is not None:
-        layers = [layers] if isinstance(layers, str) else list(layers)
+        layers = _names(layers, "layers")
         if not layers:
             raise ValueError("layers must name at least one layer; got an empty list.")
         for lay in layers:
@@ -420,7 +434,7 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
         dets, names = dict(detectors), []
     else:
         dets, names = {}, []
-        for d in detectors:
+        for d in _names(detectors, "detectors") if not isinstance(detectors, Detector) else [detectors]:
             if isinstance(d, str):
                 if d not in DETECTORS:
                     raise ValueError(f"unknown detector {d!r}; expected one of {sorted(DETECTORS)} or a Detector instance.")

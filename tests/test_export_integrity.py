@@ -22,18 +22,15 @@ TO_ONNX = sys.modules["guard.export.to_onnx"]  # the module (the package re-expo
 
 
 @pytest.fixture(scope="module")
-def guarded(tiny_model, small_split):
-    train, test = small_split
-    return guard.wrap(tiny_model, detectors=["knn"]).fit(train).calibrate(test.x[:128], fpr=0.05)
+def guarded(knn_graph):
+    return knn_graph[0]
 
 
 @pytest.fixture(scope="module")
-def exported(guarded, small_split, tmp_path_factory):
+def exported(knn_graph, small_split, tmp_path_factory):
     _, test = small_split
-    folder = tmp_path_factory.mktemp("signed")
-    plain = to_onnx(guarded, folder / "plain.onnx", test.x[:8])
-    signed = to_onnx(guarded, folder / "signed.onnx", test.x[:8], key=KEY)
-    return plain, signed
+    signed = to_onnx(knn_graph[0], tmp_path_factory.mktemp("signed") / "signed.onnx", test.x[:8], key=KEY)
+    return knn_graph[1], signed
 
 
 def _noise(n: int = 32) -> np.ndarray:

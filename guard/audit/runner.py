@@ -21,6 +21,7 @@ import torch
 
 from guard.core.budget import data_defaults, macs_per_image, work_scale
 from guard.core.cache import remove_stale_temps
+from guard.core.validation import check_device
 from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
 from guard.core.data import Split
 
@@ -96,6 +97,7 @@ def run_audit(
         steps = STEPS
     steps = _check_steps(steps)
     opts = options or AuditOptions()
+    check_device(opts.device, "options.device")
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_path)  # what a killed run was writing; the audit owns its output folder

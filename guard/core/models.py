@@ -212,7 +212,10 @@ def load_model(spec: str | os.PathLike[str]) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None:
         raise ValueError(f"model {text!r}: module {mod_name!r} has no attribute {attr!r}.")
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as err:  # the user's factory: any failure means "this spec gives no model"
+        raise ValueError(f"model {text!r}: calling {attr}() failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {text!r} must give an nn.Module; got {type(model).__name__}.")
     return model
