@@ -24,7 +24,8 @@ import guard
 from fuzz_inputs import FIGURES, as_numpy_input, attempt, fuzz_settings, images, labels, numpy_valid, time_limit, valid_images, \
     valid_labels
 from guard.cli import main
-from guard.attacks import FGSM, FeatureAdversary, LinfPGD, RandomPatch
+from guard.attacks import FGSM, L2PGD, FeatureAdversary, FoolingEvolution, FoolingGradient, LinfPGD, PatchGAN, RandomPatch, \
+    UniversalPatch
 from guard.core.models import DemoNet
 from guard.detectors import DETECTORS, Detector
 from guard.guarded import GuardedModel
@@ -64,31 +65,112 @@ def fitted(tiny_model, small_split) -> GuardedModel:
 
 # ---------------------------------------------------------------- attacks
 
-ATTACKS = {"fgsm": lambda: FGSM(eps=0.1), "pgd": lambda: LinfPGD(eps=0.1, steps=2),
+ATTACKS = {"fgsm": lambda: FGSM(eps=0.1), "pgd": lambda: LinfPGD(eps=0.1, steps=2), "pgd_l2": lambda: L2PGD(eps=1.0, steps=2),
            "random_patch": lambda: RandomPatch(size=0.05), "feature_adversary": lambda: FeatureAdversary(layer="fc1", delta=0.1, max_iter=2)}
+BUDGETS = {"fgsm": ("linf", 0.1), "pgd": ("linf", 0.1), "pgd_l2": ("l2", 1.0), "feature_adversary": ("linf", 0.1)}
 
 
-@fuzz_settings(260)
-@given(name=st.sampled_from(sorted(ATTACKS)), x=images(), data=st.data())
-def test_attacks(net, name, x, data) -> None:
+@pytest.fixture(scope="module")
+def patch_attacks(net) -> dict:
+    """The two learned patches, fitted once on noise (a few steps: what is fuzzed is the call)."""
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cfg = {"size": 0.05, "steps": 2, "eval_every": 1, "batch_size": 8}
+    return {"universal_patch": UniversalPatch(**cfg).fit(net, x), "patch_gan": PatchGAN(width=8, latent_dim=8, **cfg).fit(net, x)}
+
+
+@fuzz_settings(300)
+@given(name=st.sampled_from(sorted(ATTACKS) + ["universal_patch", "patch_gan"]), x=images(), data=st.data())
+def test_attacks(net, patch_attacks, name, x, data) -> None:
     n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() >= 1 else 0
     y = data.draw(labels(n))
+    attack = patch_attacks[name] if name in patch_attacks else ATTACKS[name]()
     valid = valid_images(x) and valid_labels(y, n)
     if valid and name == "feature_adversary":  # guides are other images of the batch with another label
         with torch.no_grad():
             lab = net(x.detach().float()).argmax(1) if y is None else y
         valid = n >= 2 and len(set(lab.tolist())) >= 2
         if not valid:
-            attempt(f"attack.{name}", lambda: ATTACKS[name]()(net, x, y), None)
+            attempt(f"attack.{name}", lambda: attack(net, x, y), None)
             return
-    res = attempt(f"attack.{name}", lambda: ATTACKS[name]()(net, x, y), valid)
+    res = attempt(f"attack.{name}", lambda: attack(net, x, y), valid)
     if res is None:
         return
     assert res.x_adv.shape == x.shape and res.x_adv.dtype == torch.float32
     assert bool(torch.isfinite(res.x_adv).all()) and float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
     assert res.success.shape == (n,) and res.success.dtype == torch.bool
-    if name in ("fgsm", "pgd"):
-        assert float((res.x_adv - x.detach().float()).abs().max()) <= 0.1 + 1e-6  # the budget holds
+    d = (res.x_adv - x.detach().float()).flatten(1)
+    if name in BUDGETS:  # the budget holds
+        norm, eps = BUDGETS[name]
+        assert float((d.abs().amax(1) if norm == "linf" else d.norm(dim=1)).max()) <= eps + 1e-5
+    else:  # a patch: one square of side 6 (5% of 28 x 28) at most
+        assert int((d != 0).sum(1).max()) <= 6 * 6
+
+
+_SHAPES = [(1, 28, 28)] * 4 + [(3, 28, 28), (1, 5, 5), (0, 28, 28), (1, 28), (1.0, 28, 28), (True, 28, 28), "1x28x28", None, [1, 28, 28]]
+_CLASSES = [None, None, [1], [1, 4], (7,), torch.tensor([2, 3]), [], [10], [-1], [1, 1], "1", 3, [1.5], [True], torch.tensor([0.0]),
+            torch.tensor([[1]]), [None], np.array([5])]
+_NUM_CLASSES = [None, None, None, 10, 4, 0, -1, 11, 100, 2.5, "10", True]
+
+
+def _valid_classes(classes, num_classes, distinct: bool) -> bool:
+    """None, or a non-empty 1-D sequence / integer tensor / integer array of class indices below the number of classes."""
+    if classes is None:
+        return True
+    if isinstance(classes, torch.Tensor):
+        if classes.dim() != 1 or classes.is_floating_point() or classes.dtype == torch.bool:
+            return False
+        values = classes.tolist()
+    elif isinstance(classes, np.ndarray):
+        if classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer):
+            return False
+        values = classes.tolist()
+    elif isinstance(classes, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in classes):
+        values = list(classes)
+    else:
+        return False
+    c = 10 if num_classes is None else num_classes
+    return bool(values) and all(0 <= v < c for v in values) and (not distinct or len(set(values)) == len(values))
+
+
+@fuzz_settings(90)
+@given(which=st.sampled_from(["gradient", "evolution"]), shape=st.sampled_from(_SHAPES), classes=st.sampled_from(_CLASSES),
+       num_classes=st.sampled_from(_NUM_CLASSES))
+def test_foolers(net, which, shape, classes, num_classes) -> None:
+    fooler = FoolingGradient(steps=2) if which == "gradient" else FoolingEvolution(population=4, generations=1, extra_samples=0)
+    num_ok = num_classes is None or (isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 10)
+    shape_ok = isinstance(shape, (tuple, list)) and len(shape) == 3 and all(type(v) is int for v in shape) and list(shape) == [1, 28, 28]
+    # the same class twice: two images aiming at it for gradient ascent, one archive cell each for evolution (refused)
+    valid = shape_ok and num_ok and _valid_classes(classes, num_classes, distinct=which == "evolution")
+    res = attempt(f"fooler.{which}", lambda: fooler(net, shape=shape, classes=classes, num_classes=num_classes), valid)
+    if res is None:
+        return
+    want = list(range(10 if num_classes is None else num_classes)) if classes is None else [int(v) for v in classes]
+    assert sorted(set(res.extras["label"].tolist())) <= sorted(set(want))
+    assert res.x_adv.shape[1:] == (1, 28, 28) and float(res.x_adv.min()) >= 0 and float(res.x_adv.max()) <= 1
+    with torch.no_grad():
+        conf = net(res.x_adv).softmax(1).gather(1, res.extras["label"][:, None]).squeeze(1)
+    torch.testing.assert_close(res.extras["confidence"].float(), conf, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_unfitted_detectors_refuse_every_call(tiny_model, tmp_path, name) -> None:
+    det = DETECTORS[name].default(["conv1", "conv2", "fc2:input"])
+    x = torch.rand(4, 1, 28, 28)
+    calls = {"score": lambda: det.score(tiny_model, x), "predict": lambda: det.predict(tiny_model, x),
+             "calibrate": lambda: det.calibrate(x, 0.1, model=tiny_model), "save": lambda: det.save(tmp_path / "d.safetensors"),
+             "export_head": det.export_head}
+    for call, fn in calls.items():
+        with pytest.raises(guard.NotFittedError, match="not fitted"):
+            fn()
+        FIGURES[(f"detector.{call}.unfitted", "NotFittedError")] += 1
+    assert not (tmp_path / "d.safetensors").exists()
+
+
+@pytest.mark.parametrize("cls", [UniversalPatch, PatchGAN])
+def test_unfitted_patch_attacks_refuse_to_attack(net, cls) -> None:
+    with pytest.raises(guard.NotFittedError, match="fit"):
+        cls(size=0.05)(net, torch.rand(2, 1, 28, 28))
+    FIGURES[(f"attack.{cls.__name__}.unfitted", "NotFittedError")] += 1
 
 
 # ---------------------------------------------------------------- detectors

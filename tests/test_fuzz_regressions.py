@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import guard
-from guard.attacks import FGSM, FeatureAdversary, LinfPGD, RandomPatch
+from guard.attacks import FGSM, FeatureAdversary, FoolingEvolution, FoolingGradient, LinfPGD, RandomPatch
 from guard.cli import main
 from guard.core.models import DemoNet
 from guard.core.validation import check_device, check_images, check_labels
@@ -153,3 +153,24 @@ def test_load_data_and_load_model_name_what_was_wrong(tmp_path) -> None:
         guard.load_data(tmp_path, image_size=-3)
     with pytest.raises(ValueError, match=r"calling dumps\(\) failed"):  # the factory's own TypeError escaped
         guard.load_model("json:dumps")
+
+
+@pytest.mark.parametrize("fooler", [FoolingGradient(steps=1), FoolingEvolution(population=4, generations=1, extra_samples=0)],
+                         ids=["gradient", "evolution"])
+def test_foolers_check_shape_classes_and_num_classes_against_the_model(net, fooler) -> None:
+    with pytest.raises(ValueError, match=r"shape=\(3, 28, 28\): the model cannot take"):  # was RuntimeError from a conv
+        fooler(net, shape=(3, 28, 28))
+    with pytest.raises(ValueError, match="'num_classes' parameter .* <= 10. Got 11"):  # was IndexError/RuntimeError in the search
+        fooler(net, shape=(1, 28, 28), num_classes=11)
+    with pytest.raises(ValueError, match="'num_classes' parameter"):  # 2.5 was RuntimeError/IndexError, -1 RuntimeError
+        fooler(net, shape=(1, 28, 28), num_classes=2.5)
+    with pytest.raises(TypeError, match="classes must be class indices"):  # 1.5 and True were silently taken as class 1
+        fooler(net, shape=(1, 28, 28), classes=[1.5])
+    with pytest.raises(TypeError, match="classes must be class indices"):
+        fooler(net, shape=(1, 28, 28), classes=[True])
+    with pytest.raises(TypeError, match="1-D integer tensor"):  # a (1, 1) tensor was flattened silently
+        fooler(net, shape=(1, 28, 28), classes=torch.tensor([[1]]))
+    with pytest.raises(TypeError, match="a list of class indices"):  # was "'int' object is not iterable"
+        fooler(net, shape=(1, 28, 28), classes=3)
+    res = fooler(net, shape=(1, 28, 28), classes=range(2), num_classes=4)
+    assert set(res.extras["label"].tolist()) <= {0, 1}
