@@ -38,10 +38,10 @@ from torch import nn
 from guard.core.features import Batch, extract_features
 from guard.core.models import eval_mode, model_device
 from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_digest
-from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_probability
+from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_logits, check_probability
 
 __all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
-           "registry"]
+           "scoring_inputs", "fitting_inputs", "registry"]
 
 FORMAT = "guard.detector/2"
 LEGACY_FORMATS = ("guard.detector/1",)  # sealed its tensors only; loads only with expected_sha256
@@ -62,8 +62,16 @@ def quantile_threshold(scores: torch.Tensor, fpr: float) -> float:
     return float(s[idx])
 
 
+_F32_MAX = 3.4e38
+
+
 def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torch.Tensor]:
-    """Accept ``{layer: Tensor}`` or a bare Tensor (for a single-layer detector); checked, (N, D) float."""
+    """Accept ``{layer: Tensor}`` or a bare Tensor (for a single-layer detector); checked, (N, D) float.
+
+    Every layer must hold the same N rows, with data (not the meta device), finite and small
+    enough that squared distances stay finite in float32 (else every distance is inf and the
+    detector would score blindly).
+    """
     if isinstance(feats, torch.Tensor):
         if len(layers) != 1:
             raise TypeError(f"{owner} uses layers {layers}; pass features as a dict layer -> Tensor[N, D].")
@@ -76,14 +84,51 @@ def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torc
             raise ValueError(f"{owner} needs features of layer {layer!r}; got layers {sorted(feats)}.")
         f = feats[layer]
         if not isinstance(f, torch.Tensor) or not f.is_floating_point():
-            raise TypeError(f"features of layer {layer!r} must be a float Tensor[N, D]; got {type(f).__name__}.")
+            raise TypeError(f"features of layer {layer!r} must be a float Tensor[N, D]; got {type(f).__name__}"
+                            f"{' of dtype ' + str(f.dtype) if isinstance(f, torch.Tensor) else ''}.")
+        if f.is_meta:
+            raise ValueError(f"features of layer {layer!r} are on the meta device (a tensor without data); expected 'cpu' or 'cuda'.")
         f = f.flatten(1) if f.dim() > 2 else f
         if f.dim() != 2:
             raise ValueError(f"features of layer {layer!r} must be 2-D (N, D); got shape {tuple(f.shape)}.")
         if not bool(torch.isfinite(f).all()):
             raise ValueError(f"features of layer {layer!r} must be finite; got NaN/inf values.")
+        if f.numel() and float(f.detach().abs().max().double()) ** 2 * f.shape[1] > _F32_MAX:
+            raise ValueError(f"features of layer {layer!r} are too large (|value| up to {float(f.detach().abs().max()):.3g}): their "
+                             "squared distances overflow float32; scale the features or choose another layer.")
         out[layer] = f.detach().float()
+    rows = {layer: int(f.shape[0]) for layer, f in out.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"{owner}: every layer must hold the same number of rows; got {rows}.")
     return out
+
+
+def scoring_inputs(feats: Any, logits: Any, layers: list[str], owner: str) -> dict[str, torch.Tensor]:
+    """The checked features of :meth:`FeatureDetector.score_features` and their logits (N, C), finite."""
+    fd = as_feature_dict(feats, layers, owner)
+    if isinstance(logits, torch.Tensor) and logits.is_meta:
+        raise ValueError("logits are on the meta device (a tensor without data); expected 'cpu' or 'cuda'.")
+    check_logits(logits, "logits", n=int(next(iter(fd.values())).shape[0]))
+    return fd
+
+
+def fitting_inputs(feats: Any, labels: Any, layers: list[str], owner: str, *,
+                   min_rows: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The checked clean features of :meth:`FeatureDetector.fit_features` and their labels.
+
+    Refuses a bank of fewer than ``min_rows`` rows and features that are the same for every
+    clean example (a detector fitted on them scores every input alike: silently blind).
+    """
+    fd = as_feature_dict(feats, layers, owner)
+    n = int(next(iter(fd.values())).shape[0])
+    if n < min_rows:
+        raise ValueError(f"{owner}: fit needs at least {min_rows} clean example(s); got {'an empty feature bank' if n == 0 else n}.")
+    labels = check_labels(labels, "labels", n=n).cpu()
+    for layer, f in fd.items():
+        if n > 1 and bool((f == f[:1]).all()):
+            raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (every row is the same); "
+                             "fit on varied clean images or choose another layer.")
+    return fd, labels
 
 
 def registry() -> dict[str, type["Persistent"]]:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.core.validation import check_float, check_int, check_labels
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
+from guard.core.validation import check_float, check_int
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, scoring_inputs
 
 __all__ = ["MahalanobisDetector", "closest_class_distance"]
 
@@ -83,8 +83,7 @@ class MahalanobisDetector(FeatureDetector):
             raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
         check_float(self.noise, "noise", owner, low=0.0)
         check_int(self.max_width, "max_width", owner, low=1)
-        fd = as_feature_dict(feats, self.layers, owner)
-        labels = check_labels(labels, "labels", n=int(next(iter(fd.values())).shape[0])).cpu()
+        fd, labels = fitting_inputs(feats, labels, self.layers, owner)
         classes = int(labels.max()) + 1
         dists = []
         for i, layer in enumerate(self.layers):
@@ -123,6 +122,8 @@ class MahalanobisDetector(FeatureDetector):
         return torch.stack(cols, 1)
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        scoring_inputs(feats, logits, self.layers, type(self).__name__)
         return ((self.layer_distances(feats) - self.loc_) / self.scale_).mean(1)
 
     def score_batch(self, batch: Batch) -> torch.Tensor:

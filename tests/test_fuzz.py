@@ -199,6 +199,81 @@ def _scores_strategy() -> st.SearchStrategy:
     )
 
 
+FEATURE_DETECTORS = ("knn", "knn_consistency", "lid", "mahalanobis", "ppca")
+
+
+@st.composite
+def _feature_batches(draw, widths: dict, layers: list):
+    """Features {layer: (N, D)} and logits (N, 10) as a caller of fit_features / score_features might pass them."""
+    n = draw(st.sampled_from([1, 4, 4, 4, 0, 40]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    feats = {layer: torch.randn(n, widths[layer], generator=gen).abs() for layer in layers}
+    logits = torch.randn(n, 10, generator=gen)
+    how = draw(st.sampled_from(["ok"] * 6 + ["fp16", "fp64", "noncontig", "width", "rows", "logit_rows", "missing", "nan", "inf",
+                                            "huge", "int", "meta", "logits_nan", "logits_1d", "logits_int", "bare", "list", "constant"]))
+    lay = draw(st.sampled_from(layers))
+    if how in ("fp16", "fp64"):
+        feats = {k: v.to(torch.float16 if how == "fp16" else torch.float64) for k, v in feats.items()}
+    elif how == "noncontig":
+        feats = {k: torch.cat([v, v], 1)[:, ::2] for k, v in feats.items()}
+    elif how == "width":
+        feats[lay] = feats[lay][:, :-1]
+    elif how == "rows":
+        feats[lay] = torch.cat([feats[lay], feats[lay][:1]])
+    elif how == "logit_rows":
+        logits = torch.cat([logits, logits[:1]])
+    elif how == "missing":
+        feats.pop(lay)
+    elif how in ("nan", "inf", "huge") and n:
+        feats[lay][0, 0] = {"nan": float("nan"), "inf": float("inf"), "huge": 3e38}[how]
+    elif how == "int":
+        feats[lay] = feats[lay].long()
+    elif how == "meta":
+        feats[lay] = torch.empty(feats[lay].shape, device="meta")
+    elif how == "logits_nan" and n:
+        logits[0, 0] = float("nan")
+    elif how == "logits_1d":
+        logits = logits[:, 0]
+    elif how == "logits_int":
+        logits = logits.long()
+    elif how == "bare":
+        feats = feats[lay]
+    elif how == "list":
+        feats = {k: v.tolist() for k, v in feats.items()}
+    elif how == "constant" and n:
+        feats = {k: v[:1].expand_as(v).clone() for k, v in feats.items()}
+    return feats, logits, how, n, lay
+
+
+@fuzz_settings(150)
+@given(name=st.sampled_from(FEATURE_DETECTORS), fit=st.booleans(), data=st.data())
+def test_feature_api(fitted, name, fit, data) -> None:
+    """fit_features / score_features (features extracted once, pytorch-ood style) with bad features and logits."""
+    det = fitted.detectors[name]
+    layers = det.feature_layers
+    feats, logits, how, n, lay = data.draw(_feature_batches(fitted.feature_widths_, layers))
+    empty_ok = n == 0 and how in ("nan", "inf", "huge", "logits_nan", "constant")  # nothing was changed
+    bare_ok = how == "bare" and len(layers) == 1
+    if fit:  # what fit learns: the width; labels come from the logits' argmax (their rows must match)
+        bad = n == 0 or not (how in ("ok", "fp16", "fp64", "noncontig", "width", "logits_nan", "logits_1d", "logits_int") or bare_ok
+                             or empty_ok or (how == "constant" and n == 1))
+        labels = logits.argmax(1) if logits.dim() == 2 else torch.zeros(n, dtype=torch.long)
+        fresh = type(det)(**det.get_params())
+        out = attempt(f"detector.fit_features.{name}", lambda: fresh.fit_features(feats, labels), False if bad else None)
+        if out is not None:  # fitted: it scores real features of the widths it was fitted on
+            probe = fitted._forward(torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(2)))
+            pf = {k: v[:, :-1] if how == "width" and k == lay else v for k, v in probe.features.items()}
+            s = fresh.score_features(pf, probe.logits)
+            assert s.shape == (3,) and s.dtype == torch.float32 and not bool(torch.isnan(s).any())
+        return
+    bad = not (how in ("ok", "fp16", "fp64", "noncontig", "constant") or bare_ok or empty_ok)
+    s = attempt(f"detector.score_features.{name}", lambda: det.score_features(feats, logits), not bad)
+    if s is None:
+        return
+    assert s.shape == (n,) and s.dtype == torch.float32
+    assert bool(det.predict_scores(s)[torch.isnan(s)].all())  # a NaN score is a flag
+
+
 @fuzz_settings(140)
 @given(name=st.sampled_from(sorted(DETECTORS)), clean=_scores_strategy(),
        fpr=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0, 1, True, "0.1", None, 0.05])))

@@ -11,7 +11,7 @@ from guard.attacks import FGSM, FeatureAdversary, FoolingEvolution, FoolingGradi
 from guard.cli import main
 from guard.core.models import DemoNet
 from guard.core.validation import check_device, check_images, check_labels
-from guard.detectors import BitDepthSqueeze, KNNRank, MahalanobisDetector, SaliencyConcentration
+from guard.detectors import BitDepthSqueeze, KNNConsistency, KNNRank, LIDDetector, MahalanobisDetector, PPCAManifold, SaliencyConcentration
 from guard.export import build_export_head
 
 
@@ -174,3 +174,39 @@ def test_foolers_check_shape_classes_and_num_classes_against_the_model(net, fool
         fooler(net, shape=(1, 28, 28), classes=3)
     res = fooler(net, shape=(1, 28, 28), classes=range(2), num_classes=4)
     assert set(res.extras["label"].tolist()) <= {0, 1}
+
+
+@pytest.fixture(scope="module")
+def feature_bank() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(60, 6, generator=gen), "b": torch.randn(60, 4, generator=gen)}
+
+
+@pytest.mark.parametrize("make", [lambda: KNNConsistency(["a", "b"], k=3), lambda: MahalanobisDetector(["a", "b"]),
+                                  lambda: LIDDetector(["a", "b"], k=3, reference_size=40)], ids=["knn_consistency", "mahalanobis", "lid"])
+def test_feature_api_refuses_mismatched_rows_bad_logits_and_meta(feature_bank, make) -> None:
+    labels = torch.arange(60) % 3
+    det = make().fit_features(feature_bank, labels)
+    logits = torch.randn(5, 3)
+    five = {k: v[:5] for k, v in feature_bank.items()}
+    with pytest.raises(ValueError, match="same number of rows"):  # was RuntimeError (stack / size mismatch)
+        det.score_features({"a": five["a"], "b": five["b"][:3]}, logits)
+    with pytest.raises(ValueError, match=r"logits must be logits of shape \(5, C\)"):  # 3 rows of logits were used for 5 images
+        det.score_features(five, logits[:3])
+    with pytest.raises(ValueError, match="NaN/inf logits"):  # a NaN logit's argmax silently picked class 0
+        det.score_features(five, torch.full((5, 3), float("nan")))
+    with pytest.raises(ValueError, match="meta device"):  # was RuntimeError: Tensor.item() on meta tensors
+        det.score_features({k: torch.empty(v.shape, device="meta") for k, v in five.items()}, logits)
+    with pytest.raises(ValueError, match="at least 1 clean example.*empty feature bank"):  # Mahalanobis: RuntimeError from max() of nothing
+        make().fit_features({k: v[:0] for k, v in feature_bank.items()}, labels[:0])
+
+
+@pytest.mark.parametrize("make", [lambda: KNNRank("a", k=3), lambda: KNNConsistency(["a"], k=3), lambda: PPCAManifold("a", n_components=2),
+                                  lambda: MahalanobisDetector(["a"]), lambda: LIDDetector(["a"], k=3, reference_size=40)],
+                         ids=["knn", "knn_consistency", "ppca", "mahalanobis", "lid"])
+def test_feature_detectors_refuse_a_blind_or_overflowing_bank(feature_bank, make) -> None:
+    labels = torch.arange(60) % 3
+    with pytest.raises(ValueError, match="do not vary"):  # kNN / LID fitted and then scored every input alike
+        make().fit_features({"a": torch.ones(60, 6)}, labels)
+    with pytest.raises(ValueError, match="overflow float32"):  # PPCA: RuntimeError; Mahalanobis: a zero precision, every score 0
+        make().fit_features({"a": feature_bank["a"] * 1e30}, labels)
