@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_int, check_labels
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, robust_scale
 from guard.detectors.knn import build_index, knn_search, torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
@@ -88,10 +88,7 @@ class LIDDetector(FeatureDetector):
             dist, _ = knn_search(build_index(bank, "l2"), bank, self.k + 1, "l2")
             lids.append(lid_mle(dist[:, 1:]))
         self._build()
-        lid = torch.stack(lids, 1).double()
-        q = torch.quantile(lid, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
-        self.loc_ = q[1].float()
-        self.scale_ = ((q[2] - q[0]) / 1.349).clamp_min(1e-6).float()
+        self.loc_, self.scale_ = robust_scale(torch.stack(lids, 1))
         self.fitted_ = True
         return self
 

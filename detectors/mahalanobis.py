@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_float, check_int, check_labels
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, robust_scale
 
 __all__ = ["MahalanobisDetector", "closest_class_distance"]
 
@@ -99,10 +99,7 @@ class MahalanobisDetector(FeatureDetector):
             setattr(self, f"means{i}_", means.float())
             setattr(self, f"precision{i}_", prec.float())
             dists.append(closest_class_distance(f.float(), means.float(), prec.float()))
-        d = torch.stack(dists, 1).double()
-        q = torch.quantile(d, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
-        self.loc_ = q[1].float()
-        self.scale_ = ((q[2] - q[0]) / 1.349).clamp_min(1e-6).float()
+        self.loc_, self.scale_ = robust_scale(torch.stack(dists, 1))
         self.fitted_ = True
         return self
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from guard.attacks.feature_adversary import VARIANTS, FeatureAdversary, sample_guides
 from guard.attacks.representation import representation_report, summarize
-from guard.audit.step import AttackSet, AuditContext, Step
+from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.data import Split
 from guard.core.features import default_feature_layers
 
@@ -89,15 +89,11 @@ def feature_curves(
     return {"n": int(src.numel()), "max_iter": max_iter, "guides": "test split, another true class, seeded", "by_layer": curves}
 
 
-class FeatureAdversaryStep(Step):
+class FeatureAdversaryStep(AttackStep):
     """Feature adversaries (Sabour et al. 2016) at one layer and delta, plus the curves."""
 
     name = "attacks_features"
-    gives = AttackSet
-
-    def restore(self, ctx: AuditContext) -> AttackSet:
-        r = ctx.load_attack(NAME)
-        return AttackSet({NAME: r} if r is not None else {})
+    attack_names = (NAME,)
 
     def run(self, ctx: AuditContext) -> AttackSet:
         return _run(ctx)

@@ -17,7 +17,7 @@ import torch
 
 from guard.attacks.base import AttackResult
 from guard.attacks.gradient import FGSM, LinfPGD
-from guard.audit.step import AttackSet, AuditContext, Step
+from guard.audit.step import AttackSet, AttackStep, AuditContext
 
 __all__ = ["GradientStep", "attack_entry"]
 
@@ -38,14 +38,11 @@ def attack_entry(result: AttackResult, y_true: torch.Tensor, seconds: float, par
     }
 
 
-class GradientStep(Step):
+class GradientStep(AttackStep):
     """FGSM and L-inf PGD on the held-out images."""
 
     name = "attacks_gradient"
-    gives = AttackSet
-
-    def restore(self, ctx: AuditContext) -> AttackSet:
-        return AttackSet({n: r for n in NAMES if (r := ctx.load_attack(n)) is not None})
+    attack_names = NAMES
 
     def run(self, ctx: AuditContext) -> AttackSet:
         quick = ctx.options.quick

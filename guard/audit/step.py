@@ -28,7 +28,7 @@ from guard.attacks.base import AttackResult
 from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.data import Split
 
-__all__ = ["AttackSet", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION"]
+__all__ = ["AttackSet", "AttackStep", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION"]
 
 REPORT_VERSION = 1
 
@@ -146,3 +146,14 @@ class Step:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class AttackStep(Step):
+    """A step that runs attacks: it gives an :class:`AttackSet` of ``attack_names`` and rebuilds it
+    from the ``attack_<name>`` artifacts on resume."""
+
+    gives = AttackSet
+    attack_names: ClassVar[tuple[str, ...]] = ()
+
+    def restore(self, ctx: AuditContext) -> AttackSet:
+        return AttackSet({n: r for n in self.attack_names if (r := ctx.load_attack(n)) is not None})
