@@ -168,6 +168,14 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
     base = data_defaults(x)["eps"]
     budgets = [base / 2, base, 2 * base] if eps is None else ([float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps])
     headline = base if eps is None else budgets[0]
+    rule = ("attacked: the first n correctly classified images; evasion: misclassified and not flagged by the "
+            "calibrated combined flag (AdaptivePGD: margin + smooth max of the detectors' surrogate scores)")
+    fpr = float(getattr(guarded.combined, "calibration_fpr_", float("nan")))
+    if keep.numel() == 0:
+        # Nothing to attack (an untrained or badly mismatched model): an evasion rate over no
+        # images is undefined, so it is reported as None with the reason, not as 0 or 1.
+        return {"eps": headline, "evasion": None, "n": 0, "steps": steps, "fpr": fpr, "per_eps": [], "rule": rule,
+                "note": f"the model classifies none of the {x.shape[0]} given images correctly; nothing to attack"}
     per_eps = []
     for e in budgets:
         t0 = time.perf_counter()
@@ -180,7 +188,5 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
                         "misclassified": float(res.extras["misclassified"].float().mean()), "n": len(res),
                         "seconds": round(time.perf_counter() - t0, 2)})
     head = next(p for p in per_eps if p["eps"] == headline)
-    return {"eps": headline, "evasion": head["evasion"], "n": int(keep.numel()), "steps": steps,
-            "fpr": float(getattr(guarded.combined, "calibration_fpr_", float("nan"))), "per_eps": per_eps,
-            "rule": "attacked: the first n correctly classified images; evasion: misclassified and not flagged by the "
-                    "calibrated combined flag (AdaptivePGD: margin + smooth max of the detectors' surrogate scores)"}
+    return {"eps": headline, "evasion": head["evasion"], "n": int(keep.numel()), "steps": steps, "fpr": fpr,
+            "per_eps": per_eps, "rule": rule}
