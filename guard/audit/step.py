@@ -27,10 +27,10 @@ from torch import nn
 from guard.attacks.base import AttackResult
 from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.data import Split
+from guard.report.schema import REPORT_VERSION
 
 __all__ = ["AttackSet", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION"]
 
-REPORT_VERSION = 1
 
 
 @dataclass
