@@ -53,10 +53,9 @@ def command(audit: str, keys: Sequence[str] = (), artifacts: Sequence[str] = ())
     return Raw('<p class="cmd">from ' + " &middot; ".join(parts) + "</p>")
 
 
-def figure(body: str, caption: str, cmd: str = "", *, fid: str = "") -> Raw:
+def figure(body: str, caption: str, cmd: str = "") -> Raw:
     """A figure: its content, a caption that says what to look at, and where it comes from."""
-    ident = f' id="{esc(fid)}"' if fid else ""
-    return Raw(f'<figure class="fig"{ident}>{body}<figcaption>{esc(caption)}</figcaption>{cmd}</figure>')
+    return Raw(f'<figure class="fig">{body}<figcaption>{esc(caption)}</figcaption>{cmd}</figure>')
 
 
 def img(uri: str, alt: str, width: int | None = None, height: int | None = None, *, cls: str = "") -> Raw:
