@@ -57,6 +57,9 @@ def build(src: AuditFolder) -> Section | None:
                  "confidence (right) falls round by round.", w.cmd(["harden.rounds[].clean_accuracy", "harden.rounds[].fooling_classes_ge99_count"])))
     goals = h.get("goals")
     if isinstance(goals, dict):
-        w.add("<p>Goals: " + ", ".join(f"{g.replace('_', ' ')}: {num(v) if v is not None else 'n/a'}" for g, v in goals.items()) +
+        def words(g: str) -> str:  # "clean_accuracy_drop_le_0.5_points" -> "clean accuracy drop <= 0.5 points"
+            return g.replace("_le_", " <= ").replace("ge99", "at >= 99%").replace("_", " ")
+
+        w.add("<p>Goals: " + ", ".join(f"{words(g)}: {'met' if v else 'not met' if v is not None else 'n/a'}" for g, v in goals.items()) +
               f" (clean accuracy drop {num(h.get('clean_accuracy_drop_points'), 3)} points).</p>")
     return w.done()
