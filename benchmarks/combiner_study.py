@@ -19,7 +19,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
 import guard
 from guard.audit.detectors import split_heldout

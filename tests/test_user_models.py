@@ -113,7 +113,9 @@ def test_quick_audit_of_a_users_model(arch, tmp_path):
                           text=True, timeout=900)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert proc.returncode == 0, (proc.stderr[-3000:], report.get("errors"))
-    assert not report.get("errors")
+    assert not report.get("errors")  # report.html included (errors["report"])
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'id="detectors"' in page and 'id="export"' in page and "could not be drawn" not in page and "is missing" not in page
     assert set(report["_completed_steps"]) == {"model", "attacks_gradient", "attacks_patches", "attacks_features",
                                                "attacks_fooling", "detectors", "adaptive", "export"}
     info = report["detectors_info"]

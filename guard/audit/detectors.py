@@ -15,6 +15,12 @@ on the evaluation half, the wrapped model's clean accuracy, per-layer kNN AUROCs
 multi-layer view) and timings. Gives the fitted GuardedModel (saved under ``OUT/guarded``) to
 the export step.
 
+Saves the artifact ``detector_scores`` (float32; what report.html draws its ROC curves and
+histograms from): ``clean/DETECTOR`` the evaluation half's scores and ``ATTACK/DETECTOR`` the
+scores of the attack's successful adversarial images (the positives of the table), for every
+detector and "combined"; at most :data:`MAX_SAVED_SCORES` values each (evenly spaced when
+there are more).
+
 Quick mode (``options.quick``): 1,000 training images, 256 calibration and 256 evaluation
 images, no per-layer kNN view.
 """
@@ -29,11 +35,11 @@ import torch
 
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
-from guard.evaluation import detection_metrics, evaluate
+from guard.evaluation import all_scores, detection_metrics, evaluate
 from guard.core.features import extract_features
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
-__all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "split_heldout"]
+__all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "MAX_SAVED_SCORES", "split_heldout", "score_tensors"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,7 @@ COMBINE = "max"
 ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
                 "fooling_gradient", "fooling_direct", "fooling_cppn")
 FPR = 0.05
+MAX_SAVED_SCORES = 4096
 
 
 def split_heldout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,6 +76,23 @@ def _per_layer_knn(guarded: GuardedModel, clean: torch.Tensor, attacks: dict[str
         for layer in layers:
             m = detection_metrics(pos[layer][ok], neg[layer])
             out[layer][name] = {"auroc": m["auroc"], "tpr_at_1fpr": m["tpr_at_1fpr"], "n_pos": m["n_pos"]}
+    return out
+
+
+def _capped(v: torch.Tensor) -> torch.Tensor:
+    v = v.detach().float().cpu().reshape(-1)
+    if v.numel() <= MAX_SAVED_SCORES:
+        return v
+    return v[torch.linspace(0, v.numel() - 1, MAX_SAVED_SCORES).round().long()]
+
+
+def score_tensors(clean: dict[str, torch.Tensor], attacks: dict[str, Any], scores: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The ``detector_scores`` artifact: ``clean/DET`` and ``ATTACK/DET`` (successful adversarials only), capped."""
+    out = {f"clean/{det}": _capped(v) for det, v in clean.items()}
+    for name, per_det in scores.items():
+        ok = attacks[name].success.detach().bool().cpu().reshape(-1)
+        for det, v in per_det.items():
+            out[f"{name}/{det}"] = _capped(v.detach().cpu().reshape(-1)[ok])
     return out
 
 
@@ -135,7 +159,8 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if not attacks:
         log.warning("detectors: no attack results found (run the attack steps first); only clean figures are reported")
     x_ev = x_all[ev_idx]
-    report = evaluate(guarded, x_ev, attacks, progress=opts.progress, clean_scores=ev_scores)
+    adv_scores = {name: all_scores(guarded, res.x_adv, opts.progress) for name, res in attacks.items()}
+    report = evaluate(guarded, x_ev, attacks, progress=opts.progress, clean_scores=ev_scores, attack_scores=adv_scores)
     t_eval = time.perf_counter() - t0 - t_fit - t_cal
 
     # clean behaviour of the wrapped model on the evaluation half
@@ -176,5 +201,8 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "seconds": {"fit": round(t_fit, 3), "calibrate": round(t_cal, 3), "evaluate": round(t_eval, 3),
                     "total": round(time.perf_counter() - t0, 3)},
     }
+    ctx.save_artifact("detector_scores", score_tensors(ev_scores, attacks, adv_scores),
+                      {"clean": "the evaluation half of the held-out images", "attacks": "successful adversarial images only",
+                       "max_values": MAX_SAVED_SCORES})
     guarded.save(ctx.out / "guarded")
     return guarded

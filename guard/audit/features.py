@@ -117,6 +117,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     seconds = time.perf_counter() - t0
     res.extras["test_index"] = src
     res.extras["guide_index"] = gid
+    res.extras["source"] = x  # the clean sources, saved with the adversaries (report.html shows them side by side)
     train = ctx.train if not quick else Split(ctx.train.x[:1000], ctx.train.y[:1000])
     rep = representation_report(ctx.model, layer, x, res.x_adv, g, train_x=train.x.to(device), train_y=train.y)
     ctx.save_attack(NAME, res, {"layer": layer, "delta": delta})

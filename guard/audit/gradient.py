@@ -18,6 +18,7 @@ import torch
 from guard.attacks.base import AttackResult
 from guard.attacks.gradient import FGSM, LinfPGD
 from guard.audit.step import AttackSet, AttackStep, AuditContext
+from guard.core.models import predict_labels
 
 __all__ = ["GradientStep", "attack_entry"]
 
@@ -66,8 +67,11 @@ class GradientStep(AttackStep):
                 ys.append(r.y.cpu())
                 if "steps_taken" in r.extras:
                     steps.append(r.extras["steps_taken"].cpu())
-            result = AttackResult(torch.cat(xs), torch.cat(succ), torch.cat(ys), None, {"test_index": idx})
             seconds = time.perf_counter() - t0
+            x_adv = torch.cat(xs)
+            # the model's label on each x_adv: report.html captions its examples "clean label -> this"
+            result = AttackResult(x_adv, torch.cat(succ), torch.cat(ys), None,
+                                  {"test_index": idx, "pred": predict_labels(ctx.model, x_adv.to(ctx.options.device)).cpu()})
             entry = attack_entry(result, y_true, seconds, attack.params())
             entry["linf_max"] = float((result.x_adv - x).abs().amax())
             if steps:

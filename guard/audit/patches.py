@@ -31,6 +31,7 @@ from guard.attacks.patch_gan import PatchGAN, last_conv_layer
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
 from guard.audit.step import AttackSet, AttackStep, AuditContext
+from guard.core.models import predict_labels
 
 __all__ = ["PatchStep", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS"]
 
@@ -147,6 +148,7 @@ def _run(ctx: AuditContext) -> AttackSet:
         }
         section[name] = entry
         result.extras["test_index"] = idx
+        result.extras["pred"] = predict_labels(model, result.x_adv)  # the label on the patched image (report.html)
         out.results[name] = result
         ctx.save_attack(name, result, {"params": attack.params()})
 
