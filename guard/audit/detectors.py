@@ -10,7 +10,7 @@
   "all", every one).
 
 Writes ``report["detectors"][DETECTOR][ATTACK]`` (the report.json keys of the README) for saliency, knn, ppca,
-knn_consistency and combined, and ``report["detectors_info"]``: the split, the clean flag rate
+knn_consistency, squeeze, the anchors mahalanobis and lid, and combined (rule :data:`COMBINE` over all of them), and ``report["detectors_info"]``: the split, the clean flag rate
 on the evaluation half, the wrapped model's clean accuracy, per-layer kNN AUROCs (the
 multi-layer view) and timings. Gives the fitted GuardedModel (saved under ``OUT/guarded``) to
 the export step.
@@ -44,7 +44,11 @@ __all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "MAX_SAVED_SCORES", "split_hel
 log = logging.getLogger(__name__)
 
 ANCHORS = ("mahalanobis", "lid")
-COMBINE = "max"
+#: The combined flag's rule: per-detector weights learned by logistic regression on clean
+#: calibration images vs proxy inputs (:func:`guard.guarded.proxy_inputs`: noise, blur, occlusion,
+#: sign noise), never on an attack that is reported. Chosen over "max" and "fisher" on those
+#: proxies (``benchmarks/combiner_study.py``), with the anchors in the flag.
+COMBINE = "weighted"
 ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
                 "fooling_gradient", "fooling_direct", "fooling_cppn")
 FPR = 0.05
@@ -100,15 +104,22 @@ def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: 
     import copy
 
     from guard.detectors import Combined
+    from guard.detectors.base import quantile_threshold
+    from guard.detectors.combined import combine_tails
 
     out = {}
     for n, det in guarded.detectors.items():
         d2 = copy.copy(det)
         d2.calibrate(ev[n], FPR)
         out[n] = float(d2.predict_scores(cal[n]).float().mean())
-    if guarded.combined is not None and guarded.combined.rule != "weighted":  # "weighted" would need proxies of the other half
-        comb = Combined(guarded.combined.names_, rule=guarded.combined.rule)
-        comb.calibrate_scores(ev, FPR)
+    if guarded.combined is not None:
+        # references and threshold from the other half; the learned weights (fitted on proxies) are kept
+        names, rule = guarded.combined.names_, guarded.combined.rule
+        comb = Combined(names, rule=rule)
+        sub = {n: ev[n] for n in names}
+        comb.fit_scores(sub)
+        comb.weights_ = guarded.combined.weights_.clone()
+        comb.threshold_ = quantile_threshold(combine_tails(comb.tails(sub, leave_one_out=True), rule, comb.weights_), FPR)
         out["combined"] = float(comb.predict_scores(comb.combine(cal)).float().mean())
     return out
 
@@ -135,9 +146,11 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if opts.quick and len(train) > 1000:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:1000]
         train = Split(train.x[idx], train.y[idx])
-    # guard's own detectors make the combined flag; the published anchors are fitted and measured beside them
+    # Every detector, the published anchors included, feeds the combined flag; each is also
+    # reported alone. options.extra["flag_with"] = "own" keeps the anchors out of the flag.
     combine = str(ctx.options.extra.get("combine", COMBINE))
-    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=combine, flag_with=DEFAULT_DETECTORS)
+    flag_with = DEFAULT_DETECTORS if ctx.options.extra.get("flag_with") == "own" else None
+    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=combine, flag_with=flag_with)
     guarded.fit(train)
     t_fit = time.perf_counter() - t0
 
@@ -186,7 +199,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "left_out": guarded.left_out_,
         "combined": {"rule": guarded.combined.rule, "detectors": guarded.combined.names_,
                      "weights": guarded.combined.weights_.tolist(), "threshold": guarded.combined.threshold_,
-                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors]},
+                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_]},
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
         "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
                         "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},
