@@ -89,7 +89,9 @@ def fake_audit(out: Path, *, shape=(1, 28, 28), source="embedded MNIST test spli
                                          "ppca": {"class": "PPCAManifold", "layers": {"fc1": 64}, "threshold": 0.95}},
                            "combined": {"threshold": 0.97}, "calibration": {"target_fpr": 0.05, "n_calibration": 200, "n_evaluation": 200},
                            "clean_flag_rate": {"knn": 0.05, "ppca": 0.06, "combined": 0.055}},
-        "adaptive": {"knn": {"pgd_adaptive": {"auroc": 0.61, "tpr_at_1fpr": 0.02, "tpr_at_5fpr": 0.1}}},
+        "adaptive": {"eps": 0.3, "evasion": 0.094, "n": 64, "steps": 20, "fpr": 0.05, "rule": "...",
+                     "per_eps": [{"eps": e, "evasion": v, "oblivious_evasion": 0.0, "flagged": 0.9, "misclassified": 1.0, "n": 64,
+                                  "seconds": 3.0} for e, v in ((0.15, 0.047), (0.3, 0.094), (0.6, 0.94))]},
         "harden": {"num_classes": 10, "baseline": {"round": 0, "clean_accuracy": 0.98, "fooling_classes_ge99_count": 10},
                    "rounds": [{"round": 1, "clean_accuracy": 0.975, "fooling_classes_ge99_count": 4},
                               {"round": 2, "clean_accuracy": 0.974, "fooling_classes_ge99_count": 1}],
@@ -182,8 +184,9 @@ def test_every_section_from_a_complete_folder(tmp_path):
     # numbers in words
     assert "98.0% of the 256 held-out images" in html and "PGD 75.0%" in html
     assert "pkg.mod:build" in html and "guard audit --model pkg.mod:build --data DATA --quick --harden --out OUT" in html
-    # the generic adaptive section draws its detector table
-    assert "pgd_adaptive" in html and "0.61" in html
+    # the adaptive section: one row per budget, adaptive evasion beside plain PGD's, and the headline in the summary
+    assert "4.7%" in html and "94.0%" in html and "evasion (plain PGD)" in html
+    assert "An attacker who knows the detectors (budget 0.3) got 9.4% of 64 images misclassified and unflagged" in html
 
 
 def test_sections_only_for_the_steps_that_ran(tmp_path):
@@ -368,3 +371,16 @@ def test_quick_audit_page_in_headless_chromium(quick_audit, tmp_path):
     assert pixels.shape == (1600, 1200)
     assert pixels.var() > 200, "the screenshot is (nearly) blank"
     assert (pixels < 100).mean() > 0.01 and (pixels > 240).mean() > 0.3  # dark text and images on a light page
+
+
+def test_adaptive_section_of_another_shape_is_drawn_generically(tmp_path):
+    fake_audit(tmp_path, sections={"adaptive"})
+    rep = json.loads((tmp_path / "report.json").read_text())
+    rep["adaptive"] = {"knn": {"pgd_adaptive": {"auroc": 0.61, "tpr_at_1fpr": 0.02, "tpr_at_5fpr": 0.1}}}
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    html = write_page(tmp_path).path.read_text()
+    assert "Adaptive evaluation" in _h2(html) and "pgd_adaptive" in html and "0.61" in html
+    rep["adaptive"] = {"eps": 8 / 255, "evasion": None, "n": 0, "steps": 10, "fpr": 0.05, "per_eps": [],
+                       "note": "the model classifies none of the 16 given images correctly; nothing to attack"}
+    (tmp_path / "report.json").write_text(json.dumps(rep))
+    assert "none of the 16 given images" in write_page(tmp_path).path.read_text()

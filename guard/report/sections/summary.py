@@ -86,6 +86,16 @@ def _caught(src: AuditFolder) -> list[str]:
     return out
 
 
+def _adaptive(src: AuditFolder) -> list[str]:
+    a = src.section("adaptive")
+    if not isinstance(a, dict) or finite(a.get("evasion")) is None:
+        return []
+    head = next((e for e in a.get("per_eps") or [] if e.get("eps") == a.get("eps")), {})
+    plain = f" (plain PGD, which does not know them: {pct(head.get('oblivious_evasion'))})" if head else ""
+    return [f"An attacker who knows the detectors (budget {num(a.get('eps'))}) got {pct(a.get('evasion'))} of "
+            f"{num(a.get('n'))} images misclassified and unflagged{plain}."]
+
+
 def _after(src: AuditFolder) -> list[str]:
     out = []
     h = src.section("harden")
@@ -132,7 +142,7 @@ def _overview(src: AuditFolder) -> Raw | None:
 
 
 def build(src: AuditFolder) -> Section | None:
-    fooled, caught, after = _fooled(src), _caught(src), _after(src)
+    fooled, caught, after = _fooled(src), _caught(src) + _adaptive(src), _after(src)
     if not (fooled or caught or after or src.section("model")):
         return None
     w = SectionWriter(src, "summary", "Summary")
