@@ -15,7 +15,7 @@ Normalize layer in front, ``nn.AdaptiveAvgPool2d`` + ``nn.Flatten`` + ``linear``
 Printed: each detector's TPR at 5% FPR (ROC) and share flagged at its threshold calibrated to 5%
 FPR, on the successful FGSM and PGD examples at 8/255.
 
-    .venv/bin/python benchmarks/bench_user_layers.py --module /tmp/user/cifar_model.py
+    .venv/bin/python benchmarks/bench_user_layers.py --module benchmarks/user_cifar_resnet20.py
 """
 
 from __future__ import annotations

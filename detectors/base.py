@@ -41,7 +41,7 @@ from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_
 from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_logits, check_probability
 
 __all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
-           "scoring_inputs", "fitting_inputs", "registry"]
+           "scoring_inputs", "fitting_inputs", "robust_scale", "registry"]
 
 FORMAT = "guard.detector/2"
 LEGACY_FORMATS = ("guard.detector/1",)  # sealed its tensors only; loads only with expected_sha256
@@ -60,6 +60,16 @@ def quantile_threshold(scores: torch.Tensor, fpr: float) -> float:
     s, _ = torch.sort(s)
     idx = min(s.numel() - 1, max(0, math.ceil((1.0 - fpr) * s.numel()) - 1))
     return float(s[idx])
+
+
+def robust_scale(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column of ``values`` (N, L): the median and IQR / 1.349 (a robust sigma; >= 1e-6), float32.
+
+    How multi-layer detectors put their layers on one scale from clean data alone.
+    """
+    v = values.detach().double()
+    q = torch.quantile(v, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
+    return q[1].float(), ((q[2] - q[0]) / 1.349).clamp_min(1e-6).float()
 
 
 _F32_MAX = 3.4e38

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_int
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, scoring_inputs
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
 from guard.detectors.knn import build_index, knn_search, torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
@@ -87,10 +87,7 @@ class LIDDetector(FeatureDetector):
             dist, _ = knn_search(build_index(bank, "l2"), bank, self.k + 1, "l2")
             lids.append(lid_mle(dist[:, 1:]))
         self._build()
-        lid = torch.stack(lids, 1).double()
-        q = torch.quantile(lid, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
-        self.loc_ = q[1].float()
-        self.scale_ = ((q[2] - q[0]) / 1.349).clamp_min(1e-6).float()
+        self.loc_, self.scale_ = robust_scale(torch.stack(lids, 1))
         self.fitted_ = True
         return self
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_float, check_int
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, scoring_inputs
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
 
 __all__ = ["MahalanobisDetector", "closest_class_distance"]
 
@@ -101,10 +101,7 @@ class MahalanobisDetector(FeatureDetector):
             setattr(self, f"means{i}_", means.float())
             setattr(self, f"precision{i}_", prec.float())
             dists.append(closest_class_distance(f.float(), means.float(), prec.float()))
-        d = torch.stack(dists, 1).double()
-        q = torch.quantile(d, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64), dim=0)
-        self.loc_ = q[1].float()
-        self.scale_ = ((q[2] - q[0]) / 1.349).clamp_min(1e-6).float()
+        self.loc_, self.scale_ = robust_scale(torch.stack(dists, 1))
         self.fitted_ = True
         return self
 

@@ -112,9 +112,9 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
-        help="attack, detect, harden and export a model; write OUT/report.json",
+        help="attack, detect, harden and export a model; write OUT/report.json and OUT/report.html",
         description="Run every capability on a model and write OUT/report.json (its keys are documented in the README, "
-        "section 'report.json'). Without --model: an embedded default (--demo NAME) and its demo model.",
+        "section 'report.json') and the page OUT/report.html. Without --model: an embedded default (--demo NAME) and its demo model.",
     )
     _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: ./out)")
@@ -144,10 +144,43 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         if isinstance(sec, dict) and "success_rate" in sec:
             print(f"attack {name:<18} success {sec['success_rate']:.3f}")
     print(f"wrote {args.out}/report.json")
-    errors = report.get("errors", {})
+    errors = dict(report.get("errors", {}))
+    page_error = errors.pop("report", None)
+    if page_error is None:
+        print(f"wrote {args.out}/report.html")
+    else:  # the page is a view of the results; it does not fail the audit (rebuild it with guard report)
+        print(f"guard audit: warning: {args.out}/report.html not written: {page_error}", file=sys.stderr)
     for step, msg in errors.items():
         print(f"guard audit: step {step} failed: {msg}", file=sys.stderr)
     return 1 if errors else 0
+
+
+# ---------------------------------------------------------------- guard report
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="(re)build OUT/report.html from OUT/report.json and OUT/artifacts",
+        description="Build the self-contained page OUT/report.html (inline images, no scripts, no network) from what guard "
+        "audit wrote to OUT: for an interrupted or resumed audit, or after upgrading guard. Exits 2 when OUT has no readable "
+        "report.json or it is newer than this guard reads; missing artifacts only leave their part of the page out.",
+    )
+    p.add_argument("out", metavar="OUT", help="the audit's output folder (guard audit --out OUT)")
+    p.add_argument("--html", metavar="FILE", default=None, help="where to write the page (default OUT/report.html)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from guard.report import write_page
+
+    page = write_page(args.out, path=args.html)
+    print(f"wrote {page.path} ({page.bytes / 1e6:.2f} MB, {len(page.sections)} sections, {page.seconds:.1f} s)")
+    for name, why in page.missing.items():
+        print(f"guard report: artifacts/{name}.safetensors {'is missing' if why == 'missing' else 'is unreadable: ' + why}; "
+              "the page says what it leaves out", file=sys.stderr)
+    for section, err in page.failed.items():
+        print(f"guard report: section {section} could not be drawn: {err}", file=sys.stderr)
+    return 1 if page.failed else 0
 
 
 # ---------------------------------------------------------------- guard harden
@@ -175,6 +208,8 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--online-fooling-steps", type=int, default=d.online_fooling_steps, metavar="K",
+                   help="also train on fresh gradient-ascent fooling images (K steps) in every batch (default 0: off)")
     p.add_argument("--out", default="out-harden", metavar="DIR")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -197,7 +232,8 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     s = _setup(args, progress=not args.quiet)
     config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
                           batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
-                          budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head)
+                          budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,
+                          online_fooling_steps=args.online_fooling_steps)
     out = Path(args.out)
     created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
     rank, size = world()
@@ -288,7 +324,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- the parser
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_audit, _add_harden, _add_export)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_audit, _add_report, _add_harden, _add_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ import torch
 from guard.core.data import Split
 from guard.core.validation import check_images
 
-__all__ = ["evaluate", "evaluate_adaptive", "detection_metrics", "tpr_at_fpr"]
+__all__ = ["evaluate", "evaluate_adaptive", "detection_metrics", "tpr_at_fpr", "all_scores"]
 
 
 def _finite(a: np.ndarray, fill_hi: float) -> np.ndarray:
@@ -82,7 +82,8 @@ def _adv(item: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, ok
 
 
-def _all_scores(guarded: Any, x: torch.Tensor, progress: bool) -> dict[str, torch.Tensor]:
+def all_scores(guarded: Any, x: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every detector's score of ``x`` and the combined score (empty tensors for an empty batch)."""
     if x.shape[0] == 0:
         return {n: torch.empty(0) for n in list(guarded.detectors) + ["combined"]}
     _, scores, _ = guarded.score(x, progress=progress)
@@ -92,7 +93,9 @@ def _all_scores(guarded: Any, x: torch.Tensor, progress: bool) -> dict[str, torc
 
 
 def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: bool = False,
-             clean_scores: Mapping[str, torch.Tensor] | None = None, adaptive: bool = False, **adaptive_kw: Any) -> dict[str, Any]:
+             clean_scores: Mapping[str, torch.Tensor] | None = None,
+             attack_scores: Mapping[str, Mapping[str, torch.Tensor]] | None = None, adaptive: bool = False,
+             **adaptive_kw: Any) -> dict[str, Any]:
     """Detection quality of a calibrated GuardedModel, per detector and attack.
 
     Args:
@@ -102,6 +105,8 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         attacks: name -> AttackResult (or (x_adv, success), or images: all counted successful).
         progress: show a progress bar while scoring.
         clean_scores: precomputed scores of ``clean`` (as ``guarded.score`` gives), to reuse.
+        attack_scores: precomputed scores of each attack's images (:func:`all_scores` of every
+            ``x_adv``, successful or not), by attack name, to reuse; attacks left out are scored.
         adaptive: also attack the guarded model with an attacker who knows it
             (:func:`evaluate_adaptive` on ``clean``; ``adaptive_kw`` go there) and add its
             section under the key ``"adaptive"``.
@@ -118,7 +123,7 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     check_images(x_clean, "clean")
     if not isinstance(attacks, Mapping):
         raise TypeError(f"attacks must be a dict name -> AttackResult; got {type(attacks).__name__}.")
-    neg = dict(clean_scores) if clean_scores is not None else _all_scores(guarded, x_clean, progress)
+    neg = dict(clean_scores) if clean_scores is not None else all_scores(guarded, x_clean, progress)
     if "combined" not in neg and guarded.combined is not None:
         neg["combined"] = guarded.combined.combine(neg)
     names = [n for n in list(guarded.detectors) + ["combined"] if n in neg]
@@ -128,7 +133,10 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     report: dict[str, Any] = {n: {} for n in names}
     for attack, item in attacks.items():
         x_adv, ok = _adv(item, attack)
-        pos = _all_scores(guarded, x_adv, progress)
+        pos = attack_scores[attack] if attack_scores is not None and attack in attack_scores else all_scores(guarded, x_adv, progress)
+        if any(n not in pos or pos[n].shape[0] != ok.shape[0] for n in names):
+            raise ValueError(f"attack_scores[{attack!r}] must hold one score per image ({ok.shape[0]}) for each of {names}; "
+                             f"got {({n: int(v.shape[0]) for n, v in pos.items()})}.")
         for n in names:
             entry = detection_metrics(pos[n][ok], neg[n], thresholds.get(n))
             entry["all"] = detection_metrics(pos[n], neg[n], thresholds.get(n))
@@ -177,6 +185,14 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
     base = data_defaults(x)["eps"]
     budgets = [base / 2, base, 2 * base] if eps is None else ([float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps])
     headline = base if eps is None else budgets[0]
+    rule = ("attacked: the first n correctly classified images; evasion: misclassified and not flagged by the "
+            "calibrated combined flag (AdaptivePGD: margin + smooth max of the detectors' surrogate scores)")
+    fpr = float(getattr(guarded.combined, "calibration_fpr_", float("nan")))
+    if keep.numel() == 0:
+        # Nothing to attack (an untrained or badly mismatched model): an evasion rate over no
+        # images is undefined, so it is reported as None with the reason, not as 0 or 1.
+        return {"eps": headline, "evasion": None, "n": 0, "steps": steps, "fpr": fpr, "per_eps": [], "rule": rule,
+                "note": f"the model classifies none of the {x.shape[0]} given images correctly; nothing to attack"}
     per_eps = []
     for e in budgets:
         t0 = time.perf_counter()
@@ -189,7 +205,5 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
                         "misclassified": float(res.extras["misclassified"].float().mean()), "n": len(res),
                         "seconds": round(time.perf_counter() - t0, 2)})
     head = next(p for p in per_eps if p["eps"] == headline)
-    return {"eps": headline, "evasion": head["evasion"], "n": int(keep.numel()), "steps": steps,
-            "fpr": float(getattr(guarded.combined, "calibration_fpr_", float("nan"))), "per_eps": per_eps,
-            "rule": "attacked: the first n correctly classified images; evasion: misclassified and not flagged by the "
-                    "calibrated combined flag (AdaptivePGD: margin + smooth max of the detectors' surrogate scores)"}
+    return {"eps": headline, "evasion": head["evasion"], "n": int(keep.numel()), "steps": steps, "fpr": fpr,
+            "per_eps": per_eps, "rule": rule}

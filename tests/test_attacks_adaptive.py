@@ -12,6 +12,7 @@ from conftest import ModelSnapshot
 from guard.attacks import AdaptivePGD, LinfPGD
 from guard.attacks.fooling_gradient import total_variation
 from guard.detectors import Detector
+from guard.evaluation import evaluate_adaptive
 
 
 class TotalVariation(Detector):
@@ -66,3 +67,12 @@ def test_adaptive_attack_needs_a_calibrated_guard(tiny_model):
         AdaptivePGD(guarded=guard.wrap(tiny_model, ["ppca"]), eps=0.1)
     with pytest.raises(ValueError, match="calibrated GuardedModel"):
         AdaptivePGD(guarded=tiny_model, eps=0.1)
+
+
+def test_evaluate_adaptive_reports_none_when_no_image_is_classified_correctly(guarded_tv, small_split):
+    _, test = small_split
+    wrong = guard.Split(test.x[:16], (guarded_tv.model(test.x[:16]).argmax(1) + 1) % 10)  # every label is wrong
+    res = evaluate_adaptive(guarded_tv, wrong, eps=0.1, steps=2, n=8)
+    assert res["n"] == 0 and res["evasion"] is None and res["per_eps"] == [] and "none of the 16" in res["note"]
+    some = evaluate_adaptive(guarded_tv, test, eps=0.1, steps=2, n=8)
+    assert some["n"] == 8 and 0.0 <= some["evasion"] <= 1.0

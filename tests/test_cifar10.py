@@ -106,3 +106,25 @@ def test_cifar10_weights_hash_is_checked(tmp_path):
     (fake / "resnet20.json").unlink()
     with pytest.raises(ValueError, match="missing"):
         cifar10_model(fake)
+
+
+@pytest.mark.slow
+def test_quick_audit_on_cifar10(tmp_path):
+    """The natural-image default end to end (quick settings): every section, colour-image defaults."""
+    from importlib import resources
+
+    from guard.audit import AuditOptions, run_audit
+
+    if not (resources.files("guard") / "_data" / "cifar10" / "resnet20.safetensors").is_file():
+        pytest.skip("the CIFAR-10 weights are not built into this checkout")
+    model = guard.demo_model("cifar10")
+    train, test = guard.demo_data("cifar10")
+    rep = run_audit(model, train, test, tmp_path, model_name="cifar10", options=AuditOptions(quick=True, progress=False))
+    assert not rep.get("errors"), rep.get("errors")
+    assert rep["model"]["clean_accuracy"] > 0.85
+    assert rep["defaults"]["kind"] == "natural" and 0.05 < rep["defaults"]["work_scale"] < 0.2
+    assert rep["attacks"]["pgd"]["linf_max"] <= 8 / 255 + 1e-6 and rep["attacks"]["pgd"]["success_rate"] > 0.9
+    assert {"patch_gan", "universal_patch", "random_patch", "feature_adversary", "fooling_gradient"} <= set(rep["attacks"])
+    assert {"saliency", "knn", "ppca", "mahalanobis", "lid", "combined"} <= set(rep["detectors"])
+    assert rep["detectors_info"]["feature_layers"] == ["layer2", "layer3", "linear:input"]
+    assert "saliency_score" in rep["export"]["outputs"] and rep["export"]["parity"]["logits"]["max_abs"] < 1e-3

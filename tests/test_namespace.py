@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["guard", "guard.core", "guard.attacks", "guard.detectors", "guard.training", "guard.export", "guard.audit", "guard.cli"]
+SUBPACKAGES = ["guard", "guard.core", "guard.attacks", "guard.detectors", "guard.training", "guard.export", "guard.audit", "guard.report",
+               "guard.cli"]
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def _run(code: str, cwd: Path, env_path: str | None = None) -> subprocess.Comple
 def test_wheel_installs_only_the_guard_namespace(wheel_tree):
     top = {p.name for p in wheel_tree.iterdir() if not p.name.endswith(".dist-info")}
     assert top == {"guard"}
-    for sub in ("attacks", "detectors", "training", "export", "core", "audit"):
+    for sub in ("attacks", "detectors", "training", "export", "core", "audit", "report", "report/sections"):
         assert (wheel_tree / "guard" / sub / "__init__.py").is_file(), sub
     assert (wheel_tree / "guard" / "_data" / "mnist" / "LICENSE.txt").is_file()
 
@@ -63,13 +64,14 @@ def test_each_subpackage_imports_on_its_own_in_a_fresh_interpreter(wheel_tree, t
 
 
 def test_import_linter_contracts_hold(wheel_tree, tmp_path):
-    """The layers contract (one direction) and the acyclic-siblings contract (no cycles), on the wheel."""
+    """The layers contract (one direction), the acyclic-siblings contract (no cycles) and the
+    report contract (guard.report imports only guard.core of guard), on the wheel."""
     lint = Path(sys.executable).with_name("lint-imports")
     env = {**os.environ, "PYTHONPATH": str(wheel_tree)}
     proc = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert "2 kept, 0 broken" in proc.stdout
+    assert "3 kept, 0 broken" in proc.stdout
 
 
 def test_import_linter_catches_a_cycle(wheel_tree, tmp_path):
@@ -84,6 +86,23 @@ def test_import_linter_catches_a_cycle(wheel_tree, tmp_path):
     proc = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "guard.core is not allowed to import guard.detectors" in proc.stdout
+
+
+@pytest.mark.parametrize("target", ["guard.attacks", "guard.evaluation"])
+def test_import_linter_keeps_the_report_off_the_facade(wheel_tree, tmp_path, target):
+    """The report contract is not vacuous: guard.report importing an attack or the facade breaks it
+    (the layers contract alone would allow guard.evaluation, which sits below guard.report)."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(wheel_tree, tree)
+    bad = tree / "guard" / "report" / "text.py"
+    bad.write_text(bad.read_text() + f"\nimport {target}  # noqa\n")
+    lint = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and f"guard.report is not allowed to import {target}" in proc.stdout, proc.stdout[-3000:]
+    assert f"guard.report.text -> {target}" in proc.stdout
 
 
 def test_users_own_training_export_attacks_detectors_do_not_shadow_guard(tmp_path, tiny_model):

@@ -76,6 +76,11 @@ class HardenConfig:
         budget: attack sizes per round.
         seed: seeds everything (attacks, reject sampling, shuffling, dropout).
         head: dotted name of the classifier's final ``nn.Linear`` (default: the last one).
+        online_fooling_steps: 0 (default) or K: every training batch also gets one fresh fooling
+            image per class, made by K steps of gradient ascent from noise against the model as
+            it is at that moment (:class:`~guard.attacks.FoolingGradient`), labelled reject:
+            adversarial training of the reject class, so the attacker's own method is what the
+            model learns to reject, not only last round's images.
     """
 
     rounds: int = 3
@@ -87,6 +92,7 @@ class HardenConfig:
     budget: AttackBudget = AttackBudget()
     seed: int = 0
     head: str | None = None
+    online_fooling_steps: int = 0
 
     @classmethod
     def quick(cls, **overrides: Any) -> "HardenConfig":
@@ -108,6 +114,7 @@ class HardenConfig:
             batch_size=check_int(self.batch_size, "batch_size", owner, low=1),
             attacks=check_attacks(self.attacks),
             seed=check_int(self.seed, "seed", owner, low=0),
+            online_fooling_steps=check_int(self.online_fooling_steps, "online_fooling_steps", owner, low=0),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -418,7 +425,7 @@ class _Hardener:
                 continue
             t0 = time.perf_counter()
             loss = _train_epoch(ddp, self.opt, self.train, st.archive_x, self.n, cfg.reject_share, cfg.batch_size, self.augment,
-                                _seed(cfg.seed, r, e, 2), self.rank, self.size, self.device)
+                                _seed(cfg.seed, r, e, 2), self.rank, self.size, self.device, cfg.online_fooling_steps)
             st.timings["train_seconds"] += time.perf_counter() - t0
             st.round_secs["train"] += time.perf_counter() - t0
             st.epoch_done = e
@@ -476,8 +483,12 @@ def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float
 
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, archive_x: torch.Tensor, n: int,
-                 reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device) -> float:
-    """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive."""
+                 reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device,
+                 online_steps: int = 0) -> float:
+    """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive
+    (and, with ``online_steps``, fresh gradient-ascent fooling images against the current model)."""
+    from guard.attacks import FoolingGradient
+
     gen = torch.Generator().manual_seed(epoch_seed)
     x, y, is_clean = epoch_set(train, archive_x, n, reject_share, gen)
     sampler = DistributedSampler(TensorDataset(y), num_replicas=size, rank=rank, shuffle=True, seed=epoch_seed % (2**31))
@@ -495,8 +506,16 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, arc
                 if bool(c.any()):
                     xb = xb.clone()
                     xb[c] = augment(xb[c], gen)
-            logits = model(xb.to(device))
-            loss = F.cross_entropy(logits, yb.to(device))
+            xb, yb = xb.to(device), yb.to(device)
+            if online_steps > 0:
+                net = model.module if hasattr(model, "module") else model
+                fool = FoolingGradient(steps=online_steps, lr=0.1, threshold=0.99, seed=(epoch_seed + i) % (2**31))(
+                    net, shape=tuple(xb.shape[1:]), classes=range(n))
+                model.train()
+                xb = torch.cat([xb, fool.x_adv.detach().to(device)])
+                yb = torch.cat([yb, torch.full((fool.x_adv.shape[0],), n, dtype=torch.long, device=device)])
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

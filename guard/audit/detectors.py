@@ -10,10 +10,16 @@
   "all", every one).
 
 Writes ``report["detectors"][DETECTOR][ATTACK]`` (the report.json keys of the README) for saliency, knn, ppca,
-knn_consistency and combined, and ``report["detectors_info"]``: the split, the clean flag rate
+knn_consistency, squeeze, the anchors mahalanobis and lid, and combined (rule :data:`COMBINE` over all of them), and ``report["detectors_info"]``: the split, the clean flag rate
 on the evaluation half, the wrapped model's clean accuracy, per-layer kNN AUROCs (the
 multi-layer view) and timings. Gives the fitted GuardedModel (saved under ``OUT/guarded``) to
 the export step.
+
+Saves the artifact ``detector_scores`` (float32; what report.html draws its ROC curves and
+histograms from): ``clean/DETECTOR`` the evaluation half's scores and ``ATTACK/DETECTOR`` the
+scores of the attack's successful adversarial images (the positives of the table), for every
+detector and "combined"; at most :data:`MAX_SAVED_SCORES` values each (evenly spaced when
+there are more).
 
 Quick mode (``options.quick``): 1,000 training images, 256 calibration and 256 evaluation
 images, no per-layer kNN view.
@@ -29,19 +35,24 @@ import torch
 
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
-from guard.evaluation import detection_metrics, evaluate
+from guard.evaluation import all_scores, detection_metrics, evaluate
 from guard.core.features import extract_features
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
-__all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "split_heldout"]
+__all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "MAX_SAVED_SCORES", "split_heldout", "score_tensors"]
 
 log = logging.getLogger(__name__)
 
 ANCHORS = ("mahalanobis", "lid")
-COMBINE = "max"
+#: The combined flag's rule: per-detector weights learned by logistic regression on clean
+#: calibration images vs proxy inputs (:func:`guard.guarded.proxy_inputs`: noise, blur, occlusion,
+#: sign noise), never on an attack that is reported. Chosen over "max" and "fisher" on those
+#: proxies (``benchmarks/combiner_study.py``), with the anchors in the flag.
+COMBINE = "weighted"
 ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
                 "fooling_gradient", "fooling_direct", "fooling_cppn")
 FPR = 0.05
+MAX_SAVED_SCORES = 4096
 
 
 def split_heldout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,19 +83,43 @@ def _per_layer_knn(guarded: GuardedModel, clean: torch.Tensor, attacks: dict[str
     return out
 
 
+def _capped(v: torch.Tensor) -> torch.Tensor:
+    v = v.detach().float().cpu().reshape(-1)
+    if v.numel() <= MAX_SAVED_SCORES:
+        return v
+    return v[torch.linspace(0, v.numel() - 1, MAX_SAVED_SCORES).round().long()]
+
+
+def score_tensors(clean: dict[str, torch.Tensor], attacks: dict[str, Any], scores: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The ``detector_scores`` artifact: ``clean/DET`` and ``ATTACK/DET`` (successful adversarials only), capped."""
+    out = {f"clean/{det}": _capped(v) for det, v in clean.items()}
+    for name, per_det in scores.items():
+        ok = attacks[name].success.detach().bool().cpu().reshape(-1)
+        for det, v in per_det.items():
+            out[f"{name}/{det}"] = _capped(v.detach().cpu().reshape(-1)[ok])
+    return out
+
+
 def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]) -> dict[str, float]:
     import copy
 
     from guard.detectors import Combined
+    from guard.detectors.base import quantile_threshold
+    from guard.detectors.combined import combine_tails
 
     out = {}
     for n, det in guarded.detectors.items():
         d2 = copy.copy(det)
         d2.calibrate(ev[n], FPR)
         out[n] = float(d2.predict_scores(cal[n]).float().mean())
-    if guarded.combined is not None and guarded.combined.rule != "weighted":  # "weighted" would need proxies of the other half
-        comb = Combined(guarded.combined.names_, rule=guarded.combined.rule)
-        comb.calibrate_scores(ev, FPR)
+    if guarded.combined is not None:
+        # references and threshold from the other half; the learned weights (fitted on proxies) are kept
+        names, rule = guarded.combined.names_, guarded.combined.rule
+        comb = Combined(names, rule=rule)
+        sub = {n: ev[n] for n in names}
+        comb.fit_scores(sub)
+        comb.weights_ = guarded.combined.weights_.clone()
+        comb.threshold_ = quantile_threshold(combine_tails(comb.tails(sub, leave_one_out=True), rule, comb.weights_), FPR)
         out["combined"] = float(comb.predict_scores(comb.combine(cal)).float().mean())
     return out
 
@@ -113,9 +148,11 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if opts.quick and len(train) > 1000:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:1000]
         train = Split(train.x[idx], train.y[idx])
-    # guard's own detectors make the combined flag; the published anchors are fitted and measured beside them
+    # Every detector, the published anchors included, feeds the combined flag; each is also
+    # reported alone. options.extra["flag_with"] = "own" keeps the anchors out of the flag.
     combine = str(ctx.options.extra.get("combine", COMBINE))
-    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=combine, flag_with=DEFAULT_DETECTORS)
+    flag_with = DEFAULT_DETECTORS if ctx.options.extra.get("flag_with") == "own" else None
+    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=combine, flag_with=flag_with)
     guarded.fit(train)
     t_fit = time.perf_counter() - t0
 
@@ -137,7 +174,8 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if not attacks:
         log.warning("detectors: no attack results found (run the attack steps first); only clean figures are reported")
     x_ev = x_all[ev_idx]
-    report = evaluate(guarded, x_ev, attacks, progress=opts.progress, clean_scores=ev_scores)
+    adv_scores = {name: all_scores(guarded, res.x_adv, opts.progress) for name, res in attacks.items()}
+    report = evaluate(guarded, x_ev, attacks, progress=opts.progress, clean_scores=ev_scores, attack_scores=adv_scores)
     t_eval = time.perf_counter() - t0 - t_fit - t_cal
 
     # clean behaviour of the wrapped model on the evaluation half
@@ -163,7 +201,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "left_out": guarded.left_out_,
         "combined": {"rule": guarded.combined.rule, "detectors": guarded.combined.names_,
                      "weights": guarded.combined.weights_.tolist(), "threshold": guarded.combined.threshold_,
-                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors]},
+                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_]},
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
         "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
                         "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},
@@ -178,6 +216,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "seconds": {"fit": round(t_fit, 3), "calibrate": round(t_cal, 3), "evaluate": round(t_eval, 3),
                     "total": round(time.perf_counter() - t0, 3)},
     }
+    ctx.save_artifact("detector_scores", score_tensors(ev_scores, attacks, adv_scores),
+                      {"clean": "the evaluation half of the held-out images", "attacks": "successful adversarial images only",
+                       "max_values": MAX_SAVED_SCORES})
     ctx.report["detectors_info"]["sha256"] = guarded.save(ctx.out / "guarded", key_env=ctx.options.key_env)
     ctx.report["detectors_info"]["signed"] = ctx.options.key_env is not None
     return guarded

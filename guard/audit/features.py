@@ -33,7 +33,7 @@ from torch import nn
 
 from guard.attacks.feature_adversary import VARIANTS, FeatureAdversary, sample_guides
 from guard.attacks.representation import representation_report, summarize
-from guard.audit.step import AttackSet, AuditContext, Step
+from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.data import Split
 from guard.core.features import default_feature_layers
 
@@ -89,15 +89,11 @@ def feature_curves(
     return {"n": int(src.numel()), "max_iter": max_iter, "guides": "test split, another true class, seeded", "by_layer": curves}
 
 
-class FeatureAdversaryStep(Step):
+class FeatureAdversaryStep(AttackStep):
     """Feature adversaries (Sabour et al. 2016) at one layer and delta, plus the curves."""
 
     name = "attacks_features"
-    gives = AttackSet
-
-    def restore(self, ctx: AuditContext) -> AttackSet:
-        r = ctx.load_attack(NAME)
-        return AttackSet({NAME: r} if r is not None else {})
+    attack_names = (NAME,)
 
     def run(self, ctx: AuditContext) -> AttackSet:
         return _run(ctx)
@@ -121,6 +117,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     seconds = time.perf_counter() - t0
     res.extras["test_index"] = src
     res.extras["guide_index"] = gid
+    res.extras["source"] = x  # the clean sources, saved with the adversaries (report.html shows them side by side)
     train = ctx.train if not quick else Split(ctx.train.x[:1000], ctx.train.y[:1000])
     rep = representation_report(ctx.model, layer, x, res.x_adv, g, train_x=train.x.to(device), train_y=train.y)
     ctx.save_attack(NAME, res, {"layer": layer, "delta": delta})

@@ -34,7 +34,7 @@ from torch import nn
 from guard.attacks.base import AttackResult
 from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
-from guard.audit.step import AttackSet, AuditContext, Step
+from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import DemoNet
 
 __all__ = ["FoolingStep", "second_model"]
@@ -74,14 +74,11 @@ def _entry(res: AttackResult, num_classes: int, threshold: float, params: dict[s
     }
 
 
-class FoolingStep(Step):
+class FoolingStep(AttackStep):
     """Fooling images by gradient ascent and by MAP-Elites with the direct and CPPN encodings."""
 
     name = "attacks_fooling"
-    gives = AttackSet
-
-    def restore(self, ctx: AuditContext) -> AttackSet:
-        return AttackSet({n: r for n in NAMES if (r := ctx.load_attack(n)) is not None})
+    attack_names = NAMES
 
     def run(self, ctx: AuditContext) -> AttackSet:
         return _run(ctx)

@@ -17,7 +17,8 @@ import torch
 
 from guard.attacks.base import AttackResult
 from guard.attacks.gradient import FGSM, LinfPGD
-from guard.audit.step import AttackSet, AuditContext, Step
+from guard.audit.step import AttackSet, AttackStep, AuditContext
+from guard.core.models import predict_labels
 
 __all__ = ["GradientStep", "attack_entry"]
 
@@ -38,14 +39,11 @@ def attack_entry(result: AttackResult, y_true: torch.Tensor, seconds: float, par
     }
 
 
-class GradientStep(Step):
+class GradientStep(AttackStep):
     """FGSM and L-inf PGD on the held-out images."""
 
     name = "attacks_gradient"
-    gives = AttackSet
-
-    def restore(self, ctx: AuditContext) -> AttackSet:
-        return AttackSet({n: r for n in NAMES if (r := ctx.load_attack(n)) is not None})
+    attack_names = NAMES
 
     def run(self, ctx: AuditContext) -> AttackSet:
         quick = ctx.options.quick
@@ -69,8 +67,11 @@ class GradientStep(Step):
                 ys.append(r.y.cpu())
                 if "steps_taken" in r.extras:
                     steps.append(r.extras["steps_taken"].cpu())
-            result = AttackResult(torch.cat(xs), torch.cat(succ), torch.cat(ys), None, {"test_index": idx})
             seconds = time.perf_counter() - t0
+            x_adv = torch.cat(xs)
+            # the model's label on each x_adv: report.html captions its examples "clean label -> this"
+            result = AttackResult(x_adv, torch.cat(succ), torch.cat(ys), None,
+                                  {"test_index": idx, "pred": predict_labels(ctx.model, x_adv.to(ctx.options.device)).cpu()})
             entry = attack_entry(result, y_true, seconds, attack.params())
             entry["linf_max"] = float((result.x_adv - x).abs().amax())
             if steps:

@@ -30,7 +30,8 @@ from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeate
 from guard.attacks.patch_gan import PatchGAN, last_conv_layer
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
-from guard.audit.step import AttackSet, AuditContext, Step
+from guard.audit.step import AttackSet, AttackStep, AuditContext
+from guard.core.models import predict_labels
 
 __all__ = ["PatchStep", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS"]
 
@@ -49,15 +50,17 @@ GAN_AUDIT_KWARGS: dict[str, Any] = {"alpha": 1.0, "beta": 3.0, "patch_distance":
 
 def _settings(ctx: AuditContext) -> dict[str, Any]:
     ex = ctx.options.extra
+    big = ctx.defaults.get("work_scale", 1.0) < 0.5
     if ctx.options.quick:
         s = {"areas": [0.05, 0.2], "train": 256, "test": 256, "reps": 2, "gan_steps": 8, "gan_seconds": 1.5,
-             "up_steps": 8, "up_seconds": 1.0, "eval_every": 4, "div_n": 32, "cc_n": 64, "interp_points": 3}
+             "up_steps": 8, "up_seconds": 1.0, "eval_every": 4, "div_n": 32, "cc_n": 64, "interp_points": 3, "batch_size": 32 if big else 64}
     else:
         # Step counts, no wall-clock caps: the results do not depend on how busy the machine is.
         # They were set on the demo LeNet and shrink with the model's cost per image (ctx.scaled).
-        s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": len(ctx.test), "reps": ctx.scaled(ctx.options.repetitions, 3),
-             "gan_steps": ctx.scaled(200, 60), "gan_seconds": None, "up_steps": ctx.scaled(200, 60), "up_seconds": None,
-             "eval_every": ctx.scaled(25, 10), "div_n": 100, "cc_n": ctx.scaled(500, 200), "interp_points": 9}
+        s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": min(len(ctx.test), ctx.scaled(len(ctx.test), 1000)),
+             "reps": ctx.scaled(ctx.options.repetitions, 2), "gan_steps": ctx.scaled(200, 40), "gan_seconds": None,
+             "up_steps": ctx.scaled(200, 40), "up_seconds": None, "eval_every": ctx.scaled(25, 10), "div_n": 100,
+             "cc_n": ctx.scaled(500, 200), "interp_points": 9, "batch_size": 32 if big else 64}
     s["areas"] = [float(a) for a in ex.get("patch_areas", s["areas"])]
     s["train"] = int(ex.get("patch_train_images", s["train"]))
     s["gan_seconds"] = ex.get("patch_gan_seconds", s["gan_seconds"])
@@ -69,14 +72,11 @@ def _settings(ctx: AuditContext) -> dict[str, Any]:
     return s
 
 
-class PatchStep(Step):
+class PatchStep(AttackStep):
     """PatchGAN, UniversalPatch and RandomPatch: the fooling-vs-area curve and the analyses."""
 
     name = "attacks_patches"
-    gives = AttackSet
-
-    def restore(self, ctx: AuditContext) -> AttackSet:
-        return AttackSet({n: r for n in NAMES if (r := ctx.load_attack(n)) is not None})
+    attack_names = NAMES
 
     def run(self, ctx: AuditContext) -> AttackSet:
         return _run(ctx)
@@ -104,9 +104,9 @@ def _run(ctx: AuditContext) -> AttackSet:
     for area in s["areas"]:
         makers = {
             "patch_gan": lambda: PatchGAN(size=area, loss=s["loss"], steps=s["gan_steps"], max_seconds=s["gan_seconds"],
-                                          eval_every=s["eval_every"], seed=seed, **gan_kwargs),
+                                          eval_every=s["eval_every"], batch_size=s["batch_size"], seed=seed, **gan_kwargs),
             "universal_patch": lambda: UniversalPatch(size=area, loss=s["loss"], steps=s["up_steps"], max_seconds=s["up_seconds"],
-                                                      eval_every=s["eval_every"], seed=seed),
+                                                      eval_every=s["eval_every"], batch_size=s["batch_size"], seed=seed),
             "random_patch": lambda: RandomPatch(size=area, seed=seed),
         }
         for name, make in makers.items():
@@ -148,6 +148,7 @@ def _run(ctx: AuditContext) -> AttackSet:
         }
         section[name] = entry
         result.extras["test_index"] = idx
+        result.extras["pred"] = predict_labels(model, result.x_adv)  # the label on the patched image (report.html)
         out.results[name] = result
         ctx.save_attack(name, result, {"params": attack.params()})
 

@@ -4,7 +4,9 @@ The data path reads top to bottom: every step of :data:`guard.audit.steps.STEPS`
 context and the typed results it declares in ``needs``; what it returns (``gives``) is handed
 to the steps after it. The report is rewritten atomically after every step, so an interrupted
 audit re-run with ``resume=True`` skips the steps already done and rebuilds their results from
-the output folder (:meth:`Step.restore`).
+the output folder (:meth:`Step.restore`). At the end the page OUT/report.html is built from the
+report and the artifacts (:mod:`guard.report`); a page that cannot be built is recorded under
+``report["errors"]["report"]`` and never costs the audit its results.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from torch import nn
 
 import torch
 
+from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
 from guard.core.budget import data_defaults, macs_per_image, work_scale
 from guard.core.cache import remove_stale_temps
-from guard.core.validation import check_device
-from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
 from guard.core.data import Split
+from guard.core.validation import check_device
+from guard.report import write_page
 
 __all__ = ["run_audit"]
 
@@ -86,10 +89,12 @@ def run_audit(
         options: :class:`AuditOptions`.
         resume: keep the steps already in ``out/report.json`` (their results are reloaded).
         steps: the steps to run (default :data:`guard.audit.steps.STEPS`).
-        fail_fast: re-raise a step's exception instead of recording it.
+        fail_fast: re-raise a step's (or the page's) exception instead of recording it.
 
     A step that raises is recorded under ``report["errors"][step]`` (and logged) and the audit
-    goes on with the next step; it is not marked complete, so ``resume=True`` retries it.
+    goes on with the next step; it is not marked complete, so ``resume=True`` retries it. The
+    last thing written is ``out/report.html`` (:func:`guard.report.write_page`); if that fails
+    the error goes to ``report["errors"]["report"]`` and the report is returned all the same.
     """
     if steps is None:
         from guard.audit.steps import STEPS
@@ -111,6 +116,8 @@ def run_audit(
         if not isinstance(ctx.report, dict) or ctx.report.get("version", REPORT_VERSION) != REPORT_VERSION:
             raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not a version-{REPORT_VERSION} guard report.")
     ctx.report.setdefault("version", REPORT_VERSION)
+    ctx.report["options"] = {"seed": opts.seed, "quick": opts.quick, "harden": opts.harden, "export": opts.export,
+                             "repetitions": opts.repetitions, "device": opts.device}
     macs = macs_per_image(ctx.model, test.x[:1]) if not isinstance(ctx.model, torch.jit.ScriptModule) else 0.0
     ctx.defaults = {**data_defaults(train.x), "macs_per_image": macs, "work_scale": work_scale(macs)}
     ctx.report["defaults"] = dict(ctx.defaults)
@@ -150,9 +157,27 @@ def run_audit(
         done.add(step.name)
         ctx.report["_completed_steps"] = [s.name for s in steps if s.name in done]
         ctx.save_report()
+    ctx.report.get("errors", {}).pop("report", None)  # an earlier run's page error; the page is built again below
     if not ctx.report.get("errors"):
         ctx.report.pop("errors", None)
     if not ctx.report.get("skipped"):
         ctx.report.pop("skipped", None)
     ctx.save_report()
+    _write_page(ctx, fail_fast)
     return ctx.report
+
+
+def _write_page(ctx: AuditContext, fail_fast: bool) -> None:
+    """OUT/report.html; a failure is logged and recorded under report["errors"]["report"], never raised (unless fail_fast)."""
+    try:
+        page = write_page(ctx.out, ctx.report)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # the page is a view of the results: it must not cost them
+        log.error("audit: report.html not written: %s: %s", type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+        ctx.report.setdefault("errors", {})["report"] = f"{type(err).__name__}: {err}"
+        ctx.save_report()
+        if fail_fast:
+            raise
+        return
+    log.info("audit: wrote %s (%d bytes)", page.path, page.bytes)

@@ -27,10 +27,17 @@ from torch import nn
 from guard.attacks.base import AttackResult
 from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.data import Split
+from guard.report.schema import REPORT_VERSION
 
-__all__ = ["AttackSet", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION"]
+__all__ = ["AttackSet", "AttackStep", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION", "SAVED_EXTRAS"]
 
-REPORT_VERSION = 1
+#: The tensor extras of an attack result that :meth:`AuditContext.save_attack` keeps: which
+#: held-out images it started from, guides and sources (feature adversaries), wanted labels and
+#: confidences (fooling images), the model's label on ``x_adv`` (``pred``, ``adv_label``), the
+#: distance ratio, and the patches (``patches``: one per image; ``patch``: one universal patch).
+#: report.html draws its examples from them (:mod:`guard.report`).
+SAVED_EXTRAS = ("test_index", "guide_index", "label", "confidence", "guide", "source", "pred", "guide_label",
+                "adv_label", "distance_ratio", "patches", "patch")
 
 
 @dataclass
@@ -105,8 +112,9 @@ class AuditContext:
 
     # -- attack results: the one format every attack step writes and the resume path reads
     def save_attack(self, name: str, result: AttackResult, meta: dict[str, Any] | None = None) -> None:
+        """Save ``x_adv``, ``success``, ``y`` and the tensor extras of :data:`SAVED_EXTRAS` that the result has."""
         tensors = {"x_adv": result.x_adv.detach().float().cpu(), "success": result.success.detach().bool().cpu()}
-        for key in ("test_index", "guide_index", "label", "confidence", "guide"):
+        for key in SAVED_EXTRAS:
             value = result.extras.get(key)
             if isinstance(value, torch.Tensor):
                 tensors[key] = value.detach().cpu()
@@ -150,3 +158,14 @@ class Step:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class AttackStep(Step):
+    """A step that runs attacks: it gives an :class:`AttackSet` of ``attack_names`` and rebuilds it
+    from the ``attack_<name>`` artifacts on resume."""
+
+    gives = AttackSet
+    attack_names: ClassVar[tuple[str, ...]] = ()
+
+    def restore(self, ctx: AuditContext) -> AttackSet:
+        return AttackSet({n: r for n in self.attack_names if (r := ctx.load_attack(n)) is not None})
