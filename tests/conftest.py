@@ -29,6 +29,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (hypothesis tests take no function-scoped fixtures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ModelSnapshot:
     """Everything an attack must leave as it was: weights, requires_grad, .grad, each module's mode."""
 

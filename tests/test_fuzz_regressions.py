@@ -15,6 +15,12 @@ from guard.detectors import BitDepthSqueeze, KNNConsistency, KNNRank, LIDDetecto
 from guard.export import build_export_head
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_module):
+    """Many tiny ops (and, for serving, many Python threads): see conftest.one_thread."""
+
+
 @pytest.fixture(scope="module")
 def net() -> DemoNet:
     torch.manual_seed(0)

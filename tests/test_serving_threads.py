@@ -47,6 +47,12 @@ def _in_threads(fn, args: list, repeats: int = 3) -> list[list]:
     return rounds
 
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread_module):
+    """Many tiny ops (and, for serving, many Python threads): see conftest.one_thread."""
+
+
 @pytest.fixture(scope="module")
 def served(tiny_model, small_split) -> GuardedModel:
     """Feature, input and gradient detectors on a model left in *train* mode (its dropout active)."""
