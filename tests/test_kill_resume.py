@@ -1,6 +1,7 @@
 """Crash safety: an audit killed with SIGKILL at random points always resumes to a valid report.
 
-A small audit (:mod:`audit_driver`) runs in a subprocess; the parent reads the runner's
+A small audit (:mod:`audit_driver`) runs in a process of its own (forked from a forkserver that
+imported guard once); the parent reads the runner's
 "audit: STEP" lines and kills the child at a random delay (fixed seed) after a step starts, up
 to 1.2x that step's uninterrupted duration, so kills land inside every step and on the writes
 at its end. Each step is killed :data:`KILLS_PER_STEP` times; then it is let through. After
@@ -14,39 +15,58 @@ in the test's folder and printed with ``-s``.
 from __future__ import annotations
 
 import json
-import os
-import queue
+import multiprocessing
 import random
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import audit_driver
 import guard
 from guard.core.cache import TMP_SUFFIX, load_tensors
 from guard.detectors.base import Persistent
 
-DRIVER = Path(__file__).with_name("audit_driver.py")
 KILLS_PER_STEP = 3
 SEED = 13
 
 
-def _start(out: Path, resume: bool) -> tuple[subprocess.Popen, "queue.Queue[tuple[float, str]]"]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "GUARD_AUDIT_LOG": "INFO"}
-    cmd = [sys.executable, str(DRIVER), str(out)] + (["--resume"] if resume else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    lines: "queue.Queue[tuple[float, str]]" = queue.Queue()
+_FORK = multiprocessing.get_context("forkserver")  # each run forks from a process that imported guard once
+_FORK.set_forkserver_preload(["guard", "guard.audit", "guard.report", "audit_driver"])
 
-    def pump() -> None:
-        for line in proc.stderr:  # type: ignore[union-attr]
-            lines.put((time.monotonic(), line.rstrip("\n")))
 
-    threading.Thread(target=pump, daemon=True).start()
-    return proc, lines
+class _Run:
+    """One audit process (:func:`audit_driver.run`) and the lines of its log, read as they are written."""
+
+    def __init__(self, out: Path, resume: bool) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.log = out.parent / f"{out.name}.{time.monotonic_ns()}.log"
+        self.log.touch()
+        self.proc = _FORK.Process(target=audit_driver.run, args=(str(out), resume, str(self.log)))
+        self.proc.start()
+        self._file = self.log.open()
+        self._partial = ""
+
+    def poll(self) -> int | None:
+        return None if self.proc.is_alive() else self.proc.exitcode
+
+    def lines(self) -> list[tuple[float, str]]:
+        """The complete lines written since the last call, with the time they were read."""
+        text = self._partial + self._file.read()
+        *done, self._partial = text.split("\n")
+        now = time.monotonic()
+        return [(now, line) for line in done]
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL
+        self.proc.join()
+        self._file.close()
+
+    def wait(self, timeout: float) -> int | None:
+        self.proc.join(timeout)
+        self._file.close()
+        return self.proc.exitcode
 
 
 def _step_started(line: str) -> str | None:
@@ -91,25 +111,23 @@ def _campaign(out: Path, rng: random.Random, durations: dict, per_step: dict, ki
     """
     runs, resume = 0, False
     while True:
-        proc, lines = _start(out, resume)
+        run = _Run(out, resume)
         runs, resume = runs + 1, True
         current, deadline, killed = None, None, False
-        while proc.poll() is None:
-            try:
-                when, line = lines.get(timeout=0.02)
-            except queue.Empty:
-                when, line = None, ""
-            step = _step_started(line)
-            if step is not None:
+        while run.poll() is None:
+            time.sleep(0.02)
+            for when, line in run.lines():
+                step = _step_started(line)
+                if step is None:
+                    continue
                 current = step
                 if deadline is None and per_step.get(step, KILLS_PER_STEP) < KILLS_PER_STEP:
                     d = max(0.5, float(durations[step]))
                     # half the kills anywhere in the step, half around its end, where it writes its files
                     delay = rng.uniform(0.0, 1.2 * d) if rng.random() < 0.5 else rng.uniform(0.85 * d, 1.15 * d)
                     deadline = (when, delay, step)
-            if deadline is not None and time.monotonic() >= deadline[0] + deadline[1] and proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            if deadline is not None and time.monotonic() >= deadline[0] + deadline[1] and run.poll() is None:
+                run.kill()
                 per_step[deadline[2]] += 1  # the quota of the step the delay was drawn for
                 files = _check_files(out)
                 kills.append({"run": runs, "after_start_of": deadline[2], "landed_in": current, "delay_s": round(deadline[1], 2),
@@ -117,7 +135,7 @@ def _campaign(out: Path, rng: random.Random, durations: dict, per_step: dict, ki
                 killed = True
                 break
         if not killed:
-            assert proc.wait(timeout=600) == 0, "a resumed audit failed"
+            assert run.wait(timeout=600) == 0, f"a resumed audit failed: {run.log.read_text()[-2000:]}"
             return runs
         assert runs < 60
 
@@ -126,8 +144,8 @@ def _campaign(out: Path, rng: random.Random, durations: dict, per_step: dict, ki
 def test_sigkill_at_random_points_then_resume(tmp_path) -> None:
     guard.demo_model(progress=False)  # the demo model is cached before the clock starts
     ref_out = tmp_path / "reference"
-    proc, _ = _start(ref_out, resume=False)
-    assert proc.wait(timeout=600) == 0
+    ref = _Run(ref_out, resume=False)
+    assert ref.wait(timeout=600) == 0, ref.log.read_text()[-2000:]
     reference = json.loads((ref_out / "report.json").read_text())
     durations = reference["timings"]
     steps = reference["_completed_steps"]
