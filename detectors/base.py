@@ -29,7 +29,7 @@ import hashlib
 import inspect
 import math
 import os
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ from guard.core.features import Batch, extract_features
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import NotFittedError, check_images, check_labels, check_probability
 
-__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
+__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "MultiLayerDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
            "robust_scale", "registry"]
 
 FORMAT = "guard.detector/1"
@@ -312,3 +312,19 @@ class FeatureDetector(Detector):
         return self.score_features(batch.features, batch.logits)
 
 
+class MultiLayerDetector(FeatureDetector):
+    """A feature detector over a list of layers (``self.layers``) that ``guard.wrap`` puts on every
+    feature layer by default (the spatial stages and the head's input), as the anchors' papers do."""
+
+    layers: list[str]
+
+    def _set_layers(self, layers: Sequence[str] | str) -> None:
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+
+    @classmethod
+    def default(cls, layers: list[str]) -> "MultiLayerDetector":
+        return cls(list(layers))
+
+    @property
+    def feature_layers(self) -> list[str]:
+        return list(self.layers)
