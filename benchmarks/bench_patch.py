@@ -1,6 +1,6 @@
 """PatchGAN vs IBM ART's AdversarialPatchPyTorch: same model, same patch area, same wall-clock budget.
 
-Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_patch.py [--area 0.1] [--art-iters 5] [--train 1000] [--threads 2]
+Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_patch.py [--demo cifar10] [--area 0.1] [--art-iters 5] [--train 1000] [--threads 2]
 
 ART is run first (untargeted, square patch, no rotation, fixed scale = side / image side so it
 covers the same area, random placement, Adam); its training time T becomes the wall-clock
@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--demo", default="mnist", help="embedded default: mnist or cifar10 (its demo model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -41,20 +42,21 @@ def main() -> None:
     from guard.attacks.universal_patch import UniversalPatch
     from guard.audit.patches import GAN_AUDIT_KWARGS
 
-    model = guard.demo_model(progress=False).eval()
-    train, test = guard.demo_data()
+    model = guard.demo_model(args.demo, progress=False).eval()
+    train, test = guard.demo_data(args.demo)
+    c, h, _ = (int(v) for v in test.x.shape[1:])
     x_tr = train.x[:args.train]
-    side = patch_side(args.area, (28, 28))
+    side = patch_side(args.area, (h, h))
     with torch.no_grad():
         clean = model(test.x).argmax(1)
         y_tr = model(x_tr).argmax(1)
 
-    clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(1, 28, 28), nb_classes=10,
+    clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(c, h, h), nb_classes=10,
                             clip_values=(0.0, 1.0))
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    art = AdversarialPatchPyTorch(clf, rotation_max=0.0, scale_min=side / 28, scale_max=side / 28 + 1e-6,
-                                  learning_rate=args.art_lr, max_iter=args.art_iters, batch_size=64, patch_shape=(1, 28, 28),
+    art = AdversarialPatchPyTorch(clf, rotation_max=0.0, scale_min=side / h, scale_max=side / h + 1e-6,
+                                  learning_rate=args.art_lr, max_iter=args.art_iters, batch_size=64, patch_shape=(c, h, h),
                                   patch_type="square", optimizer="Adam", targeted=False, verbose=False)
     t0 = time.perf_counter()
     art.generate(x=x_tr.numpy(), y=np.eye(10, dtype=np.float32)[y_tr.numpy()])
@@ -62,7 +64,7 @@ def main() -> None:
     art_rates = []
     for r in range(args.reps):
         np.random.seed(args.seed + r)
-        xa = art.apply_patch(test.x.numpy(), scale=side / 28)
+        xa = art.apply_patch(test.x.numpy(), scale=side / h)
         with torch.no_grad():
             art_rates.append(float((model(torch.from_numpy(xa).float()).argmax(1) != clean).float().mean()))
     art_mean = float(np.mean(art_rates))

@@ -22,7 +22,7 @@ def _cell(e: dict | None) -> str:
 def main(path: str) -> None:
     r = json.load(open(path))
     d = r["detectors"]
-    dets = [k for k in ["saliency", "knn", "ppca", "knn_consistency", "squeeze", "combined"] if k in d]
+    dets = [k for k in d if k != "combined"] + (["combined"] if "combined" in d else [])
     atts = [a for a in ATTACKS if a in d.get("knn", d[dets[0]])]
     print("AUROC / TPR at 1% FPR (successful adversarials as positives)\n")
     print("| attack (n_pos) | " + " | ".join(dets) + " |")

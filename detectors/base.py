@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -40,8 +40,8 @@ from guard.core.models import eval_mode, model_device
 from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_digest
 from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_logits, check_probability
 
-__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
-           "scoring_inputs", "fitting_inputs", "robust_scale", "registry"]
+__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "MultiLayerDetector", "tensors_digest", "quantile_threshold",
+           "as_feature_dict", "scoring_inputs", "fitting_inputs", "robust_scale", "registry"]
 
 FORMAT = "guard.detector/2"
 LEGACY_FORMATS = ("guard.detector/1",)  # sealed its tensors only; loads only with expected_sha256
@@ -376,3 +376,19 @@ class FeatureDetector(Detector):
         return self.score_features(batch.features, batch.logits)
 
 
+class MultiLayerDetector(FeatureDetector):
+    """A feature detector over a list of layers (``self.layers``) that ``guard.wrap`` puts on every
+    feature layer by default (the spatial stages and the head's input), as the anchors' papers do."""
+
+    layers: list[str]
+
+    def _set_layers(self, layers: Sequence[str] | str) -> None:
+        self.layers = [layers] if isinstance(layers, str) else list(layers)
+
+    @classmethod
+    def default(cls, layers: list[str]) -> "MultiLayerDetector":
+        return cls(list(layers))
+
+    @property
+    def feature_layers(self) -> list[str]:
+        return list(self.layers)

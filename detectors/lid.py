@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_int
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
 from guard.detectors.knn import build_index, knn_search, torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
@@ -35,7 +35,7 @@ def lid_mle(dist: torch.Tensor) -> torch.Tensor:
     return -1.0 / (torch.log(d / d[:, -1:]).mean(1) - 1e-12)
 
 
-class LIDDetector(FeatureDetector):
+class LIDDetector(MultiLayerDetector):
     """Mean over layers of the clean-standardised maximum-likelihood LID of the features.
 
     Args:
@@ -50,19 +50,10 @@ class LIDDetector(FeatureDetector):
     name: ClassVar[str] = "lid"
 
     def __init__(self, layers: Sequence[str] = ("fc1",), *, k: int = 20, reference_size: int = 5000, seed: int = 0) -> None:
-        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self._set_layers(layers)
         self.k = k
         self.reference_size = reference_size
         self.seed = seed
-
-    @classmethod
-    def default(cls, layers: list[str]) -> "LIDDetector":
-        """Every feature layer, as Ma et al."""
-        return cls(list(layers))
-
-    @property
-    def feature_layers(self) -> list[str]:
-        return list(self.layers)
 
     @property
     def _tensor_attrs(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_float, check_int
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
 
 __all__ = ["MahalanobisDetector", "closest_class_distance"]
 
@@ -43,7 +43,7 @@ def closest_class_distance(f: torch.Tensor, means: torch.Tensor, precision: torc
     return (quad - 2.0 * cross + mm[None, :]).clamp_min(0.0).amin(1)
 
 
-class MahalanobisDetector(FeatureDetector):
+class MahalanobisDetector(MultiLayerDetector):
     """Closest-class Mahalanobis distance with a tied covariance per layer, layers averaged.
 
     Args:
@@ -58,18 +58,9 @@ class MahalanobisDetector(FeatureDetector):
     name: ClassVar[str] = "mahalanobis"
 
     def __init__(self, layers: Sequence[str] = ("fc1",), *, noise: float = 0.0, max_width: int = 4096) -> None:
-        self.layers = [layers] if isinstance(layers, str) else list(layers)
+        self._set_layers(layers)
         self.noise = noise
         self.max_width = max_width
-
-    @classmethod
-    def default(cls, layers: list[str]) -> "MahalanobisDetector":
-        """Every feature layer (the spatial stages and the head's input), as Lee et al."""
-        return cls(list(layers))
-
-    @property
-    def feature_layers(self) -> list[str]:
-        return list(self.layers)
 
     @property
     def _tensor_attrs(self) -> tuple[str, ...]:  # type: ignore[override]

@@ -7,7 +7,7 @@ budget. Evasion = misclassified and not flagged by the calibrated combined flag;
 PGD evasion at the same budget is beside it.
 
 Options (``options.extra``): ``adaptive_n`` (images attacked; default 200 on the demo LeNet,
-scaled with the model's cost), ``adaptive_steps`` (50), ``adaptive_eps`` (a list).
+scaled with the model's cost), ``adaptive_steps`` (50 on the demo LeNet, scaled, at least 20), ``adaptive_eps`` (a list).
 """
 
 from __future__ import annotations
@@ -37,6 +37,6 @@ class AdaptiveStep(Step):
         _, ev = split_heldout(len(ctx.test), ctx.options.seed)
         data = Split(ctx.test.x[ev], ctx.test.y[ev])
         n = int(extra.get("adaptive_n", 32 if quick else ctx.scaled(200, 64)))
-        steps = int(extra.get("adaptive_steps", 10 if quick else 50))
+        steps = int(extra.get("adaptive_steps", 10 if quick else ctx.scaled(50, 20)))
         ctx.report["adaptive"] = evaluate_adaptive(guarded, data, eps=extra.get("adaptive_eps"), steps=steps, n=n,
                                                    seed=ctx.options.seed)

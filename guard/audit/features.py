@@ -12,9 +12,9 @@ Fills ``report["attacks"]["feature_adversary"]``:
 
 Options (``ctx.options.extra``): ``feature_layer`` (main layer; default the head's input),
 ``feature_delta`` (default from the data: 0.3 on near-binary digits, 8/255 on natural images),
-``feature_n`` (200), ``feature_max_iter`` (50), ``feature_curve_layers`` (default the deepest
+``feature_n`` (200 on the demo LeNet, scaled with the model's cost, at least 100), ``feature_max_iter`` (50), ``feature_curve_layers`` (default the deepest
 spatial stage and the head's input), ``feature_curve_deltas`` (0.05 to 0.3, or 4/255 to 16/255),
-``feature_curve_n`` (24), ``feature_curve_max_iter`` (25),
+``feature_curve_n`` (24, scaled, at least 16), ``feature_curve_max_iter`` (25),
 ``feature_full`` (True: curves on ``feature_n`` images with ``feature_max_iter`` iterations).
 Quick mode shrinks everything to a smoke run.
 
@@ -105,7 +105,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     layers = list(extra.get("feature_curve_layers") or default_layers(ctx.model, ctx.test.x[:2]))
     layer = str(extra.get("feature_layer") or layers[-1])
     delta = float(extra.get("feature_delta", ctx.defaults.get("feature_delta", 0.3)))
-    n = int(extra.get("feature_n", 16 if quick else 200))
+    n = int(extra.get("feature_n", 16 if quick else ctx.scaled(200, 100)))
     max_iter = int(extra.get("feature_max_iter", 8 if quick else 50))
     full = bool(extra.get("feature_full", False))
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     else:
         curves = feature_curves(ctx.model, ctx.test, layers=layers,
                                 deltas=tuple(extra.get("feature_curve_deltas", ctx.defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3)))),
-                                n=n if full else int(extra.get("feature_curve_n", 24)),
+                                n=n if full else int(extra.get("feature_curve_n", ctx.scaled(24, 16))),
                                 max_iter=max_iter if full else int(extra.get("feature_curve_max_iter", 25)), seed=opts.seed)
     ctx.report.setdefault("attacks", {})[NAME] = {
         "success_rate": res.success_rate,
