@@ -36,7 +36,7 @@ from torch import nn
 from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
 from guard.core.models import eval_mode
-from guard.core.validation import check_float, check_images, check_int, check_labels, check_model_and_shape
+from guard.core.validation import check_float, check_images, check_int, check_labels
 
 __all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
 
@@ -205,18 +205,13 @@ class FoolingEvolution(Fooler):
         classes: Sequence[int] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> AttackResult:
-        shape = check_model_and_shape(model, shape)
+        shape, cls = self.targets(model, shape, classes, num_classes, distinct=True)
         device = model_device(model)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         cppn = self.encoding == "cppn"
         with eval_mode(model), torch.no_grad():
-            if num_classes is None:
-                num_classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
-            cls = torch.arange(num_classes) if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
-            if cls.numel() == 0 or int(cls.min()) < 0 or int(cls.max()) >= num_classes or cls.unique().numel() != cls.numel():
-                raise ValueError(f"classes must be distinct class indices in [0, {num_classes - 1}]; got {cls.tolist()}.")
             cells = int(cls.numel())
             cls_dev = cls.to(device)
             archive = ClassArchive(cells, shape, seed=self.seed, with_ids=cppn)

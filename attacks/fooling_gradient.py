@@ -25,7 +25,7 @@ from torch import nn
 
 from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.core.models import eval_mode
-from guard.core.validation import check_float, check_int, check_model_and_shape
+from guard.core.validation import check_float, check_int
 
 __all__ = ["FoolingGradient", "gaussian_blur", "total_variation"]
 
@@ -102,16 +102,10 @@ class FoolingGradient(Fooler):
         shape: tuple[int, int, int] = (1, 28, 28),
         num_classes: int | None = None,
     ) -> AttackResult:
-        shape = check_model_and_shape(model, shape)
+        shape, cls = self.targets(model, shape, classes, num_classes, distinct=False)
         device = model_device(model)
         t0 = time.perf_counter()
         with eval_mode(model):
-            if num_classes is None:
-                with torch.no_grad():
-                    num_classes = int(model(torch.zeros(1, *shape, device=device)).shape[1])
-            cls = torch.arange(num_classes) if classes is None else torch.as_tensor(list(classes), dtype=torch.long).flatten()
-            if cls.numel() == 0 or int(cls.min()) < 0 or int(cls.max()) >= num_classes:
-                raise ValueError(f"classes must be non-empty and lie in [0, {num_classes - 1}]; got {cls.tolist()}.")
             labels = cls.repeat_interleave(self.samples_per_class).to(device)
             n = labels.numel()
             gen = torch.Generator().manual_seed(self.seed)

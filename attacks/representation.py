@@ -49,7 +49,7 @@ def distance_ratio(feat_adv: torch.Tensor, feat_source: torch.Tensor, feat_guide
 
 def label_agreement(pred_adv: torch.Tensor, guide_label: torch.Tensor) -> float:
     """Share of adversaries the model labels like their guide."""
-    pred_adv = check_labels(pred_adv, "pred_adv")
+    pred_adv = check_labels(pred_adv, "pred_adv", allow_negative=True)  # -1: a hardened model's reject
     guide_label = check_labels(guide_label, "guide_label", n=int(pred_adv.shape[0]))
     return float((pred_adv == guide_label.to(pred_adv.device)).float().mean())
 

@@ -21,11 +21,12 @@ Feature detectors (``FeatureDetector``: kNN, PPCA) also take features directly,
 
 Fitted state is plain float32 / int64 tensors (listed in each class's ``_tensor_attrs``) and
 JSON scalars (``_meta_attrs``), saved as safetensors plus JSON (:class:`Persistent`): no pickle.
+The file's seal (:mod:`guard.core.integrity`) covers all of it: the tensors, the parameters,
+the threshold, the class and the format; with ``key=`` it is an HMAC-SHA256.
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import os
@@ -34,27 +35,16 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from guard.core.cache import load_tensors, save_tensors
 from guard.core.features import Batch, extract_features
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import NotFittedError, check_images, check_labels, check_probability
+from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_digest
+from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_logits, check_probability
 
-__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "MultiLayerDetector", "tensors_digest", "quantile_threshold", "as_feature_dict",
-           "robust_scale", "registry"]
+__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "MultiLayerDetector", "tensors_digest", "quantile_threshold",
+           "as_feature_dict", "scoring_inputs", "fitting_inputs", "robust_scale", "registry"]
 
-FORMAT = "guard.detector/1"
-
-
-def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (sorted by name)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+FORMAT = "guard.detector/2"
+LEGACY_FORMATS = ("guard.detector/1",)  # sealed its tensors only; loads only with expected_sha256
 
 
 def quantile_threshold(scores: torch.Tensor, fpr: float) -> float:
@@ -82,8 +72,16 @@ def robust_scale(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q[1].float(), ((q[2] - q[0]) / 1.349).clamp_min(1e-6).float()
 
 
+_F32_MAX = 3.4e38
+
+
 def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torch.Tensor]:
-    """Accept ``{layer: Tensor}`` or a bare Tensor (for a single-layer detector); checked, (N, D) float."""
+    """Accept ``{layer: Tensor}`` or a bare Tensor (for a single-layer detector); checked, (N, D) float.
+
+    Every layer must hold the same N rows, with data (not the meta device), finite and small
+    enough that squared distances stay finite in float32 (else every distance is inf and the
+    detector would score blindly).
+    """
     if isinstance(feats, torch.Tensor):
         if len(layers) != 1:
             raise TypeError(f"{owner} uses layers {layers}; pass features as a dict layer -> Tensor[N, D].")
@@ -96,14 +94,51 @@ def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torc
             raise ValueError(f"{owner} needs features of layer {layer!r}; got layers {sorted(feats)}.")
         f = feats[layer]
         if not isinstance(f, torch.Tensor) or not f.is_floating_point():
-            raise TypeError(f"features of layer {layer!r} must be a float Tensor[N, D]; got {type(f).__name__}.")
+            raise TypeError(f"features of layer {layer!r} must be a float Tensor[N, D]; got {type(f).__name__}"
+                            f"{' of dtype ' + str(f.dtype) if isinstance(f, torch.Tensor) else ''}.")
+        if f.is_meta:
+            raise ValueError(f"features of layer {layer!r} are on the meta device (a tensor without data); expected 'cpu' or 'cuda'.")
         f = f.flatten(1) if f.dim() > 2 else f
         if f.dim() != 2:
             raise ValueError(f"features of layer {layer!r} must be 2-D (N, D); got shape {tuple(f.shape)}.")
         if not bool(torch.isfinite(f).all()):
             raise ValueError(f"features of layer {layer!r} must be finite; got NaN/inf values.")
+        if f.numel() and float(f.detach().abs().max().double()) ** 2 * f.shape[1] > _F32_MAX:
+            raise ValueError(f"features of layer {layer!r} are too large (|value| up to {float(f.detach().abs().max()):.3g}): their "
+                             "squared distances overflow float32; scale the features or choose another layer.")
         out[layer] = f.detach().float()
+    rows = {layer: int(f.shape[0]) for layer, f in out.items()}
+    if len(set(rows.values())) > 1:
+        raise ValueError(f"{owner}: every layer must hold the same number of rows; got {rows}.")
     return out
+
+
+def scoring_inputs(feats: Any, logits: Any, layers: list[str], owner: str) -> dict[str, torch.Tensor]:
+    """The checked features of :meth:`FeatureDetector.score_features` and their logits (N, C), finite."""
+    fd = as_feature_dict(feats, layers, owner)
+    if isinstance(logits, torch.Tensor) and logits.is_meta:
+        raise ValueError("logits are on the meta device (a tensor without data); expected 'cpu' or 'cuda'.")
+    check_logits(logits, "logits", n=int(next(iter(fd.values())).shape[0]))
+    return fd
+
+
+def fitting_inputs(feats: Any, labels: Any, layers: list[str], owner: str, *,
+                   min_rows: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The checked clean features of :meth:`FeatureDetector.fit_features` and their labels.
+
+    Refuses a bank of fewer than ``min_rows`` rows and features that are the same for every
+    clean example (a detector fitted on them scores every input alike: silently blind).
+    """
+    fd = as_feature_dict(feats, layers, owner)
+    n = int(next(iter(fd.values())).shape[0])
+    if n < min_rows:
+        raise ValueError(f"{owner}: fit needs at least {min_rows} clean example(s); got {'an empty feature bank' if n == 0 else n}.")
+    labels = check_labels(labels, "labels", n=n).cpu()
+    for layer, f in fd.items():
+        if n > 1 and bool((f == f[:1]).all()):
+            raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (every row is the same); "
+                             "fit on varied clean images or choose another layer.")
+    return fd, labels
 
 
 def registry() -> dict[str, type["Persistent"]]:
@@ -178,28 +213,51 @@ class Persistent:
             setattr(self, k, v)
         self.fitted_ = True
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the fitted state to ``path`` (safetensors + JSON; no pickle)."""
+    def _write(self, path: str | os.PathLike[str], key: bytes | None, digest_file: bool) -> str:
         tensors = {k: v.detach().cpu().clone() for k, v in self.state_tensors().items()}  # no shared storage
-        meta = {"format": FORMAT, "class": type(self).__name__, "params": self.get_params(), "state": self.state_meta(),
-                "sha256": tensors_digest(tensors)}
-        save_tensors(path, tensors, meta)
+        meta = {"format": FORMAT, "class": type(self).__name__, "params": self.get_params(), "state": self.state_meta()}
+        return save_sealed(path, tensors, meta, key=key, digest_file=digest_file)
+
+    def save(self, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None) -> str:
+        """Write the fitted state to ``path`` (safetensors + JSON; no pickle), sealed.
+
+        Args:
+            path: the file to write (atomically).
+            key: sign with HMAC-SHA256 under this secret (bytes, at least 16); :meth:`load`
+                then needs the same key.
+            key_env: read the key from this environment variable instead.
+
+        Returns:
+            the SHA-256 of the written file, also written to ``PATH.sha256``: keep it where a
+            writer of ``path`` cannot reach and pass it to ``load(..., expected_sha256=...)``.
+        """
+        return self._write(path, resolve_key(key, key_env), True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Persistent":
-        """Load what :meth:`save` wrote; ValueError if the file is damaged, altered or of another class."""
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}).")
+    def load(cls, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None,
+             expected_sha256: str | None = None) -> "Persistent":
+        """Load what :meth:`save` wrote; ValueError if the file is damaged, altered or of another class.
+
+        Args:
+            path: the file.
+            key / key_env: the key it was signed with; a signed file without it, or with
+                another, raises, and so does an unsigned file when a key is given.
+            expected_sha256: the digest :meth:`save` returned; the file must match it.
+        """
+        tensors, meta = load_sealed(path, key=resolve_key(key, key_env), expected_sha256=expected_sha256, what="detector file",
+                                    legacy_formats=LEGACY_FORMATS)
+        if meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS:  # legacy: pinned by expected_sha256
+            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}; expected {FORMAT!r}).")
         klass = registry().get(meta.get("class", ""))
         if klass is None:
             raise ValueError(f"{os.fspath(path)!r} holds an unknown detector class {meta.get('class')!r}.")
         if cls is not Persistent and not issubclass(klass, cls):
             raise ValueError(f"{os.fspath(path)!r} holds a {klass.__name__}, not a {cls.__name__}.")
-        if tensors_digest(tensors) != meta.get("sha256"):
-            raise ValueError(f"detector file {os.fspath(path)!r} was altered: the SHA-256 of its tensors does not match the one recorded when it was saved.")
-        obj = klass(**meta.get("params", {}))
-        obj.load_state(tensors, meta.get("state", {}))
+        try:
+            obj = klass(**meta.get("params", {}))
+            obj.load_state(tensors, meta.get("state", {}))
+        except (TypeError, ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{os.fspath(path)!r}: cannot rebuild the {klass.__name__} it holds: {type(err).__name__}: {err}") from err
         return obj
 
 
@@ -238,13 +296,16 @@ class Detector(Persistent):
     # ---------------------------------------------------------------- conveniences
     def _batch(self, model: nn.Module, x: torch.Tensor, *, pool: str = "auto") -> Batch:
         device = model_device(model, x.device)
+        x = x.detach().to(device=device, dtype=torch.float32)  # float16/float64 images: the model's own dtype
         layers = self.feature_layers
         if layers:
             logits, feats = extract_features(model, x, layers, pool=pool)
         else:
             with torch.no_grad(), eval_mode(model):
-                logits, feats = torch.cat([model(x[i:i + 512].to(device)) for i in range(0, x.shape[0], 512)]), {}
-        return Batch(x.to(device), logits, feats, model)
+                logits, feats = torch.cat([call_model(model, x[i:i + 512]) for i in range(0, x.shape[0], 512)]), {}
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}.")
+        return Batch(x, logits, feats, model)
 
     def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> "Detector":
         """Fit on clean images ``x`` (``y``: their labels; default the model's predictions)."""
@@ -252,7 +313,7 @@ class Detector(Persistent):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         check_images(x, "x")
         batch = self._batch(model, x)
-        labels = batch.pred.cpu() if y is None else check_labels(y, "y", n=int(x.shape[0])).cpu()
+        labels = batch.pred.cpu() if y is None else check_labels(y, "y", n=int(x.shape[0]), num_classes=int(batch.logits.shape[1])).cpu()
         return self.fit_batch(batch, labels)
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +339,9 @@ class Detector(Persistent):
         if isinstance(clean, torch.Tensor) and clean.dim() == 1:
             if clean.numel() == 0:
                 raise ValueError("clean scores must be non-empty; got an empty tensor.")
+            if clean.dtype == torch.bool or clean.is_complex() or clean.is_meta:
+                raise TypeError(f"clean scores must be real numbers (a float tensor on cpu or cuda); got dtype {clean.dtype} on {clean.device}"
+                                " (flags are not scores).")
             scores = clean
         elif isinstance(clean, torch.Tensor) and clean.dim() == 4:
             if model is None:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guard.core.validation import check_int, check_labels
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, scoring_inputs
 
 __all__ = ["KNNRank", "KNNConsistency", "build_index", "knn_search", "torch_knn", "sabour_rank", "label_disagreement"]
 
@@ -221,7 +221,8 @@ class KNNRank(FeatureDetector):
             self.parts_ = {layer: self._part(layer).fit_features(feats, labels) for layer in self.layer}
             self.fitted_ = True
             return self
-        f = as_feature_dict(feats, [self.layer], type(self).__name__)[self.layer]
+        fd, labels = fitting_inputs(feats, labels, [self.layer], type(self).__name__)
+        f = fd[self.layer]
         labels = _check_bank(f, labels, self.k, type(self).__name__)
         self.bank_ = _prep(f, self.metric).contiguous()
         self.bank_labels_ = labels.long().contiguous()
@@ -277,6 +278,8 @@ class KNNRank(FeatureDetector):
         return out
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        scoring_inputs(feats, logits, self.feature_layers, type(self).__name__)
         return torch.stack(list(self.layer_scores(feats, logits).values()), 1).amax(1)
 
     def export_head(self) -> nn.Module:
@@ -374,10 +377,7 @@ class KNNConsistency(FeatureDetector):
             raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
         check_int(self.k, "k", owner, low=1)
         _check_metric(self.metric, owner)
-        fd = as_feature_dict(feats, self.layers, owner)
-        n = {layer: f.shape[0] for layer, f in fd.items()}
-        if len(set(n.values())) != 1:
-            raise ValueError(f"{owner}: every layer must have the same number of rows; got {n}.")
+        fd, labels = fitting_inputs(feats, labels, self.layers, owner)
         labels = _check_bank(next(iter(fd.values())), labels, self.k, owner)
         self.bank_labels_ = labels.long().contiguous()
         self.banks_ = {layer: _prep(f, self.metric).contiguous() for layer, f in fd.items()}
@@ -409,6 +409,8 @@ class KNNConsistency(FeatureDetector):
         return out
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        scoring_inputs(feats, logits, self.layers, type(self).__name__)
         return torch.stack(list(self.disagreement(feats, logits.argmax(1)).values()), 1).mean(1)
 
     def export_head(self) -> nn.Module:

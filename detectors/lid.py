@@ -22,8 +22,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from guard.core.validation import check_int, check_labels
-from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale
+from guard.core.validation import check_int
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
 from guard.detectors.knn import build_index, knn_search, torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
@@ -65,9 +65,8 @@ class LIDDetector(MultiLayerDetector):
             raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
         check_int(self.k, "k", owner, low=2)
         check_int(self.reference_size, "reference_size", owner, low=2)
-        fd = as_feature_dict(feats, self.layers, owner)
+        fd, _ = fitting_inputs(feats, labels, self.layers, owner)
         n = int(next(iter(fd.values())).shape[0])
-        check_labels(labels, "labels", n=n)
         if n <= self.k + 1:
             raise ValueError(f"{owner}: needs more than k + 1 = {self.k + 1} clean examples; got {n}.")
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.reference_size]
@@ -104,6 +103,8 @@ class LIDDetector(MultiLayerDetector):
         return torch.stack(cols, 1)
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        scoring_inputs(feats, logits, self.layers, type(self).__name__)
         return ((self.layer_lids(feats) - self.loc_) / self.scale_).mean(1)
 
     def export_head(self) -> nn.Module:

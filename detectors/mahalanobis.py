@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.core.validation import check_float, check_int, check_labels
-from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale
+from guard.core.validation import check_float, check_int
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
 
 __all__ = ["MahalanobisDetector", "closest_class_distance"]
 
@@ -74,8 +74,7 @@ class MahalanobisDetector(MultiLayerDetector):
             raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
         check_float(self.noise, "noise", owner, low=0.0)
         check_int(self.max_width, "max_width", owner, low=1)
-        fd = as_feature_dict(feats, self.layers, owner)
-        labels = check_labels(labels, "labels", n=int(next(iter(fd.values())).shape[0])).cpu()
+        fd, labels = fitting_inputs(feats, labels, self.layers, owner)
         classes = int(labels.max()) + 1
         dists = []
         for i, layer in enumerate(self.layers):
@@ -86,6 +85,9 @@ class MahalanobisDetector(MultiLayerDetector):
             means = torch.stack([f[labels == c].mean(0) if bool((labels == c).any()) else f.mean(0) for c in range(classes)])
             centred = (f - means[labels]).numpy()
             cov = EmpiricalCovariance(assume_centered=True).fit(centred)
+            if float(np.trace(cov.covariance_)) <= 1e-12:  # its (pseudo-)precision would be 0: every input scored 0, blind
+                raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (zero covariance); "
+                                 "fit on varied clean images or choose another layer.")
             prec = torch.from_numpy(np.asarray(cov.precision_))
             setattr(self, f"means{i}_", means.float())
             setattr(self, f"precision{i}_", prec.float())
@@ -108,6 +110,8 @@ class MahalanobisDetector(MultiLayerDetector):
         return torch.stack(cols, 1)
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        scoring_inputs(feats, logits, self.layers, type(self).__name__)
         return ((self.layer_distances(feats) - self.loc_) / self.scale_).mean(1)
 
     def score_batch(self, batch: Batch) -> torch.Tensor:

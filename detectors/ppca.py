@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.core.validation import check_float, check_int, check_labels
-from guard.detectors.base import Batch, FeatureDetector, as_feature_dict
+from guard.core.validation import check_float, check_int
+from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, fitting_inputs, scoring_inputs
 
 __all__ = ["PPCAManifold", "ppca_log_likelihood", "fit_ppca"]
 
@@ -112,10 +112,8 @@ class PPCAManifold(FeatureDetector):
         check_int(self.min_class_size, "min_class_size", owner, low=2)
         check_int(self.batch_size, "batch_size", owner, low=1)
         check_float(self.reg, "reg", owner, low=0.0, low_open=True)
-        f = as_feature_dict(feats, [self.layer], owner)[self.layer].cpu()
-        if f.shape[0] < 2:
-            raise ValueError(f"{owner}: fit needs at least 2 clean examples (an empty or one-row bank cannot define a PPCA); got {f.shape[0]}.")
-        labels = check_labels(labels, "labels", n=int(f.shape[0])).cpu()
+        fd, labels = fitting_inputs(feats, labels, [self.layer], owner, min_rows=2)  # one row cannot define a PPCA
+        f = fd[self.layer].cpu()
         x = f.double().numpy()
         floor = self.reg * (float(x.var(0).mean()) or 1.0)
         q = self.n_components
@@ -168,11 +166,14 @@ class PPCAManifold(FeatureDetector):
         return torch.stack([self._loglik(f, torch.full((n,), c, dtype=torch.long)) for c in range(self.means_.shape[0])], 1)
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        scoring_inputs(feats, logits, [self.layer], type(self).__name__)
         return -self.log_likelihood(feats, logits.argmax(1))
 
     def angular_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
         """Sine of the angle between ``x - mean_c`` and class c's principal subspace, c predicted."""
         f = self._features(feats)
+        scoring_inputs(feats, logits, [self.layer], type(self).__name__)
         c = logits.argmax(1).long().cpu().clamp(0, self.means_.shape[0] - 1)
         diff = f - self.means_[c]
         proj = torch.einsum("nqd,nd->nq", self.components_[c], diff)

@@ -5,8 +5,9 @@ salient thing the network sees: the patch alone is classified as the patched ima
 So the attribution map of a patched image has much of its mass inside one patch-sized window,
 while a clean image spreads it over the object. Attributions come from Captum: ``Saliency``
 (|d logit / d x|, Simonyan et al. 2014; one batched backward pass), ``IntegratedGradients``
-(Sundararajan et al. 2017) or ``LayerGradCam`` (Selvaraju et al. 2017, a class activation map
-at a named conv layer, upsampled to the input).
+(Sundararajan et al. 2017); Grad-CAM (Selvaraju et al. 2017, a class activation map at a named
+conv layer, upsampled to the input) is :func:`torch_attributions`' own, equal to Captum's
+``LayerGradCam`` but safe when several threads score with one model (Captum's layer hook is not).
 
 Score = the largest share of |attribution| mass inside any ``window x window`` square
 (average-pool with stride 1, then max, times ``window**2`` over the total), or with
@@ -22,6 +23,7 @@ attention): nothing about the model's layers is assumed.
 from __future__ import annotations
 
 import math
+import threading
 from typing import ClassVar
 
 import torch
@@ -30,7 +32,7 @@ from torch import nn
 
 from guard.core.features import get_layer
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import check_float, check_images, check_int
+from guard.core.validation import call_model, check_float, check_images, check_int, check_labels
 from guard.detectors.base import Batch, Detector
 
 __all__ = ["SaliencyConcentration", "window_share", "topk_share", "torch_attributions"]
@@ -80,7 +82,9 @@ def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
             total = total + g
         return ((x if create_graph else x.detach()) * total / n_steps).abs().sum(1)
     store: list[torch.Tensor] = []
-    handle = get_layer(model, layer).register_forward_hook(lambda _m, _i, out: store.append(out))
+    caller = threading.get_ident()  # the hook sees other threads' forwards through the same model too
+    handle = get_layer(model, layer).register_forward_hook(
+        lambda _m, _i, out: store.append(out) if threading.get_ident() == caller else None)
     try:
         logits = model(x)
     finally:
@@ -162,16 +166,19 @@ class SaliencyConcentration(Detector):
         return self.fit(batch.model, batch.x[:8])
 
     def attributions(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Non-negative attribution maps [N, H, W] for class ``target`` (channels summed), from Captum."""
-        from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
+        """Non-negative attribution maps [N, H, W] for class ``target`` (channels summed), from Captum (gradcam: see below)."""
+        from captum.attr import IntegratedGradients, Saliency
 
         if self.method == "saliency":
             a = Saliency(model).attribute(x, target=target, abs=True)
         elif self.method == "integrated_gradients":
             a = IntegratedGradients(model).attribute(x, target=target, n_steps=self.n_steps, method="riemann_right").abs()
         else:
-            cam = LayerGradCam(model, get_layer(model, self.layer)).attribute(x, target=target, relu_attributions=True)
-            a = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear").clamp_min(0)
+            # Not Captum's LayerGradCam here: its forward hook on the layer also fires for other threads'
+            # forwards through the same model (a served model scored from several threads gets their
+            # activations). torch_attributions keeps only its own thread's and equals Captum's map
+            # (tests/test_export.py::test_saliency_head_equals_captum).
+            return torch_attributions(model, x, target, "gradcam", layer=self.layer).detach()
         return a.detach().sum(1)
 
     def concentration(self, attr: torch.Tensor) -> torch.Tensor:
@@ -182,15 +189,20 @@ class SaliencyConcentration(Detector):
         """Concentration scores Tensor[N] for the predicted class (or ``target``)."""
         self._check_fitted()
         check_images(x, "x")
+        if target is not None:
+            target = check_labels(target, "target", n=int(x.shape[0]))
         device = model_device(model, x.device)
         out = []
         with eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size].to(device)
+                xb = x[i:i + self.batch_size].to(device=device, dtype=torch.float32)
+                with torch.no_grad():  # the predicted class, or a check that the model takes these images
+                    logits = call_model(model, xb if target is None else xb[:1])
                 if target is None:
-                    with torch.no_grad():
-                        tb = model(xb).argmax(1)
+                    tb = logits.argmax(1)
                 else:
+                    if i == 0:  # a class the model has no output for: IndexError deep in Captum otherwise
+                        check_labels(target, "target", num_classes=int(logits.shape[1]))
                     tb = target[i:i + self.batch_size].to(device)
                 # gradients w.r.t. the input only; works even when the caller is under
                 # torch.no_grad() or torch.inference_mode()

@@ -21,7 +21,7 @@ from torch import nn
 
 from guard.detectors.base import Batch, Detector
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import check_float, check_images, check_int
+from guard.core.validation import call_model, check_float, check_images, check_int
 
 __all__ = ["BitDepthSqueeze", "squeeze_bits", "squeeze_distance"]
 
@@ -78,10 +78,10 @@ class BitDepthSqueeze(Detector):
             self.bits_, self.clean_agreement_ = int(self.bits), float("nan")
         else:
             check_images(x, "x")
-            x = x[:1024]
             device = model_device(model, x.device)
+            x = x[:1024].to(device=device, dtype=torch.float32)
             with torch.no_grad(), eval_mode(model):
-                clean = torch.cat([model(x[i:i + self.batch_size].to(device)).argmax(1) for i in range(0, x.shape[0], self.batch_size)])
+                clean = torch.cat([call_model(model, x[i:i + self.batch_size]).argmax(1) for i in range(0, x.shape[0], self.batch_size)])
                 tried = range(1, self.max_bits + 1) if self.bits == "auto" else [int(self.bits)]
                 for b in tried:
                     sq = torch.cat([model(squeeze_bits(x[i:i + self.batch_size].to(device), b)).argmax(1)
@@ -108,8 +108,8 @@ class BitDepthSqueeze(Detector):
         out = []
         with eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size].to(device)
-                lb = model(xb) if logits is None else logits[i:i + self.batch_size].to(device)
+                xb = x[i:i + self.batch_size].to(device=device, dtype=torch.float32)
+                lb = call_model(model, xb) if logits is None else logits[i:i + self.batch_size].to(device)
                 out.append(squeeze_distance(lb, model(squeeze_bits(xb, self.bits_))))
         return torch.cat(out).float().cpu()
 

@@ -154,6 +154,14 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
     import copy
 
     guarded = hasattr(obj, "detectors") and hasattr(obj, "model")
+    if isinstance(leave_out, str):  # one name, not its letters ("knn" in "knn_consistency" would match)
+        leave_out = [leave_out]
+    if not isinstance(leave_out, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in leave_out):
+        raise TypeError(f"leave_out must be a list of detector names; got {leave_out!r:.80}.")
+    unknown = sorted(set(leave_out) - set(obj.detectors)) if guarded else []
+    if unknown:
+        raise ValueError(f"leave_out names {unknown}, which are not detectors of this GuardedModel ({sorted(obj.detectors)}).")
+    leave_out = set(leave_out)
     model = obj.model if guarded else obj
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
         model = copy.deepcopy(model).cpu()

@@ -26,6 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from guard.core.integrity import pinned_sha256, resolve_key
+from guard.core.validation import check_int
+from guard.export.signing import verify_graph
+
 __all__ = ["load_session", "GuardSession", "SessionReport", "ProviderError"]
 
 log = logging.getLogger(__name__)
@@ -86,7 +90,11 @@ class GuardSession:
     def check_input(self, x: Any) -> np.ndarray:
         """``x`` as a contiguous float32 array; ValueError naming the input if its shape is wrong."""
         if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().numpy()
+            if x.is_meta:
+                raise ValueError(f"input {self.input_name!r} is on the meta device (a tensor without data); expected images on 'cpu' or 'cuda'.")
+            if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
+                raise TypeError(f"input {self.input_name!r} must be floating point in [0, 1]; got dtype {x.dtype}.")
+            x = x.detach().cpu().float().numpy()
         if not isinstance(x, np.ndarray):
             raise TypeError(f"input {self.input_name!r} must be a numpy array or torch tensor; got {type(x).__name__}.")
         want = ["batch" if d is None else d for d in self.input_shape]
@@ -96,7 +104,13 @@ class GuardSession:
             raise ValueError(f"input {self.input_name!r} must hold at least one image; got shape {list(x.shape)}.")
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"input {self.input_name!r} must be floating point in [0, 1]; got dtype {x.dtype}.")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        arr = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(arr).all():
+            raise ValueError(f"input {self.input_name!r} must be finite; got {int((~np.isfinite(arr)).sum())} NaN/inf value(s).")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"input {self.input_name!r} must lie in [0, 1] (pixel space); got values in [{lo:.4g}, {hi:.4g}].")
+        return arr
 
     def run(self, x: Any, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run the graph on images ``x`` (N, C, H, W); returns output name -> array."""
@@ -127,7 +141,8 @@ def _node_placement(sess: Any) -> list[dict[str, Any]]:
 
 
 def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: bool = True, *, threads: int | None = None,
-                 optimization: str = "all") -> GuardSession:
+                 optimization: str = "all", key: bytes | None = None, key_env: str | None = None,
+                 expected_sha256: str | None = None) -> GuardSession:
     """Open an exported graph with onnxruntime on ``device``, never falling back silently.
 
     Args:
@@ -139,18 +154,35 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         threads: intra-op threads (None: onnxruntime's default, all cores); pin it to compare
             latencies.
         optimization: graph optimisation level: "all", "extended", "basic" or "disabled".
+        key: the HMAC key the graph was signed with (bytes; ``to_onnx(..., key=...)``): a
+            signed graph needs it, and with a key an unsigned graph is refused.
+        key_env: read the key from this environment variable instead.
+        expected_sha256: the digest ``to_onnx`` returned (``report.sha256``); the graph must
+            match it. Without a pin, ``PATH.sha256`` beside the graph (when present) is checked.
 
     Returns:
         a :class:`GuardSession`.
+
+    Raises:
+        guard.core.integrity.IntegrityError: (a ValueError) the graph or its external data
+            fail the checks of :func:`guard.export.signing.verify_graph`; nothing is served.
     """
     import onnxruntime as ort
 
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False; got {type(strict).__name__} {strict!r}.")
     if not isinstance(device, str) or device.lower() not in _PROVIDERS:
         raise ValueError(f"device must be 'cuda' or 'cpu'; got {device!r}.")
     device = device.lower()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
     p = Path(os.fspath(path))
     if not p.is_file():
         raise ValueError(f"path {str(p)!r} is not a file; export one with export.to_onnx first.")
+    if threads is not None:
+        threads = check_int(threads, "threads", "load_session", low=1)
+    secret = resolve_key(key, key_env)
+    expected_sha256 = pinned_sha256(expected_sha256)
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     if optimization not in levels:
@@ -176,8 +208,9 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         opts.inter_op_num_threads = 1
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"guard_ort_profile_{os.getpid()}_{time.monotonic_ns()}")
-    try:
-        sess = ort.InferenceSession(str(p), sess_options=opts, providers=providers)
+    graph, external = verify_graph(p, secret, expected_sha256)
+    try:  # the verified bytes themselves, unless onnxruntime must find external data beside the file
+        sess = ort.InferenceSession(str(p) if external else graph, sess_options=opts, providers=providers)
     except Exception as err:  # onnxruntime raises its own exception types (InvalidGraph, Fail, ...)
         raise ValueError(f"onnxruntime cannot load {str(p)!r}: {err}") from err
     report.providers = list(sess.get_providers())

@@ -14,6 +14,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +24,11 @@ import warnings
 import torch
 from torch import nn
 
+from guard.core.integrity import resolve_key
+from guard.core.models import eval_mode, model_device
+from guard.core.validation import call_model, check_images, check_int
 from guard.export.graph import build_export_head, trace
-from guard.core.validation import check_images, check_int
+from guard.export.signing import bind_external_data, commit, seal_graph, staging_dir
 
 __all__ = ["to_onnx", "ExportReport", "ExportError"]
 
@@ -49,6 +53,9 @@ class ExportReport:
         output_names: graph outputs in order.
         heads: which detector heads are in the graph, and notes on those left out.
         external_data: True when weights were written beside the file (models > 2 GB).
+        external_files: the names of those files (their SHA-256 is recorded inside the graph).
+        sha256: SHA-256 of the .onnx file (also in ``path + ".sha256"``, ``digest_path``).
+        signed: True when an HMAC-SHA256 signature was written (``signature_path``).
         parity: per-output figures from :func:`export.parity.check_parity` (when inputs given).
     """
 
@@ -65,6 +72,11 @@ class ExportReport:
     checker: str = "onnx.checker.check_model(full_check=True): passed"
     versions: dict[str, str] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
+    sha256: str = ""
+    signed: bool = False
+    digest_path: str = ""
+    signature_path: str | None = None
+    external_files: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +106,22 @@ def _failing_op(err: BaseException) -> str:
     return first
 
 
+def _check_written(proto: Any, out: Path, opset: int | None, names: list[str]) -> tuple[int, list[Any], list[str]]:
+    """The opset, input dims and output names of the written graph, checked against what was asked."""
+    got_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got_opset is None:
+        raise ValueError(f"{str(out)!r} declares no default-domain opset.")
+    if opset is not None and got_opset != opset:
+        raise ValueError(f"asked for opset {opset} but the exporter wrote opset {got_opset} to {str(out)!r}.")
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if dims and not isinstance(dims[0], str):
+        raise ValueError(f"the exported graph's batch dimension is fixed to {dims[0]}, not dynamic.")
+    got_names = [o.name for o in proto.graph.output]
+    if got_names != names:
+        raise ValueError(f"the exported graph's outputs are {got_names}; expected {names}.")
+    return int(got_opset), dims, got_names
+
+
 def to_onnx(
     guarded_or_hardened: nn.Module,
     path: str | os.PathLike[str],
@@ -104,6 +132,8 @@ def to_onnx(
     leave_out: Sequence[str] = (),
     strict: bool = True,
     parity_inputs: torch.Tensor | None = None,
+    key: bytes | None = None,
+    key_env: str | None = None,
 ) -> ExportReport:
     """Export the model and its detector heads as one ONNX graph with a dynamic batch.
 
@@ -120,6 +150,14 @@ def to_onnx(
         strict: a detector without an export head raises (True) or is left out with a note.
         parity_inputs: if given, compare PyTorch and onnxruntime on them (batch sizes 1, 7, 64)
             and put the figures in the report.
+        key: sign the graph with HMAC-SHA256 under this secret (bytes): ``PATH.sig``;
+            :func:`~guard.export.load_session` then needs the key.
+        key_env: read the key from this environment variable instead.
+
+    The graph is written atomically (a temporary folder beside ``path``, checked there, then
+    renamed into place) and its SHA-256 is written to ``PATH.sha256`` and returned in
+    ``report.sha256``: pin it with ``load_session(..., expected_sha256=...)``
+    (:mod:`guard.export.signing`).
 
     Returns:
         An :class:`ExportReport`.
@@ -142,6 +180,15 @@ def to_onnx(
     if not out.parent.is_dir():
         raise ValueError(f"path {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first.")
     check_images(example_input, "example_input")
+    secret = resolve_key(key, key_env)
+    inner = guarded_or_hardened.model if hasattr(guarded_or_hardened, "detectors") else guarded_or_hardened
+    with torch.no_grad(), eval_mode(inner):  # a wrong image size fails here, with its name, not deep in the tracer
+        call_model(inner, example_input[:1].detach().float().to(model_device(inner, example_input.device)), "example_input")
+    if parity_inputs is not None:
+        check_images(parity_inputs, "parity_inputs")
+        if tuple(parity_inputs.shape[1:]) != tuple(example_input.shape[1:]):
+            raise ValueError(f"parity_inputs must have the shape of example_input's images (N, {', '.join(map(str, example_input.shape[1:]))}); "
+                             f"got {tuple(parity_inputs.shape)}.")
     if opset is not None:
         opset = check_int(opset, "opset", "to_onnx", low=7)
     example = example_input.detach().float().cpu()
@@ -163,31 +210,34 @@ def to_onnx(
     log.debug("exporter output: %s", sink.getvalue())
     size = sum(int(t.numel()) * t.element_size() for t in {id(t): t for t in head.state_dict().values()}.values())
     external = size > _TWO_GB - 64 * 1024**2
-    prog.save(str(out), external_data=external)
-    onnx.checker.check_model(str(out), full_check=True)
-    proto = onnx.load(str(out), load_external_data=False)
-    got_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    if got_opset is None:
-        raise ValueError(f"{str(out)!r} declares no default-domain opset.")
-    if opset is not None and got_opset != opset:
-        raise ValueError(f"asked for opset {opset} but the exporter wrote opset {got_opset} to {str(out)!r}.")
-    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
-    if dims and not isinstance(dims[0], str):
-        raise ValueError(f"the exported graph's batch dimension is fixed to {dims[0]}, not dynamic.")
-    got_names = [o.name for o in proto.graph.output]
-    if got_names != names:
-        raise ValueError(f"the exported graph's outputs are {got_names}; expected {names}.")
+    staged_dir = staging_dir(out)
+    try:  # write and check in a temporary folder beside the target; rename into place only once it passed
+        staged = staged_dir / out.name
+        prog.save(str(staged), external_data=external)
+        data_files = bind_external_data(staged)
+        onnx.checker.check_model(str(staged), full_check=True)
+        proto = onnx.load(str(staged), load_external_data=False)
+        got_opset, dims, got_names = _check_written(proto, out, opset, names)
+        commit(staged, out, data_files)
+    finally:
+        shutil.rmtree(staged_dir, ignore_errors=True)
+    digest, digest_path, sig_path = seal_graph(out, secret)
     import onnxruntime
 
     report = ExportReport(
         path=str(out), opset=int(got_opset), input_name=proto.graph.input[0].name, input_shape=["batch", *dims[1:]],
         output_names=got_names, heads=notes, fp16_backbone=fp16_backbone, external_data=external,
-        file_bytes=out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(out.name + ".data")),
+        file_bytes=out.stat().st_size + sum((out.parent / f).stat().st_size for f in data_files),
         seconds=0.0, versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        sha256=digest, signed=secret is not None, digest_path=str(digest_path), signature_path=None if sig_path is None else str(sig_path),
+        external_files=data_files,
     )
     if parity_inputs is not None:
         from guard.export.parity import check_parity
 
-        report.parity = check_parity(head, out, parity_inputs).to_dict()
+        from guard.export.session import load_session
+
+        session = load_session(out, "cpu", key=secret, expected_sha256=digest)
+        report.parity = check_parity(head, session, parity_inputs).to_dict()
     report.seconds = round(time.perf_counter() - t0, 3)
     return report

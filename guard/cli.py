@@ -33,6 +33,26 @@ def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--test-size", type=int, default=None, metavar="N", help="use at most N held-out images")
 
 
+def _add_key_env(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--key-env", metavar="VAR", default=None,
+                   help=f"sign {what} with HMAC-SHA256 under the key held in environment variable VAR (and verify what is "
+                        "loaded with it); without it, files carry a SHA-256 digest (FILE.sha256) only")
+
+
+def _check_key_env(args: argparse.Namespace) -> None:
+    """Fail before any work when --key-env names an unset variable or --device a missing device."""
+    if getattr(args, "key_env", None) is not None:
+        from guard.core.integrity import resolve_key
+
+        resolve_key(key_env=args.key_env)
+    if getattr(args, "device", None) is not None:
+        from guard.core.validation import check_device
+
+        check_device(args.device, "--device")
+    if getattr(args, "repetitions", 1) < 1:
+        raise ValueError(f"--repetitions must be >= 1; got {args.repetitions}.")
+
+
 @dataclass
 class _Setup:
     model: Any
@@ -105,6 +125,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetitions", type=int, default=10, help="random-placement repetitions for patch curves (default 10)")
     p.add_argument("--resume", action="store_true", help="keep the sections already in OUT/report.json")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+    _add_key_env(p, "OUT/guarded, the hardened model and OUT/model.onnx")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_audit)
 
@@ -112,9 +133,10 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from guard.audit import AuditOptions, run_audit
 
+    _check_key_env(args)
     s = _setup(args, progress=not args.quiet)
     opts = AuditOptions(seed=args.seed, quick=args.quick, harden=args.harden, export=not args.no_export,
-                        repetitions=args.repetitions, progress=not args.quiet, device=args.device)
+                        repetitions=args.repetitions, progress=not args.quiet, device=args.device, key_env=args.key_env)
     report = run_audit(s.model, s.train, s.test, args.out, model_name=s.name, data_source=s.source, options=opts, resume=args.resume)
     m = report.get("model", {})
     print(f"clean accuracy {m.get('clean_accuracy', float('nan')):.4f} on {m.get('data', {}).get('test')} held-out images")
@@ -192,6 +214,7 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--device", default="cpu")
+    _add_key_env(p, "OUT/hardened_model.safetensors")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_harden)
 
@@ -205,6 +228,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     from guard.training import AttackBudget, HardenConfig, harden
     from guard.training.distributed import init_from_env, world
 
+    _check_key_env(args)
     s = _setup(args, progress=not args.quiet)
     config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
                           batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
@@ -226,7 +250,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
         return 0
     section = harden_section(res, seconds=time.perf_counter() - t0, settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size})
     path = out / "hardened_model.safetensors"
-    res.model.save(path)
+    section["model_sha256"] = res.model.save(path, key_env=args.key_env)
     section["model_path"] = str(path)
     atomic_write_text(out / "harden.json", json.dumps({"harden": section, "world_size": size}, indent=2) + "\n")
 
@@ -262,6 +286,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--leave-out", default="", metavar="NAMES", help="comma-separated detectors whose heads stay out of the graph")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.add_argument("--seed", type=int, default=0)
+    _add_key_env(p, "the .onnx file (FILE.sig)")
+    p.add_argument("--guarded-sha256", metavar="HEX", default=None,
+                   help="refuse the --guarded folder unless its guarded.json has this SHA-256 (what GuardedModel.save returned)")
+    p.add_argument("--hardened-sha256", metavar="HEX", default=None, help="refuse the --hardened file unless it has this SHA-256")
     p.set_defaults(func=_cmd_export)
 
 
@@ -269,15 +297,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import guard
     from guard.export import to_onnx
 
+    _check_key_env(args)
     s = _setup(args, progress=False)
     model = s.model
     if args.hardened:
-        model = guard.RejectClassifier.load(args.hardened, model)
-    obj = guard.GuardedModel.load(args.guarded, model) if args.guarded else model
+        model = guard.RejectClassifier.load(args.hardened, model, key_env=args.key_env, expected_sha256=args.hardened_sha256)
+    obj = guard.GuardedModel.load(args.guarded, model, key_env=args.key_env, expected_sha256=args.guarded_sha256) \
+        if args.guarded else model
     x = s.test.x[:64]
     rep = to_onnx(obj, args.out, x[:8], opset=args.opset, fp16_backbone=args.fp16_backbone,
-                  leave_out=[n for n in args.leave_out.split(",") if n], parity_inputs=None if args.no_check else x)
+                  leave_out=[n for n in args.leave_out.split(",") if n], parity_inputs=None if args.no_check else x,
+                  key_env=args.key_env)
     print(f"wrote {rep.path} (opset {rep.opset}, {rep.file_bytes / 1e6:.1f} MB, outputs: {', '.join(rep.output_names)})")
+    print(f"sha256 {rep.sha256} (also in {rep.digest_path}); serve it with load_session(..., expected_sha256=...)")
+    if rep.signed:
+        print(f"signed with HMAC-SHA256 under the key in ${args.key_env}: {rep.signature_path}")
     if rep.heads.get("left_out"):
         print(f"left out: {rep.heads['left_out']}")
     if rep.parity is not None:

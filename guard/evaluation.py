@@ -69,6 +69,13 @@ def _adv(item: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         raise TypeError(f"attacks[{name!r}] must be an AttackResult, (x_adv, success), a dict with 'x_adv', or images; got {type(item).__name__}.")
     check_images(x, f"attacks[{name!r}].x_adv", allow_empty=True)
+    if ok is not None:
+        if not isinstance(ok, torch.Tensor):
+            raise TypeError(f"attacks[{name!r}]: success must be a bool Tensor[N]; got {type(ok).__name__}.")
+        if ok.is_floating_point() or ok.is_complex() or ok.is_meta or (ok.dtype != torch.bool and ok.numel() and
+                                                                      not bool(((ok == 0) | (ok == 1)).all())):
+            raise TypeError(f"attacks[{name!r}]: success must be a bool Tensor[N] (or 0/1 integers); got dtype {ok.dtype}"
+                            f"{' with values other than 0/1' if not ok.is_floating_point() else ''}.")
     ok = torch.ones(x.shape[0], dtype=torch.bool) if ok is None else ok.detach().bool().cpu().reshape(-1)
     if ok.shape[0] != x.shape[0]:
         raise ValueError(f"attacks[{name!r}]: success must have one entry per image ({x.shape[0]}); got {ok.shape[0]}.")
@@ -110,6 +117,8 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         successful-only figures are ``None`` when no adversarial succeeded. With
         ``adaptive=True``, plus ``"adaptive"``: the section :func:`evaluate_adaptive` returns.
     """
+    if not (hasattr(guarded, "detectors") and hasattr(guarded, "score") and hasattr(guarded, "combined")):
+        raise TypeError(f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}.")
     x_clean = clean.x if isinstance(clean, Split) else clean
     check_images(x_clean, "clean")
     if not isinstance(attacks, Mapping):

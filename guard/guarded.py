@@ -24,9 +24,11 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,9 +38,10 @@ from torch import nn
 
 from guard.core.cache import atomic_write_text
 from guard.core.data import Split, load_data
+from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
 from guard.core.models import eval_mode, model_device
-from guard.core.validation import NotFittedError, check_images, check_int, check_probability
+from guard.core.validation import NotFittedError, call_model, check_images, check_int, check_labels, check_probability
 from guard.detectors import DETECTORS, Batch, Combined, Detector
 from guard.detectors.combined import RULES
 
@@ -47,7 +50,9 @@ __all__ = ["wrap", "GuardedModel", "GuardedOutput", "DEFAULT_DETECTORS", "proxy_
 log = logging.getLogger(__name__)
 
 DEFAULT_DETECTORS = ("saliency", "knn", "ppca", "knn_consistency", "squeeze")
-FORMAT = "guard.guarded/2"
+FORMAT = "guard.guarded/3"
+INDEX = "guarded.json"
+_MEMBER_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 
 
 @dataclass
@@ -127,7 +132,7 @@ class GuardedModel(nn.Module):
         if combine not in RULES:
             raise ValueError(f"combine must be one of {RULES}; got {combine!r}.")
         self.combine = combine
-        self.flag_with = None if flag_with is None else list(flag_with)
+        self.flag_with = None if flag_with is None else _names(flag_with, "flag_with")
         self.left_out_: dict[str, str] = {}
         self.feature_widths_: dict[str, int] = {}
 
@@ -141,13 +146,13 @@ class GuardedModel(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> Batch:
         """One forward pass: logits and the pooled features of every detector's layers."""
-        x = x.to(self._device(), dtype=torch.float32)
+        x = x.detach().to(self._device(), dtype=torch.float32)
         with torch.no_grad(), eval_mode(self.model):
             layers = self.feature_layers
             if layers:
                 logits, feats = FeatureExtractor(self.model, layers)(x, pool=self.pool)
             else:
-                logits, feats = self.model(x), {}
+                logits, feats = call_model(self.model, x), {}
         return Batch(x, logits, feats, self.model)
 
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
@@ -219,6 +224,10 @@ class GuardedModel(nn.Module):
         layers = self.feature_layers
         chunks = [self._forward(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
         logits = torch.cat([c.logits for c in chunks])
+        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
+            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}.")
+        if labels is not None:  # labels the model cannot output would silently skew the label-based detectors
+            check_labels(labels, "data labels", num_classes=int(logits.shape[1]))
         feats = {layer: torch.cat([c.features[layer] for c in chunks]) for layer in layers}
         self.feature_widths_ = {layer: int(f.shape[1]) for layer, f in feats.items()}
         batch = Batch(x.to(self._device()), logits, feats, self.model)
@@ -244,6 +253,7 @@ class GuardedModel(nn.Module):
         """
         fpr = check_probability(fpr, "fpr", "GuardedModel.calibrate")
         x = clean_data.x if isinstance(clean_data, Split) else clean_data
+        check_images(x, "clean_data")
         _, scores, errors = self.score(x)
         proxy = None
         if self.combine == "weighted":
@@ -289,48 +299,99 @@ class GuardedModel(nn.Module):
         return torch.where(out.flagged, torch.full_like(pred, -1), pred)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
+    def save(self, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None) -> str:
         """Write the detectors (one safetensors file each) and ``guarded.json`` into folder ``path``.
 
-        The model itself is not saved: pass it again to :meth:`load`.
+        ``guarded.json`` lists every member file with its SHA-256 and is sealed itself
+        (:mod:`guard.core.integrity`; an HMAC-SHA256 with ``key``/``key_env``, the members are
+        signed with the same key), so editing the index, or swapping a member file for another,
+        is caught by :meth:`load`. The model itself is not saved: pass it again to :meth:`load`.
+
+        Returns:
+            the SHA-256 of ``guarded.json`` (which pins every member), also written to
+            ``guarded.json.sha256``; pass it to ``load(..., expected_sha256=...)``.
         """
         if not self.detectors:
             raise NotFittedError("This GuardedModel is not fitted yet; there is nothing to save.")
+        secret = resolve_key(key, key_env)
+        for name in self.detectors:
+            if not _MEMBER_NAME.fullmatch(name) or name == "combined":
+                raise ValueError(f"detector name {name!r} cannot name a file in the saved folder; expected letters, digits, "
+                                 "'_', '-' or '.' (not starting with '.') and not 'combined'.")
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         index: dict[str, Any] = {"format": FORMAT, "detectors": {}, "batch_size": self.batch_size, "pool": self.pool,
                                  "layers": self.layers, "left_out": self.left_out_, "feature_widths": self.feature_widths_,
                                  "combine": self.combine, "flag_with": self.flag_with}
         for name, det in self.detectors.items():
-            det.save(folder / f"{name}.safetensors")
-            index["detectors"][name] = f"{name}.safetensors"
+            fname = f"{name}.safetensors"
+            index["detectors"][name] = {"file": fname, "sha256": det._write(folder / fname, secret, False)}
         if self.combined is not None:
-            self.combined.save(folder / "combined.safetensors")
-            index["combined"] = "combined.safetensors"
-        atomic_write_text(folder / "guarded.json", json.dumps(index, indent=2) + "\n")
+            index["combined"] = {"file": "combined.safetensors", "sha256": self.combined._write(folder / "combined.safetensors", secret, False)}
+        index = json.loads(json.dumps(index))
+        index["integrity"] = content_seal(index, key=secret)
+        text = json.dumps(index, indent=2) + "\n"
+        atomic_write_text(folder / INDEX, text)
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        write_digest_file(folder / INDEX, digest)
+        return digest
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], model: nn.Module) -> "GuardedModel":
-        """Load what :meth:`save` wrote around ``model``; ValueError on a damaged or altered file."""
+    def load(cls, path: str | os.PathLike[str], model: nn.Module, *, key: bytes | None = None, key_env: str | None = None,
+             expected_sha256: str | None = None) -> "GuardedModel":
+        """Load what :meth:`save` wrote around ``model``; ValueError on a damaged, altered or swapped file.
+
+        Args:
+            path: the folder.
+            model: the classifier the detectors were fitted on.
+            key / key_env: the key the folder was signed with (required for a signed folder;
+                with a key, an unsigned folder is refused).
+            expected_sha256: the digest :meth:`save` returned (of ``guarded.json``, which pins
+                every member file).
+        """
         folder = Path(path)
-        idx_path = folder / "guarded.json"
+        idx_path = folder / INDEX
         if not idx_path.is_file():
-            raise ValueError(f"{str(folder)!r} is not a saved GuardedModel folder (no guarded.json).")
+            raise ValueError(f"{str(folder)!r} is not a saved GuardedModel folder (no {INDEX}).")
+        secret = resolve_key(key, key_env)
+        raw = idx_path.read_bytes()
+        where = f"GuardedModel index {str(idx_path)!r}"
+        check_expected_sha256(expected_sha256, hashlib.sha256(raw).hexdigest(), where)
         try:
-            index = json.loads(idx_path.read_text())
-        except json.JSONDecodeError as err:
+            index = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{str(idx_path)!r} is not valid JSON: {err}") from err
         if not isinstance(index, dict) or index.get("format") != FORMAT:
             raise ValueError(f"{str(idx_path)!r} has an unknown format {index.get('format') if isinstance(index, dict) else None!r} "
-                             f"(expected {FORMAT!r}).")
-        dets = {name: Detector.load(folder / fname) for name, fname in index["detectors"].items()}
+                             f"(expected {FORMAT!r}; a folder written by an older guard: fit and save it again).")
+        check_seal(index.pop("integrity", None), index, None, secret, where)
+
+        def member(entry: Any, what: str) -> Any:
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or Path(entry["file"]).name != entry["file"] \
+                    or entry["file"].startswith(".") or not isinstance(entry.get("sha256"), str):
+                raise ValueError(f"{where}: {what} must be {{'file': a file name in the folder, 'sha256': hex}}; got {entry!r:.100}.")
+            return Detector.load(folder / entry["file"], key=secret, expected_sha256=entry.get("sha256")) if what != "combined" \
+                else Combined.load(folder / entry["file"], key=secret, expected_sha256=entry.get("sha256"))
+
+        if not isinstance(index.get("detectors"), dict):
+            raise ValueError(f"{where}: 'detectors' must map names to member files; got {index.get('detectors')!r:.100}.")
+        dets = {name: member(entry, f"detector {name!r}") for name, entry in index["detectors"].items()}
         guarded = cls(model, dets, layers=index.get("layers"), pool=index.get("pool", "auto"), batch_size=index.get("batch_size", 512),
                       combine=index.get("combine", "max"), flag_with=index.get("flag_with"))
         guarded.left_out_ = dict(index.get("left_out", {}))
         guarded.feature_widths_ = dict(index.get("feature_widths", {}))
         if "combined" in index:
-            guarded.combined = Combined.load(folder / index["combined"])  # type: ignore[assignment]
+            guarded.combined = member(index["combined"], "combined")  # type: ignore[assignment]
         return guarded
+
+
+def _names(value: Any, name: str) -> list[Any]:
+    """A list from a list/tuple/set or a single name (a str is one name, not its letters)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, set, frozenset)) or (hasattr(value, "__iter__") and not isinstance(value, (bytes, torch.Tensor, Mapping))):
+        return list(value)
+    raise TypeError(f"{name} must be a list of names (or one name); got {type(value).__name__}.")
 
 
 def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, Detector] | None = None,
@@ -362,7 +423,7 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if layers is not None:
-        layers = [layers] if isinstance(layers, str) else list(layers)
+        layers = _names(layers, "layers")
         if not layers:
             raise ValueError("layers must name at least one layer; got an empty list.")
         for lay in layers:
@@ -373,7 +434,7 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
         dets, names = dict(detectors), []
     else:
         dets, names = {}, []
-        for d in detectors:
+        for d in _names(detectors, "detectors") if not isinstance(detectors, Detector) else [detectors]:
             if isinstance(d, str):
                 if d not in DETECTORS:
                     raise ValueError(f"unknown detector {d!r}; expected one of {sorted(DETECTORS)} or a Detector instance.")

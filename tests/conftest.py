@@ -29,6 +29,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module (hypothesis tests take no function-scoped fixtures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ModelSnapshot:
     """Everything an attack must leave as it was: weights, requires_grad, .grad, each module's mode."""
 
@@ -73,3 +82,15 @@ def tiny_model(demo_split) -> DemoNet:
 def demo_net() -> DemoNet:
     """The real demo model (cached in the user cache; trained once, ~25 s, if missing)."""
     return guard.demo_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def knn_graph(tiny_model, small_split, tmp_path_factory):
+    """A GuardedModel (kNN only, calibrated to 5% FPR) and its unsigned ONNX export (``(guarded, ExportReport)``).
+
+    Shared by the export-integrity tests and the fuzzing of the ONNX session (one export: ~10 s).
+    """
+    train, test = small_split
+    g = guard.wrap(tiny_model, detectors=["knn"]).fit(train).calibrate(test.x[:128], fpr=0.05)
+    rep = guard.to_onnx(g, tmp_path_factory.mktemp("knn_graph") / "plain.onnx", test.x[:8])
+    return g, rep

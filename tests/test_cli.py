@@ -114,3 +114,33 @@ def test_skipped_step_runs_on_resume_when_enabled(tmp_path, tiny_model, small_sp
     assert rep["skipped"] == {"opt": "needs --harden"} and "opt" not in rep["_completed_steps"] and "opt" not in rep
     rep = run_audit(tiny_model, train, test, tmp_path, steps=[Optional()], resume=True, options=AuditOptions(harden=True))
     assert rep["opt"] == {"ran": True} and rep["_completed_steps"] == ["opt"] and "skipped" not in rep
+
+
+def test_export_signs_with_a_key_env_and_refuses_a_signed_folder_without_it(tmp_path, demo_net, small_split, monkeypatch, capsys):
+    """`guard export --guarded DIR --key-env VAR`: the folder is verified and the graph signed with $VAR."""
+    import guard
+    from guard.core.integrity import IntegrityError
+    from guard.export import load_session
+    from integrity_tools import KEY
+
+    train, test = small_split
+    folder = tmp_path / "guarded"
+    digest = guard.wrap(demo_net, ["knn"]).fit(train).calibrate(test.x[:128], fpr=0.05).save(folder, key=KEY)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check"]) == 2
+    assert "is signed" in capsys.readouterr().err and not out.exists()
+    monkeypatch.delenv("GUARD_TEST_KEY", raising=False)
+    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY"]) == 2
+    assert "GUARD_TEST_KEY is not set" in capsys.readouterr().err
+    monkeypatch.setenv("GUARD_TEST_KEY", KEY.decode())
+    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY",
+                 "--guarded-sha256", "0" * 64]) == 2
+    assert "altered or replaced" in capsys.readouterr().err
+    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY",
+                 "--guarded-sha256", digest]) == 0
+    printed = capsys.readouterr().out
+    sha = next(line.split()[1] for line in printed.splitlines() if line.startswith("sha256 "))
+    assert "signed with HMAC-SHA256" in printed and (tmp_path / "m.onnx.sig").is_file()
+    load_session(out, "cpu", key=KEY, expected_sha256=sha)
+    with pytest.raises(IntegrityError, match="is signed"):
+        load_session(out, "cpu")

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from conftest import ModelSnapshot
+from integrity_tools import KEY, rewrite_meta
 from guard.attacks import ATTACKS, Attack, AttackResult, Fooler
 from guard.attacks.patching import patch_side
+from guard.core.integrity import IntegrityError
 from guard.core.validation import NotFittedError
 from guard.detectors import DETECTORS, Batch, Detector
 from guard.guarded import GuardedModel
@@ -98,6 +100,12 @@ def test_detector_contract(name, fitted_detectors, tiny_model, small_split, tmp_
     back = Detector.load(tmp_path / "d.safetensors")
     assert type(back) is type(det) and back.threshold_ == det.threshold_
     torch.testing.assert_close(back.score_batch(clean), scores)
+    # signed: the key round-trips it; a threshold raised in the file and resealed without the key is refused
+    det.save(tmp_path / "s.safetensors", key=KEY)
+    assert Detector.load(tmp_path / "s.safetensors", key=KEY).threshold_ == det.threshold_
+    rewrite_meta(tmp_path / "s.safetensors", lambda m: m["state"].update(threshold_=1e9), reseal=True)
+    with pytest.raises(IntegrityError, match="not signed"):
+        Detector.load(tmp_path / "s.safetensors", key=KEY)
     # the ONNX head computes the eager score from the same batch
     batch = fitted_detectors._forward(test.x[128:192])
     head = det.export_head().eval()

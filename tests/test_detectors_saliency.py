@@ -84,3 +84,18 @@ def test_bit_depth_squeeze_undoes_small_linf_noise(tiny_model, small_split) -> N
     assert float(det.score(tiny_model, noisy).mean()) > 0.0
     with pytest.raises(ValueError, match="'bits' parameter"):
         BitDepthSqueeze(bits=0).fit(tiny_model)
+
+
+def test_gradcam_map_equals_captums_layer_gradcam(tiny_model, small_split) -> None:
+    """The eager Grad-CAM (guard's own, thread-safe) is Captum's LayerGradCam, upsampled and summed."""
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    _, test = small_split
+    x = test.x[:32]
+    target = tiny_model(x).argmax(1)
+    det = SaliencyConcentration("gradcam", layer="conv2").fit(tiny_model, x)
+    mine = det.attributions(tiny_model, x.clone().requires_grad_(True), target)
+    cam = LayerGradCam(tiny_model, tiny_model.conv2).attribute(x.clone().requires_grad_(True), target=target, relu_attributions=True)
+    ref = LayerAttribution.interpolate(cam, (28, 28), interpolate_mode="bilinear").clamp_min(0).detach().sum(1)
+    assert float(ref.abs().max()) > 0
+    torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-5)

@@ -80,3 +80,23 @@ def test_export_step_hardened_refits_the_guarded_heads(tiny_model, small_split, 
     assert sec["source"] == "hardened+guarded"
     assert "reject_prob" in sec["outputs"] and "knn_score" in sec["outputs"]
     assert sec["parity_full"]["clean"]["pred"]["agreement"] == 1.0
+
+
+def test_audit_signs_with_key_env_and_refuses_a_swapped_folder_on_resume(tiny_model, small_split, tmp_path, monkeypatch):
+    """``AuditOptions(key_env=...)``: OUT/guarded is signed; resume verifies it against the key and the report's digest."""
+    from guard.core.integrity import IntegrityError
+    from integrity_tools import KEY
+
+    train, test = small_split
+    monkeypatch.setenv("AUDIT_KEY", KEY.decode())
+    opts = AuditOptions(quick=True, progress=False, key_env="AUDIT_KEY")
+    rep = run_audit(tiny_model, train, test, tmp_path, options=opts, steps=[step("detectors")])
+    info = rep["detectors_info"]
+    assert info["signed"] and info["sha256"] == (tmp_path / "guarded" / "guarded.json.sha256").read_text().split()[0]
+    with pytest.raises(IntegrityError, match="is signed"):
+        guard.GuardedModel.load(tmp_path / "guarded", tiny_model)
+    guard.GuardedModel.load(tmp_path / "guarded", tiny_model, key=KEY, expected_sha256=info["sha256"])
+    # another validly signed folder put in its place: the digest in the report refuses it on resume
+    guard.wrap(tiny_model, ["knn"]).fit(train).calibrate(test.x[:128]).save(tmp_path / "guarded", key=KEY)
+    with pytest.raises(IntegrityError, match="altered or replaced"):
+        run_audit(tiny_model, train, test, tmp_path, options=opts, steps=[step("detectors"), step("adaptive")], resume=True)

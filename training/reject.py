@@ -19,12 +19,13 @@ from guard.core.features import get_layer
 
 from guard.core.models import eval_mode
 from guard.core.features import find_head
-from guard.core.cache import load_tensors, save_tensors
+from guard.core.integrity import load_sealed, resolve_key, save_sealed
 from guard.core.validation import call_model, check_images, check_int
 
 __all__ = ["REJECT", "grow_head", "set_submodule", "RejectClassifier", "FORMAT"]
 
-FORMAT = "guard.reject_classifier/1"
+FORMAT = "guard.reject_classifier/2"
+LEGACY_FORMATS = ("guard.reject_classifier/1",)  # unsealed; loads only with expected_sha256
 
 #: What :meth:`RejectClassifier.predict` returns for a rejected input.
 REJECT = -1
@@ -129,23 +130,31 @@ class RejectClassifier(nn.Module):
         return torch.where(pred == self.reject_index, torch.full_like(pred, REJECT), pred)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the widened network's weights (safetensors) and the class count and head (JSON).
+    def save(self, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None) -> str:
+        """Write the widened network's weights (safetensors) and the class count and head (JSON), sealed.
 
         No pickle: the architecture is not stored, so :meth:`load` takes the original model.
+        The seal (:mod:`guard.core.integrity`) covers the weights and the metadata; with
+        ``key``/``key_env`` it is an HMAC-SHA256. Returns the file's SHA-256 (also written to
+        ``PATH.sha256``) for ``load(..., expected_sha256=...)``.
         """
         meta = {"format": FORMAT, "num_classes": self.num_classes, "head": self.head}
-        save_tensors(path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, meta)
+        return save_sealed(path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, meta,
+                           key=resolve_key(key, key_env))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], model: nn.Module) -> "RejectClassifier":
+    def load(cls, path: str | os.PathLike[str], model: nn.Module, *, key: bytes | None = None, key_env: str | None = None,
+             expected_sha256: str | None = None) -> "RejectClassifier":
         """Load what :meth:`save` wrote, around ``model`` (the classifier before hardening, n outputs).
 
         ``model`` is not modified: a copy grows the head and takes the saved weights.
-        Raises ValueError for a file that is not a saved RejectClassifier or does not fit ``model``.
+        ``key``/``key_env``: the key it was signed with; ``expected_sha256``: the digest
+        :meth:`save` returned. Raises ValueError for a file that is not a saved
+        RejectClassifier, was altered, or does not fit ``model``.
         """
-        tensors, meta = load_tensors(path)
-        if meta.get("format") != FORMAT:
+        tensors, meta = load_sealed(path, key=resolve_key(key, key_env), expected_sha256=expected_sha256,
+                                    what="RejectClassifier file", legacy_formats=LEGACY_FORMATS)
+        if meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS:
             raise ValueError(f"{os.fspath(path)!r} is not a saved RejectClassifier (format {meta.get('format')!r}; expected {FORMAT!r}).")
         net, head = grow_head(model, num_classes=int(meta["num_classes"]), head=meta["head"])
         try:

@@ -133,7 +133,9 @@ class DetectorStep(Step):
 
     def restore(self, ctx: AuditContext) -> GuardedModel | None:
         folder = ctx.out / "guarded"
-        return GuardedModel.load(folder, ctx.model) if (folder / "guarded.json").is_file() else None
+        pinned = ctx.report.get("detectors_info", {}).get("sha256")  # what this audit wrote: a swapped folder is refused
+        return GuardedModel.load(folder, ctx.model, key_env=ctx.options.key_env, expected_sha256=pinned) \
+            if (folder / "guarded.json").is_file() else None
 
     def run(self, ctx: AuditContext, attacks: AttackSet | None = None) -> GuardedModel:
         return _run(ctx, dict(attacks.results) if attacks is not None else {})
@@ -217,5 +219,6 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     ctx.save_artifact("detector_scores", score_tensors(ev_scores, attacks, adv_scores),
                       {"clean": "the evaluation half of the held-out images", "attacks": "successful adversarial images only",
                        "max_values": MAX_SAVED_SCORES})
-    guarded.save(ctx.out / "guarded")
+    ctx.report["detectors_info"]["sha256"] = guarded.save(ctx.out / "guarded", key_env=ctx.options.key_env)
+    ctx.report["detectors_info"]["signed"] = ctx.options.key_env is not None
     return guarded

@@ -84,11 +84,11 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
         obj = ctx.model
     path = ctx.out / "model.onnx"
     x_test = ctx.test.x
-    rep = to_onnx(obj, path, x_test[:8], strict=False, parity_inputs=x_test[:64])
-    sess = load_session(path, device="cpu", strict=True, threads=1)
+    rep = to_onnx(obj, path, x_test[:8], strict=False, parity_inputs=x_test[:64], key_env=ctx.options.key_env)
+    sess = load_session(path, device="cpu", strict=True, threads=1, key_env=ctx.options.key_env, expected_sha256=rep.sha256)
     section: dict[str, Any] = {
         "path": str(path), "source": source, "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
-        "file_bytes": rep.file_bytes, "external_data": rep.external_data,
+        "file_bytes": rep.file_bytes, "external_data": rep.external_data, "sha256": rep.sha256, "signed": rep.signed,
         "parity": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "identical", "passed") if m in v}
                    for k, v in rep.parity["outputs"].items()},  # type: ignore[index]
         "parity_batch_sizes": [1, 7, 64],

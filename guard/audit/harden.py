@@ -83,7 +83,8 @@ class HardenStep(Step):
 
     def restore(self, ctx: AuditContext) -> RejectClassifier | None:
         path = ctx.artifact_path("hardened_model")
-        return RejectClassifier.load(path, ctx.model) if path.is_file() else None
+        pinned = ctx.report.get("harden", {}).get("model_sha256")
+        return RejectClassifier.load(path, ctx.model, key_env=ctx.options.key_env, expected_sha256=pinned) if path.is_file() else None
 
     def run(self, ctx: AuditContext) -> RejectClassifier:
         return _run(ctx)
@@ -117,6 +118,6 @@ def _run(ctx: AuditContext) -> RejectClassifier:
     ctx.report["harden"] = harden_section(res, seconds=time.perf_counter() - t0,
                                           settings={"quick": ctx.options.quick, "checkpoint_dir": str(ckpt)})
     path = ctx.artifact_path("hardened_model")
-    res.model.save(path)
+    ctx.report["harden"]["model_sha256"] = res.model.save(path, key_env=ctx.options.key_env)
     ctx.report["harden"]["model_path"] = str(path)
     return res.model

@@ -23,7 +23,9 @@ import torch
 
 from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
 from guard.core.budget import data_defaults, macs_per_image, work_scale
+from guard.core.cache import remove_stale_temps
 from guard.core.data import Split
+from guard.core.validation import check_device
 from guard.report import write_page
 
 __all__ = ["run_audit"]
@@ -100,8 +102,10 @@ def run_audit(
         steps = STEPS
     steps = _check_steps(steps)
     opts = options or AuditOptions()
+    check_device(opts.device, "options.device")
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_path)  # what a killed run was writing; the audit owns its output folder
     ctx = AuditContext(model=model.to(opts.device), model_name=model_name, train=train, test=test,
                        data_source=data_source, out=out_path, options=opts)
     if resume and ctx.report_path.is_file():

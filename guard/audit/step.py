@@ -45,6 +45,7 @@ class AuditOptions:
     """Knobs of an audit run. ``quick`` shrinks every step for tests and smoke runs.
 
     ``extra`` holds per-step overrides (documented in each step's module docstring).
+    ``key_env`` names the variable, never the key itself, so no secret sits in the options.
     """
 
     seed: int = 0
@@ -54,6 +55,9 @@ class AuditOptions:
     repetitions: int = 10
     progress: bool = True
     device: str = "cpu"
+    #: the name of an environment variable holding an HMAC key: the guarded folder, the
+    #: hardened model and the ONNX graph are signed with it, and verified with it on resume
+    key_env: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -150,6 +150,10 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
             they differ in size).
         grayscale: load folder images as one channel.
     """
+    if image_size is not None:
+        sizes = [image_size] if isinstance(image_size, int) else list(image_size) if isinstance(image_size, (tuple, list)) else None
+        if sizes is None or (not isinstance(image_size, int) and len(sizes) != 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"image_size must be a positive int or a pair (H, W) of positive ints; got {image_size!r}.")
     if isinstance(data, Split):
         x, y = data.x, data.y
     elif isinstance(data, (str, os.PathLike)) and Path(data).is_file() and is_image_archive(data):

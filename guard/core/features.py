@@ -19,6 +19,7 @@ finest square grid that fits), the same ops in eager scoring and in the exported
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -144,6 +145,8 @@ class FeatureExtractor:
         logits, feats = fx(x, pool="auto")   # (N, 1024): 2x2 average grid; feats["fc:input"]: (N, 512)
 
     Gradients flow through the returned features unless called under ``torch.no_grad()``.
+    Hooks see every forward through the model, so each call keeps only its own thread's: several
+    threads may score with one model at once.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
@@ -164,8 +167,11 @@ class FeatureExtractor:
         handles = []
 
         how = "flatten" if flatten and pool is None else pool
+        caller = threading.get_ident()
 
         def keep(name: str, value: object) -> None:
+            if threading.get_ident() != caller:  # another thread's forward through the same model: not ours
+                return
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"layer {name!r} gives {type(value).__name__}, not a tensor; choose another layer.")
             if name not in store:  # a module called twice: its first call counts

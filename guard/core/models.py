@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +17,35 @@ __all__ = ["DemoNet", "CifarResNet", "Normalize", "Normalized", "load_model", "e
            "accuracy"]
 
 
+_MODE_LOCK = threading.Lock()
+_MODE_USERS: dict[int, tuple[int, list[tuple[nn.Module, bool]]]] = {}  # id(model) -> (contexts open, modes to restore)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore each module's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Put ``model`` in eval mode and restore each module's own mode afterwards.
+
+    Safe when several threads serve the same model: the first context to open records the
+    modes and the last to close restores them, so that one thread leaving never puts a model
+    back in train mode (dropout, batch statistics) while another is still scoring with it.
+    """
+    key = id(model)
+    with _MODE_LOCK:
+        users, modes = _MODE_USERS.get(key, (0, None))
+        if users == 0:
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+        _MODE_USERS[key] = (users + 1, modes)
     try:
         yield model
     finally:
-        for m, was in modes:
-            m.train(was)
+        with _MODE_LOCK:
+            users, modes = _MODE_USERS.pop(key)
+            if users > 1:
+                _MODE_USERS[key] = (users - 1, modes)
+            else:
+                for m, was in modes:
+                    m.train(was)
 
 
 def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
@@ -212,7 +232,10 @@ def load_model(spec: str | os.PathLike[str]) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None:
         raise ValueError(f"model {text!r}: module {mod_name!r} has no attribute {attr!r}.")
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    try:
+        model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    except Exception as err:  # the user's factory: any failure means "this spec gives no model"
+        raise ValueError(f"model {text!r}: calling {attr}() failed: {type(err).__name__}: {err}") from err
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {text!r} must give an nn.Module; got {type(model).__name__}.")
     return model

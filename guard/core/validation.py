@@ -21,6 +21,8 @@ __all__ = [
     "check_probability",
     "call_model",
     "check_model_and_shape",
+    "check_device",
+    "check_logits",
 ]
 
 
@@ -67,8 +69,12 @@ def check_images(
         raise ValueError(f"{name} must be a 4-D tensor (N, C, H, W); got shape {tuple(x.shape)}.")
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} must hold at least one image; got an empty batch of shape {tuple(x.shape)}.")
+    if min(x.shape[1:]) == 0:
+        raise ValueError(f"{name} must have at least one channel, row and column (N, C, H, W); got shape {tuple(x.shape)}.")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channel(s); got {x.shape[1]} (shape {tuple(x.shape)}).")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); expected images on 'cpu' or 'cuda'.")
     if x.numel() == 0:
         return x
     xd = x.detach()
@@ -82,8 +88,9 @@ def check_images(
     return x
 
 
-def check_labels(y: Any, name: str = "y", *, n: int | None = None, num_classes: int | None = None) -> torch.Tensor:
-    """Validate integer class labels of shape (N,)."""
+def check_labels(y: Any, name: str = "y", *, n: int | None = None, num_classes: int | None = None,
+                 allow_negative: bool = False) -> torch.Tensor:
+    """Validate integer class labels of shape (N,): non-negative (unless ``allow_negative``), below ``num_classes``."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 labels; got {_describe(y)}.")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -92,9 +99,46 @@ def check_labels(y: Any, name: str = "y", *, n: int | None = None, num_classes: 
         raise ValueError(f"{name} must be 1-D (N,); got shape {tuple(y.shape)}.")
     if n is not None and y.shape[0] != n:
         raise ValueError(f"{name} must have {n} entries (one per image); got {y.shape[0]}.")
+    if y.is_meta:
+        raise ValueError(f"{name} is on the meta device (a tensor without data); expected labels on 'cpu' or 'cuda'.")
+    if y.numel() and not allow_negative and int(y.min()) < 0:
+        raise ValueError(f"{name} must hold class indices >= 0; got a minimum of {int(y.min())}.")
     if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes - 1}]; got values in [{int(y.min())}, {int(y.max())}].")
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs); got values in "
+                         f"[{int(y.min())}, {int(y.max())}].")
     return y.long()
+
+
+def check_logits(logits: Any, name: str = "the model's output", *, n: int | None = None) -> torch.Tensor:
+    """Logits must be a float (N, C) tensor with C >= 1 (N = ``n`` when given) and finite."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor of logits (N, C); got {_describe(logits)}.")
+    if logits.dim() != 2 or logits.shape[1] < 1 or (n is not None and logits.shape[0] != n):
+        want = f"({n}, C)" if n is not None else "(N, C)"
+        raise ValueError(f"{name} must be logits of shape {want}; got shape {tuple(logits.shape)}.")
+    if not bool(torch.isfinite(logits.detach()).all()):
+        raise ValueError(f"{name} holds NaN/inf logits; the model cannot be attacked or scored meaningfully on these inputs.")
+    return logits
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """A torch device that exists here: a parsable name, CUDA only when available, never 'meta'."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device)):
+        raise TypeError(f"{name} must be a device name such as 'cpu' or 'cuda'; got {type(device).__name__}.")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"{name} must be a device name such as 'cpu', 'cuda' or 'cuda:1'; got {device!r}.") from err
+    if dev.type == "meta":
+        raise ValueError(f"{name} must hold data; got the meta device.")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={device!r}: CUDA is not available on this machine; use 'cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={device!r}: there are only {torch.cuda.device_count()} CUDA device(s).")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"{name} must be 'cpu' or 'cuda' (or 'mps', 'xpu'); got {device!r}.")
+    return dev
 
 
 def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high: int | None = None) -> int:
