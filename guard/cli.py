@@ -301,7 +301,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     s = _setup(args, progress=False)
     model = s.model
     if args.hardened:
-        model = guard.RejectClassifier.load(args.hardened, model, key_env=args.key_env, expected_sha256=args.hardened_sha256)
+        try:
+            model = guard.RejectClassifier.load(args.hardened, model, key_env=args.key_env, expected_sha256=args.hardened_sha256)
+        except ValueError as err:
+            if "layer name" not in str(err):
+                raise
+            raise ValueError(f"--hardened {args.hardened!r} does not fit the model built by {s.name!r}: {err} Pass the "
+                             "--demo NAME or --model SPEC that the model was hardened from.") from err
     obj = guard.GuardedModel.load(args.guarded, model, key_env=args.key_env, expected_sha256=args.guarded_sha256) \
         if args.guarded else model
     x = s.test.x[:64]
