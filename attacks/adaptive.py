@@ -86,10 +86,16 @@ class AdaptivePGD(Attack):
         self._scale = comb.scale_.clone().float().clamp_min(1e-6)
         # the clean score at which each detector alone reaches the combined threshold:
         # -log10(p) >= threshold  <=>  at most n * 10^-threshold clean scores are >= s
-        weights = comb.weights_ if comb.rule != "max" else torch.ones(len(self._names))
+        # For "max" each detector may reach the threshold alone. For the summing rules ("fisher",
+        # "weighted") the detectors that carry weight share it: detector i is held below
+        # threshold / (K * w_i), K the number of weighted detectors, so that their sum stays under
+        # the threshold; holding each below the whole threshold (the others silent) let the sum
+        # of three moderate scores flag every iterate.
+        weights = comb.weights_.float() if comb.rule != "max" else torch.ones(len(self._names))
+        share = 1.0 if comb.rule == "max" else float(max(int((weights > 0).sum()), 1))
         tops = []
         for i in range(len(self._names)):
-            thr = float(comb.threshold_) / max(float(weights[i]), 1e-6)  # detector i alone, the others silent
+            thr = float(comb.threshold_) / (share * max(float(weights[i]), 1e-6))
             ref = comb.ref_[i][: int(comb.counts_[i])]
             allowed = int(float(comb.counts_[i] + 1) * 10 ** (-thr)) - 1  # clean scores allowed at or above
             tops.append(ref[-allowed - 1] if 0 <= allowed < ref.numel() else ref[-1])
