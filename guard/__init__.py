@@ -23,13 +23,14 @@ from guard.core.validation import NotFittedError, check_images
 from guard.demo import demo_model
 from guard.evaluation import evaluate
 from guard.export import load_session, to_onnx
-from guard.guarded import GuardedModel, GuardedOutput, wrap
+from guard.guarded import DEFAULT_DETECTORS, GuardedModel, GuardedOutput, wrap
 from guard.training import HardenResult, RejectClassifier, harden
 
 __all__ = [
     "__version__",
     "DemoNet",
     "FeatureExtractor",
+    "DEFAULT_DETECTORS",
     "GuardedModel",
     "GuardedOutput",
     "HardenResult",

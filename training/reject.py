@@ -153,7 +153,7 @@ class RejectClassifier(nn.Module):
         RejectClassifier, was altered, or does not fit ``model``.
         """
         tensors, meta = load_sealed(path, key=resolve_key(key, key_env), expected_sha256=expected_sha256,
-                                    what="RejectClassifier file", legacy_formats=LEGACY_FORMATS)
+                                    what="RejectClassifier file", legacy_formats=LEGACY_FORMATS, formats=(FORMAT,))
         if meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS:
             raise ValueError(f"{os.fspath(path)!r} is not a saved RejectClassifier (format {meta.get('format')!r}; expected {FORMAT!r}).")
         net, head = grow_head(model, num_classes=int(meta["num_classes"]), head=meta["head"])

@@ -209,12 +209,15 @@ def save_sealed(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor
 
 
 def load_sealed(path: str | os.PathLike[str], *, key: bytes | None = None, expected_sha256: str | None = None,
-                what: str = "file", legacy_formats: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                what: str = "file", legacy_formats: tuple[str, ...] = (),
+                formats: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load what :func:`save_sealed` wrote, checking (in order) the pinned digest and the seal.
 
     The bytes are read once: what is hashed is what is parsed. ``legacy_formats``: formats of
     older files that carry no seal; they load only with ``expected_sha256`` (you vouch for the
-    bytes) and without a key. Raises :class:`IntegrityError` (a ValueError) on any mismatch.
+    bytes) and without a key. ``formats``: when given, a file whose metadata names another format
+    is refused first, as the wrong kind of file, before any seal is checked. Raises
+    :class:`IntegrityError` (a ValueError) on any mismatch.
     """
     from guard.core.cache import read_tensors
 
@@ -226,6 +229,9 @@ def load_sealed(path: str | os.PathLike[str], *, key: bytes | None = None, expec
     data = p.read_bytes()
     check_expected_sha256(expected_sha256, hashlib.sha256(data).hexdigest(), where)
     tensors, meta = read_tensors(data, str(p))
+    if formats and meta.get("format") not in (*formats, *legacy_formats):
+        raise ValueError(f"{where} is not a saved {what.removesuffix(' file')} (format {meta.get('format')!r}; "
+                         f"expected {formats[0]!r}).")
     seal = meta.pop("integrity", None)
     if seal is None and meta.get("format") in legacy_formats:
         if expected_sha256 is None or key is not None:
