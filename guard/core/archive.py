@@ -9,7 +9,6 @@ an image, or images of different sizes are a clear ValueError.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import tarfile
@@ -30,11 +29,10 @@ def is_image_archive(path: str | os.PathLike[str]) -> bool:
 
 
 def file_md5(path: str | os.PathLike[str]) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """MD5 of a file's bytes (the checksum the data sets' READMEs give)."""
+    from guard.core.integrity import file_digest
+
+    return file_digest(path, "md5")
 
 
 def read_image_archive(path: str | os.PathLike[str], *, expect_md5: str | None = None, grayscale: bool = False,

@@ -137,13 +137,18 @@ def check_seal(seal: Any, meta: Mapping[str, Any], tensors: Mapping[str, torch.T
                              "recorded when it was saved.")
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
+def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in 1 MiB blocks; ``hashlib.file_digest`` needs Python 3.11)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes."""
+    return file_digest(path, "sha256")
 
 
 def pinned_sha256(expected: Any) -> str | None:
