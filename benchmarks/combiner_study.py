@@ -117,10 +117,8 @@ def main() -> int:
             rows[atk][lofo] = None
             continue
         comb = Combined(names_all, rule="weighted")
-        comb.fit_scores({n: cal[n] for n in names_all})
         pos = {n: torch.cat([attacks[a][n] for a in train_rows]) for n in names_all}
-        comb.weights_ = Combined._learn_weights(comb.tails({n: cal[n] for n in names_all}, leave_one_out=True), comb.tails(pos))
-        comb.threshold_ = 0.0
+        comb.calibrate_scores({n: cal[n] for n in names_all}, 0.01, proxy_scores=pos)  # the other families as the "proxies"
         rows[atk][lofo] = detection_metrics(comb.combine(attacks[atk]), comb.combine(ev))["tpr_at_1fpr"]
     combos_cols = [*combos, lofo]
     for atk, s in {"proxies (choice)": prox_eval, **attacks}.items():

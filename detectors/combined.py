@@ -143,18 +143,24 @@ class Combined(Persistent):
         return combine_tails(self.tails(scores), self.rule, self.weights_)
 
     def calibrate_scores(self, clean_scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *,
-                         proxy_scores: Mapping[str, torch.Tensor] | None = None) -> float:
+                         proxy_scores: Mapping[str, torch.Tensor] | None = None,
+                         weights: torch.Tensor | None = None) -> float:
         """Fit the references (and, for "weighted", the weights) and set ``threshold_`` on clean held-out scores.
 
-        ``proxy_scores``: the detectors' scores of proxy inputs that are not attacks (needed by
-        the "weighted" rule; see the module docstring).
+        ``proxy_scores``: the detectors' scores of inputs to learn the "weighted" rule's weights
+        against (proxy inputs that are not attacks; see the module docstring). ``weights``: keep
+        these weights instead of learning them (recalibrating a fitted rule on other clean data).
         """
         fpr = check_probability(fpr, "fpr", type(self).__name__)
         self.fit_scores(clean_scores)
         # leave-one-out tail scores on the calibration points: with self-inclusion their combined
         # scores would be biased low and the held-out flag rate would exceed fpr
         clean_tails = self.tails(clean_scores, leave_one_out=True)
-        if self.rule == "weighted":
+        if weights is not None:
+            if weights.shape != (clean_tails.shape[1],):
+                raise ValueError(f"weights must hold one weight per detector ({clean_tails.shape[1]}); got shape {tuple(weights.shape)}.")
+            self.weights_ = weights.detach().float().clone()
+        elif self.rule == "weighted":
             if proxy_scores is None:
                 raise ValueError("Combined(rule='weighted') learns its weights from proxy_scores (scores of non-attack proxy inputs); got None.")
             self.weights_ = self._learn_weights(clean_tails, self.tails(proxy_scores))

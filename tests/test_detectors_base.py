@@ -65,3 +65,19 @@ def test_not_fitted_errors() -> None:
         det.predict_scores(torch.rand(3))
     with pytest.raises(TypeError, match="1-D tensor of clean scores"):
         det.calibrate([1.0, 2.0], 0.1)
+
+
+def test_combined_recalibrated_with_given_weights_keeps_them_and_sets_its_own_threshold():
+    gen = torch.Generator().manual_seed(0)
+    clean = {"a": torch.randn(400, generator=gen), "b": torch.randn(400, generator=gen)}
+    proxy = {"a": torch.randn(200, generator=gen) + 3.0, "b": torch.randn(200, generator=gen)}  # only "a" separates
+    learned = Combined(["a", "b"], rule="weighted")
+    learned.calibrate_scores(clean, 0.05, proxy_scores=proxy)
+    assert float(learned.weights_[0]) > float(learned.weights_[1])
+    other = {"a": torch.randn(400, generator=gen) * 2, "b": torch.randn(400, generator=gen)}
+    again = Combined(["a", "b"], rule="weighted")
+    again.calibrate_scores(other, 0.05, weights=learned.weights_)  # no proxies needed: the weights are kept
+    torch.testing.assert_close(again.weights_, learned.weights_)
+    assert abs(float(again.predict_scores(again.combine(other)).float().mean()) - 0.05) <= 0.02
+    with pytest.raises(ValueError, match="one weight per detector"):
+        Combined(["a", "b"], rule="weighted").calibrate_scores(other, 0.05, weights=torch.ones(3))

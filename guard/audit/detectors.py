@@ -104,8 +104,6 @@ def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: 
     import copy
 
     from guard.detectors import Combined
-    from guard.detectors.base import quantile_threshold
-    from guard.detectors.combined import combine_tails
 
     out = {}
     for n, det in guarded.detectors.items():
@@ -114,12 +112,8 @@ def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: 
         out[n] = float(d2.predict_scores(cal[n]).float().mean())
     if guarded.combined is not None:
         # references and threshold from the other half; the learned weights (fitted on proxies) are kept
-        names, rule = guarded.combined.names_, guarded.combined.rule
-        comb = Combined(names, rule=rule)
-        sub = {n: ev[n] for n in names}
-        comb.fit_scores(sub)
-        comb.weights_ = guarded.combined.weights_.clone()
-        comb.threshold_ = quantile_threshold(combine_tails(comb.tails(sub, leave_one_out=True), rule, comb.weights_), FPR)
+        comb = Combined(guarded.combined.names_, rule=guarded.combined.rule)
+        comb.calibrate_scores(ev, FPR, weights=guarded.combined.weights_)
         out["combined"] = float(comb.predict_scores(comb.combine(cal)).float().mean())
     return out
 
