@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from torch import nn
+import torch.nn.functional as F
 
 from guard.core.features import MAX_FEATURES, FeatureExtractor, default_feature_layers, extract_features, get_layer, layer_names, pool_features
 
@@ -118,3 +119,32 @@ def test_default_layers_of_torchvision_models(arch, expected):
 
     model = getattr(torchvision.models, arch)(num_classes=10).eval()
     assert default_feature_layers(model, torch.rand(2, 3, 64, 64)) == expected
+
+
+class _SharedActNet(nn.Module):
+    """EfficientNet's shape: a stem, a ModuleList of blocks, a head conv, and one activation module reused by both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.act = nn.ReLU6()
+        self.blocks = nn.ModuleList([nn.Conv2d(8, 8, 3, s, 1) for s in (2, 1, 2, 2, 1)])  # 16, 16, 8, 4, 4
+        self.head_conv = nn.Conv2d(8, 16, 1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.act(self.stem(x))  # 32 px
+        for b in self.blocks:
+            x = b(x)
+        x = self.act(self.bn(self.head_conv(x)))  # the same module again, at 4 px
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_default_layers_skip_reused_modules_and_stem_to_head_jumps():
+    # top-level children show 32 px (stem) and 4 px (head) only: 8x apart, so the blocks are used;
+    # "act" is called twice and is never picked (the extractor would see its first call, the stem)
+    layers = default_feature_layers(_SharedActNet().eval(), torch.rand(2, 3, 64, 64))
+    assert layers == ["blocks.2", "bn", "fc:input"]
+    _, feats = FeatureExtractor(_SharedActNet().eval(), layers)(torch.rand(2, 3, 64, 64))
+    assert feats["blocks.2"].shape[-1] == 8 and feats["bn"].shape[-1] == 4

@@ -228,9 +228,11 @@ def default_feature_layers(model: nn.Module, example: torch.Tensor, *, head: str
     The head's input is ``"<head>:input"`` (what the classifier sees, after any functional
     ``torch.flatten`` or pooling in ``forward``). The spatial stages are the last 4-D output at
     each of the ``stages`` deepest resolutions larger than 1x1, among the shallowest modules
-    that show that many resolutions (top-level children first: ``"layer3"``, ``"layer4"`` of a
-    ResNet, ``"conv1"``, ``"conv2"`` of the demo net; ``"features.8"``, ``"features"`` of a
-    MobileNet), each named after the outermost module that returns it.
+    that show that many resolutions no more than 4x apart in side (top-level children first: ``"layer3"``, ``"layer4"`` of a ResNet, ``"conv1"``, ``"conv2"`` of
+    the demo net; ``"features.8"``, ``"features"`` of a MobileNet; ``"1._blocks.10"``,
+    ``"1._bn1"`` of a Normalize + EfficientNet-Lite), each named after the outermost module that
+    returns it. A module called more than once in a forward (one activation module reused at
+    several places, as EfficientNet's ``_swish``) is never picked: its name does not say which call.
 
     Raises:
         ValueError: the model has no ``nn.Linear`` head (pass ``layers=`` yourself).
@@ -252,7 +254,11 @@ def default_feature_layers(model: nn.Module, example: torch.Tensor, *, head: str
             h.remove()
     if not called[0]:
         raise ValueError(f"the head {head_name!r} of {type(model).__name__} was not called during the forward pass; pass layers=[...].")
-    spatial = [(i, n, o) for i, (n, o) in enumerate(outputs) if o.dim() == 4 and o.shape[-1] * o.shape[-2] > 1]
+    calls: dict[str, int] = {}
+    for n, _ in outputs:
+        calls[n] = calls.get(n, 0) + 1
+    spatial = [(i, n, o) for i, (n, o) in enumerate(outputs)
+               if calls[n] == 1 and o.dim() == 4 and o.shape[-1] * o.shape[-2] > 1]
     picked: list[str] = []
     max_depth = max((n.count(".") for _, n, _ in spatial), default=0)
     for depth in range(max_depth + 1):
@@ -260,10 +266,14 @@ def default_feature_layers(model: nn.Module, example: torch.Tensor, *, head: str
         for i, n, o in spatial:
             if n.count(".") <= depth:
                 last[tuple(o.shape[-2:])] = (i, o)
-        if len(last) >= stages or depth == max_depth:
-            deepest = sorted(last.values(), key=lambda v: v[0])[-stages:] if stages > 0 else []
+        deepest = sorted(last.values(), key=lambda v: v[0])[-stages:] if stages > 0 else []
+        # a depth whose stages jump more than 4x in side (a stem and the head, nothing between)
+        # skips the network's stages: look one level deeper
+        sides = [max(o.shape[-2:]) for _, o in deepest]
+        contiguous = all(a <= 4 * b for a, b in zip(sides, sides[1:]))
+        if (len(last) >= stages and contiguous) or depth == max_depth:
             for _, out in deepest:
-                names = [n for n, o in outputs if o is out]
+                names = [n for n, o in outputs if o is out and calls[n] == 1]
                 picked.append(min(names, key=lambda n: (n.count("."), len(n))))
             break
     return [*dict.fromkeys(picked), head_name + INPUT_SUFFIX]
