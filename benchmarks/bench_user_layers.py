@@ -10,7 +10,10 @@ Normalize layer in front, ``nn.AdaptiveAvgPool2d`` + ``nn.Flatten`` + ``linear``
   (``layer2``, ``layer3``, flattened: 8,192 and 4,096 values), saliency with a 6-pixel window,
   1-bit squeezing; PPCA left out (it needed 68.7 GB there);
 * **after**: ``guard.wrap(model)`` as it comes (layers read from the forward pass and pooled,
-  windows and bit depth from the data).
+  windows and bit depth from the data);
+* **anchors**: the issue's own check (a Mahalanobis score on the pooled 64-d head input alone,
+  class-conditional with a tied covariance) beside guard's Mahalanobis and LID anchors on their
+  default layers (every stage, pooled) — to see whether the detector or the features decide.
 
 Printed: each detector's TPR at 5% FPR (ROC) and share flagged at its threshold calibrated to 5%
 FPR, on the successful FGSM and PGD examples at 8/255.
@@ -29,7 +32,8 @@ import torch
 
 import guard
 from guard.attacks import FGSM, LinfPGD
-from guard.detectors import BitDepthSqueeze, KNNConsistency, KNNRank, SaliencyConcentration
+from guard.core.features import default_feature_layers
+from guard.detectors import BitDepthSqueeze, KNNConsistency, KNNRank, LIDDetector, MahalanobisDetector, SaliencyConcentration
 
 
 def main() -> int:
@@ -49,7 +53,11 @@ def main() -> int:
     before = {"knn": KNNRank([prefix + "layer2", prefix + "layer3"]), "knn_consistency": KNNConsistency([prefix + "layer2", prefix + "layer3"]),
               "saliency": SaliencyConcentration(window=6), "squeeze": BitDepthSqueeze(bits=1)}
     out = {}
-    for name, g in (("before", guard.wrap(model, before, pool="flatten")), ("after", guard.wrap(model))):
+    head = default_feature_layers(model, test.x[:2])
+    anchors = {"mahalanobis_head": MahalanobisDetector([head[-1]]), "mahalanobis": MahalanobisDetector(head),
+               "lid": LIDDetector(head)}
+    for name, g in (("before", guard.wrap(model, before, pool="flatten")), ("after", guard.wrap(model)),
+                    ("anchors", guard.wrap(model, anchors))):
         t0 = time.perf_counter()
         g.fit(train).calibrate(cal, fpr=0.05)
         rep = guard.evaluate(g, ev.x, attacks)

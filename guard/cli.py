@@ -33,6 +33,23 @@ def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
     p.add_argument("--test-size", type=int, default=None, metavar="N", help="use at most N held-out images")
 
 
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's, one per core); on a machine busy with other jobs 1 is "
+                        "several times faster, as idle OpenMP threads spin (BENCHMARKS.md, the CIFAR-10 audit)")
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    n = getattr(args, "threads", None)
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--threads must be a positive integer; got {n!r}.")
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def _add_key_env(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--key-env", metavar="VAR", default=None,
                    help=f"sign {what} with HMAC-SHA256 under the key held in environment variable VAR (and verify what is "
@@ -125,6 +142,7 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repetitions", type=int, default=10, help="random-placement repetitions for patch curves (default 10)")
     p.add_argument("--resume", action="store_true", help="keep the sections already in OUT/report.json")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
+    _add_threads(p)
     _add_key_env(p, "OUT/guarded, the hardened model and OUT/model.onnx")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_audit)
@@ -214,6 +232,7 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
     p.add_argument("--device", default="cpu")
+    _add_threads(p)
     _add_key_env(p, "OUT/hardened_model.safetensors")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_harden)
@@ -286,6 +305,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--leave-out", default="", metavar="NAMES", help="comma-separated detectors whose heads stay out of the graph")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.add_argument("--seed", type=int, default=0)
+    _add_threads(p)
     _add_key_env(p, "the .onnx file (FILE.sig)")
     p.add_argument("--guarded-sha256", metavar="HEX", default=None,
                    help="refuse the --guarded folder unless its guarded.json has this SHA-256 (what GuardedModel.save returned)")
@@ -353,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _set_threads(args)
         return int(args.func(args))
     except (ValueError, TypeError) as err:
         print(f"guard {args.command}: error: {err}", file=sys.stderr)

@@ -22,6 +22,17 @@ def test_cli_errors_are_clear(capsys):
     assert "--model needs --data" in capsys.readouterr().err
 
 
+def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys):
+    before = torch.get_num_threads()
+    try:
+        assert main(["export", "--guarded", "/nonexistent-guard-out", "--threads", "1"]) == 2  # set before the command fails
+        assert torch.get_num_threads() == 1
+        assert main(["export", "--guarded", "/nonexistent-guard-out", "--threads", "0"]) == 2
+        assert "--threads must be a positive integer; got 0" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_audit_model_section_with_user_folder(tmp_path, tiny_model, capsys):
     """`guard audit --model FILE --data DIR`: a user's TorchScript model on an image folder."""
     from PIL import Image
