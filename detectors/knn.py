@@ -46,13 +46,22 @@ LARGE_BANK_INDEX = "ivf_pq"
 
 
 def ivf_nlist(m: int) -> int:
-    """Inverted lists for an IVF index over ``m`` rows: ``4 * sqrt(m)`` (FAISS's rule of thumb), at most m / 39."""
-    return max(1, min(int(4 * math.sqrt(m)), m // 39))  # FAISS wants >= 39 training points per list
+    """Inverted lists for an IVF index over ``m`` rows: ``2 * sqrt(m)``, at most m / 39.
+
+    FAISS's guide suggests 4 to 16 sqrt(m); half the low end is chosen so that training the
+    coarse k-means on a 1M bank takes about a minute on one core (2,000 centroids), with the
+    recall kept by probing more lists (BENCHMARKS.md, "Production scale (issue 15)").
+    """
+    return max(1, min(int(2 * math.sqrt(m)), m // 39))  # FAISS wants >= 39 training points per list
 
 
 def pq_subquantizers(d: int) -> int:
-    """PQ sub-quantizers for width ``d``: the largest divisor of d that is at most ``max(1, d // 8)`` (8 dims each)."""
-    return max(m for m in range(1, max(1, d // 8) + 1) if d % m == 0)
+    """PQ sub-quantizers for width ``d``: the largest divisor of d that is at most ``max(1, d // 4)`` (4 dims each).
+
+    8 dims each (d / 8) lost a quarter of the true neighbours on real 512-d features even after
+    an exact re-rank of 10 k candidates; 4 dims each kept them (``benchmarks/bench_bank.py``).
+    """
+    return max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
 
 
 def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000, nprobe: int = 16, seed: int = 0,
@@ -60,9 +69,10 @@ def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000,
     """A FAISS index over ``bank`` rows (already normalised for cosine).
 
     Exact flat search up to ``ivf_min_bank`` rows; above that an IVF index (``kind``:
-    "ivf_flat" or "ivf_pq") with :func:`ivf_nlist` lists, trained on at most 64 points per list
-    (PQ: at least 256 x 39); "ivf_pq" stores 8-bit codes of :func:`pq_subquantizers` sub-vectors
-    and no raw rows (:class:`BankIndex` re-ranks its candidates exactly from the bank).
+    "ivf_flat" or "ivf_pq") with :func:`ivf_nlist` lists, its coarse k-means (10 iterations)
+    trained on 39 points per list (at least 9,984 for PQ's 256 codes); "ivf_pq" stores 8-bit
+    codes of :func:`pq_subquantizers` sub-vectors, each codebook trained on at most 64 points
+    per code, and no raw rows (:class:`BankIndex` re-ranks its candidates exactly from the bank).
     """
     import faiss
 
@@ -77,12 +87,16 @@ def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000,
     mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
     if kind == "ivf_pq":
         index = faiss.IndexIVFPQ(flat, d, nlist, pq_subquantizers(d), 8, mt)
-        n_train = min(bank.shape[0], max(64 * nlist, 256 * 39))
+        index.pq.cp.max_points_per_centroid = 64
+        index.pq.cp.niter = 10
+        index.pq.cp.seed = seed
+        n_train = min(bank.shape[0], max(39 * nlist, 256 * 39))
     elif kind == "ivf_flat":
         index = faiss.IndexIVFFlat(flat, d, nlist, mt)
-        n_train = min(bank.shape[0], 64 * nlist)
+        n_train = min(bank.shape[0], 39 * nlist)
     else:
         raise ValueError(f"kind must be one of {INDEX_KINDS[1:]}; got {kind!r}.")
+    index.cp.niter = 10
     index.cp.seed = seed  # the k-means seed (FAISS's default is fixed too; stated here)
     rng = np.random.default_rng(seed)
     index.train(data[np.sort(rng.choice(bank.shape[0], n_train, replace=False))])
@@ -133,7 +147,7 @@ class BankIndex:
     """
 
     def __init__(self, bank: torch.Tensor, metric: str, *, kind: str = "auto", ivf_min_bank: int = 200_000, nprobe: int = 16,
-                 rerank: int = 4, seed: int = 0, serialized: torch.Tensor | None = None) -> None:
+                 rerank: int = 10, seed: int = 0, serialized: torch.Tensor | None = None) -> None:
         import faiss
 
         if kind not in INDEX_KINDS:
@@ -318,7 +332,7 @@ class KNNRank(FeatureDetector):
     _tensor_attrs = ("bank_", "bank_labels_", "class_ref_scores_", "class_counts_", "class_spread_")
 
     def __init__(self, layer: str | Sequence[str] = "fc1", *, k: int = 10, metric: str = "cosine", statistic: str = "rank",
-                 ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 4,
+                 ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 10,
                  max_per_class: int | None = None, seed: int = 0) -> None:
         self.layer = layer if isinstance(layer, str) else list(layer)
         self.k = k
@@ -542,7 +556,7 @@ class KNNConsistency(FeatureDetector):
     _tensor_attrs = ("bank_labels_",)
 
     def __init__(self, layers: Sequence[str] = ("conv1", "conv2", "fc1"), *, k: int = 10, metric: str = "cosine",
-                 ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 4,
+                 ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 10,
                  max_per_class: int | None = None, seed: int = 0) -> None:
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         self.k = k
