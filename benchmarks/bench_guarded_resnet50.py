@@ -6,8 +6,8 @@ consistency on the last two default layers, PPCA on the head input (``guard.wrap
 for them), fitted with ``fit_features`` on a bank of ``--bank`` (100k) rows: the pooled
 features of ``--base`` noise images through the model, expanded by convex mixtures of two rows
 plus Gaussian noise (0.05 x the per-unit std), with random labels of the 1,000 classes.
-The bank is searched at serving time (a) with IVF-PQ (the index the fit builds here: forced
-with ``ivf_min_bank=0`` so that the fit's leave-one-out search is not an exact 100k x 100k one)
+The bank is searched at serving time (a) with IVF-Flat (the index the fit builds here: forced
+with ``index="ivf_flat"`` so that the fit's leave-one-out search is not an exact 100k x 100k one)
 and (b) exactly (FAISS flat indexes over the same banks, swapped in after the fit).
 Timed: the bare model (``model(x)`` under no_grad), the guarded model's ``forward`` with the
 feature detectors, and with saliency (Captum Saliency, one backward pass) added.
@@ -70,14 +70,14 @@ def main() -> None:
     layers = default_feature_layers(model, x[:2])
     t0 = time.perf_counter()
     base = torch.rand(args.base, 3, 224, 224, generator=g)
-    _, feats = extract_features(model, base, layers[-2:])
+    _, feats = extract_features(model, base, layers[-2:], pool="auto")
     n = args.bank
     bank = {layer: mixtures(f, n, seed=i) for i, (layer, f) in enumerate(feats.items())}
     labels = torch.randint(0, 1000, (n,), generator=g)
     print(f"ResNet-50 (random weights), batch {args.batch} x 3 x 224 x 224, 1 thread; layers {layers}; "
           f"bank {n:,} rows of widths {[f.shape[1] for f in bank.values()]} (made in {time.perf_counter() - t0:.0f} s)", flush=True)
     t0 = time.perf_counter()
-    dets = {"knn": KNNRank(layers[-2:], ivf_min_bank=0), "knn_consistency": KNNConsistency(layers[-2:], ivf_min_bank=0),
+    dets = {"knn": KNNRank(layers[-2:], index="ivf_flat"), "knn_consistency": KNNConsistency(layers[-2:], index="ivf_flat"),
             "ppca": PPCAManifold(layers[-1])}
     for det in dets.values():
         det.fit_features(bank, labels)
@@ -94,7 +94,7 @@ def main() -> None:
             model(x)
 
     rows = [("bare model", timed(bare, args.reps))]
-    rows.append(("guarded: knn + knn_consistency + ppca (IVF-PQ)", timed(lambda: feat(x), args.reps)))
+    rows.append(("guarded: knn + knn_consistency + ppca (IVF-Flat)", timed(lambda: feat(x), args.reps)))
     exact = {}
     for name in ("knn", "knn_consistency"):
         det = dets[name]

@@ -8,9 +8,13 @@ neighbours, over several layers, whose label disagrees with the prediction (Pape
 McDaniel, "Deep k-Nearest Neighbors", 2018): a feature adversary imitates the guide at one
 layer but not at the others.
 
-Nearest neighbours come from FAISS at serving time (exact ``IndexFlatIP`` on L2-normalised
-rows for the cosine metric, ``IndexFlatL2`` for Euclidean; an ``IndexIVFFlat`` when the bank
-has at least ``ivf_min_bank`` rows). The exported graph searches the same bank exactly with
+Nearest neighbours come from FAISS at serving time (:class:`BankIndex`: exact ``IndexFlatIP``
+on L2-normalised rows for the cosine metric, ``IndexFlatL2`` for Euclidean; an ``IndexIVFFlat``
+with ``nprobe=16`` of ``2 sqrt(M)`` lists when the bank has at least ``ivf_min_bank`` rows,
+stated recall@10 >= 0.95 against exact search: 0.951 on a 1M x 512 bank of real-shaped
+features, 0.935 to 0.961 on 8,000-row banks of real CIFAR-10 features, BENCHMARKS.md
+"Production scale (issue 15)"; IVF-PQ on request, a tenth of the memory but 0.66 recall there).
+The bank is built batch by batch (:class:`BankBuilder`) and may be capped per class. The exported graph searches the same bank exactly with
 MatMul + TopK (:func:`torch_knn`); both then go through the same torch functions
 (:func:`sabour_rank`, :func:`label_disagreement`).
 """
@@ -42,7 +46,7 @@ def _prep(x: torch.Tensor, metric: str) -> torch.Tensor:
 #: Index kinds of :class:`BankIndex` ("auto": exact below ``ivf_min_bank`` rows, then :data:`LARGE_BANK_INDEX`).
 INDEX_KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
 #: The approximate index of a large bank (chosen in BENCHMARKS.md, "Production scale (issue 15)").
-LARGE_BANK_INDEX = "ivf_pq"
+LARGE_BANK_INDEX = "ivf_flat"
 
 
 def ivf_nlist(m: int) -> int:
