@@ -41,9 +41,11 @@ from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_
 from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_logits, check_probability
 
 __all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "MultiLayerDetector", "tensors_digest", "quantile_threshold",
-           "as_feature_dict", "scoring_inputs", "fitting_inputs", "robust_scale", "registry"]
+           "as_feature_dict", "scoring_inputs", "fitting_inputs", "FeatureStream", "STREAM_HEAD_IMAGES", "robust_scale", "registry"]
 
 FORMAT = "guard.detector/2"
+#: What an input detector (saliency, squeeze) keeps of a streaming fit: the first images.
+STREAM_HEAD_IMAGES = 1024
 LEGACY_FORMATS = ("guard.detector/1",)  # sealed its tensors only; loads only with expected_sha256
 
 
@@ -129,16 +131,51 @@ def fitting_inputs(feats: Any, labels: Any, layers: list[str], owner: str, *,
     Refuses a bank of fewer than ``min_rows`` rows and features that are the same for every
     clean example (a detector fitted on them scores every input alike: silently blind).
     """
-    fd = as_feature_dict(feats, layers, owner)
-    n = int(next(iter(fd.values())).shape[0])
-    if n < min_rows:
-        raise ValueError(f"{owner}: fit needs at least {min_rows} clean example(s); got {'an empty feature bank' if n == 0 else n}.")
-    labels = check_labels(labels, "labels", n=n).cpu()
-    for layer, f in fd.items():
-        if n > 1 and bool((f == f[:1]).all()):
-            raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (every row is the same); "
-                             "fit on varied clean images or choose another layer.")
+    stream = FeatureStream(layers, owner)
+    fd, labels = stream.add(feats, labels)
+    stream.finish(min_rows)
     return fd, labels
+
+
+class FeatureStream:
+    """The checks of :func:`fitting_inputs`, made batch by batch over a streaming fit.
+
+    ``add`` checks one batch (as :func:`as_feature_dict` and ``check_labels``; every batch must
+    keep the widths of the first) and tracks whether any row differs from the first one;
+    ``finish`` refuses too few rows and features that never varied.
+    """
+
+    def __init__(self, layers: list[str], owner: str) -> None:
+        self.layers, self.owner = list(layers), owner
+        self.n = 0
+        self._first: dict[str, torch.Tensor] = {}
+        self._varies: dict[str, bool] = {}
+
+    def add(self, feats: Any, labels: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        fd = as_feature_dict(feats, self.layers, self.owner)
+        n = int(next(iter(fd.values())).shape[0])
+        labels = check_labels(labels, "labels", n=n).cpu()
+        for layer, f in fd.items():
+            if layer not in self._first:
+                if n == 0:
+                    continue
+                self._first[layer] = f[:1].clone()
+                self._varies[layer] = False
+            elif f.shape[1] != self._first[layer].shape[1]:
+                raise ValueError(f"{self.owner}: features of layer {layer!r} must keep the width of the first batch "
+                                 f"({self._first[layer].shape[1]}); got {f.shape[1]}.")
+            if not self._varies[layer] and n:
+                self._varies[layer] = not bool((f == self._first[layer].to(f.device)).all())
+        self.n += n
+        return fd, labels
+
+    def finish(self, min_rows: int = 1) -> None:
+        if self.n < min_rows:
+            raise ValueError(f"{self.owner}: fit needs at least {min_rows} clean example(s); got {'an empty feature bank' if self.n == 0 else self.n}.")
+        for layer, varies in self._varies.items():
+            if self.n > 1 and not varies:
+                raise ValueError(f"{self.owner}: the features of layer {layer!r} do not vary over the clean data (every row is the same); "
+                                 "fit on varied clean images or choose another layer.")
 
 
 def registry() -> dict[str, type["Persistent"]]:
@@ -288,6 +325,30 @@ class Detector(Persistent):
         """Suspicion scores Tensor[N] for one serving batch (higher = more suspicious)."""
         raise NotImplementedError
 
+    def partial_fit_batch(self, batch: Batch, labels: torch.Tensor) -> "Detector":
+        """One batch of a streaming fit (``GuardedModel.fit`` on a Dataset); :meth:`finish_fit` ends it.
+
+        The default, for input detectors (saliency, squeeze: they read only a few clean
+        images), keeps the first :data:`STREAM_HEAD_IMAGES` images, their logits and labels,
+        and :meth:`finish_fit` calls :meth:`fit_batch` on them. Feature detectors accumulate
+        their state batch by batch instead (:meth:`FeatureDetector.partial_fit_features`).
+        """
+        st = self.__dict__.setdefault("_stream_fit", {"x": [], "logits": [], "labels": [], "n": 0, "model": batch.model})
+        need = STREAM_HEAD_IMAGES - st["n"]
+        if need > 0:
+            st["x"].append(batch.x[:need].detach())
+            st["logits"].append(batch.logits[:need].detach())
+            st["labels"].append(labels[:need].detach())
+            st["n"] += int(st["x"][-1].shape[0])
+        return self
+
+    def finish_fit(self) -> "Detector":
+        """End a streaming fit begun by :meth:`partial_fit_batch`; returns self, fitted."""
+        st = self.__dict__.pop("_stream_fit", None)
+        if st is None or not st["n"]:
+            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_batch (an empty stream).")
+        return self.fit_batch(Batch(torch.cat(st["x"]), torch.cat(st["logits"]), {}, st["model"]), torch.cat(st["labels"]))
+
     def export_head(self) -> nn.Module:
         """An ``nn.Module`` with ``forward(batch) -> Tensor[N]`` (or a dict whose ``"score"`` is
         the score and whose other entries are extra graph outputs), in plain torch ops."""
@@ -371,6 +432,29 @@ class FeatureDetector(Detector):
 
     def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "FeatureDetector":
         return self.fit_features(batch.features, labels)
+
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "FeatureDetector":
+        """One batch of features of a streaming fit; :meth:`finish_fit` ends it.
+
+        The default keeps every batch's features (not the images: O(N d) floats) and fits on
+        them at the end; detectors that can fit from running sums or an incremental bank
+        (kNN, PPCA, Mahalanobis, LID) override it so that nothing but their fitted state grows.
+        """
+        fd = as_feature_dict(feats, self.feature_layers, type(self).__name__)
+        st = self.__dict__.setdefault("_stream_fit", {"feats": {layer: [] for layer in fd}, "labels": []})
+        for layer, f in fd.items():
+            st["feats"][layer].append(f.cpu())
+        st["labels"].append(torch.as_tensor(labels).cpu())
+        return self
+
+    def partial_fit_batch(self, batch: Batch, labels: torch.Tensor) -> "FeatureDetector":
+        return self.partial_fit_features(batch.features, labels)
+
+    def finish_fit(self) -> "FeatureDetector":
+        st = self.__dict__.pop("_stream_fit", None)
+        if st is None:
+            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+        return self.fit_features({layer: torch.cat(v) for layer, v in st["feats"].items()}, torch.cat(st["labels"]))
 
     def score_batch(self, batch: Batch) -> torch.Tensor:
         return self.score_features(batch.features, batch.logits)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_int
-from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale, scoring_inputs
 from guard.detectors.knn import build_index, knn_search, torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
@@ -41,7 +41,9 @@ class LIDDetector(MultiLayerDetector):
     Args:
         layers: the layers (pooled features) measured.
         k: neighbours (Ma et al.: 20).
-        reference_size: clean training points kept as the reference set (seeded sample).
+        reference_size: clean training points kept as the reference set (a seeded uniform
+            sample, :class:`guard.core.sampling.BottomK`: the same rows whether the fit streams
+            its data, :meth:`partial_fit_features`, or gets them at once).
         seed: seeds that sample.
 
     Fitted state: ``bank{i}_`` (M, d) per layer, ``loc_`` / ``scale_`` (L,).
@@ -60,19 +62,40 @@ class LIDDetector(MultiLayerDetector):
         return (*(f"bank{i}_" for i in range(len(self.layers))), "loc_", "scale_")
 
     def fit_features(self, feats: Any, labels: torch.Tensor) -> "LIDDetector":
+        self.__dict__.pop("_stream_fit", None)
+        return self.partial_fit_features(feats, labels).finish_fit()
+
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "LIDDetector":
+        """Add one batch of clean features to the reference sample (a streaming fit; :meth:`finish_fit` ends it)."""
+        from guard.core.sampling import BottomK
+        from guard.detectors.base import FeatureStream
+
         owner = type(self).__name__
-        if not self.layers:
-            raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
-        check_int(self.k, "k", owner, low=2)
-        check_int(self.reference_size, "reference_size", owner, low=2)
-        fd, _ = fitting_inputs(feats, labels, self.layers, owner)
-        n = int(next(iter(fd.values())).shape[0])
+        st = self.__dict__.get("_stream_fit")
+        if st is None:
+            if not self.layers:
+                raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
+            check_int(self.k, "k", owner, low=2)
+            check_int(self.reference_size, "reference_size", owner, low=2)
+            check_int(self.seed, "seed", owner, low=0)
+            st = self._stream_fit = {"check": FeatureStream(self.layers, owner), "sample": BottomK(self.reference_size, seed=self.seed)}
+        fd, labels = st["check"].add(feats, labels)
+        st["sample"].add({layer: f.cpu() for layer, f in fd.items()}, labels)
+        return self
+
+    def finish_fit(self) -> "LIDDetector":
+        owner = type(self).__name__
+        st = self.__dict__.pop("_stream_fit", None)
+        if st is None:
+            raise ValueError(f"{owner}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+        st["check"].finish()
+        n = st["check"].n
         if n <= self.k + 1:
             raise ValueError(f"{owner}: needs more than k + 1 = {self.k + 1} clean examples; got {n}.")
-        pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[: self.reference_size]
+        sample, _, _ = st["sample"].result()
         lids = []
         for i, layer in enumerate(self.layers):
-            bank = fd[layer].cpu()[pick].contiguous()
+            bank = sample[layer].contiguous()
             setattr(self, f"bank{i}_", bank)
             # the reference points' own LIDs, each leaving itself out (k + 1 neighbours, drop the first)
             dist, _ = knn_search(build_index(bank, "l2"), bank, self.k + 1, "l2")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from guard.core.validation import check_float, check_int
-from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, fitting_inputs, robust_scale, scoring_inputs
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale, scoring_inputs
 
 __all__ = ["MahalanobisDetector", "closest_class_distance"]
 
@@ -50,6 +50,14 @@ class MahalanobisDetector(MultiLayerDetector):
         layers: the layers (pooled features) modelled; Lee et al. use every stage's output.
         noise: input-preprocessing step (0: off, the default).
         max_width: refuse layers with more features than this (their precision is d x d).
+        scale_sample: the clean rows whose distances set ``loc_`` / ``scale_`` (a seeded uniform
+            sample, :class:`guard.core.sampling.BottomK`; all of them up to this many).
+        seed: seeds that sample.
+
+    The fit streams (:meth:`partial_fit_features`): per layer the class sums and one (d, d)
+    scatter of all rows, in float64, give the class means and the tied covariance
+    ``(S - sum_c n_c mu_c mu_c^T) / N`` that ``EmpiricalCovariance(assume_centered=True)`` fits
+    on the class-centred rows; its precision is ``scipy.linalg.pinvh``, as scikit-learn's.
 
     Fitted state per layer i: ``means{i}_`` (C, d), ``precision{i}_`` (d, d); ``loc_`` / ``scale_``
     (L,) the clean median and IQR / 1.349 of each layer's distance.
@@ -57,41 +65,85 @@ class MahalanobisDetector(MultiLayerDetector):
 
     name: ClassVar[str] = "mahalanobis"
 
-    def __init__(self, layers: Sequence[str] = ("fc1",), *, noise: float = 0.0, max_width: int = 4096) -> None:
+    def __init__(self, layers: Sequence[str] = ("fc1",), *, noise: float = 0.0, max_width: int = 4096, scale_sample: int = 20_000,
+                 seed: int = 0) -> None:
         self._set_layers(layers)
         self.noise = noise
         self.max_width = max_width
+        self.scale_sample = scale_sample
+        self.seed = seed
 
     @property
     def _tensor_attrs(self) -> tuple[str, ...]:  # type: ignore[override]
         return (*(f"means{i}_" for i in range(len(self.layers))), *(f"precision{i}_" for i in range(len(self.layers))), "loc_", "scale_")
 
     def fit_features(self, feats: Any, labels: torch.Tensor) -> "MahalanobisDetector":
-        from sklearn.covariance import EmpiricalCovariance
+        self.__dict__.pop("_stream_fit", None)
+        return self.partial_fit_features(feats, labels).finish_fit()
+
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "MahalanobisDetector":
+        """Add one batch of clean features to the running sums (a streaming fit; :meth:`finish_fit` ends it)."""
+        from guard.core.sampling import BottomK
+        from guard.detectors.base import FeatureStream
 
         owner = type(self).__name__
-        if not self.layers:
-            raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
-        check_float(self.noise, "noise", owner, low=0.0)
-        check_int(self.max_width, "max_width", owner, low=1)
-        fd, labels = fitting_inputs(feats, labels, self.layers, owner)
-        classes = int(labels.max()) + 1
-        dists = []
-        for i, layer in enumerate(self.layers):
-            f = fd[layer].cpu().double()
+        st = self.__dict__.get("_stream_fit")
+        if st is None:
+            if not self.layers:
+                raise ValueError(f"The 'layers' parameter of {owner} must name at least one layer. Got [].")
+            check_float(self.noise, "noise", owner, low=0.0)
+            check_int(self.max_width, "max_width", owner, low=1)
+            check_int(self.scale_sample, "scale_sample", owner, low=2)
+            check_int(self.seed, "seed", owner, low=0)
+            st = self._stream_fit = {"check": FeatureStream(self.layers, owner), "sample": BottomK(self.scale_sample, seed=self.seed),
+                                     "counts": torch.zeros(0, dtype=torch.float64), "layers": {}}
+        fd, labels = st["check"].add(feats, labels)
+        if labels.numel() == 0:
+            return self
+        classes = max(int(labels.max()) + 1, st["counts"].shape[0])
+        st["counts"] = torch.cat([st["counts"], torch.zeros(classes - st["counts"].shape[0], dtype=torch.float64)])
+        st["counts"] += torch.bincount(labels, minlength=classes).double()
+        for layer, f in fd.items():
             if f.shape[1] > self.max_width:
                 raise ValueError(f"{owner}: layer {layer!r} has {f.shape[1]} features, more than max_width={self.max_width} "
                                  "(its precision would be d x d); choose a narrower or pooled layer.")
-            means = torch.stack([f[labels == c].mean(0) if bool((labels == c).any()) else f.mean(0) for c in range(classes)])
-            centred = (f - means[labels]).numpy()
-            cov = EmpiricalCovariance(assume_centered=True).fit(centred)
-            if float(np.trace(cov.covariance_)) <= 1e-12:  # its (pseudo-)precision would be 0: every input scored 0, blind
+            f = f.cpu().double()
+            acc = st["layers"].setdefault(layer, {"shift": f.mean(0), "sums": torch.zeros(0, f.shape[1], dtype=torch.float64),
+                                                   "scatter": torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)})
+            r = f - acc["shift"]
+            sums = torch.cat([acc["sums"], torch.zeros(classes - acc["sums"].shape[0], f.shape[1], dtype=torch.float64)])
+            acc["sums"] = sums.index_add_(0, labels, r)
+            acc["scatter"] += r.t() @ r
+        st["sample"].add({layer: f.cpu() for layer, f in fd.items()}, labels)
+        return self
+
+    def finish_fit(self) -> "MahalanobisDetector":
+        from scipy.linalg import pinvh
+
+        owner = type(self).__name__
+        st = self.__dict__.pop("_stream_fit", None)
+        if st is None:
+            raise ValueError(f"{owner}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+        st["check"].finish()
+        counts = st["counts"]
+        n = float(counts.sum())
+        sample, _, _ = st["sample"].result()
+        dists = []
+        for i, layer in enumerate(self.layers):
+            acc = st["layers"][layer]
+            present = counts > 0
+            centred = acc["sums"] / counts.clamp_min(1)[:, None]  # class means less the shift
+            overall = acc["sums"].sum(0) / n
+            centred[~present] = overall  # a class without rows: the overall mean (as the one-shot fit always did)
+            cov = (acc["scatter"] - (counts[:, None, None] * centred[:, :, None] * centred[:, None, :]).sum(0)) / n
+            if float(torch.trace(cov)) <= 1e-12:  # its (pseudo-)precision would be 0: every input scored 0, blind
                 raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (zero covariance); "
                                  "fit on varied clean images or choose another layer.")
-            prec = torch.from_numpy(np.asarray(cov.precision_))
-            setattr(self, f"means{i}_", means.float())
+            prec = torch.from_numpy(np.asarray(pinvh(cov.numpy(), check_finite=False)))
+            means = (centred + acc["shift"]).float()
+            setattr(self, f"means{i}_", means)
             setattr(self, f"precision{i}_", prec.float())
-            dists.append(closest_class_distance(f.float(), means.float(), prec.float()))
+            dists.append(closest_class_distance(sample[layer].float(), means, prec.float()))
         self.loc_, self.scale_ = robust_scale(torch.stack(dists, 1))
         self.fitted_ = True
         return self

@@ -81,6 +81,11 @@ class PPCAManifold(FeatureDetector):
         reg: added to each class's noise variance, relative to the mean feature variance.
         min_class_size: classes with fewer clean examples use the PPCA of all the data.
         batch_size: rows scored at once (the gathered components take batch x q x d floats).
+        max_scatter_bytes: a streaming fit (:meth:`partial_fit_features`) keeps each class's
+            running sum and (d, d) scatter matrix in float64 while ``C * d * d * 8`` bytes stay
+            within this, which gives the same PPCA as the one-shot fit; above it, one
+            scikit-learn ``IncrementalPCA`` per class (approximate: Ross et al. 2008), with the
+            noise variance from exact running sums of squares.
 
     Fitted state: ``means_`` (C, D), ``components_`` (C, q, D) (zero rows where a class has
     fewer), ``variances_`` (C, q), ``noise_`` (C,).
@@ -90,12 +95,13 @@ class PPCAManifold(FeatureDetector):
     _tensor_attrs = ("means_", "components_", "variances_", "noise_")
 
     def __init__(self, layer: str = "fc1", *, n_components: int = 16, reg: float = 1e-3, min_class_size: int = 10,
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, max_scatter_bytes: int = 2 ** 31) -> None:
         self.layer = layer
         self.n_components = n_components
         self.reg = reg
         self.min_class_size = min_class_size
         self.batch_size = batch_size
+        self.max_scatter_bytes = max_scatter_bytes
 
     @classmethod
     def default(cls, layers: list[str]) -> "PPCAManifold":
@@ -106,31 +112,43 @@ class PPCAManifold(FeatureDetector):
     def feature_layers(self) -> list[str]:
         return [self.layer]
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "PPCAManifold":
+    def _check_params(self) -> None:
         owner = type(self).__name__
         check_int(self.n_components, "n_components", owner, low=1)
         check_int(self.min_class_size, "min_class_size", owner, low=2)
         check_int(self.batch_size, "batch_size", owner, low=1)
+        check_int(self.max_scatter_bytes, "max_scatter_bytes", owner, low=0)
         check_float(self.reg, "reg", owner, low=0.0, low_open=True)
+
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> "PPCAManifold":
+        owner = type(self).__name__
+        self._check_params()
         fd, labels = fitting_inputs(feats, labels, [self.layer], owner, min_rows=2)  # one row cannot define a PPCA
         f = fd[self.layer].cpu()
         x = f.double().numpy()
         floor = self.reg * (float(x.var(0).mean()) or 1.0)
         q = self.n_components
         pooled = None  # the PPCA of all the data, for classes too small for their own (fitted only if needed)
-        n_classes, d = int(labels.max()) + 1, x.shape[1]
-        q_all = min(q, d - 1) if d > 1 else 1
+        n_classes = int(labels.max()) + 1
+
+        def per_class(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+            nonlocal pooled
+            xc = x[(labels == c).numpy()]
+            if xc.shape[0] >= self.min_class_size:
+                return fit_ppca(xc, q, floor)
+            pooled = pooled if pooled is not None else fit_ppca(x, q, floor)
+            return pooled
+
+        return self._set_state(n_classes, x.shape[1], per_class)
+
+    def _set_state(self, n_classes: int, d: int, per_class: Any) -> "PPCAManifold":
+        q_all = min(self.n_components, d - 1) if d > 1 else 1
         self.means_ = torch.zeros(n_classes, d)
         self.components_ = torch.zeros(n_classes, q_all, d)
         self.variances_ = torch.ones(n_classes, q_all)
         self.noise_ = torch.ones(n_classes)
         for c in range(n_classes):
-            xc = x[(labels == c).numpy()]
-            if xc.shape[0] >= self.min_class_size:
-                mean, comps, var, noise = fit_ppca(xc, q, floor)
-            else:
-                pooled = pooled if pooled is not None else fit_ppca(x, q, floor)
-                mean, comps, var, noise = pooled
+            mean, comps, var, noise = per_class(c)
             k = comps.shape[0]
             self.means_[c] = torch.from_numpy(mean).float()
             self.components_[c, :k] = torch.from_numpy(comps).float()
@@ -139,6 +157,115 @@ class PPCAManifold(FeatureDetector):
             self.noise_[c] = noise
         self.fitted_ = True
         return self
+
+    # ---------------------------------------------------------------- streaming fit
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "PPCAManifold":
+        """Add one batch of clean features (a streaming fit; :meth:`finish_fit` ends it).
+
+        Keeps per class the count, the sum and the (d, d) scatter of the rows less a shift
+        (the first batch's mean, against cancellation), in float64; or, above
+        ``max_scatter_bytes``, feeds one ``IncrementalPCA`` per class (see the class docstring).
+        """
+        from guard.detectors.base import FeatureStream
+
+        st = self.__dict__.get("_stream_fit")
+        if st is None:
+            self._check_params()
+            st = self._stream_fit = {"check": FeatureStream([self.layer], type(self).__name__), "n": {}, "sum": {}, "sq": {},
+                                     "scatter": {}, "ipca": {}, "buf": {}, "shift": None}
+        fd, labels = st["check"].add(feats, labels)
+        f = fd[self.layer].cpu().double()
+        if f.shape[0] == 0:
+            return self
+        if st["shift"] is None:
+            st["shift"] = f.mean(0)
+            d = f.shape[1]
+            st["exact"] = (int(labels.max()) + 1) * d * d * 8 <= self.max_scatter_bytes
+        r = f - st["shift"]
+        for c in torch.unique(labels).tolist():
+            rc = r[labels == c]
+            if c not in st["n"]:
+                st["n"][c], st["sum"][c], st["sq"][c] = 0, torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros(r.shape[1], dtype=torch.float64)
+                if st["exact"]:
+                    st["scatter"][c] = torch.zeros(r.shape[1], r.shape[1], dtype=torch.float64)
+            st["n"][c] += int(rc.shape[0])
+            st["sum"][c] += rc.sum(0)
+            st["sq"][c] += (rc * rc).sum(0)
+            if st["exact"]:
+                st["scatter"][c] += rc.t() @ rc
+            else:
+                self._ipca_feed(st, c, rc)
+                self._ipca_feed(st, -1, rc)  # the pooled PPCA, for classes too small for their own
+        return self
+
+    def _ipca_feed(self, st: dict[str, Any], c: int, rows: torch.Tensor, final: bool = False) -> None:
+        from sklearn.decomposition import IncrementalPCA
+
+        buf = st["buf"].setdefault(c, [])
+        if rows.shape[0]:
+            buf.append(rows.numpy())
+        held = sum(b.shape[0] for b in buf)
+        chunk = max(256, 4 * self.n_components)  # partial_fit needs at least n_components rows per call
+        if held >= 2 * chunk or (final and held):
+            x = np.concatenate(buf)
+            take = x.shape[0] if final else x.shape[0] - chunk  # keep a chunk back, so the last call is never too small
+            q = max(1, min(self.n_components, x.shape[1] - 1))
+            if c not in st["ipca"]:
+                st["ipca"][c] = IncrementalPCA(n_components=q)
+            if take >= q or c in st["ipca"] and hasattr(st["ipca"][c], "components_"):
+                if take >= q:
+                    st["ipca"][c].partial_fit(x[:take])
+                st["buf"][c] = [x[take:]] if take < x.shape[0] else []
+
+    def finish_fit(self) -> "PPCAManifold":
+        st = self.__dict__.pop("_stream_fit", None)
+        if st is None:
+            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+        st["check"].finish(2)
+        shift = st["shift"]
+        d = int(shift.shape[0])
+        n_all = sum(st["n"].values())
+        s_all = sum(st["sum"].values())
+        sq_all = sum(st["sq"].values())
+        mean_all = s_all / n_all
+        floor = self.reg * (float((sq_all / n_all - mean_all ** 2).clamp_min(0).mean()) or 1.0)  # numpy's var: ddof 0
+        q = self.n_components
+        pooled: list[Any] = []
+
+        def from_scatter(n: int, s: torch.Tensor, scatter: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+            m = s / n
+            cov = (scatter - n * torch.outer(m, m)) / (n - 1)
+            evals, evecs = torch.linalg.eigh(cov)  # ascending; PCA's explained variances are these, descending
+            evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+            qq = max(1, min(q, n - 1, d - 1))
+            rank = min(n, d)
+            noise = float(evals[qq:rank].mean()) if qq < rank else 0.0  # as PCA.noise_variance_
+            noise += floor
+            var = np.maximum(evals[:qq].numpy(), noise)
+            return (m + shift).numpy(), evecs[:, :qq].t().contiguous().numpy(), var, noise
+
+        def from_ipca(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+            self._ipca_feed(st, c, torch.zeros(0, d, dtype=torch.float64), final=True)
+            ipca = st["ipca"][c]
+            n = sum(st["n"].values()) if c == -1 else st["n"][c]
+            s = s_all if c == -1 else st["sum"][c]
+            sq = sq_all if c == -1 else st["sq"][c]
+            m = s / n
+            total = float(((sq - n * m * m) / (n - 1)).sum())  # the trace of the covariance, exact
+            qq = ipca.components_.shape[0]
+            rest = min(n, d) - qq
+            noise = max(total - float(ipca.explained_variance_.sum()), 0.0) / rest if rest > 0 else 0.0
+            noise += floor
+            return (m + shift).numpy(), ipca.components_, np.maximum(ipca.explained_variance_, noise), noise
+
+        def per_class(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+            if st["n"].get(c, 0) >= self.min_class_size:
+                return from_scatter(st["n"][c], st["sum"][c], st["scatter"][c]) if st["exact"] else from_ipca(c)
+            if not pooled:
+                pooled.append(from_scatter(n_all, s_all, sum(st["scatter"].values())) if st["exact"] else from_ipca(-1))
+            return pooled[0]
+
+        return self._set_state(max(st["n"]) + 1, d, per_class)
 
     def _features(self, feats: Any) -> torch.Tensor:
         self._check_fitted()

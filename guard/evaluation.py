@@ -84,7 +84,7 @@ def _adv(item: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def all_scores(guarded: Any, x: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
     """Every detector's score of ``x`` and the combined score (empty tensors for an empty batch)."""
-    if x.shape[0] == 0:
+    if isinstance(x, torch.Tensor) and x.shape[0] == 0:
         return {n: torch.empty(0) for n in list(guarded.detectors) + ["combined"]}
     _, scores, _ = guarded.score(x, progress=progress)
     if guarded.combined is not None:
@@ -100,8 +100,9 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
 
     Args:
         guarded: a fitted (and, for "combined", calibrated) :class:`guard.GuardedModel`.
-        clean: clean held-out images (the negatives): a Tensor or a Split. Not the data the
-            detectors were fitted or calibrated on.
+        clean: clean held-out images (the negatives): a Tensor, a Split, or a Dataset /
+            DataLoader / image folder (scored batch by batch). Not the data the detectors were
+            fitted or calibrated on.
         attacks: name -> AttackResult (or (x_adv, success), or images: all counted successful).
         progress: show a progress bar while scoring.
         clean_scores: precomputed scores of ``clean`` (as ``guarded.score`` gives), to reuse.
@@ -119,8 +120,11 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     """
     if not (hasattr(guarded, "detectors") and hasattr(guarded, "score") and hasattr(guarded, "combined")):
         raise TypeError(f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}.")
+    from guard.core.data import is_stream
+
     x_clean = clean.x if isinstance(clean, Split) else clean
-    check_images(x_clean, "clean")
+    if not is_stream(x_clean):  # a Dataset / DataLoader / folder is scored batch by batch
+        check_images(x_clean, "clean")
     if not isinstance(attacks, Mapping):
         raise TypeError(f"attacks must be a dict name -> AttackResult; got {type(attacks).__name__}.")
     neg = dict(clean_scores) if clean_scores is not None else all_scores(guarded, x_clean, progress)

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from guard.core.cache import atomic_write_text
-from guard.core.data import Split, load_data
+from guard.core.data import Split, is_stream, load_data, stream_batches
 from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
 from guard.core.models import eval_mode, model_device
@@ -172,17 +172,27 @@ class GuardedModel(nn.Module):
                 scores[name] = s
         return batch.logits, scores, errors
 
-    def score(self, x: torch.Tensor, *, progress: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
-        """Logits and per-detector scores (CPU) for all of ``x``, in batches of ``batch_size``."""
-        check_images(x, "x")
+    def score(self, x: Any, *, progress: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
+        """Logits and per-detector scores (CPU) for all of ``x``, in batches of ``batch_size``.
+
+        ``x``: images (N, C, H, W), or a stream (a Dataset, DataLoader or image folder, read
+        batch by batch by :func:`guard.core.data.stream_batches`; its labels are not used).
+        """
+        stream = is_stream(x)
+        if not stream:
+            check_images(x, "x")
         if not self.detectors:
             raise NotFittedError("This GuardedModel is not fitted yet. Call 'fit' on clean training data first.")
         from tqdm.auto import tqdm
 
+        if stream:
+            batches: Any = (xb for xb, _ in stream_batches(x, self.batch_size, "x"))
+        else:
+            batches = (x[i:i + self.batch_size] for i in range(0, x.shape[0], self.batch_size))
         logits, scores, errors = [], {n: [] for n in self.detectors}, {}
-        for i in tqdm(range(0, x.shape[0], self.batch_size), desc="guard score", disable=not progress, leave=False):
-            lo, sc, er = self._score_batch(x[i:i + self.batch_size])
-            logits.append(lo)
+        for xb in tqdm(batches, desc="guard score", disable=not progress, leave=False):
+            lo, sc, er = self._score_batch(xb)
+            logits.append(lo.cpu())
             for n, s in sc.items():
                 scores[n].append(s)
             errors.update(er)
@@ -207,12 +217,20 @@ class GuardedModel(nn.Module):
         self.defaults = []
 
     def fit(self, data: Any, y: torch.Tensor | None = None) -> "GuardedModel":
-        """Fit every detector on clean training data (a Split, (x, y), a Dataset, or images + ``y``).
+        """Fit every detector on clean training data (a Split, (x, y), a Dataset, a DataLoader, an
+        image folder, or images + ``y``).
 
         Labels are the true labels given (images alone: the model's predictions); the feature
-        detectors share one forward pass. A default detector that fails to fit is left out
-        (``left_out_``), the others are fitted; a detector the caller chose raises.
+        detectors share one forward pass. A Dataset, DataLoader or image folder is streamed:
+        read batch by batch (:func:`guard.core.data.stream_batches`) and given to each
+        detector's ``partial_fit_batch``, so memory holds a batch and the detectors' fitted
+        state (the kNN bank, PPCA / Mahalanobis running sums), never the data set; tensors are
+        fitted in one pass over the whole (the fast path; the same fitted state). A default
+        detector that fails to fit is left out (``left_out_``), the others are fitted; a
+        detector the caller chose raises.
         """
+        if is_stream(data) and y is None:
+            return self._fit_stream(data)
         if isinstance(data, torch.Tensor) and y is None:  # images only: the model's predictions are the labels
             check_images(data, "data")
             x, labels = data, None
@@ -224,10 +242,7 @@ class GuardedModel(nn.Module):
         layers = self.feature_layers
         chunks = [self._forward(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
         logits = torch.cat([c.logits for c in chunks])
-        if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}.")
-        if labels is not None:  # labels the model cannot output would silently skew the label-based detectors
-            check_labels(labels, "data labels", num_classes=int(logits.shape[1]))
+        self._check_fit_logits(logits, x.shape[0], labels)
         feats = {layer: torch.cat([c.features[layer] for c in chunks]) for layer in layers}
         self.feature_widths_ = {layer: int(f.shape[1]) for layer, f in feats.items()}
         batch = Batch(x.to(self._device()), logits, feats, self.model)
@@ -236,28 +251,73 @@ class GuardedModel(nn.Module):
             try:
                 self.detectors[name].fit_batch(batch, lab)
             except Exception as err:
-                if name in chosen_by_caller:
-                    raise
-                log.warning("guard.wrap: detector %r left out: %s: %s", name, type(err).__name__, err)
-                self.left_out_[name] = f"{type(err).__name__}: {err}"
-                del self.detectors[name]
+                self._leave_out(name, err, chosen_by_caller)
+        return self._fitted()
+
+    def _check_fit_logits(self, logits: torch.Tensor, n: int, labels: torch.Tensor | None, classes: int | None = None) -> None:
+        if logits.dim() != 2 or logits.shape[0] != n:
+            raise ValueError(f"the model must return logits of shape ({n}, C); got shape {tuple(logits.shape)}.")
+        if classes is not None and logits.shape[1] != classes:
+            raise ValueError(f"the model returned {logits.shape[1]} logits for one batch and {classes} for an earlier one.")
+        if labels is not None:  # labels the model cannot output would silently skew the label-based detectors
+            check_labels(labels, "data labels", num_classes=int(logits.shape[1]))
+
+    def _leave_out(self, name: str, err: Exception, chosen_by_caller: set[str]) -> None:
+        if name in chosen_by_caller:
+            raise err
+        log.warning("guard.wrap: detector %r left out: %s: %s", name, type(err).__name__, err)
+        self.left_out_[name] = f"{type(err).__name__}: {err}"
+        del self.detectors[name]
+
+    def _fitted(self) -> "GuardedModel":
         if not self.detectors:
             raise ValueError(f"no detector could be fitted on this model: {self.left_out_}")
         self.combined = None
         return self
 
+    def _fit_stream(self, data: Any) -> "GuardedModel":
+        """:meth:`fit` on a Dataset / DataLoader / folder: one forward pass per batch, detectors fitted incrementally."""
+        chosen_by_caller = set(self.detectors)
+        classes = None
+        n = 0
+        for xb, yb in stream_batches(data, self.batch_size, "data"):
+            if classes is None:
+                self._build_defaults(xb[:2])
+            batch = self._forward(xb)
+            self._check_fit_logits(batch.logits, int(xb.shape[0]), yb, classes)
+            classes = int(batch.logits.shape[1])
+            if not n:
+                self.feature_widths_ = {layer: int(f.shape[1]) for layer, f in batch.features.items()}
+            n += int(xb.shape[0])
+            for name in list(self.detectors):
+                try:
+                    self.detectors[name].partial_fit_batch(batch, yb.cpu())
+                except Exception as err:
+                    self._leave_out(name, err, chosen_by_caller)
+        for name in list(self.detectors):
+            try:
+                self.detectors[name].finish_fit()
+            except Exception as err:
+                self._leave_out(name, err, chosen_by_caller)
+        return self._fitted()
+
     def calibrate(self, clean_data: Any, fpr: float = 0.05) -> "GuardedModel":
         """Set every detector's and the combined ``threshold_`` on clean held-out images.
 
         Use data the detectors were not fitted on, and not the data you evaluate on.
+        ``clean_data``: images, a Split, or a stream (Dataset, DataLoader, image folder) scored
+        batch by batch; with ``combine="weighted"`` the proxy inputs are made from a seeded
+        sample of 2,000 of a stream's images (:class:`guard.core.sampling.BottomK`).
         """
         fpr = check_probability(fpr, "fpr", "GuardedModel.calibrate")
         x = clean_data.x if isinstance(clean_data, Split) else clean_data
-        check_images(x, "clean_data")
+        if not is_stream(x):
+            check_images(x, "clean_data")
         _, scores, errors = self.score(x)
         proxy = None
         if self.combine == "weighted":
-            _, proxy, perr = self.score(proxy_inputs(check_images(x, "clean_data")))
+            base = x if not is_stream(x) else _stream_sample(x, self.batch_size, 2000)
+            _, proxy, perr = self.score(proxy_inputs(check_images(base, "clean_data")))
             errors = {**errors, **perr}
         return self.calibrate_scores(scores, fpr, errors=errors, proxy_scores=proxy)
 
@@ -383,6 +443,16 @@ class GuardedModel(nn.Module):
         if "combined" in index:
             guarded.combined = member(index["combined"], "combined")  # type: ignore[assignment]
         return guarded
+
+
+def _stream_sample(data: Any, batch_size: int, k: int) -> torch.Tensor:
+    """A seeded uniform sample of ``k`` images of a stream (all of them if fewer)."""
+    from guard.core.sampling import BottomK
+
+    sample = BottomK(k)
+    for xb, yb in stream_batches(data, batch_size, "clean_data"):
+        sample.add({"x": xb.cpu()}, yb)
+    return sample.result()[0]["x"]
 
 
 def _names(value: Any, name: str) -> list[Any]:

@@ -1,8 +1,10 @@
 """Data: the embedded MNIST default and turning user data into tensors.
 
 Users hand guard tensors, a ``torch.utils.data.Dataset``, a ``DataLoader`` or an image folder
-(torchvision ``ImageFolder`` layout: one sub-folder per class). Everything becomes a pair
-``(x, y)``: float32 NCHW in [0, 1] and int64 labels.
+(torchvision ``ImageFolder`` layout: one sub-folder per class). :func:`load_data` turns any of
+them into one pair ``(x, y)``: float32 NCHW in [0, 1] and int64 labels. :func:`stream_batches`
+reads the same inputs batch by batch instead, so that a data set larger than memory (ImageNet's
+1.2M images are 700+ GB as float32) is never held whole: only tensors are sliced in place.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "stream_batches", "is_stream", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
 DEMO_TRAIN = 8000
@@ -138,6 +140,72 @@ def _from_dataset(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(xs), torch.cat(ys)
 
 
+def _check_image_size(image_size: Any) -> None:
+    if image_size is not None:
+        sizes = [image_size] if isinstance(image_size, int) else list(image_size) if isinstance(image_size, (tuple, list)) else None
+        if sizes is None or (not isinstance(image_size, int) and len(sizes) != 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"image_size must be a positive int or a pair (H, W) of positive ints; got {image_size!r}.")
+
+
+def _image_folder(path: Path, name: str, image_size: Any, grayscale: bool) -> Any:
+    from torchvision import datasets, transforms
+
+    tf: list[Any] = []
+    if grayscale:
+        tf.append(transforms.Grayscale(1))
+    if image_size is not None:
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        tf.append(transforms.Resize(size))
+    tf.append(transforms.ToTensor())
+    try:
+        return datasets.ImageFolder(str(path), transform=transforms.Compose(tf))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise ValueError(f"{name}: {str(path)!r} is not a usable image folder: {err}") from err
+
+
+def is_stream(data: Any) -> bool:
+    """Whether ``data`` is read lazily (a Dataset, a DataLoader or an image folder) rather than given as tensors."""
+    return isinstance(data, (Dataset, DataLoader)) or (isinstance(data, (str, os.PathLike)) and Path(data).is_dir())
+
+
+def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size: int | tuple[int, int] | None = None,
+                   grayscale: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Validated ``(x, y)`` batches of ``data`` (what :func:`load_data` takes), one at a time.
+
+    A Dataset is read through a ``DataLoader(batch_size=batch_size, shuffle=False)``, a
+    DataLoader with its own batching, an image folder as a torchvision ``ImageFolder``; tensors
+    and Splits are sliced (views, no copy). Only the current batch is held, so memory does not
+    grow with the data set. A ``.tar`` archive is decoded whole (it is read as one file).
+    Each batch is checked as :func:`load_data` checks the whole (images float32 in [0, 1],
+    int64 labels, one per image); an empty stream raises ValueError.
+    """
+    from guard.core.validation import check_int
+
+    check_int(batch_size, "batch_size", "stream_batches", low=1)
+    _check_image_size(image_size)
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        data = _image_folder(Path(data), name, image_size, grayscale)
+    if isinstance(data, (Dataset, DataLoader)):
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+        seen = 0
+        for item in loader:
+            if not isinstance(item, (tuple, list)) or len(item) < 2:
+                raise TypeError(f"{name} must yield (image, label) pairs; got {type(item).__name__}.")
+            xb, yb = item[0], item[1]
+            if not isinstance(xb, torch.Tensor):
+                raise TypeError(f"{name} must yield image tensors (add transforms.ToTensor()); got {type(xb).__name__}.")
+            check_images(xb, f"{name} images")
+            yb = check_labels(torch.as_tensor(yb), f"{name} labels", n=int(xb.shape[0]))
+            seen += int(xb.shape[0])
+            yield xb.float(), yb
+        if not seen:
+            raise ValueError(f"{name} is empty: it yielded no images.")
+        return
+    split = load_data(data, name, image_size=image_size, grayscale=grayscale)
+    for i in range(0, len(split), batch_size):
+        yield split.x[i:i + batch_size], split.y[i:i + batch_size]
+
+
 def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int] | None = None, grayscale: bool = False) -> Split:
     """Turn user data into a validated :class:`Split`.
 
@@ -150,10 +218,7 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
             they differ in size).
         grayscale: load folder images as one channel.
     """
-    if image_size is not None:
-        sizes = [image_size] if isinstance(image_size, int) else list(image_size) if isinstance(image_size, (tuple, list)) else None
-        if sizes is None or (not isinstance(image_size, int) and len(sizes) != 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"image_size must be a positive int or a pair (H, W) of positive ints; got {image_size!r}.")
+    _check_image_size(image_size)
     if isinstance(data, Split):
         x, y = data.x, data.y
     elif isinstance(data, (str, os.PathLike)) and Path(data).is_file() and is_image_archive(data):
@@ -165,20 +230,7 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
         if not path.is_dir():
             raise ValueError(f"{name} must be an existing image folder (one sub-folder per class) or an image archive "
                              f"(.tar/.tar.gz in the same layout); got {str(path)!r}.")
-        from torchvision import datasets, transforms
-
-        tf: list[Any] = []
-        if grayscale:
-            tf.append(transforms.Grayscale(1))
-        if image_size is not None:
-            size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-            tf.append(transforms.Resize(size))
-        tf.append(transforms.ToTensor())
-        try:
-            folder = datasets.ImageFolder(str(path), transform=transforms.Compose(tf))
-        except (FileNotFoundError, RuntimeError) as err:
-            raise ValueError(f"{name}: {str(path)!r} is not a usable image folder: {err}") from err
-        x, y = _from_dataset(folder, name)
+        x, y = _from_dataset(_image_folder(path, name, image_size, grayscale), name)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data[0], data[1]
     elif isinstance(data, (Dataset, DataLoader)):
