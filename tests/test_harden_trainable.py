@@ -59,3 +59,13 @@ def test_bad_trainable_is_refused(data):
         harden(_net(), data, trainable=("nope",), **RUN)
     with pytest.raises(TypeError, match="trainable must be None or a tuple"):
         HardenConfig(trainable="1").validated()
+
+
+def test_budget_population_sets_the_evolution_children_per_generation():
+    from guard.training.round_attacks import round_attack_table
+
+    table = round_attack_table(AttackBudget(per_class=2, population=7), num_classes=1000, seed=0)
+    assert table["fooling_cppn"].population == 7 and table["fooling_direct"].population == 7
+    assert round_attack_table(AttackBudget(per_class=2), num_classes=1000, seed=0)["fooling_cppn"].population == 2000
+    with pytest.raises(ValueError, match="'population' parameter of AttackBudget"):
+        round_attack_table(AttackBudget(population=0), num_classes=10, seed=0)
