@@ -307,9 +307,14 @@ class FoolingEvolution(Fooler):
             xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
             x_all = torch.cat(xs).to(device)
             labels = torch.cat([cls[el["labels"]], torch.tensor(pool_l, dtype=torch.long)]).to(device)
-            # re-scored in chunks: 1,000 elites at 224 px in one batch would need ~10 GB of activations
-            conf = torch.cat([F.softmax(model(x_all[i:i + self.population]).float(), 1).gather(1, labels[i:i + self.population, None])
-                              .squeeze(1) for i in range(0, x_all.shape[0], self.population)])
+            # An elite's confidence is its archive objective, the softmax of the forward pass that
+            # admitted it (re-scoring 1,000 elites at 224 px would cost as much as 20 generations of
+            # 50); only the reservoir samples are re-scored, in chunks.
+            pool_t = torch.stack(pool_x).to(device) if pool_x else x_all[:0]
+            pool_lab = labels[el["labels"].numel():]
+            pool_conf = [F.softmax(model(pool_t[i:i + self.population]).float(), 1).gather(1, pool_lab[i:i + self.population, None])
+                         .squeeze(1) for i in range(0, pool_t.shape[0], self.population)]
+            conf = torch.cat([el["confidence"].float().to(device), *pool_conf])
         seconds = time.perf_counter() - t0
         n_el = int(el["labels"].numel())
         extras: dict[str, Any] = {

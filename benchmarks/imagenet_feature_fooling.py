@@ -185,8 +185,11 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
     if not args.tuning:
         plan += [(PENULT, d, args.side_pairs, args.side_iter) for d in (5, 15)] + [(MID, d, args.side_pairs // 2, args.side_iter) for d in (5, 15)]
     key = "feature_adversary_tuning" if args.tuning else "feature_adversary"
+    done = json.loads(RESULTS.read_text()).get(key, {}) if args.resume and RESULTS.is_file() else {}
     for layer, delta, n, iters in plan:
-        if layer in layers and delta in deltas:
+        if str(delta) in done.get(layer, {}):  # --resume: a configuration an interrupted run recorded
+            out.setdefault(layer, {})[str(delta)] = done[layer][str(delta)]
+        elif layer in layers and delta in deltas and n > 0:
             out.setdefault(layer, {})[str(delta)] = one(layer, delta, "lbfgs", n, iters)
             record("feature_adversary_partial", t_start, c_start, {key: out})
     if not args.tuning and args.variant_pairs:
@@ -283,6 +286,7 @@ def main() -> None:
     ap.add_argument("--linear-iter", type=int, default=20)
     ap.add_argument("--batch", type=int, default=10)
     ap.add_argument("--tuning", action="store_true", help="pairs from the reference images (never reported)")
+    ap.add_argument("--resume", action="store_true", help="keep the configurations already in the JSON")
     ap.add_argument("--art-pairs", type=int, default=3)
     ap.add_argument("--art-iters", type=int, nargs="+", default=[40, 120])
     args = ap.parse_args()
