@@ -294,7 +294,7 @@ class FoolingEvolution(Fooler):
                 conf_now = archive.confidences()
                 filled = conf_now[np.isfinite(conf_now)]
                 n_fooled = int((conf_now >= self.threshold).sum())
-                if g_idx % 10 == 0 or n_fooled == cells:
+                if g_idx % 10 == 0 or n_fooled == cells or g_done == self.generations:
                     history.append({"generation": g_done, "classes_fooled": n_fooled, "classes_filled": int(filled.size),
                                     "median_confidence": float(torch.from_numpy(filled).median()), "seconds": time.perf_counter() - t0})
                 if progress is not None:
