@@ -18,7 +18,9 @@ NGUYEN = {"cppn": "88.11% (5,000 generations)", "direct": "mostly failed", "grad
 
 
 def pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * float(v):.1f}%"
+    if v is None:
+        return "-"
+    return f"{100 * float(v):.3f}%" if 0.999 < float(v) < 1.0 else f"{100 * float(v):.1f}%"
 
 
 def med(d: Any) -> str:
@@ -65,11 +67,40 @@ def fooling_table(data: dict[str, Any]) -> list[str]:
     return rows
 
 
+def detector_table(data: dict[str, Any]) -> list[str]:
+    det = data.get("detectors_tpr_at_1pct_fpr", {})
+    sets = list(det.get("sets", {}))
+    rows = ["| detector | " + " | ".join(f"{k} ({det['sets'][k]})" for k in sets) + " |", "|---|" + "---|" * len(sets)]
+    for name, r in det.items():
+        if isinstance(r, dict) and name not in ("sets",):
+            rows.append(f"| {name} | " + " | ".join(r.get("error", "")[:60] if "error" in r else pct(r.get(k)) for k in sets) + " |")
+    return rows
+
+
+def harden_table(data: dict[str, Any]) -> list[str]:
+    r = data.get("fooling", {}).get("after_harden", {})
+    if not r:
+        return []
+    return ["| | before | after | Nguyen et al. |", "|---|---|---|---|",
+            f"| fresh CPPN median best conf. ({r['classes']} classes, {r['generations']} x {r['population']}) | {pct(r['median_conf_before'])} "
+            f"| {pct(r['median_conf'])} | 88.1% -> 11.7% |",
+            f"| classes with a fooling image >= 99% | {pct(r['share_99_before'])} | {pct(r['share_99'])} | - |",
+            f"| held-out top-1 ({r['n_held_out']} images) | {pct(r['clean_top1_before'])} | {pct(r['clean_top1_after'])} | - |",
+            f"| share of the round's fooling images rejected | - | {pct(data['harden']['round']['rejected_share_of_round_attacks'])} | - |"]
+
+
+def steps_table(data: dict[str, Any]) -> list[str]:
+    rows = ["| step | wall s | CPU s | peak RSS MiB | command |", "|---|---|---|---|---|"]
+    for name, r in data.get("steps", {}).items():
+        rows.append(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | `{r['command'].replace('OMP_NUM_THREADS=1 .venv/bin/python ', '')}` |")
+    return rows
+
+
 def main() -> None:
     data = json.loads(RESULTS.read_text())
-    print("\n".join(feature_table(data)))
-    print()
-    print("\n".join(fooling_table(data)))
+    for table in (feature_table, fooling_table, detector_table, harden_table, steps_table):
+        print("\n".join(table(data)))
+        print()
 
 
 if __name__ == "__main__":
