@@ -78,15 +78,18 @@ def detector_table(data: dict[str, Any]) -> list[str]:
 
 
 def harden_table(data: dict[str, Any]) -> list[str]:
-    r = data.get("fooling", {}).get("after_harden", {})
-    if not r:
-        return []
-    return ["| | before | after | Nguyen et al. |", "|---|---|---|---|",
-            f"| fresh CPPN median best conf. ({r['classes']} classes, {r['generations']} x {r['population']}) | {pct(r['median_conf_before'])} "
-            f"| {pct(r['median_conf'])} | 88.1% -> 11.7% |",
-            f"| classes with a fooling image >= 99% | {pct(r['share_99_before'])} | {pct(r['share_99'])} | - |",
-            f"| held-out top-1 ({r['n_held_out']} images) | {pct(r['clean_top1_before'])} | {pct(r['clean_top1_after'])} | - |",
-            f"| share of the round's fooling images rejected | - | {pct(data['harden']['round']['rejected_share_of_round_attacks'])} | - |"]
+    runs = [(k, v["after_harden"], v["harden"]) for k, v in data.items() if k.startswith("harden_run") and isinstance(v, dict)]
+    if data.get("fooling", {}).get("after_harden"):
+        runs.append(("fooling.after_harden", data["fooling"]["after_harden"], data["harden"]))
+    rows = ["| run | epochs, lr | fresh CPPN median best conf. before -> after | held-out top-1 before -> after | clean rejected after "
+            "| round's fooling images rejected | fresh CPPN rejected |", "|---|---|---|---|---|---|---|"]
+    for name, r, h in runs:
+        c = h["config"]
+        rows.append(f"| `{name}` | {c['epochs_per_round']}, {c['lr']} | {pct(r['median_conf_before'])} -> {pct(r['median_conf'])} | "
+                    f"{pct(r['clean_top1_before'])} -> {pct(r['clean_top1_after'])} | {pct(r['clean_rejected_after'])} | "
+                    f"{pct(h['round']['rejected_share_of_round_attacks'])} | {pct(h['fresh_after'].get('rejected_share'))} |")
+    rows.append("| Nguyen et al. (ImageNet AlexNet) | - | 88.1% -> 11.7% | - | - | - | - |")
+    return rows
 
 
 def steps_table(data: dict[str, Any]) -> list[str]:
