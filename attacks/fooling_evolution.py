@@ -15,7 +15,10 @@ The archive is pyribs' :class:`ribs.archives.GridArchive` with one measure, the 
 and ``dims=[num_classes]``, so each cell is one class. The paper's rule, "a child replaces the
 elite of every class it beats", is a batch insertion of each child once per class, with that
 class's confidence as the objective and the class as the measure: GridArchive keeps the best
-per cell, which is exactly the rule (ties: the first). The archive stores the rendered images
+per cell, which is exactly the rule (ties: the first). Only each class's best child of the
+batch, and only where it beats that class's elite, is handed to pyribs: the same outcome as
+inserting every (child, class) pair, without an (N x classes, pixels) array (50 children x
+1,000 classes x 224 x 224 x 3 floats would be 30 GB). The archive stores the rendered images
 as the solution and, for CPPNs, the genome's id as an extra field (genomes are variable-size,
 so they live beside the archive, pruned to the ids the archive still holds).
 
@@ -71,26 +74,53 @@ class ClassArchive:
         self.archive = GridArchive(solution_dim=dim, dims=[self.num_classes], ranges=[(-0.5, self.num_classes - 0.5)],
                                    seed=seed, solution_dtype=np.float32, extra_fields=extra)
         self.with_ids = with_ids
+        self._best = np.full(self.num_classes, -np.inf)  # each cell's elite objective (-inf: empty)
 
     def __len__(self) -> int:
         return len(self.archive)
 
     def add(self, images: torch.Tensor, probs: torch.Tensor, genome_ids: np.ndarray | None = None) -> np.ndarray:
-        """Insert; returns the (N, K) ribs status (0 not added, 1 improved, 2 new cell)."""
+        """Insert; returns the (N, K) status (0 not added, 1 improved, 2 new cell): per class only
+        the batch's best child (the first on ties) can be added, where it beats the elite."""
         n, k = probs.shape
         if k != self.num_classes or images.shape[0] != n:
             raise ValueError(f"probs must be (N, {self.num_classes}) for N={images.shape[0]} images; got {tuple(probs.shape)}.")
-        sol = images.detach().float().cpu().reshape(n, -1).numpy()
-        sol = np.repeat(sol, k, axis=0)
-        obj = probs.detach().double().cpu().numpy().reshape(-1)
-        meas = np.tile(np.arange(k, dtype=np.float64), n)[:, None]
+        if self.with_ids and genome_ids is None:
+            raise ValueError("genome_ids are required for an archive made with with_ids=True.")
+        p = probs.detach().double().cpu().numpy()
+        best_child = p.argmax(0)
+        best_obj = p[best_child, np.arange(k)]
+        cls = np.flatnonzero(best_obj > self._best)  # GridArchive's own rule: strictly better
+        status = np.zeros((n, k), dtype=np.int64)
+        if cls.size == 0:
+            return status
+        rows = best_child[cls]
+        sol = images.detach().float().cpu().reshape(n, -1).numpy()[rows]
         fields: dict[str, Any] = {}
         if self.with_ids:
-            if genome_ids is None:
-                raise ValueError("genome_ids are required for an archive made with with_ids=True.")
-            fields["genome_id"] = np.repeat(np.asarray(genome_ids, dtype=np.int64), k)
-        info = self.archive.add(sol, obj, meas, **fields)
-        return np.asarray(info["status"]).reshape(n, k)
+            fields["genome_id"] = np.asarray(genome_ids, dtype=np.int64)[rows]
+        info = self.archive.add(sol, best_obj[cls], cls.astype(np.float64)[:, None], **fields)
+        status[rows, cls] = np.asarray(info["status"])
+        self._best[cls] = best_obj[cls]
+        return status
+
+    def confidences(self) -> np.ndarray:
+        """Each class's elite confidence (K,), -inf where the cell is still empty (no copy of images)."""
+        return self._best.copy()
+
+    def genome_ids(self) -> np.ndarray:
+        """The genome ids the archive holds (archives made with ``with_ids=True``)."""
+        return np.asarray(self.archive.data("genome_id"))
+
+    def retrieve(self, classes: np.ndarray) -> dict[str, Any]:
+        """The elites of ``classes`` (every one must be filled): images and, with ids, genome ids."""
+        occupied, d = self.archive.retrieve(np.asarray(classes, dtype=np.float64)[:, None])
+        if not bool(np.all(occupied)):
+            raise ValueError("retrieve: some of the requested classes have no elite yet.")
+        out = {"images": torch.from_numpy(np.asarray(d["solution"], dtype=np.float32)).view(-1, *self.image_shape)}
+        if self.with_ids:
+            out["genome_id"] = np.asarray(d["genome_id"])
+        return out
 
     def elites(self) -> dict[str, Any]:
         """Images (E, *shape), labels (E,), confidences (E,) and genome ids, sorted by class."""
@@ -224,11 +254,10 @@ class FoolingEvolution(Fooler):
             history: list[dict[str, float]] = []
             all_fooled_at = -1
             g_done = 0
-            el: dict[str, Any] = {}
             for g_idx in range(self.generations):
                 g_done = g_idx + 1
                 ids = None
-                parents = self._parents(archive, el, rng) if len(archive) else None
+                parents = self._parents(archive, rng) if len(archive) else None
                 if cppn:
                     if parents is None:
                         kids = [random_genome(shape[0], rng=rng, hidden=self.init_hidden) for _ in range(self.population)]
@@ -250,7 +279,7 @@ class FoolingEvolution(Fooler):
                 probs = F.softmax(model(x).float(), 1)[:, cls_dev]
                 archive.add(x, probs, ids)
                 if cppn:
-                    keep = {int(i) for i in archive.elites()["genome_id"]}
+                    keep = {int(i) for i in archive.genome_ids()}
                     genomes = {i: genomes[i] for i in keep}
                 # Reservoir sample (seeded) of children at the threshold for their top class.
                 top_c, top_l = probs.max(1)
@@ -262,11 +291,12 @@ class FoolingEvolution(Fooler):
                         r = int(rng.integers(seen))
                         if r < self.extra_samples:
                             pool_x[r], pool_l[r], pool_c[r] = x[j].cpu(), int(cls[top_l[j]]), float(top_c[j])
-                el = archive.elites()
-                n_fooled = int((el["confidence"] >= self.threshold).sum())
-                if g_idx % 10 == 0 or n_fooled == cells:
-                    history.append({"generation": g_done, "classes_fooled": n_fooled, "classes_filled": len(el["labels"]),
-                                    "median_confidence": float(el["confidence"].median()), "seconds": time.perf_counter() - t0})
+                conf_now = archive.confidences()
+                filled = conf_now[np.isfinite(conf_now)]
+                n_fooled = int((conf_now >= self.threshold).sum())
+                if g_idx % 10 == 0 or n_fooled == cells or g_done == self.generations:
+                    history.append({"generation": g_done, "classes_fooled": n_fooled, "classes_filled": int(filled.size),
+                                    "median_confidence": float(torch.from_numpy(filled).median()), "seconds": time.perf_counter() - t0})
                 if progress is not None:
                     progress(g_done, n_fooled)
                 if n_fooled == cells and all_fooled_at < 0:
@@ -277,7 +307,14 @@ class FoolingEvolution(Fooler):
             xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
             x_all = torch.cat(xs).to(device)
             labels = torch.cat([cls[el["labels"]], torch.tensor(pool_l, dtype=torch.long)]).to(device)
-            conf = F.softmax(model(x_all).float(), 1).gather(1, labels[:, None]).squeeze(1)
+            # An elite's confidence is its archive objective, the softmax of the forward pass that
+            # admitted it (re-scoring 1,000 elites at 224 px would cost as much as 20 generations of
+            # 50); only the reservoir samples are re-scored, in chunks.
+            pool_t = torch.stack(pool_x).to(device) if pool_x else x_all[:0]
+            pool_lab = labels[el["labels"].numel():]
+            pool_conf = [F.softmax(model(pool_t[i:i + self.population]).float(), 1).gather(1, pool_lab[i:i + self.population, None])
+                         .squeeze(1) for i in range(0, pool_t.shape[0], self.population)]
+            conf = torch.cat([el["confidence"].float().to(device), *pool_conf])
         seconds = time.perf_counter() - t0
         n_el = int(el["labels"].numel())
         extras: dict[str, Any] = {
@@ -299,17 +336,14 @@ class FoolingEvolution(Fooler):
         return AttackResult(x_adv=x_all, success=conf >= self.threshold, target=labels, extras=extras)
 
 
-    def _parents(self, archive: ClassArchive, el: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        if self.parent_selection == "uniform" or not el:
+    def _parents(self, archive: ClassArchive, rng: np.random.Generator) -> dict[str, Any]:
+        if self.parent_selection == "uniform":
             return archive.sample(self.population)
-        left = (el["confidence"] < self.threshold).nonzero().flatten().numpy()
+        conf = archive.confidences()
+        left = np.flatnonzero(np.isfinite(conf) & (conf < self.threshold))
         if left.size == 0:
             return archive.sample(self.population)
-        pick = left[rng.integers(left.size, size=self.population)]
-        out = {"images": el["images"][pick]}
-        if "genome_id" in el:
-            out["genome_id"] = el["genome_id"][pick]
-        return out
+        return archive.retrieve(left[rng.integers(left.size, size=self.population)])
 
 
 @torch.no_grad()

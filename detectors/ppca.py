@@ -19,8 +19,8 @@ gives Sabour's second test: the sine of the angle between ``x - mean`` and the c
 principal subspace (1 = orthogonal to every principal direction).
 
 The paper's *local* construction (a PPCA on 15 of the guide's 20 nearest neighbours, per
-query) is an analysis of one adversary against its guide, not a serving-time detector; it
-lives in :mod:`guard.attacks.representation`.
+query, mean moved to the guide) is an analysis of one adversary against its guide, not a
+serving-time detector: :func:`guard.detectors.local_ppca.local_ppca`.
 """
 
 from __future__ import annotations

@@ -81,6 +81,12 @@ class HardenConfig:
             it is at that moment (:class:`~guard.attacks.FoolingGradient`), labelled reject:
             adversarial training of the reject class, so the attacker's own method is what the
             model learns to reject, not only last round's images.
+        trainable: None (default): every parameter is fine-tuned. A tuple of dotted module names
+            (``("1._conv_head", "1._bn1")``; ``()`` for the head alone): only their parameters and
+            the head's (always: the reject row must learn) are fine-tuned; every other parameter is
+            frozen and every other module stays in eval mode while training, so BatchNorm
+            statistics and dropout of the frozen part never change (fine-tuning the last stages of
+            a pretrained network when the whole one does not fit the budget).
     """
 
     rounds: int = 3
@@ -93,6 +99,7 @@ class HardenConfig:
     seed: int = 0
     head: str | None = None
     online_fooling_steps: int = 0
+    trainable: tuple[str, ...] | None = None
 
     @classmethod
     def quick(cls, **overrides: Any) -> "HardenConfig":
@@ -105,6 +112,11 @@ class HardenConfig:
             raise TypeError(f"budget must be an AttackBudget; got {type(self.budget).__name__}.")
         if self.head is not None and not isinstance(self.head, str):
             raise TypeError(f"head must be a dotted module name (str) or None; got {type(self.head).__name__}.")
+        trainable = self.trainable
+        if trainable is not None:
+            if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)) or not all(isinstance(t, str) and t for t in trainable):
+                raise TypeError(f"trainable must be None or a tuple of dotted module names (str); got {trainable!r}.")
+            trainable = tuple(trainable)
         return dataclasses.replace(
             self,
             rounds=check_int(self.rounds, "rounds", owner, low=1),
@@ -115,11 +127,13 @@ class HardenConfig:
             attacks=check_attacks(self.attacks),
             seed=check_int(self.seed, "seed", owner, low=0),
             online_fooling_steps=check_int(self.online_fooling_steps, "online_fooling_steps", owner, low=0),
+            trainable=trainable,
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["attacks"] = list(self.attacks)
+        d["trainable"] = None if self.trainable is None else list(self.trainable)
         return d
 
 
@@ -300,7 +314,8 @@ class _Hardener:
         settings = {k: v for k, v in config.to_dict().items() if k != "rounds"}
         self.fingerprint = {**settings, "num_classes": n, "head": head, "n_train": len(train),
                             "model_digest": _digest(net.state_dict().values()), "data_digest": _digest([train.x, train.y])}
-        self.opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+        self.frozen = _freeze(net, head, config.trainable)
+        self.opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
         self.rank, self.size = world()
         self.show = progress and self.rank == 0
         self.state = _State(archive_x=torch.empty((0, *self.image_shape)))
@@ -397,6 +412,7 @@ class _Hardener:
             for key in ("fooling_classes_ge99", "fooling_median_confidence", "patch_fooling_rate"):
                 h[key] = f.get(key)
         self.net.eval()
+        self.net.requires_grad_(True)  # the returned model is an ordinary one again
         return HardenResult(RejectClassifier(self.net, self.n, self.head).eval(), st.history, st.baseline,
                             int(st.archive_x.shape[0]), {k: round(v, 3) for k, v in st.timings.items()}, cfg)
 
@@ -425,7 +441,7 @@ class _Hardener:
                 continue
             t0 = time.perf_counter()
             loss = _train_epoch(ddp, self.opt, self.train, st.archive_x, self.n, cfg.reject_share, cfg.batch_size, self.augment,
-                                _seed(cfg.seed, r, e, 2), self.rank, self.size, self.device, cfg.online_fooling_steps)
+                                _seed(cfg.seed, r, e, 2), self.rank, self.size, self.device, cfg.online_fooling_steps, self.frozen)
             st.timings["train_seconds"] += time.perf_counter() - t0
             st.round_secs["train"] += time.perf_counter() - t0
             st.epoch_done = e
@@ -449,6 +465,33 @@ class _Hardener:
         st.round_done, st.epoch_done = r, -1
         self._checkpoint()
         barrier()
+
+
+def _freeze(net: nn.Module, head: str, trainable: tuple[str, ...] | None) -> list[nn.Module]:
+    """Set ``requires_grad`` per ``trainable`` (the head always trains); return the modules that
+    must stay in eval mode while training (every one outside the trainable subtrees)."""
+    if trainable is None:
+        net.requires_grad_(True)
+        return []
+    modules = dict(net.named_modules())
+    missing = [t for t in trainable if t not in modules]
+    if missing:
+        raise ValueError(f"trainable names modules the model does not have: {missing}; expected dotted names from "
+                         f"model.named_modules(), e.g. {[k for k in modules if k][:5]}.")
+    roots = (*trainable, head)
+
+    def inside(name: str) -> bool:
+        return any(name == r or name.startswith(r + ".") for r in roots)
+
+    for name, p in net.named_parameters():
+        p.requires_grad_(inside(name.rsplit(".", 1)[0]))
+    return [m for name, m in modules.items() if not inside(name)]
+
+
+def _train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    model.train()
+    for m in frozen:
+        m.training = False  # this module only: eval() would recurse into trainable children
 
 
 def _wrap(net: nn.Module, size: int, device: torch.device) -> nn.Module:
@@ -484,7 +527,7 @@ def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float
 
 def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, archive_x: torch.Tensor, n: int,
                  reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device,
-                 online_steps: int = 0) -> float:
+                 online_steps: int = 0, frozen: list[nn.Module] | None = None) -> float:
     """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive
     (and, with ``online_steps``, fresh gradient-ascent fooling images against the current model)."""
     from guard.attacks import FoolingGradient
@@ -495,7 +538,8 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, arc
     order = torch.tensor(list(sampler), dtype=torch.long)
     local_bs = max(1, batch_size // size)
     total, count = 0.0, 0
-    model.train()
+    frozen = frozen or []
+    _train_mode(model, frozen)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(epoch_seed + rank)  # dropout
         for i in range(0, order.numel(), local_bs):
@@ -511,7 +555,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, arc
                 net = model.module if hasattr(model, "module") else model
                 fool = FoolingGradient(steps=online_steps, lr=0.1, threshold=0.99, seed=(epoch_seed + i) % (2**31))(
                     net, shape=tuple(xb.shape[1:]), classes=range(n))
-                model.train()
+                _train_mode(model, frozen)
                 xb = torch.cat([xb, fool.x_adv.detach().to(device)])
                 yb = torch.cat([yb, torch.full((fool.x_adv.shape[0],), n, dtype=torch.long, device=device)])
             logits = model(xb)

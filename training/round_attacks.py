@@ -30,6 +30,7 @@ from torch import nn
 from guard.attacks import FoolingEvolution, FoolingGradient, LinfPGD, RandomPatch, UniversalPatch
 from guard.core.budget import data_defaults
 from guard.core.models import eval_mode, model_device
+from guard.core.validation import check_int
 
 __all__ = ["ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
            "check_attacks", "round_attack_table", "generate_round_attacks", "score_attack_set"]
@@ -57,6 +58,9 @@ class AttackBudget:
         extra_threshold: the confidence those extra children need.
         pgd_eps: L-inf budget of ``pgd``; None: from the data (0.3 on near-binary digits, 8/255
             on natural images, :func:`guard.core.budget.data_defaults`).
+        population: children per generation of ``fooling_direct`` / ``fooling_cppn``; None
+            (default): ``per_class`` times the number of classes (1,000 classes at 224 px would
+            make that 1,000 forward passes per generation).
     """
 
     per_class: int = 4
@@ -68,6 +72,7 @@ class AttackBudget:
     evolved_extra: int = 200
     extra_threshold: float = 0.9
     pgd_eps: float | None = None
+    population: int | None = None
 
     @classmethod
     def quick(cls) -> "AttackBudget":
@@ -141,7 +146,9 @@ def round_attack_table(budget: AttackBudget, *, num_classes: int, seed: int, eps
     """
     n = num_classes
     pgd_eps = budget.pgd_eps if budget.pgd_eps is not None else (eps if eps is not None else 0.3)
-    evolution = dict(population=budget.per_class * n, generations=budget.generations, threshold=0.99, stop_when_done=False,
+    if budget.population is not None:
+        check_int(budget.population, "population", "AttackBudget", low=1)
+    evolution = dict(population=budget.population or budget.per_class * n, generations=budget.generations, threshold=0.99, stop_when_done=False,
                      extra_samples=budget.evolved_extra, extra_threshold=budget.extra_threshold)
     return {
         "fooling_gradient": FoolingGradient(steps=budget.gradient_steps, lr=0.1, threshold=0.99,

@@ -1,0 +1,110 @@
+"""Markdown tables of benchmarks/results/imagenet_feature_fooling.json beside the papers' figures (no compute).
+
+Run: ``.venv/bin/python benchmarks/imagenet_feature_fooling_tables.py``. The papers' figures are
+the ones the issue quotes (Sabour et al. 2016, CaffeNet FC7, delta 10/255, 100 pairs; Nguyen et
+al. 2015, ImageNet AlexNet); a dash where this file does not transcribe one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results" / "imagenet_feature_fooling.json"
+SABOUR = {"guide_agreement": "95%", "source_agreement": "0%", "distance_ratio_median": "mostly < 0.5",
+          "guide_is_nearest_share": "often"}
+NGUYEN = {"cppn": "88.11% (5,000 generations)", "direct": "mostly failed", "gradient": ">= 99.99% for every class",
+          "after_harden": "11.7%"}
+
+
+def pct(v: Any) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * float(v):.3f}%" if 0.999 < float(v) < 1.0 else f"{100 * float(v):.1f}%"
+
+
+def med(d: Any) -> str:
+    return "-" if not isinstance(d, dict) else f"{d['median']:.3g}"
+
+
+def feature_table(data: dict[str, Any]) -> list[str]:
+    rows = ["| layer | delta | pairs | guide agr. | source agr. | ratio median (p10-p90) | local-PPCA inlier | rel. log-lik a (held-out nbrs) "
+            "| sine a (nbrs) | g nearest to a | 3-NN inters. | kNN rank diff | IoU a-g / a-s | s/pair |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fa = data.get("feature_adversary", {})
+    for layer in fa:
+        for delta in sorted(fa[layer], key=int):
+            r = fa[layer][delta]
+            rows.append(f"| `{layer}` | {delta}/255 | {r['n']} | {pct(r['guide_agreement'])} | {pct(r['source_agreement'])} | "
+                        f"{r['distance_ratio']['median']:.3f} ({r['distance_ratio']['p10']:.2f}-{r['distance_ratio']['p90']:.2f}) | "
+                        f"{pct(r['local_ppca_inlier_share'])} | {med(r['local_ppca_relative_loglik'])} ({med(r['local_ppca_heldout_relative_loglik'])}) | "
+                        f"{med(r['angular_sine_adv'])} ({med(r['angular_sine_heldout_neighbours'])}) | {pct(r['guide_is_nearest_share'])} | "
+                        f"{r['nn3_intersection_mean']:.2f} | {med(r['knn_rank_difference'])} | {med(r['iou_adv_guide'])} / {med(r['iou_adv_source'])} | "
+                        f"{r['seconds_per_pair']} |")
+    rows.append(f"| Sabour et al. (FC7) | 10/255 | 100 | {SABOUR['guide_agreement']} | {SABOUR['source_agreement']} | "
+                f"{SABOUR['distance_ratio_median']} | inlier | - | - | {SABOUR['guide_is_nearest_share']} | - | - | - | - |")
+    var = data.get("feature_adversary_variants", {})
+    if var:
+        rows += ["", "| variant (penultimate, 10/255) | pairs | guide agr. | source agr. | ratio median | local-PPCA inlier | 3-NN inters. "
+                 "| IoU a-g | s/pair |", "|---|---|---|---|---|---|---|---|---|"]
+        lb = fa.get("1._fc:input", {}).get("10")
+        for name, r in ([("feature-opt (L-BFGS-B)", lb)] if lb else []) + list(var.items()):
+            rows.append(f"| {name} | {r['n']} | {pct(r['guide_agreement'])} | {pct(r['source_agreement'])} | {r['distance_ratio_median']:.3f} | "
+                        f"{pct(r['local_ppca_inlier_share'])} | {r['nn3_intersection_mean']:.2f} | {med(r['iou_adv_guide'])} | {r['seconds_per_pair']} |")
+    return rows
+
+
+def fooling_table(data: dict[str, Any]) -> list[str]:
+    rows = ["| method | classes | generations x population | median best conf. | >= 99% | >= 99.99% | Nguyen et al. |",
+            "|---|---|---|---|---|---|---|"]
+    fo = data.get("fooling", {})
+    for key in ("gradient", "cppn", "direct", "after_harden"):
+        r = fo.get(key)
+        if not r or "median_conf" not in r:
+            continue
+        gp = f"{r['generations']} x {r['population']}" if "generations" in r else f"<= {r.get('max_steps')} Adam steps"
+        rows.append(f"| {key} | {r['classes']} | {gp} | {pct(r['median_conf'])} | {pct(r['share_99'])} | {pct(r['share_9999'])} | {NGUYEN[key]} |")
+    return rows
+
+
+def detector_table(data: dict[str, Any]) -> list[str]:
+    det = data.get("detectors_tpr_at_1pct_fpr", {})
+    sets = list(det.get("sets", {}))
+    rows = ["| detector | " + " | ".join(f"{k} ({det['sets'][k]})" for k in sets) + " |", "|---|" + "---|" * len(sets)]
+    for name, r in det.items():
+        if isinstance(r, dict) and name not in ("sets",):
+            rows.append(f"| {name} | " + " | ".join(r.get("error", "")[:60] if "error" in r else pct(r.get(k)) for k in sets) + " |")
+    return rows
+
+
+def harden_table(data: dict[str, Any]) -> list[str]:
+    runs = [(k, v["after_harden"], v["harden"]) for k, v in data.items() if k.startswith("harden_run") and isinstance(v, dict)]
+    if data.get("fooling", {}).get("after_harden"):
+        runs.append(("fooling.after_harden", data["fooling"]["after_harden"], data["harden"]))
+    rows = ["| run | epochs, lr | fresh CPPN median best conf. before -> after | held-out top-1 before -> after | clean rejected after "
+            "| round's fooling images rejected | fresh CPPN rejected |", "|---|---|---|---|---|---|---|"]
+    for name, r, h in runs:
+        c = h["config"]
+        rows.append(f"| `{name}` | {c['epochs_per_round']}, {c['lr']} | {pct(r['median_conf_before'])} -> {pct(r['median_conf'])} | "
+                    f"{pct(r['clean_top1_before'])} -> {pct(r['clean_top1_after'])} | {pct(r['clean_rejected_after'])} | "
+                    f"{pct(h['round']['rejected_share_of_round_attacks'])} | {pct(h['fresh_after'].get('rejected_share'))} |")
+    rows.append("| Nguyen et al. (ImageNet AlexNet) | - | 88.1% -> 11.7% | - | - | - | - |")
+    return rows
+
+
+def steps_table(data: dict[str, Any]) -> list[str]:
+    rows = ["| step | wall s | CPU s | peak RSS MiB | command |", "|---|---|---|---|---|"]
+    for name, r in data.get("steps", {}).items():
+        rows.append(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | `{r['command'].replace('OMP_NUM_THREADS=1 .venv/bin/python ', '')}` |")
+    return rows
+
+
+def main() -> None:
+    data = json.loads(RESULTS.read_text())
+    for table in (feature_table, fooling_table, detector_table, harden_table, steps_table):
+        print("\n".join(table(data)))
+        print()
+
+
+if __name__ == "__main__":
+    main()
