@@ -10,6 +10,7 @@ Adam (projected back to [0, 1] after every step) to make the model change its la
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from guard.attacks.base import Attack, AttackResult
 from guard.attacks.patch_gan import LOSSES, fooling_loss, patch_fit_inputs
 from guard.attacks.patch_fit import fit_patch_source
 from guard.attacks.patching import apply_patches, check_patch_size, random_positions
+from guard.core.cache import load_tensors, save_tensors
 from guard.core.models import eval_mode
 from guard.core.validation import NotFittedError, check_float, check_int
 
@@ -116,6 +118,37 @@ class UniversalPatch(Attack):
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in super().params().items() if not k.endswith("_")}
+
+    def save(self, path: str | Path) -> Path:
+        """Save the patch (safetensors) with the parameters and fit figures as JSON metadata (no pickle)."""
+        if not hasattr(self, "patch_"):
+            raise NotFittedError("This UniversalPatch is not fitted yet; call fit(model, data) first.")
+        meta = {"format": "guard.UniversalPatch", "version": 1, "params": self.params(), "side": self.side_,
+                "val_fooling_rate": self.val_fooling_rate_, "steps": self.steps_, "fit_seconds": self.fit_seconds_}
+        save_tensors(path, {"patch": self.patch_}, meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "UniversalPatch":
+        """Load what :meth:`save` wrote."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != "guard.UniversalPatch" or "patch" not in tensors:
+            raise ValueError(f"{str(path)!r} is not a saved UniversalPatch (format {meta.get('format')!r}).")
+        self = cls(**{k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS})
+        patch = tensors["patch"]
+        if patch.dim() != 4 or patch.shape[0] != 1 or patch.shape[-1] != patch.shape[-2] or patch.shape[-1] != int(meta.get("side", -1)):
+            raise ValueError(f"{str(path)!r}: the patch has shape {tuple(patch.shape)}, expected (1, C, side, side) with side {meta.get('side')}.")
+        self.patch_ = patch.to(device)
+        self.side_ = int(meta["side"])
+        self.val_fooling_rate_ = float(meta.get("val_fooling_rate", float("nan")))
+        self.steps_ = int(meta.get("steps", 0))
+        self.fit_seconds_ = float(meta.get("fit_seconds", float("nan")))
+        self.history_ = []
+        return self
+
+
+_INIT_KEYS = {"size", "target", "loss", "kappa", "lr", "steps", "batch_size", "val_fraction", "eval_every", "patience",
+              "max_seconds", "real_classes", "seed", "progress"}
 
 
 class _PixelSource:

@@ -165,6 +165,23 @@ def test_gan_save_load_roundtrip(fitted_gan, tmp_path):
         PatchGAN.load(tmp_path / "bad.safetensors")
 
 
+def test_universal_patch_save_load_roundtrip(tiny_model, small_split, tmp_path):
+    train, test = small_split
+    up = UniversalPatch(size=0.05, steps=3, eval_every=1, batch_size=8, seed=1).fit(tiny_model, train.x[:32])
+    path = up.save(tmp_path / "u.safetensors")
+    loaded = UniversalPatch.load(path)
+    assert torch.equal(loaded.patch_, up.patch_) and loaded.side_ == up.side_ and loaded.params() == up.params()
+    assert torch.equal(loaded(tiny_model, test.x[:8], test.y[:8]).x_adv, up(tiny_model, test.x[:8], test.y[:8]).x_adv)
+    with pytest.raises(NotFittedError):
+        UniversalPatch().save(tmp_path / "v.safetensors")
+    fitted_gan_path = tmp_path / "not_a_patch.safetensors"
+    from guard.core.cache import save_tensors
+
+    save_tensors(fitted_gan_path, {"patch": up.patch_}, {"format": "guard.PatchGAN"})
+    with pytest.raises(ValueError, match="not a saved UniversalPatch"):
+        UniversalPatch.load(fitted_gan_path)
+
+
 def test_not_fitted_errors(tiny_model, small_split):
     _, test = small_split
     with pytest.raises(NotFittedError):

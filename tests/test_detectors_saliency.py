@@ -49,7 +49,49 @@ def test_concentrated_gradient_scores_higher_and_model_untouched() -> None:
     assert m1.w.requires_grad and m1.w.grad is None and m1.training
 
 
-@pytest.mark.parametrize("method,layer", [("saliency", None), ("gradcam", "conv1"), ("integrated_gradients", None)])
+def test_window_share_separable_equals_one_square_pool() -> None:
+    """The separable box filter gives the w x w pool's sums (the brute-force reference)."""
+    import torch.nn.functional as F
+
+    a = torch.rand(3, 37, 41, generator=torch.Generator().manual_seed(1))
+    for w in (1, 4, 9, 37):
+        ref = (F.avg_pool2d(a.unsqueeze(1), w, stride=1) * w * w).flatten(1).max(1).values / a.flatten(1).sum(1)
+        torch.testing.assert_close(window_share(a, w), ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+def test_gradient_maps_equal_captum(tiny_model, small_split, method) -> None:
+    """|grad| is Captum's Saliency(abs=True); |x * grad| is Captum's InputXGradient, abs, channels summed."""
+    from captum.attr import InputXGradient, Saliency
+
+    from guard.detectors.saliency import torch_attributions
+
+    _, test = small_split
+    x = test.x[:16]
+    target = tiny_model(x).argmax(1)
+    det = SaliencyConcentration(method, window=6).fit(tiny_model)
+    mine = det.attributions(tiny_model, x.clone().requires_grad_(True), target)
+    xr = x.clone().requires_grad_(True)
+    ref = (Saliency(tiny_model).attribute(xr, target=target, abs=True) if method == "saliency"
+           else InputXGradient(tiny_model).attribute(xr, target=target).abs()).detach().sum(1)
+    assert float(ref.abs().max()) > 0
+    torch.testing.assert_close(mine, ref)
+    torch.testing.assert_close(torch_attributions(tiny_model, x, target, method).detach(), ref)  # the exported graph's
+
+
+def test_input_x_gradient_is_zero_where_the_input_is() -> None:
+    """Unlike |grad|, |x * grad| vanishes on black pixels: a known map on the linear model."""
+    w = torch.ones(1, 1, 12, 12)
+    x = torch.zeros(2, 1, 12, 12)
+    x[:, :, 2:6, 2:6] = 1.0  # only a 4x4 square is lit
+    target = torch.ones(2, dtype=torch.long)
+    m = _Masked(w)
+    torch.testing.assert_close(SaliencyConcentration("input_x_gradient", window=4).fit(m).score(m, x, target=target), torch.ones(2))
+    torch.testing.assert_close(SaliencyConcentration("saliency", window=4).fit(m).score(m, x, target=target), torch.full((2,), 16 / 144))
+
+
+@pytest.mark.parametrize("method,layer", [("saliency", None), ("input_x_gradient", None), ("gradcam", "conv1"),
+                                          ("integrated_gradients", None)])
 def test_methods_run_on_demo_layout(tiny_model, small_split, method, layer) -> None:
     _, test = small_split
     det = SaliencyConcentration(method, window=6, layer=layer, n_steps=4).fit(tiny_model)
