@@ -56,12 +56,17 @@ def image_folder() -> Path:
 def load(n: int | None = None, *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)``: float32 (N, 3, 224, 224) in [0, 1] and the ILSVRC labels, through ``guard.load_data``.
 
-    ``n`` draws that many images with a fixed seed (all 1,000 when None).
+    ``n`` draws that many images with a fixed seed (all 1,000 when None); only those are decoded
+    (an ImageFolder ``Subset``, read through ``load_data``'s Dataset path).
     """
+    from torchvision import datasets, transforms
+
     from guard.core.data import load_data
 
-    split = load_data(str(image_folder()), "imagenet sample")
-    if n is None or n >= len(split):
+    if n is None or n >= 1000:
+        split = load_data(str(image_folder()), "imagenet sample")
         return split.x, split.y
-    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-    return split.x[idx].contiguous(), split.y[idx].contiguous()
+    folder = datasets.ImageFolder(str(image_folder()), transform=transforms.ToTensor())
+    idx = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:n]
+    split = load_data(torch.utils.data.Subset(folder, idx.tolist()), "imagenet sample")
+    return split.x.contiguous(), split.y.contiguous()
