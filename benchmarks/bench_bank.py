@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -32,18 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from guard.detectors.knn import BankIndex, ivf_nlist  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from proc_memory import peak_rss_mb, rss_mb  # noqa: E402
 
 
 def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
@@ -168,7 +156,7 @@ def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, 
     print(f"\n{'method':<40} {'q/s':>9} {'recall':>7} {'x sklearn brute':>16}")
     for r in rows:
         print(f"{r[0]:<40} {nq / r[2]:>9.0f} {r[3]:>7.3f} {sk[2] / r[2]:>16.1f}")
-    print(f"peak RSS of the process: {peak_mb():,.0f} MB")
+    print(f"peak RSS of the process: {peak_rss_mb():,.0f} MB")
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
+
+from proc_memory import peak_rss_mb, rss_mb  # noqa: E402
 
 
 class NoiseImages(Dataset):
@@ -40,14 +41,6 @@ class NoiseImages(Dataset):
     def __getitem__(self, i: int):
         g = torch.Generator().manual_seed(int(i))
         return torch.rand(3, self.px, self.px, generator=g), i % 10
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one(n: int, px: int, batch: int, tensor: bool) -> dict:
@@ -86,7 +79,7 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     state = sum(v.numel() * v.element_size() for det in gm.detectors.values() for v in det.state_tensors().values())
     return {"n": n, "px": px, "path": "tensor" if tensor else "stream", "wall_s": wall, "cpu_s": cpu, "pass_s": t_pass, "finish_s": t_finish,
-            "state_mb": state / 2**20, "start_rss_mb": start_rss, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "state_mb": state / 2**20, "start_rss_mb": start_rss, "peak_rss_mb": peak_rss_mb(),
             "layers": gm.layers, "widths": gm.feature_widths_}
 
 

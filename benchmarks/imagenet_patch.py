@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import math
-import resource
 import sys
 import tempfile
 import time
@@ -47,6 +46,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from proc_memory import peak_rss_mb
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "imagenet_patch.json"
@@ -112,11 +113,6 @@ class Stages:
                            "cpu_s": round(time.process_time() - c0, 2), "peak_rss_mb": peak_rss_mb()}
         atomic_write_text(self.path, json.dumps(self.done, indent=1))
         return result
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def split(n: int, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,18 +125,8 @@ def demo_data(name: str = "mnist", *, seed: int = DEMO_SEED, n_train: int = DEMO
 
 
 def _from_dataset(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    loader = ds if isinstance(ds, DataLoader) else DataLoader(ds, batch_size=256, shuffle=False)
-    for item in loader:
-        if not isinstance(item, (tuple, list)) or len(item) < 2:
-            raise TypeError(f"{name} must yield (image, label) pairs; got {type(item).__name__}.")
-        xb, yb = item[0], item[1]
-        if not isinstance(xb, torch.Tensor):
-            raise TypeError(f"{name} must yield image tensors (add transforms.ToTensor()); got {type(xb).__name__}.")
-        xs.append(xb)
-        ys.append(torch.as_tensor(yb))
-    if not xs:
-        raise ValueError(f"{name} is empty: it yielded no images.")
+    """A Dataset or DataLoader read whole: :func:`stream_batches`' checked batches, concatenated."""
+    xs, ys = zip(*stream_batches(ds, 256, name))
     return torch.cat(xs), torch.cat(ys)
 
 
