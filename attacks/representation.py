@@ -118,8 +118,9 @@ def active_units(feat_a: torch.Tensor, feat_b: torch.Tensor) -> dict[str, torch.
 
 
 def summarize(values: torch.Tensor) -> dict[str, float]:
-    """Median, 10th and 90th percentile and mean of a 1-D tensor (JSON-friendly)."""
+    """Median, 10th and 90th percentile and mean of a 1-D tensor (JSON-friendly); NaN entries (no value) are left out."""
     v = values.detach().float().flatten().cpu()
+    v = v[~v.isnan()]
     if v.numel() == 0:
         return {"median": float("nan"), "p10": float("nan"), "p90": float("nan"), "mean": float("nan")}
     return {"median": float(v.median()), "p10": float(v.quantile(0.1)), "p90": float(v.quantile(0.9)), "mean": float(v.mean())}
@@ -141,6 +142,9 @@ def representation_report(
     """Every measure above for one batch of (source, adversary, guide) triples at ``layer``.
 
     The kNN measures need ``train_x``/``train_y`` (the reference features of each guide's class).
+    A guide whose class has at most ``k`` training images (a 1,000-class model audited on a few
+    hundred) has no reference: its kNN measures are NaN, ``has_reference`` is False for it and
+    ``summary["n_without_reference"]`` counts it; the other rows are measured as usual.
 
     Returns:
         ``per_image``: tensors per image; ``summary``: JSON-friendly medians/percentiles and
@@ -164,9 +168,19 @@ def representation_report(
                 "iou_adv_source": au_s["iou"], "iou_adv_guide": au_g["iou"]})
     if train_x is not None and train_y is not None:
         _, ft = extract_features(model, train_x, [layer], batch_size=batch_size)
-        per.update(knn_rank_analysis(fa, fg, glabel, ft[layer], train_y, k=k))
+        train_y = check_labels(train_y, "train_y", n=int(ft[layer].shape[0])).cpu()
+        counts = torch.bincount(train_y, minlength=int(glabel.max()) + 1)
+        has_ref = counts[glabel.cpu()] > k
+        rows = has_ref.nonzero().flatten()
+        knn = {key: torch.full((int(source.shape[0]),), float("nan")) for key in ("nn_intersection", "rank_adv", "rank_guide", "rank_difference")}
+        if rows.numel():
+            for key, val in knn_rank_analysis(fa[rows], fg[rows], glabel[rows], ft[layer], train_y, k=k).items():
+                knn[key][rows] = val.float()
+        per.update(knn, has_reference=has_ref)
     summary: dict[str, Any] = {"n": int(source.shape[0]), "guide_label_agreement": float(per["agrees_with_guide"].float().mean())}
+    if "has_reference" in per:
+        summary["n_without_reference"] = int((~per["has_reference"]).sum())
     for key, val in per.items():
-        if key != "agrees_with_guide":
+        if key not in ("agrees_with_guide", "has_reference"):
             summary[key] = summarize(val.float())
     return {"per_image": per, "summary": summary}

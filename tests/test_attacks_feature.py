@@ -191,3 +191,23 @@ def test_audit_step_quick(tiny_model, demo_split, tmp_path):
     assert {"nn_intersection", "rank_difference", "iou_adv_guide"} <= set(e["representation"])
     assert (tmp_path / "artifacts" / "attack_feature_adversary.safetensors").is_file()
     assert report["timings"]["attacks_features"] < 20
+
+
+def test_representation_report_keeps_guides_of_classes_without_training_references(tiny_model, demo_split):
+    # a guide class with <= k training images (a 1,000-class model on a few hundred images) gets
+    # NaN kNN measures and is counted; the other rows are measured exactly as with full references
+    _, test = demo_split
+    x = test.x[:12]
+    with torch.no_grad():
+        pred = tiny_model(x).argmax(1)
+    missing = int(pred[0])
+    full = representation_report(tiny_model, "fc2:input", x, x, x, train_x=test.x[100:600], train_y=test.y[100:600])
+    keep = test.y[100:600] != missing
+    cut = representation_report(tiny_model, "fc2:input", x, x, x, train_x=test.x[100:600][keep], train_y=test.y[100:600][keep])
+    per = cut["per_image"]
+    assert (~per["has_reference"]).tolist() == (pred == missing).tolist()
+    assert cut["summary"]["n_without_reference"] == int((pred == missing).sum()) >= 1
+    assert bool(per["rank_adv"][pred == missing].isnan().all())
+    others = pred != missing
+    assert torch.equal(per["nn_intersection"][others], full["per_image"]["nn_intersection"][others].float())
+    assert not bool(per["rank_guide"][others].isnan().any())
