@@ -227,3 +227,16 @@ def test_audit_step_quick(tiny_model, demo_split, tmp_path):
         res = given.results[name]
         assert torch.equal(res.success, res.extras["confidence"] >= 0.9999)
         assert (tmp_path / "artifacts" / f"attack_{name}.safetensors").is_file()
+
+
+def test_fooling_gradient_in_chunks_equals_one_batch(tiny_model):
+    # each image's loss and Adam state are its own: chunks change memory, not the images (no image
+    # reaches a threshold of 1.0, so no chunk stops early)
+    kw = dict(steps=5, lr=0.1, threshold=1.0, samples_per_class=3, seed=0)
+    whole = FoolingGradient(**kw)(tiny_model, shape=(1, 28, 28), num_classes=10)
+    parts = FoolingGradient(**kw, batch_size=7)(tiny_model, shape=(1, 28, 28), num_classes=10)
+    torch.testing.assert_close(parts.x_adv, whole.x_adv, atol=1e-5, rtol=0)
+    torch.testing.assert_close(parts.extras["confidence"], whole.extras["confidence"], atol=1e-5, rtol=1e-4)
+    assert torch.equal(parts.extras["label"], whole.extras["label"])
+    with pytest.raises(ValueError, match="batch_size"):
+        FoolingGradient(batch_size=0)

@@ -96,7 +96,8 @@ def _run(ctx: AuditContext) -> AttackSet:
 
     # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
     grad = FoolingGradient(steps=int(extra.get("fooling_grad_steps", 20 if quick else 300)), lr=0.1, threshold=threshold,
-                           samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else ctx.scaled(10, 2))), seed=opts.seed)
+                           samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else ctx.scaled(10, 2))), seed=opts.seed,
+                           batch_size=32 if ctx.defaults.get("work_scale", 1.0) < 0.5 else None)  # big models: bounded memory
     t0 = time.perf_counter()
     res = grad(ctx.model, shape=shape, num_classes=num_classes)
     sec = time.perf_counter() - t0
