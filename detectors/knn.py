@@ -8,32 +8,36 @@ neighbours, over several layers, whose label disagrees with the prediction (Pape
 McDaniel, "Deep k-Nearest Neighbors", 2018): a feature adversary imitates the guide at one
 layer but not at the others.
 
-Nearest neighbours come from FAISS at serving time (:class:`BankIndex`: exact ``IndexFlatIP``
-on L2-normalised rows for the cosine metric, ``IndexFlatL2`` for Euclidean; an ``IndexIVFFlat``
+Nearest neighbours come from FAISS at serving time (:class:`BankIndex`, in
+:mod:`guard.detectors.bank_index`: exact ``faiss.knn`` inner products on L2-normalised rows for
+the cosine metric, L2 for Euclidean, reading the bank in place; an ``IndexIVFFlat``
 with ``nprobe=16`` of ``2 sqrt(M)`` lists when the bank has at least ``ivf_min_bank`` rows,
 stated recall@10 >= 0.95 against exact search: 0.951 on a 1M x 512 bank of real-shaped
 features, 0.935 to 0.961 on 8,000-row banks of real CIFAR-10 features, BENCHMARKS.md
 "Production scale (issue 15)"; IVF-PQ on request, a tenth of the memory but 0.66 recall there).
-The bank is built batch by batch (:class:`BankBuilder`) and may be capped per class. The exported graph searches the same bank exactly with
+The bank is built batch by batch (:class:`BankBuilder`) and may be capped per class; detectors
+over an equal bank share one tensor and one index; the search runs on the GPU when FAISS has
+one (``device``). The exported graph searches the same bank exactly with
 MatMul + TopK (:func:`torch_knn`); both then go through the same torch functions
 (:func:`sabour_rank`, :func:`label_disagreement`).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from guard.core.validation import check_int, check_labels
+from guard.detectors.bank_index import (INDEX_KINDS, LARGE_BANK_INDEX, SEARCH_DEVICES, BankIndex, FaissDeviceError, build_index,
+                                        exact_distances, ivf_nlist, knn_search, pq_subquantizers, shared_index)
 from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, scoring_inputs
 
-__all__ = ["KNNRank", "KNNConsistency", "BankIndex", "BankBuilder", "build_index", "knn_search", "exact_distances", "ivf_nlist",
-           "pq_subquantizers", "INDEX_KINDS", "LARGE_BANK_INDEX", "torch_knn", "sabour_rank", "label_disagreement"]
+__all__ = ["KNNRank", "KNNConsistency", "BankIndex", "BankBuilder", "FaissDeviceError", "build_index", "knn_search", "exact_distances",
+           "ivf_nlist", "pq_subquantizers", "INDEX_KINDS", "LARGE_BANK_INDEX", "SEARCH_DEVICES", "torch_knn", "sabour_rank",
+           "label_disagreement"]
 
 _METRICS = ("cosine", "l2")
 
@@ -41,161 +45,6 @@ _METRICS = ("cosine", "l2")
 def _prep(x: torch.Tensor, metric: str) -> torch.Tensor:
     x = x.detach().float().cpu()
     return F.normalize(x, dim=1) if metric == "cosine" else x
-
-
-#: Index kinds of :class:`BankIndex` ("auto": exact below ``ivf_min_bank`` rows, then :data:`LARGE_BANK_INDEX`).
-INDEX_KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
-#: The approximate index of a large bank (chosen in BENCHMARKS.md, "Production scale (issue 15)").
-LARGE_BANK_INDEX = "ivf_flat"
-
-
-def ivf_nlist(m: int) -> int:
-    """Inverted lists for an IVF index over ``m`` rows: ``2 * sqrt(m)``, at most m / 39.
-
-    FAISS's guide suggests 4 to 16 sqrt(m); half the low end is chosen so that training the
-    coarse k-means on a 1M bank takes about a minute on one core (2,000 centroids), with the
-    recall kept by probing more lists (BENCHMARKS.md, "Production scale (issue 15)").
-    """
-    return max(1, min(int(2 * math.sqrt(m)), m // 39))  # FAISS wants >= 39 training points per list
-
-
-def pq_subquantizers(d: int) -> int:
-    """PQ sub-quantizers for width ``d``: the largest divisor of d that is at most ``max(1, d // 4)`` (4 dims each).
-
-    At 8 dims each (d / 8) an IVF-PQ search kept only 0.87 of the true 10 neighbours on real
-    512-d features even after an exact re-rank of 10 k candidates (``benchmarks/bench_bank.py``,
-    part 1), hence 4; on the 1M-row bank even that kept 0.66, so IVF-PQ is not the default.
-    """
-    return max(m for m in range(1, max(1, d // 4) + 1) if d % m == 0)
-
-
-def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000, nprobe: int = 16, seed: int = 0,
-                kind: str = "ivf_flat") -> Any:
-    """A FAISS index over ``bank`` rows (already normalised for cosine).
-
-    Exact flat search up to ``ivf_min_bank`` rows; above that an IVF index (``kind``:
-    "ivf_flat" or "ivf_pq") with :func:`ivf_nlist` lists, its coarse k-means (10 iterations)
-    trained on 39 points per list (at least 9,984 for PQ's 256 codes); "ivf_pq" stores 8-bit
-    codes of :func:`pq_subquantizers` sub-vectors, each codebook trained on at most 64 points
-    per code, and no raw rows (:class:`BankIndex` re-ranks its candidates exactly from the bank).
-    """
-    import faiss
-
-    d = int(bank.shape[1])
-    data = np.ascontiguousarray(bank.numpy(), dtype=np.float32)
-    flat = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
-    if bank.shape[0] < ivf_min_bank or kind == "flat":
-        for i in range(0, data.shape[0], 65536):
-            flat.add(data[i:i + 65536])
-        return flat
-    nlist = ivf_nlist(int(bank.shape[0]))
-    mt = faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
-    if kind == "ivf_pq":
-        index = faiss.IndexIVFPQ(flat, d, nlist, pq_subquantizers(d), 8, mt)
-        index.pq.cp.max_points_per_centroid = 64
-        index.pq.cp.niter = 10
-        index.pq.cp.seed = seed
-        n_train = min(bank.shape[0], max(39 * nlist, 256 * 39))
-    elif kind == "ivf_flat":
-        index = faiss.IndexIVFFlat(flat, d, nlist, mt)
-        n_train = min(bank.shape[0], 39 * nlist)
-    else:
-        raise ValueError(f"kind must be one of {INDEX_KINDS[1:]}; got {kind!r}.")
-    index.cp.niter = 10
-    index.cp.seed = seed  # the k-means seed (FAISS's default is fixed too; stated here)
-    rng = np.random.default_rng(seed)
-    index.train(data[np.sort(rng.choice(bank.shape[0], n_train, replace=False))])
-    for i in range(0, data.shape[0], 65536):
-        index.add(data[i:i + 65536])
-    index.nprobe = nprobe  # (faiss's python wrapper keeps the quantizer alive with the index)
-    return index
-
-
-def knn_search(index: Any, queries: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distances Tensor[N, k] (cosine: ``1 - cos``; l2: Euclidean) and indices Tensor[N, k]."""
-    q = np.ascontiguousarray(queries.numpy(), dtype=np.float32)
-    sims, idx = index.search(q, k)
-    sims_t = torch.from_numpy(sims)
-    dist = (1.0 - sims_t).clamp_min(0.0) if metric == "cosine" else sims_t.clamp_min(0.0).sqrt()
-    return dist, torch.from_numpy(idx).long()
-
-
-def exact_distances(bank: torch.Tensor, queries: torch.Tensor, idx: torch.Tensor, metric: str) -> torch.Tensor:
-    """Exact distances (N, k') of ``queries`` (N, D) to the bank rows ``idx`` (N, k') (-1: none, +inf)."""
-    rows = bank[idx.clamp_min(0)]
-    if metric == "cosine":
-        dist = (1.0 - torch.einsum("nkd,nd->nk", rows, queries)).clamp_min(0.0)
-    else:
-        dist = ((rows - queries[:, None, :]) ** 2).sum(-1).clamp_min(0.0).sqrt()
-    return torch.where(idx < 0, torch.full_like(dist, float("inf")), dist)
-
-
-class BankIndex:
-    """Nearest neighbours in a feature bank: FAISS exact search up to a size, approximate above it.
-
-    Args:
-        bank: (M, D) rows, unit rows for cosine (the detector keeps it: the exported graph
-            and the exact re-rank read it).
-        metric: "cosine" or "l2".
-        kind: "flat" (exact), "ivf_flat", "ivf_pq", or "auto": exact below ``ivf_min_bank``
-            rows, else :data:`LARGE_BANK_INDEX`.
-        ivf_min_bank, nprobe, seed: as :func:`build_index`.
-        rerank: an "ivf_pq" search asks FAISS for ``rerank * k`` candidates by their PQ codes
-            and keeps the k nearest by exact distance to the bank rows (FAISS's
-            ``IndexRefineFlat`` does the same with a second copy of the bank; this reads the
-            bank the detector already holds).
-        serialized: a FAISS index written by :meth:`serialize` (uint8 tensor), loaded instead of
-            training again.
-
-    The recall of the approximate kinds against exact search, on real features, is measured by
-    ``benchmarks/bench_bank.py`` (BENCHMARKS.md, "Production scale (issue 15)").
-    """
-
-    def __init__(self, bank: torch.Tensor, metric: str, *, kind: str = "auto", ivf_min_bank: int = 200_000, nprobe: int = 16,
-                 rerank: int = 10, seed: int = 0, serialized: torch.Tensor | None = None) -> None:
-        import faiss
-
-        if kind not in INDEX_KINDS:
-            raise ValueError(f"kind must be one of {INDEX_KINDS}; got {kind!r}.")
-        self.bank, self.metric, self.rerank = bank, metric, int(rerank)
-        self.kind = kind if kind != "auto" else ("flat" if bank.shape[0] < ivf_min_bank else LARGE_BANK_INDEX)
-        if serialized is not None and self.kind != "flat":
-            self.index = faiss.deserialize_index(np.ascontiguousarray(serialized.numpy(), dtype=np.uint8))
-            if self.index.ntotal != bank.shape[0] or self.index.d != bank.shape[1]:
-                raise ValueError(f"the saved FAISS index holds {self.index.ntotal} rows of width {self.index.d}; the bank "
-                                 f"{tuple(bank.shape)}.")
-            self.index.nprobe = nprobe
-            self.kind = "ivf_pq" if isinstance(self.index, faiss.IndexIVFPQ) else "ivf_flat" if isinstance(self.index, faiss.IndexIVFFlat) \
-                else "flat"
-        else:
-            self.index = build_index(bank, metric, ivf_min_bank=0 if self.kind != "flat" else bank.shape[0] + 1, nprobe=nprobe,
-                                     seed=seed, kind="flat" if self.kind == "flat" else self.kind)
-
-    @property
-    def approximate(self) -> bool:
-        return self.kind != "flat"
-
-    def serialize(self) -> torch.Tensor | None:
-        """The trained FAISS index as a uint8 tensor (None for exact search: rebuilt from the bank)."""
-        import faiss
-
-        return None if not self.approximate else torch.from_numpy(faiss.serialize_index(self.index).copy())
-
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, k) distances ascending and bank indices, as :func:`knn_search`."""
-        k = min(int(k), int(self.bank.shape[0]))
-        if self.kind != "ivf_pq" or self.rerank <= 1:
-            return knn_search(self.index, queries, k, self.metric)
-        kk = min(self.rerank * k, int(self.bank.shape[0]))
-        out_d, out_i = [], []
-        for i in range(0, queries.shape[0], 1024):  # the gathered rows take 1024 x kk x D floats
-            q = queries[i:i + 1024]
-            _, cand = knn_search(self.index, q, kk, self.metric)
-            dist = exact_distances(self.bank, q.float(), cand, self.metric)
-            d, j = torch.topk(dist, k, dim=1, largest=False, sorted=True)
-            out_d.append(d)
-            out_i.append(torch.where(torch.isfinite(d), cand.gather(1, j), torch.full_like(j, -1)))
-        return torch.cat(out_d), torch.cat(out_i)
 
 
 def torch_knn(feats: torch.Tensor, bank_t: torch.Tensor, bank_sqnorm: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +91,11 @@ def _check_bank(feats: torch.Tensor, labels: torch.Tensor, k: int, owner: str) -
 def _check_width(f: torch.Tensor, d: int, layer: str, owner: str) -> None:
     if f.shape[1] != d:
         raise ValueError(f"{owner}: features of layer {layer!r} must have width {d} (as fitted); got {f.shape[1]} (shape {tuple(f.shape)}).")
+
+
+def _check_device(device: str, owner: str) -> None:
+    if device not in SEARCH_DEVICES:
+        raise ValueError(f"The 'device' parameter of {owner} must be one of {SEARCH_DEVICES}. Got {device!r}.")
 
 
 def _check_metric(metric: str, owner: str) -> None:
@@ -292,18 +146,45 @@ class BankBuilder:
         return {layer: banks[layer].contiguous() for layer in self.layers}, labels.long().contiguous()
 
 
-class _Bank(nn.Module):
-    """A stored feature bank for exact search in the graph (transposed once, at build time)."""
+class _BankTensors(nn.Module):
+    """A bank as the graph stores it: transposed once (D, M), with its rows' squared norms."""
 
-    def __init__(self, bank: torch.Tensor, k: int, metric: str) -> None:
+    def __init__(self, bank: torch.Tensor) -> None:
         super().__init__()
         bank = bank.detach().float()
-        self.k, self.metric = int(k), metric
         self.register_buffer("bank_t", bank.t().contiguous())
         self.register_buffer("sqnorm", (bank * bank).sum(1))
 
+
+#: id(bank) -> (weak bank, weak _BankTensors): heads built from the same bank tensor (the pooled
+#: bank of two detectors, or of two layers with equal features) share one module, so the graph
+#: holds one initializer instead of one per head (a 100k x 2048 bank is 0.8 GB).
+_GRAPH_BANKS: dict[int, tuple[Any, Any]] = {}
+
+
+def _bank_tensors(bank: torch.Tensor) -> _BankTensors:
+    import weakref
+
+    for key in [k for k, (b, m) in _GRAPH_BANKS.items() if b() is None or m() is None]:
+        del _GRAPH_BANKS[key]
+    hit = _GRAPH_BANKS.get(id(bank))
+    if hit is not None and hit[0]() is bank and hit[1]() is not None:
+        return hit[1]()
+    mod = _BankTensors(bank)
+    _GRAPH_BANKS[id(bank)] = (weakref.ref(bank), weakref.ref(mod))
+    return mod
+
+
+class _Bank(nn.Module):
+    """A stored feature bank for exact search in the graph (the tensors shared between heads)."""
+
+    def __init__(self, bank: torch.Tensor, k: int, metric: str) -> None:
+        super().__init__()
+        self.k, self.metric = int(k), metric
+        self.tensors = _bank_tensors(bank)
+
     def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch_knn(feats, self.bank_t, self.sqnorm, self.k, self.metric)
+        return torch_knn(feats, self.tensors.bank_t, self.tensors.sqnorm, self.k, self.metric)
 
 
 class KNNRank(FeatureDetector):
@@ -326,6 +207,11 @@ class KNNRank(FeatureDetector):
         max_per_class: keep at most this many clean rows per class (a seeded uniform sample of
             each class: stratified), or None for all.
         seed: seeds that sample and the IVF training sample.
+        device: where FAISS searches: "auto" (the GPU when FAISS sees one, else the CPU),
+            "cpu", or "cuda" (raises :class:`FaissDeviceError` without a GPU build and device).
+
+    Detectors over an equal bank with the same settings share one bank tensor and one index
+    (:func:`~guard.detectors.bank_index.shared_index`).
 
     Fitted state: ``bank_`` (M, D) (unit rows for cosine), ``bank_labels_`` (M,),
     ``class_ref_scores_`` (C, Mmax) sorted leave-one-out mean kNN distances per class (+inf
@@ -338,7 +224,7 @@ class KNNRank(FeatureDetector):
 
     def __init__(self, layer: str | Sequence[str] = "fc1", *, k: int = 10, metric: str = "cosine", statistic: str = "rank",
                  ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 10,
-                 max_per_class: int | None = None, seed: int = 0) -> None:
+                 max_per_class: int | None = None, seed: int = 0, device: str = "auto") -> None:
         self.layer = layer if isinstance(layer, str) else list(layer)
         self.k = k
         self.metric = metric
@@ -349,6 +235,7 @@ class KNNRank(FeatureDetector):
         self.rerank = rerank
         self.max_per_class = max_per_class
         self.seed = seed
+        self.device = device
 
     @classmethod
     def default(cls, layers: list[str]) -> "KNNRank":
@@ -369,8 +256,11 @@ class KNNRank(FeatureDetector):
         return KNNRank(layer, **params)
 
     def _index_for(self, bank: torch.Tensor, serialized: torch.Tensor | None = None) -> BankIndex:
-        return BankIndex(bank, self.metric, kind=self.index, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe, rerank=self.rerank,
-                         seed=self.seed, serialized=serialized)
+        """The pooled index over ``bank`` (:func:`~guard.detectors.bank_index.shared_index`); ``bank_`` becomes its bank."""
+        index = shared_index(bank, self.metric, kind=self.index, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe,
+                             rerank=self.rerank, seed=self.seed, device=self.device, serialized=serialized)
+        self.bank_ = index.bank
+        return index
 
     @property
     def parts(self) -> list["KNNRank"]:
@@ -406,6 +296,7 @@ class KNNRank(FeatureDetector):
             check_int(self.max_per_class, "max_per_class", owner, low=self.k + 1)
         if self.index not in INDEX_KINDS:
             raise ValueError(f"The 'index' parameter of {owner} must be one of {INDEX_KINDS}. Got {self.index!r}.")
+        _check_device(self.device, owner)
         _check_metric(self.metric, owner)
         if self.statistic not in ("rank", "distance"):
             raise ValueError(f"The 'statistic' parameter of {owner} must be 'rank' or 'distance'. Got {self.statistic!r}.")
@@ -437,11 +328,10 @@ class KNNRank(FeatureDetector):
         return self
 
     def _fit_bank(self, bank: torch.Tensor, labels: torch.Tensor) -> "KNNRank":
-        self.bank_ = bank
         self.bank_labels_ = labels
-        self._index = self._index_for(self.bank_)
+        self._index = self._index_for(bank)
         # leave-one-out: search k + 1 and drop the point itself (the nearest, at distance 0)
-        dist, _ = self._index.search(self.bank_, self.k + 1)
+        dist, _ = self._index.self_neighbours(self.k + 1)
         ref = dist[:, 1:].mean(1)
         n_classes = int(self.bank_labels_.max()) + 1
         counts = torch.bincount(self.bank_labels_, minlength=n_classes)
@@ -554,7 +444,7 @@ class KNNConsistency(FeatureDetector):
         layers: the layers whose neighbours vote (e.g. ["conv1", "conv2", "fc1"]).
         k: neighbours per layer.
         metric: "cosine" or "l2".
-        ivf_min_bank, nprobe, index, rerank, max_per_class, seed: as for :class:`KNNRank`.
+        ivf_min_bank, nprobe, index, rerank, max_per_class, seed, device: as for :class:`KNNRank`.
     """
 
     name: ClassVar[str] = "knn_consistency"
@@ -562,7 +452,7 @@ class KNNConsistency(FeatureDetector):
 
     def __init__(self, layers: Sequence[str] = ("conv1", "conv2", "fc1"), *, k: int = 10, metric: str = "cosine",
                  ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 10,
-                 max_per_class: int | None = None, seed: int = 0) -> None:
+                 max_per_class: int | None = None, seed: int = 0, device: str = "auto") -> None:
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         self.k = k
         self.metric = metric
@@ -572,6 +462,7 @@ class KNNConsistency(FeatureDetector):
         self.rerank = rerank
         self.max_per_class = max_per_class
         self.seed = seed
+        self.device = device
 
     @classmethod
     def default(cls, layers: list[str]) -> "KNNConsistency":
@@ -611,6 +502,7 @@ class KNNConsistency(FeatureDetector):
                 check_int(self.max_per_class, "max_per_class", owner, low=self.k + 1)
             if self.index not in INDEX_KINDS:
                 raise ValueError(f"The 'index' parameter of {owner} must be one of {INDEX_KINDS}. Got {self.index!r}.")
+            _check_device(self.device, owner)
             _check_metric(self.metric, owner)
             self._stream_fit = BankBuilder(self.layers, self.metric, owner, max_per_class=self.max_per_class, seed=self.seed)
         self._stream_fit.add(feats, labels)
@@ -635,9 +527,10 @@ class KNNConsistency(FeatureDetector):
 
     def _build(self, serialized: dict[str, torch.Tensor] | None = None) -> None:
         serialized = serialized or {}
-        self._indexes = {layer: BankIndex(b, self.metric, kind=self.index, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe,
-                                          rerank=self.rerank, seed=self.seed, serialized=serialized.get(layer))
+        self._indexes = {layer: shared_index(b, self.metric, kind=self.index, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe,
+                                             rerank=self.rerank, seed=self.seed, device=self.device, serialized=serialized.get(layer))
                          for layer, b in self.banks_.items()}
+        self.banks_ = {layer: index.bank for layer, index in self._indexes.items()}  # the pooled tensors
 
     def disagreement(self, feats: Any, pred: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per layer, the share of the k neighbours whose label differs from ``pred``."""

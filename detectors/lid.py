@@ -24,7 +24,8 @@ from torch import nn
 
 from guard.core.validation import check_int
 from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale, scoring_inputs
-from guard.detectors.knn import build_index, knn_search, torch_knn
+from guard.detectors.bank_index import shared_index
+from guard.detectors.knn import torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
 
@@ -98,7 +99,7 @@ class LIDDetector(MultiLayerDetector):
             bank = sample[layer].contiguous()
             setattr(self, f"bank{i}_", bank)
             # the reference points' own LIDs, each leaving itself out (k + 1 neighbours, drop the first)
-            dist, _ = knn_search(build_index(bank, "l2"), bank, self.k + 1, "l2")
+            dist, _ = shared_index(bank, "l2", kind="flat").self_neighbours(self.k + 1)
             lids.append(lid_mle(dist[:, 1:]))
         self._build()
         self.loc_, self.scale_ = robust_scale(torch.stack(lids, 1))
@@ -106,7 +107,10 @@ class LIDDetector(MultiLayerDetector):
         return self
 
     def _build(self) -> None:
-        self._indexes = [build_index(getattr(self, f"bank{i}_"), "l2") for i in range(len(self.layers))]
+        # exact search over each bank in place (no FAISS copy), pooled with any equal bank
+        self._indexes = [shared_index(getattr(self, f"bank{i}_"), "l2", kind="flat") for i in range(len(self.layers))]
+        for i, index in enumerate(self._indexes):
+            setattr(self, f"bank{i}_", index.bank)
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         super().load_state(tensors, meta)
@@ -122,7 +126,7 @@ class LIDDetector(MultiLayerDetector):
             width = getattr(self, f"bank{i}_").shape[1]
             if f.shape[1] != width:
                 raise ValueError(f"{type(self).__name__}: features of layer {layer!r} must have width {width} (as fitted); got {f.shape[1]}.")
-            cols.append(lid_mle(knn_search(self._indexes[i], f, self.k, "l2")[0]))
+            cols.append(lid_mle(self._indexes[i].search(f, self.k)[0]))
         return torch.stack(cols, 1)
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
