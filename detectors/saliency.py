@@ -222,7 +222,20 @@ class SaliencyConcentration(Detector):
                 out.append(self.concentration(a))
         return torch.cat(out).float().cpu()
 
+    @property
+    def needs_input_grad(self) -> bool:
+        """True for the plain-gradient methods: their map is read from :attr:`Batch.input_grad`."""
+        return self.method in ("saliency", "input_x_gradient")
+
     def score_batch(self, batch: Batch) -> torch.Tensor:
+        """The concentration of the batch's map: from the gradient the GuardedModel's own forward
+        pass took (``batch.input_grad``, the gradient methods: one forward pass for every
+        detector), else from Captum (:meth:`score`)."""
+        if batch.input_grad is not None and self.needs_input_grad:
+            self._check_fitted()
+            g = batch.input_grad.float()
+            a = g.abs() if self.method == "saliency" else (batch.x.float() * g).abs()  # Captum's Saliency(abs) / InputXGradient
+            return self.concentration(a.sum(1)).float().cpu()
         return self.score(batch.model, batch.x, target=batch.pred)
 
     def export_head(self) -> nn.Module:

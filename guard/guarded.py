@@ -144,19 +144,36 @@ class GuardedModel(nn.Module):
     def _device(self) -> torch.device:
         return model_device(self.model)
 
-    def _forward(self, x: torch.Tensor) -> Batch:
-        """One forward pass: logits and the pooled features of every detector's layers."""
+    def _forward(self, x: torch.Tensor, *, input_grad: bool = False) -> Batch:
+        """One forward pass: logits and the pooled features of every detector's layers.
+
+        With ``input_grad`` the pass runs with autograd on the images and one backward pass
+        gives each image's gradient of its predicted-class logit (``Batch.input_grad``): a
+        gradient saliency detector then reads it instead of running the model again (Captum's
+        ``Saliency`` would do its own forward pass; the maps are the same, tested in
+        tests/test_fused_saliency.py). Only the input's gradient is asked for, so no weight
+        gradient is computed.
+        """
         x = x.detach().to(self._device(), dtype=torch.float32)
-        with torch.no_grad(), eval_mode(self.model):
-            layers = self.feature_layers
+        layers = self.feature_layers
+
+        def run(inp: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             if layers:
-                logits, feats = FeatureExtractor(self.model, layers)(x, pool=self.pool)
-            else:
-                logits, feats = call_model(self.model, x), {}
-        return Batch(x, logits, feats, self.model)
+                return FeatureExtractor(self.model, layers)(inp, pool=self.pool)
+            return call_model(self.model, inp), {}
+
+        if not input_grad:
+            with torch.no_grad(), eval_mode(self.model):
+                logits, feats = run(x)
+            return Batch(x, logits, feats, self.model)
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
+            xg = x.clone().requires_grad_(True)
+            logits, feats = run(xg)
+            (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xg)
+        return Batch(x, logits.detach(), {k: v.detach() for k, v in feats.items()}, self.model, input_grad=grad.detach())
 
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
-        batch = self._forward(x)
+        batch = self._forward(x, input_grad=any(getattr(d, "needs_input_grad", False) for d in self.detectors.values()))
         scores: dict[str, torch.Tensor] = {}
         errors: dict[str, str] = {}
         with eval_mode(self.model):

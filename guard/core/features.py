@@ -49,12 +49,16 @@ class Batch:
         logits: the model's logits (N, K).
         features: layer -> pooled features (N, D) (:func:`guard.core.features.pool_features`).
         model: the classifier (input detectors differentiate through it).
+        input_grad: the gradient of each image's predicted-class logit with respect to the
+            image (N, C, H, W), taken in the same forward pass when a detector asks for it
+            (``needs_input_grad``; :meth:`guard.GuardedModel.score`), else None.
     """
 
     x: torch.Tensor
     logits: torch.Tensor
     features: Mapping[str, torch.Tensor] = field(default_factory=dict)
     model: nn.Module | None = None
+    input_grad: torch.Tensor | None = None
 
     @property
     def pred(self) -> torch.Tensor:
