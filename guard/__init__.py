@@ -16,7 +16,7 @@ are imported when first used.
 from __future__ import annotations
 
 from guard._version import __version__
-from guard.core.data import Split, demo_data, load_data
+from guard.core.data import Split, demo_data, load_data, split_folder
 from guard.core.features import FeatureExtractor, extract_features, get_layer, layer_names
 from guard.core.models import DemoNet, Normalize, Normalized, load_model
 from guard.core.validation import NotFittedError, check_images
@@ -50,6 +50,7 @@ __all__ = [
     "load_data",
     "load_model",
     "load_session",
+    "split_folder",
     "to_onnx",
     "wrap",
 ]

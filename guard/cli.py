@@ -92,6 +92,7 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
     import torch
 
     import guard
+    from guard.core.data import split_folder
     from guard.demo import DEMOS, demo_source
 
     if args.model is None:
@@ -107,13 +108,20 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
         if args.data in DEMOS and not Path(args.data).is_dir():
             train, test = guard.demo_data(args.data)
             source = demo_source(args.data)
+        elif Path(args.data).is_dir():  # decode only the images the split keeps (--train-size / --test-size)
+            for attr in ("train_size", "test_size"):
+                if getattr(args, attr) is not None and getattr(args, attr) < 1:
+                    raise ValueError(f"--{attr.replace('_', '-')} must be >= 1; got {getattr(args, attr)}.")
+            train, test = split_folder(args.data, "--data", seed=args.seed, train_size=args.train_size, test_size=args.test_size,
+                                       image_size=args.image_size, grayscale=args.grayscale)
+            source = f"image folder {args.data} (seed-{args.seed} split 80/20)"
         else:
             data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
             perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
             cut = int(0.8 * len(data))
             train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
             test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
-            source = f"image folder {args.data} (seed-{args.seed} split 80/20)"
+            source = f"image archive {args.data} (seed-{args.seed} split 80/20)"
         s = _Setup(model, train, test, args.model, source, None)
     for attr, cap in (("train", args.train_size), ("test", args.test_size)):
         if cap is not None:

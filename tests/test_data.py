@@ -61,3 +61,35 @@ def test_load_data_errors(tmp_path):
         load_data((torch.rand(3, 1, 4, 4) * 255, torch.zeros(3, dtype=torch.long)))
     with pytest.raises(ValueError, match="empty"):
         load_data(TensorDataset(torch.rand(0, 1, 4, 4), torch.zeros(0, dtype=torch.long)))
+
+
+def test_split_folder_decodes_only_what_it_keeps_and_equals_the_whole_folder_split(tmp_path, monkeypatch):
+    from PIL import Image
+    from torchvision import datasets
+
+    import guard
+
+    rng = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (tmp_path / f"c{c}").mkdir()
+        for i in range(20):
+            arr = (torch.rand(9, 9, 3, generator=rng) * 255).byte().numpy()
+            Image.fromarray(arr).save(tmp_path / f"c{c}" / f"{i}.png")
+    whole = load_data(tmp_path)
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(7))
+    want_train, want_test = perm[:48][:10], perm[48:][:5]
+    reads = []
+    real = datasets.ImageFolder.__getitem__
+    monkeypatch.setattr(datasets.ImageFolder, "__getitem__", lambda self, i: (reads.append(i), real(self, i))[1])
+    train, test = guard.split_folder(tmp_path, seed=7, train_size=10, test_size=5)
+    assert len(reads) == 15  # not 60
+    assert torch.equal(train.x, whole.x[want_train]) and torch.equal(train.y, whole.y[want_train])
+    assert torch.equal(test.x, whole.x[want_test]) and torch.equal(test.y, whole.y[want_test])
+    full_train, full_test = guard.split_folder(tmp_path, seed=7)
+    assert len(full_train) == 48 and len(full_test) == 12
+    with pytest.raises(ValueError, match="train_size"):
+        guard.split_folder(tmp_path, train_size=0)
+    with pytest.raises(ValueError, match="must be an existing image folder"):
+        guard.split_folder(tmp_path / "nope")
+    with pytest.raises(ValueError, match="test part .* is empty"):
+        guard.split_folder(tmp_path, train_fraction=1.0)

@@ -24,7 +24,7 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "stream_batches", "is_stream", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "is_stream", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
 DEMO_TRAIN = 8000
@@ -230,6 +230,45 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
     check_images(x, f"{name} images")
     y = check_labels(y, f"{name} labels", n=int(x.shape[0]))
     return Split(x.float(), y)
+
+
+def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int = 0, train_fraction: float = 0.8,
+                 train_size: int | None = None, test_size: int | None = None, image_size: int | tuple[int, int] | None = None,
+                 grayscale: bool = False) -> tuple[Split, Split]:
+    """A seeded train/test split of an image folder, decoding only the images it keeps.
+
+    The folder's files are listed (torchvision ``ImageFolder``), shuffled by ``seed``; the first
+    ``train_fraction`` of them are the training part, the rest the test part; each part is cut
+    to ``train_size`` / ``test_size`` images (None: all) and only those images are decoded. The
+    result equals :func:`load_data` on the whole folder followed by the same shuffle, split and
+    cut, without holding the folder in memory (an ImageNet-size folder with
+    ``train_size=2000`` decodes 2,000 images, not 1.2 million).
+    """
+    from torch.utils.data import Subset
+
+    from guard.core.validation import check_float, check_int
+
+    check_float(train_fraction, "train_fraction", "split_folder", low=0.0, high=1.0)
+    for arg, v in (("train_size", train_size), ("test_size", test_size)):
+        if v is not None:
+            check_int(v, arg, "split_folder", low=1)
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{name} must be an existing image folder (one sub-folder per class); got {str(p)!r}.")
+    _check_image_size(image_size)
+    ds = _image_folder(p, name, image_size, grayscale)
+    if len(ds) < 2:
+        raise ValueError(f"{name}: the image folder {str(p)!r} holds {len(ds)} image(s); a train/test split needs at least 2.")
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    cut = int(train_fraction * len(ds))
+    parts = []
+    for idx, cap, part in ((perm[:cut], train_size, "train"), (perm[cut:], test_size, "test")):
+        idx = idx[:cap] if cap is not None else idx
+        if idx.numel() == 0:
+            raise ValueError(f"{name}: the {part} part of {str(p)!r} is empty ({len(ds)} images, train_fraction={train_fraction}).")
+        x, y = _from_dataset(Subset(ds, idx.tolist()), f"{name} ({part})")
+        parts.append(Split(x.float(), check_labels(y, f"{name} labels", n=int(x.shape[0]))))
+    return parts[0], parts[1]
 
 
 def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
