@@ -14,7 +14,7 @@ per-unit std; queries are made the same way from the 2,000 held-out images' feat
 FAISS exact, FAISS IVF-PQ (BankIndex, several nprobe), FAISS IVF-Flat, scikit-learn
 ``NearestNeighbors(algorithm="brute", metric="cosine")``. One thread for everyone.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_bank.py [--n 1000000] [--queries 500]
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_bank.py [--n 1000000] [--queries 500] [--nlists default,4000] [--nprobes 8,16,32] [--no-pq]
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def mixtures(f: torch.Tensor, n: int, std: torch.Tensor, seed: int) -> torch.Ten
     return F.normalize(out, dim=1)
 
 
-def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, k: int) -> None:
+def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, k: int, nlists: list[int | None],
+          nprobes: list[int], pq: bool) -> None:
     bank_f, query_f = feats["resnet18-random fc:input (512-d)"]
     std = bank_f.std(0)
     base = rss_mb()
@@ -137,10 +138,12 @@ def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, 
     bank_np = bank.numpy()
     run("sklearn NearestNeighbors brute cosine", lambda: NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine", n_jobs=1).fit(bank_np),
         lambda nn: torch.from_numpy(nn.kneighbors(queries.numpy(), return_distance=False)))
-    for kind, settings in (("ivf_pq", [(p, r) for p in (16, 32, 64) for r in (4, 10)]), ("ivf_flat", [(16, 1), (32, 1), (64, 1)])):
+    runs = ([("ivf_pq", None, [(p, r) for p in (16, 32, 64) for r in (4, 10)])] if pq else []) + \
+        [("ivf_flat", nl, [(p, 1) for p in nprobes]) for nl in nlists]
+    for kind, nlist, settings in runs:
         r0 = rss_mb()  # built once, searched at several nprobe / re-rank factors
         t = time.perf_counter()
-        ivf = BankIndex(bank, "cosine", kind=kind, ivf_min_bank=0)
+        ivf = BankIndex(bank, "cosine", kind=kind, ivf_min_bank=0, nlist=nlist)
         tb, rb = time.perf_counter() - t, rss_mb() - r0
         what = f"PQ{ivf.index.pq.M}" if kind == "ivf_pq" else "Flat"
         for nprobe, rerank in settings:
@@ -165,6 +168,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--skip-part1", action="store_true")
+    ap.add_argument("--nlists", default="default", help="IVF-Flat list counts to build, comma-separated ('default': ivf_nlist(n))")
+    ap.add_argument("--nprobes", default="16,32,64", help="IVF-Flat nprobe values to search with, comma-separated")
+    ap.add_argument("--no-pq", action="store_true", help="leave IVF-PQ out")
     ap.add_argument("--features-cache", default="", help="a .safetensors file to keep part 1's features in between runs")
     args = ap.parse_args()
     faiss.omp_set_num_threads(1)
@@ -185,7 +191,8 @@ def main() -> None:
     print(f"features ready after {time.perf_counter() - t0:.0f} s: {[(k, tuple(v[0].shape)) for k, v in feats.items()]}", flush=True)
     if not args.skip_part1:
         part1(feats, args.k)
-    part2(feats, args.n, args.queries, args.k)
+    nlists = [None if v == "default" else int(v) for v in args.nlists.split(",")]
+    part2(feats, args.n, args.queries, args.k, nlists, [int(v) for v in args.nprobes.split(",")], not args.no_pq)
     print(f"total wall {time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s")
 
 

@@ -326,7 +326,7 @@ class BankIndex:
         q = queries.detach().float().cpu().contiguous()
         key = (k, self.rerank, getattr(self.index, "nprobe", None), self.device_used)  # settings changed: search again
         memo = self._memo
-        if memo is not None and memo[1] == key and memo[0].shape == q.shape and torch.equal(memo[0], q):
+        if memo is not None and q.shape[0] <= MEMO_ROWS and memo[1] == key and memo[0].shape == q.shape and torch.equal(memo[0], q):
             return memo[2].clone(), memo[3].clone()
         d, i = self._search_all(q, k)
         if q.shape[0] <= MEMO_ROWS:
