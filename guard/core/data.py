@@ -24,7 +24,7 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "stream_batches", "is_stream", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "iter_batches", "stream_batches", "is_stream", "image_folder", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
 DEMO_TRAIN = 8000
@@ -153,6 +153,18 @@ def _image_folder(path: Path, name: str, image_size: Any, grayscale: bool) -> An
         raise ValueError(f"{name}: {str(path)!r} is not a usable image folder: {err}") from err
 
 
+def image_folder(path: str | os.PathLike[str], name: str = "data", *, image_size: int | tuple[int, int] | None = None,
+                 grayscale: bool = False) -> Dataset:
+    """An image folder (one sub-folder per class) as a torchvision ``ImageFolder`` Dataset: nothing is read yet.
+
+    The images come as float32 (C, H, W) in [0, 1] (``ToTensor``), resized to ``image_size``
+    and turned grey with ``grayscale``, as :func:`load_data` reads them; a missing or empty
+    folder raises ValueError naming ``name``.
+    """
+    _check_image_size(image_size)
+    return _image_folder(Path(path), name, image_size, grayscale)
+
+
 def is_stream(data: Any) -> bool:
     """Whether ``data`` is read lazily (a Dataset, a DataLoader or an image folder) rather than given as tensors."""
     return isinstance(data, (Dataset, DataLoader)) or (isinstance(data, (str, os.PathLike)) and Path(data).is_dir())
@@ -176,7 +188,8 @@ def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size
     if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
         data = _image_folder(Path(data), name, image_size, grayscale)
     if isinstance(data, (Dataset, DataLoader)):
-        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+        # a generator of its own: creating the iterator draws a seed, which must not move the global RNG
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
         seen = 0
         for item in loader:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
