@@ -88,7 +88,10 @@ def _load_user_model(spec: str) -> Any:
     return guard.load_model(spec)
 
 
-def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
+def _setup(args: argparse.Namespace, *, progress: bool, stream: bool = False) -> _Setup:
+    """The model and its (train, test) data. With ``stream`` an image folder is not read here: train
+    and test are ``Subset`` views of its ``ImageFolder`` (the same seeded 80/20 split, the same
+    order), which the command then streams."""
     import torch
 
     import guard
@@ -108,11 +111,19 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
             train, test = guard.demo_data(args.data)
             source = demo_source(args.data)
         else:
-            data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
+            from torch.utils.data import Subset
+
+            from guard.core.data import image_folder
+
+            read = image_folder if stream and Path(args.data).is_dir() else guard.load_data
+            data = read(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
             perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))
             cut = int(0.8 * len(data))
-            train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
-            test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+            if isinstance(data, guard.Split):
+                train = guard.Split(data.x[perm[:cut]], data.y[perm[:cut]])
+                test = guard.Split(data.x[perm[cut:]], data.y[perm[cut:]])
+            else:
+                train, test = Subset(data, perm[:cut].tolist()), Subset(data, perm[cut:].tolist())
             source = f"image folder {args.data} (seed-{args.seed} split 80/20)"
         s = _Setup(model, train, test, args.model, source, None)
     for attr, cap in (("train", args.train_size), ("test", args.test_size)):
@@ -120,7 +131,10 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
             if cap < 1:
                 raise ValueError(f"--{attr}-size must be >= 1; got {cap}.")
             split = getattr(s, attr)
-            setattr(s, attr, guard.Split(split.x[:cap], split.y[:cap]))
+            if isinstance(split, guard.Split):
+                setattr(s, attr, guard.Split(split.x[:cap], split.y[:cap]))
+            else:  # a Subset of an image folder
+                setattr(s, attr, type(split)(split.dataset, split.indices[:cap]))
     return s
 
 
@@ -248,7 +262,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     from guard.training.distributed import init_from_env, world
 
     _check_key_env(args)
-    s = _setup(args, progress=not args.quiet)
+    s = _setup(args, progress=not args.quiet, stream=True)  # an image folder is streamed, never loaded whole
     config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
                           batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
                           budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import guard
@@ -176,3 +177,33 @@ def test_bad_streams_are_refused_naming_the_argument(tiny_model, split, monkeypa
     with pytest.raises(ValueError, match="data: a DataLoader or IterableDataset cannot be split across the 2 processes"):
         harden(tiny_model, DataLoader(_ds(train), batch_size=64), **KW)
 
+
+def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(tmp_path, tiny_model, split, monkeypatch) -> None:
+    """``guard harden --model M --data DIR``: the folder is streamed (load_data is never called) and
+    the hardened model equals harden on the same seeded 80/20 split loaded as tensors."""
+    from guard.cli import main
+
+    train, _ = split
+    for i in range(60):
+        d = tmp_path / "data" / str(int(train.y[i]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((train.x[i, 0] * 255).round().byte().numpy()).save(d / f"{i:03d}.png")
+    torch.save(tiny_model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "tinynet.py").write_text(
+        "import torch\nfrom guard.core.models import DemoNet\n\n"
+        "def build():\n    m = DemoNet(width=8, hidden=32)\n"
+        "    m.load_state_dict(torch.load('weights.pt', weights_only=True))\n    return m.eval()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = guard.load_data(tmp_path / "data", grayscale=True)
+    monkeypatch.setattr("guard.load_data", lambda *a, **k: pytest.fail("guard harden loaded the folder whole"))
+    argv = ["harden", "--model", "tinynet:build", "--data", "data", "--grayscale", "--rounds", "1", "--epochs-per-round", "1",
+            "--attacks", "fooling_gradient", "--budget", "quick", "--batch-size", "16", "--seed", "2", "--out", "o", "-q"]
+    assert main(argv) == 0
+    cli_model = guard.RejectClassifier.load(tmp_path / "o" / "hardened_model.safetensors", tiny_model)
+    perm = torch.randperm(60, generator=torch.Generator().manual_seed(2))
+    tr, te = guard.Split(loaded.x[perm[:48]], loaded.y[perm[:48]]), guard.Split(loaded.x[perm[48:]], loaded.y[perm[48:]])
+    ref = harden(tiny_model, tr, test=te, rounds=1, epochs_per_round=1, attacks=("fooling_gradient",), budget=AttackBudget.quick(),
+                 batch_size=16, seed=2, progress=False)
+    sa, sb = cli_model.state_dict(), ref.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sb)
