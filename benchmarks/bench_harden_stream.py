@@ -48,8 +48,6 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
 
 def main() -> None:
     args, results = size_runs(__file__, one, sizes="2000,8000", tensor=8000)
-    if args.one:
-        return
     print(f"small CNN, {args.px} px RGB, batch {args.batch}, 1 round x 1 epoch, 1 thread")
     print(f"{'N':>7} {'path':<7} {'wall s':>8} {'images MB':>10} {'start RSS MB':>13} {'peak RSS MB':>12}")
     for r in results:

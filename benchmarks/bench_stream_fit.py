@@ -81,8 +81,6 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
 
 def main() -> None:
     args, results = size_runs(__file__, one, sizes="1000,4000,16000", tensor=0)
-    if args.one:
-        return
     print(f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread")
     print(f"{'N':>7} {'path':<7} {'wall s':>8} {'CPU s':>8} {'pass s':>8} {'finish s':>9} {'ms/img':>7} {'state MB':>9} {'peak RSS MB':>12} {'RSS-state':>10}")
     for r in results:

@@ -32,8 +32,8 @@ def size_runs(script: str, one: Callable[[int, int, int, bool], dict], *, sizes:
               tensor: int) -> tuple[argparse.Namespace, Iterator[dict]]:
     """The command line of a stream-versus-tensor benchmark: ``--sizes``, ``--px``, ``--batch``, ``--tensor N``.
 
-    In the child (``--one N``) it prints ``one(N, px, batch, as_tensor)`` as JSON and gives no
-    results; otherwise it runs ``script`` once per size (and once for ``--tensor N`` through the
+    In the child (``--one N``) it prints ``one(N, px, batch, as_tensor)`` as JSON and exits;
+    otherwise it runs ``script`` once per size (and once for ``--tensor N`` through the
     tensor path), each in its own process so that each peak RSS is that run's alone, and gives
     their results as they finish.
     """
@@ -47,7 +47,7 @@ def size_runs(script: str, one: Callable[[int, int, int, bool], dict], *, sizes:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(args.one, args.px, args.batch, args.as_tensor)))
-        return args, iter(())
+        sys.exit(0)
     runs = [(int(s), False) for s in args.sizes.split(",")] + ([(args.tensor, True)] if args.tensor else [])
 
     def results() -> Iterator[dict]:
