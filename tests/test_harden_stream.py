@@ -173,6 +173,10 @@ def test_bad_streams_are_refused_naming_the_argument(tiny_model, split, monkeypa
         harden(tiny_model, TensorDataset(train.x, -train.y - 1), **KW)
     with pytest.raises(ValueError, match=r"data images .*\[0, 1\]"):
         harden(tiny_model, TensorDataset(train.x * 3, train.y), **KW)
+    tracked = TrackedImages(train.x, train.y, limit=3)
+    with pytest.raises(ValueError, match="no nn.Linear"):  # a model without a head is refused before the data is read
+        harden(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()), tracked, **KW)
+    assert tracked.held.made == 0
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun a DataLoader cannot be sharded (refused before any process group)
     with pytest.raises(ValueError, match="data: a DataLoader or IterableDataset cannot be split across the 2 processes"):
         harden(tiny_model, DataLoader(_ds(train), batch_size=64), **KW)

@@ -172,12 +172,12 @@ def _seed(*parts: int) -> int:
 _Data = Split | HardenStream  # tensors (the fast path) or a stream read batch by batch
 
 
-def _split_data(data: Any, test: Any, batch_size: int, *, with_digest: bool) -> tuple[_Data, _Data | None]:
+def _split_data(data: Any, test: Any, batch_size: int) -> tuple[_Data, _Data | None]:
     """The training data and the held-out data: tensors as :func:`load_data` makes them, or a
-    Dataset / DataLoader / image folder as a :class:`HardenStream` (the training one scanned)."""
+    Dataset / DataLoader / image folder as a :class:`HardenStream` (not read yet)."""
     if test is None and isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Split) for d in data):
         return load_data(data[0], "data[0]"), load_data(data[1], "data[1]")
-    train = HardenStream(data, "data", batch_size).scan(with_digest=with_digest) if is_stream(data) else load_data(data, "data")
+    train = HardenStream(data, "data", batch_size) if is_stream(data) else load_data(data, "data")
     if test is None:
         return train, None
     return train, (HardenStream(test, "test", batch_size) if is_stream(test) else load_data(test, "test"))
@@ -241,7 +241,7 @@ def harden(
     config = dataclasses.replace(config, **overrides).validated()
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoint).")
-    train, held = _split_data(data, test, config.batch_size, with_digest=checkpoint_dir is not None)
+    train, held = _split_data(data, test, config.batch_size)
     check_shardable(train, "data", max(world()[1], int(os.environ.get("WORLD_SIZE", "1"))))
 
     if isinstance(model, RejectClassifier):
@@ -252,6 +252,8 @@ def harden(
     else:
         net, head_name = grow_head(model, num_classes=num_classes, head=config.head, seed=config.seed)
         n = int(net.state_dict()[head_name + ".weight"].shape[0]) - 1
+    if isinstance(train, HardenStream):  # its one pass, once the model is known to be usable
+        train.scan(with_digest=checkpoint_dir is not None)
     ymax = train.ymax if isinstance(train, HardenStream) else int(train.y.max())
     if ymax >= n:
         raise ValueError(f"num_classes mismatch: the labels of data go up to {ymax} but the head {head_name!r} has {n} outputs.")
