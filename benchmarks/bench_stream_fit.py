@@ -14,11 +14,7 @@ Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stream_fit.py [--sizes 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -26,7 +22,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from proc_memory import peak_rss_mb, rss_mb  # noqa: E402
+from proc_memory import peak_rss_mb, rss_mb, size_runs  # noqa: E402
 
 
 class NoiseImages(Dataset):
@@ -84,24 +80,10 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1000,4000,16000")
-    ap.add_argument("--px", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--tensor", type=int, default=0, help="also fit this N through the tensor path (images materialised)")
-    ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--as-tensor", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.one:
-        print(json.dumps(one(args.one, args.px, args.batch, args.as_tensor)))
-        return
-    runs = [(int(s), False) for s in args.sizes.split(",")] + ([(args.tensor, True)] if args.tensor else [])
+    args, results = size_runs(__file__, one, sizes="1000,4000,16000", tensor=0)
     print(f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread")
     print(f"{'N':>7} {'path':<7} {'wall s':>8} {'CPU s':>8} {'pass s':>8} {'finish s':>9} {'ms/img':>7} {'state MB':>9} {'peak RSS MB':>12} {'RSS-state':>10}")
-    for n, tensor in runs:
-        cmd = [sys.executable, __file__, "--one", str(n), "--px", str(args.px), "--batch", str(args.batch)] + (["--as-tensor"] if tensor else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-        r = json.loads(out)
+    for r in results:
         print(f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['pass_s']:>8.1f} {r['finish_s']:>9.1f} "
               f"{1000 * r['pass_s'] / r['n']:>7.1f} {r['state_mb']:>9.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['state_mb']:>10.0f}", flush=True)
     print(f"layers {r['layers']}, widths {r['widths']}")

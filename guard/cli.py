@@ -88,7 +88,11 @@ def _load_user_model(spec: str) -> Any:
     return guard.load_model(spec)
 
 
-def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
+def _setup(args: argparse.Namespace, *, progress: bool, stream: bool = False) -> _Setup:
+    """The model and its (train, test) data. An image folder is split by :func:`guard.split_folder`
+    (seeded 80/20, cut to --train-size / --test-size), which decodes only the images it keeps;
+    with ``stream`` nothing is decoded here: train and test are ``Subset`` views of its
+    ``ImageFolder`` (the same images, the same order), which the command then streams."""
     import torch
 
     import guard
@@ -113,7 +117,7 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
                 if getattr(args, attr) is not None and getattr(args, attr) < 1:
                     raise ValueError(f"--{attr.replace('_', '-')} must be >= 1; got {getattr(args, attr)}.")
             train, test = split_folder(args.data, "--data", seed=args.seed, train_size=args.train_size, test_size=args.test_size,
-                                       image_size=args.image_size, grayscale=args.grayscale)
+                                       image_size=args.image_size, grayscale=args.grayscale, lazy=stream)
             source = f"image folder {args.data} (seed-{args.seed} split 80/20)"
         else:
             data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
@@ -128,7 +132,10 @@ def _setup(args: argparse.Namespace, *, progress: bool) -> _Setup:
             if cap < 1:
                 raise ValueError(f"--{attr}-size must be >= 1; got {cap}.")
             split = getattr(s, attr)
-            setattr(s, attr, guard.Split(split.x[:cap], split.y[:cap]))
+            if isinstance(split, guard.Split):
+                setattr(s, attr, guard.Split(split.x[:cap], split.y[:cap]))
+            else:  # a Subset of an image folder
+                setattr(s, attr, type(split)(split.dataset, split.indices[:cap]))
     return s
 
 
@@ -256,7 +263,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     from guard.training.distributed import init_from_env, world
 
     _check_key_env(args)
-    s = _setup(args, progress=not args.quiet)
+    s = _setup(args, progress=not args.quiet, stream=True)  # an image folder is streamed, never loaded whole
     config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
                           batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
                           budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,

@@ -466,7 +466,7 @@ def _stream_sample(data: Any, batch_size: int, k: int) -> torch.Tensor:
     """A seeded uniform sample of ``k`` images of a stream (all of them if fewer)."""
     from guard.core.sampling import BottomK
 
-    sample = BottomK(k)
+    sample = BottomK(k, pending_rows=max(k, batch_size))  # images are big rows: compact at k + a batch, not 65,536
     for xb, yb in stream_batches(data, batch_size, "clean_data"):
         sample.add({"x": xb.cpu()}, yb)
     return sample.result()[0]["x"]

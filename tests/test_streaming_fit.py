@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import pytest
 import torch
@@ -14,27 +12,7 @@ import guard
 from guard.core.data import load_data, stream_batches
 from guard.core.sampling import BottomK, row_keys
 from guard.detectors import KNNConsistency, KNNRank, LIDDetector, MahalanobisDetector, PPCAManifold
-
-
-class HeldBatches:
-    """A collate_fn that counts the image batches alive and raises once more than ``limit`` are held."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.alive, self.most, self.made = limit, 0, 0, 0
-
-    def _gone(self) -> None:
-        self.alive -= 1
-
-    def __call__(self, items):
-        if self.alive >= self.limit:
-            raise RuntimeError(f"{self.alive} batches of images held at once: the data set is being materialised")
-        x = torch.stack([a for a, _ in items])
-        y = torch.tensor([int(b) for _, b in items])
-        self.alive += 1
-        self.made += 1
-        self.most = max(self.most, self.alive)
-        weakref.finalize(x, self._gone)
-        return x, y
+from stream_tools import HeldBatches
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ torchrun's environment (gloo on CPU, nccl when the model is on CUDA), each rank 
 one process), gradients are averaged by DDP. Attack generation runs on **rank 0 only** and the
 resulting images are broadcast to every rank (the attacks are cheap next to a round's
 training, and this keeps the attack set identical to a one-process run with the same seed).
-Only rank 0 writes checkpoints; every rank reads them on resume. On GPUs, put the model on
+Only rank 0 writes checkpoints; every rank reads them on resume. Streamed data: a map-style
+Dataset (or image folder) is read by index, each rank its shard of the same seeded order; a
+DataLoader cannot be sharded and is refused (ValueError naming ``data``). On GPUs, put the model on
 ``cuda:LOCAL_RANK`` before calling ``harden`` (``init_from_env`` selects that device for nccl).
 """
 

@@ -19,7 +19,9 @@ Each round ``r``:
 
 After the last round one more fresh generation measures the final model. Every epoch's
 shuffling, reject sampling and dropout are seeded from ``(seed, round, epoch)``, so a run
-resumed from a checkpoint gives the same model as an uninterrupted one.
+resumed from a checkpoint gives the same model as an uninterrupted one. Data given as a
+Dataset, DataLoader or image folder is streamed, never held whole
+(:mod:`guard.training.harden_data`).
 
 :func:`harden` is the one entry point; :class:`HardenConfig` holds the one set of defaults
 that ``guard harden`` (also under ``torchrun``), the audit's harden step and the Python API
@@ -30,8 +32,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,16 +42,17 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm.auto import tqdm
 
-from guard.core.data import Split, load_data
+from guard.core.data import Split, is_stream, load_data
 from guard.core.models import model_device, predict_labels
 from guard.core.validation import check_float, check_int
 from guard.training.checkpoint import load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
+from guard.training.harden_data import HardenStream, check_shardable, digest, epoch_order, reject_picks, stream_accuracy
 from guard.training.reject import RejectClassifier, grow_head
-from guard.training.round_attacks import DEFAULT_ATTACKS, AttackBudget, RoundAttackSet, check_attacks, generate_round_attacks, score_attack_set
+from guard.training.round_attacks import (DEFAULT_ATTACKS, FOOLING_ATTACKS, AttackBudget, RoundAttackSet, check_attacks,
+                                          generate_round_attacks, score_attack_set)
 
 __all__ = ["harden", "HardenConfig", "HardenResult", "CheckpointMismatch", "epoch_set"]
 
@@ -166,17 +169,18 @@ def _seed(*parts: int) -> int:
     return s
 
 
-def _digest(tensors: Any) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+_Data = Split | HardenStream  # tensors (the fast path) or a stream read batch by batch
 
 
-def _split_data(data: Any, test: Any) -> tuple[Split, Split | None]:
+def _split_data(data: Any, test: Any, batch_size: int) -> tuple[_Data, _Data | None]:
+    """The training data and the held-out data: tensors as :func:`load_data` makes them, or a
+    Dataset / DataLoader / image folder as a :class:`HardenStream` (not read yet)."""
     if test is None and isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(d, Split) for d in data):
         return load_data(data[0], "data[0]"), load_data(data[1], "data[1]")
-    return load_data(data, "data"), (load_data(test, "test") if test is not None else None)
+    train = HardenStream(data, "data", batch_size) if is_stream(data) else load_data(data, "data")
+    if test is None:
+        return train, None
+    return train, (HardenStream(test, "test", batch_size) if is_stream(test) else load_data(test, "test"))
 
 
 def harden(
@@ -199,8 +203,17 @@ def harden(
         model: the classifier (n outputs; images in [0, 1]). Never modified: a deep copy
             grows the head. A :class:`RejectClassifier` continues hardening with its head.
         data: the clean training data (anything :func:`guard.load_data` takes), or a
-            ``(train, test)`` pair of :class:`~guard.Split`.
-        test: clean held-out data for the per-round clean accuracy (default: the training data).
+            ``(train, test)`` pair of :class:`~guard.Split`. Tensors are the fast path; a
+            ``Dataset``, ``DataLoader`` or image folder is streamed, never held whole
+            (:mod:`guard.training.harden_data`): one scan first (count, labels, the checkpoint
+            digest), then every epoch reads it batch by batch, a Dataset in the seeded order
+            the tensor path would shuffle the same images into (same weights; a resumed run
+            sees the same order), a DataLoader in its own order and batching (not under
+            torchrun); the round attacks start from a seeded sample of it (read by index from
+            a Dataset; one more pass per round of a DataLoader). A DataLoader that shuffles
+            gives another digest each pass, so it cannot resume: pass its Dataset.
+        test: clean held-out data for the per-round clean accuracy (default: the training data);
+            a stream is evaluated batch by batch.
         config: a :class:`HardenConfig` (default ``HardenConfig()``).
         num_classes: n, checked against the head and the labels when given.
         augment: optional ``augment(x, generator)`` for the clean images of each batch.
@@ -228,7 +241,8 @@ def harden(
     config = dataclasses.replace(config, **overrides).validated()
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoint).")
-    train, held = _split_data(data, test)
+    train, held = _split_data(data, test, config.batch_size)
+    check_shardable(train, "data", max(world()[1], int(os.environ.get("WORLD_SIZE", "1"))))
 
     if isinstance(model, RejectClassifier):
         n = model.num_classes
@@ -238,10 +252,12 @@ def harden(
     else:
         net, head_name = grow_head(model, num_classes=num_classes, head=config.head, seed=config.seed)
         n = int(net.state_dict()[head_name + ".weight"].shape[0]) - 1
-    ymax = int(train.y.max())
+    if isinstance(train, HardenStream):  # its one pass, once the model is known to be usable
+        train.scan(with_digest=checkpoint_dir is not None)
+    ymax = train.ymax if isinstance(train, HardenStream) else int(train.y.max())
     if ymax >= n:
         raise ValueError(f"num_classes mismatch: the labels of data go up to {ymax} but the head {head_name!r} has {n} outputs.")
-    if held is not None and int(held.y.max()) >= n:
+    if isinstance(held, Split) and int(held.y.max()) >= n:  # a stream's labels are checked as it is evaluated
         raise ValueError(f"num_classes mismatch: the labels of test go up to {int(held.y.max())} but the head {head_name!r} has {n} outputs.")
     hardener = _Hardener(net, n, head_name, train, held if held is not None else train, config, augment=augment,
                          checkpoint_dir=checkpoint_dir, progress=progress, on_epoch_end=on_epoch_end)
@@ -302,18 +318,24 @@ class _State:
 class _Hardener:
     """One hardening run: the rounds, the checkpoints, the measurements."""
 
-    def __init__(self, net: nn.Module, n: int, head: str, train: Split, held: Split, config: HardenConfig, *,
+    def __init__(self, net: nn.Module, n: int, head: str, train: _Data, held: _Data, config: HardenConfig, *,
                  augment: Callable | None, checkpoint_dir: str | Path | None, progress: bool,
                  on_epoch_end: Callable[[int, int, nn.Module], None] | None) -> None:
         self.net, self.n, self.head, self.train, self.held, self.cfg = net, n, head, train, held, config
         self.augment, self.checkpoint_dir, self.on_epoch_end = augment, checkpoint_dir, on_epoch_end
         self.device = model_device(net)
-        self.image_shape = tuple(train.x.shape[1:])
+        stream = isinstance(train, HardenStream)
+        self.image_shape = train.image_shape if stream else tuple(train.x.shape[1:])
         # a checkpoint of other settings, another model or other data must never be resumed;
-        # the number of rounds may grow (continue a finished run with more rounds)
+        # the number of rounds may grow (continue a finished run with more rounds). A stream's
+        # digest is the tensor path's (see HardenStream.scan); a DataLoader's own order is
+        # another epoch schedule, so it is marked
         settings = {k: v for k, v in config.to_dict().items() if k != "rounds"}
         self.fingerprint = {**settings, "num_classes": n, "head": head, "n_train": len(train),
-                            "model_digest": _digest(net.state_dict().values()), "data_digest": _digest([train.x, train.y])}
+                            "model_digest": digest(net.state_dict().values()),
+                            "data_digest": train.digest if stream else digest([train.x, train.y])}
+        if stream and not train.map_style:
+            self.fingerprint["data_order"] = "the DataLoader's own"
         self.frozen = _freeze(net, head, config.trainable)
         self.opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
         self.rank, self.size = world()
@@ -356,13 +378,22 @@ class _Hardener:
         tensors, secs = None, {}
         if self.rank == 0:
             s = generate_round_attacks(self.net, self.cfg.attacks, num_classes=self.n, image_shape=self.image_shape,
-                                       pool=(self.train.x, self.train.y), budget=self.cfg.budget,
+                                       pool=self._pool(r), budget=self.cfg.budget,
                                        seed=_seed(self.cfg.seed, r, 1), progress=self.show)
             tensors, secs = s.to_tensors(), s.seconds
         tensors = broadcast_tensors(tensors, _SET_NAMES)
         self.state.timings["attack_seconds"] += time.perf_counter() - t0
         self.state.round_secs["attack"] = time.perf_counter() - t0
         return RoundAttackSet.from_tensors(tensors, list(self.cfg.attacks), secs)
+
+    def _pool(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean images round r's patch / PGD attacks draw from: all of a Split; of a stream,
+        a seeded sample of ``patch_images`` per such attack (one image when none runs: the
+        data-range default of PGD's budget still looks at it)."""
+        if isinstance(self.train, Split):
+            return self.train.x, self.train.y
+        k = self.cfg.budget.patch_images * sum(a not in FOOLING_ATTACKS for a in self.cfg.attacks)
+        return self.train.sample(max(1, k), _seed(self.cfg.seed, r, 3))
 
     def _measure(self, s: RoundAttackSet) -> dict[str, Any]:
         out = score_attack_set(self.net, s, self.n)
@@ -371,6 +402,8 @@ class _Hardener:
 
     def _clean(self) -> tuple[float, float]:
         """(accuracy, share predicted as reject) on the held-out data; a rejected image is an error."""
+        if isinstance(self.held, HardenStream):
+            return stream_accuracy(lambda x: predict_labels(self.net, x), self.held, self.n, self.head)
         pred = predict_labels(self.net, self.held.x).cpu()
         return float((pred == self.held.y).float().mean()), float((pred == self.n).float().mean())
 
@@ -514,42 +547,47 @@ def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float
         ``(x, y, is_clean)``.
     """
     n_clean = len(train)
-    n_rej = int(round(reject_share / (1.0 - reject_share) * n_clean)) if archive_x.shape[0] else 0
-    if archive_x.shape[0] >= n_rej:
-        pick = torch.randperm(archive_x.shape[0], generator=gen)[:n_rej]
-    else:
-        pick = torch.randint(0, archive_x.shape[0], (n_rej,), generator=gen)
+    pick = reject_picks(n_clean, int(archive_x.shape[0]), reject_share, gen)
+    n_rej = int(pick.numel())
     x = torch.cat([train.x, archive_x[pick]])
     y = torch.cat([train.y, torch.full((n_rej,), n, dtype=torch.long)])
     is_clean = torch.cat([torch.ones(n_clean, dtype=torch.bool), torch.zeros(n_rej, dtype=torch.bool)])
     return x, y, is_clean
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, archive_x: torch.Tensor, n: int,
+def _split_batches(train: Split, archive_x: torch.Tensor, n: int, reject_share: float, gen: torch.Generator,
+                   epoch_seed: int, rank: int, size: int, local_bs: int):
+    """The tensor path's epoch: :func:`epoch_set` shuffled, ``(offset, x, y, is_clean)`` per batch."""
+    x, y, is_clean = epoch_set(train, archive_x, n, reject_share, gen)
+    order = epoch_order(int(y.numel()), epoch_seed, rank, size)
+    for i in range(0, order.numel(), local_bs):
+        idx = order[i:i + local_bs]
+        yield i, x[idx], y[idx], is_clean[idx]
+
+
+def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: _Data, archive_x: torch.Tensor, n: int,
                  reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device,
                  online_steps: int = 0, frozen: list[nn.Module] | None = None) -> float:
     """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive
-    (and, with ``online_steps``, fresh gradient-ascent fooling images against the current model)."""
+    (and, with ``online_steps``, fresh gradient-ascent fooling images against the current model).
+    A stream is read batch by batch (:meth:`HardenStream.epoch_batches`)."""
     from guard.attacks import FoolingGradient
 
     gen = torch.Generator().manual_seed(epoch_seed)
-    x, y, is_clean = epoch_set(train, archive_x, n, reject_share, gen)
-    sampler = DistributedSampler(TensorDataset(y), num_replicas=size, rank=rank, shuffle=True, seed=epoch_seed % (2**31))
-    order = torch.tensor(list(sampler), dtype=torch.long)
     local_bs = max(1, batch_size // size)
+    if isinstance(train, Split):
+        batches = _split_batches(train, archive_x, n, reject_share, gen, epoch_seed, rank, size, local_bs)
+    else:
+        batches = train.epoch_batches(archive_x, n, reject_share, gen, epoch_seed, rank, size, local_bs)
     total, count = 0.0, 0
     frozen = frozen or []
     _train_mode(model, frozen)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(epoch_seed + rank)  # dropout
-        for i in range(0, order.numel(), local_bs):
-            idx = order[i:i + local_bs]
-            xb, yb = x[idx], y[idx]
-            if augment is not None:
-                c = is_clean[idx]
-                if bool(c.any()):
-                    xb = xb.clone()
-                    xb[c] = augment(xb[c], gen)
+        for i, xb, yb, c in batches:
+            if augment is not None and bool(c.any()):
+                xb = xb.clone()
+                xb[c] = augment(xb[c], gen)
             xb, yb = xb.to(device), yb.to(device)
             if online_steps > 0:
                 net = model.module if hasattr(model, "module") else model
@@ -563,7 +601,7 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: Split, arc
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
+            total += float(loss.detach()) * len(c)
+            count += len(c)
     model.eval()
     return total / max(1, count)

@@ -24,7 +24,8 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "is_stream", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "is_stream",
+           "image_folder", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
 DEMO_TRAIN = 8000
@@ -153,6 +154,18 @@ def _image_folder(path: Path, name: str, image_size: Any, grayscale: bool) -> An
         raise ValueError(f"{name}: {str(path)!r} is not a usable image folder: {err}") from err
 
 
+def image_folder(path: str | os.PathLike[str], name: str = "data", *, image_size: int | tuple[int, int] | None = None,
+                 grayscale: bool = False) -> Dataset:
+    """An image folder (one sub-folder per class) as a torchvision ``ImageFolder`` Dataset: nothing is read yet.
+
+    The images come as float32 (C, H, W) in [0, 1] (``ToTensor``), resized to ``image_size``
+    and turned grey with ``grayscale``, as :func:`load_data` reads them; a missing or empty
+    folder raises ValueError naming ``name``.
+    """
+    _check_image_size(image_size)
+    return _image_folder(Path(path), name, image_size, grayscale)
+
+
 def is_stream(data: Any) -> bool:
     """Whether ``data`` is read lazily (a Dataset, a DataLoader or an image folder) rather than given as tensors."""
     return isinstance(data, (Dataset, DataLoader)) or (isinstance(data, (str, os.PathLike)) and Path(data).is_dir())
@@ -176,7 +189,8 @@ def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size
     if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
         data = _image_folder(Path(data), name, image_size, grayscale)
     if isinstance(data, (Dataset, DataLoader)):
-        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+        # a generator of its own: creating the iterator draws a seed, which must not move the global RNG
+        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
         seen = 0
         for item in loader:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
@@ -234,7 +248,7 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
 
 def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int = 0, train_fraction: float = 0.8,
                  train_size: int | None = None, test_size: int | None = None, image_size: int | tuple[int, int] | None = None,
-                 grayscale: bool = False) -> tuple[Split, Split]:
+                 grayscale: bool = False, lazy: bool = False) -> tuple[Any, Any]:
     """A seeded train/test split of an image folder, decoding only the images it keeps.
 
     The folder's files are listed (torchvision ``ImageFolder``), shuffled by ``seed``; the first
@@ -242,7 +256,9 @@ def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int 
     to ``train_size`` / ``test_size`` images (None: all) and only those images are decoded. The
     result equals :func:`load_data` on the whole folder followed by the same shuffle, split and
     cut, without holding the folder in memory (an ImageNet-size folder with
-    ``train_size=2000`` decodes 2,000 images, not 1.2 million).
+    ``train_size=2000`` decodes 2,000 images, not 1.2 million). With ``lazy`` nothing is
+    decoded: the two parts come as ``Subset`` views of the folder's ``ImageFolder`` (the same
+    images in the same order), for code that streams them (``guard harden --data``).
     """
     from torch.utils.data import Subset
 
@@ -266,6 +282,9 @@ def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int 
         idx = idx[:cap] if cap is not None else idx
         if idx.numel() == 0:
             raise ValueError(f"{name}: the {part} part of {str(p)!r} is empty ({len(ds)} images, train_fraction={train_fraction}).")
+        if lazy:
+            parts.append(Subset(ds, idx.tolist()))
+            continue
         x, y = _from_dataset(Subset(ds, idx.tolist()), f"{name} ({part})")
         parts.append(Split(x.float(), check_labels(y, f"{name} labels", n=int(x.shape[0]))))
     return parts[0], parts[1]

@@ -36,13 +36,15 @@ class BottomK:
     """Keeps, of a stream of rows, the ``k`` with the smallest :func:`row_keys` (per class with ``per_class``).
 
     ``add`` takes consecutive batches (a dict of tensors with the same rows, and their labels);
-    ``result`` gives the kept rows in stream order. Memory: at most about ``2 k`` rows (per
-    class with ``per_class``) plus one batch; the kept set is compacted when the pending rows
-    exceed the kept ones.
+    ``result`` gives the kept rows in stream order. The kept set is compacted when the pending
+    rows exceed both the kept ones and ``pending_rows``: memory is at most about
+    ``k + max(k, pending_rows)`` rows (per class with ``per_class``) plus one batch. The default
+    (65,536) suits feature rows; for big rows such as images pass ``pending_rows=k`` (at most
+    about ``2 k`` rows, a compaction every ``k`` rows).
     """
 
-    def __init__(self, k: int, *, seed: int = 0, per_class: bool = False) -> None:
-        self.k, self.seed, self.per_class = int(k), int(seed), per_class
+    def __init__(self, k: int, *, seed: int = 0, per_class: bool = False, pending_rows: int = 65536) -> None:
+        self.k, self.seed, self.per_class, self.pending_rows = int(k), int(seed), per_class, int(pending_rows)
         self.seen = 0
         self._parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
         self._pending = 0
@@ -54,7 +56,7 @@ class BottomK:
         self._parts.append((keys, torch.arange(self.seen, self.seen + n), labels.long().cpu(), {k: v for k, v in tensors.items()}))
         self.seen += n
         self._pending += n
-        if self._pending > max(self._kept, 65536):
+        if self._pending > max(self._kept, self.pending_rows):
             self._compact()
 
     def _compact(self) -> None:
