@@ -166,11 +166,18 @@ class GuardedModel(nn.Module):
             with torch.no_grad(), eval_mode(self.model):
                 logits, feats = run(x)
             return Batch(x, logits, feats, self.model)
+        chunk = grad_chunk(x)
+        parts = []
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
-            xg = x.clone().requires_grad_(True)
-            logits, feats = run(xg)
-            (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xg)
-        return Batch(x, logits.detach(), {k: v.detach() for k, v in feats.items()}, self.model, input_grad=grad.detach())
+            for i in range(0, x.shape[0], chunk):
+                xg = x[i:i + chunk].clone().requires_grad_(True)
+                logits, feats = run(xg)
+                (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xg)
+                parts.append((logits.detach(), {k: v.detach() for k, v in feats.items()}, grad.detach()))
+        if len(parts) == 1:
+            return Batch(x, parts[0][0], parts[0][1], self.model, input_grad=parts[0][2])
+        feats = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
+        return Batch(x, torch.cat([p[0] for p in parts]), feats, self.model, input_grad=torch.cat([p[2] for p in parts]))
 
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
         batch = self._forward(x, input_grad=any(getattr(d, "needs_input_grad", False) for d in self.detectors.values()))
@@ -460,6 +467,23 @@ class GuardedModel(nn.Module):
         if "combined" in index:
             guarded.combined = member(index["combined"], "combined")  # type: ignore[assignment]
         return guarded
+
+
+#: The fused forward + input-gradient pass takes at most this many input values (images x C x H x W) at a time.
+GRAD_CHUNK_VALUES = 2**21
+
+
+def grad_chunk(x: torch.Tensor) -> int:
+    """Images per fused forward + backward pass: :data:`GRAD_CHUNK_VALUES` input values (13 images
+    at 3 x 224 x 224, 682 at 3 x 32 x 32, 2,674 at 1 x 28 x 28), at least one.
+
+    Why: a backward pass keeps every activation of its chunk, and on the CPU its cost per image
+    grows with the chunk (page faults of the multi-GB activation buffers): a ResNet-50 at 224 px
+    took 0.32 s per image to differentiate in chunks of 16 and 0.64 s in one chunk of 64
+    (``benchmarks/bench_guarded_resnet50.py``, BENCHMARKS.md "Production scale (issue 15)").
+    """
+    per = max(1, int(x[0].numel())) if x.ndim > 0 and x.shape[0] else 1
+    return max(1, GRAD_CHUNK_VALUES // per)
 
 
 def _stream_sample(data: Any, batch_size: int, k: int) -> torch.Tensor:

@@ -62,3 +62,19 @@ def test_integrated_gradients_still_go_through_captum(tiny_model, small_split) -
     assert not errors
     pred = tiny_model(test.x[:16]).argmax(1)
     torch.testing.assert_close(scores["saliency"], det.score(tiny_model, test.x[:16], target=pred))
+
+
+def test_chunked_gradient_pass_gives_the_same_batch(tiny_model, small_split, monkeypatch) -> None:
+    import guard.guarded as gm
+
+    train, test = small_split
+    g = guard.GuardedModel(tiny_model, {"saliency": SaliencyConcentration().fit(tiny_model, train.x[:4]),
+                                        "knn": guard.detectors.KNNRank("fc1")})
+    g.fit(train)
+    whole = g._forward(test.x[:23], input_grad=True)
+    monkeypatch.setattr(gm, "GRAD_CHUNK_VALUES", 5 * 28 * 28)  # chunks of 5 images
+    assert gm.grad_chunk(test.x[:23]) == 5
+    parts = g._forward(test.x[:23], input_grad=True)
+    torch.testing.assert_close(parts.logits, whole.logits)
+    torch.testing.assert_close(parts.input_grad, whole.input_grad)
+    torch.testing.assert_close(parts.features["fc1"], whole.features["fc1"])
