@@ -240,3 +240,28 @@ def test_fooling_gradient_in_chunks_equals_one_batch(tiny_model):
     assert torch.equal(parts.extras["label"], whole.extras["label"])
     with pytest.raises(ValueError, match="batch_size"):
         FoolingGradient(batch_size=0)
+
+
+def test_audit_step_attacks_a_seeded_sample_of_many_classes(demo_split, tmp_path):
+    from guard.audit import AuditContext, AuditOptions, step
+    from guard.audit.fooling import target_classes
+    from guard.core.data import Split
+    from guard.core.models import DemoNet
+
+    assert torch.equal(target_classes(10, 10, 0), torch.arange(10))
+    picked = target_classes(1000, 10, 3)
+    assert picked.numel() == 10 and torch.equal(picked, picked.sort().values) and torch.equal(picked, target_classes(1000, 10, 3))
+    assert not torch.equal(picked, target_classes(1000, 10, 4))
+    torch.manual_seed(0)
+    many = DemoNet(num_classes=40, width=4, hidden=16).eval()  # 40 outputs: the quick step attacks 10 of them
+    train, test = demo_split
+    ctx = AuditContext(model=many, model_name="many", train=Split(train.x[:200], train.y[:200]), test=Split(test.x[:50], test.y[:50]),
+                       data_source="test", out=tmp_path, options=AuditOptions(quick=True, progress=False, seed=3,
+                                                                               extra={"fooling_transfer": False}))
+    given = step("attacks_fooling").run(ctx)
+    want = set(target_classes(40, 10, 3).tolist())
+    for name in ("fooling_gradient", "fooling_direct", "fooling_cppn"):
+        e = ctx.report["attacks"][name]
+        assert e["classes_attacked"] == 10 and set(e["classes_fooled"]) <= want
+        assert set(given.results[name].extras["label"].tolist()) <= want
+        assert e["success_rate"] == len(e["classes_fooled"]) / 10

@@ -38,7 +38,8 @@ def build(src: AuditFolder) -> Section | None:
         got = e.get("classes_fooled")
         count = len(got) if isinstance(got, list) else None
         tr = e.get("transfer") if isinstance(e.get("transfer"), dict) else {}
-        rows.append([method_title(n), f"{num(count) if count is not None else pct(e.get('success_rate'))}/{k or '?'}",
+        of = finite(e.get("classes_attacked")) or k  # a model with many classes is attacked on a sample of them
+        rows.append([method_title(n), f"{num(count) if count is not None else pct(e.get('success_rate'))}/{int(of) if of else '?'}",
                      confidence(e.get("median_confidence")), confidence(e.get("min_confidence")),
                      num(e.get("generations", e.get("steps"))), num(e.get("n")), seconds(e.get("seconds")),
                      pct(tr.get("same_label")) if tr else "-"])
