@@ -84,7 +84,7 @@ def main() -> None:
     from guard.core.features import default_feature_layers, extract_features
     from guard.detectors import KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
     from guard.detectors import bank_index
-    from guard.detectors.knn import BankIndex
+    from guard.detectors.bank_index import shared_index
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
@@ -140,11 +140,11 @@ def main() -> None:
         parts = det.parts if name == "knn" else None
         if parts is not None:
             exact[name] = [p._index for p in parts]
-            for p in parts:
-                p._index = BankIndex(p.bank_, p.metric, kind="flat")
+            for p in parts:  # pooled, as a fit with index="flat" would make them: one exact index per distinct bank
+                p._index = shared_index(p.bank_, p.metric, kind="flat")
         else:
             exact[name] = dict(det._indexes)
-            det._indexes = {layer: BankIndex(b, det.metric, kind="flat") for layer, b in det.banks_.items()}
+            det._indexes = {layer: shared_index(b, det.metric, kind="flat") for layer, b in det.banks_.items()}
     del exact  # the IVF indexes (each a copy of its bank)
     rows.append(("guarded: knn + knn_consistency + ppca (exact)", paired(bare, feat, batches, args.reps)))
     memo, bank_index.MEMO_ROWS = bank_index.MEMO_ROWS, 0
