@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BankIndex", "FaissDeviceError", "shared_index", "shared_bank", "build_index", "knn_search", "exact_distances",
+__all__ = ["BankIndex", "FaissDeviceError", "shared_index", "shared_bank", "cat_shared", "build_index", "knn_search", "exact_distances",
            "ivf_nlist", "pq_subquantizers", "faiss_gpus", "INDEX_KINDS", "LARGE_BANK_INDEX", "SEARCH_DEVICES"]
 
 #: Index kinds of :class:`BankIndex` ("auto": exact below ``ivf_min_bank`` rows, then :data:`LARGE_BANK_INDEX`).
@@ -195,6 +195,30 @@ def shared_bank(bank: torch.Tensor) -> torch.Tensor:
             return hit
         _BANKS[key] = bank
         return bank
+
+
+_CATS: list[tuple[tuple[Any, ...], Any]] = []
+
+
+def cat_shared(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(chunks)``, made once for the same chunk objects (a second builder or layer holding
+    the same pooled chunks gets the same bank tensor instead of a second copy), then pooled."""
+    if len(chunks) == 1:
+        return shared_bank(chunks[0])
+    with _POOL_LOCK:
+        for entry in list(_CATS):
+            refs, res = entry
+            out = res()
+            alive = [w() for w in refs]
+            if out is None or any(a is None for a in alive):
+                _CATS.remove(entry)
+                continue
+            if len(alive) == len(chunks) and all(a is c for a, c in zip(alive, chunks)):
+                return out
+    out = shared_bank(torch.cat(chunks))
+    with _POOL_LOCK:
+        _CATS.append((tuple(weakref.ref(c) for c in chunks), weakref.ref(out)))
+    return out
 
 
 def shared_index(bank: torch.Tensor, metric: str, *, kind: str = "auto", ivf_min_bank: int = 200_000, nprobe: int = 16,

@@ -33,7 +33,8 @@ from torch import nn
 
 from guard.core.validation import check_int, check_labels
 from guard.detectors.bank_index import (INDEX_KINDS, LARGE_BANK_INDEX, SEARCH_DEVICES, BankIndex, FaissDeviceError, build_index,
-                                        exact_distances, ivf_nlist, knn_search, pq_subquantizers, shared_index)
+                                        cat_shared, exact_distances, ivf_nlist, knn_search, pq_subquantizers, shared_bank,
+                                        shared_index)
 from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, scoring_inputs
 
 __all__ = ["KNNRank", "KNNConsistency", "BankIndex", "BankBuilder", "FaissDeviceError", "build_index", "knn_search", "exact_distances",
@@ -107,7 +108,10 @@ def _check_metric(metric: str, owner: str) -> None:
 class BankBuilder:
     """A feature bank built batch by batch: the rows of each layer (normalised for cosine) and their labels.
 
-    Without a cap every row is kept (the bank is what the detector must hold anyway); with
+    Without a cap every row is kept (the bank is what the detector must hold anyway), each
+    batch's rows pooled (:func:`~guard.detectors.bank_index.shared_bank`): builders of two
+    detectors fed the same features, or two layers with equal features, hold one copy, and
+    their finished banks are one tensor (:func:`~guard.detectors.bank_index.cat_shared`); with
     ``max_per_class`` each class keeps at most that many rows, a seeded uniform sample of the
     class (:class:`guard.core.sampling.BottomK`: the same rows whatever the batching), so the
     memory is bounded by ``C * max_per_class`` rows plus a batch. Checked as the one-shot fit
@@ -130,8 +134,8 @@ class BankBuilder:
         if self.sampler is not None:
             self.sampler.add(prepped, labels)
             return
-        for layer, f in prepped.items():
-            self.chunks[layer].append(f)
+        for layer, f in prepped.items():  # pooled: an equal chunk of another layer or detector is held once
+            self.chunks[layer].append(shared_bank(f))
         self.labels.append(labels)
 
     def finish(self, k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -140,7 +144,7 @@ class BankBuilder:
         if self.sampler is not None:
             banks, labels, _ = self.sampler.result()
         else:
-            banks = {layer: torch.cat(c) if len(c) > 1 else c[0] for layer, c in self.chunks.items()}
+            banks = {layer: cat_shared(c) for layer, c in self.chunks.items()}
             labels = torch.cat(self.labels)
             self.chunks, self.labels = {}, []
         labels = _check_bank(next(iter(banks.values())), labels, k, self.owner)

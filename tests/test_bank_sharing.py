@@ -173,3 +173,21 @@ def test_one_leave_one_out_search_per_shared_index_and_one_search_per_repeated_q
     alone_r = KNNRank("a", k=5, nprobe=7).fit_features({"a": f["a"]}, y)
     assert torch.allclose(r, alone_r.score_features({"a": q["a"]}, logits))
     assert torch.allclose(c, KNNConsistency(["a"], k=5, nprobe=7).fit_features({"a": f["a"]}, y).score_features({"a": q["a"]}, logits))
+
+
+def test_builders_fed_the_same_features_hold_one_copy_while_streaming() -> None:
+    from guard.detectors.knn import BankBuilder
+
+    f, y = _feats(n=300, seed=7)
+    one, two = BankBuilder(["a", "b"], "cosine", "x"), BankBuilder(["a", "c"], "cosine", "y")
+    for i in range(0, 300, 100):
+        batch = {k: v[i:i + 100] for k, v in f.items()}
+        one.add(batch, y[i:i + 100])
+        two.add({k: v.clone() for k, v in batch.items()}, y[i:i + 100])  # equal values, other tensors
+    assert all(ca is cb for ca, cb in zip(one.chunks["a"], one.chunks["b"]))  # equal layers: the same chunks
+    assert all(ca is cb for ca, cb in zip(one.chunks["a"], two.chunks["a"]))  # equal detectors' chunks: the same
+    banks_one, _ = one.finish(5)
+    banks_two, _ = two.finish(5)
+    assert banks_one["a"] is banks_one["b"] is banks_two["a"]
+    assert banks_two["c"] is not banks_one["a"]
+    torch.testing.assert_close(banks_one["a"], torch.nn.functional.normalize(f["a"], dim=1))
