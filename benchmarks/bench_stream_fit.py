@@ -9,7 +9,10 @@ Reported: the streaming pass (forward + per-batch accumulation), the finish (ban
 leave-one-out search, PPCA eigendecompositions), the bytes of the fitted state (the banks), and
 peak RSS; with ``--tensor`` also the tensor path (the images materialised first) for contrast.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stream_fit.py [--sizes 1000,4000,16000] [--px 64] [--tensor 4000]
+``--max-per-class C`` caps each kNN bank at C rows per class (a seeded per-class sample of the
+stream: ``KNNRank(max_per_class=C)``), so that the state, too, stops growing with N.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_stream_fit.py [--sizes 1000,4000,16000] [--px 64] [--tensor 4000] [--max-per-class 10000]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class NoiseImages(Dataset):
         return torch.rand(3, self.px, self.px, generator=g), i % 10
 
 
-def one(n: int, px: int, batch: int, tensor: bool) -> dict:
+def one(n: int, px: int, batch: int, tensor: bool, max_per_class: int = 0) -> dict:
     import guard
     from torchvision.models import resnet18
 
@@ -51,6 +54,10 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
     model = resnet18(num_classes=10).eval()
     ds = NoiseImages(n, px)
     gm = guard.wrap(model, ["knn", "knn_consistency", "ppca"], batch_size=batch)
+    gm._build_defaults(ds[0][0][None])
+    if max_per_class:  # the bank cap: a seeded per-class sample of the stream (the detectors' own parameter)
+        for name in ("knn", "knn_consistency"):
+            gm.detectors[name].max_per_class = max_per_class
     start_rss = rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
     if tensor:
@@ -60,7 +67,6 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
         t_finish = float("nan")
     else:
         # the streaming fit, its two phases timed: the pass over the data, then each detector's finish_fit
-        gm._build_defaults(ds[0][0][None])
         timings = {"finish": 0.0}
         for det in gm.detectors.values():
             def fin(f=det.finish_fit):
@@ -73,15 +79,18 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
         t_finish = timings["finish"]
         t_pass = time.perf_counter() - t0 - t_finish
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    state = sum(v.numel() * v.element_size() for det in gm.detectors.values() for v in det.state_tensors().values())
+    # bytes of distinct storage: the pooled bank of two detectors (or of two equal layers) counts once
+    state = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for det in gm.detectors.values()
+                 for v in det.state_tensors().values()}.values())
     return {"n": n, "px": px, "path": "tensor" if tensor else "stream", "wall_s": wall, "cpu_s": cpu, "pass_s": t_pass, "finish_s": t_finish,
             "state_mb": state / 2**20, "start_rss_mb": start_rss, "peak_rss_mb": peak_rss_mb(),
-            "layers": gm.layers, "widths": gm.feature_widths_}
+            "layers": gm.layers, "widths": gm.feature_widths_, "max_per_class": max_per_class}
 
 
 def main() -> None:
-    args, results = size_runs(__file__, one, sizes="1000,4000,16000", tensor=0)
-    print(f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread")
+    args, results = size_runs(__file__, one, sizes="1000,4000,16000", tensor=0, options={"max_per_class": 0})
+    cap = f", bank cap {args.max_per_class:,} rows per class" if args.max_per_class else ""
+    print(f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread{cap}")
     print(f"{'N':>7} {'path':<7} {'wall s':>8} {'CPU s':>8} {'pass s':>8} {'finish s':>9} {'ms/img':>7} {'state MB':>9} {'peak RSS MB':>12} {'RSS-state':>10}")
     for r in results:
         print(f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['pass_s']:>8.1f} {r['finish_s']:>9.1f} "
