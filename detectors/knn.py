@@ -130,12 +130,13 @@ class BankBuilder:
 
     def add(self, feats: Any, labels: Any) -> None:
         fd, labels = self.check.add(feats, labels)
-        prepped = {layer: _prep(f, self.metric).contiguous() for layer, f in fd.items()}
+        # pooled: an equal chunk of another layer or detector is held once (capped or not)
+        prepped = {layer: shared_bank(_prep(f, self.metric).contiguous()) for layer, f in fd.items()}
         if self.sampler is not None:
             self.sampler.add(prepped, labels)
             return
-        for layer, f in prepped.items():  # pooled: an equal chunk of another layer or detector is held once
-            self.chunks[layer].append(shared_bank(f))
+        for layer, f in prepped.items():
+            self.chunks[layer].append(f)
         self.labels.append(labels)
 
     def finish(self, k: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -143,6 +144,7 @@ class BankBuilder:
         self.check.finish()
         if self.sampler is not None:
             banks, labels, _ = self.sampler.result()
+            banks = {layer: shared_bank(b) for layer, b in banks.items()}  # two builders' equal samples: one tensor
         else:
             banks = {layer: cat_shared(c) for layer, c in self.chunks.items()}
             labels = torch.cat(self.labels)

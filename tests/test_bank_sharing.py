@@ -191,3 +191,29 @@ def test_builders_fed_the_same_features_hold_one_copy_while_streaming() -> None:
     assert banks_one["a"] is banks_one["b"] is banks_two["a"]
     assert banks_two["c"] is not banks_one["a"]
     torch.testing.assert_close(banks_one["a"], torch.nn.functional.normalize(f["a"], dim=1))
+
+
+def test_capped_builders_share_the_pending_rows_and_the_sample() -> None:
+    """With ``max_per_class`` the rows waiting for the next compaction are pooled too, and two
+    builders' equal samples finish as one tensor (equal to the one-shot capped sample)."""
+    from guard.detectors.knn import BankBuilder
+
+    f, y = _feats(n=300, seed=8)
+    one = BankBuilder(["a", "b"], "cosine", "x", max_per_class=20, seed=3)
+    two = BankBuilder(["a"], "cosine", "y", max_per_class=20, seed=3)
+    whole = BankBuilder(["a"], "cosine", "z", max_per_class=20, seed=3)
+    whole.add({"a": f["a"].clone()}, y)
+    for i in range(0, 300, 100):
+        batch = {k: v[i:i + 100] for k, v in f.items()}
+        one.add(batch, y[i:i + 100])
+        two.add({"a": batch["a"].clone()}, y[i:i + 100])
+    pending_one = one.sampler._parts[-1][3]
+    pending_two = two.sampler._parts[-1][3]
+    assert pending_one["a"] is pending_two["a"]  # the same pooled chunk, not a copy per builder
+    banks_one, lab_one = one.finish(5)
+    banks_two, lab_two = two.finish(5)
+    banks_whole, lab_whole = whole.finish(5)
+    assert banks_one["a"] is banks_two["a"]
+    assert torch.equal(lab_one, lab_two) and int(torch.bincount(lab_one).max()) <= 20
+    torch.testing.assert_close(banks_one["a"], banks_whole["a"])
+    assert torch.equal(lab_one, lab_whole)
