@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from guard.core.cache import atomic_write_text
-from guard.core.data import Split, is_stream, load_data, stream_batches
+from guard.core.data import Split, is_stream, load_data, sample_stream, stream_batches
 from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
 from guard.core.models import eval_mode, model_device
@@ -340,7 +340,7 @@ class GuardedModel(nn.Module):
         _, scores, errors = self.score(x)
         proxy = None
         if self.combine == "weighted":
-            base = x if not is_stream(x) else _stream_sample(x, self.batch_size, 2000)
+            base = x if not is_stream(x) else sample_stream(x, 2000, self.batch_size, "clean_data")[0]
             _, proxy, perr = self.score(proxy_inputs(check_images(base, "clean_data")))
             errors = {**errors, **perr}
         return self.calibrate_scores(scores, fpr, errors=errors, proxy_scores=proxy)
@@ -484,16 +484,6 @@ def grad_chunk(x: torch.Tensor) -> int:
     """
     per = max(1, int(x[0].numel())) if x.ndim > 0 and x.shape[0] else 1
     return max(1, GRAD_CHUNK_VALUES // per)
-
-
-def _stream_sample(data: Any, batch_size: int, k: int) -> torch.Tensor:
-    """A seeded uniform sample of ``k`` images of a stream (all of them if fewer)."""
-    from guard.core.sampling import BottomK
-
-    sample = BottomK(k, pending_rows=max(k, batch_size))  # images are big rows: compact at k + a batch, not 65,536
-    for xb, yb in stream_batches(data, batch_size, "clean_data"):
-        sample.add({"x": xb.cpu()}, yb)
-    return sample.result()[0]["x"]
 
 
 def _names(value: Any, name: str) -> list[Any]:

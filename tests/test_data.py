@@ -93,3 +93,25 @@ def test_split_folder_decodes_only_what_it_keeps_and_equals_the_whole_folder_spl
         guard.split_folder(tmp_path / "nope")
     with pytest.raises(ValueError, match="test part .* is empty"):
         guard.split_folder(tmp_path, train_fraction=1.0)
+
+
+def test_sample_stream_is_seeded_uniform_and_independent_of_batching() -> None:
+    """The calibration proxy sample and harden's attack pool come from one function: the same rows
+    whatever the batch size, in stream order, a different sample per seed, all rows when k >= n."""
+    from torch.utils.data import TensorDataset
+
+    from guard.core.data import sample_stream
+
+    x = torch.rand(120, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(120) % 3
+    ds = TensorDataset(x, y)
+    a, ya = sample_stream(ds, 30, 7)
+    b, yb = sample_stream(ds, 30, 50)
+    assert a.shape == (30, 1, 4, 4) and torch.equal(a, b) and torch.equal(ya, yb)
+    rows = [int((x == r).all(dim=(1, 2, 3)).nonzero()) for r in a]
+    assert rows == sorted(rows) and len(set(rows)) == 30  # stream order, no repeats
+    assert torch.equal(ya, y[rows])
+    other, _ = sample_stream(ds, 30, 7, seed=1)
+    assert not torch.equal(other, a)
+    whole, yw = sample_stream(ds, 500, 16)
+    assert torch.equal(whole, x) and torch.equal(yw, y)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
 
-from guard.core.data import image_folder, stream_batches
-from guard.core.sampling import BottomK, row_keys
+from guard.core.data import image_folder, sample_stream, stream_batches
+from guard.core.sampling import row_keys
 
 __all__ = ["HardenStream", "digest", "epoch_order", "reject_picks", "stream_accuracy", "check_shardable"]
 
@@ -155,11 +155,7 @@ class HardenStream:
                 idx = np.sort(np.argpartition(keys, k - 1)[:k])
             xs, ys = zip(*stream_batches(Subset(self.data, idx.tolist()), self.batch_size, self.name))
             return torch.cat(xs), torch.cat(ys)
-        keep = BottomK(k, seed=seed, pending_rows=k)  # images are big rows: compact every k
-        for xb, yb in self.batches():
-            keep.add({"x": xb.cpu()}, yb)
-        tensors, labels, _ = keep.result()
-        return tensors["x"], labels
+        return sample_stream(self.data, k, self.batch_size, self.name, seed=seed)
 
     def epoch_batches(self, archive_x: torch.Tensor, n: int, reject_share: float, gen: torch.Generator, epoch_seed: int,
                       rank: int, size: int, local_bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:

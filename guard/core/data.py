@@ -24,7 +24,7 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "is_stream",
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "sample_stream", "is_stream",
            "image_folder", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
@@ -210,6 +210,22 @@ def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size
         yield split.x[i:i + batch_size], split.y[i:i + batch_size]
 
 
+def sample_stream(data: Any, k: int, batch_size: int, name: str = "data", *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded uniform sample of ``min(k, n)`` images of a stream and their labels, in stream order.
+
+    One pass through :func:`stream_batches`, keeping the rows :class:`guard.core.sampling.BottomK`
+    keeps (the same rows whatever the batching); images are big rows, so the sample is
+    compacted at ``k`` plus a batch of pending rows, not BottomK's default 65,536.
+    """
+    from guard.core.sampling import BottomK
+
+    keep = BottomK(k, seed=seed, pending_rows=max(k, batch_size))
+    for xb, yb in stream_batches(data, batch_size, name):
+        keep.add({"x": xb.cpu()}, yb)
+    tensors, labels, _ = keep.result()
+    return tensors["x"], labels
+
+
 def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int] | None = None, grayscale: bool = False) -> Split:
     """Turn user data into a validated :class:`Split`.
 
@@ -271,8 +287,7 @@ def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int 
     p = Path(path)
     if not p.is_dir():
         raise ValueError(f"{name} must be an existing image folder (one sub-folder per class); got {str(p)!r}.")
-    _check_image_size(image_size)
-    ds = _image_folder(p, name, image_size, grayscale)
+    ds = image_folder(p, name, image_size=image_size, grayscale=grayscale)
     if len(ds) < 2:
         raise ValueError(f"{name}: the image folder {str(p)!r} holds {len(ds)} image(s); a train/test split needs at least 2.")
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
