@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.optim.swa_utils import AveragedModel, update_bn
 
 from guard.core.archive import file_md5, read_image_archive
-from guard.core.cache import atomic_write_text, save_tensors
+from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.models import CifarResNet
 from guard.demo import crop_flip_augment
+from guard.training.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 
 
 @torch.no_grad()
@@ -42,56 +44,119 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
+def _start_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The starting state dict (akamaster's file, or a guard ``resnet20.safetensors``) and its SHA-256."""
+    return load_file(str(path)), hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _save_state(path: Path, model, opt, swa, gen: torch.Generator, meta: dict) -> None:
+    """Everything the run needs to continue after an interruption, as tensors plus JSON (no pickle)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt_t, opt_meta = optimizer_to_tensors(opt)
+    tensors.update(opt_t)
+    if swa is not None:
+        tensors.update({f"swa.{k}": v for k, v in swa.state_dict().items()})
+    tensors["gen_state"] = gen.get_state()
+    save_tensors(path, tensors, {**meta, "optimizer": opt_meta})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with cifar10-train.tar.gz and cifar10-test.tar.gz")
-    p.add_argument("--weights", required=True, help="akamaster resnet20.safetensors")
+    p.add_argument("--weights", required=True, help="the starting weights: akamaster resnet20.safetensors, or a guard resnet20.safetensors")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=6, help="epochs of the cosine phase (lr from --lr to 0)")
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--swa-epochs", type=int, default=0,
+                   help="then this many epochs at the constant --swa-lr, averaging the weights at every epoch's end "
+                        "(stochastic weight averaging, Izmailov et al. 2018; torch.optim.swa_utils); the average, with "
+                        "its BatchNorm statistics recomputed on the training images, is the result")
+    p.add_argument("--swa-lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.epochs < 0 or args.swa_epochs < 0 or args.epochs + args.swa_epochs == 0:
+        p.error(f"--epochs and --swa-epochs must be >= 0 and not both 0; got {args.epochs} and {args.swa_epochs}")
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     x_train, y_train, names = read_image_archive(data / "cifar10-train.tar.gz")
     x_test, y_test, _ = read_image_archive(data / "cifar10-test.tar.gz")
     print(f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True)
     torch.manual_seed(args.seed)
     model = CifarResNet(20)
-    model.load_state_dict(load_file(args.weights), strict=False)  # the Normalize buffers are ours
+    start_state, start_sha = _start_weights(Path(args.weights))
+    model.load_state_dict(start_state, strict=False)  # akamaster's file lacks the Normalize buffers, which are ours
     before = accuracy(model, x_test, y_test)
-    print(f"pretrained: {before:.4f} on the test images", flush=True)
+    print(f"start ({Path(args.weights).name}, sha256 {start_sha[:16]}...): {before:.4f} on the test images", flush=True)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    steps = args.epochs * math.ceil(len(x_train) / args.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    per_epoch = math.ceil(len(x_train) / args.batch_size)
+    steps = args.epochs * per_epoch
+    swa = AveragedModel(model) if args.swa_epochs else None
     gen = torch.Generator().manual_seed(args.seed)
-    t_train = time.perf_counter()
-    history = []
-    for epoch in range(args.epochs):
+    config = {"start_sha256": start_sha, "epochs": args.epochs, "lr": args.lr, "swa_epochs": args.swa_epochs,
+              "swa_lr": args.swa_lr, "batch_size": args.batch_size, "seed": args.seed}
+    state_path = out / "train_state.safetensors"
+    history: list[dict] = []
+    done, elapsed = 0, 0.0
+    if state_path.is_file():  # resume: an interrupted run loses at most the epoch in progress
+        tensors, meta = load_tensors(state_path)
+        if meta.get("config") != config:
+            raise ValueError(f"{str(state_path)!r} is from a run with other settings ({meta.get('config')}); "
+                             f"this run has {config}: use another --out or delete the file")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt.load_state_dict(optimizer_from_tensors(tensors, meta["optimizer"]))
+        if swa is not None:
+            swa.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("swa.")})
+        gen.set_state(tensors["gen_state"])
+        done, elapsed, history = meta["epochs_done"], meta["seconds"], meta["history"]
+        print(f"resumed after epoch {done} ({elapsed:.0f} s of training so far)", flush=True)
+
+    def lr_at(step: int) -> float:
+        if step < steps:
+            return args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        return args.swa_lr
+
+    t_train = time.perf_counter() - elapsed
+    for epoch in range(done, args.epochs + args.swa_epochs):
         model.train()
         perm = torch.randperm(len(x_train), generator=gen)
         total, seen = 0.0, 0
-        for i in range(0, len(perm), args.batch_size):
+        for j, i in enumerate(range(0, len(perm), args.batch_size)):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * per_epoch + j)
             idx = perm[i:i + args.batch_size]
             xb = crop_flip_augment(x_train[idx].float() / 255, gen)
             loss = F.cross_entropy(model(xb), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             seen += len(idx)
-        history.append({"epoch": epoch + 1, "train_loss": round(total / seen, 4), "seconds": round(time.perf_counter() - t_train, 1)})
-        print(f"epoch {epoch + 1}: train loss {total / seen:.4f} ({time.perf_counter() - t_train:.0f} s)", flush=True)
+        phase = "cosine" if epoch < args.epochs else "swa"
+        if phase == "swa":
+            swa.update_parameters(model)
+        history.append({"epoch": epoch + 1, "phase": phase, "train_loss": round(total / seen, 4),
+                        "seconds": round(time.perf_counter() - t_train, 1)})
+        print(f"epoch {epoch + 1} ({phase}): train loss {total / seen:.4f} ({time.perf_counter() - t_train:.0f} s)", flush=True)
+        _save_state(state_path, model, opt, swa, gen, {"config": config, "epochs_done": epoch + 1,
+                                                       "seconds": time.perf_counter() - t_train, "history": history})
+    result = model
+    last_iterate = None
+    if swa is not None:
+        last_iterate = accuracy(model, x_test, y_test)  # printed for the record; the average is the result either way
+        loader = [x_train[i:i + 500].float() / 255 for i in range(0, len(x_train), 500)]
+        update_bn(loader, swa)
+        result = swa.module
     train_seconds = time.perf_counter() - t_train
-    after = accuracy(model, x_test, y_test)
+    after = accuracy(result, x_test, y_test)
+    if last_iterate is not None:
+        print(f"last iterate: {last_iterate:.4f}; weight average (the result): {after:.4f} on the 10,000 test images", flush=True)
     print(f"fine-tuned: {after:.4f} on the 10,000 test images (never trained on)", flush=True)
-    out = Path(args.out)
     path = out / "resnet20.safetensors"
-    state = {k: v for k, v in model.state_dict().items()}
+    state = {k: v for k, v in result.state_dict().items()}
     save_tensors(path, state, {"architecture": "guard.core.models.CifarResNet(depth=20)", "classes": names})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     record = {
@@ -100,14 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         "architecture": "guard.core.models.CifarResNet(depth=20)",
         "classes": names,
         "start": "akamaster/pytorch_resnet_cifar10 resnet20-12fca82f.th (BSD-2-Clause, see LICENSE-resnet20.txt)",
+        "start_file": {"name": Path(args.weights).name, "sha256": start_sha},
         "command": "python tools/train_cifar10_resnet20.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "epochs": args.epochs,
         "lr": args.lr,
+        "swa_epochs": args.swa_epochs,
+        "swa_lr": args.swa_lr,
         "batch_size": args.batch_size,
         "train_data": {"file": "cifar10-train.tar.gz", "md5": file_md5(data / "cifar10-train.tar.gz"), "images": len(x_train)},
         "test_data": {"file": "cifar10-test.tar.gz", "md5": file_md5(data / "cifar10-test.tar.gz"), "images": len(x_test)},
-        "test_accuracy_pretrained": round(before, 4),
+        "test_accuracy_start": round(before, 4),
+        "test_accuracy_last_iterate": None if last_iterate is None else round(last_iterate, 4),
         "test_accuracy": round(after, 4),
         "train_seconds": round(train_seconds, 1),
         "threads": args.threads,
