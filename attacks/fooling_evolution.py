@@ -38,6 +38,7 @@ from torch import nn
 
 from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
+from guard.attacks.cppn_refine import refine_weights
 from guard.core.models import eval_mode
 from guard.core.validation import check_float, check_images, check_int, check_labels
 
@@ -167,6 +168,12 @@ class FoolingEvolution(Fooler):
             children that reached ``extra_threshold`` for their top class (positives for
             detectors, reject examples for hardening).
         extra_threshold: the confidence those children need (default: ``threshold``).
+        refine_every: CPPN only; 0 (the default, the paper) is pure evolution. With N > 0, every
+            N generations the elites of the classes still below the threshold get
+            ``refine_steps`` Adam steps (lr ``refine_lr``) on their connection weights
+            (:func:`attacks.cppn_refine.refine_weights`), and the refined genomes enter the
+            archive as children by the same rule (they replace an elite only where they beat
+            it): Lamarckian evolution. Their model calls are counted in ``refine_evaluations``.
         seed: seed of every random choice (torch, NumPy and the archive).
 
     Call ``evolver(model, shape=(1, 28, 28), classes=None)`` -> :class:`AttackResult` (``classes``:
@@ -195,6 +202,9 @@ class FoolingEvolution(Fooler):
         parent_selection: str = "uniform",
         extra_samples: int = 100,
         extra_threshold: float | None = None,
+        refine_every: int = 0,
+        refine_steps: int = 25,
+        refine_lr: float = 0.1,
         seed: int = 0,
     ) -> None:
         owner = type(self).__name__
@@ -219,6 +229,11 @@ class FoolingEvolution(Fooler):
         self.extra_samples = check_int(extra_samples, "extra_samples", owner, low=0)
         self.extra_threshold = self.threshold if extra_threshold is None else check_float(
             extra_threshold, "extra_threshold", owner, low=0.0, high=1.0, low_open=True)
+        self.refine_every = check_int(refine_every, "refine_every", owner, low=0)
+        if self.refine_every and encoding != "cppn":
+            raise ValueError(f"The 'refine_every' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}.")
+        self.refine_steps = check_int(refine_steps, "refine_steps", owner, low=1)
+        self.refine_lr = check_float(refine_lr, "refine_lr", owner, low=0.0, low_open=True)
         self.seed = check_int(seed, "seed", owner)
 
     def params(self) -> dict[str, Any]:
@@ -254,6 +269,7 @@ class FoolingEvolution(Fooler):
             history: list[dict[str, float]] = []
             all_fooled_at = -1
             g_done = 0
+            refine_evals = 0
             for g_idx in range(self.generations):
                 g_done = g_idx + 1
                 ids = None
@@ -278,19 +294,38 @@ class FoolingEvolution(Fooler):
                 # softmax over every output (a reject class too), one archive cell per wanted class
                 probs = F.softmax(model(x).float(), 1)[:, cls_dev]
                 archive.add(x, probs, ids)
+                children = [(x, probs)]
+                if cppn and self.refine_every and g_done % self.refine_every == 0:
+                    conf = archive.confidences()
+                    left = np.flatnonzero(np.isfinite(conf) & (conf < self.threshold))
+                    if left.size:
+                        el = archive.retrieve(left)
+                        kids, _ = refine_weights([genomes[int(i)] for i in el["genome_id"]], model, cls_dev[torch.from_numpy(left).to(device)],
+                                                 shape[1], shape[2], steps=self.refine_steps, lr=self.refine_lr,
+                                                 max_weight=self.rates.max_weight)
+                        rids = np.arange(next_id, next_id + len(kids))
+                        next_id += len(kids)
+                        for i, k in zip(rids, kids):
+                            genomes[int(i)] = k
+                        xr = render(kids, shape[1], shape[2], device=device)
+                        pr = F.softmax(model(xr).float(), 1)[:, cls_dev]
+                        archive.add(xr, pr, rids)
+                        children.append((xr, pr))
+                        refine_evals += len(kids) * (self.refine_steps + 2)
                 if cppn:
                     keep = {int(i) for i in archive.genome_ids()}
                     genomes = {i: genomes[i] for i in keep}
                 # Reservoir sample (seeded) of children at the threshold for their top class.
-                top_c, top_l = probs.max(1)
-                for j in (top_c >= self.extra_threshold).nonzero().flatten().tolist():
-                    seen += 1
-                    if len(pool_x) < self.extra_samples:
-                        pool_x.append(x[j].cpu()); pool_l.append(int(cls[top_l[j]])); pool_c.append(float(top_c[j]))
-                    elif self.extra_samples:
-                        r = int(rng.integers(seen))
-                        if r < self.extra_samples:
-                            pool_x[r], pool_l[r], pool_c[r] = x[j].cpu(), int(cls[top_l[j]]), float(top_c[j])
+                for xc, pc in children:
+                    top_c, top_l = pc.max(1)
+                    for j in (top_c >= self.extra_threshold).nonzero().flatten().tolist():
+                        seen += 1
+                        if len(pool_x) < self.extra_samples:
+                            pool_x.append(xc[j].cpu()); pool_l.append(int(cls[top_l[j]])); pool_c.append(float(top_c[j]))
+                        elif self.extra_samples:
+                            r = int(rng.integers(seen))
+                            if r < self.extra_samples:
+                                pool_x[r], pool_l[r], pool_c[r] = xc[j].cpu(), int(cls[top_l[j]]), float(top_c[j])
                 conf_now = archive.confidences()
                 filled = conf_now[np.isfinite(conf_now)]
                 n_fooled = int((conf_now >= self.threshold).sum())
@@ -326,6 +361,7 @@ class FoolingEvolution(Fooler):
             "generations": g_done,
             "generation_all_fooled": all_fooled_at,
             "evaluations": g_done * self.population,
+            "refine_evaluations": refine_evals,
             "seconds": seconds,
             "history": history,
             "threshold": self.threshold,

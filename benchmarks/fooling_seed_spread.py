@@ -8,6 +8,9 @@ last bits and an evolutionary search that is near its threshold can end one clas
 figure to quote is the spread over seeds.
 
     .venv/bin/python benchmarks/fooling_seed_spread.py --demo mnist --seeds 0 1 2 3 4 --json fooling_seeds.json
+
+``--set KEY=VALUE`` passes an option of the step (``AuditOptions.extra``), e.g. ``fooling_refine_every=0``
+for pure CPPN evolution (no Lamarckian refinement).
 """
 
 from __future__ import annotations
@@ -31,14 +34,21 @@ def main() -> int:
     p.add_argument("--demo", default="mnist")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--json", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an option of the step (a number)")
     args = p.parse_args()
+    options = {"fooling_transfer": False}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set takes KEY=VALUE; got {item!r}")
+        options[key] = float(value) if "." in value else int(value)
     model = guard.demo_model(args.demo, progress=False)
     train, test = guard.demo_data(args.demo)
     rows: dict[str, list[dict]] = {m: [] for m in METHODS}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as out:
             rep = run_audit(model, train, test, out, steps=[FoolingStep()], fail_fast=True,
-                            options=AuditOptions(seed=seed, progress=False, extra={"fooling_transfer": False}))
+                            options=AuditOptions(seed=seed, progress=False, extra=dict(options)))
         for m in METHODS:
             e = rep["attacks"][m]
             rows[m].append({"seed": seed, "classes": len(e["classes_fooled"]), "median_confidence": e["median_confidence"],
@@ -49,7 +59,7 @@ def main() -> int:
         print(f"{m:<18} classes reached: {c}  min {min(c)} median {statistics.median(c)} max {max(c)}; "
               f"seconds median {statistics.median(r['seconds'] for r in rows[m]):.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"demo": args.demo, "seeds": args.seeds, "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"demo": args.demo, "seeds": args.seeds, "options": options, "rows": rows}, indent=1))
     return 0
 
 

@@ -227,6 +227,25 @@ def test_audit_step_quick(tiny_model, demo_split, tmp_path):
         res = given.results[name]
         assert torch.equal(res.success, res.extras["confidence"] >= 0.9999)
         assert (tmp_path / "artifacts" / f"attack_{name}.safetensors").is_file()
+    cppn = ctx.report["attacks"]["fooling_cppn"]["params"]  # the audit's CPPN settings are on record
+    assert (cppn["refine_every"], cppn["refine_steps"], cppn["init_hidden"], cppn["rates"]["add_node"]) == (100, 100, 8, 0.3)
+    assert ctx.report["attacks"]["fooling_direct"]["params"]["refine_every"] == 0
+
+
+def test_audit_step_pure_cppn_evolution_on_request(tiny_model, demo_split, tmp_path):
+    from guard.audit import AuditContext, AuditOptions, step
+    from guard.core.data import Split
+
+    train, test = demo_split
+    opts = AuditOptions(quick=True, progress=False, extra={"fooling_refine_every": 0, "fooling_cppn_hidden": 2,
+                                                           "fooling_cppn_add_node": 0.15, "fooling_transfer": False,
+                                                           "fooling_generations": 3})
+    ctx = AuditContext(model=tiny_model, model_name="tiny", train=Split(train.x[:200], train.y[:200]), test=Split(test.x[:50], test.y[:50]),
+                       data_source="test", out=tmp_path, options=opts)
+    step("attacks_fooling").run(ctx)
+    e = ctx.report["attacks"]["fooling_cppn"]
+    assert (e["params"]["refine_every"], e["params"]["init_hidden"], e["params"]["rates"]["add_node"]) == (0, 2, 0.15)
+    assert e["refine_evaluations"] == 0 and e["generations"] == 3
 
 
 def test_fooling_gradient_in_chunks_equals_one_batch(tiny_model):
@@ -265,3 +284,54 @@ def test_audit_step_attacks_a_seeded_sample_of_many_classes(demo_split, tmp_path
         assert e["classes_attacked"] == 10 and set(e["classes_fooled"]) <= want
         assert set(given.results[name].extras["label"].tolist()) <= want
         assert e["success_rate"] == len(e["classes_fooled"]) / 10
+
+
+# -- Lamarckian refinement of CPPN weights -------------------------------------------------------
+
+def test_render_with_own_weights_is_render():
+    from guard.attacks.cppn import coordinate_grid
+    from guard.attacks.cppn_refine import render_with_weights
+    g = random_genome(3, rng=np.random.default_rng(4), hidden=4)
+    w = torch.tensor([c[2] for c in g.connections])
+    img = render_with_weights(g, coordinate_grid(9, 7), w).view(1, 3, 9, 7).clamp(0, 1)
+    torch.testing.assert_close(img, render(g, 9, 7))
+    with pytest.raises(ValueError, match="one per connection"):
+        render_with_weights(g, coordinate_grid(9, 7), w[:-1])
+
+
+def test_refine_weights_raises_the_target_and_never_loses():
+    from guard.attacks.cppn_refine import refine_weights
+    model = Brightness(w=4.0)  # soft: p(bright) moves smoothly with the mean pixel
+    rng = np.random.default_rng(0)
+    genomes = [random_genome(1, rng=rng, hidden=2) for _ in range(4)]
+    targets = torch.tensor([1, 0, 1, 0])
+    with torch.no_grad():
+        lp0 = F.log_softmax(model(render(genomes, 6)), 1).gather(1, targets[:, None]).squeeze(1)
+    new, lp = refine_weights(genomes, model, targets, 6, 6, steps=30, lr=0.2, max_weight=8.0)
+    with torch.no_grad():
+        lp1 = F.log_softmax(model(render(new, 6)), 1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(lp1, lp, atol=1e-5, rtol=0)  # the returned figure is the refined genome's own
+    _, lo = refine_weights(genomes, model, targets, 6, 6, steps=30, lr=0.2, objective="log_odds")
+    assert bool((lo > torch.log(-torch.expm1(lp0)).neg() + lp0).all())  # log-odds rose above the start's too
+    with pytest.raises(ValueError, match="objective"):
+        refine_weights(genomes, model, targets, 6, 6, objective="margin")
+    assert bool((lp1 >= lp0 - 1e-6).all()) and float((lp1 - lp0).min()) > 0.05  # every genome gained
+    assert model.w.grad is None  # the model's parameters are left alone
+    for g0, g1 in zip(genomes, new):
+        assert g1.order == g0.order and [c[:2] for c in g1.connections] == [c[:2] for c in g0.connections]
+        assert max(abs(c[2]) for c in g1.connections) <= 8.0
+    m = render(new, 6).flatten(1).mean(1)  # bright for class 1, dark for class 0
+    assert float(m[0]) > 0.5 and float(m[2]) > 0.5 and float(m[1]) < 0.5 and float(m[3]) < 0.5
+
+
+def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
+    model = Brightness(w=9.5)  # needs |mean - 1/2| >= 0.485: near-saturated sigmoids, slow for mutation alone
+    for seed in (0, 1, 2):
+        kw = dict(encoding="cppn", population=2, generations=300, extra_samples=0, seed=seed)
+        pure = FoolingEvolution(**kw)(model, shape=(1, 6, 6)).extras
+        lam = FoolingEvolution(**kw, refine_every=5, refine_steps=20, refine_lr=0.3)(model, shape=(1, 6, 6)).extras
+        assert pure["refine_evaluations"] == 0 and lam["refine_evaluations"] > 0
+        assert 0 < lam["generation_all_fooled"] <= 5 < pure["generation_all_fooled"]  # the first refinement does it
+        assert bool((lam["elite_confidence"] >= 0.9999).all())
+    with pytest.raises(ValueError, match="encoding='cppn'"):
+        FoolingEvolution(encoding="direct", refine_every=5)

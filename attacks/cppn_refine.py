@@ -1,0 +1,123 @@
+"""Lamarckian refinement of CPPN genomes: gradient steps on a genome's connection weights.
+
+A CPPN (:mod:`attacks.cppn`) is a differentiable function of its connection weights, so a few
+Adam steps on ``log p_target`` of the rendered image move a genome that evolution brought near
+the threshold over it, and the refined weights are written back into the genome (Lamarckian
+inheritance: the children of a refined elite inherit what the gradient learned). The topology is
+untouched; weights stay within ``[-max_weight, max_weight]`` as mutation keeps them.
+
+Not in Nguyen et al. 2015 (pure evolution); :class:`attacks.fooling_evolution.FoolingEvolution`
+uses it only with ``refine_every > 0`` and records it in its parameters, so a pure-evolution
+figure and a refined one are never confused. The model's parameters get no ``.grad`` (the
+gradient is taken with ``torch.autograd.grad`` with respect to the weights only).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guard.attacks.cppn import NUM_INPUTS, Genome, _activate, coordinate_grid
+from guard.core.validation import check_float, check_int
+
+__all__ = ["render_with_weights", "refine_weights"]
+
+
+def render_with_weights(g: Genome, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(C, H*W) image of ``g`` with its connection weights replaced by ``weights`` (differentiable)."""
+    if weights.shape != (len(g.connections),):
+        raise ValueError(f"weights must have shape ({len(g.connections)},), one per connection; got {tuple(weights.shape)}.")
+    values: dict[int, torch.Tensor] = {i: grid[i] for i in range(NUM_INPUTS)}
+    incoming: dict[int, list[tuple[int, int]]] = {}
+    for j, (a, b, _) in enumerate(g.connections):
+        incoming.setdefault(int(b), []).append((int(a), j))
+    zero = torch.zeros_like(grid[0])
+    for n in g.order[NUM_INPUTS:]:
+        ins = incoming.get(n)
+        s = zero
+        if ins:
+            s = values[ins[0][0]] * weights[ins[0][1]]
+            for a, j in ins[1:]:
+                s = s + values[a] * weights[j]
+        values[n] = _activate(g.activations[n], s)
+    return torch.stack([values[o] for o in g.outputs()])
+
+
+def refine_weights(
+    genomes: Sequence[Genome],
+    model: nn.Module,
+    targets: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    steps: int = 25,
+    lr: float = 0.1,
+    max_weight: float = 8.0,
+    objective: str = "log_prob",
+) -> tuple[list[Genome], torch.Tensor]:
+    """Adam on each genome's weights to raise the target class's confidence in ``model(render(g))``.
+
+    ``objective="log_prob"`` (default) ascends ``log p_t``; ``"log_odds"`` ascends
+    ``log p_t - log(1 - p_t) = z_t - logsumexp_{j != t} z_j``, whose gradient does not vanish as
+    ``p_t`` nears 1. Both are monotone in ``p_t``. On CIFAR-10 (10 elites after 300 generations,
+    100 steps at lr 0.1) neither won: 4 of 10 at 99.99% both ways, log-odds higher on 3 classes
+    and lower on 2; the default is the one the audit's settings were chosen with.
+
+    Returns copies of the genomes holding, for each, the best weights seen (the starting ones
+    count, so a genome never gets worse by this model's softmax), and that best objective.
+    ``model`` must already be in eval mode.
+    """
+    genomes = list(genomes)
+    if not genomes:
+        raise ValueError("genomes must hold at least one Genome; got an empty sequence.")
+    steps = check_int(steps, "steps", "refine_weights", low=1)
+    lr = check_float(lr, "lr", "refine_weights", low=0.0, low_open=True)
+    max_weight = check_float(max_weight, "max_weight", "refine_weights", low=0.0, low_open=True)
+    if objective not in ("log_odds", "log_prob"):
+        raise ValueError(f"objective must be 'log_odds' or 'log_prob'; got {objective!r}.")
+    if targets.shape != (len(genomes),):
+        raise ValueError(f"targets must have shape ({len(genomes)},), one class per genome; got {tuple(targets.shape)}.")
+    device = targets.device
+    channels = genomes[0].channels
+    grid = coordinate_grid(height, width, device=device)
+    ws = [torch.tensor([float(c[2]) for c in g.connections], dtype=torch.float32, device=device).requires_grad_(bool(g.connections))
+          for g in genomes]
+    live = [w for w in ws if w.requires_grad]
+    opt = torch.optim.Adam(live, lr=lr) if live else None
+    best_w = [w.detach().clone() for w in ws]
+    best_lp = torch.full((len(genomes),), -float("inf"), device=device)
+    with torch.enable_grad():
+        for step in range(steps + 1):
+            x = torch.stack([render_with_weights(g, grid, w) for g, w in zip(genomes, ws)])
+            x = x.view(len(genomes), channels, height, width).clamp(0.0, 1.0)
+            z = model(x).float()
+            if objective == "log_prob":
+                lp = F.log_softmax(z, 1).gather(1, targets[:, None]).squeeze(1)
+            else:
+                others = z.masked_fill(F.one_hot(targets, z.shape[1]).bool(), float("-inf"))
+                lp = z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(others, 1)
+            better = lp.detach() > best_lp
+            for i in better.nonzero().flatten().tolist():
+                best_w[i] = ws[i].detach().clone()
+            best_lp = torch.where(better, lp.detach(), best_lp)
+            if step == steps or opt is None:
+                break
+            grads = torch.autograd.grad(-lp.sum(), live, allow_unused=True)
+            opt.zero_grad(set_to_none=True)
+            for w, gr in zip(live, grads):
+                w.grad = torch.zeros_like(w) if gr is None else gr
+            opt.step()
+            with torch.no_grad():
+                for w in live:
+                    w.clamp_(-max_weight, max_weight)
+    out = []
+    for g, w in zip(genomes, best_w):
+        new = copy.deepcopy(g)
+        for c, v in zip(new.connections, w.tolist()):
+            c[2] = float(v)
+        out.append(new)
+    return out, best_lp
