@@ -182,11 +182,12 @@ def coordinate_grid(height: int, width: int, *, device: torch.device | str = "cp
     return torch.stack([xx.flatten(), yy.flatten(), r.flatten(), torch.ones_like(r).flatten()])
 
 
-def _render_one(g: Genome, grid: torch.Tensor) -> torch.Tensor:
+def _render_one(g: Genome, grid: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, H*W) image of ``g``; ``weights`` (one per connection, differentiable) replaces its own."""
     values: dict[int, torch.Tensor] = {i: grid[i] for i in range(NUM_INPUTS)}
-    incoming: dict[int, list[tuple[int, float]]] = {}
-    for a, b, w in g.connections:
-        incoming.setdefault(int(b), []).append((int(a), float(w)))
+    incoming: dict[int, list[tuple[int, Any]]] = {}
+    for j, (a, b, w) in enumerate(g.connections):
+        incoming.setdefault(int(b), []).append((int(a), float(w) if weights is None else weights[j]))
     zero = torch.zeros_like(grid[0])
     for n in g.order[NUM_INPUTS:]:
         ins = incoming.get(n)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.cppn import NUM_INPUTS, Genome, _activate, coordinate_grid
+from guard.attacks.cppn import Genome, _render_one, coordinate_grid
 from guard.core.validation import check_float, check_int
 
 __all__ = ["render_with_weights", "refine_weights"]
@@ -31,20 +31,7 @@ def render_with_weights(g: Genome, grid: torch.Tensor, weights: torch.Tensor) ->
     """(C, H*W) image of ``g`` with its connection weights replaced by ``weights`` (differentiable)."""
     if weights.shape != (len(g.connections),):
         raise ValueError(f"weights must have shape ({len(g.connections)},), one per connection; got {tuple(weights.shape)}.")
-    values: dict[int, torch.Tensor] = {i: grid[i] for i in range(NUM_INPUTS)}
-    incoming: dict[int, list[tuple[int, int]]] = {}
-    for j, (a, b, _) in enumerate(g.connections):
-        incoming.setdefault(int(b), []).append((int(a), j))
-    zero = torch.zeros_like(grid[0])
-    for n in g.order[NUM_INPUTS:]:
-        ins = incoming.get(n)
-        s = zero
-        if ins:
-            s = values[ins[0][0]] * weights[ins[0][1]]
-            for a, j in ins[1:]:
-                s = s + values[a] * weights[j]
-        values[n] = _activate(g.activations[n], s)
-    return torch.stack([values[o] for o in g.outputs()])
+    return _render_one(g, grid, weights)
 
 
 def refine_weights(
