@@ -25,7 +25,7 @@ import torch
 
 from guard.core.validation import check_float, check_int
 
-__all__ = ["ACTIVATIONS", "Genome", "MutationRates", "random_genome", "mutate", "render", "coordinate_grid"]
+__all__ = ["ACTIVATIONS", "Genome", "MutationRates", "random_genome", "complete_connections", "mutate", "render", "coordinate_grid"]
 
 ACTIVATIONS = ("sine", "sigmoid", "gaussian", "linear")
 NUM_INPUTS = 4  # x, y, r, bias
@@ -112,9 +112,19 @@ class MutationRates:
         check_float(self.max_weight, "max_weight", "MutationRates", low=0.0, low_open=True)
 
 
-def random_genome(channels: int = 1, *, rng: np.random.Generator, hidden: int = 0) -> Genome:
-    """Inputs fully connected to the outputs with N(0, 1) weights, then ``hidden`` add-node mutations."""
+def random_genome(channels: int = 1, *, rng: np.random.Generator, hidden: int = 0, connections: int = 0) -> Genome:
+    """Inputs fully connected to the outputs with N(0, 1) weights, then ``hidden`` add-node mutations,
+    then ``connections`` add-connection mutations (fewer where the DAG has no free pair left).
+
+    Extra connections help gradient refinement of a genome (:mod:`attacks.cppn_refine`): on the
+    CIFAR-10 demo model, 8 random genomes with 8 hidden nodes reach at best 0.9990 for "dog"
+    after 300 Adam steps (lr 0.1; 0.99925 after 4 x 500), and with 40 more connections 0.99999
+    after 400 steps (lr 0.05, log-odds). Inside MAP-Elites with refinement they did not raise
+    the classes at 99.99% over seeds (BENCHMARKS.md, "CPPN fooling images on CIFAR-10").
+    """
     channels = check_int(channels, "channels", "random_genome", low=1)
+    hidden = check_int(hidden, "hidden", "random_genome", low=0)
+    connections = check_int(connections, "connections", "random_genome", low=0)
     acts = {i: "linear" for i in range(NUM_INPUTS)}
     acts.update({o: "sigmoid" for o in range(NUM_INPUTS, NUM_INPUTS + channels)})
     conns = [[i, o, float(rng.normal())] for i in range(NUM_INPUTS) for o in range(NUM_INPUTS, NUM_INPUTS + channels)]
@@ -122,6 +132,8 @@ def random_genome(channels: int = 1, *, rng: np.random.Generator, hidden: int = 
                next_id=NUM_INPUTS + channels)
     for _ in range(hidden):
         _add_node(g, rng)
+    for _ in range(connections):
+        _add_connection(g, rng)
     return g
 
 
@@ -149,6 +161,23 @@ def _add_connection(g: Genome, rng: np.random.Generator) -> None:
         return
     a, b = cands[int(rng.integers(len(cands)))]
     g.connections.append([a, b, float(rng.normal())])
+
+
+def complete_connections(genome: Genome) -> Genome:
+    """A copy with every missing forward connection added at weight 0: the same image, more edges.
+
+    Node order stays, so the graph stays acyclic; outputs get no outgoing edges. A zero weight
+    changes nothing in :func:`render`, so this is a function-preserving growth step: what
+    :func:`attacks.cppn_refine.refine_weights` (``grow=True``) does before its gradient steps, so
+    that the gradient can use edges evolution has not found yet.
+    """
+    g = copy.deepcopy(genome)
+    pos = {n: i for i, n in enumerate(g.order)}
+    outs = set(g.outputs())
+    have = {(int(a), int(b)) for a, b, _ in g.connections}
+    g.connections.extend([int(a), int(b), 0.0] for a in g.order if a not in outs for b in g.order
+                         if b >= NUM_INPUTS and pos[a] < pos[b] and (a, b) not in have)
+    return g
 
 
 def mutate(genome: Genome, rng: np.random.Generator, rates: MutationRates = MutationRates()) -> Genome:

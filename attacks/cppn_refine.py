@@ -4,7 +4,8 @@ A CPPN (:mod:`attacks.cppn`) is a differentiable function of its connection weig
 Adam steps on ``log p_target`` of the rendered image move a genome that evolution brought near
 the threshold over it, and the refined weights are written back into the genome (Lamarckian
 inheritance: the children of a refined elite inherit what the gradient learned). The topology is
-untouched; weights stay within ``[-max_weight, max_weight]`` as mutation keeps them.
+untouched (``grow=True``
+adds zero-weight edges between existing nodes first, never nodes); weights stay within ``[-max_weight, max_weight]`` as mutation keeps them.
 
 Not in Nguyen et al. 2015 (pure evolution); :class:`attacks.fooling_evolution.FoolingEvolution`
 uses it only with ``refine_every > 0`` and records it in its parameters, so a pure-evolution
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.cppn import Genome, _render_one, coordinate_grid
+from guard.attacks.cppn import Genome, _render_one, complete_connections, coordinate_grid
 from guard.core.validation import check_float, check_int
 
 __all__ = ["render_with_weights", "refine_weights"]
@@ -45,6 +46,7 @@ def refine_weights(
     lr: float = 0.1,
     max_weight: float = 8.0,
     objective: str = "log_prob",
+    grow: bool = False,
 ) -> tuple[list[Genome], torch.Tensor]:
     """Adam on each genome's weights to raise the target class's confidence in ``model(render(g))``.
 
@@ -53,6 +55,12 @@ def refine_weights(
     ``p_t`` nears 1. Both are monotone in ``p_t``. On CIFAR-10 (10 elites after 300 generations,
     100 steps at lr 0.1) neither won: 4 of 10 at 99.99% both ways, log-odds higher on 3 classes
     and lower on 2; the default is the one the audit's settings were chosen with.
+
+    ``grow=True`` first gives each genome every forward connection it lacks, at weight 0
+    (:func:`attacks.cppn.complete_connections`: the image is unchanged), so the steps can use
+    edges that evolution has not found; the topology's nodes stay as they are. On the CIFAR-10
+    demo model, 100 steps from 8 random genomes with 8 hidden nodes (20 connections, 88 when
+    completed) raised the best "horse" confidence from 0.53 to 0.97 and "deer" from 0.95 to 0.985.
 
     Returns copies of the genomes holding, for each, the best weights seen (the starting ones
     count, so a genome never gets worse by this model's softmax), and that best objective.
@@ -68,6 +76,8 @@ def refine_weights(
         raise ValueError(f"objective must be 'log_odds' or 'log_prob'; got {objective!r}.")
     if targets.shape != (len(genomes),):
         raise ValueError(f"targets must have shape ({len(genomes)},), one class per genome; got {tuple(targets.shape)}.")
+    if grow:
+        genomes = [complete_connections(g) for g in genomes]
     device = targets.device
     channels = genomes[0].channels
     grid = coordinate_grid(height, width, device=device)

@@ -160,6 +160,8 @@ class FoolingEvolution(Fooler):
             polynomial-mutation strength, generations between halvings of the rate).
         rates: CPPN mutation probabilities.
         init_hidden: add-node mutations applied to each initial CPPN.
+        init_connections: add-connection mutations applied to each initial CPPN after those
+            (0, the default, as in the paper; denser CPPNs are what gradient refinement needs).
         parent_selection: ``"uniform"`` (the paper: parents drawn uniformly from all elites) or
             ``"unfooled"`` (uniformly from the elites still below the threshold, all elites once
             every class is fooled; not in the paper: it spends the children on the classes
@@ -174,6 +176,8 @@ class FoolingEvolution(Fooler):
             (:func:`attacks.cppn_refine.refine_weights`), and the refined genomes enter the
             archive as children by the same rule (they replace an elite only where they beat
             it): Lamarckian evolution. Their model calls are counted in ``refine_evaluations``.
+            ``refine_grow=True`` completes each refined genome's connections first (zero
+            weights, the same image; ``refine_weights(grow=True)``).
         seed: seed of every random choice (torch, NumPy and the archive).
 
     Call ``evolver(model, shape=(1, 28, 28), classes=None)`` -> :class:`AttackResult` (``classes``:
@@ -199,12 +203,14 @@ class FoolingEvolution(Fooler):
         rate_halving: int = 1000,
         rates: MutationRates = MutationRates(),
         init_hidden: int = 2,
+        init_connections: int = 0,
         parent_selection: str = "uniform",
         extra_samples: int = 100,
         extra_threshold: float | None = None,
         refine_every: int = 0,
         refine_steps: int = 25,
         refine_lr: float = 0.1,
+        refine_grow: bool = False,
         seed: int = 0,
     ) -> None:
         owner = type(self).__name__
@@ -223,6 +229,9 @@ class FoolingEvolution(Fooler):
             raise TypeError(f"The 'rates' parameter of {owner} must be a MutationRates. Got {type(rates).__name__}.")
         self.rates = rates
         self.init_hidden = check_int(init_hidden, "init_hidden", owner, low=0)
+        self.init_connections = check_int(init_connections, "init_connections", owner, low=0)
+        if self.init_connections and encoding != "cppn":
+            raise ValueError(f"The 'init_connections' parameter of {owner} shapes initial CPPNs; it needs encoding='cppn', got {encoding!r}.")
         if parent_selection not in ("uniform", "unfooled"):
             raise ValueError(f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. Got {parent_selection!r}.")
         self.parent_selection = parent_selection
@@ -234,6 +243,9 @@ class FoolingEvolution(Fooler):
             raise ValueError(f"The 'refine_every' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}.")
         self.refine_steps = check_int(refine_steps, "refine_steps", owner, low=1)
         self.refine_lr = check_float(refine_lr, "refine_lr", owner, low=0.0, low_open=True)
+        if not isinstance(refine_grow, bool):
+            raise TypeError(f"The 'refine_grow' parameter of {owner} must be a bool. Got {type(refine_grow).__name__}.")
+        self.refine_grow = refine_grow
         self.seed = check_int(seed, "seed", owner)
 
     def params(self) -> dict[str, Any]:
@@ -276,7 +288,7 @@ class FoolingEvolution(Fooler):
                 parents = self._parents(archive, rng) if len(archive) else None
                 if cppn:
                     if parents is None:
-                        kids = [random_genome(shape[0], rng=rng, hidden=self.init_hidden) for _ in range(self.population)]
+                        kids = [random_genome(shape[0], rng=rng, hidden=self.init_hidden, connections=self.init_connections) for _ in range(self.population)]
                     else:
                         kids = [mutate(genomes[int(i)], rng, self.rates) for i in parents["genome_id"]]
                     ids = np.arange(next_id, next_id + len(kids))
@@ -302,7 +314,7 @@ class FoolingEvolution(Fooler):
                         el = archive.retrieve(left)
                         kids, _ = refine_weights([genomes[int(i)] for i in el["genome_id"]], model, cls_dev[torch.from_numpy(left).to(device)],
                                                  shape[1], shape[2], steps=self.refine_steps, lr=self.refine_lr,
-                                                 max_weight=self.rates.max_weight)
+                                                 max_weight=self.rates.max_weight, grow=self.refine_grow)
                         rids = np.arange(next_id, next_id + len(kids))
                         next_id += len(kids)
                         for i, k in zip(rids, kids):

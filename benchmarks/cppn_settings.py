@@ -34,18 +34,22 @@ def main() -> int:
     p.add_argument("--population", type=int, default=30)
     p.add_argument("--generations", type=int, default=1500)
     p.add_argument("--hidden", type=int, default=8, help="add-node mutations on each initial CPPN")
+    p.add_argument("--connections", type=int, default=0, help="add-connection mutations on each initial CPPN")
     p.add_argument("--add-node", type=float, default=0.3)
     p.add_argument("--refine-every", type=int, default=100, help="0: pure evolution")
     p.add_argument("--refine-steps", type=int, default=100)
+    p.add_argument("--refine-grow", action="store_true", help="complete the refined genomes' connections first (zero weights)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = guard.demo_model(args.demo, progress=False)
     shape = tuple(guard.demo_data(args.demo)[1].x.shape[1:])
     t = time.perf_counter()
-    refine = {"refine_every": args.refine_every, "refine_steps": args.refine_steps} if args.refine_every else {}
+    refine = ({"refine_every": args.refine_every, "refine_steps": args.refine_steps, "refine_grow": args.refine_grow}
+              if args.refine_every else {})
     res = FoolingEvolution(encoding="cppn", population=args.population, generations=args.generations, threshold=0.9999,
                            extra_samples=0, parent_selection="unfooled", init_hidden=args.hidden,
+                           init_connections=args.connections,
                            rates=MutationRates(add_node=args.add_node), seed=args.seed, **refine)(model, shape=shape)
     ex = res.extras
     conf = ex["elite_confidence"].numpy()

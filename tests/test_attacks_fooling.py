@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.cppn import ACTIVATIONS, Genome, MutationRates, mutate, random_genome, render
+from guard.attacks.cppn import ACTIVATIONS, Genome, MutationRates, _add_connection, complete_connections, mutate, random_genome, render
 from guard.attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial_mutation, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 
@@ -64,6 +64,24 @@ def test_cppn_seeded_and_mutation_leaves_parent():
     assert set(child.activations.values()) <= set(ACTIVATIONS)
     back = Genome.from_dict(child.to_dict())
     assert torch.equal(render(back, 20), render(child, 20))
+
+
+def test_random_genome_extra_connections_stay_acyclic_and_new():
+    rng = np.random.default_rng(3)
+    base = random_genome(3, rng=np.random.default_rng(3), hidden=6)
+    g = random_genome(3, rng=rng, hidden=6, connections=25)
+    g.validate()
+    pairs = [(int(a), int(b)) for a, b, _ in g.connections]
+    assert len(pairs) == len(set(pairs))  # no connection twice
+    assert g.order == base.order and len(pairs) == len(base.connections) + 25  # same nodes, 25 more edges
+    pos = {n: i for i, n in enumerate(g.order)}
+    assert all(pos[a] < pos[b] for a, b in pairs)
+    # a DAG over 4 inputs, 1 hidden node and 1 output has 4 + 4 + 1 = 9 forward pairs: the request is capped there
+    full = random_genome(1, rng=np.random.default_rng(0), hidden=1, connections=50)
+    assert len(full.connections) == 9
+    assert torch.equal(render(full, 8), render(Genome.from_dict(full.to_dict()), 8))
+    with pytest.raises(ValueError, match="connections"):
+        random_genome(1, rng=rng, connections=-1)
 
 
 def test_cppn_errors():
@@ -324,6 +342,37 @@ def test_refine_weights_raises_the_target_and_never_loses():
     assert float(m[0]) > 0.5 and float(m[2]) > 0.5 and float(m[1]) < 0.5 and float(m[3]) < 0.5
 
 
+def test_complete_connections_keeps_the_image_and_grown_refinement_uses_the_new_edges():
+    from guard.attacks.cppn_refine import refine_weights
+    g = random_genome(3, rng=np.random.default_rng(2), hidden=3)
+    full = complete_connections(g)
+    pairs = [(int(a), int(b)) for a, b, _ in full.connections]
+    assert len(pairs) == len(set(pairs))  # every pair once
+    more = Genome.from_dict(full.to_dict())
+    _add_connection(more, np.random.default_rng(0))
+    assert more.connections == full.connections  # the mutation finds no forward pair left to add
+    assert full.order == g.order and len(g.connections) < len(full.connections)
+    assert torch.equal(render(full, 12), render(g, 12))  # zero weights: the same image
+    assert complete_connections(full).connections == full.connections  # nothing left to add
+    model = Brightness(w=4.0)
+    rng = np.random.default_rng(0)
+    genomes = [random_genome(1, rng=rng, hidden=2) for _ in range(3)]
+    targets = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        lp0 = F.log_softmax(model(render(genomes, 6)), 1).gather(1, targets[:, None]).squeeze(1)
+    grown, lp = refine_weights(genomes, model, targets, 6, 6, steps=20, lr=0.2, grow=True)
+    assert bool((lp > lp0 + 0.05).all())
+    for g0, g1 in zip(genomes, grown):
+        assert g1.order == g0.order and len(g1.connections) == len(complete_connections(g0).connections)
+        new_edges = [c for c in g1.connections if (c[0], c[1]) not in {(a, b) for a, b, _ in g0.connections}]
+        assert any(abs(c[2]) > 1e-3 for c in new_edges)  # the gradient moved the added edges off zero
+    evo = FoolingEvolution(encoding="cppn", population=2, generations=5, extra_samples=0, refine_every=5, refine_steps=3,
+                           refine_grow=True, seed=0)
+    assert evo.params()["refine_grow"] is True
+    with pytest.raises(TypeError, match="refine_grow"):
+        FoolingEvolution(encoding="cppn", refine_grow="yes")  # type: ignore[arg-type]
+
+
 def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
     model = Brightness(w=9.5)  # needs |mean - 1/2| >= 0.485: near-saturated sigmoids, slow for mutation alone
     for seed in (0, 1, 2):
@@ -335,3 +384,11 @@ def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
         assert bool((lam["elite_confidence"] >= 0.9999).all())
     with pytest.raises(ValueError, match="encoding='cppn'"):
         FoolingEvolution(encoding="direct", refine_every=5)
+    with pytest.raises(ValueError, match="init_connections"):
+        FoolingEvolution(encoding="direct", init_connections=5)
+    dense = FoolingEvolution(encoding="cppn", population=3, generations=1, extra_samples=0, init_connections=12, seed=0)
+    genomes = dense(model, shape=(1, 6, 6)).extras["genomes"]
+    assert dense.params()["init_connections"] == 12
+    # 2 hidden nodes leave 15 forward pairs (4 inputs x 3 later nodes, hidden->hidden, 2 hidden->output);
+    # the 6 connections after the splits plus 12 requested exceed that, so every initial CPPN is complete
+    assert [len(g["connections"]) for g in genomes] == [15] * len(genomes)
