@@ -151,12 +151,17 @@ def _add_node(g: Genome, rng: np.random.Generator) -> None:
     g.connections.append([new, int(b), float(w)])
 
 
-def _add_connection(g: Genome, rng: np.random.Generator) -> None:
+def _free_pairs(g: Genome) -> list[tuple[int, int]]:
+    """Every (src, dst) a new connection may take: src not an output, dst not an input, src earlier, not present."""
     pos = {n: i for i, n in enumerate(g.order)}
     existing = {(int(a), int(b)) for a, b, _ in g.connections}
     outs = set(g.outputs())
-    cands = [(a, b) for a in g.order if a not in outs for b in g.order
-             if b >= NUM_INPUTS and pos[a] < pos[b] and (a, b) not in existing]
+    return [(a, b) for a in g.order if a not in outs for b in g.order
+            if b >= NUM_INPUTS and pos[a] < pos[b] and (a, b) not in existing]
+
+
+def _add_connection(g: Genome, rng: np.random.Generator) -> None:
+    cands = _free_pairs(g)
     if not cands:
         return
     a, b = cands[int(rng.integers(len(cands)))]
@@ -172,11 +177,7 @@ def complete_connections(genome: Genome) -> Genome:
     that the gradient can use edges evolution has not found yet.
     """
     g = copy.deepcopy(genome)
-    pos = {n: i for i, n in enumerate(g.order)}
-    outs = set(g.outputs())
-    have = {(int(a), int(b)) for a, b, _ in g.connections}
-    g.connections.extend([int(a), int(b), 0.0] for a in g.order if a not in outs for b in g.order
-                         if b >= NUM_INPUTS and pos[a] < pos[b] and (a, b) not in have)
+    g.connections.extend([int(a), int(b), 0.0] for a, b in _free_pairs(g))
     return g
 
 

@@ -4,8 +4,8 @@ A CPPN (:mod:`attacks.cppn`) is a differentiable function of its connection weig
 Adam steps on ``log p_target`` of the rendered image move a genome that evolution brought near
 the threshold over it, and the refined weights are written back into the genome (Lamarckian
 inheritance: the children of a refined elite inherit what the gradient learned). The topology is
-untouched (``grow=True``
-adds zero-weight edges between existing nodes first, never nodes); weights stay within ``[-max_weight, max_weight]`` as mutation keeps them.
+untouched (``grow=True`` first adds zero-weight edges between the existing nodes, never nodes);
+weights stay within ``[-max_weight, max_weight]`` as mutation keeps them.
 
 Not in Nguyen et al. 2015 (pure evolution); :class:`attacks.fooling_evolution.FoolingEvolution`
 uses it only with ``refine_every > 0`` and records it in its parameters, so a pure-evolution

@@ -245,6 +245,8 @@ class FoolingEvolution(Fooler):
         self.refine_lr = check_float(refine_lr, "refine_lr", owner, low=0.0, low_open=True)
         if not isinstance(refine_grow, bool):
             raise TypeError(f"The 'refine_grow' parameter of {owner} must be a bool. Got {type(refine_grow).__name__}.")
+        if refine_grow and not self.refine_every:
+            raise ValueError(f"The 'refine_grow' parameter of {owner} changes refinement; it needs refine_every > 0, got {self.refine_every}.")
         self.refine_grow = refine_grow
         self.seed = check_int(seed, "seed", owner)
 

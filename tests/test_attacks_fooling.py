@@ -371,6 +371,8 @@ def test_complete_connections_keeps_the_image_and_grown_refinement_uses_the_new_
     assert evo.params()["refine_grow"] is True
     with pytest.raises(TypeError, match="refine_grow"):
         FoolingEvolution(encoding="cppn", refine_grow="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="refine_every > 0"):
+        FoolingEvolution(encoding="cppn", refine_grow=True)  # would be silently ignored
 
 
 def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
