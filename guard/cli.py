@@ -243,6 +243,10 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--online-fooling-steps", type=int, default=d.online_fooling_steps, metavar="K",
                    help="also train on fresh gradient-ascent fooling images (K steps) in every batch (default 0: off)")
+    p.add_argument("--trainable", default=None, metavar="NAMES",
+                   help="comma-separated dotted module names to fine-tune besides the head ('' = the head only; default: everything)")
+    p.add_argument("--freeze-known-classes", action="store_true",
+                   help="keep the head's rows for the known classes; only the reject row learns (for data that lacks some classes)")
     p.add_argument("--out", default="out-harden", metavar="DIR")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -267,7 +271,8 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
                           batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
                           budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,
-                          online_fooling_steps=args.online_fooling_steps)
+                          online_fooling_steps=args.online_fooling_steps, freeze_known_classes=args.freeze_known_classes,
+                          trainable=None if args.trainable is None else tuple(t.strip() for t in args.trainable.split(",") if t.strip()))
     out = Path(args.out)
     created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
     rank, size = world()

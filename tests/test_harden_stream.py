@@ -182,9 +182,12 @@ def test_bad_streams_are_refused_naming_the_argument(tiny_model, split, monkeypa
         harden(tiny_model, DataLoader(_ds(train), batch_size=64), **KW)
 
 
-def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(tmp_path, tiny_model, split, monkeypatch) -> None:
+@pytest.mark.parametrize("flags, kwargs", [([], {}), (["--trainable", "", "--freeze-known-classes"], {"trainable": (), "freeze_known_classes": True})],
+                         ids=["defaults", "reject-row-only"])
+def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(tmp_path, tiny_model, split, monkeypatch, flags, kwargs) -> None:
     """``guard harden --model M --data DIR``: the folder is streamed (load_data is never called) and
-    the hardened model equals harden on the same seeded 80/20 split loaded as tensors."""
+    the hardened model equals harden on the same seeded 80/20 split loaded as tensors, with the
+    fine-tuning flags passed through to HardenConfig."""
     from guard.cli import main
 
     train, _ = split
@@ -202,12 +205,15 @@ def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(tmp_path, 
     loaded = guard.load_data(tmp_path / "data", grayscale=True)
     monkeypatch.setattr("guard.load_data", lambda *a, **k: pytest.fail("guard harden loaded the folder whole"))
     argv = ["harden", "--model", "tinynet:build", "--data", "data", "--grayscale", "--rounds", "1", "--epochs-per-round", "1",
-            "--attacks", "fooling_gradient", "--budget", "quick", "--batch-size", "16", "--seed", "2", "--out", "o", "-q"]
+            "--attacks", "fooling_gradient", "--budget", "quick", "--batch-size", "16", "--seed", "2", "--out", "o", "-q", *flags]
     assert main(argv) == 0
     cli_model = guard.RejectClassifier.load(tmp_path / "o" / "hardened_model.safetensors", tiny_model)
     perm = torch.randperm(60, generator=torch.Generator().manual_seed(2))
     tr, te = guard.Split(loaded.x[perm[:48]], loaded.y[perm[:48]]), guard.Split(loaded.x[perm[48:]], loaded.y[perm[48:]])
     ref = harden(tiny_model, tr, test=te, rounds=1, epochs_per_round=1, attacks=("fooling_gradient",), budget=AttackBudget.quick(),
-                 batch_size=16, seed=2, progress=False)
+                 batch_size=16, seed=2, progress=False, **kwargs)
     sa, sb = cli_model.state_dict(), ref.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sb)
+    if kwargs:  # only the reject row learned
+        with torch.no_grad():
+            assert torch.equal(cli_model.model(loaded.x[:8])[:, :10], tiny_model(loaded.x[:8]))

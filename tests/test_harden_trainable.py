@@ -69,3 +69,22 @@ def test_budget_population_sets_the_evolution_children_per_generation():
     assert round_attack_table(AttackBudget(per_class=2), num_classes=1000, seed=0)["fooling_cppn"].population == 2000
     with pytest.raises(ValueError, match="'population' parameter of AttackBudget"):
         round_attack_table(AttackBudget(population=0), num_classes=10, seed=0)
+
+
+def test_freeze_known_classes_keeps_the_known_logits_and_trains_the_reject_row(data):
+    net = _net()
+    res = harden(net, data, trainable=(), freeze_known_classes=True, **RUN)
+    head = res.model.model[7]
+    assert torch.equal(head.weight[:3], net[7].weight) and torch.equal(head.bias[:3], net[7].bias)
+    assert not torch.equal(head.weight[3], torch.zeros_like(head.weight[3]))  # the reject row learned
+    with torch.no_grad():
+        full = res.model.model(data.x)
+        assert torch.equal(full[:, :3], net(data.x))  # the original's logits, exactly, plus a reject logit
+    # the hooks are gone: the returned model trains as an ordinary one
+    res.model.model(data.x).sum().backward()
+    assert head.weight.grad[:3].abs().sum() > 0
+
+
+def test_freeze_known_classes_must_be_a_bool():
+    with pytest.raises(TypeError, match="freeze_known_classes must be a bool; got str"):
+        HardenConfig(freeze_known_classes="yes").validated()

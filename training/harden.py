@@ -90,6 +90,15 @@ class HardenConfig:
             frozen and every other module stays in eval mode while training, so BatchNorm
             statistics and dropout of the frozen part never change (fine-tuning the last stages of
             a pretrained network when the whole one does not fit the budget).
+        freeze_known_classes: False (default): the whole head learns. True: the head's rows for
+            the n known classes (weights and biases) keep their values and only the reject row
+            learns (with whatever ``trainable`` unfreezes). With ``trainable=()`` the hardened
+            model then gives exactly the original's logits for the known classes, plus a reject
+            logit: nothing it knew can be forgotten, and clean accuracy can only fall by images
+            it rejects. For fine-tuning data that does not cover every class (a sample of a few
+            images per class, or none for some): training the known rows on it pushes down the
+            logits of the classes it lacks, as the ImageNet benchmark of issue 20 showed (top-1 on
+            held-out classes fell from 90% to 0%).
     """
 
     rounds: int = 3
@@ -103,6 +112,7 @@ class HardenConfig:
     head: str | None = None
     online_fooling_steps: int = 0
     trainable: tuple[str, ...] | None = None
+    freeze_known_classes: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> "HardenConfig":
@@ -120,6 +130,9 @@ class HardenConfig:
             if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)) or not all(isinstance(t, str) and t for t in trainable):
                 raise TypeError(f"trainable must be None or a tuple of dotted module names (str); got {trainable!r}.")
             trainable = tuple(trainable)
+        if not isinstance(self.freeze_known_classes, bool):
+            raise TypeError(f"freeze_known_classes must be a bool; got {type(self.freeze_known_classes).__name__} "
+                            f"({self.freeze_known_classes!r}).")
         return dataclasses.replace(
             self,
             rounds=check_int(self.rounds, "rounds", owner, low=1),
@@ -337,6 +350,7 @@ class _Hardener:
         if stream and not train.map_style:
             self.fingerprint["data_order"] = "the DataLoader's own"
         self.frozen = _freeze(net, head, config.trainable)
+        self._row_hooks = _freeze_known_rows(net, head, n) if config.freeze_known_classes else []
         self.opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
         self.rank, self.size = world()
         self.show = progress and self.rank == 0
@@ -446,6 +460,8 @@ class _Hardener:
                 h[key] = f.get(key)
         self.net.eval()
         self.net.requires_grad_(True)  # the returned model is an ordinary one again
+        for hook in self._row_hooks:
+            hook.remove()
         return HardenResult(RejectClassifier(self.net, self.n, self.head).eval(), st.history, st.baseline,
                             int(st.archive_x.shape[0]), {k: round(v, 3) for k, v in st.timings.items()}, cfg)
 
@@ -519,6 +535,21 @@ def _freeze(net: nn.Module, head: str, trainable: tuple[str, ...] | None) -> lis
     for name, p in net.named_parameters():
         p.requires_grad_(inside(name.rsplit(".", 1)[0]))
     return [m for name, m in modules.items() if not inside(name)]
+
+
+def _freeze_known_rows(net: nn.Module, head: str, n: int) -> list[Any]:
+    """Zero the gradient of the head's rows ``0..n-1`` (weight and bias), so that only row ``n``,
+    the reject row, learns. Adam without weight decay (the hardening optimiser) then leaves those
+    rows bit for bit as they were: its update is m / (sqrt(v) + eps) with m = v = 0."""
+    lin = net.get_submodule(head)
+    hooks = []
+    for p in (lin.weight, lin.bias):
+        if p is None:
+            continue
+        mask = torch.zeros_like(p)
+        mask[n:] = 1.0
+        hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype)))
+    return hooks
 
 
 def _train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
