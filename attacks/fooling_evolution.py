@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -39,7 +40,9 @@ from torch import nn
 from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
 from guard.attacks.cppn_refine import refine_weights
+from guard.attacks.evolution_checkpoint import load_evolution_state, save_evolution_state
 from guard.core.models import eval_mode
+from guard.core.integrity import tensors_digest
 from guard.core.validation import check_float, check_images, check_int, check_labels
 
 __all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
@@ -136,6 +139,42 @@ class ClassArchive:
         if self.with_ids:
             out["genome_id"] = np.asarray(d["genome_id"])[order]
         return out
+
+    def state(self, *, images: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The elites as tensors in pyribs' insertion order (which its parent draws depend on) and
+        the archive generator's state: what :meth:`restore` needs to rebuild this archive exactly.
+        ``images=False`` leaves the images out (a CPPN archive re-renders them from its genomes)."""
+        d = self.archive.data()
+        out = {"objective": torch.from_numpy(np.asarray(d["objective"], dtype=np.float64).copy()),
+               "cell": torch.from_numpy(np.rint(np.asarray(d["measures"])[:, 0]).astype(np.int64))}
+        if images:
+            out["solution"] = torch.from_numpy(np.asarray(d["solution"], dtype=np.float32).copy())
+        if self.with_ids:
+            out["genome_id"] = torch.from_numpy(np.asarray(d["genome_id"], dtype=np.int64).copy())
+        return out, self._rng().bit_generator.state
+
+    def restore(self, tensors: dict[str, torch.Tensor], rng_state: dict[str, Any], images: torch.Tensor | None = None) -> None:
+        """Refill an empty archive from :meth:`state`: one insertion per elite, in the saved order
+        (``images``: the elites' images where the state has none)."""
+        if len(self.archive):
+            raise ValueError("restore needs an empty archive.")
+        sol = (tensors["solution"] if images is None else images.reshape(images.shape[0], -1)).numpy()
+        obj, cell = tensors["objective"].numpy(), tensors["cell"].numpy()
+        if sol.shape[0] != obj.shape[0]:
+            raise ValueError(f"checkpoint_dir: {sol.shape[0]} elite images for {obj.shape[0]} elites.")
+        if sol.shape[1:] != (int(np.prod(self.image_shape)),) or cell.size and (cell.min() < 0 or cell.max() >= self.num_classes):
+            raise ValueError(f"checkpoint_dir: the saved archive does not fit {self.num_classes} classes of shape {self.image_shape}.")
+        for i in range(obj.shape[0]):
+            fields = {"genome_id": tensors["genome_id"].numpy()[i:i + 1]} if self.with_ids else {}
+            self.archive.add(sol[i:i + 1], obj[i:i + 1], cell[i:i + 1].astype(np.float64)[:, None], **fields)
+        self._best[cell] = obj
+        self._rng().bit_generator.state = rng_state
+
+    def _rng(self) -> np.random.Generator:
+        rng = getattr(self.archive, "_rng", None)  # pyribs keeps the generator of sample_elites private
+        if not isinstance(rng, np.random.Generator):
+            raise RuntimeError("this pyribs version keeps no GridArchive._rng; evolution checkpoints need ribs 0.12.")
+        return rng
 
     def sample(self, n: int) -> dict[str, Any]:
         """``n`` elites drawn uniformly with replacement (the archive's own seeded generator)."""
@@ -263,8 +302,15 @@ class FoolingEvolution(Fooler):
         num_classes: int | None = None,
         classes: Sequence[int] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_every: int = 25,
     ) -> AttackResult:
+        """Evolve; with ``checkpoint_dir``, the run's state is saved there every ``checkpoint_every``
+        generations and after the last (:mod:`guard.attacks.evolution_checkpoint`), and a run
+        started with a folder that holds one resumes from it: the same result as an uninterrupted
+        run. Only ``generations`` may grow between the two; anything else refuses to resume."""
         shape, cls = self.targets(model, shape, classes, num_classes, distinct=True)
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", type(self).__name__, low=1)
         device = model_device(model)
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(self.seed)
@@ -284,7 +330,32 @@ class FoolingEvolution(Fooler):
             all_fooled_at = -1
             g_done = 0
             refine_evals = 0
-            for g_idx in range(self.generations):
+            fingerprint: dict[str, Any] = {}
+            if checkpoint_dir is not None:
+                fingerprint = {"params": {k: v for k, v in self.params().items() if k != "generations"}, "shape": list(shape),
+                               "classes": cls.tolist(), "model": tensors_digest(model.state_dict())}
+                st = load_evolution_state(checkpoint_dir, fingerprint)
+                if st is not None:
+                    genomes, gen, rng, history = st["genomes"], st["gen"], st["rng"], st["history"]
+                    # a CPPN's image is a pure function of its genome (rendered one by one), so it is not saved
+                    ims = _render_ids(genomes, st["archive"]["genome_id"], shape, device) if cppn else None
+                    archive.restore(st["archive"], st["archive_rng"], ims)
+                    pool_x, pool_l, pool_c = st["pool"]
+                    c = st["counters"]
+                    next_id, seen, all_fooled_at, g_done, refine_evals = (c["next_id"], c["seen"], c["all_fooled_at"], c["generations"],
+                                                                          c["refine_evaluations"])
+                    t0 -= c["seconds"]
+                    log.info("FoolingEvolution: resumed from %s at generation %d", checkpoint_dir, g_done)
+
+            def save() -> None:
+                a_tensors, a_rng = archive.state(images=not cppn)
+                save_evolution_state(checkpoint_dir, fingerprint=fingerprint, archive=a_tensors, archive_rng=a_rng, rng=rng, gen=gen,
+                                     genomes=genomes, pool=(pool_x, pool_l, pool_c), history=history, shape=shape,
+                                     counters={"next_id": next_id, "seen": seen, "all_fooled_at": all_fooled_at, "generations": g_done,
+                                               "refine_evaluations": refine_evals, "seconds": time.perf_counter() - t0})
+
+            done_before = self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations
+            for g_idx in range(g_done, 0 if done_before else self.generations):
                 g_done = g_idx + 1
                 ids = None
                 parents = self._parents(archive, rng) if len(archive) else None
@@ -350,7 +421,10 @@ class FoolingEvolution(Fooler):
                     progress(g_done, n_fooled)
                 if n_fooled == cells and all_fooled_at < 0:
                     all_fooled_at = g_done
-                if self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations:
+                stop = self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations
+                if checkpoint_dir is not None and (stop or g_done % checkpoint_every == 0 or g_done == self.generations):
+                    save()
+                if stop:
                     break
             el = archive.elites()
             xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
@@ -394,6 +468,13 @@ class FoolingEvolution(Fooler):
         if left.size == 0:
             return archive.sample(self.population)
         return archive.retrieve(left[rng.integers(left.size, size=self.population)])
+
+
+def _render_ids(genomes: dict[int, Genome], ids: torch.Tensor, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The images of the genomes ``ids`` (on CPU), rendered on ``device`` as during the run."""
+    if ids.numel() == 0:
+        return torch.empty((0, *shape))
+    return torch.cat([render([genomes[int(i)] for i in chunk], shape[1], shape[2], device=device).cpu() for chunk in ids.split(256)])
 
 
 @torch.no_grad()
