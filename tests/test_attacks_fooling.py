@@ -268,12 +268,16 @@ def test_audit_step_pure_cppn_evolution_on_request(tiny_model, demo_split, tmp_p
 
 def test_fooling_gradient_in_chunks_equals_one_batch(tiny_model):
     # each image's loss and Adam state are its own: chunks change memory, not the images (no image
-    # reaches a threshold of 1.0, so no chunk stops early)
+    # reaches a threshold of 1.0, so no chunk stops early). Not bit for bit: the kernels of another
+    # batch size round differently, and Adam's step is ~lr * sign(g) wherever g is ~0, so a pixel
+    # whose gradient is a rounding error away from zero may move the other way (2 of 23,520 on
+    # an AMD EPYC); a wrong split (shared Adam state, other start noise) moves nearly all of them.
     kw = dict(steps=5, lr=0.1, threshold=1.0, samples_per_class=3, seed=0)
     whole = FoolingGradient(**kw)(tiny_model, shape=(1, 28, 28), num_classes=10)
     parts = FoolingGradient(**kw, batch_size=7)(tiny_model, shape=(1, 28, 28), num_classes=10)
-    torch.testing.assert_close(parts.x_adv, whole.x_adv, atol=1e-5, rtol=0)
-    torch.testing.assert_close(parts.extras["confidence"], whole.extras["confidence"], atol=1e-5, rtol=1e-4)
+    off = ((parts.x_adv - whole.x_adv).abs() > 1e-5).float().mean()
+    assert off < 1e-3, f"{float(off):.2%} of the pixels differ"
+    torch.testing.assert_close(parts.extras["confidence"], whole.extras["confidence"], atol=1e-3, rtol=1e-3)
     assert torch.equal(parts.extras["label"], whole.extras["label"])
     with pytest.raises(ValueError, match="batch_size"):
         FoolingGradient(batch_size=0)
