@@ -144,7 +144,7 @@ class ClassArchive:
         """The elites as tensors in pyribs' insertion order (which its parent draws depend on) and
         the archive generator's state: what :meth:`restore` needs to rebuild this archive exactly.
         ``images=False`` leaves the images out (a CPPN archive re-renders them from its genomes)."""
-        d = self.archive.data()
+        d = self.archive.data(["objective", "measures"] + (["solution"] if images else []) + (["genome_id"] if self.with_ids else []))
         out = {"objective": torch.from_numpy(np.asarray(d["objective"], dtype=np.float64).copy()),
                "cell": torch.from_numpy(np.rint(np.asarray(d["measures"])[:, 0]).astype(np.int64))}
         if images:
