@@ -17,7 +17,7 @@ from torch import nn
 
 from guard.core.features import get_layer
 
-from guard.core.models import eval_mode
+from guard.core.models import eval_mode, inference_batch
 from guard.core.features import find_head
 from guard.core.integrity import load_sealed, resolve_key, save_sealed
 from guard.core.validation import call_model, check_images, check_int
@@ -114,6 +114,7 @@ class RejectClassifier(nn.Module):
         """Softmax over the n+1 outputs, (N, n+1), eval mode (restored), batched."""
         check_images(x, "x")
         device = next((p.device for p in self.parameters()), x.device)
+        batch_size = inference_batch(x, batch_size)
         outs = []
         with eval_mode(self):
             for i in range(0, x.shape[0], batch_size):

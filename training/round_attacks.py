@@ -29,7 +29,7 @@ from torch import nn
 
 from guard.attacks import FoolingEvolution, FoolingGradient, LinfPGD, RandomPatch, UniversalPatch
 from guard.core.budget import data_defaults
-from guard.core.models import eval_mode, model_device
+from guard.core.models import eval_mode, inference_batch, model_device
 from guard.core.validation import check_int
 
 __all__ = ["ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
@@ -216,6 +216,7 @@ def generate_round_attacks(
 
 def _class_probs(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.Tensor:
     device = model_device(model)
+    batch = inference_batch(x, batch)
     with torch.no_grad(), eval_mode(model):
         return torch.cat([model(x[i:i + batch].to(device)).softmax(1).cpu() for i in range(0, x.shape[0], batch)])
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.core.models import eval_mode, model_device
+from guard.core.models import eval_mode, inference_batch, model_device
 from guard.core.validation import call_model, check_images
 
 __all__ = ["check_hookable", "get_layer", "layer_names", "find_head", "FeatureExtractor", "extract_features", "eval_mode",
@@ -209,9 +209,11 @@ def extract_features(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits and (N, D) features of ``layers`` for all of ``x``, batched, in eval mode.
 
-    ``pool`` as :func:`pool_features` (default every value; detectors use ``"auto"``).
+    ``pool`` as :func:`pool_features` (default every value; detectors use ``"auto"``). Large
+    images get fewer than ``batch_size`` per batch (:func:`guard.core.models.inference_batch`).
     """
     check_images(x, "x")
+    batch_size = inference_batch(x, batch_size)
     fx = FeatureExtractor(model, layers)
     device = model_device(model, x.device)
     logits, feats = [], {n: [] for n in fx.layers}

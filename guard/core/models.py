@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 __all__ = ["DemoNet", "CifarResNet", "Normalize", "Normalized", "load_model", "eval_mode", "model_device", "predict_labels",
-           "accuracy"]
+           "inference_batch", "accuracy"]
 
 
 _MODE_LOCK = threading.Lock()
@@ -57,17 +57,35 @@ def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch
     return torch.device(default)
 
 
+MAX_BATCH_ELEMENTS = 2 ** 23  # input values per inference batch: 8.4M = 55 images at 3x224x224, 2,730 at 3x32x32
+
+
+def inference_batch(x: torch.Tensor, batch_size: int) -> int:
+    """``batch_size``, capped so that one batch holds at most :data:`MAX_BATCH_ELEMENTS` input values.
+
+    The defaults of the batched helpers (1,000 images) suit 28x28 and 32x32 inputs, where the cap
+    never binds; at 224 px a batch of 1,000 through an EfficientNet holds gigabytes of activations
+    at once (a 1,000-class harden run peaked at 20.5 GB: one tensor of 1,000 x 96 x 112 x 112 floats
+    is 4.8 GB).
+    """
+    per_image = max(1, x[0].numel()) if x.shape[0] else 1
+    return max(1, min(int(batch_size), MAX_BATCH_ELEMENTS // per_image))
+
+
 @torch.no_grad()
 def predict_labels(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
-    """The model's argmax labels of ``x`` (int64, on ``x``'s device), batched, in eval mode (restored).
+    """The model's argmax labels of ``x`` (int64, on ``x``'s device), batched (at most
+    ``batch_size`` images, fewer for large ones: :func:`inference_batch`), in eval mode
+    (restored), without autograd.
 
     The one batched prediction helper every package uses.
     """
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=x.device)
     device = model_device(model, x.device)
+    b = inference_batch(x, batch_size)
     with eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).to(x.device) for i in range(0, x.shape[0], batch_size)])
+        return torch.cat([model(x[i:i + b].to(device)).argmax(1).to(x.device) for i in range(0, x.shape[0], b)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
