@@ -22,15 +22,20 @@ Tuning (iterations, batch) was done on pairs drawn with ``--seed 100`` from the 
 images, which are never reported. Results merge into
 ``benchmarks/results/imagenet_feature_fooling.json``.
 
-Run (two shared cores, one thread)::
+Every chunk of ``--batch`` pairs is checkpointed under the cache when done, keyed by its pairs and
+settings, so an interrupted run resumes where it stopped.
+
+Run (one thread each)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/imagenet_feature_fooling.py --step features
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/imagenet_feature_fooling.py --step feature_adversary --pairs 20
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/imagenet_feature_fooling.py --step feature_adversary --pairs 100 \
+        --mid-pairs 100 --side-pairs 100 --mid-side-pairs 100 --side-iter 40 --variant-pairs 20 --max-iter 40 --more-iter 100 --batch 5
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/imagenet_feature_fooling.py --step art
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -97,7 +102,17 @@ def pairs(n: int, seed: int, candidates: torch.Tensor, pred: torch.Tensor, y: to
 
 
 def record(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
-    """Merge a step's results, wall/CPU seconds and peak RSS into the JSON."""
+    """Merge a step's results, wall/CPU seconds and peak RSS into the JSON (under a lock: steps
+    run side by side, and each reads, merges and rewrites the one file)."""
+    import fcntl
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _merge_into_results(step, t0, c0, extra)
+
+
+def _merge_into_results(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     cmd = "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
@@ -112,7 +127,6 @@ def record(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
 
     merge(data, extra)
     data["command"] = "; ".join(s["command"] for s in data["steps"].values())
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.with_suffix(".tmp").write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(RESULTS.with_suffix(".tmp"), RESULTS)
 
@@ -145,12 +159,39 @@ def analyse(fa: torch.Tensor, fs: torch.Tensor, fg: torch.Tensor, ref: torch.Ten
 
 
 def run_attack(model: torch.nn.Module, layer: str, delta: int, variant: str, xs: torch.Tensor, xg: torch.Tensor, args: argparse.Namespace,
-               max_iter: int | None = None) -> tuple[torch.Tensor, float]:
+               max_iter: int | None = None, keys: list[str] | None = None) -> tuple[torch.Tensor, float]:
+    """The adversaries of ``xs`` toward ``xg`` and the attack's seconds.
+
+    With ``keys`` (one id per pair), every chunk of ``--batch`` pairs (one L-BFGS-B problem) is
+    checkpointed under the cache as soon as it is done, with its seconds, so an interrupted run
+    resumes where it stopped and its timing stays the attack's own.
+    """
+    from safetensors.torch import load_file, save_file
+
     attack = FeatureAdversary(layer=layer, delta=delta / 255, variant=variant, max_iter=max_iter or args.max_iter, batch_size=args.batch,
                               label_c=0.0)
-    t0 = time.perf_counter()
-    res = attack.generate(model, xs, xg)
-    return res.x_adv, time.perf_counter() - t0
+    advs, secs = [], 0.0
+    for lo in range(0, xs.shape[0], args.batch):
+        hi = min(lo + args.batch, xs.shape[0])
+        path = None
+        if keys is not None:
+            tag = f"{layer}|{delta}|{variant}|{max_iter or args.max_iter}|{args.batch}|" + ",".join(keys[lo:hi])
+            path = CACHE / "adversaries" / (hashlib.sha256(tag.encode()).hexdigest()[:24] + ".safetensors")
+            if path.is_file():
+                d = load_file(str(path))
+                advs.append(d["x_adv"])
+                secs += float(d["seconds"])
+                continue
+        t0 = time.perf_counter()
+        a = attack.generate(model, xs[lo:hi], xg[lo:hi]).x_adv
+        t = time.perf_counter() - t0
+        secs += t
+        advs.append(a)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"x_adv": a.contiguous(), "seconds": torch.tensor(t, dtype=torch.float64)}, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+    return torch.cat(advs), secs
 
 
 def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +211,8 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
     deltas = [10] if args.tuning else list(DELTAS)
 
     def one(layer: str, delta: int, variant: str, n: int, max_iter: int | None = None) -> dict[str, Any]:
-        adv, secs = run_attack(model, layer, delta, variant, xs[:n], xg[:n], args, max_iter)
+        keys = [f"{int(a)}-{int(b)}" for a, b in zip(si[:n], gi[:n])]
+        adv, secs = run_attack(model, layer, delta, variant, xs[:n], xg[:n], args, max_iter, keys)
         logits_a, fa = extract_features(model, adv, [layer], batch_size=32)
         r = analyse(fa[layer], feats[layer][si[:n]], feats[layer][gi[:n]], feats[layer][ref_idx], logits_a.argmax(1), pred[si[:n]],
                     pred[gi[:n]], args.seed)
@@ -183,7 +225,8 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
     # the goal's configuration first; every configuration is recorded as soon as it is done
     plan = [(PENULT, 10, args.pairs, args.max_iter), (MID, 10, args.mid_pairs, args.max_iter)]
     if not args.tuning:
-        plan += [(PENULT, d, args.side_pairs, args.side_iter) for d in (5, 15)] + [(MID, d, args.side_pairs // 2, args.side_iter) for d in (5, 15)]
+        mid_side = args.side_pairs // 2 if args.mid_side_pairs is None else args.mid_side_pairs
+        plan += [(PENULT, d, args.side_pairs, args.side_iter) for d in (5, 15)] + [(MID, d, mid_side, args.side_iter) for d in (5, 15)]
     key = "feature_adversary_tuning" if args.tuning else "feature_adversary"
     done = json.loads(RESULTS.read_text()).get(key, {}) if args.resume and RESULTS.is_file() else {}
     for layer, delta, n, iters in plan:
@@ -192,6 +235,10 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
         elif layer in layers and delta in deltas and n > 0:
             out.setdefault(layer, {})[str(delta)] = one(layer, delta, "lbfgs", n, iters)
             record("feature_adversary_partial", t_start, c_start, {key: out})
+    iters_out: dict[str, Any] = {}
+    for iters in args.more_iter:  # the goal's configuration again with a larger L-BFGS-B budget, on the same pairs
+        iters_out[str(iters)] = one(PENULT, 10, "lbfgs", args.pairs, iters)
+        record("feature_adversary_partial", t_start, c_start, {key + "_iterations": iters_out})
     if not args.tuning and args.variant_pairs:
         for variant, iters in (("feature-fgrad", 1), ("label-opt", args.max_iter), ("feature-linear", args.linear_iter)):
             variants[variant] = one(PENULT, 10, variant, args.variant_pairs, iters)
@@ -202,7 +249,9 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
             "pairs_from": "reference images (tuning)" if args.tuning else "pool images",
             "reference": "800 sample images (one per class), not the pool", "variant_pairs": args.variant_pairs,
             "variants_at": {"layer": PENULT, "delta": 10}}
-    return {key: out, key + "_variants": variants, key + "_meta": meta}
+    meta["mid_side_pairs"] = mid_side if not args.tuning else 0
+    meta["more_iter"] = list(args.more_iter)
+    return {key: out, key + "_variants": variants, key + "_meta": meta, **({key + "_iterations": iters_out} if iters_out else {})}
 
 
 class _Trunk(torch.nn.Module):
@@ -280,6 +329,9 @@ def main() -> None:
     ap.add_argument("--mid-pairs", type=int, default=10, help="pairs at the mid layer, delta 10 (the first of the --pairs)")
     ap.add_argument("--side-pairs", type=int, default=10, help="pairs at deltas 5 and 15 (penultimate; half at the mid layer)")
     ap.add_argument("--side-iter", type=int, default=30)
+    ap.add_argument("--mid-side-pairs", type=int, default=None, help="pairs at the mid layer, deltas 5 and 15 (default: half of --side-pairs)")
+    ap.add_argument("--more-iter", type=int, nargs="*", default=[],
+                    help="also run the penultimate, delta-10 configuration on all --pairs with these L-BFGS-B iteration counts")
     ap.add_argument("--variant-pairs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-iter", type=int, default=40)

@@ -20,7 +20,10 @@ NGUYEN = {"cppn": "88.11% (5,000 generations)", "direct": "mostly failed", "grad
 def pct(v: Any) -> str:
     if v is None:
         return "-"
-    return f"{100 * float(v):.3f}%" if 0.999 < float(v) < 1.0 else f"{100 * float(v):.1f}%"
+    v = float(v)
+    if 0.0 < v < 0.001:
+        return f"{100 * v:.2g}%"
+    return f"{100 * v:.3f}%" if 0.999 < v < 1.0 else f"{100 * v:.1f}%"
 
 
 def med(d: Any) -> str:
@@ -54,6 +57,21 @@ def feature_table(data: dict[str, Any]) -> list[str]:
     return rows
 
 
+def iterations_table(data: dict[str, Any]) -> list[str]:
+    """The goal's configuration (penultimate, 10/255) on the same pairs at each L-BFGS-B budget."""
+    base = data.get("feature_adversary", {}).get("1._fc:input", {}).get("10")
+    more = data.get("feature_adversary_iterations", {})
+    if not base or not more:
+        return []
+    rows = ["| L-BFGS-B iterations (penultimate, 10/255) | pairs | guide agr. | source agr. | ratio median (p10-p90) | local-PPCA inlier | s/pair |",
+            "|---|---|---|---|---|---|---|"]
+    for r in [base, *(more[k] for k in sorted(more, key=int))]:
+        rows.append(f"| {r['max_iter']} | {r['n']} | {pct(r['guide_agreement'])} | {pct(r['source_agreement'])} | "
+                    f"{r['distance_ratio']['median']:.3f} ({r['distance_ratio']['p10']:.2f}-{r['distance_ratio']['p90']:.2f}) | "
+                    f"{pct(r['local_ppca_inlier_share'])} | {r['seconds_per_pair']} |")
+    return rows
+
+
 def fooling_table(data: dict[str, Any]) -> list[str]:
     rows = ["| method | classes | generations x population | median best conf. | >= 99% | >= 99.99% | Nguyen et al. |",
             "|---|---|---|---|---|---|---|"]
@@ -81,14 +99,17 @@ def harden_table(data: dict[str, Any]) -> list[str]:
     runs = [(k, v["after_harden"], v["harden"]) for k, v in data.items() if k.startswith("harden_run") and isinstance(v, dict)]
     if data.get("fooling", {}).get("after_harden"):
         runs.append(("fooling.after_harden", data["fooling"]["after_harden"], data["harden"]))
-    rows = ["| run | epochs, lr | fresh CPPN median best conf. before -> after | held-out top-1 before -> after | clean rejected after "
-            "| round's fooling images rejected | fresh CPPN rejected |", "|---|---|---|---|---|---|---|"]
+    rows = ["| run | classes (train / held-out images) | head rows trained | epochs, lr | fresh CPPN median best conf. before -> after "
+            "| held-out top-1 before -> after | clean rejected after | round's fooling images rejected | fresh CPPN rejected |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name, r, h in runs:
         c = h["config"]
-        rows.append(f"| `{name}` | {c['epochs_per_round']}, {c['lr']} | {pct(r['median_conf_before'])} -> {pct(r['median_conf'])} | "
+        rows_trained = "reject row only" if c.get("freeze_known_classes") else "all"
+        rows.append(f"| `{name}` | {r['classes']} ({r['n_train']} / {r['n_held_out']}) | {rows_trained} | {c['epochs_per_round']}, {c['lr']} | "
+                    f"{pct(r['median_conf_before'])} -> {pct(r['median_conf'])} | "
                     f"{pct(r['clean_top1_before'])} -> {pct(r['clean_top1_after'])} | {pct(r['clean_rejected_after'])} | "
                     f"{pct(h['round']['rejected_share_of_round_attacks'])} | {pct(h['fresh_after'].get('rejected_share'))} |")
-    rows.append("| Nguyen et al. (ImageNet AlexNet) | - | 88.1% -> 11.7% | - | - | - | - |")
+    rows.append("| Nguyen et al. (ImageNet AlexNet) | 1000 (ImageNet train) | all (whole net) | - | 88.1% -> 11.7% | - | - | - | - |")
     return rows
 
 
@@ -101,7 +122,7 @@ def steps_table(data: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     data = json.loads(RESULTS.read_text())
-    for table in (feature_table, fooling_table, detector_table, harden_table, steps_table):
+    for table in (feature_table, iterations_table, fooling_table, detector_table, harden_table, steps_table):
         print("\n".join(table(data)))
         print()
 

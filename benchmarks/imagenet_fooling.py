@@ -3,13 +3,16 @@
 Steps (``--step``), each its own process (time and peak RSS per step), results merged into
 ``benchmarks/results/imagenet_feature_fooling.json`` by ``imagenet_feature_fooling.record``:
 
-* ``gradient``: ``guard.attacks.FoolingGradient`` (log-odds ascent from noise, default lr) on a
-  seeded subset of ``--grad-classes`` classes (seed 0).
+* ``gradient``: ``guard.attacks.FoolingGradient`` (log-odds ascent from noise, default lr) on
+  ``--grad-classes`` classes in a seeded order (seed 0; 1000: all), ``--grad-chunk`` classes per
+  batch, each batch checkpointed.
 * ``evolve``: ``guard.attacks.FoolingEvolution`` (pyribs MAP-Elites, one cell per class) over all
   1,000 classes, ``--encoding cppn|direct``, ``--population`` children per generation,
   ``--generations``; images at 224 px (the direct encoding evolves every pixel at 224 px, the
   CPPN renders at 224 px); a grid PNG of evolved images under ``benchmarks/results/``.
-* ``harden``: ``guard.harden`` with a reject class and ``trainable=()`` (the head only) on the
+* ``harden``: ``guard.harden`` with a reject class and ``trainable=()`` (the head only; with
+  ``--freeze-known-classes`` only its reject row, so that the classes without training images
+  keep their logits) on the
   network restricted to ``--harden-classes`` seeded classes (seed 1; its head keeps their rows):
   at 1,000 classes every round scores its 1,000 fooling elites five times (about 6,400 forward
   passes, ~40 min of one shared core), which did not fit. Data: the reference images of those
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,16 +72,41 @@ def grid(images: torch.Tensor, name: str, nrow: int = 8) -> str:
 
 
 def step_gradient(args: argparse.Namespace) -> dict[str, Any]:
+    """Gradient ascent on ``--grad-classes`` classes in seeded order (seed 0), ``--grad-chunk`` at a
+    time; each chunk is checkpointed under the cache when done (an interrupted run resumes), and
+    the figures so far are recorded after every chunk. Chunk ``i`` starts from the noise of seed ``i``."""
+    from safetensors.torch import load_file, save_file
+
     model = imagenet_efficientnet.build()
-    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:args.grad_classes].sort().values
-    res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=0)(model, shape=(3, 224, 224), classes=cls)
-    conf = res.extras["confidence"]
-    _save("fooling_gradient", {"x": res.x_adv, "label": res.extras["label"]})
-    steps = res.extras["steps"]
-    print(f"gradient: {_shares(conf)} steps {steps.tolist()}", flush=True)
-    return {"fooling": {"gradient": {**_shares(conf), "classes": int(cls.numel()), "class_seed": 0, "max_steps": args.grad_steps,
-                                     "steps_to_9999_median": float(steps[steps >= 0].float().median()) if bool((steps >= 0).any()) else None,
-                                     "seconds": round(res.extras["seconds"], 1)}}}
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:args.grad_classes]
+    parts: list[dict[str, torch.Tensor]] = []
+    t0, c0 = time.perf_counter(), time.process_time()
+    out: dict[str, Any] = {}
+    for i, lo in enumerate(range(0, order.numel(), args.grad_chunk)):
+        cls = order[lo:lo + args.grad_chunk].sort().values
+        path = CACHE / "gradient" / f"chunk-{lo}-{cls.numel()}-steps{args.grad_steps}.safetensors"
+        if path.is_file():
+            parts.append(load_file(str(path)))
+        else:
+            res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=i)(model, shape=(3, 224, 224), classes=cls)
+            part = {"x": res.x_adv.detach().cpu(), "label": res.extras["label"].cpu(), "confidence": res.extras["confidence"].cpu(),
+                    "steps": res.extras["steps"].cpu(), "seconds": torch.tensor(res.extras["seconds"], dtype=torch.float64)}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in part.items()}, str(path) + ".tmp")
+            os.replace(str(path) + ".tmp", path)
+            parts.append(part)
+        conf = torch.cat([p["confidence"] for p in parts])
+        steps = torch.cat([p["steps"] for p in parts])
+        out = {"fooling": {"gradient": {
+            **_shares(conf), "classes": int(conf.numel()), "class_seed": 0, "max_steps": args.grad_steps, "chunk": args.grad_chunk,
+            "min_conf": float(conf.min()),
+            "steps_to_9999_median": float(steps[steps >= 0].float().median()) if bool((steps >= 0).any()) else None,
+            "steps_to_9999_max": int(steps.max()), "never_reached": int((steps < 0).sum()),
+            "seconds": round(sum(float(p["seconds"]) for p in parts), 1)}}}
+        print(f"gradient {conf.numel()} classes: {_shares(conf)} min {float(conf.min()):.6f}", flush=True)
+        record("gradient_partial", t0, c0, out)
+    _save("fooling_gradient", {"x": torch.cat([p["x"] for p in parts]), "label": torch.cat([p["label"] for p in parts])})
+    return out
 
 
 def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,7 +119,9 @@ def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
         if g % 5 == 0:
             print(f"gen {g}: {fooled} classes >= 99.99% ({time.perf_counter() - last[0]:.0f} s)", flush=True)
 
-    res = evo(model, shape=(3, 224, 224), classes=range(1000), progress=progress)
+    # checkpointed: a stopped run resumes, and a finished one continues with a larger --generations
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else CACHE / f"evolve-{args.encoding}-p{args.population}-s{args.seed}"
+    res = evo(model, shape=(3, 224, 224), classes=range(1000), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
     conf = res.extras["elite_confidence"]
     labels = res.extras["elite_label"]
     key = args.encoding
@@ -132,8 +163,10 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
     train, test = guard.Split(x[tr].contiguous(), remap[y[tr]]), guard.Split(x[te].contiguous(), remap[y[te]])
     del x
     budget = AttackBudget(per_class=1, generations=args.harden_generations, population=args.population, evolved_extra=0)
+    tag = _harden_tag(args)
     res = harden(subset_model(cls), train, test=test, rounds=1, epochs_per_round=args.epochs, attacks=("fooling_cppn",),
-                 budget=budget, trainable=(), head="1._fc", batch_size=32, lr=args.lr, seed=0, progress=False)
+                 budget=budget, trainable=(), head="1._fc", batch_size=32, lr=args.lr, seed=0, progress=False,
+                 freeze_known_classes=args.freeze_known_classes, checkpoint_dir=CACHE / f"harden-{tag}")
     h = res.history[-1]
     print(json.dumps(h, default=str)[:2000], flush=True)
     fresh_b, fresh_a = res.baseline.get("fresh", {}), h.get("fresh", {})
@@ -141,7 +174,8 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
         "median_conf": fresh_a.get("fooling_median_confidence"), "median_conf_before": fresh_b.get("fooling_median_confidence"),
         "share_99": fresh_a.get("fooling_classes_ge99"), "share_99_before": fresh_b.get("fooling_classes_ge99"),
         "share_9999": None, "classes": int(cls.numel()), "class_seed": 1, "generations": args.harden_generations,
-        "population": args.population, "encoding": "cppn",
+        "population": args.population, "encoding": "cppn", "freeze_known_classes": args.freeze_known_classes,
+        "epochs": args.epochs, "lr": args.lr,
         "clean_top1_before": res.baseline["clean_accuracy"], "clean_top1_after": h["clean_accuracy"],
         "clean_rejected_after": h["clean_rejected_share"], "n_train": len(train), "n_held_out": len(test),
         "fresh_rejected_share_after": fresh_a.get("rejected_share")}},
@@ -149,6 +183,40 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
                    "round": {k: v for k, v in h.items() if k != "fresh"}, "fresh_after": fresh_a, "baseline_fresh": fresh_b,
                    "model": f"EfficientNet-Lite0 restricted to {cls.numel()} seeded classes (head rows), head-only fine-tuning",
                    "train": "the reference images of those classes", "held_out": "the pool images of those classes"}}
+
+
+def _harden_tag(args: argparse.Namespace) -> str:
+    return f"c{args.harden_classes}-g{args.harden_generations}-p{args.population}-e{args.epochs}-lr{args.lr:g}-f{int(args.freeze_known_classes)}"
+
+
+def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
+    """Gradient-ascent fooling images (``FoolingGradient``, the softmax over every output, the
+    reject class included) against the model before and after the ``harden`` step of the same
+    flags, rebuilt from that step's final checkpoint: the attacker who knows the reject class is
+    there, beside Nguyen's re-evolution. ``--grad-classes`` of the hardened classes (seed 2)."""
+    from guard.training.checkpoint import load_checkpoint
+    from guard.training.reject import RejectClassifier, grow_head
+
+    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
+    found = load_checkpoint(CACHE / f"harden-{_harden_tag(args)}")
+    if found is None:
+        raise SystemExit(f"no harden checkpoint for these flags ({_harden_tag(args)}): run --step harden with them first")
+    model_state, _, _, meta = found
+    base = subset_model(cls)
+    net, head = grow_head(base, num_classes=int(cls.numel()), head="1._fc")
+    net.load_state_dict(model_state)
+    hardened = RejectClassifier(net, int(cls.numel()), head).eval()
+    targets = torch.randperm(int(cls.numel()), generator=torch.Generator().manual_seed(2))[:args.grad_classes].sort().values
+    out: dict[str, Any] = {"classes": int(targets.numel()), "class_seed": 2, "max_steps": args.grad_steps, "harden_flags": _harden_tag(args)}
+    for name, model in (("before", base), ("after", hardened)):
+        res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=0)(model, shape=(3, 224, 224), classes=targets)
+        conf = res.extras["confidence"]
+        with torch.no_grad():
+            top = torch.cat([model(res.x_adv[i:i + 10]).argmax(1) for i in range(0, conf.numel(), 10)])
+        out[name] = {**_shares(conf), "rejected_share": float((top == int(cls.numel())).float().mean()) if name == "after" else 0.0,
+                     "seconds": round(res.extras["seconds"], 1)}
+        print(name, out[name], flush=True)
+    return {"harden_gradient": out}
 
 
 def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,23 +261,30 @@ def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--step", required=True, choices=["gradient", "evolve", "harden", "detectors"])
+    ap.add_argument("--step", required=True, choices=["gradient", "evolve", "harden", "harden_gradient", "detectors"])
     ap.add_argument("--encoding", default="cppn", choices=["cppn", "direct"])
     ap.add_argument("--population", type=int, default=50)
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grad-classes", type=int, default=10)
     ap.add_argument("--grad-steps", type=int, default=60)
+    ap.add_argument("--checkpoint-every", type=int, default=20, help="evolve: generations between checkpoints")
+    ap.add_argument("--checkpoint-dir", default=None, help="evolve: the checkpoint folder (default: under the cache)")
+    ap.add_argument("--grad-chunk", type=int, default=20, help="classes per gradient-ascent batch (each checkpointed)")
     ap.add_argument("--harden-generations", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--harden-classes", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--freeze-known-classes", action="store_true",
+                    help="harden trains the reject row only (HardenConfig.freeze_known_classes): the training images "
+                         "cover 79 of the classes, one image each, and the held-out images are of the other 21")
     ap.add_argument("--det-n", type=int, default=200, help="fooling images per set scored by the detectors (seeded subset)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     np.random.seed(0)
     t0, c0 = time.perf_counter(), time.process_time()
-    fn = {"gradient": step_gradient, "evolve": step_evolve, "harden": step_harden, "detectors": step_detectors}[args.step]
+    fn = {"gradient": step_gradient, "evolve": step_evolve, "harden": step_harden, "harden_gradient": step_harden_gradient,
+          "detectors": step_detectors}[args.step]
     extra = fn(args)
     name = args.step + (f"_{args.encoding}" if args.step == "evolve" else "")
     record(name, t0, c0, extra)
