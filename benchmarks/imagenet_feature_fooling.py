@@ -166,7 +166,7 @@ def run_attack(model: torch.nn.Module, layer: str, delta: int, variant: str, xs:
     checkpointed under the cache as soon as it is done, with its seconds, so an interrupted run
     resumes where it stopped and its timing stays the attack's own.
     """
-    from safetensors.torch import load_file, save_file
+    from guard.core.cache import load_tensors, save_tensors
 
     attack = FeatureAdversary(layer=layer, delta=delta / 255, variant=variant, max_iter=max_iter or args.max_iter, batch_size=args.batch,
                               label_c=0.0)
@@ -178,7 +178,7 @@ def run_attack(model: torch.nn.Module, layer: str, delta: int, variant: str, xs:
             tag = f"{layer}|{delta}|{variant}|{max_iter or args.max_iter}|{args.batch}|" + ",".join(keys[lo:hi])
             path = CACHE / "adversaries" / (hashlib.sha256(tag.encode()).hexdigest()[:24] + ".safetensors")
             if path.is_file():
-                d = load_file(str(path))
+                d, _ = load_tensors(path)
                 advs.append(d["x_adv"])
                 secs += float(d["seconds"])
                 continue
@@ -189,8 +189,7 @@ def run_attack(model: torch.nn.Module, layer: str, delta: int, variant: str, xs:
         advs.append(a)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"x_adv": a.contiguous(), "seconds": torch.tensor(t, dtype=torch.float64)}, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            save_tensors(path, {"x_adv": a, "seconds": torch.tensor(t, dtype=torch.float64)})
     return torch.cat(advs), secs
 
 

@@ -75,7 +75,7 @@ def step_gradient(args: argparse.Namespace) -> dict[str, Any]:
     """Gradient ascent on ``--grad-classes`` classes in seeded order (seed 0), ``--grad-chunk`` at a
     time; each chunk is checkpointed under the cache when done (an interrupted run resumes), and
     the figures so far are recorded after every chunk. Chunk ``i`` starts from the noise of seed ``i``."""
-    from safetensors.torch import load_file, save_file
+    from guard.core.cache import load_tensors, save_tensors
 
     model = imagenet_efficientnet.build()
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:args.grad_classes]
@@ -86,14 +86,13 @@ def step_gradient(args: argparse.Namespace) -> dict[str, Any]:
         cls = order[lo:lo + args.grad_chunk].sort().values
         path = CACHE / "gradient" / f"chunk-{lo}-{cls.numel()}-steps{args.grad_steps}.safetensors"
         if path.is_file():
-            parts.append(load_file(str(path)))
+            parts.append(load_tensors(path)[0])
         else:
             res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=i)(model, shape=(3, 224, 224), classes=cls)
             part = {"x": res.x_adv.detach().cpu(), "label": res.extras["label"].cpu(), "confidence": res.extras["confidence"].cpu(),
                     "steps": res.extras["steps"].cpu(), "seconds": torch.tensor(res.extras["seconds"], dtype=torch.float64)}
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in part.items()}, str(path) + ".tmp")
-            os.replace(str(path) + ".tmp", path)
+            save_tensors(path, part)
             parts.append(part)
         conf = torch.cat([p["confidence"] for p in parts])
         steps = torch.cat([p["steps"] for p in parts])
@@ -194,6 +193,7 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
     reject class included) against the model before and after the ``harden`` step of the same
     flags, rebuilt from that step's final checkpoint: the attacker who knows the reject class is
     there, beside Nguyen's re-evolution. ``--grad-classes`` of the hardened classes (seed 2)."""
+    from guard.core.models import predict_labels
     from guard.training.checkpoint import load_checkpoint
     from guard.training.reject import RejectClassifier, grow_head
 
@@ -211,8 +211,7 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
     for name, model in (("before", base), ("after", hardened)):
         res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=0)(model, shape=(3, 224, 224), classes=targets)
         conf = res.extras["confidence"]
-        with torch.no_grad():
-            top = torch.cat([model(res.x_adv[i:i + 10]).argmax(1) for i in range(0, conf.numel(), 10)])
+        top = predict_labels(model, res.x_adv)
         out[name] = {**_shares(conf), "rejected_share": float((top == int(cls.numel())).float().mean()) if name == "after" else 0.0,
                      "seconds": round(res.extras["seconds"], 1)}
         print(name, out[name], flush=True)
