@@ -227,18 +227,22 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
         mid_side = args.side_pairs // 2 if args.mid_side_pairs is None else args.mid_side_pairs
         plan += [(PENULT, d, args.side_pairs, args.side_iter) for d in (5, 15)] + [(MID, d, mid_side, args.side_iter) for d in (5, 15)]
     key = "feature_adversary_tuning" if args.tuning else "feature_adversary"
-    done = json.loads(RESULTS.read_text()).get(key, {}) if args.resume and RESULTS.is_file() else {}
+    previous = json.loads(RESULTS.read_text()) if args.resume and RESULTS.is_file() else {}
+    done = previous.get(key, {})
     for layer, delta, n, iters in plan:
         if str(delta) in done.get(layer, {}):  # --resume: a configuration an interrupted run recorded
             out.setdefault(layer, {})[str(delta)] = done[layer][str(delta)]
         elif layer in layers and delta in deltas and n > 0:
             out.setdefault(layer, {})[str(delta)] = one(layer, delta, "lbfgs", n, iters)
             record("feature_adversary_partial", t_start, c_start, {key: out})
-    iters_out: dict[str, Any] = {}
+    iters_out: dict[str, Any] = dict(previous.get(key + "_iterations", {}))  # --resume keeps the counts already run
     for iters in args.more_iter:  # the goal's configuration again with a larger L-BFGS-B budget, on the same pairs
+        if str(iters) in iters_out:
+            continue
         iters_out[str(iters)] = one(PENULT, 10, "lbfgs", args.pairs, iters)
         record("feature_adversary_partial", t_start, c_start, {key + "_iterations": iters_out})
-    if not args.tuning and args.variant_pairs:
+    variants.update(previous.get(key + "_variants", {}))
+    if not args.tuning and args.variant_pairs and not variants:
         for variant, iters in (("feature-fgrad", 1), ("label-opt", args.max_iter), ("feature-linear", args.linear_iter)):
             variants[variant] = one(PENULT, 10, variant, args.variant_pairs, iters)
             record("feature_adversary_partial", t_start, c_start, {key + "_variants": variants})
@@ -249,7 +253,9 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
             "reference": "800 sample images (one per class), not the pool", "variant_pairs": args.variant_pairs,
             "variants_at": {"layer": PENULT, "delta": 10}}
     meta["mid_side_pairs"] = mid_side if not args.tuning else 0
-    meta["more_iter"] = list(args.more_iter)
+    meta["more_iter"] = sorted(int(k) for k in iters_out)
+    if variants:
+        meta["variant_pairs"] = previous.get(key + "_meta", {}).get("variant_pairs", args.variant_pairs)
     return {key: out, key + "_variants": variants, key + "_meta": meta, **({key + "_iterations": iters_out} if iters_out else {})}
 
 
@@ -348,7 +354,8 @@ def main() -> None:
                                "clean_top1_sample": float((features()["logits"].argmax(1) == features()["y"]).float().mean())},
         "feature_adversary": step_feature_adversary, "art": step_art}
     extra = steps[args.step](args)
-    record(args.step + ("_tuning" if args.tuning else ""), t0, c0, extra)
+    # a resumed run is timed under its own name: the first run's wall time stays in the JSON
+    record(args.step + ("_tuning" if args.tuning else "") + ("_resumed" if args.resume else ""), t0, c0, extra)
 
 
 if __name__ == "__main__":
