@@ -8,8 +8,9 @@ calibration images; TPR on 500 correctly classified evaluation images after rand
 sign noise, Gaussian noise (sigma 8/255), FGSM 8/255 and PGD 4/255 and 8/255 (20 steps), with
 the false-positive rate on 1,000 other clean images and the AUROC (scikit-learn).
 
-Written here rather than with :class:`guard.detectors.MahalanobisDetector` because that
-detector averages its layers; this script needs each layer, and each pooling, alone.
+The scores are :meth:`guard.detectors.MahalanobisDetector.layer_distances`, one column per
+layer and pooling (the detector's own score would average them); the mean and grid poolings are
+:func:`guard.core.features.pool_features` ``"avg"`` and ``"auto"``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cifar10_layer_statistics.py
 """
@@ -21,34 +22,38 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 import guard
 from guard.attacks import FGSM, LinfPGD
+from guard.core.features import pool_features
+from guard.detectors import MahalanobisDetector
 
 LAYERS = ["bn1", "layer1.0", "layer1", "layer2.0", "layer2", "layer3", "layer3.2.bn2"]
 OUT = Path(__file__).parent / "results" / "cifar10_layer_statistics.json"
 
 
-def pooled(model: torch.nn.Module, x: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+POOLS = {"mean": lambda t: pool_features(t, "avg"), "std": lambda t: t.std((2, 3)), "grid": lambda t: pool_features(t, "auto")}
+KEYS = [f"{n}|{kind}" for n in LAYERS for kind in POOLS]
+
+
+def pooled(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every layer's map under every pooling, keyed ``layer|pool``, from one forward pass per batch."""
     grab: dict[str, torch.Tensor] = {}
     hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: grab.__setitem__(n, o.detach())) for n in LAYERS]
-    res: dict[tuple[str, str], list[torch.Tensor]] = {}
+    res: dict[str, list[torch.Tensor]] = {}
     try:
         with torch.no_grad():
             for i in range(0, len(x), 250):
                 grab.clear()
                 model(x[i:i + 250])
                 for n in LAYERS:
-                    t = grab[n]
-                    grid = 4 if t.shape[1] * 16 <= 1024 else 2
-                    for kind, v in (("mean", t.mean((2, 3))), ("std", t.std((2, 3))), ("grid", F.adaptive_avg_pool2d(t, grid).flatten(1))):
-                        res.setdefault((n, kind), []).append(v)
+                    for kind, pool in POOLS.items():
+                        res.setdefault(f"{n}|{kind}", []).append(pool(grab[n]))
     finally:
         for h in hooks:
             h.remove()
-    return {k: torch.cat(v).double() for k, v in res.items()}
+    return {k: torch.cat(v) for k, v in res.items()}
 
 
 def main() -> None:
@@ -57,18 +62,10 @@ def main() -> None:
     model = guard.demo_model("cifar10").eval()
     train, test = guard.demo_data("cifar10")
     cal_x, ev_x, ev_y = test.x[:1000], test.x[1000:], test.y[1000:]
-    fitted = {}
-    for key, f in pooled(model, train.x).items():
-        mu = torch.stack([f[train.y == c].mean(0) for c in range(int(train.y.max()) + 1)])
-        r = f - mu[train.y]
-        fitted[key] = (mu, torch.linalg.pinv(r.T @ r / len(f), hermitian=True))
+    maha = MahalanobisDetector(layers=KEYS).fit_features(pooled(model, train.x), train.y)
 
-    def score(x: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
-        out = {}
-        for key, f in pooled(model, x).items():
-            mu, prec = fitted[key]
-            out[key] = torch.stack([(((f - m) @ prec) * (f - m)).sum(1) for m in mu], 1).min(1).values
-        return out
+    def score(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(KEYS, maha.layer_distances(pooled(model, x)).double().unbind(1)))
 
     s_cal, s_neg = score(cal_x), score(ev_x)
     with torch.no_grad():
@@ -85,10 +82,10 @@ def main() -> None:
     rows = []
     for name, xs in sets.items():
         sp = score(xs)
-        for key in fitted:
+        for key in KEYS:
             thr = torch.quantile(s_cal[key], 0.99)
             auc = roc_auc_score([0] * len(s_neg[key]) + [1] * len(sp[key]), torch.cat([s_neg[key], sp[key]]).numpy())
-            rows.append({"input": name, "layer": key[0], "pool": key[1], "n": len(xs), "tpr_at_1pct_fpr": round(float((sp[key] > thr).double().mean()), 3),
+            rows.append({"input": name, "layer": key.split("|")[0], "pool": key.split("|")[1], "n": len(xs), "tpr_at_1pct_fpr": round(float((sp[key] > thr).double().mean()), 3),
                          "fpr": round(float((s_neg[key] > thr).double().mean()), 3), "auroc": round(float(auc), 3)})
     OUT.write_text(json.dumps({"rows": rows, "attack_success": success, "seconds": round(time.perf_counter() - t0, 1),
                                "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cifar10_layer_statistics.py"}, indent=1))
