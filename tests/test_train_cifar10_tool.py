@@ -91,3 +91,60 @@ def test_a_checkpoint_from_other_settings_is_refused(material, tmp_path):
     assert tool.main(_args(data, weights, tmp_path / "out", swa_epochs=1)) == 0
     with pytest.raises(ValueError, match="other settings"):
         tool.main(_args(data, weights, tmp_path / "out", swa_epochs=2))
+
+
+def test_distillation_term_is_zero_for_the_teacher_itself_and_grows_with_disagreement():
+    import torch
+
+    tool = _tool()
+    torch.manual_seed(0)
+    teacher = CifarResNet(8).eval()
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher(x)
+    same = tool._distillation(t.clone(), teacher, x, 4.0)
+    assert abs(float(same)) < 1e-5  # KL(p || p) = 0
+    near = tool._distillation(t + 0.1 * torch.randn_like(t), teacher, x, 4.0)
+    far = tool._distillation(t + 3.0 * torch.randn_like(t), teacher, x, 4.0)
+    assert 0 < float(near) < float(far)
+    # T^2 scaling: the gradient magnitude w.r.t. the logits does not vanish as T grows (Hinton et al.)
+    s = (t + torch.randn_like(t)).requires_grad_(True)
+    g1 = torch.autograd.grad(tool._distillation(s, teacher, x, 1.0), s)[0].norm()
+    g8 = torch.autograd.grad(tool._distillation(s, teacher, x, 8.0), s)[0].norm()
+    assert float(g8) > 0.2 * float(g1)
+
+
+def test_distilling_from_a_teacher_is_recorded_and_changes_the_result(material, tmp_path):
+    data, weights = material
+    tool = _tool()
+    teacher = tmp_path / "teacher.safetensors"
+    save_tensors(teacher, CifarResNet(8).state_dict())
+    assert tool.main(_args(data, weights, tmp_path / "plain", swa_epochs=0)) == 0
+    kd = _args(data, weights, tmp_path / "kd", swa_epochs=0) + ["--teacher", str(teacher), "--teacher-depth", "8"]
+    assert tool.main(kd) == 0
+    plain = json.loads((tmp_path / "plain" / "resnet20.json").read_text())
+    record = json.loads((tmp_path / "kd" / "resnet20.json").read_text())
+    assert plain["teacher"] is None
+    assert record["teacher"]["depth"] == 8 and record["teacher"]["kd_weight"] == 0.9
+    assert record["teacher"]["sha256"] != record["start_file"]["sha256"]
+    assert record["sha256"] != plain["sha256"]  # the soft targets changed the training
+    # a teacher file of another depth is refused, naming the file
+    with pytest.raises(ValueError, match="teacher.safetensors"):
+        tool.main(_args(data, weights, tmp_path / "bad", swa_epochs=0) + ["--teacher", str(teacher), "--teacher-depth", "20"])
+
+
+def test_depth_56_writes_resnet56_files(material, tmp_path):
+    data, _ = material
+    tool = _tool()
+    start = tmp_path / "start56.safetensors"
+    save_tensors(start, CifarResNet(56).state_dict())
+    args = ["--data", str(data), "--weights", str(start), "--out", str(tmp_path / "o"), "--epochs", "1",
+            "--batch-size", "40", "--threads", "1", "--depth", "56"]
+    assert tool.main(args) == 0
+    record = json.loads((tmp_path / "o" / "resnet56.json").read_text())
+    assert record["architecture"] == "guard.core.models.CifarResNet(depth=56)"
+    assert "resnet56-4bfd9763.th" in record["start"]
+    # ResNet-20 weights for a ResNet-56 run are refused
+    with pytest.raises(ValueError, match="CifarResNet\\(depth=56\\)"):
+        tool.main(["--data", str(data), "--weights", str(material[1]), "--out", str(tmp_path / "p"), "--epochs", "1",
+                   "--threads", "1", "--depth", "56"])

@@ -7,7 +7,13 @@ SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, a cosine learning 
 ``--lr`` to 0 over ``--epochs`` epochs, random 4-pixel-padded crops and horizontal flips. No
 model selection on the test set: the last epoch's weights are the result.
 
-Writes ``OUT/resnet20.safetensors`` and ``OUT/resnet20.json`` (SHA-256 of the weights file, the
+``--depth 56`` fine-tunes akamaster's ResNet-56 the same way (written as ``resnet56.*``), to serve
+as a teacher. ``--teacher FILE`` distils it into the network being trained (Hinton et al. 2015):
+the loss is ``(1 - w) * CE(y) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`` with the
+teacher in eval mode on the same augmented batch (``--kd-weight`` w, ``--kd-temperature`` T; the
+defaults 0.9 and 4 are the usual CIFAR settings of the distillation literature, not tuned here).
+
+Writes ``OUT/resnetDEPTH.safetensors`` and ``OUT/resnetDEPTH.json`` (SHA-256 of the weights file, the
 command, seed, data MD5s, test accuracy, time); ``guard.demo_model("cifar10")`` checks the hash
 when loading. Run from the repository root:
 
@@ -49,6 +55,35 @@ def _start_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return load_file(str(path)), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: akamaster/pytorch_resnet_cifar10's released files, by depth (the pretrained starting points).
+AKAMASTER = {20: "resnet20-12fca82f.th", 56: "resnet56-4bfd9763.th"}
+
+
+def _lineage(depth: int) -> str:
+    """Where a network of this depth started from (akamaster's release where there is one)."""
+    if depth in AKAMASTER:
+        return f"akamaster/pytorch_resnet_cifar10 {AKAMASTER[depth]} (BSD-2-Clause, see LICENSE-resnet20.txt)"
+    return "the --weights file (no akamaster release at this depth)"
+
+
+def _load_start(model: CifarResNet, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load akamaster's file (which lacks our Normalize buffers) or a guard file into ``model``;
+    any other missing or unexpected key is an error (a ResNet-56 file given for a ResNet-20, say)."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("normalize.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{where!r} does not hold a CifarResNet(depth={model.depth}) state: missing {missing[:4]}, "
+                         f"unexpected {result.unexpected_keys[:4]}")
+
+
+def _distillation(logits: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term, T^2 * KL(teacher || student) at temperature T."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(x) / temperature, dim=1)
+    return F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
+                    reduction="batchmean") * temperature ** 2
+
+
 def _save_state(path: Path, model, opt, swa, gen: torch.Generator, meta: dict) -> None:
     """Everything the run needs to continue after an interruption, as tensors plus JSON (no pickle)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -75,9 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--depth", type=int, default=20, help="the CIFAR ResNet to train (20: the demo model; 56: a teacher)")
+    p.add_argument("--teacher", default=None, help="a guard resnetDEPTH.safetensors to distil from (see --teacher-depth)")
+    p.add_argument("--teacher-depth", type=int, default=56)
+    p.add_argument("--kd-weight", type=float, default=0.9, help="weight of the distillation term (the rest: cross-entropy)")
+    p.add_argument("--kd-temperature", type=float, default=4.0)
     args = p.parse_args(argv)
     if args.epochs < 0 or args.swa_epochs < 0 or args.epochs + args.swa_epochs == 0:
         p.error(f"--epochs and --swa-epochs must be >= 0 and not both 0; got {args.epochs} and {args.swa_epochs}")
+    if not 0.0 <= args.kd_weight <= 1.0 or args.kd_temperature <= 0:
+        p.error(f"--kd-weight must be in [0, 1] and --kd-temperature > 0; got {args.kd_weight} and {args.kd_temperature}")
     torch.set_num_threads(args.threads)
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,18 +128,27 @@ def main(argv: list[str] | None = None) -> int:
     x_test, y_test, _ = read_image_archive(data / "cifar10-test.tar.gz")
     print(f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True)
     torch.manual_seed(args.seed)
-    model = CifarResNet(20)
+    model = CifarResNet(args.depth)
     start_state, start_sha = _start_weights(Path(args.weights))
-    model.load_state_dict(start_state, strict=False)  # akamaster's file lacks the Normalize buffers, which are ours
+    _load_start(model, start_state, args.weights)
     before = accuracy(model, x_test, y_test)
     print(f"start ({Path(args.weights).name}, sha256 {start_sha[:16]}...): {before:.4f} on the test images", flush=True)
+    teacher, teacher_sha = None, None
+    if args.teacher is not None:
+        teacher = CifarResNet(args.teacher_depth)
+        teacher_state, teacher_sha = _start_weights(Path(args.teacher))
+        _load_start(teacher, teacher_state, args.teacher)
+        teacher.eval().requires_grad_(False)
+        print(f"teacher ResNet-{args.teacher_depth} (sha256 {teacher_sha[:16]}...): "
+              f"{accuracy(teacher, x_test, y_test):.4f} on the test images (reported, not used to select)", flush=True)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     per_epoch = math.ceil(len(x_train) / args.batch_size)
     steps = args.epochs * per_epoch
     swa = AveragedModel(model) if args.swa_epochs else None
     gen = torch.Generator().manual_seed(args.seed)
     config = {"start_sha256": start_sha, "epochs": args.epochs, "lr": args.lr, "swa_epochs": args.swa_epochs,
-              "swa_lr": args.swa_lr, "batch_size": args.batch_size, "seed": args.seed}
+              "swa_lr": args.swa_lr, "batch_size": args.batch_size, "seed": args.seed, "depth": args.depth,
+              "teacher_sha256": teacher_sha, "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature}
     state_path = out / "train_state.safetensors"
     history: list[dict] = []
     done, elapsed = 0, 0.0
@@ -129,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                 group["lr"] = lr_at(epoch * per_epoch + j)
             idx = perm[i:i + args.batch_size]
             xb = crop_flip_augment(x_train[idx].float() / 255, gen)
-            loss = F.cross_entropy(model(xb), y_train[idx])
+            logits = model(xb)
+            loss = F.cross_entropy(logits, y_train[idx])
+            if teacher is not None:
+                loss = (1 - args.kd_weight) * loss + args.kd_weight * _distillation(logits, teacher, xb, args.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,17 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     if last_iterate is not None:
         print(f"last iterate: {last_iterate:.4f}; weight average (the result): {after:.4f} on the 10,000 test images", flush=True)
     print(f"fine-tuned: {after:.4f} on the 10,000 test images (never trained on)", flush=True)
-    path = out / "resnet20.safetensors"
+    path = out / f"resnet{args.depth}.safetensors"
     state = {k: v for k, v in result.state_dict().items()}
-    save_tensors(path, state, {"architecture": "guard.core.models.CifarResNet(depth=20)", "classes": names})
+    architecture = f"guard.core.models.CifarResNet(depth={args.depth})"
+    save_tensors(path, state, {"architecture": architecture, "classes": names})
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     record = {
         "file": path.name,
         "sha256": digest,
-        "architecture": "guard.core.models.CifarResNet(depth=20)",
+        "architecture": architecture,
         "classes": names,
-        "start": "akamaster/pytorch_resnet_cifar10 resnet20-12fca82f.th (BSD-2-Clause, see LICENSE-resnet20.txt)",
+        "start": _lineage(args.depth),
         "start_file": {"name": Path(args.weights).name, "sha256": start_sha},
+        "teacher": None if teacher is None else {
+            "file": Path(args.teacher).name, "sha256": teacher_sha, "depth": args.teacher_depth,
+            "start": _lineage(args.teacher_depth),
+            "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature},
         "command": "python tools/train_cifar10_resnet20.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "epochs": args.epochs,
@@ -184,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "history": history,
     }
-    atomic_write_text(out / "resnet20.json", json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path} (sha256 {digest[:16]}...) and {out / 'resnet20.json'}")
+    atomic_write_text(out / f"resnet{args.depth}.json", json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path} (sha256 {digest[:16]}...) and {out / f'resnet{args.depth}.json'}")
     return 0
 
 
