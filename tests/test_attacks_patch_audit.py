@@ -40,5 +40,28 @@ def test_quick_audit_steps(tiny_model, small_split, tmp_path):
     assert {"class_comparison", "diversity", "latent_interpolation"} <= pg.keys()
     assert -1.0 <= pg["diversity"]["ssim_median"] <= 1.0
     assert "patch_gan_above_both_at_every_area" in pg["summary"]
+    # the quick budget's 8 steps take the budget-scaled learning rate (the paper's 1e-3 x 200 / 8)
+    assert abs(pg["params"]["lr"] - 0.025) < 1e-12
     assert all(isinstance(v, dict) and "success_rate" in v for v in attacks.values())
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
+
+
+def test_gan_learning_rate_scales_with_a_short_budget_only():
+    from guard.audit.patches import gan_learning_rate
+
+    assert gan_learning_rate(200) == 1e-3 and gan_learning_rate(5000) == 1e-3  # the paper's rate at and above the LeNet's budget
+    assert abs(gan_learning_rate(40) - 5e-3) < 1e-12  # the CIFAR-10 ResNet-20's budget
+    rates = [gan_learning_rate(s) for s in (1, 8, 40, 100, 200)]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_patch_gan_lr_option_overrides_the_rule(tiny_model, small_split, tmp_path):
+    from guard.audit.patches import _settings
+
+    train, test = small_split
+    ctx = AuditContext(model=tiny_model, model_name="tiny", train=train, test=test, data_source="test", out=tmp_path,
+                       options=AuditOptions(quick=True, progress=False, extra={"patch_gan_lr": 0.002}))
+    assert _settings(ctx)["gan_lr"] == 0.002
+    ctx.options.extra = {"patch_gan_kwargs": {"alpha": 1.0, "lr": 0.004}}
+    s = _settings(ctx)
+    assert s["gan_lr"] == 0.004 and "lr" not in s["gan"]  # given once, not twice to PatchGAN
