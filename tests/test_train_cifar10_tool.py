@@ -102,16 +102,37 @@ def test_distillation_term_is_zero_for_the_teacher_itself_and_grows_with_disagre
     x = torch.rand(6, 3, 32, 32)
     with torch.no_grad():
         t = teacher(x)
-    same = tool._distillation(t.clone(), teacher, x, 4.0)
+    same = tool._distillation(t.clone(), [teacher], x, 4.0)
     assert abs(float(same)) < 1e-5  # KL(p || p) = 0
-    near = tool._distillation(t + 0.1 * torch.randn_like(t), teacher, x, 4.0)
-    far = tool._distillation(t + 3.0 * torch.randn_like(t), teacher, x, 4.0)
+    near = tool._distillation(t + 0.1 * torch.randn_like(t), [teacher], x, 4.0)
+    far = tool._distillation(t + 3.0 * torch.randn_like(t), [teacher], x, 4.0)
     assert 0 < float(near) < float(far)
     # T^2 scaling: the gradient magnitude w.r.t. the logits does not vanish as T grows (Hinton et al.)
     s = (t + torch.randn_like(t)).requires_grad_(True)
-    g1 = torch.autograd.grad(tool._distillation(s, teacher, x, 1.0), s)[0].norm()
-    g8 = torch.autograd.grad(tool._distillation(s, teacher, x, 8.0), s)[0].norm()
+    g1 = torch.autograd.grad(tool._distillation(s, [teacher], x, 1.0), s)[0].norm()
+    g8 = torch.autograd.grad(tool._distillation(s, [teacher], x, 8.0), s)[0].norm()
     assert float(g8) > 0.2 * float(g1)
+
+
+def test_an_ensemble_teacher_is_the_mean_of_its_tempered_softmaxes():
+    import torch
+    import torch.nn.functional as F
+
+    tool = _tool()
+    torch.manual_seed(1)
+    a, b = CifarResNet(8).eval(), CifarResNet(8).eval()
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        mean_p = (F.softmax(a(x) / 3.0, 1) + F.softmax(b(x) / 3.0, 1)) / 2
+    # a student whose tempered softmax is exactly the mean has zero loss; one that copies a does not
+    student = torch.log(mean_p) * 3.0
+    assert abs(float(tool._distillation(student, [a, b], x, 3.0))) < 1e-5
+    with torch.no_grad():
+        assert float(tool._distillation(a(x), [a, b], x, 3.0)) > 1e-4
+    # the same network twice is the network once
+    with torch.no_grad():
+        s = a(x) + torch.randn(5, 10)
+        assert torch.allclose(tool._distillation(s, [a, a], x, 3.0), tool._distillation(s, [a], x, 3.0), atol=1e-6)
 
 
 def test_distilling_from_a_teacher_is_recorded_and_changes_the_result(material, tmp_path):
@@ -120,14 +141,18 @@ def test_distilling_from_a_teacher_is_recorded_and_changes_the_result(material, 
     teacher = tmp_path / "teacher.safetensors"
     save_tensors(teacher, CifarResNet(8).state_dict())
     assert tool.main(_args(data, weights, tmp_path / "plain", swa_epochs=0)) == 0
-    kd = _args(data, weights, tmp_path / "kd", swa_epochs=0) + ["--teacher", str(teacher), "--teacher-depth", "8"]
+    kd = _args(data, weights, tmp_path / "kd", swa_epochs=0) + ["--teacher", str(teacher), str(weights), "--teacher-depth", "8", "20"]
     assert tool.main(kd) == 0
     plain = json.loads((tmp_path / "plain" / "resnet20.json").read_text())
     record = json.loads((tmp_path / "kd" / "resnet20.json").read_text())
     assert plain["teacher"] is None
-    assert record["teacher"]["depth"] == 8 and record["teacher"]["kd_weight"] == 0.9
-    assert record["teacher"]["sha256"] != record["start_file"]["sha256"]
+    nets = record["teacher"]["networks"]
+    assert [n["depth"] for n in nets] == [8, 20] and record["teacher"]["kd_weight"] == 0.9
+    assert nets[1]["sha256"] == record["start_file"]["sha256"] and nets[0]["sha256"] != nets[1]["sha256"]
     assert record["sha256"] != plain["sha256"]  # the soft targets changed the training
+    with pytest.raises(SystemExit):  # two teachers, three depths
+        tool.main(_args(data, weights, tmp_path / "bad2", swa_epochs=0) + ["--teacher", str(teacher), str(weights),
+                                                                          "--teacher-depth", "8", "20", "56"])
     # a teacher file of another depth is refused, naming the file
     with pytest.raises(ValueError, match="teacher.safetensors"):
         tool.main(_args(data, weights, tmp_path / "bad", swa_epochs=0) + ["--teacher", str(teacher), "--teacher-depth", "20"])

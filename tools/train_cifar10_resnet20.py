@@ -8,10 +8,11 @@ SGD with Nesterov momentum 0.9, weight decay 5e-4, batch 128, a cosine learning 
 model selection on the test set: the last epoch's weights are the result.
 
 ``--depth 56`` fine-tunes akamaster's ResNet-56 the same way (written as ``resnet56.*``), to serve
-as a teacher. ``--teacher FILE`` distils it into the network being trained (Hinton et al. 2015):
-the loss is ``(1 - w) * CE(y) + w * T^2 * KL(softmax(t / T) || softmax(s / T))`` with the
-teacher in eval mode on the same augmented batch (``--kd-weight`` w, ``--kd-temperature`` T; the
-defaults 0.9 and 4 are the usual CIFAR settings of the distillation literature, not tuned here).
+as a teacher. ``--teacher FILE [FILE ...]`` distils one network or an ensemble into the network
+being trained (Hinton et al. 2015): the loss is ``(1 - w) * CE(y) + w * T^2 * KL(p_t || softmax(s / T))``
+where ``p_t`` is the mean over the teachers of ``softmax(t_i / T)``, each teacher in eval mode on
+the same augmented batch (``--kd-weight`` w, ``--kd-temperature`` T; the defaults 0.9 and 4 are
+the usual CIFAR settings of the distillation literature, not tuned here).
 
 Writes ``OUT/resnetDEPTH.safetensors`` and ``OUT/resnetDEPTH.json`` (SHA-256 of the weights file, the
 command, seed, data MD5s, test accuracy, time); ``guard.demo_model("cifar10")`` checks the hash
@@ -76,10 +77,12 @@ def _load_start(model: CifarResNet, state: dict[str, torch.Tensor], where: str) 
                          f"unexpected {result.unexpected_keys[:4]}")
 
 
-def _distillation(logits: torch.Tensor, teacher: torch.nn.Module, x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton et al.'s soft-target term, T^2 * KL(teacher || student) at temperature T."""
+def _distillation(logits: torch.Tensor, teachers: list[torch.nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s soft-target term, T^2 * KL(teacher || student) at temperature T; the
+    teacher distribution of several networks is the mean of their tempered softmaxes."""
     with torch.no_grad():
-        target = F.log_softmax(teacher(x) / temperature, dim=1)
+        logs = torch.stack([F.log_softmax(t(x) / temperature, dim=1) for t in teachers])
+        target = torch.logsumexp(logs, dim=0) - math.log(len(teachers))
     return F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
                     reduction="batchmean") * temperature ** 2
 
@@ -111,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--depth", type=int, default=20, help="the CIFAR ResNet to train (20: the demo model; 56: a teacher)")
-    p.add_argument("--teacher", default=None, help="a guard resnetDEPTH.safetensors to distil from (see --teacher-depth)")
-    p.add_argument("--teacher-depth", type=int, default=56)
+    p.add_argument("--teacher", nargs="+", default=None,
+                   help="guard resnetDEPTH.safetensors file(s) to distil from; several: their mean tempered softmax")
+    p.add_argument("--teacher-depth", type=int, nargs="+", default=[56], help="one depth for every teacher, or one per teacher")
     p.add_argument("--kd-weight", type=float, default=0.9, help="weight of the distillation term (the rest: cross-entropy)")
     p.add_argument("--kd-temperature", type=float, default=4.0)
     args = p.parse_args(argv)
@@ -120,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--epochs and --swa-epochs must be >= 0 and not both 0; got {args.epochs} and {args.swa_epochs}")
     if not 0.0 <= args.kd_weight <= 1.0 or args.kd_temperature <= 0:
         p.error(f"--kd-weight must be in [0, 1] and --kd-temperature > 0; got {args.kd_weight} and {args.kd_temperature}")
+    teacher_depths = list(args.teacher_depth) * (len(args.teacher or []) if len(args.teacher_depth) == 1 else 1)
+    if args.teacher and len(teacher_depths) != len(args.teacher):
+        p.error(f"--teacher-depth takes one depth or one per teacher; got {len(args.teacher_depth)} for {len(args.teacher)} teachers")
     torch.set_num_threads(args.threads)
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,14 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     _load_start(model, start_state, args.weights)
     before = accuracy(model, x_test, y_test)
     print(f"start ({Path(args.weights).name}, sha256 {start_sha[:16]}...): {before:.4f} on the test images", flush=True)
-    teacher, teacher_sha = None, None
-    if args.teacher is not None:
-        teacher = CifarResNet(args.teacher_depth)
-        teacher_state, teacher_sha = _start_weights(Path(args.teacher))
-        _load_start(teacher, teacher_state, args.teacher)
-        teacher.eval().requires_grad_(False)
-        print(f"teacher ResNet-{args.teacher_depth} (sha256 {teacher_sha[:16]}...): "
-              f"{accuracy(teacher, x_test, y_test):.4f} on the test images (reported, not used to select)", flush=True)
+    teachers: list[torch.nn.Module] = []
+    teacher_records: list[dict] = []
+    for file, depth in zip(args.teacher or [], teacher_depths):
+        net = CifarResNet(depth)
+        state, sha = _start_weights(Path(file))
+        _load_start(net, state, file)
+        net.eval().requires_grad_(False)
+        acc = accuracy(net, x_test, y_test)
+        teachers.append(net)
+        teacher_records.append({"file": Path(file).name, "sha256": sha, "depth": depth, "start": _lineage(depth),
+                                "test_accuracy": round(acc, 4)})
+        print(f"teacher ResNet-{depth} {Path(file).name} (sha256 {sha[:16]}...): {acc:.4f} on the test images "
+              "(reported, not used to select)", flush=True)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     per_epoch = math.ceil(len(x_train) / args.batch_size)
     steps = args.epochs * per_epoch
@@ -148,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     config = {"start_sha256": start_sha, "epochs": args.epochs, "lr": args.lr, "swa_epochs": args.swa_epochs,
               "swa_lr": args.swa_lr, "batch_size": args.batch_size, "seed": args.seed, "depth": args.depth,
-              "teacher_sha256": teacher_sha, "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature}
+              "teacher_sha256": [t["sha256"] for t in teacher_records] or None, "kd_weight": args.kd_weight,
+              "kd_temperature": args.kd_temperature}
     state_path = out / "train_state.safetensors"
     history: list[dict] = []
     done, elapsed = 0, 0.0
@@ -182,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             xb = crop_flip_augment(x_train[idx].float() / 255, gen)
             logits = model(xb)
             loss = F.cross_entropy(logits, y_train[idx])
-            if teacher is not None:
-                loss = (1 - args.kd_weight) * loss + args.kd_weight * _distillation(logits, teacher, xb, args.kd_temperature)
+            if teachers:
+                loss = (1 - args.kd_weight) * loss + args.kd_weight * _distillation(logits, teachers, xb, args.kd_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -221,10 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         "classes": names,
         "start": _lineage(args.depth),
         "start_file": {"name": Path(args.weights).name, "sha256": start_sha},
-        "teacher": None if teacher is None else {
-            "file": Path(args.teacher).name, "sha256": teacher_sha, "depth": args.teacher_depth,
-            "start": _lineage(args.teacher_depth),
-            "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature},
+        "teacher": None if not teachers else {"networks": teacher_records, "kd_weight": args.kd_weight,
+                                              "kd_temperature": args.kd_temperature},
         "command": "python tools/train_cifar10_resnet20.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "epochs": args.epochs,
