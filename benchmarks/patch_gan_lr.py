@@ -12,6 +12,11 @@ out of the loop:
 * scored on training images 4,000-4,999 (never the 2,000 held-out images the audit reports).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/patch_gan_lr.py --demo cifar10 --steps 40 --lr 1e-3 3e-3 1e-2 3e-2
+
+A user's own model (a CIFAR ResNet-20 in the user's module, akamaster's weights as they come)::
+
+    cd benchmarks && GUARD_USER_WEIGHTS=../../shared/models/cifar10-resnet-akamaster/resnet20.safetensors \
+        OMP_NUM_THREADS=1 ../.venv/bin/python patch_gan_lr.py --model user_cifar_resnet20:build --lr 1e-3 5e-3
 """
 from __future__ import annotations
 
@@ -27,11 +32,13 @@ from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
 from guard.audit.patches import DEFAULT_AREAS, GAN_AUDIT_KWARGS
+from guard.core.models import load_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--demo", default="cifar10")
+    ap.add_argument("--demo", default="cifar10", help="the embedded data (and, without --model, its demo model)")
+    ap.add_argument("--model", default=None, help="a user's model instead of the demo one: module:callable, as guard audit --model")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32, help="the audit's batch on the CIFAR-10 model")
@@ -42,7 +49,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
     train, _ = guard.demo_data(args.demo)
-    model = guard.demo_model(args.demo).eval()
+    model = (load_model(args.model) if args.model else guard.demo_model(args.demo)).eval()
     x_fit = train.x[:2000]
     x_score, y_score = train.x[4000:5000], train.y[4000:5000]
     shape = (int(x_fit.shape[1]), tuple(x_fit.shape[-2:]))
