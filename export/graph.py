@@ -23,18 +23,44 @@ closed), as ``Detector.predict_scores``; the reject flag is ``pred == reject_ind
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from guard.core.features import FeatureExtractor
-from guard.core.models import eval_mode
+from guard.core.models import Normalize, eval_mode
 from guard.detectors import Batch
 
-__all__ = ["ExportHead", "build_export_head", "trace", "reject_index_of"]
+__all__ = ["ExportHead", "build_export_head", "exportable_normalize", "trace", "reject_index_of"]
 
 aten = torch.ops.aten
+
+
+def exportable_normalize(model: nn.Module) -> nn.Module:
+    """``model``, or a copy whose ``torchvision.transforms.Normalize`` modules are guard's Normalize.
+
+    Users often put torchvision's Normalize in front of a classifier. Its forward checks
+    ``(std == 0).any()`` on a tensor, a data-dependent branch that ``torch.export`` cannot trace
+    ("Could not guard on data-dependent expression"). Guard's :class:`~guard.core.models.Normalize`
+    computes the same ``(x - mean) / std`` with constant buffers. The swap keeps every module's
+    name (feature layers resolve as before) and never touches the caller's model.
+    """
+    from torchvision import transforms
+
+    kinds = tuple(k for k in (transforms.Normalize, getattr(getattr(transforms, "v2", None), "Normalize", None)) if k is not None)
+    names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
+    if not names:
+        return model
+    if "" in names:
+        return Normalize(model.mean, model.std)
+    model = copy.deepcopy(model)
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        old = model.get_submodule(name)
+        setattr(model.get_submodule(parent), child, Normalize(old.mean, old.std))
+    return model
 
 
 def reject_index_of(model: nn.Module) -> int | None:
@@ -48,7 +74,6 @@ class _Fp16Backbone(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        import copy
 
         self.model = copy.deepcopy(model).half()
 
@@ -151,7 +176,6 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
     Raises:
         ValueError: a GuardedModel that is not calibrated, or (strict) a detector that has no head.
     """
-    import copy
 
     guarded = hasattr(obj, "detectors") and hasattr(obj, "model")
     if isinstance(leave_out, str):  # one name, not its letters ("knn" in "knn_consistency" would match)
@@ -162,7 +186,7 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
     if unknown:
         raise ValueError(f"leave_out names {unknown}, which are not detectors of this GuardedModel ({sorted(obj.detectors)}).")
     leave_out = set(leave_out)
-    model = obj.model if guarded else obj
+    model = exportable_normalize(obj.model if guarded else obj)
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
         model = copy.deepcopy(model).cpu()
     reject = reject_index_of(model)

@@ -173,3 +173,24 @@ def test_cli_export_reports_a_missing_directory(tmp_path, capsys):
     rc = main(["export", "--out", str(tmp_path / "nope" / "m.onnx")])
     assert rc == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_torchvision_normalize_in_front_exports_with_parity(tmp_path):
+    """A user's model with torchvision.transforms.Normalize in front (its std == 0 check stopped torch.export)."""
+    from torchvision import transforms
+
+    from guard.export.graph import exportable_normalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(transforms.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)).eval()
+    swapped = exportable_normalize(model)
+    assert isinstance(model[0], transforms.Normalize)  # the caller's model is untouched
+    assert type(swapped[0]).__name__ == "Normalize" and not isinstance(swapped[0], transforms.Normalize)
+    x = torch.rand(128, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(swapped(x), model(x))
+    g = guard.wrap(model, ["knn", "ppca"]).fit(x[:64])
+    g.calibrate(x[64:96])
+    rep = to_onnx(g, tmp_path / "n.onnx", x[96:100], parity_inputs=x[96:])
+    assert rep.parity["passed"], rep.parity["outputs"]
+    assert exportable_normalize(swapped) is swapped  # nothing to swap: the same object back
