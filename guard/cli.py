@@ -247,6 +247,9 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated dotted module names to fine-tune besides the head ('' = the head only; default: everything)")
     p.add_argument("--freeze-known-classes", action="store_true",
                    help="keep the head's rows for the known classes; only the reject row learns (for data that lacks some classes)")
+    p.add_argument("--reject-images", metavar="FILE", default=None,
+                   help="a safetensors file of known-bad images (tensor 'x', N x C x H x W floats in [0, 1]), labelled reject "
+                   "from round 1 on beside each round's attacks (e.g. fooling images of a longer evolution run)")
     p.add_argument("--out", default="out-harden", metavar="DIR")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -273,13 +276,15 @@ def _cmd_harden(args: argparse.Namespace) -> int:
                           budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,
                           online_fooling_steps=args.online_fooling_steps, freeze_known_classes=args.freeze_known_classes,
                           trainable=None if args.trainable is None else tuple(t.strip() for t in args.trainable.split(",") if t.strip()))
+    reject = _reject_images(args.reject_images)
     out = Path(args.out)
     created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
     rank, size = world()
     t0 = time.perf_counter()
     try:
         res = harden(s.model.to(args.device), s.train, test=s.test, config=config, augment=demo_augment(s.demo),
-                     checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet and rank == 0)
+                     checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet and rank == 0,
+                     reject_images=reject)
     finally:
         if created:
             import torch.distributed as dist
@@ -287,7 +292,9 @@ def _cmd_harden(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if rank != 0:
         return 0
-    section = harden_section(res, seconds=time.perf_counter() - t0, settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size})
+    given = None if reject is None else {"path": args.reject_images, "n": int(reject.shape[0])}
+    section = harden_section(res, seconds=time.perf_counter() - t0,
+                             settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size, "reject_images": given})
     path = out / "hardened_model.safetensors"
     section["model_sha256"] = res.model.save(path, key_env=args.key_env)
     section["model_path"] = str(path)
@@ -303,6 +310,20 @@ def _cmd_harden(args: argparse.Namespace) -> int:
               f"rejects {f(r.get('rejected_share_of_round_attacks'), '.3f')} of its round's attacks")
     print(f"clean accuracy drop {section['clean_accuracy_drop_points']:.2f} points; wrote {out}/harden.json and {path}")
     return 0
+
+
+def _reject_images(path: str | None) -> Any:
+    """``--reject-images FILE``: its tensor ``x`` (or its only tensor); a clear error otherwise."""
+    if path is None:
+        return None
+    from guard.core.cache import load_tensors
+
+    tensors, _ = load_tensors(path)
+    if "x" in tensors:
+        return tensors["x"]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise ValueError(f"--reject-images {path!r} must hold a tensor named 'x' (or exactly one tensor); got {sorted(tensors)}.")
 
 
 # ---------------------------------------------------------------- guard export

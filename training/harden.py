@@ -11,7 +11,8 @@ Each round ``r``:
    model after round ``r - 1`` (round 1: the caller's model). These images also *measure*
    that model: how many classes still get a >= 99% fooling image, the median fooling
    confidence, the patch fooling rate (``history[r - 1]["fresh"]``; round 0 is the baseline);
-2. they join the reject archive (all earlier rounds are kept);
+2. they join the reject archive (all earlier rounds are kept; ``reject_images`` given by the
+   caller open it as round 0);
 3. ``epochs_per_round`` epochs of fine-tuning on the clean data plus reject images drawn from
    the archive so that they are ``reject_share`` of every epoch (neither swamping nor
    vanishing however large the archive grows);
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 
 from guard.core.data import Split, is_stream, load_data
 from guard.core.models import model_device, predict_labels
-from guard.core.validation import check_float, check_int
+from guard.core.validation import check_float, check_images, check_int
 from guard.training.checkpoint import load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
 from guard.training.harden_data import HardenStream, check_shardable, digest, epoch_order, reject_picks, stream_accuracy
@@ -208,6 +209,7 @@ def harden(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[int, int, nn.Module], None] | None = None,
+    reject_images: torch.Tensor | None = None,
     **overrides: Any,
 ) -> HardenResult:
     """Retrain ``model`` with an (n+1)-th reject class against fresh attacks, round after round.
@@ -237,6 +239,11 @@ def harden(
             settings, another model or other data raises :class:`CheckpointMismatch`.
         progress: tqdm bars for rounds, attacks and epochs.
         on_epoch_end: ``on_epoch_end(round, epoch, model)`` after each epoch's checkpoint.
+        reject_images: optional known-bad images (N, C, H, W) in [0, 1], the data's image shape,
+            labelled reject from round 1 on beside each round's own attacks: fooling images an
+            earlier, longer evolution found (Nguyen et al. retrain on the images of their
+            evolution run), or inputs flagged in production. They open the reject archive
+            (``archive_size`` counts them); their digest is part of the checkpoint's settings.
         **overrides: any :class:`HardenConfig` field (``rounds=5``), replacing ``config``'s.
 
     Returns:
@@ -272,8 +279,16 @@ def harden(
         raise ValueError(f"num_classes mismatch: the labels of data go up to {ymax} but the head {head_name!r} has {n} outputs.")
     if isinstance(held, Split) and int(held.y.max()) >= n:  # a stream's labels are checked as it is evaluated
         raise ValueError(f"num_classes mismatch: the labels of test go up to {int(held.y.max())} but the head {head_name!r} has {n} outputs.")
+    if reject_images is not None:
+        check_images(reject_images, "reject_images")
+        shape = train.image_shape if isinstance(train, HardenStream) else tuple(train.x.shape[1:])
+        if tuple(reject_images.shape[1:]) != tuple(shape):
+            raise ValueError(f"reject_images must have the data's image shape {tuple(shape)} (C, H, W); got "
+                             f"{tuple(reject_images.shape[1:])}.")
+        reject_images = reject_images.detach().to("cpu", torch.float32).contiguous()
     hardener = _Hardener(net, n, head_name, train, held if held is not None else train, config, augment=augment,
-                         checkpoint_dir=checkpoint_dir, progress=progress, on_epoch_end=on_epoch_end)
+                         checkpoint_dir=checkpoint_dir, progress=progress, on_epoch_end=on_epoch_end,
+                         reject_images=reject_images)
     created = init_from_env(hardener.device)
     try:
         return hardener.run(resume=resume)
@@ -333,7 +348,8 @@ class _Hardener:
 
     def __init__(self, net: nn.Module, n: int, head: str, train: _Data, held: _Data, config: HardenConfig, *,
                  augment: Callable | None, checkpoint_dir: str | Path | None, progress: bool,
-                 on_epoch_end: Callable[[int, int, nn.Module], None] | None) -> None:
+                 on_epoch_end: Callable[[int, int, nn.Module], None] | None,
+                 reject_images: torch.Tensor | None = None) -> None:
         self.net, self.n, self.head, self.train, self.held, self.cfg = net, n, head, train, held, config
         self.augment, self.checkpoint_dir, self.on_epoch_end = augment, checkpoint_dir, on_epoch_end
         self.device = model_device(net)
@@ -349,12 +365,15 @@ class _Hardener:
                             "data_digest": train.digest if stream else digest([train.x, train.y])}
         if stream and not train.map_style:
             self.fingerprint["data_order"] = "the DataLoader's own"
+        if reject_images is not None:
+            self.fingerprint["reject_images"] = {"n": int(reject_images.shape[0]), "digest": digest([reject_images])}
         self.frozen = _freeze(net, head, config.trainable)
         self._row_hooks = _freeze_known_rows(net, head, n) if config.freeze_known_classes else []
         self.opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=config.lr)
         self.rank, self.size = world()
         self.show = progress and self.rank == 0
-        self.state = _State(archive_x=torch.empty((0, *self.image_shape)))
+        given = reject_images if reject_images is not None else torch.empty((0, *self.image_shape))
+        self.state = _State(archive_x=given, archive_round=torch.zeros(int(given.shape[0]), dtype=torch.long))
 
     # ---------------------------------------------------------------- checkpoints
     def _load(self) -> None:
