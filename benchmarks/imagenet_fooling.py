@@ -20,6 +20,13 @@ Steps (``--step``), each its own process (time and peak RSS per step), results m
   ``--population`` children per generation, ``--harden-generations``); clean top-1 on the pool
   images of those classes before/after; harden's fresh CPPN attack with the same budget
   evolves again against the model before and after (Nguyen et al.'s median confidence).
+  ``--reject-from cppn`` also gives harden the evolve step's elites (one per class, its last
+  generation) as ``reject_images``: Nguyen et al. retrain on the images their evolution made
+  (results under ``fooling.after_harden_with_elites``).
+* ``harden_gradient``: gradient-ascent fooling images against the model before and after harden.
+* ``reevolve``: Nguyen's "evolve again" at a real budget: CPPN MAP-Elites (the evolve step's seed
+  and population, ``--generations``) against the hardened model of the same harden flags, beside
+  the evolve step's own run against the original model at the same generation.
 * ``detectors``: Mahalanobis, LID and PPCA fitted on 600 reference images' penultimate features,
   calibrated to 1% FPR on the other 200, TPR on a seeded subset (``--det-n``) of the fooling
   images of each step above.
@@ -163,13 +170,14 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
     del x
     budget = AttackBudget(per_class=1, generations=args.harden_generations, population=args.population, evolved_extra=0)
     tag = _harden_tag(args)
+    given, given_info = _reject_images(args, cls)
     res = harden(subset_model(cls), train, test=test, rounds=1, epochs_per_round=args.epochs, attacks=("fooling_cppn",),
                  budget=budget, trainable=(), head="1._fc", batch_size=32, lr=args.lr, seed=0, progress=False,
-                 freeze_known_classes=args.freeze_known_classes, checkpoint_dir=CACHE / f"harden-{tag}")
+                 freeze_known_classes=args.freeze_known_classes, checkpoint_dir=CACHE / f"harden-{tag}", reject_images=given)
     h = res.history[-1]
     print(json.dumps(h, default=str)[:2000], flush=True)
     fresh_b, fresh_a = res.baseline.get("fresh", {}), h.get("fresh", {})
-    return {"fooling": {"after_harden": {
+    return {"fooling": {_harden_key(args): {"reject_images": given_info, "harden_flags": tag,
         "median_conf": fresh_a.get("fooling_median_confidence"), "median_conf_before": fresh_b.get("fooling_median_confidence"),
         "share_99": fresh_a.get("fooling_classes_ge99"), "share_99_before": fresh_b.get("fooling_classes_ge99"),
         "share_9999": None, "classes": int(cls.numel()), "class_seed": 1, "generations": args.harden_generations,
@@ -185,7 +193,82 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _harden_tag(args: argparse.Namespace) -> str:
-    return f"c{args.harden_classes}-g{args.harden_generations}-p{args.population}-e{args.epochs}-lr{args.lr:g}-f{int(args.freeze_known_classes)}"
+    tag = f"c{args.harden_classes}-g{args.harden_generations}-p{args.population}-e{args.epochs}-lr{args.lr:g}-f{int(args.freeze_known_classes)}"
+    return tag + (f"-r{args.reject_from}" if args.reject_from != "none" else "")
+
+
+def _harden_key(args: argparse.Namespace) -> str:
+    """``fooling.after_harden`` for the round images alone; ``after_harden_with_elites`` when the
+    evolution run's elites are reject images too (Nguyen et al.'s protocol)."""
+    return "after_harden" if args.reject_from == "none" else "after_harden_with_elites"
+
+
+def _reject_images(args: argparse.Namespace, cls: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
+    """``--reject-from cppn``: the elites of the ``--step evolve --encoding cppn`` run (one per
+    class, its last generation) whose class is among the hardened ones, as ``harden(reject_images=)``.
+    Nguyen et al. retrain on the images their evolution run produced."""
+    if args.reject_from == "none":
+        return None, None
+    path = CACHE / f"fooling_{args.reject_from}.safetensors"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run --step evolve --encoding {args.reject_from} first (it resumes from its checkpoint)")
+    d = _load(f"fooling_{args.reject_from}")
+    keep = torch.isin(d["label"], cls)
+    meta = json.loads(RESULTS.read_text())["fooling"][args.reject_from] if RESULTS.is_file() else {}
+    info = {"from": args.reject_from, "n": int(keep.sum()), "generations": meta.get("generations"),
+            "median_conf": float(d["confidence"][keep].median())}
+    return d["x"][keep].contiguous(), info
+
+
+def _hardened(args: argparse.Namespace, cls: torch.Tensor) -> torch.nn.Module:
+    """The RejectClassifier the ``harden`` step of the same flags wrote (its final checkpoint)."""
+    from guard.training.checkpoint import load_checkpoint
+    from guard.training.reject import RejectClassifier, grow_head
+
+    found = load_checkpoint(CACHE / f"harden-{_harden_tag(args)}")
+    if found is None:
+        raise SystemExit(f"no harden checkpoint for these flags ({_harden_tag(args)}): run --step harden with them first")
+    model_state, _, _, meta = found
+    if int(meta.get("round_done", 0)) < 1:
+        raise SystemExit(f"the harden checkpoint {_harden_tag(args)} is unfinished: run --step harden with these flags again")
+    net, head = grow_head(subset_model(cls), num_classes=int(cls.numel()), head="1._fc")
+    net.load_state_dict(model_state)
+    return RejectClassifier(net, int(cls.numel()), head).eval()
+
+
+def step_reevolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Nguyen et al.'s "evolve again": CPPN MAP-Elites against the model the ``harden`` step of the
+    same flags made, ``--generations`` generations, the evolve step's seed and population, the
+    softmax over every output (the reject class competes). Beside it, the evolve step's own run
+    against the original model at the same generation (``fooling.cppn.history``): the same
+    search, the same budget, only the model differs. Checkpointed under the cache."""
+    from guard.core.models import predict_labels
+
+    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
+    model = _hardened(args, cls)
+    n = int(cls.numel())
+    evo = FoolingEvolution(encoding="cppn", population=args.population, generations=args.generations, threshold=0.9999,
+                           stop_when_done=False, extra_samples=0, seed=args.seed)
+
+    def progress(g: int, fooled: int) -> None:
+        if g % 10 == 0:
+            print(f"reevolve gen {g}: {fooled} classes >= 99.99%", flush=True)
+
+    ckpt = CACHE / f"reevolve-{_harden_tag(args)}-p{args.population}-s{args.seed}"
+    res = evo(model, shape=(3, 224, 224), classes=range(n), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
+    conf = res.extras["elite_confidence"]
+    rejected = float((predict_labels(model, res.x_adv) == n).float().mean())
+    before = None
+    if RESULTS.is_file() and n == 1000:
+        hist = json.loads(RESULTS.read_text()).get("fooling", {}).get("cppn", {}).get("history", [])
+        at = [h for h in hist if h["generation"] <= args.generations]
+        if at:
+            before = {"generation": at[-1]["generation"], "median_conf": at[-1]["median_confidence"]}
+    out = {**_shares(conf), "classes": n, "generations": int(res.extras["generations"]), "population": args.population,
+           "seed": args.seed, "elites_rejected_share": rejected, "seconds": round(res.extras["seconds"], 1),
+           "original_model_same_run": before, "harden_flags": _harden_tag(args), "history": res.extras["history"]}
+    print("reevolve", {k: v for k, v in out.items() if k != "history"}, flush=True)
+    return {"fooling": {"reevolve_after_harden": out}}
 
 
 def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
@@ -194,18 +277,10 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
     flags, rebuilt from that step's final checkpoint: the attacker who knows the reject class is
     there, beside Nguyen's re-evolution. ``--grad-classes`` of the hardened classes (seed 2)."""
     from guard.core.models import predict_labels
-    from guard.training.checkpoint import load_checkpoint
-    from guard.training.reject import RejectClassifier, grow_head
 
     cls = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
-    found = load_checkpoint(CACHE / f"harden-{_harden_tag(args)}")
-    if found is None:
-        raise SystemExit(f"no harden checkpoint for these flags ({_harden_tag(args)}): run --step harden with them first")
-    model_state, _, _, meta = found
     base = subset_model(cls)
-    net, head = grow_head(base, num_classes=int(cls.numel()), head="1._fc")
-    net.load_state_dict(model_state)
-    hardened = RejectClassifier(net, int(cls.numel()), head).eval()
+    hardened = _hardened(args, cls)
     targets = torch.randperm(int(cls.numel()), generator=torch.Generator().manual_seed(2))[:args.grad_classes].sort().values
     out: dict[str, Any] = {"classes": int(targets.numel()), "class_seed": 2, "max_steps": args.grad_steps, "harden_flags": _harden_tag(args)}
     for name, model in (("before", base), ("after", hardened)):
@@ -215,7 +290,7 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
         out[name] = {**_shares(conf), "rejected_share": float((top == int(cls.numel())).float().mean()) if name == "after" else 0.0,
                      "seconds": round(res.extras["seconds"], 1)}
         print(name, out[name], flush=True)
-    return {"harden_gradient": out}
+    return {"harden_gradient" + ("" if args.reject_from == "none" else "_with_elites"): out}
 
 
 def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,7 +335,7 @@ def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--step", required=True, choices=["gradient", "evolve", "harden", "harden_gradient", "detectors"])
+    ap.add_argument("--step", required=True, choices=["gradient", "evolve", "harden", "harden_gradient", "reevolve", "detectors"])
     ap.add_argument("--encoding", default="cppn", choices=["cppn", "direct"])
     ap.add_argument("--population", type=int, default=50)
     ap.add_argument("--generations", type=int, default=30)
@@ -277,15 +352,18 @@ def main() -> None:
     ap.add_argument("--freeze-known-classes", action="store_true",
                     help="harden trains the reject row only (HardenConfig.freeze_known_classes): the training images "
                          "cover 79 of the classes, one image each, and the held-out images are of the other 21")
+    ap.add_argument("--reject-from", default="none", choices=["none", "cppn", "direct"],
+                    help="harden / harden_gradient / reevolve: also train the reject class on the elites of that evolve run")
     ap.add_argument("--det-n", type=int, default=200, help="fooling images per set scored by the detectors (seeded subset)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     np.random.seed(0)
     t0, c0 = time.perf_counter(), time.process_time()
     fn = {"gradient": step_gradient, "evolve": step_evolve, "harden": step_harden, "harden_gradient": step_harden_gradient,
-          "detectors": step_detectors}[args.step]
+          "reevolve": step_reevolve, "detectors": step_detectors}[args.step]
     extra = fn(args)
     name = args.step + (f"_{args.encoding}" if args.step == "evolve" else "")
+    name += f"_reject_{args.reject_from}" if args.step in ("harden", "harden_gradient", "reevolve") and args.reject_from != "none" else ""
     record(name, t0, c0, extra)
 
 
