@@ -97,8 +97,9 @@ def detector_table(data: dict[str, Any]) -> list[str]:
 
 def harden_table(data: dict[str, Any]) -> list[str]:
     runs = [(k, v["after_harden"], v["harden"]) for k, v in data.items() if k.startswith("harden_run") and isinstance(v, dict)]
-    if data.get("fooling", {}).get("after_harden"):
-        runs.append(("fooling.after_harden", data["fooling"]["after_harden"], data["harden"]))
+    for key, h in (("after_harden", "harden"), ("after_harden_with_elites", "harden_with_elites")):
+        if data.get("fooling", {}).get(key) and h in data:
+            runs.append((f"fooling.{key}", data["fooling"][key], data[h]))
     rows = ["| run | classes (train / held-out images) | head rows trained | epochs, lr | fresh CPPN median best conf. before -> after "
             "| held-out top-1 before -> after | clean rejected after | round's fooling images rejected | fresh CPPN rejected |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -113,6 +114,20 @@ def harden_table(data: dict[str, Any]) -> list[str]:
     return rows
 
 
+def reevolve_table(data: dict[str, Any]) -> list[str]:
+    """Nguyen's "evolve again" at a real budget: the same CPPN search against the original and the hardened model."""
+    r = data.get("fooling", {}).get("reevolve_after_harden")
+    if not r:
+        return []
+    b = r.get("original_model_same_run") or {}
+    return ["| model | classes | generations x population | median best conf. | >= 99% | elites rejected |", "|---|---|---|---|---|---|",
+            f"| EfficientNet-Lite0 (the evolve step's run at generation {b.get('generation', '-')}) | {r['classes']} | "
+            f"{b.get('generation', '-')} x {r['population']} | {pct(b.get('median_conf'))} | - | - |",
+            f"| hardened (`{r['harden_flags']}`) | {r['classes']} | {r['generations']} x {r['population']} | {pct(r['median_conf'])} | "
+            f"{pct(r['share_99'])} | {pct(r['elites_rejected_share'])} |",
+            "| Nguyen et al. (ImageNet AlexNet, before -> after retraining) | 1000 | - | 88.1% -> 11.7% | - | - |"]
+
+
 def steps_table(data: dict[str, Any]) -> list[str]:
     rows = ["| step | wall s | CPU s | peak RSS MiB | command |", "|---|---|---|---|---|"]
     for name, r in data.get("steps", {}).items():
@@ -122,7 +137,7 @@ def steps_table(data: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     data = json.loads(RESULTS.read_text())
-    for table in (feature_table, iterations_table, fooling_table, detector_table, harden_table, steps_table):
+    for table in (feature_table, iterations_table, fooling_table, detector_table, harden_table, reevolve_table, steps_table):
         print("\n".join(table(data)))
         print()
 

@@ -186,7 +186,7 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
         "clean_top1_before": res.baseline["clean_accuracy"], "clean_top1_after": h["clean_accuracy"],
         "clean_rejected_after": h["clean_rejected_share"], "n_train": len(train), "n_held_out": len(test),
         "fresh_rejected_share_after": fresh_a.get("rejected_share")}},
-        "harden": {"config": res.config.to_dict() if res.config else None, "archive_size": res.archive_size, "timings": res.timings,
+        ("harden" if args.reject_from == "none" else "harden_with_elites"): {"config": res.config.to_dict() if res.config else None, "archive_size": res.archive_size, "timings": res.timings,
                    "round": {k: v for k, v in h.items() if k != "fresh"}, "fresh_after": fresh_a, "baseline_fresh": fresh_b,
                    "model": f"EfficientNet-Lite0 restricted to {cls.numel()} seeded classes (head rows), head-only fine-tuning",
                    "train": "the reference images of those classes", "held_out": "the pool images of those classes"}}
