@@ -115,7 +115,7 @@ def record(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
 def _merge_into_results(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    cmd = "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python " + " ".join(["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]])
     data.setdefault("steps", {})[step] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
                                           "peak_rss_mib": round(rss), "threads": torch.get_num_threads(), "command": cmd}
     def merge(into: dict[str, Any], new: dict[str, Any]) -> None:

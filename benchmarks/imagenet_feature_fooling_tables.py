@@ -7,6 +7,7 @@ al. 2015, ImageNet AlexNet); a dash where this file does not transcribe one.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,9 +130,10 @@ def reevolve_table(data: dict[str, Any]) -> list[str]:
 
 
 def steps_table(data: dict[str, Any]) -> list[str]:
-    rows = ["| step | wall s | CPU s | peak RSS MiB | command |", "|---|---|---|---|---|"]
+    rows = ["| step | wall s | CPU s | threads | peak RSS MiB | command |", "|---|---|---|---|---|---|"]
     for name, r in data.get("steps", {}).items():
-        rows.append(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_mib']} | `{r['command'].replace('OMP_NUM_THREADS=1 .venv/bin/python ', '')}` |")
+        cmd = re.sub(r"^OMP_NUM_THREADS=\d+ \.venv/bin/python ", "", r["command"])
+        rows.append(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r.get('threads', 1)} | {r['peak_rss_mib']} | `{cmd}` |")
     return rows
 
 

@@ -160,7 +160,7 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
     from guard.training.harden import harden
     from guard.training.round_attacks import AttackBudget
 
-    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values  # not the split's seed 0
+    cls = _harden_classes(args)
     x, y = load_all()
     pool, ref = split()
     remap = torch.full((1000,), -1, dtype=torch.long)
@@ -177,7 +177,7 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
     h = res.history[-1]
     print(json.dumps(h, default=str)[:2000], flush=True)
     fresh_b, fresh_a = res.baseline.get("fresh", {}), h.get("fresh", {})
-    return {"fooling": {_harden_key(args): {"reject_images": given_info, "harden_flags": tag,
+    return {"fooling": {"after_harden" + _with(args): {"reject_images": given_info, "harden_flags": tag,
         "median_conf": fresh_a.get("fooling_median_confidence"), "median_conf_before": fresh_b.get("fooling_median_confidence"),
         "share_99": fresh_a.get("fooling_classes_ge99"), "share_99_before": fresh_b.get("fooling_classes_ge99"),
         "share_9999": None, "classes": int(cls.numel()), "class_seed": 1, "generations": args.harden_generations,
@@ -186,7 +186,7 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
         "clean_top1_before": res.baseline["clean_accuracy"], "clean_top1_after": h["clean_accuracy"],
         "clean_rejected_after": h["clean_rejected_share"], "n_train": len(train), "n_held_out": len(test),
         "fresh_rejected_share_after": fresh_a.get("rejected_share")}},
-        ("harden" if args.reject_from == "none" else "harden_with_elites"): {"config": res.config.to_dict() if res.config else None, "archive_size": res.archive_size, "timings": res.timings,
+        "harden" + _with(args): {"config": res.config.to_dict() if res.config else None, "archive_size": res.archive_size, "timings": res.timings,
                    "round": {k: v for k, v in h.items() if k != "fresh"}, "fresh_after": fresh_a, "baseline_fresh": fresh_b,
                    "model": f"EfficientNet-Lite0 restricted to {cls.numel()} seeded classes (head rows), head-only fine-tuning",
                    "train": "the reference images of those classes", "held_out": "the pool images of those classes"}}
@@ -197,10 +197,15 @@ def _harden_tag(args: argparse.Namespace) -> str:
     return tag + (f"-r{args.reject_from}" if args.reject_from != "none" else "")
 
 
-def _harden_key(args: argparse.Namespace) -> str:
-    """``fooling.after_harden`` for the round images alone; ``after_harden_with_elites`` when the
-    evolution run's elites are reject images too (Nguyen et al.'s protocol)."""
-    return "after_harden" if args.reject_from == "none" else "after_harden_with_elites"
+def _harden_classes(args: argparse.Namespace) -> torch.Tensor:
+    """The ``--harden-classes`` seeded classes (seed 1, not the split's seed 0), sorted."""
+    return torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
+
+
+def _with(args: argparse.Namespace) -> str:
+    """The results-key suffix of a run whose reject class also trains on the evolution run's
+    elites (Nguyen et al.'s protocol): ``after_harden`` -> ``after_harden_with_elites``."""
+    return "" if args.reject_from == "none" else "_with_elites"
 
 
 def _reject_images(args: argparse.Namespace, cls: torch.Tensor) -> tuple[torch.Tensor | None, dict[str, Any] | None]:
@@ -244,7 +249,7 @@ def step_reevolve(args: argparse.Namespace) -> dict[str, Any]:
     search, the same budget, only the model differs. Checkpointed under the cache."""
     from guard.core.models import predict_labels
 
-    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
+    cls = _harden_classes(args)
     model = _hardened(args, cls)
     n = int(cls.numel())
     evo = FoolingEvolution(encoding="cppn", population=args.population, generations=args.generations, threshold=0.9999,
@@ -254,7 +259,7 @@ def step_reevolve(args: argparse.Namespace) -> dict[str, Any]:
         if g % 10 == 0:
             print(f"reevolve gen {g}: {fooled} classes >= 99.99%", flush=True)
 
-    ckpt = CACHE / f"reevolve-{_harden_tag(args)}-p{args.population}-s{args.seed}"
+    ckpt = CACHE / f"reevolve-{_harden_tag(args)}-s{args.seed}"  # the tag holds the population
     res = evo(model, shape=(3, 224, 224), classes=range(n), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
     conf = res.extras["elite_confidence"]
     rejected = float((predict_labels(model, res.x_adv) == n).float().mean())
@@ -278,7 +283,7 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
     there, beside Nguyen's re-evolution. ``--grad-classes`` of the hardened classes (seed 2)."""
     from guard.core.models import predict_labels
 
-    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
+    cls = _harden_classes(args)
     base = subset_model(cls)
     hardened = _hardened(args, cls)
     targets = torch.randperm(int(cls.numel()), generator=torch.Generator().manual_seed(2))[:args.grad_classes].sort().values
@@ -290,7 +295,7 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
         out[name] = {**_shares(conf), "rejected_share": float((top == int(cls.numel())).float().mean()) if name == "after" else 0.0,
                      "seconds": round(res.extras["seconds"], 1)}
         print(name, out[name], flush=True)
-    return {"harden_gradient" + ("" if args.reject_from == "none" else "_with_elites"): out}
+    return {"harden_gradient" + _with(args): out}
 
 
 def step_detectors(args: argparse.Namespace) -> dict[str, Any]:

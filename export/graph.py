@@ -74,7 +74,6 @@ class _Fp16Backbone(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-
         self.model = copy.deepcopy(model).half()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +175,6 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
     Raises:
         ValueError: a GuardedModel that is not calibrated, or (strict) a detector that has no head.
     """
-
     guarded = hasattr(obj, "detectors") and hasattr(obj, "model")
     if isinstance(leave_out, str):  # one name, not its letters ("knn" in "knn_consistency" would match)
         leave_out = [leave_out]
