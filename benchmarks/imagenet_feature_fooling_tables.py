@@ -129,6 +129,27 @@ def reevolve_table(data: dict[str, Any]) -> list[str]:
             "| Nguyen et al. (ImageNet AlexNet, before -> after retraining) | 1000 | - | 88.1% -> 11.7% | - | - |"]
 
 
+def subset_table(data: dict[str, Any]) -> list[str]:
+    """The CPPN search over a seeded subset of classes (``--classes K``) against the full run, by
+    children per cell: the same search, the same seed and population, fewer cells."""
+    fo = data.get("fooling", {})
+    rows = ["| run | cells | generations | children per cell | median best conf. (these classes) | classes >= 99.99% |",
+            "|---|---|---|---|---|---|"]
+    for key, r in sorted(fo.items()):
+        if not key.startswith("cppn_subset"):
+            continue
+        full = r.get("full_run_same_classes", {})
+        if full:
+            rows.append(f"| full run, its elites of the same {full.get('n', '-')} classes | 1000 | {full.get('generations', '-')} | "
+                        f"{full.get('children_per_cell', 0):g} | {pct(full.get('median_conf'))} | - |")
+        k, pop = r["classes"], r["population"]
+        shown = [h for h in r.get("history", []) if h["generation"] in (1, 101, 401) or h["generation"] == r["generations"]]
+        for h in shown:
+            g = h["generation"]
+            rows.append(f"| subset (`{key}`) | {k} | {g} | {g * pop / k:g} | {pct(h['median_confidence'])} | {h['classes_fooled']}/{k} |")
+    return rows if len(rows) > 2 else []
+
+
 def steps_table(data: dict[str, Any]) -> list[str]:
     rows = ["| step | wall s | CPU s | threads | peak RSS MiB | command |", "|---|---|---|---|---|---|"]
     for name, r in data.get("steps", {}).items():
@@ -139,7 +160,8 @@ def steps_table(data: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     data = json.loads(RESULTS.read_text())
-    for table in (feature_table, iterations_table, fooling_table, detector_table, harden_table, reevolve_table, steps_table):
+    for table in (feature_table, iterations_table, fooling_table, subset_table, detector_table, harden_table, reevolve_table,
+                  steps_table):
         print("\n".join(table(data)))
         print()
 

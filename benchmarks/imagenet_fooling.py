@@ -8,7 +8,8 @@ Steps (``--step``), each its own process (time and peak RSS per step), results m
   batch, each batch checkpointed.
 * ``evolve``: ``guard.attacks.FoolingEvolution`` (pyribs MAP-Elites, one cell per class) over all
   1,000 classes, ``--encoding cppn|direct``, ``--population`` children per generation,
-  ``--generations``; images at 224 px (the direct encoding evolves every pixel at 224 px, the
+  ``--generations`` (``--classes K``: a seeded subset of K cells instead, results under
+  ``fooling.cppn_subsetK`` beside the full run's figures for the same classes); images at 224 px (the direct encoding evolves every pixel at 224 px, the
   CPPN renders at 224 px); a grid PNG of evolved images under ``benchmarks/results/``.
 * ``harden``: ``guard.harden`` with a reject class and ``trainable=()`` (the head only; with
   ``--freeze-known-classes`` only its reject row, so that the classes without training images
@@ -125,12 +126,13 @@ def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
         if g % 5 == 0:
             print(f"gen {g}: {fooled} classes >= 99.99% ({time.perf_counter() - last[0]:.0f} s)", flush=True)
 
+    cls, key = _evolve_classes(args)
     # checkpointed: a stopped run resumes, and a finished one continues with a larger --generations
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else CACHE / f"evolve-{args.encoding}-p{args.population}-s{args.seed}"
-    res = evo(model, shape=(3, 224, 224), classes=range(1000), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
+    sub = f"-c{args.classes}" if args.classes < 1000 else ""
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else CACHE / f"evolve-{args.encoding}-p{args.population}-s{args.seed}{sub}"
+    res = evo(model, shape=(3, 224, 224), classes=cls.tolist(), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
     conf = res.extras["elite_confidence"]
     labels = res.extras["elite_label"]
-    key = args.encoding
     _save(f"fooling_{key}", {"x": res.x_adv.cpu(), "label": labels.cpu(), "confidence": conf.cpu()})
     top = conf.argsort(descending=True)[:16]
     out = {**_shares(conf), "classes": int(labels.numel()), "generations": int(res.extras["generations"]),
@@ -138,8 +140,38 @@ def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
            "seconds": round(res.extras["seconds"], 1), "history": res.extras["history"],
            "grid": grid(res.x_adv[top].cpu(), f"imagenet_fooling_{key}.png"),
            "grid_classes": labels[top].tolist(), "grid_confidence": [round(float(c), 4) for c in conf[top]]}
+    if args.classes < 1000:
+        out.update(_full_run_reference(args, cls))
     print(f"{key}: {_shares(conf)}", flush=True)
     return {"fooling": {key: out}}
+
+
+def _evolve_classes(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
+    """The evolve step's cells: all 1,000 classes (results key ``cppn`` / ``direct``), or with
+    ``--classes K`` a seeded subset (seed 3, sorted; key ``cppn_subset{K}``). The subset run tests
+    one explanation of the full run's shortfall: 50 children per generation spread over 1,000
+    cells give each class 1/20 of what they give each of 20 cells."""
+    if args.classes >= 1000:
+        return torch.arange(1000), args.encoding
+    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(3))[:args.classes].sort().values
+    return cls, f"{args.encoding}_subset{args.classes}"
+
+
+def _full_run_reference(args: argparse.Namespace, cls: torch.Tensor) -> dict[str, Any]:
+    """For a ``--classes`` subset run: the full 1,000-class run's figures for the same classes
+    (its last elites) and the generation at which it had spent as many children per cell."""
+    ref: dict[str, Any] = {"class_seed": 3, "children_per_cell": args.generations * args.population / args.classes}
+    path = CACHE / f"fooling_{args.encoding}.safetensors"
+    if path.is_file():
+        d = _load(f"fooling_{args.encoding}")
+        keep = torch.isin(d["label"], cls)
+        ref["full_run_same_classes"] = {"median_conf": float(d["confidence"][keep].median()), "n": int(keep.sum())}
+    if RESULTS.is_file():
+        full = json.loads(RESULTS.read_text()).get("fooling", {}).get(args.encoding, {})
+        if full:
+            ref["full_run_same_classes"] = {**ref.get("full_run_same_classes", {}), "generations": full.get("generations"),
+                                            "children_per_cell": full.get("generations", 0) * full.get("population", 0) / 1000}
+    return ref
 
 
 def subset_model(classes: torch.Tensor) -> torch.nn.Module:
@@ -345,6 +377,7 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=50)
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--classes", type=int, default=1000, help="evolve: a seeded subset of K classes as the cells (seed 3)")
     ap.add_argument("--grad-classes", type=int, default=10)
     ap.add_argument("--grad-steps", type=int, default=60)
     ap.add_argument("--checkpoint-every", type=int, default=20, help="evolve: generations between checkpoints")
@@ -367,7 +400,7 @@ def main() -> None:
     fn = {"gradient": step_gradient, "evolve": step_evolve, "harden": step_harden, "harden_gradient": step_harden_gradient,
           "reevolve": step_reevolve, "detectors": step_detectors}[args.step]
     extra = fn(args)
-    name = args.step + (f"_{args.encoding}" if args.step == "evolve" else "")
+    name = args.step + (f"_{_evolve_classes(args)[1]}" if args.step == "evolve" else "")
     name += f"_reject_{args.reject_from}" if args.step in ("harden", "harden_gradient", "reevolve") and args.reject_from != "none" else ""
     record(name, t0, c0, extra)
 
