@@ -9,8 +9,8 @@ Steps (``--step``), each its own process (time and peak RSS per step), results m
 * ``evolve``: ``guard.attacks.FoolingEvolution`` (pyribs MAP-Elites, one cell per class) over all
   1,000 classes, ``--encoding cppn|direct``, ``--population`` children per generation,
   ``--generations`` (``--classes K``: a seeded subset of K cells instead, results under
-  ``fooling.cppn_subsetK`` beside the full run's figures for the same classes); images at 224 px (the direct encoding evolves every pixel at 224 px, the
-  CPPN renders at 224 px); a grid PNG of evolved images under ``benchmarks/results/``.
+  ``fooling.cppn_subsetK`` beside the full run's figures for the same classes); images at
+  224 px (the direct encoding evolves every pixel at 224 px, the CPPN renders at 224 px); a grid PNG of evolved images under ``benchmarks/results/``.
 * ``harden``: ``guard.harden`` with a reject class and ``trainable=()`` (the head only; with
   ``--freeze-known-classes`` only its reject row, so that the classes without training images
   keep their logits) on the
@@ -141,7 +141,7 @@ def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
            "grid": grid(res.x_adv[top].cpu(), f"imagenet_fooling_{key}.png"),
            "grid_classes": labels[top].tolist(), "grid_confidence": [round(float(c), 4) for c in conf[top]]}
     if args.classes < 1000:
-        out.update(_full_run_reference(args, cls))
+        out.update(_full_run_reference(args, cls, out["generations"]))
     print(f"{key}: {_shares(conf)}", flush=True)
     return {"fooling": {key: out}}
 
@@ -149,18 +149,19 @@ def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
 def _evolve_classes(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
     """The evolve step's cells: all 1,000 classes (results key ``cppn`` / ``direct``), or with
     ``--classes K`` a seeded subset (seed 3, sorted; key ``cppn_subset{K}``). The subset run tests
-    one explanation of the full run's shortfall: 50 children per generation spread over 1,000
-    cells give each class 1/20 of what they give each of 20 cells."""
+    one explanation of the full run's shortfall: parents are drawn uniformly from the elites, so
+    over 1,000 cells each class's elite breeds 1/50 of the children it would over 20."""
     if args.classes >= 1000:
         return torch.arange(1000), args.encoding
     cls = torch.randperm(1000, generator=torch.Generator().manual_seed(3))[:args.classes].sort().values
     return cls, f"{args.encoding}_subset{args.classes}"
 
 
-def _full_run_reference(args: argparse.Namespace, cls: torch.Tensor) -> dict[str, Any]:
-    """For a ``--classes`` subset run: the full 1,000-class run's figures for the same classes
-    (its last elites) and the generation at which it had spent as many children per cell."""
-    ref: dict[str, Any] = {"class_seed": 3, "children_per_cell": args.generations * args.population / args.classes}
+def _full_run_reference(args: argparse.Namespace, cls: torch.Tensor, generations: int) -> dict[str, Any]:
+    """For a ``--classes`` subset run of ``generations`` generations: the children bred per cell,
+    and the full 1,000-class run's median for the same classes (its last elites), its
+    generations and its children per cell."""
+    ref: dict[str, Any] = {"class_seed": 3, "children_per_cell": generations * args.population / args.classes}
     path = CACHE / f"fooling_{args.encoding}.safetensors"
     if path.is_file():
         d = _load(f"fooling_{args.encoding}")
