@@ -39,7 +39,7 @@ from torch import nn
 
 from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
-from guard.attacks.cppn_refine import refine_weights
+from guard.attacks.cppn_refine import polish_genomes, refine_weights
 from guard.attacks.evolution_checkpoint import load_evolution_state, save_evolution_state
 from guard.core.models import eval_mode
 from guard.core.integrity import tensors_digest
@@ -217,6 +217,13 @@ class FoolingEvolution(Fooler):
             it): Lamarckian evolution. Their model calls are counted in ``refine_evaluations``.
             ``refine_grow=True`` completes each refined genome's connections first (zero
             weights, the same image; ``refine_weights(grow=True)``).
+        polish_steps: CPPN only; 0 (the default) ends with the archive evolution left. With
+            N > 0, once the generations are spent, the classes still below the threshold get a
+            last refinement: the ``polish_starts`` elites that give each such class the highest
+            probability, connections completed, N Adam steps at ``polish_lr`` on the log-odds
+            (:func:`attacks.cppn_refine.polish_genomes`); the results enter the archive by the
+            same rule. ``extras["elite_confidence_before_polish"]`` keeps what evolution (with any
+            periodic refinement) reached, and ``polish_evaluations`` counts the model calls.
         seed: seed of every random choice (torch, NumPy and the archive).
 
     Call ``evolver(model, shape=(1, 28, 28), classes=None)`` -> :class:`AttackResult` (``classes``:
@@ -250,6 +257,9 @@ class FoolingEvolution(Fooler):
         refine_steps: int = 25,
         refine_lr: float = 0.1,
         refine_grow: bool = False,
+        polish_steps: int = 0,
+        polish_starts: int = 4,
+        polish_lr: float = 0.05,
         seed: int = 0,
     ) -> None:
         owner = type(self).__name__
@@ -287,6 +297,11 @@ class FoolingEvolution(Fooler):
         if refine_grow and not self.refine_every:
             raise ValueError(f"The 'refine_grow' parameter of {owner} changes refinement; it needs refine_every > 0, got {self.refine_every}.")
         self.refine_grow = refine_grow
+        self.polish_steps = check_int(polish_steps, "polish_steps", owner, low=0)
+        if self.polish_steps and encoding != "cppn":
+            raise ValueError(f"The 'polish_steps' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}.")
+        self.polish_starts = check_int(polish_starts, "polish_starts", owner, low=1)
+        self.polish_lr = check_float(polish_lr, "polish_lr", owner, low=0.0, low_open=True)
         self.seed = check_int(seed, "seed", owner)
 
     def params(self) -> dict[str, Any]:
@@ -330,6 +345,7 @@ class FoolingEvolution(Fooler):
             all_fooled_at = -1
             g_done = 0
             refine_evals = 0
+            polish_evals, before_polish = 0, None
             fingerprint: dict[str, Any] = {}
             if checkpoint_dir is not None:
                 fingerprint = {"params": {k: v for k, v in self.params().items() if k != "generations"}, "shape": list(shape),
@@ -426,6 +442,32 @@ class FoolingEvolution(Fooler):
                     save()
                 if stop:
                     break
+            # The polish is never checkpointed: the saved state is evolution's, so a run resumed or
+            # continued to more generations evolves from the same archive as an uninterrupted one, and
+            # polishes (deterministically) at its own end.
+            if cppn and self.polish_steps:
+                conf_now = archive.confidences()
+                before_polish = torch.from_numpy(conf_now.copy()).float()
+                short = np.flatnonzero(np.isfinite(conf_now) & (conf_now < self.threshold))
+                if short.size:
+                    el = archive.elites()
+                    ims = el["images"].to(device)
+                    probs = torch.cat([F.softmax(model(ims[i:i + self.population]).float(), 1)[:, cls_dev]
+                                       for i in range(0, ims.shape[0], self.population)])
+                    # elites() is sorted by cell; polish_genomes wants one row per genome, one column per cell
+                    kids, _ = polish_genomes([genomes[int(i)] for i in el["genome_id"]], probs, short.tolist(), model, cls_dev,
+                                             shape[1], shape[2], starts=self.polish_starts, steps=self.polish_steps,
+                                             lr=self.polish_lr, max_weight=self.rates.max_weight, chunk=self.population)
+                    rids = np.arange(next_id, next_id + len(kids))
+                    next_id += len(kids)
+                    for i, k in zip(rids, kids):
+                        genomes[int(i)] = k
+                    for i in range(0, len(kids), self.population):
+                        xr = render(kids[i:i + self.population], shape[1], shape[2], device=device)
+                        archive.add(xr, F.softmax(model(xr).float(), 1)[:, cls_dev], rids[i:i + self.population])
+                    keep = {int(i) for i in archive.genome_ids()}
+                    genomes = {i: genomes[i] for i in keep}
+                    polish_evals += ims.shape[0] + len(kids) * (self.polish_steps + 2)
             el = archive.elites()
             xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
             x_all = torch.cat(xs).to(device)
@@ -450,11 +492,14 @@ class FoolingEvolution(Fooler):
             "generation_all_fooled": all_fooled_at,
             "evaluations": g_done * self.population,
             "refine_evaluations": refine_evals,
+            "polish_evaluations": polish_evals,
             "seconds": seconds,
             "history": history,
             "threshold": self.threshold,
             "encoding": self.encoding,
         }
+        if before_polish is not None:
+            extras["elite_confidence_before_polish"] = before_polish[el["labels"]]
         if cppn:
             extras["genomes"] = [genomes[int(i)].to_dict() for i in el["genome_id"]]
         return AttackResult(x_adv=x_all, success=conf >= self.threshold, target=labels, extras=extras)

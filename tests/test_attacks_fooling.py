@@ -398,3 +398,46 @@ def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
     # 2 hidden nodes leave 15 forward pairs (4 inputs x 3 later nodes, hidden->hidden, 2 hidden->output);
     # the 6 connections after the splits plus 12 requested exceed that, so every initial CPPN is complete
     assert [len(g["connections"]) for g in genomes] == [15] * len(genomes)
+
+
+def test_the_last_polish_lifts_the_short_classes_and_keeps_what_evolution_reached():
+    model = Brightness(w=9.5)  # near-saturated sigmoids: 3 generations of mutation leave classes short
+    kw = dict(encoding="cppn", population=2, generations=3, extra_samples=0, seed=0)
+    pure = FoolingEvolution(**kw)(model, shape=(1, 6, 6)).extras
+    short = int((pure["elite_confidence"] < 0.9999).sum())
+    assert short > 0 and "elite_confidence_before_polish" not in pure and pure["polish_evaluations"] == 0
+    pol = FoolingEvolution(**kw, polish_steps=30, polish_starts=2, polish_lr=0.3)(model, shape=(1, 6, 6)).extras
+    # the same evolution (the polish comes after it), then every class over the threshold
+    assert torch.equal(pol["elite_confidence_before_polish"], pure["elite_confidence"].float())
+    assert bool((pol["elite_confidence"] >= 0.9999).all())
+    assert pol["generation_all_fooled"] == pure["generation_all_fooled"] == -1  # evolution's own record, not the polish's
+    # 2 elites scored for every cell, then 2 starts per short class, 30 steps (+2 scorings) each
+    assert pol["polish_evaluations"] == 2 + short * 2 * 32
+    with pytest.raises(ValueError, match="polish_steps.*encoding='cppn'"):
+        FoolingEvolution(encoding="direct", polish_steps=10)
+    with pytest.raises(ValueError, match="polish_starts"):
+        FoolingEvolution(encoding="cppn", polish_starts=0)
+
+
+def test_polish_genomes_starts_from_the_elites_best_for_each_class_in_any_chunking():
+    from guard.attacks.cppn_refine import polish_genomes
+
+    model = Brightness(w=9.5)
+    rng = np.random.default_rng(1)
+    genomes = [random_genome(1, rng=rng, hidden=2) for _ in range(5)]
+    with torch.no_grad():
+        probs = F.softmax(model(render(genomes, 6)), 1)
+    classes = torch.tensor([0, 1])
+    a, cells_a = polish_genomes(genomes, probs, [1, 0], model, classes, 6, 6, starts=2, steps=5, lr=0.3, chunk=1)
+    b, cells_b = polish_genomes(genomes, probs, [1, 0], model, classes, 6, 6, starts=2, steps=5, lr=0.3, chunk=16)
+    assert cells_a == cells_b == [1, 1, 0, 0]
+    assert [g.to_dict() for g in a] == [g.to_dict() for g in b]  # chunks bound memory only
+    # the starts for class 1 are the two brightest genomes; their topologies come back, completed
+    brightest = probs[:, 1].argsort(descending=True)[:2].tolist()
+    for g, i in zip(a[:2], brightest):
+        assert g.order == genomes[i].order and len(g.connections) == len(complete_connections(genomes[i]).connections)
+    with torch.no_grad():
+        after = F.softmax(model(render(a, 6)), 1)
+    assert bool((after[[0, 1], 1] >= probs[brightest, 1]).all()) and bool((after[[2, 3], 0] > 0.5).all())
+    with pytest.raises(ValueError, match="probs must have shape"):
+        polish_genomes(genomes, probs[:, :1], [0], model, classes, 6, 6)

@@ -21,7 +21,8 @@ def _net() -> nn.Module:
 
 
 SETTINGS = {
-    "cppn": dict(encoding="cppn", population=8, init_hidden=2, extra_samples=5, extra_threshold=0.2, refine_every=4, refine_steps=2),
+    "cppn": dict(encoding="cppn", population=8, init_hidden=2, extra_samples=5, extra_threshold=0.2, refine_every=4, refine_steps=2,
+                 polish_steps=3),
     "direct": dict(encoding="direct", population=8, extra_samples=5, extra_threshold=0.2),
 }
 
@@ -33,13 +34,14 @@ def _same(a, b, logged_end: int = 0) -> None:
     assert a.extras["generations"] == b.extras["generations"] and a.extras["refine_evaluations"] == b.extras["refine_evaluations"]
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(a.extras["history"]) == [e for e in strip(b.extras["history"]) if e["generation"] != logged_end]
-    assert a.extras.get("genomes") == b.extras.get("genomes")
+    assert a.extras.get("genomes") == b.extras.get("genomes") and a.extras["polish_evaluations"] == b.extras["polish_evaluations"]
 
 
 @pytest.mark.parametrize("kind", ["cppn", "direct"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, kind):
     net, kw = _net(), SETTINGS[kind]
     whole = FoolingEvolution(generations=11, stop_when_done=False, seed=3, **kw)(net, shape=(3, 16, 16))
+    assert (whole.extras["polish_evaluations"] > 0) == (kind == "cppn")  # the 6-generation call polished too, and was extended
     # "interrupted" after 6 generations (the state saved then), continued to 11 from the folder
     FoolingEvolution(generations=6, stop_when_done=False, seed=3, **kw)(net, shape=(3, 16, 16), checkpoint_dir=tmp_path, checkpoint_every=3)
     assert (tmp_path / STATE_NAME).is_file()
