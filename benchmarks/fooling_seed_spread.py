@@ -53,7 +53,10 @@ def main() -> int:
             e = rep["attacks"][m]
             rows[m].append({"seed": seed, "classes": len(e["classes_fooled"]), "median_confidence": e["median_confidence"],
                             "all_at": e.get("generation_all_fooled", e.get("steps")), "seconds": e["seconds"]})
-        print(f"seed {seed}: " + ", ".join(f"{m} {rows[m][-1]['classes']}/10" for m in METHODS), flush=True)
+            if "classes_fooled_before_polish" in e:  # the CPPN search's last polish (fooling_polish_steps=0: none)
+                rows[m][-1]["classes_before_polish"] = len(e["classes_fooled_before_polish"])
+        print(f"seed {seed}: " + ", ".join(f"{m} {rows[m][-1]['classes']}/10" + (f" ({rows[m][-1]['classes_before_polish']}/10 before the polish)"
+                                                 if "classes_before_polish" in rows[m][-1] else "") for m in METHODS), flush=True)
     for m in METHODS:
         c = [r["classes"] for r in rows[m]]
         print(f"{m:<18} classes reached: {c}  min {min(c)} median {statistics.median(c)} max {max(c)}; "
