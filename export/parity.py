@@ -123,9 +123,27 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
     return out
 
 
+def serving_batch(x: Any, cap: int = 256) -> int:
+    """Images per batch when the graph, or its PyTorch reference, runs many images: at most ``cap``
+    and at most what the fused forward + input-gradient pass takes at a time
+    (:func:`guard.guarded.grad_chunk`: 682 images at 3 x 32 x 32, 13 at 3 x 224 x 224).
+
+    Why: both the exported saliency head (an explicit VJP in the graph) and its reference keep
+    every activation of the batch. On EfficientNet-Lite0 at 224 px one batch of 64 peaked at
+    7.4 GB in PyTorch and 5.6 GB in onnxruntime, and the audit's export step, which ran the
+    graph on 256 images at once, at 18.9 GB. Small images keep batches of ``cap``.
+    """
+    from guard.guarded import GRAD_CHUNK_VALUES
+
+    shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+    per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    return max(1, min(int(cap), GRAD_CHUNK_VALUES // max(1, per)))
+
+
 @torch.no_grad()
-def run_reference(head: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """The ExportHead's outputs in PyTorch (eval mode), batched, as numpy arrays."""
+def run_reference(head: torch.nn.Module, x: torch.Tensor, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """The ExportHead's outputs in PyTorch (eval mode), batched (default :func:`serving_batch`), as numpy arrays."""
+    batch_size = serving_batch(x) if batch_size is None else batch_size
     names = list(head.output_names)  # type: ignore[attr-defined]
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     with eval_mode(head.float_model), eval_mode(head.backbone):  # type: ignore[arg-type]
@@ -135,9 +153,10 @@ def run_reference(head: torch.nn.Module, x: torch.Tensor, *, batch_size: int = 2
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
-def run_session(session: Any, x: Any, *, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """A GuardSession's outputs on all of ``x``, batched."""
+def run_session(session: Any, x: Any, *, batch_size: int | None = None) -> dict[str, np.ndarray]:
+    """A GuardSession's outputs on all of ``x``, batched (default :func:`serving_batch`)."""
     x = _np(x)
+    batch_size = serving_batch(x) if batch_size is None else batch_size
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, x.shape[0], batch_size):
         for n, v in session.run(x[i:i + batch_size]).items():
@@ -164,7 +183,13 @@ def _merge(figs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *, batch_sizes: Sequence[int] = (1, 7, 64),
+def parity_batch_sizes(x: Any) -> tuple[int, ...]:
+    """The batch sizes :func:`check_parity` tries by default: 1, 7 and 64, or the :func:`serving_batch`
+    where that is smaller (13 at 3 x 224 x 224): three sizes, so the batch dimension is checked dynamic."""
+    return (1, 7, max(8, min(64, serving_batch(x))))
+
+
+def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *, batch_sizes: Sequence[int] | None = None,
                  tolerances: Mapping[str, tuple[float, float]] | None = None) -> ParityReport:
     """Compare the ExportHead in PyTorch with the graph in onnxruntime at several batch sizes.
 
@@ -172,12 +197,13 @@ def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *
         head: the ExportHead that was exported.
         session_or_path: a :class:`export.session.GuardSession` or the .onnx path (opened on CPU).
         x: images (N, C, H, W); batch size b uses the first b (repeated if N < b).
-        batch_sizes: batch sizes tried.
+        batch_sizes: batch sizes tried (default :func:`parity_batch_sizes`).
         tolerances: per-output (atol, rtol) overriding :data:`DEFAULT_TOLERANCES`.
     """
     from guard.export.session import GuardSession, load_session
 
     sess = session_or_path if isinstance(session_or_path, GuardSession) else load_session(session_or_path, "cpu")
+    batch_sizes = parity_batch_sizes(x) if batch_sizes is None else batch_sizes
     thresholds = dict(getattr(head, "thresholds", {}))
     flag_names = list(getattr(head, "flag_names", []))
     by_batch: dict[str, dict[str, dict[str, Any]]] = {}
@@ -208,7 +234,7 @@ def _near_step(combined: Any, scores: Mapping[str, torch.Tensor]) -> np.ndarray:
     return out if out is not None else np.zeros(0, dtype=bool)
 
 
-def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_size: int = 256,
+def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_size: int | None = None,
                          head: torch.nn.Module | None = None) -> dict[str, dict[str, Any]]:
     """The GuardedModel's own logits, scores and flags (FAISS, Captum) vs the graph's, on all of ``x``.
 

@@ -194,3 +194,16 @@ def test_torchvision_normalize_in_front_exports_with_parity(tmp_path):
     rep = to_onnx(g, tmp_path / "n.onnx", x[96:100], parity_inputs=x[96:])
     assert rep.parity["passed"], rep.parity["outputs"]
     assert exportable_normalize(swapped) is swapped  # nothing to swap: the same object back
+
+
+def test_large_images_run_the_graph_in_bounded_batches():
+    import numpy as np
+
+    from guard.export.parity import parity_batch_sizes, serving_batch
+
+    # at 224 px a batch of 64 through the saliency head peaked at 7.4 GB (EfficientNet-Lite0): 13 images at a time
+    assert serving_batch(torch.zeros(2, 3, 224, 224)) == 13 and parity_batch_sizes(torch.zeros(2, 3, 224, 224)) == (1, 7, 13)
+    assert serving_batch(np.zeros((2, 3, 224, 224), np.float32), 8) == 8  # the cap, for numpy input too
+    # small images keep the batch sizes every earlier figure was measured with
+    assert serving_batch(torch.zeros(2, 3, 32, 32)) == 256 and parity_batch_sizes(torch.zeros(2, 1, 28, 28)) == (1, 7, 64)
+    assert serving_batch(torch.zeros(1, 3, 2048, 2048)) == 1  # never zero

@@ -1,9 +1,10 @@
 """Audit step ``export``: write OUT/model.onnx and fill report["export"].
 
 Exports the hardened model (the harden step's RejectClassifier) with the guarded model's
-detectors refitted on it, else the GuardedModel of the detectors step, else the bare model; checks parity (ExportHead in PyTorch vs onnxruntime at batch sizes 1, 7 and 64, and,
+detectors refitted on it, else the GuardedModel of the detectors step, else the bare model; checks parity (ExportHead in PyTorch vs onnxruntime at batch sizes 1, 7 and 64, or fewer than 64 for large images: export.parity.parity_batch_sizes; and,
 for a GuardedModel, its own FAISS/Captum scores and flags vs the graph on the held-out images
-and on the attack sets) and measures latency (onnxruntime CPU vs PyTorch eager).
+and on the attack sets) and measures latency (onnxruntime CPU vs PyTorch eager) at batch 1 and
+at ``batch_B``, B = 256 (quick: 64) or fewer for large images (export.parity.serving_batch).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class ExportStep(Step):
 
 def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None, attack_results: dict[str, Any]) -> None:
     from guard.export import build_export_head, compare_with_guarded, load_session, to_onnx
-    from guard.export.parity import compare_outputs, run_reference, run_session
+    from guard.export.parity import compare_outputs, run_reference, run_session, serving_batch
 
     t0 = time.perf_counter()
     quick = ctx.options.quick
@@ -91,7 +92,7 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
         "file_bytes": rep.file_bytes, "external_data": rep.external_data, "sha256": rep.sha256, "signed": rep.signed,
         "parity": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "identical", "passed") if m in v}
                    for k, v in rep.parity["outputs"].items()},  # type: ignore[index]
-        "parity_batch_sizes": [1, 7, 64],
+        "parity_batch_sizes": [int(b) for b in rep.parity["by_batch"]],  # type: ignore[index]
         "providers": sess.report.providers, "session": sess.report.to_dict(),
         "cuda": "no CUDAExecutionProvider in this onnxruntime build; GPU parity/latency not measured"
         if "CUDAExecutionProvider" not in sess.report.available else "available",
@@ -128,7 +129,9 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
     torch.set_num_threads(1)
     try:
         lat: dict[str, Any] = {}
-        for b in ((1, 64) if quick else (1, 256)):
+        # the large batch is bounded like the parity runs' (serving_batch: 13 at 3 x 224 x 224), so
+        # that a 224-px graph with a saliency head does not need tens of GB here
+        for b in (1, serving_batch(x_test, 64 if quick else 256)):
             xb = x_test[:b].contiguous()
             reps = 3 if quick else (20 if b == 1 else 5)
             ort_ms = _median_ms(lambda: sess.run(xb), reps)
