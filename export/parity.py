@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from guard.core.budget import GRAD_CHUNK_VALUES
 from guard.core.models import eval_mode
 
 __all__ = ["check_parity", "compare_outputs", "compare_with_guarded", "run_reference", "run_session", "ParityReport",
@@ -133,8 +134,6 @@ def serving_batch(x: Any, cap: int = 256) -> int:
     7.4 GB in PyTorch and 5.6 GB in onnxruntime, and the audit's export step, which ran the
     graph on 256 images at once, at 18.9 GB. Small images keep batches of ``cap``.
     """
-    from guard.guarded import GRAD_CHUNK_VALUES
-
     shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
     per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return max(1, min(int(cap), GRAD_CHUNK_VALUES // max(1, per)))

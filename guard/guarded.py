@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from guard.core.budget import GRAD_CHUNK_VALUES
 from guard.core.cache import atomic_write_text
 from guard.core.data import Split, is_stream, load_data, sample_stream, stream_batches
 from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
@@ -469,8 +470,6 @@ class GuardedModel(nn.Module):
         return guarded
 
 
-#: The fused forward + input-gradient pass takes at most this many input values (images x C x H x W) at a time.
-GRAD_CHUNK_VALUES = 2**21
 
 
 def grad_chunk(x: torch.Tensor) -> int:

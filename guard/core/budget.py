@@ -21,11 +21,15 @@ from torch import nn
 
 from guard.core.models import eval_mode, model_device
 
-__all__ = ["data_defaults", "macs_per_image", "work_scale", "REFERENCE_MACS"]
+__all__ = ["data_defaults", "macs_per_image", "work_scale", "REFERENCE_MACS", "GRAD_CHUNK_VALUES"]
 
 #: multiply-accumulates per image of the demo DemoNet on 28x28 (the reference the step sizes were set on)
 REFERENCE_MACS = 3.87e6
 _SATURATED_SHARE = 0.7
+#: The fused forward + input-gradient pass (:func:`guard.guarded.grad_chunk`), and the exported graph's
+#: parity and serving batches (:func:`guard.export.parity.serving_batch`), take at most this many input
+#: values (images x C x H x W) at a time.
+GRAD_CHUNK_VALUES = 2**21
 
 
 def data_defaults(x: torch.Tensor) -> dict[str, Any]:
