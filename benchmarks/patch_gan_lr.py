@@ -27,7 +27,7 @@ import time
 import torch
 
 import guard
-from guard.attacks.patch_analysis import fooling_rate_repeated, patch_sampler
+from guard.attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="the audit's batch on the CIFAR-10 model")
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     ap.add_argument("--areas", type=float, nargs="+", default=DEFAULT_AREAS)
+    ap.add_argument("--beta", type=float, nargs="+", default=[None], help="PatchGAN's diversity weight(s) (default: the audit's)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -55,10 +56,11 @@ def main() -> None:
     shape = (int(x_fit.shape[1]), tuple(x_fit.shape[-2:]))
     rows = []
     for area in args.areas:
-        makers = {f"patch_gan lr={lr:g}": (lambda lr=lr: PatchGAN(size=area, loss="margin", steps=args.steps, lr=lr,
-                                                                      eval_every=args.eval_every, batch_size=args.batch_size,
-                                                                      seed=args.seed, **GAN_AUDIT_KWARGS))
-                  for lr in args.lr}
+        makers = {f"patch_gan lr={lr:g}" + (f" beta={beta:g}" if beta is not None else ""):
+                  (lambda lr=lr, beta=beta: PatchGAN(size=area, loss="margin", steps=args.steps, lr=lr, eval_every=args.eval_every,
+                                                     batch_size=args.batch_size, seed=args.seed,
+                                                     **{**GAN_AUDIT_KWARGS, **({"beta": beta} if beta is not None else {})}))
+                  for lr in args.lr for beta in args.beta}
         makers["universal_patch"] = lambda: UniversalPatch(size=area, loss="margin", steps=args.steps, eval_every=args.eval_every,
                                                            batch_size=args.batch_size, seed=args.seed)
         makers["random_patch"] = lambda: RandomPatch(size=area, seed=args.seed)
@@ -69,6 +71,9 @@ def main() -> None:
                                           seed=args.seed, y=y_score)
             row = {"area": area, "attack": name, "fooling_rate": round(stats["mean"], 4), "std": round(stats["std"], 4),
                    "seconds": round(time.perf_counter() - t0, 1)}
+            if name.startswith("patch_gan"):  # the audit's diversity figure: median SSIM over pairs of 100 patches
+                gen = torch.Generator().manual_seed(args.seed)
+                row["ssim_median"] = round(pairwise_diversity(attack.sample(100, generator=gen))["ssim_median"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

@@ -42,6 +42,7 @@ def test_quick_audit_steps(tiny_model, small_split, tmp_path):
     assert "patch_gan_above_both_at_every_area" in pg["summary"]
     # the quick budget's 8 steps take the budget-scaled learning rate (the paper's 1e-3 x 200 / 8)
     assert abs(pg["params"]["lr"] - 0.025) < 1e-12
+    assert pg["params"]["beta"] == 10.0  # and the diversity weight that keeps the patches apart at a raised rate
     assert all(isinstance(v, dict) and "success_rate" in v for v in attacks.values())
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
 
@@ -65,3 +66,17 @@ def test_patch_gan_lr_option_overrides_the_rule(tiny_model, small_split, tmp_pat
     ctx.options.extra = {"patch_gan_kwargs": {"alpha": 1.0, "lr": 0.004}}
     s = _settings(ctx)
     assert s["gan_lr"] == 0.004 and "lr" not in s["gan"]  # given once, not twice to PatchGAN
+
+
+def test_a_raised_rate_gets_the_stronger_diversity_weight_unless_the_caller_chose(tiny_model, small_split, tmp_path):
+    from guard.audit.patches import GAN_AUDIT_KWARGS, _settings, gan_diversity_weight
+
+    assert gan_diversity_weight(1e-3) == GAN_AUDIT_KWARGS["beta"] == 3.0  # the LeNet's 200 steps: unchanged
+    assert gan_diversity_weight(5e-3) == 10.0 and gan_diversity_weight(5e-3, 30.0) == 30.0  # never weaker than asked
+    train, test = small_split
+    ctx = AuditContext(model=tiny_model, model_name="tiny", train=train, test=test, data_source="test", out=tmp_path,
+                       options=AuditOptions(quick=True, progress=False, extra={"patch_gan_lr": 1e-3}))
+    assert _settings(ctx)["gan"]["beta"] == 3.0
+    ctx.options.extra = {"patch_gan_kwargs": {"alpha": 1.0, "beta": 2.0}}  # raised rate (8 steps), the caller's beta kept
+    assert _settings(ctx)["gan"]["beta"] == 2.0
+    assert GAN_AUDIT_KWARGS["beta"] == 3.0  # the module default is not mutated by a run
