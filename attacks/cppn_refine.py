@@ -142,7 +142,7 @@ def polish_genomes(
     give that class the highest probability are refined toward it, their connections completed
     first (``grow=True``), ``steps`` Adam steps at ``lr`` on the log-odds objective, ``chunk``
     genomes per batch (bounded memory at 224 px). Starting from other cells' elites as well as
-    the cell's own is MAP-Elites' goal switching (Nguyen et al. 2015, Sec. 3.3) applied to the
+    the cell's own is MAP-Elites' goal switching (one class's elite as another's stepping stone) applied to the
     gradient: a cell's own elite, refined again, is deterministic and gives the same answer.
 
     Chosen on the CIFAR-10 demo model with seed 1 only, on the archives of the audit's 1,500
