@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from guard.core.budget import GRAD_CHUNK_VALUES
+from guard.core.budget import grad_chunk
 from guard.core.models import eval_mode
 
 __all__ = ["check_parity", "compare_outputs", "compare_with_guarded", "run_reference", "run_session", "ParityReport",
@@ -127,16 +127,14 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
 def serving_batch(x: Any, cap: int = 256) -> int:
     """Images per batch when the graph, or its PyTorch reference, runs many images: at most ``cap``
     and at most what the fused forward + input-gradient pass takes at a time
-    (:func:`guard.guarded.grad_chunk`: 682 images at 3 x 32 x 32, 13 at 3 x 224 x 224).
+    (:func:`guard.core.budget.grad_chunk`: 682 images at 3 x 32 x 32, 13 at 3 x 224 x 224).
 
     Why: both the exported saliency head (an explicit VJP in the graph) and its reference keep
     every activation of the batch. On EfficientNet-Lite0 at 224 px one batch of 64 peaked at
     7.4 GB in PyTorch and 5.6 GB in onnxruntime, and the audit's export step, which ran the
     graph on 256 images at once, at 18.9 GB. Small images keep batches of ``cap``.
     """
-    shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
-    per = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    return max(1, min(int(cap), GRAD_CHUNK_VALUES // max(1, per)))
+    return max(1, min(int(cap), grad_chunk(x if hasattr(x, "shape") else np.asarray(x))))
 
 
 @torch.no_grad()

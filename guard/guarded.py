@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from guard.core.budget import GRAD_CHUNK_VALUES
+from guard.core.budget import grad_chunk
 from guard.core.cache import atomic_write_text
 from guard.core.data import Split, is_stream, load_data, sample_stream, stream_batches
 from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
@@ -468,21 +468,6 @@ class GuardedModel(nn.Module):
         if "combined" in index:
             guarded.combined = member(index["combined"], "combined")  # type: ignore[assignment]
         return guarded
-
-
-
-
-def grad_chunk(x: torch.Tensor) -> int:
-    """Images per fused forward + backward pass: :data:`GRAD_CHUNK_VALUES` input values (13 images
-    at 3 x 224 x 224, 682 at 3 x 32 x 32, 2,674 at 1 x 28 x 28), at least one.
-
-    Why: a backward pass keeps every activation of its chunk, and on the CPU its cost per image
-    grows with the chunk (page faults of the multi-GB activation buffers): a ResNet-50 at 224 px
-    took 0.32 s per image to differentiate in chunks of 16 and 0.64 s in one chunk of 64
-    (``benchmarks/bench_guarded_resnet50.py``, BENCHMARKS.md "Production scale (issue 15)").
-    """
-    per = max(1, int(x[0].numel())) if x.ndim > 0 and x.shape[0] else 1
-    return max(1, GRAD_CHUNK_VALUES // per)
 
 
 def _names(value: Any, name: str) -> list[Any]:

@@ -65,6 +65,7 @@ def test_integrated_gradients_still_go_through_captum(tiny_model, small_split) -
 
 
 def test_chunked_gradient_pass_gives_the_same_batch(tiny_model, small_split, monkeypatch) -> None:
+    import guard.core.budget as budget
     import guard.guarded as gm
 
     train, test = small_split
@@ -72,7 +73,7 @@ def test_chunked_gradient_pass_gives_the_same_batch(tiny_model, small_split, mon
                                         "knn": guard.detectors.KNNRank("fc1")})
     g.fit(train)
     whole = g._forward(test.x[:23], input_grad=True)
-    monkeypatch.setattr(gm, "GRAD_CHUNK_VALUES", 5 * 28 * 28)  # chunks of 5 images
+    monkeypatch.setattr(budget, "GRAD_CHUNK_VALUES", 5 * 28 * 28)  # chunks of 5 images
     assert gm.grad_chunk(test.x[:23]) == 5
     parts = g._forward(test.x[:23], input_grad=True)
     torch.testing.assert_close(parts.logits, whole.logits)

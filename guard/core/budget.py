@@ -21,14 +21,14 @@ from torch import nn
 
 from guard.core.models import eval_mode, model_device
 
-__all__ = ["data_defaults", "macs_per_image", "work_scale", "REFERENCE_MACS", "GRAD_CHUNK_VALUES"]
+__all__ = ["data_defaults", "macs_per_image", "work_scale", "grad_chunk", "REFERENCE_MACS", "GRAD_CHUNK_VALUES"]
 
 #: multiply-accumulates per image of the demo DemoNet on 28x28 (the reference the step sizes were set on)
 REFERENCE_MACS = 3.87e6
 _SATURATED_SHARE = 0.7
-#: The fused forward + input-gradient pass (:func:`guard.guarded.grad_chunk`), and the exported graph's
-#: parity and serving batches (:func:`guard.export.parity.serving_batch`), take at most this many input
-#: values (images x C x H x W) at a time.
+#: The fused forward + input-gradient pass, and the exported graph's parity and serving batches
+#: (:func:`guard.export.parity.serving_batch`), take at most this many input values (images x C x H x W)
+#: at a time (:func:`grad_chunk`).
 GRAD_CHUNK_VALUES = 2**21
 
 
@@ -75,3 +75,20 @@ def work_scale(macs: float) -> float:
     if macs <= 0:
         return 1.0
     return float(min(1.0, max(0.02, REFERENCE_MACS / macs)))
+
+
+def grad_chunk(x: Any) -> int:
+    """Images per fused forward + backward pass: :data:`GRAD_CHUNK_VALUES` input values (13 images
+    at 3 x 224 x 224, 682 at 3 x 32 x 32, 2,674 at 1 x 28 x 28), at least one. ``x``: a batch
+    (tensor or array); only its shape is read.
+
+    Why: a backward pass keeps every activation of its chunk, and on the CPU its cost per image
+    grows with the chunk (page faults of the multi-GB activation buffers): a ResNet-50 at 224 px
+    took 0.32 s per image to differentiate in chunks of 16 and 0.64 s in one chunk of 64
+    (``benchmarks/bench_guarded_resnet50.py``, BENCHMARKS.md "Production scale (issue 15)").
+    """
+    shape = tuple(x.shape)
+    per = 1
+    for d in shape[1:]:
+        per *= int(d)
+    return max(1, GRAD_CHUNK_VALUES // max(1, per))
