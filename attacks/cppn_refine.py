@@ -134,13 +134,14 @@ def polish_genomes(
     lr: float = 0.05,
     max_weight: float = 8.0,
     chunk: int = 32,
+    grow: bool = True,
 ) -> tuple[list[Genome], list[int]]:
     """A last, longer refinement of a finished MAP-Elites archive toward the cells still short.
 
     For each cell in ``cells`` the ``starts`` genomes of ``genomes`` (the archive's elites, one
     per cell, ``probs`` their (E, cells) softmax for every cell's class ``classes[cell]``) that
     give that class the highest probability are refined toward it, their connections completed
-    first (``grow=True``), ``steps`` Adam steps at ``lr`` on the log-odds objective, ``chunk``
+    first (``grow=True``, the default; False only to measure what completion adds), ``steps`` Adam steps at ``lr`` on the log-odds objective, ``chunk``
     genomes per batch (bounded memory at 224 px). Starting from other cells' elites as well as
     the cell's own is MAP-Elites' goal switching (one class's elite as another's stepping stone) applied to the
     gradient: a cell's own elite, refined again, is deterministic and gives the same answer.
@@ -164,6 +165,6 @@ def polish_genomes(
     for k in range(0, len(picks), chunk):
         part = picks[k:k + chunk]
         new, _ = refine_weights([genomes[i] for i, _ in part], model, classes[[c for _, c in part]], height, width, steps=steps,
-                                lr=lr, max_weight=max_weight, objective="log_odds", grow=True)
+                                lr=lr, max_weight=max_weight, objective="log_odds", grow=grow)
         out.extend(new)
     return out, [c for _, c in picks]

@@ -5,8 +5,8 @@ add-node 0.3, refinement every 100 generations x 100 steps, parents from the cla
 and no polish, caches the elites' genomes (``~/.cache/guard/cppn_polish/evoSEED.json``), then
 refines, for each class still below 99.99%, the ``--starts`` elites that give it the highest
 probability: 300 Adam steps at lr 0.05 on the log-odds, connections completed first unless
-``--no-grow``. ``--starts 4`` with completion is :func:`attacks.cppn_refine.polish_genomes`, what
-``FoolingEvolution(polish_steps=300)`` and the audit do. Chosen on seed 1; seeds 0, 2-4 not tuned on:
+``--no-grow`` (:func:`attacks.cppn_refine.polish_genomes`; ``--starts 4`` with completion is what
+``FoolingEvolution(polish_steps=300)`` and the audit do). Chosen on seed 1; seeds 0, 2-4 not tuned on:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cppn_polish.py --seed 1 --starts 1 --no-grow
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cppn_polish.py --seed 1 --starts 4
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import guard
 from guard.attacks.cppn import Genome, MutationRates, render
-from guard.attacks.cppn_refine import refine_weights
+from guard.attacks.cppn_refine import polish_genomes
 from guard.attacks.fooling_evolution import FoolingEvolution
 
 CACHE = Path.home() / ".cache" / "guard" / "cppn_polish"
@@ -64,15 +64,11 @@ def main() -> int:
     with torch.no_grad():
         probs = F.softmax(model(render(gs, 32, 32)), 1)
     t = time.perf_counter()
-    starts, targets = [], []
-    for c in labels[conf < 0.9999].tolist():
-        for i in probs[:, c].argsort(descending=True)[:a.starts].tolist():
-            starts.append(gs[i])
-            targets.append(c)
     best: dict[int, float] = {}
-    if starts:
-        new, _ = refine_weights(starts, model, torch.tensor(targets), 32, 32, steps=a.steps, lr=a.lr, objective="log_odds",
-                                grow=not a.no_grow)
+    short = labels[conf < 0.9999].tolist()  # the elites are one per class, in class order: cell = class
+    if short:
+        new, targets = polish_genomes(gs, probs, short, model, labels, 32, 32, starts=a.starts, steps=a.steps, lr=a.lr,
+                                      grow=not a.no_grow)
         with torch.no_grad():
             q = F.softmax(model(render(new, 32, 32)), 1)
         for j, c in enumerate(targets):
