@@ -220,6 +220,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _add_harden(sub: argparse._SubParsersAction) -> None:
     from guard.training import ROUND_ATTACKS, HardenConfig
+    from guard.training.online_losses import ONLINE_METHODS
 
     d = HardenConfig()
     p = sub.add_parser(
@@ -239,7 +240,22 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma-separated round attacks (default {','.join(d.attacks)}; "
                    f"choose from {','.join(ROUND_ATTACKS)})")
     p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--method", default="rounds", choices=["rounds", *ONLINE_METHODS],
+                   help="rounds (default): the offline rounds above; pgd, fgsm_rs, trades or reject: attack every training "
+                   "batch against the current model and train on it at once (adversarial training; reject: the reject "
+                   "class absorbs what the attack finds)")
+    p.add_argument("--eps", type=float, default=None, help="online methods: the L-inf radius (required; e.g. 0.3 MNIST, 0.0314 CIFAR-10)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"online methods: epochs (default {d.epochs})")
+    p.add_argument("--attack-steps", type=int, default=d.attack_steps, help="online methods: the training attack's steps")
+    p.add_argument("--step-size", type=float, default=None, help="online methods: the attack's step (default: 1.25 eps for "
+                   "fgsm_rs, 2.5 eps / steps otherwise)")
+    p.add_argument("--trades-beta", type=float, default=d.trades_beta)
+    p.add_argument("--reject-weight", type=float, default=d.reject_weight)
+    p.add_argument("--eps-warmup-epochs", type=float, default=d.eps_warmup_epochs)
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="BATCHES",
+                   help="online methods: also checkpoint every this many batches inside an epoch")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr} with Adam for the rounds, "
+                   "0.05 with SGD and a cosine schedule for the online methods)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--online-fooling-steps", type=int, default=d.online_fooling_steps, metavar="K",
                    help="also train on fresh gradient-ascent fooling images (K steps) in every batch (default 0: off)")
@@ -271,7 +287,11 @@ def _cmd_harden(args: argparse.Namespace) -> int:
 
     _check_key_env(args)
     s = _setup(args, progress=not args.quiet, stream=True)  # an image folder is streamed, never loaded whole
-    config = HardenConfig(rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=args.lr,
+    online = dict(method=args.method, eps=args.eps, epochs=args.epochs, attack_steps=args.attack_steps,
+                  step_size=args.step_size, trades_beta=args.trades_beta, reject_weight=args.reject_weight,
+                  eps_warmup_epochs=args.eps_warmup_epochs)
+    lr = args.lr if args.lr is not None else (HardenConfig().lr if args.method == "rounds" else 0.05)
+    config = HardenConfig(**online, rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=lr,
                           batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
                           budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,
                           online_fooling_steps=args.online_fooling_steps, freeze_known_classes=args.freeze_known_classes,
@@ -284,7 +304,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     try:
         res = harden(s.model.to(args.device), s.train, test=s.test, config=config, augment=demo_augment(s.demo),
                      checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet and rank == 0,
-                     reject_images=reject)
+                     reject_images=reject, checkpoint_every=args.checkpoint_every)
     finally:
         if created:
             import torch.distributed as dist
@@ -303,6 +323,12 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     def f(v: Any, spec: str) -> str:
         return "n/a" if v is None else format(v, spec)
 
+    if config.method != "rounds":
+        for r in [section["baseline"], *section["rounds"]]:
+            print(f"epoch {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  clean rejected {f(r.get('clean_rejected_share'), '.4f')}"
+                  f"  monitor (10-step PGD, robust with rejection) {f(r.get('monitor', {}).get('robust_with_rejection'), '.4f')}")
+        print(f"wrote {out}/harden.json and {path}")
+        return 0
     for r in [section["baseline"], *section["rounds"]]:
         print(f"round {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  classes fooled >=99% "
               f"{f(r['fooling_classes_ge99_count'], 'd')}/{section['num_classes']}  median fooling conf "

@@ -50,6 +50,10 @@ from guard.core.models import model_device, predict_labels
 from guard.core.validation import check_float, check_images, check_int
 from guard.training.checkpoint import load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
+from guard.training.loop import ddp_wrap as _wrap
+from guard.training.online_losses import ONLINE_METHODS
+from guard.training.loop import mix_seed as _seed
+from guard.training.loop import train_mode as _train_mode
 from guard.training.harden_data import HardenStream, check_shardable, digest, epoch_order, reject_picks, stream_accuracy
 from guard.training.reject import RejectClassifier, grow_head
 from guard.training.round_attacks import (DEFAULT_ATTACKS, FOOLING_ATTACKS, AttackBudget, RoundAttackSet, check_attacks,
@@ -100,6 +104,27 @@ class HardenConfig:
             images per class, or none for some): training the known rows on it pushes down the
             logits of the classes it lacks, as the ImageNet benchmark of issue 20 showed (top-1 on
             held-out classes fell from 90% to 0%).
+        method: ``"rounds"`` (default): the offline rounds above (attack once per round, archive,
+            retrain). An online method attacks every training batch against the current model and
+            trains on it at once (:mod:`guard.training.online`): ``"pgd"`` (Madry et al. 2018),
+            ``"fgsm_rs"`` (Wong et al. 2020), ``"trades"`` (Zhang et al. 2019) or ``"reject"``
+            (adversarial training with the reject class as an abstain option, Laidlaw & Feizi 2019).
+            The online methods use ``epochs``, ``eps``, ``attack_steps``, ``step_size``,
+            ``trades_beta``, ``reject_weight``, ``monitor_images``, ``lr`` (SGD with Nesterov
+            momentum and a cosine schedule; :meth:`online` gives working defaults), ``batch_size``,
+            ``seed``, ``head``, ``trainable`` and ``freeze_known_classes``; the rounds' fields
+            (``rounds``, ``attacks``, ``budget``, ``reject_share`` ...) do not apply.
+        epochs: online methods: training epochs over the data.
+        eps: online methods: the L-inf radius the attack may move each pixel (required; in (0, 1]).
+        attack_steps: online PGD / TRADES / reject: the attack's steps (FGSM with random start: 1).
+        step_size: the attack's step; None: 1.25 eps for ``fgsm_rs``, 2.5 eps / steps otherwise.
+        trades_beta: the weight of the TRADES KL term.
+        reject_weight: the weight of the ``reject`` method's adversarial abstain term.
+        eps_warmup_epochs: online methods: the attack's radius grows linearly from 0 to ``eps``
+            over this many epochs (step by step), then stays (0: ``eps`` from the first step); a
+            large radius from the first step can collapse a fine-tuned model to one class.
+        monitor_images: held-out images attacked after every epoch for the history's cheap
+            robustness look (10-step PGD; 0: none). Not an evaluation: see :func:`guard.evaluate_robust`.
     """
 
     rounds: int = 3
@@ -114,6 +139,20 @@ class HardenConfig:
     online_fooling_steps: int = 0
     trainable: tuple[str, ...] | None = None
     freeze_known_classes: bool = False
+    method: str = "rounds"
+    epochs: int = 10
+    eps: float | None = None
+    attack_steps: int = 10
+    step_size: float | None = None
+    trades_beta: float = 6.0
+    reject_weight: float = 1.0
+    monitor_images: int = 256
+    eps_warmup_epochs: float = 0.0
+
+    @classmethod
+    def online(cls, method: str = "reject", *, eps: float, **overrides: Any) -> "HardenConfig":
+        """Defaults for an online method: SGD at lr 0.05 (cosine), batch 128, 10 epochs, 10 attack steps."""
+        return cls(**{"method": method, "eps": eps, "lr": 0.05, "batch_size": 128, "epochs": 10, **overrides})
 
     @classmethod
     def quick(cls, **overrides: Any) -> "HardenConfig":
@@ -134,8 +173,23 @@ class HardenConfig:
         if not isinstance(self.freeze_known_classes, bool):
             raise TypeError(f"freeze_known_classes must be a bool; got {type(self.freeze_known_classes).__name__} "
                             f"({self.freeze_known_classes!r}).")
+        if not isinstance(self.method, str) or self.method not in ("rounds", *ONLINE_METHODS):
+            raise ValueError(f"The 'method' parameter of harden must be one of {['rounds', *ONLINE_METHODS]}. "
+                             f"Got {self.method!r}.")
+        if self.method != "rounds" and self.eps is None:
+            raise ValueError(f"The 'eps' parameter of harden is required by method={self.method!r}: the L-inf radius in "
+                             "[0, 1] pixel units (e.g. 8/255 for CIFAR-10, 0.3 for MNIST). Got None.")
         return dataclasses.replace(
             self,
+            eps=None if self.eps is None else check_float(self.eps, "eps", owner, low=0.0, low_open=True, high=1.0),
+            epochs=check_int(self.epochs, "epochs", owner, low=1),
+            attack_steps=check_int(self.attack_steps, "attack_steps", owner, low=1),
+            step_size=None if self.step_size is None else check_float(self.step_size, "step_size", owner, low=0.0,
+                                                                         low_open=True, high=1.0),
+            trades_beta=check_float(self.trades_beta, "trades_beta", owner, low=0.0),
+            reject_weight=check_float(self.reject_weight, "reject_weight", owner, low=0.0),
+            monitor_images=check_int(self.monitor_images, "monitor_images", owner, low=0),
+            eps_warmup_epochs=check_float(self.eps_warmup_epochs, "eps_warmup_epochs", owner, low=0.0),
             rounds=check_int(self.rounds, "rounds", owner, low=1),
             epochs_per_round=check_int(self.epochs_per_round, "epochs_per_round", owner, low=1),
             reject_share=check_float(self.reject_share, "reject_share", owner, low=0.0, low_open=True, high=0.5),
@@ -148,10 +202,19 @@ class HardenConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON types; the offline rounds leave out the online methods' fields (so
+        that a checkpoint of an earlier version, which had none of them, still resumes)."""
         d = asdict(self)
         d["attacks"] = list(self.attacks)
         d["trainable"] = None if self.trainable is None else list(self.trainable)
+        if self.method == "rounds":
+            for k in _ONLINE_FIELDS:
+                d.pop(k)
         return d
+
+
+_ONLINE_FIELDS = ("method", "epochs", "eps", "attack_steps", "step_size", "trades_beta", "reject_weight", "monitor_images",
+                 "eps_warmup_epochs")
 
 
 @dataclass
@@ -174,13 +237,6 @@ class HardenResult:
     archive_size: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     config: HardenConfig | None = None
-
-
-def _seed(*parts: int) -> int:
-    s = 0x9E3779B1
-    for p in parts:
-        s = (s * 1_000_003 + int(p) + 1) % (2**40)
-    return s
 
 
 _Data = Split | HardenStream  # tensors (the fast path) or a stream read batch by batch
@@ -210,6 +266,7 @@ def harden(
     progress: bool = True,
     on_epoch_end: Callable[[int, int, nn.Module], None] | None = None,
     reject_images: torch.Tensor | None = None,
+    checkpoint_every: int = 0,
     **overrides: Any,
 ) -> HardenResult:
     """Retrain ``model`` with an (n+1)-th reject class against fresh attacks, round after round.
@@ -244,6 +301,10 @@ def harden(
             earlier, longer evolution found (Nguyen et al. retrain on the images of their
             evolution run), or inputs flagged in production. They open the reject archive
             (``archive_size`` counts them); their digest is part of the checkpoint's settings.
+            Offline rounds only.
+        checkpoint_every: online methods: also write the checkpoint every this many batches
+            inside an epoch (0: at epoch ends only), so that a long epoch killed midway loses
+            at most that many batches; a resumed run still ends bit-identical.
         **overrides: any :class:`HardenConfig` field (``rounds=5``), replacing ``config``'s.
 
     Returns:
@@ -286,6 +347,13 @@ def harden(
             raise ValueError(f"reject_images must have the data's image shape {tuple(shape)} (C, H, W); got "
                              f"{tuple(reject_images.shape[1:])}.")
         reject_images = reject_images.detach().to("cpu", torch.float32).contiguous()
+    if config.method != "rounds":
+        if reject_images is not None:
+            raise ValueError(f"reject_images apply to the offline rounds (method='rounds'); method={config.method!r} "
+                             "attacks every batch itself. Got reject_images with the online method.")
+        return _harden_online(net, n, head_name, train, held if held is not None else train, config, augment=augment,
+                              checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                              on_epoch_end=on_epoch_end, checkpoint_every=checkpoint_every)
     hardener = _Hardener(net, n, head_name, train, held if held is not None else train, config, augment=augment,
                          checkpoint_dir=checkpoint_dir, progress=progress, on_epoch_end=on_epoch_end,
                          reject_images=reject_images)
@@ -297,6 +365,30 @@ def harden(
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _harden_online(net: nn.Module, n: int, head: str, train: _Data, held: _Data, config: HardenConfig, *,
+                   checkpoint_every: int, resume: bool, **kw: Any) -> HardenResult:
+    """The online methods (:mod:`guard.training.online`): the same model, checkpoints and result type as the rounds."""
+    from guard.training.online import OnlineHardener
+
+    checkpoint_every = check_int(checkpoint_every, "checkpoint_every", "harden", low=0)
+    frozen = _freeze(net, head, config.trainable)
+    hooks = _freeze_known_rows(net, head, n) if config.freeze_known_classes else []
+    hardener = OnlineHardener(net, n, head, train, held, config, frozen=frozen, checkpoint_every=checkpoint_every, **kw)
+    created = init_from_env(hardener.device)
+    try:
+        history, baseline, timings = hardener.run(resume=resume)
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    net.eval()
+    net.requires_grad_(True)
+    for hook in hooks:
+        hook.remove()
+    return HardenResult(RejectClassifier(net, n, head).eval(), history, baseline, 0, timings, config)
 
 
 @dataclass
@@ -569,20 +661,6 @@ def _freeze_known_rows(net: nn.Module, head: str, n: int) -> list[Any]:
         mask[n:] = 1.0
         hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.device, g.dtype)))
     return hooks
-
-
-def _train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
-    model.train()
-    for m in frozen:
-        m.training = False  # this module only: eval() would recurse into trainable children
-
-
-def _wrap(net: nn.Module, size: int, device: torch.device) -> nn.Module:
-    if size == 1:
-        return net
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float,

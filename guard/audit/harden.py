@@ -32,8 +32,22 @@ _ROUND_KEYS = ("round", "clean_accuracy", "fooling_classes_ge99", "fooling_media
                "rejected_share_of_round_attacks")
 
 
+def online_section(res: HardenResult, *, seconds: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``harden`` section of an online method: one row per epoch (under the fixed key ``rounds``)."""
+    keys = ("clean_accuracy", "clean_rejected_share", "monitor")
+    rows = [{"round": h["epoch"], "epoch": h["epoch"], "train_loss": h.get("train_loss"), **{k: h.get(k) for k in keys},
+             "train_seconds": h.get("train_seconds")} for h in res.history]
+    base = {"round": 0, **{k: res.baseline.get(k) for k in keys}}
+    drop = (base["clean_accuracy"] - rows[-1]["clean_accuracy"]) * 100.0
+    return {"method": res.config.method, "rounds": rows, "baseline": base, "num_classes": res.model.num_classes,
+            "reject_index": res.model.reject_index, "settings": {**res.config.to_dict(), **(settings or {})},
+            "archive_size": 0, "clean_accuracy_drop_points": drop, "timings": res.timings, "seconds": round(seconds, 3)}
+
+
 def harden_section(res: HardenResult, *, seconds: float, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The report's ``harden`` section from a :class:`~guard.training.HardenResult`."""
+    """The report's ``harden`` section from a :class:`~guard.training.HardenResult` (either kind of method)."""
+    if res.config is not None and res.config.method != "rounds":
+        return online_section(res, seconds=seconds, settings=settings)
     rounds = []
     for h in res.history:
         row = {k: h.get(k) for k in _ROUND_KEYS}
