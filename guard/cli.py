@@ -25,6 +25,9 @@ def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
                      help=f"an embedded default: its data and its demo model ({', '.join(DEMOS)}; default mnist, "
                           "also when neither --demo nor --model is given)")
     src.add_argument("--model", metavar="SPEC", help=model_help + "; a module in the current directory is found, as uvicorn does")
+    p.add_argument("--variant", default="standard", metavar="NAME",
+                   help="with --demo: which shipped model (standard; for cifar10 also robust: adversarially trained with a "
+                        "reject class)")
     p.add_argument("--data", metavar="DIR|NAME", help="for --model: an image folder (one sub-folder per class, split 80/20 with "
                    f"--seed) or the name of an embedded data set ({', '.join(DEMOS)})")
     p.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
@@ -103,9 +106,14 @@ def _setup(args: argparse.Namespace, *, progress: bool, stream: bool = False) ->
         if args.data is not None:
             raise ValueError("--data needs --model (--demo NAME brings its own data).")
         demo = args.demo or "mnist"
-        s = _Setup(guard.demo_model(demo, progress=progress), *guard.demo_data(demo), f"guard.demo_model({demo!r})",
+        variant = getattr(args, "variant", "standard")
+        name = f"guard.demo_model({demo!r})" if variant == "standard" else f"guard.demo_model({demo!r}, variant={variant!r})"
+        s = _Setup(guard.demo_model(demo, variant=variant, progress=progress), *guard.demo_data(demo), name,
                    demo_source(demo), demo)
     else:
+        if getattr(args, "variant", "standard") != "standard":
+            raise ValueError(f"--variant picks a shipped demo model and needs --demo; got --model {args.model!r} with "
+                             f"--variant {args.variant!r}.")
         if args.data is None:
             raise ValueError(f"--model needs --data DIR (an image folder, one sub-folder per class) or an embedded data set ({', '.join(DEMOS)}).")
         model = _load_user_model(args.model)

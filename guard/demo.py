@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.data import DEMO_DATA, DEMO_SEED, DEMO_TEST, DEMO_TRAIN, demo_data, demo_data_digest
@@ -84,8 +85,8 @@ def demo_model_key(seed: int = DEMO_SEED) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: bool = True,
-               progress: bool = True) -> DemoNet:
+def demo_model(name: str = "mnist", *, variant: str = "standard", seed: int = DEMO_SEED, cache: bool = True,
+               train_if_missing: bool = True, progress: bool = True) -> nn.Module:
     """The demo classifier of an embedded default, loaded from the cache or trained.
 
     ``"mnist"``: DemoNet, trained on first use (about half a minute on 2 cores) and cached.
@@ -94,6 +95,10 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
 
     Args:
         name: the embedded default (:data:`DEMOS`).
+        variant: ``"standard"``, or for ``"cifar10"`` ``"robust"``: the ResNet-20 adversarially
+            fine-tuned with a reject class (``guard.harden(method="reject")``, L-inf 8/255; a
+            :class:`~guard.training.RejectClassifier` with 11 outputs, index 10 = reject), its file
+            checked against its recorded SHA-256 (:data:`DEMO_VARIANTS`).
         seed: training seed (part of the cache key).
         cache: read and write ``cache_dir()/demo/demonet-<key>.safetensors``.
         train_if_missing: train when not cached; otherwise raise ValueError.
@@ -104,7 +109,10 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
         a cache hit.
     """
     if _check_demo(name) == "cifar10":
-        return cifar10_model()
+        return cifar10_model(variant=variant)
+    if variant != "standard":
+        raise ValueError(f"The 'variant' parameter of demo_model must be one of {list(DEMO_VARIANTS[name])} for {name!r}. "
+                         f"Got {variant!r}.")
     key = demo_model_key(seed)
     path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
     model = DemoNet()
@@ -134,18 +142,30 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
     return model
 
 
-def cifar10_model(folder: str | Path | None = None) -> CifarResNet:
-    """The shipped CIFAR-10 ResNet-20, its file checked against the SHA-256 recorded when it was trained.
+#: The shipped variants of each demo model, by the stem of their files in ``guard/_data/NAME``.
+DEMO_VARIANTS: dict[str, dict[str, str]] = {"mnist": {"standard": ""},
+                                            "cifar10": {"standard": "resnet20", "robust": "resnet20-robust"}}
+
+
+def cifar10_model(folder: str | Path | None = None, *, variant: str = "standard") -> nn.Module:
+    """The shipped CIFAR-10 ResNet-20 (or a variant of it), its file checked against the SHA-256 recorded when it was trained.
 
     Args:
         folder: where ``resnet20.safetensors`` and ``resnet20.json`` are (default: the package's data).
+        variant: ``"standard"`` (a :class:`CifarResNet`) or ``"robust"`` (a
+            :class:`~guard.training.RejectClassifier` around it, ``resnet20-robust.*``).
 
     Raises:
-        ValueError: the weights file is missing, or its hash does not match ``resnet20.json``.
+        ValueError: an unknown variant, the weights file is missing, or its hash does not match its record.
     """
     from importlib import resources
 
+    stems = DEMO_VARIANTS["cifar10"]
+    if variant not in stems:
+        raise ValueError(f"The 'variant' parameter of demo_model must be one of {list(stems)} for 'cifar10'. Got {variant!r}.")
     folder = Path(folder) if folder is not None else Path(str(resources.files("guard") / "_data" / "cifar10"))
+    if variant != "standard":
+        return _cifar10_variant(folder, stems[variant])
     record_path, path = folder / "resnet20.json", folder / "resnet20.safetensors"
     if not record_path.is_file() or not path.is_file():
         raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} (resnet20.safetensors and resnet20.json); "
@@ -160,5 +180,20 @@ def cifar10_model(folder: str | Path | None = None) -> CifarResNet:
     model.load_state_dict(tensors)
     model.eval()
     model.guard_meta = {"cache_path": str(path), "cache_hit": True, "sha256": digest,  # type: ignore[attr-defined]
+                        "test_accuracy": record.get("test_accuracy"), "command": record.get("command")}
+    return model
+
+
+def _cifar10_variant(folder: Path, stem: str) -> nn.Module:
+    """A RejectClassifier variant of the CIFAR-10 ResNet-20 (``STEM.safetensors`` + ``STEM.json``), hash checked."""
+    from guard.training import RejectClassifier
+
+    record_path, path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    if not record_path.is_file() or not path.is_file():
+        raise ValueError(f"the CIFAR-10 variant weights {stem}.safetensors / {stem}.json are missing from {str(folder)!r}; "
+                         "train them with tools/train_cifar10_robust.py (see its docstring).")
+    record = json.loads(record_path.read_text())
+    model = RejectClassifier.load(path, cifar10_model(folder), expected_sha256=record.get("sha256"))
+    model.guard_meta = {"cache_path": str(path), "sha256": record.get("sha256"),  # type: ignore[attr-defined]
                         "test_accuracy": record.get("test_accuracy"), "command": record.get("command")}
     return model
