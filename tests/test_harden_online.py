@@ -185,3 +185,25 @@ def test_model_without_a_head_and_reject_images_raise(toy_model):
         harden(headless, _toy(32, 12), method="pgd", eps=0.1, progress=False)
     with pytest.raises(ValueError, match="reject_images"):
         harden(toy_model, _toy(32, 12), method="pgd", eps=0.1, reject_images=torch.rand(4, 1, 6, 6), progress=False)
+
+
+def test_demo_model_variants_are_checked():
+    with pytest.raises(ValueError, match="variant"):
+        guard.demo_model("mnist", variant="robust")
+    with pytest.raises(ValueError, match="variant"):
+        guard.demo_model("cifar10", variant="sturdy")
+
+
+def test_cli_harden_online_writes_its_epochs(tmp_path, monkeypatch, capsys):
+    from guard.cli import main
+
+    rc = main(["harden", "--demo", "--train-size", "96", "--test-size", "32", "--method", "fgsm_rs", "--eps", "0.2",
+               "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path), "--threads", "1", "-q"])
+    assert rc == 0
+    import json
+
+    section = json.loads((tmp_path / "harden.json").read_text())["harden"]
+    assert section["method"] == "fgsm_rs" and [r["epoch"] for r in section["rounds"]] == [1]
+    assert section["settings"]["eps"] == 0.2 and section["settings"]["lr"] == 0.05
+    loaded = guard.RejectClassifier.load(tmp_path / "hardened_model.safetensors", guard.demo_model(progress=False))
+    assert loaded.num_classes == 10
