@@ -138,7 +138,7 @@ class APGD(Attack):
         logits = model(x)
         loss = apgd_loss(self.loss, logits, y, target=target, real_classes=self.real_classes)
         (grad,) = torch.autograd.grad(loss.sum(), x)
-        return loss.detach(), grad.detach(), logits.detach()
+        return loss.detach(), grad.detach().contiguous(), logits.detach()
 
     def _targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:
         if self.loss != "dlr-targeted":

@@ -199,8 +199,19 @@ class _Runner:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.impl == "torchattacks":
             devices = [x.device] if x.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):  # torchattacks seeds the global RNG; the caller's stays as it was
-                return self.attack(x, y).detach(), None
+            # torchattacks seeds the global RNG (forked: the caller's stays as it was) and calls
+            # backward() on the model (FAB, Square), which would add to the parameters' .grad:
+            # they are frozen for the call and given back as they were
+            params = [(p, p.requires_grad, p.grad) for p in self.model.parameters()]
+            try:
+                for p, _, _ in params:
+                    p.requires_grad_(False)
+                with torch.random.fork_rng(devices=devices):
+                    return self.attack(x, y).detach(), None
+            finally:
+                for p, flag, grad in params:
+                    p.requires_grad_(flag)
+                    p.grad = grad
         res = self.attack(self.model, x, y)
         return res.x_adv, res.extras.get("loss_curves")
 
@@ -273,8 +284,10 @@ def _run_one(runner: _Runner, model: nn.Module, split: Split, state: _State, eps
         idx = todo[lo:lo + batch_size]
         xb, yb = split.x[idx].to(device), split.y[idx].to(device)
         x_adv, curve = runner(xb, yb)
-        # every attack is judged inside the ball, whatever it returned
-        x_adv = torch.minimum(torch.maximum(x_adv.to(device), xb - eps), xb + eps).clamp(0.0, 1.0)
+        # every attack is judged inside the ball, whatever it returned (FAB divides by zero gradients: NaN -> clean)
+        x_adv = x_adv.to(device)
+        x_adv = torch.where(torch.isfinite(x_adv), x_adv, xb)
+        x_adv = torch.minimum(torch.maximum(x_adv, xb - eps), xb + eps).clamp(0.0, 1.0)
         pred = _predict(model, x_adv, batch_size, device)
         hit = (pred != split.y[idx]) & (pred < real)
         newly += int((hit & ~state.broken[idx]).sum())
