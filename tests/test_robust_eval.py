@@ -91,7 +91,8 @@ def test_plain_model_figures(tiny_model, data):
     assert res["checks"]["square_beat_white_box"] is False and res["warnings"] == []
     curves = res["loss_curves"]["guard-apgd-ce"]
     assert 1 <= len(curves["loss"]) <= RobustBudget.quick().curves
-    assert all(len(row) == RobustBudget.quick().steps + 1 for row in curves["loss"])
+    assert all(len(row) == RobustBudget.quick().steps + 1 and None not in row for row in curves["loss"])
+    assert all(max(row) >= row[0] for row in curves["loss"])  # APGD-CE raises its loss from the start
 
 
 def test_constant_right_model_is_fully_robust():
@@ -111,6 +112,7 @@ def test_rejecting_every_perturbed_input_is_safe_but_not_accurate():
     assert res["robust_accuracy_with_rejection"] == res["clean_accuracy"]
     assert res["robust_accuracy"] < res["clean_accuracy"]
     assert any(e["rejected"] > 0 for e in res["per_attack"].values())
+    assert set(res["loss_curves"]) == {"guard-apgd-ce", "guard-apgd-reject"}
 
 
 def test_reject_aware_attack_breaks_what_the_real_class_view_misses():
@@ -214,3 +216,40 @@ def test_bad_data(tiny_model, data):
     with pytest.raises(TypeError, match="model"):
         guard.evaluate_robust(lambda t: t, data, eps=0.1)
     assert set(ROBUST_ATTACKS) >= {"apgd-ce", "apgd-t", "fab-t", "square", "guard-apgd-reject"}
+
+
+def test_audit_step_writes_the_design_keys_and_a_page_section(tiny_model, small_split, tmp_path):
+    from guard.audit import AuditOptions, run_audit, step
+    from guard.audit.steps import STEPS
+
+    names = [s.name for s in STEPS]
+    assert names.index("robust") == names.index("adaptive") + 1
+    train, test = small_split
+    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False),
+                    steps=[step("model"), step("robust")], fail_fast=True)
+    sec = rep["robust"]
+    assert {"eps", "n", "clean_accuracy", "clean_rejected", "robust_accuracy", "robust_accuracy_with_rejection",
+            "attacks"} <= set(sec)
+    assert sec["eps"] == pytest.approx(0.3) and sec["n"] == 16 and sec["robust_accuracy"] <= sec["clean_accuracy"]
+    assert sec["sweep"]["checks"]["monotone"] is True and sec["sweep"]["checks"]["zero_at_largest"] is True
+    html = (tmp_path / "report.html").read_text()
+    assert 'id="robust"' in html and "Robust accuracy" in html and "APGD loss per iteration" in html
+
+
+def test_page_section_of_a_reject_model(tmp_path):
+    from guard.report.sections import robust as section
+    from guard.report.source import AuditFolder
+
+    node = {"eps": 8 / 255, "n": 100, "clean_accuracy": 0.8, "clean_rejected": 0.04, "robust_accuracy": 0.3,
+            "robust_accuracy_with_rejection": 0.55, "attacks": ["guard-apgd-ce", "guard-apgd-reject"], "reject_model": True,
+            "intervals": {"robust_accuracy_with_rejection": [0.45, 0.65]},
+            "per_attack": {"guard-apgd-reject": {"attacked": 60, "broken": 5, "rejected": 20, "params": {"impl": "guard"},
+                                                 "robust_accuracy_with_rejection": 0.55, "robust_accuracy": 0.3, "seconds": 2.0}},
+            "warnings": ["Square (black-box) broke 2 image(s)"],
+            "loss_curves": {"guard-apgd-reject": {"images": [0], "loss": [[-1.0, -0.5, None]], "loss_name": "reject"}}}
+    report = {"version": 1, "robust": node}
+    sec = section.build(AuditFolder.from_report(tmp_path, report))
+    assert sec is not None and sec.id == "robust"
+    assert "55.0% [45.0%, 65.0%]" in sec.body and "a rejected attacked image is safe" in sec.body
+    assert "Square (black-box) broke 2" in sec.body and "APGD loss per iteration" in sec.body
+    assert section.build(AuditFolder.from_report(tmp_path, {"version": 1})) is None
