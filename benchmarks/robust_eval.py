@@ -5,8 +5,10 @@ demo split's test part: images the demo models were not trained on), at ``--eps`
 ``--sweep`` also :func:`guard.robust_sweep` over the budgets given (its monotonicity and
 reach-zero checks). Writes the figures through ``guard.core.provenance.write_results``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robust_eval.py --model demo --data cifar10 --eps 8/255 --n 200
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robust_eval.py --model demo --data mnist --eps 0.3 --n 500
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robust_eval.py --model demo --data cifar10 --eps 8/255 --n 200 \
+        --sweep 0,1/255,2/255,4/255,8/255,0.5 --sweep-n 100
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/robust_eval.py --model demo --data mnist --eps 0.3 --n 500 \
+        --sweep 0,0.05,0.1,0.2,0.3,0.5
 
 ``--model``: ``demo`` (the shipped standard model of ``--data``), ``demo-robust`` (the hardened
 variant, ``guard.demo_model(data, variant="robust")``, where it is shipped), a saved
@@ -68,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", default=None, help="comma-separated names (default: every one that applies)")
     p.add_argument("--sweep", default=None, help="comma-separated budgets for robust_sweep, e.g. 0,2/255,8/255,0.5")
     p.add_argument("--sweep-budget", default="quick", choices=["standard", "quick"])
+    p.add_argument("--sweep-attacks", default="guard-apgd-ce,apgd-ce,guard-apgd-reject",
+                   help="the sweep's attacks (default the white-box APGDs; guard-apgd-reject only on a reject model)")
+    p.add_argument("--sweep-n", type=int, default=None, help="images in the sweep (default --n)")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -92,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                "result": result}
     if args.sweep:
         budgets = [parse_eps(t) for t in args.sweep.split(",")]
-        sweep = guard.robust_sweep(model, test, budgets, n=args.n, attacks=attacks, seed=args.seed,
+        sweep_attacks = [a for a in args.sweep_attacks.split(",") if a != "guard-apgd-reject" or result["reject_model"]]
+        sweep = guard.robust_sweep(model, test, budgets, n=args.sweep_n or args.n, attacks=sweep_attacks, seed=args.seed,
                                    batch_size=args.batch_size, budget=args.sweep_budget)
         figures["sweep"] = {k: v for k, v in sweep.items() if k != "results"}
         figures["sweep"]["per_attack"] = [r["per_attack"] for r in sweep["results"]]
