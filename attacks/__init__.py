@@ -8,6 +8,7 @@ nothing: ``fooler(model, shape=(C, H, W))``. :data:`ATTACKS` lists every one by 
 """
 
 from guard.attacks.adaptive import AdaptivePGD
+from guard.attacks.apgd import APGD
 from guard.attacks.base import Attack, AttackResult, Fooler
 from guard.attacks.cppn import Genome
 from guard.attacks.feature_adversary import FeatureAdversary
@@ -23,6 +24,7 @@ ATTACKS: dict[str, type] = {
     "fgsm": FGSM,
     "pgd": LinfPGD,
     "pgd_l2": L2PGD,
+    "apgd": APGD,
     "patch_gan": PatchGAN,
     "universal_patch": UniversalPatch,
     "random_patch": RandomPatch,
@@ -31,5 +33,5 @@ ATTACKS: dict[str, type] = {
     "fooling_evolution": FoolingEvolution,
 }
 
-__all__ = ["ATTACKS", "AdaptivePGD", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
+__all__ = ["ATTACKS", "AdaptivePGD", "APGD", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
            "RandomPatch", "FeatureAdversary", "FoolingGradient", "FoolingEvolution", "Genome", "transfer_check"]

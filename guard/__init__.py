@@ -23,6 +23,7 @@ from guard.core.validation import NotFittedError, check_images
 from guard.demo import demo_model
 from guard.evaluation import evaluate
 from guard.export import load_session, to_onnx
+from guard.robust import RobustBudget, evaluate_robust, robust_sweep
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, GuardedOutput, wrap
 from guard.training import HardenResult, RejectClassifier, harden
 
@@ -43,6 +44,9 @@ __all__ = [
     "demo_data",
     "demo_model",
     "evaluate",
+    "evaluate_robust",
+    "robust_sweep",
+    "RobustBudget",
     "extract_features",
     "get_layer",
     "harden",

@@ -23,6 +23,7 @@ FAST_ATTACKS: dict[str, dict] = {
     "fgsm": {"eps": 0.1},
     "pgd": {"eps": 0.1, "steps": 5},
     "pgd_l2": {"eps": 1.0, "steps": 5},
+    "apgd": {"eps": 0.1, "steps": 5},
     "patch_gan": {"size": 0.05, "steps": 4, "eval_every": 2, "batch_size": 8},
     "universal_patch": {"size": 0.05, "steps": 4, "eval_every": 2, "batch_size": 8},
     "random_patch": {"size": 0.05},
@@ -30,7 +31,7 @@ FAST_ATTACKS: dict[str, dict] = {
     "fooling_gradient": {"steps": 5, "samples_per_class": 1},
     "fooling_evolution": {"population": 10, "generations": 2, "extra_samples": 4},
 }
-EPS_ATTACKS = {"fgsm": "linf", "pgd": "linf", "pgd_l2": "l2", "feature_adversary": "linf"}
+EPS_ATTACKS = {"fgsm": "linf", "pgd": "linf", "apgd": "linf", "pgd_l2": "l2", "feature_adversary": "linf"}
 
 
 def test_every_attack_has_a_fast_config():

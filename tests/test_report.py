@@ -358,7 +358,7 @@ def test_quick_audit_page_in_headless_chromium(quick_audit, tmp_path):
     page = out / "report.html"
     html = page.read_text()
     _check_self_contained(html)
-    expected = [TITLES[k] for k in ("model", "summary", "gradient", "patches", "features", "fooling", "detectors", "adaptive")]
+    expected = [TITLES[k] for k in ("model", "summary", "gradient", "patches", "features", "fooling", "detectors", "adaptive")] + ["Robust accuracy"]
     assert "adaptive" in rep["_completed_steps"] and "export" not in rep["_completed_steps"]
     seen = probe(page, browser=browser)
     # the DOM the browser built has every section heading, in order, and nothing of the steps that did not run

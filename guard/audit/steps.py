@@ -13,6 +13,7 @@ attacks_features   guard.audit.features       attacks.feature_adversary    Attac
 attacks_fooling    guard.audit.fooling        attacks.fooling_*            AttackSet
 detectors          guard.audit.detectors      detectors, detectors_info    GuardedModel
 adaptive           guard.audit.adaptive       adaptive                     -
+robust             guard.audit.robust         robust                       -
 harden             guard.audit.harden         harden (with --harden)       RejectClassifier
 export             guard.audit.export         export                       -
 =================  =========================  ===========================  ==============
@@ -29,6 +30,7 @@ from guard.audit.gradient import GradientStep
 from guard.audit.harden import HardenStep
 from guard.audit.model import ModelStep
 from guard.audit.patches import PatchStep
+from guard.audit.robust import RobustStep
 from guard.audit.step import Step
 
 __all__ = ["STEPS", "step"]
@@ -41,6 +43,7 @@ STEPS: tuple[Step, ...] = (
     FoolingStep(),
     DetectorStep(),
     AdaptiveStep(),
+    RobustStep(),
     HardenStep(),
     ExportStep(),
 )

@@ -11,6 +11,7 @@ features       guard.report.sections.features         attacks.feature_adversary
 fooling        guard.report.sections.fooling          attacks.fooling_*
 detectors      guard.report.sections.detectors        detectors, detectors_info; detector_scores
 adaptive       guard.report.sections.adaptive         adaptive (when present)
+robust         guard.report.sections.robust           robust (when present)
 harden         guard.report.sections.harden           harden
 export         guard.report.sections.export           export
 =============  =====================================  ==============================================
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from guard.report.sections import adaptive, detectors, export, features, fooling, gradient, harden, model, patches, summary
+from guard.report.sections import adaptive, detectors, export, features, fooling, gradient, harden, model, patches, robust, summary
 from guard.report.sections.common import Section
 from guard.report.source import AuditFolder
 
@@ -36,6 +37,7 @@ SECTIONS: tuple[tuple[str, str, Callable[[AuditFolder], Section | None]], ...] =
     ("fooling", "Fooling images", fooling.build),
     ("detectors", "Detectors", detectors.build),
     ("adaptive", "Adaptive evaluation", adaptive.build),
+    ("robust", "Robust accuracy", robust.build),
     ("harden", "Hardening", harden.build),
     ("export", "Export", export.build),
 )

@@ -96,6 +96,16 @@ def _adaptive(src: AuditFolder) -> list[str]:
             f"{num(a.get('n'))} images misclassified and unflagged{plain}."]
 
 
+def _robust(src: AuditFolder) -> list[str]:
+    r = src.section("robust")
+    if not isinstance(r, dict) or finite(r.get("robust_accuracy")) is None:
+        return []
+    rej = (f" with rejection ({pct(r.get('robust_accuracy'))} counting rejected attacked images as errors; "
+           f"{pct(r.get('clean_rejected'))} of clean images rejected)") if r.get("reject_model") else ""
+    return [f"Under AutoAttack's components at budget {num(r.get('eps'), 4)}, {pct(r.get('robust_accuracy_with_rejection'))} of "
+            f"{num(r.get('n'))} images stay correctly classified{rej} (clean: {pct(r.get('clean_accuracy'))})."]
+
+
 def _after(src: AuditFolder) -> list[str]:
     out = []
     h = src.section("harden")
@@ -142,7 +152,7 @@ def _overview(src: AuditFolder) -> Raw | None:
 
 
 def build(src: AuditFolder) -> Section | None:
-    fooled, caught, after = _fooled(src), _caught(src) + _adaptive(src), _after(src)
+    fooled, caught, after = _fooled(src) + _robust(src), _caught(src) + _adaptive(src), _after(src)
     if not (fooled or caught or after or src.section("model")):
         return None
     w = SectionWriter(src, "summary", "Summary")
