@@ -1,0 +1,35 @@
+"""The results tables in README.md and BENCHMARKS.md equal what their committed results files give."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "results_tables.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_every_table_matches_its_results_file():
+    r = _run("--check")
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_figure_typed_by_hand_fails_the_check(tmp_path):
+    text = (ROOT / "README.md").read_text() + "\n" + (ROOT / "BENCHMARKS.md").read_text()
+    m = re.search(r"<!-- results:([\w.-]+) -->\n.*?<!-- /results:\1 -->", text, re.S)
+    assert m, "README.md / BENCHMARKS.md hold no generated results table"
+    block = m.group(0)
+    tampered = re.sub(r"(\d)(\.\d)", lambda d: str((int(d.group(1)) + 1) % 10) + d.group(2), block, count=1)
+    assert tampered != block
+    doc = tmp_path / "doc.md"
+    doc.write_text("# doc\n\n" + tampered + "\n")
+    r = _run("--check", "--docs", str(doc))
+    assert r.returncode == 1 and "differ" in r.stderr
+    assert _run("--write", "--docs", str(doc)).returncode == 0
+    assert block in doc.read_text()
