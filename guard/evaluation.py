@@ -1,10 +1,19 @@
 """``guard.evaluate``: how well each detector separates adversarial from clean inputs.
 
-Per detector (and "combined") and per attack: AUROC and TPR at 1% and 5% FPR from
-scikit-learn's ``roc_auc_score`` / ``roc_curve``, with positives = the *successful*
-adversarial examples (the keys of report.json, see the README) and, under ``"all"``, every adversarial
-example the attack produced. Also the operating point of the calibrated thresholds: the share
-of positives flagged and the clean flag rate.
+Per detector (and "combined") and per attack, first the **operating point** the product runs at:
+the calibrated threshold applied to clean held-out images that did not set it (the realised
+false-positive rate) and to the adversarial images (the realised true-positive rate), each as
+k of n with its exact 95% Clopper–Pearson interval (Clopper & Pearson 1934, from
+``scipy.stats.beta``). Beside it the ROC figures, read off the evaluation negatives themselves:
+AUROC and TPR at 1% and 5% FPR from scikit-learn's ``roc_auc_score`` / ``roc_curve`` (a
+threshold chosen on the evaluation negatives, which no deployed flag has). Positives are the
+*successful* adversarial examples (the keys of report.json, see the README) and, under
+``"all"``, every adversarial example the attack produced.
+
+Clean evaluation images that are also calibration images are refused (ValueError): the
+threshold is their own quantile, so their flag rate would be the target FPR by construction.
+Images are recognised by content (:mod:`guard.core.digests`), against the digests
+``GuardedModel.calibrate`` keeps and against ``calibration=`` when given.
 """
 
 from __future__ import annotations
@@ -18,7 +27,11 @@ import torch
 from guard.core.data import Split
 from guard.core.validation import check_images
 
-__all__ = ["evaluate", "evaluate_adaptive", "detection_metrics", "tpr_at_fpr", "all_scores"]
+__all__ = ["evaluate", "evaluate_adaptive", "detection_metrics", "tpr_at_fpr", "all_scores", "clopper_pearson", "operating_point",
+           "check_disjoint"]
+
+#: confidence level of every interval reported
+CONFIDENCE = 0.95
 
 
 def _finite(a: np.ndarray, fill_hi: float) -> np.ndarray:
@@ -32,13 +45,57 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
+def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The exact (Clopper & Pearson 1934) two-sided interval of a binomial proportion k / n.
+
+    The bounds are Beta quantiles: ``Beta(a/2; k, n-k+1)`` and ``Beta(1-a/2; k+1, n-k)`` with
+    a = 1 - confidence, and 0 / 1 at k = 0 / k = n (``scipy.stats.beta``; the same interval as
+    ``scipy.stats.binomtest(k, n).proportion_ci(method="exact")``).
+    """
+    from scipy.stats import beta
+
+    if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, (int, np.integer)) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"k and n must be ints; got {type(k).__name__} and {type(n).__name__}.")
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n >= 1; got k={k}, n={n}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
+    a = 1.0 - confidence
+    lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k))
+    return lo, hi
+
+
+def _rate(flags: np.ndarray) -> dict[str, Any] | None:
+    """{"rate", "k", "n", "ci95"} of a bool array (None when empty)."""
+    n = int(flags.size)
+    if n == 0:
+        return None
+    k = int(flags.sum())
+    return {"rate": k / n, "k": k, "n": n, "ci95": list(clopper_pearson(k, n))}
+
+
+def operating_point(pos: torch.Tensor, neg: torch.Tensor, threshold: float) -> dict[str, Any]:
+    """The calibrated flag (``score > threshold``; NaN flags, as the detectors do) on positives and negatives.
+
+    Returns ``{"threshold", "tpr": {"rate", "k", "n", "ci95"}, "fpr": {...}}``; a side with no
+    images is None.
+    """
+    p = pos.detach().double().cpu().numpy().ravel()
+    n = neg.detach().double().cpu().numpy().ravel()
+    return {"threshold": float(threshold), "tpr": _rate(~(p <= threshold)), "fpr": _rate(~(n <= threshold))}
+
+
 def detection_metrics(pos: torch.Tensor, neg: torch.Tensor, threshold: float | None = None) -> dict[str, Any]:
-    """AUROC, TPR at 1% / 5% FPR, counts (and the flag rates at ``threshold`` when given)."""
+    """The operating point at ``threshold`` (when given), AUROC, TPR at 1% / 5% FPR, counts."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     p = pos.detach().double().cpu().numpy().ravel()
     n = neg.detach().double().cpu().numpy().ravel()
-    out: dict[str, Any] = {"auroc": None, "tpr_at_1fpr": None, "tpr_at_5fpr": None, "n_pos": int(p.size), "n_neg": int(n.size)}
+    out: dict[str, Any] = {}
+    if threshold is not None and math.isfinite(threshold):
+        out["operating_point"] = operating_point(pos, neg, threshold)
+    out.update({"auroc": None, "tpr_at_1fpr": None, "tpr_at_5fpr": None, "n_pos": int(p.size), "n_neg": int(n.size)})
     if threshold is not None and math.isfinite(threshold):
         out["tpr_at_threshold"] = float(np.mean(~(p <= threshold))) if p.size else None
         out["fpr_at_threshold"] = float(np.mean(~(n <= threshold))) if n.size else None
@@ -82,6 +139,32 @@ def _adv(item: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, ok
 
 
+def check_disjoint(clean: torch.Tensor, guarded: Any = None, calibration: torch.Tensor | None = None, name: str = "clean") -> bool | None:
+    """ValueError when an image of ``clean`` is a calibration image (by content digest).
+
+    Checked against ``guarded.calibration_digests_`` (kept by ``GuardedModel.calibrate``) and
+    against ``calibration`` images when given. Returns True when checked and disjoint, None when
+    there was nothing to check against.
+    """
+    from guard.core.digests import image_digests, overlap
+
+    sets = []
+    known = getattr(guarded, "calibration_digests_", None)
+    if known:
+        sets.append(("the images the GuardedModel was calibrated on", known))
+    if calibration is not None:
+        cal = calibration.x if isinstance(calibration, Split) else calibration
+        check_images(cal, "calibration")
+        sets.append(("calibration", image_digests(cal)))
+    for what, digests in sets:
+        k = overlap(clean, digests)
+        if k:
+            raise ValueError(f"{name} must be clean images not used for calibration; got {k} of {int(clean.shape[0])} that are also "
+                             f"{what} (the threshold is their own quantile, so their flag rate says nothing). "
+                             "Split the held-out images into a calibration part and an evaluation part.")
+    return True if sets else None
+
+
 def all_scores(guarded: Any, x: torch.Tensor, progress: bool = False) -> dict[str, torch.Tensor]:
     """Every detector's score of ``x`` and the combined score (empty tensors for an empty batch)."""
     if isinstance(x, torch.Tensor) and x.shape[0] == 0:
@@ -95,27 +178,33 @@ def all_scores(guarded: Any, x: torch.Tensor, progress: bool = False) -> dict[st
 def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: bool = False,
              clean_scores: Mapping[str, torch.Tensor] | None = None,
              attack_scores: Mapping[str, Mapping[str, torch.Tensor]] | None = None, adaptive: bool = False,
-             **adaptive_kw: Any) -> dict[str, Any]:
+             calibration: Any = None, **adaptive_kw: Any) -> dict[str, Any]:
     """Detection quality of a calibrated GuardedModel, per detector and attack.
 
     Args:
         guarded: a fitted (and, for "combined", calibrated) :class:`guard.GuardedModel`.
         clean: clean held-out images (the negatives): a Tensor, a Split, or a Dataset /
             DataLoader / image folder (scored batch by batch). Not the data the detectors were
-            fitted or calibrated on.
+            fitted or calibrated on: images the GuardedModel was calibrated on (or that are in
+            ``calibration``) raise ValueError (checked by content for Tensors and Splits; a
+            stream is not checked).
         attacks: name -> AttackResult (or (x_adv, success), or images: all counted successful).
         progress: show a progress bar while scoring.
         clean_scores: precomputed scores of ``clean`` (as ``guarded.score`` gives), to reuse.
         attack_scores: precomputed scores of each attack's images (:func:`all_scores` of every
             ``x_adv``, successful or not), by attack name, to reuse; attacks left out are scored.
+        calibration: the calibration images, when the GuardedModel does not know them
+            (calibrated from scores, or loaded from an older folder): checked as above.
         adaptive: also attack the guarded model with an attacker who knows it
             (:func:`evaluate_adaptive` on ``clean``; ``adaptive_kw`` go there) and add its
             section under the key ``"adaptive"``.
 
     Returns:
-        ``{detector: {attack: {"auroc", "tpr_at_1fpr", "tpr_at_5fpr", "n_pos", "n_neg",
-        "tpr_at_threshold", "fpr_at_threshold", "all": {same, every adversarial}}}}``; the
-        successful-only figures are ``None`` when no adversarial succeeded. With
+        ``{detector: {attack: {"operating_point": {"threshold", "target_fpr", "n_calibration",
+        "clean_disjoint_from_calibration", "tpr": {"rate", "k", "n", "ci95"}, "fpr": {...}},
+        "auroc", "tpr_at_1fpr", "tpr_at_5fpr", "n_pos", "n_neg", "tpr_at_threshold",
+        "fpr_at_threshold", "all": {same, every adversarial}}}}``; the successful-only
+        figures are ``None`` when no adversarial succeeded. With
         ``adaptive=True``, plus ``"adaptive"``: the section :func:`evaluate_adaptive` returns.
     """
     if not (hasattr(guarded, "detectors") and hasattr(guarded, "score") and hasattr(guarded, "combined")):
@@ -123,8 +212,10 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     from guard.core.data import is_stream
 
     x_clean = clean.x if isinstance(clean, Split) else clean
+    disjoint = None
     if not is_stream(x_clean):  # a Dataset / DataLoader / folder is scored batch by batch
         check_images(x_clean, "clean")
+        disjoint = check_disjoint(x_clean, guarded, calibration)
     if not isinstance(attacks, Mapping):
         raise TypeError(f"attacks must be a dict name -> AttackResult; got {type(attacks).__name__}.")
     neg = dict(clean_scores) if clean_scores is not None else all_scores(guarded, x_clean, progress)
@@ -132,8 +223,10 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         neg["combined"] = guarded.combined.combine(neg)
     names = [n for n in list(guarded.detectors) + ["combined"] if n in neg]
     thresholds = {n: getattr(guarded.detectors[n], "threshold_", None) for n in guarded.detectors}
+    flaggers = dict(guarded.detectors)
     if guarded.combined is not None:
         thresholds["combined"] = getattr(guarded.combined, "threshold_", None)
+        flaggers["combined"] = guarded.combined
     report: dict[str, Any] = {n: {} for n in names}
     for attack, item in attacks.items():
         x_adv, ok = _adv(item, attack)
@@ -144,6 +237,11 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         for n in names:
             entry = detection_metrics(pos[n][ok], neg[n], thresholds.get(n))
             entry["all"] = detection_metrics(pos[n], neg[n], thresholds.get(n))
+            for e in (entry, entry["all"]):
+                if "operating_point" in e:
+                    e["operating_point"].update({"target_fpr": getattr(flaggers.get(n), "calibration_fpr_", None),
+                                                 "n_calibration": getattr(flaggers.get(n), "calibration_n_", None),
+                                                 "clean_disjoint_from_calibration": disjoint})
             report[n][attack] = entry
     if adaptive:
         report["adaptive"] = evaluate_adaptive(guarded, clean, **adaptive_kw)

@@ -39,6 +39,7 @@ from torch import nn
 from guard.core.budget import grad_chunk
 from guard.core.cache import atomic_write_text
 from guard.core.data import Split, is_stream, load_data, sample_stream, stream_batches
+from guard.core.digests import image_digests
 from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
 from guard.core.models import eval_mode, model_device
@@ -136,6 +137,8 @@ class GuardedModel(nn.Module):
         self.flag_with = None if flag_with is None else _names(flag_with, "flag_with")
         self.left_out_: dict[str, str] = {}
         self.feature_widths_: dict[str, int] = {}
+        #: content digests of the calibration images (guard.core.digests), None when unknown
+        self.calibration_digests_: frozenset[str] | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -344,17 +347,27 @@ class GuardedModel(nn.Module):
             base = x if not is_stream(x) else sample_stream(x, 2000, self.batch_size, "clean_data")[0]
             _, proxy, perr = self.score(proxy_inputs(check_images(base, "clean_data")))
             errors = {**errors, **perr}
-        return self.calibrate_scores(scores, fpr, errors=errors, proxy_scores=proxy)
+        return self.calibrate_scores(scores, fpr, errors=errors, proxy_scores=proxy, images=None if is_stream(x) else x)
 
     def calibrate_scores(self, scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *, errors: Mapping[str, str] | None = None,
-                         proxy_scores: Mapping[str, torch.Tensor] | None = None) -> "GuardedModel":
+                         proxy_scores: Mapping[str, torch.Tensor] | None = None,
+                         images: torch.Tensor | None = None) -> "GuardedModel":
         """Calibrate from precomputed clean scores {name: Tensor[N]} (as :meth:`score` gives).
 
         ``proxy_scores``: scores of :func:`proxy_inputs` (the "weighted" rule learns from them).
+        ``images``: the calibration images themselves; their content digests are kept in
+        ``calibration_digests_`` so that :func:`guard.evaluate` refuses them as evaluation
+        negatives (None, as after calibrating on a stream: nothing to check against).
         """
         fpr = check_probability(fpr, "fpr", "GuardedModel.calibrate")
         if errors:
             raise RuntimeError(f"cannot calibrate: detectors failed on clean data: {dict(errors)}")
+        if images is not None:
+            check_images(images, "images")
+            lengths = {int(v.shape[0]) for v in scores.values()}
+            if lengths and lengths != {int(images.shape[0])}:
+                raise ValueError(f"images must be the {sorted(lengths)} calibration images the scores came from; got {int(images.shape[0])}.")
+        self.calibration_digests_ = image_digests(images) if images is not None else None
         for name, det in self.detectors.items():
             det.calibrate(scores[name], fpr)
         names = [n for n in self.detectors if self.flag_with is None or n in self.flag_with]
@@ -408,6 +421,8 @@ class GuardedModel(nn.Module):
         index: dict[str, Any] = {"format": FORMAT, "detectors": {}, "batch_size": self.batch_size, "pool": self.pool,
                                  "layers": self.layers, "left_out": self.left_out_, "feature_widths": self.feature_widths_,
                                  "combine": self.combine, "flag_with": self.flag_with}
+        if self.calibration_digests_ is not None:  # so that guard.evaluate refuses them after a reload too
+            index["calibration_digests"] = sorted(self.calibration_digests_)
         for name, det in self.detectors.items():
             fname = f"{name}.safetensors"
             index["detectors"][name] = {"file": fname, "sha256": det._write(folder / fname, secret, False)}
@@ -465,6 +480,8 @@ class GuardedModel(nn.Module):
                       combine=index.get("combine", "max"), flag_with=index.get("flag_with"))
         guarded.left_out_ = dict(index.get("left_out", {}))
         guarded.feature_widths_ = dict(index.get("feature_widths", {}))
+        digests = index.get("calibration_digests")
+        guarded.calibration_digests_ = frozenset(str(d) for d in digests) if isinstance(digests, list) else None
         if "combined" in index:
             guarded.combined = member(index["combined"], "combined")  # type: ignore[assignment]
         return guarded

@@ -52,7 +52,7 @@ def fake_audit(out: Path, *, shape=(1, 28, 28), source="embedded MNIST test spli
     cc = {"positions": 9, "stride": 9, "pairs": 288, "fooling_rate": 0.2, "patched_takes_canvas_class": 0.1,
           "fooled_takes_canvas_class": 0.3, "fooling_rate_per_position": [0.1 * i for i in range(9)]}
     attacks = {
-        "fgsm": _attack_entry(0.5, linf_max=0.3), "pgd": _attack_entry(0.75, linf_max=0.3),
+        "fgsm": _attack_entry(0.5, linf_max=0.3, strength="full"), "pgd": _attack_entry(0.75, linf_max=0.3, strength="full"),
         "patch_gan": _attack_entry(0.25, area=0.1, side=9, curve=curve, class_comparison=cc,
                                    diversity={"n_pairs": 10, "ssim_median": 0.1, "psnr_median": 7.0, "identical_pairs": 0},
                                    summary={"patch_gan_above_both_at_every_area": True, "patch_gan_best_fooling_at_area_le_10pct": 0.25}),
@@ -74,7 +74,9 @@ def fake_audit(out: Path, *, shape=(1, 28, 28), source="embedded MNIST test spli
             pos = torch.rand(int(ok[a].sum()), generator=gen) + 0.3
             scores[f"{a}/{d}"] = pos
             fpr, tpr, auc = roc_curve(pos.numpy(), scores[f"clean/{d}"].numpy())
-            dets[d][a] = {"auroc": auc, "tpr_at_1fpr": 0.1, "tpr_at_5fpr": 0.3, "n_pos": pos.numel(), "n_neg": 200,
+            dets[d][a] = {"operating_point": {"threshold": 0.9, "tpr": {"rate": 0.625, "k": 15, "n": 24, "ci95": [0.406, 0.812]},
+                                              "fpr": {"rate": 0.055, "k": 11, "n": 200, "ci95": [0.028, 0.096]}},
+                          "auroc": auc, "tpr_at_1fpr": 0.1, "tpr_at_5fpr": 0.3, "n_pos": pos.numel(), "n_neg": 200,
                           "tpr_at_threshold": 0.6}
     report = {
         "version": REPORT_VERSION,
@@ -182,7 +184,7 @@ def test_every_section_from_a_complete_folder(tmp_path):
     # captions come from the artifacts: model labels before -> after, fooling confidences, the distance ratio
     assert "1 → 4" in html and "0 (held)" in html and "ratio 0.25" in html and "seen as 1" in html and "99.999%" in html
     # numbers in words
-    assert "98.0% of the 256 held-out images" in html and "PGD 75.0%" in html
+    assert "98.0% of the 256 held-out images" in html and "PGD-40 (full) 75.0%" in html
     assert "pkg.mod:build" in html and "guard audit --model pkg.mod:build --data DATA --quick --harden --out OUT" in html
     # the adaptive section: one row per budget, adaptive evasion beside plain PGD's, and the headline in the summary
     assert "4.7%" in html and "94.0%" in html and "evasion (plain PGD)" in html
@@ -220,7 +222,7 @@ def test_missing_artifacts_leave_a_note_in_each_affected_section(tmp_path, capsy
     html = (tmp_path / "report.html").read_text()
     assert _h2(html) == list(TITLES.values())
     sections = dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', html, re.S))
-    assert "artifacts/attack_pgd.safetensors is missing, so the PGD examples cannot be shown" in sections["gradient"]
+    assert "artifacts/attack_pgd.safetensors is missing, so the PGD-40 (full) examples cannot be shown" in sections["gradient"]
     assert "artifacts/detector_scores.safetensors is missing, so the ROC curves" in sections["detectors"]
     assert "artifacts/examples.safetensors cannot be used" in sections["model"]
     assert "AUROC per detector" in sections["detectors"]  # the table still comes from report.json
@@ -385,3 +387,13 @@ def test_adaptive_section_of_another_shape_is_drawn_generically(tmp_path):
                        "note": "the model classifies none of the 16 given images correctly; nothing to attack"}
     (tmp_path / "report.json").write_text(json.dumps(rep))
     assert "none of the 16 given images" in write_page(tmp_path).path.read_text()
+
+
+def test_operating_point_table_comes_first_with_intervals(tmp_path):
+    """The detectors section leads with the realised FPR / TPR at the threshold, each with its interval and n."""
+    fake_audit(tmp_path)
+    html = write_page(tmp_path).path.read_text()
+    sec = dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', html, re.S))["detectors"]
+    assert sec.index("clean images flagged (FPR)") < sec.index("AUROC per detector")
+    assert "5.5% [2.8–9.6%] of 200" in sec and "62.5% [40.6–81.2%] of 24" in sec
+    assert "PGD-40 (full) (full)" in sec  # the row says its strength

@@ -87,6 +87,10 @@ def test_save_load_round_trip_and_tamper(fitted, tiny_model, demo_split, tmp_pat
     for k in a.scores:
         torch.testing.assert_close(a.scores[k], b.scores[k])
     assert bool((a.flagged == b.flagged).all())
+    # the calibration images are still known after the reload, so evaluate still refuses them
+    assert back.calibration_digests_ == fitted.calibration_digests_ and len(back.calibration_digests_) == 1000
+    with pytest.raises(ValueError, match="not used for calibration"):
+        guard.evaluate(back, test.x[:100], {"x": test.x[1000:1010]})
     # alter one byte of the PPCA tensors: the SHA-256 check refuses the file
     path = tmp_path / "g" / "ppca.safetensors"
     raw = bytearray(path.read_bytes())
@@ -164,3 +168,84 @@ def test_audit_step_quick_reloads_attack_artifacts(tiny_model, demo_split, tmp_p
     assert json.loads((tmp_path / "report.json").read_text())["detectors"] == json.loads(json.dumps(sec))
     back = guard.GuardedModel.load(tmp_path / "guarded", tiny_model)
     assert set(back.detectors) == set(sec) - {"combined"}
+
+
+# -- the operating point: realised rates at the calibrated threshold, with exact intervals ---------------------
+
+@pytest.mark.parametrize("k,n", [(0, 1), (0, 10), (1, 10), (5, 10), (10, 10), (3, 250), (13, 256), (999, 1000), (1000, 1000)])
+def test_clopper_pearson_matches_scipy_binomtest(k, n) -> None:
+    from scipy.stats import binomtest
+
+    from guard.evaluation import clopper_pearson
+
+    ref = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    lo, hi = clopper_pearson(k, n)
+    assert lo == pytest.approx(ref.low, abs=1e-9) and hi == pytest.approx(ref.high, abs=1e-9)
+
+
+def test_clopper_pearson_textbook_values() -> None:
+    """0 of 10: the upper bound is 1 - 0.025^(1/10) (solved by hand); 5 of 10: [0.1871, 0.8129]."""
+    from guard.evaluation import clopper_pearson
+
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** 0.1, abs=1e-12))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1, abs=1e-12), 1.0)
+    lo, hi = clopper_pearson(5, 10)
+    assert lo == pytest.approx(0.18709, abs=1e-5) and hi == pytest.approx(0.81291, abs=1e-5)
+    with pytest.raises(ValueError, match="k <= n"):
+        clopper_pearson(11, 10)
+
+
+def test_evaluate_operating_point_is_the_served_flag(fitted, demo_split) -> None:
+    """The realised FPR / TPR are exactly the calibrated flag's rates on the images, with k, n and the interval."""
+    from guard.evaluation import clopper_pearson
+
+    _, test = demo_split
+    clean, noise = test.x[1000:1400], torch.rand(80, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    rep = guard.evaluate(fitted, clean, {"noise": noise})
+    op = rep["combined"]["noise"]["operating_point"]
+    flags_clean, flags_noise = fitted(clean).flagged, fitted(noise).flagged
+    assert op["fpr"]["n"] == 400 and op["fpr"]["k"] == int(flags_clean.sum()) and op["tpr"]["k"] == int(flags_noise.sum())
+    assert op["fpr"]["ci95"] == list(clopper_pearson(op["fpr"]["k"], 400))
+    assert op["fpr"]["ci95"][0] <= op["fpr"]["rate"] <= op["fpr"]["ci95"][1]
+    assert op["threshold"] == fitted.combined.threshold_ and op["target_fpr"] == 0.05 and op["n_calibration"] == 1000
+    assert op["clean_disjoint_from_calibration"] is True
+
+
+def test_evaluate_refuses_calibration_images(fitted, demo_split) -> None:
+    """Negatives that set the threshold: refused by content, whether sliced, copied or passed as calibration=."""
+    _, test = demo_split
+    noise = torch.rand(10, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="not used for calibration; got 500 of 1000"):
+        guard.evaluate(fitted, test.x[500:1500], {"noise": noise})
+    with pytest.raises(ValueError, match="got 1 of 401"):
+        guard.evaluate(fitted, torch.cat([test.x[1000:1400], test.x[7:8].clone()]), {"noise": noise})
+    with pytest.raises(ValueError, match="calibration"):
+        guard.evaluate(fitted, test.x[1000:1100], {"noise": noise}, calibration=test.x[1050:1060])
+    guard.evaluate(fitted, test.x[1000:1100], {"noise": noise}, calibration=test.x[1100:1200])  # disjoint: fine
+
+
+def _planted(kind: str) -> torch.Tensor:
+    """Planted outliers: uniform noise, or a black image with one white 5x5 square (one place per image)."""
+    if kind == "noise":
+        return torch.rand(100, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    dot = torch.zeros(100, 1, 28, 28)
+    for i in range(100):
+        r, c = (i * 7) % 22, (i * 13) % 22
+        dot[i, :, r:r + 5, c:c + 5] = 1.0
+    return dot
+
+
+# Saliency concentration scores uniform noise *below* clean digits (AUROC 0.25 on this model: noise
+# spreads the attribution), so its planted outlier is the one-square image, whose attribution is
+# concentrated; PPCA separates noise (AUROC 0.83) but flags almost none of it at 5% FPR.
+@pytest.mark.parametrize("detector,kind,min_auroc", [("saliency", "dot", 0.6), ("knn", "noise", 0.95), ("ppca", "dot", 0.85),
+                                                     ("knn_consistency", "noise", 0.85), ("squeeze", "noise", 0.85),
+                                                     ("combined", "noise", 0.95)])
+def test_each_detector_scores_planted_outliers_higher(fitted, demo_split, detector, kind, min_auroc) -> None:
+    """Every detector's AUROC well above chance on a planted outlier and its calibrated flag catching more
+    of them than of clean images, by more than the intervals: a score with its sign flipped fails here."""
+    _, test = demo_split
+    e = guard.evaluate(fitted, test.x[1000:1500], {kind: _planted(kind)})[detector][kind]
+    assert e["auroc"] > min_auroc
+    op = e["operating_point"]
+    assert op["tpr"]["ci95"][0] > op["fpr"]["ci95"][1]

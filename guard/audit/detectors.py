@@ -7,7 +7,13 @@
   calibration half.
 * Evaluate on the evaluation half (negatives) against every attack of the :class:`AttackSet`
   the attack steps gave; positives are the successful adversarial examples (and, under
-  "all", every one).
+  "all", every one). The halves are checked disjoint by index here and by image content in
+  :func:`guard.evaluate` (ValueError otherwise).
+* Each entry leads with the operating point (:func:`guard.evaluation.operating_point`): the
+  realised TPR on the attack and FPR on the evaluation half at the calibrated threshold, each
+  k / n with its exact 95% Clopper-Pearson interval; then the ROC figures. Every attack row of
+  every strength (``report["attacks"][NAME]["strength"]``) and the held-out peer attacks get
+  their row in every detector's table.
 
 Writes ``report["detectors"][DETECTOR][ATTACK]`` (the report.json keys of the README) for saliency, knn, ppca,
 knn_consistency, squeeze, the anchors mahalanobis and lid, and combined (rule :data:`COMBINE` over all of them), and ``report["detectors_info"]``: the split, the clean flag rate
@@ -35,7 +41,7 @@ import torch
 
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
-from guard.evaluation import all_scores, detection_metrics, evaluate
+from guard.evaluation import all_scores, clopper_pearson, detection_metrics, evaluate
 from guard.core.features import extract_features
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
@@ -49,8 +55,8 @@ ANCHORS = ("mahalanobis", "lid")
 #: sign noise), never on an attack that is reported. Chosen over "max" and "fisher" on those
 #: proxies (``benchmarks/combiner_study.py``), with the anchors in the flag.
 COMBINE = "weighted"
-ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
-                "fooling_gradient", "fooling_direct", "fooling_cppn")
+ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd_minimal", "pgd", "pgd_confident", "apgd_ce", "apgd_t",
+                "square", "cw", "deepfool", "feature_adversary", "fooling_gradient", "fooling_direct", "fooling_cppn")
 FPR = 0.05
 MAX_SAVED_SCORES = 4096
 
@@ -153,6 +159,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     cal_idx, ev_idx = split_heldout(len(ctx.test), opts.seed)
     if opts.quick:
         cal_idx, ev_idx = cal_idx[:256], ev_idx[:256]
+    shared = set(cal_idx.tolist()) & set(ev_idx.tolist())
+    if shared:
+        raise ValueError(f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices.")
     x_all = ctx.test.x
     logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
     ncal = cal_idx.numel()
@@ -160,7 +169,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if guarded.combine == "weighted":  # the weights are learned on proxies of the calibration half, never on attacks
         _, proxy, perr = guarded.score(proxy_inputs(x_all[cal_idx], seed=opts.seed), progress=opts.progress)
         errors = {**errors, **perr}
-    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy)
+    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx])
     ev_scores = {k: v[ncal:] for k, v in scores.items()}
     ev_scores["combined"] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
@@ -180,8 +189,10 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
 
         with eval_mode(ctx.model):
             pred_bare = torch.cat([ctx.model(x_ev[i:i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)])
-    flag_rate = {n: float(guarded.combined.predict_scores(s).float().mean()) if n == "combined"
-                 else float(guarded.detectors[n].predict_scores(s).float().mean()) for n, s in ev_scores.items()}
+    flags = {n: guarded.combined.predict_scores(s) if n == "combined" else guarded.detectors[n].predict_scores(s) for n, s in ev_scores.items()}
+    flag_rate = {n: float(f.float().mean()) for n, f in flags.items()}
+    clean_fpr = {n: {"rate": flag_rate[n], "k": int(f.sum()), "n": int(f.numel()), "ci95": list(clopper_pearson(int(f.sum()), int(f.numel())))}
+                 for n, f in flags.items() if f.numel()}
     per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks and not opts.quick else {}
     # the same with the halves swapped (calibrate on the evaluation half, flag the calibration
     # half): one split's flag rate moves by about +-1.5 points on 1,000 images by chance alone
@@ -200,6 +211,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
                         "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},
         "clean_flag_rate": flag_rate,
+        "operating_point": {"target_fpr": FPR, "clean_fpr": clean_fpr,
+                            "rule": "flagged = score > the threshold set on the calibration half; realised on the evaluation half "
+                                    "(disjoint, checked by index and by image content); 95% Clopper-Pearson intervals"},
         "clean_flag_rate_swapped_halves": swapped,
         "clean_flag_rate_mean_of_both": {n: (flag_rate[n] + swapped[n]) / 2 for n in swapped},
         "clean_accuracy_bare": float((pred_bare == y_ev).float().mean()),

@@ -7,7 +7,8 @@ needs from the steps before it (see :mod:`guard.audit.step`):
 step               module                     report section               gives
 =================  =========================  ===========================  ==============
 model              guard.audit.model          model                        -
-attacks_gradient   guard.audit.gradient       attacks.fgsm, attacks.pgd    AttackSet
+attacks_gradient   guard.audit.gradient       attacks.fgsm, attacks.pgd*   AttackSet
+attacks_heldout    guard.audit.heldout        attacks.apgd_ce, cw, ...     AttackSet
 attacks_patches    guard.audit.patches        attacks.patch_gan, ...       AttackSet
 attacks_features   guard.audit.features       attacks.feature_adversary    AttackSet
 attacks_fooling    guard.audit.fooling        attacks.fooling_*            AttackSet
@@ -28,6 +29,7 @@ from guard.audit.features import FeatureAdversaryStep
 from guard.audit.fooling import FoolingStep
 from guard.audit.gradient import GradientStep
 from guard.audit.harden import HardenStep
+from guard.audit.heldout import HeldOutStep
 from guard.audit.model import ModelStep
 from guard.audit.patches import PatchStep
 from guard.audit.robust import RobustStep
@@ -38,6 +40,7 @@ __all__ = ["STEPS", "step"]
 STEPS: tuple[Step, ...] = (
     ModelStep(),
     GradientStep(),
+    HeldOutStep(),
     PatchStep(),
     FeatureAdversaryStep(),
     FoolingStep(),

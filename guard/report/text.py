@@ -14,13 +14,15 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CIFAR10_CLASSES", "finite", "pct", "num", "seconds", "confidence", "class_names", "label", "audit_command", "attack_title",
-           "attack_short", "method_title"]
+           "attack_short", "method_title", "rate_ci"]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 #: how the page names each attack of report["attacks"]
 ATTACK_TITLES = {
-    "fgsm": "FGSM", "pgd": "PGD", "patch_gan": "PatchGAN patches", "universal_patch": "universal patch",
+    "fgsm": "FGSM", "pgd": "PGD-40 (full)", "pgd_minimal": "PGD, early-stopped (minimal)",
+    "pgd_confident": "PGD-40, confidence-maximising", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "square": "Square",
+    "cw": "CW-L2", "deepfool": "DeepFool", "patch_gan": "PatchGAN patches", "universal_patch": "universal patch",
     "random_patch": "random noise patch", "feature_adversary": "feature adversaries", "fooling_gradient": "fooling images (gradient ascent)",
     "fooling_direct": "fooling images (direct encoding)", "fooling_cppn": "fooling images (CPPN encoding)",
 }
@@ -28,7 +30,9 @@ ATTACK_TITLES = {
 
 #: shorter names for plot titles and table columns
 ATTACK_SHORT = {
-    "fgsm": "FGSM", "pgd": "PGD", "patch_gan": "PatchGAN", "universal_patch": "universal patch", "random_patch": "random patch",
+    "fgsm": "FGSM", "pgd": "PGD", "pgd_minimal": "PGD min.", "pgd_confident": "PGD conf.", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T",
+    "square": "Square", "cw": "CW-L2", "deepfool": "DeepFool",
+    "patch_gan": "PatchGAN", "universal_patch": "universal patch", "random_patch": "random patch",
     "feature_adversary": "feature adv.", "fooling_gradient": "fooling (gradient)", "fooling_direct": "fooling (direct)",
     "fooling_cppn": "fooling (CPPN)",
 }
@@ -46,6 +50,15 @@ def method_title(name: str) -> str:
     """A fooling method without the words 'fooling images': 'gradient ascent', 'CPPN encoding'."""
     t = attack_title(name)
     return t[len("fooling images ("):-1] if t.startswith("fooling images (") and t.endswith(")") else t
+
+
+def rate_ci(r: Any, digits: int = 1) -> str:
+    """An operating-point rate {"rate", "k", "n", "ci95"} as "93.2% [89.4–95.9%] of 250"; "n/a" otherwise."""
+    if not isinstance(r, dict) or finite(r.get("rate")) is None:
+        return "n/a"
+    ci = r.get("ci95") if isinstance(r.get("ci95"), (list, tuple)) and len(r["ci95"]) == 2 else None
+    band = f" [{pct(ci[0], digits)[:-1]}–{pct(ci[1], digits)}]" if ci else ""
+    return f"{pct(r['rate'], digits)}{band} of {num(r.get('n'))}"
 
 
 def finite(v: Any) -> float | None:

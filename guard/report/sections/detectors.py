@@ -1,6 +1,10 @@
-"""Section "Detectors": the detector x attack table, ROC curves, score histograms, the thresholds.
+"""Section "Detectors": the operating point first, then the detector x attack AUROC table, ROC curves, histograms, thresholds.
 
-The table comes from ``report["detectors"]``; the curves and histograms from the artifact
+The operating-point table is what the deployed flag does: per attack (one row per strength,
+held-out peer attacks marked) and detector, the share of successful adversarial images flagged
+at the calibrated threshold, with its exact 95% interval and n, under a first row with the
+realised false-positive rate on clean evaluation images (never used for calibration). The
+tables come from ``report["detectors"]``; the curves and histograms from the artifact
 ``detector_scores`` (``clean/DET``, ``ATTACK/DET``: the evaluation half's clean scores and the
 successful adversarial images' scores, the positives of the table).
 """
@@ -16,9 +20,9 @@ from guard.report.html import Raw, esc, figure, img, table
 from guard.report.roc import finite_scores, roc_curve
 from guard.report.sections.common import Section, SectionWriter
 from guard.report.source import AuditFolder
-from guard.report.text import attack_short, attack_title, finite, num, pct
+from guard.report.text import attack_short, attack_title, finite, num, pct, rate_ci
 
-__all__ = ["build", "auroc_table"]
+__all__ = ["build", "auroc_table", "operating_table"]
 
 
 def _shade(a: float | None) -> str:
@@ -53,6 +57,36 @@ def auroc_table(dets: dict[str, Any]) -> Raw | None:
             row.append((cell, _shade(au)))
         rows.append(row)
     return table(["detector"] + [attack_short(a) for a in attacks], rows)
+
+
+def _attack_label(a: str, attacks: dict[str, Any]) -> str:
+    e = attacks.get(a) if isinstance(attacks.get(a), dict) else {}
+    bits = [b for b in (e.get("strength"), "held out" if e.get("held_out") else None) if b]
+    return f"{attack_title(a)} ({', '.join(bits)})" if bits else attack_title(a)
+
+
+def operating_table(dets: dict[str, Any], attacks: dict[str, Any]) -> Raw | None:
+    """Rows = a clean row (realised FPR) then attacks, columns = detectors; cells 'rate [95% CI] of n' at the calibrated threshold."""
+    names = [d for d in dets if isinstance(dets[d], dict)]
+    order = ["combined"] + [d for d in names if d != "combined"] if "combined" in names else names
+    rows_att = list(dict.fromkeys(a for d in names for a in dets[d]))
+    if not rows_att:
+        return None
+
+    def op(d: str, a: str) -> dict[str, Any]:
+        m = dets[d].get(a) if isinstance(dets[d].get(a), dict) else {}
+        return m.get("operating_point") if isinstance(m.get("operating_point"), dict) else {}
+
+    clean = []
+    for d in order:
+        fpr = next((op(d, a).get("fpr") for a in rows_att if op(d, a).get("fpr")), None)
+        clean.append(rate_ci(fpr))
+    if all(c == "n/a" for c in clean):
+        return None
+    rows: list[list[Any]] = [[Raw("<b>clean images flagged (FPR)</b>")] + clean]
+    for a in rows_att:
+        rows.append([_attack_label(a, attacks)] + [rate_ci(op(d, a).get("tpr")) for d in order])
+    return table(["attack (strength)"] + order, rows)
 
 
 def _roc_figure(scores: dict[str, np.ndarray], dets: list[str], attacks: list[str]) -> tuple[str | None, list[str]]:
@@ -160,9 +194,22 @@ def build(src: AuditFolder) -> Section | None:
     w.add("<p>Each detector gives every input a score (higher = more suspicious). Positives: the attack's successful adversarial "
           "images; negatives: clean held-out images never used for fitting or calibration. \"combined\" is what "
           "<code>guard.wrap</code> flags with.</p>")
+    attacks_sec = src.section("attacks") if isinstance(src.section("attacks"), dict) else {}
+    op_tab = operating_table(dets, attacks_sec)
+    if op_tab is not None:
+        target = finite(((info.get("calibration") or {}) if info else {}).get("target_fpr"))
+        w.add(figure(op_tab, "The operating point guard runs at: each detector's threshold is set for "
+                             f"{pct(target, 0) if target is not None else 'the target'} false positives on clean calibration images; "
+                             "the first row is the share of other clean held-out images it then flags (the realised false-positive rate), "
+                             "each further row the share of an attack's successful adversarial images it flags (the realised true-positive "
+                             "rate); each as a percentage with its exact 95% Clopper–Pearson interval and the number of images. "
+                             "The strength in brackets says how far the attack went past the decision boundary: minimal examples are "
+                             "the hardest to detect.",
+                     w.cmd(["detectors.DETECTOR.ATTACK.operating_point"])))
     tab = auroc_table(dets)
     if tab is not None:
-        w.add(figure(tab, "AUROC per detector (rows) and attack (columns), with the true positive rate at 1% / 5% false positives "
+        w.add(figure(tab, "Threshold-free figures, read off the evaluation images' own ROC curve (no deployed flag has that threshold): "
+                          "AUROC per detector (rows) and attack (columns), with the true positive rate at 1% / 5% false positives "
                           "under it. Green: the detector separates that attack from clean images; white: chance. Read a column to "
                           "find which detector catches an attack, a row to see what a detector misses.",
                      w.cmd(["detectors.DETECTOR.ATTACK.auroc", "tpr_at_1fpr", "tpr_at_5fpr"])))

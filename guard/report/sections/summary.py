@@ -11,11 +11,11 @@ from __future__ import annotations
 from guard.report.html import Raw, esc, table
 from guard.report.sections.common import Section, SectionWriter
 from guard.report.source import AuditFolder
-from guard.report.text import attack_title, finite, method_title, num, pct, seconds
+from guard.report.text import attack_title, finite, method_title, num, pct, rate_ci, seconds
 
 __all__ = ["build"]
 
-GRADIENT, PATCHES = ("fgsm", "pgd"), ("universal_patch", "patch_gan", "random_patch")
+GRADIENT, PATCHES = ("fgsm", "pgd_minimal", "pgd", "pgd_confident"), ("universal_patch", "patch_gan", "random_patch")
 FOOLING = ("fooling_gradient", "fooling_direct", "fooling_cppn")
 
 
@@ -66,9 +66,12 @@ def _caught(src: AuditFolder) -> list[str]:
                      key=lambda t: -t[0])
     out = []
     if flagged:
-        head = (f"At its calibrated threshold (target {pct(target, 0)} false positives; {pct(clean)} of clean held-out images "
+        fpr = next(((e.get("operating_point") or {}).get("fpr") for _, _, e in flagged if (e.get("operating_point") or {}).get("fpr")), None)
+        realised = rate_ci(fpr) if fpr else pct(clean)
+        head = (f"At its calibrated threshold (target {pct(target, 0)} false positives; {realised} clean held-out images "
                 "flagged) the combined detector flags ") if target is not None else "The combined detector flags "
-        out.append(head + ", ".join(f"{pct(t, 0)} of successful {attack_title(n)}" for t, n, _ in flagged) + ".")
+        out.append(head + ", ".join(f"{rate_ci((e.get('operating_point') or {}).get('tpr')) if (e.get('operating_point') or {}).get('tpr') else pct(t, 0)}"
+                                    f" of successful {attack_title(n)}" for t, n, e in flagged) + " (95% intervals and image counts).")
         aur = [(finite(e.get("auroc")), n) for _, n, e in flagged if finite(e.get("auroc")) is not None]
         if aur:
             lo, hi = min(aur), max(aur)
@@ -146,9 +149,12 @@ def _overview(src: AuditFolder) -> Raw | None:
             continue
         c = comb.get(n) if isinstance(comb, dict) else None
         c = c if isinstance(c, dict) else {}
-        rows.append([attack_title(n), pct(e.get("success_rate")), num(e.get("n")), num(c.get("auroc")) if c else "-",
-                     pct(c.get("tpr_at_threshold"), 0) if c else "-"])
-    return table(["attack", "success rate", "images", "combined AUROC", "flagged at threshold"], rows)
+        op = c.get("operating_point") if isinstance(c.get("operating_point"), dict) else {}
+        strength = " ".join(b for b in (e.get("strength"), "(held out)" if e.get("held_out") else "") if b) or "-"
+        rows.append([attack_title(n), strength, pct(e.get("success_rate")), num(e.get("n")),
+                     rate_ci(op.get("tpr")) if op.get("tpr") else (pct(c.get("tpr_at_threshold"), 0) if c else "-"),
+                     num(c.get("auroc")) if c else "-"])
+    return table(["attack", "strength", "success rate", "images", "flagged at threshold [95% CI] of n", "combined AUROC"], rows)
 
 
 def build(src: AuditFolder) -> Section | None:
