@@ -167,9 +167,23 @@ class BestIterate:
         self.source[take] = source
         return better
 
-    def offer(self, guarded: Any, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, source: int = 0) -> torch.Tensor:
-        """Judge ``x`` (images ``idx``, labels ``y``) with the real guarded model and offer them."""
-        mis, flagged, score = judge(guarded, x, y)
+    def offer(self, guarded: Any, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, source: int = 0,
+              misclassified: torch.Tensor | None = None) -> torch.Tensor:
+        """Judge ``x`` (images ``idx``, labels ``y``) with the real guarded model and offer them.
+
+        ``misclassified``: the model's verdict on ``x`` when the caller already has it (from the
+        attack's own forward pass); only those images are then judged by the guarded model (a
+        correctly classified image cannot evade, and it ranks below every misclassified one).
+        """
+        if misclassified is None:
+            mis, flagged, score = judge(guarded, x, y)
+            return self.update(idx, x, mis, flagged, score, source)
+        mis = misclassified.clone()
+        flagged = torch.ones_like(mis)
+        score = torch.full(mis.shape, float("inf"), device=x.device)
+        sel = mis.nonzero().squeeze(1)
+        if sel.numel():
+            mis[sel], flagged[sel], score[sel] = judge(guarded, x[sel], y[sel])
         return self.update(idx, x, mis, flagged, score, source)
 
 
@@ -191,15 +205,18 @@ def stochastic_parts(guarded: Any, x: torch.Tensor, tries: int = 2) -> list[str]
     return sorted(changed)
 
 
-def eot_gradient(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, samples: int) -> torch.Tensor:
-    """Gradient of ``loss_fn`` (a scalar) at ``x``, averaged over ``samples`` passes (EOT)."""
-    total = torch.zeros_like(x)
+def eot_gradient(loss_fn: Callable[[torch.Tensor], Any], x: torch.Tensor, samples: int) -> tuple[torch.Tensor, Any]:
+    """Gradient of ``loss_fn`` at ``x`` averaged over ``samples`` passes (EOT), and what the last
+    pass returned beside the loss (``loss_fn`` returns a scalar, or (scalar, aux))."""
+    total, aux = torch.zeros_like(x), None
     for _ in range(samples):
         xa = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            (g,) = torch.autograd.grad(loss_fn(xa), xa)
+            out = loss_fn(xa)
+            loss, aux = out if isinstance(out, tuple) else (out, None)
+            (g,) = torch.autograd.grad(loss, xa)
         total += g
-    return total / samples
+    return total / samples, aux
 
 
 def resolve_eot(eot: int | str, guarded: Any, x: torch.Tensor, owner: str) -> tuple[int, list[str]]:
@@ -253,10 +270,12 @@ class AdaptivePGD(Attack):
         return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "weight": self.weight, "kappa": self.kappa,
                 "slack": self.slack, "random_start": self.random_start, "eot": self.eot, "seed": self.seed, "detectors": self._names}
 
-    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss, the misclassified mask of ``x``)."""
         logits, z = self._objective.terms(model, x)
         det = torch.log1p(torch.relu(z + self.slack)).sum(1)
-        return (margin(logits, y).clamp(min=-self.kappa) + self.weight * det).sum()
+        m = margin(logits, y)
+        return (m.clamp(min=-self.kappa) + self.weight * det).sum(), (m < 0).detach()
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
         eot, random_parts = resolve_eot(self.eot, self.guarded, x, type(self).__name__)
@@ -268,14 +287,17 @@ class AdaptivePGD(Attack):
         step_evaded = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         for step in range(self.steps + 1):
             live = (~best.evaded).nonzero().squeeze(1)
-            best.offer(self.guarded, live, x_adv[live], y[live])  # the real defence judges every iterate
-            step_evaded[live[best.evaded[live]]] = step
-            live = live[~best.evaded[live]]
-            if step == self.steps or live.numel() == 0:
+            if live.numel() == 0:
                 break
             yl = y[live]
-            grad = eot_gradient(lambda xa: self._loss(model, xa, yl), x_adv[live], eot)
-            step_x = x_adv[live] - self.step_size * grad.sign()
+            grad, mis = eot_gradient(lambda xa: self._loss(model, xa, yl), x_adv[live], eot) if step < self.steps else (None, None)
+            best.offer(self.guarded, live, x_adv[live], yl, misclassified=mis)  # the real defence judges every misclassified iterate
+            step_evaded[live[best.evaded[live]]] = step
+            keep = ~best.evaded[live]
+            live = live[keep]
+            if step == self.steps or live.numel() == 0:
+                break
+            step_x = x_adv[live] - self.step_size * grad[keep].sign()
             x_adv[live] = torch.min(torch.max(step_x, x[live] - self.eps), x[live] + self.eps).clamp(0, 1)
         return AttackResult(best.x, best.evaded.clone(), extras={"flagged": best.flagged, "misclassified": best.misclassified,
                                                                  "combined": best.score, "step_evaded": step_evaded, "eps": self.eps,

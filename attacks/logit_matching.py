@@ -120,19 +120,24 @@ class LogitMatching(Attack):
             x_adv = x.clone()
             for step in range(self.steps + 1):
                 live = ((~best.evaded) & usable).nonzero().squeeze(1)
-                taken = best.offer(self.guarded, live, x_adv[live], y[live], source=restart)
-                guide_index[live[taken]] = idx[col[live[taken]]]
-                live = live[~best.evaded[live]]
-                if step == self.steps or live.numel() == 0:
+                if live.numel() == 0:
                     break
-                tl = [t[live] for t in targets]
+                last = step == self.steps
+                tl, yl = [t[live] for t in targets], y[live]
 
-                def loss(xa: torch.Tensor, tl: list[torch.Tensor] = tl) -> torch.Tensor:
+                def loss(xa: torch.Tensor, tl: list[torch.Tensor] = tl, yl: torch.Tensor = yl) -> tuple[torch.Tensor, torch.Tensor]:
                     reps = self._represent(model, xa)
-                    return sum((((r - t) ** 2).sum(1) / (t * t).sum(1).clamp_min(1e-12)).sum() for r, t in zip(reps, tl))
+                    value = sum((((r - t) ** 2).sum(1) / (t * t).sum(1).clamp_min(1e-12)).sum() for r, t in zip(reps, tl))
+                    return value, (reps[0].argmax(1) != yl).detach()
 
-                grad = eot_gradient(loss, x_adv[live], eot)
-                step_x = x_adv[live] - self.step_size * grad.sign()
+                grad, mis = eot_gradient(loss, x_adv[live], eot) if not last else (None, None)
+                taken = best.offer(self.guarded, live, x_adv[live], yl, source=restart, misclassified=mis)
+                guide_index[live[taken]] = idx[col[live[taken]]]
+                keep = ~best.evaded[live]
+                live = live[keep]
+                if last or live.numel() == 0:
+                    break
+                step_x = x_adv[live] - self.step_size * grad[keep].sign()
                 x_adv[live] = torch.min(torch.max(step_x, x[live] - self.eps), x[live] + self.eps).clamp(0, 1)
         return AttackResult(best.x, best.evaded.clone(), extras={"misclassified": best.misclassified, "flagged": best.flagged,
                                                                  "combined": best.score, "guide_index": guide_index, "eps": self.eps,

@@ -111,11 +111,16 @@ class OrthogonalPGD(Attack):
             x_adv = (x + (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * self.eps).clamp(0, 1)
             for step in range(self.steps + 1):
                 live = (~best.evaded).nonzero().squeeze(1)
-                best.offer(self.guarded, live, x_adv[live], y[live], source=restart)
-                live = live[~best.evaded[live]]
-                if step == self.steps or live.numel() == 0:
+                if live.numel() == 0:
                     break
-                gc, gd, m = self._gradients(model, x_adv[live], y[live], eot)
+                last = step == self.steps
+                gc, gd, m = self._gradients(model, x_adv[live], y[live], eot) if not last else (None, None, None)
+                best.offer(self.guarded, live, x_adv[live], y[live], source=restart, misclassified=None if last else m < 0)
+                keep = ~best.evaded[live]
+                live = live[keep]
+                if last or live.numel() == 0:
+                    break
+                gc, gd, m = gc[keep], gd[keep], m[keep]
                 if self.variant == "orthogonal":
                     gc, gd = _remove_component(gc, gd), _remove_component(gd, gc)
                 done = (m < -self.kappa).view(-1, *([1] * (x.dim() - 1)))
