@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.adaptive import BestIterate, DetectorObjective, check_guarded, eot_gradient, margin, resolve_eot
+from guard.attacks.adaptive import BestIterate, DetectorObjective, check_guarded, margin, resolve_eot
 from guard.attacks.base import Attack, AttackResult
 from guard.core.validation import check_float, check_int
 

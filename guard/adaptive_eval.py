@@ -102,7 +102,7 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
         without early stop), each beside its ``*_ci95`` Clopper-Pearson interval, the counts,
         ``per_member`` (each attack alone) and ``seconds``.
     """
-    from guard.attacks import AdaptiveEnsemble
+    from guard.attacks import AdaptiveEnsemble, LinfPGD
     from guard.attacks.adaptive_ensemble import MEMBERS
 
     if not (hasattr(guarded, "detectors") and hasattr(guarded, "combined")):
@@ -142,8 +142,6 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
         evaded = mis & ~flagged
         obl = {}
         for key, early in (("oblivious", True), ("oblivious_full", False)):
-            from guard.attacks import LinfPGD
-
             o_mis, o_flag = _judged(guarded, LinfPGD(eps=e, steps=steps, early_stop=early, seed=seed)(model, xs.to(device), ys.to(device)).x_adv, ys)
             obl[key] = (o_mis, o_mis & ~o_flag)
         entry: dict[str, Any] = {"eps": e, "n": int(xs.shape[0]), "n_correct": int(correct.sum())}

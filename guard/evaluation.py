@@ -10,7 +10,7 @@ of positives flagged and the clean flag rate.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
