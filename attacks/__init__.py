@@ -8,6 +8,7 @@ nothing: ``fooler(model, shape=(C, H, W))``. :data:`ATTACKS` lists every one by 
 """
 
 from guard.attacks.adaptive import AdaptivePGD
+from guard.attacks.adaptive_ensemble import AdaptiveEnsemble
 from guard.attacks.apgd import APGD
 from guard.attacks.base import Attack, AttackResult, Fooler
 from guard.attacks.cppn import Genome
@@ -15,6 +16,8 @@ from guard.attacks.feature_adversary import FeatureAdversary
 from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 from guard.attacks.gradient import FGSM, L2PGD, PGD, LinfPGD
+from guard.attacks.logit_matching import LogitMatching
+from guard.attacks.orthogonal_pgd import OrthogonalPGD
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
@@ -33,5 +36,5 @@ ATTACKS: dict[str, type] = {
     "fooling_evolution": FoolingEvolution,
 }
 
-__all__ = ["ATTACKS", "AdaptivePGD", "APGD", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
+__all__ = ["ATTACKS", "AdaptiveEnsemble", "AdaptivePGD", "APGD", "LogitMatching", "OrthogonalPGD", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
            "RandomPatch", "FeatureAdversary", "FoolingGradient", "FoolingEvolution", "Genome", "transfer_check"]

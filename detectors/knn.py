@@ -579,12 +579,22 @@ class _KNNConsistencyHead(nn.Module):
         return torch.stack(per, 1).mean(1)
 
     def surrogate(self, batch: Batch) -> torch.Tensor:
-        """A differentiable stand-in (for adaptive attacks): the neighbours' votes weighted by a
-        softmax of their negative distances, so moving towards same-label neighbours lowers it."""
+        """A differentiable stand-in (for adaptive attacks): a soft k-NN vote.
+
+        The labels of the ``4 k`` nearest bank rows vote with softmax weights of their negative
+        distances (temperature: a quarter of the spread of those distances), so moving towards
+        rows of the predicted label lowers it. Over the ``k`` nearest alone, an input whose ``k``
+        neighbours all agree or all disagree has a constant vote and no gradient (on a narrow
+        demo LeNet: 6% of PGD images and 38% of clean ones; tests/test_surrogates.py checks that
+        a step along this one lowers the real score).
+        """
         pred = batch.pred
         per = []
         for layer, bank in zip(self.layers, self.banks):
-            dist, idx = bank(batch.features[layer])
-            w = torch.softmax(-dist / dist.detach().mean(1, keepdim=True).clamp_min(1e-6), 1)
+            t = bank.tensors
+            wide = min(4 * bank.k, int(t.bank_t.shape[1]))
+            dist, idx = torch_knn(batch.features[layer], t.bank_t, t.sqnorm, wide, bank.metric)
+            temp = (dist[:, -1:] - dist[:, :1]).detach().clamp_min(1e-6) / 4.0
+            w = torch.softmax(-(dist - dist[:, :1].detach()) / temp, 1)
             per.append((w * (self.labels[idx] != pred[:, None]).to(w.dtype)).sum(1))
         return torch.stack(per, 1).mean(1)

@@ -19,11 +19,12 @@ Images are recognised by content (:mod:`guard.core.digests`), against the digest
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from guard.adaptive_eval import evaluate_adaptive
 from guard.core.data import Split
 from guard.core.validation import check_images
 
@@ -196,7 +197,7 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         calibration: the calibration images, when the GuardedModel does not know them
             (calibrated from scores, or loaded from an older folder): checked as above.
         adaptive: also attack the guarded model with an attacker who knows it
-            (:func:`evaluate_adaptive` on ``clean``; ``adaptive_kw`` go there) and add its
+            (:func:`guard.adaptive_eval.evaluate_adaptive` on ``clean``; ``adaptive_kw`` go there) and add its
             section under the key ``"adaptive"``.
 
     Returns:
@@ -246,66 +247,3 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     if adaptive:
         report["adaptive"] = evaluate_adaptive(guarded, clean, **adaptive_kw)
     return report
-
-
-def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float | None = None, steps: int = 50, n: int = 200,
-                      seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Evasion rate of an attacker who knows the guarded model (:class:`guard.attacks.AdaptivePGD`).
-
-    Args:
-        guarded: a calibrated GuardedModel.
-        data: clean images (a Split with labels, or a Tensor: the model's labels are used).
-            The first ``n`` images the model classifies correctly are attacked.
-        eps: L-inf budgets; default from the data (:func:`guard.core.budget.data_defaults`):
-            half, once and twice the customary budget (0.3 for near-binary digits, 8/255 for
-            natural images). The first of the defaults' middle one is the headline.
-        steps: PGD steps.
-
-    Returns:
-        ``{"eps", "evasion", "n", "steps", "fpr", "per_eps": [{"eps", "evasion",
-        "oblivious_evasion", "flagged", "misclassified", "n", "seconds"}], "rule"}``:
-        evasion = share of the attacked images that end misclassified *and* not flagged by
-        the calibrated combined flag; oblivious_evasion the same for plain PGD (which does not
-        know the detectors), for comparison.
-    """
-    import time
-
-    from guard.attacks import AdaptivePGD, LinfPGD
-    from guard.core.budget import data_defaults
-
-    x = data.x if isinstance(data, Split) else data
-    check_images(x, "data")
-    if getattr(guarded, "combined", None) is None:
-        raise ValueError("evaluate_adaptive needs a calibrated GuardedModel (call calibrate first).")
-    model = guarded.model
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with torch.no_grad():
-        pred = torch.cat([model(x[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], 500)])
-    y = data.y.cpu() if isinstance(data, Split) else pred
-    keep = (pred == y).nonzero().squeeze(1)[:n]
-    xs, ys = x[keep], y[keep]
-    base = data_defaults(x)["eps"]
-    budgets = [base / 2, base, 2 * base] if eps is None else ([float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps])
-    headline = base if eps is None else budgets[0]
-    rule = ("attacked: the first n correctly classified images; evasion: misclassified and not flagged by the "
-            "calibrated combined flag (AdaptivePGD: margin + smooth max of the detectors' surrogate scores)")
-    fpr = float(getattr(guarded.combined, "calibration_fpr_", float("nan")))
-    if keep.numel() == 0:
-        # Nothing to attack (an untrained or badly mismatched model): an evasion rate over no
-        # images is undefined, so it is reported as None with the reason, not as 0 or 1.
-        return {"eps": headline, "evasion": None, "n": 0, "steps": steps, "fpr": fpr, "per_eps": [], "rule": rule,
-                "note": f"the model classifies none of the {x.shape[0]} given images correctly; nothing to attack"}
-    per_eps = []
-    for e in budgets:
-        t0 = time.perf_counter()
-        res = AdaptivePGD(guarded=guarded, eps=e, steps=steps, seed=seed)(model, xs, ys)
-        obl = LinfPGD(eps=e, steps=steps, seed=seed)(model, xs, ys)
-        out = guarded(obl.x_adv)
-        oblivious = (out.logits.argmax(1).cpu() != ys) & ~out.flagged.cpu()
-        per_eps.append({"eps": e, "evasion": res.success_rate, "oblivious_evasion": float(oblivious.float().mean()),
-                        "flagged": float(res.extras["flagged"].float().mean()),
-                        "misclassified": float(res.extras["misclassified"].float().mean()), "n": len(res),
-                        "seconds": round(time.perf_counter() - t0, 2)})
-    head = next(p for p in per_eps if p["eps"] == headline)
-    return {"eps": headline, "evasion": head["evasion"], "n": int(keep.numel()), "steps": steps, "fpr": fpr,
-            "per_eps": per_eps, "rule": rule}

@@ -69,10 +69,15 @@ def test_adaptive_attack_needs_a_calibrated_guard(tiny_model):
         AdaptivePGD(guarded=tiny_model, eps=0.1)
 
 
-def test_evaluate_adaptive_reports_none_when_no_image_is_classified_correctly(guarded_tv, small_split):
+def test_evaluate_adaptive_counts_images_misclassified_clean_apart(guarded_tv, small_split):
+    """Every attacked image counts in "evasion"; "evasion_correct" only those classified correctly clean
+    (undefined, None, when there are none)."""
     _, test = small_split
     wrong = guard.Split(test.x[:16], (guarded_tv.model(test.x[:16]).argmax(1) + 1) % 10)  # every label is wrong
-    res = evaluate_adaptive(guarded_tv, wrong, eps=0.1, steps=2, n=8)
-    assert res["n"] == 0 and res["evasion"] is None and res["per_eps"] == [] and "none of the 16" in res["note"]
-    some = evaluate_adaptive(guarded_tv, test, eps=0.1, steps=2, n=8)
+    res = evaluate_adaptive(guarded_tv, wrong, eps=0.1, steps=2, n=8, weights=[1.0], restarts=1, members=["pgd"])
+    e = res["per_eps"][0]
+    assert res["n"] == 8 and res["n_correct"] == 0 and e["evasion_correct"] is None and e["evasion_correct_ci95"] is None
+    assert e["misclassified"] == 1.0  # wrong from the start, and the attack keeps them wrong
+    assert e["evasion"] == 1.0 - e["flagged"]
+    some = evaluate_adaptive(guarded_tv, test, eps=0.1, steps=2, n=8, weights=[1.0], restarts=1, members=["pgd"])
     assert some["n"] == 8 and 0.0 <= some["evasion"] <= 1.0

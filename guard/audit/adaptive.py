@@ -1,13 +1,21 @@
 """Audit step ``adaptive``: an attacker who knows the guarded model (Carlini & Wagner 2017; Tramer et al. 2020).
 
-Fills ``report["adaptive"]`` (``eps``, ``evasion``, ``n``, ``steps``, ``fpr``, ``per_eps``):
-:func:`guard.evaluation.evaluate_adaptive` on the evaluation half of the held-out images (the
-half the detectors step did not calibrate on), at half, once and twice the data's customary
-budget. Evasion = misclassified and not flagged by the calibrated combined flag; the plain
-PGD evasion at the same budget is beside it.
+Fills ``report["adaptive"]`` (``eps``, ``evasion``, ``misclassified``, ``n``, ``n_correct``,
+``steps``, ``restarts``, ``weights``, ``members``, ``eot``, ``fpr``, ``per_eps``):
+:func:`guard.adaptive_eval.evaluate_adaptive` on the evaluation half of the held-out images (the
+half the detectors step did not calibrate on), at the data's three default budgets (0.1, 0.2,
+0.3 on digits; 2, 4, 8 / 255 on natural images). Per budget: misclassification beside evasion
+(misclassified and not flagged by the calibrated combined flag) over the images attacked and
+over those classified correctly clean, plain PGD's on the same images, each with its 95%
+Clopper-Pearson interval; the attacker is :class:`guard.attacks.AdaptiveEnsemble` (weights
+swept, restarts, orthogonal / selective PGD, logit matching with guides from the rest of the
+evaluation half, EOT where the guarded model is random).
 
 Options (``options.extra``): ``adaptive_n`` (images attacked; default 200 on the demo LeNet,
-scaled with the model's cost), ``adaptive_steps`` (50 on the demo LeNet, scaled, at least 20), ``adaptive_eps`` (a list).
+scaled with the model's cost; 32 quick), ``adaptive_steps`` (50 on the demo LeNet, scaled, at
+least 20; 10 quick), ``adaptive_eps`` (a list), ``adaptive_restarts`` (2; 1 quick),
+``adaptive_weights`` (a list; [0.1, 1, 10]), ``adaptive_members`` (a list of
+:data:`guard.attacks.adaptive_ensemble.MEMBERS`).
 """
 
 from __future__ import annotations
@@ -15,14 +23,14 @@ from __future__ import annotations
 from guard.audit.detectors import split_heldout
 from guard.audit.step import AuditContext, Step
 from guard.core.data import Split
-from guard.evaluation import evaluate_adaptive
+from guard.adaptive_eval import evaluate_adaptive
 from guard.guarded import GuardedModel
 
 __all__ = ["AdaptiveStep"]
 
 
 class AdaptiveStep(Step):
-    """AdaptivePGD against the calibrated GuardedModel of the detectors step."""
+    """The adaptive attacker (AdaptiveEnsemble) against the calibrated GuardedModel of the detectors step."""
 
     name = "adaptive"
     needs = {"guarded": GuardedModel}
@@ -38,5 +46,9 @@ class AdaptiveStep(Step):
         data = Split(ctx.test.x[ev], ctx.test.y[ev])
         n = int(extra.get("adaptive_n", 32 if quick else ctx.scaled(200, 64)))
         steps = int(extra.get("adaptive_steps", 10 if quick else ctx.scaled(50, 20)))
+        kw = {"restarts": int(extra.get("adaptive_restarts", 1 if quick else 2))}
+        for key in ("weights", "members"):
+            if extra.get(f"adaptive_{key}") is not None:
+                kw[key] = list(extra[f"adaptive_{key}"])
         ctx.report["adaptive"] = evaluate_adaptive(guarded, data, eps=extra.get("adaptive_eps"), steps=steps, n=n,
-                                                   seed=ctx.options.seed)
+                                                   seed=ctx.options.seed, **kw)

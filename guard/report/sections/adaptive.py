@@ -1,8 +1,9 @@
 """Section "Adaptive evaluation": ``report["adaptive"]`` (the audit's ``adaptive`` step).
 
 The step's section (``{"eps", "evasion", "n", "steps", "fpr", "per_eps": [...]}``,
-:func:`guard.evaluation.evaluate_adaptive`) is drawn as a table per budget: the evasion of the
-attacker who knows the detectors beside plain PGD's, with the flagged and misclassified shares.
+:func:`guard.adaptive_eval.evaluate_adaptive`) is drawn as a table per budget: the misclassification
+and evasion of the attacker who knows the detectors (with their 95% intervals when present) beside
+plain PGD's evasion, with the flagged share.
 Any other shape falls back to the generic drawing: a ``{DETECTOR: {ATTACK: {"auroc", ...}}}``
 mapping as the detector table, anything else as a table of its values.
 """
@@ -44,21 +45,35 @@ def _is_detector_table(node: Any) -> bool:
         isinstance(per, dict) and per and all(isinstance(m, dict) and "auroc" in m for m in per.values()) for per in node.values())
 
 
+def _with_ci(e: dict[str, Any], key: str) -> str:
+    """A rate with its 95% interval when the report has one: '12.5% [4.1%, 27.3%]'."""
+    ci = e.get(f"{key}_ci95")
+    rate = pct(e.get(key))
+    return f"{rate} [{pct(ci[0])}, {pct(ci[1])}]" if isinstance(ci, list) and len(ci) == 2 else rate
+
+
 def _evasion_section(w: SectionWriter, node: dict[str, Any]) -> Section:
     fpr, n, steps = node.get("fpr"), node.get("n"), node.get("steps")
-    w.add(f"<p>An attacker who knows the guarded model (AdaptivePGD: the classifier's margin plus smooth stand-ins for every "
-          f"detector's score, {esc(num(steps))} steps) attacks {esc(num(n))} correctly classified held-out images that the "
-          f"detectors were not calibrated on. It evades when the image ends misclassified <em>and</em> not flagged by the "
-          f"combined detector at its calibrated threshold ({esc(pct(fpr, 0))} false positives).</p>")
+    sweep = ""
+    if node.get("weights") is not None:
+        sweep = (f" The attacker keeps, per image, the best of plain PGD, the margin plus weighted detector stand-ins (weights "
+                 f"{esc(', '.join(num(v) for v in node.get('weights') or []))}), orthogonal and selective PGD (misclassify first, "
+                 f"then lower the detectors) and logit matching, {esc(num(node.get('restarts')))} restart(s) each.")
+    w.add(f"<p>An attacker who knows the guarded model ({esc(num(steps))} steps per run) attacks {esc(num(n))} held-out images "
+          f"that the detectors were not calibrated on. It evades when the image ends misclassified <em>and</em> not flagged by the "
+          f"combined detector at its calibrated threshold ({esc(pct(fpr, 0))} false positives).{sweep}</p>")
     if node.get("evasion") is None:
         w.add(f'<p class="note info">No evasion rate: {esc(node.get("note", "nothing was attacked"))}.</p>', w.cmd(["adaptive"]))
         return w.done()
-    rows = [[num(e.get("eps")), pct(e.get("evasion")), pct(e.get("oblivious_evasion")), pct(e.get("flagged")),
-             pct(e.get("misclassified")), num(e.get("n")), seconds(e.get("seconds"))] for e in node.get("per_eps") or []]
-    w.add(figure(str(table(["L-inf budget", "evasion (adaptive)", "evasion (plain PGD)", "flagged", "misclassified", "images", "time"], rows)),
-                 "Read the evasion columns side by side: a defence that holds only against plain PGD (which does not know the "
-                 "detectors) shows a low right-hand figure and a high left-hand one. Flagged and misclassified are the adaptive "
-                 "attack's shares.", w.cmd(["adaptive.per_eps"])))
+    rows = [[num(e.get("eps")), _with_ci(e, "misclassified"), _with_ci(e, "evasion"), pct(e.get("evasion_correct")),
+             pct(e.get("oblivious_evasion")), pct(e.get("flagged")), num(e.get("n")), seconds(e.get("seconds"))]
+            for e in node.get("per_eps") or []]
+    w.add(figure(str(table(["L-inf budget", "misclassified (95% CI)", "evasion (adaptive, 95% CI)", "evasion, correct clean",
+                            "evasion (plain PGD)", "flagged", "images", "time"], rows)),
+                 "Read misclassification beside evasion: an attacker that stops misclassifying evades nothing. Read the evasion "
+                 "columns side by side: a defence that holds only against plain PGD (which does not know the detectors) shows a low "
+                 "plain-PGD figure and a high adaptive one. Flagged and misclassified are the adaptive attack's shares.",
+                 w.cmd(["adaptive.per_eps"])))
     w.add(f"<p>Headline (budget {esc(num(node.get('eps')))}): {esc(pct(node.get('evasion')))} of attacked images evade.</p>")
     return w.done()
 

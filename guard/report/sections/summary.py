@@ -95,8 +95,9 @@ def _adaptive(src: AuditFolder) -> list[str]:
         return []
     head = next((e for e in a.get("per_eps") or [] if e.get("eps") == a.get("eps")), {})
     plain = f" (plain PGD, which does not know them: {pct(head.get('oblivious_evasion'))})" if head else ""
+    mis = f" It misclassified {pct(a.get('misclassified'))} of them." if finite(a.get("misclassified")) is not None else ""
     return [f"An attacker who knows the detectors (budget {num(a.get('eps'))}) got {pct(a.get('evasion'))} of "
-            f"{num(a.get('n'))} images misclassified and unflagged{plain}."]
+            f"{num(a.get('n'))} images misclassified and unflagged{plain}.{mis}"]
 
 
 def _robust(src: AuditFolder) -> list[str]:
