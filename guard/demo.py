@@ -85,7 +85,7 @@ def demo_model_key(seed: int = DEMO_SEED) -> str:
 
 
 def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True, train_if_missing: bool = True,
-               progress: bool = True) -> DemoNet:
+               progress: bool = True, variant: str | None = None) -> DemoNet:
     """The demo classifier of an embedded default, loaded from the cache or trained.
 
     ``"mnist"``: DemoNet, trained on first use (about half a minute on 2 cores) and cached.
@@ -98,13 +98,17 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
         cache: read and write ``cache_dir()/demo/demonet-<key>.safetensors``.
         train_if_missing: train when not cached; otherwise raise ValueError.
         progress: show a progress bar while training.
+        variant: ``"cifar10"`` only: ``"masked"`` gives the ResNet-20 fine-tuned with
+            PatchCleanser's masks (:data:`CIFAR10_MASKED`).
 
     Returns:
         A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
         a cache hit.
     """
     if _check_demo(name) == "cifar10":
-        return cifar10_model()
+        return cifar10_model(variant=variant)
+    if variant is not None:
+        raise ValueError(f"variant applies to the 'cifar10' demo only; got variant={variant!r} for {name!r}.")
     key = demo_model_key(seed)
     path = cache_dir() / "demo" / f"demonet-{key}.safetensors"
     model = DemoNet()
@@ -134,11 +138,16 @@ def demo_model(name: str = "mnist", *, seed: int = DEMO_SEED, cache: bool = True
     return model
 
 
-def cifar10_model(folder: str | Path | None = None) -> CifarResNet:
+#: The mask-trained variant's file stem (``tools/train_cifar10_masked.py``; PatchCleanser's Cutout-style training).
+CIFAR10_MASKED = "resnet20_masked"
+
+
+def cifar10_model(folder: str | Path | None = None, *, variant: str | None = None) -> CifarResNet:
     """The shipped CIFAR-10 ResNet-20, its file checked against the SHA-256 recorded when it was trained.
 
     Args:
         folder: where ``resnet20.safetensors`` and ``resnet20.json`` are (default: the package's data).
+        variant: ``"masked"``: ``resnet20_masked.*`` instead (:data:`CIFAR10_MASKED`).
 
     Raises:
         ValueError: the weights file is missing, or its hash does not match ``resnet20.json``.
@@ -146,9 +155,12 @@ def cifar10_model(folder: str | Path | None = None) -> CifarResNet:
     from importlib import resources
 
     folder = Path(folder) if folder is not None else Path(str(resources.files("guard") / "_data" / "cifar10"))
-    record_path, path = folder / "resnet20.json", folder / "resnet20.safetensors"
+    if variant not in (None, "masked"):
+        raise ValueError(f"unknown CIFAR-10 demo variant {variant!r}; expected None or 'masked'.")
+    stem = CIFAR10_MASKED if variant == "masked" else "resnet20"
+    record_path, path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
     if not record_path.is_file() or not path.is_file():
-        raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} (resnet20.safetensors and resnet20.json); "
+        raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} ({stem}.safetensors and {stem}.json); "
                          "reinstall guard or train them with tools/train_cifar10_resnet20.py.")
     record = json.loads(record_path.read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
