@@ -352,3 +352,22 @@ def test_mask_training_raises_masked_accuracy(tiny_model, demo_split):
     mask_train(tuned, train.x[:1000], train.y[:1000], MaskTrainConfig(patch_size=6, k=3, epochs=2, lr=0.02, batch_size=64))
     after = masked_accuracy(tuned, test.x[:200], test.y[:200], m)
     assert after > before + 0.02, (before, after)
+
+
+@pytest.mark.slow
+def test_one_mask_round_exports_to_onnx_with_parity(tiny_model, small_split, tmp_path):
+    from guard.export import load_session, to_onnx
+
+    train, test = small_split
+    g = guard.wrap(tiny_model, [MaskingDetector(4, k=3)]).fit(train.x[:64], train.y[:64])
+    g.calibrate(test.x[:64], fpr=0.1)
+    rep = to_onnx(g, tmp_path / "m.onnx", test.x[:8], parity_inputs=test.x[64:128])
+    assert rep.parity is not None and rep.parity["passed"], rep.parity
+    assert {"masking_score", "masking_majority", "flag"} <= set(rep.output_names)
+    out = load_session(tmp_path / "m.onnx", device="cpu").run(test.x[64:96])
+    want = g(test.x[64:96])
+    np_score = torch.as_tensor(out["masking_score"])
+    torch.testing.assert_close(np_score, want.scores["masking"].float().cpu())
+    assert torch.equal(torch.as_tensor(out["flag"]).bool(), want.flagged.cpu())
+    one = one_mask_predictions(tiny_model, test.x[64:96], mask_set(28, 4, 3))
+    assert torch.as_tensor(out["masking_majority"]).tolist() == [int(torch.bincount(r, minlength=10).argmax()) for r in one]
