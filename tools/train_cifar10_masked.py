@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks-per-image", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--train-images", type=int, default=None,
+                   help="fine-tune on a seeded random subset of this many training images (default: all 50,000)")
     p.add_argument("--eval-images", type=int, default=1000, help="test images for the one-mask accuracy in the record")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     x_train, y_train, names = read_image_archive(data / "cifar10-train.tar.gz")
     x_test, y_test, _ = read_image_archive(data / "cifar10-test.tar.gz")
     print(f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.train_images is not None and args.train_images < len(x_train):
+        keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:args.train_images]
+        x_train, y_train = x_train[keep], y_train[keep]
     model = guard.demo_model("cifar10")
     start_sha = model.guard_meta["sha256"]
     config = MaskTrainConfig(patch_size=args.patch, k=args.k, masks_per_image=args.masks_per_image, epochs=args.epochs,
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "batch_size": args.batch_size,
         "masks_per_image": args.masks_per_image,
-        "train_data": {"file": "cifar10-train.tar.gz", "md5": file_md5(data / "cifar10-train.tar.gz"), "images": len(x_train)},
+        "train_data": {"file": "cifar10-train.tar.gz", "md5": file_md5(data / "cifar10-train.tar.gz"), "images": len(x_train),
+                       "subset": None if args.train_images is None else f"seeded random subset (seed {args.seed}) of the 50,000"},
         "test_data": {"file": "cifar10-test.tar.gz", "md5": file_md5(data / "cifar10-test.tar.gz"), "images": len(x_test)},
         "before": {k: round(v, 4) for k, v in before.items()},
         "test_accuracy": round(after["test_accuracy"], 4),

@@ -13,6 +13,7 @@ attacks_features   guard.audit.features       attacks.feature_adversary    Attac
 attacks_fooling    guard.audit.fooling        attacks.fooling_*            AttackSet
 detectors          guard.audit.detectors      detectors, detectors_info    GuardedModel
 adaptive           guard.audit.adaptive       adaptive                     -
+certified          guard.audit.certified      certified                    -
 harden             guard.audit.harden         harden (with --harden)       RejectClassifier
 export             guard.audit.export         export                       -
 =================  =========================  ===========================  ==============
@@ -21,6 +22,7 @@ export             guard.audit.export         export                       -
 from __future__ import annotations
 
 from guard.audit.adaptive import AdaptiveStep
+from guard.audit.certified import CertifiedStep
 from guard.audit.detectors import DetectorStep
 from guard.audit.export import ExportStep
 from guard.audit.features import FeatureAdversaryStep
@@ -41,6 +43,7 @@ STEPS: tuple[Step, ...] = (
     FoolingStep(),
     DetectorStep(),
     AdaptiveStep(),
+    CertifiedStep(),
     HardenStep(),
     ExportStep(),
 )
