@@ -393,3 +393,14 @@ def test_audit_step_fills_the_certified_section(tiny_model, small_split, tmp_pat
     assert rep["certified_recovery"] <= rep["certified_detection"]  # two-mask correctness implies one-mask correctness
     off = AuditContext(tiny_model, "tiny", train, test, "test data", tmp_path, AuditOptions(extra={"certified": False}))
     assert CertifiedStep().skip_reason(off)
+
+
+def test_demo_variant_arguments(tmp_path):
+    from guard.demo import cifar10_model
+
+    with pytest.raises(ValueError, match="variant"):
+        guard.demo_model("cifar10", variant="nope")
+    with pytest.raises(ValueError, match="cifar10"):
+        guard.demo_model("mnist", variant="masked")
+    with pytest.raises(ValueError, match="resnet20_masked.safetensors"):
+        cifar10_model(tmp_path, variant="masked")
