@@ -1,6 +1,7 @@
 """Detectors: saliency concentration (Captum), kNN rank (FAISS), PPCA in-manifold likelihood,
-kNN label consistency, feature squeezing, and the published anchors Mahalanobis (Lee et al.
-2018) and LID (Ma et al. 2018); ``Combined`` turns their scores into one flag.
+kNN label consistency, feature squeezing, PatchCleanser's masking (Xiang et al. 2022; certified
+against one patch, not a default: it costs one forward pass per mask), and the published anchors
+Mahalanobis (Lee et al. 2018) and LID (Ma et al. 2018); ``Combined`` turns their scores into one flag.
 
 All follow scikit-learn conventions (see :mod:`guard.detectors.base`): fit on clean data,
 scores where higher = more suspicious, ``calibrate(clean, fpr)`` -> ``threshold_``,
@@ -16,6 +17,7 @@ from guard.detectors.combined import Combined
 from guard.detectors.knn import KNNConsistency, KNNRank
 from guard.detectors.lid import LIDDetector
 from guard.detectors.mahalanobis import MahalanobisDetector
+from guard.detectors.masking import MaskingDetector
 from guard.detectors.ppca import PPCAManifold
 from guard.detectors.saliency import SaliencyConcentration
 from guard.detectors.squeeze import BitDepthSqueeze
@@ -27,6 +29,7 @@ DETECTORS: dict[str, type[Detector]] = {
     "ppca": PPCAManifold,
     "knn_consistency": KNNConsistency,
     "squeeze": BitDepthSqueeze,
+    "masking": MaskingDetector,
     # the published anchors guard is measured against (Lee et al. 2018; Ma et al. 2018)
     "mahalanobis": MahalanobisDetector,
     "lid": LIDDetector,
@@ -43,6 +46,7 @@ __all__ = [
     "KNNRank",
     "LIDDetector",
     "MahalanobisDetector",
+    "MaskingDetector",
     "PPCAManifold",
     "SaliencyConcentration",
 ]

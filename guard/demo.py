@@ -85,7 +85,7 @@ def demo_model_key(seed: int = DEMO_SEED) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def demo_model(name: str = "mnist", *, variant: str = "standard", seed: int = DEMO_SEED, cache: bool = True,
+def demo_model(name: str = "mnist", *, variant: str | None = "standard", seed: int = DEMO_SEED, cache: bool = True,
                train_if_missing: bool = True, progress: bool = True) -> nn.Module:
     """The demo classifier of an embedded default, loaded from the cache or trained.
 
@@ -103,6 +103,8 @@ def demo_model(name: str = "mnist", *, variant: str = "standard", seed: int = DE
         cache: read and write ``cache_dir()/demo/demonet-<key>.safetensors``.
         train_if_missing: train when not cached; otherwise raise ValueError.
         progress: show a progress bar while training.
+        variant: ``"cifar10"`` only: ``"masked"`` gives the ResNet-20 fine-tuned with
+            PatchCleanser's masks (:data:`CIFAR10_MASKED`).
 
     Returns:
         A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
@@ -110,7 +112,7 @@ def demo_model(name: str = "mnist", *, variant: str = "standard", seed: int = DE
     """
     if _check_demo(name) == "cifar10":
         return cifar10_model(variant=variant)
-    if variant != "standard":
+    if variant not in (None, "standard"):
         raise ValueError(f"The 'variant' parameter of demo_model must be one of {list(DEMO_VARIANTS[name])} for {name!r}. "
                          f"Got {variant!r}.")
     key = demo_model_key(seed)
@@ -144,31 +146,38 @@ def demo_model(name: str = "mnist", *, variant: str = "standard", seed: int = DE
 
 #: The shipped variants of each demo model, by the stem of their files in ``guard/_data/NAME``.
 DEMO_VARIANTS: dict[str, dict[str, str]] = {"mnist": {"standard": ""},
-                                            "cifar10": {"standard": "resnet20", "robust": "resnet20-robust"}}
+                                            "cifar10": {"standard": "resnet20", "robust": "resnet20-robust",
+                                                        "masked": "resnet20_masked"}}
+
+#: The mask-trained variant's file stem (``tools/train_cifar10_masked.py``; PatchCleanser's Cutout-style training).
+CIFAR10_MASKED = DEMO_VARIANTS["cifar10"]["masked"]
 
 
-def cifar10_model(folder: str | Path | None = None, *, variant: str = "standard") -> nn.Module:
+def cifar10_model(folder: str | Path | None = None, *, variant: str | None = "standard") -> nn.Module:
     """The shipped CIFAR-10 ResNet-20 (or a variant of it), its file checked against the SHA-256 recorded when it was trained.
 
     Args:
         folder: where ``resnet20.safetensors`` and ``resnet20.json`` are (default: the package's data).
-        variant: ``"standard"`` (a :class:`CifarResNet`) or ``"robust"`` (a
-            :class:`~guard.training.RejectClassifier` around it, ``resnet20-robust.*``).
+        variant: ``"standard"`` (a :class:`CifarResNet`), ``"masked"`` (``resnet20_masked.*``, fine-tuned
+            with PatchCleanser masks, a :class:`CifarResNet`) or ``"robust"`` (a
+            :class:`~guard.training.RejectClassifier` around the standard one, ``resnet20-robust.*``).
 
     Raises:
         ValueError: an unknown variant, the weights file is missing, or its hash does not match its record.
     """
     from importlib import resources
 
+    variant = "standard" if variant is None else variant
     stems = DEMO_VARIANTS["cifar10"]
     if variant not in stems:
         raise ValueError(f"The 'variant' parameter of demo_model must be one of {list(stems)} for 'cifar10'. Got {variant!r}.")
     folder = Path(folder) if folder is not None else Path(str(resources.files("guard") / "_data" / "cifar10"))
-    if variant != "standard":
+    if variant == "robust":
         return _cifar10_variant(folder, stems[variant])
-    record_path, path = folder / "resnet20.json", folder / "resnet20.safetensors"
+    stem = stems[variant]
+    record_path, path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
     if not record_path.is_file() or not path.is_file():
-        raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} (resnet20.safetensors and resnet20.json); "
+        raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} ({stem}.safetensors and {stem}.json); "
                          "reinstall guard or train them with tools/train_cifar10_resnet20.py.")
     record = json.loads(record_path.read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

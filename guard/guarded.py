@@ -504,8 +504,10 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
     Args:
         model: the classifier (images in [0, 1] -> logits); not modified.
         detectors: names from :data:`guard.detectors.DETECTORS` ("saliency", "knn", "ppca",
-            "knn_consistency", "squeeze"), Detector instances, or a dict name -> Detector.
-            Default: all five. Named detectors get their default configuration on the feature
+            "knn_consistency", "squeeze", the anchors "mahalanobis" and "lid", and "masking":
+            PatchCleanser's one-mask round, certified against one patch, K forward passes per
+            image), Detector instances (e.g. ``MaskingDetector(patch_size=5)``), or a dict
+            name -> Detector. Default: the first five. Named detectors get their default configuration on the feature
             layers (``DETECTORS[name].default(layers)``: kNN rank and consistency on the last
             two, PPCA on the last); a default detector that cannot run on the model is left
             out at ``fit`` with its reason (``left_out_``).

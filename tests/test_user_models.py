@@ -73,7 +73,7 @@ def test_quick_audit_of_a_users_model(arch, tmp_path):
     page = (tmp_path / "out" / "report.html").read_text()
     assert 'id="detectors"' in page and 'id="export"' in page and "could not be drawn" not in page and "is missing" not in page
     assert set(report["_completed_steps"]) == {"model", "attacks_gradient", "attacks_patches", "attacks_features",
-                                               "attacks_fooling", "detectors", "adaptive", "robust", "export"}
+                                               "attacks_fooling", "detectors", "adaptive", "robust", "certified", "export"}
     info = report["detectors_info"]
     assert info["feature_layers"] == layers
     assert set(info["detectors"]) | set(info["left_out"]) == {"saliency", "knn", "ppca", "knn_consistency", "squeeze",

@@ -15,6 +15,7 @@ attacks_fooling    guard.audit.fooling        attacks.fooling_*            Attac
 detectors          guard.audit.detectors      detectors, detectors_info    GuardedModel
 adaptive           guard.audit.adaptive       adaptive                     -
 robust             guard.audit.robust         robust                       -
+certified          guard.audit.certified      certified                    -
 harden             guard.audit.harden         harden (with --harden)       RejectClassifier
 export             guard.audit.export         export                       -
 =================  =========================  ===========================  ==============
@@ -23,6 +24,7 @@ export             guard.audit.export         export                       -
 from __future__ import annotations
 
 from guard.audit.adaptive import AdaptiveStep
+from guard.audit.certified import CertifiedStep
 from guard.audit.detectors import DetectorStep
 from guard.audit.export import ExportStep
 from guard.audit.features import FeatureAdversaryStep
@@ -47,6 +49,7 @@ STEPS: tuple[Step, ...] = (
     DetectorStep(),
     AdaptiveStep(),
     RobustStep(),
+    CertifiedStep(),
     HardenStep(),
     ExportStep(),
 )
