@@ -355,7 +355,9 @@ QUICK_AUDIT_CONFIG = {"model": "DemoNet(width=8, hidden=32), 2 epochs on embedde
                       "train": "embedded MNIST train[:512]", "test": "embedded MNIST test[:256]",
                       "options": "AuditOptions(quick=True, progress=False, export=False)"}
 #: A figure may fall below its committed value by this share of its distance from "no detection"
-#: (AUROC 0.5, TPR 0): 0.25 lets through the spread between runs measured below, and a halving
+#: (AUROC 0.5, TPR 0). The same audit on two threads (audit-mnist-quick-2threads.json; the suite
+#: runs on two) moved the floored figures by at most 0.047 of that distance (kNN's AUROC on the
+#: universal patch: 115 successful patches instead of 127); 0.25 lets that through, and a halving
 #: of detection (a share of 0.5) fails.
 FLOOR_SHARE = 0.25
 #: Only figures that rest on enough positives to be stable between runs are floored.
@@ -385,11 +387,13 @@ def test_committed_quick_audit_figures_have_their_provenance_and_floors():
     floors = _floors(committed)
     # the combined flag's operating point on the gradient attacks is among the floored figures
     assert {("combined", a, "tpr_at_threshold") for a in ("fgsm", "pgd")} <= {f[:3] for f in floors}
-    # a halving of detection falls below every floor
+    # a halving of detection falls below every floor, and the two-thread run of the same audit is above them all
+    two = read_results(QUICK_AUDIT_RESULTS.with_name("audit-mnist-quick-2threads.json"))
+    assert two["config"] == QUICK_AUDIT_CONFIG and two["threads"] == 2
     for det, attack, fig, floor in floors:
         ref = committed["detectors"][det][attack][fig]
         halved = 0.5 + (ref - 0.5) / 2 if fig == "auroc" else ref / 2
-        assert halved < floor, (det, attack, fig, ref, floor)
+        assert halved < floor <= two["detectors"][det][attack][fig], (det, attack, fig, ref, floor)
 
 
 @pytest.mark.slow
