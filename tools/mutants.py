@@ -59,17 +59,21 @@ class Mutant:
     notes: str = field(default="")
 
 
+_GRADIENT_TESTS = ("tests/test_attacks_gradient.py::test_linf_budget_range_dtype",
+                   "tests/test_attacks_gradient.py::test_pgd_beats_fgsm_and_big_eps_succeeds",
+                   "tests/test_attacks_gradient.py::test_targeted", "tests/test_attacks_gradient_direction.py")
+
 MUTANTS: tuple[Mutant, ...] = (
     # --- attacks stepping against the loss -----------------------------------------------------
     Mutant("fgsm_sign", "FGSM steps against the loss (x - eps * sign(grad)): it then lowers the loss it should raise",
            "attacks/gradient.py",
            (("x_adv = (x + self.eps * grad.sign()).clamp(0.0, 1.0)", "x_adv = (x - self.eps * grad.sign()).clamp(0.0, 1.0)"),),
-           ("tests/test_attacks_gradient.py", "tests/test_attacks_gradient_direction.py")),
+           _GRADIENT_TESTS),
     Mutant("pgd_sign", "L-inf PGD steps against the loss (every step along -sign(grad))",
            "attacks/gradient.py",
            (("    def _step(self, grad: torch.Tensor) -> torch.Tensor:\n        return grad.sign()",
              "    def _step(self, grad: torch.Tensor) -> torch.Tensor:\n        return -grad.sign()"),),
-           ("tests/test_attacks_gradient.py", "tests/test_attacks_gradient_direction.py")),
+           _GRADIENT_TESTS),
     # --- calibration and evaluation images overlapping -----------------------------------------
     Mutant("audit_split_overlap", "the audit's evaluation half is its calibration half (split_heldout returns the same indices twice)",
            "guard/audit/detectors.py",
