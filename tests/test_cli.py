@@ -61,7 +61,9 @@ def test_audit_model_section_with_user_folder(tmp_path, tiny_model, capsys):
     assert rep["version"] == 1
     m = rep["model"]
     assert m["data"]["train"] + m["data"]["test"] == 40 and m["data"]["test"] == 8
-    assert 0.0 <= m["clean_accuracy"] <= 1.0
+    # the 8 held-out images, read back from PNG as the model was trained to see them: the tiny
+    # model (~90% on MNIST) gets most of them right; a mis-read folder (scale, channels, labels) does not
+    assert m["clean_accuracy"] * 8 == pytest.approx(round(m["clean_accuracy"] * 8)) and m["clean_accuracy"] >= 0.5
 
 
 def test_audit_resume_skips_completed_steps(tmp_path, tiny_model, small_split):

@@ -5,8 +5,6 @@ Each export takes 5-20 s on two loaded cores, so these end-to-end runs are marke
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -35,9 +33,7 @@ def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
     g = guard.wrap(tiny_model, ["knn", "ppca", "saliency"]).fit(train)
     g.calibrate(test.x[:128])
     attacks = AttackSet({"fgsm": FGSM(eps=0.3)(tiny_model, test.x[:32], test.y[:32])})
-    t0 = time.perf_counter()
     step("export").run(ctx, guarded=g, attacks=attacks)
-    seconds = time.perf_counter() - t0
     sec = ctx.report["export"]
     assert (tmp_path / "model.onnx").is_file() and sec["path"] == str(tmp_path / "model.onnx")
     assert sec["source"] == "guarded" and isinstance(sec["opset"], int)
@@ -46,8 +42,7 @@ def test_export_step_guarded_quick(tiny_model, small_split, tmp_path):
     assert sec["parity_full"]["fgsm"]["pred"]["agreement"] == 1.0
     assert sec["providers"] == ["CPUExecutionProvider"]
     assert sec["latency_ms"]["batch_1"]["onnxruntime_cpu_ms"] > 0
-    assert isinstance(sec["flags_identical"], bool)
-    assert seconds < 40  # quick mode; the budget is < 20 s on an idle machine
+    assert isinstance(sec["flags_identical"], bool)  # (speed is measured in benchmarks/, never asserted)
 
 
 @pytest.mark.slow

@@ -80,15 +80,27 @@ def test_pipeline_on_a_stand_in_schema_resume_and_export(tmp_path, monkeypatch) 
     assert set(res["fooling"]) == {"0.1", "0.25"}
     for area, row in res["fooling"].items():
         assert set(row) == set(ip.NAMES) - ({"patch_gan_paper"} if float(area) not in cfg.paper_areas else set())
-        assert all(0.0 <= v <= 1.0 for v in row.values())
         assert res["fooling_detail"][area]["patch_gan"]["n"] == 48 - 24  # evaluated on every image not trained on
+        for name, v in row.items():
+            # each repetition's rate counts images out of the 24 evaluated; the row is their mean
+            d = res["fooling_detail"][area][name]
+            assert all(r * d["n"] == pytest.approx(round(r * d["n"])) for r in d["rates"]), (name, d)
+            assert v == pytest.approx(sum(d["rates"]) / len(d["rates"])) and v == d["mean"]
     assert -1.0 <= res["ssim_median"] <= 1.0
-    assert res["detection"] and all(0.0 <= d["tpr_at_1fpr"] <= 1.0 and 0.0 <= d["auroc"] <= 1.0 for d in res["detection"].values())
+    assert res["detection"]
+    for label, d in res["detection"].items():
+        # the headline row is the PatchGAN entry of the detail table, its TPR a count over the fooled images
+        full = res["detection_detail"][f"patch_gan/{cfg.areas[len(cfg.areas) // 2]:g}"][label]
+        assert d == {"tpr_at_1fpr": full["tpr_at_1fpr"], "auroc": full["auroc"]}
+        assert full["n_neg"] == cfg.det_eval and full["n_pos"] <= cfg.det_eval
+        if full["n_pos"]:
+            assert d["tpr_at_1fpr"] * full["n_pos"] == pytest.approx(round(d["tpr_at_1fpr"] * full["n_pos"]))
     chosen = res["detection_detail"]["chosen_on_train"]
     assert chosen in res["detection_detail"]["tuning"]["table"]
     assert {k.replace("|", "_") for k in ip.reference_keys((32, 32))} <= set(res["detection"])  # the untuned references too
     cc = res["class_comparison"]["patch_gan"]
-    assert cc["positions"] == cfg.cc_grid ** 2 and 0.0 <= cc["patched_takes_canvas_class"] <= 1.0
+    assert cc["positions"] == cfg.cc_grid ** 2
+    assert cc["patched_takes_canvas_class"] * cc["pairs"] == pytest.approx(round(cc["patched_takes_canvas_class"] * cc["pairs"]))
     ex = res["export"]
     assert ex["parity_vs_guarded"]["clean_32"]["pred"]["agreement"] == 1.0
     assert ex["parity_vs_guarded"]["patched_32"]["logits"]["max_abs"] < 1e-4
@@ -132,5 +144,10 @@ def test_short_patch_training_on_50_sample_images(tmp_path) -> None:
     res = ip.run(model, x, y, cfg, tmp_path / "work", log=lambda s: None)
     assert res["clean_accuracy_eval"] >= 0.6  # 87.8% top-1 on the sample; 20 evaluation images
     assert res["fit"]["patch_gan/0.02"]["side"] == 32  # 2% of 224 x 224, derived from the input size
-    assert all(0.0 <= v <= 1.0 for v in res["fooling"]["0.02"].values())
-    assert res["detection"] and all(0.0 <= d["auroc"] <= 1.0 for d in res["detection"].values())
+    for name, v in res["fooling"]["0.02"].items():
+        d = res["fooling_detail"]["0.02"][name]
+        assert d["n"] == 20 and all(r * 20 == pytest.approx(round(r * 20)) for r in d["rates"]) and v == d["mean"], (name, d)
+    assert res["detection"]
+    for label, d in res["detection"].items():
+        full = res["detection_detail"]["patch_gan/0.02"][label]
+        assert d == {"tpr_at_1fpr": full["tpr_at_1fpr"], "auroc": full["auroc"]} and full["n_neg"] == 10
