@@ -253,3 +253,12 @@ def test_page_section_of_a_reject_model(tmp_path):
     assert "55.0% [45.0%, 65.0%]" in sec.body and "a rejected attacked image is safe" in sec.body
     assert "Square (black-box) broke 2" in sec.body and "APGD loss per iteration" in sec.body
     assert section.build(AuditFolder.from_report(tmp_path, {"version": 1})) is None
+
+
+def test_apgd_t_needs_four_classes():
+    from test_attacks_apgd import LeverToy
+
+    x, y = torch.full((4, 1, 4, 4), 0.5), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        guard.evaluate_robust(LeverToy(), (x, y), eps=0.1, real_classes=3, attacks=["apgd-t"])
+    assert "apgd-t" not in default_attacks(True, 3) and "apgd-t" in default_attacks(True, 10)
