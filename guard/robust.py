@@ -55,7 +55,6 @@ __all__ = ["ROBUST_ATTACKS", "RobustBudget", "RealClassView", "default_attacks",
 #: is robust only if every attack fails on it). Square goes last, as in AutoAttack, so that it only
 #: sees what the white-box attacks left (its flag).
 ROBUST_ATTACKS: tuple[str, ...] = ("guard-apgd-ce", "apgd-ce", "apgd-t", "fab-t", "guard-apgd-reject", "square")
-_TORCHATTACKS = {"apgd-ce", "apgd-t", "fab-t", "square"}
 _WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t", "guard-apgd-ce", "guard-apgd-reject")
 
 
@@ -233,8 +232,12 @@ def _model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
         a, b = model(xs), model(xs)
     probabilities = bool(((a >= 0) & (a <= 1)).all() and torch.allclose(a.sum(1), torch.ones(len(a), device=device), atol=1e-4))
     xg = xs.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), ys, reduction="sum"), xg)
-    zero = float((g.flatten(1).abs().amax(1) == 0).float().mean())
+    loss = nn.functional.cross_entropy(model(xg), ys, reduction="sum")
+    if loss.requires_grad:
+        (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
+        zero = 1.0 if g is None else float((g.flatten(1).abs().amax(1) == 0).float().mean())
+    else:  # the output does not depend on the input at all
+        zero = 1.0
     return {"randomized": not torch.equal(a, b), "outputs_probabilities": probabilities, "zero_gradient_share": zero}
 
 

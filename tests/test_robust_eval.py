@@ -104,6 +104,17 @@ def test_constant_right_model_is_fully_robust():
     assert res["checks"]["zero_gradient_share"] == 1.0
 
 
+def test_a_model_that_ignores_its_input_entirely():
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([0.0, 3.0, 0.0, 0.0]).expand(x.shape[0], -1)  # no graph to the input
+
+    x, y = torch.rand(6, 1, 4, 4), torch.ones(6, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="zero input gradient"):
+        res = guard.evaluate_robust(Fixed(), (x, y), eps=0.3, budget="quick", attacks=["guard-apgd-ce"])
+    assert res["robust_accuracy"] == 1.0 and res["checks"]["zero_gradient_share"] == 1.0
+
+
 def test_rejecting_every_perturbed_input_is_safe_but_not_accurate():
     x, y = _toy_data()
     res = guard.evaluate_robust(RejectPerturbed(), (x, y), eps=0.05, budget="quick", real_classes=4)
