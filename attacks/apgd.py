@@ -137,7 +137,8 @@ class APGD(Attack):
         x = x.detach().requires_grad_(True)
         logits = model(x)
         loss = apgd_loss(self.loss, logits, y, target=target, real_classes=self.real_classes)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
+        grad = torch.autograd.grad(loss.sum(), x, allow_unused=True)[0] if loss.requires_grad else None
+        grad = torch.zeros_like(x) if grad is None else grad  # an output that ignores the input: nothing to follow
         return loss.detach(), grad.detach().contiguous(), logits.detach()
 
     def _targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor | None]:

@@ -55,7 +55,6 @@ __all__ = ["ROBUST_ATTACKS", "RobustBudget", "RealClassView", "default_attacks",
 #: is robust only if every attack fails on it). Square goes last, as in AutoAttack, so that it only
 #: sees what the white-box attacks left (its flag).
 ROBUST_ATTACKS: tuple[str, ...] = ("guard-apgd-ce", "apgd-ce", "apgd-t", "fab-t", "guard-apgd-reject", "square")
-_TORCHATTACKS = {"apgd-ce", "apgd-t", "fab-t", "square"}
 _WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t", "guard-apgd-ce", "guard-apgd-reject")
 
 
@@ -136,14 +135,15 @@ def _has_torchattacks() -> bool:
     return True
 
 
-def default_attacks(reject: bool) -> tuple[str, ...]:
-    """AutoAttack's four, guard's APGD-CE with restarts, and the reject-aware APGD for a reject model."""
-    return tuple(a for a in ROBUST_ATTACKS if reject or a != "guard-apgd-reject")
+def default_attacks(reject: bool, real_classes: int = 10) -> tuple[str, ...]:
+    """AutoAttack's four, guard's APGD-CE with restarts, and the reject-aware APGD for a reject model
+    (APGD-T's targeted DLR loss needs at least 4 classes: left out below that)."""
+    return tuple(a for a in ROBUST_ATTACKS if (reject or a != "guard-apgd-reject") and (real_classes >= 4 or a != "apgd-t"))
 
 
-def _check_attacks(attacks: Sequence[str] | None, reject: bool) -> tuple[str, ...]:
+def _check_attacks(attacks: Sequence[str] | None, reject: bool, real_classes: int) -> tuple[str, ...]:
     if attacks is None:
-        return default_attacks(reject)
+        return default_attacks(reject, real_classes)
     if isinstance(attacks, str) or not isinstance(attacks, Sequence) or not attacks:
         raise ValueError(f"attacks must be a non-empty list of names from {list(ROBUST_ATTACKS)}; got {attacks!r}.")
     unknown = [a for a in attacks if a not in ROBUST_ATTACKS]
@@ -152,7 +152,9 @@ def _check_attacks(attacks: Sequence[str] | None, reject: bool) -> tuple[str, ..
     if "guard-apgd-reject" in attacks and not reject:
         raise ValueError("attack 'guard-apgd-reject' needs a model with a reject output (a RejectClassifier, or "
                          "real_classes below the model's outputs); this model has none.")
-    return tuple(a for a in ROBUST_ATTACKS if a in attacks)  # AutoAttack's order, each once
+    if "apgd-t" in attacks and real_classes < 4:
+        raise ValueError(f"attack 'apgd-t' (targeted DLR loss) needs at least 4 classes; the model has {real_classes}.")
+    return tuple(a for a in ROBUST_ATTACKS if a in attacks)  # the evaluation's order, each once
 
 
 def _torchattack(name: str, view: RealClassView, eps: float, budget: RobustBudget, seed: int) -> Any:
@@ -230,8 +232,12 @@ def _model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
         a, b = model(xs), model(xs)
     probabilities = bool(((a >= 0) & (a <= 1)).all() and torch.allclose(a.sum(1), torch.ones(len(a), device=device), atol=1e-4))
     xg = xs.clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(nn.functional.cross_entropy(model(xg), ys, reduction="sum"), xg)
-    zero = float((g.flatten(1).abs().amax(1) == 0).float().mean())
+    loss = nn.functional.cross_entropy(model(xg), ys, reduction="sum")
+    if loss.requires_grad:
+        (g,) = torch.autograd.grad(loss, xg, allow_unused=True)
+        zero = 1.0 if g is None else float((g.flatten(1).abs().amax(1) == 0).float().mean())
+    else:  # the output does not depend on the input at all
+        zero = 1.0
     return {"randomized": not torch.equal(a, b), "outputs_probabilities": probabilities, "zero_gradient_share": zero}
 
 
@@ -379,7 +385,7 @@ def evaluate_robust(model: nn.Module, data: Any, *, eps: float, attacks: Sequenc
     with eval_mode(model):
         split, outputs, real = _prepare(model, data, n, real_classes, device)
         reject = real < outputs
-        names = _check_attacks(attacks, reject)
+        names = _check_attacks(attacks, reject, real)
         pred = _predict(model, split.x, batch_size, device)
         state = _State(pred == split.y)
         checks = _model_checks(model, split.x, split.y, device)

@@ -104,6 +104,17 @@ def test_constant_right_model_is_fully_robust():
     assert res["checks"]["zero_gradient_share"] == 1.0
 
 
+def test_a_model_that_ignores_its_input_entirely():
+    class Fixed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([0.0, 3.0, 0.0, 0.0]).expand(x.shape[0], -1)  # no graph to the input
+
+    x, y = torch.rand(6, 1, 4, 4), torch.ones(6, dtype=torch.long)
+    with pytest.warns(RuntimeWarning, match="zero input gradient"):
+        res = guard.evaluate_robust(Fixed(), (x, y), eps=0.3, budget="quick", attacks=["guard-apgd-ce"])
+    assert res["robust_accuracy"] == 1.0 and res["checks"]["zero_gradient_share"] == 1.0
+
+
 def test_rejecting_every_perturbed_input_is_safe_but_not_accurate():
     x, y = _toy_data()
     res = guard.evaluate_robust(RejectPerturbed(), (x, y), eps=0.05, budget="quick", real_classes=4)
@@ -253,3 +264,12 @@ def test_page_section_of_a_reject_model(tmp_path):
     assert "55.0% [45.0%, 65.0%]" in sec.body and "a rejected attacked image is safe" in sec.body
     assert "Square (black-box) broke 2" in sec.body and "APGD loss per iteration" in sec.body
     assert section.build(AuditFolder.from_report(tmp_path, {"version": 1})) is None
+
+
+def test_apgd_t_needs_four_classes():
+    from test_attacks_apgd import LeverToy
+
+    x, y = torch.full((4, 1, 4, 4), 0.5), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        guard.evaluate_robust(LeverToy(), (x, y), eps=0.1, real_classes=3, attacks=["apgd-t"])
+    assert "apgd-t" not in default_attacks(True, 3) and "apgd-t" in default_attacks(True, 10)
