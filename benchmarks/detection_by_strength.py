@@ -49,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("audit")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--audit-command", default=None, help="the guard audit command that wrote AUDIT_OUT (recorded in the JSON)")
     args = ap.parse_args()
     report = json.loads((Path(args.audit) / "report.json").read_text())
     t = table(report)
@@ -64,7 +65,8 @@ def main() -> None:
         from guard.core.provenance import write_results
 
         opts = report.get("options", {})
-        write_results(args.json, {"audit_options": opts, "audit_timings": report.get("timings"), **t})
+        write_results(args.json, {"audit_command": args.audit_command, "audit_options": opts, "audit_timings": report.get("timings"),
+                                  "audit_errors": report.get("errors"), **t})
 
 
 if __name__ == "__main__":
