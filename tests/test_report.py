@@ -184,7 +184,7 @@ def test_every_section_from_a_complete_folder(tmp_path):
     # captions come from the artifacts: model labels before -> after, fooling confidences, the distance ratio
     assert "1 → 4" in html and "0 (held)" in html and "ratio 0.25" in html and "seen as 1" in html and "99.999%" in html
     # numbers in words
-    assert "98.0% of the 256 held-out images" in html and "PGD-40 (full) 75.0%" in html
+    assert "98.0% of the 256 held-out images" in html and "PGD-40 75.0%" in html
     assert "pkg.mod:build" in html and "guard audit --model pkg.mod:build --data DATA --quick --harden --out OUT" in html
     # the adaptive section: one row per budget, adaptive evasion beside plain PGD's, and the headline in the summary
     assert "4.7%" in html and "94.0%" in html and "evasion (plain PGD)" in html
@@ -222,7 +222,7 @@ def test_missing_artifacts_leave_a_note_in_each_affected_section(tmp_path, capsy
     html = (tmp_path / "report.html").read_text()
     assert _h2(html) == list(TITLES.values())
     sections = dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', html, re.S))
-    assert "artifacts/attack_pgd.safetensors is missing, so the PGD-40 (full) examples cannot be shown" in sections["gradient"]
+    assert "artifacts/attack_pgd.safetensors is missing, so the PGD-40 examples cannot be shown" in sections["gradient"]
     assert "artifacts/detector_scores.safetensors is missing, so the ROC curves" in sections["detectors"]
     assert "artifacts/examples.safetensors cannot be used" in sections["model"]
     assert "AUROC per detector" in sections["detectors"]  # the table still comes from report.json
@@ -459,4 +459,4 @@ def test_operating_point_table_comes_first_with_intervals(tmp_path):
     sec = dict(re.findall(r'<section id="([^"]+)">(.*?)</section>', html, re.S))["detectors"]
     assert sec.index("clean images flagged (FPR)") < sec.index("AUROC per detector")
     assert "5.5% [2.8–9.6%] of 200" in sec and "62.5% [40.6–81.2%] of 24" in sec
-    assert "PGD-40 (full) (full)" in sec  # the row says its strength
+    assert "PGD-40 (full)" in sec  # the row says its strength

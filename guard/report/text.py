@@ -20,8 +20,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 #: how the page names each attack of report["attacks"]
 ATTACK_TITLES = {
-    "fgsm": "FGSM", "pgd": "PGD-40 (full)", "pgd_minimal": "PGD, early-stopped (minimal)",
-    "pgd_confident": "PGD-40, confidence-maximising", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "square": "Square",
+    "fgsm": "FGSM", "pgd": "PGD-40", "pgd_minimal": "PGD early-stopped",
+    "pgd_confident": "PGD-40 confidence-maximising", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "square": "Square",
     "cw": "CW-L2", "deepfool": "DeepFool", "patch_gan": "PatchGAN patches", "universal_patch": "universal patch",
     "random_patch": "random noise patch", "feature_adversary": "feature adversaries", "fooling_gradient": "fooling images (gradient ascent)",
     "fooling_direct": "fooling images (direct encoding)", "fooling_cppn": "fooling images (CPPN encoding)",

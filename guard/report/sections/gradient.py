@@ -20,7 +20,7 @@ __all__ = ["build", "attack_examples"]
 NAMES = ("fgsm", "pgd_minimal", "pgd", "pgd_confident")
 HELD_OUT = ("apgd_ce", "apgd_t", "square", "cw", "deepfool")
 SHOWN = 8
-STRENGTH_WORDS = {"minimal": "minimal: stops at the first misclassified step", "full": "full: every step",
+STRENGTH_WORDS = {"minimal": "minimal: stops at the first misclassified step", "full": "full: no early stop",
                   "confident": "confident: maximises the wrong class's probability", "minimal-norm": "minimal-norm: smallest change"}
 
 
