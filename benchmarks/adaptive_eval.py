@@ -7,10 +7,13 @@ held-out images); :func:`guard.adaptive_eval.evaluate_adaptive` then attacks the
 images of the evaluation half with :class:`guard.attacks.AdaptiveEnsemble` (plain PGD,
 AdaptivePGD at each ``--weights`` with ``--restarts`` starts, orthogonal and selective PGD,
 logit matching with guides from the rest of the evaluation half) at each budget. Writes
-``benchmarks/results/adaptive_<demo>.json`` through :func:`guard.core.provenance.write_results`.
+``benchmarks/results/adaptive_<demo>.json`` through :func:`guard.core.provenance.write_results`,
+rewritten after each budget (largest first; ``"complete"`` says whether every budget ran).
+The settings below are small (few images and steps) because the run shared two cores with
+several training jobs; the intervals in the file say how little n = 16 pins down.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive_eval.py --demo mnist --quick --n 48 --steps 30 --restarts 1
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive_eval.py --demo cifar10 --quick --n 16 --steps 20 --restarts 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive_eval.py --demo mnist --quick --n 16 --steps 10 --restarts 1
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/adaptive_eval.py --demo cifar10 --quick --n 8 --steps 10 --restarts 1
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 
 import guard
-from guard.adaptive_eval import evaluate_adaptive
+from guard.adaptive_eval import default_budgets, evaluate_adaptive
 from guard.audit.detectors import ANCHORS, COMBINE, FPR, split_heldout
 from guard.core.data import Split
 from guard.core.provenance import write_results
@@ -69,21 +72,30 @@ def main() -> None:
     guarded, ev = guarded_as_the_audit_builds_it(model, train, test, args.seed, quick=args.quick)
     t_fit = time.perf_counter() - t0
     data = Split(test.x[ev], test.y[ev])
-    rep = evaluate_adaptive(guarded, data, eps=args.eps, steps=args.steps, n=args.n, seed=args.seed, weights=args.weights,
-                            restarts=args.restarts)
-    figures = {"demo": args.demo, "detectors": list(guarded.detectors), "flag_with": list(guarded.combined.names_),
-               "combine": guarded.combine, "calibration_fpr": FPR, "quick": args.quick, "threads": args.threads, "fit_seconds": round(t_fit, 1),
-               "total_seconds": round(time.perf_counter() - t0, 1), "adaptive": rep}
     out = args.out or RESULTS / f"adaptive_{args.demo}.json"
-    write_results(out, figures)
-    print(f"{args.demo}: n={rep['n']} (correct clean {rep['n_correct']}), steps {rep['steps']}, restarts {rep['restarts']}, "
-          f"weights {rep['weights']}, eot {rep['eot']}")
-    for e in rep["per_eps"]:
-        print(f"  eps {e['eps']:.4f}: misclassified {e['misclassified']:.3f} {e['misclassified_ci95']}, evasion {e['evasion']:.3f} "
-              f"{e['evasion_ci95']} (correct-clean {e['evasion_correct']}), plain PGD evasion {e['oblivious_evasion']:.3f} "
-              f"(full-step {e['oblivious_full_evasion']:.3f}), {e['seconds']} s")
-        for name, fig in e["per_member"].items():
-            print(f"      {name:18s} misclassified {fig['misclassified']:.3f} evasion {fig['evasion']:.3f}")
+    budgets = args.eps or default_budgets(test.x)[0]
+    per_eps: list[dict] = []
+    # budgets from the largest down, the results file rewritten after each: a run cut short keeps what it finished
+    for e in sorted(budgets, reverse=True):
+        rep = evaluate_adaptive(guarded, data, eps=[e], steps=args.steps, n=args.n, seed=args.seed, weights=args.weights,
+                                restarts=args.restarts)
+        per_eps = sorted(per_eps + rep["per_eps"], key=lambda p: p["eps"])
+        rep = {**rep, "eps": max(budgets), "per_eps": per_eps, "budgets_planned": sorted(budgets)}
+        head = next((p for p in per_eps if p["eps"] == max(budgets)), None)
+        rep["evasion"], rep["misclassified"] = (head["evasion"], head["misclassified"]) if head else (None, None)
+        figures = {"demo": args.demo, "detectors": list(guarded.detectors), "flag_with": list(guarded.combined.names_),
+                   "combine": guarded.combine, "calibration_fpr": FPR, "quick": args.quick, "threads": args.threads,
+                   "fit_seconds": round(t_fit, 1), "total_seconds": round(time.perf_counter() - t0, 1),
+                   "complete": len(per_eps) == len(budgets), "adaptive": rep}
+        write_results(out, figures)
+        x = per_eps[[p["eps"] for p in per_eps].index(e)]
+        print(f"{args.demo}: n={rep['n']} (correct clean {rep['n_correct']}), steps {rep['steps']}, restarts {rep['restarts']}, "
+              f"weights {rep['weights']}, eot {rep['eot']}", flush=True)
+        print(f"  eps {x['eps']:.4f}: misclassified {x['misclassified']:.3f} {x['misclassified_ci95']}, evasion {x['evasion']:.3f} "
+              f"{x['evasion_ci95']} (correct-clean {x['evasion_correct']}), plain PGD evasion {x['oblivious_evasion']:.3f} "
+              f"(full-step {x['oblivious_full_evasion']:.3f}), {x['seconds']} s", flush=True)
+        for name, fig in x["per_member"].items():
+            print(f"      {name:18s} misclassified {fig['misclassified']:.3f} evasion {fig['evasion']:.3f}", flush=True)
     print("wrote", out)
 
 
