@@ -207,3 +207,22 @@ def test_cli_harden_online_writes_its_epochs(tmp_path, monkeypatch, capsys):
     assert section["settings"]["eps"] == 0.2 and section["settings"]["lr"] == 0.05
     loaded = guard.RejectClassifier.load(tmp_path / "hardened_model.safetensors", guard.demo_model(progress=False))
     assert loaded.num_classes == 10
+
+
+def test_shipped_robust_variant_is_hash_checked(tmp_path):
+    import shutil
+    from importlib import resources
+
+    from guard.demo import cifar10_model
+
+    src = resources.files("guard") / "_data" / "cifar10"
+    for name in ("resnet20.safetensors", "resnet20.json", "resnet20-robust.safetensors", "resnet20-robust.json"):
+        shutil.copy(str(src / name), tmp_path / name)
+    model = cifar10_model(tmp_path, variant="robust")
+    assert isinstance(model, guard.RejectClassifier) and model.num_classes == 10
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 11)
+    blob = bytearray((tmp_path / "resnet20-robust.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (tmp_path / "resnet20-robust.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ValueError):
+        cifar10_model(tmp_path, variant="robust")

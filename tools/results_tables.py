@@ -107,12 +107,49 @@ def certified_patches(r: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n" + _source(r)
 
 
+def _rate(v: dict[str, Any] | None) -> str:
+    return "n/a" if not v else f"{100 * v['rate']:.1f}% ({v['k']}/{v['n']}){_ci(v.get('ci95'))}"
+
+
+def detection_by_strength(r: dict[str, Any]) -> str:
+    """The detection table by attack strength: the combined flag and the best single detector at the
+    calibrated threshold (TPR over successful adversarials, with k/n and the 95% interval), then AUROC."""
+    rows = ["| attack | strength | held out | success | combined flag: TPR at the operating point [95% CI] | combined AUROC | "
+            "best single detector at the operating point |", "|---|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        d = row["detectors"]
+        comb = d.get("combined", {})
+        singles = {k: v for k, v in d.items() if k != "combined" and v.get("tpr")}
+        best = max(singles, key=lambda k: singles[k]["tpr"]["rate"]) if singles else None
+        auroc = comb.get("auroc")
+        rows.append(f"| {row['attack']} | {row['strength']} | {'yes' if row['held_out'] else ''} | "
+                    f"{_pct(row['success_rate'])} | {_rate(comb.get('tpr'))} | {'n/a' if auroc is None else f'{auroc:.3f}'} | "
+                    f"{best + ': ' + _rate(singles[best]['tpr']) if best else 'n/a'} |")
+    c = r["clean_fpr"].get("combined")
+    return ("\n".join(rows) + f"\n\nRealised clean flag rate of the combined flag (target {_pct(r['target_fpr'], 0)}, "
+            f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _source(r))
+
+
+def adaptive(r: dict[str, Any]) -> str:
+    a = r["adaptive"]
+    rows = ["| eps | n | adaptive: misclassified | adaptive: evasion [95% CI] | oblivious PGD: evasion [95% CI] |",
+            "|---|---|---|---|---|"]
+    for e in a["per_eps"]:
+        rows.append(f"| {e['eps']:g} | {e['n']} | {_pct(e['misclassified'])} | {_pct(e['evasion'])}{_ci(e['evasion_ci95'])} | "
+                    f"{_pct(e['oblivious_evasion'])}{_ci(e['oblivious_evasion_ci95'])} |")
+    return ("\n".join(rows) + f"\n\nMembers: {', '.join(a['members'])}; detector weights swept "
+            f"{a['weights']}; {a['steps']} steps, {a['restarts']} restart(s); evasion = misclassified and not flagged at the "
+            f"{_pct(a['fpr'], 0)}-FPR threshold.\n" + _source(r))
+
+
 #: table name -> (results file, renderer)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_hardening": ("robust_hardening.json", robust_hardening),
     "online_cost": ("bench_online_harden.json", online_cost),
     "mutants": ("mutants.json", mutants),
     "certified_patches": ("certified_patches.json", certified_patches),
+    "detection_mnist_quick": ("detection_by_strength_mnist_quick.json", detection_by_strength),
+    "adaptive_mnist": ("adaptive_mnist_n32.json", adaptive),
 }
 
 
