@@ -159,7 +159,8 @@ def cifar10_model(folder: str | Path | None = None, *, variant: str | None = "st
     Args:
         folder: where ``resnet20.safetensors`` and ``resnet20.json`` are (default: the package's data).
         variant: ``"standard"`` (a :class:`CifarResNet`), ``"masked"`` (``resnet20_masked.*``, fine-tuned
-            with PatchCleanser masks, a :class:`CifarResNet`) or ``"robust"`` (a
+            with PatchCleanser masks, a :class:`CifarResNet`; not shipped yet: the first fine-tune measured
+            worse, see benchmarks/results/cifar10-resnet20-masked-1epoch-15k) or ``"robust"`` (a
             :class:`~guard.training.RejectClassifier` around the standard one, ``resnet20-robust.*``).
 
     Raises:
@@ -178,7 +179,7 @@ def cifar10_model(folder: str | Path | None = None, *, variant: str | None = "st
     record_path, path = folder / f"{stem}.json", folder / f"{stem}.safetensors"
     if not record_path.is_file() or not path.is_file():
         raise ValueError(f"the CIFAR-10 demo weights are missing from {str(folder)!r} ({stem}.safetensors and {stem}.json); "
-                         "reinstall guard or train them with tools/train_cifar10_resnet20.py.")
+                         f"reinstall guard or train them with tools/{'train_cifar10_masked' if variant else 'train_cifar10_resnet20'}.py.")
     record = json.loads(record_path.read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != record.get("sha256"):
