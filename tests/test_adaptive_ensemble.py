@@ -12,6 +12,7 @@ from torch import nn
 
 import guard
 from conftest import ModelSnapshot
+from planted_detectors import TotalVariation
 from guard.adaptive_eval import clopper_pearson, evaluate_adaptive
 from guard.attacks import AdaptiveEnsemble, AdaptivePGD, LinfPGD, LogitMatching, OrthogonalPGD
 from guard.attacks.adaptive import BestIterate, resolve_eot, stochastic_parts
@@ -23,25 +24,6 @@ from guard.detectors import Detector
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-class TotalVariation(Detector):
-    """A planted differentiable detector: PGD's noise raises an image's total variation."""
-
-    name = "tv"
-
-    def fit_batch(self, batch, labels):
-        self.fitted_ = True
-        return self
-
-    def score_batch(self, batch):
-        return total_variation(batch.x)
-
-    def export_head(self):
-        return _TVHead()
-
-
-class _TVHead(nn.Module):
-    def forward(self, batch):
-        return total_variation(batch.x)
 
 
 class NoisyTotalVariation(TotalVariation):

@@ -6,34 +6,13 @@ import pytest
 import torch
 
 import guard
-from torch import nn
 
 from conftest import ModelSnapshot
+from planted_detectors import TotalVariation
 from guard.attacks import AdaptivePGD, LinfPGD
-from guard.attacks.fooling_gradient import total_variation
-from guard.detectors import Detector
 from guard.evaluation import evaluate_adaptive
 
 
-class TotalVariation(Detector):
-    """A planted differentiable detector: PGD's noise raises an image's total variation."""
-
-    name = "tv"
-
-    def fit_batch(self, batch, labels):
-        self.fitted_ = True
-        return self
-
-    def score_batch(self, batch):
-        return total_variation(batch.x)
-
-    def export_head(self):
-        return _TVHead()
-
-
-class _TVHead(nn.Module):
-    def forward(self, batch):
-        return total_variation(batch.x)
 
 
 @pytest.fixture(scope="module")
