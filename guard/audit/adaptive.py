@@ -12,9 +12,10 @@ swept, restarts, orthogonal / selective PGD, logit matching with guides from the
 evaluation half, EOT where the guarded model is random).
 
 Options (``options.extra``): ``adaptive_n`` (images attacked; default 200 on the demo LeNet,
-scaled with the model's cost; 32 quick), ``adaptive_steps`` (50 on the demo LeNet, scaled, at
+scaled with the model's cost; 16 quick), ``adaptive_steps`` (50 on the demo LeNet, scaled, at
 least 20; 10 quick), ``adaptive_eps`` (a list), ``adaptive_restarts`` (2; 1 quick),
-``adaptive_weights`` (a list; [0.1, 1, 10]), ``adaptive_members`` (a list of
+``adaptive_weights`` (a list; [0.1, 1, 10]; [1] quick), quick mode attacks at the headline budget
+only (8/255 or 0.3), ``adaptive_members`` (a list of
 :data:`guard.attacks.adaptive_ensemble.MEMBERS`).
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 from guard.audit.detectors import split_heldout
 from guard.audit.step import AuditContext, Step
 from guard.core.data import Split
-from guard.adaptive_eval import evaluate_adaptive
+from guard.adaptive_eval import default_budgets, evaluate_adaptive
 from guard.guarded import GuardedModel
 
 __all__ = ["AdaptiveStep"]
@@ -44,11 +45,14 @@ class AdaptiveStep(Step):
         extra, quick = ctx.options.extra, ctx.options.quick
         _, ev = split_heldout(len(ctx.test), ctx.options.seed)
         data = Split(ctx.test.x[ev], ctx.test.y[ev])
-        n = int(extra.get("adaptive_n", 32 if quick else ctx.scaled(200, 64)))
+        n = int(extra.get("adaptive_n", 16 if quick else ctx.scaled(200, 64)))
         steps = int(extra.get("adaptive_steps", 10 if quick else ctx.scaled(50, 20)))
         kw = {"restarts": int(extra.get("adaptive_restarts", 1 if quick else 2))}
         for key in ("weights", "members"):
             if extra.get(f"adaptive_{key}") is not None:
                 kw[key] = list(extra[f"adaptive_{key}"])
-        ctx.report["adaptive"] = evaluate_adaptive(guarded, data, eps=extra.get("adaptive_eps"), steps=steps, n=n,
-                                                   seed=ctx.options.seed, **kw)
+        eps = extra.get("adaptive_eps")
+        if quick:  # a smoke run: the headline budget only, one detector weight (the full audit sweeps)
+            eps = eps if eps is not None else [default_budgets(data.x)[1]]
+            kw.setdefault("weights", [1.0])
+        ctx.report["adaptive"] = evaluate_adaptive(guarded, data, eps=eps, steps=steps, n=n, seed=ctx.options.seed, **kw)
