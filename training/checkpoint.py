@@ -20,10 +20,14 @@ from torch import nn
 
 from guard.core.cache import load_tensors, save_tensors
 
-__all__ = ["CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors"]
+__all__ = ["CheckpointMismatch", "CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors"]
 
 CHECKPOINT_NAME = "harden_state.safetensors"
 
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint in ``checkpoint_dir`` belongs to another run (settings, model or data differ)."""
 
 def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
     return Path(directory) / CHECKPOINT_NAME

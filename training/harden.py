@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from guard.core.data import Split, is_stream, load_data
 from guard.core.models import model_device, predict_labels
 from guard.core.validation import check_float, check_images, check_int
-from guard.training.checkpoint import load_checkpoint, save_checkpoint
+from guard.training.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
 from guard.training.loop import ddp_wrap as _wrap
 from guard.training.online_losses import ONLINE_METHODS
@@ -64,10 +64,6 @@ __all__ = ["harden", "HardenConfig", "HardenResult", "CheckpointMismatch", "epoc
 log = logging.getLogger(__name__)
 
 _SET_NAMES = ("x", "kind", "target", "source")
-
-
-class CheckpointMismatch(ValueError):
-    """The checkpoint in ``checkpoint_dir`` belongs to another run (settings, model or data differ)."""
 
 
 @dataclass(frozen=True)

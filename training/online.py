@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from guard.core.data import Split
 from guard.core.models import model_device, predict_labels
-from guard.training.checkpoint import load_checkpoint, save_checkpoint
+from guard.training.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, world
 from guard.training.harden_data import HardenStream, digest, epoch_order, stream_accuracy
 from guard.training.loop import ddp_wrap, mix_seed, train_mode
@@ -104,8 +104,6 @@ class OnlineHardener:
 
     # ---------------------------------------------------------------- checkpoints
     def _load(self) -> None:
-        from guard.training.harden import CheckpointMismatch
-
         found = load_checkpoint(self.checkpoint_dir)
         if found is None:
             log.info("harden: no checkpoint in %s; starting from scratch", self.checkpoint_dir)
