@@ -87,8 +87,6 @@ def test_saliency_surrogate_lowers_the_real_score_on_a_smooth_network(small_spli
     _judge(g, "saliency", test.x[:48])
 
 
-@pytest.mark.xfail(strict=True, reason="known weakness: a ReLU network's input gradient is piecewise constant, so the "
-                   "saliency surrogate (double backward of |grad|) has zero gradient and AdaptivePGD gets no signal from it")
 def test_saliency_surrogate_moves_the_real_score_on_a_relu_network(fitted, one_thread) -> None:
     g, x = fitted
     _judge(g, "saliency", x)
