@@ -400,7 +400,7 @@ def test_demo_variant_arguments(tmp_path):
 
     with pytest.raises(ValueError, match="variant"):
         guard.demo_model("cifar10", variant="nope")
-    with pytest.raises(ValueError, match="cifar10"):
+    with pytest.raises(ValueError, match="for 'mnist'"):
         guard.demo_model("mnist", variant="masked")
     with pytest.raises(ValueError, match="resnet20_masked.safetensors"):
         cifar10_model(tmp_path, variant="masked")
