@@ -9,6 +9,8 @@ complete, every default detector must be fitted, and the report must list the la
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import os
 import subprocess
@@ -72,8 +74,10 @@ def test_quick_audit_of_a_users_model(arch, tmp_path):
     assert not report.get("errors")  # report.html included (errors["report"])
     page = (tmp_path / "out" / "report.html").read_text()
     assert 'id="detectors"' in page and 'id="export"' in page and "could not be drawn" not in page and "is missing" not in page
+    heldout = {"attacks_heldout"} if importlib.util.find_spec("torchattacks") is not None else set()
     assert set(report["_completed_steps"]) == {"model", "attacks_gradient", "attacks_patches", "attacks_features",
-                                               "attacks_fooling", "detectors", "adaptive", "robust", "certified", "export"}
+                                               "attacks_fooling", "detectors", "adaptive", "robust", "certified",
+                                               "export"} | heldout
     info = report["detectors_info"]
     assert info["feature_layers"] == layers
     assert set(info["detectors"]) | set(info["left_out"]) == {"saliency", "knn", "ppca", "knn_consistency", "squeeze",
