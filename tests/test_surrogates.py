@@ -56,7 +56,12 @@ def surrogate_step(guarded, name: str, x: torch.Tensor, head=None) -> tuple[torc
     return det.score(model, x), det.score(model, stepped), grad
 
 
-@pytest.mark.parametrize("name", sorted(DETECTORS))
+#: the masking detector's score counts disagreeing mask labels: a step function with no surrogate to descend
+#: (an attacker of it searches patch positions, not gradients)
+DIFFERENTIABLE = sorted(set(DETECTORS) - {"masking"})
+
+
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
 def test_one_step_down_the_surrogate_lowers_the_real_score(guarded_all, pgd_batch, name):
     before, after, grad = surrogate_step(guarded_all, name, pgd_batch)
     moved = grad.flatten(1).abs().sum(1) > 0
