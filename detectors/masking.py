@@ -404,6 +404,10 @@ class MaskingDetector(Detector):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         x = check_images(x, "x")
+        if y is not None:  # nothing is learnt from the labels, but a caller's bad labels are still an error
+            check_labels(y, "y", n=int(x.shape[0]))
+        with eval_mode(model), torch.no_grad():  # images the model cannot take are refused here, not at serving time
+            call_model(model, x[:1].to(model_device(model)), "x")
         owner = type(self).__name__
         check_int(self.k, "k", owner, low=1)
         check_float(self.fill, "fill", owner, low=0.0, high=1.0)
@@ -416,7 +420,7 @@ class MaskingDetector(Detector):
         return self
 
     def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "MaskingDetector":
-        return self.fit(batch.model, batch.x)
+        return self.fit(batch.model, batch.x, labels)
 
     def score_batch(self, batch: Batch) -> torch.Tensor:
         masks = self.masks_
