@@ -106,7 +106,9 @@ def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
 class SmoothReLU(TorchFunctionMode):
     """Within this context every ``relu`` (``nn.ReLU``, ``F.relu``, ``torch.relu``, in place or
     not) computes ``softplus(x, beta)`` instead: a smooth stand-in whose second derivative is not
-    zero, for differentiating a saliency map (Dombrowski et al. 2019). The model is not touched;
+    zero, for differentiating a saliency map (Dombrowski et al. 2019); ``hardsigmoid`` and
+    ``hardswish`` (MobileNet-V3), which aten cannot differentiate twice, get the same smoothing of
+    their kinks. The model is not touched;
     the substitution is a torch function mode, undone on exit.
     """
 
@@ -119,7 +121,15 @@ class SmoothReLU(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func in self._RELUS:
             return F.softplus(args[0], beta=self.beta)
+        if func is F.hardsigmoid:  # MobileNet-V3's gates: aten has no double backward for hardsigmoid/hardswish
+            return self._hardsigmoid(args[0])
+        if func is F.hardswish:
+            return args[0] * self._hardsigmoid(args[0])
         return func(*args, **(kwargs or {}))
+
+    def _hardsigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        """relu6(x + 3) / 6 with its kinks smoothed the same way (softplus), so it differentiates twice."""
+        return (F.softplus(x + 3, beta=self.beta) - F.softplus(x - 3, beta=self.beta)) / 6
 
 
 class SaliencyConcentration(Detector):
