@@ -78,8 +78,12 @@ def test_freeze_known_classes_keeps_the_known_logits_and_trains_the_reject_row(d
     assert torch.equal(head.weight[:3], net[7].weight) and torch.equal(head.bias[:3], net[7].bias)
     assert not torch.equal(head.weight[3], torch.zeros_like(head.weight[3]))  # the reject row learned
     with torch.no_grad():
+        # the trunk (BatchNorm statistics included) is bitwise the original's ...
+        assert torch.equal(res.model.model[:7](data.x), net[:7](data.x))
         full = res.model.model(data.x)
-        assert torch.equal(full[:, :3], net(data.x))  # the original's logits, exactly, plus a reject logit
+        # ... and the known logits equal the original's up to the GEMM's rounding: a 4-row head and a
+        # 3-row head are blocked differently by the BLAS on some thread counts, so not bit for bit
+        torch.testing.assert_close(full[:, :3], net(data.x), rtol=0, atol=1e-6)
     # the hooks are gone: the returned model trains as an ordinary one
     res.model.model(data.x).sum().backward()
     assert head.weight.grad[:3].abs().sum() > 0
