@@ -28,7 +28,7 @@ import guard
 from guard.core.cache import TMP_SUFFIX, load_tensors
 from guard.detectors.base import Persistent
 
-KILLS_PER_STEP = 3
+KILLS_PER_STEP = 2
 SEED = 13
 
 

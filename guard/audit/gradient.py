@@ -24,7 +24,8 @@ Gives an :class:`AttackSet` (artifacts ``attack_NAME``) to the detectors step.
 
 Options (``options.extra``): ``eps`` (L-inf budget; default from the data, :func:`guard.core.budget.data_defaults`:
 0.3 on near-binary digits, 8/255 on natural images). Quick mode: the first 256 held-out images
-(40 steps all the same: the strength is what the rows are about).
+on a model as cheap as the demo LeNet, fewer (down to 128) on costlier ones
+(:meth:`AuditContext.scaled`); 40 steps all the same: the strength is what the rows are about.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class GradientStep(AttackStep):
     attack_names = NAMES
 
     def run(self, ctx: AuditContext) -> AttackSet:
-        n = min(256, len(ctx.test)) if ctx.options.quick else len(ctx.test)
+        n = min(ctx.scaled(256, minimum=128), len(ctx.test)) if ctx.options.quick else len(ctx.test)
         x, y_true = ctx.test.x[:n], ctx.test.y[:n]
         eps = float(ctx.options.extra.get("eps", ctx.defaults.get("eps", 0.3)))
         seed = ctx.options.seed
