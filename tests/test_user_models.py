@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# The user module of issue 19 (benchmarks/user_cifar_resnet20.py, which loads akamaster's
+# The user module of issue 19 (benchmarks/fixtures/user_cifar_resnet20.py, which loads akamaster's
 # weights), with random weights here: its build() is replaced by one that loads nothing.
-RESNET20 = (Path(__file__).resolve().parents[1] / "benchmarks" / "user_cifar_resnet20.py").read_text() + """
+RESNET20 = (Path(__file__).resolve().parents[1] / "benchmarks" / "fixtures" / "user_cifar_resnet20.py").read_text() + """
 
 def build():
     torch.manual_seed(0)

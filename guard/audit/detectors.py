@@ -53,7 +53,7 @@ ANCHORS = ("mahalanobis", "lid")
 #: The combined flag's rule: per-detector weights learned by logistic regression on clean
 #: calibration images vs proxy inputs (:func:`guard.guarded.proxy_inputs`: noise, blur, occlusion,
 #: sign noise), never on an attack that is reported. Chosen over "max" and "fisher" on those
-#: proxies (``benchmarks/combiner_study.py``), with the anchors in the flag.
+#: proxies (``benchmarks/studies/combiner_study.py``), with the anchors in the flag.
 COMBINE = "weighted"
 ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd_minimal", "pgd", "pgd_confident", "apgd_ce", "apgd_t",
                 "square", "cw", "deepfool", "feature_adversary", "fooling_gradient", "fooling_direct", "fooling_cppn")

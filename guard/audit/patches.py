@@ -62,7 +62,7 @@ def gan_learning_rate(steps: int) -> float:
     the model's cost: 40 on the CIFAR-10 ResNet-20) takes proportionally larger steps, so that a
     freshly initialised generator moves as far: ``1e-3 * max(1, 200 / steps)``. At 40 steps (5e-3)
     this fooled 1.2-2.2x as often as 1e-3 at 1-5% of the area on CIFAR-10, on seeds and images the
-    audit does not report (``benchmarks/patch_gan_lr.py``, BENCHMARKS.md).
+    audit does not report (``benchmarks/studies/patch_gan_lr.py``, BENCHMARKS.md).
     """
     return GAN_PAPER_LR * max(1.0, GAN_REFERENCE_STEPS / max(int(steps), 1))
 

@@ -47,9 +47,19 @@ def _machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _argv_command() -> str:
+    """This process's command line; a module run with ``python -m`` is written that way (its argv[0] is a path)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if name:
+        name = name.removesuffix(".__main__")
+        return shlex.join([Path(sys.executable).name, "-m", name, *sys.argv[1:]])
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
 def provenance(command: str | None = None) -> dict[str, Any]:
     """The run record: ``{"commit", "command", "machine", "finished"}``; ``command`` defaults to this process's argv."""
-    cmd = command if command is not None else shlex.join([Path(sys.executable).name, *sys.argv])
+    cmd = command if command is not None else _argv_command()
     return {"commit": git_commit(), "command": cmd, "machine": _machine(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

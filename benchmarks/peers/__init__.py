@@ -1,0 +1,1 @@
+"""guard beside a peer library in one process (ratios of the same run)."""

@@ -1,0 +1,1 @@
+"""Memory and time as the data or the bank grows."""

@@ -1,0 +1,1 @@
+"""Measurements that settle a default or a claim."""

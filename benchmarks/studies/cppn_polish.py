@@ -1,0 +1,84 @@
+"""The last polish of a CPPN MAP-Elites archive on CIFAR-10: which starts and whether to complete connections.
+
+Evolves with the audit's CPPN settings (population 30, 1,500 generations, 8 initial hidden nodes,
+add-node 0.3, refinement every 100 generations x 100 steps, parents from the classes still short)
+and no polish, caches the elites' genomes (``~/.cache/guard/cppn_polish/evoSEED.json``), then
+refines, for each class still below 99.99%, the ``--starts`` elites that give it the highest
+probability: 300 Adam steps at lr 0.05 on the log-odds, connections completed first unless
+``--no-grow`` (:func:`attacks.cppn_refine.polish_genomes`; ``--starts 4`` with completion is what
+``FoolingEvolution(polish_steps=300)`` and the audit do). Chosen on seed 1; seeds 0, 2-4 not tuned on:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 1 --no-grow
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 4
+
+Prints one JSON line: classes at >= 99.99% before and after, each short class's best confidence after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import guard
+from guard.attacks.cppn import Genome, MutationRates, render
+from guard.attacks.cppn_refine import polish_genomes
+from guard.attacks.fooling_evolution import FoolingEvolution
+
+CACHE = Path.home() / ".cache" / "guard" / "cppn_polish"
+
+
+def evolve(model: torch.nn.Module, seed: int) -> dict:
+    path = CACHE / f"evo{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    t = time.perf_counter()
+    res = FoolingEvolution(encoding="cppn", population=30, generations=1500, threshold=0.9999, extra_samples=0,
+                           parent_selection="unfooled", init_hidden=8, rates=MutationRates(add_node=0.3), seed=seed,
+                           refine_every=100, refine_steps=100)(model, shape=(3, 32, 32))
+    ex = res.extras
+    d = {"genomes": ex["genomes"], "labels": ex["elite_label"].tolist(), "conf": ex["elite_confidence"].tolist(),
+         "seconds": time.perf_counter() - t}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(d))
+    return d
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--starts", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--no-grow", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    model = guard.demo_model("cifar10", progress=False).eval()
+    d = evolve(model, a.seed)
+    gs, labels, conf = [Genome.from_dict(g) for g in d["genomes"]], torch.tensor(d["labels"]), torch.tensor(d["conf"])
+    with torch.no_grad():
+        probs = F.softmax(model(render(gs, 32, 32)), 1)
+    t = time.perf_counter()
+    best: dict[int, float] = {}
+    short = labels[conf < 0.9999].tolist()  # the elites are one per class, in class order: cell = class
+    if short:
+        new, targets = polish_genomes(gs, probs, short, model, labels, 32, 32, starts=a.starts, steps=a.steps, lr=a.lr,
+                                      grow=not a.no_grow)
+        with torch.no_grad():
+            q = F.softmax(model(render(new, 32, 32)), 1)
+        for j, c in enumerate(targets):
+            best[c] = max(best.get(c, 0.0), float(q[j, c]))
+    after = [max(float(v), best.get(int(c), 0.0)) for c, v in zip(labels, conf)]
+    print(json.dumps({"seed": a.seed, "starts": a.starts, "grow": not a.no_grow, "steps": a.steps, "lr": a.lr,
+                      "before": int((conf >= 0.9999).sum()), "after": sum(v >= 0.9999 for v in after),
+                      "short_after": {c: round(v, 6) for c, v in best.items()}, "polish_seconds": round(time.perf_counter() - t, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

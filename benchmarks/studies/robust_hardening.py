@@ -1,0 +1,128 @@
+"""The goals of online hardening (issue 36), measured: robust accuracy with rejection, beside plain adversarial training.
+
+For each data set, two models hardened with the same budget (epochs, eps, attack steps, lr) and
+the same start: the ``reject`` method (the reject class absorbs what the attack finds) and plain
+adversarial training (``pgd``, the same attack steps); both evaluated by
+:func:`guard.robust.evaluate_robust` (AutoAttack's components through torchattacks plus guard's
+reject-aware APGD with restarts; the budget is printed in the results) on held-out images the
+training never saw and nothing was tuned on.
+
+- ``--part mnist``: trains (or resumes, from ``benchmarks/results/mnist-robust-METHOD/checkpoints``)
+  both models on the demo's 8,000 training images and evaluates on the first ``--n`` of its 2,000
+  test images at eps 0.3.
+- ``--part cifar10``: evaluates the models ``tools/train_cifar10_robust.py`` wrote (their folders
+  given by ``--reject-dir`` and ``--plain-dir``; their training is the long part and runs there, in
+  stages) at eps 8/255 on the first ``--n`` of the demo's 2,000 held-out CIFAR-10 test images.
+
+Writes ``benchmarks/results/robust_hardening.json`` (the issue's schema; each part keeps its own
+provenance record, and a part not run this time keeps its earlier figures and record):
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.robust_hardening --part mnist --n 500
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.robust_hardening --part cifar10 --n 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import guard
+from guard.core.provenance import provenance, write_results
+from guard.demo import shift_augment
+from guard.robust import RobustBudget, evaluate_robust
+from guard.training import HardenConfig, RejectClassifier, harden
+
+RESULTS = Path("benchmarks/results")
+KEYS = ("eps", "n", "clean_accuracy", "clean_rejected", "robust_accuracy", "robust_accuracy_with_rejection", "attacks")
+
+
+def _figures(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, budget: RobustBudget,
+             method: str, training: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    r = evaluate_robust(model, (x, y), eps=eps, budget=budget, seed=0)
+    out = {"method": method, **{k: r[k] for k in KEYS}, "intervals": r["intervals"], "counts": r["counts"],
+           "per_attack": {k: {kk: v.get(kk) for kk in ("attacked", "broken", "rejected", "seconds")}
+                          for k, v in r["per_attack"].items()},
+           "checks": r["checks"], "warnings": r["warnings"], "budget": r["budget"], "training": training,
+           "eval_seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{method}: clean {out['clean_accuracy']:.4f} (rejected {out['clean_rejected']:.4f}) robust "
+          f"{out['robust_accuracy']:.4f} robust with rejection {out['robust_accuracy_with_rejection']:.4f} (n={out['n']})",
+          flush=True)
+    return out
+
+
+def _mnist(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
+    train, test = guard.demo_data()
+    model = guard.demo_model(progress=False)
+    parts = {}
+    for method in ("reject", args.plain_mnist):
+        cfg = HardenConfig.online(method, eps=0.3, epochs=args.mnist_epochs, attack_steps=10, lr=0.02, batch_size=64,
+                                  eps_warmup_epochs=args.mnist_epochs / 3, monitor_images=200, seed=0)
+        t0 = time.perf_counter()
+        res = harden(model, train, test=test, config=cfg, augment=shift_augment,
+                     checkpoint_dir=RESULTS / f"mnist-robust-{method}" / "checkpoints", resume=True, checkpoint_every=50,
+                     progress=not args.quiet)
+        training = {"config": cfg.to_dict(), "history": res.history, "seconds_this_run": round(time.perf_counter() - t0, 1)}
+        parts[method] = _figures(res.model, test.x[:args.n], test.y[:args.n], 0.3, budget, method, training)
+    return {**parts["reject"], "plain_at": parts[args.plain_mnist]}
+
+
+def _load(folder: Path, method: str) -> tuple[RejectClassifier, dict[str, Any]]:
+    record = json.loads((folder / f"resnet20-{method}.json").read_text())
+    model = RejectClassifier.load(folder / f"resnet20-{method}.safetensors", guard.demo_model("cifar10"),
+                                  expected_sha256=record["sha256"])
+    keep = ("sha256", "command", "config", "history", "test_accuracy", "test_rejected", "timings")
+    return model, {k: record.get(k) for k in keep}
+
+
+def _cifar10(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
+    _, test = guard.demo_data("cifar10")
+    x, y = test.x[:args.n], test.y[:args.n]
+    reject, rec = _load(Path(args.reject_dir), "reject")
+    out = _figures(reject, x, y, 8 / 255, budget, "reject", rec)
+    plain_dir = Path(args.plain_dir)
+    if (plain_dir / f"resnet20-{args.plain_cifar}.json").is_file():
+        plain, prec = _load(plain_dir, args.plain_cifar)
+        out["plain_at"] = _figures(plain, x, y, 8 / 255, budget, args.plain_cifar, prec)
+    else:
+        out["plain_at"] = None
+        out["plain_at_missing"] = f"no {plain_dir}/resnet20-{args.plain_cifar}.json: that model's training has not finished"
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["mnist", "cifar10"], required=True)
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--budget", choices=["standard", "cpu", "quick"], default="standard",
+                   help="standard: AutoAttack's (100 steps, 9 targets, 5,000 Square queries); cpu: 50 steps, 2 restarts of "
+                   "guard's APGD, 3 targets, 30 FAB steps, 1,000 queries (what two CPU cores finish in a session); quick: tests")
+    p.add_argument("--mnist-epochs", type=int, default=6)
+    p.add_argument("--plain-mnist", default="pgd")
+    p.add_argument("--plain-cifar", default="pgd")
+    p.add_argument("--reject-dir", default="benchmarks/results/cifar10-robust-reject")
+    p.add_argument("--plain-dir", default="benchmarks/results/cifar10-robust-pgd")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", default=str(RESULTS / "robust_hardening.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    budget = (RobustBudget(steps=50, restarts=2, n_target_classes=3, fab_steps=30, n_queries=1000, curves=4)
+              if args.budget == "cpu" else RobustBudget.resolve(args.budget))
+    figures = _mnist(args, budget) if args.part == "mnist" else _cifar10(args, budget)
+    figures["provenance"] = provenance()
+    path = Path(args.out)
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {k: v for k, v in old.items() if k in ("mnist", "cifar10")}
+    merged[args.part] = figures
+    write_results(path, merged)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
