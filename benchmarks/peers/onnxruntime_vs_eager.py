@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 import guard  # noqa: E402
 from guard.export import load_session, to_onnx  # noqa: E402
 
