@@ -116,7 +116,7 @@ def random_genome(channels: int = 1, *, rng: np.random.Generator, hidden: int = 
     """Inputs fully connected to the outputs with N(0, 1) weights, then ``hidden`` add-node mutations,
     then ``connections`` add-connection mutations (fewer where the DAG has no free pair left).
 
-    Extra connections help gradient refinement of a genome (:mod:`attacks.cppn_refine`): on the
+    Extra connections help gradient refinement of a genome (:mod:`guard.attacks.cppn_refine`): on the
     CIFAR-10 demo model, 8 random genomes with 8 hidden nodes reach at best 0.9990 for "dog"
     after 300 Adam steps (lr 0.1; 0.99925 after 4 x 500), and with 40 more connections 0.99999
     after 400 steps (lr 0.05, log-odds). Inside MAP-Elites with refinement they did not raise
@@ -173,7 +173,7 @@ def complete_connections(genome: Genome) -> Genome:
 
     Node order stays, so the graph stays acyclic; outputs get no outgoing edges. A zero weight
     changes nothing in :func:`render`, so this is a function-preserving growth step: what
-    :func:`attacks.cppn_refine.refine_weights` (``grow=True``) does before its gradient steps, so
+    :func:`guard.attacks.cppn_refine.refine_weights` (``grow=True``) does before its gradient steps, so
     that the gradient can use edges evolution has not found yet.
     """
     g = copy.deepcopy(genome)
