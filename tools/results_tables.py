@@ -1,4 +1,4 @@
-"""Generate the results tables of README.md and BENCHMARKS.md from the committed results files.
+"""Generate the results tables of BENCHMARKS.md (and README.md, which holds none now) from the committed results files.
 
 A table lives in a document between two markers::
 
@@ -9,8 +9,9 @@ A table lives in a document between two markers::
 ``NAME`` is a key of :data:`TABLES`, which says which file under ``benchmarks/results`` the table is
 read from and how it is drawn. ``--write`` rewrites every block from its file; ``--check`` (what the
 test suite runs) exits 1 and prints the first difference when a block does not equal what its file
-gives, so a figure typed by hand, or a results file updated without its tables, fails CI. Every
-table ends with the command that wrote its file, the commit and the machine.
+gives, so a figure typed by hand, or a results file updated without its tables, fails CI; it also
+fails when a table of :data:`TABLES` is in none of the documents. Every table ends with the
+command that wrote its file, the commit and the machine. ``--list`` prints the table names.
 
     .venv/bin/python tools/results_tables.py --write
     .venv/bin/python tools/results_tables.py --check
@@ -186,14 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", action="store_true")
     g.add_argument("--check", action="store_true")
+    g.add_argument("--list", action="store_true", help="print the names of the tables, one a line")
     p.add_argument("--docs", nargs="+", default=None, help="documents to process (default: README.md and BENCHMARKS.md)")
     args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(TABLES))
+        return 0
     docs = [Path(d) for d in args.docs] if args.docs else [ROOT / d for d in DOCS]
     stale = {d.name: process(d, args.write) for d in docs}
     bad = {d: s for d, s in stale.items() if s}
     if args.check and bad:
         print(f"tables differ from their results files: {bad}; run tools/results_tables.py --write", file=sys.stderr)
         return 1
+    if args.check and not args.docs:
+        placed = {m["name"] for d in docs for m in BLOCK.finditer(d.read_text())}
+        if set(TABLES) - placed:
+            print(f"tables in no document: {sorted(set(TABLES) - placed)}", file=sys.stderr)
+            return 1
     print("rewrote " + ", ".join(f"{d}: {s}" for d, s in bad.items()) if bad else "all tables match their results files")
     return 0
 
