@@ -149,7 +149,7 @@ def polish_genomes(
     Chosen on the CIFAR-10 demo model with seed 1 only, on the archives of the audit's 1,500
     generations: 4 starts with completed connections brought the 3 short classes to 1.0, the own
     elite alone with completion to 0.99999 or more; without completion the weakest class stayed at
-    0.99973 with one start or four. BENCHMARKS.md, "The last polish", has the seeds not tuned on.
+    0.99973 with one start or four. docs/history/benchmarks-history.md, "The last polish", has the seeds not tuned on.
 
     Returns the refined genomes and, for each, the cell it was refined toward.
     """
