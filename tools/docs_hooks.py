@@ -9,10 +9,15 @@ their installed names, and ``mkdocs.yml`` points mkdocstrings' ``paths`` there (
 griffe resolves a linked ``__init__.py`` back to ``guard/`` and then lists that folder).
 Static analysis, not import: building the site runs none of guard's code (``guard/__main__.py``
 would start the CLI) and needs neither torch nor a GPU.
+
+In that copy the docstrings' Sphinx roles (``:func:`~guard.wrap```) become inline code (`` `wrap` ``),
+so the pages do not show the role markup; ``tests/test_docstring_refs.py`` checks that each of
+them names a real object.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 #: installed subpackage name -> folder in the repository (as pyproject.toml's package-dir)
 PACKAGE_DIRS = {"attacks": "attacks", "detectors": "detectors", "training": "training", "export": "export"}
 TREE = ROOT / "build" / "docs-src"
+ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):`(?P<body>[^`]+)`")
+
+
+def _as_code(m: re.Match[str]) -> str:
+    """``:func:`~a.b``` -> ```b```, ``:class:`text <a.b>``` -> ```text```, ``:mod:`a.b``` -> ```a.b```."""
+    body = m["body"].strip()
+    label = re.match(r"(.*?)\s*<[^<>]+>$", body)
+    if label:
+        return f"`{label.group(1)}`"
+    if body.startswith("~"):
+        body = body[1:].split(".")[-1]
+    return f"`{body.lstrip('.!')}`"
 
 
 def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
@@ -32,6 +49,11 @@ def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
     shutil.copytree(root / "guard", pkg, ignore=only_py)
     for name, folder in PACKAGE_DIRS.items():
         shutil.copytree(root / folder, pkg / name, ignore=only_py)
+    for py in pkg.rglob("*.py"):
+        text = py.read_text()
+        new = ROLE.sub(_as_code, text)
+        if new != text:
+            py.write_text(new)
     return tree
 
 
