@@ -91,3 +91,16 @@ def test_readme_links_point_to_files_that_exist():
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text()):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README.md links to {target}, which does not exist"
+
+
+def test_audit_help_points_to_the_report_json_reference(capsys):
+    from guard.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    m = re.search(r"documented in (\S+\.md)", out)
+    assert m, "guard audit --help no longer says where report.json's keys are documented"
+    ref = (ROOT / m.group(1)).read_text()
+    for key in ('"attacks"', '"detectors"', '"detectors_info"', '"adaptive"', '"defaults"', '"errors"'):
+        assert key in ref, f"{m.group(1)} does not document report.json's {key}"
