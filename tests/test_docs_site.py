@@ -21,8 +21,14 @@ def test_site_builds_strict_with_guides_and_api(tmp_path):
     for mod in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         pytest.importorskip(mod, reason=f"{mod} is not installed (pip install -e '.[docs]')")
     site = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**__import__("os").environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     def page(rel: str) -> str:
@@ -36,10 +42,16 @@ def test_site_builds_strict_with_guides_and_api(tmp_path):
     assert "Tramèr" in page("guides/limits")
     assert '"detectors_info"' in page("reference/report-json")
     # the API reference was generated from the docstrings, not left empty: one object per package
-    for rel, anchor in (("api/guard", "guard.wrap"), ("api/attacks", "guard.attacks.PatchGAN"),
-                        ("api/detectors", "guard.detectors.KNNRank"), ("api/training", "guard.training.HardenConfig"),
-                        ("api/export", "guard.export.to_onnx.to_onnx"), ("api/export", "guard.export.load_session"), ("api/core", "guard.core.validation.check_images"),
-                        ("api/audit-report", "guard.report.write_page")):
+    for rel, anchor in (
+        ("api/guard", "guard.wrap"),
+        ("api/attacks", "guard.attacks.PatchGAN"),
+        ("api/detectors", "guard.detectors.KNNRank"),
+        ("api/training", "guard.training.HardenConfig"),
+        ("api/export", "guard.export.to_onnx.to_onnx"),
+        ("api/export", "guard.export.load_session"),
+        ("api/core", "guard.core.validation.check_images"),
+        ("api/audit-report", "guard.report.write_page"),
+    ):
         assert f'id="{anchor}"' in page(rel), f"{anchor} is not documented on {rel}"
     # BENCHMARKS.md is on the site as it is, and the history beside it
     assert "benchmarks/results/" in page("reference/benchmarks")

@@ -77,8 +77,14 @@ def _instance_attributes(cls: type) -> set[str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
         return set()
-    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
-            and isinstance(n.value, ast.Name) and n.value.id == "self"}
+    return {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.ctx, ast.Store)
+        and isinstance(n.value, ast.Name)
+        and n.value.id == "self"
+    }
 
 
 def _getattr_chain(obj: Any, parts: list[str]) -> Any:
@@ -150,6 +156,7 @@ def _class_spans(tree: ast.AST) -> list[tuple[int, int, list[str]]]:
                 walk(child, [*path, child.name])
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 walk(child, path)  # a class defined in a function is not reachable by name; its methods' context is
+
     walk(tree, [])
     return spans
 
@@ -168,7 +175,9 @@ def broken_refs(module: types.ModuleType) -> tuple[list[Ref], int]:
     spans = _class_spans(ast.parse(source))
     broken: list[Ref] = []
     count = 0
-    matches = [(m, m.group("role")) for m in ROLE.finditer(source)] + [(m, "obj") for m in MKDOCSTRINGS.finditer(source)]
+    matches = [(m, m.group("role")) for m in ROLE.finditer(source)] + [
+        (m, "obj") for m in MKDOCSTRINGS.finditer(source)
+    ]
     for m, role in matches:
         count += 1
         line = source.count("\n", 0, m.start()) + 1
@@ -202,8 +211,16 @@ def test_every_docstring_reference_resolves():
 
 def test_the_namespace_walk_reaches_every_installed_package():
     mods = namespace_modules()
-    for expected in ("guard.attacks.cppn_refine", "guard.detectors.knn", "guard.training.harden", "guard.export.session",
-                     "guard.core.data", "guard.audit.runner", "guard.report.page", "guard.cli"):
+    for expected in (
+        "guard.attacks.cppn_refine",
+        "guard.detectors.knn",
+        "guard.training.harden",
+        "guard.export.session",
+        "guard.core.data",
+        "guard.audit.runner",
+        "guard.report.page",
+        "guard.cli",
+    ):
         assert expected in mods
 
 
@@ -248,6 +265,14 @@ def test_a_planted_bad_reference_fails(tmp_path):
     finally:
         del sys.modules["planted_refs"]
     assert count == 18
-    assert sorted(r.target for r in broken) == sorted([
-        "attacks.cppn_refine.refine", "guard.NoSuchThing", "guard.wrap", "guard.core.no_such_module",
-        "walk", "helper_of_thing", "MISSING_CONSTANT"])
+    assert sorted(r.target for r in broken) == sorted(
+        [
+            "attacks.cppn_refine.refine",
+            "guard.NoSuchThing",
+            "guard.wrap",
+            "guard.core.no_such_module",
+            "walk",
+            "helper_of_thing",
+            "MISSING_CONSTANT",
+        ]
+    )

@@ -17,9 +17,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 #: CI (.ci/run) runs the second one; a newcomer copies the first
-COMMANDS = ("# guard\n\n```bash\n"
-            "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu]' && .venv/bin/guard audit --demo --out out\n"
-            "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu,test,imagenet]' && .venv/bin/pytest\n```\n")
+COMMANDS = (
+    "# guard\n\n```bash\n"
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu]' && .venv/bin/guard audit --demo --out out\n"
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu,test,imagenet]' && .venv/bin/pytest\n```\n"
+)
 DOCS = [README, *sorted((ROOT / "docs" / "guides").glob("*.md")), ROOT / "docs" / "index.md"]
 
 
@@ -81,7 +83,9 @@ def test_python_examples_compile_and_name_real_objects(doc):
 
 
 def test_the_name_check_catches_a_renamed_function():
-    tree = ast.parse("import guard\nfrom guard.attacks import PGD, NoSuchAttack\nguard.wrap(m)\nguard.training.NoConfig()\n")
+    tree = ast.parse(
+        "import guard\nfrom guard.attacks import PGD, NoSuchAttack\nguard.wrap(m)\nguard.training.NoConfig()\n"
+    )
     names = _guard_names(tree)
     assert {"guard.attacks.PGD", "guard.attacks.NoSuchAttack", "guard.wrap", "guard.training.NoConfig"} <= names
     assert [n for n in sorted(names) if not _exists(n)] == ["guard.attacks.NoSuchAttack", "guard.training.NoConfig"]

@@ -24,8 +24,12 @@ def test_every_table_matches_its_results_file():
 def test_every_known_table_is_placed_once():
     names = _run("--list").stdout.split()
     assert len(names) >= 6
-    placed = re.findall(r"<!-- results:([\w.-]+) -->", (ROOT / "README.md").read_text() + (ROOT / "BENCHMARKS.md").read_text())
-    assert sorted(placed) == sorted(names), "a table of tools/results_tables.py is missing from the documents, or placed twice"
+    placed = re.findall(
+        r"<!-- results:([\w.-]+) -->", (ROOT / "README.md").read_text() + (ROOT / "BENCHMARKS.md").read_text()
+    )
+    assert sorted(placed) == sorted(names), (
+        "a table of tools/results_tables.py is missing from the documents, or placed twice"
+    )
 
 
 def test_a_figure_typed_by_hand_fails_the_check(tmp_path):

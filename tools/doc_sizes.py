@@ -39,7 +39,9 @@ def measure(text: str) -> dict[str, int]:
 def sizes(base: str) -> dict[str, Any]:
     out: dict[str, Any] = {"base": base, "files": {}}
     for doc in DOCS:
-        before = subprocess.run(["git", "show", f"{base}:{doc}"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        before = subprocess.run(
+            ["git", "show", f"{base}:{doc}"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         after = (ROOT / doc).read_text()
         out["files"][doc] = {"before": measure(before), "after": measure(after)}
     out["destinations"] = {d: measure((ROOT / d).read_text()) for d in DESTINATIONS if (ROOT / d).exists()}
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rec = write_results(args.out, sizes(args.base))
     for doc, v in rec["files"].items():
-        print(f"{doc}: {v['before']['bytes']:,} -> {v['after']['bytes']:,} bytes, "
-              f"{v['before']['headings']} -> {v['after']['headings']} headings")
+        print(
+            f"{doc}: {v['before']['bytes']:,} -> {v['after']['bytes']:,} bytes, "
+            f"{v['before']['headings']} -> {v['after']['headings']} headings"
+        )
     return 0
 
 

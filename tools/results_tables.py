@@ -24,8 +24,9 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,11 +47,15 @@ def _source(r: dict[str, Any]) -> str:
     m = prov.get("machine", {})
     commit = r.get("commit", prov.get("commit"))
     if not commit:  # files written before the results harness recorded provenance
-        return (f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}`; the file records "
-                f"no commit or machine (written before `guard.core.provenance`)._\n")
-    return (f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}` at commit "
-            f"`{str(commit)[:12]}` on {m.get('cores', '?')} cores "
-            f"({m.get('torch_threads', '?')} torch threads), {prov.get('finished', '?')}._\n")
+        return (
+            f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}`; the file records "
+            f"no commit or machine (written before `guard.core.provenance`)._\n"
+        )
+    return (
+        f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}` at commit "
+        f"`{str(commit)[:12]}` on {m.get('cores', '?')} cores "
+        f"({m.get('torch_threads', '?')} torch threads), {prov.get('finished', '?')}._\n"
+    )
 
 
 def _f(v: Any, fmt: str = ".3f") -> str:
@@ -59,14 +64,19 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 
 def _robust_row(label: str, f: dict[str, Any]) -> str:
     iv = f.get("intervals", {})
-    return (f"| {label} | {f['method']} | {f['n']} | {_pct(f['clean_accuracy'])}{_ci(iv.get('clean_accuracy'))} | "
-            f"{_pct(f['clean_rejected'])} | {_pct(f['robust_accuracy'])}{_ci(iv.get('robust_accuracy'))} | "
-            f"{_pct(f['robust_accuracy_with_rejection'])}{_ci(iv.get('robust_accuracy_with_rejection'))} |")
+    return (
+        f"| {label} | {f['method']} | {f['n']} | {_pct(f['clean_accuracy'])}{_ci(iv.get('clean_accuracy'))} | "
+        f"{_pct(f['clean_rejected'])} | {_pct(f['robust_accuracy'])}{_ci(iv.get('robust_accuracy'))} | "
+        f"{_pct(f['robust_accuracy_with_rejection'])}{_ci(iv.get('robust_accuracy_with_rejection'))} |"
+    )
 
 
 def robust_hardening(r: dict[str, Any]) -> str:
-    rows = ["| data, eps | method | n | clean accuracy [95% CI] | clean rejected | robust accuracy [95% CI] | "
-            "robust accuracy with rejection [95% CI] |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| data, eps | method | n | clean accuracy [95% CI] | clean rejected | robust accuracy [95% CI] | "
+        "robust accuracy with rejection [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for part, eps in (("mnist", "0.3"), ("cifar10", "8/255")):
         f = r.get(part)
         if not f:
@@ -79,9 +89,15 @@ def robust_hardening(r: dict[str, Any]) -> str:
     lines = "\n".join(rows) + f"\n\nAttacks (worst case per image): {', '.join(attacks)}.\n"
     for part in ("mnist", "cifar10"):
         if r.get(part):
-            lines += _source({**r[part], "_file": r["_file"], "provenance": r[part].get("provenance", {}),
-                              "command": r[part].get("provenance", {}).get("command"),
-                              "commit": r[part].get("provenance", {}).get("commit")})
+            lines += _source(
+                {
+                    **r[part],
+                    "_file": r["_file"],
+                    "provenance": r[part].get("provenance", {}),
+                    "command": r[part].get("provenance", {}).get("command"),
+                    "commit": r[part].get("provenance", {}).get("commit"),
+                }
+            )
     return lines
 
 
@@ -89,7 +105,11 @@ def online_cost(r: dict[str, Any]) -> str:
     rows = ["| method | guard.harden (s) | plain PyTorch loop (s) | ratio |", "|---|---|---|---|"]
     for m, v in r["methods"].items():
         rows.append(f"| {m} | {v['guard_seconds']:.2f} | {v['plain_seconds']:.2f} | {v['ratio']:.3f} |")
-    return "\n".join(rows) + f"\n\nOne epoch, {r['images']} MNIST images, {r['attack_steps']} attack steps, median of {r['repeats']}.\n" + _source(r)
+    return (
+        "\n".join(rows)
+        + f"\n\nOne epoch, {r['images']} MNIST images, {r['attack_steps']} attack steps, median of {r['repeats']}.\n"
+        + _source(r)
+    )
 
 
 def mutants(r: dict[str, Any]) -> str:
@@ -101,12 +121,16 @@ def mutants(r: dict[str, Any]) -> str:
 
 
 def certified_patches(r: dict[str, Any]) -> str:
-    rows = ["| model, patch | n | clean accuracy | certified recovery | certified detection | clean flagged |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| model, patch | n | clean accuracy | certified recovery | certified detection | clean flagged |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def row(label: str, f: dict[str, Any]) -> str:
-        return (f"| {label} | {f['n']} | {_pct(f['clean_accuracy'])} | {_pct(f['certified_recovery'])} | "
-                f"{_pct(f['certified_detection'])} | {_pct(f['clean_flagged'])} |")
+        return (
+            f"| {label} | {f['n']} | {_pct(f['clean_accuracy'])} | {_pct(f['certified_recovery'])} | "
+            f"{_pct(f['certified_detection'])} | {_pct(f['clean_flagged'])} |"
+        )
 
     c = r.get("cifar10")
     if c:
@@ -123,32 +147,45 @@ def _rate(v: dict[str, Any] | None) -> str:
 def detection_by_strength(r: dict[str, Any]) -> str:
     """The detection table by attack strength: the combined flag and the best single detector at the
     calibrated threshold (TPR over successful adversarials, with k/n and the 95% interval), then AUROC."""
-    rows = ["| attack | strength | held out | success | combined flag: TPR at the operating point [95% CI] | combined AUROC | "
-            "best single detector at the operating point |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| attack | strength | held out | success | combined flag: TPR at the operating point [95% CI] | combined AUROC | "
+        "best single detector at the operating point |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
         d = row["detectors"]
         comb = d.get("combined", {})
         singles = {k: v for k, v in d.items() if k != "combined" and v.get("tpr")}
         best = max(singles, key=lambda k: singles[k]["tpr"]["rate"]) if singles else None
         auroc = comb.get("auroc")
-        rows.append(f"| {row['attack']} | {row['strength']} | {'yes' if row['held_out'] else ''} | "
-                    f"{_pct(row['success_rate'])} | {_rate(comb.get('tpr'))} | {'n/a' if auroc is None else f'{auroc:.3f}'} | "
-                    f"{best + ': ' + _rate(singles[best]['tpr']) if best else 'n/a'} |")
+        rows.append(
+            f"| {row['attack']} | {row['strength']} | {'yes' if row['held_out'] else ''} | "
+            f"{_pct(row['success_rate'])} | {_rate(comb.get('tpr'))} | {'n/a' if auroc is None else f'{auroc:.3f}'} | "
+            f"{best + ': ' + _rate(singles[best]['tpr']) if best else 'n/a'} |"
+        )
     c = r["clean_fpr"].get("combined")
-    return ("\n".join(rows) + f"\n\nRealised clean flag rate of the combined flag (target {_pct(r['target_fpr'], 0)}, "
-            f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _source(r))
+    return (
+        "\n".join(rows) + f"\n\nRealised clean flag rate of the combined flag (target {_pct(r['target_fpr'], 0)}, "
+        f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _source(r)
+    )
 
 
 def adaptive(r: dict[str, Any]) -> str:
     a = r["adaptive"]
-    rows = ["| eps | n | adaptive: misclassified | adaptive: evasion [95% CI] | oblivious PGD: evasion [95% CI] |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| eps | n | adaptive: misclassified | adaptive: evasion [95% CI] | oblivious PGD: evasion [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for e in a["per_eps"]:
-        rows.append(f"| {e['eps']:g} | {e['n']} | {_pct(e['misclassified'])} | {_pct(e['evasion'])}{_ci(e['evasion_ci95'])} | "
-                    f"{_pct(e['oblivious_evasion'])}{_ci(e['oblivious_evasion_ci95'])} |")
-    return ("\n".join(rows) + f"\n\nMembers: {', '.join(a['members'])}; detector weights swept "
-            f"{a['weights']}; {a['steps']} steps, {a['restarts']} restart(s); evasion = misclassified and not flagged at the "
-            f"{_pct(a['fpr'], 0)}-FPR threshold.\n" + _source(r))
+        rows.append(
+            f"| {e['eps']:g} | {e['n']} | {_pct(e['misclassified'])} | {_pct(e['evasion'])}{_ci(e['evasion_ci95'])} | "
+            f"{_pct(e['oblivious_evasion'])}{_ci(e['oblivious_evasion_ci95'])} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nMembers: {', '.join(a['members'])}; detector weights swept "
+        f"{a['weights']}; {a['steps']} steps, {a['restarts']} restart(s); evasion = misclassified and not flagged at the "
+        f"{_pct(a['fpr'], 0)}-FPR threshold.\n" + _source(r)
+    )
 
 
 def attacks_quick(r: dict[str, Any]) -> str:
@@ -156,8 +193,10 @@ def attacks_quick(r: dict[str, Any]) -> str:
     rows = ["| attack | images attacked | success rate |", "|---|---|---|"]
     for name, a in r["attacks"].items():
         rows.append(f"| {name} | {a['n']} | {_pct(a['success_rate'])} |")
-    return ("\n".join(rows) + f"\n\nModel: {r['config']['model']}; clean accuracy {_pct(r['clean_accuracy_bare'])} on "
-            f"{r['config']['test']}.\n" + _source(r))
+    return (
+        "\n".join(rows) + f"\n\nModel: {r['config']['model']}; clean accuracy {_pct(r['clean_accuracy_bare'])} on "
+        f"{r['config']['test']}.\n" + _source(r)
+    )
 
 
 def imagenet_patch_fooling(r: dict[str, Any]) -> str:
@@ -169,20 +208,32 @@ def imagenet_patch_fooling(r: dict[str, Any]) -> str:
         rows.append(f"| {_pct(float(area), 0)} | " + " | ".join(_pct(f.get(m)) for m in methods) + " |")
     c = r["config"]
     det = r.get("detection", {})
-    lines = ("\n".join(rows) + f"\n\n{c['n_eval']} evaluation images never seen in training, {c['gan_steps']} training steps "
-             f"per patch, clean top-1 {_pct(r['clean_accuracy_eval'])}; patch_gan_paper = the paper's loss weights.")
+    lines = (
+        "\n".join(rows)
+        + f"\n\n{c['n_eval']} evaluation images never seen in training, {c['gan_steps']} training steps "
+        f"per patch, clean top-1 {_pct(r['clean_accuracy_eval'])}; patch_gan_paper = the paper's loss weights."
+    )
     if det:
-        lines += " Detection of the patched images at 1% FPR: " + "; ".join(
-            f"{k}: TPR {_pct(v['tpr_at_1fpr'])}, AUROC {_f(v['auroc'])}" for k, v in det.items()) + "."
+        lines += (
+            " Detection of the patched images at 1% FPR: "
+            + "; ".join(f"{k}: TPR {_pct(v['tpr_at_1fpr'])}, AUROC {_f(v['auroc'])}" for k, v in det.items())
+            + "."
+        )
     return lines + "\n" + _source(r)
 
 
 def _steps_file_source(r: dict[str, Any]) -> str:
     """The source line of a file run in steps: its ``command`` field joins every step's command, which the
     table already gives with its rows (the file's ``steps``), so it is not repeated here."""
-    return (f"\n_From `benchmarks/results/{r['_file']}` (a run in {len(r.get('steps', {}))} steps; each row's command is the "
+    return (
+        (
+            f"\n_From `benchmarks/results/{r['_file']}` (a run in {len(r.get('steps', {}))} steps; each row's command is the "
             f"step's `command` in the file's `steps`); the file records no commit or machine (written before "
-            f"`guard.core.provenance`)._\n") if not r.get("commit") else _source(r)
+            f"`guard.core.provenance`)._\n"
+        )
+        if not r.get("commit")
+        else _source(r)
+    )
 
 
 def _step_source(r: dict[str, Any], step: str) -> str:
@@ -192,28 +243,42 @@ def _step_source(r: dict[str, Any], step: str) -> str:
 
 def imagenet_fooling(r: dict[str, Any]) -> str:
     """Nguyen et al.'s fooling images on EfficientNet-Lite0, all 1,000 classes (or a subset)."""
-    rows = ["| method | classes | budget | share >= 99% | share >= 99.99% | median best confidence | command |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | classes | budget | share >= 99% | share >= 99.99% | median best confidence | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
     f = r["fooling"]
-    for key, step, label in (("gradient", "gradient", "gradient ascent"), ("direct", "evolve_direct", "MAP-Elites, direct"),
-                             ("cppn", "evolve_cppn", "MAP-Elites, CPPN"), ("cppn_subset20", "evolve_cppn_subset20", "MAP-Elites, CPPN")):
+    for key, step, label in (
+        ("gradient", "gradient", "gradient ascent"),
+        ("direct", "evolve_direct", "MAP-Elites, direct"),
+        ("cppn", "evolve_cppn", "MAP-Elites, CPPN"),
+        ("cppn_subset20", "evolve_cppn_subset20", "MAP-Elites, CPPN"),
+    ):
         v = f.get(key)
         if not v:
             continue
         budget = f"{v['max_steps']} steps" if "max_steps" in v else f"{v['generations']} generations"
-        rows.append(f"| {label} | {v['classes']} | {budget} | {_pct(v['share_99'])} | {_pct(v['share_9999'])} | "
-                    f"{_pct(v['median_conf'], 3)} | {_step_source(r, step)} |")
+        rows.append(
+            f"| {label} | {v['classes']} | {budget} | {_pct(v['share_99'])} | {_pct(v['share_9999'])} | "
+            f"{_pct(v['median_conf'], 3)} | {_step_source(r, step)} |"
+        )
     return "\n".join(rows) + "\n" + _steps_file_source(r)
 
 
 def imagenet_feature_adversaries(r: dict[str, Any]) -> str:
     """Sabour et al.'s feature adversaries on EfficientNet-Lite0, with the local-PPCA inlier test."""
-    rows = ["| layer | delta (/255) | pairs | L-BFGS-B iterations | guide label taken | source label kept | "
-            "median distance ratio | local-PPCA inliers |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| layer | delta (/255) | pairs | L-BFGS-B iterations | guide label taken | source label kept | "
+        "median distance ratio | local-PPCA inliers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def row(layer: str, delta: str, v: dict[str, Any]) -> str:
-        return (f"| {layer} | {delta} | {v['n']} | {v['max_iter']} | {_pct(v['guide_agreement'])} | {_pct(v['source_agreement'])} | "
-                f"{_f(v['distance_ratio_median'], '.2f')} | {_pct(v.get('local_ppca_inlier_share'))} |")
+        return (
+            f"| {layer} | {delta} | {v['n']} | {v['max_iter']} | {_pct(v['guide_agreement'])} | {_pct(v['source_agreement'])} | "
+            f"{_f(v['distance_ratio_median'], '.2f')} | {_pct(v.get('local_ppca_inlier_share'))} |"
+        )
+
     for layer, by_delta in r["feature_adversary"].items():
         for delta in sorted(by_delta, key=float):
             rows.append(row(layer, delta, by_delta[delta]))
@@ -223,39 +288,57 @@ def imagenet_feature_adversaries(r: dict[str, Any]) -> str:
     a = r.get("art_comparison")
     lines = "\n".join(rows) + "\n"
     if a:
-        art = "; ".join(f"{x['pgd_iterations']} PGD iterations: ratio {x['ratio_median']:.2f}, {x['seconds_per_pair']:.1f} s/pair"
-                        for x in a["art_feature_adversaries_pytorch"])
+        art = "; ".join(
+            f"{x['pgd_iterations']} PGD iterations: ratio {x['ratio_median']:.2f}, {x['seconds_per_pair']:.1f} s/pair"
+            for x in a["art_feature_adversaries_pytorch"]
+        )
         g = a["guard"]
-        lines += (f"\nAgainst IBM ART's `FeatureAdversariesPyTorch` on {a['pairs']} pairs (layer {a['layer']}, delta {a['delta']}/255): "
-                  f"guard {g['lbfgs_iterations']} L-BFGS-B iterations: ratio {g['ratio_median']:.2f}, {g['seconds_per_pair']:.1f} s/pair; "
-                  f"ART {art} ({_step_source(r, 'art')}).\n")
-    return (lines + f"\nFeature adversaries: {_step_source(r, 'feature_adversary')}, then "
-            f"{_step_source(r, 'feature_adversary_resumed')}.\n" + _steps_file_source(r))
+        lines += (
+            f"\nAgainst IBM ART's `FeatureAdversariesPyTorch` on {a['pairs']} pairs (layer {a['layer']}, delta {a['delta']}/255): "
+            f"guard {g['lbfgs_iterations']} L-BFGS-B iterations: ratio {g['ratio_median']:.2f}, {g['seconds_per_pair']:.1f} s/pair; "
+            f"ART {art} ({_step_source(r, 'art')}).\n"
+        )
+    return (
+        lines + f"\nFeature adversaries: {_step_source(r, 'feature_adversary')}, then "
+        f"{_step_source(r, 'feature_adversary_resumed')}.\n" + _steps_file_source(r)
+    )
 
 
 def imagenet_fooling_detection(r: dict[str, Any]) -> str:
     """True-positive rate at 1% FPR of the feature-space detectors on ImageNet fooling images."""
     d = r["detectors_tpr_at_1pct_fpr"]
     sets = [k for k in d["sets"] if k != "clean_pool_fpr_check"]
-    rows = ["| detector | " + " | ".join(f"{k} fooling images" for k in sets) + " | clean images flagged |",
-            "|---" * (len(sets) + 2) + "|"]
+    rows = [
+        "| detector | " + " | ".join(f"{k} fooling images" for k in sets) + " | clean images flagged |",
+        "|---" * (len(sets) + 2) + "|",
+    ]
     for name, v in d.items():
         if name != "sets" and isinstance(v, dict) and "clean_pool_fpr_check" in v:
-            rows.append(f"| {name} | " + " | ".join(_pct(v.get(k)) for k in sets) + f" | {_pct(v['clean_pool_fpr_check'])} |")
-    return ("\n".join(rows) + f"\n\nLayer {d['layer']}; fitted on {d['fit']} clean images, calibrated to {_pct(d['fpr'], 0)} FPR on "
-            f"{d['calibrate']} others, {d['fooling_images_per_set']} images per set ({_step_source(r, 'detectors')}).\n" + _steps_file_source(r))
+            rows.append(
+                f"| {name} | " + " | ".join(_pct(v.get(k)) for k in sets) + f" | {_pct(v['clean_pool_fpr_check'])} |"
+            )
+    return (
+        "\n".join(rows)
+        + f"\n\nLayer {d['layer']}; fitted on {d['fit']} clean images, calibrated to {_pct(d['fpr'], 0)} FPR on "
+        f"{d['calibrate']} others, {d['fooling_images_per_set']} images per set ({_step_source(r, 'detectors')}).\n"
+        + _steps_file_source(r)
+    )
 
 
 def layer_statistics(r: dict[str, Any]) -> str:
     """Per input kind, the single CIFAR-10 layer statistic that flags the most at 1% FPR."""
-    rows = ["| input | images | best single layer (pooling) | TPR at 1% FPR | AUROC | layer statistics tried |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| input | images | best single layer (pooling) | TPR at 1% FPR | AUROC | layer statistics tried |",
+        "|---|---|---|---|---|---|",
+    ]
     by: dict[str, list[dict[str, Any]]] = {}
     for row in r["rows"]:
         by.setdefault(row["input"], []).append(row)
     for inp, rs in by.items():
         b = max(rs, key=lambda x: x["tpr_at_1pct_fpr"])
-        rows.append(f"| {inp} | {b['n']} | {b['layer']} ({b['pool']}) | {_pct(b['tpr_at_1pct_fpr'])} | {_f(b['auroc'])} | {len(rs)} |")
+        rows.append(
+            f"| {inp} | {b['n']} | {b['layer']} ({b['pool']}) | {_pct(b['tpr_at_1pct_fpr'])} | {_f(b['auroc'])} | {len(rs)} |"
+        )
     succ = ", ".join(f"{k}: {_pct(v)}" for k, v in r.get("attack_success", {}).items())
     return "\n".join(rows) + f"\n\nAttack success on the demo ResNet-20: {succ}.\n" + _source(r)
 
@@ -266,9 +349,11 @@ def robust_sweep(r: dict[str, Any]) -> str:
     rows = ["| eps | robust accuracy | robust accuracy with rejection |", "|---|---|---|"]
     for e, ra, rr in zip(sw["eps"], sw["robust_accuracy"], sw["robust_accuracy_with_rejection"]):
         rows.append(f"| {e:.4g} | {_pct(ra)} | {_pct(rr)} |")
-    return ("\n".join(rows) + f"\n\nModel: the {r['data']} demo model ({r['model'].get('class', r['model'].get('spec'))}); "
-            f"clean accuracy {_pct(r['clean_accuracy'])} on {r['n']} images; at eps {r['eps']:.4g}: robust accuracy "
-            f"{_pct(r['robust_accuracy'])}. Attacks: {', '.join(r['attacks'])}.\n" + _source(r))
+    return (
+        "\n".join(rows) + f"\n\nModel: the {r['data']} demo model ({r['model'].get('class', r['model'].get('spec'))}); "
+        f"clean accuracy {_pct(r['clean_accuracy'])} on {r['n']} images; at eps {r['eps']:.4g}: robust accuracy "
+        f"{_pct(r['robust_accuracy'])}. Attacks: {', '.join(r['attacks'])}.\n" + _source(r)
+    )
 
 
 def imagenet_export(r: dict[str, Any]) -> str:
@@ -281,11 +366,15 @@ def imagenet_export(r: dict[str, Any]) -> str:
     for inputs, outs in e.get("parity_vs_guarded", {}).items():
         for out, v in outs.items():
             if "max_abs" in v:
-                par.append(f"| {inputs} | {out} | {v['max_abs']:.2e} | {v['max_rel']:.2e} | {v.get('n_out_of_tol', 0)} |")
+                par.append(
+                    f"| {inputs} | {out} | {v['max_abs']:.2e} | {v['max_rel']:.2e} | {v.get('n_out_of_tol', 0)} |"
+                )
             elif "agreement" in v:
                 par.append(f"| {inputs} | {out} | agreement {_pct(v['agreement'])} | | |")
-    return ("\n".join(rows) + f"\n\nONNX opset {e['opset']}, {e['onnx_mb']} MB, heads {', '.join(e['heads']['exported'])}; "
-            f"one thread. Parity of the graph against the guarded PyTorch model:\n\n" + "\n".join(par) + "\n" + _source(r))
+    return (
+        "\n".join(rows) + f"\n\nONNX opset {e['opset']}, {e['onnx_mb']} MB, heads {', '.join(e['heads']['exported'])}; "
+        f"one thread. Parity of the graph against the guarded PyTorch model:\n\n" + "\n".join(par) + "\n" + _source(r)
+    )
 
 
 def stage_costs(r: dict[str, Any]) -> str:
@@ -335,7 +424,9 @@ def process(doc: Path, write: bool) -> list[str]:
         if new != m["body"]:
             stale.append(m["name"])
             if not write:
-                diff = difflib.unified_diff(m["body"].splitlines(), new.splitlines(), "in " + doc.name, "from results", lineterm="")
+                diff = difflib.unified_diff(
+                    m["body"].splitlines(), new.splitlines(), "in " + doc.name, "from results", lineterm=""
+                )
                 print("\n".join(list(diff)[:20]), file=sys.stderr)
         return m.group(1) + new + m.group(4)
 
@@ -351,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--write", action="store_true")
     g.add_argument("--check", action="store_true")
     g.add_argument("--list", action="store_true", help="print the names of the tables, one a line")
-    p.add_argument("--docs", nargs="+", default=None, help="documents to process (default: README.md and BENCHMARKS.md)")
+    p.add_argument(
+        "--docs", nargs="+", default=None, help="documents to process (default: README.md and BENCHMARKS.md)"
+    )
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(TABLES))
@@ -367,7 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         if set(TABLES) - placed:
             print(f"tables in no document: {sorted(set(TABLES) - placed)}", file=sys.stderr)
             return 1
-    print("rewrote " + ", ".join(f"{d}: {s}" for d, s in bad.items()) if bad else "all tables match their results files")
+    print(
+        "rewrote " + ", ".join(f"{d}: {s}" for d, s in bad.items()) if bad else "all tables match their results files"
+    )
     return 0
 
 
