@@ -120,7 +120,7 @@ class MutationRates:
     change_activation: float = 0.1  # per hidden node
     # Wide weights matter: with |w| <= 4 and sigma 0.6 the sigmoid outputs stay soft and, on the
     # demo model, classes 3 and 9 stalled below 99.99% for 1,500 generations; with |w| <= 8 and
-    # sigma 1 all ten classes pass within 50 generations (BENCHMARKS.md, "Attacks II").
+    # sigma 1 all ten classes pass within 50 generations (docs/history/benchmarks-history.md, "Attacks II").
     max_weight: float = 8.0
 
     def __post_init__(self) -> None:
@@ -134,11 +134,11 @@ def random_genome(channels: int = 1, *, rng: np.random.Generator, hidden: int = 
     """Inputs fully connected to the outputs with N(0, 1) weights, then ``hidden`` add-node mutations,
     then ``connections`` add-connection mutations (fewer where the DAG has no free pair left).
 
-    Extra connections help gradient refinement of a genome (:mod:`attacks.cppn_refine`): on the
+    Extra connections help gradient refinement of a genome (:mod:`guard.attacks.cppn_refine`): on the
     CIFAR-10 demo model, 8 random genomes with 8 hidden nodes reach at best 0.9990 for "dog"
     after 300 Adam steps (lr 0.1; 0.99925 after 4 x 500), and with 40 more connections 0.99999
     after 400 steps (lr 0.05, log-odds). Inside MAP-Elites with refinement they did not raise
-    the classes at 99.99% over seeds (BENCHMARKS.md, "CPPN fooling images on CIFAR-10").
+    the classes at 99.99% over seeds (docs/history/benchmarks-history.md, "CPPN fooling images on CIFAR-10").
     """
     channels = check_int(channels, "channels", "random_genome", low=1)
     hidden = check_int(hidden, "hidden", "random_genome", low=0)
@@ -201,7 +201,7 @@ def complete_connections(genome: Genome) -> Genome:
 
     Node order stays, so the graph stays acyclic; outputs get no outgoing edges. A zero weight
     changes nothing in :func:`render`, so this is a function-preserving growth step: what
-    :func:`attacks.cppn_refine.refine_weights` (``grow=True``) does before its gradient steps, so
+    :func:`guard.attacks.cppn_refine.refine_weights` (``grow=True``) does before its gradient steps, so
     that the gradient can use edges evolution has not found yet.
     """
     g = copy.deepcopy(genome)

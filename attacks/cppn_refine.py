@@ -1,13 +1,13 @@
 """Lamarckian refinement of CPPN genomes: gradient steps on a genome's connection weights.
 
-A CPPN (:mod:`attacks.cppn`) is a differentiable function of its connection weights, so a few
+A CPPN (:mod:`guard.attacks.cppn`) is a differentiable function of its connection weights, so a few
 Adam steps on ``log p_target`` of the rendered image move a genome that evolution brought near
 the threshold over it, and the refined weights are written back into the genome (Lamarckian
 inheritance: the children of a refined elite inherit what the gradient learned). The topology is
 untouched (``grow=True`` first adds zero-weight edges between the existing nodes, never nodes);
 weights stay within ``[-max_weight, max_weight]`` as mutation keeps them.
 
-Not in Nguyen et al. 2015 (pure evolution); :class:`attacks.fooling_evolution.FoolingEvolution`
+Not in Nguyen et al. 2015 (pure evolution); :class:`guard.attacks.fooling_evolution.FoolingEvolution`
 uses it only with ``refine_every > 0`` and records it in its parameters, so a pure-evolution
 figure and a refined one are never confused. The model's parameters get no ``.grad`` (the
 gradient is taken with ``torch.autograd.grad`` with respect to the weights only).
@@ -59,7 +59,7 @@ def refine_weights(
     and lower on 2; the default is the one the audit's settings were chosen with.
 
     ``grow=True`` first gives each genome every forward connection it lacks, at weight 0
-    (:func:`attacks.cppn.complete_connections`: the image is unchanged), so the steps can use
+    (:func:`guard.attacks.cppn.complete_connections`: the image is unchanged), so the steps can use
     edges that evolution has not found; the topology's nodes stay as they are. On the CIFAR-10
     demo model, 100 steps from 8 random genomes with 8 hidden nodes (20 connections, 88 when
     completed) raised the best "horse" confidence from 0.53 to 0.97 and "deer" from 0.95 to 0.985.
@@ -157,7 +157,7 @@ def polish_genomes(
     Chosen on the CIFAR-10 demo model with seed 1 only, on the archives of the audit's 1,500
     generations: 4 starts with completed connections brought the 3 short classes to 1.0, the own
     elite alone with completion to 0.99999 or more; without completion the weakest class stayed at
-    0.99973 with one start or four. BENCHMARKS.md, "The last polish", has the seeds not tuned on.
+    0.99973 with one start or four. docs/history/benchmarks-history.md, "The last polish", has the seeds not tuned on.
 
     Returns the refined genomes and, for each, the cell it was refined toward.
     """

@@ -8,7 +8,7 @@ and a child replaces the elite of *every* class where its softmax confidence is 
 * ``encoding="direct"``: the genome is the image. Initial pixels are uniform noise; each pixel
   mutates with probability ``mutation_rate`` (halved every ``rate_halving`` generations) by
   the polynomial mutation operator of strength ``eta`` (15 in the paper).
-* ``encoding="cppn"``: the genome is a :class:`attacks.cppn.Genome`, rendered at the model's
+* ``encoding="cppn"``: the genome is a :class:`guard.attacks.cppn.Genome`, rendered at the model's
   resolution; mutations add nodes and connections, perturb weights, change activations.
 
 The archive is pyribs' :class:`ribs.archives.GridArchive` with one measure, the class index,
@@ -235,7 +235,7 @@ class FoolingEvolution(Fooler):
         refine_every: CPPN only; 0 (the default, the paper) is pure evolution. With N > 0, every
             N generations the elites of the classes still below the threshold get
             ``refine_steps`` Adam steps (lr ``refine_lr``) on their connection weights
-            (:func:`attacks.cppn_refine.refine_weights`), and the refined genomes enter the
+            (:func:`guard.attacks.cppn_refine.refine_weights`), and the refined genomes enter the
             archive as children by the same rule (they replace an elite only where they beat
             it): Lamarckian evolution. Their model calls are counted in ``refine_evaluations``.
             ``refine_grow=True`` completes each refined genome's connections first (zero
@@ -244,7 +244,7 @@ class FoolingEvolution(Fooler):
             N > 0, once the generations are spent, the classes still below the threshold get a
             last refinement: the ``polish_starts`` elites that give each such class the highest
             probability, connections completed, N Adam steps at ``polish_lr`` on the log-odds
-            (:func:`attacks.cppn_refine.polish_genomes`); the results enter the archive by the
+            (:func:`guard.attacks.cppn_refine.polish_genomes`); the results enter the archive by the
             same rule. ``extras["elite_confidence_before_polish"]`` keeps what evolution (with any
             periodic refinement) reached, and ``polish_evaluations`` counts the model calls.
         seed: seed of every random choice (torch, NumPy and the archive).

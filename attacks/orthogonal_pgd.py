@@ -2,7 +2,7 @@
 
 Bryniarski, Hingun, Pachuca, Wang & Carlini, "Evading Adversarial Example Detection Defenses
 with Orthogonal Projected Gradient Descent" (ICLR 2022). A single loss ``classifier +
-lambda * detector`` lets the two gradients fight (guard's own :class:`AdaptivePGD` with one
+lambda * detector`` lets the two gradients fight (guard's own :class:`~guard.attacks.AdaptivePGD` with one
 weight misclassified 9.5% of the demo digits at eps 0.3, where plain PGD reaches 100%). Here
 each step looks at the current iterate: while it is still classified correctly (or within
 ``kappa`` of it) the step follows the classifier's gradient only, else the detectors' gradient

@@ -11,7 +11,7 @@ Loss = L_f + alpha * L_d + beta * L_p, per batch of images x with two latent bat
   the clean image, A pastes the patch at a random place). ``loss="margin"`` replaces it with
   the Carlini-Wagner margin max(z_y - max_{j != y} z_j, -kappa), which stops rewarding an
   image once it is fooled by kappa. On the demo model it fooled more at the same budget
-  (0.338 vs 0.242 at 10% area; ``benchmarks/peers/patch_gan_vs_art.py``, BENCHMARKS.md "Attacks I").
+  (0.338 vs 0.242 at 10% area; ``benchmarks/peers/patch_gan_vs_art.py``, docs/history/benchmarks-history.md "Attacks I").
 * L_d = -mean |phi(A(x, G(z))) - phi(A(x, G(z')))|: pushes apart f's last-conv features of the
   same image carrying two different patches at the same place (diversity in what f sees).
 * L_p = -mean ||G(z) - G(z')||_2 / sqrt(d): pushes the patches themselves apart (2-norm,
@@ -19,7 +19,7 @@ Loss = L_f + alpha * L_d + beta * L_p, per batch of images x with two latent bat
   ``patch_distance="ssim"`` uses 1 - SSIM instead (structural), and ``cap_d``/``cap_p`` cap
   each pair's distance; the paper's form is the default. The audit uses alpha=1, beta=3,
   1 - SSIM capped at 0.8: the paper's alpha=20 / beta=0.1 gave diverse patches that fooled
-  much less on the demo model (BENCHMARKS.md, "Attacks I").
+  much less on the demo model (docs/history/benchmarks-history.md, "Attacks I").
 
 Training: a patch at a random position per image per step, Adam on the generator only,
 validation fooling rate on a held-out slice of the *fit* data every ``eval_every`` steps,

@@ -4,7 +4,7 @@ The baseline G2LVAP compares against: the adversarial patch of Brown et al. 2017
 Patch") / LaVAN (Karmon, Zoran, Goldberg 2018) without the transformations: a single square
 patch in [0, 1], pasted at a random position on every image of every batch, optimised with
 Adam (projected back to [0, 1] after every step) to make the model change its label
-(untargeted; the same losses as :class:`attacks.patch_gan.PatchGAN`) or predict ``target``
+(untargeted; the same losses as :class:`guard.attacks.patch_gan.PatchGAN`) or predict ``target``
 (targeted). Early stopping on the validation fooling rate, like PatchGAN.
 """
 

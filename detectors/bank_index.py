@@ -11,7 +11,7 @@ time. Three things here are about production size (issue 15):
   ``fc:input`` (equal vectors), then hold one bank and one index, not two of each. The pool
   holds weak references: an index lives as long as a detector uses it.
 * **Approximate search above a size**, with recall measured on real features
-  (``benchmarks/scale/knn_bank.py``; BENCHMARKS.md "Production scale (issue 15)").
+  (``benchmarks/scale/knn_bank.py``; docs/history/benchmarks-history.md "Production scale (issue 15)").
 * **GPU.** ``device="cuda"`` searches on the GPU (``faiss.knn_gpu`` for exact search,
   ``faiss.index_cpu_to_gpu`` for IVF) when FAISS was built with GPU support (the ``[gpu]``
   extra) and sees a device; strict as the ONNX session is: a GPU asked for and not there raises
@@ -48,7 +48,7 @@ __all__ = [
 
 #: Index kinds of :class:`BankIndex` ("auto": exact below ``ivf_min_bank`` rows, then :data:`LARGE_BANK_INDEX`).
 INDEX_KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
-#: The approximate index of a large bank (chosen in BENCHMARKS.md, "Production scale (issue 15)").
+#: The approximate index of a large bank (chosen in docs/history/benchmarks-history.md, "Production scale (issue 15)").
 LARGE_BANK_INDEX = "ivf_flat"
 #: A search of at most this many queries is remembered for the next identical one (:meth:`BankIndex.search`).
 MEMO_ROWS = 4096
@@ -88,7 +88,7 @@ def ivf_nlist(m: int) -> int:
     """Inverted lists for an IVF index over ``m`` rows: ``4 * sqrt(m)``, at most m / 39.
 
     The low end of FAISS's guide (4 to 16 sqrt(m)). Measured on a 1M x 512 bank of real-shaped
-    features (``benchmarks/scale/knn_bank.py``, BENCHMARKS.md "Production scale (issue 15)"), with
+    features (``benchmarks/scale/knn_bank.py``, docs/history/benchmarks-history.md "Production scale (issue 15)"), with
     ``nprobe=16``: 4,000 lists answer 91x as many queries per second as scikit-learn's brute
     force at recall@10 0.955; 2,000 lists (the rule before) 47x at 0.951. The price is the
     build: 145 s instead of 55 s of coarse k-means on one core.
@@ -309,7 +309,7 @@ class BankIndex:
             training again.
 
     The recall of the approximate kinds against exact search, on real features, is measured by
-    ``benchmarks/scale/knn_bank.py`` (BENCHMARKS.md, "Production scale (issue 15)").
+    ``benchmarks/scale/knn_bank.py`` (docs/history/benchmarks-history.md, "Production scale (issue 15)").
     """
 
     def __init__(

@@ -14,7 +14,7 @@ the cosine metric, L2 for Euclidean, reading the bank in place; an ``IndexIVFFla
 with ``nprobe=16`` of ``4 sqrt(M)`` lists when the bank has at least ``ivf_min_bank`` rows,
 stated recall@10 >= 0.95 against exact search: 0.955 on a 1M x 512 bank of real-shaped
 features (91x scikit-learn's brute-force queries/s), 0.935 to 0.961 on 8,000-row banks of real
-CIFAR-10 features, BENCHMARKS.md "Production scale (issue 15)"; IVF-PQ on request, a tenth of
+CIFAR-10 features, docs/history/benchmarks-history.md "Production scale (issue 15)"; IVF-PQ on request, a tenth of
 the memory but 0.66 recall there).
 The bank is built batch by batch (:class:`BankBuilder`) and may be capped per class; detectors
 over an equal bank share one tensor and one index; the search runs on the GPU when FAISS has

@@ -146,7 +146,7 @@ class SaliencyConcentration(Detector):
 
     Args:
         method: "saliency" (default: one backward pass per batch), "input_x_gradient" (the same
-            pass, times the input; compared with saliency on ImageNet patches in BENCHMARKS.md,
+            pass, times the input; compared with saliency on ImageNet patches in docs/history/benchmarks-history.md,
             issue 16), "integrated_gradients" or
             "gradcam" (needs ``layer``, a conv layer; the map is upsampled to the input size).
         window: side of the square window in pixels, or "auto": the side of a square covering

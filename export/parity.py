@@ -226,7 +226,7 @@ def check_parity(
 
     Args:
         head: the ExportHead that was exported.
-        session_or_path: a :class:`export.session.GuardSession` or the .onnx path (opened on CPU).
+        session_or_path: a :class:`guard.export.session.GuardSession` or the .onnx path (opened on CPU).
         x: images (N, C, H, W); batch size b uses the first b (repeated if N < b).
         batch_sizes: batch sizes tried (default :func:`parity_batch_sizes`).
         tolerances: per-output (atol, rtol) overriding :data:`DEFAULT_TOLERANCES`.

@@ -57,7 +57,7 @@ class ExportReport:
         external_files: the names of those files (their SHA-256 is recorded inside the graph).
         sha256: SHA-256 of the .onnx file (also in ``path + ".sha256"``, ``digest_path``).
         signed: True when an HMAC-SHA256 signature was written (``signature_path``).
-        parity: per-output figures from :func:`export.parity.check_parity` (when inputs given).
+        parity: per-output figures from :func:`guard.export.parity.check_parity` (when inputs given).
     """
 
     path: str

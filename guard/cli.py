@@ -203,8 +203,8 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
         help="attack, detect, harden and export a model; write OUT/report.json and OUT/report.html",
-        description="Run every capability on a model and write OUT/report.json (its keys are documented in the README, "
-        "section 'report.json') and the page OUT/report.html. Without --model: an embedded default (--demo NAME) and its demo model.",
+        description="Run every capability on a model and write OUT/report.json (its keys are documented in "
+        "docs/reference/report-json.md) and the page OUT/report.html. Without --model: an embedded default (--demo NAME) and its demo model.",
     )
     _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: ./out)")

@@ -7,7 +7,7 @@ k of n with its exact 95% Clopper–Pearson interval (Clopper & Pearson 1934, fr
 ``scipy.stats.beta``). Beside it the ROC figures, read off the evaluation negatives themselves:
 AUROC and TPR at 1% and 5% FPR from scikit-learn's ``roc_auc_score`` / ``roc_curve`` (a
 threshold chosen on the evaluation negatives, which no deployed flag has). Positives are the
-*successful* adversarial examples (the keys of report.json, see the README) and, under
+*successful* adversarial examples (the keys of report.json, see docs/reference/report-json.md) and, under
 ``"all"``, every adversarial example the attack produced.
 
 Clean evaluation images that are also calibration images are refused (ValueError): the

@@ -1,4 +1,5 @@
-"""The results tables in README.md and BENCHMARKS.md equal what their committed results files give."""
+"""The results tables in BENCHMARKS.md (and README.md) equal what their committed results files give,
+and every table the tool knows is in one of them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_every_table_matches_its_results_file():
     r = _run("--check")
     assert r.returncode == 0, r.stderr
+
+
+def test_every_known_table_is_placed_once():
+    names = _run("--list").stdout.split()
+    assert len(names) >= 6
+    placed = re.findall(
+        r"<!-- results:([\w.-]+) -->", (ROOT / "README.md").read_text() + (ROOT / "BENCHMARKS.md").read_text()
+    )
+    assert sorted(placed) == sorted(names), (
+        "a table of tools/results_tables.py is missing from the documents, or placed twice"
+    )
 
 
 def test_a_figure_typed_by_hand_fails_the_check(tmp_path):

@@ -1,4 +1,4 @@
-"""Generate the results tables of README.md and BENCHMARKS.md from the committed results files.
+"""Generate the results tables of BENCHMARKS.md (and README.md, which holds none now) from the committed results files.
 
 A table lives in a document between two markers::
 
@@ -9,8 +9,9 @@ A table lives in a document between two markers::
 ``NAME`` is a key of :data:`TABLES`, which says which file under ``benchmarks/results`` the table is
 read from and how it is drawn. ``--write`` rewrites every block from its file; ``--check`` (what the
 test suite runs) exits 1 and prints the first difference when a block does not equal what its file
-gives, so a figure typed by hand, or a results file updated without its tables, fails CI. Every
-table ends with the command that wrote its file, the commit and the machine.
+gives, so a figure typed by hand, or a results file updated without its tables, fails CI; it also
+fails when a table of :data:`TABLES` is in none of the documents. Every table ends with the
+command that wrote its file, the commit and the machine. ``--list`` prints the table names.
 
     .venv/bin/python tools/results_tables.py --write
     .venv/bin/python tools/results_tables.py --check
@@ -41,14 +42,42 @@ def _ci(iv: Any) -> str:
     return "" if not iv else f" [{100 * iv[0]:.1f}, {100 * iv[1]:.1f}]"
 
 
+#: the flat benchmark paths of earlier commits -> the modules they are now (benchmarks/MOVED.json)
+MOVED = json.loads((ROOT / "benchmarks" / "MOVED.json").read_text())
+
+
+def _command(recorded: Any) -> str:
+    """The recorded command, and, when it names a benchmark by its old flat path, how to run it now."""
+    text = str(recorded)
+    words = text.split()
+    for old, new in MOVED.items():
+        if old in words or old.removeprefix("benchmarks/") in words:  # also "cd benchmarks && python NAME.py"
+            now = text.replace(f"python {old}", f"python -m {new['module']}").replace(
+                f"python3 {old}", f"python -m {new['module']}"
+            )
+            return f"`{text}` (now `{now}`)" if now != text else f"`{text}` (the script is now `{new['path']}`)"
+    return f"`{text}`"
+
+
 def _source(r: dict[str, Any]) -> str:
     prov = r.get("provenance", {})
     m = prov.get("machine", {})
+    commit = r.get("commit", prov.get("commit"))
+    command = _command(r.get("command", prov.get("command")))
+    if not commit:  # files written before the results harness recorded provenance
+        return (
+            f"\n_From `benchmarks/results/{r['_file']}`: {command}; the file records "
+            f"no commit or machine (written before `guard.core.provenance`)._\n"
+        )
     return (
-        f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}` at commit "
-        f"`{str(r.get('commit', prov.get('commit')))[:12]}` on {m.get('cores', '?')} cores "
+        f"\n_From `benchmarks/results/{r['_file']}`: {command} at commit "
+        f"`{str(commit)[:12]}` on {m.get('cores', '?')} cores "
         f"({m.get('torch_threads', '?')} torch threads), {prov.get('finished', '?')}._\n"
     )
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
 
 
 def _robust_row(label: str, f: dict[str, Any]) -> str:
@@ -177,6 +206,203 @@ def adaptive(r: dict[str, Any]) -> str:
     )
 
 
+def attacks_quick(r: dict[str, Any]) -> str:
+    """Success rate of every attack of the quick MNIST audit (the tests' fixture model)."""
+    rows = ["| attack | images attacked | success rate |", "|---|---|---|"]
+    for name, a in r["attacks"].items():
+        rows.append(f"| {name} | {a['n']} | {_pct(a['success_rate'])} |")
+    return (
+        "\n".join(rows) + f"\n\nModel: {r['config']['model']}; clean accuracy {_pct(r['clean_accuracy_bare'])} on "
+        f"{r['config']['test']}.\n" + _source(r)
+    )
+
+
+def imagenet_patch_fooling(r: dict[str, Any]) -> str:
+    """Fooling rate by patch area on held-out ImageNet-sample images, EfficientNet-Lite0."""
+    methods = ["patch_gan", "patch_gan_paper", "universal_patch", "random_patch"]
+    rows = ["| patch area | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for area in sorted(r["fooling"], key=float):
+        f = r["fooling"][area]
+        rows.append(f"| {_pct(float(area), 0)} | " + " | ".join(_pct(f.get(m)) for m in methods) + " |")
+    c = r["config"]
+    det = r.get("detection", {})
+    lines = (
+        "\n".join(rows)
+        + f"\n\n{c['n_eval']} evaluation images never seen in training, {c['gan_steps']} training steps "
+        f"per patch, clean top-1 {_pct(r['clean_accuracy_eval'])}; patch_gan_paper = the paper's loss weights."
+    )
+    if det:
+        lines += (
+            " Detection of the patched images at 1% FPR: "
+            + "; ".join(f"{k}: TPR {_pct(v['tpr_at_1fpr'])}, AUROC {_f(v['auroc'])}" for k, v in det.items())
+            + "."
+        )
+    return lines + "\n" + _source(r)
+
+
+def _steps_file_source(r: dict[str, Any]) -> str:
+    """The source line of a file run in steps: its ``command`` field joins every step's command, which the
+    table already gives with its rows (the file's ``steps``), so it is not repeated here."""
+    return (
+        (
+            f"\n_From `benchmarks/results/{r['_file']}` (a run in {len(r.get('steps', {}))} steps; each row's command is the "
+            f"step's `command` in the file's `steps`); the file records no commit or machine (written before "
+            f"`guard.core.provenance`)._\n"
+        )
+        if not r.get("commit")
+        else _source(r)
+    )
+
+
+def _step_source(r: dict[str, Any], step: str) -> str:
+    st = r.get("steps", {}).get(step, {})
+    return f"`{st.get('command', '?')}`"
+
+
+def imagenet_fooling(r: dict[str, Any]) -> str:
+    """Nguyen et al.'s fooling images on EfficientNet-Lite0, all 1,000 classes (or a subset)."""
+    rows = [
+        "| method | classes | budget | share >= 99% | share >= 99.99% | median best confidence | command |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    f = r["fooling"]
+    for key, step, label in (
+        ("gradient", "gradient", "gradient ascent"),
+        ("direct", "evolve_direct", "MAP-Elites, direct"),
+        ("cppn", "evolve_cppn", "MAP-Elites, CPPN"),
+        ("cppn_subset20", "evolve_cppn_subset20", "MAP-Elites, CPPN"),
+    ):
+        v = f.get(key)
+        if not v:
+            continue
+        budget = f"{v['max_steps']} steps" if "max_steps" in v else f"{v['generations']} generations"
+        rows.append(
+            f"| {label} | {v['classes']} | {budget} | {_pct(v['share_99'])} | {_pct(v['share_9999'])} | "
+            f"{_pct(v['median_conf'], 3)} | {_step_source(r, step)} |"
+        )
+    return "\n".join(rows) + "\n" + _steps_file_source(r)
+
+
+def imagenet_feature_adversaries(r: dict[str, Any]) -> str:
+    """Sabour et al.'s feature adversaries on EfficientNet-Lite0, with the local-PPCA inlier test."""
+    rows = [
+        "| layer | delta (/255) | pairs | L-BFGS-B iterations | guide label taken | source label kept | "
+        "median distance ratio | local-PPCA inliers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def row(layer: str, delta: str, v: dict[str, Any]) -> str:
+        return (
+            f"| {layer} | {delta} | {v['n']} | {v['max_iter']} | {_pct(v['guide_agreement'])} | {_pct(v['source_agreement'])} | "
+            f"{_f(v['distance_ratio_median'], '.2f')} | {_pct(v.get('local_ppca_inlier_share'))} |"
+        )
+
+    for layer, by_delta in r["feature_adversary"].items():
+        for delta in sorted(by_delta, key=float):
+            rows.append(row(layer, delta, by_delta[delta]))
+    meta_layer = r.get("feature_adversary_meta", {}).get("layer", "1._fc:input")
+    for it, v in sorted(r.get("feature_adversary_iterations", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append(row(meta_layer, "10", v))
+    a = r.get("art_comparison")
+    lines = "\n".join(rows) + "\n"
+    if a:
+        art = "; ".join(
+            f"{x['pgd_iterations']} PGD iterations: ratio {x['ratio_median']:.2f}, {x['seconds_per_pair']:.1f} s/pair"
+            for x in a["art_feature_adversaries_pytorch"]
+        )
+        g = a["guard"]
+        lines += (
+            f"\nAgainst IBM ART's `FeatureAdversariesPyTorch` on {a['pairs']} pairs (layer {a['layer']}, delta {a['delta']}/255): "
+            f"guard {g['lbfgs_iterations']} L-BFGS-B iterations: ratio {g['ratio_median']:.2f}, {g['seconds_per_pair']:.1f} s/pair; "
+            f"ART {art} ({_step_source(r, 'art')}).\n"
+        )
+    return (
+        lines + f"\nFeature adversaries: {_step_source(r, 'feature_adversary')}, then "
+        f"{_step_source(r, 'feature_adversary_resumed')}.\n" + _steps_file_source(r)
+    )
+
+
+def imagenet_fooling_detection(r: dict[str, Any]) -> str:
+    """True-positive rate at 1% FPR of the feature-space detectors on ImageNet fooling images."""
+    d = r["detectors_tpr_at_1pct_fpr"]
+    sets = [k for k in d["sets"] if k != "clean_pool_fpr_check"]
+    rows = [
+        "| detector | " + " | ".join(f"{k} fooling images" for k in sets) + " | clean images flagged |",
+        "|---" * (len(sets) + 2) + "|",
+    ]
+    for name, v in d.items():
+        if name != "sets" and isinstance(v, dict) and "clean_pool_fpr_check" in v:
+            rows.append(
+                f"| {name} | " + " | ".join(_pct(v.get(k)) for k in sets) + f" | {_pct(v['clean_pool_fpr_check'])} |"
+            )
+    return (
+        "\n".join(rows)
+        + f"\n\nLayer {d['layer']}; fitted on {d['fit']} clean images, calibrated to {_pct(d['fpr'], 0)} FPR on "
+        f"{d['calibrate']} others, {d['fooling_images_per_set']} images per set ({_step_source(r, 'detectors')}).\n"
+        + _steps_file_source(r)
+    )
+
+
+def layer_statistics(r: dict[str, Any]) -> str:
+    """Per input kind, the single CIFAR-10 layer statistic that flags the most at 1% FPR."""
+    rows = [
+        "| input | images | best single layer (pooling) | TPR at 1% FPR | AUROC | layer statistics tried |",
+        "|---|---|---|---|---|---|",
+    ]
+    by: dict[str, list[dict[str, Any]]] = {}
+    for row in r["rows"]:
+        by.setdefault(row["input"], []).append(row)
+    for inp, rs in by.items():
+        b = max(rs, key=lambda x: x["tpr_at_1pct_fpr"])
+        rows.append(
+            f"| {inp} | {b['n']} | {b['layer']} ({b['pool']}) | {_pct(b['tpr_at_1pct_fpr'])} | {_f(b['auroc'])} | {len(rs)} |"
+        )
+    succ = ", ".join(f"{k}: {_pct(v)}" for k, v in r.get("attack_success", {}).items())
+    return "\n".join(rows) + f"\n\nAttack success on the demo ResNet-20: {succ}.\n" + _source(r)
+
+
+def robust_sweep(r: dict[str, Any]) -> str:
+    """Robust accuracy of a plain demo model against eps (AutoAttack's components and guard's APGD)."""
+    sw = r["sweep"]
+    rows = ["| eps | robust accuracy | robust accuracy with rejection |", "|---|---|---|"]
+    for e, ra, rr in zip(sw["eps"], sw["robust_accuracy"], sw["robust_accuracy_with_rejection"]):
+        rows.append(f"| {e:.4g} | {_pct(ra)} | {_pct(rr)} |")
+    return (
+        "\n".join(rows) + f"\n\nModel: the {r['data']} demo model ({r['model'].get('class', r['model'].get('spec'))}); "
+        f"clean accuracy {_pct(r['clean_accuracy'])} on {r['n']} images; at eps {r['eps']:.4g}: robust accuracy "
+        f"{_pct(r['robust_accuracy'])}. Attacks: {', '.join(r['attacks'])}.\n" + _source(r)
+    )
+
+
+def imagenet_export(r: dict[str, Any]) -> str:
+    """The guarded EfficientNet-Lite0 as one ONNX graph: parity and latency against PyTorch eager."""
+    e = r["export"]
+    rows = ["| batch | PyTorch eager (ms) | onnxruntime (ms) | ratio |", "|---|---|---|---|"]
+    for b, v in sorted(e.get("latency_ms", {}).items(), key=lambda kv: int(kv[0])):
+        rows.append(f"| {b} | {v['eager']:.1f} | {v['onnxruntime']:.1f} | {v['ratio']:.3f} |")
+    par = ["| inputs | output | max abs difference | max rel difference | outside tolerance |", "|---|---|---|---|---|"]
+    for inputs, outs in e.get("parity_vs_guarded", {}).items():
+        for out, v in outs.items():
+            if "max_abs" in v:
+                par.append(
+                    f"| {inputs} | {out} | {v['max_abs']:.2e} | {v['max_rel']:.2e} | {v.get('n_out_of_tol', 0)} |"
+                )
+            elif "agreement" in v:
+                par.append(f"| {inputs} | {out} | agreement {_pct(v['agreement'])} | | |")
+    return (
+        "\n".join(rows) + f"\n\nONNX opset {e['opset']}, {e['onnx_mb']} MB, heads {', '.join(e['heads']['exported'])}; "
+        f"one thread. Parity of the graph against the guarded PyTorch model:\n\n" + "\n".join(par) + "\n" + _source(r)
+    )
+
+
+def stage_costs(r: dict[str, Any]) -> str:
+    """Wall time, CPU time and peak resident memory per stage of a benchmark run."""
+    rows = ["| stage | wall (s) | CPU (s) | peak RSS (MB) |", "|---|---|---|---|"]
+    for name, v in {**r["stages"], "total": r["total"]}.items():
+        rows.append(f"| {name} | {v['wall_s']:.1f} | {v['cpu_s']:.1f} | {v['peak_rss_mb']:.0f} |")
+    return "\n".join(rows) + f"\n\n{r.get('threads', '?')} torch thread(s).\n" + _source(r)
+
+
 #: table name -> (results file, renderer)
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_hardening": ("robust_hardening.json", robust_hardening),
@@ -185,6 +411,16 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "certified_patches": ("certified_patches.json", certified_patches),
     "detection_mnist_quick": ("detection_by_strength_mnist_quick.json", detection_by_strength),
     "adaptive_mnist": ("adaptive_mnist_n32.json", adaptive),
+    "attacks_mnist_quick": ("audit-mnist-quick.json", attacks_quick),
+    "imagenet_patch_fooling": ("imagenet_patch.json", imagenet_patch_fooling),
+    "imagenet_fooling": ("imagenet_feature_fooling.json", imagenet_fooling),
+    "imagenet_feature_adversaries": ("imagenet_feature_fooling.json", imagenet_feature_adversaries),
+    "imagenet_fooling_detection": ("imagenet_feature_fooling.json", imagenet_fooling_detection),
+    "cifar10_layer_statistics": ("cifar10_layer_statistics.json", layer_statistics),
+    "robust_sweep_mnist": ("robust_eval_mnist_demo.json", robust_sweep),
+    "robust_sweep_cifar10": ("robust_eval_cifar10_demo.json", robust_sweep),
+    "imagenet_export": ("imagenet_patch.json", imagenet_export),
+    "imagenet_patch_stages": ("imagenet_patch.json", stage_costs),
 }
 
 
@@ -223,16 +459,25 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", action="store_true")
     g.add_argument("--check", action="store_true")
+    g.add_argument("--list", action="store_true", help="print the names of the tables, one a line")
     p.add_argument(
         "--docs", nargs="+", default=None, help="documents to process (default: README.md and BENCHMARKS.md)"
     )
     args = p.parse_args(argv)
+    if args.list:
+        print("\n".join(TABLES))
+        return 0
     docs = [Path(d) for d in args.docs] if args.docs else [ROOT / d for d in DOCS]
     stale = {d.name: process(d, args.write) for d in docs}
     bad = {d: s for d, s in stale.items() if s}
     if args.check and bad:
         print(f"tables differ from their results files: {bad}; run tools/results_tables.py --write", file=sys.stderr)
         return 1
+    if args.check and not args.docs:
+        placed = {m["name"] for d in docs for m in BLOCK.finditer(d.read_text())}
+        if set(TABLES) - placed:
+            print(f"tables in no document: {sorted(set(TABLES) - placed)}", file=sys.stderr)
+            return 1
     print(
         "rewrote " + ", ".join(f"{d}: {s}" for d, s in bad.items()) if bad else "all tables match their results files"
     )

@@ -6,7 +6,7 @@ Fills ``report["attacks"]["feature_adversary"]``:
   and delta, guides drawn (seeded) from the *test* split among the images not used as sources
   and of another true class; ``success_rate`` is the guide-label agreement (the model labels
   the adversary as it labels the guide); the representation analysis of
-  :mod:`attacks.representation` (kNN references: the training split's features);
+  :mod:`guard.attacks.representation` (kNN references: the training split's features);
 * ``curves[layer][variant][delta]``: guide-label agreement and distance-ratio median / p10 /
   p90 for the variants ``lbfgs``, ``feature-fgrad``, ``feature-linear``, ``label-opt``.
 

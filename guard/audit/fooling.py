@@ -5,7 +5,7 @@ Fills ``report["attacks"]`` entries ``fooling_gradient``, ``fooling_direct`` and
 >= ``threshold`` (99.99%) confidence; ``median_confidence`` over the archive (one elite per
 class; for gradient ascent the best image per class); ``generations`` (evolution) or
 ``steps`` (gradient ascent); ``seconds``; ``n`` images handed to the detectors (elites plus
-extra samples at the threshold, see :class:`attacks.fooling_evolution.FoolingEvolution`);
+extra samples at the threshold, see :class:`guard.attacks.fooling_evolution.FoolingEvolution`);
 and ``transfer``: how a second, independently trained model (a narrow DemoNet, seed + 1,
 trained for ``transfer_epochs`` on the training split) labels the same images, when the
 input is 28x28.
@@ -18,10 +18,10 @@ over them), ``fooling_grad_samples`` (10 per class), ``fooling_population`` (100
 classes pass, so that the reservoir collects extra positives), ``fooling_cppn_hidden`` (8 initial
 hidden nodes per CPPN), ``fooling_cppn_add_node`` (0.3), ``fooling_refine_every`` (100; 0 = pure
 evolution as in the paper) and ``fooling_refine_steps`` (100): Lamarckian refinement of the CPPN
-elites still short of the threshold (:func:`attacks.cppn_refine.refine_weights`),
+elites still short of the threshold (:func:`guard.attacks.cppn_refine.refine_weights`),
 ``fooling_polish_steps`` (``min(300, 3200 x work scale)``, at least 20; quick 20; 0 = none) and
 ``fooling_polish_starts`` (4): a last refinement of the classes still short after the generations
-(:func:`attacks.cppn_refine.polish_genomes`; the CPPN entry's ``classes_fooled_before_polish`` and
+(:func:`guard.attacks.cppn_refine.polish_genomes`; the CPPN entry's ``classes_fooled_before_polish`` and
 ``min_confidence_before_polish`` keep what evolution reached without it), ``fooling_selection`` ("unfooled": parents from
 the classes still below the threshold, which the direct encoding needs to finish within the
 demo budget; "uniform" is the paper's), ``fooling_transfer`` (True), ``transfer_epochs`` (1).

@@ -95,7 +95,7 @@ def grad_chunk(x: Any) -> int:
     Why: a backward pass keeps every activation of its chunk, and on the CPU its cost per image
     grows with the chunk (page faults of the multi-GB activation buffers): a ResNet-50 at 224 px
     took 0.32 s per image to differentiate in chunks of 16 and 0.64 s in one chunk of 64
-    (``benchmarks/peers/guarded_vs_bare_resnet50.py``, BENCHMARKS.md "Production scale (issue 15)").
+    (``benchmarks/peers/guarded_vs_bare_resnet50.py``, docs/history/benchmarks-history.md "Production scale (issue 15)").
     """
     shape = tuple(x.shape)
     per = 1

@@ -1,0 +1,62 @@
+"""mkdocs hook: lay out the installed namespace of guard for mkdocstrings' static analysis.
+
+``pyproject.toml`` installs the top-level folders ``attacks/``, ``detectors/``, ``training/`` and
+``export/`` as ``guard.attacks`` ... (setuptools ``package-dir``). Griffe, which mkdocstrings uses
+to read the code without importing it, maps only top-level packages of an editable install, so it
+cannot find ``guard.attacks`` in the source tree. Before the build this hook writes
+``build/docs-src/guard``: a copy of the Python files of ``guard/`` with the four folders under
+their installed names, and ``mkdocs.yml`` points mkdocstrings' ``paths`` there (a copy, not links:
+griffe resolves a linked ``__init__.py`` back to ``guard/`` and then lists that folder).
+Static analysis, not import: building the site runs none of guard's code (``guard/__main__.py``
+would start the CLI) and needs neither torch nor a GPU.
+
+In that copy the docstrings' Sphinx roles (``:func:`~guard.wrap```) become inline code (`` `wrap` ``),
+so the pages do not show the role markup; ``tests/test_docstring_refs.py`` checks that each of
+them names a real object.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+#: installed subpackage name -> folder in the repository (as pyproject.toml's package-dir)
+PACKAGE_DIRS = {"attacks": "attacks", "detectors": "detectors", "training": "training", "export": "export"}
+TREE = ROOT / "build" / "docs-src"
+ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):`(?P<body>[^`]+)`")
+
+
+def _as_code(m: re.Match[str]) -> str:
+    """``:func:`~a.b``` -> ```b```, ``:class:`text <a.b>``` -> ```text```, ``:mod:`a.b``` -> ```a.b```."""
+    body = m["body"].strip()
+    label = re.match(r"(.*?)\s*<[^<>]+>$", body)
+    if label:
+        return f"`{label.group(1)}`"
+    if body.startswith("~"):
+        body = body[1:].split(".")[-1]
+    return f"`{body.lstrip('.!')}`"
+
+
+def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
+    """Copy the Python files of the installed layout to ``tree/guard`` and return ``tree``."""
+    pkg = tree / "guard"
+    if pkg.exists():
+        shutil.rmtree(pkg)
+    only_py = shutil.ignore_patterns("__pycache__", "_data", "*.pyc")
+    shutil.copytree(root / "guard", pkg, ignore=only_py)
+    for name, folder in PACKAGE_DIRS.items():
+        shutil.copytree(root / folder, pkg / name, ignore=only_py)
+    for py in pkg.rglob("*.py"):
+        text = py.read_text()
+        new = ROLE.sub(_as_code, text)
+        if new != text:
+            py.write_text(new)
+    return tree
+
+
+def on_config(config: Any, **kwargs: Any) -> Any:
+    build_tree()
+    return config
