@@ -147,7 +147,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:s.train_images]
         train = Split(train.x[idx], train.y[idx])
     # Every detector, the published anchors included, feeds the combined flag; each is also
-    # reported alone. options.extra["flag_with"] = "own" keeps the anchors out of the flag.
+    # reported alone. The setting flag_with="own" keeps the anchors out of the flag.
     flag_with = DEFAULT_DETECTORS if s.flag_with == "own" else None
     guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=s.combine, flag_with=flag_with)
     guarded.fit(train)

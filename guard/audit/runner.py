@@ -61,6 +61,23 @@ def _keep(results: dict[type, Any], value: Any) -> None:
     results[key] = value
 
 
+def _names(report: dict[str, Any]) -> tuple[set[str], set[tuple[str, str]]]:
+    attacks = set(report.get("attacks") or {})
+    dets = {(d, a) for d, per in (report.get("detectors") or {}).items() for a in (per if isinstance(per, dict) else {})}
+    return attacks, dets | {(d, "") for d in (report.get("detectors") or {})}
+
+
+def _new_names(report: dict[str, Any], known: tuple[set[str], set[tuple[str, str]]]) -> dict[str, Any]:
+    """The attack and detector names of ``report`` that are not in ``known`` (an earlier :func:`_names`), as a report."""
+    attacks, dets = _names(report)
+    out: dict[str, Any] = {"attacks": {a: {} for a in attacks - known[0]}, "detectors": {}}
+    for d, a in dets - known[1]:
+        out["detectors"].setdefault(d, {})
+        if a:
+            out["detectors"][d][a] = {}
+    return out
+
+
 def _lookup(results: dict[type, Any], want: type) -> Any:
     for key, value in results.items():
         if issubclass(key, want):
@@ -155,8 +172,9 @@ def run_audit(
         t0 = time.perf_counter()
         log.info("audit: %s", step.name)
         try:
+            known = _names(ctx.report)
             value = step.run(ctx, **inputs)
-            check_report_names(ctx.report)  # every attack and detector name is one of the registry's
+            check_report_names(_new_names(ctx.report, known))  # every name this step wrote is one of the registry's
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # one capability failing must not lose the others' results

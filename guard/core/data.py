@@ -24,7 +24,7 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "sample_stream", "is_stream",
+__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "stream_batches", "sample_stream", "is_stream",
            "image_folder", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
 
 DEMO_SEED = 0
@@ -303,9 +303,3 @@ def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int 
         x, y = _from_dataset(Subset(ds, idx.tolist()), f"{name} ({part})")
         parts.append(Split(x.float(), check_labels(y, f"{name} labels", n=int(x.shape[0]))))
     return parts[0], parts[1]
-
-
-def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices of ``x`` of at most ``batch_size`` rows."""
-    for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size]
