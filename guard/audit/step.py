@@ -111,10 +111,6 @@ class AuditContext:
             return self.options.settings
         return resolve_settings(self.options.extra, quick=self.options.quick, seed=self.options.seed, cost=self.cost)
 
-    def scaled(self, reference: int, minimum: int = 1) -> int:
-        """A step size set on the demo LeNet, scaled to this model's cost (:meth:`Cost.scaled`)."""
-        return self.cost.scaled(reference, minimum)
-
     @property
     def report_path(self) -> Path:
         return self.out / "report.json"
