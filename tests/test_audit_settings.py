@@ -145,10 +145,13 @@ def test_settings_round_trip_through_json():
         s = _resolve({"patch_gan_kwargs": {"alpha": 2.0, "lr": 0.01}, "adaptive_eps": [0.1, 0.2], "harden_attacks": ["pgd"]}, quick=q)
         back = AuditSettings.from_dict(json.loads(json.dumps(s.to_dict())))
         assert back == s
+    full = _resolve().to_dict()
     with pytest.raises(ValueError, match="unknown attacks_fooling setting"):
-        AuditSettings.from_dict({"fooling": {"treshold": 0.5}})
+        AuditSettings.from_dict({**full, "fooling": {"treshold": 0.5}})
     with pytest.raises(TypeError, match="fooling_threshold"):
-        AuditSettings.from_dict({"fooling": {**_resolve().fooling.to_dict(), "threshold": "x"}})
+        AuditSettings.from_dict({**full, "fooling": {**full["fooling"], "threshold": "x"}})
+    with pytest.raises(ValueError, match="missing \\['robust'\\]"):
+        AuditSettings.from_dict({k: v for k, v in full.items() if k != "robust"})
 
 
 TINY = {"feature_n": 6, "feature_max_iter": 2, "feature_curve_n": 4, "feature_curve_max_iter": 2, "fooling_grad_steps": 3,

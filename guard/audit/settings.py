@@ -465,12 +465,12 @@ class AuditSettings:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AuditSettings":
-        """From :meth:`to_dict`'s form (a report's ``report["settings"]["steps"]``); a missing step keeps its defaults."""
+        """From :meth:`to_dict`'s form (a report's ``report["settings"]["steps"]``): every step, each field checked."""
         if not isinstance(d, Mapping):
             raise TypeError(f"settings must be a dict of step -> settings; got {type(d).__name__}.")
-        unknown = sorted(set(d) - set(_STEPS))
-        if unknown:
-            raise ValueError(f"unknown settings step(s) {unknown}; expected names from {list(_STEPS)}.")
+        unknown, missing = sorted(set(d) - set(_STEPS)), [s for s in _STEPS if s not in d]
+        if unknown or missing:
+            raise ValueError(f"settings must hold exactly the steps {list(_STEPS)}; unknown {unknown}, missing {missing}.")
         return cls(**{name: _STEPS[name].from_dict(v) for name, v in d.items()})  # type: ignore[attr-defined]
 
 
