@@ -46,7 +46,10 @@ def _compare(cmp, a: Path, b: Path) -> dict:
     rb = json.loads((b / "report.json").read_text())
     rdiff, added, n = cmp.compare_reports(ra, rb)
     tdiff, m = cmp.compare_tensors(a, b)
+    steps = {side: {name: [p.get("fit_steps") for p in r.get("attacks", {}).get(name, {}).get("curve", [])]
+                    for name in ("patch_gan", "universal_patch")} for side, r in (("before", ra), ("after", rb))}
     return {"before": str(a), "after": str(b), "equal": not rdiff and not tdiff, "report_figures_compared": n,
+            "patch_fit_steps": steps, "fitted_detectors_identical": not any(d.startswith("guarded/") for d in tdiff),
             "report_figures_differing": len(rdiff), "tensors_compared": m, "tensors_differing": len(tdiff),
             "sections_only_after": added, "differing_places": _places(rdiff + tdiff), "differences_first_20": (rdiff + tdiff)[:20]}
 
@@ -77,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         branch = _compare(cmp, args.reference, args.after_cli)
         old = _compare(cmp, args.reference, args.reference_rerun)
         figures["as_run_here"] = _compare(cmp, args.reference_rerun, args.after_cli)
-        figures["as_run"] = {"reference_vs_branch": branch, "reference_vs_old_code_rerun": old,
-                             "same_places": branch["differing_places"] == old["differing_places"]}
+        figures["as_run"] = {"reference_vs_branch": branch, "reference_vs_old_code_rerun": old}
     if args.rerun is not None:
         figures["rerun_from_settings"] = _compare(cmp, args.after_code, args.rerun)
     from guard.core.provenance import write_results
@@ -89,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{c['tensors_compared']} tensors, {c['tensors_differing']} differ")
     if "as_run" in figures:
         a = figures["as_run"]
+        h = figures["as_run_here"]
         print(f"as run: reference vs branch {a['reference_vs_branch']['report_figures_differing']} figures differ, reference vs "
-              f"old code re-run {a['reference_vs_old_code_rerun']['report_figures_differing']}; same places: {a['same_places']}")
+              f"old code re-run {a['reference_vs_old_code_rerun']['report_figures_differing']}; old code vs branch, both run here: "
+              f"{h['report_figures_differing']} (patch fit steps {h['patch_fit_steps']}, fitted detectors identical: "
+              f"{h['fitted_detectors_identical']})")
     if "rerun_from_settings" in figures:
         r = figures["rerun_from_settings"]
         print(f"re-run from report.json's settings: {r['report_figures_differing']} figures, {r['tensors_differing']} tensors differ")
