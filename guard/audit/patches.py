@@ -41,6 +41,7 @@ __all__ = ["PatchStep", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS", "GAN_FAST_BETA", "G
            "gan_learning_rate", "gan_diversity_weight"]
 
 NAMES = attack_names(step="attacks_patches")
+GAN, UNIVERSAL, RANDOM = NAMES  # the learned generator, one learned patch, random noise (the baseline)
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,11 @@ def _run(ctx: AuditContext) -> AttackSet:
     bar = tqdm(total=len(s.areas) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
     for area in s.areas:
         makers = {
-            "patch_gan": lambda: PatchGAN(size=area, loss=s.loss, steps=s.gan_steps, lr=s.gan_lr, max_seconds=s.gan_seconds,
+            GAN: lambda: PatchGAN(size=area, loss=s.loss, steps=s.gan_steps, lr=s.gan_lr, max_seconds=s.gan_seconds,
                                           eval_every=s.eval_every, batch_size=s.batch_size, seed=seed, **gan_kwargs),
-            "universal_patch": lambda: UniversalPatch(size=area, loss=s.loss, steps=s.universal_steps, max_seconds=s.universal_seconds,
+            UNIVERSAL: lambda: UniversalPatch(size=area, loss=s.loss, steps=s.universal_steps, max_seconds=s.universal_seconds,
                                                       eval_every=s.eval_every, batch_size=s.batch_size, seed=seed),
-            "random_patch": lambda: RandomPatch(size=area, seed=seed),
+            RANDOM: lambda: RandomPatch(size=area, seed=seed),
         }
         for name, make in makers.items():
             t0 = time.perf_counter()
@@ -130,23 +131,23 @@ def _run(ctx: AuditContext) -> AttackSet:
         out.results[name] = result
         ctx.save_attack(name, result, {"params": attack.params()})
 
-    gan = fitted["patch_gan"][head_area]
+    gan = fitted[GAN][head_area]
     x_cc = x_test[:s.comparison_n]
     gen = torch.Generator().manual_seed(seed + 11)
     g_patches = gan.sample(int(x_cc.shape[0]), generator=gen)
     cc = class_comparison(model, x_cc, g_patches)
     cc.pop("grid", None)
-    section["patch_gan"]["class_comparison"] = cc
-    section["patch_gan"]["diversity"] = pairwise_diversity(gan.sample(s.diversity_n, generator=gen))
-    section["patch_gan"]["latent_interpolation"] = latent_interpolation(model, gan, x_cc, points=s.interp_points, seed=seed)
-    up = fitted["universal_patch"][head_area]
+    section[GAN]["class_comparison"] = cc
+    section[GAN]["diversity"] = pairwise_diversity(gan.sample(s.diversity_n, generator=gen))
+    section[GAN]["latent_interpolation"] = latent_interpolation(model, gan, x_cc, points=s.interp_points, seed=seed)
+    up = fitted[UNIVERSAL][head_area]
     cc_up = class_comparison(model, x_cc, up.patch_)
     cc_up.pop("grid", None)
-    section["universal_patch"]["class_comparison"] = cc_up
-    rp = fitted["random_patch"][head_area]
-    section["random_patch"]["diversity"] = pairwise_diversity(rp.sample(s.diversity_n, channels=shape[0], image_size=shape[1], generator=gen))
+    section[UNIVERSAL]["class_comparison"] = cc_up
+    rp = fitted[RANDOM][head_area]
+    section[RANDOM]["diversity"] = pairwise_diversity(rp.sample(s.diversity_n, channels=shape[0], image_size=shape[1], generator=gen))
     # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
-    section["patch_gan"]["summary"] = _summary(curves)
+    section[GAN]["summary"] = _summary(curves)
     ctx.save_artifact("patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area})
     return out
 
@@ -159,10 +160,10 @@ def _side(attack: Any, x: torch.Tensor) -> int:
 
 def _summary(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Whether PatchGAN beats both baselines at every area, and its best area <= 10%."""
-    gan = {p["area"]: p["mean"] for p in curves["patch_gan"]}
-    above = {str(a): bool(gan[a] > max(p["mean"] for c in ("universal_patch", "random_patch") for p in curves[c] if p["area"] == a))
+    gan = {p["area"]: p["mean"] for p in curves[GAN]}
+    above = {str(a): bool(gan[a] > max(p["mean"] for c in (UNIVERSAL, RANDOM) for p in curves[c] if p["area"] == a))
              for a in gan}
-    small = [p for p in curves["patch_gan"] if p["area"] <= 0.1 + 1e-9]
+    small = [p for p in curves[GAN] if p["area"] <= 0.1 + 1e-9]
     return {
         "patch_gan_above_both_baselines": above,
         "patch_gan_above_both_at_every_area": all(above.values()),
