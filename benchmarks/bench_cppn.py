@@ -67,7 +67,9 @@ def main() -> None:
     for _ in range(20):  # grow them a little, as after some generations
         pop = [mutate(g, rng, MutationRates(add_node=0.3, add_connection=0.3)) for g in pop]
     hidden = float(np.mean([g.num_hidden for g in pop]))
-    print(f"population {len(pop)}, mean hidden nodes {hidden:.1f}, mean connections {np.mean([len(g.connections) for g in pop]):.1f}")
+    print(
+        f"population {len(pop)}, mean hidden nodes {hidden:.1f}, mean connections {np.mean([len(g.connections) for g in pop]):.1f}"
+    )
 
     reps = 5
     t0 = time.perf_counter()
@@ -86,20 +88,29 @@ def main() -> None:
     err = float(np.abs(ref - x[:k].numpy()).max())
     print(f"guard render 28x28:            {len(pop) / t_r:9.0f} img/s")
     print(f"guard render + demo-model score: {len(pop) / t_rs:7.0f} img/s")
-    print(f"per-pixel Python (NEAT-style):   {len(pop) / t_py:7.1f} img/s  -> render speed-up {t_py / t_r:.0f}x (max abs diff {err:.2e})")
+    print(
+        f"per-pixel Python (NEAT-style):   {len(pop) / t_py:7.1f} img/s  -> render speed-up {t_py / t_r:.0f}x (max abs diff {err:.2e})"
+    )
     t0 = time.perf_counter()
     big = render(pop[:10], 256)
     print(f"guard render 256x256: {10 / (time.perf_counter() - t0):.0f} img/s, shape {tuple(big.shape)}")
 
     t0 = time.perf_counter()
-    res = FoolingEvolution(encoding="cppn", population=args.population, generations=args.generations,
-                           parent_selection=args.selection, seed=args.seed)(model)
+    res = FoolingEvolution(
+        encoding="cppn",
+        population=args.population,
+        generations=args.generations,
+        parent_selection=args.selection,
+        seed=args.seed,
+    )(model)
     sec = time.perf_counter() - t0
     ex = res.extras
     conf = ex["elite_confidence"]
-    print(f"CPPN MAP-Elites ({args.selection} parents, pop {args.population}): all 10 classes >= 99.99% at generation "
-          f"{ex['generation_all_fooled']} (-1: not within {args.generations}); {ex['generations']} generations, {sec:.1f} s; "
-          f"classes fooled {int((conf >= 0.9999).sum())}/10; elite confidence min {float(conf.min()):.6f} median {float(conf.double().median()):.6f}")
+    print(
+        f"CPPN MAP-Elites ({args.selection} parents, pop {args.population}): all 10 classes >= 99.99% at generation "
+        f"{ex['generation_all_fooled']} (-1: not within {args.generations}); {ex['generations']} generations, {sec:.1f} s; "
+        f"classes fooled {int((conf >= 0.9999).sum())}/10; elite confidence min {float(conf.min()):.6f} median {float(conf.double().median()):.6f}"
+    )
 
 
 if __name__ == "__main__":

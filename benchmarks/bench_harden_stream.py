@@ -19,10 +19,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
 from bench_stream_fit import NoiseImages  # noqa: E402
 from proc_memory import peak_rss_mb, rss_mb, size_runs  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 def one(n: int, px: int, batch: int, tensor: bool) -> dict:
@@ -31,19 +30,44 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
     data, test = NoiseImages(n, px), NoiseImages(500, px)
     start_rss = rss_mb()
     t0 = time.perf_counter()
     if tensor:
         data, test = guard.load_data(data), guard.load_data(test)
     with tempfile.TemporaryDirectory() as ckpt:
-        res = guard.harden(model, data, test=test, rounds=1, epochs_per_round=1, attacks=("fooling_gradient", "universal_patch"),
-                           budget=AttackBudget.quick(), batch_size=batch, checkpoint_dir=ckpt, progress=False)
-    return {"n": n, "px": px, "path": "tensor" if tensor else "stream", "wall_s": time.perf_counter() - t0,
-            "images_mb": n * 3 * px * px * 4 / 2**20, "start_rss_mb": start_rss, "peak_rss_mb": peak_rss_mb(),
-            "clean_accuracy": res.history[0]["clean_accuracy"], "archive": res.archive_size}
+        res = guard.harden(
+            model,
+            data,
+            test=test,
+            rounds=1,
+            epochs_per_round=1,
+            attacks=("fooling_gradient", "universal_patch"),
+            budget=AttackBudget.quick(),
+            batch_size=batch,
+            checkpoint_dir=ckpt,
+            progress=False,
+        )
+    return {
+        "n": n,
+        "px": px,
+        "path": "tensor" if tensor else "stream",
+        "wall_s": time.perf_counter() - t0,
+        "images_mb": n * 3 * px * px * 4 / 2**20,
+        "start_rss_mb": start_rss,
+        "peak_rss_mb": peak_rss_mb(),
+        "clean_accuracy": res.history[0]["clean_accuracy"],
+        "archive": res.archive_size,
+    }
 
 
 def main() -> None:
@@ -51,7 +75,11 @@ def main() -> None:
     print(f"small CNN, {args.px} px RGB, batch {args.batch}, 1 round x 1 epoch, 1 thread")
     print(f"{'N':>7} {'path':<7} {'wall s':>8} {'images MB':>10} {'start RSS MB':>13} {'peak RSS MB':>12}")
     for r in results:
-        print(f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['images_mb']:>10.0f} {r['start_rss_mb']:>13.0f} {r['peak_rss_mb']:>12.0f}", flush=True)
+        print(
+            f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['images_mb']:>10.0f} {r['start_rss_mb']:>13.0f} {r['peak_rss_mb']:>12.0f}",
+            flush=True,
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -44,7 +44,7 @@ def main() -> None:
     d, nq, k = 256, 1000, args.k
     print(f"kNN score, d={d}, {nq} queries, k={k}, 1 thread; q/s (higher is better)")
     print(f"{'bank':>7} {'method':<30} {'build s':>8} {'query s':>8} {'q/s':>10} {'FAISS x':>8}")
-    for m in ([10_000] if args.quick else [10_000, 100_000]):
+    for m in [10_000] if args.quick else [10_000, 100_000]:
         bank = rng.standard_normal((m, d)).astype(np.float32)
         bank /= np.linalg.norm(bank, axis=1, keepdims=True)
         # queries near bank points (realistic: clean inputs close to the training manifold)
@@ -70,7 +70,7 @@ def main() -> None:
             tq, (dist_s, _) = _time(lambda: nn_.kneighbors(q[:nsub]), repeat=1 if algo != "brute" else 3)
             tq *= nq / nsub
             # euclidean on unit vectors -> cosine distance = d^2 / 2
-            err = float(np.abs((dist_s ** 2 / 2).mean(1) - ref[:nsub]).max())
+            err = float(np.abs((dist_s**2 / 2).mean(1) - ref[:nsub]).max())
             if err > 1e-3:
                 raise SystemExit(f"sklearn {algo} disagrees with FAISS by {err}")
             rows.append((f"sklearn {algo}" + (" (100 q, scaled)" if nsub < nq else ""), tb, tq))

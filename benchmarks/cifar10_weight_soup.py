@@ -22,9 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import train_cifar10_resnet20 as tool  # noqa: E402  (the training tool's archive reader and loaders)
 
-FILES = ["guard/_data/cifar10/resnet20.safetensors", "benchmarks/results/cifar10-resnet20-cosine10/resnet20.safetensors",
-         "benchmarks/results/cifar10-resnet20-cosine30/resnet20.safetensors",
-         "benchmarks/results/cifar10-resnet20-distilled12/resnet20.safetensors"]
+FILES = [
+    "guard/_data/cifar10/resnet20.safetensors",
+    "benchmarks/results/cifar10-resnet20-cosine10/resnet20.safetensors",
+    "benchmarks/results/cifar10-resnet20-cosine30/resnet20.safetensors",
+    "benchmarks/results/cifar10-resnet20-distilled12/resnet20.safetensors",
+]
 
 
 def main() -> int:
@@ -40,10 +43,14 @@ def main() -> int:
         print(f"{f} (sha256 {sha[:12]}...): {tool.accuracy(net, x_test, y_test):.4f}", flush=True)
         states.append(net.state_dict())
     soup = CifarResNet(20)
-    soup.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
-                          for k, v in states[0].items()})
+    soup.load_state_dict(
+        {
+            k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()
+        }
+    )
     print(f"soup, BatchNorm statistics averaged: {tool.accuracy(soup, x_test, y_test):.4f}", flush=True)
-    update_bn([x_train[i:i + 500].float() / 255 for i in range(0, len(x_train), 500)], soup)
+    update_bn([x_train[i : i + 500].float() / 255 for i in range(0, len(x_train), 500)], soup)
     print(f"soup, BatchNorm statistics recomputed (the result): {tool.accuracy(soup, x_test, y_test):.4f}", flush=True)
     return 0
 

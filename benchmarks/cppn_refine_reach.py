@@ -65,15 +65,30 @@ def main() -> int:
         q.requires_grad_(False)
     c, h, w = guard.demo_data(args.demo)[1].x.shape[1:]
     rng = np.random.default_rng(0)
-    gs = [dense_genome(c, args.dense, rng) if args.dense else random_genome(c, rng=rng, hidden=args.hidden, connections=args.connections)
-          for _ in range(args.genomes)]
+    gs = [
+        dense_genome(c, args.dense, rng)
+        if args.dense
+        else random_genome(c, rng=rng, hidden=args.hidden, connections=args.connections)
+        for _ in range(args.genomes)
+    ]
     t0 = time.perf_counter()
-    out, obj = refine_weights(gs, model, torch.full((len(gs),), args.target), h, w, steps=args.steps, lr=args.lr,
-                              objective=args.objective, grow=args.grow)
+    out, obj = refine_weights(
+        gs,
+        model,
+        torch.full((len(gs),), args.target),
+        h,
+        w,
+        steps=args.steps,
+        lr=args.lr,
+        objective=args.objective,
+        grow=args.grow,
+    )
     prob = torch.sigmoid(obj) if args.objective == "log_odds" else obj.exp()
     best = prob.sort(descending=True).values[:4].tolist()
-    print(f"connections {len(out[0].connections)}: best confidences {[round(v, 6) for v in best]} "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"connections {len(out[0].connections)}: best confidences {[round(v, 6) for v in best]} "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     return 0
 
 

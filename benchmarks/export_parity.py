@@ -22,8 +22,12 @@ import torch
 
 import guard  # noqa: E402
 from guard.attacks.gradient import FGSM, LinfPGD  # noqa: E402
-from guard.export import compare_with_guarded, load_session, to_onnx  # noqa: E402
-from guard.export import build_export_head  # noqa: E402
+from guard.export import (  # noqa: E402
+    build_export_head,  # noqa: E402
+    compare_with_guarded,
+    load_session,
+    to_onnx,
+)
 
 
 def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split) -> guard.GuardedModel:
@@ -43,22 +47,36 @@ def check(name: str, g: guard.GuardedModel, test: guard.Split, attack_model: tor
     sets = {"clean_2000": test.x}
     sets["fgsm_eps0.3"] = FGSM(eps=0.3)(attack_model, test.x, test.y).x_adv
     sets["pgd_eps0.3"] = LinfPGD(eps=0.3, steps=20, seed=0)(attack_model, test.x[:n_pgd], test.y[:n_pgd]).x_adv
-    res = {"export_seconds": round(t_export, 2), "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
-           "parity_vs_exporthead_batches_1_7_64": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
-                                                   for k, v in rep.parity["outputs"].items()}, "sets": {}}
+    res = {
+        "export_seconds": round(t_export, 2),
+        "opset": rep.opset,
+        "outputs": rep.output_names,
+        "heads": rep.heads,
+        "parity_vs_exporthead_batches_1_7_64": {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
+            for k, v in rep.parity["outputs"].items()
+        },
+        "sets": {},
+    }
     for sname, xs in sets.items():
         figs = compare_with_guarded(g, sess, xs, head=head)
-        res["sets"][sname] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "n_out_of_tol") if m in v}
-                              for k, v in figs.items()}
+        res["sets"][sname] = {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "n_out_of_tol") if m in v}
+            for k, v in figs.items()
+        }
     return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it")
+    ap.add_argument(
+        "--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it"
+    )
     ap.add_argument("--n-pgd", type=int, default=500)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--audit-step", action="store_true", help="also time the audit's export step (full mode) on the guarded demo")
+    ap.add_argument(
+        "--audit-step", action="store_true", help="also time the audit's export step (full mode) on the guarded demo"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -69,10 +87,21 @@ def main() -> int:
     if args.audit_step:
         from guard.audit import AttackSet, AuditContext, AuditOptions, step
 
-        ctx = AuditContext(model=model, model_name="demo", train=train, test=test, data_source="demo",
-                           out=Path(tempfile.mkdtemp()), options=AuditOptions(progress=False))
-        attacks = AttackSet({"fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
-                             "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500])})
+        ctx = AuditContext(
+            model=model,
+            model_name="demo",
+            train=train,
+            test=test,
+            data_source="demo",
+            out=Path(tempfile.mkdtemp()),
+            options=AuditOptions(progress=False),
+        )
+        attacks = AttackSet(
+            {
+                "fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
+                "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500]),
+            }
+        )
         t0 = time.perf_counter()
         step("export").run(ctx, guarded=g, attacks=attacks)
         results["audit_step"] = {"seconds": round(time.perf_counter() - t0, 1), "report": ctx.report["export"]}
@@ -81,7 +110,9 @@ def main() -> int:
         from guard.training.round_attacks import AttackBudget
 
         t0 = time.perf_counter()
-        res = harden(model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0)
+        res = harden(
+            model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0
+        )
         hardened = res.model
         results["harden_seconds"] = round(time.perf_counter() - t0, 1)
         results["hardened"] = check("hardened", _guarded(hardened, train, test), test, hardened, args.n_pgd)

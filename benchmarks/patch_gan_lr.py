@@ -18,6 +18,7 @@ A user's own model (a CIFAR ResNet-20 in the user's module, akamaster's weights 
     cd benchmarks && GUARD_USER_WEIGHTS=../../shared/models/cifar10-resnet-akamaster/resnet20.safetensors \
         OMP_NUM_THREADS=1 ../.venv/bin/python patch_gan_lr.py --model user_cifar_resnet20:build --lr 1e-3 5e-3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,17 @@ from guard.core.models import load_model
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--demo", default="cifar10", help="the embedded data (and, without --model, its demo model)")
-    ap.add_argument("--model", default=None, help="a user's model instead of the demo one: module:callable, as guard audit --model")
+    ap.add_argument(
+        "--model", default=None, help="a user's model instead of the demo one: module:callable, as guard audit --model"
+    )
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32, help="the audit's batch on the CIFAR-10 model")
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2])
     ap.add_argument("--areas", type=float, nargs="+", default=DEFAULT_AREAS)
-    ap.add_argument("--beta", type=float, nargs="+", default=[None], help="PatchGAN's diversity weight(s) (default: the audit's)")
+    ap.add_argument(
+        "--beta", type=float, nargs="+", default=[None], help="PatchGAN's diversity weight(s) (default: the audit's)"
+    )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -56,21 +61,44 @@ def main() -> None:
     shape = (int(x_fit.shape[1]), tuple(x_fit.shape[-2:]))
     rows = []
     for area in args.areas:
-        makers = {f"patch_gan lr={lr:g}" + (f" beta={beta:g}" if beta is not None else ""):
-                  (lambda lr=lr, beta=beta: PatchGAN(size=area, loss="margin", steps=args.steps, lr=lr, eval_every=args.eval_every,
-                                                     batch_size=args.batch_size, seed=args.seed,
-                                                     **{**GAN_AUDIT_KWARGS, **({"beta": beta} if beta is not None else {})}))
-                  for lr in args.lr for beta in args.beta}
-        makers["universal_patch"] = lambda: UniversalPatch(size=area, loss="margin", steps=args.steps, eval_every=args.eval_every,
-                                                           batch_size=args.batch_size, seed=args.seed)
+        makers = {
+            f"patch_gan lr={lr:g}" + (f" beta={beta:g}" if beta is not None else ""): (
+                lambda lr=lr, beta=beta: PatchGAN(
+                    size=area,
+                    loss="margin",
+                    steps=args.steps,
+                    lr=lr,
+                    eval_every=args.eval_every,
+                    batch_size=args.batch_size,
+                    seed=args.seed,
+                    **{**GAN_AUDIT_KWARGS, **({"beta": beta} if beta is not None else {})},
+                )
+            )
+            for lr in args.lr
+            for beta in args.beta
+        }
+        makers["universal_patch"] = lambda: UniversalPatch(
+            size=area,
+            loss="margin",
+            steps=args.steps,
+            eval_every=args.eval_every,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
         makers["random_patch"] = lambda: RandomPatch(size=area, seed=args.seed)
         for name, make in makers.items():
             t0 = time.perf_counter()
             attack = make().fit(model, x_fit)
-            stats = fooling_rate_repeated(model, x_score, patch_sampler(attack, *shape), repetitions=args.reps,
-                                          seed=args.seed, y=y_score)
-            row = {"area": area, "attack": name, "fooling_rate": round(stats["mean"], 4), "std": round(stats["std"], 4),
-                   "seconds": round(time.perf_counter() - t0, 1)}
+            stats = fooling_rate_repeated(
+                model, x_score, patch_sampler(attack, *shape), repetitions=args.reps, seed=args.seed, y=y_score
+            )
+            row = {
+                "area": area,
+                "attack": name,
+                "fooling_rate": round(stats["mean"], 4),
+                "std": round(stats["std"], 4),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             if name.startswith("patch_gan"):  # the audit's diversity figure: median SSIM over pairs of 100 patches
                 gen = torch.Generator().manual_seed(args.seed)
                 row["ssim_median"] = round(pairwise_diversity(attack.sample(100, generator=gen))["ssim_median"], 3)

@@ -1,4 +1,5 @@
 """Resident memory of this process, for the benchmarks (Linux: /proc and ru_maxrss in KiB)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import json
 import resource
 import subprocess
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["rss_mb", "peak_rss_mb", "size_runs"]
 
@@ -28,8 +29,9 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def size_runs(script: str, one: Callable[..., dict], *, sizes: str, tensor: int,
-              options: dict[str, int] | None = None) -> tuple[argparse.Namespace, Iterator[dict]]:
+def size_runs(
+    script: str, one: Callable[..., dict], *, sizes: str, tensor: int, options: dict[str, int] | None = None
+) -> tuple[argparse.Namespace, Iterator[dict]]:
     """The command line of a stream-versus-tensor benchmark: ``--sizes``, ``--px``, ``--batch``, ``--tensor N``.
 
     ``options``: more integer options {name: default} (``--name``), passed on to the child and to
@@ -44,7 +46,12 @@ def size_runs(script: str, one: Callable[..., dict], *, sizes: str, tensor: int,
     ap.add_argument("--sizes", default=sizes)
     ap.add_argument("--px", type=int, default=64)
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--tensor", type=int, default=tensor, help="also run this N through the tensor path (images materialised); 0: none")
+    ap.add_argument(
+        "--tensor",
+        type=int,
+        default=tensor,
+        help="also run this N through the tensor path (images materialised); 0: none",
+    )
     ap.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--as-tensor", action="store_true", help=argparse.SUPPRESS)
     options = dict(options or {})
@@ -59,8 +66,12 @@ def size_runs(script: str, one: Callable[..., dict], *, sizes: str, tensor: int,
 
     def results() -> Iterator[dict]:
         for n, as_tensor in runs:
-            cmd = [sys.executable, script, "--one", str(n), "--px", str(args.px), "--batch", str(args.batch)] + (["--as-tensor"] if as_tensor else [])
+            cmd = [sys.executable, script, "--one", str(n), "--px", str(args.px), "--batch", str(args.batch)] + (
+                ["--as-tensor"] if as_tensor else []
+            )
             cmd += [a for name, v in kw.items() for a in (f"--{name.replace('_', '-')}", str(v))]
-            yield json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+            yield json.loads(
+                subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            )
 
     return args, results()

@@ -9,6 +9,7 @@ the full audit in BENCHMARKS.md:
 
     cd benchmarks && ../.venv/bin/python -m guard audit --model user_cifar_resnet20:build --data cifar10 --out OUT
 """
+
 import os
 from pathlib import Path
 
@@ -16,8 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS = Path(os.environ.get("GUARD_USER_WEIGHTS", Path(__file__).resolve().parents[1].parent / "shared" / "models"
-                              / "cifar10-resnet-akamaster" / "resnet20.safetensors"))
+WEIGHTS = Path(
+    os.environ.get(
+        "GUARD_USER_WEIGHTS",
+        Path(__file__).resolve().parents[1].parent
+        / "shared"
+        / "models"
+        / "cifar10-resnet-akamaster"
+        / "resnet20.safetensors",
+    )
+)
 
 
 class Normalize(nn.Module):

@@ -27,16 +27,66 @@ from guard.core import registry
 ROOT = Path(__file__).resolve().parents[1]
 
 #: every key the steps' docstrings documented before issue 35 (none may be renamed)
-OLD_KEYS = ["eps", "heldout_n", "patch_areas", "patch_train_images", "patch_gan_seconds", "patch_gan_steps", "universal_seconds",
-            "universal_steps", "patch_loss", "patch_gan_kwargs", "patch_gan_lr", "feature_layer", "feature_delta", "feature_n",
-            "feature_max_iter", "feature_curve_layers", "feature_curve_deltas", "feature_curve_n", "feature_curve_max_iter", "feature_full",
-            "fooling_threshold", "fooling_grad_steps", "fooling_classes", "fooling_grad_samples", "fooling_population",
-            "fooling_generations", "fooling_cppn_hidden", "fooling_cppn_add_node", "fooling_refine_every", "fooling_refine_steps",
-            "fooling_polish_steps", "fooling_polish_starts", "fooling_selection", "fooling_transfer", "transfer_epochs", "combine",
-            "flag_with", "adaptive", "adaptive_n", "adaptive_steps", "adaptive_eps", "adaptive_restarts", "adaptive_weights",
-            "adaptive_members", "robust", "robust_eps", "robust_n", "robust_budget", "robust_restarts", "robust_sweep", "certified",
-            "certified_n", "certified_patch_area", "certified_k", "harden_rounds", "harden_epochs_per_round", "harden_reject_share",
-            "harden_attacks"]
+OLD_KEYS = [
+    "eps",
+    "heldout_n",
+    "patch_areas",
+    "patch_train_images",
+    "patch_gan_seconds",
+    "patch_gan_steps",
+    "universal_seconds",
+    "universal_steps",
+    "patch_loss",
+    "patch_gan_kwargs",
+    "patch_gan_lr",
+    "feature_layer",
+    "feature_delta",
+    "feature_n",
+    "feature_max_iter",
+    "feature_curve_layers",
+    "feature_curve_deltas",
+    "feature_curve_n",
+    "feature_curve_max_iter",
+    "feature_full",
+    "fooling_threshold",
+    "fooling_grad_steps",
+    "fooling_classes",
+    "fooling_grad_samples",
+    "fooling_population",
+    "fooling_generations",
+    "fooling_cppn_hidden",
+    "fooling_cppn_add_node",
+    "fooling_refine_every",
+    "fooling_refine_steps",
+    "fooling_polish_steps",
+    "fooling_polish_starts",
+    "fooling_selection",
+    "fooling_transfer",
+    "transfer_epochs",
+    "combine",
+    "flag_with",
+    "adaptive",
+    "adaptive_n",
+    "adaptive_steps",
+    "adaptive_eps",
+    "adaptive_restarts",
+    "adaptive_weights",
+    "adaptive_members",
+    "robust",
+    "robust_eps",
+    "robust_n",
+    "robust_budget",
+    "robust_restarts",
+    "robust_sweep",
+    "certified",
+    "certified_n",
+    "certified_patch_area",
+    "certified_k",
+    "harden_rounds",
+    "harden_epochs_per_round",
+    "harden_reject_share",
+    "harden_attacks",
+]
 
 
 def _resolve(extra=None, quick=False, **cost):
@@ -53,13 +103,22 @@ def test_every_documented_key_is_still_valid_and_every_key_has_a_doc():
             assert all(isinstance(d, str) and d and "\n" not in d for d in cls.docs().values()), cls
 
 
-@pytest.mark.parametrize("key,close", [("fooling_treshold", "fooling_threshold"), ("patch_area", "patch_areas"),
-                                       ("adaptve_n", "adaptive_n"), ("harden_round", "harden_rounds")])
+@pytest.mark.parametrize(
+    "key,close",
+    [
+        ("fooling_treshold", "fooling_threshold"),
+        ("patch_area", "patch_areas"),
+        ("adaptve_n", "adaptive_n"),
+        ("harden_round", "harden_rounds"),
+    ],
+)
 def test_an_unknown_key_raises_with_the_closest_valid_one(key, close):
     with pytest.raises(ValueError) as err:
         _resolve({key: 1})
     msg = str(err.value)
-    assert repr(key) in msg and f"Did you mean {close!r}" in msg and "fooling_threshold" in msg  # the valid keys are listed
+    assert (
+        repr(key) in msg and f"Did you mean {close!r}" in msg and "fooling_threshold" in msg
+    )  # the valid keys are listed
 
 
 def test_run_audit_refuses_an_unknown_key_before_any_step(tiny_model, small_split, tmp_path):
@@ -77,10 +136,19 @@ def test_run_audit_refuses_an_unknown_key_before_any_step(tiny_model, small_spli
     assert ran == [] and not (tmp_path / "report.json").exists()
 
 
-@pytest.mark.parametrize("key,value,expected", [("fooling_threshold", "high", "float"), ("feature_n", 3.0, "int"),
-                                                ("adaptive_n", True, "int"), ("patch_areas", 0.05, "list of float"),
-                                                ("fooling_transfer", 1, "bool"), ("harden_rounds", "3", "int"),
-                                                ("patch_gan_kwargs", [1], "dict"), ("adaptive_members", "pgd", "list of str")])
+@pytest.mark.parametrize(
+    "key,value,expected",
+    [
+        ("fooling_threshold", "high", "float"),
+        ("feature_n", 3.0, "int"),
+        ("adaptive_n", True, "int"),
+        ("patch_areas", 0.05, "list of float"),
+        ("fooling_transfer", 1, "bool"),
+        ("harden_rounds", "3", "int"),
+        ("patch_gan_kwargs", [1], "dict"),
+        ("adaptive_members", "pgd", "list of str"),
+    ],
+)
 def test_a_wrong_type_raises_naming_key_expected_and_got(key, value, expected):
     with pytest.raises(TypeError) as err:
         _resolve({key: value})
@@ -99,12 +167,17 @@ def test_quick_and_full_resolution_and_overrides_win_in_both():
     assert (full.patches.gan_steps, quick.patches.gan_steps) == (200, 8)
     assert (full.patches.areas, quick.patches.areas) == ((0.01, 0.02, 0.05, 0.1), (0.05, 0.2))
     assert (full.detectors.train_images, quick.detectors.train_images) == (None, 1000)
-    assert (full.heldout.n, quick.heldout.n) == (500, 64) and (full.robust.budget, quick.robust.budget) == ("audit", "quick")
+    assert (full.heldout.n, quick.heldout.n) == (500, 64) and (full.robust.budget, quick.robust.budget) == (
+        "audit",
+        "quick",
+    )
     assert (full.harden.config.rounds, quick.harden.config.rounds) == (3, 1)
     for q in (False, True):
         s = _resolve({"fooling_generations": 7, "patch_gan_steps": 11, "harden_rounds": 2, "eps": 0.1}, quick=q)
         assert s.fooling.generations == 7 and s.patches.gan_steps == 11 and s.harden.config.rounds == 2
-        assert s.gradient.eps == s.heldout.eps == s.robust.eps == 0.1  # the shared budget reaches every step that reads it
+        assert (
+            s.gradient.eps == s.heldout.eps == s.robust.eps == 0.1
+        )  # the shared budget reaches every step that reads it
     assert _resolve({"eps": 0.1, "robust_eps": 0.2}).robust.eps == 0.2
 
 
@@ -136,13 +209,21 @@ def test_no_step_scales_or_reads_options_by_itself():
         if path.name in allowed:
             continue
         text = path.read_text()
-        for pattern in (r"ctx\.options\.extra", r"\.scaled\(", r"work_scale", r"options\.quick\s+(if|else|and|or)|if .*options\.quick"):
+        for pattern in (
+            r"ctx\.options\.extra",
+            r"\.scaled\(",
+            r"work_scale",
+            r"options\.quick\s+(if|else|and|or)|if .*options\.quick",
+        ):
             assert not re.search(pattern, text), f"{path.name} matches {pattern!r}"
 
 
 def test_settings_round_trip_through_json():
     for q in (False, True):
-        s = _resolve({"patch_gan_kwargs": {"alpha": 2.0, "lr": 0.01}, "adaptive_eps": [0.1, 0.2], "harden_attacks": ["pgd"]}, quick=q)
+        s = _resolve(
+            {"patch_gan_kwargs": {"alpha": 2.0, "lr": 0.01}, "adaptive_eps": [0.1, 0.2], "harden_attacks": ["pgd"]},
+            quick=q,
+        )
         back = AuditSettings.from_dict(json.loads(json.dumps(s.to_dict())))
         assert back == s
     full = _resolve().to_dict()
@@ -154,8 +235,17 @@ def test_settings_round_trip_through_json():
         AuditSettings.from_dict({k: v for k, v in full.items() if k != "robust"})
 
 
-TINY = {"feature_n": 6, "feature_max_iter": 2, "feature_curve_n": 4, "feature_curve_max_iter": 2, "fooling_grad_steps": 3,
-        "fooling_generations": 2, "fooling_population": 10, "fooling_transfer": False, "fooling_classes": 3}
+TINY = {
+    "feature_n": 6,
+    "feature_max_iter": 2,
+    "feature_curve_n": 4,
+    "feature_curve_max_iter": 2,
+    "fooling_grad_steps": 3,
+    "fooling_generations": 2,
+    "fooling_population": 10,
+    "fooling_transfer": False,
+    "fooling_classes": 3,
+}
 TINY_STEPS = ("model", "attacks_gradient", "attacks_features", "attacks_fooling", "detectors")
 
 
@@ -171,21 +261,51 @@ def test_a_rerun_from_report_settings_gives_the_same_figures(tiny_model, small_s
     train, test = small_split
     train, test = guard.Split(train.x[:300], train.y[:300]), guard.Split(test.x[:80], test.y[:80])
     steps = [step(n) for n in TINY_STEPS]
-    first = run_audit(tiny_model, train, test, tmp_path / "a", steps=steps,
-                      options=AuditOptions(quick=True, export=False, progress=False, seed=3, extra=dict(TINY)))
+    first = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path / "a",
+        steps=steps,
+        options=AuditOptions(quick=True, export=False, progress=False, seed=3, extra=dict(TINY)),
+    )
     rec = json.loads((tmp_path / "a" / "report.json").read_text())["settings"]
-    assert rec["seed"] == 3 and rec["quick"] is True and rec["steps"]["features"]["n"] == 6 and rec["steps"]["fooling"]["classes"] == 3
-    again = run_audit(tiny_model, train, test, tmp_path / "b", steps=steps,
-                      options=AuditOptions(quick=rec["quick"], export=rec["export"], progress=False, seed=rec["seed"],
-                                           settings=AuditSettings.from_dict(rec["steps"])))
+    assert (
+        rec["seed"] == 3
+        and rec["quick"] is True
+        and rec["steps"]["features"]["n"] == 6
+        and rec["steps"]["fooling"]["classes"] == 3
+    )
+    again = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path / "b",
+        steps=steps,
+        options=AuditOptions(
+            quick=rec["quick"],
+            export=rec["export"],
+            progress=False,
+            seed=rec["seed"],
+            settings=AuditSettings.from_dict(rec["steps"]),
+        ),
+    )
     assert again["settings"] == first["settings"]
     cmp = _load_compare()
     report_diffs, _, n = cmp.compare_reports(first, again)
     tensor_diffs, m = cmp.compare_tensors(tmp_path / "a", tmp_path / "b")
     assert n > 500 and m > 20 and report_diffs == [] and tensor_diffs == []
     # and the comparison itself is not blind: another seed changes figures
-    other = run_audit(tiny_model, train, test, tmp_path / "c", steps=steps[:2],
-                      options=AuditOptions(quick=True, export=False, progress=False, seed=4, settings=AuditSettings.from_dict(rec["steps"])))
+    other = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path / "c",
+        steps=steps[:2],
+        options=AuditOptions(
+            quick=True, export=False, progress=False, seed=4, settings=AuditSettings.from_dict(rec["steps"])
+        ),
+    )
     assert cmp.compare_reports(first, other)[0]
     registry.check_report_names(first)  # every attack and detector name of the report is registered
 
@@ -193,8 +313,14 @@ def test_a_rerun_from_report_settings_gives_the_same_figures(tiny_model, small_s
 def test_settings_and_extra_together_are_refused(tiny_model, small_split, tmp_path):
     train, test = small_split
     with pytest.raises(ValueError, match="both"):
-        run_audit(tiny_model, train, test, tmp_path, steps=[step("model")],
-                  options=AuditOptions(extra={"feature_n": 3}, settings=AuditSettings()))
+        run_audit(
+            tiny_model,
+            train,
+            test,
+            tmp_path,
+            steps=[step("model")],
+            options=AuditOptions(extra={"feature_n": 3}, settings=AuditSettings()),
+        )
 
 
 def test_cli_settings_file_gives_run_audit_those_settings(tmp_path, monkeypatch):
@@ -202,7 +328,15 @@ def test_cli_settings_file_gives_run_audit_those_settings(tmp_path, monkeypatch)
     from guard.cli import main
 
     s = _resolve({"fooling_generations": 9}, quick=True)
-    rec = {"seed": 5, "quick": True, "harden": False, "export": False, "repetitions": 3, "threads": 1, "steps": s.to_dict()}
+    rec = {
+        "seed": 5,
+        "quick": True,
+        "harden": False,
+        "export": False,
+        "repetitions": 3,
+        "threads": 1,
+        "steps": s.to_dict(),
+    }
     path = tmp_path / "report.json"
     path.write_text(json.dumps({"version": 1, "settings": rec}))
     seen = {}
@@ -240,12 +374,13 @@ def test_the_library_the_page_and_hardening_read_the_registry():
     from guard.attacks import ATTACKS
     from guard.detectors import DETECTORS
     from guard.report.text import ATTACK_SHORT, ATTACK_TITLES
-    from guard.training.round_attacks import DEFAULT_ATTACKS, ROUND_ATTACKS, round_attack_table
-    from guard.training.round_attacks import AttackBudget
+    from guard.training.round_attacks import DEFAULT_ATTACKS, ROUND_ATTACKS, AttackBudget, round_attack_table
 
     names = set(registry.attack_names())
     assert set(ATTACK_TITLES) == set(ATTACK_SHORT) == names
-    assert set(ROUND_ATTACKS) == set(registry.attack_names(round_attack=True)) and set(DEFAULT_ATTACKS) <= set(ROUND_ATTACKS)
+    assert set(ROUND_ATTACKS) == set(registry.attack_names(round_attack=True)) and set(DEFAULT_ATTACKS) <= set(
+        ROUND_ATTACKS
+    )
     assert set(round_attack_table(AttackBudget.quick(), num_classes=10, seed=0)) == set(ROUND_ATTACKS)
     assert set(DETECTORS) == set(registry.detector_names()) - {registry.COMBINED}
     classes = set(ATTACKS.values())
@@ -262,8 +397,12 @@ def test_an_unregistered_name_fails():
         registry.check_report_names({"detectors": {"knm": {"pgd": {}}}})
     with pytest.raises(ValueError, match="unknown attack name 'mine'"):
         registry.check_report_names({"detectors": {"knn": {"mine": {}}}})
-    registry.check_report_names({"attacks": {n: {} for n in registry.attack_names()},
-                                 "detectors": {d: {"fgsm": {}} for d in registry.detector_names()}})
+    registry.check_report_names(
+        {
+            "attacks": {n: {} for n in registry.attack_names()},
+            "detectors": {d: {"fgsm": {}} for d in registry.detector_names()},
+        }
+    )
 
 
 def test_a_step_writing_an_unregistered_name_is_recorded_as_failed(tiny_model, small_split, tmp_path):

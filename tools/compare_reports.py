@@ -19,14 +19,26 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from safetensors import safe_open
 
 #: Keys whose values are not results: wall-clock time, where files were written, cache state.
-IGNORED_KEYS = frozenset({"timings", "seconds", "latency_ms", "path", "cache_path", "model_path", "checkpoint_dir", "cache_hit",
-                          "_completed_steps"})
+IGNORED_KEYS = frozenset(
+    {
+        "timings",
+        "seconds",
+        "latency_ms",
+        "path",
+        "cache_path",
+        "model_path",
+        "checkpoint_dir",
+        "cache_hit",
+        "_completed_steps",
+    }
+)
 #: Paths (dotted) left out: the GuardedModel folder's digest covers guarded.json, which the
 #: tensor comparison covers file by file; model.onnx's digest is compared as a file below.
 IGNORED_PATHS = frozenset({"detectors_info.sha256", "export.sha256"})
@@ -86,7 +98,9 @@ def _tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
 def compare_tensors(before: Path, after: Path) -> tuple[list[str], int]:
     """Bit-level differences between the ``.safetensors`` files under artifacts/ and guarded/ (and model.onnx's bytes)."""
     diffs, n = [], 0
-    files = sorted(p.relative_to(before) for sub in ("artifacts", "guarded") for p in (before / sub).glob("*.safetensors"))
+    files = sorted(
+        p.relative_to(before) for sub in ("artifacts", "guarded") for p in (before / sub).glob("*.safetensors")
+    )
     for rel in files:
         other = after / rel
         if not other.is_file():
@@ -103,7 +117,10 @@ def compare_tensors(before: Path, after: Path) -> tuple[list[str], int]:
                 diffs.append(f"{rel}[{k}]: values differ")
     if (before / "model.onnx").is_file():
         n += 1
-        if not (after / "model.onnx").is_file() or (before / "model.onnx").read_bytes() != (after / "model.onnx").read_bytes():
+        if (
+            not (after / "model.onnx").is_file()
+            or (before / "model.onnx").read_bytes() != (after / "model.onnx").read_bytes()
+        ):
             diffs.append("model.onnx: bytes differ")
     return diffs, n
 
@@ -112,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
-    ap.add_argument("--results", type=Path, default=None, help="write the outcome here (guard.core.provenance.write_results)")
+    ap.add_argument(
+        "--results", type=Path, default=None, help="write the outcome here (guard.core.provenance.write_results)"
+    )
     args = ap.parse_args(argv)
     ra = json.loads((args.before / "report.json").read_text())
     rb = json.loads((args.after / "report.json").read_text())
@@ -120,17 +139,29 @@ def main(argv: list[str] | None = None) -> int:
     tdiff, n_tensors = compare_tensors(args.before, args.after)
     for d in rdiff + tdiff:
         print(d)
-    print(f"{n_leaves} report.json figures compared, {len(rdiff)} differ; {n_tensors} saved tensors compared, {len(tdiff)} differ"
-          + (f"; sections only after: {', '.join(added)}" if added else ""))
+    print(
+        f"{n_leaves} report.json figures compared, {len(rdiff)} differ; {n_tensors} saved tensors compared, {len(tdiff)} differ"
+        + (f"; sections only after: {', '.join(added)}" if added else "")
+    )
     if args.results is not None:
         from guard.core.provenance import write_results
 
-        write_results(args.results, {
-            "before": str(args.before), "after": str(args.after), "equal": not rdiff and not tdiff,
-            "report_figures_compared": n_leaves, "report_figures_differing": len(rdiff),
-            "tensors_compared": n_tensors, "tensors_differing": len(tdiff), "differences": rdiff + tdiff,
-            "sections_only_after": added, "ignored_keys": sorted(IGNORED_KEYS), "ignored_paths": sorted(IGNORED_PATHS),
-        })
+        write_results(
+            args.results,
+            {
+                "before": str(args.before),
+                "after": str(args.after),
+                "equal": not rdiff and not tdiff,
+                "report_figures_compared": n_leaves,
+                "report_figures_differing": len(rdiff),
+                "tensors_compared": n_tensors,
+                "tensors_differing": len(tdiff),
+                "differences": rdiff + tdiff,
+                "sections_only_after": added,
+                "ignored_keys": sorted(IGNORED_KEYS),
+                "ignored_paths": sorted(IGNORED_PATHS),
+            },
+        )
     return 1 if rdiff or tdiff else 0
 
 

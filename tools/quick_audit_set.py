@@ -28,9 +28,18 @@ def main(argv: list[str]) -> int:
         extra[key] = json.loads(value)
     torch.set_num_threads(1)
     train, test = guard.demo_data("mnist")
-    opts = AuditOptions(seed=0, quick=True, harden=False, export=True, repetitions=10, progress=False, device="cpu", extra=extra)
-    report = run_audit(guard.demo_model("mnist", progress=False), train, test, out, model_name="guard.demo_model('mnist')",
-                       data_source=demo_source("mnist"), options=opts)
+    opts = AuditOptions(
+        seed=0, quick=True, harden=False, export=True, repetitions=10, progress=False, device="cpu", extra=extra
+    )
+    report = run_audit(
+        guard.demo_model("mnist", progress=False),
+        train,
+        test,
+        out,
+        model_name="guard.demo_model('mnist')",
+        data_source=demo_source("mnist"),
+        options=opts,
+    )
     return 1 if report.get("errors") else 0
 
 

@@ -46,12 +46,27 @@ def _compare(cmp, a: Path, b: Path) -> dict:
     rb = json.loads((b / "report.json").read_text())
     rdiff, added, n = cmp.compare_reports(ra, rb)
     tdiff, m = cmp.compare_tensors(a, b)
-    steps = {side: {name: [p.get("fit_steps") for p in r.get("attacks", {}).get(name, {}).get("curve", [])]
-                    for name in ("patch_gan", "universal_patch")} for side, r in (("before", ra), ("after", rb))}
-    return {"before": str(a), "after": str(b), "equal": not rdiff and not tdiff, "report_figures_compared": n,
-            "patch_fit_steps": steps, "fitted_detectors_identical": not any(d.startswith("guarded/") for d in tdiff),
-            "report_figures_differing": len(rdiff), "tensors_compared": m, "tensors_differing": len(tdiff),
-            "sections_only_after": added, "differing_places": _places(rdiff + tdiff), "differences_first_20": (rdiff + tdiff)[:20]}
+    steps = {
+        side: {
+            name: [p.get("fit_steps") for p in r.get("attacks", {}).get(name, {}).get("curve", [])]
+            for name in ("patch_gan", "universal_patch")
+        }
+        for side, r in (("before", ra), ("after", rb))
+    }
+    return {
+        "before": str(a),
+        "after": str(b),
+        "equal": not rdiff and not tdiff,
+        "report_figures_compared": n,
+        "patch_fit_steps": steps,
+        "fitted_detectors_identical": not any(d.startswith("guarded/") for d in tdiff),
+        "report_figures_differing": len(rdiff),
+        "tensors_compared": m,
+        "tensors_differing": len(tdiff),
+        "sections_only_after": added,
+        "differing_places": _places(rdiff + tdiff),
+        "differences_first_20": (rdiff + tdiff)[:20],
+    }
 
 
 def _places(diffs: list[str]) -> list[str]:
@@ -67,15 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--before-code", type=Path, required=True, help="the controlled run of the old code")
     ap.add_argument("--after-code", type=Path, required=True, help="the controlled run of this branch")
-    ap.add_argument("--reference", type=Path, default=None, help="guard audit --demo --quick --threads 1, old code, run elsewhere")
+    ap.add_argument(
+        "--reference", type=Path, default=None, help="guard audit --demo --quick --threads 1, old code, run elsewhere"
+    )
     ap.add_argument("--reference-rerun", type=Path, default=None, help="the same command on the old code, run here")
     ap.add_argument("--after-cli", type=Path, default=None, help="the same command on this branch, run here")
     ap.add_argument("--rerun", type=Path, default=None, help="guard audit --demo --settings AFTER_CODE/report.json")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/restructure_audit_equal.json"))
     args = ap.parse_args(argv)
     cmp = _compare_module()
-    figures: dict = {"controlled": _compare(cmp, args.before_code, args.after_code),
-                     "ignored_keys": sorted(cmp.IGNORED_KEYS), "ignored_paths": sorted(cmp.IGNORED_PATHS)}
+    figures: dict = {
+        "controlled": _compare(cmp, args.before_code, args.after_code),
+        "ignored_keys": sorted(cmp.IGNORED_KEYS),
+        "ignored_paths": sorted(cmp.IGNORED_PATHS),
+    }
     if args.reference is not None and args.after_cli is not None and args.reference_rerun is not None:
         branch = _compare(cmp, args.reference, args.after_cli)
         old = _compare(cmp, args.reference, args.reference_rerun)
@@ -87,18 +107,24 @@ def main(argv: list[str] | None = None) -> int:
 
     write_results(args.out, figures)
     c = figures["controlled"]
-    print(f"controlled: {c['report_figures_compared']} figures, {c['report_figures_differing']} differ; "
-          f"{c['tensors_compared']} tensors, {c['tensors_differing']} differ")
+    print(
+        f"controlled: {c['report_figures_compared']} figures, {c['report_figures_differing']} differ; "
+        f"{c['tensors_compared']} tensors, {c['tensors_differing']} differ"
+    )
     if "as_run" in figures:
         a = figures["as_run"]
         h = figures["as_run_here"]
-        print(f"as run: reference vs branch {a['reference_vs_branch']['report_figures_differing']} figures differ, reference vs "
-              f"old code re-run {a['reference_vs_old_code_rerun']['report_figures_differing']}; old code vs branch, both run here: "
-              f"{h['report_figures_differing']} (patch fit steps {h['patch_fit_steps']}, fitted detectors identical: "
-              f"{h['fitted_detectors_identical']})")
+        print(
+            f"as run: reference vs branch {a['reference_vs_branch']['report_figures_differing']} figures differ, reference vs "
+            f"old code re-run {a['reference_vs_old_code_rerun']['report_figures_differing']}; old code vs branch, both run here: "
+            f"{h['report_figures_differing']} (patch fit steps {h['patch_fit_steps']}, fitted detectors identical: "
+            f"{h['fitted_detectors_identical']})"
+        )
     if "rerun_from_settings" in figures:
         r = figures["rerun_from_settings"]
-        print(f"re-run from report.json's settings: {r['report_figures_differing']} figures, {r['tensors_differing']} tensors differ")
+        print(
+            f"re-run from report.json's settings: {r['report_figures_differing']} figures, {r['tensors_differing']} tensors differ"
+        )
     return 0 if c["equal"] and figures.get("rerun_from_settings", {"equal": True})["equal"] else 1
 
 

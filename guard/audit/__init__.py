@@ -8,8 +8,18 @@ the typed settings resolved from ``AuditOptions.extra`` (:mod:`guard.audit.setti
 
 from guard.audit.runner import run_audit
 from guard.audit.settings import AuditSettings, resolve_settings
-from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
+from guard.audit.step import REPORT_VERSION, AttackSet, AuditContext, AuditOptions, Step
 from guard.audit.steps import STEPS, step
 
-__all__ = ["AttackSet", "AuditContext", "AuditOptions", "AuditSettings", "REPORT_VERSION", "STEPS", "Step", "resolve_settings", "run_audit",
-           "step"]
+__all__ = [
+    "AttackSet",
+    "AuditContext",
+    "AuditOptions",
+    "AuditSettings",
+    "REPORT_VERSION",
+    "STEPS",
+    "Step",
+    "resolve_settings",
+    "run_audit",
+    "step",
+]

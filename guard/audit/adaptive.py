@@ -20,10 +20,10 @@ only (8/255 or 0.3) with one detector weight.
 
 from __future__ import annotations
 
+from guard.adaptive_eval import default_budgets, evaluate_adaptive
 from guard.audit.detectors import split_heldout
 from guard.audit.step import AuditContext, Step
 from guard.core.data import Split
-from guard.adaptive_eval import default_budgets, evaluate_adaptive
 from guard.guarded import GuardedModel
 
 __all__ = ["AdaptiveStep"]
@@ -52,4 +52,6 @@ class AdaptiveStep(Step):
         eps = list(s.eps) if isinstance(s.eps, tuple) else s.eps
         if eps is None and s.headline_only:  # a smoke run: the headline budget only
             eps = [default_budgets(data.x)[1]]
-        ctx.report["adaptive"] = evaluate_adaptive(guarded, data, eps=eps, steps=s.steps, n=s.n, seed=ctx.options.seed, **kw)
+        ctx.report["adaptive"] = evaluate_adaptive(
+            guarded, data, eps=eps, steps=s.steps, n=s.n, seed=ctx.options.seed, **kw
+        )

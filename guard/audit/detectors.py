@@ -39,12 +39,12 @@ from typing import Any
 
 import torch
 
+from guard.audit.settings import DetectorSettings
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
-from guard.evaluation import all_scores, clopper_pearson, detection_metrics, evaluate
 from guard.core.features import extract_features
-from guard.audit.settings import DetectorSettings
 from guard.core.registry import COMBINED, detector_names
+from guard.evaluation import all_scores, clopper_pearson, detection_metrics, evaluate
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
 __all__ = ["DetectorStep", "ANCHORS", "COMBINE", "FPR", "MAX_SAVED_SCORES", "split_heldout", "score_tensors"]
@@ -94,7 +94,9 @@ def _capped(v: torch.Tensor) -> torch.Tensor:
     return v[torch.linspace(0, v.numel() - 1, MAX_SAVED_SCORES).round().long()]
 
 
-def score_tensors(clean: dict[str, torch.Tensor], attacks: dict[str, Any], scores: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def score_tensors(
+    clean: dict[str, torch.Tensor], attacks: dict[str, Any], scores: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """The ``detector_scores`` artifact: ``clean/DET`` and ``ATTACK/DET`` (successful adversarials only), capped."""
     out = {f"clean/{det}": _capped(v) for det, v in clean.items()}
     for name, per_det in scores.items():
@@ -104,7 +106,9 @@ def score_tensors(clean: dict[str, torch.Tensor], attacks: dict[str, Any], score
     return out
 
 
-def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]) -> dict[str, float]:
+def _swapped_flag_rate(
+    guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]
+) -> dict[str, float]:
     import copy
 
     from guard.detectors import Combined
@@ -131,9 +135,14 @@ class DetectorStep(Step):
 
     def restore(self, ctx: AuditContext) -> GuardedModel | None:
         folder = ctx.out / "guarded"
-        pinned = ctx.report.get("detectors_info", {}).get("sha256")  # what this audit wrote: a swapped folder is refused
-        return GuardedModel.load(folder, ctx.model, key_env=ctx.options.key_env, expected_sha256=pinned) \
-            if (folder / "guarded.json").is_file() else None
+        pinned = ctx.report.get("detectors_info", {}).get(
+            "sha256"
+        )  # what this audit wrote: a swapped folder is refused
+        return (
+            GuardedModel.load(folder, ctx.model, key_env=ctx.options.key_env, expected_sha256=pinned)
+            if (folder / "guarded.json").is_file()
+            else None
+        )
 
     def run(self, ctx: AuditContext, attacks: AttackSet | None = None) -> GuardedModel:
         return _run(ctx, dict(attacks.results) if attacks is not None else {})
@@ -144,7 +153,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     opts, s = ctx.options, ctx.settings.detectors
     train = ctx.train
     if s.train_images is not None and len(train) > s.train_images:
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:s.train_images]
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[: s.train_images]
         train = Split(train.x[idx], train.y[idx])
     # Every detector, the published anchors included, feeds the combined flag; each is also
     # reported alone. The setting flag_with="own" keeps the anchors out of the flag.
@@ -155,10 +164,12 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
 
     cal_idx, ev_idx = split_heldout(len(ctx.test), opts.seed)
     if s.calibration_images is not None:
-        cal_idx, ev_idx = cal_idx[:s.calibration_images], ev_idx[:s.calibration_images]
+        cal_idx, ev_idx = cal_idx[: s.calibration_images], ev_idx[: s.calibration_images]
     shared = set(cal_idx.tolist()) & set(ev_idx.tolist())
     if shared:
-        raise ValueError(f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices.")
+        raise ValueError(
+            f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices."
+        )
     x_all = ctx.test.x
     logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
     ncal = cal_idx.numel()
@@ -166,7 +177,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if guarded.combine == "weighted":  # the weights are learned on proxies of the calibration half, never on attacks
         _, proxy, perr = guarded.score(proxy_inputs(x_all[cal_idx], seed=opts.seed), progress=opts.progress)
         errors = {**errors, **perr}
-    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx])
+    guarded.calibrate_scores(
+        {k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx]
+    )
     ev_scores = {k: v[ncal:] for k, v in scores.items()}
     ev_scores[COMBINED] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
@@ -185,15 +198,30 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         from guard.core.models import eval_mode
 
         with eval_mode(ctx.model):
-            pred_bare = torch.cat([ctx.model(x_ev[i:i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)])
-    flags = {n: guarded.combined.predict_scores(v) if n == COMBINED else guarded.detectors[n].predict_scores(v) for n, v in ev_scores.items()}
+            pred_bare = torch.cat(
+                [ctx.model(x_ev[i : i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)]
+            )
+    flags = {
+        n: guarded.combined.predict_scores(v) if n == COMBINED else guarded.detectors[n].predict_scores(v)
+        for n, v in ev_scores.items()
+    }
     flag_rate = {n: float(f.float().mean()) for n, f in flags.items()}
-    clean_fpr = {n: {"rate": flag_rate[n], "k": int(f.sum()), "n": int(f.numel()), "ci95": list(clopper_pearson(int(f.sum()), int(f.numel())))}
-                 for n, f in flags.items() if f.numel()}
+    clean_fpr = {
+        n: {
+            "rate": flag_rate[n],
+            "k": int(f.sum()),
+            "n": int(f.numel()),
+            "ci95": list(clopper_pearson(int(f.sum()), int(f.numel()))),
+        }
+        for n, f in flags.items()
+        if f.numel()
+    }
     per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks and s.per_layer_knn else {}
     # the same with the halves swapped (calibrate on the evaluation half, flag the calibration
     # half): one split's flag rate moves by about +-1.5 points on 1,000 images by chance alone
-    swapped = _swapped_flag_rate(guarded, {k: v[:ncal] for k, v in scores.items()}, {k: v[ncal:] for k, v in scores.items()})
+    swapped = _swapped_flag_rate(
+        guarded, {k: v[:ncal] for k, v in scores.items()}, {k: v[ncal:] for k, v in scores.items()}
+    )
 
     ctx.report["detectors"] = report
     ctx.report["detectors_info"] = {
@@ -201,16 +229,29 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "feature_layers": guarded.layers,
         "pool": guarded.pool,
         "left_out": guarded.left_out_,
-        "combined": {"rule": guarded.combined.rule, "detectors": guarded.combined.names_,
-                     "weights": guarded.combined.weights_.tolist(), "threshold": guarded.combined.threshold_,
-                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_]},
+        "combined": {
+            "rule": guarded.combined.rule,
+            "detectors": guarded.combined.names_,
+            "weights": guarded.combined.weights_.tolist(),
+            "threshold": guarded.combined.threshold_,
+            "anchors_not_in_the_flag": [
+                n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_
+            ],
+        },
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
-        "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
-                        "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},
+        "calibration": {
+            "target_fpr": FPR,
+            "n_calibration": int(ncal),
+            "n_evaluation": int(ev_idx.numel()),
+            "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates",
+        },
         "clean_flag_rate": flag_rate,
-        "operating_point": {"target_fpr": FPR, "clean_fpr": clean_fpr,
-                            "rule": "flagged = score > the threshold set on the calibration half; realised on the evaluation half "
-                                    "(disjoint, checked by index and by image content); 95% Clopper-Pearson intervals"},
+        "operating_point": {
+            "target_fpr": FPR,
+            "clean_fpr": clean_fpr,
+            "rule": "flagged = score > the threshold set on the calibration half; realised on the evaluation half "
+            "(disjoint, checked by index and by image content); 95% Clopper-Pearson intervals",
+        },
         "clean_flag_rate_swapped_halves": swapped,
         "clean_flag_rate_mean_of_both": {n: (flag_rate[n] + swapped[n]) / 2 for n in swapped},
         "clean_accuracy_bare": float((pred_bare == y_ev).float().mean()),
@@ -218,12 +259,22 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "predictions_identical": bool((pred_bare == pred_wrapped).all()),
         "knn_per_layer": per_layer,
         "attacks_evaluated": sorted(attacks),
-        "seconds": {"fit": round(t_fit, 3), "calibrate": round(t_cal, 3), "evaluate": round(t_eval, 3),
-                    "total": round(time.perf_counter() - t0, 3)},
+        "seconds": {
+            "fit": round(t_fit, 3),
+            "calibrate": round(t_cal, 3),
+            "evaluate": round(t_eval, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
     }
-    ctx.save_artifact("detector_scores", score_tensors(ev_scores, attacks, adv_scores),
-                      {"clean": "the evaluation half of the held-out images", "attacks": "successful adversarial images only",
-                       "max_values": MAX_SAVED_SCORES})
+    ctx.save_artifact(
+        "detector_scores",
+        score_tensors(ev_scores, attacks, adv_scores),
+        {
+            "clean": "the evaluation half of the held-out images",
+            "attacks": "successful adversarial images only",
+            "max_values": MAX_SAVED_SCORES,
+        },
+    )
     ctx.report["detectors_info"]["sha256"] = guarded.save(ctx.out / "guarded", key_env=ctx.options.key_env)
     ctx.report["detectors_info"]["signed"] = ctx.options.key_env is not None
     return guarded

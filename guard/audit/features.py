@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,15 +77,24 @@ def feature_curves(
         for variant in variants:
             for delta in deltas:
                 t0 = time.perf_counter()
-                res = FeatureAdversary(layer=layer, delta=float(delta), variant=variant, max_iter=max_iter).generate(model, x, g, y=test.y[src])
+                res = FeatureAdversary(layer=layer, delta=float(delta), variant=variant, max_iter=max_iter).generate(
+                    model, x, g, y=test.y[src]
+                )
                 curves.setdefault(layer, {}).setdefault(variant, {})[str(delta)] = {
                     "guide_label_agreement": res.success_rate,
                     "distance_ratio": summarize(res.extras["distance_ratio"]),
-                    "objective_decrease": summarize(1 - res.extras["objective_end"] / res.extras["objective_start"].clamp_min(1e-12)),
+                    "objective_decrease": summarize(
+                        1 - res.extras["objective_end"] / res.extras["objective_start"].clamp_min(1e-12)
+                    ),
                     "iterations": res.extras["iterations"],
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
-    return {"n": int(src.numel()), "max_iter": max_iter, "guides": "test split, another true class, seeded", "by_layer": curves}
+    return {
+        "n": int(src.numel()),
+        "max_iter": max_iter,
+        "guides": "test split, another true class, seeded",
+        "by_layer": curves,
+    }
 
 
 class FeatureAdversaryStep(AttackStep):
@@ -117,8 +127,16 @@ def _run(ctx: AuditContext) -> AttackSet:
     rep = representation_report(ctx.model, layer, x, res.x_adv, g, train_x=train.x.to(device), train_y=train.y)
     ctx.save_attack(NAME, res, {"layer": layer, "delta": delta})
     t1 = time.perf_counter()
-    curves = feature_curves(ctx.model, ctx.test, layers=[layer] if s.curve_main_layer_only else layers, deltas=s.curve_deltas or (delta,),
-                            variants=s.curve_variants, n=s.curve_n, max_iter=s.curve_max_iter, seed=opts.seed)
+    curves = feature_curves(
+        ctx.model,
+        ctx.test,
+        layers=[layer] if s.curve_main_layer_only else layers,
+        deltas=s.curve_deltas or (delta,),
+        variants=s.curve_variants,
+        n=s.curve_n,
+        max_iter=s.curve_max_iter,
+        seed=opts.seed,
+    )
     ctx.report.setdefault("attacks", {})[NAME] = {
         "success_rate": res.success_rate,
         "n": len(res),
@@ -134,7 +152,9 @@ def _run(ctx: AuditContext) -> AttackSet:
         "curves": curves,
         "curves_seconds": round(time.perf_counter() - t1, 3),
     }
-    log.info("feature adversary: agreement %.3f, median distance ratio %.3f", res.success_rate,
-             float(res.extras["distance_ratio"].median()))
+    log.info(
+        "feature adversary: agreement %.3f, median distance ratio %.3f",
+        res.success_rate,
+        float(res.extras["distance_ratio"].median()),
+    )
     return AttackSet({NAME: res})
-

@@ -79,8 +79,15 @@ def target_classes(num_classes: int, cap: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
 
 
-def _entry(res: AttackResult, cls: torch.Tensor, threshold: float, params: dict[str, Any], seconds: float,
-           elite_conf: torch.Tensor, elite_label: torch.Tensor) -> dict[str, Any]:
+def _entry(
+    res: AttackResult,
+    cls: torch.Tensor,
+    threshold: float,
+    params: dict[str, Any],
+    seconds: float,
+    elite_conf: torch.Tensor,
+    elite_label: torch.Tensor,
+) -> dict[str, Any]:
     fooled = {int(c) for c, v in zip(elite_label.tolist(), elite_conf.tolist()) if v >= threshold}
     return {
         "success_rate": len(fooled) / int(cls.numel()),
@@ -117,8 +124,14 @@ def _run(ctx: AuditContext) -> AttackSet:
     cls = target_classes(num_classes, s.classes, opts.seed)
 
     # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
-    grad = FoolingGradient(steps=s.grad_steps, lr=s.grad_lr, threshold=threshold, samples_per_class=s.grad_samples, seed=opts.seed,
-                           batch_size=s.grad_batch_size)  # big models: bounded memory
+    grad = FoolingGradient(
+        steps=s.grad_steps,
+        lr=s.grad_lr,
+        threshold=threshold,
+        samples_per_class=s.grad_samples,
+        seed=opts.seed,
+        batch_size=s.grad_batch_size,
+    )  # big models: bounded memory
     t0 = time.perf_counter()
     res = grad(ctx.model, shape=shape, classes=cls)
     sec = time.perf_counter() - t0
@@ -135,31 +148,60 @@ def _run(ctx: AuditContext) -> AttackSet:
     results[GRADIENT] = res
     ctx.save_attack(GRADIENT, res)
 
-    cppn_kw = {"polish_steps": s.polish_steps, "polish_starts": s.polish_starts, "init_hidden": s.cppn_hidden,
-               "rates": MutationRates(add_node=s.cppn_add_node)}
+    cppn_kw = {
+        "polish_steps": s.polish_steps,
+        "polish_starts": s.polish_starts,
+        "init_hidden": s.cppn_hidden,
+        "rates": MutationRates(add_node=s.cppn_add_node),
+    }
     # Both encodings run until every class has an image at the threshold (then 100 generations
     # more for the extra positives), at most 1,500 generations: a fixed 100 CPPN generations left
     # classes unfilled on some seeds (MNIST) and on natural images (2 of 10 on CIFAR-10 with 30 parents).
     for name, encoding in ((DIRECT, "direct"), (CPPN, "cppn")):
-        refine = {"refine_every": s.refine_every, "refine_steps": s.refine_steps} if encoding == "cppn" and s.refine_every else {}
+        refine = (
+            {"refine_every": s.refine_every, "refine_steps": s.refine_steps}
+            if encoding == "cppn" and s.refine_every
+            else {}
+        )
         if encoding == "cppn":
             refine.update(cppn_kw)
-        evo = FoolingEvolution(encoding=encoding, population=s.population, generations=s.generations, threshold=threshold,
-                               stop_when_done=True, extra_generations=s.extra_generations, parent_selection=s.selection,
-                               extra_samples=s.extra_samples, seed=opts.seed, **refine)
+        evo = FoolingEvolution(
+            encoding=encoding,
+            population=s.population,
+            generations=s.generations,
+            threshold=threshold,
+            stop_when_done=True,
+            extra_generations=s.extra_generations,
+            parent_selection=s.selection,
+            extra_samples=s.extra_samples,
+            seed=opts.seed,
+            **refine,
+        )
         t0 = time.perf_counter()
         res = evo(ctx.model, shape=shape, classes=cls)
         sec = time.perf_counter() - t0
         ex = res.extras
         e = _entry(res, cls, threshold, evo.params(), sec, ex["elite_confidence"], ex["elite_label"])
-        e.update({"generations": ex["generations"], "generation_all_fooled": ex["generation_all_fooled"],
-                  "evaluations": ex["evaluations"], "refine_evaluations": ex["refine_evaluations"], "history": ex["history"][-20:]})
+        e.update(
+            {
+                "generations": ex["generations"],
+                "generation_all_fooled": ex["generation_all_fooled"],
+                "evaluations": ex["evaluations"],
+                "refine_evaluations": ex["refine_evaluations"],
+                "history": ex["history"][-20:],
+            }
+        )
         if "elite_confidence_before_polish" in ex:
             before = ex["elite_confidence_before_polish"]
-            e.update({"classes_fooled_before_polish": sorted(int(c) for c, v in zip(ex["elite_label"].tolist(), before.tolist())
-                                                              if v >= threshold),
-                      "min_confidence_before_polish": float(before.double().min()) if before.numel() else 0.0,
-                      "polish_evaluations": ex["polish_evaluations"]})
+            e.update(
+                {
+                    "classes_fooled_before_polish": sorted(
+                        int(c) for c, v in zip(ex["elite_label"].tolist(), before.tolist()) if v >= threshold
+                    ),
+                    "min_confidence_before_polish": float(before.double().min()) if before.numel() else 0.0,
+                    "polish_evaluations": ex["polish_evaluations"],
+                }
+            )
         attacks[name] = e
         results[name] = res
         ctx.save_attack(name, res)

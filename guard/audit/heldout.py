@@ -35,15 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from guard.attacks.base import Attack, AttackResult
 from guard.audit.gradient import run_rows
-from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.audit.settings import HeldOutSettings
+from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import eval_mode
 from guard.core.registry import attack, attack_names
 
@@ -88,14 +89,21 @@ class TorchAttack(Attack):
         return AttackResult(x_adv, self.is_success(model, x_adv, y, target))
 
     def params(self) -> dict[str, Any]:
-        return {"torchattacks": self.name, **{k: v for k, v in self.kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        return {
+            "torchattacks": self.name,
+            **{k: v for k, v in self.kwargs.items() if isinstance(v, (int, float, str, bool))},
+        }
 
 
 def make_attacks(s: HeldOutSettings, num_classes: int, seed: int) -> dict[str, Attack]:
     eps = s.eps
     return {
-        "apgd_ce": TorchAttack(name="APGD", norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=seed, **s.budget("apgd_ce")),
-        "apgd_t": TorchAttack(name="APGDT", norm="Linf", eps=eps, n_restarts=1, seed=seed, n_classes=num_classes, **s.budget("apgd_t")),
+        "apgd_ce": TorchAttack(
+            name="APGD", norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=seed, **s.budget("apgd_ce")
+        ),
+        "apgd_t": TorchAttack(
+            name="APGDT", norm="Linf", eps=eps, n_restarts=1, seed=seed, n_classes=num_classes, **s.budget("apgd_t")
+        ),
         "square": TorchAttack(name="Square", norm="Linf", eps=eps, n_restarts=1, seed=seed, **s.budget("square")),
         "cw": TorchAttack(name="CW", **s.budget("cw")),
         "deepfool": TorchAttack(name="DeepFool", steps=s.deepfool_steps, overshoot=s.deepfool_overshoot),
@@ -126,8 +134,13 @@ class HeldOutStep(AttackStep):
         for name, atk in make_attacks(s, num_classes, ctx.options.seed).items():
             budget = s.budget(name)
             m = min(n, int(budget.get("n", n)))
-            info = {name: {"strength": attack(name).strength, "held_out": attack(name).held_out,
-                           "budget": f"{'quick' if quick else 'full'} mode: {m} images, " +
-                                     ", ".join(f"{k} {v}" for k, v in budget.items() if k != "n")}}
+            info = {
+                name: {
+                    "strength": attack(name).strength,
+                    "held_out": attack(name).held_out,
+                    "budget": f"{'quick' if quick else 'full'} mode: {m} images, "
+                    + ", ".join(f"{k} {v}" for k, v in budget.items() if k != "n"),
+                }
+            }
             out = out.merged(run_rows(ctx, {name: atk}, x[:m], y_true[:m], torch.arange(m), info, batch=s.batch_size))
         return out

@@ -26,19 +26,40 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
-                                    patch_sampler)
+from guard.attacks.patch_analysis import (
+    class_comparison,
+    fooling_rate_repeated,
+    latent_interpolation,
+    pairwise_diversity,
+    patch_sampler,
+)
 from guard.attacks.patch_gan import PatchGAN, last_conv_layer
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
-from guard.audit.settings import (DEFAULT_AREAS, GAN_AUDIT_KWARGS, GAN_FAST_BETA, GAN_PAPER_LR, GAN_REFERENCE_STEPS, PatchSettings,
-                                  gan_diversity_weight, gan_learning_rate)
+from guard.audit.settings import (
+    DEFAULT_AREAS,
+    GAN_AUDIT_KWARGS,
+    GAN_FAST_BETA,
+    GAN_PAPER_LR,
+    GAN_REFERENCE_STEPS,
+    PatchSettings,
+    gan_diversity_weight,
+    gan_learning_rate,
+)
 from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import predict_labels
 from guard.core.registry import attack_names
 
-__all__ = ["PatchStep", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS", "GAN_FAST_BETA", "GAN_PAPER_LR", "GAN_REFERENCE_STEPS",
-           "gan_learning_rate", "gan_diversity_weight"]
+__all__ = [
+    "PatchStep",
+    "DEFAULT_AREAS",
+    "GAN_AUDIT_KWARGS",
+    "GAN_FAST_BETA",
+    "GAN_PAPER_LR",
+    "GAN_REFERENCE_STEPS",
+    "gan_learning_rate",
+    "gan_diversity_weight",
+]
 
 NAMES = attack_names(step="attacks_patches")
 GAN, UNIVERSAL, RANDOM = NAMES  # the learned generator, one learned patch, random noise (the baseline)
@@ -68,7 +89,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     n_test = len(ctx.test) if s.test_images is None else min(s.test_images, len(ctx.test))
     x_test, y_test = ctx.test.x[:n_test], ctx.test.y[:n_test]
     idx = torch.arange(n_test)
-    x_train = ctx.train.x[:s.train_images]
+    x_train = ctx.train.x[: s.train_images]
     shape = (int(x_test.shape[1]), tuple(x_test.shape[-2:]))
     curves: dict[str, list[dict[str, Any]]] = {name: [] for name in NAMES}
     fitted: dict[str, dict[float, Any]] = {k: {} for k in curves}
@@ -82,10 +103,26 @@ def _run(ctx: AuditContext) -> AttackSet:
     bar = tqdm(total=len(s.areas) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
     for area in s.areas:
         makers = {
-            GAN: lambda: PatchGAN(size=area, loss=s.loss, steps=s.gan_steps, lr=s.gan_lr, max_seconds=s.gan_seconds,
-                                          eval_every=s.eval_every, batch_size=s.batch_size, seed=seed, **gan_kwargs),
-            UNIVERSAL: lambda: UniversalPatch(size=area, loss=s.loss, steps=s.universal_steps, max_seconds=s.universal_seconds,
-                                                      eval_every=s.eval_every, batch_size=s.batch_size, seed=seed),
+            GAN: lambda: PatchGAN(
+                size=area,
+                loss=s.loss,
+                steps=s.gan_steps,
+                lr=s.gan_lr,
+                max_seconds=s.gan_seconds,
+                eval_every=s.eval_every,
+                batch_size=s.batch_size,
+                seed=seed,
+                **gan_kwargs,
+            ),
+            UNIVERSAL: lambda: UniversalPatch(
+                size=area,
+                loss=s.loss,
+                steps=s.universal_steps,
+                max_seconds=s.universal_seconds,
+                eval_every=s.eval_every,
+                batch_size=s.batch_size,
+                seed=seed,
+            ),
             RANDOM: lambda: RandomPatch(size=area, seed=seed),
         }
         for name, make in makers.items():
@@ -93,7 +130,9 @@ def _run(ctx: AuditContext) -> AttackSet:
             attack = make().fit(model, x_train)
             fit_s = time.perf_counter() - t0
             fit_seconds[name] += fit_s
-            stats = fooling_rate_repeated(model, x_test, patch_sampler(attack, *shape), repetitions=s.repetitions, seed=seed, y=y_test)
+            stats = fooling_rate_repeated(
+                model, x_test, patch_sampler(attack, *shape), repetitions=s.repetitions, seed=seed, y=y_test
+            )
             point = {"area": area, "side": _side(attack, x_test), **stats, "fit_seconds": round(fit_s, 3)}
             if hasattr(attack, "steps_"):
                 point.update(fit_steps=attack.steps_, val_fooling_rate=attack.val_fooling_rate_)
@@ -114,7 +153,9 @@ def _run(ctx: AuditContext) -> AttackSet:
         entry: dict[str, Any] = {
             "success_rate": result.success_rate,
             "n": len(result),
-            "success_rate_on_correct": float(result.success.cpu()[correct].float().mean()) if correct.any() else float("nan"),
+            "success_rate_on_correct": float(result.success.cpu()[correct].float().mean())
+            if correct.any()
+            else float("nan"),
             "n_correct": int(correct.sum()),
             "success_definition": "model's label on the patched image != its label on the clean image",
             "area": head_area,
@@ -132,7 +173,7 @@ def _run(ctx: AuditContext) -> AttackSet:
         ctx.save_attack(name, result, {"params": attack.params()})
 
     gan = fitted[GAN][head_area]
-    x_cc = x_test[:s.comparison_n]
+    x_cc = x_test[: s.comparison_n]
     gen = torch.Generator().manual_seed(seed + 11)
     g_patches = gan.sample(int(x_cc.shape[0]), generator=gen)
     cc = class_comparison(model, x_cc, g_patches)
@@ -145,10 +186,14 @@ def _run(ctx: AuditContext) -> AttackSet:
     cc_up.pop("grid", None)
     section[UNIVERSAL]["class_comparison"] = cc_up
     rp = fitted[RANDOM][head_area]
-    section[RANDOM]["diversity"] = pairwise_diversity(rp.sample(s.diversity_n, channels=shape[0], image_size=shape[1], generator=gen))
+    section[RANDOM]["diversity"] = pairwise_diversity(
+        rp.sample(s.diversity_n, channels=shape[0], image_size=shape[1], generator=gen)
+    )
     # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
     section[GAN]["summary"] = _summary(curves)
-    ctx.save_artifact("patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area})
+    ctx.save_artifact(
+        "patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area}
+    )
     return out
 
 
@@ -161,8 +206,10 @@ def _side(attack: Any, x: torch.Tensor) -> int:
 def _summary(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Whether PatchGAN beats both baselines at every area, and its best area <= 10%."""
     gan = {p["area"]: p["mean"] for p in curves[GAN]}
-    above = {str(a): bool(gan[a] > max(p["mean"] for c in (UNIVERSAL, RANDOM) for p in curves[c] if p["area"] == a))
-             for a in gan}
+    above = {
+        str(a): bool(gan[a] > max(p["mean"] for c in (UNIVERSAL, RANDOM) for p in curves[c] if p["area"] == a))
+        for a in gan
+    }
     small = [p for p in curves[GAN] if p["area"] <= 0.1 + 1e-9]
     return {
         "patch_gan_above_both_baselines": above,

@@ -54,12 +54,14 @@ class RobustStep(Step):
         data = Split(ctx.test.x[ev], ctx.test.y[ev])
         eps = s.eps
         n = min(len(data), s.n)
-        section: dict[str, Any] = evaluate_robust(ctx.model, data, eps=eps, n=n, seed=ctx.options.seed, budget=_budget(s.budget),
-                                                  restarts=s.restarts)
+        section: dict[str, Any] = evaluate_robust(
+            ctx.model, data, eps=eps, n=n, seed=ctx.options.seed, budget=_budget(s.budget), restarts=s.restarts
+        )
         if s.sweep:
             attacks = [a for a in SWEEP_ATTACKS if a != "guard-apgd-reject" or section["reject_model"]]
             budgets = sorted({eps / 4, eps / 2, eps, max(0.5, eps)})
-            sweep = robust_sweep(ctx.model, data, budgets, n=min(n, 32), attacks=attacks, seed=ctx.options.seed,
-                                 budget="quick")
+            sweep = robust_sweep(
+                ctx.model, data, budgets, n=min(n, 32), attacks=attacks, seed=ctx.options.seed, budget="quick"
+            )
             section["sweep"] = {k: v for k, v in sweep.items() if k != "results"}
         ctx.report["robust"] = section

@@ -19,18 +19,45 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from guard.attacks.feature_adversary import VARIANTS
 from guard.audit.settings_base import Cost, StepSettings, check_value, setting
 from guard.training.harden import HardenConfig
 
-__all__ = ["AuditSettings", "Cost", "GradientSettings", "HeldOutSettings", "PatchSettings", "FeatureSettings", "FoolingSettings",
-           "DetectorSettings", "AdaptiveSettings", "RobustSettings", "CertifiedSettings", "HardenSettings", "ExportSettings",
-           "resolve_settings", "valid_keys", "DEFAULT_AREAS", "GAN_AUDIT_KWARGS", "GAN_REFERENCE_STEPS", "GAN_PAPER_LR",
-           "GAN_FAST_BETA", "gan_learning_rate", "gan_diversity_weight", "CPPN_HIDDEN", "CPPN_ADD_NODE", "REFINE_EVERY",
-           "REFINE_STEPS", "POLISH_REFERENCE", "POLISH_MAX", "POLISH_STARTS"]
+__all__ = [
+    "AuditSettings",
+    "Cost",
+    "GradientSettings",
+    "HeldOutSettings",
+    "PatchSettings",
+    "FeatureSettings",
+    "FoolingSettings",
+    "DetectorSettings",
+    "AdaptiveSettings",
+    "RobustSettings",
+    "CertifiedSettings",
+    "HardenSettings",
+    "ExportSettings",
+    "resolve_settings",
+    "valid_keys",
+    "DEFAULT_AREAS",
+    "GAN_AUDIT_KWARGS",
+    "GAN_REFERENCE_STEPS",
+    "GAN_PAPER_LR",
+    "GAN_FAST_BETA",
+    "gan_learning_rate",
+    "gan_diversity_weight",
+    "CPPN_HIDDEN",
+    "CPPN_ADD_NODE",
+    "REFINE_EVERY",
+    "REFINE_STEPS",
+    "POLISH_REFERENCE",
+    "POLISH_MAX",
+    "POLISH_STARTS",
+]
 
 # ---------------------------------------------------------------- tuning constants
 
@@ -95,6 +122,7 @@ def _r(cls: type, cost: Cost, name: str, minimum: int = 1) -> int:
 
 # ---------------------------------------------------------------- one class per step
 
+
 @dataclass(frozen=True)
 class GradientSettings(StepSettings):
     """Step ``attacks_gradient`` (:mod:`guard.audit.gradient`)."""
@@ -102,15 +130,17 @@ class GradientSettings(StepSettings):
     step: ClassVar[str] = "attacks_gradient"
     prefix: ClassVar[str] = "gradient_"
     eps: float = setting(0.3, "L-inf budget of every gradient and held-out row; default the data's", key="eps")
-    images: int | None = setting(None, "held-out images attacked (None: all; quick: 256 at LeNet cost, scaled, at least 128)")
+    images: int | None = setting(
+        None, "held-out images attacked (None: all; quick: 256 at LeNet cost, scaled, at least 128)"
+    )
     steps: int = setting(40, "PGD steps of the three PGD rows")
 
     @classmethod
-    def full(cls, cost: Cost) -> "GradientSettings":
+    def full(cls, cost: Cost) -> GradientSettings:
         return cls(eps=cost.eps)
 
     @classmethod
-    def quick(cls, cost: Cost) -> "GradientSettings":
+    def quick(cls, cost: Cost) -> GradientSettings:
         return cls(eps=cost.eps, images=cost.scaled(256, 128))
 
 
@@ -137,19 +167,31 @@ class HeldOutSettings(StepSettings):
     batch_size: int = setting(100, "images per torchattacks call (quick 64)")
 
     @classmethod
-    def full(cls, cost: Cost) -> "HeldOutSettings":
+    def full(cls, cost: Cost) -> HeldOutSettings:
         return cls(eps=cost.eps)
 
     @classmethod
-    def quick(cls, cost: Cost) -> "HeldOutSettings":
-        return cls(eps=cost.eps, n=64, apgd_ce_steps=10, apgd_t_steps=10, square_queries=300, cw_steps=50, deepfool_n=32, batch_size=64)
+    def quick(cls, cost: Cost) -> HeldOutSettings:
+        return cls(
+            eps=cost.eps,
+            n=64,
+            apgd_ce_steps=10,
+            apgd_t_steps=10,
+            square_queries=300,
+            cw_steps=50,
+            deepfool_n=32,
+            batch_size=64,
+        )
 
     def budget(self, name: str) -> dict[str, Any]:
         """The keyword arguments of one attack's budget, as its report entry's ``budget`` lists them."""
-        return {"apgd_ce": {"steps": self.apgd_ce_steps}, "apgd_t": {"steps": self.apgd_t_steps},
-                "square": {"n_queries": self.square_queries},
-                "cw": {"steps": self.cw_steps, "c": self.cw_c, "kappa": self.cw_kappa, "lr": self.cw_lr},
-                "deepfool": {"steps": self.deepfool_steps, "overshoot": self.deepfool_overshoot, "n": self.deepfool_n}}[name]
+        return {
+            "apgd_ce": {"steps": self.apgd_ce_steps},
+            "apgd_t": {"steps": self.apgd_t_steps},
+            "square": {"n_queries": self.square_queries},
+            "cw": {"steps": self.cw_steps, "c": self.cw_c, "kappa": self.cw_kappa, "lr": self.cw_lr},
+            "deepfool": {"steps": self.deepfool_steps, "overshoot": self.deepfool_overshoot, "n": self.deepfool_n},
+        }[name]
 
 
 @dataclass(frozen=True)
@@ -161,37 +203,69 @@ class PatchSettings(StepSettings):
     prefix: ClassVar[str] = "patch_"
     areas: tuple[float, ...] = setting(DEFAULT_AREAS, "patch areas of the curve, shares of the image (quick 0.05, 0.2)")
     train_images: int = setting(2000, "training images the patches learn on (quick 256)")
-    test_images: int | None = setting(None, "held-out images evaluated (None: all at LeNet cost, scaled, at least 1,000; quick 256)")
+    test_images: int | None = setting(
+        None, "held-out images evaluated (None: all at LeNet cost, scaled, at least 1,000; quick 256)"
+    )
     repetitions: int = setting(10, "random draws per curve point (default --repetitions, scaled, at least 2; quick 2)")
     gan_steps: int = setting(200, "PatchGAN steps per area (scaled, at least 40; quick 8)")
     gan_seconds: float | None = setting(None, "PatchGAN wall-clock cap per area (None: none; quick 1.5)")
-    universal_steps: int = setting(200, "UniversalPatch steps per area (scaled, at least 40; quick 8)", key="universal_steps")
-    universal_seconds: float | None = setting(None, "UniversalPatch wall-clock cap per area (quick 1.0)", key="universal_seconds")
+    universal_steps: int = setting(
+        200, "UniversalPatch steps per area (scaled, at least 40; quick 8)", key="universal_steps"
+    )
+    universal_seconds: float | None = setting(
+        None, "UniversalPatch wall-clock cap per area (quick 1.0)", key="universal_seconds"
+    )
     eval_every: int = setting(25, "steps between validation looks (scaled, at least 10; quick 4)")
     diversity_n: int = setting(100, "patches sampled for the SSIM/PSNR diversity (quick 32)")
     comparison_n: int = setting(500, "images of the class comparison (scaled, at least 200; quick 64)")
     interp_points: int = setting(9, "points of the latent interpolation (quick 3)")
     batch_size: int = setting(64, "training batch (32 on a model at least twice the LeNet's cost)")
     loss: str = setting("margin", "loss of both learned patches: 'margin' or 'paper'")
-    gan_kwargs: dict[str, Any] | None = setting(None, "PatchGAN diversity settings (None: GAN_AUDIT_KWARGS, beta by gan_diversity_weight)")
-    gan_lr: float | None = setting(None, "PatchGAN's Adam rate (None: gan_kwargs' lr, else gan_learning_rate(gan_steps))")
+    gan_kwargs: dict[str, Any] | None = setting(
+        None, "PatchGAN diversity settings (None: GAN_AUDIT_KWARGS, beta by gan_diversity_weight)"
+    )
+    gan_lr: float | None = setting(
+        None, "PatchGAN's Adam rate (None: gan_kwargs' lr, else gan_learning_rate(gan_steps))"
+    )
 
     @classmethod
-    def full(cls, cost: Cost) -> "PatchSettings":
-        return cls(test_images=min(cost.n_test, cost.scaled(cost.n_test, 1000)), repetitions=cost.scaled(cost.repetitions, 2),
-                   gan_steps=_r(cls, cost, "gan_steps", 40), universal_steps=_r(cls, cost, "universal_steps", 40),
-                   eval_every=_r(cls, cost, "eval_every", 10), comparison_n=_r(cls, cost, "comparison_n", 200),
-                   batch_size=32 if cost.big else 64)
+    def full(cls, cost: Cost) -> PatchSettings:
+        return cls(
+            test_images=min(cost.n_test, cost.scaled(cost.n_test, 1000)),
+            repetitions=cost.scaled(cost.repetitions, 2),
+            gan_steps=_r(cls, cost, "gan_steps", 40),
+            universal_steps=_r(cls, cost, "universal_steps", 40),
+            eval_every=_r(cls, cost, "eval_every", 10),
+            comparison_n=_r(cls, cost, "comparison_n", 200),
+            batch_size=32 if cost.big else 64,
+        )
 
     @classmethod
-    def quick(cls, cost: Cost) -> "PatchSettings":
-        return cls(areas=(0.05, 0.2), train_images=256, test_images=256, repetitions=2, gan_steps=8, gan_seconds=1.5, universal_steps=8,
-                   universal_seconds=1.0, eval_every=4, diversity_n=32, comparison_n=64, interp_points=3, batch_size=32 if cost.big else 64)
+    def quick(cls, cost: Cost) -> PatchSettings:
+        return cls(
+            areas=(0.05, 0.2),
+            train_images=256,
+            test_images=256,
+            repetitions=2,
+            gan_steps=8,
+            gan_seconds=1.5,
+            universal_steps=8,
+            universal_seconds=1.0,
+            eval_every=4,
+            diversity_n=32,
+            comparison_n=64,
+            interp_points=3,
+            batch_size=32 if cost.big else 64,
+        )
 
-    def finalized(self) -> "PatchSettings":
+    def finalized(self) -> PatchSettings:
         kw = dict(self.gan_kwargs if self.gan_kwargs is not None else GAN_AUDIT_KWARGS)
         kw_lr = kw.pop("lr", None)  # given once, not twice to PatchGAN
-        lr = float(self.gan_lr if self.gan_lr is not None else (kw_lr if kw_lr is not None else gan_learning_rate(self.gan_steps)))
+        lr = float(
+            self.gan_lr
+            if self.gan_lr is not None
+            else (kw_lr if kw_lr is not None else gan_learning_rate(self.gan_steps))
+        )
         if self.gan_kwargs is None:  # a caller's own kwargs keep their beta
             kw["beta"] = gan_diversity_weight(lr)
         return dataclasses.replace(self, gan_kwargs=kw, gan_lr=lr, areas=tuple(float(a) for a in self.areas))
@@ -204,29 +278,46 @@ class FeatureSettings(StepSettings):
     step: ClassVar[str] = "attacks_features"
     prefix: ClassVar[str] = "feature_"
     layer: str | None = setting(None, "main layer (None: the deepest curve layer, the head's input)")
-    curve_layers: tuple[str, ...] | None = setting(None, "layers of the curves (None: the deepest spatial stage and the head's input)")
+    curve_layers: tuple[str, ...] | None = setting(
+        None, "layers of the curves (None: the deepest spatial stage and the head's input)"
+    )
     curve_main_layer_only: bool = setting(False, "curves at the main layer only (quick True)")
     delta: float = setting(0.3, "L-inf budget of the main run; default the data's")
     n: int = setting(200, "source images of the main run (scaled, at least 100; quick 16)")
     max_iter: int = setting(50, "L-BFGS-B iterations of the main run (quick 8)")
     full_curves: bool = setting(False, "curves on n images with max_iter iterations", key="feature_full")
-    curve_deltas: tuple[float, ...] | None = setting(None, "budgets of the curves (the data's; quick None: the main delta only)")
+    curve_deltas: tuple[float, ...] | None = setting(
+        None, "budgets of the curves (the data's; quick None: the main delta only)"
+    )
     curve_n: int = setting(24, "source images of the curves (scaled, at least 16; quick 8)")
     curve_max_iter: int = setting(25, "iterations of the curves (quick 5)")
     curve_variants: tuple[str, ...] = setting(tuple(VARIANTS), "variants of the curves (quick lbfgs and feature-fgrad)")
     representation_images: int | None = setting(None, "training images of the kNN references (None: all; quick 1,000)")
 
     @classmethod
-    def full(cls, cost: Cost) -> "FeatureSettings":
-        return cls(delta=cost.feature_delta, n=_r(cls, cost, "n", 100), curve_deltas=tuple(cost.feature_deltas),
-                   curve_n=_r(cls, cost, "curve_n", 16))
+    def full(cls, cost: Cost) -> FeatureSettings:
+        return cls(
+            delta=cost.feature_delta,
+            n=_r(cls, cost, "n", 100),
+            curve_deltas=tuple(cost.feature_deltas),
+            curve_n=_r(cls, cost, "curve_n", 16),
+        )
 
     @classmethod
-    def quick(cls, cost: Cost) -> "FeatureSettings":
-        return cls(delta=cost.feature_delta, n=16, max_iter=8, curve_main_layer_only=True, curve_deltas=None, curve_n=8,
-                   curve_max_iter=5, curve_variants=("lbfgs", "feature-fgrad"), representation_images=1000)
+    def quick(cls, cost: Cost) -> FeatureSettings:
+        return cls(
+            delta=cost.feature_delta,
+            n=16,
+            max_iter=8,
+            curve_main_layer_only=True,
+            curve_deltas=None,
+            curve_n=8,
+            curve_max_iter=5,
+            curve_variants=("lbfgs", "feature-fgrad"),
+            representation_images=1000,
+        )
 
-    def finalized(self) -> "FeatureSettings":
+    def finalized(self) -> FeatureSettings:
         out = self if self.curve_deltas is not None else dataclasses.replace(self, curve_deltas=(self.delta,))
         if out.full_curves:
             out = dataclasses.replace(out, curve_n=out.n, curve_max_iter=out.max_iter)
@@ -244,7 +335,9 @@ class FoolingSettings(StepSettings):
     grad_steps: int = setting(300, "gradient-ascent steps (quick 20)")
     grad_samples: int = setting(10, "gradient-ascent images per class (scaled, at least 2; quick 2)")
     grad_lr: float = setting(0.1, "gradient-ascent rate")
-    grad_batch_size: int | None = setting(None, "gradient-ascent batch (None: all at once; 32 on a model at least twice the LeNet's cost)")
+    grad_batch_size: int | None = setting(
+        None, "gradient-ascent batch (None: all at once; 32 on a model at least twice the LeNet's cost)"
+    )
     population: int = setting(100, "evolution children per generation (scaled, at least 30; quick 20)")
     generations: int = setting(1500, "evolution generations at most, both encodings (quick 5)")
     extra_generations: int = setting(100, "generations after every class is fooled, for extra positives (quick 0)")
@@ -252,22 +345,39 @@ class FoolingSettings(StepSettings):
     selection: str = setting("unfooled", "parents: 'unfooled' (classes still short) or 'uniform' (the paper's)")
     cppn_hidden: int = setting(CPPN_HIDDEN, "initial hidden nodes per CPPN")
     cppn_add_node: float = setting(CPPN_ADD_NODE, "CPPN add-node mutation rate")
-    refine_every: int = setting(REFINE_EVERY, "generations between Lamarckian refinements of the CPPN elites (0: pure evolution)")
+    refine_every: int = setting(
+        REFINE_EVERY, "generations between Lamarckian refinements of the CPPN elites (0: pure evolution)"
+    )
     refine_steps: int = setting(REFINE_STEPS, "Adam steps of each refinement")
-    polish_steps: int = setting(POLISH_MAX, "last polish's steps (min(300, 3200 x work scale), at least 20; quick 20; 0: none)")
+    polish_steps: int = setting(
+        POLISH_MAX, "last polish's steps (min(300, 3200 x work scale), at least 20; quick 20; 0: none)"
+    )
     polish_starts: int = setting(POLISH_STARTS, "elites the last polish starts from")
     transfer: bool = setting(True, "label the images with a second, independently trained model")
     transfer_epochs: int = setting(1, "epochs of that second model", key="transfer_epochs")
 
     @classmethod
-    def full(cls, cost: Cost) -> "FoolingSettings":
-        return cls(grad_samples=_r(cls, cost, "grad_samples", 2), grad_batch_size=32 if cost.big else None,
-                   population=_r(cls, cost, "population", 30), polish_steps=min(POLISH_MAX, cost.scaled(POLISH_REFERENCE, 20)))
+    def full(cls, cost: Cost) -> FoolingSettings:
+        return cls(
+            grad_samples=_r(cls, cost, "grad_samples", 2),
+            grad_batch_size=32 if cost.big else None,
+            population=_r(cls, cost, "population", 30),
+            polish_steps=min(POLISH_MAX, cost.scaled(POLISH_REFERENCE, 20)),
+        )
 
     @classmethod
-    def quick(cls, cost: Cost) -> "FoolingSettings":
-        return cls(classes=10, grad_steps=20, grad_samples=2, grad_batch_size=32 if cost.big else None, population=20, generations=5,
-                   extra_generations=0, extra_samples=20, polish_steps=20)
+    def quick(cls, cost: Cost) -> FoolingSettings:
+        return cls(
+            classes=10,
+            grad_steps=20,
+            grad_samples=2,
+            grad_batch_size=32 if cost.big else None,
+            population=20,
+            generations=5,
+            extra_generations=0,
+            extra_samples=20,
+            polish_steps=20,
+        )
 
 
 @dataclass(frozen=True)
@@ -280,16 +390,20 @@ class DetectorSettings(StepSettings):
     step: ClassVar[str] = "detectors"
     prefix: ClassVar[str] = "detectors_"
     combine: str = setting("weighted", "the combined flag's rule", key="combine")
-    flag_with: str | None = setting(None, "None: every detector feeds the flag; 'own': the anchors stay out", key="flag_with")
-    train_images: int | None = setting(None, "training images the detectors fit on (None: all; quick 1,000, a seeded sample)")
+    flag_with: str | None = setting(
+        None, "None: every detector feeds the flag; 'own': the anchors stay out", key="flag_with"
+    )
+    train_images: int | None = setting(
+        None, "training images the detectors fit on (None: all; quick 1,000, a seeded sample)"
+    )
     calibration_images: int | None = setting(None, "images of each held-out half (None: all; quick 256)")
     per_layer_knn: bool = setting(True, "the per-layer kNN view (quick False)")
 
     @classmethod
-    def quick(cls, cost: Cost) -> "DetectorSettings":
+    def quick(cls, cost: Cost) -> DetectorSettings:
         return cls(train_images=1000, calibration_images=256, per_layer_knn=False)
 
-    def finalized(self) -> "DetectorSettings":
+    def finalized(self) -> DetectorSettings:
         if self.flag_with not in (None, "own"):
             raise ValueError(f"options.extra['flag_with'] must be None or 'own'; got {self.flag_with!r}.")
         return self
@@ -305,17 +419,19 @@ class AdaptiveSettings(StepSettings):
     n: int = setting(200, "images attacked (scaled, at least 64; quick 16)")
     steps: int = setting(50, "attack steps (scaled, at least 20; quick 10)")
     restarts: int = setting(2, "restarts (quick 1)")
-    eps: tuple[float, ...] | float | None = setting(None, "budgets (None: the data's three; quick: its headline budget)")
+    eps: tuple[float, ...] | float | None = setting(
+        None, "budgets (None: the data's three; quick: its headline budget)"
+    )
     weights: tuple[float, ...] | None = setting(None, "detector weights swept (None: 0.1, 1, 10; quick 1)")
     members: tuple[str, ...] | None = setting(None, "AdaptiveEnsemble members (None: all)")
     headline_only: bool = setting(False, "with eps None: the data's headline budget only (quick True)")
 
     @classmethod
-    def full(cls, cost: Cost) -> "AdaptiveSettings":
+    def full(cls, cost: Cost) -> AdaptiveSettings:
         return cls(n=_r(cls, cost, "n", 64), steps=_r(cls, cost, "steps", 20))
 
     @classmethod
-    def quick(cls, cost: Cost) -> "AdaptiveSettings":
+    def quick(cls, cost: Cost) -> AdaptiveSettings:
         return cls(n=16, steps=10, restarts=1, weights=(1.0,), headline_only=True)
 
 
@@ -328,16 +444,18 @@ class RobustSettings(StepSettings):
     enabled: bool = setting(True, "run the step", key="robust")
     eps: float = setting(0.3, "L-inf budget (default options.extra['eps'], else the data's)")
     n: int = setting(200, "images (scaled, at least 32; quick 16)")
-    budget: str = setting("audit", "'quick', 'audit' (AutoAttack's steps, 3 targets, 1,000 queries) or 'standard' (quick 'quick')")
+    budget: str = setting(
+        "audit", "'quick', 'audit' (AutoAttack's steps, 3 targets, 1,000 queries) or 'standard' (quick 'quick')"
+    )
     restarts: int | None = setting(None, "restarts (None: the budget's)")
     sweep: bool = setting(True, "the cheaper sweep over eps")
 
     @classmethod
-    def full(cls, cost: Cost) -> "RobustSettings":
+    def full(cls, cost: Cost) -> RobustSettings:
         return cls(eps=cost.eps, n=_r(cls, cost, "n", 32))
 
     @classmethod
-    def quick(cls, cost: Cost) -> "RobustSettings":
+    def quick(cls, cost: Cost) -> RobustSettings:
         return cls(eps=cost.eps, n=16, budget="quick")
 
 
@@ -353,11 +471,11 @@ class CertifiedSettings(StepSettings):
     k: int = setting(6, "masks per axis (quick 3)")
 
     @classmethod
-    def full(cls, cost: Cost) -> "CertifiedSettings":
+    def full(cls, cost: Cost) -> CertifiedSettings:
         return cls(n=_r(cls, cost, "n", 20))
 
     @classmethod
-    def quick(cls, cost: Cost) -> "CertifiedSettings":
+    def quick(cls, cost: Cost) -> CertifiedSettings:
         return cls(n=16, k=3)
 
 
@@ -369,16 +487,25 @@ class ExportSettings(StepSettings):
     prefix: ClassVar[str] = "export_"
     eval_images: int | None = setting(None, "held-out images of the parity check (None: all; quick 256)")
     attack_images: int = setting(500, "images per attack set of the parity check (quick 64)")
-    refit_train_images: int | None = setting(None, "training images the hardened model's detectors refit on (quick 1,000)")
+    refit_train_images: int | None = setting(
+        None, "training images the hardened model's detectors refit on (quick 1,000)"
+    )
     refit_calibration_images: int = setting(1000, "their calibration images (quick 256)")
     latency_batch: int = setting(256, "the large latency batch, or fewer for large images (quick 64)")
     latency_repeats_one: int = setting(20, "timed repeats at batch 1 (quick 3)")
     latency_repeats: int = setting(5, "timed repeats at the large batch (quick 3)")
 
     @classmethod
-    def quick(cls, cost: Cost) -> "ExportSettings":
-        return cls(eval_images=256, attack_images=64, refit_train_images=1000, refit_calibration_images=256, latency_batch=64,
-                   latency_repeats_one=3, latency_repeats=3)
+    def quick(cls, cost: Cost) -> ExportSettings:
+        return cls(
+            eval_images=256,
+            attack_images=64,
+            refit_train_images=1000,
+            refit_calibration_images=256,
+            latency_batch=64,
+            latency_repeats_one=3,
+            latency_repeats=3,
+        )
 
 
 @dataclass(frozen=True)
@@ -393,8 +520,10 @@ class HardenSettings:
     test_images: int | None = None
 
     #: the step's own keys besides HardenConfig's fields
-    OWN: ClassVar[dict[str, str]] = {"train_images": "training images (None: all; quick 500)",
-                                     "test_images": "held-out images (None: all; quick 300)"}
+    OWN: ClassVar[dict[str, str]] = {
+        "train_images": "training images (None: all; quick 500)",
+        "test_images": "held-out images (None: all; quick 300)",
+    }
 
     @classmethod
     def keys(cls) -> dict[str, str]:
@@ -402,13 +531,13 @@ class HardenSettings:
         return {cls.prefix + n: n for n in names}
 
     @classmethod
-    def resolve(cls, given: Mapping[str, Any], *, quick: bool, seed: int) -> "HardenSettings":
+    def resolve(cls, given: Mapping[str, Any], *, quick: bool, seed: int) -> HardenSettings:
         hints = _hints(HardenConfig)
         own_hints = {"train_images": int | None, "test_images": int | None}
         fields = {}
         own: dict[str, Any] = {"train_images": 500, "test_images": 300} if quick else {}
         for key, value in given.items():
-            name = key[len(cls.prefix):]
+            name = key[len(cls.prefix) :]
             if name in cls.OWN:
                 own[name] = check_value(key, value, own_hints[name])
             else:
@@ -420,12 +549,15 @@ class HardenSettings:
         return {"config": self.config.to_dict(), "train_images": self.train_images, "test_images": self.test_images}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HardenSettings":
+    def from_dict(cls, d: Mapping[str, Any]) -> HardenSettings:
         unknown = sorted(set(d) - {"config", "train_images", "test_images"})
         if unknown:
             raise ValueError(f"unknown harden setting(s) {unknown}; expected config, train_images, test_images.")
         hints = _hints(HardenConfig)
-        cfg = {k: check_value(f"harden_{k}", v, hints[k]) if k in hints else v for k, v in dict(d.get("config") or {}).items()}
+        cfg = {
+            k: check_value(f"harden_{k}", v, hints[k]) if k in hints else v
+            for k, v in dict(d.get("config") or {}).items()
+        }
         return cls(HardenConfig(**cfg), d.get("train_images"), d.get("test_images"))
 
 
@@ -438,9 +570,17 @@ def _hints(cls: type) -> dict[str, Any]:
 # ---------------------------------------------------------------- the whole audit
 
 _STEPS: dict[str, type] = {
-    "gradient": GradientSettings, "heldout": HeldOutSettings, "patches": PatchSettings, "features": FeatureSettings,
-    "fooling": FoolingSettings, "detectors": DetectorSettings, "adaptive": AdaptiveSettings, "robust": RobustSettings,
-    "certified": CertifiedSettings, "harden": HardenSettings, "export": ExportSettings,
+    "gradient": GradientSettings,
+    "heldout": HeldOutSettings,
+    "patches": PatchSettings,
+    "features": FeatureSettings,
+    "fooling": FoolingSettings,
+    "detectors": DetectorSettings,
+    "adaptive": AdaptiveSettings,
+    "robust": RobustSettings,
+    "certified": CertifiedSettings,
+    "harden": HardenSettings,
+    "export": ExportSettings,
 }
 
 
@@ -464,13 +604,15 @@ class AuditSettings:
         return {name: getattr(self, name).to_dict() for name in _STEPS}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "AuditSettings":
+    def from_dict(cls, d: Mapping[str, Any]) -> AuditSettings:
         """From :meth:`to_dict`'s form (a report's ``report["settings"]["steps"]``): every step, each field checked."""
         if not isinstance(d, Mapping):
             raise TypeError(f"settings must be a dict of step -> settings; got {type(d).__name__}.")
         unknown, missing = sorted(set(d) - set(_STEPS)), [s for s in _STEPS if s not in d]
         if unknown or missing:
-            raise ValueError(f"settings must hold exactly the steps {list(_STEPS)}; unknown {unknown}, missing {missing}.")
+            raise ValueError(
+                f"settings must hold exactly the steps {list(_STEPS)}; unknown {unknown}, missing {missing}."
+            )
         return cls(**{name: _STEPS[name].from_dict(v) for name, v in d.items()})  # type: ignore[attr-defined]
 
 

@@ -13,8 +13,9 @@ import dataclasses
 import numbers
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 __all__ = ["Cost", "StepSettings", "setting", "check_value"]
 
@@ -42,11 +43,16 @@ class Cost:
     feature_deltas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3)
 
     @classmethod
-    def from_defaults(cls, defaults: Mapping[str, Any], *, n_test: int, repetitions: int) -> "Cost":
+    def from_defaults(cls, defaults: Mapping[str, Any], *, n_test: int, repetitions: int) -> Cost:
         """From the audit's ``ctx.defaults`` (the same fall-backs the steps always used)."""
-        return cls(work_scale=float(defaults.get("work_scale", 1.0)), n_test=int(n_test), repetitions=int(repetitions),
-                   eps=float(defaults.get("eps", 0.3)), feature_delta=float(defaults.get("feature_delta", 0.3)),
-                   feature_deltas=tuple(float(d) for d in defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3))))
+        return cls(
+            work_scale=float(defaults.get("work_scale", 1.0)),
+            n_test=int(n_test),
+            repetitions=int(repetitions),
+            eps=float(defaults.get("eps", 0.3)),
+            feature_delta=float(defaults.get("feature_delta", 0.3)),
+            feature_deltas=tuple(float(d) for d in defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3))),
+        )
 
     def scaled(self, reference: int, minimum: int = 1) -> int:
         """A size set on the demo LeNet, scaled to this model's cost: ``max(minimum, round(reference x work_scale))``."""
@@ -107,13 +113,19 @@ def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
         items = [_convert(v, inner) for v in value]
         return all(ok for ok, _ in items), tuple(v for _, v in items)
     if origin is dict:
-        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value), dict(value) if isinstance(value, Mapping) else None
+        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value), dict(value) if isinstance(
+            value, Mapping
+        ) else None
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool), int(value) if isinstance(value, numbers.Integral) else None
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool), int(value) if isinstance(
+            value, numbers.Integral
+        ) else None
     if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool), float(value) if isinstance(value, numbers.Real) else None
+        return isinstance(value, numbers.Real) and not isinstance(value, bool), float(value) if isinstance(
+            value, numbers.Real
+        ) else None
     if hint is str:
         return isinstance(value, str), value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
@@ -142,11 +154,11 @@ class StepSettings:
     prefix: ClassVar[str] = ""
 
     @classmethod
-    def full(cls, cost: Cost) -> "StepSettings":
+    def full(cls, cost: Cost) -> StepSettings:
         return cls()
 
     @classmethod
-    def quick(cls, cost: Cost) -> "StepSettings":
+    def quick(cls, cost: Cost) -> StepSettings:
         return cls.full(cost)
 
     @classmethod
@@ -163,16 +175,21 @@ class StepSettings:
     def hints(cls) -> dict[str, Any]:
         return typing.get_type_hints(cls)
 
-    def finalized(self) -> "StepSettings":
+    def finalized(self) -> StepSettings:
         """Fields derived from other fields (None: derive) filled in; idempotent."""
         return self
 
-    def validated(self) -> "StepSettings":
+    def validated(self) -> StepSettings:
         """Every field checked against its type (TypeError naming its key); values converted."""
         hints = self.hints()
         names = {v: k for k, v in self.keys().items()}
-        return dataclasses.replace(self, **{f.name: check_value(names[f.name], getattr(self, f.name), hints[f.name])  # type: ignore[arg-type]
-                                            for f in dataclasses.fields(self)})  # type: ignore[arg-type]
+        return dataclasses.replace(
+            self,
+            **{
+                f.name: check_value(names[f.name], getattr(self, f.name), hints[f.name])  # type: ignore[arg-type]
+                for f in dataclasses.fields(self)
+            },
+        )  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON types, by field name."""
@@ -183,7 +200,7 @@ class StepSettings:
         return out
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "StepSettings":
+    def from_dict(cls, d: Mapping[str, Any]) -> StepSettings:
         """The inverse of :meth:`to_dict` (unknown fields: ValueError; types checked)."""
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(d) - names)

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from guard.attacks.base import AttackResult
+from guard.audit.settings import AuditSettings, Cost, resolve_settings
 from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.data import Split
-from guard.audit.settings import AuditSettings, Cost, resolve_settings
 from guard.report.schema import REPORT_VERSION
 
 __all__ = ["AttackSet", "AttackStep", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION", "SAVED_EXTRAS"]
@@ -37,8 +37,20 @@ __all__ = ["AttackSet", "AttackStep", "AuditContext", "AuditOptions", "Step", "R
 #: confidences (fooling images), the model's label on ``x_adv`` (``pred``, ``adv_label``), the
 #: distance ratio, and the patches (``patches``: one per image; ``patch``: one universal patch).
 #: report.html draws its examples from them (:mod:`guard.report`).
-SAVED_EXTRAS = ("test_index", "guide_index", "label", "confidence", "guide", "source", "pred", "guide_label",
-                "adv_label", "distance_ratio", "patches", "patch")
+SAVED_EXTRAS = (
+    "test_index",
+    "guide_index",
+    "label",
+    "confidence",
+    "guide",
+    "source",
+    "pred",
+    "guide_label",
+    "adv_label",
+    "distance_ratio",
+    "patches",
+    "patch",
+)
 
 
 @dataclass
@@ -74,7 +86,7 @@ class AttackSet:
 
     results: dict[str, AttackResult] = field(default_factory=dict)
 
-    def merged(self, other: "AttackSet") -> "AttackSet":
+    def merged(self, other: AttackSet) -> AttackSet:
         return AttackSet({**self.results, **other.results})
 
 

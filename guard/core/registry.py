@@ -13,11 +13,22 @@ that every layer (the page included, which imports only ``guard.core``) may read
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["AttackInfo", "DetectorInfo", "ATTACK_INFO", "DETECTOR_INFO", "COMBINED", "attack", "detector", "attack_names",
-           "detector_names", "check_report_names"]
+__all__ = [
+    "AttackInfo",
+    "DetectorInfo",
+    "ATTACK_INFO",
+    "DETECTOR_INFO",
+    "COMBINED",
+    "attack",
+    "detector",
+    "attack_names",
+    "detector_names",
+    "check_report_names",
+]
 
 
 @dataclass(frozen=True)
@@ -68,36 +79,117 @@ class DetectorInfo:
     in_audit: bool
 
 
-def _a(name: str, title: str, short: str, kind: str, strength: str | None, step: str, implementation: str, *,
-       held_out: bool = False, round_attack: bool = False) -> AttackInfo:
+def _a(
+    name: str,
+    title: str,
+    short: str,
+    kind: str,
+    strength: str | None,
+    step: str,
+    implementation: str,
+    *,
+    held_out: bool = False,
+    round_attack: bool = False,
+) -> AttackInfo:
     return AttackInfo(name, title, short, kind, strength, step, held_out, round_attack, implementation)
 
 
 #: Every attack name of report.json, in the audit's order.
 ATTACK_INFO: tuple[AttackInfo, ...] = (
     _a("fgsm", "FGSM", "FGSM", "gradient", "full", "attacks_gradient", "guard.attacks.FGSM"),
-    _a("pgd_minimal", "PGD early-stopped", "PGD min.", "gradient", "minimal", "attacks_gradient", "guard.attacks.LinfPGD"),
+    _a(
+        "pgd_minimal",
+        "PGD early-stopped",
+        "PGD min.",
+        "gradient",
+        "minimal",
+        "attacks_gradient",
+        "guard.attacks.LinfPGD",
+    ),
     _a("pgd", "PGD-40", "PGD", "gradient", "full", "attacks_gradient", "guard.attacks.LinfPGD", round_attack=True),
-    _a("pgd_confident", "PGD-40 confidence-maximising", "PGD conf.", "gradient", "confident", "attacks_gradient",
-       "guard.attacks.LinfPGD"),
+    _a(
+        "pgd_confident",
+        "PGD-40 confidence-maximising",
+        "PGD conf.",
+        "gradient",
+        "confident",
+        "attacks_gradient",
+        "guard.attacks.LinfPGD",
+    ),
     _a("apgd_ce", "APGD-CE", "APGD-CE", "gradient", "full", "attacks_heldout", "torchattacks.APGD", held_out=True),
     _a("apgd_t", "APGD-T", "APGD-T", "gradient", "full", "attacks_heldout", "torchattacks.APGDT", held_out=True),
     _a("square", "Square", "Square", "gradient", "minimal", "attacks_heldout", "torchattacks.Square", held_out=True),
     _a("cw", "CW-L2", "CW-L2", "gradient", "minimal-norm", "attacks_heldout", "torchattacks.CW", held_out=True),
-    _a("deepfool", "DeepFool", "DeepFool", "gradient", "minimal-norm", "attacks_heldout", "torchattacks.DeepFool", held_out=True),
+    _a(
+        "deepfool",
+        "DeepFool",
+        "DeepFool",
+        "gradient",
+        "minimal-norm",
+        "attacks_heldout",
+        "torchattacks.DeepFool",
+        held_out=True,
+    ),
     _a("patch_gan", "PatchGAN patches", "PatchGAN", "patch", None, "attacks_patches", "guard.attacks.PatchGAN"),
-    _a("universal_patch", "universal patch", "universal patch", "patch", None, "attacks_patches", "guard.attacks.UniversalPatch",
-       round_attack=True),
-    _a("random_patch", "random noise patch", "random patch", "patch", None, "attacks_patches", "guard.attacks.RandomPatch",
-       round_attack=True),
-    _a("feature_adversary", "feature adversaries", "feature adv.", "feature", None, "attacks_features",
-       "guard.attacks.FeatureAdversary"),
-    _a("fooling_gradient", "fooling images (gradient ascent)", "fooling (gradient)", "fooling", None, "attacks_fooling",
-       "guard.attacks.FoolingGradient", round_attack=True),
-    _a("fooling_direct", "fooling images (direct encoding)", "fooling (direct)", "fooling", None, "attacks_fooling",
-       "guard.attacks.FoolingEvolution", round_attack=True),
-    _a("fooling_cppn", "fooling images (CPPN encoding)", "fooling (CPPN)", "fooling", None, "attacks_fooling",
-       "guard.attacks.FoolingEvolution", round_attack=True),
+    _a(
+        "universal_patch",
+        "universal patch",
+        "universal patch",
+        "patch",
+        None,
+        "attacks_patches",
+        "guard.attacks.UniversalPatch",
+        round_attack=True,
+    ),
+    _a(
+        "random_patch",
+        "random noise patch",
+        "random patch",
+        "patch",
+        None,
+        "attacks_patches",
+        "guard.attacks.RandomPatch",
+        round_attack=True,
+    ),
+    _a(
+        "feature_adversary",
+        "feature adversaries",
+        "feature adv.",
+        "feature",
+        None,
+        "attacks_features",
+        "guard.attacks.FeatureAdversary",
+    ),
+    _a(
+        "fooling_gradient",
+        "fooling images (gradient ascent)",
+        "fooling (gradient)",
+        "fooling",
+        None,
+        "attacks_fooling",
+        "guard.attacks.FoolingGradient",
+        round_attack=True,
+    ),
+    _a(
+        "fooling_direct",
+        "fooling images (direct encoding)",
+        "fooling (direct)",
+        "fooling",
+        None,
+        "attacks_fooling",
+        "guard.attacks.FoolingEvolution",
+        round_attack=True,
+    ),
+    _a(
+        "fooling_cppn",
+        "fooling images (CPPN encoding)",
+        "fooling (CPPN)",
+        "fooling",
+        None,
+        "attacks_fooling",
+        "guard.attacks.FoolingEvolution",
+        round_attack=True,
+    ),
 )
 
 #: The combined flag's name in ``report["detectors"]``.
@@ -144,24 +236,35 @@ def detector(name: str) -> DetectorInfo:
     return _DETECTORS[name]
 
 
-def attack_names(*, kind: str | None = None, step: str | None = None, held_out: bool | None = None,
-                 round_attack: bool | None = None) -> tuple[str, ...]:
+def attack_names(
+    *, kind: str | None = None, step: str | None = None, held_out: bool | None = None, round_attack: bool | None = None
+) -> tuple[str, ...]:
     """Registered attack names (in the audit's order) that match every given property."""
-    return tuple(a.name for a in ATTACK_INFO if (kind is None or a.kind == kind) and (step is None or a.step == step)
-                 and (held_out is None or a.held_out == held_out) and (round_attack is None or a.round_attack == round_attack))
+    return tuple(
+        a.name
+        for a in ATTACK_INFO
+        if (kind is None or a.kind == kind)
+        and (step is None or a.step == step)
+        and (held_out is None or a.held_out == held_out)
+        and (round_attack is None or a.round_attack == round_attack)
+    )
 
 
 def detector_names(*, role: str | None = None, in_audit: bool | None = None) -> tuple[str, ...]:
     """Registered detector names (in ``guard.wrap``'s order) that match every given property."""
-    return tuple(d.name for d in DETECTOR_INFO if (role is None or d.role == role) and (in_audit is None or d.in_audit == in_audit))
+    return tuple(
+        d.name
+        for d in DETECTOR_INFO
+        if (role is None or d.role == role) and (in_audit is None or d.in_audit == in_audit)
+    )
 
 
 def check_report_names(report: Mapping[str, Any]) -> None:
     """Every attack and detector name a report uses is registered: ``report["attacks"]`` keys,
     ``report["detectors"]`` keys and their attack keys (ValueError on the first that is not)."""
-    for name in (report.get("attacks") or {}):
+    for name in report.get("attacks") or {}:
         attack(name)
     for det, per_attack in (report.get("detectors") or {}).items():
         detector(det)
-        for name in (per_attack if isinstance(per_attack, dict) else {}):
+        for name in per_attack if isinstance(per_attack, dict) else {}:
             attack(name)

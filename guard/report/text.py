@@ -15,8 +15,21 @@ import numpy as np
 
 from guard.core.registry import ATTACK_INFO
 
-__all__ = ["CIFAR10_CLASSES", "finite", "pct", "num", "seconds", "confidence", "class_names", "label", "audit_command", "attack_title",
-           "attack_short", "method_title", "rate_ci"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "finite",
+    "pct",
+    "num",
+    "seconds",
+    "confidence",
+    "class_names",
+    "label",
+    "audit_command",
+    "attack_title",
+    "attack_short",
+    "method_title",
+    "rate_ci",
+]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -38,7 +51,7 @@ def attack_short(name: str) -> str:
 def method_title(name: str) -> str:
     """A fooling method without the words 'fooling images': 'gradient ascent', 'CPPN encoding'."""
     t = attack_title(name)
-    return t[len("fooling images ("):-1] if t.startswith("fooling images (") and t.endswith(")") else t
+    return t[len("fooling images (") : -1] if t.startswith("fooling images (") and t.endswith(")") else t
 
 
 def rate_ci(r: Any, digits: int = 1) -> str:
@@ -120,7 +133,7 @@ def audit_command(report: dict[str, Any]) -> str:
     opts = report.get("options") or {}
     parts = ["guard", "audit"]
     if name.startswith("guard.demo_model("):
-        demo = name[len("guard.demo_model("):].rstrip(")").strip("'\"") or "mnist"
+        demo = name[len("guard.demo_model(") :].rstrip(")").strip("'\"") or "mnist"
         parts += ["--demo", demo]
     else:
         parts += ["--model", name or "SPEC", "--data", "DATA"]
