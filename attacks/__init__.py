@@ -3,8 +3,11 @@ fooling images. Every attack returns an :class:`AttackResult`.
 
 Input attacks (:class:`Attack`) are called ``attack(model, x, y)``; patch attacks learn first
 (``attack.fit(model, train_x)``). Fooling-image generators (:class:`Fooler`) make images from
-nothing: ``fooler(model, shape=(C, H, W))``. :data:`ATTACKS` lists every one by its report name
-(the contract tests run over it: a new attack is one file plus one line here).
+nothing: ``fooler(model, shape=(C, H, W))``. :data:`ATTACKS` lists guard's attack classes by a
+short name (the contract tests run over it: a new attack is one file plus one line here). The
+names report.json uses, which step writes each and which class runs it, are the vocabulary of
+:mod:`guard.core.registry` (several report rows run one class: ``pgd_minimal``, ``pgd`` and
+``pgd_confident`` are :class:`LinfPGD`; the held-out rows are torchattacks').
 """
 
 from guard.attacks.adaptive import AdaptivePGD
@@ -22,7 +25,7 @@ from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
 
-#: report name -> attack class (``report["attacks"]`` keys; the audit's names).
+#: short name -> attack class (the contract tests' list; report.json's names: guard.core.registry).
 ATTACKS: dict[str, type] = {
     "fgsm": FGSM,
     "pgd": LinfPGD,

@@ -97,7 +97,7 @@ def _check_key_env(args: argparse.Namespace) -> None:
         from guard.core.validation import check_device
 
         check_device(args.device, "--device")
-    if getattr(args, "repetitions", 1) < 1:
+    if (getattr(args, "repetitions", 1) or 1) < 1:
         raise ValueError(f"--repetitions must be >= 1; got {args.repetitions}.")
 
 
@@ -208,12 +208,21 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     )
     _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'; takes float NCHW in [0, 1]")
     p.add_argument("--out", default="out", metavar="DIR", help="output folder (default: ./out)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seeds every random choice (default 0)")
     p.add_argument("--quick", action="store_true", help="small settings everywhere (smoke test, ~1 min)")
     p.add_argument("--harden", action="store_true", help="also run guard.harden rounds (slow)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
     p.add_argument(
-        "--repetitions", type=int, default=10, help="random-placement repetitions for patch curves (default 10)"
+        "--repetitions", type=int, default=None, help="random-placement repetitions for patch curves (default 10)"
+    )
+    p.add_argument(
+        "--settings",
+        "--config",
+        dest="settings",
+        metavar="FILE",
+        help="re-run with exactly the settings of an earlier audit: its OUT/report.json (or a JSON file holding "
+        "report['settings']); seed, quick, harden, export, repetitions, threads and every step's resolved "
+        "settings come from the file; a command-line value that contradicts it is refused",
     )
     p.add_argument("--resume", action="store_true", help="keep the sections already in OUT/report.json")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
@@ -223,21 +232,65 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_audit)
 
 
+def _audit_options(args: argparse.Namespace) -> Any:
+    """The AuditOptions of the command line, or of ``--settings FILE`` (a report.json or its "settings" section)."""
+    from guard.audit import AuditOptions
+    from guard.audit.settings import AuditSettings
+
+    given = {
+        "seed": args.seed,
+        "repetitions": args.repetitions,
+        "quick": args.quick or None,
+        "harden": args.harden or None,
+        "export": False if args.no_export else None,
+        "threads": args.threads,
+    }
+    common = dict(progress=not args.quiet, device=args.device, key_env=args.key_env)
+    if args.settings is None:
+        return AuditOptions(
+            seed=0 if args.seed is None else args.seed,
+            quick=args.quick,
+            harden=args.harden,
+            export=not args.no_export,
+            repetitions=10 if args.repetitions is None else args.repetitions,
+            **common,
+        )
+    try:
+        data = json.loads(Path(args.settings).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--settings {args.settings!r} could not be read as JSON: {err}") from err
+    rec = data.get("settings", data) if isinstance(data, dict) else None
+    if not isinstance(rec, dict) or not isinstance(rec.get("steps"), dict):
+        raise ValueError(
+            f"--settings {args.settings!r} must be an audit's report.json (or its 'settings' section) with "
+            "per-step settings under 'steps'; it has none (written before guard recorded its settings?)."
+        )
+    for key, value in given.items():
+        if value is not None and key in rec and rec[key] != value:
+            raise ValueError(
+                f"--{key.replace('_', '-')} {value!r} contradicts --settings {args.settings!r}, which says {rec[key]!r}."
+            )
+    if args.threads is None and rec.get("threads") is not None:
+        args.threads = int(rec["threads"])
+        _set_threads(args)
+    return AuditOptions(
+        seed=int(rec.get("seed", 0)),
+        quick=bool(rec.get("quick", False)),
+        harden=bool(rec.get("harden", False)),
+        export=bool(rec.get("export", True)),
+        repetitions=int(rec.get("repetitions", 10)),
+        settings=AuditSettings.from_dict(rec["steps"]),
+        **common,
+    )
+
+
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from guard.audit import AuditOptions, run_audit
+    from guard.audit import run_audit
 
     _check_key_env(args)
+    opts = _audit_options(args)
+    args.seed = opts.seed  # a user folder's 80/20 split follows the audit's seed
     s = _setup(args, progress=not args.quiet)
-    opts = AuditOptions(
-        seed=args.seed,
-        quick=args.quick,
-        harden=args.harden,
-        export=not args.no_export,
-        repetitions=args.repetitions,
-        progress=not args.quiet,
-        device=args.device,
-        key_env=args.key_env,
-    )
     report = run_audit(
         s.model, s.train, s.test, args.out, model_name=s.name, data_source=s.source, options=opts, resume=args.resume
     )

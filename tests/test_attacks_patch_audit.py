@@ -87,10 +87,10 @@ def test_patch_gan_lr_option_overrides_the_rule(tiny_model, small_split, tmp_pat
         out=tmp_path,
         options=AuditOptions(quick=True, progress=False, extra={"patch_gan_lr": 0.002}),
     )
-    assert _settings(ctx)["gan_lr"] == 0.002
+    assert _settings(ctx).gan_lr == 0.002
     ctx.options.extra = {"patch_gan_kwargs": {"alpha": 1.0, "lr": 0.004}}
     s = _settings(ctx)
-    assert s["gan_lr"] == 0.004 and "lr" not in s["gan"]  # given once, not twice to PatchGAN
+    assert s.gan_lr == 0.004 and "lr" not in s.gan_kwargs  # given once, not twice to PatchGAN
 
 
 def test_a_raised_rate_gets_the_stronger_diversity_weight_unless_the_caller_chose(tiny_model, small_split, tmp_path):
@@ -108,9 +108,9 @@ def test_a_raised_rate_gets_the_stronger_diversity_weight_unless_the_caller_chos
         out=tmp_path,
         options=AuditOptions(quick=True, progress=False, extra={"patch_gan_lr": 1e-3}),
     )
-    assert _settings(ctx)["gan"]["beta"] == 3.0
+    assert _settings(ctx).gan_kwargs["beta"] == 3.0
     ctx.options.extra = {
         "patch_gan_kwargs": {"alpha": 1.0, "beta": 2.0}
     }  # raised rate (8 steps), the caller's beta kept
-    assert _settings(ctx)["gan"]["beta"] == 2.0
+    assert _settings(ctx).gan_kwargs["beta"] == 2.0
     assert GAN_AUDIT_KWARGS["beta"] == 3.0  # the module default is not mutated by a run

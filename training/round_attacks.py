@@ -31,6 +31,7 @@ from torch import nn
 from guard.attacks import FoolingEvolution, FoolingGradient, LinfPGD, RandomPatch, UniversalPatch
 from guard.core.budget import data_defaults
 from guard.core.models import eval_mode, inference_batch, model_device
+from guard.core.registry import attack_names
 from guard.core.validation import check_int
 
 __all__ = [
@@ -46,10 +47,13 @@ __all__ = [
     "score_attack_set",
 ]
 
-FOOLING_ATTACKS = ("fooling_gradient", "fooling_direct", "fooling_cppn")
-PATCH_ATTACKS = ("universal_patch", "random_patch")
-ROUND_ATTACKS = FOOLING_ATTACKS + PATCH_ATTACKS + ("pgd",)
-DEFAULT_ATTACKS = ("fooling_gradient", "fooling_direct", "fooling_cppn", "universal_patch")
+# The names are the audit's (guard.core.registry: each is one report.json attack name; the
+# registry's round_attack flag marks the ones this table runs).
+FOOLING_ATTACKS = attack_names(kind="fooling", round_attack=True)
+PATCH_ATTACKS = attack_names(kind="patch", round_attack=True)
+ROUND_ATTACKS = FOOLING_ATTACKS + PATCH_ATTACKS + attack_names(kind="gradient", round_attack=True)
+#: what a round runs unless told otherwise: every fooling generator and the universal patch
+DEFAULT_ATTACKS = FOOLING_ATTACKS + ("universal_patch",)
 
 
 @dataclass(frozen=True)

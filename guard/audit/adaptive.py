@@ -11,12 +11,11 @@ Clopper-Pearson interval; the attacker is :class:`guard.attacks.AdaptiveEnsemble
 swept, restarts, orthogonal / selective PGD, logit matching with guides from the rest of the
 evaluation half, EOT where the guarded model is random).
 
-Options (``options.extra``): ``adaptive_n`` (images attacked; default 200 on the demo LeNet,
-scaled with the model's cost; 16 quick), ``adaptive_steps`` (50 on the demo LeNet, scaled, at
-least 20; 10 quick), ``adaptive_eps`` (a list), ``adaptive_restarts`` (2; 1 quick),
-``adaptive_weights`` (a list; [0.1, 1, 10]; [1] quick), quick mode attacks at the headline budget
-only (8/255 or 0.3), ``adaptive_members`` (a list of
-:data:`guard.attacks.adaptive_ensemble.MEMBERS`).
+Settings: :class:`guard.audit.settings.AdaptiveSettings` (keys ``adaptive`` (False: skip),
+``adaptive_n``, ``adaptive_steps``, ``adaptive_eps`` (a list), ``adaptive_restarts``,
+``adaptive_weights`` (a list), ``adaptive_members`` (a list of
+:data:`guard.attacks.adaptive_ensemble.MEMBERS`)); quick mode attacks at the headline budget
+only (8/255 or 0.3) with one detector weight.
 """
 
 from __future__ import annotations
@@ -37,24 +36,22 @@ class AdaptiveStep(Step):
     needs = {"guarded": GuardedModel}
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
-        return None if ctx.options.extra.get("adaptive", True) else "adaptive evaluation turned off"
+        return None if ctx.settings.adaptive.enabled else "adaptive evaluation turned off"
 
     def run(self, ctx: AuditContext, guarded: GuardedModel | None = None) -> None:
         if guarded is None:
             raise ValueError("the adaptive step needs the detectors step's GuardedModel (it failed or did not run).")
-        extra, quick = ctx.options.extra, ctx.options.quick
+        s = ctx.settings.adaptive
         _, ev = split_heldout(len(ctx.test), ctx.options.seed)
         data = Split(ctx.test.x[ev], ctx.test.y[ev])
-        n = int(extra.get("adaptive_n", 16 if quick else ctx.scaled(200, 64)))
-        steps = int(extra.get("adaptive_steps", 10 if quick else ctx.scaled(50, 20)))
-        kw = {"restarts": int(extra.get("adaptive_restarts", 1 if quick else 2))}
-        for key in ("weights", "members"):
-            if extra.get(f"adaptive_{key}") is not None:
-                kw[key] = list(extra[f"adaptive_{key}"])
-        eps = extra.get("adaptive_eps")
-        if quick:  # a smoke run: the headline budget only, one detector weight (the full audit sweeps)
-            eps = eps if eps is not None else [default_budgets(data.x)[1]]
-            kw.setdefault("weights", [1.0])
+        kw: dict = {"restarts": s.restarts}
+        if s.weights is not None:
+            kw["weights"] = list(s.weights)
+        if s.members is not None:
+            kw["members"] = list(s.members)
+        eps = list(s.eps) if isinstance(s.eps, tuple) else s.eps
+        if eps is None and s.headline_only:  # a smoke run: the headline budget only
+            eps = [default_budgets(data.x)[1]]
         ctx.report["adaptive"] = evaluate_adaptive(
-            guarded, data, eps=eps, steps=steps, n=n, seed=ctx.options.seed, **kw
+            guarded, data, eps=eps, steps=s.steps, n=s.n, seed=ctx.options.seed, **kw
         )

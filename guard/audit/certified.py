@@ -9,9 +9,9 @@ defended (double-masking) model's; ``model_accuracy`` the bare model's on the sa
 model not trained with masks certifies few images: ``guard.training.mask_training`` is the
 remedy (``guard.demo_model("cifar10", variant="masked")`` on CIFAR-10).
 
-Options (``options.extra``): ``certified`` (False turns the step off), ``certified_n`` (images;
-default 100 on the demo LeNet, scaled with the model's cost, at least 20), ``certified_patch_area``
-(default 0.024, the issue's 5x5 patch on 32x32 images), ``certified_k`` (masks per axis, default 6).
+Settings: :class:`guard.audit.settings.CertifiedSettings` (keys ``certified`` (False turns the step
+off), ``certified_n``, ``certified_patch_area`` (default 0.024, the issue's 5x5 patch on 32x32
+images), ``certified_k`` (masks per axis)).
 """
 
 from __future__ import annotations
@@ -31,14 +31,12 @@ class CertifiedStep(Step):
     name = "certified"
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
-        return None if ctx.options.extra.get("certified", True) else "certified patch evaluation turned off"
+        return None if ctx.settings.certified.enabled else "certified patch evaluation turned off"
 
     def run(self, ctx: AuditContext) -> None:
-        extra, quick = ctx.options.extra, ctx.options.quick
+        s = ctx.settings.certified
         _, ev = split_heldout(len(ctx.test), ctx.options.seed)
-        n = min(len(ev), int(extra.get("certified_n", 16 if quick else ctx.scaled(100, 20))))
-        area = float(extra.get("certified_patch_area", 0.024))
-        k = int(extra.get("certified_k", 3 if quick else 6))
+        n, area, k = min(len(ev), s.n), s.patch_area, s.k
         idx = ev[:n]
         t0 = time.perf_counter()
         cert = certify(ctx.model, ctx.test.x[idx].to(ctx.options.device), ctx.test.y[idx], area, k=k)

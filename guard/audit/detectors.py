@@ -27,8 +27,8 @@ scores of the attack's successful adversarial images (the positives of the table
 detector and "combined"; at most :data:`MAX_SAVED_SCORES` values each (evenly spaced when
 there are more).
 
-Quick mode (``options.quick``): 1,000 training images, 256 calibration and 256 evaluation
-images, no per-layer kNN view.
+Settings: :class:`guard.audit.settings.DetectorSettings` (``combine``, ``flag_with``; quick mode:
+1,000 training images, 256 calibration and 256 evaluation images, no per-layer kNN view).
 """
 
 from __future__ import annotations
@@ -39,40 +39,22 @@ from typing import Any
 
 import torch
 
+from guard.audit.settings import DetectorSettings
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
 from guard.core.features import extract_features
+from guard.core.registry import COMBINED, detector_names
 from guard.evaluation import all_scores, clopper_pearson, detection_metrics, evaluate
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
-__all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "MAX_SAVED_SCORES", "split_heldout", "score_tensors"]
+__all__ = ["DetectorStep", "ANCHORS", "COMBINE", "FPR", "MAX_SAVED_SCORES", "split_heldout", "score_tensors"]
 
 log = logging.getLogger(__name__)
 
-ANCHORS = ("mahalanobis", "lid")
-#: The combined flag's rule: per-detector weights learned by logistic regression on clean
-#: calibration images vs proxy inputs (:func:`guard.guarded.proxy_inputs`: noise, blur, occlusion,
-#: sign noise), never on an attack that is reported. Chosen over "max" and "fisher" on those
-#: proxies (``benchmarks/studies/combiner_study.py``), with the anchors in the flag.
-COMBINE = "weighted"
-ATTACK_NAMES = (
-    "patch_gan",
-    "universal_patch",
-    "random_patch",
-    "fgsm",
-    "pgd_minimal",
-    "pgd",
-    "pgd_confident",
-    "apgd_ce",
-    "apgd_t",
-    "square",
-    "cw",
-    "deepfool",
-    "feature_adversary",
-    "fooling_gradient",
-    "fooling_direct",
-    "fooling_cppn",
-)
+#: the published detectors guard is measured against (:mod:`guard.core.registry`, role "anchor")
+ANCHORS = detector_names(role="anchor", in_audit=True)
+#: The combined flag's rule (:class:`guard.audit.settings.DetectorSettings` says why).
+COMBINE = DetectorSettings.__dataclass_fields__["combine"].default
 FPR = 0.05
 MAX_SAVED_SCORES = 4096
 
@@ -140,7 +122,7 @@ def _swapped_flag_rate(
         # references and threshold from the other half; the learned weights (fitted on proxies) are kept
         comb = Combined(guarded.combined.names_, rule=guarded.combined.rule)
         comb.calibrate_scores(ev, FPR, weights=guarded.combined.weights_)
-        out["combined"] = float(comb.predict_scores(comb.combine(cal)).float().mean())
+        out[COMBINED] = float(comb.predict_scores(comb.combine(cal)).float().mean())
     return out
 
 
@@ -168,22 +150,21 @@ class DetectorStep(Step):
 
 def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     t0 = time.perf_counter()
-    opts = ctx.options
+    opts, s = ctx.options, ctx.settings.detectors
     train = ctx.train
-    if opts.quick and len(train) > 1000:
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[:1000]
+    if s.train_images is not None and len(train) > s.train_images:
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[: s.train_images]
         train = Split(train.x[idx], train.y[idx])
     # Every detector, the published anchors included, feeds the combined flag; each is also
-    # reported alone. options.extra["flag_with"] = "own" keeps the anchors out of the flag.
-    combine = str(ctx.options.extra.get("combine", COMBINE))
-    flag_with = DEFAULT_DETECTORS if ctx.options.extra.get("flag_with") == "own" else None
-    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=combine, flag_with=flag_with)
+    # reported alone. The setting flag_with="own" keeps the anchors out of the flag.
+    flag_with = DEFAULT_DETECTORS if s.flag_with == "own" else None
+    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=s.combine, flag_with=flag_with)
     guarded.fit(train)
     t_fit = time.perf_counter() - t0
 
     cal_idx, ev_idx = split_heldout(len(ctx.test), opts.seed)
-    if opts.quick:
-        cal_idx, ev_idx = cal_idx[:256], ev_idx[:256]
+    if s.calibration_images is not None:
+        cal_idx, ev_idx = cal_idx[: s.calibration_images], ev_idx[: s.calibration_images]
     shared = set(cal_idx.tolist()) & set(ev_idx.tolist())
     if shared:
         raise ValueError(
@@ -200,7 +181,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         {k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx]
     )
     ev_scores = {k: v[ncal:] for k, v in scores.items()}
-    ev_scores["combined"] = guarded.combined.combine(ev_scores)
+    ev_scores[COMBINED] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
 
     if not attacks:
@@ -221,8 +202,8 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
                 [ctx.model(x_ev[i : i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)]
             )
     flags = {
-        n: guarded.combined.predict_scores(s) if n == "combined" else guarded.detectors[n].predict_scores(s)
-        for n, s in ev_scores.items()
+        n: guarded.combined.predict_scores(v) if n == COMBINED else guarded.detectors[n].predict_scores(v)
+        for n, v in ev_scores.items()
     }
     flag_rate = {n: float(f.float().mean()) for n, f in flags.items()}
     clean_fpr = {
@@ -235,7 +216,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         for n, f in flags.items()
         if f.numel()
     }
-    per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks and not opts.quick else {}
+    per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks and s.per_layer_knn else {}
     # the same with the halves swapped (calibrate on the evaluation half, flag the calibration
     # half): one split's flag rate moves by about +-1.5 points on 1,000 images by chance alone
     swapped = _swapped_flag_rate(

@@ -48,11 +48,10 @@ def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) 
                 params[key] = prefix + v if isinstance(v, str) else [prefix + s for s in v]
         dets[name] = type(det)(**params)
     g = guard.wrap(hardened, dets, pool=guarded.pool)
-    n = 1000 if not ctx.options.quick else 256
-    g.fit(
-        ctx.train.x[: (len(ctx.train) if not ctx.options.quick else 1000)],
-        ctx.train.y[: (len(ctx.train) if not ctx.options.quick else 1000)],
-    )
+    s = ctx.settings.export
+    n = s.refit_calibration_images
+    m = len(ctx.train) if s.refit_train_images is None else s.refit_train_images
+    g.fit(ctx.train.x[:m], ctx.train.y[:m])
     perm = torch.randperm(len(ctx.test), generator=torch.Generator().manual_seed(ctx.options.seed + 5))
     g.calibrate(ctx.test.x[perm[:n]], fpr=0.05)
     return g
@@ -84,7 +83,7 @@ def _run(
     from guard.export.parity import compare_outputs, run_reference, run_session, serving_batch
 
     t0 = time.perf_counter()
-    quick = ctx.options.quick
+    s = ctx.settings.export
     source = "model"
     if hardened is not None:
         obj = _harden_guarded(ctx, hardened, guarded) if guarded is not None else hardened
@@ -123,12 +122,12 @@ def _run(
         "versions": rep.versions,
     }
     # full-set checks: the held-out images and every attack set
-    n_eval = 256 if quick else len(ctx.test)
+    n_eval = len(ctx.test) if s.eval_images is None else s.eval_images
     sets: dict[str, torch.Tensor] = {"clean": x_test[:n_eval]}
     for name, res in attack_results.items():
         xa = getattr(res, "x_adv", None)
         if isinstance(xa, torch.Tensor) and xa.numel():
-            sets[name] = xa[: (64 if quick else 500)].detach().float().cpu()  # 500 per attack keeps the step near 1 min
+            sets[name] = xa[: s.attack_images].detach().float().cpu()  # 500 per attack keeps the step near 1 min
     head, _ = build_export_head(obj, x_test[:8], strict=False)
     full: dict[str, Any] = {}
     flags_identical = True
@@ -157,9 +156,9 @@ def _run(
         lat: dict[str, Any] = {}
         # the large batch is bounded like the parity runs' (serving_batch: 13 at 3 x 224 x 224), so
         # that a 224-px graph with a saliency head does not need tens of GB here
-        for b in (1, serving_batch(x_test, 64 if quick else 256)):
+        for b in (1, serving_batch(x_test, s.latency_batch)):
             xb = x_test[:b].contiguous()
-            reps = 3 if quick else (20 if b == 1 else 5)
+            reps = s.latency_repeats_one if b == 1 else s.latency_repeats
             ort_ms = _median_ms(lambda: sess.run(xb), reps)
             if hasattr(obj, "detectors"):
                 eager_ms = _median_ms(lambda: obj(xb), reps)

@@ -10,13 +10,10 @@ Fills ``report["attacks"]["feature_adversary"]``:
 * ``curves[layer][variant][delta]``: guide-label agreement and distance-ratio median / p10 /
   p90 for the variants ``lbfgs``, ``feature-fgrad``, ``feature-linear``, ``label-opt``.
 
-Options (``ctx.options.extra``): ``feature_layer`` (main layer; default the head's input),
-``feature_delta`` (default from the data: 0.3 on near-binary digits, 8/255 on natural images),
-``feature_n`` (200 on the demo LeNet, scaled with the model's cost, at least 100), ``feature_max_iter`` (50), ``feature_curve_layers`` (default the deepest
-spatial stage and the head's input), ``feature_curve_deltas`` (0.05 to 0.3, or 4/255 to 16/255),
-``feature_curve_n`` (24, scaled, at least 16), ``feature_curve_max_iter`` (25),
-``feature_full`` (True: curves on ``feature_n`` images with ``feature_max_iter`` iterations).
-Quick mode shrinks everything to a smoke run.
+Settings: :class:`guard.audit.settings.FeatureSettings` (keys ``feature_layer``, ``feature_delta``,
+``feature_n``, ``feature_max_iter``, ``feature_curve_layers``, ``feature_curve_deltas``,
+``feature_curve_n``, ``feature_curve_max_iter``, ``feature_full``, ...; main layer by default
+the head's input, delta from the data: 0.3 on near-binary digits, 8/255 on natural images).
 
 Gives an :class:`AttackSet` with ``feature_adversary`` (artifact ``attack_feature_adversary``)
 to the detectors step.
@@ -37,12 +34,13 @@ from guard.attacks.representation import representation_report, summarize
 from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.data import Split
 from guard.core.features import default_feature_layers
+from guard.core.registry import attack_names
 
 __all__ = ["FeatureAdversaryStep", "feature_curves", "default_layers"]
 
 log = logging.getLogger(__name__)
 
-NAME = "feature_adversary"
+(NAME,) = attack_names(step="attacks_features")
 
 
 def default_layers(model: nn.Module, example: torch.Tensor) -> list[str]:
@@ -110,14 +108,10 @@ class FeatureAdversaryStep(AttackStep):
 
 
 def _run(ctx: AuditContext) -> AttackSet:
-    opts, extra = ctx.options, ctx.options.extra
-    quick = opts.quick
-    layers = list(extra.get("feature_curve_layers") or default_layers(ctx.model, ctx.test.x[:2]))
-    layer = str(extra.get("feature_layer") or layers[-1])
-    delta = float(extra.get("feature_delta", ctx.defaults.get("feature_delta", 0.3)))
-    n = int(extra.get("feature_n", 16 if quick else ctx.scaled(200, 100)))
-    max_iter = int(extra.get("feature_max_iter", 8 if quick else 50))
-    full = bool(extra.get("feature_full", False))
+    opts, s = ctx.options, ctx.settings.features
+    layers = list(s.curve_layers or default_layers(ctx.model, ctx.test.x[:2]))
+    layer = s.layer or layers[-1]
+    delta, n, max_iter = s.delta, s.n, s.max_iter
     t0 = time.perf_counter()
     src, gid = _pick(ctx.test, n, opts.seed)
     device = torch.device(opts.device)
@@ -128,31 +122,21 @@ def _run(ctx: AuditContext) -> AttackSet:
     res.extras["test_index"] = src
     res.extras["guide_index"] = gid
     res.extras["source"] = x  # the clean sources, saved with the adversaries (report.html shows them side by side)
-    train = ctx.train if not quick else Split(ctx.train.x[:1000], ctx.train.y[:1000])
+    m = s.representation_images
+    train = ctx.train if m is None else Split(ctx.train.x[:m], ctx.train.y[:m])
     rep = representation_report(ctx.model, layer, x, res.x_adv, g, train_x=train.x.to(device), train_y=train.y)
     ctx.save_attack(NAME, res, {"layer": layer, "delta": delta})
     t1 = time.perf_counter()
-    if quick:
-        curves = feature_curves(
-            ctx.model,
-            ctx.test,
-            layers=[layer],
-            deltas=(delta,),
-            variants=("lbfgs", "feature-fgrad"),
-            n=8,
-            max_iter=5,
-            seed=opts.seed,
-        )
-    else:
-        curves = feature_curves(
-            ctx.model,
-            ctx.test,
-            layers=layers,
-            deltas=tuple(extra.get("feature_curve_deltas", ctx.defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3)))),
-            n=n if full else int(extra.get("feature_curve_n", ctx.scaled(24, 16))),
-            max_iter=max_iter if full else int(extra.get("feature_curve_max_iter", 25)),
-            seed=opts.seed,
-        )
+    curves = feature_curves(
+        ctx.model,
+        ctx.test,
+        layers=[layer] if s.curve_main_layer_only else layers,
+        deltas=s.curve_deltas or (delta,),
+        variants=s.curve_variants,
+        n=s.curve_n,
+        max_iter=s.curve_max_iter,
+        seed=opts.seed,
+    )
     ctx.report.setdefault("attacks", {})[NAME] = {
         "success_rate": res.success_rate,
         "n": len(res),

@@ -10,22 +10,19 @@ and ``transfer``: how a second, independently trained model (a narrow DemoNet, s
 trained for ``transfer_epochs`` on the training split) labels the same images, when the
 input is 28x28.
 
-Options (``ctx.options.extra``): ``fooling_threshold`` (0.9999), ``fooling_grad_steps`` (300),
-``fooling_classes`` (100; quick 10: a model with more classes is attacked on a seeded sample of
-that many, :func:`target_classes`, and ``classes_attacked`` says how many; ``success_rate`` is
-over them), ``fooling_grad_samples`` (10 per class), ``fooling_population`` (100),
-``fooling_generations`` (at most 1500 for both encodings, stopping 100 generations after all
-classes pass, so that the reservoir collects extra positives), ``fooling_cppn_hidden`` (8 initial
-hidden nodes per CPPN), ``fooling_cppn_add_node`` (0.3), ``fooling_refine_every`` (100; 0 = pure
-evolution as in the paper) and ``fooling_refine_steps`` (100): Lamarckian refinement of the CPPN
-elites still short of the threshold (:func:`guard.attacks.cppn_refine.refine_weights`),
-``fooling_polish_steps`` (``min(300, 3200 x work scale)``, at least 20; quick 20; 0 = none) and
-``fooling_polish_starts`` (4): a last refinement of the classes still short after the generations
-(:func:`guard.attacks.cppn_refine.polish_genomes`; the CPPN entry's ``classes_fooled_before_polish`` and
-``min_confidence_before_polish`` keep what evolution reached without it), ``fooling_selection`` ("unfooled": parents from
-the classes still below the threshold, which the direct encoding needs to finish within the
-demo budget; "uniform" is the paper's), ``fooling_transfer`` (True), ``transfer_epochs`` (1).
-Quick mode shrinks everything to a smoke run.
+Settings: :class:`guard.audit.settings.FoolingSettings` (keys ``fooling_threshold``,
+``fooling_classes``: a model with more classes is attacked on a seeded sample of that many,
+:func:`target_classes`, and ``classes_attacked`` says how many; ``success_rate`` is over them;
+``fooling_grad_steps``, ``fooling_grad_samples``, ``fooling_population``, ``fooling_generations``:
+at most 1500 for both encodings, stopping 100 generations after all classes pass, so that the
+reservoir collects extra positives; the CPPN settings ``fooling_cppn_hidden``,
+``fooling_cppn_add_node``, ``fooling_refine_every`` / ``fooling_refine_steps``: Lamarckian
+refinement of the CPPN elites still short of the threshold, :func:`guard.attacks.cppn_refine.refine_weights`;
+``fooling_polish_steps`` / ``fooling_polish_starts``: a last refinement of the classes still short
+after the generations, :func:`guard.attacks.cppn_refine.polish_genomes`, the CPPN entry's
+``classes_fooled_before_polish`` and ``min_confidence_before_polish`` keep what evolution reached
+without it; ``fooling_selection``, ``fooling_transfer``, ``transfer_epochs``). The tuning constants
+and the measurements that chose them are in :mod:`guard.audit.settings`.
 
 Gives an :class:`AttackSet` (``x_adv`` the images, ``success`` their confidence >= threshold,
 ``extras["label"]`` / ``["confidence"]``; artifacts ``attack_NAME``) to the detectors step.
@@ -46,24 +43,12 @@ from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import DemoNet
+from guard.core.registry import attack_names
 
 __all__ = ["FoolingStep", "second_model"]
 
-NAMES = ("fooling_gradient", "fooling_direct", "fooling_cppn")
-# CPPN settings of the audit, chosen on CIFAR-10 with seed 1 (never reported; the audit runs seed 0),
-# 1,500 generations of 30: classes at >= 99.99% were 5/10 with the library's defaults (2 initial hidden
-# nodes, add-node rate 0.15, pure evolution), 6/10 with 8 initial hidden nodes and add-node rate 0.3,
-# 8/10 with that and Lamarckian refinement (every 100 generations, 100 Adam steps on the weights of
-# the elites still short of the threshold, attacks/cppn_refine.py); 7/10 with 300 steps, 8/10 with
-# 16 hidden nodes. BENCHMARKS.md, "CPPN fooling images on CIFAR-10".
-CPPN_HIDDEN, CPPN_ADD_NODE, REFINE_EVERY, REFINE_STEPS = 8, 0.3, 100, 100
-# The last polish (chosen on seed 1 too, on the archives the settings above leave): the 4 elites
-# that give a short class the highest probability, connections completed, 300 Adam steps at lr 0.05
-# on the log-odds: seed 1 went from 7/10 to 10/10 (the own elite alone, completed: 10/10; not
-# completed: 7/10 with one start, 9/10 with four). 300 steps at the CIFAR-10 ResNet-20's work
-# scale (0.095); the step count follows the model's cost below that, so that an ImageNet-size
-# model does not spend an hour on it.
-POLISH_REFERENCE, POLISH_MAX, POLISH_STARTS = 3200, 300, 4
+NAMES = attack_names(step="attacks_fooling")
+GRADIENT, DIRECT, CPPN = NAMES  # gradient ascent, then evolution with the direct and the CPPN encoding
 
 log = logging.getLogger(__name__)
 
@@ -129,24 +114,23 @@ class FoolingStep(AttackStep):
 
 
 def _run(ctx: AuditContext) -> AttackSet:
-    opts, extra = ctx.options, ctx.options.extra
-    quick = opts.quick
-    threshold = float(extra.get("fooling_threshold", 0.9999))
-    shape = tuple(int(s) for s in ctx.test.x.shape[1:])
+    opts, s = ctx.options, ctx.settings.fooling
+    threshold = s.threshold
+    shape = tuple(int(d) for d in ctx.test.x.shape[1:])
     with torch.no_grad():
         num_classes = int(ctx.model(ctx.test.x[:1].to(opts.device)).shape[1])
     attacks = ctx.report.setdefault("attacks", {})
     results: dict[str, AttackResult] = {}
-    cls = target_classes(num_classes, int(extra.get("fooling_classes", 10 if quick else 100)), opts.seed)
+    cls = target_classes(num_classes, s.classes, opts.seed)
 
     # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
     grad = FoolingGradient(
-        steps=int(extra.get("fooling_grad_steps", 20 if quick else 300)),
-        lr=0.1,
+        steps=s.grad_steps,
+        lr=s.grad_lr,
         threshold=threshold,
-        samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else ctx.scaled(10, 2))),
+        samples_per_class=s.grad_samples,
         seed=opts.seed,
-        batch_size=32 if ctx.defaults.get("work_scale", 1.0) < 0.5 else None,
+        batch_size=s.grad_batch_size,
     )  # big models: bounded memory
     t0 = time.perf_counter()
     res = grad(ctx.model, shape=shape, classes=cls)
@@ -160,45 +144,36 @@ def _run(ctx: AuditContext) -> AttackSet:
     e["steps"] = int(first.max()) + 1 if bool((first < grad.steps).all()) else grad.steps
     e["generations"] = e["steps"]
     e["images_at_threshold"] = int(res.success.sum())
-    attacks["fooling_gradient"] = e
-    results["fooling_gradient"] = res
-    ctx.save_attack("fooling_gradient", res)
+    attacks[GRADIENT] = e
+    results[GRADIENT] = res
+    ctx.save_attack(GRADIENT, res)
 
-    pop = int(extra.get("fooling_population", 20 if quick else ctx.scaled(100, 30)))
-    selection = str(extra.get("fooling_selection", "unfooled"))
-    refine_every = int(extra.get("fooling_refine_every", REFINE_EVERY))
-    refine_steps = int(extra.get("fooling_refine_steps", REFINE_STEPS))
-    polish_steps = int(
-        extra.get("fooling_polish_steps", 20 if quick else min(POLISH_MAX, ctx.scaled(POLISH_REFERENCE, 20)))
-    )
     cppn_kw = {
-        "polish_steps": polish_steps,
-        "polish_starts": int(extra.get("fooling_polish_starts", POLISH_STARTS)),
-        "init_hidden": int(extra.get("fooling_cppn_hidden", CPPN_HIDDEN)),
-        "rates": MutationRates(add_node=float(extra.get("fooling_cppn_add_node", CPPN_ADD_NODE))),
+        "polish_steps": s.polish_steps,
+        "polish_starts": s.polish_starts,
+        "init_hidden": s.cppn_hidden,
+        "rates": MutationRates(add_node=s.cppn_add_node),
     }
     # Both encodings run until every class has an image at the threshold (then 100 generations
     # more for the extra positives), at most 1,500 generations: a fixed 100 CPPN generations left
     # classes unfilled on some seeds (MNIST) and on natural images (2 of 10 on CIFAR-10 with 30 parents).
-    for name, encoding, default_gens, stop in (
-        ("fooling_direct", "direct", 1500, True),
-        ("fooling_cppn", "cppn", 1500, True),
-    ):
-        gens = int(extra.get("fooling_generations", 5 if quick else default_gens))
+    for name, encoding in ((DIRECT, "direct"), (CPPN, "cppn")):
         refine = (
-            {"refine_every": refine_every, "refine_steps": refine_steps} if encoding == "cppn" and refine_every else {}
+            {"refine_every": s.refine_every, "refine_steps": s.refine_steps}
+            if encoding == "cppn" and s.refine_every
+            else {}
         )
         if encoding == "cppn":
             refine.update(cppn_kw)
         evo = FoolingEvolution(
             encoding=encoding,
-            population=pop,
-            generations=gens,
+            population=s.population,
+            generations=s.generations,
             threshold=threshold,
-            stop_when_done=stop,
-            extra_generations=0 if quick else 100,
-            parent_selection=selection,
-            extra_samples=20 if quick else 100,
+            stop_when_done=True,
+            extra_generations=s.extra_generations,
+            parent_selection=s.selection,
+            extra_samples=s.extra_samples,
             seed=opts.seed,
             **refine,
         )
@@ -231,9 +206,9 @@ def _run(ctx: AuditContext) -> AttackSet:
         results[name] = res
         ctx.save_attack(name, res)
 
-    if bool(extra.get("fooling_transfer", True)):
+    if s.transfer:
         t0 = time.perf_counter()
-        other = second_model(ctx, int(extra.get("transfer_epochs", 1)))
+        other = second_model(ctx, s.transfer_epochs)
         if other is not None:
             for name, res in results.items():
                 tr = transfer_check(other, res.x_adv, res.extras["label"], threshold=threshold)

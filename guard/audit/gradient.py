@@ -22,10 +22,10 @@ model classifies correctly, L-inf distances, steps taken and the model's largest
 probability on the successful images (``wrong_confidence``: how confident the examples are).
 Gives an :class:`AttackSet` (artifacts ``attack_NAME``) to the detectors step.
 
-Options (``options.extra``): ``eps`` (L-inf budget; default from the data, :func:`guard.core.budget.data_defaults`:
-0.3 on near-binary digits, 8/255 on natural images). Quick mode: the first 256 held-out images
-on a model as cheap as the demo LeNet, fewer (down to 128) on costlier ones
-(:meth:`AuditContext.scaled`); 40 steps all the same: the strength is what the rows are about.
+Settings: :class:`guard.audit.settings.GradientSettings` (``eps``: the L-inf budget, default from
+the data, :func:`guard.core.budget.data_defaults`: 0.3 on near-binary digits, 8/255 on natural
+images). Quick mode: the first 256 held-out images on a model as cheap as the demo LeNet, fewer
+(down to 128) on costlier ones; 40 steps all the same: the strength is what the rows are about.
 """
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from guard.attacks.base import Attack, AttackResult
 from guard.attacks.gradient import FGSM, LinfPGD, wrong_confidence
 from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import eval_mode
+from guard.core.registry import attack, attack_names
 
 __all__ = ["GradientStep", "attack_entry", "STRENGTHS", "model_outputs"]
 
-NAMES = ("fgsm", "pgd_minimal", "pgd", "pgd_confident")
-#: strength of each row (report entry field ``strength``)
-STRENGTHS = {"fgsm": "full", "pgd_minimal": "minimal", "pgd": "full", "pgd_confident": "confident"}
-STEPS = 40
+NAMES = attack_names(step="attacks_gradient")
+#: strength of each row (report entry field ``strength``; :mod:`guard.core.registry`)
+STRENGTHS = {name: attack(name).strength for name in NAMES}
 
 
 def attack_entry(result: AttackResult, y_true: torch.Tensor, seconds: float, params: dict) -> dict:
@@ -105,11 +105,11 @@ def run_rows(
     """Run each attack on ``x`` batch by batch, write ``report["attacks"][NAME]`` (with ``info[NAME]``) and save it."""
     section = ctx.report.setdefault("attacks", {})
     out = AttackSet()
-    for name, attack in attacks.items():
+    for name, atk in attacks.items():
         t0 = time.perf_counter()
         xs, succ, ys, steps = [], [], [], []
         for lo in range(0, x.shape[0], batch):
-            r = attack(ctx.model, x[lo : lo + batch])
+            r = atk(ctx.model, x[lo : lo + batch])
             xs.append(r.x_adv.cpu())
             succ.append(r.success.cpu())
             ys.append(r.y.cpu())
@@ -120,14 +120,14 @@ def run_rows(
         pred, conf = model_outputs(ctx.model, x_adv, y, ctx.options.device)
         # the model's label on each x_adv: report.html captions its examples "clean label -> this"
         result = AttackResult(x_adv, torch.cat(succ), y, None, {"test_index": idx, "pred": pred})
-        entry = attack_entry(result, y_true, seconds, attack.params())
+        entry = attack_entry(result, y_true, seconds, atk.params())
         entry.update(info.get(name, {}))
         entry.update(strength_figures(result, x, conf))
         if steps:
             entry["mean_steps_taken"] = float(torch.cat(steps).float().mean())
         section[name] = entry
         out.results[name] = result
-        ctx.save_attack(name, result, {"params": attack.params()})
+        ctx.save_attack(name, result, {"params": atk.params()})
     return out
 
 
@@ -138,15 +138,15 @@ class GradientStep(AttackStep):
     attack_names = NAMES
 
     def run(self, ctx: AuditContext) -> AttackSet:
-        n = min(ctx.scaled(256, minimum=128), len(ctx.test)) if ctx.options.quick else len(ctx.test)
+        s = ctx.settings.gradient
+        n = len(ctx.test) if s.images is None else min(s.images, len(ctx.test))
         x, y_true = ctx.test.x[:n], ctx.test.y[:n]
-        eps = float(ctx.options.extra.get("eps", ctx.defaults.get("eps", 0.3)))
-        seed = ctx.options.seed
+        eps, seed = s.eps, ctx.options.seed
         attacks: dict[str, Attack] = {
             "fgsm": FGSM(eps=eps),
-            "pgd_minimal": LinfPGD(eps=eps, steps=STEPS, random_start=True, early_stop=True, seed=seed),
-            "pgd": LinfPGD(eps=eps, steps=STEPS, random_start=True, early_stop=False, seed=seed),
-            "pgd_confident": LinfPGD(eps=eps, steps=STEPS, random_start=True, loss="confidence", seed=seed),
+            "pgd_minimal": LinfPGD(eps=eps, steps=s.steps, random_start=True, early_stop=True, seed=seed),
+            "pgd": LinfPGD(eps=eps, steps=s.steps, random_start=True, early_stop=False, seed=seed),
+            "pgd_confident": LinfPGD(eps=eps, steps=s.steps, random_start=True, loss="confidence", seed=seed),
         }
-        info = {name: {"strength": STRENGTHS[name], "held_out": False} for name in attacks}
+        info = {name: {"strength": attack(name).strength, "held_out": attack(name).held_out} for name in attacks}
         return run_rows(ctx, attacks, x, y_true, torch.arange(n), info)

@@ -7,9 +7,11 @@ and the share of that round's attacks the model now rejects. Gives the hardened
 :class:`~guard.training.RejectClassifier` (saved to ``artifacts/hardened_model.safetensors``) to
 the export step.
 
-Settings: :class:`~guard.training.HardenConfig`'s defaults (``HardenConfig.quick()`` in quick
-mode), the audit's seed, and any field overridden as ``options.extra["harden_<field>"]``
-(``harden_rounds``, ``harden_epochs_per_round``, ``harden_reject_share``, ``harden_attacks``, ...).
+Settings: :class:`guard.audit.settings.HardenSettings`: :class:`~guard.training.HardenConfig`'s
+defaults (``HardenConfig.quick()`` in quick mode), the audit's seed, and any field overridden as
+``options.extra["harden_<field>"]`` (``harden_rounds``, ``harden_epochs_per_round``,
+``harden_reject_share``, ``harden_attacks``, ...); quick mode hardens on 500 training and 300
+held-out images (``harden_train_images``, ``harden_test_images``).
 """
 
 from __future__ import annotations
@@ -144,23 +146,19 @@ class HardenStep(Step):
 
 def audit_config(ctx: AuditContext) -> HardenConfig:
     """The audit's hardening settings: HardenConfig's defaults (quick ones in quick mode) + overrides."""
-    known = {f.name for f in dataclasses.fields(HardenConfig)}
-    overrides = {
-        k[len("harden_") :]: v
-        for k, v in ctx.options.extra.items()
-        if k.startswith("harden_") and k[len("harden_") :] in known
-    }
-    base = HardenConfig.quick() if ctx.options.quick else HardenConfig()
-    return dataclasses.replace(base, seed=ctx.options.seed, **overrides)
+    return ctx.settings.harden.config
 
 
 def _run(ctx: AuditContext) -> RejectClassifier:
     from guard.demo import crop_flip_augment, shift_augment
 
-    config = audit_config(ctx)
+    s = ctx.settings.harden
+    config = s.config
     train, test = ctx.train, ctx.test
-    if ctx.options.quick:
-        train, test = Split(train.x[:500], train.y[:500]), Split(test.x[:300], test.y[:300])
+    if s.train_images is not None:
+        train = Split(train.x[: s.train_images], train.y[: s.train_images])
+    if s.test_images is not None:
+        test = Split(test.x[: s.test_images], test.y[: s.test_images])
     ckpt = ctx.out / "harden"
     # the clean images keep a standard augmentation for their kind: shifts for digits, crops and flips for natural images
     augment = shift_augment if ctx.defaults.get("kind") == "near-binary" else crop_flip_augment

@@ -23,12 +23,11 @@ The step is skipped (and says so) when torchattacks cannot be imported. torchatt
 ``backward`` on the model (CW), so the model's parameters are frozen for the run and restored
 afterwards (``requires_grad`` and ``.grad`` as they were).
 
-CPU budget (:func:`settings`; each entry's ``params`` and ``budget`` say what ran): quick runs
-64 images (DeepFool 32) with APGD 10 steps, APGD-T 10 steps per target class, Square 300
-queries, CW 50 steps, DeepFool 50 steps; the full audit 500 images (DeepFool 200) with
-100 / 100 / 5,000 / 100 / 50; ``options.extra["heldout_n"]`` caps the image count. CW runs with
-Adam's rate 0.1, not torchattacks' default 0.01: at 0.01 and 50 steps it changed the label of 9%
-of the demo MNIST model's images (0.1: 83%). torchattacks' DeepFool clips to [0, 1] after
+CPU budget (:class:`guard.audit.settings.HeldOutSettings`; each entry's ``params`` and ``budget``
+say what ran): quick runs 64 images (DeepFool 32) with APGD 10 steps, APGD-T 10 steps per target
+class, Square 300 queries, CW 50 steps, DeepFool 50 steps; the full audit 500 images (DeepFool 200)
+with 100 / 100 / 5,000 / 100 / 50; ``options.extra["heldout_n"]`` caps the image count. CW runs with
+Adam's rate 0.1, not torchattacks' default 0.01 (the settings class says why). torchattacks' DeepFool clips to [0, 1] after
 every step, which stalls it on near-binary digits; its success rate says how often it got there.
 """
 
@@ -44,35 +43,15 @@ from torch import nn
 
 from guard.attacks.base import Attack, AttackResult
 from guard.audit.gradient import run_rows
+from guard.audit.settings import HeldOutSettings
 from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import eval_mode
+from guard.core.registry import attack, attack_names
 
-__all__ = ["HeldOutStep", "NAMES", "STRENGTHS", "settings"]
+__all__ = ["HeldOutStep", "NAMES", "STRENGTHS"]
 
-NAMES = ("apgd_ce", "apgd_t", "square", "cw", "deepfool")
-STRENGTHS = {"apgd_ce": "full", "apgd_t": "full", "square": "minimal", "cw": "minimal-norm", "deepfool": "minimal-norm"}
-
-
-def settings(quick: bool) -> dict[str, Any]:
-    """The budget of each attack: images (``n``; DeepFool, which torchattacks runs one image at a
-    time with one backward pass per class, gets fewer) and steps / queries."""
-    if quick:
-        return {
-            "n": 64,
-            "apgd_ce": {"steps": 10},
-            "apgd_t": {"steps": 10},
-            "square": {"n_queries": 300},
-            "cw": {"steps": 50, "c": 1.0, "kappa": 0.0, "lr": 0.1},
-            "deepfool": {"steps": 50, "overshoot": 0.02, "n": 32},
-        }
-    return {
-        "n": 500,
-        "apgd_ce": {"steps": 100},
-        "apgd_t": {"steps": 100},
-        "square": {"n_queries": 5000},
-        "cw": {"steps": 100, "c": 1.0, "kappa": 0.0, "lr": 0.1},
-        "deepfool": {"steps": 50, "overshoot": 0.02, "n": 200},
-    }
+NAMES = attack_names(step="attacks_heldout")
+STRENGTHS = {name: attack(name).strength for name in NAMES}
 
 
 @contextlib.contextmanager
@@ -116,16 +95,18 @@ class TorchAttack(Attack):
         }
 
 
-def make_attacks(eps: float, num_classes: int, quick: bool, seed: int) -> dict[str, Attack]:
-    s = settings(quick)
+def make_attacks(s: HeldOutSettings, num_classes: int, seed: int) -> dict[str, Attack]:
+    eps = s.eps
     return {
-        "apgd_ce": TorchAttack(name="APGD", norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=seed, **s["apgd_ce"]),
-        "apgd_t": TorchAttack(
-            name="APGDT", norm="Linf", eps=eps, n_restarts=1, seed=seed, n_classes=num_classes, **s["apgd_t"]
+        "apgd_ce": TorchAttack(
+            name="APGD", norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=seed, **s.budget("apgd_ce")
         ),
-        "square": TorchAttack(name="Square", norm="Linf", eps=eps, n_restarts=1, seed=seed, **s["square"]),
-        "cw": TorchAttack(name="CW", **s["cw"]),
-        "deepfool": TorchAttack(name="DeepFool", steps=s["deepfool"]["steps"], overshoot=s["deepfool"]["overshoot"]),
+        "apgd_t": TorchAttack(
+            name="APGDT", norm="Linf", eps=eps, n_restarts=1, seed=seed, n_classes=num_classes, **s.budget("apgd_t")
+        ),
+        "square": TorchAttack(name="Square", norm="Linf", eps=eps, n_restarts=1, seed=seed, **s.budget("square")),
+        "cw": TorchAttack(name="CW", **s.budget("cw")),
+        "deepfool": TorchAttack(name="DeepFool", steps=s.deepfool_steps, overshoot=s.deepfool_overshoot),
     }
 
 
@@ -142,26 +123,24 @@ class HeldOutStep(AttackStep):
 
     def run(self, ctx: AuditContext) -> AttackSet:
         quick = ctx.options.quick
-        n = min(int(ctx.options.extra.get("heldout_n", settings(quick)["n"])), len(ctx.test))
+        s = ctx.settings.heldout
+        n = min(s.n, len(ctx.test))
         x, y_true = ctx.test.x[:n], ctx.test.y[:n]
-        eps = float(ctx.options.extra.get("eps", ctx.defaults.get("eps", 0.3)))
         num_classes = int(ctx.report.get("model", {}).get("num_classes") or 0)
         if num_classes < 2:
             with torch.no_grad(), eval_mode(ctx.model):
                 num_classes = int(ctx.model(x[:1].to(ctx.options.device)).shape[1])
-        s = settings(quick)
         out = AttackSet()
-        for name, attack in make_attacks(eps, num_classes, quick, ctx.options.seed).items():
-            m = min(n, int(s[name].get("n", n)))
+        for name, atk in make_attacks(s, num_classes, ctx.options.seed).items():
+            budget = s.budget(name)
+            m = min(n, int(budget.get("n", n)))
             info = {
                 name: {
-                    "strength": STRENGTHS[name],
-                    "held_out": True,
+                    "strength": attack(name).strength,
+                    "held_out": attack(name).held_out,
                     "budget": f"{'quick' if quick else 'full'} mode: {m} images, "
-                    + ", ".join(f"{k} {v}" for k, v in s[name].items() if k != "n"),
+                    + ", ".join(f"{k} {v}" for k, v in budget.items() if k != "n"),
                 }
             }
-            out = out.merged(
-                run_rows(ctx, {name: attack}, x[:m], y_true[:m], torch.arange(m), info, batch=64 if quick else 100)
-            )
+            out = out.merged(run_rows(ctx, {name: atk}, x[:m], y_true[:m], torch.arange(m), info, batch=s.batch_size))
         return out

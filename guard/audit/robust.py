@@ -9,12 +9,11 @@ calibrate on), at the data's customary budget; ``report["robust"]["sweep"]``: a 
 at 0.5, for its checks (robust accuracy falls with eps and reaches 0). A model with a reject
 output (a :class:`guard.training.RejectClassifier`) is scored with rejection.
 
-Options (``options.extra``): ``robust`` (False: skip), ``robust_eps`` (default the data's eps),
-``robust_n`` (images; 16 in quick mode, else 200 on the demo LeNet scaled with the model's cost,
-at least 32), ``robust_budget`` (``"quick"``, ``"audit"`` or ``"standard"``; default ``"quick"`` in
-quick mode, else ``"audit"``: AutoAttack's 100 steps but 3 targets and 1,000 Square queries, so
-that a robust model's evaluation stays within the audit's time; ``"standard"`` is AutoAttack's),
-``robust_restarts``, ``robust_sweep`` (False: no sweep).
+Settings: :class:`guard.audit.settings.RobustSettings` (keys ``robust`` (False: skip), ``robust_eps``
+(default ``eps``, else the data's), ``robust_n``, ``robust_budget`` (``"quick"``, ``"audit"`` or
+``"standard"``; default ``"quick"`` in quick mode, else ``"audit"``: AutoAttack's 100 steps but 3
+targets and 1,000 Square queries, so that a robust model's evaluation stays within the audit's
+time; ``"standard"`` is AutoAttack's), ``robust_restarts``, ``robust_sweep`` (False: no sweep)).
 """
 
 from __future__ import annotations
@@ -47,26 +46,18 @@ class RobustStep(Step):
     name = "robust"
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
-        return None if ctx.options.extra.get("robust", True) else "robust evaluation turned off"
+        return None if ctx.settings.robust.enabled else "robust evaluation turned off"
 
     def run(self, ctx: AuditContext) -> None:
-        extra, quick = ctx.options.extra, ctx.options.quick
+        s = ctx.settings.robust
         _, ev = split_heldout(len(ctx.test), ctx.options.seed)
         data = Split(ctx.test.x[ev], ctx.test.y[ev])
-        eps = float(extra.get("robust_eps", extra.get("eps", ctx.defaults.get("eps", 0.3))))
-        n = min(len(data), int(extra.get("robust_n", 16 if quick else ctx.scaled(200, 32))))
-        budget = _budget(extra.get("robust_budget", "quick" if quick else "audit"))
-        restarts = extra.get("robust_restarts")
+        eps = s.eps
+        n = min(len(data), s.n)
         section: dict[str, Any] = evaluate_robust(
-            ctx.model,
-            data,
-            eps=eps,
-            n=n,
-            seed=ctx.options.seed,
-            budget=budget,
-            restarts=None if restarts is None else int(restarts),
+            ctx.model, data, eps=eps, n=n, seed=ctx.options.seed, budget=_budget(s.budget), restarts=s.restarts
         )
-        if extra.get("robust_sweep", True):
+        if s.sweep:
             attacks = [a for a in SWEEP_ATTACKS if a != "guard-apgd-reject" or section["reject_model"]]
             budgets = sorted({eps / 4, eps / 2, eps, max(0.5, eps)})
             sweep = robust_sweep(

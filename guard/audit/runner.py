@@ -21,10 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from guard.audit.settings import resolve_settings
 from guard.audit.step import REPORT_VERSION, AttackSet, AuditContext, AuditOptions, Step
 from guard.core.budget import data_defaults, macs_per_image, work_scale
 from guard.core.cache import remove_stale_temps
 from guard.core.data import Split
+from guard.core.registry import check_report_names
 from guard.core.validation import check_device
 from guard.report import write_page
 
@@ -59,6 +61,25 @@ def _keep(results: dict[type, Any], value: Any) -> None:
     results[key] = value
 
 
+def _names(report: dict[str, Any]) -> tuple[set[str], set[tuple[str, str]]]:
+    attacks = set(report.get("attacks") or {})
+    dets = {
+        (d, a) for d, per in (report.get("detectors") or {}).items() for a in (per if isinstance(per, dict) else {})
+    }
+    return attacks, dets | {(d, "") for d in (report.get("detectors") or {})}
+
+
+def _new_names(report: dict[str, Any], known: tuple[set[str], set[tuple[str, str]]]) -> dict[str, Any]:
+    """The attack and detector names of ``report`` that are not in ``known`` (an earlier :func:`_names`), as a report."""
+    attacks, dets = _names(report)
+    out: dict[str, Any] = {"attacks": {a: {} for a in attacks - known[0]}, "detectors": {}}
+    for d, a in dets - known[1]:
+        out["detectors"].setdefault(d, {})
+        if a:
+            out["detectors"][d][a] = {}
+    return out
+
+
 def _lookup(results: dict[type, Any], want: type) -> Any:
     for key, value in results.items():
         if issubclass(key, want):
@@ -91,8 +112,15 @@ def run_audit(
         steps: the steps to run (default :data:`guard.audit.steps.STEPS`).
         fail_fast: re-raise a step's (or the page's) exception instead of recording it.
 
+    ``options.extra`` is resolved into typed settings (:mod:`guard.audit.settings`) before any
+    step runs: an unknown key raises ValueError, a value of the wrong type TypeError. The
+    resolved settings, with the seed, quick, threads and the other options, are written to
+    ``report["settings"]``; ``AuditOptions(settings=AuditSettings.from_dict(report["settings"]["steps"]))``
+    with the same options runs the same audit again.
+
     A step that raises is recorded under ``report["errors"][step]`` (and logged) and the audit
-    goes on with the next step; it is not marked complete, so ``resume=True`` retries it. The
+    goes on with the next step; so does a step that writes an attack or detector name that
+    :mod:`guard.core.registry` does not know; it is not marked complete, so ``resume=True`` retries it. The
     last thing written is ``out/report.html`` (:func:`guard.report.write_page`); if that fails
     the error goes to ``report["errors"]["report"]`` and the report is returned all the same.
     """
@@ -103,6 +131,10 @@ def run_audit(
     steps = _check_steps(steps)
     opts = options or AuditOptions()
     check_device(opts.device, "options.device")
+    if opts.settings is not None and opts.extra:
+        raise ValueError(
+            f"options.settings (already resolved) and options.extra cannot both be given; got extra keys {sorted(opts.extra)}."
+        )
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_path)  # what a killed run was writing; the audit owns its output folder
@@ -134,6 +166,15 @@ def run_audit(
     macs = macs_per_image(ctx.model, test.x[:1]) if not isinstance(ctx.model, torch.jit.ScriptModule) else 0.0
     ctx.defaults = {**data_defaults(train.x), "macs_per_image": macs, "work_scale": work_scale(macs)}
     ctx.report["defaults"] = dict(ctx.defaults)
+    ctx.resolved = (
+        opts.settings
+        if opts.settings is not None
+        else resolve_settings(opts.extra, quick=opts.quick, seed=opts.seed, cost=ctx.cost)
+    )
+    settings = {**ctx.report["options"], "threads": torch.get_num_threads(), "steps": ctx.resolved.to_dict()}
+    if resume and ctx.report.get("settings", settings) != settings:
+        log.warning("audit: resuming with other settings than the report's; the steps already done keep theirs")
+    ctx.report["settings"] = settings
     done = set(ctx.report.setdefault("_completed_steps", []))
     results: dict[type, Any] = {}
     for step in steps:
@@ -152,7 +193,9 @@ def run_audit(
         t0 = time.perf_counter()
         log.info("audit: %s", step.name)
         try:
+            known = _names(ctx.report)
             value = step.run(ctx, **inputs)
+            check_report_names(_new_names(ctx.report, known))  # every name this step wrote is one of the registry's
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # one capability failing must not lose the others' results

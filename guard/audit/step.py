@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from guard.attacks.base import AttackResult
+from guard.audit.settings import AuditSettings, Cost, resolve_settings
 from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.data import Split
 from guard.report.schema import REPORT_VERSION
@@ -56,8 +57,13 @@ SAVED_EXTRAS = (
 class AuditOptions:
     """Knobs of an audit run. ``quick`` shrinks every step for tests and smoke runs.
 
-    ``extra`` holds per-step overrides (documented in each step's module docstring).
-    ``key_env`` names the variable, never the key itself, so no secret sits in the options.
+    ``extra`` holds per-step overrides by key (``{"fooling_threshold": 0.99}``): the keys and
+    their defaults are the fields of the settings classes of :mod:`guard.audit.settings`; an
+    unknown key raises ValueError, a value of the wrong type TypeError. ``settings``: an
+    already resolved :class:`~guard.audit.settings.AuditSettings` (a report's
+    ``report["settings"]["steps"]``) used as it is, instead of resolving ``extra`` (which must
+    then be empty). ``key_env`` names the variable, never the key itself, so no secret sits in
+    the options.
     """
 
     seed: int = 0
@@ -71,6 +77,7 @@ class AuditOptions:
     #: hardened model and the ONNX graph are signed with it, and verified with it on resume
     key_env: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    settings: AuditSettings | None = None
 
 
 @dataclass
@@ -98,10 +105,23 @@ class AuditContext:
     #: what the steps' defaults are derived from (:mod:`guard.core.budget`): eps / delta from
     #: the data, ``work_scale`` from the model's cost per image; also ``report["defaults"]``
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: the settings :func:`guard.audit.run_audit` resolved once at the start (None: :attr:`settings`
+    #: resolves ``options`` on every access, so a step run on its own sees its options as they are)
+    resolved: AuditSettings | None = None
 
-    def scaled(self, reference: int, minimum: int = 1) -> int:
-        """A step size set on the demo LeNet, scaled to this model's cost (:func:`guard.core.budget.work_scale`)."""
-        return max(minimum, int(round(reference * float(self.defaults.get("work_scale", 1.0)))))
+    @property
+    def cost(self) -> Cost:
+        """What the steps' defaults scale with: ``defaults`` (work scale, the data's eps) and the data's size."""
+        return Cost.from_defaults(self.defaults, n_test=len(self.test), repetitions=self.options.repetitions)
+
+    @property
+    def settings(self) -> AuditSettings:
+        """Every step's typed settings (:mod:`guard.audit.settings`)."""
+        if self.resolved is not None:
+            return self.resolved
+        if self.options.settings is not None:
+            return self.options.settings
+        return resolve_settings(self.options.extra, quick=self.options.quick, seed=self.options.seed, cost=self.cost)
 
     @property
     def report_path(self) -> Path:

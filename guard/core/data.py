@@ -31,7 +31,6 @@ __all__ = [
     "demo_data_digest",
     "load_data",
     "split_folder",
-    "iter_batches",
     "stream_batches",
     "sample_stream",
     "is_stream",
@@ -378,9 +377,3 @@ def split_folder(
         x, y = _from_dataset(Subset(ds, idx.tolist()), f"{name} ({part})")
         parts.append(Split(x.float(), check_labels(y, f"{name} labels", n=int(x.shape[0]))))
     return parts[0], parts[1]
-
-
-def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices of ``x`` of at most ``batch_size`` rows."""
-    for i in range(0, x.shape[0], batch_size):
-        yield x[i : i + batch_size]

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from guard.core.registry import ATTACK_INFO
+
 __all__ = [
     "CIFAR10_CLASSES",
     "finite",
@@ -31,46 +33,11 @@ __all__ = [
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-#: how the page names each attack of report["attacks"]
-ATTACK_TITLES = {
-    "fgsm": "FGSM",
-    "pgd": "PGD-40",
-    "pgd_minimal": "PGD early-stopped",
-    "pgd_confident": "PGD-40 confidence-maximising",
-    "apgd_ce": "APGD-CE",
-    "apgd_t": "APGD-T",
-    "square": "Square",
-    "cw": "CW-L2",
-    "deepfool": "DeepFool",
-    "patch_gan": "PatchGAN patches",
-    "universal_patch": "universal patch",
-    "random_patch": "random noise patch",
-    "feature_adversary": "feature adversaries",
-    "fooling_gradient": "fooling images (gradient ascent)",
-    "fooling_direct": "fooling images (direct encoding)",
-    "fooling_cppn": "fooling images (CPPN encoding)",
-}
-
+#: how the page names each attack of report["attacks"] (:mod:`guard.core.registry`)
+ATTACK_TITLES = {a.name: a.title for a in ATTACK_INFO}
 
 #: shorter names for plot titles and table columns
-ATTACK_SHORT = {
-    "fgsm": "FGSM",
-    "pgd": "PGD",
-    "pgd_minimal": "PGD min.",
-    "pgd_confident": "PGD conf.",
-    "apgd_ce": "APGD-CE",
-    "apgd_t": "APGD-T",
-    "square": "Square",
-    "cw": "CW-L2",
-    "deepfool": "DeepFool",
-    "patch_gan": "PatchGAN",
-    "universal_patch": "universal patch",
-    "random_patch": "random patch",
-    "feature_adversary": "feature adv.",
-    "fooling_gradient": "fooling (gradient)",
-    "fooling_direct": "fooling (direct)",
-    "fooling_cppn": "fooling (CPPN)",
-}
+ATTACK_SHORT = {a.name: a.short for a in ATTACK_INFO}
 
 
 def attack_title(name: str) -> str:

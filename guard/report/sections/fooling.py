@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from guard.core.registry import attack_names
 from guard.report.html import figure, strip_table, table
 from guard.report.sections.common import Section, SectionWriter, image_row
 from guard.report.source import AuditFolder
@@ -11,7 +12,7 @@ from guard.report.text import attack_title, confidence, finite, label, method_ti
 
 __all__ = ["build", "best_per_class"]
 
-NAMES = ("fooling_gradient", "fooling_direct", "fooling_cppn")
+NAMES = attack_names(kind="fooling")
 MAX_CLASSES = 20
 
 

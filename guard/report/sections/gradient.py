@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from guard.core.registry import attack_names
 from guard.report.html import esc, figure, strip_table, table
 from guard.report.images import perturbation
 from guard.report.sections.common import Section, SectionWriter, example_positions, image_row
@@ -17,8 +18,8 @@ from guard.report.text import attack_title, label, num, pct, seconds
 
 __all__ = ["build", "attack_examples"]
 
-NAMES = ("fgsm", "pgd_minimal", "pgd", "pgd_confident")
-HELD_OUT = ("apgd_ce", "apgd_t", "square", "cw", "deepfool")
+NAMES = attack_names(kind="gradient", held_out=False)
+HELD_OUT = attack_names(kind="gradient", held_out=True)
 SHOWN = 8
 STRENGTH_WORDS = {
     "minimal": "minimal: stops at the first misclassified step",

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from guard.core.registry import attack_names
 from guard.report import figures
 from guard.report.html import figure, img, strip_table, table, tile_rows
 from guard.report.sections.common import Section, SectionWriter, image_row
@@ -16,7 +17,7 @@ from guard.report.text import attack_title, finite, num, pct, seconds
 
 __all__ = ["build"]
 
-NAMES = ("patch_gan", "universal_patch", "random_patch")
+NAMES = attack_names(kind="patch")
 N_PATCHES = 20
 
 

@@ -7,6 +7,7 @@ The attack overview table puts each attack's success rate next to how the combin
 
 from __future__ import annotations
 
+from guard.core.registry import attack_names
 from guard.report.html import Raw, esc, table
 from guard.report.sections.common import Section, SectionWriter
 from guard.report.source import AuditFolder
@@ -14,8 +15,8 @@ from guard.report.text import attack_title, finite, method_title, num, pct, rate
 
 __all__ = ["build"]
 
-GRADIENT, PATCHES = ("fgsm", "pgd_minimal", "pgd", "pgd_confident"), ("universal_patch", "patch_gan", "random_patch")
-FOOLING = ("fooling_gradient", "fooling_direct", "fooling_cppn")
+GRADIENT, PATCHES = attack_names(kind="gradient", held_out=False), attack_names(kind="patch")
+FOOLING = attack_names(kind="fooling")
 
 
 def _fooled(src: AuditFolder) -> list[str]:
