@@ -96,6 +96,12 @@ class RobustBudget:
         return cls(steps=20, restarts=1, n_target_classes=3, fab_steps=20, n_queries=300, curves=4)
 
     @classmethod
+    def cpu(cls) -> RobustBudget:
+        """What two CPU cores finish in a session on a few hundred CIFAR-10 images: half AutoAttack's
+        steps, two restarts of guard's APGD, 3 target classes, 30 FAB steps, 1,000 Square queries."""
+        return cls(steps=50, restarts=2, n_target_classes=3, fab_steps=30, n_queries=1000, curves=4)
+
+    @classmethod
     def resolve(cls, budget: RobustBudget | str) -> RobustBudget:
         if isinstance(budget, RobustBudget):
             return budget
@@ -103,7 +109,9 @@ class RobustBudget:
             return cls()
         if budget == "quick":
             return cls.quick()
-        raise ValueError(f"budget must be a RobustBudget, 'standard' or 'quick'; got {budget!r}.")
+        if budget == "cpu":
+            return cls.cpu()
+        raise ValueError(f"budget must be a RobustBudget, 'standard', 'cpu' or 'quick'; got {budget!r}.")
 
 
 class RealClassView(nn.Module):

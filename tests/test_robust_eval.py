@@ -211,6 +211,10 @@ def test_budget_presets():
     assert RobustBudget().steps == 100 and RobustBudget().n_queries == 5000  # AutoAttack's standard version
     q = RobustBudget.quick()
     assert q.steps < 100 and q.n_queries < 5000
+    c = RobustBudget.resolve("cpu")
+    assert c == RobustBudget.cpu() and q.steps < c.steps < 100 and c.restarts > q.restarts  # between quick and standard
+    with pytest.raises(ValueError, match="'standard', 'cpu' or 'quick'"):
+        RobustBudget.resolve("fast")
     with pytest.raises(ValueError, match="steps"):
         RobustBudget(steps=0)
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="cifar10", choices=["cifar10", "mnist"])
     p.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget (default 8/255 on cifar10, 0.3 on mnist)")
     p.add_argument("--n", type=int, default=500, help="held-out images evaluated (the first n)")
-    p.add_argument("--budget", default="standard", choices=["standard", "quick"])
+    p.add_argument("--budget", default="standard", choices=["standard", "cpu", "quick"])
     p.add_argument("--restarts", type=int, default=None, help="restarts of guard's APGD (default: the budget's)")
     p.add_argument("--attacks", default=None, help="comma-separated names (default: every one that applies)")
     p.add_argument("--sweep", default=None, help="comma-separated budgets for robust_sweep, e.g. 0,2/255,8/255,0.5")

@@ -159,11 +159,7 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "robust_hardening.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    budget = (
-        RobustBudget(steps=50, restarts=2, n_target_classes=3, fab_steps=30, n_queries=1000, curves=4)
-        if args.budget == "cpu"
-        else RobustBudget.resolve(args.budget)
-    )
+    budget = RobustBudget.resolve(args.budget)  # 'cpu': RobustBudget.cpu()
     figures = _mnist(args, budget) if args.part == "mnist" else _cifar10(args, budget)
     figures["provenance"] = provenance()
     path = Path(args.out)
