@@ -382,7 +382,7 @@ def export_guarded(model: nn.Module, x_tr: torch.Tensor, x_cal: torch.Tensor, x_
     """guard.wrap(model, [saliency, kNN]) -> fit, calibrate (1% FPR) -> to_onnx with parity -> latency."""
     import guard
     from guard.export import compare_with_guarded, load_session, to_onnx
-    from benchmarks.peers.onnxruntime_vs_eager import paired_median_ms
+    from benchmarks.fixtures.timing import paired_median_ms
 
     out: dict[str, Any] = {"detectors": ["saliency", "knn"], "saliency": sal.get_params() if hasattr(sal, "get_params") else repr(sal)}
     t = time.perf_counter()
