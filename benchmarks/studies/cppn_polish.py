@@ -11,7 +11,8 @@ probability: 300 Adam steps at lr 0.05 on the log-odds, connections completed fi
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 1 --no-grow
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 4
 
-Prints one JSON line: classes at >= 99.99% before and after, each short class's best confidence after.
+Prints one JSON line: classes at >= 99.99% before and after, each short class's best confidence
+after. Writes benchmarks/results/cppn_polish.json (``--out``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 import guard
 from guard.attacks.cppn import Genome, MutationRates, render
 from guard.attacks.cppn_refine import polish_genomes
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.core.provenance import write_results
 
 CACHE = Path.home() / ".cache" / "guard" / "cppn_polish"
 
@@ -56,8 +59,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--no-grow", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    out_option(p, "cppn_polish")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    pin_threads(a.threads)
     model = guard.demo_model("cifar10", progress=False).eval()
     d = evolve(model, a.seed)
     gs, labels, conf = [Genome.from_dict(g) for g in d["genomes"]], torch.tensor(d["labels"]), torch.tensor(d["conf"])
@@ -74,9 +78,13 @@ def main() -> int:
         for j, c in enumerate(targets):
             best[c] = max(best.get(c, 0.0), float(q[j, c]))
     after = [max(float(v), best.get(int(c), 0.0)) for c, v in zip(labels, conf)]
-    print(json.dumps({"seed": a.seed, "starts": a.starts, "grow": not a.no_grow, "steps": a.steps, "lr": a.lr,
-                      "before": int((conf >= 0.9999).sum()), "after": sum(v >= 0.9999 for v in after),
-                      "short_after": {c: round(v, 6) for c, v in best.items()}, "polish_seconds": round(time.perf_counter() - t, 1)}))
+    figures = {"seed": a.seed, "starts": a.starts, "grow": not a.no_grow, "steps": a.steps, "lr": a.lr, "threads": a.threads,
+               "evolution": "population 30, 1,500 generations, init_hidden 8, add_node 0.3, refine every 100 x 100 steps",
+               "evolution_seconds": round(d["seconds"], 1),
+               "before": int((conf >= 0.9999).sum()), "after": int(sum(v >= 0.9999 for v in after)),
+               "short_after": {str(c): round(v, 6) for c, v in best.items()}, "polish_seconds": round(time.perf_counter() - t, 1)}
+    print(json.dumps(figures))
+    write_results(a.out, figures)
     return 0
 
 
