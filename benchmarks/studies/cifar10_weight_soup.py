@@ -33,6 +33,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
+    p.add_argument("--n-test", type=int, default=0, help="test images scored (0: all 10,000)")
+    p.add_argument("--n-bn", type=int, default=0, help="training images the BatchNorm statistics are recomputed on (0: all)")
     out_option(p, "cifar10_weight_soup")
     args = p.parse_args()
     pin_threads(args.threads)
@@ -40,6 +42,10 @@ def main() -> int:
     data = Path(args.data)
     x_train, _, _ = tool.read_image_archive(data / "cifar10-train.tar.gz")
     x_test, y_test, _ = tool.read_image_archive(data / "cifar10-test.tar.gz")
+    if args.n_test:
+        x_test, y_test = x_test[:args.n_test], y_test[:args.n_test]
+    if args.n_bn:
+        x_train = x_train[:args.n_bn]
     states, members = [], []
     for f in FILES:
         net = CifarResNet(20)

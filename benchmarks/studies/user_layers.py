@@ -44,6 +44,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--module", required=True, help="a .py file with build() -> the user's model")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval", type=int, default=1000, help="held-out images evaluated (after the 1,000 calibration images)")
+    p.add_argument("--fit", type=int, default=0, help="training images the detectors are fitted on (0: all 8,000)")
     out_option(p, "user_layers")
     args = p.parse_args()
     pin_threads(args.threads)
@@ -53,7 +55,9 @@ def main() -> int:
     model = mod.build().eval()
     train, test = guard.demo_data("cifar10")
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(5))
-    cal, ev = test.x[perm[:1000]], guard.Split(test.x[perm[1000:]], test.y[perm[1000:]])
+    cal, ev = test.x[perm[:1000]], guard.Split(test.x[perm[1000:1000 + args.eval]], test.y[perm[1000:1000 + args.eval]])
+    if args.fit:
+        train = guard.Split(train.x[:args.fit], train.y[:args.fit])
     attacks = {"fgsm": FGSM(eps=8 / 255)(model, ev.x, ev.y), "pgd": LinfPGD(eps=8 / 255, steps=40, seed=0)(model, ev.x, ev.y)}
     prefix = "1." if isinstance(model, torch.nn.Sequential) else ""
     before = {"knn": KNNRank([prefix + "layer2", prefix + "layer3"]), "knn_consistency": KNNConsistency([prefix + "layer2", prefix + "layer3"]),
@@ -72,7 +76,8 @@ def main() -> int:
                      "flagged_at_calibrated_5fpr": {d: {a: rep[d][a].get("tpr_at_threshold") for a in attacks} for d in rep}}
         print(f"{name}: " + "  ".join(f"{d}: FGSM {v['fgsm']:.3f} PGD {v['pgd']:.3f}" for d, v in out[name]["tpr_at_5fpr"].items()))
     out["attack_success"] = {a: r.success_rate for a, r in attacks.items()}
-    out = json.loads(json.dumps({"module": args.module, "threads": args.threads, **out}, default=str))  # non-JSON params as str
+    out = json.loads(json.dumps({"module": args.module, "threads": args.threads, "fit_images": len(train), "calibration_images": len(cal),
+                                 "eval_images": len(ev.x), **out}, default=str))  # non-JSON params as str
     print(json.dumps(out, indent=1))
     write_results(args.out, out)
     return 0
