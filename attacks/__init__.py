@@ -36,5 +36,26 @@ ATTACKS: dict[str, type] = {
     "fooling_evolution": FoolingEvolution,
 }
 
-__all__ = ["ATTACKS", "AdaptiveEnsemble", "AdaptivePGD", "APGD", "LogitMatching", "OrthogonalPGD", "Attack", "AttackResult", "Fooler", "FGSM", "PGD", "LinfPGD", "L2PGD", "PatchGAN", "UniversalPatch",
-           "RandomPatch", "FeatureAdversary", "FoolingGradient", "FoolingEvolution", "Genome", "transfer_check"]
+__all__ = [
+    "ATTACKS",
+    "AdaptiveEnsemble",
+    "AdaptivePGD",
+    "APGD",
+    "LogitMatching",
+    "OrthogonalPGD",
+    "Attack",
+    "AttackResult",
+    "Fooler",
+    "FGSM",
+    "PGD",
+    "LinfPGD",
+    "L2PGD",
+    "PatchGAN",
+    "UniversalPatch",
+    "RandomPatch",
+    "FeatureAdversary",
+    "FoolingGradient",
+    "FoolingEvolution",
+    "Genome",
+    "transfer_check",
+]

@@ -32,7 +32,8 @@ Written by hand: no attack library differentiates through these detectors.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +43,25 @@ from guard.attacks.base import Attack, AttackResult
 from guard.core.features import Batch, FeatureExtractor
 from guard.core.validation import check_float, check_int
 
-__all__ = ["AdaptivePGD", "BestIterate", "DetectorObjective", "judge", "margin", "stochastic_parts", "check_guarded", "eot_gradient",
-           "resolve_eot"]
+__all__ = [
+    "AdaptivePGD",
+    "BestIterate",
+    "DetectorObjective",
+    "judge",
+    "margin",
+    "stochastic_parts",
+    "check_guarded",
+    "eot_gradient",
+    "resolve_eot",
+]
 
 
 def check_guarded(guarded: Any, owner: str) -> Any:
     """``guarded`` if it is a calibrated GuardedModel, else a ValueError naming ``owner``."""
     if getattr(guarded, "combined", None) is None or not hasattr(guarded, "detectors"):
-        raise ValueError(f"{owner} attacks a calibrated GuardedModel; got {type(guarded).__name__} (call fit and calibrate first).")
+        raise ValueError(
+            f"{owner} attacks a calibrated GuardedModel; got {type(guarded).__name__} (call fit and calibrate first)."
+        )
     return guarded
 
 
@@ -88,7 +100,10 @@ class DetectorObjective:
             except (ValueError, NotImplementedError) as err:
                 self.missing[n] = f"{type(err).__name__}: {err}"
         if self.missing:
-            warnings.warn(f"the adaptive attack cannot differentiate {sorted(self.missing)} (no export head); it ignores them", stacklevel=2)
+            warnings.warn(
+                f"the adaptive attack cannot differentiate {sorted(self.missing)} (no export head); it ignores them",
+                stacklevel=2,
+            )
         idx = [i for i, n in enumerate(comb.names_) if n in self.heads]
         self.names = [comb.names_[i] for i in idx]
         self.scale = comb.scale_.float().clamp_min(1e-6)[idx]
@@ -107,7 +122,9 @@ class DetectorObjective:
         self.limit = torch.stack(tops).float() if tops else torch.zeros(0)
         self.layers = list(dict.fromkeys(lay for n in self.names for lay in guarded.detectors[n].feature_layers))
 
-    def forward(self, model: nn.Module, x: torch.Tensor, layers: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, layers: list[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Logits and the pooled features of ``layers`` (default: the detectors'), differentiable."""
         layers = self.layers if layers is None else layers
         if layers:
@@ -121,8 +138,13 @@ class DetectorObjective:
             return logits, logits.new_zeros(x.shape[0], 0)
         batch = Batch(x, logits, feats, model)
         dev = x.device
-        z = torch.stack([(_surrogate(self.heads[n], batch).to(dev) - self.limit[i].to(dev)) / self.scale[i].to(dev)
-                         for i, n in enumerate(self.names)], 1)
+        z = torch.stack(
+            [
+                (_surrogate(self.heads[n], batch).to(dev) - self.limit[i].to(dev)) / self.scale[i].to(dev)
+                for i, n in enumerate(self.names)
+            ],
+            1,
+        )
         return logits, z
 
 
@@ -151,8 +173,15 @@ class BestIterate:
         self.seen = torch.zeros(n, dtype=torch.bool, device=x.device)
         self.source = torch.full((n,), -1, dtype=torch.long, device=x.device)
 
-    def update(self, idx: torch.Tensor, x: torch.Tensor, mis: torch.Tensor, flagged: torch.Tensor, score: torch.Tensor,
-               source: int = 0) -> torch.Tensor:
+    def update(
+        self,
+        idx: torch.Tensor,
+        x: torch.Tensor,
+        mis: torch.Tensor,
+        flagged: torch.Tensor,
+        score: torch.Tensor,
+        source: int = 0,
+    ) -> torch.Tensor:
         """Offer candidates ``x`` for images ``idx``; returns which were taken."""
         ev = mis & ~flagged
         score = torch.where(torch.isnan(score), torch.full_like(score, float("inf")), score)
@@ -167,8 +196,15 @@ class BestIterate:
         self.source[take] = source
         return better
 
-    def offer(self, guarded: Any, idx: torch.Tensor, x: torch.Tensor, y: torch.Tensor, source: int = 0,
-              misclassified: torch.Tensor | None = None) -> torch.Tensor:
+    def offer(
+        self,
+        guarded: Any,
+        idx: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        source: int = 0,
+        misclassified: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Judge ``x`` (images ``idx``, labels ``y``) with the real guarded model and offer them.
 
         ``misclassified``: the model's verdict on ``x`` when the caller already has it (from the
@@ -250,13 +286,29 @@ class AdaptivePGD(Attack):
 
     targeted_supported = False
 
-    def __init__(self, *, guarded: Any, eps: float, steps: int = 50, step_size: float | None = None, weight: float = 1.0,
-                 kappa: float = 2.0, slack: float = 0.5, random_start: bool = True, eot: int | str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        guarded: Any,
+        eps: float,
+        steps: int = 50,
+        step_size: float | None = None,
+        weight: float = 1.0,
+        kappa: float = 2.0,
+        slack: float = 0.5,
+        random_start: bool = True,
+        eot: int | str = "auto",
+        seed: int = 0,
+    ) -> None:
         owner = type(self).__name__
         self.guarded = check_guarded(guarded, owner)
         self.eps = check_float(eps, "eps", owner, low=0.0)
         self.steps = check_int(steps, "steps", owner, low=1)
-        self.step_size = check_float(step_size, "step_size", owner, low=0.0, low_open=True) if step_size is not None else 2.5 * self.eps / self.steps
+        self.step_size = (
+            check_float(step_size, "step_size", owner, low=0.0, low_open=True)
+            if step_size is not None
+            else 2.5 * self.eps / self.steps
+        )
         self.weight = check_float(weight, "weight", owner, low=0.0)
         self.kappa = check_float(kappa, "kappa", owner, low=0.0)
         self.slack = check_float(slack, "slack", owner, low=0.0)
@@ -267,8 +319,18 @@ class AdaptivePGD(Attack):
         self._names = self._objective.names
 
     def params(self) -> dict[str, Any]:
-        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "weight": self.weight, "kappa": self.kappa,
-                "slack": self.slack, "random_start": self.random_start, "eot": self.eot, "seed": self.seed, "detectors": self._names}
+        return {
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "weight": self.weight,
+            "kappa": self.kappa,
+            "slack": self.slack,
+            "random_start": self.random_start,
+            "eot": self.eot,
+            "seed": self.seed,
+            "detectors": self._names,
+        }
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the loss, the misclassified mask of ``x``)."""
@@ -290,8 +352,14 @@ class AdaptivePGD(Attack):
             if live.numel() == 0:
                 break
             yl = y[live]
-            grad, mis = eot_gradient(lambda xa: self._loss(model, xa, yl), x_adv[live], eot) if step < self.steps else (None, None)
-            best.offer(self.guarded, live, x_adv[live], yl, misclassified=mis)  # the real defence judges every misclassified iterate
+            grad, mis = (
+                eot_gradient(lambda xa: self._loss(model, xa, yl), x_adv[live], eot)
+                if step < self.steps
+                else (None, None)
+            )
+            best.offer(
+                self.guarded, live, x_adv[live], yl, misclassified=mis
+            )  # the real defence judges every misclassified iterate
             step_evaded[live[best.evaded[live]]] = step
             keep = ~best.evaded[live]
             live = live[keep]
@@ -299,6 +367,16 @@ class AdaptivePGD(Attack):
                 break
             step_x = x_adv[live] - self.step_size * grad[keep].sign()
             x_adv[live] = torch.min(torch.max(step_x, x[live] - self.eps), x[live] + self.eps).clamp(0, 1)
-        return AttackResult(best.x, best.evaded.clone(), extras={"flagged": best.flagged, "misclassified": best.misclassified,
-                                                                 "combined": best.score, "step_evaded": step_evaded, "eps": self.eps,
-                                                                 "eot": eot, "random_parts": random_parts})
+        return AttackResult(
+            best.x,
+            best.evaded.clone(),
+            extras={
+                "flagged": best.flagged,
+                "misclassified": best.misclassified,
+                "combined": best.score,
+                "step_evaded": step_evaded,
+                "eps": self.eps,
+                "eot": eot,
+                "random_parts": random_parts,
+            },
+        )

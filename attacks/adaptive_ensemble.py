@@ -21,7 +21,8 @@ member when a pass of the guarded model differs from another (``eot="auto"``).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,19 +64,34 @@ class AdaptiveEnsemble(Attack):
 
     targeted_supported = False
 
-    def __init__(self, *, guarded: Any, eps: float, steps: int = 50, weights: Sequence[float] = (0.1, 1.0, 10.0), restarts: int = 2,
-                 members: Sequence[str] = MEMBERS, guides: torch.Tensor | None = None, guide_labels: torch.Tensor | None = None,
-                 eot: int | str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        guarded: Any,
+        eps: float,
+        steps: int = 50,
+        weights: Sequence[float] = (0.1, 1.0, 10.0),
+        restarts: int = 2,
+        members: Sequence[str] = MEMBERS,
+        guides: torch.Tensor | None = None,
+        guide_labels: torch.Tensor | None = None,
+        eot: int | str = "auto",
+        seed: int = 0,
+    ) -> None:
         owner = type(self).__name__
         self.guarded = check_guarded(guarded, owner)
         self.eps = check_float(eps, "eps", owner, low=0.0)
         self.steps = check_int(steps, "steps", owner, low=1)
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or not weights:
-            raise TypeError(f"The 'weights' parameter of {owner} must be a non-empty list of floats >= 0. Got {weights!r}.")
+            raise TypeError(
+                f"The 'weights' parameter of {owner} must be a non-empty list of floats >= 0. Got {weights!r}."
+            )
         self.weights = [check_float(w, "weights", owner, low=0.0) for w in weights]
         self.restarts = check_int(restarts, "restarts", owner, low=1)
         if isinstance(members, str) or not members or any(m not in MEMBERS for m in members):
-            raise ValueError(f"The 'members' parameter of {owner} must be a non-empty list from {MEMBERS}. Got {members!r}.")
+            raise ValueError(
+                f"The 'members' parameter of {owner} must be a non-empty list from {MEMBERS}. Got {members!r}."
+            )
         self.members = list(dict.fromkeys(members))
         self.guides = None if guides is None else check_images(guides, "guides")
         self.guide_labels = guide_labels
@@ -83,25 +99,58 @@ class AdaptiveEnsemble(Attack):
         self.seed = check_int(seed, "seed", owner, low=0)
 
     def params(self) -> dict[str, Any]:
-        return {"eps": self.eps, "steps": self.steps, "weights": self.weights, "restarts": self.restarts, "members": self.members,
-                "eot": self.eot, "seed": self.seed, "guides": None if self.guides is None else int(self.guides.shape[0])}
+        return {
+            "eps": self.eps,
+            "steps": self.steps,
+            "weights": self.weights,
+            "restarts": self.restarts,
+            "members": self.members,
+            "eot": self.eot,
+            "seed": self.seed,
+            "guides": None if self.guides is None else int(self.guides.shape[0]),
+        }
 
     def plan(self, eot: int) -> list[tuple[str, Attack]]:
         """(name, attack) of every member run, in the order they run."""
         g, e, s = self.guarded, self.eps, self.steps
         runs: list[tuple[str, Attack]] = []
         if "pgd" in self.members:
-            runs += [("pgd", LinfPGD(eps=e, steps=s, seed=self.seed)), ("pgd_full", LinfPGD(eps=e, steps=s, early_stop=False, seed=self.seed))]
+            runs += [
+                ("pgd", LinfPGD(eps=e, steps=s, seed=self.seed)),
+                ("pgd_full", LinfPGD(eps=e, steps=s, early_stop=False, seed=self.seed)),
+            ]
         if "weighted" in self.members:
-            runs += [(f"weighted_{w:g}_r{r}", AdaptivePGD(guarded=g, eps=e, steps=s, weight=w, eot=eot, seed=self.seed + r))
-                     for w in self.weights for r in range(self.restarts)]
+            runs += [
+                (f"weighted_{w:g}_r{r}", AdaptivePGD(guarded=g, eps=e, steps=s, weight=w, eot=eot, seed=self.seed + r))
+                for w in self.weights
+                for r in range(self.restarts)
+            ]
         for variant in ("orthogonal", "selective"):
             if variant in self.members:
-                runs.append((variant, OrthogonalPGD(guarded=g, eps=e, steps=s, variant=variant, restarts=self.restarts, eot=eot,
-                                                    seed=self.seed)))
+                runs.append(
+                    (
+                        variant,
+                        OrthogonalPGD(
+                            guarded=g, eps=e, steps=s, variant=variant, restarts=self.restarts, eot=eot, seed=self.seed
+                        ),
+                    )
+                )
         if "logit_matching" in self.members and self.guides is not None:
-            runs.append(("logit_matching", LogitMatching(guarded=g, guides=self.guides, guide_labels=self.guide_labels, eps=e, steps=s,
-                                                         restarts=self.restarts, eot=eot, seed=self.seed)))
+            runs.append(
+                (
+                    "logit_matching",
+                    LogitMatching(
+                        guarded=g,
+                        guides=self.guides,
+                        guide_labels=self.guide_labels,
+                        eps=e,
+                        steps=s,
+                        restarts=self.restarts,
+                        eot=eot,
+                        seed=self.seed,
+                    ),
+                )
+            )
         return runs
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
@@ -116,9 +165,23 @@ class AdaptiveEnsemble(Attack):
             mis, flagged, score = judge(self.guarded, x_adv, y)
             taken = best.update(everyone, x_adv, mis, flagged, score, source=i)
             names.append(name)
-            per_member[name] = {"evasion": float((mis & ~flagged).float().mean()), "misclassified": float(mis.float().mean()),
-                                "kept": int(taken.sum())}
-        return AttackResult(best.x, best.evaded.clone(), extras={"misclassified": best.misclassified, "flagged": best.flagged,
-                                                                 "combined": best.score, "member": best.source, "members": names,
-                                                                 "per_member": per_member, "eps": self.eps, "eot": eot,
-                                                                 "random_parts": random_parts})
+            per_member[name] = {
+                "evasion": float((mis & ~flagged).float().mean()),
+                "misclassified": float(mis.float().mean()),
+                "kept": int(taken.sum()),
+            }
+        return AttackResult(
+            best.x,
+            best.evaded.clone(),
+            extras={
+                "misclassified": best.misclassified,
+                "flagged": best.flagged,
+                "combined": best.score,
+                "member": best.source,
+                "members": names,
+                "per_member": per_member,
+                "eps": self.eps,
+                "eot": eot,
+                "random_parts": random_parts,
+            },
+        )

@@ -58,8 +58,14 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) < steps and q < 1.0})
 
 
-def apgd_loss(name: str, logits: torch.Tensor, y: torch.Tensor, *, target: torch.Tensor | None = None,
-              real_classes: int | None = None) -> torch.Tensor:
+def apgd_loss(
+    name: str,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    target: torch.Tensor | None = None,
+    real_classes: int | None = None,
+) -> torch.Tensor:
     """The per-image loss ``name`` of :data:`APGD_LOSSES` (higher = closer to a wrong real class)."""
     if name == "ce":
         return F.cross_entropy(logits, y, reduction="none")
@@ -103,9 +109,21 @@ class APGD(Attack):
 
     targeted_supported = False
 
-    def __init__(self, *, eps: float = 8 / 255, steps: int = 100, restarts: int = 1, loss: str = "ce",
-                 n_target_classes: int = 9, rho: float = 0.75, momentum: float = 0.75, real_classes: int | None = None,
-                 early_stop: bool = True, curves: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        eps: float = 8 / 255,
+        steps: int = 100,
+        restarts: int = 1,
+        loss: str = "ce",
+        n_target_classes: int = 9,
+        rho: float = 0.75,
+        momentum: float = 0.75,
+        real_classes: int | None = None,
+        early_stop: bool = True,
+        curves: int = 0,
+        seed: int = 0,
+    ) -> None:
         self.eps = check_float(eps, "eps", "APGD", low=0.0, high=1.0)
         self.steps = check_int(steps, "steps", "APGD", low=1)
         self.restarts = check_int(restarts, "restarts", "APGD", low=1)
@@ -117,8 +135,10 @@ class APGD(Attack):
         self.momentum = check_float(momentum, "momentum", "APGD", low=0.0, high=1.0)
         self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", "APGD", low=2)
         if loss == "reject" and self.real_classes is None:
-            raise ValueError("The 'real_classes' parameter of APGD is needed by loss='reject' (the index of the reject "
-                             "output, e.g. RejectClassifier.num_classes). Got None.")
+            raise ValueError(
+                "The 'real_classes' parameter of APGD is needed by loss='reject' (the index of the reject "
+                "output, e.g. RejectClassifier.num_classes). Got None."
+            )
         if not isinstance(early_stop, bool):
             raise TypeError(f"The 'early_stop' parameter of APGD must be a bool. Got {early_stop!r}.")
         self.early_stop = early_stop
@@ -131,8 +151,9 @@ class APGD(Attack):
         hit = pred != y
         return hit & (pred < self.real_classes) if self.real_classes is not None else hit
 
-    def _loss_grad(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss_grad(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-image loss, its input gradient, logits) at ``x``."""
         x = x.detach().requires_grad_(True)
         logits = model(x)
@@ -146,15 +167,16 @@ class APGD(Attack):
             return [None]
         with torch.no_grad():
             logits = model(x)
-        real = logits if self.real_classes is None else logits[:, :self.real_classes]
+        real = logits if self.real_classes is None else logits[:, : self.real_classes]
         if real.shape[1] < 4:
             raise ValueError(f"loss='dlr-targeted' needs at least 4 real classes; the model has {real.shape[1]}.")
         order = real.masked_fill(F.one_hot(y, real.shape[1]).bool(), float("-inf")).argsort(1, descending=True)
         return [order[:, k] for k in range(min(self.n_target_classes, real.shape[1] - 1))]
 
     # ------------------------------------------------------------------ one run (Algorithm 1)
-    def _single_run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _single_run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_best_or_adversarial, broken, loss per iteration (steps + 1, N)) of one APGD run on ``x``."""
         n, eps, dev = int(x.shape[0]), self.eps, x.device
         t = torch.rand(x.shape, generator=gen).to(dev) * 2 - 1
@@ -223,8 +245,10 @@ class APGD(Attack):
         if self.real_classes is not None and self.real_classes >= outputs:
             raise ValueError(f"real_classes={self.real_classes} must be below the model's {outputs} outputs.")
         if self.loss == "reject" and outputs != self.real_classes + 1:
-            raise ValueError(f"loss='reject' needs a model with real_classes + 1 = {self.real_classes + 1} outputs "
-                             f"(the last one the reject class); this one has {outputs}.")
+            raise ValueError(
+                f"loss='reject' needs a model with real_classes + 1 = {self.real_classes + 1} outputs "
+                f"(the last one the reject class); this one has {outputs}."
+            )
         real = outputs if self.real_classes is None else self.real_classes
         if self.loss == "dlr" and real < 3:
             raise ValueError(f"loss='dlr' needs at least 3 real classes; the model has {real}.")
@@ -238,7 +262,9 @@ class APGD(Attack):
                 if todo.numel() == 0:
                     break
                 gen = torch.Generator().manual_seed(self.seed + r)
-                x_r, hit, curve = self._single_run(model, x[todo], y[todo], None if target_y is None else target_y[todo], gen)
+                x_r, hit, curve = self._single_run(
+                    model, x[todo], y[todo], None if target_y is None else target_y[todo], gen
+                )
                 if runs == 0 and self.curves:
                     curves = torch.full((self.steps + 1, min(self.curves, n)), float("nan"))
                     first = todo < curves.shape[1]
@@ -249,7 +275,13 @@ class APGD(Attack):
                 runs += 1
         with torch.no_grad():
             final = model(x_adv)
-        extras: dict[str, Any] = {"norm": "linf", "eps": self.eps, "loss": self.loss, "runs": runs, "pred": final.argmax(1)}
+        extras: dict[str, Any] = {
+            "norm": "linf",
+            "eps": self.eps,
+            "loss": self.loss,
+            "runs": runs,
+            "pred": final.argmax(1),
+        }
         if curves is not None:
             extras["loss_curves"] = curves
         return AttackResult(x_adv, self.is_success(model, x_adv, y, None), extras=extras)

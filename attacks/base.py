@@ -82,9 +82,15 @@ class Attack:
             raise ValueError(f"{type(self).__name__} does not support targeted attacks; got target=...")
         with eval_mode(model):
             with torch.no_grad():  # the model's labels, or a one-image probe: what it returns fixes the valid labels
-                probe = check_logits(call_model(model, x if y is None else x[:1]), n=int(x.shape[0]) if y is None else 1)
+                probe = check_logits(
+                    call_model(model, x if y is None else x[:1]), n=int(x.shape[0]) if y is None else 1
+                )
             classes = int(probe.shape[1])
-            y = probe.argmax(1) if y is None else check_labels(y, "y", n=int(x.shape[0]), num_classes=classes).to(device)
+            y = (
+                probe.argmax(1)
+                if y is None
+                else check_labels(y, "y", n=int(x.shape[0]), num_classes=classes).to(device)
+            )
             if target is not None:
                 target = check_labels(target, "target", n=int(x.shape[0]), num_classes=classes).to(device)
             result = self.run(model, x, y, target)
@@ -95,7 +101,7 @@ class Attack:
             result.target = target
         return result
 
-    def fit(self, model: nn.Module, data: Any) -> "Attack":
+    def fit(self, model: nn.Module, data: Any) -> Attack:
         """Learn from clean data where the attack needs to (patches); the default learns nothing."""
         return self
 
@@ -103,7 +109,9 @@ class Attack:
         raise NotImplementedError
 
     @torch.no_grad()
-    def is_success(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    def is_success(
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> torch.Tensor:
         """Targeted: the model predicts ``target``; untargeted: a (real) class other than ``y``."""
         pred = model(x_adv).argmax(1)
         if target is not None:
@@ -113,7 +121,11 @@ class Attack:
 
     def params(self) -> dict[str, Any]:
         """The configuration, JSON-friendly (for report.json)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))
+        }
 
 
 class Fooler:
@@ -127,15 +139,22 @@ class Fooler:
 
     needs_images: bool = False
 
-    def __call__(self, model: nn.Module, *, shape: tuple[int, int, int], classes: Any = None,
-                 num_classes: int | None = None) -> AttackResult:
+    def __call__(
+        self, model: nn.Module, *, shape: tuple[int, int, int], classes: Any = None, num_classes: int | None = None
+    ) -> AttackResult:
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
         """The configuration, JSON-friendly (for report.json)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))
+        }
 
-    def targets(self, model: nn.Module, shape: Any, classes: Any, num_classes: Any, *, distinct: bool) -> tuple[tuple[int, int, int], torch.Tensor]:
+    def targets(
+        self, model: nn.Module, shape: Any, classes: Any, num_classes: Any, *, distinct: bool
+    ) -> tuple[tuple[int, int, int], torch.Tensor]:
         """The checked image shape and the wanted classes (int64, CPU) of a call.
 
         The model is probed once with a blank image of ``shape``, so that a shape it cannot take,
@@ -150,21 +169,40 @@ class Fooler:
             except ValueError as err:
                 raise ValueError(f"shape={shape}: {err}") from err
         outputs = int(check_logits(probe, n=1).shape[1])
-        num_classes = outputs if num_classes is None else check_int(num_classes, "num_classes", owner, low=1, high=outputs)
+        num_classes = (
+            outputs if num_classes is None else check_int(num_classes, "num_classes", owner, low=1, high=outputs)
+        )
         if classes is None:
             return shape, torch.arange(num_classes)
         if isinstance(classes, torch.Tensor):
-            if classes.is_meta or classes.is_floating_point() or classes.is_complex() or classes.dtype == torch.bool or classes.dim() != 1:
-                raise TypeError(f"classes must be a 1-D integer tensor of class indices; got {classes.dtype} of shape {tuple(classes.shape)}.")
+            if (
+                classes.is_meta
+                or classes.is_floating_point()
+                or classes.is_complex()
+                or classes.dtype == torch.bool
+                or classes.dim() != 1
+            ):
+                raise TypeError(
+                    f"classes must be a 1-D integer tensor of class indices; got {classes.dtype} of shape {tuple(classes.shape)}."
+                )
             values = [int(v) for v in classes.tolist()]
-        elif isinstance(classes, np.ndarray) or (isinstance(classes, Sequence) and not isinstance(classes, (str, bytes))):
-            values = list(np.asarray(classes).tolist()) if isinstance(classes, np.ndarray) and classes.ndim == 1 else list(classes)
-            if (isinstance(classes, np.ndarray) and (classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer))) or \
-                    not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
+        elif isinstance(classes, np.ndarray) or (
+            isinstance(classes, Sequence) and not isinstance(classes, (str, bytes))
+        ):
+            values = (
+                list(np.asarray(classes).tolist())
+                if isinstance(classes, np.ndarray) and classes.ndim == 1
+                else list(classes)
+            )
+            if (
+                isinstance(classes, np.ndarray) and (classes.ndim != 1 or not np.issubdtype(classes.dtype, np.integer))
+            ) or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values):
                 raise TypeError(f"classes must be class indices (ints); got {classes!r:.80}.")
             values = [int(v) for v in values]
         else:
-            raise TypeError(f"classes must be a list of class indices (or None: every class); got {type(classes).__name__} {classes!r:.40}.")
+            raise TypeError(
+                f"classes must be a list of class indices (or None: every class); got {type(classes).__name__} {classes!r:.40}."
+            )
         if not values or min(values) < 0 or max(values) >= num_classes:
             raise ValueError(f"classes must be non-empty and lie in [0, {num_classes - 1}]; got {values}.")
         if distinct and len(set(values)) != len(values):

@@ -17,15 +17,25 @@ coordinate grid). Genomes are plain data (``to_dict``/``from_dict``, JSON-friend
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from guard.core.validation import check_float, check_int
 
-__all__ = ["ACTIVATIONS", "Genome", "MutationRates", "random_genome", "complete_connections", "mutate", "render", "coordinate_grid"]
+__all__ = [
+    "ACTIVATIONS",
+    "Genome",
+    "MutationRates",
+    "random_genome",
+    "complete_connections",
+    "mutate",
+    "render",
+    "coordinate_grid",
+]
 
 ACTIVATIONS = ("sine", "sigmoid", "gaussian", "linear")
 NUM_INPUTS = 4  # x, y, r, bias
@@ -67,15 +77,23 @@ class Genome:
         return list(range(NUM_INPUTS, NUM_INPUTS + self.channels))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"channels": self.channels, "activations": {str(k): v for k, v in self.activations.items()},
-                "order": list(self.order), "connections": [[int(a), int(b), float(w)] for a, b, w in self.connections],
-                "next_id": self.next_id}
+        return {
+            "channels": self.channels,
+            "activations": {str(k): v for k, v in self.activations.items()},
+            "order": list(self.order),
+            "connections": [[int(a), int(b), float(w)] for a, b, w in self.connections],
+            "next_id": self.next_id,
+        }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Genome":
-        g = cls(channels=int(d["channels"]), activations={int(k): str(v) for k, v in d["activations"].items()},
-                order=[int(i) for i in d["order"]], connections=[[int(a), int(b), float(w)] for a, b, w in d["connections"]],
-                next_id=int(d["next_id"]))
+    def from_dict(cls, d: dict[str, Any]) -> Genome:
+        g = cls(
+            channels=int(d["channels"]),
+            activations={int(k): str(v) for k, v in d["activations"].items()},
+            order=[int(i) for i in d["order"]],
+            connections=[[int(a), int(b), float(w)] for a, b, w in d["connections"]],
+            next_id=int(d["next_id"]),
+        )
         g.validate()
         return g
 
@@ -128,8 +146,13 @@ def random_genome(channels: int = 1, *, rng: np.random.Generator, hidden: int = 
     acts = {i: "linear" for i in range(NUM_INPUTS)}
     acts.update({o: "sigmoid" for o in range(NUM_INPUTS, NUM_INPUTS + channels)})
     conns = [[i, o, float(rng.normal())] for i in range(NUM_INPUTS) for o in range(NUM_INPUTS, NUM_INPUTS + channels)]
-    g = Genome(channels=channels, activations=acts, order=list(range(NUM_INPUTS + channels)), connections=conns,
-               next_id=NUM_INPUTS + channels)
+    g = Genome(
+        channels=channels,
+        activations=acts,
+        order=list(range(NUM_INPUTS + channels)),
+        connections=conns,
+        next_id=NUM_INPUTS + channels,
+    )
     for _ in range(hidden):
         _add_node(g, rng)
     for _ in range(connections):
@@ -156,8 +179,13 @@ def _free_pairs(g: Genome) -> list[tuple[int, int]]:
     pos = {n: i for i, n in enumerate(g.order)}
     existing = {(int(a), int(b)) for a, b, _ in g.connections}
     outs = set(g.outputs())
-    return [(a, b) for a in g.order if a not in outs for b in g.order
-            if b >= NUM_INPUTS and pos[a] < pos[b] and (a, b) not in existing]
+    return [
+        (a, b)
+        for a in g.order
+        if a not in outs
+        for b in g.order
+        if b >= NUM_INPUTS and pos[a] < pos[b] and (a, b) not in existing
+    ]
 
 
 def _add_connection(g: Genome, rng: np.random.Generator) -> None:
@@ -201,7 +229,9 @@ def mutate(genome: Genome, rng: np.random.Generator, rates: MutationRates = Muta
     return g
 
 
-def coordinate_grid(height: int, width: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def coordinate_grid(
+    height: int, width: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """(4, H*W) rows x, y in [-1, 1], r = sqrt(x^2 + y^2) and bias 1."""
     height = check_int(height, "height", "coordinate_grid", low=1)
     width = check_int(width, "width", "coordinate_grid", low=1)

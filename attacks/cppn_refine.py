@@ -16,7 +16,7 @@ gradient is taken with ``torch.autograd.grad`` with respect to the weights only)
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,9 @@ __all__ = ["render_with_weights", "refine_weights", "polish_genomes"]
 def render_with_weights(g: Genome, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """(C, H*W) image of ``g`` with its connection weights replaced by ``weights`` (differentiable)."""
     if weights.shape != (len(g.connections),):
-        raise ValueError(f"weights must have shape ({len(g.connections)},), one per connection; got {tuple(weights.shape)}.")
+        raise ValueError(
+            f"weights must have shape ({len(g.connections)},), one per connection; got {tuple(weights.shape)}."
+        )
     return _render_one(g, grid, weights)
 
 
@@ -75,14 +77,20 @@ def refine_weights(
     if objective not in ("log_odds", "log_prob"):
         raise ValueError(f"objective must be 'log_odds' or 'log_prob'; got {objective!r}.")
     if targets.shape != (len(genomes),):
-        raise ValueError(f"targets must have shape ({len(genomes)},), one class per genome; got {tuple(targets.shape)}.")
+        raise ValueError(
+            f"targets must have shape ({len(genomes)},), one class per genome; got {tuple(targets.shape)}."
+        )
     if grow:
         genomes = [complete_connections(g) for g in genomes]
     device = targets.device
     channels = genomes[0].channels
     grid = coordinate_grid(height, width, device=device)
-    ws = [torch.tensor([float(c[2]) for c in g.connections], dtype=torch.float32, device=device).requires_grad_(bool(g.connections))
-          for g in genomes]
+    ws = [
+        torch.tensor([float(c[2]) for c in g.connections], dtype=torch.float32, device=device).requires_grad_(
+            bool(g.connections)
+        )
+        for g in genomes
+    ]
     live = [w for w in ws if w.requires_grad]
     opt = torch.optim.Adam(live, lr=lr) if live else None
     best_w = [w.detach().clone() for w in ws]
@@ -158,13 +166,25 @@ def polish_genomes(
     starts = check_int(starts, "starts", "polish_genomes", low=1)
     chunk = check_int(chunk, "chunk", "polish_genomes", low=1)
     if probs.shape != (len(genomes), classes.numel()):
-        raise ValueError(f"probs must have shape ({len(genomes)}, {classes.numel()}), one row per genome and one column per cell; "
-                         f"got {tuple(probs.shape)}.")
+        raise ValueError(
+            f"probs must have shape ({len(genomes)}, {classes.numel()}), one row per genome and one column per cell; "
+            f"got {tuple(probs.shape)}."
+        )
     picks = [(i, c) for c in cells for i in probs[:, c].argsort(descending=True)[:starts].tolist()]
     out: list[Genome] = []
     for k in range(0, len(picks), chunk):
-        part = picks[k:k + chunk]
-        new, _ = refine_weights([genomes[i] for i, _ in part], model, classes[[c for _, c in part]], height, width, steps=steps,
-                                lr=lr, max_weight=max_weight, objective="log_odds", grow=grow)
+        part = picks[k : k + chunk]
+        new, _ = refine_weights(
+            [genomes[i] for i, _ in part],
+            model,
+            classes[[c for _, c in part]],
+            height,
+            width,
+            steps=steps,
+            lr=lr,
+            max_weight=max_weight,
+            objective="log_odds",
+            grow=grow,
+        )
         out.extend(new)
     return out, [c for _, c in picks]

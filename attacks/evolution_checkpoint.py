@@ -33,10 +33,20 @@ class EvolutionCheckpointMismatch(ValueError):
     """The checkpoint in ``checkpoint_dir`` belongs to another run (settings, model, classes or shape differ)."""
 
 
-def save_evolution_state(directory: str | os.PathLike[str], *, fingerprint: dict[str, Any], archive: dict[str, torch.Tensor],
-                         archive_rng: dict[str, Any], rng: np.random.Generator, gen: torch.Generator, genomes: dict[int, Genome],
-                         pool: tuple[list[torch.Tensor], list[int], list[float]], counters: dict[str, Any],
-                         history: list[dict[str, float]], shape: tuple[int, ...]) -> Path:
+def save_evolution_state(
+    directory: str | os.PathLike[str],
+    *,
+    fingerprint: dict[str, Any],
+    archive: dict[str, torch.Tensor],
+    archive_rng: dict[str, Any],
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    genomes: dict[int, Genome],
+    pool: tuple[list[torch.Tensor], list[int], list[float]],
+    counters: dict[str, Any],
+    history: list[dict[str, float]],
+    shape: tuple[int, ...],
+) -> Path:
     """Write the state after a generation (atomically) and return the file's path."""
     pool_x, pool_l, pool_c = pool
     tensors = {f"archive.{k}": v for k, v in archive.items()}
@@ -44,9 +54,15 @@ def save_evolution_state(directory: str | os.PathLike[str], *, fingerprint: dict
     tensors["pool.label"] = torch.tensor(pool_l, dtype=torch.long)
     tensors["pool.confidence"] = torch.tensor(pool_c, dtype=torch.float64)
     tensors["torch_generator"] = gen.get_state()
-    meta = {"format": FORMAT, "fingerprint": fingerprint, "counters": counters, "history": history,
-            "rng": rng.bit_generator.state, "archive_rng": archive_rng,
-            "genomes": [[int(i), g.to_dict()] for i, g in genomes.items()]}
+    meta = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "counters": counters,
+        "history": history,
+        "rng": rng.bit_generator.state,
+        "archive_rng": archive_rng,
+        "genomes": [[int(i), g.to_dict()] for i, g in genomes.items()],
+    }
     path = Path(directory) / STATE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, tensors, meta)
@@ -65,22 +81,31 @@ def load_evolution_state(directory: str | os.PathLike[str], fingerprint: dict[st
         return None
     tensors, meta = load_tensors(path)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint_dir: {path} is not a FoolingEvolution checkpoint (format {meta.get('format')!r}, expected {FORMAT!r}).")
+        raise ValueError(
+            f"checkpoint_dir: {path} is not a FoolingEvolution checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})."
+        )
     saved = meta["fingerprint"]
     differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if differ:
         raise EvolutionCheckpointMismatch(
-            f"checkpoint_dir: {path} holds another run's state (differs in {differ}); use another folder or delete it.")
+            f"checkpoint_dir: {path} holds another run's state (differs in {differ}); use another folder or delete it."
+        )
     gen = torch.Generator()
     gen.set_state(tensors["torch_generator"])
     rng = np.random.default_rng()
     rng.bit_generator.state = meta["rng"]
     px = tensors["pool.x"]
     return {
-        "archive": {k[len("archive."):]: v for k, v in tensors.items() if k.startswith("archive.")},
-        "archive_rng": meta["archive_rng"], "rng": rng, "gen": gen,
+        "archive": {k[len("archive.") :]: v for k, v in tensors.items() if k.startswith("archive.")},
+        "archive_rng": meta["archive_rng"],
+        "rng": rng,
+        "gen": gen,
         "genomes": {int(i): Genome.from_dict(d) for i, d in meta["genomes"]},
-        "pool": ([px[i] for i in range(px.shape[0])], [int(v) for v in tensors["pool.label"]],
-                 [float(v) for v in tensors["pool.confidence"]]),
-        "counters": meta["counters"], "history": meta["history"],
+        "pool": (
+            [px[i] for i in range(px.shape[0])],
+            [int(v) for v in tensors["pool.label"]],
+            [float(v) for v in tensors["pool.confidence"]],
+        ),
+        "counters": meta["counters"],
+        "history": meta["history"],
     }

@@ -31,7 +31,7 @@ differs from each source's (or equals ``target`` when one is given).
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -83,7 +83,9 @@ def sample_guides(
         cand = arange[ok]
         if cand.numel() == 0:
             want = f"label {int(target[i])}" if target is not None else f"a label other than {int(y[i])}"
-            raise ValueError(f"no guide candidate with {want} for source {i}; pass guides explicitly or a larger batch.")
+            raise ValueError(
+                f"no guide candidate with {want} for source {i}; pass guides explicitly or a larger batch."
+            )
         idx[i] = cand[torch.randint(cand.numel(), (1,), generator=gen)]
     return idx
 
@@ -155,7 +157,9 @@ class FeatureAdversary(Attack):
     ) -> None:
         owner = type(self).__name__
         if not isinstance(layer, str) or not layer:
-            raise ValueError(f"The 'layer' parameter of {owner} must be a non-empty module path such as 'fc1'. Got {layer!r}.")
+            raise ValueError(
+                f"The 'layer' parameter of {owner} must be a non-empty module path such as 'fc1'. Got {layer!r}."
+            )
         self.layer = layer
         self.delta = check_float(delta, "delta", owner, low=0.0, high=1.0, low_open=True)
         if variant not in VARIANTS:
@@ -169,7 +173,9 @@ class FeatureAdversary(Attack):
     # -- the standard call: guides sampled from the batch ------------------------------------
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
         if x.shape[0] < 2:
-            raise ValueError("x must hold at least 2 images to sample guides from the batch; use generate(model, x, guides) instead.")
+            raise ValueError(
+                "x must hold at least 2 images to sample guides from the batch; use generate(model, x, guides) instead."
+            )
         idx = sample_guides(y, y, target=target, seed=self.seed, exclude_self=True).to(x.device)
         with torch.no_grad():
             glabel = model(x[idx]).argmax(1)
@@ -196,7 +202,9 @@ class FeatureAdversary(Attack):
         check_images(x, "x")
         check_images(guides, "guides")
         if tuple(guides.shape) != tuple(x.shape):
-            raise ValueError(f"guides must have the same shape as x (one guide per source); got {tuple(guides.shape)} for x of shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"guides must have the same shape as x (one guide per source); got {tuple(guides.shape)} for x of shape {tuple(x.shape)}."
+            )
         get_layer(model, self.layer)
         device = model_device(model)
         x = x.to(device=device, dtype=torch.float32)
@@ -218,7 +226,7 @@ class FeatureAdversary(Attack):
         parts: list[torch.Tensor] = []
         iters: list[int] = []
         for i in range(0, n, bs):
-            adv, it = self._solve_batch(model, x[i:i + bs], guides[i:i + bs], glabel[i:i + bs])
+            adv, it = self._solve_batch(model, x[i : i + bs], guides[i : i + bs], glabel[i : i + bs])
             parts.append(adv)
             iters.append(it)
         adv = torch.cat(parts)
@@ -251,7 +259,9 @@ class FeatureAdversary(Attack):
     def _bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (x - self.delta).clamp(0.0, 1.0), (x + self.delta).clamp(0.0, 1.0)
 
-    def _solve_batch(self, model: nn.Module, x: torch.Tensor, guides: torch.Tensor, glabel: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _solve_batch(
+        self, model: nn.Module, x: torch.Tensor, guides: torch.Tensor, glabel: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
         lo, hi = self._bounds(x)
         fx = _tap(model, self.layer)
         with torch.no_grad():
@@ -272,14 +282,22 @@ class FeatureAdversary(Attack):
 
         bounds = np.stack([lo.double().cpu().numpy().ravel(), hi.double().cpu().numpy().ravel()], axis=1)
         z0 = x.double().cpu().numpy().ravel()
-        res = minimize(fun, z0, jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": self.max_iter, "maxcor": 10, "ftol": 1e-10, "gtol": 1e-8})
+        res = minimize(
+            fun,
+            z0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxiter": self.max_iter, "maxcor": 10, "ftol": 1e-10, "gtol": 1e-8},
+        )
         log.debug("%s %s: %s after %d iterations", type(self).__name__, self.variant, res.message, res.nit)
         adv = torch.from_numpy(res.x).to(device=x.device, dtype=torch.float32).view(shape)
         # float64 -> float32 rounding can step a hair outside the box; project back onto it.
         return torch.minimum(torch.maximum(adv, lo), hi), int(res.nit)
 
-    def _label_objective(self, model: nn.Module, x: torch.Tensor, glabel: torch.Tensor) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    def _label_objective(
+        self, model: nn.Module, x: torch.Tensor, glabel: torch.Tensor
+    ) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
         shape, c = tuple(x.shape), self.label_c
 
         def fun(z: np.ndarray) -> tuple[float, np.ndarray]:
@@ -292,7 +310,9 @@ class FeatureAdversary(Attack):
 
         return fun
 
-    def _linear_objective(self, fx: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, fg: torch.Tensor) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
+    def _linear_objective(
+        self, fx: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor, fg: torch.Tensor
+    ) -> Callable[[np.ndarray], tuple[float, np.ndarray]]:
         # J v and J^T u at s by double backward: gs(u) = J^T u is linear in u, so d<gs(u), v>/du = J v.
         s = x.clone().requires_grad_(True)
         _, fs = fx(s)

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +42,8 @@ from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
 from guard.attacks.cppn_refine import polish_genomes, refine_weights
 from guard.attacks.evolution_checkpoint import load_evolution_state, save_evolution_state
-from guard.core.models import eval_mode
 from guard.core.integrity import tensors_digest
+from guard.core.models import eval_mode
 from guard.core.validation import check_float, check_images, check_int, check_labels
 
 __all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
@@ -68,15 +69,23 @@ class ClassArchive:
     class's probability), so an image replaces the elite of every class where it is better.
     """
 
-    def __init__(self, num_classes: int, image_shape: tuple[int, ...], *, seed: int = 0, with_ids: bool = False) -> None:
+    def __init__(
+        self, num_classes: int, image_shape: tuple[int, ...], *, seed: int = 0, with_ids: bool = False
+    ) -> None:
         from ribs.archives import GridArchive  # pyribs pulls in numba (~2 s): imported when first used
 
         self.num_classes = check_int(num_classes, "num_classes", "ClassArchive", low=1)
         self.image_shape = tuple(int(s) for s in image_shape)
         dim = int(np.prod(self.image_shape))
         extra = {"genome_id": ((), np.int64)} if with_ids else None
-        self.archive = GridArchive(solution_dim=dim, dims=[self.num_classes], ranges=[(-0.5, self.num_classes - 0.5)],
-                                   seed=seed, solution_dtype=np.float32, extra_fields=extra)
+        self.archive = GridArchive(
+            solution_dim=dim,
+            dims=[self.num_classes],
+            ranges=[(-0.5, self.num_classes - 0.5)],
+            seed=seed,
+            solution_dtype=np.float32,
+            extra_fields=extra,
+        )
         self.with_ids = with_ids
         self._best = np.full(self.num_classes, -np.inf)  # each cell's elite objective (-inf: empty)
 
@@ -88,7 +97,9 @@ class ClassArchive:
         the batch's best child (the first on ties) can be added, where it beats the elite."""
         n, k = probs.shape
         if k != self.num_classes or images.shape[0] != n:
-            raise ValueError(f"probs must be (N, {self.num_classes}) for N={images.shape[0]} images; got {tuple(probs.shape)}.")
+            raise ValueError(
+                f"probs must be (N, {self.num_classes}) for N={images.shape[0]} images; got {tuple(probs.shape)}."
+            )
         if self.with_ids and genome_ids is None:
             raise ValueError("genome_ids are required for an archive made with with_ids=True.")
         p = probs.detach().double().cpu().numpy()
@@ -144,16 +155,22 @@ class ClassArchive:
         """The elites as tensors in pyribs' insertion order (which its parent draws depend on) and
         the archive generator's state: what :meth:`restore` needs to rebuild this archive exactly.
         ``images=False`` leaves the images out (a CPPN archive re-renders them from its genomes)."""
-        d = self.archive.data(["objective", "measures"] + (["solution"] if images else []) + (["genome_id"] if self.with_ids else []))
-        out = {"objective": torch.from_numpy(np.asarray(d["objective"], dtype=np.float64).copy()),
-               "cell": torch.from_numpy(np.rint(np.asarray(d["measures"])[:, 0]).astype(np.int64))}
+        d = self.archive.data(
+            ["objective", "measures"] + (["solution"] if images else []) + (["genome_id"] if self.with_ids else [])
+        )
+        out = {
+            "objective": torch.from_numpy(np.asarray(d["objective"], dtype=np.float64).copy()),
+            "cell": torch.from_numpy(np.rint(np.asarray(d["measures"])[:, 0]).astype(np.int64)),
+        }
         if images:
             out["solution"] = torch.from_numpy(np.asarray(d["solution"], dtype=np.float32).copy())
         if self.with_ids:
             out["genome_id"] = torch.from_numpy(np.asarray(d["genome_id"], dtype=np.int64).copy())
         return out, self._rng().bit_generator.state
 
-    def restore(self, tensors: dict[str, torch.Tensor], rng_state: dict[str, Any], images: torch.Tensor | None = None) -> None:
+    def restore(
+        self, tensors: dict[str, torch.Tensor], rng_state: dict[str, Any], images: torch.Tensor | None = None
+    ) -> None:
         """Refill an empty archive from :meth:`state`: one insertion per elite, in the saved order
         (``images``: the elites' images where the state has none)."""
         if len(self.archive):
@@ -162,11 +179,17 @@ class ClassArchive:
         obj, cell = tensors["objective"].numpy(), tensors["cell"].numpy()
         if sol.shape[0] != obj.shape[0]:
             raise ValueError(f"checkpoint_dir: {sol.shape[0]} elite images for {obj.shape[0]} elites.")
-        if sol.shape[1:] != (int(np.prod(self.image_shape)),) or cell.size and (cell.min() < 0 or cell.max() >= self.num_classes):
-            raise ValueError(f"checkpoint_dir: the saved archive does not fit {self.num_classes} classes of shape {self.image_shape}.")
+        if (
+            sol.shape[1:] != (int(np.prod(self.image_shape)),)
+            or cell.size
+            and (cell.min() < 0 or cell.max() >= self.num_classes)
+        ):
+            raise ValueError(
+                f"checkpoint_dir: the saved archive does not fit {self.num_classes} classes of shape {self.image_shape}."
+            )
         for i in range(obj.shape[0]):
-            fields = {"genome_id": tensors["genome_id"].numpy()[i:i + 1]} if self.with_ids else {}
-            self.archive.add(sol[i:i + 1], obj[i:i + 1], cell[i:i + 1].astype(np.float64)[:, None], **fields)
+            fields = {"genome_id": tensors["genome_id"].numpy()[i : i + 1]} if self.with_ids else {}
+            self.archive.add(sol[i : i + 1], obj[i : i + 1], cell[i : i + 1].astype(np.float64)[:, None], **fields)
         self._best[cell] = obj
         self._rng().bit_generator.state = rng_state
 
@@ -280,26 +303,39 @@ class FoolingEvolution(Fooler):
         self.init_hidden = check_int(init_hidden, "init_hidden", owner, low=0)
         self.init_connections = check_int(init_connections, "init_connections", owner, low=0)
         if self.init_connections and encoding != "cppn":
-            raise ValueError(f"The 'init_connections' parameter of {owner} shapes initial CPPNs; it needs encoding='cppn', got {encoding!r}.")
+            raise ValueError(
+                f"The 'init_connections' parameter of {owner} shapes initial CPPNs; it needs encoding='cppn', got {encoding!r}."
+            )
         if parent_selection not in ("uniform", "unfooled"):
-            raise ValueError(f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. Got {parent_selection!r}.")
+            raise ValueError(
+                f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. Got {parent_selection!r}."
+            )
         self.parent_selection = parent_selection
         self.extra_samples = check_int(extra_samples, "extra_samples", owner, low=0)
-        self.extra_threshold = self.threshold if extra_threshold is None else check_float(
-            extra_threshold, "extra_threshold", owner, low=0.0, high=1.0, low_open=True)
+        self.extra_threshold = (
+            self.threshold
+            if extra_threshold is None
+            else check_float(extra_threshold, "extra_threshold", owner, low=0.0, high=1.0, low_open=True)
+        )
         self.refine_every = check_int(refine_every, "refine_every", owner, low=0)
         if self.refine_every and encoding != "cppn":
-            raise ValueError(f"The 'refine_every' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}.")
+            raise ValueError(
+                f"The 'refine_every' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}."
+            )
         self.refine_steps = check_int(refine_steps, "refine_steps", owner, low=1)
         self.refine_lr = check_float(refine_lr, "refine_lr", owner, low=0.0, low_open=True)
         if not isinstance(refine_grow, bool):
             raise TypeError(f"The 'refine_grow' parameter of {owner} must be a bool. Got {type(refine_grow).__name__}.")
         if refine_grow and not self.refine_every:
-            raise ValueError(f"The 'refine_grow' parameter of {owner} changes refinement; it needs refine_every > 0, got {self.refine_every}.")
+            raise ValueError(
+                f"The 'refine_grow' parameter of {owner} changes refinement; it needs refine_every > 0, got {self.refine_every}."
+            )
         self.refine_grow = refine_grow
         self.polish_steps = check_int(polish_steps, "polish_steps", owner, low=0)
         if self.polish_steps and encoding != "cppn":
-            raise ValueError(f"The 'polish_steps' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}.")
+            raise ValueError(
+                f"The 'polish_steps' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}."
+            )
         self.polish_starts = check_int(polish_starts, "polish_starts", owner, low=1)
         self.polish_lr = check_float(polish_lr, "polish_lr", owner, low=0.0, low_open=True)
         self.seed = check_int(seed, "seed", owner)
@@ -348,8 +384,12 @@ class FoolingEvolution(Fooler):
             polish_evals, before_polish = 0, None
             fingerprint: dict[str, Any] = {}
             if checkpoint_dir is not None:
-                fingerprint = {"params": {k: v for k, v in self.params().items() if k != "generations"}, "shape": list(shape),
-                               "classes": cls.tolist(), "model": tensors_digest(model.state_dict())}
+                fingerprint = {
+                    "params": {k: v for k, v in self.params().items() if k != "generations"},
+                    "shape": list(shape),
+                    "classes": cls.tolist(),
+                    "model": tensors_digest(model.state_dict()),
+                }
                 st = load_evolution_state(checkpoint_dir, fingerprint)
                 if st is not None:
                     genomes, gen, rng, history = st["genomes"], st["gen"], st["rng"], st["history"]
@@ -358,17 +398,38 @@ class FoolingEvolution(Fooler):
                     archive.restore(st["archive"], st["archive_rng"], ims)
                     pool_x, pool_l, pool_c = st["pool"]
                     c = st["counters"]
-                    next_id, seen, all_fooled_at, g_done, refine_evals = (c["next_id"], c["seen"], c["all_fooled_at"], c["generations"],
-                                                                          c["refine_evaluations"])
+                    next_id, seen, all_fooled_at, g_done, refine_evals = (
+                        c["next_id"],
+                        c["seen"],
+                        c["all_fooled_at"],
+                        c["generations"],
+                        c["refine_evaluations"],
+                    )
                     t0 -= c["seconds"]
                     log.info("FoolingEvolution: resumed from %s at generation %d", checkpoint_dir, g_done)
 
             def save() -> None:
                 a_tensors, a_rng = archive.state(images=not cppn)
-                save_evolution_state(checkpoint_dir, fingerprint=fingerprint, archive=a_tensors, archive_rng=a_rng, rng=rng, gen=gen,
-                                     genomes=genomes, pool=(pool_x, pool_l, pool_c), history=history, shape=shape,
-                                     counters={"next_id": next_id, "seen": seen, "all_fooled_at": all_fooled_at, "generations": g_done,
-                                               "refine_evaluations": refine_evals, "seconds": time.perf_counter() - t0})
+                save_evolution_state(
+                    checkpoint_dir,
+                    fingerprint=fingerprint,
+                    archive=a_tensors,
+                    archive_rng=a_rng,
+                    rng=rng,
+                    gen=gen,
+                    genomes=genomes,
+                    pool=(pool_x, pool_l, pool_c),
+                    history=history,
+                    shape=shape,
+                    counters={
+                        "next_id": next_id,
+                        "seen": seen,
+                        "all_fooled_at": all_fooled_at,
+                        "generations": g_done,
+                        "refine_evaluations": refine_evals,
+                        "seconds": time.perf_counter() - t0,
+                    },
+                )
 
             done_before = self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations
             for g_idx in range(g_done, 0 if done_before else self.generations):
@@ -377,7 +438,10 @@ class FoolingEvolution(Fooler):
                 parents = self._parents(archive, rng) if len(archive) else None
                 if cppn:
                     if parents is None:
-                        kids = [random_genome(shape[0], rng=rng, hidden=self.init_hidden, connections=self.init_connections) for _ in range(self.population)]
+                        kids = [
+                            random_genome(shape[0], rng=rng, hidden=self.init_hidden, connections=self.init_connections)
+                            for _ in range(self.population)
+                        ]
                     else:
                         kids = [mutate(genomes[int(i)], rng, self.rates) for i in parents["genome_id"]]
                     ids = np.arange(next_id, next_id + len(kids))
@@ -401,9 +465,17 @@ class FoolingEvolution(Fooler):
                     left = np.flatnonzero(np.isfinite(conf) & (conf < self.threshold))
                     if left.size:
                         el = archive.retrieve(left)
-                        kids, _ = refine_weights([genomes[int(i)] for i in el["genome_id"]], model, cls_dev[torch.from_numpy(left).to(device)],
-                                                 shape[1], shape[2], steps=self.refine_steps, lr=self.refine_lr,
-                                                 max_weight=self.rates.max_weight, grow=self.refine_grow)
+                        kids, _ = refine_weights(
+                            [genomes[int(i)] for i in el["genome_id"]],
+                            model,
+                            cls_dev[torch.from_numpy(left).to(device)],
+                            shape[1],
+                            shape[2],
+                            steps=self.refine_steps,
+                            lr=self.refine_lr,
+                            max_weight=self.rates.max_weight,
+                            grow=self.refine_grow,
+                        )
                         rids = np.arange(next_id, next_id + len(kids))
                         next_id += len(kids)
                         for i, k in zip(rids, kids):
@@ -422,7 +494,9 @@ class FoolingEvolution(Fooler):
                     for j in (top_c >= self.extra_threshold).nonzero().flatten().tolist():
                         seen += 1
                         if len(pool_x) < self.extra_samples:
-                            pool_x.append(xc[j].cpu()); pool_l.append(int(cls[top_l[j]])); pool_c.append(float(top_c[j]))
+                            pool_x.append(xc[j].cpu())
+                            pool_l.append(int(cls[top_l[j]]))
+                            pool_c.append(float(top_c[j]))
                         elif self.extra_samples:
                             r = int(rng.integers(seen))
                             if r < self.extra_samples:
@@ -431,14 +505,23 @@ class FoolingEvolution(Fooler):
                 filled = conf_now[np.isfinite(conf_now)]
                 n_fooled = int((conf_now >= self.threshold).sum())
                 if g_idx % 10 == 0 or n_fooled == cells or g_done == self.generations:
-                    history.append({"generation": g_done, "classes_fooled": n_fooled, "classes_filled": int(filled.size),
-                                    "median_confidence": float(torch.from_numpy(filled).median()), "seconds": time.perf_counter() - t0})
+                    history.append(
+                        {
+                            "generation": g_done,
+                            "classes_fooled": n_fooled,
+                            "classes_filled": int(filled.size),
+                            "median_confidence": float(torch.from_numpy(filled).median()),
+                            "seconds": time.perf_counter() - t0,
+                        }
+                    )
                 if progress is not None:
                     progress(g_done, n_fooled)
                 if n_fooled == cells and all_fooled_at < 0:
                     all_fooled_at = g_done
                 stop = self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations
-                if checkpoint_dir is not None and (stop or g_done % checkpoint_every == 0 or g_done == self.generations):
+                if checkpoint_dir is not None and (
+                    stop or g_done % checkpoint_every == 0 or g_done == self.generations
+                ):
                     save()
                 if stop:
                     break
@@ -452,19 +535,34 @@ class FoolingEvolution(Fooler):
                 if short.size:
                     el = archive.elites()
                     ims = el["images"].to(device)
-                    probs = torch.cat([F.softmax(model(ims[i:i + self.population]).float(), 1)[:, cls_dev]
-                                       for i in range(0, ims.shape[0], self.population)])
+                    probs = torch.cat(
+                        [
+                            F.softmax(model(ims[i : i + self.population]).float(), 1)[:, cls_dev]
+                            for i in range(0, ims.shape[0], self.population)
+                        ]
+                    )
                     # elites() is sorted by cell; polish_genomes wants one row per genome, one column per cell
-                    kids, _ = polish_genomes([genomes[int(i)] for i in el["genome_id"]], probs, short.tolist(), model, cls_dev,
-                                             shape[1], shape[2], starts=self.polish_starts, steps=self.polish_steps,
-                                             lr=self.polish_lr, max_weight=self.rates.max_weight, chunk=self.population)
+                    kids, _ = polish_genomes(
+                        [genomes[int(i)] for i in el["genome_id"]],
+                        probs,
+                        short.tolist(),
+                        model,
+                        cls_dev,
+                        shape[1],
+                        shape[2],
+                        starts=self.polish_starts,
+                        steps=self.polish_steps,
+                        lr=self.polish_lr,
+                        max_weight=self.rates.max_weight,
+                        chunk=self.population,
+                    )
                     rids = np.arange(next_id, next_id + len(kids))
                     next_id += len(kids)
                     for i, k in zip(rids, kids):
                         genomes[int(i)] = k
                     for i in range(0, len(kids), self.population):
-                        xr = render(kids[i:i + self.population], shape[1], shape[2], device=device)
-                        archive.add(xr, F.softmax(model(xr).float(), 1)[:, cls_dev], rids[i:i + self.population])
+                        xr = render(kids[i : i + self.population], shape[1], shape[2], device=device)
+                        archive.add(xr, F.softmax(model(xr).float(), 1)[:, cls_dev], rids[i : i + self.population])
                     keep = {int(i) for i in archive.genome_ids()}
                     genomes = {i: genomes[i] for i in keep}
                     polish_evals += ims.shape[0] + len(kids) * (self.polish_steps + 2)
@@ -476,9 +574,13 @@ class FoolingEvolution(Fooler):
             # admitted it (re-scoring 1,000 elites at 224 px would cost as much as 20 generations of
             # 50); only the reservoir samples are re-scored, in chunks.
             pool_t = torch.stack(pool_x).to(device) if pool_x else x_all[:0]
-            pool_lab = labels[el["labels"].numel():]
-            pool_conf = [F.softmax(model(pool_t[i:i + self.population]).float(), 1).gather(1, pool_lab[i:i + self.population, None])
-                         .squeeze(1) for i in range(0, pool_t.shape[0], self.population)]
+            pool_lab = labels[el["labels"].numel() :]
+            pool_conf = [
+                F.softmax(model(pool_t[i : i + self.population]).float(), 1)
+                .gather(1, pool_lab[i : i + self.population, None])
+                .squeeze(1)
+                for i in range(0, pool_t.shape[0], self.population)
+            ]
             conf = torch.cat([el["confidence"].float().to(device), *pool_conf])
         seconds = time.perf_counter() - t0
         n_el = int(el["labels"].numel())
@@ -504,7 +606,6 @@ class FoolingEvolution(Fooler):
             extras["genomes"] = [genomes[int(i)].to_dict() for i in el["genome_id"]]
         return AttackResult(x_adv=x_all, success=conf >= self.threshold, target=labels, extras=extras)
 
-
     def _parents(self, archive: ClassArchive, rng: np.random.Generator) -> dict[str, Any]:
         if self.parent_selection == "uniform":
             return archive.sample(self.population)
@@ -515,15 +616,21 @@ class FoolingEvolution(Fooler):
         return archive.retrieve(left[rng.integers(left.size, size=self.population)])
 
 
-def _render_ids(genomes: dict[int, Genome], ids: torch.Tensor, shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+def _render_ids(
+    genomes: dict[int, Genome], ids: torch.Tensor, shape: tuple[int, int, int], device: torch.device
+) -> torch.Tensor:
     """The images of the genomes ``ids`` (on CPU), rendered on ``device`` as during the run."""
     if ids.numel() == 0:
         return torch.empty((0, *shape))
-    return torch.cat([render([genomes[int(i)] for i in chunk], shape[1], shape[2], device=device).cpu() for chunk in ids.split(256)])
+    return torch.cat(
+        [render([genomes[int(i)] for i in chunk], shape[1], shape[2], device=device).cpu() for chunk in ids.split(256)]
+    )
 
 
 @torch.no_grad()
-def transfer_check(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, threshold: float = 0.9999, batch_size: int = 512) -> dict[str, float]:
+def transfer_check(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, threshold: float = 0.9999, batch_size: int = 512
+) -> dict[str, float]:
     """How a second model sees fooling images made for ``labels`` by a first one.
 
     Returns the share the second model labels as ``labels``, the share at >= ``threshold``
@@ -538,9 +645,13 @@ def transfer_check(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, t
     conf, pred = [], []
     with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
-            p = F.softmax(model(x[i:i + batch_size].to(device)).float(), 1)
-            conf.append(p.gather(1, labels[i:i + batch_size].to(device)[:, None]).squeeze(1).cpu())
+            p = F.softmax(model(x[i : i + batch_size].to(device)).float(), 1)
+            conf.append(p.gather(1, labels[i : i + batch_size].to(device)[:, None]).squeeze(1).cpu())
             pred.append(p.argmax(1).cpu())
     c, pr = torch.cat(conf), torch.cat(pred)
-    return {"same_label": float((pr == labels.cpu()).float().mean()), "at_threshold": float((c >= threshold).float().mean()),
-            "median_confidence": float(c.median()), "n": int(c.numel())}
+    return {
+        "same_label": float((pr == labels.cpu()).float().mean()),
+        "at_threshold": float((c >= threshold).float().mean()),
+        "median_confidence": float(c.median()),
+        "n": int(c.numel()),
+    }

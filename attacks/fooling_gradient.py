@@ -17,7 +17,7 @@ threshold, and the best image seen so far is kept.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,9 @@ __all__ = ["FoolingGradient", "gaussian_blur", "total_variation"]
 
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     """Anisotropic total variation per image (mean absolute neighbour difference)."""
-    return (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1) + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1) + (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(
+        1
+    ).mean(1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -91,10 +93,14 @@ class FoolingGradient(Fooler):
         self.threshold = check_float(threshold, "threshold", owner, low=0.0, high=1.0, low_open=True)
         self.samples_per_class = check_int(samples_per_class, "samples_per_class", owner, low=1)
         self.tv_weight = check_float(tv_weight, "tv_weight", owner, low=0.0)
-        self.blur_sigma = None if blur_sigma is None else check_float(blur_sigma, "blur_sigma", owner, low=0.0, low_open=True)
+        self.blur_sigma = (
+            None if blur_sigma is None else check_float(blur_sigma, "blur_sigma", owner, low=0.0, low_open=True)
+        )
         self.blur_every = check_int(blur_every, "blur_every", owner, low=1)
         if objective not in ("log_odds", "log_prob"):
-            raise ValueError(f"The 'objective' parameter of {owner} must be 'log_odds' or 'log_prob'. Got {objective!r}.")
+            raise ValueError(
+                f"The 'objective' parameter of {owner} must be 'log_odds' or 'log_prob'. Got {objective!r}."
+            )
         self.objective = objective
         self.batch_size = None if batch_size is None else check_int(batch_size, "batch_size", owner, low=1)
         self.seed = check_int(seed, "seed", owner)
@@ -115,17 +121,25 @@ class FoolingGradient(Fooler):
         gen = torch.Generator().manual_seed(self.seed)
         x0 = torch.rand(n, *shape, generator=gen)  # drawn whole: the same start whatever the chunks
         chunk = n if self.batch_size is None else self.batch_size
-        parts = [self._optimise(model, x0[i:i + chunk].to(device), labels[i:i + chunk]) for i in range(0, n, chunk)]
+        parts = [self._optimise(model, x0[i : i + chunk].to(device), labels[i : i + chunk]) for i in range(0, n, chunk)]
         best, conf, reached = (torch.cat(t) for t in zip(*parts))
         seconds = time.perf_counter() - t0
         return AttackResult(
             x_adv=best.detach(),
             success=conf >= self.threshold,
             target=labels,
-            extras={"label": labels, "confidence": conf, "steps": reached, "seconds": seconds, "threshold": self.threshold},
+            extras={
+                "label": labels,
+                "confidence": conf,
+                "steps": reached,
+                "seconds": seconds,
+                "threshold": self.threshold,
+            },
         )
 
-    def _optimise(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _optimise(
+        self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adam ascent of one chunk of images: ``(best images, their confidence, step each reached the threshold)``."""
         n, device = labels.numel(), x.device
         x = x.requires_grad_(True)
@@ -159,7 +173,7 @@ class FoolingGradient(Fooler):
                     m1.mul_(0.9).add_(grad, alpha=0.1)
                     m2.mul_(0.999).addcmul_(grad, grad, value=0.001)
                     t = step + 1
-                    x.sub_(self.lr * (m1 / (1 - 0.9 ** t)) / ((m2 / (1 - 0.999 ** t)).sqrt() + 1e-8))
+                    x.sub_(self.lr * (m1 / (1 - 0.9**t)) / ((m2 / (1 - 0.999**t)).sqrt() + 1e-8))
                     if self.blur_sigma is not None and (step + 1) % self.blur_every == 0:
                         x.copy_(torch.where(active.bool().view(-1, 1, 1, 1), gaussian_blur(x, self.blur_sigma), x))
                     x.clamp_(0.0, 1.0)

@@ -32,8 +32,17 @@ from torch import nn
 from guard.attacks.base import Attack, AttackResult
 from guard.core.validation import check_float, check_int
 
-__all__ = ["FGSM", "LinfPGD", "L2PGD", "PGD", "LOSSES", "wrong_confidence", "LinfFastGradientAttack", "LinfProjectedGradientDescentAttack",
-           "L2ProjectedGradientDescentAttack"]
+__all__ = [
+    "FGSM",
+    "LinfPGD",
+    "L2PGD",
+    "PGD",
+    "LOSSES",
+    "wrong_confidence",
+    "LinfFastGradientAttack",
+    "LinfProjectedGradientDescentAttack",
+    "L2ProjectedGradientDescentAttack",
+]
 
 
 LOSSES = ("ce", "confidence")
@@ -46,8 +55,9 @@ def wrong_confidence(logits: torch.Tensor, labels: torch.Tensor, real_classes: i
     return p.masked_fill(F.one_hot(labels, k).bool(), float("-inf")).amax(1)
 
 
-def _objective(logits: torch.Tensor, labels: torch.Tensor, targeted: bool, real_classes: int | None,
-               loss: str) -> torch.Tensor:
+def _objective(
+    logits: torch.Tensor, labels: torch.Tensor, targeted: bool, real_classes: int | None, loss: str
+) -> torch.Tensor:
     """The per-image ascent objective.
 
     "ce": +CE(y), or -CE(target); with ``real_classes`` (untargeted) log P(a real class other
@@ -66,8 +76,14 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, targeted: bool, real_
     return torch.logsumexp(logp.masked_fill(F.one_hot(labels, real_classes).bool(), float("-inf")), 1)
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, targeted: bool,
-                real_classes: int | None = None, loss: str = "ce") -> tuple[torch.Tensor, torch.Tensor]:
+def _input_grad(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    targeted: bool,
+    real_classes: int | None = None,
+    loss: str = "ce",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradient of the ascent objective (:func:`_objective`) w.r.t. x, logits)."""
     x = x.detach().requires_grad_(True)
     logits = model(x)
@@ -106,20 +122,36 @@ class FGSM(Attack):
 class _PGDBase(Attack):
     norm = "linf"
 
-    def __init__(self, *, eps: float, steps: int = 40, step_size: float | None = None, random_start: bool = True,
-                 early_stop: bool | None = None, real_classes: int | None = None, seed: int = 0, loss: str = "ce") -> None:
+    def __init__(
+        self,
+        *,
+        eps: float,
+        steps: int = 40,
+        step_size: float | None = None,
+        random_start: bool = True,
+        early_stop: bool | None = None,
+        real_classes: int | None = None,
+        seed: int = 0,
+        loss: str = "ce",
+    ) -> None:
         owner = type(self).__name__
         self.loss = _check_loss(loss, owner)
         if early_stop is None:  # the confidence objective is meant to run past the boundary
             early_stop = loss == "ce"
         if early_stop and loss == "confidence":
-            raise ValueError(f"The 'early_stop' parameter of {owner} must be False with loss='confidence' (it maximises the "
-                             "wrong class's confidence past the first misclassified step). Got True.")
+            raise ValueError(
+                f"The 'early_stop' parameter of {owner} must be False with loss='confidence' (it maximises the "
+                "wrong class's confidence past the first misclassified step). Got True."
+            )
         self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", owner, low=2)
         self.eps = check_float(eps, "eps", owner, low=0.0)
         self.steps = check_int(steps, "steps", owner, low=1)
         # Madry et al.'s rule of thumb: 2.5 * eps / steps lets a run cross the ball and come back.
-        self.step_size = check_float(step_size, "step_size", owner, low=0.0, low_open=True) if step_size is not None else 2.5 * self.eps / self.steps
+        self.step_size = (
+            check_float(step_size, "step_size", owner, low=0.0, low_open=True)
+            if step_size is not None
+            else 2.5 * self.eps / self.steps
+        )
         if not isinstance(random_start, bool):
             raise TypeError(f"The 'random_start' parameter of {owner} must be a bool. Got {random_start!r}.")
         if not isinstance(early_stop, bool):
@@ -185,8 +217,15 @@ class _PGDBase(Attack):
         success = self.is_success(model, x_adv, y, target)
         return AttackResult(x_adv, success, extras={"norm": self.norm, "eps": self.eps, "steps_taken": steps_taken})
 
-    def _keep_best(self, best: torch.Tensor, best_obj: torch.Tensor, x_adv: torch.Tensor, logits: torch.Tensor,
-                   labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    def _keep_best(
+        self,
+        best: torch.Tensor,
+        best_obj: torch.Tensor,
+        x_adv: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        targeted: bool,
+    ) -> torch.Tensor:
         """Copy into ``best`` the images of ``x_adv`` whose objective beats ``best_obj``; the new best objective."""
         with torch.no_grad():
             obj = _objective(logits.float(), labels, targeted, self.real_classes, self.loss)
@@ -219,10 +258,28 @@ class LinfPGD(_PGDBase):
 
     norm = "linf"
 
-    def __init__(self, *, eps: float = 0.3, steps: int = 40, step_size: float | None = None, random_start: bool = True,
-                 early_stop: bool | None = None, real_classes: int | None = None, seed: int = 0, loss: str = "ce") -> None:
-        super().__init__(eps=eps, steps=steps, step_size=step_size, random_start=random_start, early_stop=early_stop,
-                         real_classes=real_classes, seed=seed, loss=loss)
+    def __init__(
+        self,
+        *,
+        eps: float = 0.3,
+        steps: int = 40,
+        step_size: float | None = None,
+        random_start: bool = True,
+        early_stop: bool | None = None,
+        real_classes: int | None = None,
+        seed: int = 0,
+        loss: str = "ce",
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            steps=steps,
+            step_size=step_size,
+            random_start=random_start,
+            early_stop=early_stop,
+            real_classes=real_classes,
+            seed=seed,
+            loss=loss,
+        )
 
     def _random_delta(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         return (torch.rand(x.shape, generator=gen) * 2 - 1) * self.eps
@@ -249,10 +306,28 @@ class L2PGD(_PGDBase):
 
     norm = "l2"
 
-    def __init__(self, *, eps: float = 2.0, steps: int = 40, step_size: float | None = None, random_start: bool = True,
-                 early_stop: bool | None = None, real_classes: int | None = None, seed: int = 0, loss: str = "ce") -> None:
-        super().__init__(eps=eps, steps=steps, step_size=step_size, random_start=random_start, early_stop=early_stop,
-                         real_classes=real_classes, seed=seed, loss=loss)
+    def __init__(
+        self,
+        *,
+        eps: float = 2.0,
+        steps: int = 40,
+        step_size: float | None = None,
+        random_start: bool = True,
+        early_stop: bool | None = None,
+        real_classes: int | None = None,
+        seed: int = 0,
+        loss: str = "ce",
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            steps=steps,
+            step_size=step_size,
+            random_start=random_start,
+            early_stop=early_stop,
+            real_classes=real_classes,
+            seed=seed,
+            loss=loss,
+        )
 
     def _random_delta(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         # Uniform in the ball: a Gaussian direction and radius eps * u^(1/d).

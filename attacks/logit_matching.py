@@ -55,17 +55,35 @@ class LogitMatching(Attack):
 
     targeted_supported = False
 
-    def __init__(self, *, guarded: Any, guides: torch.Tensor, guide_labels: torch.Tensor | None = None, eps: float, steps: int = 50,
-                 step_size: float | None = None, restarts: int = 1, features: bool = True, eot: int | str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        guarded: Any,
+        guides: torch.Tensor,
+        guide_labels: torch.Tensor | None = None,
+        eps: float,
+        steps: int = 50,
+        step_size: float | None = None,
+        restarts: int = 1,
+        features: bool = True,
+        eot: int | str = "auto",
+        seed: int = 0,
+    ) -> None:
         owner = type(self).__name__
         self.guarded = check_guarded(guarded, owner)
         self.guides = check_images(guides, "guides")
         if self.guides.shape[0] == 0:
             raise ValueError(f"The 'guides' parameter of {owner} must hold at least one image. Got 0.")
-        self.guide_labels = None if guide_labels is None else check_labels(guide_labels, "guide_labels", n=int(self.guides.shape[0]))
+        self.guide_labels = (
+            None if guide_labels is None else check_labels(guide_labels, "guide_labels", n=int(self.guides.shape[0]))
+        )
         self.eps = check_float(eps, "eps", owner, low=0.0)
         self.steps = check_int(steps, "steps", owner, low=1)
-        self.step_size = check_float(step_size, "step_size", owner, low=0.0, low_open=True) if step_size is not None else 2.5 * self.eps / self.steps
+        self.step_size = (
+            check_float(step_size, "step_size", owner, low=0.0, low_open=True)
+            if step_size is not None
+            else 2.5 * self.eps / self.steps
+        )
         self.restarts = check_int(restarts, "restarts", owner, low=1)
         self.features = bool(features)
         self.eot = eot if eot == "auto" else check_int(eot, "eot", owner, low=1)
@@ -73,8 +91,15 @@ class LogitMatching(Attack):
         self._objective = DetectorObjective(guarded)
 
     def params(self) -> dict[str, Any]:
-        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "restarts": self.restarts, "features": self.features,
-                "eot": self.eot, "guides": int(self.guides.shape[0])}
+        return {
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "restarts": self.restarts,
+            "features": self.features,
+            "eot": self.eot,
+            "guides": int(self.guides.shape[0]),
+        }
 
     def _layers(self) -> list[str]:
         return self._objective.layers if self.features else []
@@ -84,17 +109,25 @@ class LogitMatching(Attack):
         return [logits] + [feats[layer].flatten(1) for layer in self._layers()]
 
     @torch.no_grad()
-    def _accepted(self, model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def _accepted(
+        self, model: nn.Module, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         g = self.guides.to(device=device, dtype=torch.float32)
-        pred = torch.cat([model(g[i:i + 256]).argmax(1) for i in range(0, g.shape[0], 256)])
+        pred = torch.cat([model(g[i : i + 256]).argmax(1) for i in range(0, g.shape[0], 256)])
         labels = pred if self.guide_labels is None else self.guide_labels.to(device)
         ok = torch.zeros(g.shape[0], dtype=torch.bool, device=device)
         for i in range(0, g.shape[0], 256):
-            mis, flagged, _ = judge(self.guarded, g[i:i + 256], labels[i:i + 256])
-            ok[i:i + 256] = ~mis & ~flagged
+            mis, flagged, _ = judge(self.guarded, g[i : i + 256], labels[i : i + 256])
+            ok[i : i + 256] = ~mis & ~flagged
         idx = ok.nonzero().squeeze(1)
-        reps = [torch.cat(parts) for parts in zip(*[self._represent(model, g[idx[i:i + 256]]) for i in range(0, idx.numel(), 256)])] \
-            if idx.numel() else []
+        reps = (
+            [
+                torch.cat(parts)
+                for parts in zip(*[self._represent(model, g[idx[i : i + 256]]) for i in range(0, idx.numel(), 256)])
+            ]
+            if idx.numel()
+            else []
+        )
         return idx, labels[idx], reps
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
@@ -125,9 +158,13 @@ class LogitMatching(Attack):
                 last = step == self.steps
                 tl, yl = [t[live] for t in targets], y[live]
 
-                def loss(xa: torch.Tensor, tl: list[torch.Tensor] = tl, yl: torch.Tensor = yl) -> tuple[torch.Tensor, torch.Tensor]:
+                def loss(
+                    xa: torch.Tensor, tl: list[torch.Tensor] = tl, yl: torch.Tensor = yl
+                ) -> tuple[torch.Tensor, torch.Tensor]:
                     reps = self._represent(model, xa)
-                    value = sum((((r - t) ** 2).sum(1) / (t * t).sum(1).clamp_min(1e-12)).sum() for r, t in zip(reps, tl))
+                    value = sum(
+                        (((r - t) ** 2).sum(1) / (t * t).sum(1).clamp_min(1e-12)).sum() for r, t in zip(reps, tl)
+                    )
                     return value, (reps[0].argmax(1) != yl).detach()
 
                 grad, mis = eot_gradient(loss, x_adv[live], eot) if not last else (None, None)
@@ -139,7 +176,17 @@ class LogitMatching(Attack):
                     break
                 step_x = x_adv[live] - self.step_size * grad[keep].sign()
                 x_adv[live] = torch.min(torch.max(step_x, x[live] - self.eps), x[live] + self.eps).clamp(0, 1)
-        return AttackResult(best.x, best.evaded.clone(), extras={"misclassified": best.misclassified, "flagged": best.flagged,
-                                                                 "combined": best.score, "guide_index": guide_index, "eps": self.eps,
-                                                                 "accepted_guides": int(idx.numel()), "eot": eot,
-                                                                 "random_parts": random_parts})
+        return AttackResult(
+            best.x,
+            best.evaded.clone(),
+            extras={
+                "misclassified": best.misclassified,
+                "flagged": best.flagged,
+                "combined": best.score,
+                "guide_index": guide_index,
+                "eps": self.eps,
+                "accepted_guides": int(idx.numel()),
+                "eot": eot,
+                "random_parts": random_parts,
+            },
+        )

@@ -68,13 +68,29 @@ class OrthogonalPGD(Attack):
 
     targeted_supported = False
 
-    def __init__(self, *, guarded: Any, eps: float, steps: int = 50, step_size: float | None = None, variant: str = "orthogonal",
-                 restarts: int = 1, kappa: float = 0.05, slack: float = 1.0, eot: int | str = "auto", seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        guarded: Any,
+        eps: float,
+        steps: int = 50,
+        step_size: float | None = None,
+        variant: str = "orthogonal",
+        restarts: int = 1,
+        kappa: float = 0.05,
+        slack: float = 1.0,
+        eot: int | str = "auto",
+        seed: int = 0,
+    ) -> None:
         owner = type(self).__name__
         self.guarded = check_guarded(guarded, owner)
         self.eps = check_float(eps, "eps", owner, low=0.0)
         self.steps = check_int(steps, "steps", owner, low=1)
-        self.step_size = check_float(step_size, "step_size", owner, low=0.0, low_open=True) if step_size is not None else 2.5 * self.eps / self.steps
+        self.step_size = (
+            check_float(step_size, "step_size", owner, low=0.0, low_open=True)
+            if step_size is not None
+            else 2.5 * self.eps / self.steps
+        )
         if variant not in VARIANTS:
             raise ValueError(f"The 'variant' parameter of {owner} must be one of {VARIANTS}. Got {variant!r}.")
         self.variant = variant
@@ -86,10 +102,22 @@ class OrthogonalPGD(Attack):
         self._objective = DetectorObjective(guarded)
 
     def params(self) -> dict[str, Any]:
-        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "variant": self.variant, "restarts": self.restarts,
-                "kappa": self.kappa, "slack": self.slack, "eot": self.eot, "seed": self.seed, "detectors": self._objective.names}
+        return {
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "variant": self.variant,
+            "restarts": self.restarts,
+            "kappa": self.kappa,
+            "slack": self.slack,
+            "eot": self.eot,
+            "seed": self.seed,
+            "detectors": self._objective.names,
+        }
 
-    def _gradients(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _gradients(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(classifier gradient, detector gradient, margin) at ``x``, each averaged over ``eot`` passes."""
         gc, gd, m = torch.zeros_like(x), torch.zeros_like(x), torch.zeros(x.shape[0], device=x.device)
         for _ in range(eot):
@@ -115,7 +143,9 @@ class OrthogonalPGD(Attack):
                     break
                 last = step == self.steps
                 gc, gd, m = self._gradients(model, x_adv[live], y[live], eot) if not last else (None, None, None)
-                best.offer(self.guarded, live, x_adv[live], y[live], source=restart, misclassified=None if last else m < 0)
+                best.offer(
+                    self.guarded, live, x_adv[live], y[live], source=restart, misclassified=None if last else m < 0
+                )
                 keep = ~best.evaded[live]
                 live = live[keep]
                 if last or live.numel() == 0:
@@ -127,6 +157,16 @@ class OrthogonalPGD(Attack):
                 direction = torch.where(done, gd, gc)  # both are descended: the margin and the detector loss
                 step_x = x_adv[live] - self.step_size * direction.sign()
                 x_adv[live] = torch.min(torch.max(step_x, x[live] - self.eps), x[live] + self.eps).clamp(0, 1)
-        return AttackResult(best.x, best.evaded.clone(), extras={"misclassified": best.misclassified, "flagged": best.flagged,
-                                                                 "combined": best.score, "restart": best.source, "eps": self.eps,
-                                                                 "eot": eot, "random_parts": random_parts})
+        return AttackResult(
+            best.x,
+            best.evaded.clone(),
+            extras={
+                "misclassified": best.misclassified,
+                "flagged": best.flagged,
+                "combined": best.score,
+                "restart": best.source,
+                "eps": self.eps,
+                "eot": eot,
+                "random_parts": random_parts,
+            },
+        )

@@ -17,7 +17,8 @@ of a 3x3 patch is still defined.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,30 @@ from guard.attacks.patching import apply_patches, grid_positions, random_positio
 from guard.core.models import eval_mode, predict_labels
 from guard.core.validation import check_images, check_int
 
-__all__ = ["ssim", "psnr", "pairwise_diversity", "class_comparison", "latent_interpolation", "fooling_rate_repeated",
-           "fooling_vs_area", "patch_sampler"]
+__all__ = [
+    "ssim",
+    "psnr",
+    "pairwise_diversity",
+    "class_comparison",
+    "latent_interpolation",
+    "fooling_rate_repeated",
+    "fooling_vs_area",
+    "patch_sampler",
+]
 
 Sampler = Callable[[int, torch.Generator], torch.Tensor]
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, device: torch.device) -> torch.Tensor:
     ax = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
-    g = torch.exp(-(ax ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-(ax**2) / (2 * sigma**2))
     g = g / g.sum()
     return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, *, window_size: int = 7, sigma: float = 1.5, data_range: float = 1.0) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, *, window_size: int = 7, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
     """Mean SSIM per pair of images (N,) for batches (N, C, H, W) in [0, data_range].
 
     The Gaussian window is clipped to the largest odd size <= min(H, W).
@@ -53,18 +64,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, window_size: int = 7, sigma: float
     win = _gaussian_window(k, sigma, c, a.device)
     a, b = a.float(), b.float()
     mu_a, mu_b = F.conv2d(a, win, groups=c), F.conv2d(b, win, groups=c)
-    s_aa = F.conv2d(a * a, win, groups=c) - mu_a ** 2
-    s_bb = F.conv2d(b * b, win, groups=c) - mu_b ** 2
+    s_aa = F.conv2d(a * a, win, groups=c) - mu_a**2
+    s_bb = F.conv2d(b * b, win, groups=c) - mu_b**2
     s_ab = F.conv2d(a * b, win, groups=c) - mu_a * mu_b
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    smap = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (s_aa + s_bb + c2))
+    smap = ((2 * mu_a * mu_b + c1) * (2 * s_ab + c2)) / ((mu_a**2 + mu_b**2 + c1) * (s_aa + s_bb + c2))
     return smap.flatten(1).mean(1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0) -> torch.Tensor:
     """PSNR in dB per pair (N,); identical pairs give +inf."""
     mse = (a.float() - b.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(data_range ** 2 / mse)
+    return 10 * torch.log10(data_range**2 / mse)
 
 
 def pairwise_diversity(patches: torch.Tensor, *, max_pairs: int = 20000, seed: int = 0) -> dict[str, Any]:
@@ -83,7 +94,7 @@ def pairwise_diversity(patches: torch.Tensor, *, max_pairs: int = 20000, seed: i
         i, j = i[sel], j[sel]
     s, p = [], []
     for lo in range(0, i.numel(), 4096):
-        a, b = patches[i[lo:lo + 4096]], patches[j[lo:lo + 4096]]
+        a, b = patches[i[lo : lo + 4096]], patches[j[lo : lo + 4096]]
         s.append(ssim(a, b))
         p.append(psnr(a, b))
     s_all, p_all = torch.cat(s), torch.cat(p)
@@ -109,8 +120,16 @@ def patch_sampler(attack: Any, channels: int = 1, image_size: tuple[int, int] = 
 
 
 @torch.no_grad()
-def fooling_rate_repeated(model: nn.Module, x: torch.Tensor, sampler: Sampler, *, repetitions: int = 10, seed: int = 0,
-                          y: torch.Tensor | None = None, batch_size: int = 1000) -> dict[str, Any]:
+def fooling_rate_repeated(
+    model: nn.Module,
+    x: torch.Tensor,
+    sampler: Sampler,
+    *,
+    repetitions: int = 10,
+    seed: int = 0,
+    y: torch.Tensor | None = None,
+    batch_size: int = 1000,
+) -> dict[str, Any]:
     """Fooling rate over ``repetitions`` draws of patches and random positions.
 
     Args:
@@ -137,34 +156,65 @@ def fooling_rate_repeated(model: nn.Module, x: torch.Tensor, sampler: Sampler, *
             gen = torch.Generator().manual_seed(seed + r)
             patches = sampler(int(x.shape[0]), gen).to(device)
             pos = random_positions(int(x.shape[0]), int(patches.shape[-1]), x.shape[-2:], generator=gen, device=device)
-            fooled = torch.cat([model(apply_patches(x[i:i + batch_size], patches[i:i + batch_size], pos[i:i + batch_size])).argmax(1)
-                                for i in range(0, x.shape[0], batch_size)]) != clean
+            fooled = (
+                torch.cat(
+                    [
+                        model(
+                            apply_patches(x[i : i + batch_size], patches[i : i + batch_size], pos[i : i + batch_size])
+                        ).argmax(1)
+                        for i in range(0, x.shape[0], batch_size)
+                    ]
+                )
+                != clean
+            )
             rates.append(float(fooled.float().mean()))
             if correct is not None and correct.any():
                 rates_c.append(float(fooled[correct].float().mean()))
     t = torch.tensor(rates)
-    out: dict[str, Any] = {"mean": float(t.mean()), "std": float(t.std(unbiased=False)), "rates": rates, "n": int(x.shape[0])}
+    out: dict[str, Any] = {
+        "mean": float(t.mean()),
+        "std": float(t.std(unbiased=False)),
+        "rates": rates,
+        "n": int(x.shape[0]),
+    }
     if rates_c:
         tc = torch.tensor(rates_c)
-        out.update(mean_correct=float(tc.mean()), std_correct=float(tc.std(unbiased=False)), n_correct=int(correct.sum()))
+        out.update(
+            mean_correct=float(tc.mean()), std_correct=float(tc.std(unbiased=False)), n_correct=int(correct.sum())
+        )
     return out
 
 
-def fooling_vs_area(model: nn.Module, x: torch.Tensor, make_attack: Callable[[float], Any], areas: list[float], *,
-                    repetitions: int = 10, seed: int = 0, y: torch.Tensor | None = None) -> list[dict[str, Any]]:
+def fooling_vs_area(
+    model: nn.Module,
+    x: torch.Tensor,
+    make_attack: Callable[[float], Any],
+    areas: list[float],
+    *,
+    repetitions: int = 10,
+    seed: int = 0,
+    y: torch.Tensor | None = None,
+) -> list[dict[str, Any]]:
     """Fooling-rate-vs-area curve: ``make_attack(area)`` returns a fitted patch attack per area."""
     curve = []
     for area in areas:
         attack = make_attack(area)
-        stats = fooling_rate_repeated(model, x, patch_sampler(attack, int(x.shape[1]), tuple(x.shape[-2:])),
-                                      repetitions=repetitions, seed=seed, y=y)
+        stats = fooling_rate_repeated(
+            model,
+            x,
+            patch_sampler(attack, int(x.shape[1]), tuple(x.shape[-2:])),
+            repetitions=repetitions,
+            seed=seed,
+            y=y,
+        )
         curve.append({"area": area, "side": int(getattr(attack, "side_", 0)) or None, **stats})
     return curve
 
 
 @torch.no_grad()
-def class_comparison(model: nn.Module, x: torch.Tensor, patches: torch.Tensor, *, stride: int | None = None,
-                     batch_size: int = 1000) -> dict[str, Any]:
+def class_comparison(
+    model: nn.Module, x: torch.Tensor, patches: torch.Tensor, *, stride: int | None = None, batch_size: int = 1000
+) -> dict[str, Any]:
     """G2LVAP's class comparison over a sliding grid of positions.
 
     For every image i (with patch i, or one patch for all) and every grid position g: c = the
@@ -188,8 +238,11 @@ def class_comparison(model: nn.Module, x: torch.Tensor, patches: torch.Tensor, *
         canvas = torch.zeros_like(x)
         for g in grid:
             pos = g.view(1, 2).to(device)
-            cls_canvas = predict_labels(model, apply_patches(canvas, patches, pos), batch_size=batch_size) if patches.shape[0] == n else \
-                predict_labels(model, apply_patches(canvas[:1], patches, pos), batch_size=batch_size).expand(n)
+            cls_canvas = (
+                predict_labels(model, apply_patches(canvas, patches, pos), batch_size=batch_size)
+                if patches.shape[0] == n
+                else predict_labels(model, apply_patches(canvas[:1], patches, pos), batch_size=batch_size).expand(n)
+            )
             pred = predict_labels(model, apply_patches(x, patches, pos), batch_size=batch_size)
             fooled = pred != clean
             match = pred == cls_canvas
@@ -211,8 +264,9 @@ def class_comparison(model: nn.Module, x: torch.Tensor, patches: torch.Tensor, *
 
 
 @torch.no_grad()
-def latent_interpolation(model: nn.Module, gan: Any, x: torch.Tensor, *, points: int = 9, seed: int = 0,
-                         batch_size: int = 1000) -> dict[str, Any]:
+def latent_interpolation(
+    model: nn.Module, gan: Any, x: torch.Tensor, *, points: int = 9, seed: int = 0, batch_size: int = 1000
+) -> dict[str, Any]:
     """Fooling rate of a fitted PatchGAN's patches along z(t) = (1 - t) z0 + t z1, t in [0, 1].
 
     z0 and z1 are drawn from U[0, 1]^latent_dim with ``seed``; at each t every image gets the
@@ -234,5 +288,10 @@ def latent_interpolation(model: nn.Module, gan: Any, x: torch.Tensor, *, points:
             patch = gan.sample(1, z=(1 - t) * z0 + t * z1).to(device)
             pred = predict_labels(model, apply_patches(x, patch, pos), batch_size=batch_size)
             rates.append(float((pred != clean).float().mean()))
-    return {"t": [round(float(t), 4) for t in ts], "fooling_rate": rates,
-            "min": min(rates), "max": max(rates), "mean": sum(rates) / len(rates)}
+    return {
+        "t": [round(float(t), 4) for t in ts],
+        "fooling_rate": rates,
+        "min": min(rates),
+        "max": max(rates),
+        "mean": sum(rates) / len(rates),
+    }

@@ -11,8 +11,9 @@ best-so-far snapshot and the progress bar live here once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -33,7 +34,9 @@ class PatchSource(Protocol):
     def parameters(self) -> list[torch.Tensor]:
         """The tensors the optimiser updates."""
 
-    def batch_loss(self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    def batch_loss(
+        self, model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
         """(loss to minimise, logits of the patched batch, the labels those logits answer, scalars to log)."""
 
     def validation_draw(self, n: int, gen: torch.Generator) -> tuple[Any, torch.Tensor]:
@@ -129,9 +132,12 @@ def fit_patch_source(
                         patches = source.current_patches(draw)
                         hits = 0
                         for i in range(0, n_val, val_batch):
-                            xa = apply_patches(x_val[i:i + val_batch], patches[i:i + val_batch] if patches.shape[0] > 1 else patches,
-                                               positions[i:i + val_batch])
-                            hits += int(goal(model(xa).argmax(1), y_val[i:i + val_batch]).sum())
+                            xa = apply_patches(
+                                x_val[i : i + val_batch],
+                                patches[i : i + val_batch] if patches.shape[0] > 1 else patches,
+                                positions[i : i + val_batch],
+                            )
+                            hits += int(goal(model(xa).argmax(1), y_val[i : i + val_batch]).sum())
                         rate = hits / n_val
                     else:  # no validation slice: the training batch's rate
                         rate = float(goal(logits.detach().argmax(1), labels).float().mean())

@@ -61,8 +61,15 @@ log = logging.getLogger(__name__)
 LOSSES = ("paper", "margin")
 
 
-def fooling_loss(logits: torch.Tensor, y: torch.Tensor, kind: str = "paper", *, target: torch.Tensor | None = None,
-                 kappa: float = 5.0, real_classes: int | None = None) -> torch.Tensor:
+def fooling_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    kind: str = "paper",
+    *,
+    target: torch.Tensor | None = None,
+    kappa: float = 5.0,
+    real_classes: int | None = None,
+) -> torch.Tensor:
     """Mean fooling loss of a batch (lower = more fooled).
 
     Args:
@@ -140,9 +147,11 @@ class PatchGenerator(nn.Module):
         super().__init__()
         self.side, self.channels, self.latent_dim, self.width = side, channels, latent_dim, width
         self.n_up = max(1, math.ceil(math.log2(max(side, 2))) - 1)
-        self.seed_side = math.ceil(side / 2 ** self.n_up)
+        self.seed_side = math.ceil(side / 2**self.n_up)
         c0 = width * 2 ** (self.n_up - 1)
-        self.fc = nn.Sequential(nn.Linear(latent_dim, c0 * self.seed_side ** 2), nn.BatchNorm1d(c0 * self.seed_side ** 2), nn.ReLU())
+        self.fc = nn.Sequential(
+            nn.Linear(latent_dim, c0 * self.seed_side**2), nn.BatchNorm1d(c0 * self.seed_side**2), nn.ReLU()
+        )
         ups: list[nn.Module] = []
         c = c0
         for _ in range(self.n_up):
@@ -157,7 +166,7 @@ class PatchGenerator(nn.Module):
         h = self.fc(z).view(z.shape[0], self._c0, self.seed_side, self.seed_side)
         h = self.out(self.up(h))
         off = (h.shape[-1] - self.side) // 2
-        return torch.sigmoid(h[..., off:off + self.side, off:off + self.side])
+        return torch.sigmoid(h[..., off : off + self.side, off : off + self.side])
 
     def config(self) -> dict[str, int]:
         return {"side": self.side, "channels": self.channels, "latent_dim": self.latent_dim, "width": self.width}
@@ -197,11 +206,30 @@ class PatchGAN(Attack):
 
     targeted_supported = False
 
-    def __init__(self, *, size: int | float = 0.05, alpha: float = 20.0, beta: float = 0.1, lr: float = 1e-3,
-                 loss: str = "paper", kappa: float = 5.0, steps: int = 1000, batch_size: int = 64, latent_dim: int = 100,
-                 width: int = 32, feature_layer: str | None = None, val_fraction: float = 0.2, eval_every: int = 50,
-                 patience: int = 4, max_seconds: float | None = None, cap_d: float | None = None, cap_p: float | None = None,
-                 patch_distance: str = "l2", seed: int = 0, progress: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        size: int | float = 0.05,
+        alpha: float = 20.0,
+        beta: float = 0.1,
+        lr: float = 1e-3,
+        loss: str = "paper",
+        kappa: float = 5.0,
+        steps: int = 1000,
+        batch_size: int = 64,
+        latent_dim: int = 100,
+        width: int = 32,
+        feature_layer: str | None = None,
+        val_fraction: float = 0.2,
+        eval_every: int = 50,
+        patience: int = 4,
+        max_seconds: float | None = None,
+        cap_d: float | None = None,
+        cap_p: float | None = None,
+        patch_distance: str = "l2",
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
         owner = "PatchGAN"
         self.size = check_patch_size(size, owner)
         self.alpha = check_float(alpha, "alpha", owner, low=0.0)
@@ -219,17 +247,21 @@ class PatchGAN(Attack):
         self.val_fraction = check_float(val_fraction, "val_fraction", owner, low=0.0, high=1.0, high_open=True)
         self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
         self.patience = check_int(patience, "patience", owner, low=1)
-        self.max_seconds = None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        self.max_seconds = (
+            None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        )
         self.cap_d = None if cap_d is None else check_float(cap_d, "cap_d", owner, low=0.0, low_open=True)
         self.cap_p = None if cap_p is None else check_float(cap_p, "cap_p", owner, low=0.0, low_open=True)
         if patch_distance not in ("l2", "ssim"):
-            raise ValueError(f"The 'patch_distance' parameter of {owner} must be 'l2' or 'ssim'. Got {patch_distance!r}.")
+            raise ValueError(
+                f"The 'patch_distance' parameter of {owner} must be 'l2' or 'ssim'. Got {patch_distance!r}."
+            )
         self.patch_distance = patch_distance
         self.seed = check_int(seed, "seed", owner, low=0)
         self.progress = bool(progress)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, model: nn.Module, data: Any) -> "PatchGAN":
+    def fit(self, model: nn.Module, data: Any) -> PatchGAN:
         """Train the generator against the frozen ``model`` on the images of ``data``.
 
         Args:
@@ -244,12 +276,28 @@ class PatchGAN(Attack):
         torch.manual_seed(self.seed)  # generator initialisation
         G = PatchGenerator(side, c, self.latent_dim, self.width).to(device)
         torch.random.set_rng_state(torch_state)
-        layer = self.feature_layer if self.feature_layer is not None else (last_conv_layer(model) if self.alpha > 0 else None)
+        layer = (
+            self.feature_layer
+            if self.feature_layer is not None
+            else (last_conv_layer(model) if self.alpha > 0 else None)
+        )
         source = _GeneratorSource(self, G, model, layer, side, (h, w), device)
-        fit = fit_patch_source(model, x.to(device), source, lambda ps: torch.optim.Adam(ps, lr=self.lr, betas=(0.5, 0.999)), goal=lambda pred, y: pred != y, steps=self.steps,
-                               batch_size=self.batch_size, val_fraction=self.val_fraction, eval_every=self.eval_every,
-                               patience=self.patience, max_seconds=self.max_seconds, seed=self.seed, progress=self.progress,
-                               desc=f"PatchGAN {side}x{side}")
+        fit = fit_patch_source(
+            model,
+            x.to(device),
+            source,
+            lambda ps: torch.optim.Adam(ps, lr=self.lr, betas=(0.5, 0.999)),
+            goal=lambda pred, y: pred != y,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            val_fraction=self.val_fraction,
+            eval_every=self.eval_every,
+            patience=self.patience,
+            max_seconds=self.max_seconds,
+            seed=self.seed,
+            progress=self.progress,
+            desc=f"PatchGAN {side}x{side}",
+        )
         G.eval()
         self.generator_ = G
         self.side_ = side
@@ -267,7 +315,9 @@ class PatchGAN(Attack):
             raise NotFittedError("This PatchGAN is not fitted yet; call fit(model, data) or PatchGAN.load(path) first.")
 
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, z: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, z: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``n`` patches (n, C, s, s) in [0, 1] from z ~ U[0, 1]^latent_dim (or the given ``z``)."""
         self._check_fitted()
         G = self.generator_
@@ -280,12 +330,20 @@ class PatchGAN(Attack):
         with eval_mode(G):
             return G(z.to(dev)).clamp(0.0, 1.0)
 
-    def apply(self, x: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor | None = None, *,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def apply(
+        self,
+        x: torch.Tensor,
+        patches: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Paste ``patches`` on ``x`` at ``positions`` (random positions from ``generator`` if None)."""
         check_images(x, "x")
         if positions is None:
-            positions = random_positions(int(x.shape[0]), int(patches.shape[-1]), x.shape[-2:], generator=generator, device=x.device)
+            positions = random_positions(
+                int(x.shape[0]), int(patches.shape[-1]), x.shape[-2:], generator=generator, device=x.device
+            )
         return apply_patches(x, patches.to(x.device), positions)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
@@ -308,13 +366,19 @@ class PatchGAN(Attack):
     def save(self, path: str | Path) -> Path:
         """Save the generator (safetensors) with its JSON config in the file's metadata."""
         self._check_fitted()
-        meta = {"format": "guard.PatchGAN", "version": 1, "generator": self.generator_.config(), "params": self.params(),
-                "image_size": list(self.image_size_), "val_fooling_rate": self.val_fooling_rate_}
+        meta = {
+            "format": "guard.PatchGAN",
+            "version": 1,
+            "generator": self.generator_.config(),
+            "params": self.params(),
+            "image_size": list(self.image_size_),
+            "val_fooling_rate": self.val_fooling_rate_,
+        }
         save_tensors(path, self.generator_.state_dict(), meta)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "PatchGAN":
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> PatchGAN:
         """Load what :meth:`save` wrote (no pickle)."""
         tensors, meta = load_tensors(path)
         if meta.get("format") != "guard.PatchGAN":
@@ -332,15 +396,43 @@ class PatchGAN(Attack):
         return self
 
 
-_INIT_KEYS = {"size", "alpha", "beta", "lr", "loss", "kappa", "steps", "batch_size", "latent_dim", "width", "feature_layer",
-              "val_fraction", "eval_every", "patience", "max_seconds", "cap_d", "cap_p", "patch_distance", "seed", "progress"}
+_INIT_KEYS = {
+    "size",
+    "alpha",
+    "beta",
+    "lr",
+    "loss",
+    "kappa",
+    "steps",
+    "batch_size",
+    "latent_dim",
+    "width",
+    "feature_layer",
+    "val_fraction",
+    "eval_every",
+    "patience",
+    "max_seconds",
+    "cap_d",
+    "cap_p",
+    "patch_distance",
+    "seed",
+    "progress",
+}
 
 
 class _GeneratorSource:
     """PatchGAN's side of the shared training loop: the G2LVAP loss L_f + alpha L_d + beta L_p."""
 
-    def __init__(self, attack: PatchGAN, G: PatchGenerator, model: nn.Module, layer: str | None, side: int,
-                 hw: tuple[int, int], device: torch.device) -> None:
+    def __init__(
+        self,
+        attack: PatchGAN,
+        G: PatchGenerator,
+        model: nn.Module,
+        layer: str | None,
+        side: int,
+        hw: tuple[int, int],
+        device: torch.device,
+    ) -> None:
         self.a, self.G, self.layer, self.side, self.hw, self.device = attack, G, layer, side, hw, device
         self.fx = FeatureExtractor(model, [layer]) if layer is not None else None
 

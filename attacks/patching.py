@@ -43,12 +43,16 @@ def patch_side(size: int | float, image_size: tuple[int, int] | torch.Size, *, n
     """
     h, w = int(image_size[-2]), int(image_size[-1])
     if isinstance(size, bool) or not isinstance(size, numbers.Real):
-        raise TypeError(f"{name} must be an int side in pixels or a float area fraction in (0, 1); got {type(size).__name__}.")
+        raise TypeError(
+            f"{name} must be an int side in pixels or a float area fraction in (0, 1); got {type(size).__name__}."
+        )
     if isinstance(size, numbers.Integral):
         side = int(size)
         if side < 1 or side > min(h, w):
-            raise ValueError(f"{name} must be a patch side between 1 and {min(h, w)} pixels for {h}x{w} images; got {side} "
-                             "(a patch larger than the image).")
+            raise ValueError(
+                f"{name} must be a patch side between 1 and {min(h, w)} pixels for {h}x{w} images; got {side} "
+                "(a patch larger than the image)."
+            )
         return side
     area = float(size)
     if not (0.0 < area < 1.0) or not math.isfinite(area):
@@ -59,8 +63,14 @@ def patch_side(size: int | float, image_size: tuple[int, int] | torch.Size, *, n
     return side
 
 
-def random_positions(n: int, side: int, image_size: tuple[int, int] | torch.Size, *,
-                     generator: torch.Generator | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+def random_positions(
+    n: int,
+    side: int,
+    image_size: tuple[int, int] | torch.Size,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """``n`` uniformly random top-left corners (row, col), int64 (n, 2), patch fully inside."""
     h, w = int(image_size[-2]), int(image_size[-1])
     if side < 1 or side > min(h, w):
@@ -84,16 +94,20 @@ def _check_positions(positions: torch.Tensor, n: int, side: int, h: int, w: int)
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"positions must be an int64 tensor of shape (N, 2); got {type(positions).__name__}.")
     if positions.is_floating_point() or positions.dim() != 2 or positions.shape[1] != 2:
-        raise ValueError(f"positions must be an integer tensor of shape ({n}, 2) (row, col); got shape {tuple(positions.shape)} "
-                         f"and dtype {positions.dtype}.")
+        raise ValueError(
+            f"positions must be an integer tensor of shape ({n}, 2) (row, col); got shape {tuple(positions.shape)} "
+            f"and dtype {positions.dtype}."
+        )
     if positions.shape[0] not in (1, n):
         raise ValueError(f"positions must have 1 or {n} rows (one per image); got {positions.shape[0]}.")
     if positions.numel():
         lo = int(positions.min())
         r_hi, c_hi = int(positions[:, 0].max()), int(positions[:, 1].max())
         if lo < 0 or r_hi > h - side or c_hi > w - side:
-            raise ValueError(f"positions must keep the {side}x{side} patch inside the {h}x{w} image (rows in [0, {h - side}], "
-                             f"cols in [0, {w - side}]); got rows up to {r_hi}, cols up to {c_hi}, min {lo}.")
+            raise ValueError(
+                f"positions must keep the {side}x{side} patch inside the {h}x{w} image (rows in [0, {h - side}], "
+                f"cols in [0, {w - side}]); got rows up to {r_hi}, cols up to {c_hi}, min {lo}."
+            )
     return positions.long()
 
 

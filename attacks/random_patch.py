@@ -32,15 +32,23 @@ class RandomPatch(Attack):
 
     def __init__(self, *, size: int | float = 0.05, real_classes: int | None = None, seed: int = 0) -> None:
         self.size = check_patch_size(size, "RandomPatch")
-        self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", "RandomPatch", low=2)
+        self.real_classes = (
+            None if real_classes is None else check_int(real_classes, "real_classes", "RandomPatch", low=2)
+        )
         self.seed = check_int(seed, "seed", "RandomPatch", low=0)
 
-    def fit(self, model: nn.Module | None = None, data: Any = None) -> "RandomPatch":
+    def fit(self, model: nn.Module | None = None, data: Any = None) -> RandomPatch:
         """Nothing to learn; present so the three patch attacks share one interface."""
         return self
 
-    def sample(self, n: int, *, channels: int = 1, image_size: tuple[int, int] = (28, 28),
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        channels: int = 1,
+        image_size: tuple[int, int] = (28, 28),
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``n`` noise patches (n, channels, s, s) for images of ``image_size``."""
         side = patch_side(self.size, image_size, name="size")
         n = check_int(n, "n", "RandomPatch.sample", low=1)
@@ -52,5 +60,8 @@ class RandomPatch(Attack):
         patches = self.sample(n, channels=c, image_size=(h, w), generator=gen).to(x.device)
         positions = random_positions(n, int(patches.shape[-1]), (h, w), generator=gen, device=x.device)
         x_adv = apply_patches(x, patches, positions)
-        return AttackResult(x_adv, self.is_success(model, x_adv, y, None),
-                            extras={"patches": patches, "positions": positions, "side": int(patches.shape[-1])})
+        return AttackResult(
+            x_adv,
+            self.is_success(model, x_adv, y, None),
+            extras={"patches": patches, "positions": positions, "side": int(patches.shape[-1])},
+        )

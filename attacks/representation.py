@@ -42,7 +42,9 @@ __all__ = [
 def distance_ratio(feat_adv: torch.Tensor, feat_source: torch.Tensor, feat_guide: torch.Tensor) -> torch.Tensor:
     """``||phi(a) - phi(g)|| / ||phi(s) - phi(g)||`` per row of flattened features."""
     if not (feat_adv.shape == feat_source.shape == feat_guide.shape):
-        raise ValueError(f"features must share one shape; got {tuple(feat_adv.shape)}, {tuple(feat_source.shape)}, {tuple(feat_guide.shape)}.")
+        raise ValueError(
+            f"features must share one shape; got {tuple(feat_adv.shape)}, {tuple(feat_source.shape)}, {tuple(feat_guide.shape)}."
+        )
     a, s, g = feat_adv.flatten(1), feat_source.flatten(1), feat_guide.flatten(1)
     return (a - g).norm(dim=1) / (s - g).norm(dim=1).clamp_min(1e-12)
 
@@ -54,7 +56,9 @@ def label_agreement(pred_adv: torch.Tensor, guide_label: torch.Tensor) -> float:
     return float((pred_adv == guide_label.to(pred_adv.device)).float().mean())
 
 
-def _kth_distances(q: torch.Tensor, ref: torch.Tensor, k: int, *, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _kth_distances(
+    q: torch.Tensor, ref: torch.Tensor, k: int, *, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     d = torch.cdist(q, ref)
     if exclude_self:
         d.fill_diagonal_(float("inf"))
@@ -87,7 +91,11 @@ def knn_rank_analysis(
     k = check_int(k, "k", "knn_rank_analysis", low=1)
     guide_label = check_labels(guide_label, "guide_label", n=int(feat_adv.shape[0])).cpu()
     train_labels = check_labels(train_labels, "train_labels", n=int(train_feats.shape[0])).cpu()
-    fa, fg, ft = feat_adv.flatten(1).float().cpu(), feat_guide.flatten(1).float().cpu(), train_feats.flatten(1).float().cpu()
+    fa, fg, ft = (
+        feat_adv.flatten(1).float().cpu(),
+        feat_guide.flatten(1).float().cpu(),
+        train_feats.flatten(1).float().cpu(),
+    )
     n = fa.shape[0]
     inter = torch.zeros(n, dtype=torch.long)
     rank_a = torch.zeros(n)
@@ -110,7 +118,9 @@ def knn_rank_analysis(
 def active_units(feat_a: torch.Tensor, feat_b: torch.Tensor) -> dict[str, torch.Tensor]:
     """Sparsity (share of units > 0) of each and IoU of their active sets, per row."""
     if feat_a.shape != feat_b.shape:
-        raise ValueError(f"feat_a and feat_b must share one shape; got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}.")
+        raise ValueError(
+            f"feat_a and feat_b must share one shape; got {tuple(feat_a.shape)} and {tuple(feat_b.shape)}."
+        )
     a, b = feat_a.flatten(1) > 0, feat_b.flatten(1) > 0
     union = (a | b).sum(1).float()
     iou = torch.where(union > 0, (a & b).sum(1).float() / union.clamp_min(1), torch.ones_like(union))
@@ -123,7 +133,12 @@ def summarize(values: torch.Tensor) -> dict[str, float]:
     v = v[~v.isnan()]
     if v.numel() == 0:
         return {"median": float("nan"), "p10": float("nan"), "p90": float("nan"), "mean": float("nan")}
-    return {"median": float(v.median()), "p10": float(v.quantile(0.1)), "p90": float(v.quantile(0.9)), "mean": float(v.mean())}
+    return {
+        "median": float(v.median()),
+        "p10": float(v.quantile(0.1)),
+        "p90": float(v.quantile(0.9)),
+        "mean": float(v.mean()),
+    }
 
 
 @torch.no_grad()
@@ -153,7 +168,9 @@ def representation_report(
     for name, t in (("source", source), ("adv", adv), ("guide", guide)):
         check_images(t, name)
     if not (source.shape == adv.shape == guide.shape):
-        raise ValueError(f"source, adv and guide must share one shape; got {tuple(source.shape)}, {tuple(adv.shape)}, {tuple(guide.shape)}.")
+        raise ValueError(
+            f"source, adv and guide must share one shape; got {tuple(source.shape)}, {tuple(adv.shape)}, {tuple(guide.shape)}."
+        )
     _, fs = extract_features(model, source, [layer], batch_size=batch_size)
     logit_a, fa = extract_features(model, adv, [layer], batch_size=batch_size)
     logit_g, fg = extract_features(model, guide, [layer], batch_size=batch_size)
@@ -164,20 +181,33 @@ def representation_report(
         "agrees_with_guide": (alabel == glabel),
     }
     au_s, au_g = active_units(fa, fs), active_units(fa, fg)
-    per.update({"sparsity_adv": au_s["sparsity_a"], "sparsity_source": au_s["sparsity_b"], "sparsity_guide": au_g["sparsity_b"],
-                "iou_adv_source": au_s["iou"], "iou_adv_guide": au_g["iou"]})
+    per.update(
+        {
+            "sparsity_adv": au_s["sparsity_a"],
+            "sparsity_source": au_s["sparsity_b"],
+            "sparsity_guide": au_g["sparsity_b"],
+            "iou_adv_source": au_s["iou"],
+            "iou_adv_guide": au_g["iou"],
+        }
+    )
     if train_x is not None and train_y is not None:
         _, ft = extract_features(model, train_x, [layer], batch_size=batch_size)
         train_y = check_labels(train_y, "train_y", n=int(ft[layer].shape[0])).cpu()
         counts = torch.bincount(train_y, minlength=int(glabel.max()) + 1)
         has_ref = counts[glabel.cpu()] > k
         rows = has_ref.nonzero().flatten()
-        knn = {key: torch.full((int(source.shape[0]),), float("nan")) for key in ("nn_intersection", "rank_adv", "rank_guide", "rank_difference")}
+        knn = {
+            key: torch.full((int(source.shape[0]),), float("nan"))
+            for key in ("nn_intersection", "rank_adv", "rank_guide", "rank_difference")
+        }
         if rows.numel():
             for key, val in knn_rank_analysis(fa[rows], fg[rows], glabel[rows], ft[layer], train_y, k=k).items():
                 knn[key][rows] = val.float()
         per.update(knn, has_reference=has_ref)
-    summary: dict[str, Any] = {"n": int(source.shape[0]), "guide_label_agreement": float(per["agrees_with_guide"].float().mean())}
+    summary: dict[str, Any] = {
+        "n": int(source.shape[0]),
+        "guide_label_agreement": float(per["agrees_with_guide"].float().mean()),
+    }
     if "has_reference" in per:
         summary["n_without_reference"] = int((~per["has_reference"]).sum())
     for key, val in per.items():

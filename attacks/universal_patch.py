@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from guard.attacks.base import Attack, AttackResult
-from guard.attacks.patch_gan import LOSSES, fooling_loss, patch_fit_inputs
 from guard.attacks.patch_fit import fit_patch_source
+from guard.attacks.patch_gan import LOSSES, fooling_loss, patch_fit_inputs
 from guard.attacks.patching import apply_patches, check_patch_size, random_positions
 from guard.core.cache import load_tensors, save_tensors
 from guard.core.models import eval_mode
@@ -50,10 +50,24 @@ class UniversalPatch(Attack):
 
     targeted_supported = False  # the target is fixed at fit time (one patch for one target)
 
-    def __init__(self, *, size: int | float = 0.05, target: int | None = None, loss: str = "paper", kappa: float = 5.0,
-                 lr: float = 0.05, steps: int = 1000, batch_size: int = 64, val_fraction: float = 0.2, eval_every: int = 50,
-                 patience: int = 4, max_seconds: float | None = None, real_classes: int | None = None, seed: int = 0,
-                 progress: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        size: int | float = 0.05,
+        target: int | None = None,
+        loss: str = "paper",
+        kappa: float = 5.0,
+        lr: float = 0.05,
+        steps: int = 1000,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        eval_every: int = 50,
+        patience: int = 4,
+        max_seconds: float | None = None,
+        real_classes: int | None = None,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
         owner = "UniversalPatch"
         self.size = check_patch_size(size, owner)
         self.target = None if target is None else check_int(target, "target", owner, low=0)
@@ -67,7 +81,9 @@ class UniversalPatch(Attack):
         self.val_fraction = check_float(val_fraction, "val_fraction", owner, low=0.0, high=1.0, high_open=True)
         self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
         self.patience = check_int(patience, "patience", owner, low=1)
-        self.max_seconds = None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        self.max_seconds = (
+            None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
+        )
         self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", owner, low=2)
         self.seed = check_int(seed, "seed", owner, low=0)
         self.progress = bool(progress)
@@ -77,7 +93,7 @@ class UniversalPatch(Attack):
             return pred == self.target
         return (pred != y) & (pred < self.real_classes) if self.real_classes is not None else pred != y
 
-    def fit(self, model: nn.Module, data: Any) -> "UniversalPatch":
+    def fit(self, model: nn.Module, data: Any) -> UniversalPatch:
         """Optimise the patch against ``model`` on the images of ``data`` (labels ignored)."""
         x, side, device = patch_fit_inputs(model, data, self.size)
         _, c, h, w = x.shape
@@ -87,10 +103,22 @@ class UniversalPatch(Attack):
             if self.target >= num_classes:
                 raise ValueError(f"target must be a class index in [0, {num_classes - 1}]; got {self.target}.")
         source = _PixelSource(self, c, side, (h, w), device)
-        fit = fit_patch_source(model, x.to(device), source, lambda ps: torch.optim.Adam(ps, lr=self.lr), goal=self._goal, steps=self.steps, batch_size=self.batch_size,
-                               val_fraction=self.val_fraction, eval_every=self.eval_every, patience=self.patience,
-                               max_seconds=self.max_seconds, seed=self.seed, progress=self.progress,
-                               desc=f"UniversalPatch {side}x{side}")
+        fit = fit_patch_source(
+            model,
+            x.to(device),
+            source,
+            lambda ps: torch.optim.Adam(ps, lr=self.lr),
+            goal=self._goal,
+            steps=self.steps,
+            batch_size=self.batch_size,
+            val_fraction=self.val_fraction,
+            eval_every=self.eval_every,
+            patience=self.patience,
+            max_seconds=self.max_seconds,
+            seed=self.seed,
+            progress=self.progress,
+            desc=f"UniversalPatch {side}x{side}",
+        )
         self.patch_ = source.patch.detach().clone()
         self.side_ = side
         self.history_ = fit.history
@@ -114,7 +142,9 @@ class UniversalPatch(Attack):
         x_adv = apply_patches(x, self.patch_.to(x.device), positions)
         with torch.no_grad():
             pred = model(x_adv).argmax(1)
-        return AttackResult(x_adv, self._goal(pred, y), extras={"patch": self.patch_, "positions": positions, "side": self.side_})
+        return AttackResult(
+            x_adv, self._goal(pred, y), extras={"patch": self.patch_, "positions": positions, "side": self.side_}
+        )
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in super().params().items() if not k.endswith("_")}
@@ -123,21 +153,35 @@ class UniversalPatch(Attack):
         """Save the patch (safetensors) with the parameters and fit figures as JSON metadata (no pickle)."""
         if not hasattr(self, "patch_"):
             raise NotFittedError("This UniversalPatch is not fitted yet; call fit(model, data) first.")
-        meta = {"format": "guard.UniversalPatch", "version": 1, "params": self.params(), "side": self.side_,
-                "val_fooling_rate": self.val_fooling_rate_, "steps": self.steps_, "fit_seconds": self.fit_seconds_}
+        meta = {
+            "format": "guard.UniversalPatch",
+            "version": 1,
+            "params": self.params(),
+            "side": self.side_,
+            "val_fooling_rate": self.val_fooling_rate_,
+            "steps": self.steps_,
+            "fit_seconds": self.fit_seconds_,
+        }
         save_tensors(path, {"patch": self.patch_}, meta)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "UniversalPatch":
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> UniversalPatch:
         """Load what :meth:`save` wrote."""
         tensors, meta = load_tensors(path)
         if meta.get("format") != "guard.UniversalPatch" or "patch" not in tensors:
             raise ValueError(f"{str(path)!r} is not a saved UniversalPatch (format {meta.get('format')!r}).")
         self = cls(**{k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS})
         patch = tensors["patch"]
-        if patch.dim() != 4 or patch.shape[0] != 1 or patch.shape[-1] != patch.shape[-2] or patch.shape[-1] != int(meta.get("side", -1)):
-            raise ValueError(f"{str(path)!r}: the patch has shape {tuple(patch.shape)}, expected (1, C, side, side) with side {meta.get('side')}.")
+        if (
+            patch.dim() != 4
+            or patch.shape[0] != 1
+            or patch.shape[-1] != patch.shape[-2]
+            or patch.shape[-1] != int(meta.get("side", -1))
+        ):
+            raise ValueError(
+                f"{str(path)!r}: the patch has shape {tuple(patch.shape)}, expected (1, C, side, side) with side {meta.get('side')}."
+            )
         self.patch_ = patch.to(device)
         self.side_ = int(meta["side"])
         self.val_fooling_rate_ = float(meta.get("val_fooling_rate", float("nan")))
@@ -147,18 +191,36 @@ class UniversalPatch(Attack):
         return self
 
 
-_INIT_KEYS = {"size", "target", "loss", "kappa", "lr", "steps", "batch_size", "val_fraction", "eval_every", "patience",
-              "max_seconds", "real_classes", "seed", "progress"}
+_INIT_KEYS = {
+    "size",
+    "target",
+    "loss",
+    "kappa",
+    "lr",
+    "steps",
+    "batch_size",
+    "val_fraction",
+    "eval_every",
+    "patience",
+    "max_seconds",
+    "real_classes",
+    "seed",
+    "progress",
+}
 
 
 class _PixelSource:
     """UniversalPatch's side of the shared training loop: the pixels of one patch, kept in [0, 1]."""
 
-    def __init__(self, attack: UniversalPatch, channels: int, side: int, hw: tuple[int, int], device: torch.device) -> None:
+    def __init__(
+        self, attack: UniversalPatch, channels: int, side: int, hw: tuple[int, int], device: torch.device
+    ) -> None:
         self.a, self.channels, self.side, self.hw, self.device = attack, channels, side, hw, device
 
     def init(self, gen: torch.Generator) -> None:
-        self.patch = torch.rand(1, self.channels, self.side, self.side, generator=gen).to(self.device).requires_grad_(True)
+        self.patch = (
+            torch.rand(1, self.channels, self.side, self.side, generator=gen).to(self.device).requires_grad_(True)
+        )
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.patch]

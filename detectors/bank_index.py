@@ -29,8 +29,22 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BankIndex", "FaissDeviceError", "shared_index", "shared_bank", "cat_shared", "build_index", "knn_search", "exact_distances",
-           "ivf_nlist", "pq_subquantizers", "faiss_gpus", "INDEX_KINDS", "LARGE_BANK_INDEX", "SEARCH_DEVICES"]
+__all__ = [
+    "BankIndex",
+    "FaissDeviceError",
+    "shared_index",
+    "shared_bank",
+    "cat_shared",
+    "build_index",
+    "knn_search",
+    "exact_distances",
+    "ivf_nlist",
+    "pq_subquantizers",
+    "faiss_gpus",
+    "INDEX_KINDS",
+    "LARGE_BANK_INDEX",
+    "SEARCH_DEVICES",
+]
 
 #: Index kinds of :class:`BankIndex` ("auto": exact below ``ivf_min_bank`` rows, then :data:`LARGE_BANK_INDEX`).
 INDEX_KINDS = ("auto", "flat", "ivf_flat", "ivf_pq")
@@ -98,8 +112,16 @@ def _metric_type(metric: str) -> int:
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
-def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000, nprobe: int = 16, seed: int = 0,
-                kind: str = "ivf_flat", nlist: int | None = None) -> Any:
+def build_index(
+    bank: torch.Tensor,
+    metric: str,
+    *,
+    ivf_min_bank: int = 200_000,
+    nprobe: int = 16,
+    seed: int = 0,
+    kind: str = "ivf_flat",
+    nlist: int | None = None,
+) -> Any:
     """A FAISS index over ``bank`` rows (already normalised for cosine).
 
     Exact flat search up to ``ivf_min_bank`` rows (an ``IndexFlat``, a copy of the bank: for
@@ -117,7 +139,7 @@ def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000,
     flat = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
     if bank.shape[0] < ivf_min_bank or kind == "flat":
         for i in range(0, data.shape[0], 65536):
-            flat.add(data[i:i + 65536])
+            flat.add(data[i : i + 65536])
         return flat
     nlist = ivf_nlist(int(bank.shape[0])) if nlist is None else max(1, min(int(nlist), int(bank.shape[0]) // 39))
     mt = _metric_type(metric)
@@ -137,7 +159,7 @@ def build_index(bank: torch.Tensor, metric: str, *, ivf_min_bank: int = 200_000,
     rng = np.random.default_rng(seed)
     index.train(data[np.sort(rng.choice(bank.shape[0], n_train, replace=False))])
     for i in range(0, data.shape[0], 65536):
-        index.add(data[i:i + 65536])
+        index.add(data[i : i + 65536])
     index.nprobe = nprobe  # (faiss's python wrapper keeps the quantizer alive with the index)
     return index
 
@@ -168,8 +190,8 @@ def exact_distances(bank: torch.Tensor, queries: torch.Tensor, idx: torch.Tensor
 # -- the pool: one bank tensor and one index per distinct bank -----------------------------------
 
 _POOL_LOCK = threading.Lock()
-_BANKS: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
-_INDEXES: "weakref.WeakValueDictionary[tuple, BankIndex]" = weakref.WeakValueDictionary()
+_BANKS: weakref.WeakValueDictionary[tuple, torch.Tensor] = weakref.WeakValueDictionary()
+_INDEXES: weakref.WeakValueDictionary[tuple, BankIndex] = weakref.WeakValueDictionary()
 
 
 def _fingerprint(bank: torch.Tensor) -> tuple:
@@ -177,7 +199,13 @@ def _fingerprint(bank: torch.Tensor) -> tuple:
     flat = bank.reshape(-1)
     step = max(1, flat.numel() // 4096)
     s = flat[::step][:4096].double()
-    return tuple(bank.shape), str(bank.dtype), float(s.sum()), float((s * s).sum()), float(flat[-1]) if flat.numel() else 0.0
+    return (
+        tuple(bank.shape),
+        str(bank.dtype),
+        float(s.sum()),
+        float((s * s).sum()),
+        float(flat[-1]) if flat.numel() else 0.0,
+    )
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -221,8 +249,18 @@ def cat_shared(chunks: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def shared_index(bank: torch.Tensor, metric: str, *, kind: str = "auto", ivf_min_bank: int = 200_000, nprobe: int = 16,
-                 rerank: int = 10, seed: int = 0, device: str = "auto", serialized: torch.Tensor | None = None) -> "BankIndex":
+def shared_index(
+    bank: torch.Tensor,
+    metric: str,
+    *,
+    kind: str = "auto",
+    ivf_min_bank: int = 200_000,
+    nprobe: int = 16,
+    rerank: int = 10,
+    seed: int = 0,
+    device: str = "auto",
+    serialized: torch.Tensor | None = None,
+) -> BankIndex:
     """The :class:`BankIndex` over an equal bank with the same settings if one is alive, else a new one.
 
     The bank tensor itself is shared too (:func:`shared_bank`): use ``index.bank`` afterwards,
@@ -235,8 +273,17 @@ def shared_index(bank: torch.Tensor, metric: str, *, kind: str = "auto", ivf_min
         hit = _INDEXES.get(key)
         if hit is not None and hit.bank is bank:
             return hit
-    index = BankIndex(bank, metric, kind=kind, ivf_min_bank=ivf_min_bank, nprobe=nprobe, rerank=rerank, seed=seed,
-                      device=device, serialized=serialized)
+    index = BankIndex(
+        bank,
+        metric,
+        kind=kind,
+        ivf_min_bank=ivf_min_bank,
+        nprobe=nprobe,
+        rerank=rerank,
+        seed=seed,
+        device=device,
+        serialized=serialized,
+    )
     with _POOL_LOCK:
         return _INDEXES.setdefault(key, index)
 
@@ -265,9 +312,20 @@ class BankIndex:
     ``benchmarks/scale/knn_bank.py`` (BENCHMARKS.md, "Production scale (issue 15)").
     """
 
-    def __init__(self, bank: torch.Tensor, metric: str, *, kind: str = "auto", ivf_min_bank: int = 200_000, nprobe: int = 16,
-                 rerank: int = 10, seed: int = 0, device: str = "auto", serialized: torch.Tensor | None = None,
-                 nlist: int | None = None) -> None:
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        metric: str,
+        *,
+        kind: str = "auto",
+        ivf_min_bank: int = 200_000,
+        nprobe: int = 16,
+        rerank: int = 10,
+        seed: int = 0,
+        device: str = "auto",
+        serialized: torch.Tensor | None = None,
+        nlist: int | None = None,
+    ) -> None:
         import faiss
 
         if kind not in INDEX_KINDS:
@@ -283,13 +341,22 @@ class BankIndex:
         if serialized is not None and self.kind != "flat":
             self.index = faiss.deserialize_index(np.ascontiguousarray(serialized.numpy(), dtype=np.uint8))
             if self.index.ntotal != bank.shape[0] or self.index.d != bank.shape[1]:
-                raise ValueError(f"the saved FAISS index holds {self.index.ntotal} rows of width {self.index.d}; the bank "
-                                 f"{tuple(bank.shape)}.")
+                raise ValueError(
+                    f"the saved FAISS index holds {self.index.ntotal} rows of width {self.index.d}; the bank "
+                    f"{tuple(bank.shape)}."
+                )
             self.index.nprobe = nprobe
-            self.kind = "ivf_pq" if isinstance(self.index, faiss.IndexIVFPQ) else "ivf_flat" if isinstance(self.index, faiss.IndexIVFFlat) \
+            self.kind = (
+                "ivf_pq"
+                if isinstance(self.index, faiss.IndexIVFPQ)
+                else "ivf_flat"
+                if isinstance(self.index, faiss.IndexIVFFlat)
                 else "flat"
+            )
         elif self.kind != "flat":
-            self.index = build_index(bank, metric, ivf_min_bank=0, nprobe=nprobe, seed=seed, kind=self.kind, nlist=nlist)
+            self.index = build_index(
+                bank, metric, ivf_min_bank=0, nprobe=nprobe, seed=seed, kind=self.kind, nlist=nlist
+            )
         self.device_requested = device
         self.device_used = "cpu"
         self.notes: list[str] = []
@@ -297,9 +364,11 @@ class BankIndex:
         self._memo: tuple[torch.Tensor, tuple, torch.Tensor, torch.Tensor] | None = None
         gpus = faiss_gpus()
         if device == "cuda" and gpus == 0:
-            raise FaissDeviceError("device='cuda' was asked of the kNN search but this FAISS build sees no GPU "
-                                   "(faiss-cpu, or no CUDA device visible); install the 'gpu' extra on a machine with an "
-                                   "NVIDIA GPU, or pass device='auto' or 'cpu'.")
+            raise FaissDeviceError(
+                "device='cuda' was asked of the kNN search but this FAISS build sees no GPU "
+                "(faiss-cpu, or no CUDA device visible); install the 'gpu' extra on a machine with an "
+                "NVIDIA GPU, or pass device='auto' or 'cpu'."
+            )
         if device != "cpu" and gpus > 0:
             self._to_gpu(faiss, strict=device == "cuda")
 
@@ -352,7 +421,13 @@ class BankIndex:
         q = queries.detach().float().cpu().contiguous()
         key = (k, self.rerank, getattr(self.index, "nprobe", None), self.device_used)  # settings changed: search again
         memo = self._memo
-        if memo is not None and q.shape[0] <= MEMO_ROWS and memo[1] == key and memo[0].shape == q.shape and torch.equal(memo[0], q):
+        if (
+            memo is not None
+            and q.shape[0] <= MEMO_ROWS
+            and memo[1] == key
+            and memo[0].shape == q.shape
+            and torch.equal(memo[0], q)
+        ):
             return memo[2].clone(), memo[3].clone()
         d, i = self._search_all(q, k)
         if q.shape[0] <= MEMO_ROWS:
@@ -378,7 +453,7 @@ class BankIndex:
         kk = min(self.rerank * k, int(self.bank.shape[0]))
         out_d, out_i = [], []
         for i in range(0, queries.shape[0], 1024):  # the gathered rows take 1024 x kk x D floats
-            q = queries[i:i + 1024]
+            q = queries[i : i + 1024]
             _, cand = self._search(q, kk)
             dist = exact_distances(self.bank, q.float(), cand, self.metric)
             d, j = torch.topk(dist, k, dim=1, largest=False, sorted=True)

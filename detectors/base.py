@@ -30,18 +30,40 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from guard.core.features import Batch, extract_features
-from guard.core.models import eval_mode, model_device
 from guard.core.integrity import load_sealed, resolve_key, save_sealed, tensors_digest
-from guard.core.validation import NotFittedError, call_model, check_images, check_labels, check_logits, check_probability
+from guard.core.models import eval_mode, model_device
+from guard.core.validation import (
+    NotFittedError,
+    call_model,
+    check_images,
+    check_labels,
+    check_logits,
+    check_probability,
+)
 
-__all__ = ["Batch", "Persistent", "Detector", "FeatureDetector", "MultiLayerDetector", "tensors_digest", "quantile_threshold",
-           "as_feature_dict", "scoring_inputs", "fitting_inputs", "FeatureStream", "STREAM_HEAD_IMAGES", "robust_scale", "registry"]
+__all__ = [
+    "Batch",
+    "Persistent",
+    "Detector",
+    "FeatureDetector",
+    "MultiLayerDetector",
+    "tensors_digest",
+    "quantile_threshold",
+    "as_feature_dict",
+    "scoring_inputs",
+    "fitting_inputs",
+    "FeatureStream",
+    "STREAM_HEAD_IMAGES",
+    "robust_scale",
+    "registry",
+]
 
 FORMAT = "guard.detector/2"
 #: What an input detector (saliency, squeeze) keeps of a streaming fit: the first images.
@@ -96,18 +118,24 @@ def as_feature_dict(feats: Any, layers: list[str], owner: str) -> dict[str, torc
             raise ValueError(f"{owner} needs features of layer {layer!r}; got layers {sorted(feats)}.")
         f = feats[layer]
         if not isinstance(f, torch.Tensor) or not f.is_floating_point():
-            raise TypeError(f"features of layer {layer!r} must be a float Tensor[N, D]; got {type(f).__name__}"
-                            f"{' of dtype ' + str(f.dtype) if isinstance(f, torch.Tensor) else ''}.")
+            raise TypeError(
+                f"features of layer {layer!r} must be a float Tensor[N, D]; got {type(f).__name__}"
+                f"{' of dtype ' + str(f.dtype) if isinstance(f, torch.Tensor) else ''}."
+            )
         if f.is_meta:
-            raise ValueError(f"features of layer {layer!r} are on the meta device (a tensor without data); expected 'cpu' or 'cuda'.")
+            raise ValueError(
+                f"features of layer {layer!r} are on the meta device (a tensor without data); expected 'cpu' or 'cuda'."
+            )
         f = f.flatten(1) if f.dim() > 2 else f
         if f.dim() != 2:
             raise ValueError(f"features of layer {layer!r} must be 2-D (N, D); got shape {tuple(f.shape)}.")
         if not bool(torch.isfinite(f).all()):
             raise ValueError(f"features of layer {layer!r} must be finite; got NaN/inf values.")
         if f.numel() and float(f.detach().abs().max().double()) ** 2 * f.shape[1] > _F32_MAX:
-            raise ValueError(f"features of layer {layer!r} are too large (|value| up to {float(f.detach().abs().max()):.3g}): their "
-                             "squared distances overflow float32; scale the features or choose another layer.")
+            raise ValueError(
+                f"features of layer {layer!r} are too large (|value| up to {float(f.detach().abs().max()):.3g}): their "
+                "squared distances overflow float32; scale the features or choose another layer."
+            )
         out[layer] = f.detach().float()
     rows = {layer: int(f.shape[0]) for layer, f in out.items()}
     if len(set(rows.values())) > 1:
@@ -124,8 +152,9 @@ def scoring_inputs(feats: Any, logits: Any, layers: list[str], owner: str) -> di
     return fd
 
 
-def fitting_inputs(feats: Any, labels: Any, layers: list[str], owner: str, *,
-                   min_rows: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def fitting_inputs(
+    feats: Any, labels: Any, layers: list[str], owner: str, *, min_rows: int = 1
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The checked clean features of :meth:`FeatureDetector.fit_features` and their labels.
 
     Refuses a bank of fewer than ``min_rows`` rows and features that are the same for every
@@ -162,8 +191,10 @@ class FeatureStream:
                 self._first[layer] = f[:1].clone()
                 self._varies[layer] = False
             elif f.shape[1] != self._first[layer].shape[1]:
-                raise ValueError(f"{self.owner}: features of layer {layer!r} must keep the width of the first batch "
-                                 f"({self._first[layer].shape[1]}); got {f.shape[1]}.")
+                raise ValueError(
+                    f"{self.owner}: features of layer {layer!r} must keep the width of the first batch "
+                    f"({self._first[layer].shape[1]}); got {f.shape[1]}."
+                )
             if not self._varies[layer] and n:
                 self._varies[layer] = not bool((f == self._first[layer].to(f.device)).all())
         self.n += n
@@ -171,14 +202,18 @@ class FeatureStream:
 
     def finish(self, min_rows: int = 1) -> None:
         if self.n < min_rows:
-            raise ValueError(f"{self.owner}: fit needs at least {min_rows} clean example(s); got {'an empty feature bank' if self.n == 0 else self.n}.")
+            raise ValueError(
+                f"{self.owner}: fit needs at least {min_rows} clean example(s); got {'an empty feature bank' if self.n == 0 else self.n}."
+            )
         for layer, varies in self._varies.items():
             if self.n > 1 and not varies:
-                raise ValueError(f"{self.owner}: the features of layer {layer!r} do not vary over the clean data (every row is the same); "
-                                 "fit on varied clean images or choose another layer.")
+                raise ValueError(
+                    f"{self.owner}: the features of layer {layer!r} do not vary over the clean data (every row is the same); "
+                    "fit on varied clean images or choose another layer."
+                )
 
 
-def registry() -> dict[str, type["Persistent"]]:
+def registry() -> dict[str, type[Persistent]]:
     """Class name -> class of everything ``Persistent.load`` can rebuild (detectors and combiners)."""
     import guard.detectors  # noqa: F401  (imports every subclass)
 
@@ -218,12 +253,16 @@ class Persistent:
 
     def _check_fitted(self) -> None:
         if not self.is_fitted:
-            raise NotFittedError(f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with clean data first.")
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet. Call 'fit' with clean data first."
+            )
 
     def _check_calibrated(self) -> None:
         self._check_fitted()
         if not hasattr(self, "threshold_"):
-            raise NotFittedError(f"This {type(self).__name__} instance is not calibrated yet. Call 'calibrate' with clean held-out data first.")
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not calibrated yet. Call 'calibrate' with clean held-out data first."
+            )
 
     def predict_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Flags (bool) for precomputed scores: ``score > threshold_`` (NaN flags too)."""
@@ -271,8 +310,14 @@ class Persistent:
         return self._write(path, resolve_key(key, key_env), True)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, key: bytes | None = None, key_env: str | None = None,
-             expected_sha256: str | None = None) -> "Persistent":
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        key: bytes | None = None,
+        key_env: str | None = None,
+        expected_sha256: str | None = None,
+    ) -> Persistent:
         """Load what :meth:`save` wrote; ValueError if the file is damaged, altered or of another class.
 
         Args:
@@ -281,10 +326,19 @@ class Persistent:
                 another, raises, and so does an unsigned file when a key is given.
             expected_sha256: the digest :meth:`save` returned; the file must match it.
         """
-        tensors, meta = load_sealed(path, key=resolve_key(key, key_env), expected_sha256=expected_sha256, what="detector file",
-                                    legacy_formats=LEGACY_FORMATS)
-        if meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS:  # legacy: pinned by expected_sha256
-            raise ValueError(f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}; expected {FORMAT!r}).")
+        tensors, meta = load_sealed(
+            path,
+            key=resolve_key(key, key_env),
+            expected_sha256=expected_sha256,
+            what="detector file",
+            legacy_formats=LEGACY_FORMATS,
+        )
+        if (
+            meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS
+        ):  # legacy: pinned by expected_sha256
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a saved guard detector (format {meta.get('format')!r}; expected {FORMAT!r})."
+            )
         klass = registry().get(meta.get("class", ""))
         if klass is None:
             raise ValueError(f"{os.fspath(path)!r} holds an unknown detector class {meta.get('class')!r}.")
@@ -294,7 +348,9 @@ class Persistent:
             obj = klass(**meta.get("params", {}))
             obj.load_state(tensors, meta.get("state", {}))
         except (TypeError, ValueError, KeyError, RuntimeError) as err:
-            raise ValueError(f"{os.fspath(path)!r}: cannot rebuild the {klass.__name__} it holds: {type(err).__name__}: {err}") from err
+            raise ValueError(
+                f"{os.fspath(path)!r}: cannot rebuild the {klass.__name__} it holds: {type(err).__name__}: {err}"
+            ) from err
         return obj
 
 
@@ -311,13 +367,13 @@ class Detector(Persistent):
         return []
 
     @classmethod
-    def default(cls, layers: list[str]) -> "Detector":
+    def default(cls, layers: list[str]) -> Detector:
         """This detector as ``guard.wrap`` configures it, given the model's feature layers in
         network order (the last is the head's input)."""
         return cls()
 
     # ---------------------------------------------------------------- what subclasses write
-    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "Detector":
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> Detector:
         """Fit on clean training data given as one batch (features of every image, a few images)."""
         raise NotImplementedError
 
@@ -325,7 +381,7 @@ class Detector(Persistent):
         """Suspicion scores Tensor[N] for one serving batch (higher = more suspicious)."""
         raise NotImplementedError
 
-    def partial_fit_batch(self, batch: Batch, labels: torch.Tensor) -> "Detector":
+    def partial_fit_batch(self, batch: Batch, labels: torch.Tensor) -> Detector:
         """One batch of a streaming fit (``GuardedModel.fit`` on a Dataset); :meth:`finish_fit` ends it.
 
         The default, for input detectors (saliency, squeeze: they read only a few clean
@@ -333,7 +389,9 @@ class Detector(Persistent):
         and :meth:`finish_fit` calls :meth:`fit_batch` on them. Feature detectors accumulate
         their state batch by batch instead (:meth:`FeatureDetector.partial_fit_features`).
         """
-        st = self.__dict__.setdefault("_stream_fit", {"x": [], "logits": [], "labels": [], "n": 0, "model": batch.model})
+        st = self.__dict__.setdefault(
+            "_stream_fit", {"x": [], "logits": [], "labels": [], "n": 0, "model": batch.model}
+        )
         need = STREAM_HEAD_IMAGES - st["n"]
         if need > 0:
             st["x"].append(batch.x[:need].detach())
@@ -342,12 +400,16 @@ class Detector(Persistent):
             st["n"] += int(st["x"][-1].shape[0])
         return self
 
-    def finish_fit(self) -> "Detector":
+    def finish_fit(self) -> Detector:
         """End a streaming fit begun by :meth:`partial_fit_batch`; returns self, fitted."""
         st = self.__dict__.pop("_stream_fit", None)
         if st is None or not st["n"]:
-            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_batch (an empty stream).")
-        return self.fit_batch(Batch(torch.cat(st["x"]), torch.cat(st["logits"]), {}, st["model"]), torch.cat(st["labels"]))
+            raise ValueError(
+                f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_batch (an empty stream)."
+            )
+        return self.fit_batch(
+            Batch(torch.cat(st["x"]), torch.cat(st["logits"]), {}, st["model"]), torch.cat(st["labels"])
+        )
 
     def export_head(self) -> nn.Module:
         """An ``nn.Module`` with ``forward(batch) -> Tensor[N]`` (or a dict whose ``"score"`` is
@@ -363,26 +425,36 @@ class Detector(Persistent):
             logits, feats = extract_features(model, x, layers, pool=pool)
         else:
             with torch.no_grad(), eval_mode(model):
-                logits, feats = torch.cat([call_model(model, x[i:i + 512]) for i in range(0, x.shape[0], 512)]), {}
+                logits, feats = torch.cat([call_model(model, x[i : i + 512]) for i in range(0, x.shape[0], 512)]), {}
         if logits.dim() != 2 or logits.shape[0] != x.shape[0]:
-            raise ValueError(f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}.")
+            raise ValueError(
+                f"the model must return logits of shape ({x.shape[0]}, C); got shape {tuple(logits.shape)}."
+            )
         return Batch(x, logits, feats, model)
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> "Detector":
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> Detector:
         """Fit on clean images ``x`` (``y``: their labels; default the model's predictions)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
         check_images(x, "x")
         batch = self._batch(model, x)
-        labels = batch.pred.cpu() if y is None else check_labels(y, "y", n=int(x.shape[0]), num_classes=int(batch.logits.shape[1])).cpu()
+        labels = (
+            batch.pred.cpu()
+            if y is None
+            else check_labels(y, "y", n=int(x.shape[0]), num_classes=int(batch.logits.shape[1])).cpu()
+        )
         return self.fit_batch(batch, labels)
 
     def score(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Scores Tensor[N] (CPU) of images ``x``, scored in batches of 512."""
         self._check_fitted()
         check_images(x, "x")
-        return torch.cat([self.score_batch(self._batch(model, x[i:i + 512])).detach().float().cpu()
-                          for i in range(0, x.shape[0], 512)])
+        return torch.cat(
+            [
+                self.score_batch(self._batch(model, x[i : i + 512])).detach().float().cpu()
+                for i in range(0, x.shape[0], 512)
+            ]
+        )
 
     def calibrate(self, clean: Any, fpr: float = 0.05, *, model: nn.Module | None = None) -> float:
         """Set ``threshold_`` so that a share ``fpr`` of clean held-out inputs is flagged.
@@ -401,16 +473,20 @@ class Detector(Persistent):
             if clean.numel() == 0:
                 raise ValueError("clean scores must be non-empty; got an empty tensor.")
             if clean.dtype == torch.bool or clean.is_complex() or clean.is_meta:
-                raise TypeError(f"clean scores must be real numbers (a float tensor on cpu or cuda); got dtype {clean.dtype} on {clean.device}"
-                                " (flags are not scores).")
+                raise TypeError(
+                    f"clean scores must be real numbers (a float tensor on cpu or cuda); got dtype {clean.dtype} on {clean.device}"
+                    " (flags are not scores)."
+                )
             scores = clean
         elif isinstance(clean, torch.Tensor) and clean.dim() == 4:
             if model is None:
                 raise ValueError("calibrate(clean images) needs model=...; or pass clean scores (a 1-D tensor).")
             scores = self.score(model, check_images(clean, "clean"))
         else:
-            raise TypeError(f"clean must be a 1-D tensor of clean scores or a 4-D tensor of clean images; got "
-                            f"{type(clean).__name__} {tuple(getattr(clean, 'shape', ()))}.")
+            raise TypeError(
+                f"clean must be a 1-D tensor of clean scores or a 4-D tensor of clean images; got "
+                f"{type(clean).__name__} {tuple(getattr(clean, 'shape', ()))}."
+            )
         self.threshold_ = quantile_threshold(scores, fpr)
         self.calibration_fpr_ = fpr
         self.calibration_n_ = int(scores.numel())
@@ -424,16 +500,16 @@ class Detector(Persistent):
 class FeatureDetector(Detector):
     """A detector that scores named layers' pooled features; several share one forward pass."""
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "FeatureDetector":
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> FeatureDetector:
         raise NotImplementedError
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "FeatureDetector":
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> FeatureDetector:
         return self.fit_features(batch.features, labels)
 
-    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "FeatureDetector":
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> FeatureDetector:
         """One batch of features of a streaming fit; :meth:`finish_fit` ends it.
 
         The default keeps every batch's features (not the images: O(N d) floats) and fits on
@@ -447,13 +523,15 @@ class FeatureDetector(Detector):
         st["labels"].append(torch.as_tensor(labels).cpu())
         return self
 
-    def partial_fit_batch(self, batch: Batch, labels: torch.Tensor) -> "FeatureDetector":
+    def partial_fit_batch(self, batch: Batch, labels: torch.Tensor) -> FeatureDetector:
         return self.partial_fit_features(batch.features, labels)
 
-    def finish_fit(self) -> "FeatureDetector":
+    def finish_fit(self) -> FeatureDetector:
         st = self.__dict__.pop("_stream_fit", None)
         if st is None:
-            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+            raise ValueError(
+                f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream)."
+            )
         return self.fit_features({layer: torch.cat(v) for layer, v in st["feats"].items()}, torch.cat(st["labels"]))
 
     def score_batch(self, batch: Batch) -> torch.Tensor:
@@ -470,7 +548,7 @@ class MultiLayerDetector(FeatureDetector):
         self.layers = [layers] if isinstance(layers, str) else list(layers)
 
     @classmethod
-    def default(cls, layers: list[str]) -> "MultiLayerDetector":
+    def default(cls, layers: list[str]) -> MultiLayerDetector:
         return cls(list(layers))
 
     @property

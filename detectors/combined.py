@@ -27,7 +27,8 @@ its eager ``combine`` and its export head both run.
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -40,8 +41,15 @@ __all__ = ["Combined", "tail_scores", "combine_tails", "RULES"]
 RULES = ("max", "fisher", "weighted")
 
 
-def tail_scores(scores: Sequence[torch.Tensor], ref: torch.Tensor, counts: torch.Tensor, top: torch.Tensor,
-                scale: torch.Tensor, *, leave_one_out: bool = False) -> torch.Tensor:
+def tail_scores(
+    scores: Sequence[torch.Tensor],
+    ref: torch.Tensor,
+    counts: torch.Tensor,
+    top: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    leave_one_out: bool = False,
+) -> torch.Tensor:
     """(N, K) ``-log10(p_k) + relu(s_k - top_k) / scale_k`` per detector k.
 
     ``ref`` (K, M): each detector's sorted clean scores padded with +inf; ``counts`` (K,) the
@@ -92,7 +100,7 @@ class Combined(Persistent):
         self.names = list(names)
         self.rule = rule
 
-    def fit_scores(self, clean_scores: Mapping[str, torch.Tensor]) -> "Combined":
+    def fit_scores(self, clean_scores: Mapping[str, torch.Tensor]) -> Combined:
         """Fit the per-detector references on clean held-out scores {name: Tensor[N]}."""
         if self.rule not in RULES:
             raise ValueError(f"The 'rule' parameter of Combined must be one of {RULES}. Got {self.rule!r}.")
@@ -136,15 +144,22 @@ class Combined(Persistent):
 
     def tails(self, scores: Mapping[str, torch.Tensor], *, leave_one_out: bool = False) -> torch.Tensor:
         """(N, K) tail scores of per-detector scores {name: Tensor[N]}."""
-        return tail_scores(self._columns(scores), self.ref_, self.counts_, self.top_, self.scale_, leave_one_out=leave_one_out)
+        return tail_scores(
+            self._columns(scores), self.ref_, self.counts_, self.top_, self.scale_, leave_one_out=leave_one_out
+        )
 
     def combine(self, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The combined score Tensor[N] from per-detector scores {name: Tensor[N]}."""
         return combine_tails(self.tails(scores), self.rule, self.weights_)
 
-    def calibrate_scores(self, clean_scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *,
-                         proxy_scores: Mapping[str, torch.Tensor] | None = None,
-                         weights: torch.Tensor | None = None) -> float:
+    def calibrate_scores(
+        self,
+        clean_scores: Mapping[str, torch.Tensor],
+        fpr: float = 0.05,
+        *,
+        proxy_scores: Mapping[str, torch.Tensor] | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> float:
         """Fit the references (and, for "weighted", the weights) and set ``threshold_`` on clean held-out scores.
 
         ``proxy_scores``: the detectors' scores of inputs to learn the "weighted" rule's weights
@@ -158,11 +173,15 @@ class Combined(Persistent):
         clean_tails = self.tails(clean_scores, leave_one_out=True)
         if weights is not None:
             if weights.shape != (clean_tails.shape[1],):
-                raise ValueError(f"weights must hold one weight per detector ({clean_tails.shape[1]}); got shape {tuple(weights.shape)}.")
+                raise ValueError(
+                    f"weights must hold one weight per detector ({clean_tails.shape[1]}); got shape {tuple(weights.shape)}."
+                )
             self.weights_ = weights.detach().float().clone()
         elif self.rule == "weighted":
             if proxy_scores is None:
-                raise ValueError("Combined(rule='weighted') learns its weights from proxy_scores (scores of non-attack proxy inputs); got None.")
+                raise ValueError(
+                    "Combined(rule='weighted') learns its weights from proxy_scores (scores of non-attack proxy inputs); got None."
+                )
             self.weights_ = self._learn_weights(clean_tails, self.tails(proxy_scores))
         self.threshold_ = quantile_threshold(combine_tails(clean_tails, self.rule, self.weights_), fpr)
         self.calibration_fpr_ = fpr

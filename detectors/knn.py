@@ -25,21 +25,49 @@ MatMul + TopK (:func:`torch_knn`); both then go through the same torch functions
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from guard.core.validation import check_int, check_labels
-from guard.detectors.bank_index import (INDEX_KINDS, LARGE_BANK_INDEX, SEARCH_DEVICES, BankIndex, FaissDeviceError, build_index,
-                                        cat_shared, exact_distances, ivf_nlist, knn_search, pq_subquantizers, shared_bank,
-                                        shared_index)
+from guard.detectors.bank_index import (
+    INDEX_KINDS,
+    LARGE_BANK_INDEX,
+    SEARCH_DEVICES,
+    BankIndex,
+    FaissDeviceError,
+    build_index,
+    cat_shared,
+    exact_distances,
+    ivf_nlist,
+    knn_search,
+    pq_subquantizers,
+    shared_bank,
+    shared_index,
+)
 from guard.detectors.base import Batch, FeatureDetector, as_feature_dict, scoring_inputs
 
-__all__ = ["KNNRank", "KNNConsistency", "BankIndex", "BankBuilder", "FaissDeviceError", "build_index", "knn_search", "exact_distances",
-           "ivf_nlist", "pq_subquantizers", "INDEX_KINDS", "LARGE_BANK_INDEX", "SEARCH_DEVICES", "torch_knn", "sabour_rank",
-           "label_disagreement"]
+__all__ = [
+    "KNNRank",
+    "KNNConsistency",
+    "BankIndex",
+    "BankBuilder",
+    "FaissDeviceError",
+    "build_index",
+    "knn_search",
+    "exact_distances",
+    "ivf_nlist",
+    "pq_subquantizers",
+    "INDEX_KINDS",
+    "LARGE_BANK_INDEX",
+    "SEARCH_DEVICES",
+    "torch_knn",
+    "sabour_rank",
+    "label_disagreement",
+]
 
 _METRICS = ("cosine", "l2")
 
@@ -49,7 +77,9 @@ def _prep(x: torch.Tensor, metric: str) -> torch.Tensor:
     return F.normalize(x, dim=1) if metric == "cosine" else x
 
 
-def torch_knn(feats: torch.Tensor, bank_t: torch.Tensor, bank_sqnorm: torch.Tensor, k: int, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+def torch_knn(
+    feats: torch.Tensor, bank_t: torch.Tensor, bank_sqnorm: torch.Tensor, k: int, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact kNN in torch ops (MatMul + TopK), as FAISS's flat indexes: (N, k) distances ascending, indices.
 
     ``bank_t`` is the (D, M) transposed bank (rows L2-normalised for cosine).
@@ -63,8 +93,14 @@ def torch_knn(feats: torch.Tensor, bank_t: torch.Tensor, bank_sqnorm: torch.Tens
     return dist.clamp_min(0.0).sqrt(), idx
 
 
-def sabour_rank(d: torch.Tensor, pred: torch.Tensor, ref: torch.Tensor, counts: torch.Tensor, top: torch.Tensor,
-                spread: torch.Tensor) -> torch.Tensor:
+def sabour_rank(
+    d: torch.Tensor,
+    pred: torch.Tensor,
+    ref: torch.Tensor,
+    counts: torch.Tensor,
+    top: torch.Tensor,
+    spread: torch.Tensor,
+) -> torch.Tensor:
     """Sabour's rank of mean kNN distances ``d`` (N,) within the predicted classes ``pred`` (N,).
 
     ``rank = #(ref_c <= d) / count_c + relu(d - top_c) / spread_c``: the share of class c's
@@ -84,7 +120,9 @@ def label_disagreement(neighbour_labels: torch.Tensor, pred: torch.Tensor) -> to
 
 def _check_bank(feats: torch.Tensor, labels: torch.Tensor, k: int, owner: str) -> torch.Tensor:
     if feats.shape[0] == 0:
-        raise ValueError(f"{owner}: the feature bank is empty; fit needs at least k + 1 = {k + 1} clean examples, got 0.")
+        raise ValueError(
+            f"{owner}: the feature bank is empty; fit needs at least k + 1 = {k + 1} clean examples, got 0."
+        )
     if feats.shape[0] <= k:
         raise ValueError(f"{owner}: the feature bank needs more than k = {k} examples; got {feats.shape[0]}.")
     return check_labels(labels, "labels", n=int(feats.shape[0])).cpu()
@@ -92,7 +130,9 @@ def _check_bank(feats: torch.Tensor, labels: torch.Tensor, k: int, owner: str) -
 
 def _check_width(f: torch.Tensor, d: int, layer: str, owner: str) -> None:
     if f.shape[1] != d:
-        raise ValueError(f"{owner}: features of layer {layer!r} must have width {d} (as fitted); got {f.shape[1]} (shape {tuple(f.shape)}).")
+        raise ValueError(
+            f"{owner}: features of layer {layer!r} must have width {d} (as fitted); got {f.shape[1]} (shape {tuple(f.shape)})."
+        )
 
 
 def _check_device(device: str, owner: str) -> None:
@@ -118,7 +158,9 @@ class BankBuilder:
     checks (:class:`guard.detectors.base.FeatureStream`).
     """
 
-    def __init__(self, layers: list[str], metric: str, owner: str, *, max_per_class: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, layers: list[str], metric: str, owner: str, *, max_per_class: int | None = None, seed: int = 0
+    ) -> None:
         from guard.core.sampling import BottomK
         from guard.detectors.base import FeatureStream
 
@@ -229,9 +271,21 @@ class KNNRank(FeatureDetector):
     name: ClassVar[str] = "knn"
     _tensor_attrs = ("bank_", "bank_labels_", "class_ref_scores_", "class_counts_", "class_spread_")
 
-    def __init__(self, layer: str | Sequence[str] = "fc1", *, k: int = 10, metric: str = "cosine", statistic: str = "rank",
-                 ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 10,
-                 max_per_class: int | None = None, seed: int = 0, device: str = "auto") -> None:
+    def __init__(
+        self,
+        layer: str | Sequence[str] = "fc1",
+        *,
+        k: int = 10,
+        metric: str = "cosine",
+        statistic: str = "rank",
+        ivf_min_bank: int = 200_000,
+        nprobe: int = 16,
+        index: str = "auto",
+        rerank: int = 10,
+        max_per_class: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
         self.layer = layer if isinstance(layer, str) else list(layer)
         self.k = k
         self.metric = metric
@@ -245,7 +299,7 @@ class KNNRank(FeatureDetector):
         self.device = device
 
     @classmethod
-    def default(cls, layers: list[str]) -> "KNNRank":
+    def default(cls, layers: list[str]) -> KNNRank:
         """The max of the ranks at the last two layers (the head's input and the stage before it)."""
         return cls(layers[-2:] if len(layers) >= 2 else layers[-1])
 
@@ -257,20 +311,29 @@ class KNNRank(FeatureDetector):
     def multi(self) -> bool:
         return not isinstance(self.layer, str)
 
-    def _part(self, layer: str) -> "KNNRank":
+    def _part(self, layer: str) -> KNNRank:
         params = self.get_params()
         params.pop("layer")
         return KNNRank(layer, **params)
 
     def _index_for(self, bank: torch.Tensor, serialized: torch.Tensor | None = None) -> BankIndex:
         """The pooled index over ``bank`` (:func:`~guard.detectors.bank_index.shared_index`); ``bank_`` becomes its bank."""
-        index = shared_index(bank, self.metric, kind=self.index, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe,
-                             rerank=self.rerank, seed=self.seed, device=self.device, serialized=serialized)
+        index = shared_index(
+            bank,
+            self.metric,
+            kind=self.index,
+            ivf_min_bank=self.ivf_min_bank,
+            nprobe=self.nprobe,
+            rerank=self.rerank,
+            seed=self.seed,
+            device=self.device,
+            serialized=serialized,
+        )
         self.bank_ = index.bank
         return index
 
     @property
-    def parts(self) -> list["KNNRank"]:
+    def parts(self) -> list[KNNRank]:
         self._check_fitted()
         return list(self.parts_.values()) if self.multi else [self]
 
@@ -293,7 +356,9 @@ class KNNRank(FeatureDetector):
     def _validate_params(self) -> None:
         owner = type(self).__name__
         if not isinstance(self.layer, str) and not (self.layer and all(isinstance(v, str) for v in self.layer)):
-            raise TypeError(f"The 'layer' parameter of {owner} must be a str module path or a non-empty list of them. Got {self.layer!r}.")
+            raise TypeError(
+                f"The 'layer' parameter of {owner} must be a str module path or a non-empty list of them. Got {self.layer!r}."
+            )
         check_int(self.k, "k", owner, low=1)
         check_int(self.ivf_min_bank, "ivf_min_bank", owner, low=1)
         check_int(self.nprobe, "nprobe", owner, low=1)
@@ -306,26 +371,31 @@ class KNNRank(FeatureDetector):
         _check_device(self.device, owner)
         _check_metric(self.metric, owner)
         if self.statistic not in ("rank", "distance"):
-            raise ValueError(f"The 'statistic' parameter of {owner} must be 'rank' or 'distance'. Got {self.statistic!r}.")
+            raise ValueError(
+                f"The 'statistic' parameter of {owner} must be 'rank' or 'distance'. Got {self.statistic!r}."
+            )
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "KNNRank":
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> KNNRank:
         """Build the bank from clean features and the per-class leave-one-out reference scores."""
         self.__dict__.pop("_stream_fit", None)
         return self.partial_fit_features(feats, labels).finish_fit()
 
-    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "KNNRank":
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> KNNRank:
         """Add one batch of clean features to the bank (a streaming fit; :meth:`finish_fit` ends it)."""
         if "_stream_fit" not in self.__dict__:
             self._validate_params()
-            self._stream_fit = BankBuilder(self.feature_layers, self.metric, type(self).__name__, max_per_class=self.max_per_class,
-                                           seed=self.seed)
+            self._stream_fit = BankBuilder(
+                self.feature_layers, self.metric, type(self).__name__, max_per_class=self.max_per_class, seed=self.seed
+            )
         self._stream_fit.add(feats, labels)
         return self
 
-    def finish_fit(self) -> "KNNRank":
+    def finish_fit(self) -> KNNRank:
         builder = self.__dict__.pop("_stream_fit", None)
         if builder is None:
-            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+            raise ValueError(
+                f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream)."
+            )
         banks, labels = builder.finish(self.k)
         if self.multi:
             self.parts_ = {layer: self._part(layer)._fit_bank(banks[layer], labels) for layer in self.layer}
@@ -334,7 +404,7 @@ class KNNRank(FeatureDetector):
         self.fitted_ = True
         return self
 
-    def _fit_bank(self, bank: torch.Tensor, labels: torch.Tensor) -> "KNNRank":
+    def _fit_bank(self, bank: torch.Tensor, labels: torch.Tensor) -> KNNRank:
         self.bank_labels_ = labels
         self._index = self._index_for(bank)
         # leave-one-out: search k + 1 and drop the point itself (the nearest, at distance 0)
@@ -361,7 +431,14 @@ class KNNRank(FeatureDetector):
             self.parts_ = {}
             for layer in self.layer:
                 part = self._part(layer)
-                part.load_state({a: tensors[f"{layer}/{a}"] for a in self._tensor_attrs + ("faiss_index_",) if f"{layer}/{a}" in tensors}, {})
+                part.load_state(
+                    {
+                        a: tensors[f"{layer}/{a}"]
+                        for a in self._tensor_attrs + ("faiss_index_",)
+                        if f"{layer}/{a}" in tensors
+                    },
+                    {},
+                )
                 self.parts_[layer] = part
             return
         self._index = self._index_for(self.bank_, tensors.get("faiss_index_"))
@@ -439,7 +516,9 @@ class _KNNRankHead(nn.Module):
             c = pred.clamp(0, ref.shape[0] - 1)
             tau = (spread[c] / 20.0)[:, None]
             r = ref[c]
-            soft = torch.where(torch.isfinite(r), torch.sigmoid((d[:, None] - r.clamp(max=1e6)) / tau), torch.zeros_like(r))
+            soft = torch.where(
+                torch.isfinite(r), torch.sigmoid((d[:, None] - r.clamp(max=1e6)) / tau), torch.zeros_like(r)
+            )
             out.append(soft.sum(1) / counts[c] + (d - top[c]).clamp_min(0.0) / spread[c])
         return torch.stack(out, 1).amax(1)
 
@@ -457,9 +536,20 @@ class KNNConsistency(FeatureDetector):
     name: ClassVar[str] = "knn_consistency"
     _tensor_attrs = ("bank_labels_",)
 
-    def __init__(self, layers: Sequence[str] = ("conv1", "conv2", "fc1"), *, k: int = 10, metric: str = "cosine",
-                 ivf_min_bank: int = 200_000, nprobe: int = 16, index: str = "auto", rerank: int = 10,
-                 max_per_class: int | None = None, seed: int = 0, device: str = "auto") -> None:
+    def __init__(
+        self,
+        layers: Sequence[str] = ("conv1", "conv2", "fc1"),
+        *,
+        k: int = 10,
+        metric: str = "cosine",
+        ivf_min_bank: int = 200_000,
+        nprobe: int = 16,
+        index: str = "auto",
+        rerank: int = 10,
+        max_per_class: int | None = None,
+        seed: int = 0,
+        device: str = "auto",
+    ) -> None:
         self.layers = [layers] if isinstance(layers, str) else list(layers)
         self.k = k
         self.metric = metric
@@ -472,7 +562,7 @@ class KNNConsistency(FeatureDetector):
         self.device = device
 
     @classmethod
-    def default(cls, layers: list[str]) -> "KNNConsistency":
+    def default(cls, layers: list[str]) -> KNNConsistency:
         """Neighbours' votes at the last two layers."""
         return cls(layers[-2:] if len(layers) >= 2 else layers)
 
@@ -493,11 +583,11 @@ class KNNConsistency(FeatureDetector):
                 out[f"faiss_index.{layer}"] = saved
         return out
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "KNNConsistency":
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> KNNConsistency:
         self.__dict__.pop("_stream_fit", None)
         return self.partial_fit_features(feats, labels).finish_fit()
 
-    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "KNNConsistency":
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> KNNConsistency:
         """Add one batch of clean features to the banks (a streaming fit; :meth:`finish_fit` ends it)."""
         if "_stream_fit" not in self.__dict__:
             owner = type(self).__name__
@@ -511,14 +601,18 @@ class KNNConsistency(FeatureDetector):
                 raise ValueError(f"The 'index' parameter of {owner} must be one of {INDEX_KINDS}. Got {self.index!r}.")
             _check_device(self.device, owner)
             _check_metric(self.metric, owner)
-            self._stream_fit = BankBuilder(self.layers, self.metric, owner, max_per_class=self.max_per_class, seed=self.seed)
+            self._stream_fit = BankBuilder(
+                self.layers, self.metric, owner, max_per_class=self.max_per_class, seed=self.seed
+            )
         self._stream_fit.add(feats, labels)
         return self
 
-    def finish_fit(self) -> "KNNConsistency":
+    def finish_fit(self) -> KNNConsistency:
         builder = self.__dict__.pop("_stream_fit", None)
         if builder is None:
-            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+            raise ValueError(
+                f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream)."
+            )
         self.banks_, self.bank_labels_ = builder.finish(self.k)
         self._build()
         self.fitted_ = True
@@ -529,14 +623,27 @@ class KNNConsistency(FeatureDetector):
         self.banks_ = {layer: tensors[f"bank.{layer}"] for layer in self.layers}
         for k, v in meta.items():
             setattr(self, k, v)
-        self._build({layer: tensors[f"faiss_index.{layer}"] for layer in self.layers if f"faiss_index.{layer}" in tensors})
+        self._build(
+            {layer: tensors[f"faiss_index.{layer}"] for layer in self.layers if f"faiss_index.{layer}" in tensors}
+        )
         self.fitted_ = True
 
     def _build(self, serialized: dict[str, torch.Tensor] | None = None) -> None:
         serialized = serialized or {}
-        self._indexes = {layer: shared_index(b, self.metric, kind=self.index, ivf_min_bank=self.ivf_min_bank, nprobe=self.nprobe,
-                                             rerank=self.rerank, seed=self.seed, device=self.device, serialized=serialized.get(layer))
-                         for layer, b in self.banks_.items()}
+        self._indexes = {
+            layer: shared_index(
+                b,
+                self.metric,
+                kind=self.index,
+                ivf_min_bank=self.ivf_min_bank,
+                nprobe=self.nprobe,
+                rerank=self.rerank,
+                seed=self.seed,
+                device=self.device,
+                serialized=serialized.get(layer),
+            )
+            for layer, b in self.banks_.items()
+        }
         self.banks_ = {layer: index.bank for layer, index in self._indexes.items()}  # the pooled tensors
 
     def disagreement(self, feats: Any, pred: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -575,7 +682,10 @@ class _KNNConsistencyHead(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         pred = batch.pred
-        per = [label_disagreement(self.labels[bank(batch.features[layer])[1]], pred) for layer, bank in zip(self.layers, self.banks)]
+        per = [
+            label_disagreement(self.labels[bank(batch.features[layer])[1]], pred)
+            for layer, bank in zip(self.layers, self.banks)
+        ]
         return torch.stack(per, 1).mean(1)
 
     def surrogate(self, batch: Batch) -> torch.Tensor:

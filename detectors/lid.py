@@ -17,14 +17,15 @@ and the layers are combined by the mean of their LIDs standardised on the clean 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from guard.core.validation import check_int
-from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale, scoring_inputs
 from guard.detectors.bank_index import shared_index
+from guard.detectors.base import Batch, MultiLayerDetector, as_feature_dict, robust_scale, scoring_inputs
 from guard.detectors.knn import torch_knn
 
 __all__ = ["LIDDetector", "lid_mle"]
@@ -52,7 +53,9 @@ class LIDDetector(MultiLayerDetector):
 
     name: ClassVar[str] = "lid"
 
-    def __init__(self, layers: Sequence[str] = ("fc1",), *, k: int = 20, reference_size: int = 5000, seed: int = 0) -> None:
+    def __init__(
+        self, layers: Sequence[str] = ("fc1",), *, k: int = 20, reference_size: int = 5000, seed: int = 0
+    ) -> None:
         self._set_layers(layers)
         self.k = k
         self.reference_size = reference_size
@@ -62,11 +65,11 @@ class LIDDetector(MultiLayerDetector):
     def _tensor_attrs(self) -> tuple[str, ...]:  # type: ignore[override]
         return (*(f"bank{i}_" for i in range(len(self.layers))), "loc_", "scale_")
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "LIDDetector":
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> LIDDetector:
         self.__dict__.pop("_stream_fit", None)
         return self.partial_fit_features(feats, labels).finish_fit()
 
-    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "LIDDetector":
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> LIDDetector:
         """Add one batch of clean features to the reference sample (a streaming fit; :meth:`finish_fit` ends it)."""
         from guard.core.sampling import BottomK
         from guard.detectors.base import FeatureStream
@@ -79,12 +82,15 @@ class LIDDetector(MultiLayerDetector):
             check_int(self.k, "k", owner, low=2)
             check_int(self.reference_size, "reference_size", owner, low=2)
             check_int(self.seed, "seed", owner, low=0)
-            st = self._stream_fit = {"check": FeatureStream(self.layers, owner), "sample": BottomK(self.reference_size, seed=self.seed)}
+            st = self._stream_fit = {
+                "check": FeatureStream(self.layers, owner),
+                "sample": BottomK(self.reference_size, seed=self.seed),
+            }
         fd, labels = st["check"].add(feats, labels)
         st["sample"].add({layer: f.cpu() for layer, f in fd.items()}, labels)
         return self
 
-    def finish_fit(self) -> "LIDDetector":
+    def finish_fit(self) -> LIDDetector:
         owner = type(self).__name__
         st = self.__dict__.pop("_stream_fit", None)
         if st is None:
@@ -125,7 +131,9 @@ class LIDDetector(MultiLayerDetector):
             f = fd[layer].cpu()
             width = getattr(self, f"bank{i}_").shape[1]
             if f.shape[1] != width:
-                raise ValueError(f"{type(self).__name__}: features of layer {layer!r} must have width {width} (as fitted); got {f.shape[1]}.")
+                raise ValueError(
+                    f"{type(self).__name__}: features of layer {layer!r} must have width {width} (as fitted); got {f.shape[1]}."
+                )
             cols.append(lid_mle(self._indexes[i].search(f, self.k)[0]))
         return torch.stack(cols, 1)
 
@@ -153,6 +161,12 @@ class _LIDHead(nn.Module):
         self.register_buffer("scale", det.scale_.detach().float())
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        cols = [lid_mle(torch_knn(batch.features[layer], getattr(self, f"bank_t{i}"), getattr(self, f"sqnorm{i}"), self.k, "l2")[0])
-                for i, layer in enumerate(self.layers)]
+        cols = [
+            lid_mle(
+                torch_knn(
+                    batch.features[layer], getattr(self, f"bank_t{i}"), getattr(self, f"sqnorm{i}"), self.k, "l2"
+                )[0]
+            )
+            for i, layer in enumerate(self.layers)
+        ]
         return ((torch.stack(cols, 1) - self.loc) / self.scale).mean(1)

@@ -97,8 +97,10 @@ def local_ppca(
     n_neighbors = check_int(n_neighbors, "n_neighbors", _OWNER, low=2)
     n_ref = check_int(n_ref, "n_ref", _OWNER, low=2)
     if n_ref >= n_neighbors:
-        raise ValueError(f"The 'n_ref' parameter of {_OWNER} must be < n_neighbors={n_neighbors} (the rest are the held-out "
-                         f"reference of the test). Got {n_ref}.")
+        raise ValueError(
+            f"The 'n_ref' parameter of {_OWNER} must be < n_neighbors={n_neighbors} (the rest are the held-out "
+            f"reference of the test). Got {n_ref}."
+        )
     q = n_ref - 1 if n_components is None else check_int(n_components, "n_components", _OWNER, low=1)
     noise_floor = check_float(noise_floor, "noise_floor", _OWNER, low=0.0, low_open=True)
     seed = check_int(seed, "seed", _OWNER)
@@ -108,8 +110,10 @@ def local_ppca(
             raise ValueError(f"{name} must be a floating tensor of shape (N, d); got {got}.")
     fa, fg, fr = (t.flatten(1).double().cpu() for t in (feat_adv, feat_guide, ref_feats))
     if fa.shape != fg.shape or fr.shape[1] != fa.shape[1]:
-        raise ValueError(f"feat_adv and feat_guide must share one shape (N, d) and ref_feats be (M, d); got {tuple(fa.shape)}, "
-                         f"{tuple(fg.shape)} and {tuple(fr.shape)}.")
+        raise ValueError(
+            f"feat_adv and feat_guide must share one shape (N, d) and ref_feats be (M, d); got {tuple(fa.shape)}, "
+            f"{tuple(fg.shape)} and {tuple(fr.shape)}."
+        )
     if fr.shape[0] < n_neighbors:
         raise ValueError(f"ref_feats must hold at least n_neighbors={n_neighbors} rows; got {fr.shape[0]}.")
     nn_idx = torch.cdist(fg, fr).topk(n_neighbors, dim=1, largest=False).indices
@@ -123,10 +127,11 @@ def local_ppca(
         floor = noise_floor * (float(fr[nn_idx[i]].var(0).mean()) or 1.0)
         comps, var, noise = fit_local_ppca(fr[fit_rows].numpy(), q, floor)
         w, lam = torch.from_numpy(comps), torch.from_numpy(var)
-        pts = torch.cat([fa[i:i + 1], g[None], fr[held_rows]])
+        pts = torch.cat([fa[i : i + 1], g[None], fr[held_rows]])
         m = pts.shape[0]
-        ll = ppca_log_likelihood(pts, g.expand(m, -1), w.expand(m, -1, -1), lam.expand(m, -1),
-                                 torch.full((m,), noise, dtype=torch.float64))
+        ll = ppca_log_likelihood(
+            pts, g.expand(m, -1), w.expand(m, -1, -1), lam.expand(m, -1), torch.full((m,), noise, dtype=torch.float64)
+        )
         sine = _sine_to_subspace(pts - g, w)
         out["loglik_adv"][i], out["loglik_guide"][i] = ll[0], ll[1]
         out["heldout_min"][i], out["heldout_median"][i] = ll[2:].min(), ll[2:].median()

@@ -19,7 +19,8 @@ clear error, so ``guard.wrap`` leaves the detector out of such a model.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -65,8 +66,15 @@ class MahalanobisDetector(MultiLayerDetector):
 
     name: ClassVar[str] = "mahalanobis"
 
-    def __init__(self, layers: Sequence[str] = ("fc1",), *, noise: float = 0.0, max_width: int = 4096, scale_sample: int = 20_000,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        layers: Sequence[str] = ("fc1",),
+        *,
+        noise: float = 0.0,
+        max_width: int = 4096,
+        scale_sample: int = 20_000,
+        seed: int = 0,
+    ) -> None:
         self._set_layers(layers)
         self.noise = noise
         self.max_width = max_width
@@ -75,13 +83,18 @@ class MahalanobisDetector(MultiLayerDetector):
 
     @property
     def _tensor_attrs(self) -> tuple[str, ...]:  # type: ignore[override]
-        return (*(f"means{i}_" for i in range(len(self.layers))), *(f"precision{i}_" for i in range(len(self.layers))), "loc_", "scale_")
+        return (
+            *(f"means{i}_" for i in range(len(self.layers))),
+            *(f"precision{i}_" for i in range(len(self.layers))),
+            "loc_",
+            "scale_",
+        )
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "MahalanobisDetector":
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> MahalanobisDetector:
         self.__dict__.pop("_stream_fit", None)
         return self.partial_fit_features(feats, labels).finish_fit()
 
-    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "MahalanobisDetector":
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> MahalanobisDetector:
         """Add one batch of clean features to the running sums (a streaming fit; :meth:`finish_fit` ends it)."""
         from guard.core.sampling import BottomK
         from guard.detectors.base import FeatureStream
@@ -95,8 +108,12 @@ class MahalanobisDetector(MultiLayerDetector):
             check_int(self.max_width, "max_width", owner, low=1)
             check_int(self.scale_sample, "scale_sample", owner, low=2)
             check_int(self.seed, "seed", owner, low=0)
-            st = self._stream_fit = {"check": FeatureStream(self.layers, owner), "sample": BottomK(self.scale_sample, seed=self.seed),
-                                     "counts": torch.zeros(0, dtype=torch.float64), "layers": {}}
+            st = self._stream_fit = {
+                "check": FeatureStream(self.layers, owner),
+                "sample": BottomK(self.scale_sample, seed=self.seed),
+                "counts": torch.zeros(0, dtype=torch.float64),
+                "layers": {},
+            }
         fd, labels = st["check"].add(feats, labels)
         if labels.numel() == 0:
             return self
@@ -105,19 +122,29 @@ class MahalanobisDetector(MultiLayerDetector):
         st["counts"] += torch.bincount(labels, minlength=classes).double()
         for layer, f in fd.items():
             if f.shape[1] > self.max_width:
-                raise ValueError(f"{owner}: layer {layer!r} has {f.shape[1]} features, more than max_width={self.max_width} "
-                                 "(its precision would be d x d); choose a narrower or pooled layer.")
+                raise ValueError(
+                    f"{owner}: layer {layer!r} has {f.shape[1]} features, more than max_width={self.max_width} "
+                    "(its precision would be d x d); choose a narrower or pooled layer."
+                )
             f = f.cpu().double()
-            acc = st["layers"].setdefault(layer, {"shift": f.mean(0), "sums": torch.zeros(0, f.shape[1], dtype=torch.float64),
-                                                   "scatter": torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64)})
+            acc = st["layers"].setdefault(
+                layer,
+                {
+                    "shift": f.mean(0),
+                    "sums": torch.zeros(0, f.shape[1], dtype=torch.float64),
+                    "scatter": torch.zeros(f.shape[1], f.shape[1], dtype=torch.float64),
+                },
+            )
             r = f - acc["shift"]
-            sums = torch.cat([acc["sums"], torch.zeros(classes - acc["sums"].shape[0], f.shape[1], dtype=torch.float64)])
+            sums = torch.cat(
+                [acc["sums"], torch.zeros(classes - acc["sums"].shape[0], f.shape[1], dtype=torch.float64)]
+            )
             acc["sums"] = sums.index_add_(0, labels, r)
             acc["scatter"] += r.t() @ r
         st["sample"].add({layer: f.cpu() for layer, f in fd.items()}, labels)
         return self
 
-    def finish_fit(self) -> "MahalanobisDetector":
+    def finish_fit(self) -> MahalanobisDetector:
         from scipy.linalg import pinvh
 
         owner = type(self).__name__
@@ -137,8 +164,10 @@ class MahalanobisDetector(MultiLayerDetector):
             centred[~present] = overall  # a class without rows: the overall mean (as the one-shot fit always did)
             cov = (acc["scatter"] - (counts[:, None, None] * centred[:, :, None] * centred[:, None, :]).sum(0)) / n
             if float(torch.trace(cov)) <= 1e-12:  # its (pseudo-)precision would be 0: every input scored 0, blind
-                raise ValueError(f"{owner}: the features of layer {layer!r} do not vary over the clean data (zero covariance); "
-                                 "fit on varied clean images or choose another layer.")
+                raise ValueError(
+                    f"{owner}: the features of layer {layer!r} do not vary over the clean data (zero covariance); "
+                    "fit on varied clean images or choose another layer."
+                )
             prec = torch.from_numpy(np.asarray(pinvh(cov.numpy(), check_finite=False)))
             means = (centred + acc["shift"]).float()
             setattr(self, f"means{i}_", means)
@@ -157,7 +186,9 @@ class MahalanobisDetector(MultiLayerDetector):
             means, prec = getattr(self, f"means{i}_"), getattr(self, f"precision{i}_")
             f = fd[layer].cpu()
             if f.shape[1] != means.shape[1]:
-                raise ValueError(f"{type(self).__name__}: features of layer {layer!r} must have width {means.shape[1]} (as fitted); got {f.shape[1]}.")
+                raise ValueError(
+                    f"{type(self).__name__}: features of layer {layer!r} must have width {means.shape[1]} (as fitted); got {f.shape[1]}."
+                )
             cols.append(closest_class_distance(f, means, prec))
         return torch.stack(cols, 1)
 
@@ -179,9 +210,14 @@ class MahalanobisDetector(MultiLayerDetector):
         with torch.enable_grad():
             x = batch.x.detach().clone().requires_grad_(True)
             _, feats = fx(x, pool="auto", check=False)
-            dist = sum(closest_class_distance(feats[layer].float(), getattr(self, f"means{i}_").to(x.device),
-                                              getattr(self, f"precision{i}_").to(x.device)).sum()
-                       for i, layer in enumerate(self.layers))
+            dist = sum(
+                closest_class_distance(
+                    feats[layer].float(),
+                    getattr(self, f"means{i}_").to(x.device),
+                    getattr(self, f"precision{i}_").to(x.device),
+                ).sum()
+                for i, layer in enumerate(self.layers)
+            )
             (g,) = torch.autograd.grad(dist, x)
         with torch.no_grad():
             _, feats = fx((x - self.noise * g.sign()).clamp(0, 1).detach(), pool="auto", check=False)
@@ -190,7 +226,9 @@ class MahalanobisDetector(MultiLayerDetector):
     def export_head(self) -> nn.Module:
         self._check_fitted()
         if self.noise > 0:
-            raise ValueError("MahalanobisDetector with input preprocessing (noise > 0) has no ONNX head; export with noise=0.")
+            raise ValueError(
+                "MahalanobisDetector with input preprocessing (noise > 0) has no ONNX head; export with noise=0."
+            )
         return _MahalanobisHead(self)
 
 
@@ -207,6 +245,10 @@ class _MahalanobisHead(nn.Module):
         self.register_buffer("scale", det.scale_.detach().float())
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        cols = [closest_class_distance(batch.features[layer].float(), getattr(self, f"means{i}"), getattr(self, f"precision{i}"))
-                for i, layer in enumerate(self.layers)]
+        cols = [
+            closest_class_distance(
+                batch.features[layer].float(), getattr(self, f"means{i}"), getattr(self, f"precision{i}")
+            )
+            for i, layer in enumerate(self.layers)
+        ]
         return ((torch.stack(cols, 1) - self.loc) / self.scale).mean(1)

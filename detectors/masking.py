@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,15 +44,28 @@ from guard.core.models import eval_mode, model_device
 from guard.core.validation import call_model, check_float, check_images, check_int, check_labels
 from guard.detectors.base import Batch, Detector
 
-__all__ = ["MaskSet", "mask_set", "patch_pixels", "apply_masks", "one_mask_predictions", "two_mask_predictions",
-           "double_masking", "certify", "Certificate", "MaskingDetector"]
+__all__ = [
+    "MaskSet",
+    "mask_set",
+    "patch_pixels",
+    "apply_masks",
+    "one_mask_predictions",
+    "two_mask_predictions",
+    "double_masking",
+    "certify",
+    "Certificate",
+    "MaskingDetector",
+]
 
 
 def _pair(value: Any, name: str) -> tuple[int, int]:
     """An int or an (H, W) pair of ints >= 1."""
     vals = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-    if not isinstance(vals, (tuple, list, torch.Size)) or len(vals) != 2 or \
-            any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in vals):
+    if (
+        not isinstance(vals, (tuple, list, torch.Size))
+        or len(vals) != 2
+        or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in vals)
+    ):
         raise TypeError(f"{name} must be an int or a pair of ints (height, width); got {value!r}.")
     if min(int(v) for v in vals) < 1:
         raise ValueError(f"{name} must be >= 1 pixel; got {tuple(int(v) for v in vals)}.")
@@ -110,7 +124,7 @@ class MaskSet:
         """Bool (K, 1, H, W): True where the image is kept, False inside the mask."""
         out = torch.ones(len(self), 1, *self.image_size, dtype=torch.bool, device=device)
         for i, (r, c, mh, mw) in enumerate(self.boxes):
-            out[i, :, r:r + mh, c:c + mw] = False
+            out[i, :, r : r + mh, c : c + mw] = False
         return out
 
     def uncovered(self, patch_size: int | Sequence[int]) -> list[tuple[int, int]]:
@@ -121,7 +135,9 @@ class MaskSet:
         """
         ph, pw = _pair(patch_size, "patch_size")
         if ph > self.image_size[0] or pw > self.image_size[1]:
-            raise ValueError(f"patch_size {(ph, pw)} is larger than the {self.image_size[0]}x{self.image_size[1]} image.")
+            raise ValueError(
+                f"patch_size {(ph, pw)} is larger than the {self.image_size[0]}x{self.image_size[1]} image."
+            )
         bad_r = _uncovered_1d(self.image_size[0], ph, self.rows, self.mask_size[0])
         bad_c = _uncovered_1d(self.image_size[1], pw, self.cols, self.mask_size[1])
         all_r, all_c = range(self.image_size[0] - ph + 1), range(self.image_size[1] - pw + 1)
@@ -131,20 +147,30 @@ class MaskSet:
         """ValueError naming a position when some patch position of ``patch_size`` lies inside no mask."""
         bad = self.uncovered(patch_size)
         if bad:
-            raise ValueError(f"the masks ({self.mask_size[0]}x{self.mask_size[1]}, stride {self.stride}) do not cover every position "
-                             f"of a {tuple(_pair(patch_size, 'patch_size'))} patch on {self.image_size[0]}x{self.image_size[1]} images: "
-                             f"{len(bad)} positions uncovered, e.g. top-left {bad[0]}; no certificate holds for that patch size.")
+            raise ValueError(
+                f"the masks ({self.mask_size[0]}x{self.mask_size[1]}, stride {self.stride}) do not cover every position "
+                f"of a {tuple(_pair(patch_size, 'patch_size'))} patch on {self.image_size[0]}x{self.image_size[1]} images: "
+                f"{len(bad)} positions uncovered, e.g. top-left {bad[0]}; no certificate holds for that patch size."
+            )
 
     def check_images(self, x: Any, name: str = "x") -> torch.Tensor:
         x = check_images(x, name)
         if tuple(x.shape[-2:]) != self.image_size:
-            raise ValueError(f"{name} must be images of {self.image_size[0]}x{self.image_size[1]} pixels (the mask set's); "
-                             f"got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"{name} must be images of {self.image_size[0]}x{self.image_size[1]} pixels (the mask set's); "
+                f"got shape {tuple(x.shape)}."
+            )
         return x
 
 
-def mask_set(image_size: int | Sequence[int], patch_size: int | float | Sequence[int], k: int = 6, *,
-             stride: int | Sequence[int] | None = None, mask_size: int | Sequence[int] | None = None) -> MaskSet:
+def mask_set(
+    image_size: int | Sequence[int],
+    patch_size: int | float | Sequence[int],
+    k: int = 6,
+    *,
+    stride: int | Sequence[int] | None = None,
+    mask_size: int | Sequence[int] | None = None,
+) -> MaskSet:
     """PatchCleanser's mask set: at most ``k`` x ``k`` masks covering every position of the patch.
 
     Args:
@@ -165,8 +191,16 @@ def mask_set(image_size: int | Sequence[int], patch_size: int | float | Sequence
     patch = patch_pixels(patch_size, img)
     if patch[0] > img[0] or patch[1] > img[1]:
         raise ValueError(f"patch_size {patch} is larger than the {img[0]}x{img[1]} image: no mask set can cover it.")
-    s = tuple(math.ceil((n - p + 1) / int(k)) for n, p in zip(img, patch)) if stride is None else _pair(stride, "stride")
-    m = tuple(min(p + si - 1, n) for p, si, n in zip(patch, s, img)) if mask_size is None else _pair(mask_size, "mask_size")
+    s = (
+        tuple(math.ceil((n - p + 1) / int(k)) for n, p in zip(img, patch))
+        if stride is None
+        else _pair(stride, "stride")
+    )
+    m = (
+        tuple(min(p + si - 1, n) for p, si, n in zip(patch, s, img))
+        if mask_size is None
+        else _pair(mask_size, "mask_size")
+    )
     if m[0] > img[0] or m[1] > img[1]:
         raise ValueError(f"mask_size {m} is larger than the {img[0]}x{img[1]} image.")
     out = MaskSet(img, patch, m, s, tuple(_positions(img[0], m[0], s[0])), tuple(_positions(img[1], m[1], s[1])))
@@ -183,7 +217,7 @@ def apply_masks(x: torch.Tensor, keep: torch.Tensor, fill: float) -> torch.Tenso
 
 
 def _labels(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([call_model(model, x[i:i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
+    return torch.cat([call_model(model, x[i : i + batch_size]).argmax(1) for i in range(0, x.shape[0], batch_size)])
 
 
 def _prepare(model: Any, x: Any, masks: MaskSet, batch_size: int) -> torch.Tensor:
@@ -197,28 +231,39 @@ def _prepare(model: Any, x: Any, masks: MaskSet, batch_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def one_mask_predictions(model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: float = 0.5,
-                         batch_size: int = 1024) -> torch.Tensor:
+def one_mask_predictions(
+    model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: float = 0.5, batch_size: int = 1024
+) -> torch.Tensor:
     """Labels (N, K) of every image under every single mask (the first round of masking)."""
     x = _prepare(model, x, masks, batch_size)
     keep = masks.keep(x.device)
     per = max(1, batch_size // len(masks))
     with eval_mode(model):
-        out = [_labels(model, apply_masks(x[i:i + per], keep, fill), batch_size).view(-1, len(masks))
-               for i in range(0, x.shape[0], per)]
+        out = [
+            _labels(model, apply_masks(x[i : i + per], keep, fill), batch_size).view(-1, len(masks))
+            for i in range(0, x.shape[0], per)
+        ]
     return torch.cat(out).cpu()
 
 
-def _pair_labels(model: nn.Module, img: torch.Tensor, keep: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
-                 fill: float, batch_size: int) -> torch.Tensor:
+def _pair_labels(
+    model: nn.Module,
+    img: torch.Tensor,
+    keep: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    fill: float,
+    batch_size: int,
+) -> torch.Tensor:
     """Labels of one image (1, C, H, W) under the mask pairs (first[p], second[p])."""
     pair_keep = keep[first] & keep[second]
     return _labels(model, apply_masks(img, pair_keep, fill), batch_size).cpu()
 
 
 @torch.no_grad()
-def two_mask_predictions(model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: float = 0.5,
-                         batch_size: int = 1024) -> torch.Tensor:
+def two_mask_predictions(
+    model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: float = 0.5, batch_size: int = 1024
+) -> torch.Tensor:
     """Labels (N, K, K) under every pair of masks (symmetric; the diagonal is the one-mask round).
 
     The full map PatchCleanser certifies from; :func:`certify` computes it with an early exit.
@@ -229,9 +274,20 @@ def two_mask_predictions(model: nn.Module, x: torch.Tensor, masks: MaskSet, *, f
     out = torch.empty(x.shape[0], n_mask, n_mask, dtype=torch.long)
     with eval_mode(model):
         for j in range(x.shape[0]):
-            lab = torch.cat([_pair_labels(model, x[j:j + 1], keep, first[i:i + batch_size].to(x.device),
-                                          second[i:i + batch_size].to(x.device), fill, batch_size)
-                             for i in range(0, first.numel(), batch_size)])
+            lab = torch.cat(
+                [
+                    _pair_labels(
+                        model,
+                        x[j : j + 1],
+                        keep,
+                        first[i : i + batch_size].to(x.device),
+                        second[i : i + batch_size].to(x.device),
+                        fill,
+                        batch_size,
+                    )
+                    for i in range(0, first.numel(), batch_size)
+                ]
+            )
             out[j, first, second] = lab
             out[j, second, first] = lab
     return out
@@ -243,8 +299,15 @@ def _majority(labels: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def double_masking(model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: float = 0.5, batch_size: int = 1024,
-                   one_mask: torch.Tensor | None = None) -> torch.Tensor:
+def double_masking(
+    model: nn.Module,
+    x: torch.Tensor,
+    masks: MaskSet,
+    *,
+    fill: float = 0.5,
+    batch_size: int = 1024,
+    one_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """PatchCleanser's recovered labels (N,) (the paper's Algorithm 1; see the module docstring).
 
     ``one_mask``: the one-mask labels of ``x`` when already computed (:func:`one_mask_predictions`).
@@ -253,7 +316,9 @@ def double_masking(model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: f
     two-mask labels all agree with it.
     """
     x = _prepare(model, x, masks, batch_size)
-    one = one_mask_predictions(model, x, masks, fill=fill, batch_size=batch_size) if one_mask is None else one_mask.cpu()
+    one = (
+        one_mask_predictions(model, x, masks, fill=fill, batch_size=batch_size) if one_mask is None else one_mask.cpu()
+    )
     if one.shape != (x.shape[0], len(masks)):
         raise ValueError(f"one_mask must be labels of shape ({x.shape[0]}, {len(masks)}); got {tuple(one.shape)}.")
     keep, n_mask = masks.keep(x.device), len(masks)
@@ -268,10 +333,12 @@ def double_masking(model: nn.Module, x: torch.Tensor, masks: MaskSet, *, fill: f
             out[j] = majority  # Case III unless a disagreer survives its second round
             disagreers = [i for i in range(n_mask) if int(labels[i]) != majority]
             for g in range(0, len(disagreers), group):
-                chunk = torch.tensor(disagreers[g:g + group], device=x.device)
+                chunk = torch.tensor(disagreers[g : g + group], device=x.device)
                 first = chunk.repeat_interleave(n_mask)
                 second = torch.arange(n_mask, device=x.device).repeat(chunk.numel())
-                rows = _pair_labels(model, x[j:j + 1], keep, first, second, fill, batch_size).view(chunk.numel(), n_mask)
+                rows = _pair_labels(model, x[j : j + 1], keep, first, second, fill, batch_size).view(
+                    chunk.numel(), n_mask
+                )
                 hits = [i for i, row in zip(chunk.tolist(), rows) if bool((row == labels[i]).all())]
                 if hits:
                     out[j] = labels[hits[0]]  # Case II: the first disagreer whose second round agrees with it
@@ -310,17 +377,33 @@ class Certificate:
         """Rates over the images (JSON-friendly)."""
         h, w = self.masks.image_size
         mean = lambda t: round(float(t.float().mean()), 4)  # noqa: E731
-        return {"n": int(self.y.numel()), "patch_side": self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else list(self.patch_size),
-                "patch_area": round(self.patch_size[0] * self.patch_size[1] / (h * w), 4), "masks": len(self.masks),
-                "mask_size": list(self.masks.mask_size), "mask_stride": list(self.masks.stride),
-                "model_accuracy": mean(self.clean_pred == self.y), "clean_accuracy": mean(self.recovered == self.y),
-                "certified_recovery": mean(self.recovery_certified), "certified_detection": mean(self.detection_certified),
-                "clean_flagged": mean(self.flagged)}
+        return {
+            "n": int(self.y.numel()),
+            "patch_side": self.patch_size[0] if self.patch_size[0] == self.patch_size[1] else list(self.patch_size),
+            "patch_area": round(self.patch_size[0] * self.patch_size[1] / (h * w), 4),
+            "masks": len(self.masks),
+            "mask_size": list(self.masks.mask_size),
+            "mask_stride": list(self.masks.stride),
+            "model_accuracy": mean(self.clean_pred == self.y),
+            "clean_accuracy": mean(self.recovered == self.y),
+            "certified_recovery": mean(self.recovery_certified),
+            "certified_detection": mean(self.detection_certified),
+            "clean_flagged": mean(self.flagged),
+        }
 
 
 @torch.no_grad()
-def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch_size: int | float | Sequence[int] | None = None, *,
-            k: int = 6, masks: MaskSet | None = None, fill: float = 0.5, batch_size: int = 1024) -> Certificate:
+def certify(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    patch_size: int | float | Sequence[int] | None = None,
+    *,
+    k: int = 6,
+    masks: MaskSet | None = None,
+    fill: float = 0.5,
+    batch_size: int = 1024,
+) -> Certificate:
     """Certified recovery and certified detection, per image, against one patch of ``patch_size``.
 
     Args:
@@ -359,11 +442,27 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, patch_size: int 
     first, second = torch.triu_indices(n_mask, n_mask, offset=1).to(x.device)
     with eval_mode(model):
         for j in torch.nonzero(detection).flatten().tolist():
-            recovery[j] = all(bool((_pair_labels(model, x[j:j + 1], keep, first[i:i + batch_size], second[i:i + batch_size],
-                                                 fill, batch_size) == y[j]).all())
-                              for i in range(0, first.numel(), batch_size))  # all() stops at the first wrong chunk
+            recovery[j] = all(
+                bool(
+                    (
+                        _pair_labels(
+                            model,
+                            x[j : j + 1],
+                            keep,
+                            first[i : i + batch_size],
+                            second[i : i + batch_size],
+                            fill,
+                            batch_size,
+                        )
+                        == y[j]
+                    ).all()
+                )
+                for i in range(0, first.numel(), batch_size)
+            )  # all() stops at the first wrong chunk
     recovered = double_masking(model, x, masks, fill=fill, batch_size=batch_size, one_mask=one)
-    return Certificate(patch, masks, y, clean_pred, one, recovered, recovery, detection, (one != clean_pred[:, None]).any(1))
+    return Certificate(
+        patch, masks, y, clean_pred, one, recovered, recovery, detection, (one != clean_pred[:, None]).any(1)
+    )
 
 
 class MaskingDetector(Detector):
@@ -388,7 +487,9 @@ class MaskingDetector(Detector):
     name: ClassVar[str] = "masking"
     _meta_attrs = ("image_size_", "patch_pixels_")
 
-    def __init__(self, patch_size: int | float | Sequence[int] = 0.05, *, k: int = 6, fill: float = 0.5, batch_size: int = 1024) -> None:
+    def __init__(
+        self, patch_size: int | float | Sequence[int] = 0.05, *, k: int = 6, fill: float = 0.5, batch_size: int = 1024
+    ) -> None:
         self.patch_size = list(patch_size) if isinstance(patch_size, tuple) else patch_size
         self.k = k
         self.fill = fill
@@ -399,7 +500,7 @@ class MaskingDetector(Detector):
         self._check_fitted()
         return mask_set(tuple(self.image_size_), tuple(self.patch_pixels_), self.k)
 
-    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> "MaskingDetector":
+    def fit(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> MaskingDetector:
         """Build the mask set for images shaped like ``x`` (nothing is learnt from their content)."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -419,7 +520,7 @@ class MaskingDetector(Detector):
         self.fitted_ = True
         return self
 
-    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "MaskingDetector":
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> MaskingDetector:
         return self.fit(batch.model, batch.x, labels)
 
     def score_batch(self, batch: Batch) -> torch.Tensor:

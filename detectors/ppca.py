@@ -58,12 +58,14 @@ def _column_variance_mean(f: torch.Tensor, chunk: int = 8192) -> float:
     """The mean over columns of the (ddof 0) variance of rows ``f`` (n, d), in float64, two passes
     over chunks of rows (numpy's ``x.var(0).mean()`` without its (n, d) float64 temporaries)."""
     n = f.shape[0]
-    mean = sum(f[i:i + chunk].double().sum(0) for i in range(0, n, chunk)) / n
-    sq = sum(((f[i:i + chunk].double() - mean) ** 2).sum(0) for i in range(0, n, chunk))
+    mean = sum(f[i : i + chunk].double().sum(0) for i in range(0, n, chunk)) / n
+    sq = sum(((f[i : i + chunk].double() - mean) ** 2).sum(0) for i in range(0, n, chunk))
     return float((sq / n).mean())
 
 
-def ppca_log_likelihood(f: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor, var: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def ppca_log_likelihood(
+    f: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor, var: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """Low-rank PPCA log-likelihood (N,) of rows ``f`` (N, d), each under its own Gaussian.
 
     ``mean`` (N, d), ``comps`` (N, q, d) orthonormal rows, ``var`` (N, q), ``noise`` (N,): the
@@ -103,8 +105,16 @@ class PPCAManifold(FeatureDetector):
     name: ClassVar[str] = "ppca"
     _tensor_attrs = ("means_", "components_", "variances_", "noise_")
 
-    def __init__(self, layer: str = "fc1", *, n_components: int = 16, reg: float = 1e-3, min_class_size: int = 10,
-                 batch_size: int = 256, max_scatter_bytes: int = 2 ** 31) -> None:
+    def __init__(
+        self,
+        layer: str = "fc1",
+        *,
+        n_components: int = 16,
+        reg: float = 1e-3,
+        min_class_size: int = 10,
+        batch_size: int = 256,
+        max_scatter_bytes: int = 2**31,
+    ) -> None:
         self.layer = layer
         self.n_components = n_components
         self.reg = reg
@@ -113,7 +123,7 @@ class PPCAManifold(FeatureDetector):
         self.max_scatter_bytes = max_scatter_bytes
 
     @classmethod
-    def default(cls, layers: list[str]) -> "PPCAManifold":
+    def default(cls, layers: list[str]) -> PPCAManifold:
         """The PPCA of the head's input."""
         return cls(layers[-1])
 
@@ -129,7 +139,7 @@ class PPCAManifold(FeatureDetector):
         check_int(self.max_scatter_bytes, "max_scatter_bytes", owner, low=0)
         check_float(self.reg, "reg", owner, low=0.0, low_open=True)
 
-    def fit_features(self, feats: Any, labels: torch.Tensor) -> "PPCAManifold":
+    def fit_features(self, feats: Any, labels: torch.Tensor) -> PPCAManifold:
         owner = type(self).__name__
         self._check_params()
         fd, labels = fitting_inputs(feats, labels, [self.layer], owner, min_rows=2)  # one row cannot define a PPCA
@@ -146,7 +156,7 @@ class PPCAManifold(FeatureDetector):
 
         def per_class(c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
             nonlocal pooled
-            rows = order[(bounds[c - 1] if c else 0):bounds[c]]
+            rows = order[(bounds[c - 1] if c else 0) : bounds[c]]
             if rows.numel() >= self.min_class_size:
                 return fit_ppca(f[rows].double().numpy(), q, floor)
             pooled = pooled if pooled is not None else fit_ppca(f.double().numpy(), q, floor)
@@ -154,7 +164,7 @@ class PPCAManifold(FeatureDetector):
 
         return self._set_state(n_classes, f.shape[1], per_class)
 
-    def _set_state(self, n_classes: int, d: int, per_class: Any) -> "PPCAManifold":
+    def _set_state(self, n_classes: int, d: int, per_class: Any) -> PPCAManifold:
         q_all = min(self.n_components, d - 1) if d > 1 else 1
         self.means_ = torch.zeros(n_classes, d)
         self.components_ = torch.zeros(n_classes, q_all, d)
@@ -172,7 +182,7 @@ class PPCAManifold(FeatureDetector):
         return self
 
     # ---------------------------------------------------------------- streaming fit
-    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> "PPCAManifold":
+    def partial_fit_features(self, feats: Any, labels: torch.Tensor) -> PPCAManifold:
         """Add one batch of clean features (a streaming fit; :meth:`finish_fit` ends it).
 
         Keeps per class the count, the sum and the (d, d) scatter of the rows less a shift
@@ -184,8 +194,16 @@ class PPCAManifold(FeatureDetector):
         st = self.__dict__.get("_stream_fit")
         if st is None:
             self._check_params()
-            st = self._stream_fit = {"check": FeatureStream([self.layer], type(self).__name__), "n": {}, "sum": {}, "sq": {},
-                                     "scatter": {}, "ipca": {}, "buf": {}, "shift": None}
+            st = self._stream_fit = {
+                "check": FeatureStream([self.layer], type(self).__name__),
+                "n": {},
+                "sum": {},
+                "sq": {},
+                "scatter": {},
+                "ipca": {},
+                "buf": {},
+                "shift": None,
+            }
         fd, labels = st["check"].add(feats, labels)
         f = fd[self.layer].cpu().double()
         if f.shape[0] == 0:
@@ -198,7 +216,11 @@ class PPCAManifold(FeatureDetector):
         for c in torch.unique(labels).tolist():
             rc = r[labels == c]
             if c not in st["n"]:
-                st["n"][c], st["sum"][c], st["sq"][c] = 0, torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros(r.shape[1], dtype=torch.float64)
+                st["n"][c], st["sum"][c], st["sq"][c] = (
+                    0,
+                    torch.zeros(r.shape[1], dtype=torch.float64),
+                    torch.zeros(r.shape[1], dtype=torch.float64),
+                )
                 if st["exact"]:
                     st["scatter"][c] = torch.zeros(r.shape[1], r.shape[1], dtype=torch.float64)
             st["n"][c] += int(rc.shape[0])
@@ -230,10 +252,12 @@ class PPCAManifold(FeatureDetector):
                     st["ipca"][c].partial_fit(x[:take])
                 st["buf"][c] = [x[take:]] if take < x.shape[0] else []
 
-    def finish_fit(self) -> "PPCAManifold":
+    def finish_fit(self) -> PPCAManifold:
         st = self.__dict__.pop("_stream_fit", None)
         if st is None:
-            raise ValueError(f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream).")
+            raise ValueError(
+                f"{type(self).__name__}.finish_fit: no batch was given to partial_fit_features (an empty stream)."
+            )
         st["check"].finish(2)
         shift = st["shift"]
         d = int(shift.shape[0])
@@ -241,11 +265,13 @@ class PPCAManifold(FeatureDetector):
         s_all = sum(st["sum"].values())
         sq_all = sum(st["sq"].values())
         mean_all = s_all / n_all
-        floor = self.reg * (float((sq_all / n_all - mean_all ** 2).clamp_min(0).mean()) or 1.0)  # numpy's var: ddof 0
+        floor = self.reg * (float((sq_all / n_all - mean_all**2).clamp_min(0).mean()) or 1.0)  # numpy's var: ddof 0
         q = self.n_components
         pooled: list[Any] = []
 
-        def from_scatter(n: int, s: torch.Tensor, scatter: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        def from_scatter(
+            n: int, s: torch.Tensor, scatter: torch.Tensor
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
             m = s / n
             cov = (scatter - n * torch.outer(m, m)) / (n - 1)
             evals, evecs = torch.linalg.eigh(cov)  # ascending; PCA's explained variances are these, descending
@@ -285,16 +311,25 @@ class PPCAManifold(FeatureDetector):
         f = as_feature_dict(feats, [self.layer], type(self).__name__)[self.layer].cpu()
         d = int(self.means_.shape[1])
         if f.shape[1] != d:
-            raise ValueError(f"{type(self).__name__}: features of layer {self.layer!r} must have width {d} (as fitted); got {f.shape[1]}.")
+            raise ValueError(
+                f"{type(self).__name__}: features of layer {self.layer!r} must have width {d} (as fitted); got {f.shape[1]}."
+            )
         return f
 
     def _loglik(self, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         c = c.long().clamp(0, self.means_.shape[0] - 1)  # a reject class maps to the last class, as in the graph
         out = []
         for i in range(0, f.shape[0], self.batch_size):
-            ci = c[i:i + self.batch_size]
-            out.append(ppca_log_likelihood(f[i:i + self.batch_size], self.means_[ci], self.components_[ci], self.variances_[ci],
-                                           self.noise_[ci]))
+            ci = c[i : i + self.batch_size]
+            out.append(
+                ppca_log_likelihood(
+                    f[i : i + self.batch_size],
+                    self.means_[ci],
+                    self.components_[ci],
+                    self.variances_[ci],
+                    self.noise_[ci],
+                )
+            )
         return torch.cat(out) if out else torch.zeros(0)
 
     def log_likelihood(self, feats: Any, classes: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,7 +338,9 @@ class PPCAManifold(FeatureDetector):
         if classes is not None:
             return self._loglik(f, classes.cpu())
         n = f.shape[0]
-        return torch.stack([self._loglik(f, torch.full((n,), c, dtype=torch.long)) for c in range(self.means_.shape[0])], 1)
+        return torch.stack(
+            [self._loglik(f, torch.full((n,), c, dtype=torch.long)) for c in range(self.means_.shape[0])], 1
+        )
 
     def score_features(self, feats: Any, logits: torch.Tensor) -> torch.Tensor:
         self._check_fitted()
@@ -353,5 +390,7 @@ class _PPCAHead(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         c = batch.pred.clamp(0, self.means.shape[0] - 1)
-        ll = ppca_log_likelihood(batch.features[self.layer].float(), self.means[c], self.components[c], self.variances[c], self.noise[c])
+        ll = ppca_log_likelihood(
+            batch.features[self.layer].float(), self.means[c], self.components[c], self.variances[c], self.noise[c]
+        )
         return {"score": -ll, "loglik": ll}

@@ -63,8 +63,16 @@ def topk_share(attr: torch.Tensor, frac: float) -> torch.Tensor:
     return a.topk(k, dim=1).values.sum(1) / a.sum(1).clamp_min(1e-12)
 
 
-def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, method: str, *, layer: str | None = None,
-                       n_steps: int = 16, create_graph: bool = False) -> torch.Tensor:
+def torch_attributions(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    method: str,
+    *,
+    layer: str | None = None,
+    n_steps: int = 16,
+    create_graph: bool = False,
+) -> torch.Tensor:
     """Non-negative attribution maps (N, H, W) of class ``target`` with ``torch.autograd.grad``.
 
     The same quantities as Captum's ``Saliency`` (abs=True), ``InputXGradient`` (abs of
@@ -92,7 +100,8 @@ def torch_attributions(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     store: list[torch.Tensor] = []
     caller = threading.get_ident()  # the hook sees other threads' forwards through the same model too
     handle = get_layer(model, layer).register_forward_hook(
-        lambda _m, _i, out: store.append(out) if threading.get_ident() == caller else None)
+        lambda _m, _i, out: store.append(out) if threading.get_ident() == caller else None
+    )
     try:
         logits = model(x)
     finally:
@@ -156,8 +165,18 @@ class SaliencyConcentration(Detector):
     name: ClassVar[str] = "saliency"
     _meta_attrs = ("window_",)
 
-    def __init__(self, method: str = "saliency", *, window: int | str = "auto", window_area: float = 0.05, reduce: str = "window",
-                 topk: float = 0.05, layer: str | None = None, n_steps: int = 16, batch_size: int = 512) -> None:
+    def __init__(
+        self,
+        method: str = "saliency",
+        *,
+        window: int | str = "auto",
+        window_area: float = 0.05,
+        reduce: str = "window",
+        topk: float = 0.05,
+        layer: str | None = None,
+        n_steps: int = 16,
+        batch_size: int = 512,
+    ) -> None:
         self.method = method
         self.window = window
         self.window_area = window_area
@@ -185,7 +204,9 @@ class SaliencyConcentration(Detector):
             if model is not None:
                 get_layer(model, self.layer)
 
-    def fit(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> "SaliencyConcentration":
+    def fit(
+        self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None
+    ) -> SaliencyConcentration:
         """Check the parameters against ``model`` and, for ``window="auto"``, read the image size from ``x``."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -194,14 +215,18 @@ class SaliencyConcentration(Detector):
             check_images(x, "x")
             hw = tuple(int(s) for s in x.shape[-2:])
         elif self.window == "auto":
-            raise ValueError("SaliencyConcentration(window='auto') reads the image size at fit: pass clean images, fit(model, x).")
+            raise ValueError(
+                "SaliencyConcentration(window='auto') reads the image size at fit: pass clean images, fit(model, x)."
+            )
         else:
             hw = (int(self.window), int(self.window))
-        self.window_ = int(self.window) if self.window != "auto" else max(2, round(math.sqrt(self.window_area * hw[0] * hw[1])))
+        self.window_ = (
+            int(self.window) if self.window != "auto" else max(2, round(math.sqrt(self.window_area * hw[0] * hw[1])))
+        )
         self.fitted_ = True
         return self
 
-    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "SaliencyConcentration":
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> SaliencyConcentration:
         return self.fit(batch.model, batch.x[:8])
 
     def attributions(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -213,7 +238,11 @@ class SaliencyConcentration(Detector):
         elif self.method == "input_x_gradient":
             a = InputXGradient(model).attribute(x, target=target).abs()
         elif self.method == "integrated_gradients":
-            a = IntegratedGradients(model).attribute(x, target=target, n_steps=self.n_steps, method="riemann_right").abs()
+            a = (
+                IntegratedGradients(model)
+                .attribute(x, target=target, n_steps=self.n_steps, method="riemann_right")
+                .abs()
+            )
         else:
             # Not Captum's LayerGradCam here: its forward hook on the layer also fires for other threads'
             # forwards through the same model (a served model scored from several threads gets their
@@ -236,7 +265,7 @@ class SaliencyConcentration(Detector):
         out = []
         with eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size].to(device=device, dtype=torch.float32)
+                xb = x[i : i + self.batch_size].to(device=device, dtype=torch.float32)
                 with torch.no_grad():  # the predicted class, or a check that the model takes these images
                     logits = call_model(model, xb if target is None else xb[:1])
                 if target is None:
@@ -244,7 +273,7 @@ class SaliencyConcentration(Detector):
                 else:
                     if i == 0:  # a class the model has no output for: IndexError deep in Captum otherwise
                         check_labels(target, "target", num_classes=int(logits.shape[1]))
-                    tb = target[i:i + self.batch_size].to(device)
+                    tb = target[i : i + self.batch_size].to(device)
                 # gradients w.r.t. the input only; works even when the caller is under
                 # torch.no_grad() or torch.inference_mode()
                 with torch.inference_mode(False), torch.enable_grad():
@@ -264,7 +293,9 @@ class SaliencyConcentration(Detector):
         if batch.input_grad is not None and self.needs_input_grad:
             self._check_fitted()
             g = batch.input_grad.float()
-            a = g.abs() if self.method == "saliency" else (batch.x.float() * g).abs()  # Captum's Saliency(abs) / InputXGradient
+            a = (
+                g.abs() if self.method == "saliency" else (batch.x.float() * g).abs()
+            )  # Captum's Saliency(abs) / InputXGradient
             return self.concentration(a.sum(1)).float().cpu()
         return self.score(batch.model, batch.x, target=batch.pred)
 
@@ -284,7 +315,9 @@ class _SaliencyHead(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         with torch.enable_grad():
-            attr = torch_attributions(batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps)
+            attr = torch_attributions(
+                batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps
+            )
         return window_share(attr, self.window) if self.reduce == "window" else topk_share(attr, self.topk)
 
     def surrogate(self, batch: Batch) -> torch.Tensor:
@@ -299,6 +332,7 @@ class _SaliencyHead(nn.Module):
         of that smoothed map stands in for the real one.
         """
         with SmoothReLU(self.surrogate_beta):
-            attr = torch_attributions(batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps,
-                                      create_graph=True)
+            attr = torch_attributions(
+                batch.model, batch.x, batch.pred, self.method, layer=self.layer, n_steps=self.n_steps, create_graph=True
+            )
         return window_share(attr, self.window) if self.reduce == "window" else topk_share(attr, self.topk)

@@ -19,16 +19,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from guard.detectors.base import Batch, Detector
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import call_model, check_float, check_images, check_int
+from guard.detectors.base import Batch, Detector
 
 __all__ = ["BitDepthSqueeze", "squeeze_bits", "squeeze_distance"]
 
 
 def squeeze_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Reduce [0, 1] images to ``bits`` bits per channel."""
-    levels = float(2 ** bits - 1)
+    levels = float(2**bits - 1)
     return torch.round(x * levels) / levels
 
 
@@ -56,13 +56,15 @@ class BitDepthSqueeze(Detector):
     name: ClassVar[str] = "squeeze"
     _meta_attrs = ("bits_", "clean_agreement_")
 
-    def __init__(self, bits: int | str = "auto", *, max_bits: int = 6, agreement: float = 0.99, batch_size: int = 512) -> None:
+    def __init__(
+        self, bits: int | str = "auto", *, max_bits: int = 6, agreement: float = 0.99, batch_size: int = 512
+    ) -> None:
         self.bits = bits
         self.max_bits = max_bits
         self.agreement = agreement
         self.batch_size = batch_size
 
-    def fit(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> "BitDepthSqueeze":
+    def fit(self, model: nn.Module, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> BitDepthSqueeze:
         """Check the parameters; with ``bits="auto"``, choose the depth on clean images ``x``."""
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
@@ -81,22 +83,33 @@ class BitDepthSqueeze(Detector):
             device = model_device(model, x.device)
             x = x[:1024].to(device=device, dtype=torch.float32)
             with torch.no_grad(), eval_mode(model):
-                clean = torch.cat([call_model(model, x[i:i + self.batch_size]).argmax(1) for i in range(0, x.shape[0], self.batch_size)])
+                clean = torch.cat(
+                    [
+                        call_model(model, x[i : i + self.batch_size]).argmax(1)
+                        for i in range(0, x.shape[0], self.batch_size)
+                    ]
+                )
                 tried = range(1, self.max_bits + 1) if self.bits == "auto" else [int(self.bits)]
                 for b in tried:
-                    sq = torch.cat([model(squeeze_bits(x[i:i + self.batch_size].to(device), b)).argmax(1)
-                                    for i in range(0, x.shape[0], self.batch_size)])
+                    sq = torch.cat(
+                        [
+                            model(squeeze_bits(x[i : i + self.batch_size].to(device), b)).argmax(1)
+                            for i in range(0, x.shape[0], self.batch_size)
+                        ]
+                    )
                     agree = float((sq == clean).float().mean())
                     if agree >= self.agreement or self.bits != "auto":
                         self.bits_, self.clean_agreement_ = b, agree
                         break
                 else:
-                    raise ValueError(f"{owner}: no squeeze of 1 to {self.max_bits} bits keeps the labels of {self.agreement:.0%} of the clean "
-                                     f"images (best {agree:.1%} at {self.max_bits} bits); leave the squeeze detector out for this data.")
+                    raise ValueError(
+                        f"{owner}: no squeeze of 1 to {self.max_bits} bits keeps the labels of {self.agreement:.0%} of the clean "
+                        f"images (best {agree:.1%} at {self.max_bits} bits); leave the squeeze detector out for this data."
+                    )
         self.fitted_ = True
         return self
 
-    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> "BitDepthSqueeze":
+    def fit_batch(self, batch: Batch, labels: torch.Tensor) -> BitDepthSqueeze:
         return self.fit(batch.model, batch.x)
 
     @torch.no_grad()
@@ -108,8 +121,8 @@ class BitDepthSqueeze(Detector):
         out = []
         with eval_mode(model):
             for i in range(0, x.shape[0], self.batch_size):
-                xb = x[i:i + self.batch_size].to(device=device, dtype=torch.float32)
-                lb = call_model(model, xb) if logits is None else logits[i:i + self.batch_size].to(device)
+                xb = x[i : i + self.batch_size].to(device=device, dtype=torch.float32)
+                lb = call_model(model, xb) if logits is None else logits[i : i + self.batch_size].to(device)
                 out.append(squeeze_distance(lb, model(squeeze_bits(xb, self.bits_))))
         return torch.cat(out).float().cpu()
 

@@ -24,7 +24,8 @@ closed), as ``Detector.predict_scores``; the reject flag is ``pred == reject_ind
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -49,7 +50,9 @@ def exportable_normalize(model: nn.Module) -> nn.Module:
     """
     from torchvision import transforms
 
-    kinds = tuple(k for k in (transforms.Normalize, getattr(getattr(transforms, "v2", None), "Normalize", None)) if k is not None)
+    kinds = tuple(
+        k for k in (transforms.Normalize, getattr(getattr(transforms, "v2", None), "Normalize", None)) if k is not None
+    )
     names = [n for n, m in model.named_modules() if isinstance(m, kinds)]
     if not names:
         return model
@@ -97,9 +100,19 @@ class ExportHead(nn.Module):
             head differentiates the float32 model).
     """
 
-    def __init__(self, model: nn.Module, *, layers: Sequence[str] = (), pool: str = "auto", heads: dict[str, nn.Module] | None = None,
-                 combined: nn.Module | None = None, thresholds: dict[str, float] | None = None, reject_index: int | None = None,
-                 flag_from: Sequence[str] | None = None, fp16_backbone: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        layers: Sequence[str] = (),
+        pool: str = "auto",
+        heads: dict[str, nn.Module] | None = None,
+        combined: nn.Module | None = None,
+        thresholds: dict[str, float] | None = None,
+        reject_index: int | None = None,
+        flag_from: Sequence[str] | None = None,
+        fp16_backbone: bool = False,
+    ) -> None:
         super().__init__()
         self.float_model = model
         self.backbone = _Fp16Backbone(model) if fp16_backbone else model
@@ -110,7 +123,9 @@ class ExportHead(nn.Module):
         self.combined = combined
         self.reject_index = reject_index
         self.thresholds = {k: float(v) for k, v in (thresholds or {}).items()}
-        self.flag_names = [n for n in [*self.heads, "combined"] if n in self.thresholds] + (["reject"] if reject_index is not None else [])
+        self.flag_names = [n for n in [*self.heads, "combined"] if n in self.thresholds] + (
+            ["reject"] if reject_index is not None else []
+        )
         if flag_from is None:
             flag_from = [n for n in ("combined", "reject") if n in self.flag_names] or list(self.flag_names)
         unknown = [n for n in flag_from if n not in self.flag_names]
@@ -119,7 +134,9 @@ class ExportHead(nn.Module):
         self.flag_from = list(flag_from)
         self.output_names: list[str] = []
         # outputs that are step functions of others (judged through what they step on, and the flags)
-        self.step_outputs = {f"{name}_{key}" for name, head in self.heads.items() for key in getattr(head, "step_outputs", ())}
+        self.step_outputs = {
+            f"{name}_{key}" for name, head in self.heads.items() for key in getattr(head, "step_outputs", ())
+        }
 
     def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every output by name (``forward`` returns them as a tuple in ``output_names`` order)."""
@@ -145,7 +162,10 @@ class ExportHead(nn.Module):
         if self.combined is not None:
             out["combined_score"] = scores["combined"] = self.combined(scores)
         if self.flag_names:
-            cols = [batch.pred == self.reject_index if n == "reject" else ~(scores[n] <= self.thresholds[n]) for n in self.flag_names]
+            cols = [
+                batch.pred == self.reject_index if n == "reject" else ~(scores[n] <= self.thresholds[n])
+                for n in self.flag_names
+            ]
             flags = torch.stack(cols, 1)
             out["flags"] = flags
             idx = [self.flag_names.index(n) for n in self.flag_from]
@@ -159,8 +179,14 @@ class ExportHead(nn.Module):
         return tuple(out[n] for n in self.output_names)
 
 
-def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Sequence[str] = (), strict: bool = True,
-                      fp16_backbone: bool = False) -> tuple[ExportHead, dict[str, Any]]:
+def build_export_head(
+    obj: nn.Module,
+    example: torch.Tensor,
+    *,
+    leave_out: Sequence[str] = (),
+    strict: bool = True,
+    fp16_backbone: bool = False,
+) -> tuple[ExportHead, dict[str, Any]]:
     """The ExportHead of a classifier, a hardened model or a ``guard.wrap`` GuardedModel, and notes.
 
     Args:
@@ -182,7 +208,9 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
         raise TypeError(f"leave_out must be a list of detector names; got {leave_out!r:.80}.")
     unknown = sorted(set(leave_out) - set(obj.detectors)) if guarded else []
     if unknown:
-        raise ValueError(f"leave_out names {unknown}, which are not detectors of this GuardedModel ({sorted(obj.detectors)}).")
+        raise ValueError(
+            f"leave_out names {unknown}, which are not detectors of this GuardedModel ({sorted(obj.detectors)})."
+        )
     leave_out = set(leave_out)
     model = exportable_normalize(obj.model if guarded else obj)
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
@@ -203,7 +231,9 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
                 heads[name] = det.export_head()
             except (NotImplementedError, ValueError) as err:
                 if strict:
-                    raise ValueError(f"detector {name!r} cannot be exported: {err} (pass leave_out=[{name!r}] or strict=False)") from err
+                    raise ValueError(
+                        f"detector {name!r} cannot be exported: {err} (pass leave_out=[{name!r}] or strict=False)"
+                    ) from err
                 notes["left_out"][name] = str(err)
                 continue
             if hasattr(det, "threshold_"):
@@ -212,8 +242,10 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
         missing = [n for n in obj.combined.names_ if n not in heads]
         if missing:
             # the combined flag needs every member; a partial max can flag less than GuardedModel
-            notes["combined"] = (f"the combined score uses {missing}, which are not in the graph; the exported combined score "
-                                 f"is the max over the others only and can differ from GuardedModel's")
+            notes["combined"] = (
+                f"the combined score uses {missing}, which are not in the graph; the exported combined score "
+                f"is the max over the others only and can differ from GuardedModel's"
+            )
             notes["combined_partial"] = True
             from guard.detectors import Combined
 
@@ -231,10 +263,24 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
             notes["exported"].append("combined")
     if reject is not None:
         notes["exported"].append("reject")
-    layers = list(dict.fromkeys(layer for name, det in (obj.detectors.items() if guarded else []) if name in heads
-                                for layer in det.feature_layers))
-    head = ExportHead(model, layers=layers, pool=getattr(obj, "pool", "auto"), heads=heads, combined=combined,
-                      thresholds=thresholds, reject_index=reject, fp16_backbone=fp16_backbone)
+    layers = list(
+        dict.fromkeys(
+            layer
+            for name, det in (obj.detectors.items() if guarded else [])
+            if name in heads
+            for layer in det.feature_layers
+        )
+    )
+    head = ExportHead(
+        model,
+        layers=layers,
+        pool=getattr(obj, "pool", "auto"),
+        heads=heads,
+        combined=combined,
+        thresholds=thresholds,
+        reject_index=reject,
+        fp16_backbone=fp16_backbone,
+    )
     head.combined_partial = bool(notes.get("combined_partial", False))
     for m in head.modules():  # the heads have no train-time behaviour; the model's own modes are left alone
         if m not in set(model.modules()):
@@ -244,9 +290,19 @@ def build_export_head(obj: nn.Module, example: torch.Tensor, *, leave_out: Seque
     return head, notes
 
 
-def _conv_backward(grad_out: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias_sizes: Any, stride: Sequence[int],
-                   padding: Sequence[int], dilation: Sequence[int], transposed: bool, output_padding: Sequence[int],
-                   groups: int, mask: Sequence[bool]) -> Any:
+def _conv_backward(
+    grad_out: torch.Tensor,
+    inp: torch.Tensor,
+    weight: torch.Tensor,
+    bias_sizes: Any,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+    mask: Sequence[bool],
+) -> Any:
     """The input gradient of a convolution as a transposed convolution (what ONNX can run).
 
     Only the input gradient is ever needed (the weights are constants); anything else falls

@@ -19,8 +19,9 @@ reported and its parity is judged by the flags.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,16 @@ import torch
 from guard.core.budget import grad_chunk
 from guard.core.models import eval_mode
 
-__all__ = ["check_parity", "compare_outputs", "compare_with_guarded", "run_reference", "run_session", "ParityReport",
-           "DEFAULT_TOLERANCES", "DEFAULT_TOLERANCE"]
+__all__ = [
+    "check_parity",
+    "compare_outputs",
+    "compare_with_guarded",
+    "run_reference",
+    "run_session",
+    "ParityReport",
+    "DEFAULT_TOLERANCES",
+    "DEFAULT_TOLERANCE",
+]
 
 #: output name -> (atol, rtol); anything else: :data:`DEFAULT_TOLERANCE`.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -72,9 +81,15 @@ def _np(t: Any) -> np.ndarray:
     return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
 
 
-def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerances: Mapping[str, tuple[float, float]] | None = None,
-                    flag_names: Sequence[str] = (), thresholds: Mapping[str, float] | None = None,
-                    step_outputs: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+def compare_outputs(
+    ref: Mapping[str, Any],
+    got: Mapping[str, Any],
+    *,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+    flag_names: Sequence[str] = (),
+    thresholds: Mapping[str, float] | None = None,
+    step_outputs: Sequence[str] = (),
+) -> dict[str, dict[str, Any]]:
     """Per-output comparison of ``got`` (onnxruntime) against ``ref`` (PyTorch), names in both.
 
     Returns output -> figures: floats ``max_abs``, ``max_rel``, ``atol``, ``rtol``, ``passed``;
@@ -103,8 +118,14 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
                         sc = _np(ref[s])
                         near = np.abs(sc - thresholds[fname]) <= atol + rtol * np.abs(sc)
                         borderline += int((diff[:, j] & near).sum())
-            out[name] = {"n": int(b.shape[0]), "n_diff": int(diff.sum()), "rows_diff": int(len(rows)),
-                         "borderline": borderline, "identical": bool(not diff.any()), "passed": bool(not diff.any())}
+            out[name] = {
+                "n": int(b.shape[0]),
+                "n_diff": int(diff.sum()),
+                "rows_diff": int(len(rows)),
+                "borderline": borderline,
+                "identical": bool(not diff.any()),
+                "passed": bool(not diff.any()),
+            }
         elif np.issubdtype(b.dtype, np.integer):
             agree = float((a == b).mean()) if b.size else 1.0
             out[name] = {"agreement": agree, "n": int(b.shape[0]), "passed": agree == 1.0}
@@ -119,8 +140,15 @@ def compare_outputs(ref: Mapping[str, Any], got: Mapping[str, Any], *, tolerance
             bad = d > atol + rtol * np.where(finite, np.abs(b64), 0.0)
             bad_rows = int(bad.reshape(bad.shape[0], -1).any(1).sum()) if bad.size else 0
             ok = bad_rows == 0 or name in STEP_OUTPUTS or name in step_outputs
-            out[name] = {"max_abs": float(d.max()) if d.size else 0.0, "max_rel": float(rel.max()) if rel.size else 0.0,
-                         "atol": atol, "rtol": rtol, "n_out_of_tol": bad_rows, "passed": bool(ok), "n": int(b.shape[0])}
+            out[name] = {
+                "max_abs": float(d.max()) if d.size else 0.0,
+                "max_rel": float(rel.max()) if rel.size else 0.0,
+                "atol": atol,
+                "rtol": rtol,
+                "n_out_of_tol": bad_rows,
+                "passed": bool(ok),
+                "n": int(b.shape[0]),
+            }
     return out
 
 
@@ -145,7 +173,7 @@ def run_reference(head: torch.nn.Module, x: torch.Tensor, *, batch_size: int | N
     parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
     with eval_mode(head.float_model), eval_mode(head.backbone):  # type: ignore[arg-type]
         for i in range(0, x.shape[0], batch_size):
-            for n, v in zip(names, head(x[i:i + batch_size].float())):
+            for n, v in zip(names, head(x[i : i + batch_size].float())):
                 parts[n].append(_np(v))
     return {n: np.concatenate(v) for n, v in parts.items()}
 
@@ -156,7 +184,7 @@ def run_session(session: Any, x: Any, *, batch_size: int | None = None) -> dict[
     batch_size = serving_batch(x) if batch_size is None else batch_size
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(0, x.shape[0], batch_size):
-        for n, v in session.run(x[i:i + batch_size]).items():
+        for n, v in session.run(x[i : i + batch_size]).items():
             parts.setdefault(n, []).append(v)
     return {n: np.concatenate(v) for n, v in parts.items()}
 
@@ -186,8 +214,14 @@ def parity_batch_sizes(x: Any) -> tuple[int, ...]:
     return (1, 7, max(8, min(64, serving_batch(x))))
 
 
-def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *, batch_sizes: Sequence[int] | None = None,
-                 tolerances: Mapping[str, tuple[float, float]] | None = None) -> ParityReport:
+def check_parity(
+    head: torch.nn.Module,
+    session_or_path: Any,
+    x: torch.Tensor,
+    *,
+    batch_sizes: Sequence[int] | None = None,
+    tolerances: Mapping[str, tuple[float, float]] | None = None,
+) -> ParityReport:
     """Compare the ExportHead in PyTorch with the graph in onnxruntime at several batch sizes.
 
     Args:
@@ -208,11 +242,21 @@ def check_parity(head: torch.nn.Module, session_or_path: Any, x: torch.Tensor, *
         xb = x[:b] if x.shape[0] >= b else x.repeat((b + x.shape[0] - 1) // x.shape[0], 1, 1, 1)[:b]
         ref = run_reference(head, xb, batch_size=b)
         got = sess.run(xb)
-        by_batch[str(b)] = compare_outputs(ref, got, tolerances=tolerances, flag_names=flag_names, thresholds=thresholds,
-                                           step_outputs=getattr(head, "step_outputs", ()))
+        by_batch[str(b)] = compare_outputs(
+            ref,
+            got,
+            tolerances=tolerances,
+            flag_names=flag_names,
+            thresholds=thresholds,
+            step_outputs=getattr(head, "step_outputs", ()),
+        )
     merged = _merge(list(by_batch.values()))
-    return ParityReport(outputs=merged, by_batch=by_batch, n=int(sum(batch_sizes)),
-                        passed=all(v.get("passed", True) for v in merged.values()))
+    return ParityReport(
+        outputs=merged,
+        by_batch=by_batch,
+        n=int(sum(batch_sizes)),
+        passed=all(v.get("passed", True) for v in merged.values()),
+    )
 
 
 def _near_step(combined: Any, scores: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -231,8 +275,9 @@ def _near_step(combined: Any, scores: Mapping[str, torch.Tensor]) -> np.ndarray:
     return out if out is not None else np.zeros(0, dtype=bool)
 
 
-def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_size: int | None = None,
-                         head: torch.nn.Module | None = None) -> dict[str, dict[str, Any]]:
+def compare_with_guarded(
+    guarded: Any, session: Any, x: torch.Tensor, *, batch_size: int | None = None, head: torch.nn.Module | None = None
+) -> dict[str, dict[str, Any]]:
     """The GuardedModel's own logits, scores and flags (FAISS, Captum) vs the graph's, on all of ``x``.
 
     Each detector's score is compared with the graph's ``<name>_score``, and each flag with
@@ -268,6 +313,11 @@ def compare_with_guarded(guarded: Any, session: Any, x: torch.Tensor, *, batch_s
                 near = np.abs(sc - thresholds[fname]) <= atol + rtol * np.abs(sc)
                 if fname == "combined":
                     near = near | _near_step(guarded.combined, scores)
-                figs[f"flag_{fname}"] = {"n": int(diff.shape[0]), "n_diff": int(diff.sum()), "borderline": int((diff & near).sum()),
-                                         "identical": bool(not diff.any()), "passed": bool(not diff.any())}
+                figs[f"flag_{fname}"] = {
+                    "n": int(diff.shape[0]),
+                    "n_diff": int(diff.sum()),
+                    "borderline": int((diff & near).sum()),
+                    "identical": bool(not diff.any()),
+                    "passed": bool(not diff.any()),
+                }
     return figs

@@ -91,7 +91,9 @@ class GuardSession:
         """``x`` as a contiguous float32 array; ValueError naming the input if its shape is wrong."""
         if isinstance(x, torch.Tensor):
             if x.is_meta:
-                raise ValueError(f"input {self.input_name!r} is on the meta device (a tensor without data); expected images on 'cpu' or 'cuda'.")
+                raise ValueError(
+                    f"input {self.input_name!r} is on the meta device (a tensor without data); expected images on 'cpu' or 'cuda'."
+                )
             if x.is_complex() or x.dtype == torch.bool or not x.is_floating_point():
                 raise TypeError(f"input {self.input_name!r} must be floating point in [0, 1]; got dtype {x.dtype}.")
             x = x.detach().cpu().float().numpy()
@@ -106,10 +108,14 @@ class GuardSession:
             raise TypeError(f"input {self.input_name!r} must be floating point in [0, 1]; got dtype {x.dtype}.")
         arr = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(arr).all():
-            raise ValueError(f"input {self.input_name!r} must be finite; got {int((~np.isfinite(arr)).sum())} NaN/inf value(s).")
+            raise ValueError(
+                f"input {self.input_name!r} must be finite; got {int((~np.isfinite(arr)).sum())} NaN/inf value(s)."
+            )
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"input {self.input_name!r} must lie in [0, 1] (pixel space); got values in [{lo:.4g}, {hi:.4g}].")
+            raise ValueError(
+                f"input {self.input_name!r} must lie in [0, 1] (pixel space); got values in [{lo:.4g}, {hi:.4g}]."
+            )
         return arr
 
     def run(self, x: Any, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -135,14 +141,28 @@ def _node_placement(sess: Any) -> list[dict[str, Any]]:
         args = ev.get("args", {})
         if ev.get("cat") == "Node" and "provider" in args and ev.get("name", "").endswith("_kernel_time"):
             types = [t for out in args.get("output_type_shape", []) for t in out]
-            nodes.append({"name": ev["name"][: -len("_kernel_time")], "op": args.get("op_name", "?"),
-                          "provider": args["provider"], "float_output": any(t in _FLOAT_TYPES for t in types)})
+            nodes.append(
+                {
+                    "name": ev["name"][: -len("_kernel_time")],
+                    "op": args.get("op_name", "?"),
+                    "provider": args["provider"],
+                    "float_output": any(t in _FLOAT_TYPES for t in types),
+                }
+            )
     return nodes
 
 
-def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: bool = True, *, threads: int | None = None,
-                 optimization: str = "all", key: bytes | None = None, key_env: str | None = None,
-                 expected_sha256: str | None = None) -> GuardSession:
+def load_session(
+    path: str | os.PathLike[str],
+    device: str = "cuda",
+    strict: bool = True,
+    *,
+    threads: int | None = None,
+    optimization: str = "all",
+    key: bytes | None = None,
+    key_env: str | None = None,
+    expected_sha256: str | None = None,
+) -> GuardSession:
     """Open an exported graph with onnxruntime on ``device``, never falling back silently.
 
     Args:
@@ -183,8 +203,12 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         threads = check_int(threads, "threads", "load_session", low=1)
     secret = resolve_key(key, key_env)
     expected_sha256 = pinned_sha256(expected_sha256)
-    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
     if optimization not in levels:
         raise ValueError(f"optimization must be one of {sorted(levels)}; got {optimization!r}.")
     available = list(ort.get_available_providers())
@@ -192,8 +216,10 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in available:
-            msg = (f"device='cuda' was requested but this onnxruntime build has no CUDAExecutionProvider (available: "
-                   f"{available}); install onnxruntime-gpu (the 'gpu' extra) on a machine with an NVIDIA GPU, or pass device='cpu'")
+            msg = (
+                f"device='cuda' was requested but this onnxruntime build has no CUDAExecutionProvider (available: "
+                f"{available}); install onnxruntime-gpu (the 'gpu' extra) on a machine with an NVIDIA GPU, or pass device='cpu'"
+            )
             if strict:
                 raise ProviderError(msg + ", or strict=False to record the fallback and run on the CPU.")
             report.fell_back = True
@@ -207,7 +233,9 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
     opts.enable_profiling = True
-    opts.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"guard_ort_profile_{os.getpid()}_{time.monotonic_ns()}")
+    opts.profile_file_prefix = os.path.join(
+        tempfile.gettempdir(), f"guard_ort_profile_{os.getpid()}_{time.monotonic_ns()}"
+    )
     graph, external = verify_graph(p, secret, expected_sha256)
     try:  # the verified bytes themselves, unless onnxruntime must find external data beside the file
         sess = ort.InferenceSession(str(p) if external else graph, sess_options=opts, providers=providers)
@@ -215,10 +243,14 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
         raise ValueError(f"onnxruntime cannot load {str(p)!r}: {err}") from err
     report.providers = list(sess.get_providers())
     if device == "cuda" and "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in report.providers:
-        msg = "CUDAExecutionProvider is available but did not initialise (CUDA/cuDNN libraries missing or no GPU visible)"
+        msg = (
+            "CUDAExecutionProvider is available but did not initialise (CUDA/cuDNN libraries missing or no GPU visible)"
+        )
         if strict:
             sess.end_profiling()
-            raise ProviderError(msg + f"; the session fell back to {report.providers}. Pass strict=False to accept that.")
+            raise ProviderError(
+                msg + f"; the session fell back to {report.providers}. Pass strict=False to accept that."
+            )
         report.fell_back = True
         report.notes.append(msg + "; running on the CPU (strict=False).")
         log.warning("%s; running on the CPU (strict=False)", msg)
@@ -228,7 +260,9 @@ def load_session(path: str | os.PathLike[str], device: str = "cuda", strict: boo
     nodes = _node_placement(sess)
     report.node_providers = dict(Counter(n["provider"] for n in nodes))
     if device == "cuda" and "CUDAExecutionProvider" in report.providers:
-        cpu = [f"{n['name']} ({n['op']})" for n in nodes if n["provider"] == "CPUExecutionProvider" and n["float_output"]]
+        cpu = [
+            f"{n['name']} ({n['op']})" for n in nodes if n["provider"] == "CPUExecutionProvider" and n["float_output"]
+        ]
         report.cpu_compute_nodes = cpu
         if cpu:
             msg = f"{len(cpu)} compute node(s) ran on CPUExecutionProvider instead of CUDA: {cpu[:10]}"

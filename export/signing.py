@@ -28,8 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from guard.core.cache import TMP_SUFFIX, atomic_write_text, fsync_path
-from guard.core.integrity import IntegrityError, canonical_json, check_expected_sha256, check_seal, content_seal, file_sha256, \
-    read_digest_file, write_digest_file
+from guard.core.integrity import (
+    IntegrityError,
+    canonical_json,
+    check_expected_sha256,
+    check_seal,
+    content_seal,
+    file_sha256,
+    read_digest_file,
+    write_digest_file,
+)
 
 __all__ = ["staging_dir", "bind_external_data", "commit", "seal_graph", "verify_graph", "SIG_FORMAT", "EXTERNAL_KEY"]
 
@@ -56,7 +64,9 @@ def _external_locations(proto: Any) -> list[str]:
 
 def _check_location(loc: str, graph: Path) -> Path:
     if not loc or Path(loc).name != loc or loc in (".", ".."):
-        raise IntegrityError(f"graph {str(graph)!r} refers to external data {loc!r} outside its folder; expected a file name beside it.")
+        raise IntegrityError(
+            f"graph {str(graph)!r} refers to external data {loc!r} outside its folder; expected a file name beside it."
+        )
     return graph.parent / loc
 
 
@@ -135,13 +145,17 @@ def verify_graph(path: Path, key: bytes | None, expected_sha256: str | None) -> 
         if record.get("format") != SIG_FORMAT:
             raise IntegrityError(f"{where}: {str(sig)!r} has format {record.get('format')!r}; expected {SIG_FORMAT!r}.")
     elif key is not None:
-        raise IntegrityError(f"{where} is not signed (no {sig.name} beside it), but a key was given: refusing an unsigned graph "
-                             "(it may have been replaced by someone without the key); export it again with the key.")
+        raise IntegrityError(
+            f"{where} is not signed (no {sig.name} beside it), but a key was given: refusing an unsigned graph "
+            "(it may have been replaced by someone without the key); export it again with the key."
+        )
     if expected_sha256 is None:
         recorded = read_digest_file(path)
         if recorded is not None and recorded != digest:
-            raise IntegrityError(f"{where} was altered or only partly written: its SHA-256 is {digest}, {path.name}.sha256 "
-                                 f"beside it records {recorded or 'nothing'}.")
+            raise IntegrityError(
+                f"{where} was altered or only partly written: its SHA-256 is {digest}, {path.name}.sha256 "
+                f"beside it records {recorded or 'nothing'}."
+            )
     try:
         proto = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf raises its own DecodeError
@@ -157,12 +171,16 @@ def verify_graph(path: Path, key: bytes | None, expected_sha256: str | None) -> 
         file = _check_location(loc, path)
         if loc not in bound_map:
             if strict:
-                raise IntegrityError(f"{where} refers to external data {loc!r} whose SHA-256 it does not record; it cannot be verified.")
+                raise IntegrityError(
+                    f"{where} refers to external data {loc!r} whose SHA-256 it does not record; it cannot be verified."
+                )
             continue
         if not file.is_file():
             raise IntegrityError(f"{where}: its external data file {str(file)!r} is missing.")
         got = file_sha256(file)
         if got != bound_map[loc]:
-            raise IntegrityError(f"{where}: its external data file {str(file)!r} was altered (SHA-256 {got}, the graph records "
-                                 f"{bound_map[loc]}).")
+            raise IntegrityError(
+                f"{where}: its external data file {str(file)!r} was altered (SHA-256 {got}, the graph records "
+                f"{bound_map[loc]})."
+            )
     return data, bool(locs)

@@ -16,10 +16,11 @@ import os
 import re
 import shutil
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
-import warnings
+from typing import Any
 
 import torch
 from torch import nn
@@ -171,7 +172,9 @@ def to_onnx(
 
     t0 = time.perf_counter()
     if not isinstance(guarded_or_hardened, nn.Module):
-        raise TypeError(f"guarded_or_hardened must be an nn.Module (a model or a GuardedModel); got {type(guarded_or_hardened).__name__}.")
+        raise TypeError(
+            f"guarded_or_hardened must be an nn.Module (a model or a GuardedModel); got {type(guarded_or_hardened).__name__}."
+        )
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
     out = Path(path)
@@ -183,19 +186,25 @@ def to_onnx(
     secret = resolve_key(key, key_env)
     inner = guarded_or_hardened.model if hasattr(guarded_or_hardened, "detectors") else guarded_or_hardened
     with torch.no_grad(), eval_mode(inner):  # a wrong image size fails here, with its name, not deep in the tracer
-        call_model(inner, example_input[:1].detach().float().to(model_device(inner, example_input.device)), "example_input")
+        call_model(
+            inner, example_input[:1].detach().float().to(model_device(inner, example_input.device)), "example_input"
+        )
     if parity_inputs is not None:
         check_images(parity_inputs, "parity_inputs")
         if tuple(parity_inputs.shape[1:]) != tuple(example_input.shape[1:]):
-            raise ValueError(f"parity_inputs must have the shape of example_input's images (N, {', '.join(map(str, example_input.shape[1:]))}); "
-                             f"got {tuple(parity_inputs.shape)}.")
+            raise ValueError(
+                f"parity_inputs must have the shape of example_input's images (N, {', '.join(map(str, example_input.shape[1:]))}); "
+                f"got {tuple(parity_inputs.shape)}."
+            )
     if opset is not None:
         opset = check_int(opset, "opset", "to_onnx", low=7)
     example = example_input.detach().float().cpu()
     if example.shape[0] < 2:  # a batch of 1 would let torch.export specialise the batch dimension to 1
         example = example.expand(2, *example.shape[1:]).contiguous()
 
-    head, notes = build_export_head(guarded_or_hardened, example, leave_out=leave_out, strict=strict, fp16_backbone=fp16_backbone)
+    head, notes = build_export_head(
+        guarded_or_hardened, example, leave_out=leave_out, strict=strict, fp16_backbone=fp16_backbone
+    )
     names = list(head.output_names)
     sink = io.StringIO()
     try:
@@ -203,10 +212,20 @@ def to_onnx(
             warnings.simplefilter("ignore")
             graph = trace(head, example)
             batch = torch.export.Dim("batch", min=1)
-            prog = torch.onnx.export(graph, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=names,
-                                     opset_version=opset, dynamic_shapes=({0: batch},), verbose=False)
+            prog = torch.onnx.export(
+                graph,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=names,
+                opset_version=opset,
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
     except Exception as err:  # the tracer and the exporter raise many types; all mean "cannot export"
-        raise ExportError(f"{type(guarded_or_hardened).__name__} cannot be exported to ONNX: {_failing_op(err)}.") from err
+        raise ExportError(
+            f"{type(guarded_or_hardened).__name__} cannot be exported to ONNX: {_failing_op(err)}."
+        ) from err
     log.debug("exporter output: %s", sink.getvalue())
     size = sum(int(t.numel()) * t.element_size() for t in {id(t): t for t in head.state_dict().values()}.values())
     external = size > _TWO_GB - 64 * 1024**2
@@ -225,16 +244,25 @@ def to_onnx(
     import onnxruntime
 
     report = ExportReport(
-        path=str(out), opset=int(got_opset), input_name=proto.graph.input[0].name, input_shape=["batch", *dims[1:]],
-        output_names=got_names, heads=notes, fp16_backbone=fp16_backbone, external_data=external,
+        path=str(out),
+        opset=int(got_opset),
+        input_name=proto.graph.input[0].name,
+        input_shape=["batch", *dims[1:]],
+        output_names=got_names,
+        heads=notes,
+        fp16_backbone=fp16_backbone,
+        external_data=external,
         file_bytes=out.stat().st_size + sum((out.parent / f).stat().st_size for f in data_files),
-        seconds=0.0, versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        sha256=digest, signed=secret is not None, digest_path=str(digest_path), signature_path=None if sig_path is None else str(sig_path),
+        seconds=0.0,
+        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        sha256=digest,
+        signed=secret is not None,
+        digest_path=str(digest_path),
+        signature_path=None if sig_path is None else str(sig_path),
         external_files=data_files,
     )
     if parity_inputs is not None:
         from guard.export.parity import check_parity
-
         from guard.export.session import load_session
 
         session = load_session(out, "cpu", key=secret, expected_sha256=digest)

@@ -23,8 +23,8 @@ from guard.core.validation import NotFittedError, check_images
 from guard.demo import demo_model
 from guard.evaluation import evaluate
 from guard.export import load_session, to_onnx
-from guard.robust import RobustBudget, evaluate_robust, robust_sweep
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, GuardedOutput, wrap
+from guard.robust import RobustBudget, evaluate_robust, robust_sweep
 from guard.training import HardenResult, RejectClassifier, harden
 
 __all__ = [

@@ -14,7 +14,8 @@ images at each budget and reports, per budget, each rate with its 95% Clopper-Pe
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -54,7 +55,9 @@ def default_budgets(x: torch.Tensor) -> tuple[list[float], float]:
 def _budgets(eps: Sequence[float] | float | None, x: torch.Tensor) -> tuple[list[float], float]:
     if eps is None:
         return default_budgets(x)
-    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) or (isinstance(eps, Sequence) and not isinstance(eps, str))):
+    if isinstance(eps, bool) or not (
+        isinstance(eps, (int, float)) or (isinstance(eps, Sequence) and not isinstance(eps, str))
+    ):
         raise TypeError(f"eps must be a float or a list of floats; got {type(eps).__name__}.")
     values = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
     if not values or any(not (e >= 0.0) for e in values):
@@ -65,14 +68,25 @@ def _budgets(eps: Sequence[float] | float | None, x: torch.Tensor) -> tuple[list
 def _judged(guarded: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         out = guarded(x)
-    mis = (out.logits.argmax(1).cpu() != y.cpu())
+    mis = out.logits.argmax(1).cpu() != y.cpu()
     return mis, out.flagged.cpu().bool()
 
 
-def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float | None = None, steps: int = 50, n: int = 200,
-                      seed: int = 0, weights: Sequence[float] = (0.1, 1.0, 10.0), restarts: int = 2,
-                      members: Sequence[str] | None = None, eot: int | str = "auto", guides: Any = None,
-                      progress: bool = False) -> dict[str, Any]:
+def evaluate_adaptive(
+    guarded: Any,
+    data: Any,
+    *,
+    eps: Sequence[float] | float | None = None,
+    steps: int = 50,
+    n: int = 200,
+    seed: int = 0,
+    weights: Sequence[float] = (0.1, 1.0, 10.0),
+    restarts: int = 2,
+    members: Sequence[str] | None = None,
+    eot: int | str = "auto",
+    guides: Any = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Misclassification and evasion of the adaptive attacker (:class:`guard.attacks.AdaptiveEnsemble`), per budget.
 
     Args:
@@ -106,7 +120,9 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
     from guard.attacks.adaptive_ensemble import MEMBERS
 
     if not (hasattr(guarded, "detectors") and hasattr(guarded, "combined")):
-        raise TypeError(f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}.")
+        raise TypeError(
+            f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}."
+        )
     if guarded.combined is None:
         raise ValueError("evaluate_adaptive needs a calibrated GuardedModel (call calibrate first).")
     if not isinstance(data, (Split, torch.Tensor)):
@@ -119,42 +135,82 @@ def evaluate_adaptive(guarded: Any, data: Any, *, eps: Sequence[float] | float |
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     xs = x[:n]
     with torch.no_grad():
-        pred = torch.cat([model(xs[i:i + 500].to(device)).argmax(1).cpu() for i in range(0, xs.shape[0], 500)])
+        pred = torch.cat([model(xs[i : i + 500].to(device)).argmax(1).cpu() for i in range(0, xs.shape[0], 500)])
     ys = data.y[:n].cpu().long() if isinstance(data, Split) else pred
     correct = pred == ys
     if guides is None:
-        gx, gy = (x[n:n + 1000], data.y[n:n + 1000] if isinstance(data, Split) else None) if x.shape[0] > n else (x, data.y if isinstance(data, Split) else None)
+        gx, gy = (
+            (x[n : n + 1000], data.y[n : n + 1000] if isinstance(data, Split) else None)
+            if x.shape[0] > n
+            else (x, data.y if isinstance(data, Split) else None)
+        )
     else:
         gx, gy = (guides.x, guides.y) if isinstance(guides, Split) else (check_images(guides, "guides"), None)
     members = list(MEMBERS if members is None else members)
-    rule = ("attacked: the first n held-out images; evasion: misclassified and not flagged by the calibrated combined flag; "
-            "adaptive: per image the best of plain PGD, margin + weight * detector surrogates (weights swept, restarts), orthogonal "
-            "and selective PGD (Bryniarski et al. 2022) and logit matching (Sabour et al. 2016), judged by the real guarded model")
+    rule = (
+        "attacked: the first n held-out images; evasion: misclassified and not flagged by the calibrated combined flag; "
+        "adaptive: per image the best of plain PGD, margin + weight * detector surrogates (weights swept, restarts), orthogonal "
+        "and selective PGD (Bryniarski et al. 2022) and logit matching (Sabour et al. 2016), judged by the real guarded model"
+    )
     fpr = float(getattr(guarded.combined, "calibration_fpr_", float("nan")))
     per_eps, eot_used, random_parts = [], None, []
     for e in budgets:
         t0 = time.perf_counter()
-        attack = AdaptiveEnsemble(guarded=guarded, eps=e, steps=steps, weights=weights, restarts=restarts, members=members,
-                                  guides=gx, guide_labels=gy, eot=eot, seed=seed)
+        attack = AdaptiveEnsemble(
+            guarded=guarded,
+            eps=e,
+            steps=steps,
+            weights=weights,
+            restarts=restarts,
+            members=members,
+            guides=gx,
+            guide_labels=gy,
+            eot=eot,
+            seed=seed,
+        )
         res = attack(model, xs.to(device), ys.to(device))
         eot_used, random_parts = res.extras["eot"], res.extras["random_parts"]
         mis, flagged = _judged(guarded, res.x_adv, ys)
         evaded = mis & ~flagged
         obl = {}
         for key, early in (("oblivious", True), ("oblivious_full", False)):
-            o_mis, o_flag = _judged(guarded, LinfPGD(eps=e, steps=steps, early_stop=early, seed=seed)(model, xs.to(device), ys.to(device)).x_adv, ys)
+            o_mis, o_flag = _judged(
+                guarded,
+                LinfPGD(eps=e, steps=steps, early_stop=early, seed=seed)(model, xs.to(device), ys.to(device)).x_adv,
+                ys,
+            )
             obl[key] = (o_mis, o_mis & ~o_flag)
         entry: dict[str, Any] = {"eps": e, "n": int(xs.shape[0]), "n_correct": int(correct.sum())}
-        for key, mask in (("evasion", evaded), ("evasion_correct", evaded[correct]), ("misclassified", mis), ("flagged", flagged),
-                          ("oblivious_evasion", obl["oblivious"][1]), ("oblivious_evasion_correct", obl["oblivious"][1][correct]),
-                          ("oblivious_misclassified", obl["oblivious"][0]), ("oblivious_full_evasion", obl["oblivious_full"][1]),
-                          ("oblivious_full_misclassified", obl["oblivious_full"][0])):
+        for key, mask in (
+            ("evasion", evaded),
+            ("evasion_correct", evaded[correct]),
+            ("misclassified", mis),
+            ("flagged", flagged),
+            ("oblivious_evasion", obl["oblivious"][1]),
+            ("oblivious_evasion_correct", obl["oblivious"][1][correct]),
+            ("oblivious_misclassified", obl["oblivious"][0]),
+            ("oblivious_full_evasion", obl["oblivious_full"][1]),
+            ("oblivious_full_misclassified", obl["oblivious_full"][0]),
+        ):
             r = _rate(mask)
             entry[key], entry[f"{key}_ci95"], entry[f"{key}_k"] = r["rate"], r["ci95"], r["k"]
         entry["per_member"] = res.extras["per_member"]
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         per_eps.append(entry)
     head = next(p for p in per_eps if p["eps"] == headline)
-    return {"eps": headline, "evasion": head["evasion"], "misclassified": head["misclassified"], "n": int(xs.shape[0]),
-            "n_correct": int(correct.sum()), "steps": steps, "restarts": restarts, "weights": [float(w) for w in weights],
-            "members": members, "eot": eot_used, "random_parts": random_parts, "fpr": fpr, "per_eps": per_eps, "rule": rule}
+    return {
+        "eps": headline,
+        "evasion": head["evasion"],
+        "misclassified": head["misclassified"],
+        "n": int(xs.shape[0]),
+        "n_correct": int(correct.sum()),
+        "steps": steps,
+        "restarts": restarts,
+        "weights": [float(w) for w in weights],
+        "members": members,
+        "eot": eot_used,
+        "random_parts": random_parts,
+        "fpr": fpr,
+        "per_eps": per_eps,
+        "rule": rule,
+    }

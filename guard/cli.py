@@ -7,29 +7,48 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
 
 # ---------------------------------------------------------------- model and data options
 
+
 def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
     """--demo [NAME] | --model SPEC, and --data (a folder or an embedded data set) for --model."""
     from guard.demo import DEMOS
 
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--demo", nargs="?", const="mnist", default=None, choices=DEMOS, metavar="NAME",
-                     help=f"an embedded default: its data and its demo model ({', '.join(DEMOS)}; default mnist, "
-                          "also when neither --demo nor --model is given)")
-    src.add_argument("--model", metavar="SPEC", help=model_help + "; a module in the current directory is found, as uvicorn does")
-    p.add_argument("--variant", default="standard", metavar="NAME",
-                   help="with --demo: which shipped model (standard; for cifar10 also robust: adversarially trained with a "
-                        "reject class)")
-    p.add_argument("--data", metavar="DIR|NAME", help="for --model: an image folder (one sub-folder per class, split 80/20 with "
-                   f"--seed) or the name of an embedded data set ({', '.join(DEMOS)})")
+    src.add_argument(
+        "--demo",
+        nargs="?",
+        const="mnist",
+        default=None,
+        choices=DEMOS,
+        metavar="NAME",
+        help=f"an embedded default: its data and its demo model ({', '.join(DEMOS)}; default mnist, "
+        "also when neither --demo nor --model is given)",
+    )
+    src.add_argument(
+        "--model", metavar="SPEC", help=model_help + "; a module in the current directory is found, as uvicorn does"
+    )
+    p.add_argument(
+        "--variant",
+        default="standard",
+        metavar="NAME",
+        help="with --demo: which shipped model (standard; for cifar10 also robust: adversarially trained with a "
+        "reject class)",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR|NAME",
+        help="for --model: an image folder (one sub-folder per class, split 80/20 with "
+        f"--seed) or the name of an embedded data set ({', '.join(DEMOS)})",
+    )
     p.add_argument("--image-size", type=int, default=None, help="resize folder images to this square size")
     p.add_argument("--grayscale", action="store_true", help="load folder images with one channel")
     p.add_argument("--train-size", type=int, default=None, metavar="N", help="use at most N training images")
@@ -37,9 +56,14 @@ def _add_model_and_data(p: argparse.ArgumentParser, model_help: str) -> None:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's, one per core); on a machine busy with other jobs 1 is "
-                        "several times faster, as idle OpenMP threads spin (BENCHMARKS.md, the CIFAR-10 audit)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's, one per core); on a machine busy with other jobs 1 is "
+        "several times faster, as idle OpenMP threads spin (BENCHMARKS.md, the CIFAR-10 audit)",
+    )
 
 
 def _set_threads(args: argparse.Namespace) -> None:
@@ -54,9 +78,13 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def _add_key_env(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--key-env", metavar="VAR", default=None,
-                   help=f"sign {what} with HMAC-SHA256 under the key held in environment variable VAR (and verify what is "
-                        "loaded with it); without it, files carry a SHA-256 digest (FILE.sha256) only")
+    p.add_argument(
+        "--key-env",
+        metavar="VAR",
+        default=None,
+        help=f"sign {what} with HMAC-SHA256 under the key held in environment variable VAR (and verify what is "
+        "loaded with it); without it, files carry a SHA-256 digest (FILE.sha256) only",
+    )
 
 
 def _check_key_env(args: argparse.Namespace) -> None:
@@ -107,15 +135,28 @@ def _setup(args: argparse.Namespace, *, progress: bool, stream: bool = False) ->
             raise ValueError("--data needs --model (--demo NAME brings its own data).")
         demo = args.demo or "mnist"
         variant = getattr(args, "variant", "standard")
-        name = f"guard.demo_model({demo!r})" if variant == "standard" else f"guard.demo_model({demo!r}, variant={variant!r})"
-        s = _Setup(guard.demo_model(demo, variant=variant, progress=progress), *guard.demo_data(demo), name,
-                   demo_source(demo), demo)
+        name = (
+            f"guard.demo_model({demo!r})"
+            if variant == "standard"
+            else f"guard.demo_model({demo!r}, variant={variant!r})"
+        )
+        s = _Setup(
+            guard.demo_model(demo, variant=variant, progress=progress),
+            *guard.demo_data(demo),
+            name,
+            demo_source(demo),
+            demo,
+        )
     else:
         if getattr(args, "variant", "standard") != "standard":
-            raise ValueError(f"--variant picks a shipped demo model and needs --demo; got --model {args.model!r} with "
-                             f"--variant {args.variant!r}.")
+            raise ValueError(
+                f"--variant picks a shipped demo model and needs --demo; got --model {args.model!r} with "
+                f"--variant {args.variant!r}."
+            )
         if args.data is None:
-            raise ValueError(f"--model needs --data DIR (an image folder, one sub-folder per class) or an embedded data set ({', '.join(DEMOS)}).")
+            raise ValueError(
+                f"--model needs --data DIR (an image folder, one sub-folder per class) or an embedded data set ({', '.join(DEMOS)})."
+            )
         model = _load_user_model(args.model)
         if args.data in DEMOS and not Path(args.data).is_dir():
             train, test = guard.demo_data(args.data)
@@ -124,8 +165,16 @@ def _setup(args: argparse.Namespace, *, progress: bool, stream: bool = False) ->
             for attr in ("train_size", "test_size"):
                 if getattr(args, attr) is not None and getattr(args, attr) < 1:
                     raise ValueError(f"--{attr.replace('_', '-')} must be >= 1; got {getattr(args, attr)}.")
-            train, test = split_folder(args.data, "--data", seed=args.seed, train_size=args.train_size, test_size=args.test_size,
-                                       image_size=args.image_size, grayscale=args.grayscale, lazy=stream)
+            train, test = split_folder(
+                args.data,
+                "--data",
+                seed=args.seed,
+                train_size=args.train_size,
+                test_size=args.test_size,
+                image_size=args.image_size,
+                grayscale=args.grayscale,
+                lazy=stream,
+            )
             source = f"image folder {args.data} (seed-{args.seed} split 80/20)"
         else:
             data = guard.load_data(args.data, "--data", image_size=args.image_size, grayscale=args.grayscale)
@@ -149,6 +198,7 @@ def _setup(args: argparse.Namespace, *, progress: bool, stream: bool = False) ->
 
 # ---------------------------------------------------------------- guard audit
 
+
 def _add_audit(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "audit",
@@ -162,7 +212,9 @@ def _add_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small settings everywhere (smoke test, ~1 min)")
     p.add_argument("--harden", action="store_true", help="also run guard.harden rounds (slow)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export step")
-    p.add_argument("--repetitions", type=int, default=10, help="random-placement repetitions for patch curves (default 10)")
+    p.add_argument(
+        "--repetitions", type=int, default=10, help="random-placement repetitions for patch curves (default 10)"
+    )
     p.add_argument("--resume", action="store_true", help="keep the sections already in OUT/report.json")
     p.add_argument("--device", default="cpu", help="torch device for the model (cpu, cuda)")
     _add_threads(p)
@@ -176,11 +228,23 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     _check_key_env(args)
     s = _setup(args, progress=not args.quiet)
-    opts = AuditOptions(seed=args.seed, quick=args.quick, harden=args.harden, export=not args.no_export,
-                        repetitions=args.repetitions, progress=not args.quiet, device=args.device, key_env=args.key_env)
-    report = run_audit(s.model, s.train, s.test, args.out, model_name=s.name, data_source=s.source, options=opts, resume=args.resume)
+    opts = AuditOptions(
+        seed=args.seed,
+        quick=args.quick,
+        harden=args.harden,
+        export=not args.no_export,
+        repetitions=args.repetitions,
+        progress=not args.quiet,
+        device=args.device,
+        key_env=args.key_env,
+    )
+    report = run_audit(
+        s.model, s.train, s.test, args.out, model_name=s.name, data_source=s.source, options=opts, resume=args.resume
+    )
     m = report.get("model", {})
-    print(f"clean accuracy {m.get('clean_accuracy', float('nan')):.4f} on {m.get('data', {}).get('test')} held-out images")
+    print(
+        f"clean accuracy {m.get('clean_accuracy', float('nan')):.4f} on {m.get('data', {}).get('test')} held-out images"
+    )
     for name, sec in report.get("attacks", {}).items():
         if isinstance(sec, dict) and "success_rate" in sec:
             print(f"attack {name:<18} success {sec['success_rate']:.3f}")
@@ -197,6 +261,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- guard report
+
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -217,14 +282,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     page = write_page(args.out, path=args.html)
     print(f"wrote {page.path} ({page.bytes / 1e6:.2f} MB, {len(page.sections)} sections, {page.seconds:.1f} s)")
     for name, why in page.missing.items():
-        print(f"guard report: artifacts/{name}.safetensors {'is missing' if why == 'missing' else 'is unreadable: ' + why}; "
-              "the page says what it leaves out", file=sys.stderr)
+        print(
+            f"guard report: artifacts/{name}.safetensors {'is missing' if why == 'missing' else 'is unreadable: ' + why}; "
+            "the page says what it leaves out",
+            file=sys.stderr,
+        )
     for section, err in page.failed.items():
         print(f"guard report: section {section} could not be drawn: {err}", file=sys.stderr)
     return 1 if page.failed else 0
 
 
 # ---------------------------------------------------------------- guard harden
+
 
 def _add_harden(sub: argparse._SubParsersAction) -> None:
     from guard.training import ROUND_ATTACKS, HardenConfig
@@ -244,36 +313,85 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head", default=d.head, help="dotted name of the classifier's final nn.Linear")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)
-    p.add_argument("--reject-share", type=float, default=d.reject_share, help=f"share of reject images in each epoch (default {d.reject_share})")
-    p.add_argument("--attacks", default=",".join(d.attacks), help=f"comma-separated round attacks (default {','.join(d.attacks)}; "
-                   f"choose from {','.join(ROUND_ATTACKS)})")
+    p.add_argument(
+        "--reject-share",
+        type=float,
+        default=d.reject_share,
+        help=f"share of reject images in each epoch (default {d.reject_share})",
+    )
+    p.add_argument(
+        "--attacks",
+        default=",".join(d.attacks),
+        help=f"comma-separated round attacks (default {','.join(d.attacks)}; choose from {','.join(ROUND_ATTACKS)})",
+    )
     p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
-    p.add_argument("--method", default="rounds", choices=["rounds", *ONLINE_METHODS],
-                   help="rounds (default): the offline rounds above; pgd, fgsm_rs, trades or reject: attack every training "
-                   "batch against the current model and train on it at once (adversarial training; reject: the reject "
-                   "class absorbs what the attack finds)")
-    p.add_argument("--eps", type=float, default=None, help="online methods: the L-inf radius (required; e.g. 0.3 MNIST, 0.0314 CIFAR-10)")
+    p.add_argument(
+        "--method",
+        default="rounds",
+        choices=["rounds", *ONLINE_METHODS],
+        help="rounds (default): the offline rounds above; pgd, fgsm_rs, trades or reject: attack every training "
+        "batch against the current model and train on it at once (adversarial training; reject: the reject "
+        "class absorbs what the attack finds)",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        default=None,
+        help="online methods: the L-inf radius (required; e.g. 0.3 MNIST, 0.0314 CIFAR-10)",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"online methods: epochs (default {d.epochs})")
-    p.add_argument("--attack-steps", type=int, default=d.attack_steps, help="online methods: the training attack's steps")
-    p.add_argument("--step-size", type=float, default=None, help="online methods: the attack's step (default: 1.25 eps for "
-                   "fgsm_rs, 2.5 eps / steps otherwise)")
+    p.add_argument(
+        "--attack-steps", type=int, default=d.attack_steps, help="online methods: the training attack's steps"
+    )
+    p.add_argument(
+        "--step-size",
+        type=float,
+        default=None,
+        help="online methods: the attack's step (default: 1.25 eps for fgsm_rs, 2.5 eps / steps otherwise)",
+    )
     p.add_argument("--trades-beta", type=float, default=d.trades_beta)
     p.add_argument("--reject-weight", type=float, default=d.reject_weight)
     p.add_argument("--eps-warmup-epochs", type=float, default=d.eps_warmup_epochs)
-    p.add_argument("--checkpoint-every", type=int, default=0, metavar="BATCHES",
-                   help="online methods: also checkpoint every this many batches inside an epoch")
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr} with Adam for the rounds, "
-                   "0.05 with SGD and a cosine schedule for the online methods)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="BATCHES",
+        help="online methods: also checkpoint every this many batches inside an epoch",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"learning rate (default {d.lr} with Adam for the rounds, "
+        "0.05 with SGD and a cosine schedule for the online methods)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--online-fooling-steps", type=int, default=d.online_fooling_steps, metavar="K",
-                   help="also train on fresh gradient-ascent fooling images (K steps) in every batch (default 0: off)")
-    p.add_argument("--trainable", default=None, metavar="NAMES",
-                   help="comma-separated dotted module names to fine-tune besides the head ('' = the head only; default: everything)")
-    p.add_argument("--freeze-known-classes", action="store_true",
-                   help="keep the head's rows for the known classes; only the reject row learns (for data that lacks some classes)")
-    p.add_argument("--reject-images", metavar="FILE", default=None,
-                   help="a safetensors file of known-bad images (tensor 'x', N x C x H x W floats in [0, 1]), labelled reject "
-                   "from round 1 on beside each round's attacks (e.g. fooling images of a longer evolution run)")
+    p.add_argument(
+        "--online-fooling-steps",
+        type=int,
+        default=d.online_fooling_steps,
+        metavar="K",
+        help="also train on fresh gradient-ascent fooling images (K steps) in every batch (default 0: off)",
+    )
+    p.add_argument(
+        "--trainable",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated dotted module names to fine-tune besides the head ('' = the head only; default: everything)",
+    )
+    p.add_argument(
+        "--freeze-known-classes",
+        action="store_true",
+        help="keep the head's rows for the known classes; only the reject row learns (for data that lacks some classes)",
+    )
+    p.add_argument(
+        "--reject-images",
+        metavar="FILE",
+        default=None,
+        help="a safetensors file of known-bad images (tensor 'x', N x C x H x W floats in [0, 1]), labelled reject "
+        "from round 1 on beside each round's attacks (e.g. fooling images of a longer evolution run)",
+    )
     p.add_argument("--out", default="out-harden", metavar="DIR")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
@@ -295,24 +413,50 @@ def _cmd_harden(args: argparse.Namespace) -> int:
 
     _check_key_env(args)
     s = _setup(args, progress=not args.quiet, stream=True)  # an image folder is streamed, never loaded whole
-    online = dict(method=args.method, eps=args.eps, epochs=args.epochs, attack_steps=args.attack_steps,
-                  step_size=args.step_size, trades_beta=args.trades_beta, reject_weight=args.reject_weight,
-                  eps_warmup_epochs=args.eps_warmup_epochs)
+    online = dict(
+        method=args.method,
+        eps=args.eps,
+        epochs=args.epochs,
+        attack_steps=args.attack_steps,
+        step_size=args.step_size,
+        trades_beta=args.trades_beta,
+        reject_weight=args.reject_weight,
+        eps_warmup_epochs=args.eps_warmup_epochs,
+    )
     lr = args.lr if args.lr is not None else (HardenConfig().lr if args.method == "rounds" else 0.05)
-    config = HardenConfig(**online, rounds=args.rounds, epochs_per_round=args.epochs_per_round, reject_share=args.reject_share, lr=lr,
-                          batch_size=args.batch_size, attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
-                          budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(), seed=args.seed, head=args.head,
-                          online_fooling_steps=args.online_fooling_steps, freeze_known_classes=args.freeze_known_classes,
-                          trainable=None if args.trainable is None else tuple(t.strip() for t in args.trainable.split(",") if t.strip()))
+    config = HardenConfig(
+        **online,
+        rounds=args.rounds,
+        epochs_per_round=args.epochs_per_round,
+        reject_share=args.reject_share,
+        lr=lr,
+        batch_size=args.batch_size,
+        attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
+        budget=AttackBudget.quick() if args.budget == "quick" else AttackBudget(),
+        seed=args.seed,
+        head=args.head,
+        online_fooling_steps=args.online_fooling_steps,
+        freeze_known_classes=args.freeze_known_classes,
+        trainable=None if args.trainable is None else tuple(t.strip() for t in args.trainable.split(",") if t.strip()),
+    )
     reject = _reject_images(args.reject_images)
     out = Path(args.out)
     created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
     rank, size = world()
     t0 = time.perf_counter()
     try:
-        res = harden(s.model.to(args.device), s.train, test=s.test, config=config, augment=demo_augment(s.demo),
-                     checkpoint_dir=out / "checkpoints", resume=args.resume, progress=not args.quiet and rank == 0,
-                     reject_images=reject, checkpoint_every=args.checkpoint_every)
+        res = harden(
+            s.model.to(args.device),
+            s.train,
+            test=s.test,
+            config=config,
+            augment=demo_augment(s.demo),
+            checkpoint_dir=out / "checkpoints",
+            resume=args.resume,
+            progress=not args.quiet and rank == 0,
+            reject_images=reject,
+            checkpoint_every=args.checkpoint_every,
+        )
     finally:
         if created:
             import torch.distributed as dist
@@ -321,8 +465,11 @@ def _cmd_harden(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     given = None if reject is None else {"path": args.reject_images, "n": int(reject.shape[0])}
-    section = harden_section(res, seconds=time.perf_counter() - t0,
-                             settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size, "reject_images": given})
+    section = harden_section(
+        res,
+        seconds=time.perf_counter() - t0,
+        settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size, "reject_images": given},
+    )
     path = out / "hardened_model.safetensors"
     section["model_sha256"] = res.model.save(path, key_env=args.key_env)
     section["model_path"] = str(path)
@@ -333,15 +480,19 @@ def _cmd_harden(args: argparse.Namespace) -> int:
 
     if config.method != "rounds":
         for r in [section["baseline"], *section["rounds"]]:
-            print(f"epoch {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  clean rejected {f(r.get('clean_rejected_share'), '.4f')}"
-                  f"  monitor (10-step PGD, robust with rejection) {f(r.get('monitor', {}).get('robust_with_rejection'), '.4f')}")
+            print(
+                f"epoch {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  clean rejected {f(r.get('clean_rejected_share'), '.4f')}"
+                f"  monitor (10-step PGD, robust with rejection) {f(r.get('monitor', {}).get('robust_with_rejection'), '.4f')}"
+            )
         print(f"wrote {out}/harden.json and {path}")
         return 0
     for r in [section["baseline"], *section["rounds"]]:
-        print(f"round {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  classes fooled >=99% "
-              f"{f(r['fooling_classes_ge99_count'], 'd')}/{section['num_classes']}  median fooling conf "
-              f"{f(r['fooling_median_confidence'], '.4f')}  patch fooling {f(r['patch_fooling_rate'], '.3f')}  "
-              f"rejects {f(r.get('rejected_share_of_round_attacks'), '.3f')} of its round's attacks")
+        print(
+            f"round {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  classes fooled >=99% "
+            f"{f(r['fooling_classes_ge99_count'], 'd')}/{section['num_classes']}  median fooling conf "
+            f"{f(r['fooling_median_confidence'], '.4f')}  patch fooling {f(r['patch_fooling_rate'], '.3f')}  "
+            f"rejects {f(r.get('rejected_share_of_round_attacks'), '.3f')} of its round's attacks"
+        )
     print(f"clean accuracy drop {section['clean_accuracy_drop_points']:.2f} points; wrote {out}/harden.json and {path}")
     return 0
 
@@ -357,10 +508,13 @@ def _reject_images(path: str | None) -> Any:
         return tensors["x"]
     if len(tensors) == 1:
         return next(iter(tensors.values()))
-    raise ValueError(f"--reject-images {path!r} must hold a tensor named 'x' (or exactly one tensor); got {sorted(tensors)}.")
+    raise ValueError(
+        f"--reject-images {path!r} must hold a tensor named 'x' (or exactly one tensor); got {sorted(tensors)}."
+    )
 
 
 # ---------------------------------------------------------------- guard export
+
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -371,20 +525,37 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         "and onnxruntime on held-out images.",
     )
     _add_model_and_data(p, "TorchScript file, exported program (.pt2) or 'module:callable'")
-    p.add_argument("--hardened", metavar="FILE", help="a saved RejectClassifier (guard harden's OUT/hardened_model.safetensors) "
-                   "grown from the model")
-    p.add_argument("--guarded", metavar="DIR", help="a saved GuardedModel folder (GuardedModel.save / guard audit's OUT/guarded)")
-    p.add_argument("--out", default="model.onnx", metavar="FILE", help="the .onnx file to write (its folder must exist)")
+    p.add_argument(
+        "--hardened",
+        metavar="FILE",
+        help="a saved RejectClassifier (guard harden's OUT/hardened_model.safetensors) grown from the model",
+    )
+    p.add_argument(
+        "--guarded", metavar="DIR", help="a saved GuardedModel folder (GuardedModel.save / guard audit's OUT/guarded)"
+    )
+    p.add_argument(
+        "--out", default="model.onnx", metavar="FILE", help="the .onnx file to write (its folder must exist)"
+    )
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--fp16-backbone", action="store_true", help="run the classifier in float16, detector heads in float32")
-    p.add_argument("--leave-out", default="", metavar="NAMES", help="comma-separated detectors whose heads stay out of the graph")
+    p.add_argument(
+        "--fp16-backbone", action="store_true", help="run the classifier in float16, detector heads in float32"
+    )
+    p.add_argument(
+        "--leave-out", default="", metavar="NAMES", help="comma-separated detectors whose heads stay out of the graph"
+    )
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.add_argument("--seed", type=int, default=0)
     _add_threads(p)
     _add_key_env(p, "the .onnx file (FILE.sig)")
-    p.add_argument("--guarded-sha256", metavar="HEX", default=None,
-                   help="refuse the --guarded folder unless its guarded.json has this SHA-256 (what GuardedModel.save returned)")
-    p.add_argument("--hardened-sha256", metavar="HEX", default=None, help="refuse the --hardened file unless it has this SHA-256")
+    p.add_argument(
+        "--guarded-sha256",
+        metavar="HEX",
+        default=None,
+        help="refuse the --guarded folder unless its guarded.json has this SHA-256 (what GuardedModel.save returned)",
+    )
+    p.add_argument(
+        "--hardened-sha256", metavar="HEX", default=None, help="refuse the --hardened file unless it has this SHA-256"
+    )
     p.set_defaults(func=_cmd_export)
 
 
@@ -397,19 +568,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     model = s.model
     if args.hardened:
         try:
-            model = guard.RejectClassifier.load(args.hardened, model, key_env=args.key_env, expected_sha256=args.hardened_sha256)
+            model = guard.RejectClassifier.load(
+                args.hardened, model, key_env=args.key_env, expected_sha256=args.hardened_sha256
+            )
         except ValueError as err:
             if "layer name" not in str(err):
                 raise
-            raise ValueError(f"--hardened {args.hardened!r} does not fit the model built by {s.name!r}: {err} Pass the "
-                             "--demo NAME or --model SPEC that the model was hardened from.") from err
-    obj = guard.GuardedModel.load(args.guarded, model, key_env=args.key_env, expected_sha256=args.guarded_sha256) \
-        if args.guarded else model
+            raise ValueError(
+                f"--hardened {args.hardened!r} does not fit the model built by {s.name!r}: {err} Pass the "
+                "--demo NAME or --model SPEC that the model was hardened from."
+            ) from err
+    obj = (
+        guard.GuardedModel.load(args.guarded, model, key_env=args.key_env, expected_sha256=args.guarded_sha256)
+        if args.guarded
+        else model
+    )
     x = s.test.x[:64]
-    rep = to_onnx(obj, args.out, x[:8], opset=args.opset, fp16_backbone=args.fp16_backbone,
-                  leave_out=[n for n in args.leave_out.split(",") if n], parity_inputs=None if args.no_check else x,
-                  key_env=args.key_env)
-    print(f"wrote {rep.path} (opset {rep.opset}, {rep.file_bytes / 1e6:.1f} MB, outputs: {', '.join(rep.output_names)})")
+    rep = to_onnx(
+        obj,
+        args.out,
+        x[:8],
+        opset=args.opset,
+        fp16_backbone=args.fp16_backbone,
+        leave_out=[n for n in args.leave_out.split(",") if n],
+        parity_inputs=None if args.no_check else x,
+        key_env=args.key_env,
+    )
+    print(
+        f"wrote {rep.path} (opset {rep.opset}, {rep.file_bytes / 1e6:.1f} MB, outputs: {', '.join(rep.output_names)})"
+    )
     print(f"sha256 {rep.sha256} (also in {rep.digest_path}); serve it with load_session(..., expected_sha256=...)")
     if rep.signed:
         print(f"signed with HMAC-SHA256 under the key in ${args.key_env}: {rep.signature_path}")
@@ -425,13 +612,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- the parser
 
-_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_audit, _add_report, _add_harden, _add_export)
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_audit,
+    _add_report,
+    _add_harden,
+    _add_export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from guard import __version__
 
-    parser = argparse.ArgumentParser(prog="guard", description="Attack, detect, harden and export PyTorch image classifiers.")
+    parser = argparse.ArgumentParser(
+        prog="guard", description="Attack, detect, harden and export PyTorch image classifiers."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -443,7 +637,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if args.command is None:
         parser.print_help()
         return 2

@@ -19,7 +19,8 @@ Images are recognised by content (:mod:`guard.core.digests`), against the digest
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +29,16 @@ from guard.adaptive_eval import evaluate_adaptive
 from guard.core.data import Split
 from guard.core.validation import check_images
 
-__all__ = ["evaluate", "evaluate_adaptive", "detection_metrics", "tpr_at_fpr", "all_scores", "clopper_pearson", "operating_point",
-           "check_disjoint"]
+__all__ = [
+    "evaluate",
+    "evaluate_adaptive",
+    "detection_metrics",
+    "tpr_at_fpr",
+    "all_scores",
+    "clopper_pearson",
+    "operating_point",
+    "check_disjoint",
+]
 
 #: confidence level of every interval reported
 CONFIDENCE = 0.95
@@ -55,7 +64,12 @@ def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[flo
     """
     from scipy.stats import beta
 
-    if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, (int, np.integer)) or not isinstance(n, (int, np.integer)):
+    if (
+        isinstance(k, bool)
+        or isinstance(n, bool)
+        or not isinstance(k, (int, np.integer))
+        or not isinstance(n, (int, np.integer))
+    ):
         raise TypeError(f"k and n must be ints; got {type(k).__name__} and {type(n).__name__}.")
     if n < 1 or not 0 <= k <= n:
         raise ValueError(f"clopper_pearson needs 0 <= k <= n and n >= 1; got k={k}, n={n}.")
@@ -125,22 +139,32 @@ def _adv(item: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     elif isinstance(item, torch.Tensor):
         x, ok = item, None
     else:
-        raise TypeError(f"attacks[{name!r}] must be an AttackResult, (x_adv, success), a dict with 'x_adv', or images; got {type(item).__name__}.")
+        raise TypeError(
+            f"attacks[{name!r}] must be an AttackResult, (x_adv, success), a dict with 'x_adv', or images; got {type(item).__name__}."
+        )
     check_images(x, f"attacks[{name!r}].x_adv", allow_empty=True)
     if ok is not None:
         if not isinstance(ok, torch.Tensor):
             raise TypeError(f"attacks[{name!r}]: success must be a bool Tensor[N]; got {type(ok).__name__}.")
-        if ok.is_floating_point() or ok.is_complex() or ok.is_meta or (ok.dtype != torch.bool and ok.numel() and
-                                                                      not bool(((ok == 0) | (ok == 1)).all())):
-            raise TypeError(f"attacks[{name!r}]: success must be a bool Tensor[N] (or 0/1 integers); got dtype {ok.dtype}"
-                            f"{' with values other than 0/1' if not ok.is_floating_point() else ''}.")
+        if (
+            ok.is_floating_point()
+            or ok.is_complex()
+            or ok.is_meta
+            or (ok.dtype != torch.bool and ok.numel() and not bool(((ok == 0) | (ok == 1)).all()))
+        ):
+            raise TypeError(
+                f"attacks[{name!r}]: success must be a bool Tensor[N] (or 0/1 integers); got dtype {ok.dtype}"
+                f"{' with values other than 0/1' if not ok.is_floating_point() else ''}."
+            )
     ok = torch.ones(x.shape[0], dtype=torch.bool) if ok is None else ok.detach().bool().cpu().reshape(-1)
     if ok.shape[0] != x.shape[0]:
         raise ValueError(f"attacks[{name!r}]: success must have one entry per image ({x.shape[0]}); got {ok.shape[0]}.")
     return x, ok
 
 
-def check_disjoint(clean: torch.Tensor, guarded: Any = None, calibration: torch.Tensor | None = None, name: str = "clean") -> bool | None:
+def check_disjoint(
+    clean: torch.Tensor, guarded: Any = None, calibration: torch.Tensor | None = None, name: str = "clean"
+) -> bool | None:
     """ValueError when an image of ``clean`` is a calibration image (by content digest).
 
     Checked against ``guarded.calibration_digests_`` (kept by ``GuardedModel.calibrate``) and
@@ -160,9 +184,11 @@ def check_disjoint(clean: torch.Tensor, guarded: Any = None, calibration: torch.
     for what, digests in sets:
         k = overlap(clean, digests)
         if k:
-            raise ValueError(f"{name} must be clean images not used for calibration; got {k} of {int(clean.shape[0])} that are also "
-                             f"{what} (the threshold is their own quantile, so their flag rate says nothing). "
-                             "Split the held-out images into a calibration part and an evaluation part.")
+            raise ValueError(
+                f"{name} must be clean images not used for calibration; got {k} of {int(clean.shape[0])} that are also "
+                f"{what} (the threshold is their own quantile, so their flag rate says nothing). "
+                "Split the held-out images into a calibration part and an evaluation part."
+            )
     return True if sets else None
 
 
@@ -176,10 +202,18 @@ def all_scores(guarded: Any, x: torch.Tensor, progress: bool = False) -> dict[st
     return scores
 
 
-def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: bool = False,
-             clean_scores: Mapping[str, torch.Tensor] | None = None,
-             attack_scores: Mapping[str, Mapping[str, torch.Tensor]] | None = None, adaptive: bool = False,
-             calibration: Any = None, **adaptive_kw: Any) -> dict[str, Any]:
+def evaluate(
+    guarded: Any,
+    clean: Any,
+    attacks: Mapping[str, Any],
+    *,
+    progress: bool = False,
+    clean_scores: Mapping[str, torch.Tensor] | None = None,
+    attack_scores: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    adaptive: bool = False,
+    calibration: Any = None,
+    **adaptive_kw: Any,
+) -> dict[str, Any]:
     """Detection quality of a calibrated GuardedModel, per detector and attack.
 
     Args:
@@ -209,7 +243,9 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
         ``adaptive=True``, plus ``"adaptive"``: the section :func:`evaluate_adaptive` returns.
     """
     if not (hasattr(guarded, "detectors") and hasattr(guarded, "score") and hasattr(guarded, "combined")):
-        raise TypeError(f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}.")
+        raise TypeError(
+            f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}."
+        )
     from guard.core.data import is_stream
 
     x_clean = clean.x if isinstance(clean, Split) else clean
@@ -231,18 +267,28 @@ def evaluate(guarded: Any, clean: Any, attacks: Mapping[str, Any], *, progress: 
     report: dict[str, Any] = {n: {} for n in names}
     for attack, item in attacks.items():
         x_adv, ok = _adv(item, attack)
-        pos = attack_scores[attack] if attack_scores is not None and attack in attack_scores else all_scores(guarded, x_adv, progress)
+        pos = (
+            attack_scores[attack]
+            if attack_scores is not None and attack in attack_scores
+            else all_scores(guarded, x_adv, progress)
+        )
         if any(n not in pos or pos[n].shape[0] != ok.shape[0] for n in names):
-            raise ValueError(f"attack_scores[{attack!r}] must hold one score per image ({ok.shape[0]}) for each of {names}; "
-                             f"got {({n: int(v.shape[0]) for n, v in pos.items()})}.")
+            raise ValueError(
+                f"attack_scores[{attack!r}] must hold one score per image ({ok.shape[0]}) for each of {names}; "
+                f"got { ({n: int(v.shape[0]) for n, v in pos.items()}) }."
+            )
         for n in names:
             entry = detection_metrics(pos[n][ok], neg[n], thresholds.get(n))
             entry["all"] = detection_metrics(pos[n], neg[n], thresholds.get(n))
             for e in (entry, entry["all"]):
                 if "operating_point" in e:
-                    e["operating_point"].update({"target_fpr": getattr(flaggers.get(n), "calibration_fpr_", None),
-                                                 "n_calibration": getattr(flaggers.get(n), "calibration_n_", None),
-                                                 "clean_disjoint_from_calibration": disjoint})
+                    e["operating_point"].update(
+                        {
+                            "target_fpr": getattr(flaggers.get(n), "calibration_fpr_", None),
+                            "n_calibration": getattr(flaggers.get(n), "calibration_n_", None),
+                            "clean_disjoint_from_calibration": disjoint,
+                        }
+                    )
             report[n][attack] = entry
     if adaptive:
         report["adaptive"] = evaluate_adaptive(guarded, clean, **adaptive_kw)

@@ -29,9 +29,10 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,8 @@ from guard.core.budget import grad_chunk
 from guard.core.cache import atomic_write_text
 from guard.core.data import Split, is_stream, load_data, sample_stream, stream_batches
 from guard.core.digests import image_digests
-from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.features import POOLS, FeatureExtractor, default_feature_layers, get_layer
+from guard.core.integrity import check_expected_sha256, check_seal, content_seal, resolve_key, write_digest_file
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import NotFittedError, call_model, check_images, check_int, check_labels, check_probability
 from guard.detectors import DETECTORS, Batch, Combined, Detector
@@ -89,14 +90,16 @@ def proxy_inputs(x: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     src = x[torch.randperm(x.shape[0], generator=g)[:n]].detach().cpu().float()
     shape = src.shape
     noise = torch.rand(shape, generator=g)
-    blurred = torch.nn.functional.avg_pool2d(torch.rand(shape, generator=g), 5, stride=1, padding=2, count_include_pad=False)
+    blurred = torch.nn.functional.avg_pool2d(
+        torch.rand(shape, generator=g), 5, stride=1, padding=2, count_include_pad=False
+    )
     gauss = (src + 0.1 * torch.randn(shape, generator=g)).clamp(0, 1)
     side = max(1, round((0.05 * shape[-1] * shape[-2]) ** 0.5))
     occluded = src.clone()
     rows = torch.randint(0, shape[-2] - side + 1, (n,), generator=g)
     cols = torch.randint(0, shape[-1] - side + 1, (n,), generator=g)
     for i in range(n):
-        occluded[i, :, rows[i]:rows[i] + side, cols[i]:cols[i] + side] = 0.5
+        occluded[i, :, rows[i] : rows[i] + side, cols[i] : cols[i] + side] = 0.5
     eps = data_defaults(x)["eps"]
     signed = (src + eps * torch.randint(0, 2, shape, generator=g).float().mul(2).sub(1)).clamp(0, 1)
     return torch.cat([noise, blurred, gauss, occluded, signed])
@@ -114,9 +117,18 @@ class GuardedModel(nn.Module):
         left_out_: default detector name -> why it could not run on this model.
     """
 
-    def __init__(self, model: nn.Module, detectors: Mapping[str, Detector] | None = None, *, defaults: Sequence[str] = (),
-                 layers: Sequence[str] | None = None, pool: str = "auto", batch_size: int = 512, combine: str = "max",
-                 flag_with: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        detectors: Mapping[str, Detector] | None = None,
+        *,
+        defaults: Sequence[str] = (),
+        layers: Sequence[str] | None = None,
+        pool: str = "auto",
+        batch_size: int = 512,
+        combine: str = "max",
+        flag_with: Sequence[str] | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
@@ -174,14 +186,16 @@ class GuardedModel(nn.Module):
         parts = []
         with torch.inference_mode(False), torch.enable_grad(), eval_mode(self.model):
             for i in range(0, x.shape[0], chunk):
-                xg = x[i:i + chunk].clone().requires_grad_(True)
+                xg = x[i : i + chunk].clone().requires_grad_(True)
                 logits, feats = run(xg)
                 (grad,) = torch.autograd.grad(logits.gather(1, logits.argmax(1, keepdim=True)).sum(), xg)
                 parts.append((logits.detach(), {k: v.detach() for k, v in feats.items()}, grad.detach()))
         if len(parts) == 1:
             return Batch(x, parts[0][0], parts[0][1], self.model, input_grad=parts[0][2])
         feats = {k: torch.cat([p[1][k] for p in parts]) for k in parts[0][1]}
-        return Batch(x, torch.cat([p[0] for p in parts]), feats, self.model, input_grad=torch.cat([p[2] for p in parts]))
+        return Batch(
+            x, torch.cat([p[0] for p in parts]), feats, self.model, input_grad=torch.cat([p[2] for p in parts])
+        )
 
     def _score_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
         batch = self._forward(x, input_grad=any(getattr(d, "needs_input_grad", False) for d in self.detectors.values()))
@@ -216,7 +230,7 @@ class GuardedModel(nn.Module):
         if stream:
             batches: Any = (xb for xb, _ in stream_batches(x, self.batch_size, "x"))
         else:
-            batches = (x[i:i + self.batch_size] for i in range(0, x.shape[0], self.batch_size))
+            batches = (x[i : i + self.batch_size] for i in range(0, x.shape[0], self.batch_size))
         logits, scores, errors = [], {n: [] for n in self.detectors}, {}
         for xb in tqdm(batches, desc="guard score", disable=not progress, leave=False):
             lo, sc, er = self._score_batch(xb)
@@ -228,9 +242,15 @@ class GuardedModel(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """Each detector's class, parameters, layers and their feature widths (for report.json)."""
-        return {name: {"class": type(det).__name__, "params": det.get_params(),
-                       "layers": {layer: self.feature_widths_.get(layer) for layer in det.feature_layers},
-                       "threshold": getattr(det, "threshold_", None)} for name, det in self.detectors.items()}
+        return {
+            name: {
+                "class": type(det).__name__,
+                "params": det.get_params(),
+                "layers": {layer: self.feature_widths_.get(layer) for layer in det.feature_layers},
+                "threshold": getattr(det, "threshold_", None),
+            }
+            for name, det in self.detectors.items()
+        }
 
     # ------------------------------------------------------------------ fit / calibrate
     def _build_defaults(self, example: torch.Tensor) -> None:
@@ -244,7 +264,7 @@ class GuardedModel(nn.Module):
             self.detectors[name] = DETECTORS[name].default(list(self.layers))
         self.defaults = []
 
-    def fit(self, data: Any, y: torch.Tensor | None = None) -> "GuardedModel":
+    def fit(self, data: Any, y: torch.Tensor | None = None) -> GuardedModel:
         """Fit every detector on clean training data (a Split, (x, y), a Dataset, a DataLoader, an
         image folder, or images + ``y``).
 
@@ -268,7 +288,7 @@ class GuardedModel(nn.Module):
         chosen_by_caller = set(self.detectors)
         self._build_defaults(x[:2])
         layers = self.feature_layers
-        chunks = [self._forward(x[i:i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
+        chunks = [self._forward(x[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
         logits = torch.cat([c.logits for c in chunks])
         self._check_fit_logits(logits, x.shape[0], labels)
         feats = {layer: torch.cat([c.features[layer] for c in chunks]) for layer in layers}
@@ -282,11 +302,15 @@ class GuardedModel(nn.Module):
                 self._leave_out(name, err, chosen_by_caller)
         return self._fitted()
 
-    def _check_fit_logits(self, logits: torch.Tensor, n: int, labels: torch.Tensor | None, classes: int | None = None) -> None:
+    def _check_fit_logits(
+        self, logits: torch.Tensor, n: int, labels: torch.Tensor | None, classes: int | None = None
+    ) -> None:
         if logits.dim() != 2 or logits.shape[0] != n:
             raise ValueError(f"the model must return logits of shape ({n}, C); got shape {tuple(logits.shape)}.")
         if classes is not None and logits.shape[1] != classes:
-            raise ValueError(f"the model returned {logits.shape[1]} logits for one batch and {classes} for an earlier one.")
+            raise ValueError(
+                f"the model returned {logits.shape[1]} logits for one batch and {classes} for an earlier one."
+            )
         if labels is not None:  # labels the model cannot output would silently skew the label-based detectors
             check_labels(labels, "data labels", num_classes=int(logits.shape[1]))
 
@@ -297,13 +321,13 @@ class GuardedModel(nn.Module):
         self.left_out_[name] = f"{type(err).__name__}: {err}"
         del self.detectors[name]
 
-    def _fitted(self) -> "GuardedModel":
+    def _fitted(self) -> GuardedModel:
         if not self.detectors:
             raise ValueError(f"no detector could be fitted on this model: {self.left_out_}")
         self.combined = None
         return self
 
-    def _fit_stream(self, data: Any) -> "GuardedModel":
+    def _fit_stream(self, data: Any) -> GuardedModel:
         """:meth:`fit` on a Dataset / DataLoader / folder: one forward pass per batch, detectors fitted incrementally."""
         chosen_by_caller = set(self.detectors)
         classes = None
@@ -329,7 +353,7 @@ class GuardedModel(nn.Module):
                 self._leave_out(name, err, chosen_by_caller)
         return self._fitted()
 
-    def calibrate(self, clean_data: Any, fpr: float = 0.05) -> "GuardedModel":
+    def calibrate(self, clean_data: Any, fpr: float = 0.05) -> GuardedModel:
         """Set every detector's and the combined ``threshold_`` on clean held-out images.
 
         Use data the detectors were not fitted on, and not the data you evaluate on.
@@ -349,9 +373,15 @@ class GuardedModel(nn.Module):
             errors = {**errors, **perr}
         return self.calibrate_scores(scores, fpr, errors=errors, proxy_scores=proxy, images=None if is_stream(x) else x)
 
-    def calibrate_scores(self, scores: Mapping[str, torch.Tensor], fpr: float = 0.05, *, errors: Mapping[str, str] | None = None,
-                         proxy_scores: Mapping[str, torch.Tensor] | None = None,
-                         images: torch.Tensor | None = None) -> "GuardedModel":
+    def calibrate_scores(
+        self,
+        scores: Mapping[str, torch.Tensor],
+        fpr: float = 0.05,
+        *,
+        errors: Mapping[str, str] | None = None,
+        proxy_scores: Mapping[str, torch.Tensor] | None = None,
+        images: torch.Tensor | None = None,
+    ) -> GuardedModel:
         """Calibrate from precomputed clean scores {name: Tensor[N]} (as :meth:`score` gives).
 
         ``proxy_scores``: scores of :func:`proxy_inputs` (the "weighted" rule learns from them).
@@ -366,7 +396,9 @@ class GuardedModel(nn.Module):
             check_images(images, "images")
             lengths = {int(v.shape[0]) for v in scores.values()}
             if lengths and lengths != {int(images.shape[0])}:
-                raise ValueError(f"images must be the {sorted(lengths)} calibration images the scores came from; got {int(images.shape[0])}.")
+                raise ValueError(
+                    f"images must be the {sorted(lengths)} calibration images the scores came from; got {int(images.shape[0])}."
+                )
         self.calibration_digests_ = image_digests(images) if images is not None else None
         for name, det in self.detectors.items():
             det.calibrate(scores[name], fpr)
@@ -381,13 +413,17 @@ class GuardedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> GuardedOutput:  # type: ignore[override]
         """Logits, scores and the combined flag for a batch."""
         if self.combined is None:
-            raise NotFittedError("This GuardedModel is not calibrated yet. Call 'fit' on clean training data, then 'calibrate' on clean held-out data.")
+            raise NotFittedError(
+                "This GuardedModel is not calibrated yet. Call 'fit' on clean training data, then 'calibrate' on clean held-out data."
+            )
         check_images(x, "x")
         logits, scores, errors = self._score_batch(x)
         scores["combined"] = self.combined.combine(scores)
         flagged = self.combined.predict_scores(scores["combined"])
         dev = logits.device
-        return GuardedOutput(logits=logits, scores={k: v.to(dev) for k, v in scores.items()}, flagged=flagged.to(dev), errors=errors)
+        return GuardedOutput(
+            logits=logits, scores={k: v.to(dev) for k, v in scores.items()}, flagged=flagged.to(dev), errors=errors
+        )
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -414,20 +450,33 @@ class GuardedModel(nn.Module):
         secret = resolve_key(key, key_env)
         for name in self.detectors:
             if not _MEMBER_NAME.fullmatch(name) or name == "combined":
-                raise ValueError(f"detector name {name!r} cannot name a file in the saved folder; expected letters, digits, "
-                                 "'_', '-' or '.' (not starting with '.') and not 'combined'.")
+                raise ValueError(
+                    f"detector name {name!r} cannot name a file in the saved folder; expected letters, digits, "
+                    "'_', '-' or '.' (not starting with '.') and not 'combined'."
+                )
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        index: dict[str, Any] = {"format": FORMAT, "detectors": {}, "batch_size": self.batch_size, "pool": self.pool,
-                                 "layers": self.layers, "left_out": self.left_out_, "feature_widths": self.feature_widths_,
-                                 "combine": self.combine, "flag_with": self.flag_with}
+        index: dict[str, Any] = {
+            "format": FORMAT,
+            "detectors": {},
+            "batch_size": self.batch_size,
+            "pool": self.pool,
+            "layers": self.layers,
+            "left_out": self.left_out_,
+            "feature_widths": self.feature_widths_,
+            "combine": self.combine,
+            "flag_with": self.flag_with,
+        }
         if self.calibration_digests_ is not None:  # so that guard.evaluate refuses them after a reload too
             index["calibration_digests"] = sorted(self.calibration_digests_)
         for name, det in self.detectors.items():
             fname = f"{name}.safetensors"
             index["detectors"][name] = {"file": fname, "sha256": det._write(folder / fname, secret, False)}
         if self.combined is not None:
-            index["combined"] = {"file": "combined.safetensors", "sha256": self.combined._write(folder / "combined.safetensors", secret, False)}
+            index["combined"] = {
+                "file": "combined.safetensors",
+                "sha256": self.combined._write(folder / "combined.safetensors", secret, False),
+            }
         index = json.loads(json.dumps(index))
         index["integrity"] = content_seal(index, key=secret)
         text = json.dumps(index, indent=2) + "\n"
@@ -437,8 +486,15 @@ class GuardedModel(nn.Module):
         return digest
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], model: nn.Module, *, key: bytes | None = None, key_env: str | None = None,
-             expected_sha256: str | None = None) -> "GuardedModel":
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        key: bytes | None = None,
+        key_env: str | None = None,
+        expected_sha256: str | None = None,
+    ) -> GuardedModel:
         """Load what :meth:`save` wrote around ``model``; ValueError on a damaged, altered or swapped file.
 
         Args:
@@ -462,22 +518,43 @@ class GuardedModel(nn.Module):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{str(idx_path)!r} is not valid JSON: {err}") from err
         if not isinstance(index, dict) or index.get("format") != FORMAT:
-            raise ValueError(f"{str(idx_path)!r} has an unknown format {index.get('format') if isinstance(index, dict) else None!r} "
-                             f"(expected {FORMAT!r}; a folder written by an older guard: fit and save it again).")
+            raise ValueError(
+                f"{str(idx_path)!r} has an unknown format {index.get('format') if isinstance(index, dict) else None!r} "
+                f"(expected {FORMAT!r}; a folder written by an older guard: fit and save it again)."
+            )
         check_seal(index.pop("integrity", None), index, None, secret, where)
 
         def member(entry: Any, what: str) -> Any:
-            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or Path(entry["file"]).name != entry["file"] \
-                    or entry["file"].startswith(".") or not isinstance(entry.get("sha256"), str):
-                raise ValueError(f"{where}: {what} must be {{'file': a file name in the folder, 'sha256': hex}}; got {entry!r:.100}.")
-            return Detector.load(folder / entry["file"], key=secret, expected_sha256=entry.get("sha256")) if what != "combined" \
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("file"), str)
+                or Path(entry["file"]).name != entry["file"]
+                or entry["file"].startswith(".")
+                or not isinstance(entry.get("sha256"), str)
+            ):
+                raise ValueError(
+                    f"{where}: {what} must be {{'file': a file name in the folder, 'sha256': hex}}; got {entry!r:.100}."
+                )
+            return (
+                Detector.load(folder / entry["file"], key=secret, expected_sha256=entry.get("sha256"))
+                if what != "combined"
                 else Combined.load(folder / entry["file"], key=secret, expected_sha256=entry.get("sha256"))
+            )
 
         if not isinstance(index.get("detectors"), dict):
-            raise ValueError(f"{where}: 'detectors' must map names to member files; got {index.get('detectors')!r:.100}.")
+            raise ValueError(
+                f"{where}: 'detectors' must map names to member files; got {index.get('detectors')!r:.100}."
+            )
         dets = {name: member(entry, f"detector {name!r}") for name, entry in index["detectors"].items()}
-        guarded = cls(model, dets, layers=index.get("layers"), pool=index.get("pool", "auto"), batch_size=index.get("batch_size", 512),
-                      combine=index.get("combine", "max"), flag_with=index.get("flag_with"))
+        guarded = cls(
+            model,
+            dets,
+            layers=index.get("layers"),
+            pool=index.get("pool", "auto"),
+            batch_size=index.get("batch_size", 512),
+            combine=index.get("combine", "max"),
+            flag_with=index.get("flag_with"),
+        )
         guarded.left_out_ = dict(index.get("left_out", {}))
         guarded.feature_widths_ = dict(index.get("feature_widths", {}))
         digests = index.get("calibration_digests")
@@ -491,14 +568,23 @@ def _names(value: Any, name: str) -> list[Any]:
     """A list from a list/tuple/set or a single name (a str is one name, not its letters)."""
     if isinstance(value, str):
         return [value]
-    if isinstance(value, (list, tuple, set, frozenset)) or (hasattr(value, "__iter__") and not isinstance(value, (bytes, torch.Tensor, Mapping))):
+    if isinstance(value, (list, tuple, set, frozenset)) or (
+        hasattr(value, "__iter__") and not isinstance(value, (bytes, torch.Tensor, Mapping))
+    ):
         return list(value)
     raise TypeError(f"{name} must be a list of names (or one name); got {type(value).__name__}.")
 
 
-def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, Detector] | None = None,
-         layers: Sequence[str] | None = None, *, pool: str = "auto", batch_size: int = 512, combine: str = "max",
-         flag_with: Sequence[str] | None = None) -> GuardedModel:
+def wrap(
+    model: nn.Module,
+    detectors: Sequence[str | Detector] | Mapping[str, Detector] | None = None,
+    layers: Sequence[str] | None = None,
+    *,
+    pool: str = "auto",
+    batch_size: int = 512,
+    combine: str = "max",
+    flag_with: Sequence[str] | None = None,
+) -> GuardedModel:
     """Attach detectors to ``model``.
 
     Args:
@@ -541,7 +627,9 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
         for d in _names(detectors, "detectors") if not isinstance(detectors, Detector) else [detectors]:
             if isinstance(d, str):
                 if d not in DETECTORS:
-                    raise ValueError(f"unknown detector {d!r}; expected one of {sorted(DETECTORS)} or a Detector instance.")
+                    raise ValueError(
+                        f"unknown detector {d!r}; expected one of {sorted(DETECTORS)} or a Detector instance."
+                    )
                 names.append(d)
             elif isinstance(d, Detector):
                 dets[d.name] = d
@@ -550,8 +638,16 @@ def wrap(model: nn.Module, detectors: Sequence[str | Detector] | Mapping[str, De
     for name, det in dets.items():
         if not isinstance(det, Detector):
             raise TypeError(f"detector {name!r} must be a Detector; got {type(det).__name__}.")
-    guarded = GuardedModel(model, dets, defaults=names, layers=layers, pool=pool, batch_size=batch_size, combine=combine,
-                           flag_with=flag_with)
+    guarded = GuardedModel(
+        model,
+        dets,
+        defaults=names,
+        layers=layers,
+        pool=pool,
+        batch_size=batch_size,
+        combine=combine,
+        flag_with=flag_with,
+    )
     if names and layers is not None:
         guarded._build_defaults(torch.empty(0))
     return guarded

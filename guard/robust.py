@@ -34,8 +34,9 @@ import io
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,15 @@ from guard.core.models import eval_mode, model_device
 from guard.core.validation import check_float, check_int
 from guard.training.reject import RejectClassifier
 
-__all__ = ["ROBUST_ATTACKS", "RobustBudget", "RealClassView", "default_attacks", "evaluate_robust", "robust_sweep",
-           "clopper_pearson"]
+__all__ = [
+    "ROBUST_ATTACKS",
+    "RobustBudget",
+    "RealClassView",
+    "default_attacks",
+    "evaluate_robust",
+    "robust_sweep",
+    "clopper_pearson",
+]
 
 #: Every attack evaluate_robust can run, in the order it runs them. guard's APGD-CE goes first: it
 #: drops each image as soon as it is broken, so an undefended model costs a few steps per image
@@ -83,12 +91,12 @@ class RobustBudget:
             check_int(getattr(self, f.name), f.name, "RobustBudget", low=0 if f.name == "curves" else 1)
 
     @classmethod
-    def quick(cls) -> "RobustBudget":
+    def quick(cls) -> RobustBudget:
         """A budget for tests and CPU smoke runs (a fifth of the steps, 3 targets, 300 queries)."""
         return cls(steps=20, restarts=1, n_target_classes=3, fab_steps=20, n_queries=300, curves=4)
 
     @classmethod
-    def resolve(cls, budget: "RobustBudget | str") -> "RobustBudget":
+    def resolve(cls, budget: RobustBudget | str) -> RobustBudget:
         if isinstance(budget, RobustBudget):
             return budget
         if budget == "standard":
@@ -114,7 +122,7 @@ class RealClassView(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[:, :self.real_classes]
+        return self.model(x)[:, : self.real_classes]
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
@@ -138,7 +146,9 @@ def _has_torchattacks() -> bool:
 def default_attacks(reject: bool, real_classes: int = 10) -> tuple[str, ...]:
     """AutoAttack's four, guard's APGD-CE with restarts, and the reject-aware APGD for a reject model
     (APGD-T's targeted DLR loss needs at least 4 classes: left out below that)."""
-    return tuple(a for a in ROBUST_ATTACKS if (reject or a != "guard-apgd-reject") and (real_classes >= 4 or a != "apgd-t"))
+    return tuple(
+        a for a in ROBUST_ATTACKS if (reject or a != "guard-apgd-reject") and (real_classes >= 4 or a != "apgd-t")
+    )
 
 
 def _check_attacks(attacks: Sequence[str] | None, reject: bool, real_classes: int) -> tuple[str, ...]:
@@ -150,8 +160,10 @@ def _check_attacks(attacks: Sequence[str] | None, reject: bool, real_classes: in
     if unknown:
         raise ValueError(f"unknown attack name(s) {unknown}; expected names from {list(ROBUST_ATTACKS)}.")
     if "guard-apgd-reject" in attacks and not reject:
-        raise ValueError("attack 'guard-apgd-reject' needs a model with a reject output (a RejectClassifier, or "
-                         "real_classes below the model's outputs); this model has none.")
+        raise ValueError(
+            "attack 'guard-apgd-reject' needs a model with a reject output (a RejectClassifier, or "
+            "real_classes below the model's outputs); this model has none."
+        )
     if "apgd-t" in attacks and real_classes < 4:
         raise ValueError(f"attack 'apgd-t' (targeted DLR loss) needs at least 4 classes; the model has {real_classes}.")
     return tuple(a for a in ROBUST_ATTACKS if a in attacks)  # the evaluation's order, each once
@@ -166,11 +178,21 @@ def _torchattack(name: str, view: RealClassView, eps: float, budget: RobustBudge
         if name == "apgd-ce":
             atk = torchattacks.APGD(view, norm="Linf", eps=eps, steps=budget.steps, n_restarts=1, seed=seed, loss="ce")
         elif name == "apgd-t":
-            atk = torchattacks.APGDT(view, norm="Linf", eps=eps, steps=budget.steps, n_restarts=1, seed=seed, n_classes=n)
+            atk = torchattacks.APGDT(
+                view, norm="Linf", eps=eps, steps=budget.steps, n_restarts=1, seed=seed, n_classes=n
+            )
             atk.n_target_classes = min(budget.n_target_classes, n - 1)
         elif name == "fab-t":
-            atk = torchattacks.FAB(view, norm="Linf", eps=eps, steps=budget.fab_steps, n_restarts=1, seed=seed,
-                                   multi_targeted=True, n_classes=n)
+            atk = torchattacks.FAB(
+                view,
+                norm="Linf",
+                eps=eps,
+                steps=budget.fab_steps,
+                n_restarts=1,
+                seed=seed,
+                multi_targeted=True,
+                n_classes=n,
+            )
             atk.n_target_classes = min(budget.n_target_classes, n - 1)
         else:
             atk = torchattacks.Square(view, norm="Linf", eps=eps, n_queries=budget.n_queries, n_restarts=1, seed=seed)
@@ -181,24 +203,39 @@ def _torchattack(name: str, view: RealClassView, eps: float, budget: RobustBudge
 class _Runner:
     """One attack of the evaluation, called on a batch: ``runner(x, y) -> x_adv``."""
 
-    def __init__(self, name: str, model: nn.Module, real: int, reject: bool, eps: float, budget: RobustBudget,
-                 seed: int) -> None:
+    def __init__(
+        self, name: str, model: nn.Module, real: int, reject: bool, eps: float, budget: RobustBudget, seed: int
+    ) -> None:
         self.name, self.model = name, model
         fallback = name in ("apgd-ce", "apgd-t") and not _has_torchattacks()
         self.impl = "guard" if name.startswith("guard-") or fallback else "torchattacks"
         self.params: dict[str, Any] = {"impl": self.impl}
         if self.impl == "torchattacks":
             self.attack = _torchattack(name, RealClassView(model, real), eps, budget, seed)
-            self.params.update({k: getattr(self.attack, k) for k in ("steps", "n_queries", "n_target_classes", "n_restarts")
-                                if hasattr(self.attack, k)})
+            self.params.update(
+                {
+                    k: getattr(self.attack, k)
+                    for k in ("steps", "n_queries", "n_target_classes", "n_restarts")
+                    if hasattr(self.attack, k)
+                }
+            )
         else:
-            loss = {"apgd-ce": "ce", "apgd-t": "dlr-targeted", "guard-apgd-ce": "ce", "guard-apgd-reject": "reject"}[name]
+            loss = {"apgd-ce": "ce", "apgd-t": "dlr-targeted", "guard-apgd-ce": "ce", "guard-apgd-reject": "reject"}[
+                name
+            ]
             restarts = 1 if name in ("apgd-ce", "apgd-t") else budget.restarts
             # guard's APGD-CE on a reject model: CE over every output, and reaching the reject class
             # counts as success (it serves the figure that counts rejections as errors); the
             # reject-aware loss serves robust accuracy with rejection
-            self.attack = APGD(eps=eps, steps=budget.steps, restarts=restarts, loss=loss, seed=seed,
-                               n_target_classes=budget.n_target_classes, real_classes=real if loss == "reject" else None)
+            self.attack = APGD(
+                eps=eps,
+                steps=budget.steps,
+                restarts=restarts,
+                loss=loss,
+                seed=seed,
+                n_target_classes=budget.n_target_classes,
+                real_classes=real if loss == "reject" else None,
+            )
             self.params.update(self.attack.params())
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -222,7 +259,9 @@ class _Runner:
 
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], batch_size)])
+        return torch.cat(
+            [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, x.shape[0], batch_size)]
+        )
 
 
 def _model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict[str, Any]:
@@ -230,7 +269,9 @@ def _model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
     xs, ys = x[:32].to(device), y[:32].to(device)
     with torch.no_grad():
         a, b = model(xs), model(xs)
-    probabilities = bool(((a >= 0) & (a <= 1)).all() and torch.allclose(a.sum(1), torch.ones(len(a), device=device), atol=1e-4))
+    probabilities = bool(
+        ((a >= 0) & (a <= 1)).all() and torch.allclose(a.sum(1), torch.ones(len(a), device=device), atol=1e-4)
+    )
     xg = xs.clone().requires_grad_(True)
     loss = nn.functional.cross_entropy(model(xg), ys, reduction="sum")
     if loss.requires_grad:
@@ -241,14 +282,17 @@ def _model_checks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: to
     return {"randomized": not torch.equal(a, b), "outputs_probabilities": probabilities, "zero_gradient_share": zero}
 
 
-def _prepare(model: nn.Module, data: Any, n: int | None, real_classes: int | None,
-             device: torch.device) -> tuple[Split, int, int]:
+def _prepare(
+    model: nn.Module, data: Any, n: int | None, real_classes: int | None, device: torch.device
+) -> tuple[Split, int, int]:
     """(the first n images, the model's outputs, its real classes)."""
     split = load_data(data, "data")
     if n is not None:
         n = check_int(n, "n", "evaluate_robust", low=1)
         if n > len(split):
-            raise ValueError(f"The 'n' parameter of evaluate_robust must be at most the number of images ({len(split)}). Got {n}.")
+            raise ValueError(
+                f"The 'n' parameter of evaluate_robust must be at most the number of images ({len(split)}). Got {n}."
+            )
         split = Split(split.x[:n], split.y[:n])
     with torch.no_grad():
         outputs = int(model(split.x[:1].to(device)).shape[1])
@@ -256,7 +300,9 @@ def _prepare(model: nn.Module, data: Any, n: int | None, real_classes: int | Non
         real_classes = model.num_classes if isinstance(model, RejectClassifier) else outputs
     real_classes = check_int(real_classes, "real_classes", "evaluate_robust", low=2, high=outputs)
     if int(split.y.max()) >= real_classes:
-        raise ValueError(f"data labels must lie in [0, {real_classes - 1}] (the model's real classes); got a maximum of {int(split.y.max())}.")
+        raise ValueError(
+            f"data labels must lie in [0, {real_classes - 1}] (the model's real classes); got a maximum of {int(split.y.max())}."
+        )
     return split, outputs, real_classes
 
 
@@ -281,14 +327,22 @@ class _State:
         return self.correct & ~self.broken & ~self.rejected
 
 
-def _run_one(runner: _Runner, model: nn.Module, split: Split, state: _State, eps: float, real: int, batch_size: int,
-             device: torch.device) -> dict[str, Any]:
+def _run_one(
+    runner: _Runner,
+    model: nn.Module,
+    split: Split,
+    state: _State,
+    eps: float,
+    real: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
     """Attack the images still robust (with rejection), judge every result on the whole model, update ``state``."""
     todo = state.robust_with_rejection.nonzero().squeeze(1)
     t0 = time.perf_counter()
     newly = rejected = 0
     for lo in range(0, int(todo.numel()), batch_size):
-        idx = todo[lo:lo + batch_size]
+        idx = todo[lo : lo + batch_size]
         xb, yb = split.x[idx].to(device), split.y[idx].to(device)
         x_adv = runner(xb, yb)
         # every attack is judged inside the ball, whatever it returned (FAB divides by zero gradients: NaN -> clean)
@@ -302,18 +356,32 @@ def _run_one(runner: _Runner, model: nn.Module, split: Split, state: _State, eps
         rejected += int((pred >= real).sum())
         state.rejected[idx[pred >= real]] = True
     n = int(state.correct.numel())
-    return {"attacked": int(todo.numel()), "broken": newly, "rejected": rejected,
-            "robust_accuracy_with_rejection": float(state.robust_with_rejection.sum()) / n,
-            "robust_accuracy": float(state.robust.sum()) / n, "seconds": round(time.perf_counter() - t0, 3),
-            "params": runner.params}
+    return {
+        "attacked": int(todo.numel()),
+        "broken": newly,
+        "rejected": rejected,
+        "robust_accuracy_with_rejection": float(state.robust_with_rejection.sum()) / n,
+        "robust_accuracy": float(state.robust.sum()) / n,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "params": runner.params,
+    }
 
 
-def _loss_curves(model: nn.Module, split: Split, correct: torch.Tensor, eps: float, real: int, reject: bool,
-                 budget: RobustBudget, seed: int, device: torch.device) -> dict[str, Any]:
+def _loss_curves(
+    model: nn.Module,
+    split: Split,
+    correct: torch.Tensor,
+    eps: float,
+    real: int,
+    reject: bool,
+    budget: RobustBudget,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
     """Per-iteration APGD losses of the first ``budget.curves`` correctly classified images (AutoAttack's
     sanity plots): one full run each (no early stop), apart from the evaluation, whose cascade may leave
     guard's APGD nothing to attack."""
-    idx = correct.nonzero().squeeze(1)[:budget.curves]
+    idx = correct.nonzero().squeeze(1)[: budget.curves]
     if idx.numel() == 0 or eps == 0.0:
         return {}
     xb, yb = split.x[idx].to(device), split.y[idx].to(device)
@@ -321,8 +389,15 @@ def _loss_curves(model: nn.Module, split: Split, correct: torch.Tensor, eps: flo
     for name, loss in (("guard-apgd-ce", "ce"), ("guard-apgd-reject", "reject")):
         if loss == "reject" and not reject:
             continue
-        res = APGD(eps=eps, steps=budget.steps, loss=loss, early_stop=False, curves=int(idx.numel()), seed=seed,
-                   real_classes=real if loss == "reject" else None)(model, xb, yb)
+        res = APGD(
+            eps=eps,
+            steps=budget.steps,
+            loss=loss,
+            early_stop=False,
+            curves=int(idx.numel()),
+            seed=seed,
+            real_classes=real if loss == "reject" else None,
+        )(model, xb, yb)
         out[name] = {"images": idx.tolist(), "loss": _as_list(res.extras["loss_curves"]), "loss_name": loss}
     return out
 
@@ -331,21 +406,39 @@ def _flags(checks: dict[str, Any], per_attack: dict[str, dict[str, Any]]) -> lis
     """AutoAttack's warnings, as sentences (also raised as RuntimeWarning)."""
     out = []
     if checks["randomized"]:
-        out.append("the model gives different outputs for the same input (randomised defence): use EOT (AutoAttack's 'rand' version).")
+        out.append(
+            "the model gives different outputs for the same input (randomised defence): use EOT (AutoAttack's 'rand' version)."
+        )
     if checks["outputs_probabilities"]:
-        out.append("the model's outputs look like probabilities, not logits: the CE and DLR losses are then flat; return logits.")
+        out.append(
+            "the model's outputs look like probabilities, not logits: the CE and DLR losses are then flat; return logits."
+        )
     if checks["zero_gradient_share"] > 0:
-        out.append(f"{checks['zero_gradient_share']:.0%} of the checked images have a zero input gradient: gradient masking "
-                   "makes the white-box attacks fail without the model being robust.")
+        out.append(
+            f"{checks['zero_gradient_share']:.0%} of the checked images have a zero input gradient: gradient masking "
+            "makes the white-box attacks fail without the model being robust."
+        )
     if checks.get("square_beat_white_box"):
-        out.append(f"Square (black-box) broke {per_attack['square']['broken']} image(s) that every white-box attack left: "
-                   "a sign of gradient masking; the white-box figures are not reliable.")
+        out.append(
+            f"Square (black-box) broke {per_attack['square']['broken']} image(s) that every white-box attack left: "
+            "a sign of gradient masking; the white-box figures are not reliable."
+        )
     return out
 
 
-def evaluate_robust(model: nn.Module, data: Any, *, eps: float, attacks: Sequence[str] | None = None, n: int | None = None,
-                    seed: int = 0, restarts: int | None = None, batch_size: int = 128, budget: RobustBudget | str = "standard",
-                    real_classes: int | None = None) -> dict[str, Any]:
+def evaluate_robust(
+    model: nn.Module,
+    data: Any,
+    *,
+    eps: float,
+    attacks: Sequence[str] | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    restarts: int | None = None,
+    batch_size: int = 128,
+    budget: RobustBudget | str = "standard",
+    real_classes: int | None = None,
+) -> dict[str, Any]:
     """Robust accuracy of ``model`` on ``data`` in the L-inf ball of radius ``eps``, as AutoAttack measures it.
 
     Args:
@@ -396,10 +489,16 @@ def evaluate_robust(model: nn.Module, data: Any, *, eps: float, attacks: Sequenc
                 continue
             runner = _Runner(name, model, real, reject, eps, budget, seed + k)
             per_attack[name] = _run_one(runner, model, split, state, eps, real, batch_size, device)
-        curves = _loss_curves(model, split, state.correct, eps, real, reject, budget, seed, device) if budget.curves else {}
+        curves = (
+            _loss_curves(model, split, state.correct, eps, real, reject, budget, seed, device) if budget.curves else {}
+        )
     if unavailable:
-        warnings.warn(f"torchattacks is not installed (pip install 'guard[bench]'): {unavailable} did not run, so the "
-                      "evaluation is weaker than AutoAttack's.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"torchattacks is not installed (pip install 'guard[bench]'): {unavailable} did not run, so the "
+            "evaluation is weaker than AutoAttack's.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     white = [a for a in per_attack if a in _WHITE_BOX]
     checks["square_beat_white_box"] = (per_attack["square"]["broken"] > 0) if "square" in per_attack and white else None
     flags = _flags(checks, per_attack)
@@ -409,20 +508,36 @@ def evaluate_robust(model: nn.Module, data: Any, *, eps: float, attacks: Sequenc
     k_clean, k_rej = int(state.correct.sum()), int((pred >= real).sum())
     k_rob, k_robr = int(state.robust.sum()), int(state.robust_with_rejection.sum())
     return {
-        "eps": eps, "n": count, "clean_accuracy": k_clean / count, "clean_rejected": k_rej / count,
-        "robust_accuracy": k_rob / count, "robust_accuracy_with_rejection": k_robr / count,
-        "attacks": list(per_attack), "reject_model": reject, "real_classes": real,
+        "eps": eps,
+        "n": count,
+        "clean_accuracy": k_clean / count,
+        "clean_rejected": k_rej / count,
+        "robust_accuracy": k_rob / count,
+        "robust_accuracy_with_rejection": k_robr / count,
+        "attacks": list(per_attack),
+        "reject_model": reject,
+        "real_classes": real,
         "counts": {"clean_correct": k_clean, "clean_rejected": k_rej, "robust": k_rob, "robust_with_rejection": k_robr},
-        "intervals": {"level": 0.95, "method": "clopper-pearson",
-                      "clean_accuracy": clopper_pearson(k_clean, count), "clean_rejected": clopper_pearson(k_rej, count),
-                      "robust_accuracy": clopper_pearson(k_rob, count),
-                      "robust_accuracy_with_rejection": clopper_pearson(k_robr, count)},
-        "per_attack": per_attack, "checks": checks, "warnings": flags,
+        "intervals": {
+            "level": 0.95,
+            "method": "clopper-pearson",
+            "clean_accuracy": clopper_pearson(k_clean, count),
+            "clean_rejected": clopper_pearson(k_rej, count),
+            "robust_accuracy": clopper_pearson(k_rob, count),
+            "robust_accuracy_with_rejection": clopper_pearson(k_robr, count),
+        },
+        "per_attack": per_attack,
+        "checks": checks,
+        "warnings": flags,
         "loss_curves": curves,
-        "budget": asdict(budget), "seed": seed, "unavailable": unavailable,
+        "budget": asdict(budget),
+        "seed": seed,
+        "unavailable": unavailable,
         "seconds": round(time.perf_counter() - t0, 3),
-        "rule": ("robust with rejection: clean prediction correct and no attack makes the model output a wrong real "
-                 "class (a rejected attacked image is safe); robust: the same and no attacked image is rejected"),
+        "rule": (
+            "robust with rejection: clean prediction correct and no attack makes the model output a wrong real "
+            "class (a rejected attacked image is safe); robust: the same and no attacked image is rejected"
+        ),
     }
 
 
@@ -447,11 +562,22 @@ def robust_sweep(model: nn.Module, data: Any, eps: Sequence[float], **kwargs: An
     checks = {"monotone": monotone, "zero_at_largest": robr[-1] == 0.0, "largest_eps": budgets[-1]}
     msgs = []
     if not monotone:
-        msgs.append(f"robust accuracy rises with eps somewhere in {robr} at eps {budgets}: the attacks are not converging.")
+        msgs.append(
+            f"robust accuracy rises with eps somewhere in {robr} at eps {budgets}: the attacks are not converging."
+        )
     if robr[-1] != 0.0:
-        msgs.append(f"robust accuracy is {robr[-1]:.1%}, not 0, at the largest eps {budgets[-1]:.4g}: at a large enough eps "
-                    "every image can be changed, so the attacks are too weak (or the model masks gradients).")
+        msgs.append(
+            f"robust accuracy is {robr[-1]:.1%}, not 0, at the largest eps {budgets[-1]:.4g}: at a large enough eps "
+            "every image can be changed, so the attacks are too weak (or the model masks gradients)."
+        )
     for msg in msgs:
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    return {"eps": budgets, "clean_accuracy": results[0]["clean_accuracy"], "robust_accuracy": rob,
-            "robust_accuracy_with_rejection": robr, "checks": checks, "warnings": msgs, "results": results}
+    return {
+        "eps": budgets,
+        "clean_accuracy": results[0]["clean_accuracy"],
+        "robust_accuracy": rob,
+        "robust_accuracy_with_rejection": robr,
+        "checks": checks,
+        "warnings": msgs,
+        "results": results,
+    }

@@ -17,9 +17,22 @@ import torch
 import guard
 from guard.audit import AuditOptions, run_audit
 
-EXTRA = {"adaptive_n": 8, "adaptive_steps": 3, "feature_n": 8, "feature_max_iter": 3, "feature_curve_n": 8,
-         "feature_curve_max_iter": 3, "fooling_grad_steps": 5, "fooling_generations": 2, "fooling_population": 10,
-         "fooling_transfer": False, "patch_areas": [0.05], "patch_train_images": 128, "patch_gan_steps": 4, "universal_steps": 4}
+EXTRA = {
+    "adaptive_n": 8,
+    "adaptive_steps": 3,
+    "feature_n": 8,
+    "feature_max_iter": 3,
+    "feature_curve_n": 8,
+    "feature_curve_max_iter": 3,
+    "fooling_grad_steps": 5,
+    "fooling_generations": 2,
+    "fooling_population": 10,
+    "fooling_transfer": False,
+    "patch_areas": [0.05],
+    "patch_train_images": 128,
+    "patch_gan_steps": 4,
+    "universal_steps": 4,
+}
 
 
 def run(out: str, resume: bool, log_path: str) -> None:
@@ -31,12 +44,16 @@ def run(out: str, resume: bool, log_path: str) -> None:
 def main(argv: list[str], configure_logging: bool = True) -> int:
     torch.set_num_threads(1)
     if configure_logging:
-        logging.basicConfig(level=os.environ.get("GUARD_AUDIT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=os.environ.get("GUARD_AUDIT_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
+        )
     out, resume = argv[0], "--resume" in argv[1:]
     train, test = guard.demo_data()
     train, test = guard.Split(train.x[:600], train.y[:600]), guard.Split(test.x[:200], test.y[:200])
     opts = AuditOptions(quick=True, export=False, progress=False, extra=dict(EXTRA))
-    report = run_audit(guard.demo_model(progress=False), train, test, out, model_name="demo", options=opts, resume=resume)
+    report = run_audit(
+        guard.demo_model(progress=False), train, test, out, model_name="demo", options=opts, resume=resume
+    )
     return 1 if report.get("errors") else 0
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import signal
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,20 +27,48 @@ FIGURES: Counter = Counter()  # (entry point, outcome) -> cases
 
 FLOATS = (torch.float32, torch.float16, torch.float64, torch.bfloat16)
 DTYPES = (torch.float32,) * 6 + FLOATS[1:] + (torch.uint8, torch.int64, torch.bool, torch.complex64)
-FILLS = ("uniform",) * 6 + ("zeros", "ones", "nan", "one_nan", "inf", "-inf", "huge", "tiny", "subnormal", "negzero", "above1", "below0")
+FILLS = ("uniform",) * 6 + (
+    "zeros",
+    "ones",
+    "nan",
+    "one_nan",
+    "inf",
+    "-inf",
+    "huge",
+    "tiny",
+    "subnormal",
+    "negzero",
+    "above1",
+    "below0",
+)
 LAYOUTS = ("contiguous",) * 3 + ("noncontig", "channels_last", "expanded", "transposed")
 
 
 def fuzz_settings(n: int) -> settings:
     """``n`` examples, no deadline, no example database (the runs are the same every time)."""
-    return settings(max_examples=n, deadline=None, database=None, derandomize=True, print_blob=False,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+    )
 
 
 def _values(shape: tuple[int, ...], fill: str, gen: torch.Generator) -> torch.Tensor:
     v = torch.rand(shape, generator=gen, dtype=torch.float64)
-    special = {"zeros": 0.0, "ones": 1.0, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "huge": 1e30,
-               "tiny": 1e-30, "subnormal": 1e-45, "negzero": -0.0}
+    special = {
+        "zeros": 0.0,
+        "ones": 1.0,
+        "nan": float("nan"),
+        "inf": float("inf"),
+        "-inf": float("-inf"),
+        "huge": 1e30,
+        "tiny": 1e-30,
+        "subnormal": 1e-45,
+        "negzero": -0.0,
+    }
     if fill in special:
         v = torch.full(shape, special[fill], dtype=torch.float64)
     elif fill == "one_nan" and v.numel():
@@ -61,7 +90,11 @@ def _cast(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @st.composite
 def images(draw: Any, *, n: Any = None, chw: tuple[int, int, int] = (1, 28, 28), tensors_only: bool = False) -> Any:
     """Images a caller might pass (mostly near-valid tensors for a model taking ``chw``)."""
-    kind = "tensor" if tensors_only else draw(st.sampled_from(("tensor",) * 14 + ("numpy", "list", "none", "str", "scalar")))
+    kind = (
+        "tensor"
+        if tensors_only
+        else draw(st.sampled_from(("tensor",) * 14 + ("numpy", "list", "none", "str", "scalar")))
+    )
     if kind == "none":
         return None
     if kind == "str":
@@ -71,14 +104,25 @@ def images(draw: Any, *, n: Any = None, chw: tuple[int, int, int] = (1, 28, 28),
     # a third of the tensors are valid, in every harmless variation (dtype, layout, batch of one, edge values),
     # so that the correct-result checks run as often as the refusal checks
     benign = draw(st.sampled_from((True, False, False)))
-    batch = draw(st.sampled_from((1, 2, 3, 5) if benign else (1, 2, 3, 5, 0, 1))) if n is None else \
-        draw(n) if isinstance(n, st.SearchStrategy) else n
+    batch = (
+        draw(st.sampled_from((1, 2, 3, 5) if benign else (1, 2, 3, 5, 0, 1)))
+        if n is None
+        else draw(n)
+        if isinstance(n, st.SearchStrategy)
+        else n
+    )
     rank = 4 if benign else draw(st.sampled_from((4,) * 8 + (2, 3, 5)))
     c = chw[0] if benign else draw(st.sampled_from((chw[0],) * 8 + (0, 3 if chw[0] != 3 else 1)))
-    hw = (chw[1], chw[2]) if benign else draw(st.sampled_from(((chw[1], chw[2]),) * 8 + ((0, chw[2]), (1, 1), (5, 5), (chw[1], chw[2] - 1))))
+    hw = (
+        (chw[1], chw[2])
+        if benign
+        else draw(st.sampled_from(((chw[1], chw[2]),) * 8 + ((0, chw[2]), (1, 1), (5, 5), (chw[1], chw[2] - 1))))
+    )
     shape = {4: (batch, c, *hw), 2: (batch, c * hw[0] * hw[1]), 3: (c, *hw), 5: (batch, c, 1, *hw)}[rank]
     dtype = draw(st.sampled_from(FLOATS if benign else DTYPES))
-    fill = draw(st.sampled_from(("uniform",) * 4 + ("zeros", "ones", "tiny", "subnormal", "negzero") if benign else FILLS))
+    fill = draw(
+        st.sampled_from(("uniform",) * 4 + ("zeros", "ones", "tiny", "subnormal", "negzero") if benign else FILLS)
+    )
     layout = draw(st.sampled_from(LAYOUTS))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     if not benign and draw(st.sampled_from((False,) * 11 + (True,))):
@@ -115,13 +159,29 @@ def valid_images(x: Any, chw: tuple[int, int, int] | None = (1, 28, 28)) -> bool
 @st.composite
 def labels(draw: Any, n: int, classes: int = 10) -> Any:
     """Labels for ``n`` images: None, valid ones, or one of the ways they go wrong."""
-    kind = draw(st.sampled_from(("none",) * 3 + ("valid",) * 5 + ("int32", "high", "negative", "short", "float", "2d", "bool", "meta", "list")))
+    kind = draw(
+        st.sampled_from(
+            ("none",) * 3
+            + ("valid",) * 5
+            + ("int32", "high", "negative", "short", "float", "2d", "bool", "meta", "list")
+        )
+    )
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     y = torch.randint(0, classes, (n,), generator=gen)
     wrong_length = y[:-1] if n else torch.zeros(1, dtype=torch.long)
-    return {"none": None, "valid": y, "int32": y.int(), "high": y + classes, "negative": y - classes, "short": wrong_length,
-            "float": y.float(), "2d": y[:, None], "bool": y > 4, "meta": torch.empty(n, dtype=torch.long, device="meta"),
-            "list": y.tolist()}[kind]
+    return {
+        "none": None,
+        "valid": y,
+        "int32": y.int(),
+        "high": y + classes,
+        "negative": y - classes,
+        "short": wrong_length,
+        "float": y.float(),
+        "2d": y[:, None],
+        "bool": y > 4,
+        "meta": torch.empty(n, dtype=torch.long, device="meta"),
+        "list": y.tolist(),
+    }[kind]
 
 
 def valid_labels(y: Any, n: int, classes: int | None = 10) -> bool:
@@ -130,7 +190,11 @@ def valid_labels(y: Any, n: int, classes: int | None = 10) -> bool:
         return True
     if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.is_meta:
         return False
-    return y.dim() == 1 and y.shape[0] == n and (n == 0 or (int(y.min()) >= 0 and (classes is None or int(y.max()) < classes)))
+    return (
+        y.dim() == 1
+        and y.shape[0] == n
+        and (n == 0 or (int(y.min()) >= 0 and (classes is None or int(y.max()) < classes)))
+    )
 
 
 class Hang(Exception):
@@ -140,6 +204,7 @@ class Hang(Exception):
 @contextmanager
 def time_limit(seconds: float):
     """Fail a case that hangs (SIGALRM; the main thread on POSIX)."""
+
     def on_alarm(signum: int, frame: Any) -> None:
         raise Hang(f"no answer within {seconds} s")
 

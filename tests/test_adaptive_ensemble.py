@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-import guard
 from conftest import ModelSnapshot
 from planted_detectors import TotalVariation
+
+import guard
 from guard.adaptive_eval import clopper_pearson, evaluate_adaptive
 from guard.attacks import AdaptiveEnsemble, AdaptivePGD, LinfPGD, LogitMatching, OrthogonalPGD
 from guard.attacks.adaptive import BestIterate, resolve_eot, stochastic_parts
 from guard.attacks.fooling_gradient import total_variation
-from guard.detectors import Detector
-
 
 #: many small ops: a second thread only spin-waits (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread_module")
-
-
 
 
 class NoisyTotalVariation(TotalVariation):
@@ -70,7 +65,9 @@ def test_orthogonal_pgd_misclassifies_first_then_evades_the_detector(guarded_tv,
     torch.testing.assert_close(res.success, (out.logits.argmax(1) != y) & ~out.flagged)
 
 
-def test_orthogonal_pgd_misclassifies_as_often_as_plain_pgd_against_the_default_detectors(guarded_default, tiny_model, small_split):
+def test_orthogonal_pgd_misclassifies_as_often_as_plain_pgd_against_the_default_detectors(
+    guarded_default, tiny_model, small_split
+):
     """The one-loss AdaptivePGD misclassified 9.5% of the demo digits at 0.3 (plain PGD 100%):
     the orthogonal attack must not trade misclassification away (eps 0.1: plain PGD is not at 100%)."""
     _, test = small_split
@@ -86,10 +83,20 @@ def test_orthogonal_pgd_misclassifies_as_often_as_plain_pgd_against_the_default_
 def test_the_ensemble_is_never_below_plain_pgd_on_the_same_images(guarded_default, tiny_model, small_split):
     _, test = small_split
     x, y = test.x[128:176], test.y[128:176]
-    res = AdaptiveEnsemble(guarded=guarded_default, eps=0.1, steps=8, weights=[1.0], restarts=1,
-                           guides=test.x[192:256], guide_labels=test.y[192:256], seed=0)(tiny_model, x, y)
+    res = AdaptiveEnsemble(
+        guarded=guarded_default,
+        eps=0.1,
+        steps=8,
+        weights=[1.0],
+        restarts=1,
+        guides=test.x[192:256],
+        guide_labels=test.y[192:256],
+        seed=0,
+    )(tiny_model, x, y)
     names = res.extras["members"]
-    assert names[:2] == ["pgd", "pgd_full"] and {"orthogonal", "selective", "logit_matching", "weighted_1_r0"} <= set(names)
+    assert names[:2] == ["pgd", "pgd_full"] and {"orthogonal", "selective", "logit_matching", "weighted_1_r0"} <= set(
+        names
+    )
     mis, ev = _verdict(guarded_default, res.x_adv, y)
     for name, fig in res.extras["per_member"].items():
         # per image the best result wins, so neither rate can fall below any member's alone
@@ -106,16 +113,36 @@ def test_best_iterate_prefers_evaded_then_misclassified_then_the_lowest_score():
     x = torch.zeros(4, 1, 2, 2)
     best = BestIterate(x)
     idx = torch.arange(4)
-    best.update(idx, x + 0.1, mis=torch.tensor([True, True, False, True]), flagged=torch.tensor([True, False, True, True]),
-                score=torch.tensor([5.0, 9.0, 1.0, 3.0]))
-    taken = best.update(idx, x + 0.2, mis=torch.tensor([True, True, True, False]), flagged=torch.tensor([False, True, True, False]),
-                        score=torch.tensor([7.0, 0.5, 8.0, 0.1]))
+    best.update(
+        idx,
+        x + 0.1,
+        mis=torch.tensor([True, True, False, True]),
+        flagged=torch.tensor([True, False, True, True]),
+        score=torch.tensor([5.0, 9.0, 1.0, 3.0]),
+    )
+    taken = best.update(
+        idx,
+        x + 0.2,
+        mis=torch.tensor([True, True, True, False]),
+        flagged=torch.tensor([False, True, True, False]),
+        score=torch.tensor([7.0, 0.5, 8.0, 0.1]),
+    )
     # 0: now evaded (beats flagged); 1: already evaded, a flagged one never replaces it; 2: now misclassified;
     # 3: misclassified-but-flagged beats correctly-classified-unflagged
     assert taken.tolist() == [True, False, True, False]
-    assert best.evaded.tolist() == [True, True, False, False] and best.misclassified.tolist() == [True, True, True, True]
-    taken = best.update(idx, x + 0.3, mis=torch.ones(4, dtype=torch.bool), flagged=torch.tensor([False, False, True, True]),
-                        score=torch.tensor([6.0, 9.5, 9.0, 2.0]))
+    assert best.evaded.tolist() == [True, True, False, False] and best.misclassified.tolist() == [
+        True,
+        True,
+        True,
+        True,
+    ]
+    taken = best.update(
+        idx,
+        x + 0.3,
+        mis=torch.ones(4, dtype=torch.bool),
+        flagged=torch.tensor([False, False, True, True]),
+        score=torch.tensor([6.0, 9.5, 9.0, 2.0]),
+    )
     assert taken.tolist() == [True, False, False, True]  # the lower combined score wins among equals
     assert torch.allclose(best.x[:, 0, 0, 0], torch.tensor([0.3, 0.1, 0.2, 0.3]))
 
@@ -124,7 +151,9 @@ def test_logit_matching_takes_accepted_guides_of_another_class(guarded_tv, tiny_
     _, test = small_split
     x, y = test.x[128:160], test.y[128:160]
     guides, labels = test.x[160:256], test.y[160:256]
-    res = LogitMatching(guarded=guarded_tv, guides=guides, guide_labels=labels, eps=0.3, steps=30, seed=0)(tiny_model, x, y)
+    res = LogitMatching(guarded=guarded_tv, guides=guides, guide_labels=labels, eps=0.3, steps=30, seed=0)(
+        tiny_model, x, y
+    )
     gi = res.extras["guide_index"]
     used = gi >= 0
     assert bool(used.all()) and bool((labels[gi] != y).all())
@@ -149,20 +178,42 @@ def test_eot_is_used_exactly_when_the_guarded_model_is_random(guarded_tv, tiny_m
 def test_evaluate_adaptive_reports_misclassification_beside_evasion_with_intervals(guarded_default, small_split):
     _, test = small_split
     data = guard.Split(test.x[128:256], test.y[128:256])
-    rep = evaluate_adaptive(guarded_default, data, eps=[0.05, 0.1], steps=4, n=24, weights=[1.0], restarts=1,
-                            members=["pgd", "orthogonal", "logit_matching"])
-    assert rep["eps"] == 0.1 and rep["n"] == 24 and rep["weights"] == [1.0] and rep["restarts"] == 1 and rep["steps"] == 4
+    rep = evaluate_adaptive(
+        guarded_default,
+        data,
+        eps=[0.05, 0.1],
+        steps=4,
+        n=24,
+        weights=[1.0],
+        restarts=1,
+        members=["pgd", "orthogonal", "logit_matching"],
+    )
+    assert (
+        rep["eps"] == 0.1 and rep["n"] == 24 and rep["weights"] == [1.0] and rep["restarts"] == 1 and rep["steps"] == 4
+    )
     pred = guarded_default.model(data.x[:24]).argmax(1)
     assert rep["n_correct"] == int((pred == data.y[:24]).sum())
     for e in rep["per_eps"]:
         for key in ("evasion", "misclassified", "evasion_correct", "oblivious_evasion", "oblivious_full_evasion"):
             lo, hi = e[f"{key}_ci95"]
-            assert lo <= e[key] <= hi and e[f"{key}_k"] == round(e[key] * (e["n_correct"] if key.endswith("correct") else e["n"]))
+            assert lo <= e[key] <= hi and e[f"{key}_k"] == round(
+                e[key] * (e["n_correct"] if key.endswith("correct") else e["n"])
+            )
         assert e["evasion"] >= max(e["oblivious_evasion"], e["oblivious_full_evasion"])
         assert e["misclassified"] >= e["evasion"] and e["misclassified"] >= e["oblivious_misclassified"]
         assert set(e["per_member"]) == {"pgd", "pgd_full", "orthogonal", "logit_matching"}
-    report = guard.evaluate(guarded_default, test.x[128:192], {}, adaptive=True, eps=0.05, steps=2, n=8, weights=[1.0], restarts=1,
-                            members=["pgd"])
+    report = guard.evaluate(
+        guarded_default,
+        test.x[128:192],
+        {},
+        adaptive=True,
+        eps=0.05,
+        steps=2,
+        n=8,
+        weights=[1.0],
+        restarts=1,
+        members=["pgd"],
+    )
     assert report["adaptive"]["n"] == 8 and report["adaptive"]["per_eps"][0]["eps"] == 0.05
 
 

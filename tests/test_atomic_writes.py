@@ -39,7 +39,9 @@ def test_killed_writer_never_leaves_a_half_written_file(tmp_path) -> None:
     rng = random.Random(7)
     leftovers, seen = 0, set()
     for _ in range(6):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         assert proc.stdout.readline() == b"ready\n", proc.stderr.read().decode()  # type: ignore[union-attr]
         time.sleep(rng.uniform(0.05, 0.8))  # inside the write loop
         assert proc.poll() is None, proc.stderr.read().decode()  # type: ignore[union-attr]

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import guard
-
 from conftest import ModelSnapshot
 from planted_detectors import TotalVariation
+
+import guard
 from guard.attacks import AdaptivePGD, LinfPGD
 from guard.evaluation import evaluate_adaptive
-
-
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +52,9 @@ def test_evaluate_adaptive_counts_images_misclassified_clean_apart(guarded_tv, s
     wrong = guard.Split(test.x[:16], (guarded_tv.model(test.x[:16]).argmax(1) + 1) % 10)  # every label is wrong
     res = evaluate_adaptive(guarded_tv, wrong, eps=0.1, steps=2, n=8, weights=[1.0], restarts=1, members=["pgd"])
     e = res["per_eps"][0]
-    assert res["n"] == 8 and res["n_correct"] == 0 and e["evasion_correct"] is None and e["evasion_correct_ci95"] is None
+    assert (
+        res["n"] == 8 and res["n_correct"] == 0 and e["evasion_correct"] is None and e["evasion_correct_ci95"] is None
+    )
     assert e["misclassified"] == 1.0  # wrong from the start, and the attack keeps them wrong
     assert e["evasion"] == 1.0 - e["flagged"]
     some = evaluate_adaptive(guarded_tv, test, eps=0.1, steps=2, n=8, weights=[1.0], restarts=1, members=["pgd"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ModelSnapshot
 from torch import nn
 
 import guard.attacks.apgd as apgd_module
-from conftest import ModelSnapshot
 from guard.attacks import APGD
 from guard.attacks.apgd import APGD_LOSSES, apgd_checkpoints, apgd_loss
 
@@ -148,9 +148,13 @@ def test_targeted_tries_the_most_likely_wrong_classes(tiny_model, batch):
 
 
 def test_reject_loss_closed_form():
-    logits = torch.tensor([[3.0, 1.0, 2.0, 0.5],    # y=0 wins: margin = 2 - 3
-                           [1.0, 2.5, 0.0, 4.0],    # reject wins: margin = 2.5 - 4
-                           [1.0, 3.0, 0.0, -1.0]])  # wrong real class wins: margin = 3 - 1
+    logits = torch.tensor(
+        [
+            [3.0, 1.0, 2.0, 0.5],  # y=0 wins: margin = 2 - 3
+            [1.0, 2.5, 0.0, 4.0],  # reject wins: margin = 2.5 - 4
+            [1.0, 3.0, 0.0, -1.0],
+        ]
+    )  # wrong real class wins: margin = 3 - 1
     y = torch.tensor([0, 0, 0])
     torch.testing.assert_close(apgd_loss("reject", logits, y, real_classes=3), torch.tensor([-1.0, -1.5, 2.0]))
     # DLR: -(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3), over the real classes only

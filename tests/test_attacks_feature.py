@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from guard.attacks.feature_adversary import VARIANTS, FeatureAdversary, feature_objective, sample_guides
-from guard.attacks.representation import active_units, distance_ratio, knn_rank_analysis, label_agreement, representation_report
+from guard.attacks.representation import (
+    active_units,
+    distance_ratio,
+    knn_rank_analysis,
+    label_agreement,
+    representation_report,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +180,14 @@ def test_knn_rank_analysis_identity_and_outlier():
     far = knn_rank_analysis(guide + 50.0, guide, torch.zeros(4, dtype=torch.long), train, labels, k=3)
     assert bool((far["rank_adv"] == 100.0).all()) and bool((far["rank_difference"] > 0).all())
     with pytest.raises(ValueError, match="k="):
-        knn_rank_analysis(guide, guide, torch.ones(4, dtype=torch.long), train, torch.cat([labels[:-2], torch.ones(2, dtype=torch.long)]), k=3)
+        knn_rank_analysis(
+            guide,
+            guide,
+            torch.ones(4, dtype=torch.long),
+            train,
+            torch.cat([labels[:-2], torch.ones(2, dtype=torch.long)]),
+            k=3,
+        )
 
 
 def test_audit_step_quick(tiny_model, demo_split, tmp_path):
@@ -194,7 +207,9 @@ def test_audit_step_quick(tiny_model, demo_split, tmp_path):
         adv_label = tiny_model(saved["x_adv"]).argmax(1)
     assert torch.equal(adv_label, saved["adv_label"])
     assert e["success_rate"] == pytest.approx(float((adv_label == saved["guide_label"]).float().mean()))
-    assert e["success_rate"] == e["guide_label_agreement"] and e["success_rate"] >= 0.5  # a guide's label is usually reached
+    assert (
+        e["success_rate"] == e["guide_label_agreement"] and e["success_rate"] >= 0.5
+    )  # a guide's label is usually reached
     assert e["distance_ratio"]["median"] < 1.0
     assert set(e["curves"]["by_layer"][e["layer"]]) == {"lbfgs", "feature-fgrad"}
     assert {"nn_intersection", "rank_difference", "iou_adv_guide"} <= set(e["representation"])
@@ -211,7 +226,9 @@ def test_representation_report_keeps_guides_of_classes_without_training_referenc
     missing = int(pred[0])
     full = representation_report(tiny_model, "fc2:input", x, x, x, train_x=test.x[100:600], train_y=test.y[100:600])
     keep = test.y[100:600] != missing
-    cut = representation_report(tiny_model, "fc2:input", x, x, x, train_x=test.x[100:600][keep], train_y=test.y[100:600][keep])
+    cut = representation_report(
+        tiny_model, "fc2:input", x, x, x, train_x=test.x[100:600][keep], train_y=test.y[100:600][keep]
+    )
     per = cut["per_image"]
     assert (~per["has_reference"]).tolist() == (pred == missing).tolist()
     assert cut["summary"]["n_without_reference"] == int((pred == missing).sum()) >= 1

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guard.attacks.cppn import ACTIVATIONS, Genome, MutationRates, _add_connection, complete_connections, mutate, random_genome, render
+from guard.attacks.cppn import (
+    ACTIVATIONS,
+    Genome,
+    MutationRates,
+    _add_connection,
+    complete_connections,
+    mutate,
+    random_genome,
+    render,
+)
 from guard.attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial_mutation, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 
@@ -34,6 +43,7 @@ class Brightness(nn.Module):
 
 
 # -- CPPN ------------------------------------------------------------------------------------
+
 
 def test_cppn_render_shape_range_determinism():
     g = random_genome(1, rng=np.random.default_rng(0), hidden=3)
@@ -98,6 +108,7 @@ def test_cppn_errors():
 
 # -- MAP-Elites archive -------------------------------------------------------------------------
 
+
 def test_archive_child_replaces_every_class_it_beats():
     arc = ClassArchive(3, (1, 1, 2), seed=0)
     imgs = torch.tensor([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]]).view(3, 1, 1, 2)
@@ -129,11 +140,13 @@ def test_polynomial_mutation_range_and_rate():
 
 # -- evolution on a closed-form model --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("encoding", ["direct", "cppn"])
 def test_evolution_fools_closed_form_model(encoding):
     model = Brightness()
-    evo = FoolingEvolution(encoding=encoding, population=30, generations=300, mutation_rate=0.5, eta=2.0,
-                           extra_samples=10, seed=0)
+    evo = FoolingEvolution(
+        encoding=encoding, population=30, generations=300, mutation_rate=0.5, eta=2.0, extra_samples=10, seed=0
+    )
     res = evo(model, shape=(1, 6, 6))
     ex = res.extras
     assert ex["generation_all_fooled"] > 0 and ex["generations"] == ex["generation_all_fooled"]
@@ -154,8 +167,9 @@ def test_evolution_fools_closed_form_model(encoding):
 
 def test_evolution_extra_generations_fill_reservoir():
     model = Brightness()
-    res = FoolingEvolution(population=20, generations=400, mutation_rate=0.5, eta=2.0, extra_generations=5,
-                           extra_samples=40, seed=0)(model, shape=(1, 4, 4))
+    res = FoolingEvolution(
+        population=20, generations=400, mutation_rate=0.5, eta=2.0, extra_generations=5, extra_samples=40, seed=0
+    )(model, shape=(1, 4, 4))
     ex = res.extras
     assert ex["generations"] == ex["generation_all_fooled"] + 5
     extra = ~ex["is_elite"]
@@ -187,6 +201,7 @@ def test_evolution_errors():
 
 
 # -- gradient ascent --------------------------------------------------------------------------------
+
 
 def test_gradient_ascent_closed_form_and_tiny_model(tiny_model):
     res = FoolingGradient(steps=100, lr=0.05, seed=0)(Brightness(), shape=(1, 8, 8))
@@ -235,8 +250,15 @@ def test_audit_step_quick(tiny_model, demo_split, tmp_path):
     from guard.core.data import Split
 
     train, test = demo_split
-    ctx = AuditContext(model=tiny_model, model_name="tiny", train=Split(train.x[:1000], train.y[:1000]), test=test,
-                       data_source="test", out=tmp_path, options=AuditOptions(quick=True, progress=False))
+    ctx = AuditContext(
+        model=tiny_model,
+        model_name="tiny",
+        train=Split(train.x[:1000], train.y[:1000]),
+        test=test,
+        data_source="test",
+        out=tmp_path,
+        options=AuditOptions(quick=True, progress=False),
+    )
     given = step("attacks_fooling").run(ctx)
     for name in ("fooling_gradient", "fooling_direct", "fooling_cppn"):
         e = ctx.report["attacks"][name]
@@ -254,7 +276,12 @@ def test_audit_step_quick(tiny_model, demo_split, tmp_path):
         assert e["success_rate"] == pytest.approx(len(fooled) / e["classes_attacked"])
         assert (tmp_path / "artifacts" / f"attack_{name}.safetensors").is_file()
     cppn = ctx.report["attacks"]["fooling_cppn"]["params"]  # the audit's CPPN settings are on record
-    assert (cppn["refine_every"], cppn["refine_steps"], cppn["init_hidden"], cppn["rates"]["add_node"]) == (100, 100, 8, 0.3)
+    assert (cppn["refine_every"], cppn["refine_steps"], cppn["init_hidden"], cppn["rates"]["add_node"]) == (
+        100,
+        100,
+        8,
+        0.3,
+    )
     assert ctx.report["attacks"]["fooling_direct"]["params"]["refine_every"] == 0
 
 
@@ -263,11 +290,26 @@ def test_audit_step_pure_cppn_evolution_on_request(tiny_model, demo_split, tmp_p
     from guard.core.data import Split
 
     train, test = demo_split
-    opts = AuditOptions(quick=True, progress=False, extra={"fooling_refine_every": 0, "fooling_cppn_hidden": 2,
-                                                           "fooling_cppn_add_node": 0.15, "fooling_transfer": False,
-                                                           "fooling_generations": 3})
-    ctx = AuditContext(model=tiny_model, model_name="tiny", train=Split(train.x[:200], train.y[:200]), test=Split(test.x[:50], test.y[:50]),
-                       data_source="test", out=tmp_path, options=opts)
+    opts = AuditOptions(
+        quick=True,
+        progress=False,
+        extra={
+            "fooling_refine_every": 0,
+            "fooling_cppn_hidden": 2,
+            "fooling_cppn_add_node": 0.15,
+            "fooling_transfer": False,
+            "fooling_generations": 3,
+        },
+    )
+    ctx = AuditContext(
+        model=tiny_model,
+        model_name="tiny",
+        train=Split(train.x[:200], train.y[:200]),
+        test=Split(test.x[:50], test.y[:50]),
+        data_source="test",
+        out=tmp_path,
+        options=opts,
+    )
     step("attacks_fooling").run(ctx)
     e = ctx.report["attacks"]["fooling_cppn"]
     assert (e["params"]["refine_every"], e["params"]["init_hidden"], e["params"]["rates"]["add_node"]) == (0, 2, 0.15)
@@ -299,14 +341,24 @@ def test_audit_step_attacks_a_seeded_sample_of_many_classes(demo_split, tmp_path
 
     assert torch.equal(target_classes(10, 10, 0), torch.arange(10))
     picked = target_classes(1000, 10, 3)
-    assert picked.numel() == 10 and torch.equal(picked, picked.sort().values) and torch.equal(picked, target_classes(1000, 10, 3))
+    assert (
+        picked.numel() == 10
+        and torch.equal(picked, picked.sort().values)
+        and torch.equal(picked, target_classes(1000, 10, 3))
+    )
     assert not torch.equal(picked, target_classes(1000, 10, 4))
     torch.manual_seed(0)
     many = DemoNet(num_classes=40, width=4, hidden=16).eval()  # 40 outputs: the quick step attacks 10 of them
     train, test = demo_split
-    ctx = AuditContext(model=many, model_name="many", train=Split(train.x[:200], train.y[:200]), test=Split(test.x[:50], test.y[:50]),
-                       data_source="test", out=tmp_path, options=AuditOptions(quick=True, progress=False, seed=3,
-                                                                               extra={"fooling_transfer": False}))
+    ctx = AuditContext(
+        model=many,
+        model_name="many",
+        train=Split(train.x[:200], train.y[:200]),
+        test=Split(test.x[:50], test.y[:50]),
+        data_source="test",
+        out=tmp_path,
+        options=AuditOptions(quick=True, progress=False, seed=3, extra={"fooling_transfer": False}),
+    )
     given = step("attacks_fooling").run(ctx)
     want = set(target_classes(40, 10, 3).tolist())
     for name in ("fooling_gradient", "fooling_direct", "fooling_cppn"):
@@ -318,9 +370,11 @@ def test_audit_step_attacks_a_seeded_sample_of_many_classes(demo_split, tmp_path
 
 # -- Lamarckian refinement of CPPN weights -------------------------------------------------------
 
+
 def test_render_with_own_weights_is_render():
     from guard.attacks.cppn import coordinate_grid
     from guard.attacks.cppn_refine import render_with_weights
+
     g = random_genome(3, rng=np.random.default_rng(4), hidden=4)
     w = torch.tensor([c[2] for c in g.connections])
     img = render_with_weights(g, coordinate_grid(9, 7), w).view(1, 3, 9, 7).clamp(0, 1)
@@ -331,6 +385,7 @@ def test_render_with_own_weights_is_render():
 
 def test_refine_weights_raises_the_target_and_never_loses():
     from guard.attacks.cppn_refine import refine_weights
+
     model = Brightness(w=4.0)  # soft: p(bright) moves smoothly with the mean pixel
     rng = np.random.default_rng(0)
     genomes = [random_genome(1, rng=rng, hidden=2) for _ in range(4)]
@@ -356,6 +411,7 @@ def test_refine_weights_raises_the_target_and_never_loses():
 
 def test_complete_connections_keeps_the_image_and_grown_refinement_uses_the_new_edges():
     from guard.attacks.cppn_refine import refine_weights
+
     g = random_genome(3, rng=np.random.default_rng(2), hidden=3)
     full = complete_connections(g)
     pairs = [(int(a), int(b)) for a, b, _ in full.connections]
@@ -378,8 +434,16 @@ def test_complete_connections_keeps_the_image_and_grown_refinement_uses_the_new_
         assert g1.order == g0.order and len(g1.connections) == len(complete_connections(g0).connections)
         new_edges = [c for c in g1.connections if (c[0], c[1]) not in {(a, b) for a, b, _ in g0.connections}]
         assert any(abs(c[2]) > 1e-3 for c in new_edges)  # the gradient moved the added edges off zero
-    evo = FoolingEvolution(encoding="cppn", population=2, generations=5, extra_samples=0, refine_every=5, refine_steps=3,
-                           refine_grow=True, seed=0)
+    evo = FoolingEvolution(
+        encoding="cppn",
+        population=2,
+        generations=5,
+        extra_samples=0,
+        refine_every=5,
+        refine_steps=3,
+        refine_grow=True,
+        seed=0,
+    )
     assert evo.params()["refine_grow"] is True
     with pytest.raises(TypeError, match="refine_grow"):
         FoolingEvolution(encoding="cppn", refine_grow="yes")  # type: ignore[arg-type]
@@ -418,7 +482,9 @@ def test_the_last_polish_lifts_the_short_classes_and_keeps_what_evolution_reache
     # the same evolution (the polish comes after it), then every class over the threshold
     assert torch.equal(pol["elite_confidence_before_polish"], pure["elite_confidence"].float())
     assert bool((pol["elite_confidence"] >= 0.9999).all())
-    assert pol["generation_all_fooled"] == pure["generation_all_fooled"] == -1  # evolution's own record, not the polish's
+    assert (
+        pol["generation_all_fooled"] == pure["generation_all_fooled"] == -1
+    )  # evolution's own record, not the polish's
     # 2 elites scored for every cell, then 2 starts per short class, 30 steps (+2 scorings) each
     assert pol["polish_evaluations"] == 2 + short * 2 * 32
     with pytest.raises(ValueError, match="polish_steps.*encoding='cppn'"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.attacks.gradient import FGSM, L2PGD, LinfPGD, PGD
+from guard.attacks.gradient import FGSM, L2PGD, PGD, LinfPGD
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +14,15 @@ def batch(small_split):
     return test.x[:64], test.y[:64]
 
 
-@pytest.mark.parametrize("attack", [FGSM(eps=0.1), LinfPGD(eps=0.1, steps=5), LinfPGD(eps=0.1, steps=5, early_stop=False),
-                                    LinfPGD(eps=0.1, steps=5, random_start=False)])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        FGSM(eps=0.1),
+        LinfPGD(eps=0.1, steps=5),
+        LinfPGD(eps=0.1, steps=5, early_stop=False),
+        LinfPGD(eps=0.1, steps=5, random_start=False),
+    ],
+)
 def test_linf_budget_range_dtype(tiny_model, batch, attack):
     x, _ = batch
     r = attack(tiny_model, x)
@@ -102,8 +109,16 @@ def test_alias():
     assert PGD is LinfPGD
 
 
-@pytest.mark.parametrize("kwargs", [{"eps": -0.1}, {"eps": float("nan")}, {"eps": 0.1, "steps": 0}, {"eps": 0.1, "step_size": 0.0},
-                                    {"eps": 0.1, "seed": -1}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"eps": -0.1},
+        {"eps": float("nan")},
+        {"eps": 0.1, "steps": 0},
+        {"eps": 0.1, "step_size": 0.0},
+        {"eps": 0.1, "seed": -1},
+    ],
+)
 def test_bad_params(kwargs):
     with pytest.raises(ValueError, match="LinfPGD"):
         LinfPGD(**kwargs)
@@ -123,13 +138,20 @@ def test_bad_inputs(tiny_model, batch):
 
 # -- the attack's direction and strength: mutants that step against the loss fail here --------------------------
 
+
 def _ce(model, x, y):
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(model(x), y, reduction="none")
 
 
-@pytest.mark.parametrize("attack", [FGSM(eps=0.05), LinfPGD(eps=0.05, steps=5, random_start=False, early_stop=False),
-                                    L2PGD(eps=0.5, steps=5, random_start=False, early_stop=False)])
+@pytest.mark.parametrize(
+    "attack",
+    [
+        FGSM(eps=0.05),
+        LinfPGD(eps=0.05, steps=5, random_start=False, early_stop=False),
+        L2PGD(eps=0.5, steps=5, random_start=False, early_stop=False),
+    ],
+)
 def test_attack_raises_the_loss_on_every_image(tiny_model, batch, attack):
     """One signed (or normalised) step up the gradient raises the cross-entropy of every image of a
     small ReLU net at a small budget; an attack that steps against the loss lowers it instead."""

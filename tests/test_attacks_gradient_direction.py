@@ -49,7 +49,8 @@ def test_pgd_steps_up_the_loss_exactly(early_stop) -> None:
     torch.testing.assert_close(three.x_adv, (x + 0.1 * w.sign()).expand_as(x), rtol=0, atol=1e-6)
     # targeted at class 1: lowering CE(1) is raising w . x, the same direction here
     tgt = LinfPGD(eps=0.1, steps=1, step_size=0.04, random_start=False, early_stop=early_stop)(
-        model, x, y, target=torch.ones(2, dtype=torch.long))
+        model, x, y, target=torch.ones(2, dtype=torch.long)
+    )
     torch.testing.assert_close(tgt.x_adv, (x + 0.04 * w.sign()).expand_as(x), rtol=0, atol=1e-6)
 
 
@@ -64,8 +65,8 @@ def test_attacks_raise_the_loss_of_a_trained_model(tiny_model, small_split) -> N
     clean = _ce(tiny_model, x, y)
     fgsm = _ce(tiny_model, FGSM(eps=0.1)(tiny_model, x, y).x_adv, y)
     pgd = _ce(tiny_model, LinfPGD(eps=0.1, steps=10, early_stop=False)(tiny_model, x, y).x_adv, y)
-    assert float((fgsm > clean).float().mean()) >= 0.9, (fgsm - clean)
-    assert float((pgd > clean).float().mean()) >= 0.95, (pgd - clean)
+    assert float((fgsm > clean).float().mean()) >= 0.9, fgsm - clean
+    assert float((pgd > clean).float().mean()) >= 0.95, pgd - clean
     assert float(pgd.mean()) > float(fgsm.mean()) > float(clean.mean())
     # targeted PGD lowers the target's loss
     target = (y + 1) % 10

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
-                                    patch_sampler, psnr, ssim)
+from guard.attacks.patch_analysis import (
+    class_comparison,
+    fooling_rate_repeated,
+    latent_interpolation,
+    pairwise_diversity,
+    patch_sampler,
+    psnr,
+    ssim,
+)
 from guard.attacks.patch_gan import PatchGAN, PatchGenerator, fooling_loss
 from guard.attacks.patching import apply_patches, grid_positions, patch_mask, patch_side, random_positions
 from guard.attacks.random_patch import RandomPatch
@@ -22,8 +29,19 @@ def test_patch_side():
     assert patch_side(0.5, (28, 28)) == 20
 
 
-@pytest.mark.parametrize("bad, err", [(0, ValueError), (29, ValueError), (0.0, ValueError), (1.0, ValueError), (-0.1, ValueError),
-                                      (1.5, ValueError), ("3", TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "bad, err",
+    [
+        (0, ValueError),
+        (29, ValueError),
+        (0.0, ValueError),
+        (1.0, ValueError),
+        (-0.1, ValueError),
+        (1.5, ValueError),
+        ("3", TypeError),
+        (True, TypeError),
+    ],
+)
 def test_patch_side_errors(bad, err):
     with pytest.raises(err, match="size"):
         patch_side(bad, (28, 28))
@@ -40,7 +58,7 @@ def test_apply_changes_only_the_patch_region():
     assert torch.equal(out[~mask], x[~mask])
     for i in range(16):
         r, c = pos[i].tolist()
-        assert torch.equal(out[i, :, r:r + 5, c:c + 5], patches[i])
+        assert torch.equal(out[i, :, r : r + 5, c : c + 5], patches[i])
     assert int(mask[:, 0].flatten(1).sum(1).unique().item()) == 25
     assert not torch.equal(out, x) and torch.equal(x, x.clone())  # input not modified in place
 
@@ -100,8 +118,19 @@ def test_generator_scales_with_side(side):
 @pytest.fixture(scope="module")
 def fitted_gan(tiny_model, small_split):
     train, _ = small_split
-    return PatchGAN(size=0.1, steps=40, eval_every=10, batch_size=32, seed=0, loss="margin", alpha=1.0, beta=3.0,
-                    patch_distance="ssim", cap_p=0.8, lr=1e-2).fit(tiny_model, train.x[:256])
+    return PatchGAN(
+        size=0.1,
+        steps=40,
+        eval_every=10,
+        batch_size=32,
+        seed=0,
+        loss="margin",
+        alpha=1.0,
+        beta=3.0,
+        patch_distance="ssim",
+        cap_p=0.8,
+        lr=1e-2,
+    ).fit(tiny_model, train.x[:256])
 
 
 def test_gan_fit_sample_apply(fitted_gan, tiny_model, small_split):
@@ -207,8 +236,21 @@ def test_patch_larger_than_image(tiny_model, small_split):
         RandomPatch(size=29)(tiny_model, train.x[:2])
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": -1.0}, {"beta": -0.1}, {"lr": 0.0}, {"loss": "l2"}, {"steps": 0}, {"seed": -2},
-                                    {"val_fraction": 1.0}, {"patch_distance": "l1"}, {"cap_p": 0.0}, {"cap_d": -1.0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"alpha": -1.0},
+        {"beta": -0.1},
+        {"lr": 0.0},
+        {"loss": "l2"},
+        {"steps": 0},
+        {"seed": -2},
+        {"val_fraction": 1.0},
+        {"patch_distance": "l1"},
+        {"cap_p": 0.0},
+        {"cap_d": -1.0},
+    ],
+)
 def test_gan_bad_params(kwargs):
     with pytest.raises(ValueError):
         PatchGAN(**kwargs)
@@ -228,7 +270,9 @@ def test_universal_patch_untargeted_and_targeted(tiny_model, small_split):
     assert up.patch_.shape == (1, 1, 9, 9) and float(up.patch_.min()) >= 0 and float(up.patch_.max()) <= 1
     r = up(tiny_model, test.x[:128])
     assert r.success_rate > RandomPatch(size=0.1)(tiny_model, test.x[:128]).success_rate
-    tp = UniversalPatch(size=0.1, target=3, steps=20, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
+    tp = UniversalPatch(size=0.1, target=3, steps=20, eval_every=10, batch_size=32, lr=0.1).fit(
+        tiny_model, train.x[:256]
+    )
     rt = tp(tiny_model, test.x[:128])
     with torch.no_grad():
         assert torch.equal(rt.success, tiny_model(rt.x_adv).argmax(1) == 3)
@@ -275,7 +319,9 @@ def test_class_comparison_and_interpolation(fitted_gan, tiny_model, small_split)
 
 def test_fooling_rate_repeated_stats(tiny_model, small_split):
     _, test = small_split
-    out = fooling_rate_repeated(tiny_model, test.x[:64], patch_sampler(RandomPatch(size=0.2)), repetitions=3, y=test.y[:64])
+    out = fooling_rate_repeated(
+        tiny_model, test.x[:64], patch_sampler(RandomPatch(size=0.2)), repetitions=3, y=test.y[:64]
+    )
     assert len(out["rates"]) == 3 and out["n"] == 64
     t = torch.tensor(out["rates"])
     assert abs(out["mean"] - float(t.mean())) < 1e-6 and out["std"] >= 0

@@ -47,8 +47,15 @@ def detector_step(tiny_model, small_split, tmp_path_factory):
         return real_evaluate(guarded, clean, attacks, **kwargs)
 
     attacks = AttackSet({"fgsm": FGSM(eps=0.3)(tiny_model, test.x[:48], test.y[:48])})
-    ctx = AuditContext(model=tiny_model, model_name="tiny", train=train, test=test, data_source="test",
-                       out=tmp_path_factory.mktemp("audit_split"), options=AuditOptions(quick=True, progress=False, export=False))
+    ctx = AuditContext(
+        model=tiny_model,
+        model_name="tiny",
+        train=train,
+        test=test,
+        data_source="test",
+        out=tmp_path_factory.mktemp("audit_split"),
+        options=AuditOptions(quick=True, progress=False, export=False),
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(guard.GuardedModel, "calibrate_scores", calibrate_scores)
         mp.setattr(audit_detectors, "evaluate", evaluate)
@@ -76,7 +83,9 @@ def test_audit_evaluates_on_images_it_did_not_calibrate_on(detector_step) -> Non
     assert not common, f"{len(common)} of {n_ev} evaluation images were also calibration images"
     # and together they are every held-out image, each once
     every = guarded.score(test.x)[1]["ppca"].sort().values
-    torch.testing.assert_close(torch.cat([cal["ppca"], clean_scores["ppca"]]).sort().values, every, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([cal["ppca"], clean_scores["ppca"]]).sort().values, every, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_audit_reports_its_negatives_as_the_evaluation_half(detector_step) -> None:

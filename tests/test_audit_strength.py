@@ -19,8 +19,15 @@ from guard.audit.detectors import split_heldout
 
 def _ctx(model, split, tmp_path, **extra) -> AuditContext:
     train, test = split
-    ctx = AuditContext(model=model, model_name="tiny", train=train, test=test, data_source="test", out=tmp_path,
-                       options=AuditOptions(quick=True, progress=False, export=False, extra=extra))
+    ctx = AuditContext(
+        model=model,
+        model_name="tiny",
+        train=train,
+        test=test,
+        data_source="test",
+        out=tmp_path,
+        options=AuditOptions(quick=True, progress=False, export=False, extra=extra),
+    )
     ctx.defaults = {"eps": 0.3}
     return ctx
 
@@ -38,9 +45,18 @@ def test_gradient_rows_differ_in_strength(tiny_model, small_split, tmp_path):
     res = step("attacks_gradient").run(ctx)
     att = ctx.report["attacks"]
     assert set(res.results) == {"fgsm", "pgd_minimal", "pgd", "pgd_confident"}
-    assert {n: att[n]["strength"] for n in att} == {"fgsm": "full", "pgd_minimal": "minimal", "pgd": "full", "pgd_confident": "confident"}
+    assert {n: att[n]["strength"] for n in att} == {
+        "fgsm": "full",
+        "pgd_minimal": "minimal",
+        "pgd": "full",
+        "pgd_confident": "confident",
+    }
     assert not any(att[n]["held_out"] for n in att)
-    assert att["pgd"]["params"]["early_stop"] is False and att["pgd"]["params"]["steps"] == 40 and att["pgd"]["mean_steps_taken"] == 40
+    assert (
+        att["pgd"]["params"]["early_stop"] is False
+        and att["pgd"]["params"]["steps"] == 40
+        and att["pgd"]["mean_steps_taken"] == 40
+    )
     assert att["pgd_minimal"]["params"]["early_stop"] is True and att["pgd_minimal"]["mean_steps_taken"] < 20
     assert att["pgd_confident"]["params"]["loss"] == "confidence"
     assert att["pgd_confident"]["wrong_confidence_median"] > att["pgd_minimal"]["wrong_confidence_median"] + 0.2
@@ -52,8 +68,12 @@ def test_gradient_rows_differ_in_strength(tiny_model, small_split, tmp_path):
 
 def _fake_attacks(test) -> AttackSet:
     noise = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(7))
-    return AttackSet({"noise": AttackResult(noise, torch.ones(64, dtype=torch.bool)),
-                      "pgd_like": AttackResult(test.x[200:232].clamp(0.1, 0.9), torch.ones(32, dtype=torch.bool))})
+    return AttackSet(
+        {
+            "noise": AttackResult(noise, torch.ones(64, dtype=torch.bool)),
+            "pgd_like": AttackResult(test.x[200:232].clamp(0.1, 0.9), torch.ones(32, dtype=torch.bool)),
+        }
+    )
 
 
 def test_detector_step_reports_the_operating_point_on_disjoint_halves(tiny_model, small_split, tmp_path):
@@ -65,7 +85,9 @@ def test_detector_step_reports_the_operating_point_on_disjoint_halves(tiny_model
     assert g.calibration_digests_ is not None and len(g.calibration_digests_) == len(cal_idx)
     from guard.core.digests import overlap
 
-    assert overlap(test.x[ev_idx], g.calibration_digests_) == 0 and overlap(test.x[cal_idx], g.calibration_digests_) == len(cal_idx)
+    assert overlap(test.x[ev_idx], g.calibration_digests_) == 0 and overlap(
+        test.x[cal_idx], g.calibration_digests_
+    ) == len(cal_idx)
     info = ctx.report["detectors_info"]
     for det, per in ctx.report["detectors"].items():
         op = per["noise"]["operating_point"]
@@ -120,7 +142,9 @@ def test_heldout_step_runs_torchattacks_marked_held_out(tiny_model, small_split,
     att = ctx.report["attacks"]
     assert set(res.results) == {"apgd_ce", "apgd_t", "square", "cw", "deepfool"}
     assert all(att[n]["held_out"] is True for n in res.results)
-    assert att["cw"]["strength"] == att["deepfool"]["strength"] == "minimal-norm" and att["apgd_ce"]["strength"] == "full"
+    assert (
+        att["cw"]["strength"] == att["deepfool"]["strength"] == "minimal-norm" and att["apgd_ce"]["strength"] == "full"
+    )
     for n in ("apgd_ce", "apgd_t", "square"):
         assert att[n]["linf_max"] <= 0.3 + 1e-5 and att[n]["params"]["eps"] == 0.3
     assert att["apgd_ce"]["success_rate"] >= 0.9
@@ -134,8 +158,16 @@ def test_heldout_step_says_why_it_is_skipped(tiny_model, small_split, tmp_path, 
     import guard.audit.heldout as mod
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(mod.importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name, *a))
+    monkeypatch.setattr(
+        mod.importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else real(name, *a)
+    )
     train, test = small_split
-    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False, export=False),
-                    steps=[step("attacks_heldout")])
+    rep = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path,
+        options=AuditOptions(quick=True, progress=False, export=False),
+        steps=[step("attacks_heldout")],
+    )
     assert "torchattacks is not installed" in rep["skipped"]["attacks_heldout"]

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import guard
-from guard.detectors import KNNConsistency, KNNRank
-from guard.detectors import bank_index
-from guard.detectors.bank_index import BankIndex, FaissDeviceError, build_index, knn_search, shared_index
+from guard.detectors import KNNConsistency, KNNRank, bank_index
+from guard.detectors.bank_index import BankIndex, FaissDeviceError, build_index, knn_search
 
 
 def _feats(n: int = 600, d: int = 16, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -158,7 +157,9 @@ def test_an_index_the_gpu_cannot_hold_raises_in_strict_mode_and_falls_back_in_au
 def test_one_leave_one_out_search_per_shared_index_and_one_search_per_repeated_query(monkeypatch) -> None:
     calls = []
     real = BankIndex._search_all
-    monkeypatch.setattr(BankIndex, "_search_all", lambda self, q, k: (calls.append(int(q.shape[0])), real(self, q, k))[1])
+    monkeypatch.setattr(
+        BankIndex, "_search_all", lambda self, q, k: (calls.append(int(q.shape[0])), real(self, q, k))[1]
+    )
     f, y = _feats(seed=6)
     rank = KNNRank(["a", "b"], k=5).fit_features(f, y)
     assert calls == [600]  # the bank against itself, once for both parts
@@ -172,7 +173,9 @@ def test_one_leave_one_out_search_per_shared_index_and_one_search_per_repeated_q
     # the remembered answer is the answer: the same scores from detectors that share nothing
     alone_r = KNNRank("a", k=5, nprobe=7).fit_features({"a": f["a"]}, y)
     assert torch.allclose(r, alone_r.score_features({"a": q["a"]}, logits))
-    assert torch.allclose(c, KNNConsistency(["a"], k=5, nprobe=7).fit_features({"a": f["a"]}, y).score_features({"a": q["a"]}, logits))
+    assert torch.allclose(
+        c, KNNConsistency(["a"], k=5, nprobe=7).fit_features({"a": f["a"]}, y).score_features({"a": q["a"]}, logits)
+    )
 
 
 def test_builders_fed_the_same_features_hold_one_copy_while_streaming() -> None:
@@ -181,9 +184,9 @@ def test_builders_fed_the_same_features_hold_one_copy_while_streaming() -> None:
     f, y = _feats(n=300, seed=7)
     one, two = BankBuilder(["a", "b"], "cosine", "x"), BankBuilder(["a", "c"], "cosine", "y")
     for i in range(0, 300, 100):
-        batch = {k: v[i:i + 100] for k, v in f.items()}
-        one.add(batch, y[i:i + 100])
-        two.add({k: v.clone() for k, v in batch.items()}, y[i:i + 100])  # equal values, other tensors
+        batch = {k: v[i : i + 100] for k, v in f.items()}
+        one.add(batch, y[i : i + 100])
+        two.add({k: v.clone() for k, v in batch.items()}, y[i : i + 100])  # equal values, other tensors
     assert all(ca is cb for ca, cb in zip(one.chunks["a"], one.chunks["b"]))  # equal layers: the same chunks
     assert all(ca is cb for ca, cb in zip(one.chunks["a"], two.chunks["a"]))  # equal detectors' chunks: the same
     banks_one, _ = one.finish(5)
@@ -204,9 +207,9 @@ def test_capped_builders_share_the_pending_rows_and_the_sample() -> None:
     whole = BankBuilder(["a"], "cosine", "z", max_per_class=20, seed=3)
     whole.add({"a": f["a"].clone()}, y)
     for i in range(0, 300, 100):
-        batch = {k: v[i:i + 100] for k, v in f.items()}
-        one.add(batch, y[i:i + 100])
-        two.add({"a": batch["a"].clone()}, y[i:i + 100])
+        batch = {k: v[i : i + 100] for k, v in f.items()}
+        one.add(batch, y[i : i + 100])
+        two.add({"a": batch["a"].clone()}, y[i : i + 100])
     pending_one = one.sampler._parts[-1][3]
     pending_two = two.sampler._parts[-1][3]
     assert pending_one["a"] is pending_two["a"]  # the same pooled chunk, not a copy per builder

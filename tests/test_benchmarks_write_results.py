@@ -91,8 +91,12 @@ def _writes_results(module: str) -> bool:
 
 def test_the_module_list_is_the_whole_package():
     """The walk finds the known benchmarks, and every named non-benchmark still exists (a stale list would hide one)."""
-    assert {"benchmarks.peers.pgd_vs_torchattacks", "benchmarks.scale.knn_bank", "benchmarks.studies.combiner_study",
-            "benchmarks.imagenet.patch"} <= set(BENCHMARKS)
+    assert {
+        "benchmarks.peers.pgd_vs_torchattacks",
+        "benchmarks.scale.knn_bank",
+        "benchmarks.studies.combiner_study",
+        "benchmarks.imagenet.patch",
+    } <= set(BENCHMARKS)
     assert set(NOT_BENCHMARKS) <= set(MODULES)
     assert len(BENCHMARKS) >= 36
 
@@ -129,10 +133,24 @@ def test_the_ast_check_sees_a_missing_write():
 def test_a_benchmark_run_end_to_end_writes_provenance_and_its_figures(tmp_path):
     """cppn_vs_per_pixel's rendering part at a population of 4, as a user runs it (python -m from the root)."""
     out = tmp_path / "cppn.json"
-    cmd = [sys.executable, "-m", "benchmarks.peers.cppn_vs_per_pixel", "--population", "4", "--generations", "0",
-           "--reps", "1", "--per-pixel", "2", "--out", str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.peers.cppn_vs_per_pixel",
+        "--population",
+        "4",
+        "--generations",
+        "0",
+        "--reps",
+        "1",
+        "--per-pixel",
+        "2",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     res = read_results(out)  # raises without a provenance record
     assert {"commit", "command", "provenance"} <= set(res)

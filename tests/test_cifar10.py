@@ -51,7 +51,12 @@ def _archive(tmp_path, names=("cat", "dog"), n=3, size=(8, 8)) -> str:
 def test_archive_reading_and_load_data(tmp_path):
     path = _archive(tmp_path)
     x, y, names = read_image_archive(path)
-    assert x.shape == (6, 3, 8, 8) and x.dtype == torch.uint8 and names == ["cat", "dog"] and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert (
+        x.shape == (6, 3, 8, 8)
+        and x.dtype == torch.uint8
+        and names == ["cat", "dog"]
+        and y.tolist() == [0, 0, 0, 1, 1, 1]
+    )
     split = guard.load_data(path)
     assert split.x.shape == (6, 3, 8, 8) and float(split.x.max()) <= 1.0
     assert guard.load_data(path, image_size=4, grayscale=True).x.shape == (6, 1, 4, 4)
@@ -119,12 +124,16 @@ def test_quick_audit_on_cifar10(tmp_path):
         pytest.skip("the CIFAR-10 weights are not built into this checkout")
     model = guard.demo_model("cifar10")
     train, test = guard.demo_data("cifar10")
-    rep = run_audit(model, train, test, tmp_path, model_name="cifar10", options=AuditOptions(quick=True, progress=False))
+    rep = run_audit(
+        model, train, test, tmp_path, model_name="cifar10", options=AuditOptions(quick=True, progress=False)
+    )
     assert not rep.get("errors"), rep.get("errors")
     assert rep["model"]["clean_accuracy"] > 0.85
     assert rep["defaults"]["kind"] == "natural" and 0.05 < rep["defaults"]["work_scale"] < 0.2
     assert rep["attacks"]["pgd"]["linf_max"] <= 8 / 255 + 1e-6 and rep["attacks"]["pgd"]["success_rate"] > 0.9
-    assert {"patch_gan", "universal_patch", "random_patch", "feature_adversary", "fooling_gradient"} <= set(rep["attacks"])
+    assert {"patch_gan", "universal_patch", "random_patch", "feature_adversary", "fooling_gradient"} <= set(
+        rep["attacks"]
+    )
     assert {"saliency", "knn", "ppca", "mahalanobis", "lid", "combined"} <= set(rep["detectors"])
     assert rep["detectors_info"]["feature_layers"] == ["layer2", "layer3", "linear:input"]
     assert "saliency_score" in rep["export"]["outputs"] and rep["export"]["parity"]["logits"]["max_abs"] < 1e-3

@@ -25,7 +25,9 @@ def test_cli_errors_are_clear(capsys):
 def test_threads_option_sets_torch_threads_and_refuses_nonsense(capsys):
     before = torch.get_num_threads()
     try:
-        assert main(["export", "--guarded", "/nonexistent-guard-out", "--threads", "1"]) == 2  # set before the command fails
+        assert (
+            main(["export", "--guarded", "/nonexistent-guard-out", "--threads", "1"]) == 2
+        )  # set before the command fails
         assert torch.get_num_threads() == 1
         assert main(["export", "--guarded", "/nonexistent-guard-out", "--threads", "0"]) == 2
         assert "--threads must be a positive integer; got 0" in capsys.readouterr().err
@@ -46,7 +48,21 @@ def test_audit_model_section_with_user_folder(tmp_path, tiny_model, capsys):
         Image.fromarray((test.x[i, 0] * 255).byte().numpy()).save(d / f"{i}.png")
     ts = tmp_path / "m.pt"
     torch.jit.save(torch.jit.trace(tiny_model, test.x[:2]), str(ts))
-    rc = main(["audit", "--model", str(ts), "--data", str(tmp_path / "data"), "--grayscale", "--out", str(tmp_path / "o"), "--quick", "-q", "--no-export"])
+    rc = main(
+        [
+            "audit",
+            "--model",
+            str(ts),
+            "--data",
+            str(tmp_path / "data"),
+            "--grayscale",
+            "--out",
+            str(tmp_path / "o"),
+            "--quick",
+            "-q",
+            "--no-export",
+        ]
+    )
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     # Logit-only attacks run on a TorchScript model; steps that need layer features fail
     # cleanly, are recorded, and the command exits 1 instead of losing the other sections.
@@ -54,7 +70,9 @@ def test_audit_model_section_with_user_folder(tmp_path, tiny_model, capsys):
     assert rep["attacks"]["patch_gan"]["params"]["alpha"] == 0.0
     errors = rep.get("errors", {})
     assert rc == (1 if errors else 0)
-    assert errors and all(msg.startswith("ValueError: model is a TorchScript module") for k, msg in errors.items() if k != "adaptive"), errors
+    assert errors and all(
+        msg.startswith("ValueError: model is a TorchScript module") for k, msg in errors.items() if k != "adaptive"
+    ), errors
     # adaptive attacks the detectors step's GuardedModel: its error names the failed step it needs.
     assert errors.get("adaptive", "").startswith("ValueError: the adaptive step needs the detectors step"), errors
     assert "guard audit: step" in capsys.readouterr().err or not errors
@@ -125,16 +143,21 @@ def test_skipped_step_runs_on_resume_when_enabled(tmp_path, tiny_model, small_sp
     train, test = small_split
     rep = run_audit(tiny_model, train, test, tmp_path, steps=[Optional()])
     assert rep["skipped"] == {"opt": "needs --harden"} and "opt" not in rep["_completed_steps"] and "opt" not in rep
-    rep = run_audit(tiny_model, train, test, tmp_path, steps=[Optional()], resume=True, options=AuditOptions(harden=True))
+    rep = run_audit(
+        tiny_model, train, test, tmp_path, steps=[Optional()], resume=True, options=AuditOptions(harden=True)
+    )
     assert rep["opt"] == {"ran": True} and rep["_completed_steps"] == ["opt"] and "skipped" not in rep
 
 
-def test_export_signs_with_a_key_env_and_refuses_a_signed_folder_without_it(tmp_path, demo_net, small_split, monkeypatch, capsys):
+def test_export_signs_with_a_key_env_and_refuses_a_signed_folder_without_it(
+    tmp_path, demo_net, small_split, monkeypatch, capsys
+):
     """`guard export --guarded DIR --key-env VAR`: the folder is verified and the graph signed with $VAR."""
+    from integrity_tools import KEY
+
     import guard
     from guard.core.integrity import IntegrityError
     from guard.export import load_session
-    from integrity_tools import KEY
 
     train, test = small_split
     folder = tmp_path / "guarded"
@@ -143,14 +166,46 @@ def test_export_signs_with_a_key_env_and_refuses_a_signed_folder_without_it(tmp_
     assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check"]) == 2
     assert "is signed" in capsys.readouterr().err and not out.exists()
     monkeypatch.delenv("GUARD_TEST_KEY", raising=False)
-    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY"]) == 2
+    assert (
+        main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY"]) == 2
+    )
     assert "GUARD_TEST_KEY is not set" in capsys.readouterr().err
     monkeypatch.setenv("GUARD_TEST_KEY", KEY.decode())
-    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY",
-                 "--guarded-sha256", "0" * 64]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--guarded",
+                str(folder),
+                "--out",
+                str(out),
+                "--no-check",
+                "--key-env",
+                "GUARD_TEST_KEY",
+                "--guarded-sha256",
+                "0" * 64,
+            ]
+        )
+        == 2
+    )
     assert "altered or replaced" in capsys.readouterr().err
-    assert main(["export", "--guarded", str(folder), "--out", str(out), "--no-check", "--key-env", "GUARD_TEST_KEY",
-                 "--guarded-sha256", digest]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--guarded",
+                str(folder),
+                "--out",
+                str(out),
+                "--no-check",
+                "--key-env",
+                "GUARD_TEST_KEY",
+                "--guarded-sha256",
+                digest,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     sha = next(line.split()[1] for line in printed.splitlines() if line.startswith("sha256 "))
     assert "signed with HMAC-SHA256" in printed and (tmp_path / "m.onnx.sig").is_file()

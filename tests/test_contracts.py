@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import ModelSnapshot
 from integrity_tools import KEY, rewrite_meta
+
 from guard.attacks import ATTACKS, Attack, AttackResult, Fooler
 from guard.attacks.patching import patch_side
 from guard.core.integrity import IntegrityError

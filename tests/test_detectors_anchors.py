@@ -28,7 +28,9 @@ def test_mahalanobis_fit_is_the_tied_class_covariance_and_flags_an_outlier():
     x = centres[y] + torch.randn(600, 3, generator=g) * scale
     det = MahalanobisDetector(["f"]).fit_features({"f": x}, y)
     centred = (x - torch.stack([x[y == c].mean(0) for c in range(3)])[y]).double().numpy()
-    np.testing.assert_allclose(det.precision0_.numpy(), np.linalg.inv(np.cov(centred.T, bias=True)), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        det.precision0_.numpy(), np.linalg.inv(np.cov(centred.T, bias=True)), rtol=1e-3, atol=1e-3
+    )
     # a point 1 unit off a class centre along the narrow axis is far; along the wide axis it is not
     narrow, wide = torch.tensor([[6.0, 0.0, 1.0]]), torch.tensor([[7.0, 0.0, 0.0]])
     logits = torch.zeros(1, 3)
@@ -52,7 +54,9 @@ def test_lid_estimates_the_dimension_of_the_data():
     # closed form: distances r_i = R (i / k)^(1/m) have the MLE -1 / mean(log(i / k)) * (1/m)^-1
     k, m = 20, 4.0
     r = (torch.arange(1, k + 1) / k).pow(1 / m)[None]
-    torch.testing.assert_close(lid_mle(r), torch.tensor([-m / float(torch.log(torch.arange(1, k + 1) / k).mean())]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        lid_mle(r), torch.tensor([-m / float(torch.log(torch.arange(1, k + 1) / k).mean())]), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_lid_flags_an_off_manifold_point():

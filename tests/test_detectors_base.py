@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from guard.core.validation import NotFittedError
 from guard.detectors import Combined, Detector, KNNRank
 from guard.detectors.base import quantile_threshold
-from guard.core.validation import NotFittedError
 
 
 def test_quantile_threshold_flags_at_most_fpr() -> None:

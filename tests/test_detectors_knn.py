@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.detectors import KNNConsistency, KNNRank
 from guard.core.validation import NotFittedError
+from guard.detectors import KNNConsistency, KNNRank
 
 
 def _blobs(n: int = 300, d: int = 16, c: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +77,9 @@ def test_multilayer_score_is_max_of_layers_and_roundtrip(tmp_path) -> None:
     det.calibrate(det.score_features(feats, _onehot_logits(qy)), fpr=0.1)
     det.save(tmp_path / "knn.safetensors")
     back = KNNRank.load(tmp_path / "knn.safetensors")
-    torch.testing.assert_close(back.score_features(feats, _onehot_logits(qy)), det.score_features(feats, _onehot_logits(qy)))
+    torch.testing.assert_close(
+        back.score_features(feats, _onehot_logits(qy)), det.score_features(feats, _onehot_logits(qy))
+    )
     assert back.threshold_ == det.threshold_
 
 
@@ -113,7 +115,14 @@ def test_knn_consistency_counts_disagreeing_neighbours(tmp_path) -> None:
 def test_ivf_index_for_large_banks_agrees_with_exact() -> None:
     x, y = _blobs(2000, d=8)
     exact = KNNRank("f", k=5, statistic="distance").fit_features({"f": x}, y)
-    ivf = KNNRank("f", k=5, statistic="distance", ivf_min_bank=1000, nprobe=64, index="ivf_flat").fit_features({"f": x}, y)
+    ivf = KNNRank("f", k=5, statistic="distance", ivf_min_bank=1000, nprobe=64, index="ivf_flat").fit_features(
+        {"f": x}, y
+    )
     assert type(ivf._index.index).__name__.startswith("IndexIVF")
     q, qy = _blobs(50, d=8, seed=9)
-    torch.testing.assert_close(ivf.score_features({"f": q}, _onehot_logits(qy)), exact.score_features({"f": q}, _onehot_logits(qy)), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(
+        ivf.score_features({"f": q}, _onehot_logits(qy)),
+        exact.score_features({"f": q}, _onehot_logits(qy)),
+        atol=1e-4,
+        rtol=1e-3,
+    )

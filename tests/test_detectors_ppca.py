@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guard.detectors import PPCAManifold
 from guard.core.validation import NotFittedError
+from guard.detectors import PPCAManifold
 
 
 def _data(n: int = 400, d: int = 12, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,8 +30,9 @@ def test_log_likelihood_equals_sklearn_score_samples() -> None:
         ref = PCA(n_components=3, svd_solver="full").fit(x[y == c].double().numpy())
         want = torch.from_numpy(ref.score_samples(q.double().numpy())).float()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-2)
-        torch.testing.assert_close(got, torch.from_numpy(det.sklearn_pca(c).score_samples(q.double().numpy())).float(),
-                                   rtol=1e-4, atol=1e-2)
+        torch.testing.assert_close(
+            got, torch.from_numpy(det.sklearn_pca(c).score_samples(q.double().numpy())).float(), rtol=1e-4, atol=1e-2
+        )
     allc = det.log_likelihood({"f": q})
     torch.testing.assert_close(allc[:, 1], det.log_likelihood({"f": q}, torch.ones(50, dtype=torch.long)))
     logits = torch.nn.functional.one_hot(qy, 2).float()
@@ -88,7 +89,9 @@ print(f"{peak_mb() - before:.0f} {state:.0f}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("d,classes,per_class,bound_mb", [(25_088, 10, 40, 400), (1_280, 1_000, 12, 400), (512, 10, 5_000, 90)])
+@pytest.mark.parametrize(
+    "d,classes,per_class,bound_mb", [(25_088, 10, 40, 400), (1_280, 1_000, 12, 400), (512, 10, 5_000, 90)]
+)
 def test_memory_is_linear_in_d_and_classes(d, classes, per_class, bound_mb):
     """A ResNet-18 layer4 map (25,088 values) and 1,000 ImageNet classes: state O(C d q), no (B, d, d) tensor.
 
@@ -100,8 +103,12 @@ def test_memory_is_linear_in_d_and_classes(d, classes, per_class, bound_mb):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(d), str(classes), str(per_class)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(d), str(classes), str(per_class)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak, state = (float(v) for v in proc.stdout.split())
     assert state <= classes * 16 * d * 4 / 2**20 + classes * (d + 17) * 4 / 2**20 + 1

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from guard.core.validation import NotFittedError
 from guard.detectors import SaliencyConcentration
 from guard.detectors.saliency import topk_share, window_share
-from guard.core.validation import NotFittedError
 
 
 def test_window_share_exact() -> None:
@@ -72,8 +72,15 @@ def test_gradient_maps_equal_captum(tiny_model, small_split, method) -> None:
     det = SaliencyConcentration(method, window=6).fit(tiny_model)
     mine = det.attributions(tiny_model, x.clone().requires_grad_(True), target)
     xr = x.clone().requires_grad_(True)
-    ref = (Saliency(tiny_model).attribute(xr, target=target, abs=True) if method == "saliency"
-           else InputXGradient(tiny_model).attribute(xr, target=target).abs()).detach().sum(1)
+    ref = (
+        (
+            Saliency(tiny_model).attribute(xr, target=target, abs=True)
+            if method == "saliency"
+            else InputXGradient(tiny_model).attribute(xr, target=target).abs()
+        )
+        .detach()
+        .sum(1)
+    )
     assert float(ref.abs().max()) > 0
     torch.testing.assert_close(mine, ref)
     torch.testing.assert_close(torch_attributions(tiny_model, x, target, method).detach(), ref)  # the exported graph's
@@ -86,12 +93,18 @@ def test_input_x_gradient_is_zero_where_the_input_is() -> None:
     x[:, :, 2:6, 2:6] = 1.0  # only a 4x4 square is lit
     target = torch.ones(2, dtype=torch.long)
     m = _Masked(w)
-    torch.testing.assert_close(SaliencyConcentration("input_x_gradient", window=4).fit(m).score(m, x, target=target), torch.ones(2))
-    torch.testing.assert_close(SaliencyConcentration("saliency", window=4).fit(m).score(m, x, target=target), torch.full((2,), 16 / 144))
+    torch.testing.assert_close(
+        SaliencyConcentration("input_x_gradient", window=4).fit(m).score(m, x, target=target), torch.ones(2)
+    )
+    torch.testing.assert_close(
+        SaliencyConcentration("saliency", window=4).fit(m).score(m, x, target=target), torch.full((2,), 16 / 144)
+    )
 
 
-@pytest.mark.parametrize("method,layer", [("saliency", None), ("input_x_gradient", None), ("gradcam", "conv1"),
-                                          ("integrated_gradients", None)])
+@pytest.mark.parametrize(
+    "method,layer",
+    [("saliency", None), ("input_x_gradient", None), ("gradcam", "conv1"), ("integrated_gradients", None)],
+)
 def test_methods_run_on_demo_layout(tiny_model, small_split, method, layer) -> None:
     _, test = small_split
     det = SaliencyConcentration(method, window=6, layer=layer, n_steps=4).fit(tiny_model)
@@ -137,7 +150,9 @@ def test_gradcam_map_equals_captums_layer_gradcam(tiny_model, small_split) -> No
     target = tiny_model(x).argmax(1)
     det = SaliencyConcentration("gradcam", layer="conv2").fit(tiny_model, x)
     mine = det.attributions(tiny_model, x.clone().requires_grad_(True), target)
-    cam = LayerGradCam(tiny_model, tiny_model.conv2).attribute(x.clone().requires_grad_(True), target=target, relu_attributions=True)
+    cam = LayerGradCam(tiny_model, tiny_model.conv2).attribute(
+        x.clone().requires_grad_(True), target=target, relu_attributions=True
+    )
     ref = LayerAttribution.interpolate(cam, (28, 28), interpolate_mode="bilinear").clamp_min(0).detach().sum(1)
     assert float(ref.abs().max()) > 0
     torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-5)

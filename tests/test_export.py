@@ -10,10 +10,8 @@ import torch
 from torch import nn
 
 import guard
-from guard.detectors import SaliencyConcentration
-from guard.export import ExportError, ProviderError, compare_with_guarded, load_session, to_onnx
-from guard.detectors import Batch
-from guard.export import build_export_head
+from guard.detectors import Batch, SaliencyConcentration
+from guard.export import ExportError, ProviderError, build_export_head, compare_with_guarded, load_session, to_onnx
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -38,8 +36,18 @@ def test_guarded_graph_matches_pytorch_at_batch_1_odd_64(exported):
     rep, path = exported
     assert rep.parity is not None and rep.parity["passed"], rep.parity
     assert set(rep.parity["by_batch"]) == {"1", "7", "64"}
-    for name in ("logits", "knn_distance", "knn_score", "ppca_loglik", "saliency_score", "squeeze_score",
-                 "knn_consistency_score", "combined_score", "flags", "flag"):
+    for name in (
+        "logits",
+        "knn_distance",
+        "knn_score",
+        "ppca_loglik",
+        "saliency_score",
+        "squeeze_score",
+        "knn_consistency_score",
+        "combined_score",
+        "flags",
+        "flag",
+    ):
         assert name in rep.output_names
     assert rep.parity["outputs"]["logits"]["max_abs"] <= 1e-4
     assert rep.parity["outputs"]["pred"]["agreement"] == 1.0
@@ -182,8 +190,14 @@ def test_torchvision_normalize_in_front_exports_with_parity(tmp_path):
     from guard.export.graph import exportable_normalize
 
     torch.manual_seed(0)
-    model = nn.Sequential(transforms.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 4)).eval()
+    model = nn.Sequential(
+        transforms.Normalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    ).eval()
     swapped = exportable_normalize(model)
     assert isinstance(model[0], transforms.Normalize)  # the caller's model is untouched
     assert type(swapped[0]).__name__ == "Normalize" and not isinstance(swapped[0], transforms.Normalize)
@@ -202,8 +216,16 @@ def test_large_images_run_the_graph_in_bounded_batches():
     from guard.export.parity import parity_batch_sizes, serving_batch
 
     # at 224 px a batch of 64 through the saliency head peaked at 7.4 GB (EfficientNet-Lite0): 13 images at a time
-    assert serving_batch(torch.zeros(2, 3, 224, 224)) == 13 and parity_batch_sizes(torch.zeros(2, 3, 224, 224)) == (1, 7, 13)
+    assert serving_batch(torch.zeros(2, 3, 224, 224)) == 13 and parity_batch_sizes(torch.zeros(2, 3, 224, 224)) == (
+        1,
+        7,
+        13,
+    )
     assert serving_batch(np.zeros((2, 3, 224, 224), np.float32), 8) == 8  # the cap, for numpy input too
     # small images keep the batch sizes every earlier figure was measured with
-    assert serving_batch(torch.zeros(2, 3, 32, 32)) == 256 and parity_batch_sizes(torch.zeros(2, 1, 28, 28)) == (1, 7, 64)
+    assert serving_batch(torch.zeros(2, 3, 32, 32)) == 256 and parity_batch_sizes(torch.zeros(2, 1, 28, 28)) == (
+        1,
+        7,
+        64,
+    )
     assert serving_batch(torch.zeros(1, 3, 2048, 2048)) == 1  # never zero

@@ -15,14 +15,27 @@ from guard.audit import AttackSet, AuditContext, AuditOptions, run_audit, step
 
 def _ctx(model, small_split, tmp_path, **opts) -> AuditContext:
     train, test = small_split
-    return AuditContext(model=model, model_name="tiny", train=train, test=test, data_source="test", out=tmp_path,
-                        options=AuditOptions(quick=True, progress=False, **opts))
+    return AuditContext(
+        model=model,
+        model_name="tiny",
+        train=train,
+        test=test,
+        data_source="test",
+        out=tmp_path,
+        options=AuditOptions(quick=True, progress=False, **opts),
+    )
 
 
 def test_export_step_skipped_without_option(tiny_model, small_split, tmp_path):
     train, test = small_split
-    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False, export=False),
-                    steps=[step("export")])
+    rep = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path,
+        options=AuditOptions(quick=True, progress=False, export=False),
+        steps=[step("export")],
+    )
     assert "export" not in rep and "export" in rep["skipped"] and not (tmp_path / "model.onnx").exists()
 
 
@@ -77,10 +90,13 @@ def test_export_step_hardened_refits_the_guarded_heads(tiny_model, small_split, 
     assert sec["parity_full"]["clean"]["pred"]["agreement"] == 1.0
 
 
-def test_audit_signs_with_key_env_and_refuses_a_swapped_folder_on_resume(tiny_model, small_split, tmp_path, monkeypatch):
+def test_audit_signs_with_key_env_and_refuses_a_swapped_folder_on_resume(
+    tiny_model, small_split, tmp_path, monkeypatch
+):
     """``AuditOptions(key_env=...)``: OUT/guarded is signed; resume verifies it against the key and the report's digest."""
-    from guard.core.integrity import IntegrityError
     from integrity_tools import KEY
+
+    from guard.core.integrity import IntegrityError
 
     train, test = small_split
     monkeypatch.setenv("AUDIT_KEY", KEY.decode())
@@ -94,4 +110,6 @@ def test_audit_signs_with_key_env_and_refuses_a_swapped_folder_on_resume(tiny_mo
     # another validly signed folder put in its place: the digest in the report refuses it on resume
     guard.wrap(tiny_model, ["knn"]).fit(train).calibrate(test.x[:128]).save(tmp_path / "guarded", key=KEY)
     with pytest.raises(IntegrityError, match="altered or replaced"):
-        run_audit(tiny_model, train, test, tmp_path, options=opts, steps=[step("detectors"), step("adaptive")], resume=True)
+        run_audit(
+            tiny_model, train, test, tmp_path, options=opts, steps=[step("detectors"), step("adaptive")], resume=True
+        )

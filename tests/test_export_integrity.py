@@ -10,13 +10,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from integrity_tools import KEY, OTHER_KEY, flip_last_byte
 from onnx import numpy_helper
 
-import guard
 from guard.core.integrity import IntegrityError
 from guard.core.models import DemoNet
 from guard.export import load_session, to_onnx
-from integrity_tools import KEY, OTHER_KEY, flip_last_byte
 
 TO_ONNX = sys.modules["guard.export.to_onnx"]  # the module (the package re-exports the function under its name)
 
@@ -42,7 +41,9 @@ def _raise_thresholds(path, thresholds: list[float]) -> int:
     model = onnx.load(str(path))
     targets = {np.float32(t) for t in thresholds}
     hits = 0
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    tensors = list(model.graph.initializer) + [
+        a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
     for t in tensors:
         arr = numpy_helper.to_array(t)
         if arr.size == 1 and arr.dtype == np.float32 and np.float32(arr.reshape(-1)[0]) in targets:
@@ -127,7 +128,9 @@ def test_external_data_is_bound_by_the_graph(forced_external, tmp_path, key) -> 
     x = torch.rand(2, 1, 28, 28)
     rep = to_onnx(model, tmp_path / "m.onnx", x, key=key, parity_inputs=x)
     assert rep.external_data and rep.external_files == ["m.onnx.data"] and rep.parity["passed"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", "m.onnx.data", "m.onnx.sha256"] + (["m.onnx.sig"] if key else []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["m.onnx", "m.onnx.data", "m.onnx.sha256"] + (["m.onnx.sig"] if key else [])
+    )
     load_session(tmp_path / "m.onnx", "cpu", key=key, expected_sha256=rep.sha256)
     flip_last_byte(tmp_path / "m.onnx.data", offset=17)
     with pytest.raises(IntegrityError, match="external data file .* was altered"):

@@ -1,11 +1,17 @@
 import pytest
 import torch
-
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from guard.core.features import MAX_FEATURES, FeatureExtractor, default_feature_layers, extract_features, get_layer, layer_names, pool_features
-
+from guard.core.features import (
+    MAX_FEATURES,
+    FeatureExtractor,
+    default_feature_layers,
+    extract_features,
+    get_layer,
+    layer_names,
+    pool_features,
+)
 from guard.core.models import eval_mode
 
 
@@ -53,7 +59,11 @@ def test_extract_features_batched_flattened_and_mode_restored(tiny_model, small_
     assert logits.shape == (50, 10)
     assert feats["conv1"].shape == (50, 8 * 12 * 12) and feats["fc1"].shape == (50, 32)
     with torch.no_grad():
-        assert torch.allclose(feats["fc1"], tiny_model.fc1(tiny_model.flatten(tiny_model.conv2(tiny_model.conv1(tiny_model.normalize(x))))), atol=1e-5)
+        assert torch.allclose(
+            feats["fc1"],
+            tiny_model.fc1(tiny_model.flatten(tiny_model.conv2(tiny_model.conv1(tiny_model.normalize(x))))),
+            atol=1e-5,
+        )
 
 
 def test_eval_mode_restores_mixed_modes(tiny_model):
@@ -112,8 +122,13 @@ def test_a_later_inplace_op_does_not_change_the_captured_output():
     assert bool((ref < 0).any())
 
 
-@pytest.mark.parametrize("arch,expected", [("resnet18", ["layer3", "layer4", "fc:input"]),
-                                           ("mobilenet_v3_small", ["features.8", "features", "classifier.3:input"])])
+@pytest.mark.parametrize(
+    "arch,expected",
+    [
+        ("resnet18", ["layer3", "layer4", "fc:input"]),
+        ("mobilenet_v3_small", ["features.8", "features", "classifier.3:input"]),
+    ],
+)
 def test_default_layers_of_torchvision_models(arch, expected):
     import torchvision
 

@@ -41,8 +41,11 @@ def test_one_forward_pass_per_batch_and_no_weight_gradients(tiny_model, small_sp
     for p in model.parameters():
         p.requires_grad_(True)
         p.grad = None
-    g = guard.GuardedModel(model, {"saliency": SaliencyConcentration().fit(model, train.x[:4]),
-                                   "knn": guard.detectors.KNNRank("inner.fc1")}, batch_size=32)
+    g = guard.GuardedModel(
+        model,
+        {"saliency": SaliencyConcentration().fit(model, train.x[:4]), "knn": guard.detectors.KNNRank("inner.fc1")},
+        batch_size=32,
+    )
     g.fit(train)
     model.calls = 0
     g.score(test.x[:64])
@@ -69,8 +72,10 @@ def test_chunked_gradient_pass_gives_the_same_batch(tiny_model, small_split, mon
     import guard.guarded as gm
 
     train, test = small_split
-    g = guard.GuardedModel(tiny_model, {"saliency": SaliencyConcentration().fit(tiny_model, train.x[:4]),
-                                        "knn": guard.detectors.KNNRank("fc1")})
+    g = guard.GuardedModel(
+        tiny_model,
+        {"saliency": SaliencyConcentration().fit(tiny_model, train.x[:4]), "knn": guard.detectors.KNNRank("fc1")},
+    )
     g.fit(train)
     whole = g._forward(test.x[:23], input_grad=True)
     monkeypatch.setattr(budget, "GRAD_CHUNK_VALUES", 5 * 28 * 28)  # chunks of 5 images

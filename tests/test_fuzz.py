@@ -17,19 +17,38 @@ from contextlib import redirect_stderr, redirect_stdout
 import numpy as np
 import pytest
 import torch
+from fuzz_inputs import (
+    FIGURES,
+    FLOATS,
+    as_numpy_input,
+    attempt,
+    fuzz_settings,
+    images,
+    labels,
+    numpy_valid,
+    time_limit,
+    valid_images,
+    valid_labels,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import guard
-from fuzz_inputs import FIGURES, FLOATS, as_numpy_input, attempt, fuzz_settings, images, labels, numpy_valid, time_limit, valid_images, \
-    valid_labels
+from guard.attacks import (
+    FGSM,
+    L2PGD,
+    FeatureAdversary,
+    FoolingEvolution,
+    FoolingGradient,
+    LinfPGD,
+    PatchGAN,
+    RandomPatch,
+    UniversalPatch,
+)
 from guard.cli import main
-from guard.attacks import FGSM, L2PGD, FeatureAdversary, FoolingEvolution, FoolingGradient, LinfPGD, PatchGAN, RandomPatch, \
-    UniversalPatch
 from guard.core.models import DemoNet
 from guard.detectors import DETECTORS, Detector
 from guard.guarded import GuardedModel
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +69,9 @@ def _figures(tmp_path_factory):
         outcomes[outcome] = outcomes.get(outcome, 0) + n
     figures = {"cases": sum(FIGURES.values()), "outcomes": outcomes, "by_entry_point": by_entry}
     (tmp_path_factory.getbasetemp() / "fuzz_figures.json").write_text(json.dumps(figures, indent=2))
-    sys.stdout.write("\nfuzz figures: " + json.dumps({k: v for k, v in figures.items() if k != "by_entry_point"}) + "\n")
+    sys.stdout.write(
+        "\nfuzz figures: " + json.dumps({k: v for k, v in figures.items() if k != "by_entry_point"}) + "\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +86,20 @@ def fitted(tiny_model, small_split) -> GuardedModel:
     """Every registered detector fitted and calibrated on the tiny trained model."""
     train, test = small_split
     g = GuardedModel(tiny_model, defaults=list(DETECTORS), flag_with=["knn", "ppca", "squeeze", "saliency"]).fit(
-        guard.Split(train.x[:256], train.y[:256]))
+        guard.Split(train.x[:256], train.y[:256])
+    )
     return g.calibrate(test.x[:64], fpr=0.1)
 
 
 # ---------------------------------------------------------------- attacks
 
-ATTACKS = {"fgsm": lambda: FGSM(eps=0.1), "pgd": lambda: LinfPGD(eps=0.1, steps=2), "pgd_l2": lambda: L2PGD(eps=1.0, steps=2),
-           "random_patch": lambda: RandomPatch(size=0.05), "feature_adversary": lambda: FeatureAdversary(layer="fc1", delta=0.1, max_iter=2)}
+ATTACKS = {
+    "fgsm": lambda: FGSM(eps=0.1),
+    "pgd": lambda: LinfPGD(eps=0.1, steps=2),
+    "pgd_l2": lambda: L2PGD(eps=1.0, steps=2),
+    "random_patch": lambda: RandomPatch(size=0.05),
+    "feature_adversary": lambda: FeatureAdversary(layer="fc1", delta=0.1, max_iter=2),
+}
 BUDGETS = {"fgsm": ("linf", 0.1), "pgd": ("linf", 0.1), "pgd_l2": ("l2", 1.0), "feature_adversary": ("linf", 0.1)}
 
 
@@ -81,7 +108,10 @@ def patch_attacks(net) -> dict:
     """The two learned patches, fitted once on noise (a few steps: what is fuzzed is the call)."""
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     cfg = {"size": 0.05, "steps": 2, "eval_every": 1, "batch_size": 8}
-    return {"universal_patch": UniversalPatch(**cfg).fit(net, x), "patch_gan": PatchGAN(width=8, latent_dim=8, **cfg).fit(net, x)}
+    return {
+        "universal_patch": UniversalPatch(**cfg).fit(net, x),
+        "patch_gan": PatchGAN(width=8, latent_dim=8, **cfg).fit(net, x),
+    }
 
 
 @fuzz_settings(300)
@@ -112,9 +142,37 @@ def test_attacks(net, patch_attacks, name, x, data) -> None:
         assert int((d != 0).sum(1).max()) <= 6 * 6
 
 
-_SHAPES = [(1, 28, 28)] * 4 + [(3, 28, 28), (1, 5, 5), (0, 28, 28), (1, 28), (1.0, 28, 28), (True, 28, 28), "1x28x28", None, [1, 28, 28]]
-_CLASSES = [None, None, [1], [1, 4], (7,), torch.tensor([2, 3]), [], [10], [-1], [1, 1], "1", 3, [1.5], [True], torch.tensor([0.0]),
-            torch.tensor([[1]]), [None], np.array([5])]
+_SHAPES = [(1, 28, 28)] * 4 + [
+    (3, 28, 28),
+    (1, 5, 5),
+    (0, 28, 28),
+    (1, 28),
+    (1.0, 28, 28),
+    (True, 28, 28),
+    "1x28x28",
+    None,
+    [1, 28, 28],
+]
+_CLASSES = [
+    None,
+    None,
+    [1],
+    [1, 4],
+    (7,),
+    torch.tensor([2, 3]),
+    [],
+    [10],
+    [-1],
+    [1, 1],
+    "1",
+    3,
+    [1.5],
+    [True],
+    torch.tensor([0.0]),
+    torch.tensor([[1]]),
+    [None],
+    np.array([5]),
+]
 _NUM_CLASSES = [None, None, None, 10, 4, 0, -1, 11, 100, 2.5, "10", True]
 
 
@@ -139,12 +197,27 @@ def _valid_classes(classes, num_classes, distinct: bool) -> bool:
 
 
 @fuzz_settings(90)
-@given(which=st.sampled_from(["gradient", "evolution"]), shape=st.sampled_from(_SHAPES), classes=st.sampled_from(_CLASSES),
-       num_classes=st.sampled_from(_NUM_CLASSES))
+@given(
+    which=st.sampled_from(["gradient", "evolution"]),
+    shape=st.sampled_from(_SHAPES),
+    classes=st.sampled_from(_CLASSES),
+    num_classes=st.sampled_from(_NUM_CLASSES),
+)
 def test_foolers(net, which, shape, classes, num_classes) -> None:
-    fooler = FoolingGradient(steps=2) if which == "gradient" else FoolingEvolution(population=4, generations=1, extra_samples=0)
-    num_ok = num_classes is None or (isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 10)
-    shape_ok = isinstance(shape, (tuple, list)) and len(shape) == 3 and all(type(v) is int for v in shape) and list(shape) == [1, 28, 28]
+    fooler = (
+        FoolingGradient(steps=2)
+        if which == "gradient"
+        else FoolingEvolution(population=4, generations=1, extra_samples=0)
+    )
+    num_ok = num_classes is None or (
+        isinstance(num_classes, int) and not isinstance(num_classes, bool) and 1 <= num_classes <= 10
+    )
+    shape_ok = (
+        isinstance(shape, (tuple, list))
+        and len(shape) == 3
+        and all(type(v) is int for v in shape)
+        and list(shape) == [1, 28, 28]
+    )
     # the same class twice: two images aiming at it for gradient ascent, one archive cell each for evolution (refused)
     valid = shape_ok and num_ok and _valid_classes(classes, num_classes, distinct=which == "evolution")
     res = attempt(f"fooler.{which}", lambda: fooler(net, shape=shape, classes=classes, num_classes=num_classes), valid)
@@ -162,9 +235,13 @@ def test_foolers(net, which, shape, classes, num_classes) -> None:
 def test_unfitted_detectors_refuse_every_call(tiny_model, tmp_path, name) -> None:
     det = DETECTORS[name].default(["conv1", "conv2", "fc2:input"])
     x = torch.rand(4, 1, 28, 28)
-    calls = {"score": lambda: det.score(tiny_model, x), "predict": lambda: det.predict(tiny_model, x),
-             "calibrate": lambda: det.calibrate(x, 0.1, model=tiny_model), "save": lambda: det.save(tmp_path / "d.safetensors"),
-             "export_head": det.export_head}
+    calls = {
+        "score": lambda: det.score(tiny_model, x),
+        "predict": lambda: det.predict(tiny_model, x),
+        "calibrate": lambda: det.calibrate(x, 0.1, model=tiny_model),
+        "save": lambda: det.save(tmp_path / "d.safetensors"),
+        "export_head": det.export_head,
+    }
     for call, fn in calls.items():
         with pytest.raises(guard.NotFittedError, match="not fitted"):
             fn()
@@ -180,6 +257,7 @@ def test_unfitted_patch_attacks_refuse_to_attack(net, cls) -> None:
 
 
 # ---------------------------------------------------------------- detectors
+
 
 @fuzz_settings(180)
 @given(name=st.sampled_from(sorted(DETECTORS)), x=images())
@@ -197,10 +275,21 @@ def _scores_strategy() -> st.SearchStrategy:
     floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
     return st.one_of(
         st.lists(floats, min_size=0, max_size=40).map(lambda v: torch.tensor(v, dtype=torch.float32)),
-        st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=40).map(lambda v: torch.tensor(v, dtype=torch.float64)),
+        st.lists(st.floats(-1e3, 1e3, width=32), min_size=1, max_size=40).map(
+            lambda v: torch.tensor(v, dtype=torch.float64)
+        ),
         st.lists(st.integers(-5, 5), min_size=1, max_size=20).map(torch.tensor),
         st.lists(st.booleans(), min_size=1, max_size=5).map(torch.tensor),
-        st.sampled_from([torch.rand(3, 3), torch.rand(4, dtype=torch.complex64), torch.empty(5, device="meta"), [0.1, 0.2], None, 0.5]),
+        st.sampled_from(
+            [
+                torch.rand(3, 3),
+                torch.rand(4, dtype=torch.complex64),
+                torch.empty(5, device="meta"),
+                [0.1, 0.2],
+                None,
+                0.5,
+            ]
+        ),
         images(n=3, tensors_only=True),
     )
 
@@ -215,8 +304,31 @@ def _feature_batches(draw, widths: dict, layers: list):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     feats = {layer: torch.randn(n, widths[layer], generator=gen).abs() for layer in layers}
     logits = torch.randn(n, 10, generator=gen)
-    how = draw(st.sampled_from(["ok"] * 6 + ["fp16", "fp64", "noncontig", "width", "rows", "logit_rows", "missing", "nan", "inf",
-                                            "huge", "int", "meta", "logits_nan", "logits_1d", "logits_int", "bare", "list", "constant"]))
+    how = draw(
+        st.sampled_from(
+            ["ok"] * 6
+            + [
+                "fp16",
+                "fp64",
+                "noncontig",
+                "width",
+                "rows",
+                "logit_rows",
+                "missing",
+                "nan",
+                "inf",
+                "huge",
+                "int",
+                "meta",
+                "logits_nan",
+                "logits_1d",
+                "logits_int",
+                "bare",
+                "list",
+                "constant",
+            ]
+        )
+    )
     lay = draw(st.sampled_from(layers))
     if how in ("fp16", "fp64"):
         feats = {k: v.to(torch.float16 if how == "fp16" else torch.float64) for k, v in feats.items()}
@@ -258,14 +370,28 @@ def test_feature_api(fitted, name, fit, data) -> None:
     det = fitted.detectors[name]
     layers = det.feature_layers
     feats, logits, how, n, lay = data.draw(_feature_batches(fitted.feature_widths_, layers))
-    empty_ok = n == 0 and how in ("nan", "inf", "huge", "logits_nan", "constant", "rows", "logit_rows")  # no row to change
+    empty_ok = n == 0 and how in (
+        "nan",
+        "inf",
+        "huge",
+        "logits_nan",
+        "constant",
+        "rows",
+        "logit_rows",
+    )  # no row to change
     bare_ok = how == "bare" and len(layers) == 1
     if fit:  # what fit learns: the width; labels come from the logits' argmax (their rows must match)
-        bad = n == 0 or not (how in ("ok", "fp16", "fp64", "noncontig", "width", "logits_nan", "logits_1d", "logits_int") or bare_ok
-                             or empty_ok or (how == "constant" and n == 1))
+        bad = n == 0 or not (
+            how in ("ok", "fp16", "fp64", "noncontig", "width", "logits_nan", "logits_1d", "logits_int")
+            or bare_ok
+            or empty_ok
+            or (how == "constant" and n == 1)
+        )
         labels = logits.argmax(1) if logits.dim() == 2 else torch.zeros(n, dtype=torch.long)
         fresh = type(det)(**det.get_params())
-        out = attempt(f"detector.fit_features.{name}", lambda: fresh.fit_features(feats, labels), False if bad else None)
+        out = attempt(
+            f"detector.fit_features.{name}", lambda: fresh.fit_features(feats, labels), False if bad else None
+        )
         if out is not None:  # fitted: it scores real features of the widths it was fitted on
             probe = fitted._forward(torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(2)))
             pf = {k: v[:, :-1] if how == "width" and k == lay else v for k, v in probe.features.items()}
@@ -281,16 +407,27 @@ def test_feature_api(fitted, name, fit, data) -> None:
 
 
 @fuzz_settings(140)
-@given(name=st.sampled_from(sorted(DETECTORS)), clean=_scores_strategy(),
-       fpr=st.one_of(st.sampled_from([0.05, 0.1, 0.5]), st.floats(allow_nan=True, allow_infinity=True),
-                     st.sampled_from([0, 1, True, "0.1", None, 0.05])))
+@given(
+    name=st.sampled_from(sorted(DETECTORS)),
+    clean=_scores_strategy(),
+    fpr=st.one_of(
+        st.sampled_from([0.05, 0.1, 0.5]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([0, 1, True, "0.1", None, 0.05]),
+    ),
+)
 def test_detector_calibrate(fitted, tiny_model, name, clean, fpr) -> None:
     det = fitted.detectors[name]
     before = det.threshold_
     fpr_ok = isinstance(fpr, float) and 0.0 < fpr < 1.0
     if isinstance(clean, torch.Tensor) and clean.dim() == 1:
-        ok = (fpr_ok and not clean.is_meta and clean.dtype != torch.bool and not clean.is_complex()
-              and bool(torch.isfinite(clean.double()).any()))
+        ok = (
+            fpr_ok
+            and not clean.is_meta
+            and clean.dtype != torch.bool
+            and not clean.is_complex()
+            and bool(torch.isfinite(clean.double()).any())
+        )
     else:
         ok = fpr_ok and valid_images(clean)
     try:
@@ -341,7 +478,9 @@ def test_detector_load_of_damaged_files(fitted, tmp_path_factory, name, pinned, 
     changed = bytes(raw) != path.read_bytes()  # two flips of one byte cancel out
     path.write_bytes(bytes(raw))
     expect = False if (pinned and changed) else (True if not changed else None)
-    back = attempt(f"detector.load.{name}", lambda: Detector.load(path, expected_sha256=digest if pinned else None), expect)
+    back = attempt(
+        f"detector.load.{name}", lambda: Detector.load(path, expected_sha256=digest if pinned else None), expect
+    )
     if back is not None:  # it loaded: then it is the detector that was saved, bit for bit (no silent change)
         assert type(back) is type(det) and back.threshold_ == det.threshold_ and back.get_params() == det.get_params()
         want, got = det.state_tensors(), back.state_tensors()
@@ -350,20 +489,32 @@ def test_detector_load_of_damaged_files(fitted, tmp_path_factory, name, pinned, 
 
 # ---------------------------------------------------------------- guard.wrap / GuardedModel / evaluate
 
+
 @fuzz_settings(50)
-@given(detectors=st.sampled_from([None, ["knn"], "ppca", ["knn", "ppca"], [], "nope", ["nope"], 5, [None], {"k": 1}, ("squeeze",)]),
-       layers=st.sampled_from([None, None, "fc1", ["conv2", "fc1"], [], ["nope"], [1], 7]),
-       pool=st.sampled_from(["auto", "avg", "flatten", "nope", None]),
-       batch_size=st.sampled_from([512, 7, 0, -1, True, 2.5, "8"]),
-       combine=st.sampled_from(["max", "fisher", "weighted", "mean", None]),
-       flag_with=st.sampled_from([None, None, ["knn"], "knn", ["nope"], 3]))
+@given(
+    detectors=st.sampled_from(
+        [None, ["knn"], "ppca", ["knn", "ppca"], [], "nope", ["nope"], 5, [None], {"k": 1}, ("squeeze",)]
+    ),
+    layers=st.sampled_from([None, None, "fc1", ["conv2", "fc1"], [], ["nope"], [1], 7]),
+    pool=st.sampled_from(["auto", "avg", "flatten", "nope", None]),
+    batch_size=st.sampled_from([512, 7, 0, -1, True, 2.5, "8"]),
+    combine=st.sampled_from(["max", "fisher", "weighted", "mean", None]),
+    flag_with=st.sampled_from([None, None, ["knn"], "knn", ["nope"], 3]),
+)
 def test_wrap_arguments(tiny_model, small_split, detectors, layers, pool, batch_size, combine, flag_with) -> None:
     train, test = small_split
-    g = attempt("guard.wrap", lambda: guard.wrap(tiny_model, detectors, layers, pool=pool, batch_size=batch_size, combine=combine,
-                                                 flag_with=flag_with), None)
+    g = attempt(
+        "guard.wrap",
+        lambda: guard.wrap(
+            tiny_model, detectors, layers, pool=pool, batch_size=batch_size, combine=combine, flag_with=flag_with
+        ),
+        None,
+    )
     if g is None or not isinstance(detectors, (list, tuple, str)) or detectors in ([], None) or combine == "weighted":
         return  # the default five (or the weighted rule's proxies) take too long to fit per case; fitted elsewhere
-    fitted_g = attempt("GuardedModel.fit+calibrate", lambda: g.fit(train.x[:96], train.y[:96]).calibrate(test.x[:64], 0.1), None)
+    fitted_g = attempt(
+        "GuardedModel.fit+calibrate", lambda: g.fit(train.x[:96], train.y[:96]).calibrate(test.x[:64], 0.1), None
+    )
     if fitted_g is not None:
         out = fitted_g(test.x[:3])
         assert out.flagged.shape == (3,) and out.logits.shape == (3, 10)
@@ -388,11 +539,22 @@ def _attack_item() -> st.SearchStrategy:
     good = torch.rand(4, 1, 28, 28)
     return st.one_of(
         images(n=st.sampled_from([0, 2]), tensors_only=True),
-        st.sampled_from([
-            (good, torch.tensor([True, False, True, True])), (good, torch.tensor([1, 0, 1, 1])), (good, torch.tensor([0.5, 2.0, 0, 1])),
-            (good, torch.ones(3, dtype=torch.bool)), (good, [True] * 4), {"x_adv": good}, {"y": 1}, 5, None, good[:0],
-            (good, torch.tensor([2, 0, 1, 1])), (good.double(), None),
-        ]),
+        st.sampled_from(
+            [
+                (good, torch.tensor([True, False, True, True])),
+                (good, torch.tensor([1, 0, 1, 1])),
+                (good, torch.tensor([0.5, 2.0, 0, 1])),
+                (good, torch.ones(3, dtype=torch.bool)),
+                (good, [True] * 4),
+                {"x_adv": good},
+                {"y": 1},
+                5,
+                None,
+                good[:0],
+                (good, torch.tensor([2, 0, 1, 1])),
+                (good.double(), None),
+            ]
+        ),
     )
 
 
@@ -400,18 +562,32 @@ _CLEAN = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(4))
 
 
 @fuzz_settings(60)
-@given(clean=st.one_of(st.just(_CLEAN), images(n=st.sampled_from([2, 3]))), item=_attack_item(),
-       wrap_in_dict=st.sampled_from([True, True, True, False]))
+@given(
+    clean=st.one_of(st.just(_CLEAN), images(n=st.sampled_from([2, 3]))),
+    item=_attack_item(),
+    wrap_in_dict=st.sampled_from([True, True, True, False]),
+)
 def test_evaluate(fitted, clean, item, wrap_in_dict) -> None:
     attacks = {"a": item} if wrap_in_dict else [item]
     ok_item = False
     if isinstance(item, torch.Tensor):
         # an attack that produced nothing: an empty batch of the right image shape, any float dtype, with data
-        ok_item = valid_images(item) or (item.dim() == 4 and item.shape[0] == 0 and item.dtype in FLOATS and not item.is_meta
-                                         and tuple(item.shape[1:]) == (1, 28, 28))
+        ok_item = valid_images(item) or (
+            item.dim() == 4
+            and item.shape[0] == 0
+            and item.dtype in FLOATS
+            and not item.is_meta
+            and tuple(item.shape[1:]) == (1, 28, 28)
+        )
     elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], torch.Tensor):
-        ok_s = item[1] is None or (isinstance(item[1], torch.Tensor) and item[1].numel() == item[0].shape[0]
-                                   and (item[1].dtype == torch.bool or (not item[1].is_floating_point() and bool(((item[1] == 0) | (item[1] == 1)).all()))))
+        ok_s = item[1] is None or (
+            isinstance(item[1], torch.Tensor)
+            and item[1].numel() == item[0].shape[0]
+            and (
+                item[1].dtype == torch.bool
+                or (not item[1].is_floating_point() and bool(((item[1] == 0) | (item[1] == 1)).all()))
+            )
+        )
         ok_item = valid_images(item[0]) and ok_s
     elif isinstance(item, dict) and "x_adv" in item:
         ok_item = valid_images(item["x_adv"])
@@ -426,9 +602,14 @@ def test_evaluate(fitted, clean, item, wrap_in_dict) -> None:
 
 # ---------------------------------------------------------------- guard.load_data
 
+
 @fuzz_settings(130)
-@given(x=images(chw=(3, 8, 8)), form=st.sampled_from(["tuple", "tuple", "list", "split", "dataset", "triple", "dict"]),
-       image_size=st.sampled_from([None, None, None, 8, (8, 8), 0, -3, (8,), "8", True, 2.5]), data=st.data())
+@given(
+    x=images(chw=(3, 8, 8)),
+    form=st.sampled_from(["tuple", "tuple", "list", "split", "dataset", "triple", "dict"]),
+    image_size=st.sampled_from([None, None, None, 8, (8, 8), 0, -3, (8,), "8", True, 2.5]),
+    data=st.data(),
+)
 def test_load_data(x, form, image_size, data) -> None:
     from torch.utils.data import TensorDataset
 
@@ -436,18 +617,31 @@ def test_load_data(x, form, image_size, data) -> None:
     y = data.draw(labels(n))
     if y is None:
         y = torch.zeros(n, dtype=torch.long)
-    size_ok = image_size is None or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0) or \
-        (isinstance(image_size, tuple) and len(image_size) == 2)
+    size_ok = (
+        image_size is None
+        or (isinstance(image_size, int) and not isinstance(image_size, bool) and image_size > 0)
+        or (isinstance(image_size, tuple) and len(image_size) == 2)
+    )
     if form == "split":
         arg = guard.Split(x, y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else (x, y)
     elif form == "dataset":
-        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.dim() >= 1 and y.dim() >= 1 and len(x) == len(y)
-                and len(x) > 0 and not x.is_meta and not y.is_meta):
+        if not (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and x.dim() >= 1
+            and y.dim() >= 1
+            and len(x) == len(y)
+            and len(x) > 0
+            and not x.is_meta
+            and not y.is_meta
+        ):
             return
         arg = TensorDataset(x.detach(), y)
     else:
         arg = {"tuple": (x, y), "list": [x, y], "triple": (x, y, y), "dict": {"x": x, "y": y}}[form]
-    valid = size_ok and form not in ("triple", "dict") and valid_images(x, None) and valid_labels(y, n, None)  # any class count
+    valid = (
+        size_ok and form not in ("triple", "dict") and valid_images(x, None) and valid_labels(y, n, None)
+    )  # any class count
     split = attempt("guard.load_data", lambda: guard.load_data(arg, image_size=image_size), valid)
     if split is None:
         return
@@ -456,6 +650,7 @@ def test_load_data(x, form, image_size, data) -> None:
 
 
 # ---------------------------------------------------------------- export: to_onnx input checks, the ONNX session
+
 
 @fuzz_settings(60)
 @given(x=images().filter(lambda v: not valid_images(v)))
@@ -491,6 +686,7 @@ def _session(path: str, sha256: str):
 
 # ---------------------------------------------------------------- the command line
 
+
 class Reached(Exception):
     """A command got through argument checking to the library call (patched out: no real work)."""
 
@@ -499,27 +695,99 @@ def _reached(*args, **kwargs):
     raise Reached
 
 
-_COMMON = [["--demo"], ["--demo", "mnist"], ["--demo", "cifar10"], ["--demo", "nope"], ["--model", "x:y"], ["--model", "/nonexistent.pt"],
-           ["--model", "os:getcwd"], ["--model", "json:dumps"], ["--model", ""], ["--data", "/nonexistent"], ["--data", "mnist"],
-           ["--train-size", "0"], ["--train-size", "-3"], ["--train-size", "40"], ["--train-size", "x"], ["--test-size", "0"],
-           ["--test-size", "20"], ["--image-size", "-1"], ["--grayscale"], ["--seed", "x"], ["--seed", "3"], ["--device", "cpu"],
-           ["--device", "nope"], ["--device", "cuda:7"], ["--device", "meta"], ["--key-env", "GUARD_FUZZ_UNSET"], ["-q"], ["--bogus"]]
+_COMMON = [
+    ["--demo"],
+    ["--demo", "mnist"],
+    ["--demo", "cifar10"],
+    ["--demo", "nope"],
+    ["--model", "x:y"],
+    ["--model", "/nonexistent.pt"],
+    ["--model", "os:getcwd"],
+    ["--model", "json:dumps"],
+    ["--model", ""],
+    ["--data", "/nonexistent"],
+    ["--data", "mnist"],
+    ["--train-size", "0"],
+    ["--train-size", "-3"],
+    ["--train-size", "40"],
+    ["--train-size", "x"],
+    ["--test-size", "0"],
+    ["--test-size", "20"],
+    ["--image-size", "-1"],
+    ["--grayscale"],
+    ["--seed", "x"],
+    ["--seed", "3"],
+    ["--device", "cpu"],
+    ["--device", "nope"],
+    ["--device", "cuda:7"],
+    ["--device", "meta"],
+    ["--key-env", "GUARD_FUZZ_UNSET"],
+    ["-q"],
+    ["--bogus"],
+]
 _PER_COMMAND = {
-    "audit": [["--quick"], ["--harden"], ["--no-export"], ["--resume"], ["--repetitions", "0"], ["--repetitions", "2"], ["--repetitions", "x"]],
-    "harden": [["--rounds", "0"], ["--rounds", "1"], ["--rounds", "-2"], ["--epochs-per-round", "0"], ["--reject-share", "2"],
-               ["--reject-share", "nan"], ["--reject-share", "0.2"], ["--attacks", "nope"], ["--attacks", ""], ["--attacks", "fooling_gradient"],
-               ["--budget", "quick"], ["--budget", "nope"], ["--lr", "-1"], ["--lr", "inf"], ["--batch-size", "0"], ["--head", "nope"]],
-    "export": [["--hardened", "/nonexistent"], ["--guarded", "/nonexistent"], ["--opset", "-1"], ["--opset", "x"], ["--fp16-backbone"],
-               ["--leave-out", "knn"], ["--no-check"], ["--guarded-sha256", "abc"], ["--out", "/nonexistent/x.onnx"], ["--out", "m.txt"]],
+    "audit": [
+        ["--quick"],
+        ["--harden"],
+        ["--no-export"],
+        ["--resume"],
+        ["--repetitions", "0"],
+        ["--repetitions", "2"],
+        ["--repetitions", "x"],
+    ],
+    "harden": [
+        ["--rounds", "0"],
+        ["--rounds", "1"],
+        ["--rounds", "-2"],
+        ["--epochs-per-round", "0"],
+        ["--reject-share", "2"],
+        ["--reject-share", "nan"],
+        ["--reject-share", "0.2"],
+        ["--attacks", "nope"],
+        ["--attacks", ""],
+        ["--attacks", "fooling_gradient"],
+        ["--budget", "quick"],
+        ["--budget", "nope"],
+        ["--lr", "-1"],
+        ["--lr", "inf"],
+        ["--batch-size", "0"],
+        ["--head", "nope"],
+    ],
+    "export": [
+        ["--hardened", "/nonexistent"],
+        ["--guarded", "/nonexistent"],
+        ["--opset", "-1"],
+        ["--opset", "x"],
+        ["--fp16-backbone"],
+        ["--leave-out", "knn"],
+        ["--no-check"],
+        ["--guarded-sha256", "abc"],
+        ["--out", "/nonexistent/x.onnx"],
+        ["--out", "m.txt"],
+    ],
 }
 # refused by the command line itself, before any library call (the hardening settings are checked by harden())
-_KNOWN_BAD = {("--train-size", "0"), ("--train-size", "-3"), ("--test-size", "0"), ("--device", "nope"), ("--device", "cuda:7"),
-              ("--device", "meta"), ("--key-env", "GUARD_FUZZ_UNSET"), ("--repetitions", "0"), ("--model", "os:getcwd"),
-              ("--model", "json:dumps"), ("--model", "/nonexistent.pt"), ("--model", "x:y"), ("--data", "/nonexistent")}
+_KNOWN_BAD = {
+    ("--train-size", "0"),
+    ("--train-size", "-3"),
+    ("--test-size", "0"),
+    ("--device", "nope"),
+    ("--device", "cuda:7"),
+    ("--device", "meta"),
+    ("--key-env", "GUARD_FUZZ_UNSET"),
+    ("--repetitions", "0"),
+    ("--model", "os:getcwd"),
+    ("--model", "json:dumps"),
+    ("--model", "/nonexistent.pt"),
+    ("--model", "x:y"),
+    ("--data", "/nonexistent"),
+}
 
 
 @fuzz_settings(130)
-@given(command=st.sampled_from(["audit", "harden", "export", "audit", "harden", "export", "nope", None]), data=st.data())
+@given(
+    command=st.sampled_from(["audit", "harden", "export", "audit", "harden", "export", "nope", None]), data=st.data()
+)
 def test_cli_arguments(net, small_split, tmp_path_factory, command, data) -> None:
     pool = _COMMON + _PER_COMMAND.get(command or "", [])
     opts = data.draw(st.lists(st.sampled_from(pool), max_size=5))
@@ -545,7 +813,10 @@ def test_cli_arguments(net, small_split, tmp_path_factory, command, data) -> Non
         except Reached:
             outcome = "reached the library"
     FIGURES[("guard.cli.main", outcome)] += 1
-    assert outcome in ("returned 0", "returned 2", "argparse exit 0", "argparse exit 2", "reached the library"), (argv, outcome)
+    assert outcome in ("returned 0", "returned 2", "argparse exit 0", "argparse exit 2", "reached the library"), (
+        argv,
+        outcome,
+    )
     if outcome == "returned 2":
         assert "error:" in stderr.getvalue() or command is None, (argv, stderr.getvalue())
     if known_bad and outcome == "reached the library":

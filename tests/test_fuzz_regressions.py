@@ -11,9 +11,16 @@ from guard.attacks import FGSM, FeatureAdversary, FoolingEvolution, FoolingGradi
 from guard.cli import main
 from guard.core.models import DemoNet
 from guard.core.validation import check_device, check_images, check_labels
-from guard.detectors import BitDepthSqueeze, KNNConsistency, KNNRank, LIDDetector, MahalanobisDetector, PPCAManifold, SaliencyConcentration
+from guard.detectors import (
+    BitDepthSqueeze,
+    KNNConsistency,
+    KNNRank,
+    LIDDetector,
+    MahalanobisDetector,
+    PPCAManifold,
+    SaliencyConcentration,
+)
 from guard.export import build_export_head
-
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,10 +45,14 @@ def test_meta_and_empty_dimension_tensors_are_refused_by_name(net) -> None:
         guard.to_onnx(net, "unused.onnx", torch.empty(1, 1, 28, 28, device="meta"))
 
 
-@pytest.mark.parametrize("attack", [FGSM(), LinfPGD(steps=1), RandomPatch(size=0.05)], ids=["fgsm", "pgd", "random_patch"])
+@pytest.mark.parametrize(
+    "attack", [FGSM(), LinfPGD(steps=1), RandomPatch(size=0.05)], ids=["fgsm", "pgd", "random_patch"]
+)
 def test_labels_outside_the_models_classes_are_refused(net, attack) -> None:
     x = torch.rand(3, 1, 28, 28)
-    with pytest.raises(ValueError, match=r"y must lie in \[0, 9\]"):  # was IndexError (FGSM/PGD), success 1.0 (RandomPatch)
+    with pytest.raises(
+        ValueError, match=r"y must lie in \[0, 9\]"
+    ):  # was IndexError (FGSM/PGD), success 1.0 (RandomPatch)
         attack(net, x, torch.tensor([0, 10, 1]))
     with pytest.raises(ValueError, match="y must hold class indices >= 0"):
         attack(net, x, torch.tensor([0, -1, 1]))
@@ -73,7 +84,9 @@ def test_input_detectors_take_float64_images_and_name_a_wrong_size(net) -> None:
 def test_saliency_target_outside_the_models_classes_is_refused(net) -> None:
     x = torch.rand(4, 1, 28, 28)
     det = SaliencyConcentration().fit(net, x)
-    with pytest.raises(ValueError, match=r"target must lie in \[0, 9\]"):  # was RuntimeError (index out of bounds) from Captum
+    with pytest.raises(
+        ValueError, match=r"target must lie in \[0, 9\]"
+    ):  # was RuntimeError (index out of bounds) from Captum
         det.score(net, x, target=torch.tensor([0, 1, 2, 30]))
     with pytest.raises(ValueError, match="target must have 4 entries"):
         det.score(net, x, target=torch.tensor([0, 1]))
@@ -81,7 +94,9 @@ def test_saliency_target_outside_the_models_classes_is_refused(net) -> None:
 
 def test_fit_labels_the_model_cannot_output_are_refused(tiny_model, small_split) -> None:
     train, _ = small_split
-    with pytest.raises(ValueError, match=r"data labels must lie in \[0, 9\]"):  # were silently accepted (kNN consistency)
+    with pytest.raises(
+        ValueError, match=r"data labels must lie in \[0, 9\]"
+    ):  # were silently accepted (kNN consistency)
         guard.wrap(tiny_model, ["knn_consistency"]).fit(train.x[:40], train.y[:40] + 100)
     with pytest.raises(ValueError, match=r"y must lie in \[0, 9\]"):
         KNNRank("fc1", k=2).fit(tiny_model, train.x[:20], train.y[:20] + 10)
@@ -155,18 +170,25 @@ def test_cli_refuses_a_device_that_is_not_there(capsys) -> None:
 
 
 def test_load_data_and_load_model_name_what_was_wrong(tmp_path) -> None:
-    with pytest.raises(ValueError, match="image_size must be a positive int"):  # was only checked when a folder was read
+    with pytest.raises(
+        ValueError, match="image_size must be a positive int"
+    ):  # was only checked when a folder was read
         guard.load_data(tmp_path, image_size=-3)
     with pytest.raises(ValueError, match=r"calling dumps\(\) failed"):  # the factory's own TypeError escaped
         guard.load_model("json:dumps")
 
 
-@pytest.mark.parametrize("fooler", [FoolingGradient(steps=1), FoolingEvolution(population=4, generations=1, extra_samples=0)],
-                         ids=["gradient", "evolution"])
+@pytest.mark.parametrize(
+    "fooler",
+    [FoolingGradient(steps=1), FoolingEvolution(population=4, generations=1, extra_samples=0)],
+    ids=["gradient", "evolution"],
+)
 def test_foolers_check_shape_classes_and_num_classes_against_the_model(net, fooler) -> None:
     with pytest.raises(ValueError, match=r"shape=\(3, 28, 28\): the model cannot take"):  # was RuntimeError from a conv
         fooler(net, shape=(3, 28, 28))
-    with pytest.raises(ValueError, match="'num_classes' parameter .* <= 10. Got 11"):  # was IndexError/RuntimeError in the search
+    with pytest.raises(
+        ValueError, match="'num_classes' parameter .* <= 10. Got 11"
+    ):  # was IndexError/RuntimeError in the search
         fooler(net, shape=(1, 28, 28), num_classes=11)
     with pytest.raises(ValueError, match="'num_classes' parameter"):  # 2.5 was RuntimeError/IndexError, -1 RuntimeError
         fooler(net, shape=(1, 28, 28), num_classes=2.5)
@@ -188,8 +210,15 @@ def feature_bank() -> dict:
     return {"a": torch.randn(60, 6, generator=gen), "b": torch.randn(60, 4, generator=gen)}
 
 
-@pytest.mark.parametrize("make", [lambda: KNNConsistency(["a", "b"], k=3), lambda: MahalanobisDetector(["a", "b"]),
-                                  lambda: LIDDetector(["a", "b"], k=3, reference_size=40)], ids=["knn_consistency", "mahalanobis", "lid"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: KNNConsistency(["a", "b"], k=3),
+        lambda: MahalanobisDetector(["a", "b"]),
+        lambda: LIDDetector(["a", "b"], k=3, reference_size=40),
+    ],
+    ids=["knn_consistency", "mahalanobis", "lid"],
+)
 def test_feature_api_refuses_mismatched_rows_bad_logits_and_meta(feature_bank, make) -> None:
     labels = torch.arange(60) % 3
     det = make().fit_features(feature_bank, labels)
@@ -197,22 +226,36 @@ def test_feature_api_refuses_mismatched_rows_bad_logits_and_meta(feature_bank, m
     five = {k: v[:5] for k, v in feature_bank.items()}
     with pytest.raises(ValueError, match="same number of rows"):  # was RuntimeError (stack / size mismatch)
         det.score_features({"a": five["a"], "b": five["b"][:3]}, logits)
-    with pytest.raises(ValueError, match=r"logits must be logits of shape \(5, C\)"):  # 3 rows of logits were used for 5 images
+    with pytest.raises(
+        ValueError, match=r"logits must be logits of shape \(5, C\)"
+    ):  # 3 rows of logits were used for 5 images
         det.score_features(five, logits[:3])
     with pytest.raises(ValueError, match="NaN/inf logits"):  # a NaN logit's argmax silently picked class 0
         det.score_features(five, torch.full((5, 3), float("nan")))
     with pytest.raises(ValueError, match="meta device"):  # was RuntimeError: Tensor.item() on meta tensors
         det.score_features({k: torch.empty(v.shape, device="meta") for k, v in five.items()}, logits)
-    with pytest.raises(ValueError, match="at least 1 clean example.*empty feature bank"):  # Mahalanobis: RuntimeError from max() of nothing
+    with pytest.raises(
+        ValueError, match="at least 1 clean example.*empty feature bank"
+    ):  # Mahalanobis: RuntimeError from max() of nothing
         make().fit_features({k: v[:0] for k, v in feature_bank.items()}, labels[:0])
 
 
-@pytest.mark.parametrize("make", [lambda: KNNRank("a", k=3), lambda: KNNConsistency(["a"], k=3), lambda: PPCAManifold("a", n_components=2),
-                                  lambda: MahalanobisDetector(["a"]), lambda: LIDDetector(["a"], k=3, reference_size=40)],
-                         ids=["knn", "knn_consistency", "ppca", "mahalanobis", "lid"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: KNNRank("a", k=3),
+        lambda: KNNConsistency(["a"], k=3),
+        lambda: PPCAManifold("a", n_components=2),
+        lambda: MahalanobisDetector(["a"]),
+        lambda: LIDDetector(["a"], k=3, reference_size=40),
+    ],
+    ids=["knn", "knn_consistency", "ppca", "mahalanobis", "lid"],
+)
 def test_feature_detectors_refuse_a_blind_or_overflowing_bank(feature_bank, make) -> None:
     labels = torch.arange(60) % 3
     with pytest.raises(ValueError, match="do not vary"):  # kNN / LID fitted and then scored every input alike
         make().fit_features({"a": torch.ones(60, 6)}, labels)
-    with pytest.raises(ValueError, match="overflow float32"):  # PPCA: RuntimeError; Mahalanobis: a zero precision, every score 0
+    with pytest.raises(
+        ValueError, match="overflow float32"
+    ):  # PPCA: RuntimeError; Mahalanobis: a zero precision, every score 0
         make().fit_features({"a": feature_bank["a"] * 1e30}, labels)

@@ -13,7 +13,13 @@ from guard.core.models import DemoNet
 from guard.training.checkpoint import load_checkpoint, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint
 from guard.training.harden import harden
 from guard.training.reject import REJECT, RejectClassifier, grow_head
-from guard.training.round_attacks import ROUND_ATTACKS, AttackBudget, check_attacks, generate_round_attacks, score_attack_set
+from guard.training.round_attacks import (
+    ROUND_ATTACKS,
+    AttackBudget,
+    check_attacks,
+    generate_round_attacks,
+    score_attack_set,
+)
 
 QUICK = AttackBudget.quick()
 SMALL = dict(rounds=2, epochs_per_round=2, budget=QUICK, progress=False, seed=3, lr=3e-3)
@@ -32,6 +38,7 @@ def tiny_split(small_split):
 
 # ------------------------------------------------------------------ reject head
 
+
 def test_grow_head_keeps_rows_and_predictions(tiny_model, small_split):
     _, test = small_split
     before = _state(tiny_model)
@@ -43,7 +50,8 @@ def test_grow_head_keeps_rows_and_predictions(tiny_model, small_split):
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items())
     assert tiny_model.fc2.out_features == 10
     with torch.no_grad():
-        tiny_model.eval(); grown.eval()
+        tiny_model.eval()
+        grown.eval()
         old = tiny_model(test.x).argmax(1)
         new = grown(test.x)
     assert torch.equal(new[:, :10], tiny_model(test.x).detach())
@@ -73,6 +81,7 @@ def test_reject_classifier_predict_maps_reject_to_minus_one(tiny_model, small_sp
 
 
 # ------------------------------------------------------------------ bad input
+
 
 def test_bad_input_errors(tiny_model, small_split):
     train, test = small_split
@@ -105,6 +114,7 @@ def test_check_attacks_accepts_comma_string():
 
 
 # ------------------------------------------------------------------ round attacks
+
 
 def test_round_attacks_images_valid_and_seeded(tiny_model, small_split):
     train, _ = small_split
@@ -163,12 +173,20 @@ class _Constant(nn.Module):
 
 def test_gradient_fooling_reaches_high_confidence(tiny_model):
     budget = AttackBudget(per_class=1, gradient_steps=60)
-    s = generate_round_attacks(tiny_model, ["fooling_gradient"], num_classes=10, image_shape=(1, 28, 28),
-                               pool=(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)), budget=budget, seed=0)
+    s = generate_round_attacks(
+        tiny_model,
+        ["fooling_gradient"],
+        num_classes=10,
+        image_shape=(1, 28, 28),
+        pool=(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.long)),
+        budget=budget,
+        seed=0,
+    )
     assert score_attack_set(tiny_model, s, 10)["fooling_median_confidence"] > 0.9
 
 
 # ------------------------------------------------------------------ harden
+
 
 def test_harden_returns_reject_model_and_history(tiny_model, small_split):
     train, test = small_split
@@ -179,8 +197,13 @@ def test_harden_returns_reject_model_and_history(tiny_model, small_split):
     assert res.model(test.x[:4]).shape == (4, 11)
     assert [h["round"] for h in res.history] == [1, 2]
     for h in res.history:
-        for key in ("clean_accuracy", "fooling_classes_ge99", "fooling_median_confidence", "patch_fooling_rate",
-                    "rejected_share_of_round_attacks"):
+        for key in (
+            "clean_accuracy",
+            "fooling_classes_ge99",
+            "fooling_median_confidence",
+            "patch_fooling_rate",
+            "rejected_share_of_round_attacks",
+        ):
             assert h[key] is not None, key
     # the last round's clean figures are those of the returned model on the held-out split
     # (a rejected image counts as an error)
@@ -215,6 +238,7 @@ def test_harden_continues_a_reject_classifier(tiny_model, tiny_split):
 
 
 # ------------------------------------------------------------------ checkpoints and resume
+
 
 def test_optimizer_state_round_trip(tmp_path, tiny_model, small_split):
     train, _ = small_split
@@ -259,8 +283,15 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, tiny_model, tiny_
     assert (meta["round_done"], meta["epoch_done"], meta["cur_round"]) == (1, 0, 2)
 
     after: list[tuple[int, int]] = []
-    resumed = harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True,
-                     on_epoch_end=lambda r, e, m: after.append((r, e)), **kw)
+    resumed = harden(
+        tiny_model,
+        train,
+        test=test,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        on_epoch_end=lambda r, e, m: after.append((r, e)),
+        **kw,
+    )
     assert after == [(2, 1)]  # no finished epoch is redone
     sf, sr = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(sf[k], sr[k]) for k in sf)
@@ -280,7 +311,14 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_model, tiny_split)
     with pytest.raises(ValueError, match="cannot resume.*model_digest"):
         harden(DemoNet(width=8, hidden=32), train, test=test, checkpoint_dir=tmp_path, resume=True, **kw)
     with pytest.raises(ValueError, match="cannot resume.*data_digest"):
-        harden(tiny_model, guard.Split(train.x.flip(0), train.y.flip(0)), test=test, checkpoint_dir=tmp_path, resume=True, **kw)
+        harden(
+            tiny_model,
+            guard.Split(train.x.flip(0), train.y.flip(0)),
+            test=test,
+            checkpoint_dir=tmp_path,
+            resume=True,
+            **kw,
+        )
     (tmp_path / "harden_state.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt"):
         harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True, **kw)
@@ -291,36 +329,63 @@ def test_resume_finished_run_does_no_work(tmp_path, tiny_model, tiny_split):
     kw = {**SMALL, "rounds": 1, "epochs_per_round": 1}
     a = harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, **kw)
     calls: list = []
-    b = harden(tiny_model, train, test=test, checkpoint_dir=tmp_path, resume=True, on_epoch_end=lambda *x: calls.append(x), **kw)
+    b = harden(
+        tiny_model,
+        train,
+        test=test,
+        checkpoint_dir=tmp_path,
+        resume=True,
+        on_epoch_end=lambda *x: calls.append(x),
+        **kw,
+    )
     assert calls == []
     assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
 
 
 # ------------------------------------------------------------------ audit wiring
 
+
 def test_audit_step_quick(tmp_path, tiny_model, small_split):
     from guard.audit import AuditContext, AuditOptions, run_audit, step
 
     train, test = small_split
     steps = [step("model"), step("harden")]
-    report = run_audit(tiny_model, train, test, tmp_path / "a", options=AuditOptions(quick=True, harden=True, progress=False), steps=steps)
+    report = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path / "a",
+        options=AuditOptions(quick=True, harden=True, progress=False),
+        steps=steps,
+    )
     h = report["harden"]
     assert len(h["rounds"]) == 1
     row = h["rounds"][0]
-    for key in ("round", "clean_accuracy", "fooling_classes_ge99", "fooling_median_confidence", "patch_fooling_rate",
-                "rejected_share_of_round_attacks"):
+    for key in (
+        "round",
+        "clean_accuracy",
+        "fooling_classes_ge99",
+        "fooling_median_confidence",
+        "patch_fooling_rate",
+        "rejected_share_of_round_attacks",
+    ):
         assert key in row
     assert (tmp_path / "a" / "artifacts" / "hardened_model.safetensors").is_file()
     on_disk = json.loads((tmp_path / "a" / "report.json").read_text())
     assert on_disk["harden"]["rounds"][0]["clean_accuracy"] == row["clean_accuracy"]
 
-    skipped = run_audit(tiny_model, train, test, tmp_path / "b", options=AuditOptions(quick=True, progress=False), steps=steps)
+    skipped = run_audit(
+        tiny_model, train, test, tmp_path / "b", options=AuditOptions(quick=True, progress=False), steps=steps
+    )
     assert "harden" in skipped["skipped"] and "harden" not in skipped
     # a resumed audit gets the hardened model back from its file, as the export step needs it
     back = step("harden").restore(AuditContext(tiny_model, "tiny", train, test, "test", tmp_path / "a", AuditOptions()))
     assert isinstance(back, RejectClassifier) and back.num_classes == 10
     x = test.x[:16]
-    assert torch.equal(back.predict(x), RejectClassifier.load(tmp_path / "a" / "artifacts" / "hardened_model.safetensors", tiny_model).predict(x))
+    assert torch.equal(
+        back.predict(x),
+        RejectClassifier.load(tmp_path / "a" / "artifacts" / "hardened_model.safetensors", tiny_model).predict(x),
+    )
 
 
 def test_guard_exposes_harden():
@@ -335,17 +400,23 @@ def test_round_schedule_is_guards_own_attacks(tiny_model, small_split):
 
     table = round_attack_table(QUICK, num_classes=10, seed=0)
     assert set(table) == set(ROUND_ATTACKS)
-    kinds = {"fooling_gradient": attacks.FoolingGradient, "fooling_direct": attacks.FoolingEvolution,
-             "fooling_cppn": attacks.FoolingEvolution, "universal_patch": attacks.UniversalPatch,
-             "random_patch": attacks.RandomPatch, "pgd": attacks.LinfPGD}
+    kinds = {
+        "fooling_gradient": attacks.FoolingGradient,
+        "fooling_direct": attacks.FoolingEvolution,
+        "fooling_cppn": attacks.FoolingEvolution,
+        "universal_patch": attacks.UniversalPatch,
+        "random_patch": attacks.RandomPatch,
+        "pgd": attacks.LinfPGD,
+    }
     assert all(type(table[k]) is v for k, v in kinds.items())
     assert table["fooling_cppn"].encoding == "cppn" and table["pgd"].real_classes == 10
     train, _ = small_split
     grown, _ = grow_head(tiny_model)
     with torch.no_grad():
         grown.fc2.bias[10] = 50.0  # the reject class wins everywhere: a fooling image must still aim at a real class
-    s = generate_round_attacks(grown, ROUND_ATTACKS, num_classes=10, image_shape=(1, 28, 28), pool=(train.x, train.y),
-                               budget=QUICK, seed=1)
+    s = generate_round_attacks(
+        grown, ROUND_ATTACKS, num_classes=10, image_shape=(1, 28, 28), pool=(train.x, train.y), budget=QUICK, seed=1
+    )
     fool = s.mask(("fooling_gradient", "fooling_direct", "fooling_cppn"))
     assert int(s.target[fool].max()) < 10 and int(s.target[fool].min()) >= 0
     with pytest.raises(TypeError, match="unknown keyword"):
@@ -374,13 +445,32 @@ def test_cli_harden_demo_one_round(tmp_path, demo_net):
     from guard.cli import main
 
     out = tmp_path / "h"
-    rc = main(["harden", "--demo", "--train-size", "512", "--test-size", "256", "--rounds", "1", "--epochs-per-round", "1",
-               "--budget", "quick", "--out", str(out), "-q"])
+    rc = main(
+        [
+            "harden",
+            "--demo",
+            "--train-size",
+            "512",
+            "--test-size",
+            "256",
+            "--rounds",
+            "1",
+            "--epochs-per-round",
+            "1",
+            "--budget",
+            "quick",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert rc == 0
     section = json.loads((out / "harden.json").read_text())["harden"]
     assert [r["round"] for r in section["rounds"]] == [1]
     assert section["baseline"]["clean_accuracy"] > 0.98
-    assert (out / "hardened_model.safetensors").is_file() and (out / "checkpoints" / "harden_state.safetensors").is_file()
+    assert (out / "hardened_model.safetensors").is_file() and (
+        out / "checkpoints" / "harden_state.safetensors"
+    ).is_file()
     back = RejectClassifier.load(out / "hardened_model.safetensors", demo_net)  # what guard export --hardened reads
     assert back.num_classes == 10 and back(guard.demo_data()[1].x[:2]).shape == (2, 11)
     with pytest.raises(ValueError, match="not a saved RejectClassifier"):

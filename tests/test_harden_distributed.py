@@ -31,9 +31,34 @@ def build():
 
 def _torchrun(n: int, cwd: Path, out: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={n}",
-           "-m", "guard", "harden", "--model", "tiny_module:build", "--data", "mnist", "--train-size", "1024",
-           "--test-size", "512", "--rounds", "1", "--epochs-per-round", "2", "--budget", "quick", "--out", out, "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc_per_node={n}",
+        "-m",
+        "guard",
+        "harden",
+        "--model",
+        "tiny_module:build",
+        "--data",
+        "mnist",
+        "--train-size",
+        "1024",
+        "--test-size",
+        "512",
+        "--rounds",
+        "1",
+        "--epochs-per-round",
+        "2",
+        "--budget",
+        "quick",
+        "--out",
+        out,
+        "-q",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((cwd / out / "harden.json").read_text())

@@ -41,7 +41,9 @@ def toy_model() -> nn.Module:
     return net.eval()
 
 
-def _objective(method: str, net: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+def _objective(
+    method: str, net: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, n: int
+) -> torch.Tensor:
     z = net(x_adv)
     if method == "trades":
         return F.kl_div(F.log_softmax(z, 1), F.softmax(net(x), 1), reduction="sum")
@@ -56,8 +58,17 @@ def test_training_attack_ascends_its_objective_within_the_ball(method, toy_model
     grown.eval()
     data = _toy(128, 1)
     eps = 0.1
-    x_adv = attack_batch(grown, data.x, data.y, method=method, eps=eps, steps=5, step_size=0.03, n=2,
-                         gen=torch.Generator().manual_seed(0))
+    x_adv = attack_batch(
+        grown,
+        data.x,
+        data.y,
+        method=method,
+        eps=eps,
+        steps=5,
+        step_size=0.03,
+        n=2,
+        gen=torch.Generator().manual_seed(0),
+    )
     assert (x_adv - data.x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     noise = (data.x + (torch.rand(data.x.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1) * eps).clamp(0, 1)
     with torch.no_grad():
@@ -71,8 +82,17 @@ def test_training_step_lowers_the_adversarial_loss_on_its_batch(method, toy_mode
     grown, _ = grow_head(toy_model)
     data = _toy(128, 2)
     grown.eval()
-    x_adv = attack_batch(grown, data.x, data.y, method=method, eps=0.1, steps=5, step_size=0.03, n=2,
-                         gen=torch.Generator().manual_seed(0))
+    x_adv = attack_batch(
+        grown,
+        data.x,
+        data.y,
+        method=method,
+        eps=0.1,
+        steps=5,
+        step_size=0.03,
+        n=2,
+        gen=torch.Generator().manual_seed(0),
+    )
     opt = torch.optim.SGD(grown.parameters(), lr=0.05)
     kw = dict(method=method, n=2, beta=6.0, reject_weight=1.0)
     before = method_loss(grown, data.x, data.y, x_adv, **kw)
@@ -88,15 +108,37 @@ def test_reject_loss_is_zero_only_where_the_adversarial_image_is_right_or_reject
     logits = torch.tensor([[5.0, -5.0, -5.0], [-5.0, -5.0, 5.0], [-5.0, 5.0, -5.0]])  # right, rejected, wrong real
     y = torch.zeros(3, dtype=torch.long)
     net = nn.Identity()
-    per = [float(method_loss(net, logits[i:i + 1] * 0 + torch.tensor([[10.0, -10, -10]]), y[:1], logits[i:i + 1],
-                             method="reject", n=2, beta=0.0, reject_weight=1.0)) for i in range(3)]
+    per = [
+        float(
+            method_loss(
+                net,
+                logits[i : i + 1] * 0 + torch.tensor([[10.0, -10, -10]]),
+                y[:1],
+                logits[i : i + 1],
+                method="reject",
+                n=2,
+                beta=0.0,
+                reject_weight=1.0,
+            )
+        )
+        for i in range(3)
+    ]
     assert per[0] < 1e-3 and per[1] < 1e-3 and per[2] > 5.0
 
 
 def _fresh_wrong_real(model: guard.RejectClassifier, data: guard.Split, eps: float) -> float:
     """Share of images a fresh 20-step reject-aware PGD pushes to a wrong real class."""
-    x_adv = attack_batch(model, data.x, data.y, method="reject", eps=eps, steps=20, step_size=eps / 8, n=2,
-                         gen=torch.Generator().manual_seed(9))
+    x_adv = attack_batch(
+        model,
+        data.x,
+        data.y,
+        method="reject",
+        eps=eps,
+        steps=20,
+        step_size=eps / 8,
+        n=2,
+        gen=torch.Generator().manual_seed(9),
+    )
     with torch.no_grad():
         pred = model(x_adv).argmax(1)
     return float(((pred != data.y) & (pred != 2)).float().mean())
@@ -105,11 +147,27 @@ def _fresh_wrong_real(model: guard.RejectClassifier, data: guard.Split, eps: flo
 def test_reject_method_resists_fresh_attacks_better_than_the_offline_archive(toy_model):
     train, held = _toy(512, 3), _toy(256, 4)
     eps = 0.12
-    online = harden(toy_model, train, test=held, config=HardenConfig.online("reject", eps=eps, epochs=6, batch_size=64,
-                                                                            lr=0.05, attack_steps=5, monitor_images=0),
-                    progress=False).model
-    offline = harden(toy_model, train, test=held, rounds=2, epochs_per_round=3, attacks=("pgd",), lr=3e-3, seed=0,
-                     batch_size=64, progress=False).model
+    online = harden(
+        toy_model,
+        train,
+        test=held,
+        config=HardenConfig.online(
+            "reject", eps=eps, epochs=6, batch_size=64, lr=0.05, attack_steps=5, monitor_images=0
+        ),
+        progress=False,
+    ).model
+    offline = harden(
+        toy_model,
+        train,
+        test=held,
+        rounds=2,
+        epochs_per_round=3,
+        attacks=("pgd",),
+        lr=3e-3,
+        seed=0,
+        batch_size=64,
+        progress=False,
+    ).model
     broken_online, broken_offline = _fresh_wrong_real(online, held, eps), _fresh_wrong_real(offline, held, eps)
     with torch.no_grad():
         clean = (online(held.x).argmax(1) == held.y).float().mean()
@@ -137,11 +195,26 @@ def test_resume_mid_epoch_is_bit_identical(method, toy_model, tmp_path, monkeypa
 
     monkeypatch.setattr(OnlineHardener, "_checkpoint", dying)
     with pytest.raises(KeyboardInterrupt):
-        harden(toy_model, train, test=held, config=_cfg(method=method), checkpoint_dir=tmp_path, checkpoint_every=2,
-               progress=False)
+        harden(
+            toy_model,
+            train,
+            test=held,
+            config=_cfg(method=method),
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+            progress=False,
+        )
     monkeypatch.setattr(OnlineHardener, "_checkpoint", real)
-    resumed = harden(toy_model, train, test=held, config=_cfg(method=method), checkpoint_dir=tmp_path, resume=True,
-                     checkpoint_every=2, progress=False)
+    resumed = harden(
+        toy_model,
+        train,
+        test=held,
+        config=_cfg(method=method),
+        checkpoint_dir=tmp_path,
+        resume=True,
+        checkpoint_every=2,
+        progress=False,
+    )
     for (k, a), b in zip(ref.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert len(resumed.history) == 2
@@ -151,8 +224,15 @@ def test_resume_refuses_other_settings(toy_model, tmp_path):
     train, held = _toy(64, 7), _toy(16, 8)
     harden(toy_model, train, test=held, config=_cfg(epochs=1), checkpoint_dir=tmp_path, progress=False)
     with pytest.raises(CheckpointMismatch, match="eps"):
-        harden(toy_model, train, test=held, config=_cfg(epochs=1, eps=0.2), checkpoint_dir=tmp_path, resume=True,
-               progress=False)
+        harden(
+            toy_model,
+            train,
+            test=held,
+            config=_cfg(epochs=1, eps=0.2),
+            checkpoint_dir=tmp_path,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_online_history_and_model_shape(toy_model):
@@ -165,14 +245,17 @@ def test_online_history_and_model_shape(toy_model):
     assert toy_model[3].out_features == 2  # the caller's model is untouched
 
 
-@pytest.mark.parametrize("kw, err, match", [
-    (dict(method="madry"), ValueError, "method"),
-    (dict(eps=1.5), ValueError, "eps"),
-    (dict(eps=-0.1), ValueError, "eps"),
-    (dict(eps=None), ValueError, "eps"),
-    (dict(attack_steps=0), ValueError, "attack_steps"),
-    (dict(epochs=0), ValueError, "epochs"),
-])
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(method="madry"), ValueError, "method"),
+        (dict(eps=1.5), ValueError, "eps"),
+        (dict(eps=-0.1), ValueError, "eps"),
+        (dict(eps=None), ValueError, "eps"),
+        (dict(attack_steps=0), ValueError, "attack_steps"),
+        (dict(epochs=0), ValueError, "epochs"),
+    ],
+)
 def test_bad_settings_raise(kw, err, match, toy_model):
     base = dict(method="pgd", eps=0.1, epochs=1, batch_size=32)
     with pytest.raises(err, match=match):
@@ -197,8 +280,29 @@ def test_demo_model_variants_are_checked():
 def test_cli_harden_online_writes_its_epochs(tmp_path, monkeypatch, capsys):
     from guard.cli import main
 
-    rc = main(["harden", "--demo", "--train-size", "96", "--test-size", "32", "--method", "fgsm_rs", "--eps", "0.2",
-               "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path), "--threads", "1", "-q"])
+    rc = main(
+        [
+            "harden",
+            "--demo",
+            "--train-size",
+            "96",
+            "--test-size",
+            "32",
+            "--method",
+            "fgsm_rs",
+            "--eps",
+            "0.2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--out",
+            str(tmp_path),
+            "--threads",
+            "1",
+            "-q",
+        ]
+    )
     assert rc == 0
     import json
 

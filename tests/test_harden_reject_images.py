@@ -10,13 +10,23 @@ import guard
 from guard.training.harden import CheckpointMismatch, harden
 from guard.training.round_attacks import AttackBudget
 
-RUN = dict(rounds=1, epochs_per_round=3, budget=AttackBudget.quick(), attacks=("fooling_gradient",), progress=False, seed=1,
-           lr=1e-2, reject_share=0.3)
+RUN = dict(
+    rounds=1,
+    epochs_per_round=3,
+    budget=AttackBudget.quick(),
+    attacks=("fooling_gradient",),
+    progress=False,
+    seed=1,
+    lr=1e-2,
+    reject_share=0.3,
+)
 
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +36,7 @@ def data() -> guard.Split:
     y = torch.randint(0, 3, (96,), generator=g)
     x = torch.rand(96, 1, 8, 8, generator=g) * 0.3
     for k in range(3):
-        x[y == k, :, 3 * k:3 * k + 2] += 0.5
+        x[y == k, :, 3 * k : 3 * k + 2] += 0.5
     return guard.Split(x.clamp(0, 1), y)
 
 
@@ -84,8 +94,25 @@ def test_cli_reads_reject_images_from_a_safetensors_file(tmp_path, demo_net):
     f = tmp_path / "bad.safetensors"
     save_file({"x": torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))}, str(f))
     out = tmp_path / "h"
-    args = ["harden", "--demo", "--train-size", "256", "--test-size", "128", "--rounds", "1", "--epochs-per-round", "1",
-            "--budget", "quick", "--attacks", "fooling_gradient", "--out", str(out), "-q"]
+    args = [
+        "harden",
+        "--demo",
+        "--train-size",
+        "256",
+        "--test-size",
+        "128",
+        "--rounds",
+        "1",
+        "--epochs-per-round",
+        "1",
+        "--budget",
+        "quick",
+        "--attacks",
+        "fooling_gradient",
+        "--out",
+        str(out),
+        "-q",
+    ]
     assert main([*args, "--reject-images", str(f)]) == 0
     section = json.loads((out / "harden.json").read_text())["harden"]
     assert main([*args[:-3], "--out", str(tmp_path / "plain"), "-q"]) == 0
@@ -97,4 +124,16 @@ def test_cli_reads_reject_images_from_a_safetensors_file(tmp_path, demo_net):
     save_file({"a": torch.rand(2, 1, 28, 28), "b": torch.rand(2, 1, 28, 28)}, str(tmp_path / "two.safetensors"))
     save_file({"x": torch.rand(2, 3, 28, 28)}, str(tmp_path / "rgb.safetensors"))
     for name in ("junk", "two", "rgb", "missing"):  # a clear error and exit 2, no traceback
-        assert main([*args[:-3], "--out", str(tmp_path / name), "--reject-images", str(tmp_path / f"{name}.safetensors"), "-q"]) == 2
+        assert (
+            main(
+                [
+                    *args[:-3],
+                    "--out",
+                    str(tmp_path / name),
+                    "--reject-images",
+                    str(tmp_path / f"{name}.safetensors"),
+                    "-q",
+                ]
+            )
+            == 2
+        )

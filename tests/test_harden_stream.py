@@ -5,19 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from stream_tools import HeldBatches, TrackedImages
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import guard
 from guard.demo import shift_augment
 from guard.training.harden import CheckpointMismatch, harden
 from guard.training.round_attacks import AttackBudget
-from stream_tools import HeldBatches, TrackedImages
 
 # patch_images >= the training images: the stream's attack pool is then all of them, in order,
 # and the patch attacks draw from it exactly what the tensor path draws from its tensors
-FULL_POOL = AttackBudget(per_class=1, gradient_steps=10, generations=10, patch_images=300, patch_steps=4, evolved_extra=10)
-KW = dict(rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), attacks=("fooling_gradient", "universal_patch"),
-          progress=False, seed=3, lr=3e-3, batch_size=64)
+FULL_POOL = AttackBudget(
+    per_class=1, gradient_steps=10, generations=10, patch_images=300, patch_steps=4, evolved_extra=10
+)
+KW = dict(
+    rounds=1,
+    epochs_per_round=1,
+    budget=AttackBudget.quick(),
+    attacks=("fooling_gradient", "universal_patch"),
+    progress=False,
+    seed=3,
+    lr=3e-3,
+    batch_size=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -82,22 +92,31 @@ def test_epoch_batches_of_a_dataset_are_the_tensor_paths_and_of_a_loader_keep_th
     archive = torch.rand(50, 1, 28, 28)
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
     ds = HardenStream(_ds(train), "data", 64).scan(with_digest=False)
-    for (i, x, y, c), (j, x2, y2, c2) in zip(_split_batches(train, archive, 10, 0.12, gen(), 7, 0, 1, 64),
-                                              ds.epoch_batches(archive, 10, 0.12, gen(), 7, 0, 1, 64), strict=True):
+    for (i, x, y, c), (j, x2, y2, c2) in zip(
+        _split_batches(train, archive, 10, 0.12, gen(), 7, 0, 1, 64),
+        ds.epoch_batches(archive, 10, 0.12, gen(), 7, 0, 1, 64),
+        strict=True,
+    ):
         assert i == j and torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(c, c2)
     loader = HardenStream(DataLoader(_ds(train), batch_size=30), "data", 64).scan(with_digest=False)
     batches = list(loader.epoch_batches(archive, 10, 0.12, gen(), 7, 0, 1, 64))
     clean = torch.cat([x[c] for _, x, _, c in batches])
-    assert torch.equal(clean, train.x) and torch.equal(torch.cat([y[c] for _, _, y, c in batches]), train.y)  # each once, in order
+    assert torch.equal(clean, train.x) and torch.equal(
+        torch.cat([y[c] for _, _, y, c in batches]), train.y
+    )  # each once, in order
     rejects = torch.cat([x[~c] for _, x, _, c in batches])
     assert rejects.shape[0] == round(0.12 / 0.88 * 256) and all(bool((y[~c] == 10).all()) for _, _, y, c in batches)
     assert torch.unique(rejects.flatten(1), dim=0).shape[0] == rejects.shape[0]  # archive rows, none repeated
-    assert all(abs(int((~c).sum()) - 0.12 / 0.88 * int(c.sum())) <= 1.5 for _, _, _, c in batches)  # the share in every batch
+    assert all(
+        abs(int((~c).sum()) - 0.12 / 0.88 * int(c.sum())) <= 1.5 for _, _, _, c in batches
+    )  # the share in every batch
     assert [i for i, *_ in batches] == [0, *torch.cumsum(torch.tensor([len(c) for *_, c in batches]), 0)[:-1].tolist()]
 
 
 def test_a_dataloader_streams_in_its_own_order_and_learns_the_reject_class(tiny_model, small_split) -> None:
-    train, test = small_split  # 512 and 256 images: test_harden's setting, where the tensor path learns the reject class
+    train, test = (
+        small_split  # 512 and 256 images: test_harden's setting, where the tensor path learns the reject class
+    )
     kw = dict(rounds=2, epochs_per_round=2, budget=AttackBudget.quick(), progress=False, seed=3, lr=3e-3)
     tensors = harden(tiny_model, train, test=test, **kw)
     held = HeldBatches(limit=3)
@@ -105,7 +124,10 @@ def test_a_dataloader_streams_in_its_own_order_and_learns_the_reject_class(tiny_
     # 16 batches a pass: the scan, 2 x 2 epochs, the attack samples of rounds 1, 2 and of the final measure
     assert held.most <= 3 and held.made == 16 * 8
     t, s = tensors.history[-1], streamed.history[-1]
-    assert s["rejected_share_of_round_attacks"] > 0.5 and abs(s["rejected_share_of_round_attacks"] - t["rejected_share_of_round_attacks"]) < 0.2
+    assert (
+        s["rejected_share_of_round_attacks"] > 0.5
+        and abs(s["rejected_share_of_round_attacks"] - t["rejected_share_of_round_attacks"]) < 0.2
+    )
     assert abs(s["clean_accuracy"] - t["clean_accuracy"]) < 0.05
     assert not _same_weights(tensors, streamed)  # its own batches: another run than the tensor path's
 
@@ -118,19 +140,33 @@ def _crash_at(when):
     def crash(r, e, model):
         if (r, e) == when:
             raise _Stop
+
     return crash
 
 
 def test_resume_from_a_stream_and_across_paths(tmp_path, tiny_model, split) -> None:
     train, test = split
-    kw = {**KW, "epochs_per_round": 2, "budget": FULL_POOL}  # the tensor path's attack pool: its weights are the reference
+    kw = {
+        **KW,
+        "epochs_per_round": 2,
+        "budget": FULL_POOL,
+    }  # the tensor path's attack pool: its weights are the reference
     full = harden(tiny_model, train, test=test, **kw)
     # a stream run interrupted after epoch 0 resumes from its checkpoint to the uninterrupted weights
     with pytest.raises(_Stop):
-        harden(tiny_model, _ds(train), test=_ds(test), checkpoint_dir=tmp_path / "s", on_epoch_end=_crash_at((1, 0)), **kw)
+        harden(
+            tiny_model, _ds(train), test=_ds(test), checkpoint_dir=tmp_path / "s", on_epoch_end=_crash_at((1, 0)), **kw
+        )
     after = []
-    resumed = harden(tiny_model, _ds(train), test=_ds(test), checkpoint_dir=tmp_path / "s", resume=True,
-                     on_epoch_end=lambda r, e, m: after.append((r, e)), **kw)
+    resumed = harden(
+        tiny_model,
+        _ds(train),
+        test=_ds(test),
+        checkpoint_dir=tmp_path / "s",
+        resume=True,
+        on_epoch_end=lambda r, e, m: after.append((r, e)),
+        **kw,
+    )
     assert after == [(1, 1)] and _same_weights(full, resumed)
     # the stream's digest is the tensor path's: a tensor run's checkpoint resumes from a Dataset of the same images
     with pytest.raises(_Stop):
@@ -145,7 +181,14 @@ def test_resume_from_a_stream_and_across_paths(tmp_path, tiny_model, split) -> N
             harden(tiny_model, other, test=test, checkpoint_dir=tmp_path / "s", resume=True, **kw)
     # a DataLoader's own batches are another schedule: its checkpoint is not a Dataset's
     with pytest.raises(CheckpointMismatch, match="data_order"):
-        harden(tiny_model, DataLoader(_ds(train), batch_size=64), test=test, checkpoint_dir=tmp_path / "s", resume=True, **kw)
+        harden(
+            tiny_model,
+            DataLoader(_ds(train), batch_size=64),
+            test=test,
+            checkpoint_dir=tmp_path / "s",
+            resume=True,
+            **kw,
+        )
 
 
 class _ImagesOnly(Dataset):
@@ -168,7 +211,12 @@ def test_bad_streams_are_refused_naming_the_argument(tiny_model, split, monkeypa
     with pytest.raises(ValueError, match="labels of data go up to 12 but the head 'fc2' has 10"):
         harden(tiny_model, TensorDataset(train.x, train.y.clamp(max=9).index_fill(0, torch.tensor([7]), 12)), **KW)
     with pytest.raises(ValueError, match="labels of test go up to 10"):
-        harden(tiny_model, _ds(train), test=TensorDataset(test.x, test.y.clamp(max=9).index_fill(0, torch.tensor([3]), 10)), **KW)
+        harden(
+            tiny_model,
+            _ds(train),
+            test=TensorDataset(test.x, test.y.clamp(max=9).index_fill(0, torch.tensor([3]), 10)),
+            **KW,
+        )
     with pytest.raises(ValueError, match="data labels"):
         harden(tiny_model, TensorDataset(train.x, -train.y - 1), **KW)
     with pytest.raises(ValueError, match=r"data images .*\[0, 1\]"):
@@ -177,14 +225,23 @@ def test_bad_streams_are_refused_naming_the_argument(tiny_model, split, monkeypa
     with pytest.raises(ValueError, match="no nn.Linear"):  # a model without a head is refused before the data is read
         harden(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()), tracked, **KW)
     assert tracked.held.made == 0
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun a DataLoader cannot be sharded (refused before any process group)
-    with pytest.raises(ValueError, match="data: a DataLoader or IterableDataset cannot be split across the 2 processes"):
+    monkeypatch.setenv(
+        "WORLD_SIZE", "2"
+    )  # under torchrun a DataLoader cannot be sharded (refused before any process group)
+    with pytest.raises(
+        ValueError, match="data: a DataLoader or IterableDataset cannot be split across the 2 processes"
+    ):
         harden(tiny_model, DataLoader(_ds(train), batch_size=64), **KW)
 
 
-@pytest.mark.parametrize("flags, kwargs", [([], {}), (["--trainable", "", "--freeze-known-classes"], {"trainable": (), "freeze_known_classes": True})],
-                         ids=["defaults", "reject-row-only"])
-def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(tmp_path, tiny_model, split, monkeypatch, flags, kwargs) -> None:
+@pytest.mark.parametrize(
+    "flags, kwargs",
+    [([], {}), (["--trainable", "", "--freeze-known-classes"], {"trainable": (), "freeze_known_classes": True})],
+    ids=["defaults", "reject-row-only"],
+)
+def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(
+    tmp_path, tiny_model, split, monkeypatch, flags, kwargs
+) -> None:
     """``guard harden --model M --data DIR``: the folder is streamed (load_data is never called) and
     the hardened model equals harden on the same seeded 80/20 split loaded as tensors, with the
     fine-tuning flags passed through to HardenConfig."""
@@ -199,19 +256,56 @@ def test_cli_harden_streams_an_image_folder_to_the_tensor_paths_model(tmp_path, 
     (tmp_path / "tinynet.py").write_text(
         "import torch\nfrom guard.core.models import DemoNet\n\n"
         "def build():\n    m = DemoNet(width=8, hidden=32)\n"
-        "    m.load_state_dict(torch.load('weights.pt', weights_only=True))\n    return m.eval()\n")
+        "    m.load_state_dict(torch.load('weights.pt', weights_only=True))\n    return m.eval()\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     loaded = guard.load_data(tmp_path / "data", grayscale=True)
     monkeypatch.setattr("guard.load_data", lambda *a, **k: pytest.fail("guard harden loaded the folder whole"))
-    argv = ["harden", "--model", "tinynet:build", "--data", "data", "--grayscale", "--rounds", "1", "--epochs-per-round", "1",
-            "--attacks", "fooling_gradient", "--budget", "quick", "--batch-size", "16", "--seed", "2", "--out", "o", "-q", *flags]
+    argv = [
+        "harden",
+        "--model",
+        "tinynet:build",
+        "--data",
+        "data",
+        "--grayscale",
+        "--rounds",
+        "1",
+        "--epochs-per-round",
+        "1",
+        "--attacks",
+        "fooling_gradient",
+        "--budget",
+        "quick",
+        "--batch-size",
+        "16",
+        "--seed",
+        "2",
+        "--out",
+        "o",
+        "-q",
+        *flags,
+    ]
     assert main(argv) == 0
     cli_model = guard.RejectClassifier.load(tmp_path / "o" / "hardened_model.safetensors", tiny_model)
     perm = torch.randperm(60, generator=torch.Generator().manual_seed(2))
-    tr, te = guard.Split(loaded.x[perm[:48]], loaded.y[perm[:48]]), guard.Split(loaded.x[perm[48:]], loaded.y[perm[48:]])
-    ref = harden(tiny_model, tr, test=te, rounds=1, epochs_per_round=1, attacks=("fooling_gradient",), budget=AttackBudget.quick(),
-                 batch_size=16, seed=2, progress=False, **kwargs)
+    tr, te = (
+        guard.Split(loaded.x[perm[:48]], loaded.y[perm[:48]]),
+        guard.Split(loaded.x[perm[48:]], loaded.y[perm[48:]]),
+    )
+    ref = harden(
+        tiny_model,
+        tr,
+        test=te,
+        rounds=1,
+        epochs_per_round=1,
+        attacks=("fooling_gradient",),
+        budget=AttackBudget.quick(),
+        batch_size=16,
+        seed=2,
+        progress=False,
+        **kwargs,
+    )
     sa, sb = cli_model.state_dict(), ref.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sb)
     if kwargs:  # only the reject row learned

@@ -10,13 +10,29 @@ import guard
 from guard.training.harden import HardenConfig, harden
 from guard.training.round_attacks import AttackBudget
 
-RUN = dict(rounds=1, epochs_per_round=2, budget=AttackBudget.quick(), attacks=("fooling_gradient",), progress=False, seed=1, lr=1e-2)
+RUN = dict(
+    rounds=1,
+    epochs_per_round=2,
+    budget=AttackBudget.quick(),
+    attacks=("fooling_gradient",),
+    progress=False,
+    seed=1,
+    lr=1e-2,
+)
 
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Dropout(0.5),
-                         nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(4 * 6 * 6, 16),
+        nn.ReLU(),
+        nn.Linear(16, 3),
+    ).eval()
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,8 @@ from guard.attacks import FoolingEvolution
 from guard.detectors.local_ppca import fit_local_ppca, local_ppca
 from guard.detectors.ppca import ppca_log_likelihood
 
-
-
 # -- local PPCA ----------------------------------------------------------------------------------
+
 
 def test_fit_and_score_equal_the_dense_gaussian():
     """Closed form: the low-rank score equals N(g, V diag(l) V^T + s2 (I - V V^T)) with l the top
@@ -35,8 +34,13 @@ def test_fit_and_score_equal_the_dense_gaussian():
     v = vec[:, :q]
     cov = v @ np.diag(lam[:q]) @ v.T + s2 * (np.eye(d) - v @ v.T)
     ref = multivariate_normal(mean=g, cov=cov).logpdf(a)
-    ll = ppca_log_likelihood(torch.from_numpy(a), torch.from_numpy(g).expand(4, d), torch.from_numpy(comps.copy()).expand(4, q, d),
-                             torch.from_numpy(var).expand(4, q), torch.full((4,), noise, dtype=torch.float64))
+    ll = ppca_log_likelihood(
+        torch.from_numpy(a),
+        torch.from_numpy(g).expand(4, d),
+        torch.from_numpy(comps.copy()).expand(4, q, d),
+        torch.from_numpy(var).expand(4, q),
+        torch.full((4,), noise, dtype=torch.float64),
+    )
     assert ll.numpy() == pytest.approx(ref, rel=1e-9)
 
 
@@ -52,9 +56,11 @@ def test_on_plane_is_an_inlier_off_plane_is_not():
     ref = _plane(200, 12, 0)
     g = torch.zeros(3, 12, dtype=torch.float64)
     a = g.clone()
-    a[0, 0] = 0.3    # along the plane, inside the neighbourhood's spread
-    a[1, 5] = 0.3    # as far, but orthogonal to the plane
-    out = local_ppca(a, g, ref, n_components=2, seed=0)  # row 2: a = g; q = the plane's rank (q = 14 would span 12 dims)
+    a[0, 0] = 0.3  # along the plane, inside the neighbourhood's spread
+    a[1, 5] = 0.3  # as far, but orthogonal to the plane
+    out = local_ppca(
+        a, g, ref, n_components=2, seed=0
+    )  # row 2: a = g; q = the plane's rank (q = 14 would span 12 dims)
     assert out["inlier"].tolist() == [True, False, True]
     assert out["relative_loglik"][2] == pytest.approx(0.0, abs=1e-9)
     assert bool((out["loglik_adv"] <= out["loglik_guide"] + 1e-9).all())  # g is the mean: the mode
@@ -88,6 +94,7 @@ def test_local_ppca_bad_input():
 
 # -- MAP-Elites over many classes on a toy model --------------------------------------------------
 
+
 class _Recorder(nn.Module):
     """A random-weight 300-class stand-in that keeps every batch it scores."""
 
@@ -108,9 +115,10 @@ class _Recorder(nn.Module):
 def test_map_elites_keeps_the_best_child_of_every_class(encoding):
     model = _Recorder().eval()
     pop, gens = 16, 6
-    res = FoolingEvolution(encoding=encoding, population=pop, generations=gens, stop_when_done=False, extra_samples=0, seed=1)(
-        model, shape=(3, 8, 8))
-    children = torch.cat(model.seen[1:1 + gens])  # seen[0]: the shape probe; after the run: the re-scoring
+    res = FoolingEvolution(
+        encoding=encoding, population=pop, generations=gens, stop_when_done=False, extra_samples=0, seed=1
+    )(model, shape=(3, 8, 8))
+    children = torch.cat(model.seen[1 : 1 + gens])  # seen[0]: the shape probe; after the run: the re-scoring
     assert children.shape[0] == pop * gens
     with torch.no_grad():
         best = torch.softmax(model.net(children), 1).max(0).values
@@ -126,6 +134,7 @@ def test_map_elites_keeps_the_best_child_of_every_class(encoding):
 
 # -- the 224-px path on the ImageNet sample (slow) -----------------------------------------------
 
+
 def _bench(name: str):
     """A module of the benchmarks.imagenet package (importable: pytest puts the repository root on the path)."""
     return importlib.import_module(f"benchmarks.imagenet.{name}")
@@ -139,10 +148,9 @@ def test_imagenet_sample_feature_adversary_local_ppca_and_evolution(tmp_path):
     sample = _bench("sample")
     if not sample.available():
         pytest.skip(f"the ImageNet sample is not at {sample.ARCHIVE}")
+    import guard
     from guard.attacks.feature_adversary import FeatureAdversary
     from guard.core.features import extract_features
-
-    import guard
 
     model = _bench("efficientnet").build()
     folders = sorted(p for p in sample.image_folder().iterdir() if p.is_dir())
@@ -162,5 +170,7 @@ def test_imagenet_sample_feature_adversary_local_ppca_and_evolution(tmp_path):
     fool = evo(model, shape=(3, 224, 224), classes=classes)
     assert fool.extras["elite_label"].tolist() == classes and fool.x_adv.shape[1:] == (3, 224, 224)
     with torch.no_grad():
-        p = torch.softmax(model(fool.x_adv), 1)[torch.arange(8), fool.extras["elite_label"]]  # softmax over all 1,000 outputs
+        p = torch.softmax(model(fool.x_adv), 1)[
+            torch.arange(8), fool.extras["elite_label"]
+        ]  # softmax over all 1,000 outputs
     assert p.numpy() == pytest.approx(fool.extras["elite_confidence"].numpy(), abs=1e-4)

@@ -13,13 +13,13 @@ import shutil
 
 import pytest
 import torch
+from integrity_tools import KEY, OTHER_KEY, flip_last_byte, reseal_index, rewrite_meta
 
 import guard
 from guard.core.integrity import IntegrityError, content_seal, resolve_key
 from guard.detectors import Combined, Detector, KNNRank
 from guard.training import RejectClassifier
 from guard.training.reject import grow_head
-from integrity_tools import KEY, OTHER_KEY, flip_last_byte, reseal_index, rewrite_meta
 
 
 @pytest.fixture
@@ -40,6 +40,7 @@ def _threshold_to_1e9(meta) -> None:
 
 
 # ---------------------------------------------------------------- the defect of issue 13
+
 
 def test_threshold_edit_in_metadata_is_caught_without_a_key(knn, tmp_path) -> None:
     path = tmp_path / "k.safetensors"
@@ -94,9 +95,13 @@ def test_tensor_bytes_and_every_metadata_field_are_covered(knn, tmp_path, key) -
     flip_last_byte(path)
     with pytest.raises(IntegrityError, match="altered"):
         KNNRank.load(path, key=key)
-    for change in (lambda m: m["params"].update(k=1), lambda m: m.update({"class": "KNNConsistency"}),
-                   lambda m: m.update(format="guard.detector/3"), lambda m: m["state"].update(calibration_fpr_=0.5),
-                   lambda m: m.update(extra="x")):
+    for change in (
+        lambda m: m["params"].update(k=1),
+        lambda m: m.update({"class": "KNNConsistency"}),
+        lambda m: m.update(format="guard.detector/3"),
+        lambda m: m["state"].update(calibration_fpr_=0.5),
+        lambda m: m.update(extra="x"),
+    ):
         knn.save(path, key=key)
         rewrite_meta(path, change)
         with pytest.raises(IntegrityError, match="altered"):
@@ -147,10 +152,15 @@ def test_legacy_unsealed_file_loads_only_when_pinned(knn, tmp_path) -> None:
 
 # ---------------------------------------------------------------- GuardedModel folder
 
+
 @pytest.fixture(scope="module")
 def guarded(tiny_model, small_split):
     train, test = small_split
-    return guard.wrap(tiny_model, detectors=["knn", "knn_consistency", "ppca"]).fit(train).calibrate(test.x[:128], fpr=0.05)
+    return (
+        guard.wrap(tiny_model, detectors=["knn", "knn_consistency", "ppca"])
+        .fit(train)
+        .calibrate(test.x[:128], fpr=0.05)
+    )
 
 
 @pytest.mark.parametrize("key", [None, KEY], ids=["digest", "hmac"])
@@ -204,6 +214,7 @@ def test_guarded_folder_index_and_member_swaps_are_caught(guarded, tiny_model, s
 
 # ---------------------------------------------------------------- RejectClassifier
 
+
 def test_reject_classifier_is_sealed(tiny_model, tmp_path) -> None:
     net, head = grow_head(tiny_model)
     rc = RejectClassifier(net, 10, head)
@@ -225,6 +236,7 @@ def test_reject_classifier_is_sealed(tiny_model, tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- the seal itself
+
 
 def test_seal_is_canonical_and_binds_names_dtypes_and_shapes() -> None:
     t = {"a": torch.arange(6, dtype=torch.float32)}

@@ -21,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+import audit_driver
 import pytest
 
-import audit_driver
 import guard
 from guard.core.cache import TMP_SUFFIX, load_tensors
 from guard.detectors.base import Persistent
@@ -91,8 +91,14 @@ def _check_files(out: Path) -> dict[str, int]:
             counts["json"] += 1
         elif p.suffix == ".safetensors":
             if p.parent.name == "guarded":
-                Persistent.load(p, expected_sha256=(p.with_name(p.name + ".sha256").read_text().split()[0]
-                                                    if p.with_name(p.name + ".sha256").is_file() else None))
+                Persistent.load(
+                    p,
+                    expected_sha256=(
+                        p.with_name(p.name + ".sha256").read_text().split()[0]
+                        if p.with_name(p.name + ".sha256").is_file()
+                        else None
+                    ),
+                )
             else:
                 load_tensors(p)
             counts["safetensors"] += 1
@@ -130,8 +136,15 @@ def _campaign(out: Path, rng: random.Random, durations: dict, per_step: dict, ki
                 run.kill()
                 per_step[deadline[2]] += 1  # the quota of the step the delay was drawn for
                 files = _check_files(out)
-                kills.append({"run": runs, "after_start_of": deadline[2], "landed_in": current, "delay_s": round(deadline[1], 2),
-                              "tmp_left": files["tmp"]})
+                kills.append(
+                    {
+                        "run": runs,
+                        "after_start_of": deadline[2],
+                        "landed_in": current,
+                        "delay_s": round(deadline[1], 2),
+                        "tmp_left": files["tmp"],
+                    }
+                )
                 killed = True
                 break
         if not killed:
@@ -165,8 +178,16 @@ def test_sigkill_at_random_points_then_resume(tmp_path) -> None:
         assert _keys(final) == _keys(reference)
         assert campaigns < 5
     landed = {s: sum(1 for k in kills if k["landed_in"] == s) for s in steps}
-    figures = {"kills": len(kills), "runs": runs, "resumes": runs - campaigns, "campaigns": campaigns, "kills_landed_in": landed,
-               "kills_that_left_a_tmp": sum(1 for k in kills if k["tmp_left"]), "all_valid": True,
-               "seconds": round(time.monotonic() - t0, 1), "kill_log": kills}
+    figures = {
+        "kills": len(kills),
+        "runs": runs,
+        "resumes": runs - campaigns,
+        "campaigns": campaigns,
+        "kills_landed_in": landed,
+        "kills_that_left_a_tmp": sum(1 for k in kills if k["tmp_left"]),
+        "all_valid": True,
+        "seconds": round(time.monotonic() - t0, 1),
+        "kill_log": kills,
+    }
     (tmp_path / "kill_resume_figures.json").write_text(json.dumps(figures, indent=2))
     sys.stdout.write(json.dumps({k: v for k, v in figures.items() if k != "kill_log"}) + "\n")

@@ -54,7 +54,9 @@ def test_auto_policy_switches_at_ivf_min_bank_and_saved_index_loads_as_trained(t
     y = torch.arange(12_000) % 50
     small = KNNRank("f", k=5, ivf_min_bank=20_000).fit_features({"f": b}, y)
     assert small._index.kind == "flat"
-    assert KNNRank("f", k=5, ivf_min_bank=10_000).fit_features({"f": b}, y)._index.kind == LARGE_BANK_INDEX == "ivf_flat"
+    assert (
+        KNNRank("f", k=5, ivf_min_bank=10_000).fit_features({"f": b}, y)._index.kind == LARGE_BANK_INDEX == "ivf_flat"
+    )
     big = KNNRank("f", k=5, ivf_min_bank=10_000, index="ivf_pq").fit_features({"f": b}, y)
     assert big._index.kind == "ivf_pq" and big._index.index.pq.M == pq_subquantizers(32) == 8
     assert "faiss_index_" in big.state_tensors() and big.state_tensors()["faiss_index_"].dtype == torch.uint8

@@ -13,8 +13,15 @@ from torch import nn
 import guard
 from guard.core.validation import NotFittedError
 from guard.detectors import DETECTORS, Detector
-from guard.detectors.masking import (MaskingDetector, apply_masks, certify, double_masking, mask_set, one_mask_predictions,
-                                     two_mask_predictions)
+from guard.detectors.masking import (
+    MaskingDetector,
+    apply_masks,
+    certify,
+    double_masking,
+    mask_set,
+    one_mask_predictions,
+    two_mask_predictions,
+)
 
 
 class OnePixel(nn.Module):
@@ -38,6 +45,7 @@ class Constant(nn.Module):
 
 # ---------------------------------------------------------------- the mask set
 
+
 def test_mask_set_has_patchcleanser_geometry():
     m = mask_set(32, 5, 6)  # the issue's CIFAR-10 setting: 36 masks of 9x9
     assert len(m) == 36 and m.mask_size == (9, 9) and m.stride == (5, 5)
@@ -59,7 +67,7 @@ def test_masks_cover_every_patch_position_exhaustively(h, w):
         masked = ~m.keep()[:, 0]  # (K, H, W): True inside the mask
         for r in range(h - ph + 1):
             for c in range(w - pw + 1):
-                inside = masked[:, r:r + ph, c:c + pw].flatten(1).all(1)
+                inside = masked[:, r : r + ph, c : c + pw].flatten(1).all(1)
                 assert bool(inside.any()), f"{h}x{w}, patch {(ph, pw)} at {(r, c)}, k={k}: no mask contains it"
         assert len(m) <= k * k
         assert m.uncovered((ph, pw)) == []
@@ -74,15 +82,18 @@ def test_uncovered_patch_positions_are_found_and_refused():
         m.check_covers(m.mask_size[0] + 1)
 
 
-@pytest.mark.parametrize("call,err,match", [
-    (lambda: mask_set(8, 9, 2), ValueError, "larger than the 8x8 image"),
-    (lambda: mask_set((8, 12), (3, 13), 2), ValueError, "larger than"),
-    (lambda: mask_set(8, 3, 0), ValueError, "k"),
-    (lambda: mask_set(8, 1.5, 2), ValueError, "area share"),
-    (lambda: mask_set(8, "3", 2), TypeError, "patch_size"),
-    (lambda: mask_set(8, 0, 2), ValueError, "patch_size must be >= 1"),
-    (lambda: mask_set(8, 3, 2, mask_size=9), ValueError, "larger than"),
-])
+@pytest.mark.parametrize(
+    "call,err,match",
+    [
+        (lambda: mask_set(8, 9, 2), ValueError, "larger than the 8x8 image"),
+        (lambda: mask_set((8, 12), (3, 13), 2), ValueError, "larger than"),
+        (lambda: mask_set(8, 3, 0), ValueError, "k"),
+        (lambda: mask_set(8, 1.5, 2), ValueError, "area share"),
+        (lambda: mask_set(8, "3", 2), TypeError, "patch_size"),
+        (lambda: mask_set(8, 0, 2), ValueError, "patch_size must be >= 1"),
+        (lambda: mask_set(8, 3, 2, mask_size=9), ValueError, "larger than"),
+    ],
+)
 def test_bad_mask_set_arguments(call, err, match):
     with pytest.raises(err, match=match):
         call()
@@ -107,6 +118,7 @@ def test_bad_images_and_labels_are_refused():
 
 
 # ---------------------------------------------------------------- closed forms
+
 
 def test_one_pixel_model_flags_exactly_the_masks_over_its_pixel():
     m = mask_set(10, 3, 3)
@@ -137,7 +149,7 @@ def test_one_pixel_model_is_certified_where_masking_cannot_move_its_pixel():
         # recovered label, and is flagged whenever the bare model is fooled
         for r, cc, v in itertools.product(range(8), range(8), (0.0, 1.0)):
             xp = dark.clone()
-            xp[..., r:r + 3, cc:cc + 3] = v
+            xp[..., r : r + 3, cc : cc + 3] = v
             assert int(double_masking(OnePixel(row, col), xp, m)[0]) == 0
             det = MaskingDetector(3, k=3).fit(OnePixel(row, col), xp)
             fooled = int(OnePixel(row, col)(xp).argmax(1)) != 0
@@ -151,7 +163,9 @@ def test_constant_model_is_certified_everywhere_and_flags_nothing():
     assert bool(c.recovery_certified.all()) and bool(c.detection_certified.all())
     assert not bool(c.flagged.any()) and torch.equal(c.recovered, y)
     s = c.summary()
-    assert s["certified_recovery"] == s["certified_detection"] == s["clean_accuracy"] == 1.0 and s["clean_flagged"] == 0.0
+    assert (
+        s["certified_recovery"] == s["certified_detection"] == s["clean_accuracy"] == 1.0 and s["clean_flagged"] == 0.0
+    )
     det = MaskingDetector(4, k=3).fit(Constant(), x)
     assert not bool(det.predict(Constant(), x).any())
 
@@ -210,6 +224,7 @@ def test_apply_masks_fills_only_inside_the_mask():
 
 # ---------------------------------------------------------------- the detector
 
+
 def test_masking_detector_in_guard_wrap(tiny_model, small_split, tmp_path):
     train, test = small_split
     assert DETECTORS["masking"] is MaskingDetector
@@ -220,7 +235,9 @@ def test_masking_detector_in_guard_wrap(tiny_model, small_split, tmp_path):
     assert det.threshold_ == 0.0 and det.patch_pixels_ == [6, 6]  # guard's patch attacks' default: 5% of 28x28
     g.calibrate(test.x[:128], fpr=0.1)
     out = g(test.x[128:160])
-    assert out.scores["masking"].shape == (32,) and bool(((out.scores["masking"] >= 0) & (out.scores["masking"] <= 1)).all())
+    assert out.scores["masking"].shape == (32,) and bool(
+        ((out.scores["masking"] >= 0) & (out.scores["masking"] <= 1)).all()
+    )
     digest = g.save(tmp_path / "g")
     back = guard.GuardedModel.load(tmp_path / "g", tiny_model, expected_sha256=digest)
     torch.testing.assert_close(back(test.x[128:160]).scores["masking"], out.scores["masking"])
@@ -245,6 +262,7 @@ def test_masking_head_matches_the_eager_score_and_serves_the_majority(tiny_model
 
 # ---------------------------------------------------------------- certificates that no patch breaks
 
+
 @pytest.fixture(scope="module")
 def mask_trained(demo_split):
     """A narrow DemoNet trained from scratch with PatchCleanser's masks (3x3 patch, 4x4 masks)."""
@@ -254,7 +272,9 @@ def mask_trained(demo_split):
     train, _ = demo_split
     torch.manual_seed(0)
     model = DemoNet(width=8, hidden=32)
-    mask_train(model, train.x[:2000], train.y[:2000], MaskTrainConfig(patch_size=3, k=4, epochs=2, lr=0.05, batch_size=64))
+    mask_train(
+        model, train.x[:2000], train.y[:2000], MaskTrainConfig(patch_size=3, k=4, epochs=2, lr=0.05, batch_size=64)
+    )
     return model.eval()
 
 
@@ -265,7 +285,7 @@ def _patched(x: torch.Tensor, side: int, content: torch.Tensor) -> torch.Tensor:
     for r in range(h - side + 1):
         for c in range(w - side + 1):
             xp = x.expand(content.shape[0], -1, -1, -1).clone()
-            xp[..., r:r + side, c:c + side] = content
+            xp[..., r : r + side, c : c + side] = content
             out.append(xp)
     return torch.cat(out)
 
@@ -281,11 +301,13 @@ def test_no_patch_breaks_a_certificate(mask_trained, demo_split):
     det_idx = torch.nonzero(c.detection_certified & ~c.recovery_certified).flatten()[:1].tolist()
     assert rec_idx, "the mask-trained model certifies none of 40 images: the fixture is too weak to test anything"
     gen = torch.Generator().manual_seed(0)
-    contents = torch.cat([torch.zeros(1, 1, side, side), torch.ones(1, 1, side, side), torch.rand(1, 1, side, side, generator=gen)])
+    contents = torch.cat(
+        [torch.zeros(1, 1, side, side), torch.ones(1, 1, side, side), torch.rand(1, 1, side, side, generator=gen)]
+    )
     det = MaskingDetector(side, k=4).fit(model, x[:1])
     for j in rec_idx + det_idx:
-        xp = _patched(x[j:j + 1], side, contents)
-        xp = torch.cat([xp, _adversarial(model, x[j:j + 1], y[j], side)])
+        xp = _patched(x[j : j + 1], side, contents)
+        xp = torch.cat([xp, _adversarial(model, x[j : j + 1], y[j], side)])
         flagged = det.predict(model, xp)
         with torch.no_grad():
             bare = model(xp).argmax(1)
@@ -302,7 +324,7 @@ def _adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: int) 
     pos = [(r, c) for r in range(h - side + 1) for c in range(w - side + 1)]
     keep = torch.ones(len(pos), 1, h, w)
     for i, (r, c) in enumerate(pos):
-        keep[i, :, r:r + side, c:c + side] = 0
+        keep[i, :, r : r + side, c : c + side] = 0
     patch = torch.rand(len(pos), 1, h, w, generator=torch.Generator().manual_seed(1))
     for _ in range(10):
         patch.requires_grad_(True)
@@ -314,6 +336,7 @@ def _adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: int) 
 
 
 # ---------------------------------------------------------------- mask training
+
 
 def test_mask_training_resumes_bit_identically(demo_split, tmp_path):
     from guard.core.models import DemoNet
@@ -337,7 +360,13 @@ def test_mask_training_resumes_bit_identically(demo_split, tmp_path):
     for (k, a), b in zip(whole.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match="other settings"):
-        mask_train(fresh(), x, y, MaskTrainConfig(patch_size=3, k=4, epochs=3, lr=0.01, batch_size=64, seed=3), checkpoint_dir=tmp_path)
+        mask_train(
+            fresh(),
+            x,
+            y,
+            MaskTrainConfig(patch_size=3, k=4, epochs=3, lr=0.01, batch_size=64, seed=3),
+            checkpoint_dir=tmp_path,
+        )
 
 
 def test_mask_training_raises_masked_accuracy(tiny_model, demo_split):
@@ -349,7 +378,9 @@ def test_mask_training_raises_masked_accuracy(tiny_model, demo_split):
     m = mask_set(28, 6, 3)
     before = masked_accuracy(tiny_model, test.x[:200], test.y[:200], m)
     tuned = copy.deepcopy(tiny_model)
-    mask_train(tuned, train.x[:1000], train.y[:1000], MaskTrainConfig(patch_size=6, k=3, epochs=2, lr=0.02, batch_size=64))
+    mask_train(
+        tuned, train.x[:1000], train.y[:1000], MaskTrainConfig(patch_size=6, k=3, epochs=2, lr=0.02, batch_size=64)
+    )
     after = masked_accuracy(tuned, test.x[:200], test.y[:200], m)
     assert after > before + 0.02, (before, after)
 
@@ -370,7 +401,9 @@ def test_one_mask_round_exports_to_onnx_with_parity(tiny_model, small_split, tmp
     torch.testing.assert_close(np_score, want.scores["masking"].float().cpu())
     assert torch.equal(torch.as_tensor(out["flag"]).bool(), want.flagged.cpu())
     one = one_mask_predictions(tiny_model, test.x[64:96], mask_set(28, 4, 3))
-    assert torch.as_tensor(out["masking_majority"]).tolist() == [int(torch.bincount(r, minlength=10).argmax()) for r in one]
+    assert torch.as_tensor(out["masking_majority"]).tolist() == [
+        int(torch.bincount(r, minlength=10).argmax()) for r in one
+    ]
 
 
 def test_audit_step_fills_the_certified_section(tiny_model, small_split, tmp_path):
@@ -381,14 +414,18 @@ def test_audit_step_fills_the_certified_section(tiny_model, small_split, tmp_pat
 
     train, test = small_split
     assert isinstance(step("certified"), CertifiedStep)
-    ctx = AuditContext(tiny_model, "tiny", train, test, "test data", tmp_path, AuditOptions(quick=True, extra={"certified_n": 12}))
+    ctx = AuditContext(
+        tiny_model, "tiny", train, test, "test data", tmp_path, AuditOptions(quick=True, extra={"certified_n": 12})
+    )
     CertifiedStep().run(ctx)
     rep = ctx.report["certified"]
     for key in ("patch_area", "n", "clean_accuracy", "certified_recovery", "certified_detection", "clean_flagged"):
         assert isinstance(rep[key], (int, float)), key
     _, ev = split_heldout(len(test), 0)
     want = certify(tiny_model, test.x[ev[:12]], test.y[ev[:12]], 0.024, k=3).summary()
-    assert rep["n"] == 12 and rep["patch_area_requested"] == 0.024 and rep["patch_area"] == round(16 / 784, 4)  # a 4x4 patch
+    assert (
+        rep["n"] == 12 and rep["patch_area_requested"] == 0.024 and rep["patch_area"] == round(16 / 784, 4)
+    )  # a 4x4 patch
     assert {k: rep[k] for k in want if k in rep} == {k: want[k] for k in want if k in rep}
     assert rep["certified_recovery"] <= rep["certified_detection"]  # two-mask correctness implies one-mask correctness
     off = AuditContext(tiny_model, "tiny", train, test, "test data", tmp_path, AuditOptions(extra={"certified": False}))

@@ -41,7 +41,9 @@ def test_load_torchscript_and_exported_program(tiny_model, tmp_path):
 
 
 def test_load_module_callable(tmp_path, monkeypatch):
-    (tmp_path / "my_models.py").write_text("import guard\ndef build():\n    return guard.DemoNet(num_classes=3)\nnot_a_model = 5\n")
+    (tmp_path / "my_models.py").write_text(
+        "import guard\ndef build():\n    return guard.DemoNet(num_classes=3)\nnot_a_model = 5\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     m = load_model("my_models:build")
     assert isinstance(m, guard.DemoNet) and m.fc2.out_features == 3

@@ -18,15 +18,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["guard", "guard.core", "guard.attacks", "guard.detectors", "guard.training", "guard.export", "guard.audit", "guard.report",
-               "guard.cli"]
+SUBPACKAGES = [
+    "guard",
+    "guard.core",
+    "guard.attacks",
+    "guard.detectors",
+    "guard.training",
+    "guard.export",
+    "guard.audit",
+    "guard.report",
+    "guard.cli",
+]
 
 
 @pytest.fixture(scope="session")
 def wheel_tree(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheels = list(out.glob("guard-*.whl"))
     assert len(wheels) == 1, wheels
@@ -42,7 +55,9 @@ def _run(code: str, cwd: Path, env_path: str | None = None) -> subprocess.Comple
         env["PYTHONPATH"] = env_path
     else:
         env.pop("PYTHONPATH", None)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_wheel_installs_only_the_guard_namespace(wheel_tree):
@@ -55,11 +70,15 @@ def test_wheel_installs_only_the_guard_namespace(wheel_tree):
 
 @pytest.mark.parametrize("module", SUBPACKAGES)
 def test_each_subpackage_imports_on_its_own_in_a_fresh_interpreter(wheel_tree, tmp_path, module):
-    proc = _run(f"""
+    proc = _run(
+        f"""
         import importlib, pathlib
         m = importlib.import_module({module!r})
         assert pathlib.Path(m.__file__).resolve().is_relative_to(pathlib.Path({str(wheel_tree)!r}).resolve()), m.__file__
-    """, tmp_path, str(wheel_tree))
+    """,
+        tmp_path,
+        str(wheel_tree),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -68,8 +87,14 @@ def test_import_linter_contracts_hold(wheel_tree, tmp_path):
     report contract (guard.report imports only guard.core of guard), on the wheel."""
     lint = Path(sys.executable).with_name("lint-imports")
     env = {**os.environ, "PYTHONPATH": str(wheel_tree)}
-    proc = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "3 kept, 0 broken" in proc.stdout
 
@@ -83,8 +108,14 @@ def test_import_linter_catches_a_cycle(wheel_tree, tmp_path):
     bad = tree / "guard" / "core" / "data.py"
     bad.write_text(bad.read_text() + "\nfrom guard.detectors import KNNRank  # noqa\n")
     lint = Path(sys.executable).with_name("lint-imports")
-    proc = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "guard.core is not allowed to import guard.detectors" in proc.stdout
 
 
@@ -99,9 +130,17 @@ def test_import_linter_keeps_the_report_off_the_facade(wheel_tree, tmp_path, tar
     bad = tree / "guard" / "report" / "text.py"
     bad.write_text(bad.read_text() + f"\nimport {target}  # noqa\n")
     lint = Path(sys.executable).with_name("lint-imports")
-    proc = subprocess.run([str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and f"guard.report is not allowed to import {target}" in proc.stdout, proc.stdout[-3000:]
+    proc = subprocess.run(
+        [str(lint), "--no-cache", "--config", str(ROOT / "pyproject.toml")],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tree)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and f"guard.report is not allowed to import {target}" in proc.stdout, proc.stdout[
+        -3000:
+    ]
     assert f"guard.report.text -> {target}" in proc.stdout
 
 
@@ -115,7 +154,8 @@ def test_users_own_training_export_attacks_detectors_do_not_shadow_guard(tmp_pat
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "__init__.py").write_text("raise RuntimeError('the user export/ was imported')\n")
     save_tensors(tmp_path / "tiny.safetensors", tiny_model.state_dict())
-    proc = _run("""
+    proc = _run(
+        """
         import sys
         sys.path.insert(0, "")  # as when a script in this directory runs
         import torch
@@ -135,5 +175,7 @@ def test_users_own_training_export_attacks_detectors_do_not_shadow_guard(tmp_pat
         assert det.score(model, adv.x_adv).shape == (4,)
         assert "training" not in sys.modules and "export" not in sys.modules
         print("ok")
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

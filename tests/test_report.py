@@ -30,41 +30,93 @@ from guard.report.browser import find_browser, probe, screenshot
 from guard.report.roc import roc_curve
 
 DETECTORS = ("knn", "ppca", "combined")
-ATTACKS = ("fgsm", "pgd", "patch_gan", "universal_patch", "random_patch", "feature_adversary", "fooling_gradient",
-           "fooling_direct", "fooling_cppn")
-TITLES = {"model": "Model and data", "summary": "Summary", "gradient": "Gradient attacks (FGSM, PGD)", "patches": "Patches",
-          "features": "Feature adversaries", "fooling": "Fooling images", "detectors": "Detectors",
-          "adaptive": "Adaptive evaluation", "harden": "Hardening", "export": "Export"}
+ATTACKS = (
+    "fgsm",
+    "pgd",
+    "patch_gan",
+    "universal_patch",
+    "random_patch",
+    "feature_adversary",
+    "fooling_gradient",
+    "fooling_direct",
+    "fooling_cppn",
+)
+TITLES = {
+    "model": "Model and data",
+    "summary": "Summary",
+    "gradient": "Gradient attacks (FGSM, PGD)",
+    "patches": "Patches",
+    "features": "Feature adversaries",
+    "fooling": "Fooling images",
+    "detectors": "Detectors",
+    "adaptive": "Adaptive evaluation",
+    "harden": "Hardening",
+    "export": "Export",
+}
 
 
 # ---------------------------------------------------------------- a hand-made audit folder
+
 
 def _attack_entry(rate: float, **extra) -> dict:
     return {"success_rate": rate, "n": 32, "seconds": 1.0, "params": {"eps": 0.3, "steps": 10}, **extra}
 
 
-def fake_audit(out: Path, *, shape=(1, 28, 28), source="embedded MNIST test split", artifacts=True, sections=None) -> dict:
+def fake_audit(
+    out: Path, *, shape=(1, 28, 28), source="embedded MNIST test split", artifacts=True, sections=None
+) -> dict:
     """A complete report (every section) and its artifacts, with images whose content is known."""
     gen = torch.Generator().manual_seed(0)
     c, h, w = shape
     n = 32
     curve = [{"area": a, "mean": m, "std": 0.01} for a, m in ((0.01, 0.05), (0.05, 0.2), (0.1, 0.4))]
-    cc = {"positions": 9, "stride": 9, "pairs": 288, "fooling_rate": 0.2, "patched_takes_canvas_class": 0.1,
-          "fooled_takes_canvas_class": 0.3, "fooling_rate_per_position": [0.1 * i for i in range(9)]}
+    cc = {
+        "positions": 9,
+        "stride": 9,
+        "pairs": 288,
+        "fooling_rate": 0.2,
+        "patched_takes_canvas_class": 0.1,
+        "fooled_takes_canvas_class": 0.3,
+        "fooling_rate_per_position": [0.1 * i for i in range(9)],
+    }
     attacks = {
-        "fgsm": _attack_entry(0.5, linf_max=0.3, strength="full"), "pgd": _attack_entry(0.75, linf_max=0.3, strength="full"),
-        "patch_gan": _attack_entry(0.25, area=0.1, side=9, curve=curve, class_comparison=cc,
-                                   diversity={"n_pairs": 10, "ssim_median": 0.1, "psnr_median": 7.0, "identical_pairs": 0},
-                                   summary={"patch_gan_above_both_at_every_area": True, "patch_gan_best_fooling_at_area_le_10pct": 0.25}),
+        "fgsm": _attack_entry(0.5, linf_max=0.3, strength="full"),
+        "pgd": _attack_entry(0.75, linf_max=0.3, strength="full"),
+        "patch_gan": _attack_entry(
+            0.25,
+            area=0.1,
+            side=9,
+            curve=curve,
+            class_comparison=cc,
+            diversity={"n_pairs": 10, "ssim_median": 0.1, "psnr_median": 7.0, "identical_pairs": 0},
+            summary={"patch_gan_above_both_at_every_area": True, "patch_gan_best_fooling_at_area_le_10pct": 0.25},
+        ),
         "universal_patch": _attack_entry(0.3, area=0.1, side=9, curve=curve, class_comparison=cc),
         "random_patch": _attack_entry(0.125, area=0.1, side=9, curve=curve),
-        "feature_adversary": _attack_entry(0.875, layer="fc1", delta=0.3, guide_label_agreement=0.875,
-                                           distance_ratio={"median": 0.42, "p10": 0.2, "p90": 0.6},
-                                           curves={"n": 8, "by_layer": {"fc1": {"lbfgs": {"0.1": {"guide_label_agreement": 0.2,
-                                                   "distance_ratio": {"median": 0.8}}, "0.3": {"guide_label_agreement": 0.9,
-                                                   "distance_ratio": {"median": 0.4}}}}}}),
-        **{name: _attack_entry(0.9, classes_fooled=list(range(9)), median_confidence=0.99999, min_confidence=0.9, threshold=0.9999)
-           for name in ("fooling_gradient", "fooling_direct", "fooling_cppn")},
+        "feature_adversary": _attack_entry(
+            0.875,
+            layer="fc1",
+            delta=0.3,
+            guide_label_agreement=0.875,
+            distance_ratio={"median": 0.42, "p10": 0.2, "p90": 0.6},
+            curves={
+                "n": 8,
+                "by_layer": {
+                    "fc1": {
+                        "lbfgs": {
+                            "0.1": {"guide_label_agreement": 0.2, "distance_ratio": {"median": 0.8}},
+                            "0.3": {"guide_label_agreement": 0.9, "distance_ratio": {"median": 0.4}},
+                        }
+                    }
+                },
+            },
+        ),
+        **{
+            name: _attack_entry(
+                0.9, classes_fooled=list(range(9)), median_confidence=0.99999, min_confidence=0.9, threshold=0.9999
+            )
+            for name in ("fooling_gradient", "fooling_direct", "fooling_cppn")
+        },
     }
     ok = {a: (torch.arange(n) % 4 != 0) for a in ATTACKS}  # 3 of every 4 images succeed
     scores: dict[str, torch.Tensor] = {f"clean/{d}": torch.rand(200, generator=gen) for d in DETECTORS}
@@ -74,33 +126,81 @@ def fake_audit(out: Path, *, shape=(1, 28, 28), source="embedded MNIST test spli
             pos = torch.rand(int(ok[a].sum()), generator=gen) + 0.3
             scores[f"{a}/{d}"] = pos
             fpr, tpr, auc = roc_curve(pos.numpy(), scores[f"clean/{d}"].numpy())
-            dets[d][a] = {"operating_point": {"threshold": 0.9, "tpr": {"rate": 0.625, "k": 15, "n": 24, "ci95": [0.406, 0.812]},
-                                              "fpr": {"rate": 0.055, "k": 11, "n": 200, "ci95": [0.028, 0.096]}},
-                          "auroc": auc, "tpr_at_1fpr": 0.1, "tpr_at_5fpr": 0.3, "n_pos": pos.numel(), "n_neg": 200,
-                          "tpr_at_threshold": 0.6}
+            dets[d][a] = {
+                "operating_point": {
+                    "threshold": 0.9,
+                    "tpr": {"rate": 0.625, "k": 15, "n": 24, "ci95": [0.406, 0.812]},
+                    "fpr": {"rate": 0.055, "k": 11, "n": 200, "ci95": [0.028, 0.096]},
+                },
+                "auroc": auc,
+                "tpr_at_1fpr": 0.1,
+                "tpr_at_5fpr": 0.3,
+                "n_pos": pos.numel(),
+                "n_neg": 200,
+                "tpr_at_threshold": 0.6,
+            }
     report = {
         "version": REPORT_VERSION,
-        "model": {"name": "pkg.mod:build", "num_classes": 10, "clean_accuracy": 0.98, "train_accuracy": 0.99,
-                  "data": {"source": source, "train": 512, "test": 256}, "parameters": 1234},
+        "model": {
+            "name": "pkg.mod:build",
+            "num_classes": 10,
+            "clean_accuracy": 0.98,
+            "train_accuracy": 0.99,
+            "data": {"source": source, "train": 512, "test": 256},
+            "parameters": 1234,
+        },
         "options": {"quick": True, "harden": True, "export": True, "seed": 0},
         "defaults": {"kind": "near-binary", "eps": 0.3},
         "timings": {"model": 1.0, "attacks_gradient": 2.0},
         "attacks": attacks,
         "detectors": dets,
-        "detectors_info": {"detectors": {"knn": {"class": "KNNRank", "layers": {"fc1": 64}, "threshold": 0.9},
-                                         "ppca": {"class": "PPCAManifold", "layers": {"fc1": 64}, "threshold": 0.95}},
-                           "combined": {"threshold": 0.97}, "calibration": {"target_fpr": 0.05, "n_calibration": 200, "n_evaluation": 200},
-                           "clean_flag_rate": {"knn": 0.05, "ppca": 0.06, "combined": 0.055}},
-        "adaptive": {"eps": 0.3, "evasion": 0.094, "n": 64, "steps": 20, "fpr": 0.05, "rule": "...",
-                     "per_eps": [{"eps": e, "evasion": v, "oblivious_evasion": 0.0, "flagged": 0.9, "misclassified": 1.0, "n": 64,
-                                  "seconds": 3.0} for e, v in ((0.15, 0.047), (0.3, 0.094), (0.6, 0.94))]},
-        "harden": {"num_classes": 10, "baseline": {"round": 0, "clean_accuracy": 0.98, "fooling_classes_ge99_count": 10},
-                   "rounds": [{"round": 1, "clean_accuracy": 0.975, "fooling_classes_ge99_count": 4},
-                              {"round": 2, "clean_accuracy": 0.974, "fooling_classes_ge99_count": 1}],
-                   "goals": {"clean_accuracy_drop_le_0.5_points": True}, "clean_accuracy_drop_points": 0.6},
-        "export": {"path": "/x/model.onnx", "outputs": ["logits", "flag"], "opset": 20, "file_bytes": 2_000_000,
-                   "parity": {"logits": {"max_abs": 1e-6, "max_rel": 1e-5, "passed": True}},
-                   "latency_ms": {"batch_1": {"onnxruntime_cpu_ms": 1.0, "pytorch_eager_ms": 2.0, "ratio": 0.5}, "threads": 1}},
+        "detectors_info": {
+            "detectors": {
+                "knn": {"class": "KNNRank", "layers": {"fc1": 64}, "threshold": 0.9},
+                "ppca": {"class": "PPCAManifold", "layers": {"fc1": 64}, "threshold": 0.95},
+            },
+            "combined": {"threshold": 0.97},
+            "calibration": {"target_fpr": 0.05, "n_calibration": 200, "n_evaluation": 200},
+            "clean_flag_rate": {"knn": 0.05, "ppca": 0.06, "combined": 0.055},
+        },
+        "adaptive": {
+            "eps": 0.3,
+            "evasion": 0.094,
+            "n": 64,
+            "steps": 20,
+            "fpr": 0.05,
+            "rule": "...",
+            "per_eps": [
+                {
+                    "eps": e,
+                    "evasion": v,
+                    "oblivious_evasion": 0.0,
+                    "flagged": 0.9,
+                    "misclassified": 1.0,
+                    "n": 64,
+                    "seconds": 3.0,
+                }
+                for e, v in ((0.15, 0.047), (0.3, 0.094), (0.6, 0.94))
+            ],
+        },
+        "harden": {
+            "num_classes": 10,
+            "baseline": {"round": 0, "clean_accuracy": 0.98, "fooling_classes_ge99_count": 10},
+            "rounds": [
+                {"round": 1, "clean_accuracy": 0.975, "fooling_classes_ge99_count": 4},
+                {"round": 2, "clean_accuracy": 0.974, "fooling_classes_ge99_count": 1},
+            ],
+            "goals": {"clean_accuracy_drop_le_0.5_points": True},
+            "clean_accuracy_drop_points": 0.6,
+        },
+        "export": {
+            "path": "/x/model.onnx",
+            "outputs": ["logits", "flag"],
+            "opset": 20,
+            "file_bytes": 2_000_000,
+            "parity": {"logits": {"max_abs": 1e-6, "max_rel": 1e-5, "passed": True}},
+            "latency_ms": {"batch_1": {"onnxruntime_cpu_ms": 1.0, "pytorch_eager_ms": 2.0, "ratio": 0.5}, "threads": 1},
+        },
         "_completed_steps": ["model"],
     }
     if sections is not None:
@@ -112,23 +212,43 @@ def fake_audit(out: Path, *, shape=(1, 28, 28), source="embedded MNIST test spli
         y = torch.arange(16) % 10
         save_tensors(out / "artifacts" / "examples.safetensors", {"x": x, "y": y, "pred": y.clone()})
         for a in ("fgsm", "pgd", "patch_gan", "universal_patch", "random_patch"):
-            t = {"x_adv": torch.rand(n, c, h, w, generator=gen), "success": ok[a], "y": torch.arange(n) % 10,
-                 "test_index": torch.arange(n), "pred": (torch.arange(n) + 3) % 10}
+            t = {
+                "x_adv": torch.rand(n, c, h, w, generator=gen),
+                "success": ok[a],
+                "y": torch.arange(n) % 10,
+                "test_index": torch.arange(n),
+                "pred": (torch.arange(n) + 3) % 10,
+            }
             if a in ("patch_gan", "random_patch"):
                 t["patches"] = torch.rand(n, c, 9, 9, generator=gen)
             if a == "universal_patch":
                 t["patch"] = torch.rand(c, 9, 9, generator=gen)
             save_tensors(out / "artifacts" / f"attack_{a}.safetensors", t)
         m = 8
-        save_tensors(out / "artifacts" / "attack_feature_adversary.safetensors",
-                     {"x_adv": torch.rand(m, c, h, w, generator=gen), "success": ok["pgd"][:m], "y": torch.arange(m),
-                      "source": torch.rand(m, c, h, w, generator=gen), "guide": torch.rand(m, c, h, w, generator=gen),
-                      "guide_label": (torch.arange(m) + 1) % 10, "adv_label": (torch.arange(m) + 1) % 10,
-                      "distance_ratio": torch.full((m,), 0.25), "test_index": torch.arange(m) + 100})
+        save_tensors(
+            out / "artifacts" / "attack_feature_adversary.safetensors",
+            {
+                "x_adv": torch.rand(m, c, h, w, generator=gen),
+                "success": ok["pgd"][:m],
+                "y": torch.arange(m),
+                "source": torch.rand(m, c, h, w, generator=gen),
+                "guide": torch.rand(m, c, h, w, generator=gen),
+                "guide_label": (torch.arange(m) + 1) % 10,
+                "adv_label": (torch.arange(m) + 1) % 10,
+                "distance_ratio": torch.full((m,), 0.25),
+                "test_index": torch.arange(m) + 100,
+            },
+        )
         for a in ("fooling_gradient", "fooling_direct", "fooling_cppn"):
-            save_tensors(out / "artifacts" / f"attack_{a}.safetensors",
-                         {"x_adv": torch.rand(20, c, h, w, generator=gen), "success": torch.ones(20, dtype=torch.bool),
-                          "label": torch.arange(20) % 10, "confidence": torch.linspace(0.9, 0.999999, 20)})
+            save_tensors(
+                out / "artifacts" / f"attack_{a}.safetensors",
+                {
+                    "x_adv": torch.rand(20, c, h, w, generator=gen),
+                    "success": torch.ones(20, dtype=torch.bool),
+                    "label": torch.arange(20) % 10,
+                    "confidence": torch.linspace(0.9, 0.999999, 20),
+                },
+            )
         save_tensors(out / "artifacts" / "detector_scores.safetensors", scores)
     return report
 
@@ -165,11 +285,17 @@ def _decode(uri: str) -> Image.Image:
 
 # ---------------------------------------------------------------- fast: the page from a hand-made folder
 
+
 def test_every_section_from_a_complete_folder(tmp_path):
     fake_audit(tmp_path)
     page = write_page(tmp_path)
     html = page.path.read_text()
-    assert page.path == tmp_path / "report.html" and page.bytes == len(html.encode()) and not page.missing and not page.failed
+    assert (
+        page.path == tmp_path / "report.html"
+        and page.bytes == len(html.encode())
+        and not page.missing
+        and not page.failed
+    )
     assert _h2(html) == list(TITLES.values())
     assert [s for s in page.sections] == list(TITLES)
     _check_self_contained(html)
@@ -185,7 +311,9 @@ def test_every_section_from_a_complete_folder(tmp_path):
     assert "1 → 4" in html and "0 (held)" in html and "ratio 0.25" in html and "seen as 1" in html and "99.999%" in html
     # numbers in words
     assert "98.0% of the 256 held-out images" in html and "PGD-40 75.0%" in html
-    assert "pkg.mod:build" in html and "guard audit --model pkg.mod:build --data DATA --quick --harden --out OUT" in html
+    assert (
+        "pkg.mod:build" in html and "guard audit --model pkg.mod:build --data DATA --quick --harden --out OUT" in html
+    )
     # the adaptive section: one row per budget, adaptive evasion beside plain PGD's, and the headline in the summary
     assert "4.7%" in html and "94.0%" in html and "evasion (plain PGD)" in html
     assert "An attacker who knows the detectors (budget 0.3) got 9.4% of 64 images misclassified and unflagged" in html
@@ -194,7 +322,14 @@ def test_every_section_from_a_complete_folder(tmp_path):
 def test_sections_only_for_the_steps_that_ran(tmp_path):
     fake_audit(tmp_path, sections={"attacks"})
     html = write_page(tmp_path).path.read_text()
-    assert _h2(html) == ["Model and data", "Summary", "Gradient attacks (FGSM, PGD)", "Patches", "Feature adversaries", "Fooling images"]
+    assert _h2(html) == [
+        "Model and data",
+        "Summary",
+        "Gradient attacks (FGSM, PGD)",
+        "Patches",
+        "Feature adversaries",
+        "Fooling images",
+    ]
     assert "Detectors" not in _h2(html) and "Export" not in _h2(html)
 
 
@@ -207,7 +342,9 @@ def test_cifar10_names_and_large_user_images_are_downscaled(tmp_path):
     html = write_page(tmp_path / "u").path.read_text()
     assert "airplane" not in html and "label 3" in html
     sizes = [_decode(u).size for u in _img_srcs(html)]
-    assert (96, 128) in sizes and max(max(s) for s in sizes if s[0] < 200) <= 128  # 150 x 200 -> 96 x 128; plots are wider
+    assert (96, 128) in sizes and max(
+        max(s) for s in sizes if s[0] < 200
+    ) <= 128  # 150 x 200 -> 96 x 128; plots are wider
 
 
 def test_missing_artifacts_leave_a_note_in_each_affected_section(tmp_path, capsys):
@@ -258,7 +395,9 @@ def test_a_section_that_raises_costs_only_itself(tmp_path, monkeypatch):
     def broken(src):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(page_mod, "SECTIONS", tuple((s, t, broken if s == "patches" else b) for s, t, b in page_mod.SECTIONS))
+    monkeypatch.setattr(
+        page_mod, "SECTIONS", tuple((s, t, broken if s == "patches" else b) for s, t, b in page_mod.SECTIONS)
+    )
     page = write_page(tmp_path)
     html = page.path.read_text()
     assert page.failed == {"patches": "RuntimeError: boom"}
@@ -266,7 +405,9 @@ def test_a_section_that_raises_costs_only_itself(tmp_path, monkeypatch):
     assert len(_h2(html)) == len(TITLES)
 
 
-def test_run_audit_writes_the_page_and_a_page_failure_never_fails_the_audit(tmp_path, tiny_model, small_split, monkeypatch):
+def test_run_audit_writes_the_page_and_a_page_failure_never_fails_the_audit(
+    tmp_path, tiny_model, small_split, monkeypatch
+):
     import guard.audit.runner as runner
 
     train, test = small_split
@@ -311,13 +452,21 @@ def test_roc_matches_scikit_learn():
 
 # ---------------------------------------------------------------- slow: a real quick audit in a real browser
 
+
 @pytest.fixture(scope="module")
 def quick_audit(tmp_path_factory, tiny_model, small_split):
     """A quick audit of the tiny model on 512 / 256 images (no export): its folder and report."""
     out = tmp_path_factory.mktemp("quick_audit")
     train, test = small_split
-    rep = run_audit(tiny_model, train, test, out, model_name="tiny DemoNet", data_source="embedded MNIST test split (test)",
-                    options=AuditOptions(quick=True, progress=False, export=False))
+    rep = run_audit(
+        tiny_model,
+        train,
+        test,
+        out,
+        model_name="tiny DemoNet",
+        data_source="embedded MNIST test split (test)",
+        options=AuditOptions(quick=True, progress=False, export=False),
+    )
     return out, rep, test
 
 
@@ -353,9 +502,12 @@ def test_quick_audit_saves_what_the_page_draws(quick_audit):
 
 #: the committed run of the same quick audit (benchmarks/studies/audit_mnist_quick.py, one thread)
 QUICK_AUDIT_RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "audit-mnist-quick.json"
-QUICK_AUDIT_CONFIG = {"model": "DemoNet(width=8, hidden=32), 2 epochs on embedded MNIST train[:2000], lr 3e-3, seed 0",
-                      "train": "embedded MNIST train[:512]", "test": "embedded MNIST test[:256]",
-                      "options": "AuditOptions(quick=True, progress=False, export=False)"}
+QUICK_AUDIT_CONFIG = {
+    "model": "DemoNet(width=8, hidden=32), 2 epochs on embedded MNIST train[:2000], lr 3e-3, seed 0",
+    "train": "embedded MNIST train[:512]",
+    "test": "embedded MNIST test[:256]",
+    "options": "AuditOptions(quick=True, progress=False, export=False)",
+}
 #: A figure may fall below its committed value by this share of its distance from "no detection"
 #: (AUROC 0.5, TPR 0). The same audit on two threads (audit-mnist-quick-2threads.json; the suite
 #: runs on two) moved the floored figures by at most 0.047 of that distance (kNN's AUROC on the
@@ -388,7 +540,10 @@ def test_committed_quick_audit_figures_have_their_provenance_and_floors():
     # written by benchmarks/studies/audit_mnist_quick.py (recorded as its flat path of earlier commits, benchmarks/MOVED.json)
     moved = json.loads((QUICK_AUDIT_RESULTS.parents[1] / "MOVED.json").read_text())
     script = next(w for w in committed["command"].split() if w.endswith(".py") or w.startswith("benchmarks."))
-    assert moved.get(script, {}).get("module", script) == "benchmarks.studies.audit_mnist_quick" and committed["threads"] == 1
+    assert (
+        moved.get(script, {}).get("module", script) == "benchmarks.studies.audit_mnist_quick"
+        and committed["threads"] == 1
+    )
     floors = _floors(committed)
     # the combined flag's operating point on the gradient attacks is among the floored figures
     assert {("combined", a, "tpr_at_threshold") for a in ("fgsm", "pgd")} <= {f[:3] for f in floors}
@@ -413,7 +568,9 @@ def test_quick_audit_detects_at_least_the_committed_figures(quick_audit):
     for det, attack, fig, floor in _floors(committed):
         got = rep["detectors"][det][attack][fig]
         if got is None or got < floor:
-            below.append(f"{det}/{attack} {fig} {got} < floor {floor:.3f} (committed {committed['detectors'][det][attack][fig]:.3f})")
+            below.append(
+                f"{det}/{attack} {fig} {got} < floor {floor:.3f} (committed {committed['detectors'][det][attack][fig]:.3f})"
+            )
     assert not below, "detection fell below the committed quick MNIST audit:\n" + "\n".join(below)
 
 
@@ -421,12 +578,16 @@ def test_quick_audit_detects_at_least_the_committed_figures(quick_audit):
 def test_quick_audit_page_in_headless_chromium(quick_audit, tmp_path):
     browser = find_browser()
     if browser is None:
-        pytest.skip("no headless Chromium (apt-get install -y chromium, or set GUARD_CHROMIUM): the page was not looked at")
+        pytest.skip(
+            "no headless Chromium (apt-get install -y chromium, or set GUARD_CHROMIUM): the page was not looked at"
+        )
     out, rep, _ = quick_audit
     page = out / "report.html"
     html = page.read_text()
     _check_self_contained(html)
-    expected = [TITLES[k] for k in ("model", "summary", "gradient", "patches", "features", "fooling", "detectors", "adaptive")] + ["Robust accuracy"]
+    expected = [
+        TITLES[k] for k in ("model", "summary", "gradient", "patches", "features", "fooling", "detectors", "adaptive")
+    ] + ["Robust accuracy"]
     assert "adaptive" in rep["_completed_steps"] and "export" not in rep["_completed_steps"]
     seen = probe(page, browser=browser)
     # the DOM the browser built has every section heading, in order, and nothing of the steps that did not run
@@ -449,8 +610,15 @@ def test_adaptive_section_of_another_shape_is_drawn_generically(tmp_path):
     (tmp_path / "report.json").write_text(json.dumps(rep))
     html = write_page(tmp_path).path.read_text()
     assert "Adaptive evaluation" in _h2(html) and "pgd_adaptive" in html and "0.61" in html
-    rep["adaptive"] = {"eps": 8 / 255, "evasion": None, "n": 0, "steps": 10, "fpr": 0.05, "per_eps": [],
-                       "note": "the model classifies none of the 16 given images correctly; nothing to attack"}
+    rep["adaptive"] = {
+        "eps": 8 / 255,
+        "evasion": None,
+        "n": 0,
+        "steps": 10,
+        "fpr": 0.05,
+        "per_eps": [],
+        "note": "the model classifies none of the 16 given images correctly; nothing to attack",
+    }
     (tmp_path / "report.json").write_text(json.dumps(rep))
     assert "none of the 16 given images" in write_page(tmp_path).path.read_text()
 

@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import ModelSnapshot
 from torch import nn
 
 import guard
-from conftest import ModelSnapshot
 from guard.robust import ROBUST_ATTACKS, RealClassView, RobustBudget, clopper_pearson, default_attacks
 
 FAST = ("apgd-ce", "guard-apgd-ce")
@@ -85,7 +85,9 @@ def test_plain_model_figures(tiny_model, data):
     assert 0.0 < res["robust_accuracy"] < res["clean_accuracy"]
     cumulative = [e["robust_accuracy_with_rejection"] for e in res["per_attack"].values()]
     assert cumulative == sorted(cumulative, reverse=True) and cumulative[-1] == res["robust_accuracy_with_rejection"]
-    assert sum(e["broken"] for e in res["per_attack"].values()) == res["counts"]["clean_correct"] - res["counts"]["robust"]
+    assert (
+        sum(e["broken"] for e in res["per_attack"].values()) == res["counts"]["clean_correct"] - res["counts"]["robust"]
+    )
     lo, hi = res["intervals"]["robust_accuracy"]
     assert lo <= res["robust_accuracy"] <= hi
     assert res["checks"]["square_beat_white_box"] is False and res["warnings"] == []
@@ -100,7 +102,9 @@ def test_constant_right_model_is_fully_robust():
     y = torch.full((12,), 3)
     with pytest.warns(RuntimeWarning, match="zero input gradient"):
         res = guard.evaluate_robust(Constant(3), (x, y), eps=0.5, budget="quick")
-    assert res["clean_accuracy"] == 1.0 and res["robust_accuracy"] == 1.0 and res["robust_accuracy_with_rejection"] == 1.0
+    assert (
+        res["clean_accuracy"] == 1.0 and res["robust_accuracy"] == 1.0 and res["robust_accuracy_with_rejection"] == 1.0
+    )
     assert res["checks"]["zero_gradient_share"] == 1.0
 
 
@@ -132,9 +136,12 @@ def test_reject_aware_attack_breaks_what_the_real_class_view_misses():
 
     x = torch.full((16, 1, 4, 4), 0.5)
     y = torch.zeros(16, dtype=torch.long)
-    only_ce = guard.evaluate_robust(LeverToy(), (x, y), eps=0.1, budget="quick", real_classes=3, attacks=["guard-apgd-ce"])
-    both = guard.evaluate_robust(LeverToy(), (x, y), eps=0.1, budget="quick", real_classes=3,
-                                 attacks=["guard-apgd-ce", "guard-apgd-reject"])
+    only_ce = guard.evaluate_robust(
+        LeverToy(), (x, y), eps=0.1, budget="quick", real_classes=3, attacks=["guard-apgd-ce"]
+    )
+    both = guard.evaluate_robust(
+        LeverToy(), (x, y), eps=0.1, budget="quick", real_classes=3, attacks=["guard-apgd-ce", "guard-apgd-reject"]
+    )
     assert only_ce["robust_accuracy_with_rejection"] == 1.0 and only_ce["robust_accuracy"] == 0.0
     assert both["robust_accuracy_with_rejection"] == 0.0
     assert both["per_attack"]["guard-apgd-reject"]["broken"] == 16
@@ -172,8 +179,13 @@ def test_square_flag_on_a_gradient_masking_model(tiny_model, data):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = guard.evaluate_robust(Quantized(tiny_model), data, eps=0.5, budget=RobustBudget(
-            steps=5, restarts=1, n_target_classes=2, fab_steps=5, n_queries=200), attacks=["apgd-ce", "square"])
+        res = guard.evaluate_robust(
+            Quantized(tiny_model),
+            data,
+            eps=0.5,
+            budget=RobustBudget(steps=5, restarts=1, n_target_classes=2, fab_steps=5, n_queries=200),
+            attacks=["apgd-ce", "square"],
+        )
     assert res["checks"]["zero_gradient_share"] == 1.0
     assert res["per_attack"]["square"]["broken"] > 0 and res["checks"]["square_beat_white_box"] is True
     assert any("Square" in str(w.message) for w in caught)
@@ -189,9 +201,9 @@ def test_real_class_view():
 def test_clopper_pearson_closed_form():
     # k = 0: the upper end is 1 - (alpha / 2) ** (1 / n); k = n: the lower end is (alpha / 2) ** (1 / n)
     lo, hi = clopper_pearson(0, 10)
-    assert lo == 0.0 and math.isclose(hi, 1 - 0.025 ** 0.1, rel_tol=1e-9)
+    assert lo == 0.0 and math.isclose(hi, 1 - 0.025**0.1, rel_tol=1e-9)
     lo, hi = clopper_pearson(10, 10)
-    assert hi == 1.0 and math.isclose(lo, 0.025 ** 0.1, rel_tol=1e-9)
+    assert hi == 1.0 and math.isclose(lo, 0.025**0.1, rel_tol=1e-9)
     assert clopper_pearson(0, 0) is None
 
 
@@ -203,16 +215,19 @@ def test_budget_presets():
         RobustBudget(steps=0)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"eps": 1.5}, "eps"),
-    ({"eps": -0.01}, "eps"),
-    ({"eps": 0.1, "attacks": ["pgd"]}, "unknown attack"),
-    ({"eps": 0.1, "attacks": []}, "attacks"),
-    ({"eps": 0.1, "attacks": ["guard-apgd-reject"]}, "reject output"),
-    ({"eps": 0.1, "n": 1000}, "'n'"),
-    ({"eps": 0.1, "budget": "fast"}, "budget"),
-    ({"eps": 0.1, "real_classes": 11}, "real_classes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"eps": 1.5}, "eps"),
+        ({"eps": -0.01}, "eps"),
+        ({"eps": 0.1, "attacks": ["pgd"]}, "unknown attack"),
+        ({"eps": 0.1, "attacks": []}, "attacks"),
+        ({"eps": 0.1, "attacks": ["guard-apgd-reject"]}, "reject output"),
+        ({"eps": 0.1, "n": 1000}, "'n'"),
+        ({"eps": 0.1, "budget": "fast"}, "budget"),
+        ({"eps": 0.1, "real_classes": 11}, "real_classes"),
+    ],
+)
 def test_bad_arguments(tiny_model, data, kwargs, match):
     with pytest.raises(ValueError, match=match):
         guard.evaluate_robust(tiny_model, data, **kwargs)
@@ -236,11 +251,25 @@ def test_audit_step_writes_the_design_keys_and_a_page_section(tiny_model, small_
     names = [s.name for s in STEPS]
     assert names.index("robust") == names.index("adaptive") + 1
     train, test = small_split
-    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False),
-                    steps=[step("model"), step("robust")], fail_fast=True)
+    rep = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path,
+        options=AuditOptions(quick=True, progress=False),
+        steps=[step("model"), step("robust")],
+        fail_fast=True,
+    )
     sec = rep["robust"]
-    assert {"eps", "n", "clean_accuracy", "clean_rejected", "robust_accuracy", "robust_accuracy_with_rejection",
-            "attacks"} <= set(sec)
+    assert {
+        "eps",
+        "n",
+        "clean_accuracy",
+        "clean_rejected",
+        "robust_accuracy",
+        "robust_accuracy_with_rejection",
+        "attacks",
+    } <= set(sec)
     assert sec["eps"] == pytest.approx(0.3) and sec["n"] == 16 and sec["robust_accuracy"] <= sec["clean_accuracy"]
     assert sec["sweep"]["checks"]["monotone"] is True and sec["sweep"]["checks"]["zero_at_largest"] is True
     html = (tmp_path / "report.html").read_text()
@@ -251,13 +280,30 @@ def test_page_section_of_a_reject_model(tmp_path):
     from guard.report.sections import robust as section
     from guard.report.source import AuditFolder
 
-    node = {"eps": 8 / 255, "n": 100, "clean_accuracy": 0.8, "clean_rejected": 0.04, "robust_accuracy": 0.3,
-            "robust_accuracy_with_rejection": 0.55, "attacks": ["guard-apgd-ce", "guard-apgd-reject"], "reject_model": True,
-            "intervals": {"robust_accuracy_with_rejection": [0.45, 0.65]},
-            "per_attack": {"guard-apgd-reject": {"attacked": 60, "broken": 5, "rejected": 20, "params": {"impl": "guard"},
-                                                 "robust_accuracy_with_rejection": 0.55, "robust_accuracy": 0.3, "seconds": 2.0}},
-            "warnings": ["Square (black-box) broke 2 image(s)"],
-            "loss_curves": {"guard-apgd-reject": {"images": [0], "loss": [[-1.0, -0.5, None]], "loss_name": "reject"}}}
+    node = {
+        "eps": 8 / 255,
+        "n": 100,
+        "clean_accuracy": 0.8,
+        "clean_rejected": 0.04,
+        "robust_accuracy": 0.3,
+        "robust_accuracy_with_rejection": 0.55,
+        "attacks": ["guard-apgd-ce", "guard-apgd-reject"],
+        "reject_model": True,
+        "intervals": {"robust_accuracy_with_rejection": [0.45, 0.65]},
+        "per_attack": {
+            "guard-apgd-reject": {
+                "attacked": 60,
+                "broken": 5,
+                "rejected": 20,
+                "params": {"impl": "guard"},
+                "robust_accuracy_with_rejection": 0.55,
+                "robust_accuracy": 0.3,
+                "seconds": 2.0,
+            }
+        },
+        "warnings": ["Square (black-box) broke 2 image(s)"],
+        "loss_curves": {"guard-apgd-reject": {"images": [0], "loss": [[-1.0, -0.5, None]], "loss_name": "reject"}},
+    }
     report = {"version": 1, "robust": node}
     sec = section.build(AuditFolder.from_report(tmp_path, report))
     assert sec is not None and sec.id == "robust"

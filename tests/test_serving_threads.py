@@ -47,7 +47,6 @@ def _in_threads(fn, args: list, repeats: int = 3) -> list[list]:
     return rounds
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread(one_thread_module):
     """Many tiny ops (and, for serving, many Python threads): see conftest.one_thread."""
@@ -68,7 +67,7 @@ def served(tiny_model, small_split) -> GuardedModel:
 @pytest.fixture(scope="module")
 def batches(small_split) -> list[torch.Tensor]:
     _, test = small_split
-    x = test.x[96:96 + THREADS * 12].clone()
+    x = test.x[96 : 96 + THREADS * 12].clone()
     x[5] = 1.0  # a few obvious outliers, so that flags differ between images
     x[30] = 0.0
     return list(x.split(12))
@@ -76,7 +75,9 @@ def batches(small_split) -> list[torch.Tensor]:
 
 def test_guarded_model_from_8_threads_gives_one_threads_flags(served, batches) -> None:
     ref = [served(x) for x in batches]
-    assert any(bool(r.flagged.any()) for r in ref) and not all(bool(r.flagged.all()) for r in ref)  # the flags carry information
+    assert any(bool(r.flagged.any()) for r in ref) and not all(
+        bool(r.flagged.all()) for r in ref
+    )  # the flags carry information
     for outs in _in_threads(served, batches):
         for r, o in zip(ref, outs):
             assert not o.errors, o.errors

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stream_tools import HeldBatches
 from torch.utils.data import DataLoader, TensorDataset
 
 import guard
 from guard.core.data import load_data, stream_batches
 from guard.core.sampling import BottomK, row_keys
 from guard.detectors import KNNConsistency, KNNRank, LIDDetector, MahalanobisDetector, PPCAManifold
-from stream_tools import HeldBatches
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,13 @@ def test_materialising_the_tracked_loader_raises(data) -> None:
 
 def test_streaming_fit_holds_few_batches_and_equals_the_tensor_fit(tiny_model, data) -> None:
     train, query = data
-    dets = lambda: {"knn": KNNRank(["conv2", "fc2:input"]), "ppca": PPCAManifold("fc2:input"),  # noqa: E731
-                    "knn_consistency": KNNConsistency(["conv2", "fc2:input"]),
-                    "mahalanobis": MahalanobisDetector(["conv2", "fc2:input"]), "lid": LIDDetector(["conv2", "fc2:input"], reference_size=300)}
+    dets = lambda: {
+        "knn": KNNRank(["conv2", "fc2:input"]),
+        "ppca": PPCAManifold("fc2:input"),  # noqa: E731
+        "knn_consistency": KNNConsistency(["conv2", "fc2:input"]),
+        "mahalanobis": MahalanobisDetector(["conv2", "fc2:input"]),
+        "lid": LIDDetector(["conv2", "fc2:input"], reference_size=300),
+    }
     one = guard.wrap(tiny_model, {**dets()}, batch_size=512).fit(train)
     held = HeldBatches(limit=3)
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=50, collate_fn=held)
@@ -43,7 +47,9 @@ def test_streaming_fit_holds_few_batches_and_equals_the_tensor_fit(tiny_model, d
     _, b, _ = streamed.score(query)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=name)
-    torch.testing.assert_close(streamed.detectors["knn"].parts_["conv2"].bank_, one.detectors["knn"].parts_["conv2"].bank_)
+    torch.testing.assert_close(
+        streamed.detectors["knn"].parts_["conv2"].bank_, one.detectors["knn"].parts_["conv2"].bank_
+    )
 
 
 def test_default_detectors_stream_from_a_dataset_and_calibrate_from_one(tiny_model, data) -> None:
@@ -67,7 +73,9 @@ def test_folder_of_three_channel_images_streams_through_a_model_of_the_folder(tm
         for i in range(30):
             arr = (torch.rand(8, 8, 3, generator=g) * 0.5 + 0.5 * c).mul(255).byte().numpy()
             Image.fromarray(arr).save(tmp_path / f"k{c}" / f"{i}.png")
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 2)
+    )
     gm = guard.wrap(model, {"knn": KNNRank("3:input", k=3)}, batch_size=16).fit(tmp_path)
     assert gm.detectors["knn"].bank_.shape == (60, 144)
     assert torch.bincount(gm.detectors["knn"].bank_labels_).tolist() == [30, 30]
@@ -90,13 +98,13 @@ def _blobs(n: int, d: int, c: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, c, (n,), generator=g)
     centers = torch.randn(c, d, generator=torch.Generator().manual_seed(99)) * 3
-    mix = torch.randn(d, d, generator=g) / d ** 0.5
+    mix = torch.randn(d, d, generator=g) / d**0.5
     return centers[y] + torch.randn(n, d, generator=g) @ mix + 2.0, y
 
 
 def _stream(det, x, y, bs):
     for i in range(0, x.shape[0], bs):
-        det.partial_fit_features({"f": x[i:i + bs]}, y[i:i + bs])
+        det.partial_fit_features({"f": x[i : i + bs]}, y[i : i + bs])
     return det.finish_fit()
 
 
@@ -132,7 +140,7 @@ def test_bottom_k_is_a_uniform_sample_independent_of_batching() -> None:
         s = BottomK(500, seed=1)
         v = torch.arange(100_000, dtype=torch.float32)[:, None]
         for i in range(0, 100_000, bs):
-            s.add({"v": v[i:i + bs]}, torch.zeros(min(bs, 100_000 - i), dtype=torch.long))
+            s.add({"v": v[i : i + bs]}, torch.zeros(min(bs, 100_000 - i), dtype=torch.long))
         tensors, _, idx = s.result()
         assert torch.equal(tensors["v"][:, 0].long(), idx)
         picks.append(idx)
@@ -149,7 +157,9 @@ def test_streaming_ppca_equals_one_shot_and_incremental_pca_is_close() -> None:
     logits = torch.randn(100, 4)
     one = PPCAManifold("f", n_components=4).fit_features({"f": x}, y)
     inc = _stream(PPCAManifold("f", n_components=4), x, y, 41)
-    torch.testing.assert_close(inc.score_features({"f": q}, logits), one.score_features({"f": q}, logits), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        inc.score_features({"f": q}, logits), one.score_features({"f": q}, logits), rtol=1e-4, atol=1e-3
+    )
     torch.testing.assert_close(inc.noise_, one.noise_, rtol=1e-4, atol=1e-6)
     approx = _stream(PPCAManifold("f", n_components=4, max_scatter_bytes=0), x, y, 41)
     a, b = one.score_features({"f": q}, logits), approx.score_features({"f": q}, logits)

@@ -76,8 +76,14 @@ def test_steps_down_the_surrogate_lower_the_real_score(fitted, name, one_thread)
 def _smooth_net() -> nn.Module:
     """A random-weight convnet with tanh activations: its input gradient changes with the input."""
     torch.manual_seed(3)
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Tanh(),
-                         nn.Flatten(), nn.Linear(8 * 14 * 14, 10)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8 * 14 * 14, 10),
+    ).eval()
 
 
 def test_saliency_surrogate_lowers_the_real_score_on_a_smooth_network(small_split, one_thread) -> None:

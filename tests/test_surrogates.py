@@ -47,7 +47,9 @@ def surrogate_step(guarded, name: str, x: torch.Tensor, head=None) -> tuple[torc
     xa = x.clone().requires_grad_(True)
     with torch.enable_grad():
         layers = det.feature_layers
-        logits, feats = FeatureExtractor(model, layers)(xa, pool=guarded.pool, check=False) if layers else (model(xa), {})
+        logits, feats = (
+            FeatureExtractor(model, layers)(xa, pool=guarded.pool, check=False) if layers else (model(xa), {})
+        )
         fn = getattr(head, "surrogate", None)
         out = fn(Batch(xa, logits, feats, model)) if fn is not None else head(Batch(xa, logits, feats, model))
         out = out["score"] if isinstance(out, dict) else out
@@ -65,7 +67,9 @@ DIFFERENTIABLE = sorted(set(DETECTORS) - {"masking"})
 def test_one_step_down_the_surrogate_lowers_the_real_score(guarded_all, pgd_batch, name):
     before, after, grad = surrogate_step(guarded_all, name, pgd_batch)
     moved = grad.flatten(1).abs().sum(1) > 0
-    assert float(moved.float().mean()) >= 0.9, f"{name}: the surrogate gives no gradient on {float((~moved).float().mean()):.0%} of images"
+    assert float(moved.float().mean()) >= 0.9, (
+        f"{name}: the surrogate gives no gradient on {float((~moved).float().mean()):.0%} of images"
+    )
     lowered, raised = float((after < before).float().mean()), float((after > before).float().mean())
     assert float(after.mean()) < float(before.mean()), (name, float(before.mean()), float(after.mean()))
     assert lowered >= 0.5 and lowered > 2 * raised, (name, lowered, raised)

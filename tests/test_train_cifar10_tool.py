@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -51,8 +50,26 @@ def material(tmp_path):
 
 
 def _args(data, weights, out, swa_epochs=2):
-    return ["--data", str(data), "--weights", str(weights), "--out", str(out), "--epochs", "1", "--lr", "0.05",
-            "--swa-epochs", str(swa_epochs), "--swa-lr", "0.01", "--batch-size", "16", "--threads", "1"]
+    return [
+        "--data",
+        str(data),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--lr",
+        "0.05",
+        "--swa-epochs",
+        str(swa_epochs),
+        "--swa-lr",
+        "0.01",
+        "--batch-size",
+        "16",
+        "--threads",
+        "1",
+    ]
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(material, tmp_path, monkeypatch):
@@ -141,7 +158,14 @@ def test_distilling_from_a_teacher_is_recorded_and_changes_the_result(material, 
     teacher = tmp_path / "teacher.safetensors"
     save_tensors(teacher, CifarResNet(8).state_dict())
     assert tool.main(_args(data, weights, tmp_path / "plain", swa_epochs=0)) == 0
-    kd = _args(data, weights, tmp_path / "kd", swa_epochs=0) + ["--teacher", str(teacher), str(weights), "--teacher-depth", "8", "20"]
+    kd = _args(data, weights, tmp_path / "kd", swa_epochs=0) + [
+        "--teacher",
+        str(teacher),
+        str(weights),
+        "--teacher-depth",
+        "8",
+        "20",
+    ]
     assert tool.main(kd) == 0
     plain = json.loads((tmp_path / "plain" / "resnet20.json").read_text())
     record = json.loads((tmp_path / "kd" / "resnet20.json").read_text())
@@ -151,11 +175,15 @@ def test_distilling_from_a_teacher_is_recorded_and_changes_the_result(material, 
     assert nets[1]["sha256"] == record["start_file"]["sha256"] and nets[0]["sha256"] != nets[1]["sha256"]
     assert record["sha256"] != plain["sha256"]  # the soft targets changed the training
     with pytest.raises(SystemExit):  # two teachers, three depths
-        tool.main(_args(data, weights, tmp_path / "bad2", swa_epochs=0) + ["--teacher", str(teacher), str(weights),
-                                                                          "--teacher-depth", "8", "20", "56"])
+        tool.main(
+            _args(data, weights, tmp_path / "bad2", swa_epochs=0)
+            + ["--teacher", str(teacher), str(weights), "--teacher-depth", "8", "20", "56"]
+        )
     # a teacher file of another depth is refused, naming the file
     with pytest.raises(ValueError, match="teacher.safetensors"):
-        tool.main(_args(data, weights, tmp_path / "bad", swa_epochs=0) + ["--teacher", str(teacher), "--teacher-depth", "20"])
+        tool.main(
+            _args(data, weights, tmp_path / "bad", swa_epochs=0) + ["--teacher", str(teacher), "--teacher-depth", "20"]
+        )
 
 
 def test_depth_56_writes_resnet56_files(material, tmp_path):
@@ -163,13 +191,41 @@ def test_depth_56_writes_resnet56_files(material, tmp_path):
     tool = _tool()
     start = tmp_path / "start56.safetensors"
     save_tensors(start, CifarResNet(56).state_dict())
-    args = ["--data", str(data), "--weights", str(start), "--out", str(tmp_path / "o"), "--epochs", "1",
-            "--batch-size", "40", "--threads", "1", "--depth", "56"]
+    args = [
+        "--data",
+        str(data),
+        "--weights",
+        str(start),
+        "--out",
+        str(tmp_path / "o"),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "40",
+        "--threads",
+        "1",
+        "--depth",
+        "56",
+    ]
     assert tool.main(args) == 0
     record = json.loads((tmp_path / "o" / "resnet56.json").read_text())
     assert record["architecture"] == "guard.core.models.CifarResNet(depth=56)"
     assert "resnet56-4bfd9763.th" in record["start"]
     # ResNet-20 weights for a ResNet-56 run are refused
     with pytest.raises(ValueError, match="CifarResNet\\(depth=56\\)"):
-        tool.main(["--data", str(data), "--weights", str(material[1]), "--out", str(tmp_path / "p"), "--epochs", "1",
-                   "--threads", "1", "--depth", "56"])
+        tool.main(
+            [
+                "--data",
+                str(data),
+                "--weights",
+                str(material[1]),
+                "--out",
+                str(tmp_path / "p"),
+                "--epochs",
+                "1",
+                "--threads",
+                "1",
+                "--depth",
+                "56",
+            ]
+        )

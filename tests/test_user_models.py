@@ -10,7 +10,6 @@ complete, every default detector must be fitted, and the report must list the la
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import os
 import subprocess
@@ -23,14 +22,17 @@ from PIL import Image
 
 # The user module of issue 19 (benchmarks/fixtures/user_cifar_resnet20.py, which loads akamaster's
 # weights), with random weights here: its build() is replaced by one that loads nothing.
-RESNET20 = (Path(__file__).resolve().parents[1] / "benchmarks" / "fixtures" / "user_cifar_resnet20.py").read_text() + """
+RESNET20 = (
+    (Path(__file__).resolve().parents[1] / "benchmarks" / "fixtures" / "user_cifar_resnet20.py").read_text()
+    + """
 
 def build():
     torch.manual_seed(0)
     return nn.Sequential(Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ResNet20()).eval()
 """
+)
 
-TORCHVISION = '''
+TORCHVISION = """
 import torch
 import torchvision
 
@@ -38,12 +40,16 @@ import torchvision
 def build():
     torch.manual_seed(0)
     return torchvision.models.{arch}(num_classes=10).eval()
-'''
+"""
 
 CASES = {
     "resnet20": (RESNET20, 32, ["1.layer2", "1.layer3", "1.linear:input"]),
     "resnet18": (TORCHVISION.format(arch="resnet18"), 64, ["layer3", "layer4", "fc:input"]),
-    "mobilenet_v3_small": (TORCHVISION.format(arch="mobilenet_v3_small"), 64, ["features.8", "features", "classifier.3:input"]),
+    "mobilenet_v3_small": (
+        TORCHVISION.format(arch="mobilenet_v3_small"),
+        64,
+        ["features.8", "features", "classifier.3:input"],
+    ),
 }
 
 
@@ -66,22 +72,65 @@ def test_quick_audit_of_a_users_model(arch, tmp_path):
     (tmp_path / "user_model.py").write_text(code)
     _folder(tmp_path, size)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-m", "guard", "audit", "--model", "user_model:build", "--data", "images", "--quick",
-                           "--out", "out", "-q"], cwd=tmp_path, env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "guard",
+            "audit",
+            "--model",
+            "user_model:build",
+            "--data",
+            "images",
+            "--quick",
+            "--out",
+            "out",
+            "-q",
+        ],
+        cwd=tmp_path,
+        env={**env, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert proc.returncode == 0, (proc.stderr[-3000:], report.get("errors"))
     assert not report.get("errors")  # report.html included (errors["report"])
     page = (tmp_path / "out" / "report.html").read_text()
-    assert 'id="detectors"' in page and 'id="export"' in page and "could not be drawn" not in page and "is missing" not in page
+    assert (
+        'id="detectors"' in page
+        and 'id="export"' in page
+        and "could not be drawn" not in page
+        and "is missing" not in page
+    )
     heldout = {"attacks_heldout"} if importlib.util.find_spec("torchattacks") is not None else set()
-    assert set(report["_completed_steps"]) == {"model", "attacks_gradient", "attacks_patches", "attacks_features",
-                                               "attacks_fooling", "detectors", "adaptive", "robust", "certified",
-                                               "export"} | heldout
+    assert (
+        set(report["_completed_steps"])
+        == {
+            "model",
+            "attacks_gradient",
+            "attacks_patches",
+            "attacks_features",
+            "attacks_fooling",
+            "detectors",
+            "adaptive",
+            "robust",
+            "certified",
+            "export",
+        }
+        | heldout
+    )
     info = report["detectors_info"]
     assert info["feature_layers"] == layers
-    assert set(info["detectors"]) | set(info["left_out"]) == {"saliency", "knn", "ppca", "knn_consistency", "squeeze",
-                                                              "mahalanobis", "lid"}
+    assert set(info["detectors"]) | set(info["left_out"]) == {
+        "saliency",
+        "knn",
+        "ppca",
+        "knn_consistency",
+        "squeeze",
+        "mahalanobis",
+        "lid",
+    }
     assert {"saliency", "knn", "ppca", "knn_consistency"} <= set(info["detectors"]), info["left_out"]
     for det in info["detectors"].values():
         assert all(isinstance(w, int) and 0 < w <= 1024 for w in det["layers"].values()), det  # pooled, O(channels)

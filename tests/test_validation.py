@@ -9,7 +9,11 @@ from guard.core.validation import check_float, check_images, check_int, check_la
     [
         (torch.full((2, 1, 4, 4), float("nan")), ValueError, r"images must be finite; got 32 NaN"),
         (torch.rand(1, 4, 4), ValueError, r"images must be a 4-D tensor \(N, C, H, W\); got shape \(1, 4, 4\)"),
-        (torch.randint(0, 255, (2, 1, 4, 4), dtype=torch.uint8), TypeError, r"images must be a floating-point.*uint8.*divide"),
+        (
+            torch.randint(0, 255, (2, 1, 4, 4), dtype=torch.uint8),
+            TypeError,
+            r"images must be a floating-point.*uint8.*divide",
+        ),
         (torch.rand(2, 1, 4, 4) + 1.5, ValueError, r"images must lie in \[0, 1\]"),
         (torch.rand(0, 1, 4, 4), ValueError, r"images must hold at least one image"),
         ([[0.5]], TypeError, r"images must be a torch.Tensor.*got list"),
@@ -32,7 +36,9 @@ def test_check_images_channels_and_pass_through():
 def test_wrong_image_geometry_gives_clear_error(tiny_model, shape):
     from guard.core.features import FeatureExtractor
 
-    with pytest.raises(ValueError, match=r"the model cannot take x of shape " + repr(shape).replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError, match=r"the model cannot take x of shape " + repr(shape).replace("(", r"\(").replace(")", r"\)")
+    ):
         FeatureExtractor(tiny_model, ["conv2"])(torch.rand(shape))
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import guard
-from guard.detectors import FeatureDetector, KNNRank
 from guard.core.features import default_feature_layers
 from guard.core.validation import NotFittedError
+from guard.detectors import FeatureDetector, KNNRank
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_forward_keeps_logits_and_flags_near_fpr(fitted, tiny_model, demo_split)
     assert set(out.scores) == {"saliency", "knn", "ppca", "knn_consistency", "squeeze", "combined"}
     assert out.flagged.dtype == torch.bool and out.flagged.shape == (64,)
     assert all(v.shape == (64,) for v in out.scores.values())
-    flags = torch.cat([fitted(x[i:i + 250]).flagged for i in range(0, 1000, 250)])
+    flags = torch.cat([fitted(x[i : i + 250]).flagged for i in range(0, 1000, 250)])
     # held-out clean flag rate near the calibrated FPR; with 1,000 images per half the two halves
     # differ on their own (tiny model: 0.075 this way, 0.039 with the halves swapped)
     assert abs(float(flags.float().mean()) - 0.05) < 0.03
@@ -155,8 +155,15 @@ def test_audit_step_quick_reloads_attack_artifacts(tiny_model, demo_split, tmp_p
     ctx.save_attack("fooling_direct", AttackResult(noise, torch.ones(64, dtype=torch.bool)))
     ctx.report = {"version": 1, "_completed_steps": ["attacks_fooling"]}
     ctx.save_report()
-    rep = run_audit(tiny_model, train, test, tmp_path, options=AuditOptions(quick=True, progress=False, export=False),
-                    steps=[step("attacks_fooling"), step("detectors")], resume=True)
+    rep = run_audit(
+        tiny_model,
+        train,
+        test,
+        tmp_path,
+        options=AuditOptions(quick=True, progress=False, export=False),
+        steps=[step("attacks_fooling"), step("detectors")],
+        resume=True,
+    )
     sec = rep["detectors"]
     for det in ("saliency", "knn", "ppca", "combined"):
         e = sec[det]["fooling_direct"]
@@ -172,7 +179,10 @@ def test_audit_step_quick_reloads_attack_artifacts(tiny_model, demo_split, tmp_p
 
 # -- the operating point: realised rates at the calibrated threshold, with exact intervals ---------------------
 
-@pytest.mark.parametrize("k,n", [(0, 1), (0, 10), (1, 10), (5, 10), (10, 10), (3, 250), (13, 256), (999, 1000), (1000, 1000)])
+
+@pytest.mark.parametrize(
+    "k,n", [(0, 1), (0, 10), (1, 10), (5, 10), (10, 10), (3, 250), (13, 256), (999, 1000), (1000, 1000)]
+)
 def test_clopper_pearson_matches_scipy_binomtest(k, n) -> None:
     from scipy.stats import binomtest
 
@@ -187,8 +197,8 @@ def test_clopper_pearson_textbook_values() -> None:
     """0 of 10: the upper bound is 1 - 0.025^(1/10) (solved by hand); 5 of 10: [0.1871, 0.8129]."""
     from guard.evaluation import clopper_pearson
 
-    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** 0.1, abs=1e-12))
-    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1, abs=1e-12), 1.0)
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025**0.1, abs=1e-12))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025**0.1, abs=1e-12), 1.0)
     lo, hi = clopper_pearson(5, 10)
     assert lo == pytest.approx(0.18709, abs=1e-5) and hi == pytest.approx(0.81291, abs=1e-5)
     with pytest.raises(ValueError, match="k <= n"):
@@ -204,7 +214,9 @@ def test_evaluate_operating_point_is_the_served_flag(fitted, demo_split) -> None
     rep = guard.evaluate(fitted, clean, {"noise": noise})
     op = rep["combined"]["noise"]["operating_point"]
     flags_clean, flags_noise = fitted(clean).flagged, fitted(noise).flagged
-    assert op["fpr"]["n"] == 400 and op["fpr"]["k"] == int(flags_clean.sum()) and op["tpr"]["k"] == int(flags_noise.sum())
+    assert (
+        op["fpr"]["n"] == 400 and op["fpr"]["k"] == int(flags_clean.sum()) and op["tpr"]["k"] == int(flags_noise.sum())
+    )
     assert op["fpr"]["ci95"] == list(clopper_pearson(op["fpr"]["k"], 400))
     assert op["fpr"]["ci95"][0] <= op["fpr"]["rate"] <= op["fpr"]["ci95"][1]
     assert op["threshold"] == fitted.combined.threshold_ and op["target_fpr"] == 0.05 and op["n_calibration"] == 1000
@@ -231,16 +243,24 @@ def _planted(kind: str) -> torch.Tensor:
     dot = torch.zeros(100, 1, 28, 28)
     for i in range(100):
         r, c = (i * 7) % 22, (i * 13) % 22
-        dot[i, :, r:r + 5, c:c + 5] = 1.0
+        dot[i, :, r : r + 5, c : c + 5] = 1.0
     return dot
 
 
 # Saliency concentration scores uniform noise *below* clean digits (AUROC 0.25 on this model: noise
 # spreads the attribution), so its planted outlier is the one-square image, whose attribution is
 # concentrated; PPCA separates noise (AUROC 0.83) but flags almost none of it at 5% FPR.
-@pytest.mark.parametrize("detector,kind,min_auroc", [("saliency", "dot", 0.6), ("knn", "noise", 0.95), ("ppca", "dot", 0.85),
-                                                     ("knn_consistency", "noise", 0.85), ("squeeze", "noise", 0.85),
-                                                     ("combined", "noise", 0.95)])
+@pytest.mark.parametrize(
+    "detector,kind,min_auroc",
+    [
+        ("saliency", "dot", 0.6),
+        ("knn", "noise", 0.95),
+        ("ppca", "dot", 0.85),
+        ("knn_consistency", "noise", 0.85),
+        ("squeeze", "noise", 0.85),
+        ("combined", "noise", 0.95),
+    ],
+)
 def test_each_detector_scores_planted_outliers_higher(fitted, demo_split, detector, kind, min_auroc) -> None:
     """Every detector's AUROC well above chance on a planted outlier and its calibrated flag catching more
     of them than of clean images, by more than the intervals: a score with its sign flipped fails here."""

@@ -23,8 +23,9 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,21 +44,28 @@ def _ci(iv: Any) -> str:
 def _source(r: dict[str, Any]) -> str:
     prov = r.get("provenance", {})
     m = prov.get("machine", {})
-    return (f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}` at commit "
-            f"`{str(r.get('commit', prov.get('commit')))[:12]}` on {m.get('cores', '?')} cores "
-            f"({m.get('torch_threads', '?')} torch threads), {prov.get('finished', '?')}._\n")
+    return (
+        f"\n_From `benchmarks/results/{r['_file']}`: `{r.get('command', prov.get('command'))}` at commit "
+        f"`{str(r.get('commit', prov.get('commit')))[:12]}` on {m.get('cores', '?')} cores "
+        f"({m.get('torch_threads', '?')} torch threads), {prov.get('finished', '?')}._\n"
+    )
 
 
 def _robust_row(label: str, f: dict[str, Any]) -> str:
     iv = f.get("intervals", {})
-    return (f"| {label} | {f['method']} | {f['n']} | {_pct(f['clean_accuracy'])}{_ci(iv.get('clean_accuracy'))} | "
-            f"{_pct(f['clean_rejected'])} | {_pct(f['robust_accuracy'])}{_ci(iv.get('robust_accuracy'))} | "
-            f"{_pct(f['robust_accuracy_with_rejection'])}{_ci(iv.get('robust_accuracy_with_rejection'))} |")
+    return (
+        f"| {label} | {f['method']} | {f['n']} | {_pct(f['clean_accuracy'])}{_ci(iv.get('clean_accuracy'))} | "
+        f"{_pct(f['clean_rejected'])} | {_pct(f['robust_accuracy'])}{_ci(iv.get('robust_accuracy'))} | "
+        f"{_pct(f['robust_accuracy_with_rejection'])}{_ci(iv.get('robust_accuracy_with_rejection'))} |"
+    )
 
 
 def robust_hardening(r: dict[str, Any]) -> str:
-    rows = ["| data, eps | method | n | clean accuracy [95% CI] | clean rejected | robust accuracy [95% CI] | "
-            "robust accuracy with rejection [95% CI] |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| data, eps | method | n | clean accuracy [95% CI] | clean rejected | robust accuracy [95% CI] | "
+        "robust accuracy with rejection [95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for part, eps in (("mnist", "0.3"), ("cifar10", "8/255")):
         f = r.get(part)
         if not f:
@@ -70,9 +78,15 @@ def robust_hardening(r: dict[str, Any]) -> str:
     lines = "\n".join(rows) + f"\n\nAttacks (worst case per image): {', '.join(attacks)}.\n"
     for part in ("mnist", "cifar10"):
         if r.get(part):
-            lines += _source({**r[part], "_file": r["_file"], "provenance": r[part].get("provenance", {}),
-                              "command": r[part].get("provenance", {}).get("command"),
-                              "commit": r[part].get("provenance", {}).get("commit")})
+            lines += _source(
+                {
+                    **r[part],
+                    "_file": r["_file"],
+                    "provenance": r[part].get("provenance", {}),
+                    "command": r[part].get("provenance", {}).get("command"),
+                    "commit": r[part].get("provenance", {}).get("commit"),
+                }
+            )
     return lines
 
 
@@ -80,7 +94,11 @@ def online_cost(r: dict[str, Any]) -> str:
     rows = ["| method | guard.harden (s) | plain PyTorch loop (s) | ratio |", "|---|---|---|---|"]
     for m, v in r["methods"].items():
         rows.append(f"| {m} | {v['guard_seconds']:.2f} | {v['plain_seconds']:.2f} | {v['ratio']:.3f} |")
-    return "\n".join(rows) + f"\n\nOne epoch, {r['images']} MNIST images, {r['attack_steps']} attack steps, median of {r['repeats']}.\n" + _source(r)
+    return (
+        "\n".join(rows)
+        + f"\n\nOne epoch, {r['images']} MNIST images, {r['attack_steps']} attack steps, median of {r['repeats']}.\n"
+        + _source(r)
+    )
 
 
 def mutants(r: dict[str, Any]) -> str:
@@ -92,12 +110,16 @@ def mutants(r: dict[str, Any]) -> str:
 
 
 def certified_patches(r: dict[str, Any]) -> str:
-    rows = ["| model, patch | n | clean accuracy | certified recovery | certified detection | clean flagged |",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        "| model, patch | n | clean accuracy | certified recovery | certified detection | clean flagged |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def row(label: str, f: dict[str, Any]) -> str:
-        return (f"| {label} | {f['n']} | {_pct(f['clean_accuracy'])} | {_pct(f['certified_recovery'])} | "
-                f"{_pct(f['certified_detection'])} | {_pct(f['clean_flagged'])} |")
+        return (
+            f"| {label} | {f['n']} | {_pct(f['clean_accuracy'])} | {_pct(f['certified_recovery'])} | "
+            f"{_pct(f['certified_detection'])} | {_pct(f['clean_flagged'])} |"
+        )
 
     c = r.get("cifar10")
     if c:
@@ -114,32 +136,45 @@ def _rate(v: dict[str, Any] | None) -> str:
 def detection_by_strength(r: dict[str, Any]) -> str:
     """The detection table by attack strength: the combined flag and the best single detector at the
     calibrated threshold (TPR over successful adversarials, with k/n and the 95% interval), then AUROC."""
-    rows = ["| attack | strength | held out | success | combined flag: TPR at the operating point [95% CI] | combined AUROC | "
-            "best single detector at the operating point |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| attack | strength | held out | success | combined flag: TPR at the operating point [95% CI] | combined AUROC | "
+        "best single detector at the operating point |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in r["rows"]:
         d = row["detectors"]
         comb = d.get("combined", {})
         singles = {k: v for k, v in d.items() if k != "combined" and v.get("tpr")}
         best = max(singles, key=lambda k: singles[k]["tpr"]["rate"]) if singles else None
         auroc = comb.get("auroc")
-        rows.append(f"| {row['attack']} | {row['strength']} | {'yes' if row['held_out'] else ''} | "
-                    f"{_pct(row['success_rate'])} | {_rate(comb.get('tpr'))} | {'n/a' if auroc is None else f'{auroc:.3f}'} | "
-                    f"{best + ': ' + _rate(singles[best]['tpr']) if best else 'n/a'} |")
+        rows.append(
+            f"| {row['attack']} | {row['strength']} | {'yes' if row['held_out'] else ''} | "
+            f"{_pct(row['success_rate'])} | {_rate(comb.get('tpr'))} | {'n/a' if auroc is None else f'{auroc:.3f}'} | "
+            f"{best + ': ' + _rate(singles[best]['tpr']) if best else 'n/a'} |"
+        )
     c = r["clean_fpr"].get("combined")
-    return ("\n".join(rows) + f"\n\nRealised clean flag rate of the combined flag (target {_pct(r['target_fpr'], 0)}, "
-            f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _source(r))
+    return (
+        "\n".join(rows) + f"\n\nRealised clean flag rate of the combined flag (target {_pct(r['target_fpr'], 0)}, "
+        f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _source(r)
+    )
 
 
 def adaptive(r: dict[str, Any]) -> str:
     a = r["adaptive"]
-    rows = ["| eps | n | adaptive: misclassified | adaptive: evasion [95% CI] | oblivious PGD: evasion [95% CI] |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| eps | n | adaptive: misclassified | adaptive: evasion [95% CI] | oblivious PGD: evasion [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for e in a["per_eps"]:
-        rows.append(f"| {e['eps']:g} | {e['n']} | {_pct(e['misclassified'])} | {_pct(e['evasion'])}{_ci(e['evasion_ci95'])} | "
-                    f"{_pct(e['oblivious_evasion'])}{_ci(e['oblivious_evasion_ci95'])} |")
-    return ("\n".join(rows) + f"\n\nMembers: {', '.join(a['members'])}; detector weights swept "
-            f"{a['weights']}; {a['steps']} steps, {a['restarts']} restart(s); evasion = misclassified and not flagged at the "
-            f"{_pct(a['fpr'], 0)}-FPR threshold.\n" + _source(r))
+        rows.append(
+            f"| {e['eps']:g} | {e['n']} | {_pct(e['misclassified'])} | {_pct(e['evasion'])}{_ci(e['evasion_ci95'])} | "
+            f"{_pct(e['oblivious_evasion'])}{_ci(e['oblivious_evasion_ci95'])} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nMembers: {', '.join(a['members'])}; detector weights swept "
+        f"{a['weights']}; {a['steps']} steps, {a['restarts']} restart(s); evasion = misclassified and not flagged at the "
+        f"{_pct(a['fpr'], 0)}-FPR threshold.\n" + _source(r)
+    )
 
 
 #: table name -> (results file, renderer)
@@ -171,7 +206,9 @@ def process(doc: Path, write: bool) -> list[str]:
         if new != m["body"]:
             stale.append(m["name"])
             if not write:
-                diff = difflib.unified_diff(m["body"].splitlines(), new.splitlines(), "in " + doc.name, "from results", lineterm="")
+                diff = difflib.unified_diff(
+                    m["body"].splitlines(), new.splitlines(), "in " + doc.name, "from results", lineterm=""
+                )
                 print("\n".join(list(diff)[:20]), file=sys.stderr)
         return m.group(1) + new + m.group(4)
 
@@ -186,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--write", action="store_true")
     g.add_argument("--check", action="store_true")
-    p.add_argument("--docs", nargs="+", default=None, help="documents to process (default: README.md and BENCHMARKS.md)")
+    p.add_argument(
+        "--docs", nargs="+", default=None, help="documents to process (default: README.md and BENCHMARKS.md)"
+    )
     args = p.parse_args(argv)
     docs = [Path(d) for d in args.docs] if args.docs else [ROOT / d for d in DOCS]
     stale = {d.name: process(d, args.write) for d in docs}
@@ -194,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check and bad:
         print(f"tables differ from their results files: {bad}; run tools/results_tables.py --write", file=sys.stderr)
         return 1
-    print("rewrote " + ", ".join(f"{d}: {s}" for d, s in bad.items()) if bad else "all tables match their results files")
+    print(
+        "rewrote " + ", ".join(f"{d}: {s}" for d, s in bad.items()) if bad else "all tables match their results files"
+    )
     return 0
 
 

@@ -35,7 +35,9 @@ def _crop_rows(tops: dict[str, int], wanted: list[str], height: int) -> tuple[in
     order = sorted(tops, key=tops.get)
     unknown = [s for s in wanted if s not in tops]
     if unknown:
-        raise SystemExit(f"screenshot_report: --sections must name sections of the page ({', '.join(order)}); got {', '.join(unknown)}")
+        raise SystemExit(
+            f"screenshot_report: --sections must name sections of the page ({', '.join(order)}); got {', '.join(unknown)}"
+        )
     first, last = min(wanted, key=order.index), max(wanted, key=order.index)
     top = 0 if first == order[0] else tops[first]
     after = order.index(last) + 1
@@ -47,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="the audit folder (guard audit --out OUT)")
     p.add_argument("png", help="the screenshot to write")
-    p.add_argument("--sections", default="", help="comma-separated section ids to keep (model, summary, gradient, patches, "
-                   "features, fooling, detectors, adaptive, harden, export); default: the whole page")
+    p.add_argument(
+        "--sections",
+        default="",
+        help="comma-separated section ids to keep (model, summary, gradient, patches, "
+        "features, fooling, detectors, adaptive, harden, export); default: the whole page",
+    )
     p.add_argument("--width", type=int, default=1100, help="browser window width in CSS pixels (default 1100)")
     p.add_argument("--out-width", type=int, default=760, help="width of the stored PNG in pixels (default 760)")
     p.add_argument("--colors", type=int, default=64, help="palette size of the stored PNG (default 64)")
@@ -57,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
 
     browser = find_browser()
     if browser is None:
-        print("screenshot_report: no Chromium found: apt-get install -y chromium (or set GUARD_CHROMIUM)", file=sys.stderr)
+        print(
+            "screenshot_report: no Chromium found: apt-get install -y chromium (or set GUARD_CHROMIUM)", file=sys.stderr
+        )
         return 2
     page_path = Path(args.out) / "report.html"
     if not args.no_rebuild:
@@ -87,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     target = Path(args.png)
     target.parent.mkdir(parents=True, exist_ok=True)
     im.save(target, optimize=True)
-    print(f"chromium: probe {t_probe:.1f} s, screenshot {t_shot:.1f} s; page height {seen.scroll_height} px, "
-          f"{len(seen.natural_widths)} images, {len(bad)} not decoded")
+    print(
+        f"chromium: probe {t_probe:.1f} s, screenshot {t_shot:.1f} s; page height {seen.scroll_height} px, "
+        f"{len(seen.natural_widths)} images, {len(bad)} not decoded"
+    )
     if seen.scroll_height > MAX_HEIGHT:
         print(f"  the page is taller than {MAX_HEIGHT} px: the screenshot shows its top part")
     print(f"wrote {target} ({target.stat().st_size:,} bytes, {im.width}x{im.height})")

@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--masks-per-image", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--train-images", type=int, default=None,
-                   help="fine-tune on a seeded random subset of this many training images (default: all 50,000)")
+    p.add_argument(
+        "--train-images",
+        type=int,
+        default=None,
+        help="fine-tune on a seeded random subset of this many training images (default: all 50,000)",
+    )
     p.add_argument("--eval-images", type=int, default=1000, help="test images for the one-mask accuracy in the record")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -59,26 +63,46 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     x_train, y_train, names = read_image_archive(data / "cifar10-train.tar.gz")
     x_test, y_test, _ = read_image_archive(data / "cifar10-test.tar.gz")
-    print(f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True
+    )
     if args.train_images is not None and args.train_images < len(x_train):
-        keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[:args.train_images]
+        keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[: args.train_images]
         x_train, y_train = x_train[keep], y_train[keep]
     model = guard.demo_model("cifar10")
     start_sha = model.guard_meta["sha256"]
-    config = MaskTrainConfig(patch_size=args.patch, k=args.k, masks_per_image=args.masks_per_image, epochs=args.epochs,
-                             lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    config = MaskTrainConfig(
+        patch_size=args.patch,
+        k=args.k,
+        masks_per_image=args.masks_per_image,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     masks = mask_set(tuple(x_train.shape[-2:]), args.patch, args.k)
     n_eval = min(args.eval_images, len(x_test))
     # the start's test accuracy is the shipped record's (measured when it was trained); its one-mask accuracy is measured here
-    before = {"test_accuracy": float(model.guard_meta["test_accuracy"]),
-              "one_mask_accuracy": masked_accuracy(model, x_test[:n_eval], y_test[:n_eval], masks, fill=config.fill)}
+    before = {
+        "test_accuracy": float(model.guard_meta["test_accuracy"]),
+        "one_mask_accuracy": masked_accuracy(model, x_test[:n_eval], y_test[:n_eval], masks, fill=config.fill),
+    }
     print(f"start (sha256 {start_sha[:16]}...): {before}", flush=True)
     t_train = time.perf_counter()
-    history = mask_train(model, x_train, y_train, config, augment=crop_flip_augment, checkpoint_dir=out / "mask_train_state",
-                         on_epoch_end=lambda e: print(f"epoch {e['epoch']}: loss {e['train_loss']} ({e['seconds']} s)", flush=True))
+    history = mask_train(
+        model,
+        x_train,
+        y_train,
+        config,
+        augment=crop_flip_augment,
+        checkpoint_dir=out / "mask_train_state",
+        on_epoch_end=lambda e: print(f"epoch {e['epoch']}: loss {e['train_loss']} ({e['seconds']} s)", flush=True),
+    )
     train_seconds = time.perf_counter() - t_train
-    after = {"test_accuracy": accuracy(model, x_test.float() / 255, y_test),
-             "one_mask_accuracy": masked_accuracy(model, x_test[:n_eval], y_test[:n_eval], masks, fill=config.fill)}
+    after = {
+        "test_accuracy": accuracy(model, x_test.float() / 255, y_test),
+        "one_mask_accuracy": masked_accuracy(model, x_test[:n_eval], y_test[:n_eval], masks, fill=config.fill),
+    }
     print(f"fine-tuned: {after}", flush=True)
     path = out / "resnet20_masked.safetensors"
     architecture = "guard.core.models.CifarResNet(depth=20)"
@@ -92,17 +116,31 @@ def main(argv: list[str] | None = None) -> int:
         "start": "guard.demo_model('cifar10') (guard/_data/cifar10/resnet20.safetensors)",
         "start_sha256": start_sha,
         "method": "PatchCleanser-style mask training (Xiang et al. 2022): two random masks of the mask set per image",
-        "mask_set": {"patch_side": args.patch, "k": args.k, "mask_size": list(masks.mask_size), "stride": list(masks.stride),
-                     "masks": len(masks), "fill": config.fill},
+        "mask_set": {
+            "patch_side": args.patch,
+            "k": args.k,
+            "mask_size": list(masks.mask_size),
+            "stride": list(masks.stride),
+            "masks": len(masks),
+            "fill": config.fill,
+        },
         "command": "python tools/train_cifar10_masked.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "epochs": args.epochs,
         "lr": args.lr,
         "batch_size": args.batch_size,
         "masks_per_image": args.masks_per_image,
-        "train_data": {"file": "cifar10-train.tar.gz", "md5": file_md5(data / "cifar10-train.tar.gz"), "images": len(x_train),
-                       "subset": None if args.train_images is None else f"seeded random subset (seed {args.seed}) of the 50,000"},
-        "test_data": {"file": "cifar10-test.tar.gz", "md5": file_md5(data / "cifar10-test.tar.gz"), "images": len(x_test)},
+        "train_data": {
+            "file": "cifar10-train.tar.gz",
+            "md5": file_md5(data / "cifar10-train.tar.gz"),
+            "images": len(x_train),
+            "subset": None if args.train_images is None else f"seeded random subset (seed {args.seed}) of the 50,000",
+        },
+        "test_data": {
+            "file": "cifar10-test.tar.gz",
+            "md5": file_md5(data / "cifar10-test.tar.gz"),
+            "images": len(x_test),
+        },
         "before": {k: round(v, 4) for k, v in before.items()},
         "test_accuracy": round(after["test_accuracy"], 4),
         "one_mask_accuracy": round(after["one_mask_accuracy"], 4),

@@ -47,7 +47,7 @@ from guard.training.checkpoint import optimizer_from_tensors, optimizer_to_tenso
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    pred = torch.cat([model(x[i:i + 500].float() / 255).argmax(1) for i in range(0, len(x), 500)])
+    pred = torch.cat([model(x[i : i + 500].float() / 255).argmax(1) for i in range(0, len(x), 500)])
     return float((pred == y).float().mean())
 
 
@@ -73,18 +73,24 @@ def _load_start(model: CifarResNet, state: dict[str, torch.Tensor], where: str) 
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("normalize.")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{where!r} does not hold a CifarResNet(depth={model.depth}) state: missing {missing[:4]}, "
-                         f"unexpected {result.unexpected_keys[:4]}")
+        raise ValueError(
+            f"{where!r} does not hold a CifarResNet(depth={model.depth}) state: missing {missing[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}"
+        )
 
 
-def _distillation(logits: torch.Tensor, teachers: list[torch.nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
+def _distillation(
+    logits: torch.Tensor, teachers: list[torch.nn.Module], x: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Hinton et al.'s soft-target term, T^2 * KL(teacher || student) at temperature T; the
     teacher distribution of several networks is the mean of their tempered softmaxes."""
     with torch.no_grad():
         logs = torch.stack([F.log_softmax(t(x) / temperature, dim=1) for t in teachers])
         target = torch.logsumexp(logs, dim=0) - math.log(len(teachers))
-    return F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True,
-                    reduction="batchmean") * temperature ** 2
+    return (
+        F.kl_div(F.log_softmax(logits / temperature, dim=1), target, log_target=True, reduction="batchmean")
+        * temperature**2
+    )
 
 
 def _save_state(path: Path, model, opt, swa, gen: torch.Generator, meta: dict) -> None:
@@ -101,39 +107,63 @@ def _save_state(path: Path, model, opt, swa, gen: torch.Generator, meta: dict) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="folder with cifar10-train.tar.gz and cifar10-test.tar.gz")
-    p.add_argument("--weights", required=True, help="the starting weights: akamaster resnet20.safetensors, or a guard resnet20.safetensors")
+    p.add_argument(
+        "--weights",
+        required=True,
+        help="the starting weights: akamaster resnet20.safetensors, or a guard resnet20.safetensors",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=6, help="epochs of the cosine phase (lr from --lr to 0)")
     p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--swa-epochs", type=int, default=0,
-                   help="then this many epochs at the constant --swa-lr, averaging the weights at every epoch's end "
-                        "(stochastic weight averaging, Izmailov et al. 2018; torch.optim.swa_utils); the average, with "
-                        "its BatchNorm statistics recomputed on the training images, is the result")
+    p.add_argument(
+        "--swa-epochs",
+        type=int,
+        default=0,
+        help="then this many epochs at the constant --swa-lr, averaging the weights at every epoch's end "
+        "(stochastic weight averaging, Izmailov et al. 2018; torch.optim.swa_utils); the average, with "
+        "its BatchNorm statistics recomputed on the training images, is the result",
+    )
     p.add_argument("--swa-lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--depth", type=int, default=20, help="the CIFAR ResNet to train (20: the demo model; 56: a teacher)")
-    p.add_argument("--teacher", nargs="+", default=None,
-                   help="guard resnetDEPTH.safetensors file(s) to distil from; several: their mean tempered softmax")
-    p.add_argument("--teacher-depth", type=int, nargs="+", default=[56], help="one depth for every teacher, or one per teacher")
-    p.add_argument("--kd-weight", type=float, default=0.9, help="weight of the distillation term (the rest: cross-entropy)")
+    p.add_argument(
+        "--depth", type=int, default=20, help="the CIFAR ResNet to train (20: the demo model; 56: a teacher)"
+    )
+    p.add_argument(
+        "--teacher",
+        nargs="+",
+        default=None,
+        help="guard resnetDEPTH.safetensors file(s) to distil from; several: their mean tempered softmax",
+    )
+    p.add_argument(
+        "--teacher-depth", type=int, nargs="+", default=[56], help="one depth for every teacher, or one per teacher"
+    )
+    p.add_argument(
+        "--kd-weight", type=float, default=0.9, help="weight of the distillation term (the rest: cross-entropy)"
+    )
     p.add_argument("--kd-temperature", type=float, default=4.0)
     args = p.parse_args(argv)
     if args.epochs < 0 or args.swa_epochs < 0 or args.epochs + args.swa_epochs == 0:
         p.error(f"--epochs and --swa-epochs must be >= 0 and not both 0; got {args.epochs} and {args.swa_epochs}")
     if not 0.0 <= args.kd_weight <= 1.0 or args.kd_temperature <= 0:
-        p.error(f"--kd-weight must be in [0, 1] and --kd-temperature > 0; got {args.kd_weight} and {args.kd_temperature}")
+        p.error(
+            f"--kd-weight must be in [0, 1] and --kd-temperature > 0; got {args.kd_weight} and {args.kd_temperature}"
+        )
     teacher_depths = list(args.teacher_depth) * (len(args.teacher or []) if len(args.teacher_depth) == 1 else 1)
     if args.teacher and len(teacher_depths) != len(args.teacher):
-        p.error(f"--teacher-depth takes one depth or one per teacher; got {len(args.teacher_depth)} for {len(args.teacher)} teachers")
+        p.error(
+            f"--teacher-depth takes one depth or one per teacher; got {len(args.teacher_depth)} for {len(args.teacher)} teachers"
+        )
     torch.set_num_threads(args.threads)
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     x_train, y_train, names = read_image_archive(data / "cifar10-train.tar.gz")
     x_test, y_test, _ = read_image_archive(data / "cifar10-test.tar.gz")
-    print(f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"decoded {len(x_train)} training and {len(x_test)} test images in {time.perf_counter() - t0:.0f} s", flush=True
+    )
     torch.manual_seed(args.seed)
     model = CifarResNet(args.depth)
     start_state, start_sha = _start_weights(Path(args.weights))
@@ -149,27 +179,48 @@ def main(argv: list[str] | None = None) -> int:
         net.eval().requires_grad_(False)
         acc = accuracy(net, x_test, y_test)
         teachers.append(net)
-        teacher_records.append({"file": Path(file).name, "sha256": sha, "depth": depth, "start": _lineage(depth),
-                                "test_accuracy": round(acc, 4)})
-        print(f"teacher ResNet-{depth} {Path(file).name} (sha256 {sha[:16]}...): {acc:.4f} on the test images "
-              "(reported, not used to select)", flush=True)
+        teacher_records.append(
+            {
+                "file": Path(file).name,
+                "sha256": sha,
+                "depth": depth,
+                "start": _lineage(depth),
+                "test_accuracy": round(acc, 4),
+            }
+        )
+        print(
+            f"teacher ResNet-{depth} {Path(file).name} (sha256 {sha[:16]}...): {acc:.4f} on the test images "
+            "(reported, not used to select)",
+            flush=True,
+        )
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     per_epoch = math.ceil(len(x_train) / args.batch_size)
     steps = args.epochs * per_epoch
     swa = AveragedModel(model) if args.swa_epochs else None
     gen = torch.Generator().manual_seed(args.seed)
-    config = {"start_sha256": start_sha, "epochs": args.epochs, "lr": args.lr, "swa_epochs": args.swa_epochs,
-              "swa_lr": args.swa_lr, "batch_size": args.batch_size, "seed": args.seed, "depth": args.depth,
-              "teacher_sha256": [t["sha256"] for t in teacher_records] or None, "kd_weight": args.kd_weight,
-              "kd_temperature": args.kd_temperature}
+    config = {
+        "start_sha256": start_sha,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "swa_epochs": args.swa_epochs,
+        "swa_lr": args.swa_lr,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "depth": args.depth,
+        "teacher_sha256": [t["sha256"] for t in teacher_records] or None,
+        "kd_weight": args.kd_weight,
+        "kd_temperature": args.kd_temperature,
+    }
     state_path = out / "train_state.safetensors"
     history: list[dict] = []
     done, elapsed = 0, 0.0
     if state_path.is_file():  # resume: an interrupted run loses at most the epoch in progress
         tensors, meta = load_tensors(state_path)
         if meta.get("config") != config:
-            raise ValueError(f"{str(state_path)!r} is from a run with other settings ({meta.get('config')}); "
-                             f"this run has {config}: use another --out or delete the file")
+            raise ValueError(
+                f"{str(state_path)!r} is from a run with other settings ({meta.get('config')}); "
+                f"this run has {config}: use another --out or delete the file"
+            )
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         opt.load_state_dict(optimizer_from_tensors(tensors, meta["optimizer"]))
         if swa is not None:
@@ -191,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         for j, i in enumerate(range(0, len(perm), args.batch_size)):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * per_epoch + j)
-            idx = perm[i:i + args.batch_size]
+            idx = perm[i : i + args.batch_size]
             xb = crop_flip_augment(x_train[idx].float() / 255, gen)
             logits = model(xb)
             loss = F.cross_entropy(logits, y_train[idx])
             if teachers:
-                loss = (1 - args.kd_weight) * loss + args.kd_weight * _distillation(logits, teachers, xb, args.kd_temperature)
+                loss = (1 - args.kd_weight) * loss + args.kd_weight * _distillation(
+                    logits, teachers, xb, args.kd_temperature
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -205,22 +258,40 @@ def main(argv: list[str] | None = None) -> int:
         phase = "cosine" if epoch < args.epochs else "swa"
         if phase == "swa":
             swa.update_parameters(model)
-        history.append({"epoch": epoch + 1, "phase": phase, "train_loss": round(total / seen, 4),
-                        "seconds": round(time.perf_counter() - t_train, 1)})
-        print(f"epoch {epoch + 1} ({phase}): train loss {total / seen:.4f} ({time.perf_counter() - t_train:.0f} s)", flush=True)
-        _save_state(state_path, model, opt, swa, gen, {"config": config, "epochs_done": epoch + 1,
-                                                       "seconds": time.perf_counter() - t_train, "history": history})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "phase": phase,
+                "train_loss": round(total / seen, 4),
+                "seconds": round(time.perf_counter() - t_train, 1),
+            }
+        )
+        print(
+            f"epoch {epoch + 1} ({phase}): train loss {total / seen:.4f} ({time.perf_counter() - t_train:.0f} s)",
+            flush=True,
+        )
+        _save_state(
+            state_path,
+            model,
+            opt,
+            swa,
+            gen,
+            {"config": config, "epochs_done": epoch + 1, "seconds": time.perf_counter() - t_train, "history": history},
+        )
     result = model
     last_iterate = None
     if swa is not None:
         last_iterate = accuracy(model, x_test, y_test)  # printed for the record; the average is the result either way
-        loader = [x_train[i:i + 500].float() / 255 for i in range(0, len(x_train), 500)]
+        loader = [x_train[i : i + 500].float() / 255 for i in range(0, len(x_train), 500)]
         update_bn(loader, swa)
         result = swa.module
     train_seconds = time.perf_counter() - t_train
     after = accuracy(result, x_test, y_test)
     if last_iterate is not None:
-        print(f"last iterate: {last_iterate:.4f}; weight average (the result): {after:.4f} on the 10,000 test images", flush=True)
+        print(
+            f"last iterate: {last_iterate:.4f}; weight average (the result): {after:.4f} on the 10,000 test images",
+            flush=True,
+        )
     print(f"fine-tuned: {after:.4f} on the 10,000 test images (never trained on)", flush=True)
     path = out / f"resnet{args.depth}.safetensors"
     state = {k: v for k, v in result.state_dict().items()}
@@ -234,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         "classes": names,
         "start": _lineage(args.depth),
         "start_file": {"name": Path(args.weights).name, "sha256": start_sha},
-        "teacher": None if not teachers else {"networks": teacher_records, "kd_weight": args.kd_weight,
-                                              "kd_temperature": args.kd_temperature},
+        "teacher": None
+        if not teachers
+        else {"networks": teacher_records, "kd_weight": args.kd_weight, "kd_temperature": args.kd_temperature},
         "command": "python tools/train_cifar10_resnet20.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed,
         "epochs": args.epochs,
@@ -243,8 +315,16 @@ def main(argv: list[str] | None = None) -> int:
         "swa_epochs": args.swa_epochs,
         "swa_lr": args.swa_lr,
         "batch_size": args.batch_size,
-        "train_data": {"file": "cifar10-train.tar.gz", "md5": file_md5(data / "cifar10-train.tar.gz"), "images": len(x_train)},
-        "test_data": {"file": "cifar10-test.tar.gz", "md5": file_md5(data / "cifar10-test.tar.gz"), "images": len(x_test)},
+        "train_data": {
+            "file": "cifar10-train.tar.gz",
+            "md5": file_md5(data / "cifar10-train.tar.gz"),
+            "images": len(x_train),
+        },
+        "test_data": {
+            "file": "cifar10-test.tar.gz",
+            "md5": file_md5(data / "cifar10-test.tar.gz"),
+            "images": len(x_test),
+        },
         "test_accuracy_start": round(before, 4),
         "test_accuracy_last_iterate": None if last_iterate is None else round(last_iterate, 4),
         "test_accuracy": round(after, 4),

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eps", type=float, default=8 / 255)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--attack-steps", type=int, default=1)
-    p.add_argument("--step-size", type=float, default=None, help="default: 1.25 eps with one attack step, else 2.5 eps / steps")
+    p.add_argument(
+        "--step-size", type=float, default=None, help="default: 1.25 eps with one attack step, else 2.5 eps / steps"
+    )
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--reject-weight", type=float, default=1.0)
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=40, help="batches between checkpoints inside an epoch")
-    p.add_argument("--stop-after-epoch", type=int, default=None, help="end this invocation after this many epochs in all")
+    p.add_argument(
+        "--stop-after-epoch", type=int, default=None, help="end this invocation after this many epochs in all"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -70,10 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     look = torch.randperm(len(x_test), generator=torch.Generator().manual_seed(args.seed))[:1000]
     held = Split(x_test[look].float().div_(255), y_test[look])
     step = args.step_size if args.step_size is not None else (1.25 * args.eps if args.attack_steps == 1 else None)
-    config = HardenConfig.online(args.method, eps=args.eps, epochs=args.epochs, attack_steps=args.attack_steps,
-                                 step_size=step, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                                 reject_weight=args.reject_weight, eps_warmup_epochs=args.eps_warmup_epochs,
-                                 monitor_images=200)
+    config = HardenConfig.online(
+        args.method,
+        eps=args.eps,
+        epochs=args.epochs,
+        attack_steps=args.attack_steps,
+        step_size=step,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        reject_weight=args.reject_weight,
+        eps_warmup_epochs=args.eps_warmup_epochs,
+        monitor_images=200,
+    )
     model = guard.demo_model("cifar10")
 
     def stop(_round: int, epoch: int, _net: torch.nn.Module) -> None:
@@ -82,36 +95,66 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        res = harden(model, train, test=held, config=config, augment=crop_flip_augment, checkpoint_dir=out / "checkpoints",
-                     resume=True, progress=True, on_epoch_end=stop, checkpoint_every=args.checkpoint_every)
+        res = harden(
+            model,
+            train,
+            test=held,
+            config=config,
+            augment=crop_flip_augment,
+            checkpoint_dir=out / "checkpoints",
+            resume=True,
+            progress=True,
+            on_epoch_end=stop,
+            checkpoint_every=args.checkpoint_every,
+        )
     except _Stop:
         meta = load_checkpoint(out / "checkpoints")[3]
-        print(f"stopped after epoch {meta['epoch']} of {args.epochs}; run the same command again to continue", flush=True)
+        print(
+            f"stopped after epoch {meta['epoch']} of {args.epochs}; run the same command again to continue", flush=True
+        )
         return 0
     rc = res.model
     x_all = x_test.float().div_(255)
     with torch.no_grad():
-        pred = torch.cat([rc(x_all[i:i + 500]).argmax(1) for i in range(0, len(x_all), 500)])
+        pred = torch.cat([rc(x_all[i : i + 500]).argmax(1) for i in range(0, len(x_all), 500)])
     path = out / f"resnet20-{args.method}.safetensors"
     rc.save(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     record = {
-        "file": path.name, "sha256": digest, "format": "guard.RejectClassifier (RejectClassifier.load(path, guard.demo_model('cifar10')))",
+        "file": path.name,
+        "sha256": digest,
+        "format": "guard.RejectClassifier (RejectClassifier.load(path, guard.demo_model('cifar10')))",
         "architecture": "guard.core.models.CifarResNet(depth=20) with an 11-output head (index 10 = reject)",
-        "classes": names, "start": "guard.demo_model('cifar10') (guard/_data/cifar10/resnet20.safetensors)",
+        "classes": names,
+        "start": "guard.demo_model('cifar10') (guard/_data/cifar10/resnet20.safetensors)",
         "start_sha256": guard.demo_model("cifar10").guard_meta["sha256"],
         "command": "python tools/train_cifar10_robust.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "config": config.to_dict(), "seed": args.seed,
-        "train_data": {"file": "cifar10-train.tar.gz", "md5": file_md5(data / "cifar10-train.tar.gz"), "images": len(x_train)},
-        "test_data": {"file": "cifar10-test.tar.gz", "md5": file_md5(data / "cifar10-test.tar.gz"), "images": len(x_test)},
+        "config": config.to_dict(),
+        "seed": args.seed,
+        "train_data": {
+            "file": "cifar10-train.tar.gz",
+            "md5": file_md5(data / "cifar10-train.tar.gz"),
+            "images": len(x_train),
+        },
+        "test_data": {
+            "file": "cifar10-test.tar.gz",
+            "md5": file_md5(data / "cifar10-test.tar.gz"),
+            "images": len(x_test),
+        },
         "test_accuracy": round(float((pred == y_test).float().mean()), 4),
         "test_rejected": round(float((pred == 10).float().mean()), 4),
-        "baseline": res.baseline, "history": res.history, "timings": res.timings,
-        "seconds_this_invocation": round(time.perf_counter() - t0, 1), "threads": args.threads, "torch": torch.__version__,
+        "baseline": res.baseline,
+        "history": res.history,
+        "timings": res.timings,
+        "seconds_this_invocation": round(time.perf_counter() - t0, 1),
+        "threads": args.threads,
+        "torch": torch.__version__,
         "licence": "BSD-2-Clause (akamaster/pytorch_resnet_cifar10 lineage, see guard/_data/cifar10/LICENSE-resnet20.txt)",
     }
     atomic_write_text(out / f"resnet20-{args.method}.json", json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path} (sha256 {digest[:16]}...): clean {record['test_accuracy']:.4f}, rejected {record['test_rejected']:.4f}")
+    print(
+        f"wrote {path} (sha256 {digest[:16]}...): clean {record['test_accuracy']:.4f}, rejected {record['test_rejected']:.4f}"
+    )
     return 0
 
 

@@ -10,5 +10,18 @@ from guard.training.harden import CheckpointMismatch, HardenConfig, HardenResult
 from guard.training.reject import REJECT, RejectClassifier, grow_head
 from guard.training.round_attacks import DEFAULT_ATTACKS, ROUND_ATTACKS, AttackBudget, round_attack_table
 
-__all__ = ["accuracy", "train_classifier", "harden", "HardenConfig", "HardenResult", "CheckpointMismatch", "RejectClassifier",
-           "grow_head", "REJECT", "AttackBudget", "ROUND_ATTACKS", "DEFAULT_ATTACKS", "round_attack_table"]
+__all__ = [
+    "accuracy",
+    "train_classifier",
+    "harden",
+    "HardenConfig",
+    "HardenResult",
+    "CheckpointMismatch",
+    "RejectClassifier",
+    "grow_head",
+    "REJECT",
+    "AttackBudget",
+    "ROUND_ATTACKS",
+    "DEFAULT_ATTACKS",
+    "round_attack_table",
+]

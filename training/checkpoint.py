@@ -20,14 +20,22 @@ from torch import nn
 
 from guard.core.cache import load_tensors, save_tensors
 
-__all__ = ["CheckpointMismatch", "CHECKPOINT_NAME", "checkpoint_path", "save_checkpoint", "load_checkpoint", "optimizer_to_tensors", "optimizer_from_tensors"]
+__all__ = [
+    "CheckpointMismatch",
+    "CHECKPOINT_NAME",
+    "checkpoint_path",
+    "save_checkpoint",
+    "load_checkpoint",
+    "optimizer_to_tensors",
+    "optimizer_from_tensors",
+]
 
 CHECKPOINT_NAME = "harden_state.safetensors"
 
 
-
 class CheckpointMismatch(ValueError):
     """The checkpoint in ``checkpoint_dir`` belongs to another run (settings, model or data differ)."""
+
 
 def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
     return Path(directory) / CHECKPOINT_NAME
@@ -88,7 +96,9 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, torch.Tensor], dict[str, Any]] | None:
+def load_checkpoint(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, torch.Tensor], dict[str, Any]] | None:
     """``(model_state, optimizer_state_or_None, extra, meta)``, or None when there is no checkpoint.
 
     A damaged file raises ValueError (from :func:`guard.core.cache.load_tensors`).
@@ -97,7 +107,7 @@ def load_checkpoint(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.
     if not path.is_file():
         return None
     tensors, meta = load_tensors(path)
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     opt_state = optimizer_from_tensors(tensors, meta["optimizer"]) if "optimizer" in meta else None
     return model_state, opt_state, extra, meta

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,7 @@ def train_classifier(
             perm = torch.randperm(x.shape[0], generator=gen)
             total, n = 0.0, 0
             for i in range(0, x.shape[0], batch_size):
-                idx = perm[i:i + batch_size]
+                idx = perm[i : i + batch_size]
                 xb, yb = x[idx], y[idx]
                 if augment is not None:
                     xb = augment(xb, gen)

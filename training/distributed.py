@@ -16,7 +16,7 @@ DataLoader cannot be sharded and is refused (ValueError naming ``data``). On GPU
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,9 @@ def barrier() -> None:
 _DTYPES = [torch.float32, torch.int64, torch.float64, torch.bool]
 
 
-def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, names: Sequence[str], src: int = 0) -> dict[str, torch.Tensor]:
+def broadcast_tensors(
+    tensors: dict[str, torch.Tensor] | None, names: Sequence[str], src: int = 0
+) -> dict[str, torch.Tensor]:
     """Broadcast named CPU tensors from ``src`` to every rank (no pickling: shapes go first)."""
     rank, size = world()
     if size == 1:
@@ -71,9 +73,9 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, names: Sequence[s
             t = tensors[name]  # type: ignore[index]
             header[0] = t.dim()
             header[1] = _DTYPES.index(t.dtype)
-            header[2:2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+            header[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
         dist.broadcast(header, src)
-        shape = [int(v) for v in header[2:2 + int(header[0])]]
+        shape = [int(v) for v in header[2 : 2 + int(header[0])]]
         dtype = _DTYPES[int(header[1])]
         buf = tensors[name].to(dev).contiguous() if rank == src else torch.empty(shape, dtype=dtype, device=dev)  # type: ignore[index]
         dist.broadcast(buf, src)

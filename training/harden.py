@@ -36,9 +36,10 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,14 +51,21 @@ from guard.core.models import model_device, predict_labels
 from guard.core.validation import check_float, check_images, check_int
 from guard.training.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
 from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
+from guard.training.harden_data import HardenStream, check_shardable, digest, epoch_order, reject_picks, stream_accuracy
 from guard.training.loop import ddp_wrap as _wrap
-from guard.training.online_losses import ONLINE_METHODS
 from guard.training.loop import mix_seed as _seed
 from guard.training.loop import train_mode as _train_mode
-from guard.training.harden_data import HardenStream, check_shardable, digest, epoch_order, reject_picks, stream_accuracy
+from guard.training.online_losses import ONLINE_METHODS
 from guard.training.reject import RejectClassifier, grow_head
-from guard.training.round_attacks import (DEFAULT_ATTACKS, FOOLING_ATTACKS, AttackBudget, RoundAttackSet, check_attacks,
-                                          generate_round_attacks, score_attack_set)
+from guard.training.round_attacks import (
+    DEFAULT_ATTACKS,
+    FOOLING_ATTACKS,
+    AttackBudget,
+    RoundAttackSet,
+    check_attacks,
+    generate_round_attacks,
+    score_attack_set,
+)
 
 __all__ = ["harden", "HardenConfig", "HardenResult", "CheckpointMismatch", "epoch_set"]
 
@@ -146,16 +154,16 @@ class HardenConfig:
     eps_warmup_epochs: float = 0.0
 
     @classmethod
-    def online(cls, method: str = "reject", *, eps: float, **overrides: Any) -> "HardenConfig":
+    def online(cls, method: str = "reject", *, eps: float, **overrides: Any) -> HardenConfig:
         """Defaults for an online method: SGD at lr 0.05 (cosine), batch 128, 10 epochs, 10 attack steps."""
         return cls(**{"method": method, "eps": eps, "lr": 0.05, "batch_size": 128, "epochs": 10, **overrides})
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "HardenConfig":
+    def quick(cls, **overrides: Any) -> HardenConfig:
         """One short round with small attacks (smoke runs, the quick audit)."""
         return cls(**{"rounds": 1, "epochs_per_round": 1, "budget": AttackBudget.quick(), **overrides})
 
-    def validated(self) -> "HardenConfig":
+    def validated(self) -> HardenConfig:
         owner = "harden"
         if not isinstance(self.budget, AttackBudget):
             raise TypeError(f"budget must be an AttackBudget; got {type(self.budget).__name__}.")
@@ -163,25 +171,35 @@ class HardenConfig:
             raise TypeError(f"head must be a dotted module name (str) or None; got {type(self.head).__name__}.")
         trainable = self.trainable
         if trainable is not None:
-            if isinstance(trainable, str) or not isinstance(trainable, (tuple, list)) or not all(isinstance(t, str) and t for t in trainable):
+            if (
+                isinstance(trainable, str)
+                or not isinstance(trainable, (tuple, list))
+                or not all(isinstance(t, str) and t for t in trainable)
+            ):
                 raise TypeError(f"trainable must be None or a tuple of dotted module names (str); got {trainable!r}.")
             trainable = tuple(trainable)
         if not isinstance(self.freeze_known_classes, bool):
-            raise TypeError(f"freeze_known_classes must be a bool; got {type(self.freeze_known_classes).__name__} "
-                            f"({self.freeze_known_classes!r}).")
+            raise TypeError(
+                f"freeze_known_classes must be a bool; got {type(self.freeze_known_classes).__name__} "
+                f"({self.freeze_known_classes!r})."
+            )
         if not isinstance(self.method, str) or self.method not in ("rounds", *ONLINE_METHODS):
-            raise ValueError(f"The 'method' parameter of harden must be one of {['rounds', *ONLINE_METHODS]}. "
-                             f"Got {self.method!r}.")
+            raise ValueError(
+                f"The 'method' parameter of harden must be one of {['rounds', *ONLINE_METHODS]}. Got {self.method!r}."
+            )
         if self.method != "rounds" and self.eps is None:
-            raise ValueError(f"The 'eps' parameter of harden is required by method={self.method!r}: the L-inf radius in "
-                             "[0, 1] pixel units (e.g. 8/255 for CIFAR-10, 0.3 for MNIST). Got None.")
+            raise ValueError(
+                f"The 'eps' parameter of harden is required by method={self.method!r}: the L-inf radius in "
+                "[0, 1] pixel units (e.g. 8/255 for CIFAR-10, 0.3 for MNIST). Got None."
+            )
         return dataclasses.replace(
             self,
             eps=None if self.eps is None else check_float(self.eps, "eps", owner, low=0.0, low_open=True, high=1.0),
             epochs=check_int(self.epochs, "epochs", owner, low=1),
             attack_steps=check_int(self.attack_steps, "attack_steps", owner, low=1),
-            step_size=None if self.step_size is None else check_float(self.step_size, "step_size", owner, low=0.0,
-                                                                         low_open=True, high=1.0),
+            step_size=None
+            if self.step_size is None
+            else check_float(self.step_size, "step_size", owner, low=0.0, low_open=True, high=1.0),
             trades_beta=check_float(self.trades_beta, "trades_beta", owner, low=0.0),
             reject_weight=check_float(self.reject_weight, "reject_weight", owner, low=0.0),
             monitor_images=check_int(self.monitor_images, "monitor_images", owner, low=0),
@@ -209,8 +227,17 @@ class HardenConfig:
         return d
 
 
-_ONLINE_FIELDS = ("method", "epochs", "eps", "attack_steps", "step_size", "trades_beta", "reject_weight", "monitor_images",
-                 "eps_warmup_epochs")
+_ONLINE_FIELDS = (
+    "method",
+    "epochs",
+    "eps",
+    "attack_steps",
+    "step_size",
+    "trades_beta",
+    "reject_weight",
+    "monitor_images",
+    "eps_warmup_epochs",
+)
 
 
 @dataclass
@@ -333,26 +360,55 @@ def harden(
         train.scan(with_digest=checkpoint_dir is not None)
     ymax = train.ymax if isinstance(train, HardenStream) else int(train.y.max())
     if ymax >= n:
-        raise ValueError(f"num_classes mismatch: the labels of data go up to {ymax} but the head {head_name!r} has {n} outputs.")
+        raise ValueError(
+            f"num_classes mismatch: the labels of data go up to {ymax} but the head {head_name!r} has {n} outputs."
+        )
     if isinstance(held, Split) and int(held.y.max()) >= n:  # a stream's labels are checked as it is evaluated
-        raise ValueError(f"num_classes mismatch: the labels of test go up to {int(held.y.max())} but the head {head_name!r} has {n} outputs.")
+        raise ValueError(
+            f"num_classes mismatch: the labels of test go up to {int(held.y.max())} but the head {head_name!r} has {n} outputs."
+        )
     if reject_images is not None:
         check_images(reject_images, "reject_images")
         shape = train.image_shape if isinstance(train, HardenStream) else tuple(train.x.shape[1:])
         if tuple(reject_images.shape[1:]) != tuple(shape):
-            raise ValueError(f"reject_images must have the data's image shape {tuple(shape)} (C, H, W); got "
-                             f"{tuple(reject_images.shape[1:])}.")
+            raise ValueError(
+                f"reject_images must have the data's image shape {tuple(shape)} (C, H, W); got "
+                f"{tuple(reject_images.shape[1:])}."
+            )
         reject_images = reject_images.detach().to("cpu", torch.float32).contiguous()
     if config.method != "rounds":
         if reject_images is not None:
-            raise ValueError(f"reject_images apply to the offline rounds (method='rounds'); method={config.method!r} "
-                             "attacks every batch itself. Got reject_images with the online method.")
-        return _harden_online(net, n, head_name, train, held if held is not None else train, config, augment=augment,
-                              checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-                              on_epoch_end=on_epoch_end, checkpoint_every=checkpoint_every)
-    hardener = _Hardener(net, n, head_name, train, held if held is not None else train, config, augment=augment,
-                         checkpoint_dir=checkpoint_dir, progress=progress, on_epoch_end=on_epoch_end,
-                         reject_images=reject_images)
+            raise ValueError(
+                f"reject_images apply to the offline rounds (method='rounds'); method={config.method!r} "
+                "attacks every batch itself. Got reject_images with the online method."
+            )
+        return _harden_online(
+            net,
+            n,
+            head_name,
+            train,
+            held if held is not None else train,
+            config,
+            augment=augment,
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            progress=progress,
+            on_epoch_end=on_epoch_end,
+            checkpoint_every=checkpoint_every,
+        )
+    hardener = _Hardener(
+        net,
+        n,
+        head_name,
+        train,
+        held if held is not None else train,
+        config,
+        augment=augment,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+        reject_images=reject_images,
+    )
     created = init_from_env(hardener.device)
     try:
         return hardener.run(resume=resume)
@@ -363,8 +419,18 @@ def harden(
             dist.destroy_process_group()
 
 
-def _harden_online(net: nn.Module, n: int, head: str, train: _Data, held: _Data, config: HardenConfig, *,
-                   checkpoint_every: int, resume: bool, **kw: Any) -> HardenResult:
+def _harden_online(
+    net: nn.Module,
+    n: int,
+    head: str,
+    train: _Data,
+    held: _Data,
+    config: HardenConfig,
+    *,
+    checkpoint_every: int,
+    resume: bool,
+    **kw: Any,
+) -> HardenResult:
     """The online methods (:mod:`guard.training.online`): the same model, checkpoints and result type as the rounds."""
     from guard.training.online import OnlineHardener
 
@@ -396,7 +462,9 @@ class _State:
     archive_x: torch.Tensor | None = None
     archive_round: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     cur: RoundAttackSet | None = None  # the attack set of round ``cur_round``
-    cur_keep: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.bool))  # which of it joined the archive
+    cur_keep: torch.Tensor = field(
+        default_factory=lambda: torch.empty(0, dtype=torch.bool)
+    )  # which of it joined the archive
     cur_round: int = 0
     round_done: int = 0
     epoch_done: int = -1
@@ -411,22 +479,36 @@ class _State:
         return out
 
     def meta(self) -> dict[str, Any]:
-        m: dict[str, Any] = {"round_done": self.round_done, "epoch_done": self.epoch_done, "history": self.history,
-                             "baseline": self.baseline, "timings": self.timings, "cur_round": self.cur_round,
-                             "round_seconds": self.round_secs}
+        m: dict[str, Any] = {
+            "round_done": self.round_done,
+            "epoch_done": self.epoch_done,
+            "history": self.history,
+            "baseline": self.baseline,
+            "timings": self.timings,
+            "cur_round": self.cur_round,
+            "round_seconds": self.round_secs,
+        }
         if self.cur is not None:
             m["cur_names"], m["cur_seconds"] = self.cur.names, self.cur.seconds
         return m
 
     @classmethod
-    def restore(cls, extra: dict[str, torch.Tensor], meta: dict[str, Any]) -> "_State":
-        s = cls(history=meta["history"], baseline=meta["baseline"], archive_x=extra["archive_x"],
-                archive_round=extra["archive_round"].long(), cur_round=int(meta.get("cur_round", 0)),
-                round_done=int(meta["round_done"]), epoch_done=int(meta["epoch_done"]),
-                timings=meta.get("timings", {"attack_seconds": 0.0, "train_seconds": 0.0}),
-                round_secs=meta.get("round_seconds", {"attack": 0.0, "train": 0.0}))
+    def restore(cls, extra: dict[str, torch.Tensor], meta: dict[str, Any]) -> _State:
+        s = cls(
+            history=meta["history"],
+            baseline=meta["baseline"],
+            archive_x=extra["archive_x"],
+            archive_round=extra["archive_round"].long(),
+            cur_round=int(meta.get("cur_round", 0)),
+            round_done=int(meta["round_done"]),
+            epoch_done=int(meta["epoch_done"]),
+            timings=meta.get("timings", {"attack_seconds": 0.0, "train_seconds": 0.0}),
+            round_secs=meta.get("round_seconds", {"attack": 0.0, "train": 0.0}),
+        )
         if s.cur_round:
-            s.cur = RoundAttackSet.from_tensors({k: extra["cur_" + k] for k in _SET_NAMES}, meta["cur_names"], meta.get("cur_seconds"))
+            s.cur = RoundAttackSet.from_tensors(
+                {k: extra["cur_" + k] for k in _SET_NAMES}, meta["cur_names"], meta.get("cur_seconds")
+            )
             s.cur_keep = extra["cur_keep"].bool()
         return s
 
@@ -434,10 +516,21 @@ class _State:
 class _Hardener:
     """One hardening run: the rounds, the checkpoints, the measurements."""
 
-    def __init__(self, net: nn.Module, n: int, head: str, train: _Data, held: _Data, config: HardenConfig, *,
-                 augment: Callable | None, checkpoint_dir: str | Path | None, progress: bool,
-                 on_epoch_end: Callable[[int, int, nn.Module], None] | None,
-                 reject_images: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        n: int,
+        head: str,
+        train: _Data,
+        held: _Data,
+        config: HardenConfig,
+        *,
+        augment: Callable | None,
+        checkpoint_dir: str | Path | None,
+        progress: bool,
+        on_epoch_end: Callable[[int, int, nn.Module], None] | None,
+        reject_images: torch.Tensor | None = None,
+    ) -> None:
         self.net, self.n, self.head, self.train, self.held, self.cfg = net, n, head, train, held, config
         self.augment, self.checkpoint_dir, self.on_epoch_end = augment, checkpoint_dir, on_epoch_end
         self.device = model_device(net)
@@ -448,9 +541,14 @@ class _Hardener:
         # digest is the tensor path's (see HardenStream.scan); a DataLoader's own order is
         # another epoch schedule, so it is marked
         settings = {k: v for k, v in config.to_dict().items() if k != "rounds"}
-        self.fingerprint = {**settings, "num_classes": n, "head": head, "n_train": len(train),
-                            "model_digest": digest(net.state_dict().values()),
-                            "data_digest": train.digest if stream else digest([train.x, train.y])}
+        self.fingerprint = {
+            **settings,
+            "num_classes": n,
+            "head": head,
+            "n_train": len(train),
+            "model_digest": digest(net.state_dict().values()),
+            "data_digest": train.digest if stream else digest([train.x, train.y]),
+        }
         if stream and not train.map_style:
             self.fingerprint["data_order"] = "the DataLoader's own"
         if reject_images is not None:
@@ -473,23 +571,35 @@ class _Hardener:
         old = dict(meta.get("config", {}))
         if old != self.fingerprint:
             diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-            raise CheckpointMismatch(f"cannot resume from {str(self.checkpoint_dir)!r}: the run's settings differ in {diff} "
-                                     f"(checkpoint {[old.get(k) for k in diff]}, now {[self.fingerprint.get(k) for k in diff]}).")
+            raise CheckpointMismatch(
+                f"cannot resume from {str(self.checkpoint_dir)!r}: the run's settings differ in {diff} "
+                f"(checkpoint {[old.get(k) for k in diff]}, now {[self.fingerprint.get(k) for k in diff]})."
+            )
         state = _State.restore(extra, meta)
         if state.round_done > self.cfg.rounds:
-            raise CheckpointMismatch(f"cannot resume from {str(self.checkpoint_dir)!r} with rounds={self.cfg.rounds}: it already "
-                                     f"holds {state.round_done} finished rounds (pass rounds >= {state.round_done}).")
+            raise CheckpointMismatch(
+                f"cannot resume from {str(self.checkpoint_dir)!r} with rounds={self.cfg.rounds}: it already "
+                f"holds {state.round_done} finished rounds (pass rounds >= {state.round_done})."
+            )
         self.net.load_state_dict(model_state)
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
         self.state = state
-        log.info("harden: resumed at round %d (epochs done %d) from %s", state.round_done, state.epoch_done + 1, self.checkpoint_dir)
+        log.info(
+            "harden: resumed at round %d (epochs done %d) from %s",
+            state.round_done,
+            state.epoch_done + 1,
+            self.checkpoint_dir,
+        )
 
     def _checkpoint(self) -> None:
         if self.checkpoint_dir is None or self.rank != 0:
             return
-        meta = {"config": self.fingerprint, "rng": {"scheme": "seed per (seed, round, epoch)", "seed": self.cfg.seed},
-                **self.state.meta()}
+        meta = {
+            "config": self.fingerprint,
+            "rng": {"scheme": "seed per (seed, round, epoch)", "seed": self.cfg.seed},
+            **self.state.meta(),
+        }
         save_checkpoint(self.checkpoint_dir, self.net, self.opt, meta, self.state.tensors())
 
     # ---------------------------------------------------------------- attacks and measures
@@ -498,9 +608,16 @@ class _Hardener:
         t0 = time.perf_counter()
         tensors, secs = None, {}
         if self.rank == 0:
-            s = generate_round_attacks(self.net, self.cfg.attacks, num_classes=self.n, image_shape=self.image_shape,
-                                       pool=self._pool(r), budget=self.cfg.budget,
-                                       seed=_seed(self.cfg.seed, r, 1), progress=self.show)
+            s = generate_round_attacks(
+                self.net,
+                self.cfg.attacks,
+                num_classes=self.n,
+                image_shape=self.image_shape,
+                pool=self._pool(r),
+                budget=self.cfg.budget,
+                seed=_seed(self.cfg.seed, r, 1),
+                progress=self.show,
+            )
             tensors, secs = s.to_tensors(), s.seconds
         tensors = broadcast_tensors(tensors, _SET_NAMES)
         self.state.timings["attack_seconds"] += time.perf_counter() - t0
@@ -569,8 +686,14 @@ class _Hardener:
         self.net.requires_grad_(True)  # the returned model is an ordinary one again
         for hook in self._row_hooks:
             hook.remove()
-        return HardenResult(RejectClassifier(self.net, self.n, self.head).eval(), st.history, st.baseline,
-                            int(st.archive_x.shape[0]), {k: round(v, 3) for k, v in st.timings.items()}, cfg)
+        return HardenResult(
+            RejectClassifier(self.net, self.n, self.head).eval(),
+            st.history,
+            st.baseline,
+            int(st.archive_x.shape[0]),
+            {k: round(v, 3) for k, v in st.timings.items()},
+            cfg,
+        )
 
     def _attack_phase(self, r: int) -> None:
         """Round r's attacks against the model after round r - 1; they also measure that model."""
@@ -596,8 +719,22 @@ class _Hardener:
             if e <= st.epoch_done:
                 continue
             t0 = time.perf_counter()
-            loss = _train_epoch(ddp, self.opt, self.train, st.archive_x, self.n, cfg.reject_share, cfg.batch_size, self.augment,
-                                _seed(cfg.seed, r, e, 2), self.rank, self.size, self.device, cfg.online_fooling_steps, self.frozen)
+            loss = _train_epoch(
+                ddp,
+                self.opt,
+                self.train,
+                st.archive_x,
+                self.n,
+                cfg.reject_share,
+                cfg.batch_size,
+                self.augment,
+                _seed(cfg.seed, r, e, 2),
+                self.rank,
+                self.size,
+                self.device,
+                cfg.online_fooling_steps,
+                self.frozen,
+            )
             st.timings["train_seconds"] += time.perf_counter() - t0
             st.round_secs["train"] += time.perf_counter() - t0
             st.epoch_done = e
@@ -608,12 +745,20 @@ class _Hardener:
                 self.on_epoch_end(r, e, self.net)
         acc, rej = self._clean()
         cur, keep = st.cur, st.cur_keep
-        entry = {"round": r, "clean_accuracy": acc, "clean_rejected_share": rej,
-                 "rejected_share_of_round_attacks": self._rejected_share(cur.x[keep]),
-                 "rejected_share_of_all_round_images": score_attack_set(self.net, cur, self.n)["rejected_share"],
-                 "n_round_attacks": int(keep.sum()), "n_round_images": len(cur), "archive_size": int(st.archive_x.shape[0]),
-                 "reject_share": cfg.reject_share, "epochs": cfg.epochs_per_round,
-                 "seconds_attack": round(st.round_secs["attack"], 3), "seconds_train": round(st.round_secs["train"], 3)}
+        entry = {
+            "round": r,
+            "clean_accuracy": acc,
+            "clean_rejected_share": rej,
+            "rejected_share_of_round_attacks": self._rejected_share(cur.x[keep]),
+            "rejected_share_of_all_round_images": score_attack_set(self.net, cur, self.n)["rejected_share"],
+            "n_round_attacks": int(keep.sum()),
+            "n_round_images": len(cur),
+            "archive_size": int(st.archive_x.shape[0]),
+            "reject_share": cfg.reject_share,
+            "epochs": cfg.epochs_per_round,
+            "seconds_attack": round(st.round_secs["attack"], 3),
+            "seconds_train": round(st.round_secs["train"], 3),
+        }
         if len(st.history) >= r:
             st.history[r - 1] = entry
         else:
@@ -632,8 +777,10 @@ def _freeze(net: nn.Module, head: str, trainable: tuple[str, ...] | None) -> lis
     modules = dict(net.named_modules())
     missing = [t for t in trainable if t not in modules]
     if missing:
-        raise ValueError(f"trainable names modules the model does not have: {missing}; expected dotted names from "
-                         f"model.named_modules(), e.g. {[k for k in modules if k][:5]}.")
+        raise ValueError(
+            f"trainable names modules the model does not have: {missing}; expected dotted names from "
+            f"model.named_modules(), e.g. {[k for k in modules if k][:5]}."
+        )
     roots = (*trainable, head)
 
     def inside(name: str) -> bool:
@@ -659,8 +806,9 @@ def _freeze_known_rows(net: nn.Module, head: str, n: int) -> list[Any]:
     return hooks
 
 
-def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float,
-              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def epoch_set(
+    train: Split, archive_x: torch.Tensor, n: int, reject_share: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One epoch's images: all clean ones plus reject images making up ``reject_share`` of the total.
 
     The reject images are drawn uniformly from the whole archive (every earlier round's
@@ -679,19 +827,41 @@ def epoch_set(train: Split, archive_x: torch.Tensor, n: int, reject_share: float
     return x, y, is_clean
 
 
-def _split_batches(train: Split, archive_x: torch.Tensor, n: int, reject_share: float, gen: torch.Generator,
-                   epoch_seed: int, rank: int, size: int, local_bs: int):
+def _split_batches(
+    train: Split,
+    archive_x: torch.Tensor,
+    n: int,
+    reject_share: float,
+    gen: torch.Generator,
+    epoch_seed: int,
+    rank: int,
+    size: int,
+    local_bs: int,
+):
     """The tensor path's epoch: :func:`epoch_set` shuffled, ``(offset, x, y, is_clean)`` per batch."""
     x, y, is_clean = epoch_set(train, archive_x, n, reject_share, gen)
     order = epoch_order(int(y.numel()), epoch_seed, rank, size)
     for i in range(0, order.numel(), local_bs):
-        idx = order[i:i + local_bs]
+        idx = order[i : i + local_bs]
         yield i, x[idx], y[idx], is_clean[idx]
 
 
-def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: _Data, archive_x: torch.Tensor, n: int,
-                 reject_share: float, batch_size: int, augment, epoch_seed: int, rank: int, size: int, device,
-                 online_steps: int = 0, frozen: list[nn.Module] | None = None) -> float:
+def _train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    train: _Data,
+    archive_x: torch.Tensor,
+    n: int,
+    reject_share: float,
+    batch_size: int,
+    augment,
+    epoch_seed: int,
+    rank: int,
+    size: int,
+    device,
+    online_steps: int = 0,
+    frozen: list[nn.Module] | None = None,
+) -> float:
     """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive
     (and, with ``online_steps``, fresh gradient-ascent fooling images against the current model).
     A stream is read batch by batch (:meth:`HardenStream.epoch_batches`)."""
@@ -716,7 +886,8 @@ def _train_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: _Data, arc
             if online_steps > 0:
                 net = model.module if hasattr(model, "module") else model
                 fool = FoolingGradient(steps=online_steps, lr=0.1, threshold=0.99, seed=(epoch_seed + i) % (2**31))(
-                    net, shape=tuple(xb.shape[1:]), classes=range(n))
+                    net, shape=tuple(xb.shape[1:]), classes=range(n)
+                )
                 _train_mode(model, frozen)
                 xb = torch.cat([xb, fool.x_adv.detach().to(device)])
                 yb = torch.cat([yb, torch.full((fool.x_adv.shape[0],), n, dtype=torch.long, device=device)])

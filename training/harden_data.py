@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,9 +73,11 @@ def epoch_order(total: int, epoch_seed: int, rank: int, size: int) -> torch.Tens
 def check_shardable(data: Any, name: str, size: int) -> None:
     """Under torchrun each process reads its ``DistributedSampler`` shard by index: a DataLoader cannot be sharded."""
     if size > 1 and isinstance(data, HardenStream) and not data.map_style:
-        raise ValueError(f"{name}: a DataLoader or IterableDataset cannot be split across the {size} processes of torchrun "
-                         "(each would train on all of it); pass a map-style Dataset or an image folder (each process "
-                         "reads its shard by index) or (x, y) tensors.")
+        raise ValueError(
+            f"{name}: a DataLoader or IterableDataset cannot be split across the {size} processes of torchrun "
+            "(each would train on all of it); pass a map-style Dataset or an image folder (each process "
+            "reads its shard by index) or (x, y) tensors."
+        )
 
 
 class _Lists:
@@ -105,7 +108,9 @@ class HardenStream:
         if isinstance(data, (str, os.PathLike)):
             data = image_folder(data, name)
         self.data, self.name, self.batch_size = data, name, int(batch_size)
-        self.map_style = isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
+        self.map_style = (
+            isinstance(data, Dataset) and not isinstance(data, IterableDataset) and hasattr(data, "__len__")
+        )
         self.n = 0
         self.image_shape: tuple[int, ...] = ()
         self.ymax = -1
@@ -118,7 +123,7 @@ class HardenStream:
         """Checked ``(x, y)`` batches in stream order (index order for a Dataset)."""
         return stream_batches(self.data, self.batch_size, self.name)
 
-    def scan(self, *, with_digest: bool) -> "HardenStream":
+    def scan(self, *, with_digest: bool) -> HardenStream:
         """One pass: count, image shape, largest label and (``with_digest``) the digest of :func:`digest` ``([x, y])``."""
         h = hashlib.sha256() if with_digest else None
         labels, shape, n = [], None, 0
@@ -126,8 +131,10 @@ class HardenStream:
             if shape is None:
                 shape = tuple(xb.shape[1:])
             elif tuple(xb.shape[1:]) != shape:
-                raise ValueError(f"{self.name}: its images differ in shape ({shape} and then {tuple(xb.shape[1:])}); "
-                                 "resize them to one size (an image folder: a transforms.Resize).")
+                raise ValueError(
+                    f"{self.name}: its images differ in shape ({shape} and then {tuple(xb.shape[1:])}); "
+                    "resize them to one size (an image folder: a transforms.Resize)."
+                )
             if h is not None:
                 _update(h, xb)
             labels.append(yb.cpu())
@@ -157,8 +164,17 @@ class HardenStream:
             return torch.cat(xs), torch.cat(ys)
         return sample_stream(self.data, k, self.batch_size, self.name, seed=seed)
 
-    def epoch_batches(self, archive_x: torch.Tensor, n: int, reject_share: float, gen: torch.Generator, epoch_seed: int,
-                      rank: int, size: int, local_bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def epoch_batches(
+        self,
+        archive_x: torch.Tensor,
+        n: int,
+        reject_share: float,
+        gen: torch.Generator,
+        epoch_seed: int,
+        rank: int,
+        size: int,
+        local_bs: int,
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """One epoch's ``(offset, x, y, is_clean)`` batches: every clean image once plus the reject share.
 
         A Dataset: the tensor path's order and batches exactly (:func:`epoch_order` over the
@@ -168,16 +184,19 @@ class HardenStream:
         """
         picks = reject_picks(self.n, int(archive_x.shape[0]), reject_share, gen)
         if self.map_style:
-            return self._dataset_epoch(archive_x, picks, n, epoch_order(self.n + picks.numel(), epoch_seed, rank, size), local_bs)
+            return self._dataset_epoch(
+                archive_x, picks, n, epoch_order(self.n + picks.numel(), epoch_seed, rank, size), local_bs
+            )
         return self._loader_epoch(archive_x, picks, n, reject_share)
 
-    def _dataset_epoch(self, archive_x: torch.Tensor, picks: torch.Tensor, n: int, order: torch.Tensor,
-                       local_bs: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _dataset_epoch(
+        self, archive_x: torch.Tensor, picks: torch.Tensor, n: int, order: torch.Tensor, local_bs: int
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         starts = range(0, order.numel(), local_bs)
 
         def clean_lists() -> Iterator[list[int]]:
             for i in starts:
-                idx = order[i:i + local_bs]
+                idx = order[i : i + local_bs]
                 if bool((idx < self.n).any()):
                     yield idx[idx < self.n].tolist()
 
@@ -185,7 +204,7 @@ class HardenStream:
         loader = DataLoader(self.data, batch_sampler=_Lists(clean_lists, n_lists), generator=torch.Generator())
         reads = stream_batches(loader, 1, self.name)
         for i in starts:
-            idx = order[i:i + local_bs]
+            idx = order[i : i + local_bs]
             clean = idx < self.n
             xb = torch.empty((idx.numel(), *self.image_shape))
             yb = torch.full((idx.numel(),), n, dtype=torch.long)
@@ -196,8 +215,9 @@ class HardenStream:
                 xb[~clean] = archive_x[picks[idx[~clean] - self.n]]
             yield i, xb, yb, clean
 
-    def _loader_epoch(self, archive_x: torch.Tensor, picks: torch.Tensor, n: int,
-                      reject_share: float) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _loader_epoch(
+        self, archive_x: torch.Tensor, picks: torch.Tensor, n: int, reject_share: float
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
         ratio = reject_share / (1.0 - reject_share)
         seen = used = offset = 0
         for cx, cy in self.batches():
@@ -211,8 +231,9 @@ class HardenStream:
             seen, used, offset = seen + b, used + take.numel(), offset + b + take.numel()
 
 
-def stream_accuracy(predict: Callable[[torch.Tensor], torch.Tensor], held: HardenStream, n: int,
-                    head: str) -> tuple[float, float]:
+def stream_accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor], held: HardenStream, n: int, head: str
+) -> tuple[float, float]:
     """(accuracy, share predicted as reject ``n``) over ``held``, batch by batch; a rejected image is an error.
 
     Computed as the tensor path computes it (the mean of a float32 tensor of hits), so the two
@@ -221,8 +242,10 @@ def stream_accuracy(predict: Callable[[torch.Tensor], torch.Tensor], held: Harde
     hits, rejected = [], []
     for xb, yb in held.batches():
         if int(yb.max()) >= n:
-            raise ValueError(f"num_classes mismatch: the labels of {held.name} go up to {int(yb.max())} but the head {head!r} "
-                             f"has {n} outputs.")
+            raise ValueError(
+                f"num_classes mismatch: the labels of {held.name} go up to {int(yb.max())} but the head {head!r} "
+                f"has {n} outputs."
+            )
         pred = predict(xb).cpu()
         hits.append(pred == yb)
         rejected.append(pred == n)

@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class MaskTrainConfig:
     weight_decay: float = 5e-4
     seed: int = 0
 
-    def check(self) -> "MaskTrainConfig":
+    def check(self) -> MaskTrainConfig:
         owner = "MaskTrainConfig"
         check_int(self.k, "k", owner, low=1)
         check_float(self.fill, "fill", owner, low=0.0, high=1.0)
@@ -86,9 +86,20 @@ def _as_float(xb: torch.Tensor) -> torch.Tensor:
     return xb.float() / 255 if xb.dtype == torch.uint8 else xb.float()
 
 
-def _epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskTrainConfig, masks: MaskSet, opt: torch.optim.Optimizer,
-           gen: torch.Generator, augment: Callable | None, epoch: int, per_epoch: int, steps: int,
-           device: torch.device) -> tuple[float, int]:
+def _epoch(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: MaskTrainConfig,
+    masks: MaskSet,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    augment: Callable | None,
+    epoch: int,
+    per_epoch: int,
+    steps: int,
+    device: torch.device,
+) -> tuple[float, int]:
     """One epoch of SGD on masked images; returns (summed loss, images seen)."""
     model.train()
     perm = torch.randperm(x.shape[0], generator=gen)
@@ -96,7 +107,7 @@ def _epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskTrain
     for j, i in enumerate(range(0, x.shape[0], config.batch_size)):
         for group in opt.param_groups:
             group["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * (epoch * per_epoch + j) / steps))
-        idx = perm[i:i + config.batch_size]
+        idx = perm[i : i + config.batch_size]
         xb = _as_float(x[idx])
         if augment is not None:
             xb = augment(xb, gen)
@@ -111,10 +122,17 @@ def _epoch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskTrain
     return total, seen
 
 
-def mask_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskTrainConfig = MaskTrainConfig(), *,
-               augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
-               checkpoint_dir: str | Path | None = None, stop_after: int | None = None,
-               on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+def mask_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: MaskTrainConfig = MaskTrainConfig(),
+    *,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    stop_after: int | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Fine-tune ``model`` in place on masked images; returns the per-epoch history.
 
     Args:
@@ -133,12 +151,16 @@ def mask_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskT
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
-        raise TypeError(f"x must be images (N, C, H, W), uint8 or float; got {type(x).__name__} "
-                        f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}.")
+        raise TypeError(
+            f"x must be images (N, C, H, W), uint8 or float; got {type(x).__name__} "
+            f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}."
+        )
     y = check_labels(y, "y", n=int(x.shape[0]))
     masks = mask_set(tuple(x.shape[-2:]), config.patch_size, config.k)
     device = model_device(model)
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay
+    )
     gen = torch.Generator().manual_seed(config.seed)
     per_epoch = math.ceil(x.shape[0] / config.batch_size)
     steps = config.epochs * per_epoch
@@ -148,14 +170,20 @@ def mask_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskT
     if checkpoint_dir is not None and (ck := load_checkpoint(checkpoint_dir)) is not None:
         model_state, opt_state, extra, meta = ck
         if meta.get("settings") != settings:
-            raise ValueError(f"the checkpoint in {str(checkpoint_dir)!r} is from a run with other settings ({meta.get('settings')}); "
-                             f"this run has {settings}: use another checkpoint_dir or delete it.")
+            raise ValueError(
+                f"the checkpoint in {str(checkpoint_dir)!r} is from a run with other settings ({meta.get('settings')}); "
+                f"this run has {settings}: use another checkpoint_dir or delete it."
+            )
         model.load_state_dict(model_state)
         opt.load_state_dict(opt_state)
         gen.set_state(extra["gen_state"])
         done, history = int(meta["epochs_done"]), list(meta["history"])
         log.info("mask_train: resumed after epoch %d", done)
-    last = config.epochs if stop_after is None else min(config.epochs, done + check_int(stop_after, "stop_after", "mask_train", low=0))
+    last = (
+        config.epochs
+        if stop_after is None
+        else min(config.epochs, done + check_int(stop_after, "stop_after", "mask_train", low=0))
+    )
     try:
         for epoch in range(done, last):
             t0 = time.perf_counter()
@@ -164,13 +192,22 @@ def mask_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskT
                 # that a resumed run draws what an uninterrupted one does and the caller's state is kept
                 torch.manual_seed(config.seed * 1_000_003 + epoch)
                 total, seen = _epoch(model, x, y, config, masks, opt, gen, augment, epoch, per_epoch, steps, device)
-            entry = {"epoch": epoch + 1, "train_loss": round(total / seen, 4), "seconds": round(time.perf_counter() - t0, 1)}
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": round(total / seen, 4),
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
             history.append(entry)
             log.info("mask_train epoch %d: loss %.4f", epoch + 1, total / seen)
             if checkpoint_dir is not None:
                 Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-                save_checkpoint(checkpoint_dir, model, opt, {"settings": settings, "epochs_done": epoch + 1, "history": history},
-                                extra={"gen_state": gen.get_state()})
+                save_checkpoint(
+                    checkpoint_dir,
+                    model,
+                    opt,
+                    {"settings": settings, "epochs_done": epoch + 1, "history": history},
+                    extra={"gen_state": gen.get_state()},
+                )
             if on_epoch_end is not None:
                 on_epoch_end(entry)
     finally:
@@ -178,8 +215,9 @@ def mask_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskT
     return history
 
 
-def masked_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: MaskSet, *, fill: float = 0.5,
-                    batch_size: int = 1024) -> float:
+def masked_accuracy(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, masks: MaskSet, *, fill: float = 0.5, batch_size: int = 1024
+) -> float:
     """The share of (image, mask) pairs whose one-mask label is right (a quick gauge of mask robustness)."""
     one = one_mask_predictions(model, _as_float(x), masks, fill=fill, batch_size=batch_size)
     return float((one == torch.as_tensor(y).cpu()[:, None]).float().mean())

@@ -27,8 +27,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,8 +48,9 @@ __all__ = ["OnlineHardener", "monitor_robustness"]
 log = logging.getLogger(__name__)
 
 
-def monitor_robustness(net: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int, *, eps: float, steps: int = 10,
-                       seed: int = 0) -> dict[str, float]:
+def monitor_robustness(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int, *, eps: float, steps: int = 10, seed: int = 0
+) -> dict[str, float]:
     """A cheap per-epoch look (not the evaluation): PGD on the wrong-real margin, ``steps`` steps.
 
     Returns the clean accuracy, the share of images classified right clean *and* not pushed to a
@@ -63,14 +65,21 @@ def monitor_robustness(net: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int,
         gen = torch.Generator().manual_seed(seed)
         dev = model_device(net)
         x, y = x.to(dev), y.to(dev)
-        x_adv = attack_batch(net, x, y, method="reject", eps=eps, steps=steps, step_size=2.5 * eps / steps, n=n, gen=gen)
+        x_adv = attack_batch(
+            net, x, y, method="reject", eps=eps, steps=steps, step_size=2.5 * eps / steps, n=n, gen=gen
+        )
         with torch.no_grad():
             clean = net(x).argmax(1)
             adv = net(x_adv).argmax(1)
             ok = clean == y
             wrong_real = (adv != y) & (adv != n)
-        return {"clean_accuracy": float(ok.float().mean()), "robust_with_rejection": float((ok & ~wrong_real).float().mean()),
-                "robust_accuracy": float((ok & (adv == y)).float().mean()), "n": int(len(y)), "steps": steps}
+        return {
+            "clean_accuracy": float(ok.float().mean()),
+            "robust_with_rejection": float((ok & ~wrong_real).float().mean()),
+            "robust_accuracy": float((ok & (adv == y)).float().mean()),
+            "n": int(len(y)),
+            "steps": steps,
+        }
     finally:
         net.train(was)
 
@@ -78,20 +87,42 @@ def monitor_robustness(net: nn.Module, x: torch.Tensor, y: torch.Tensor, n: int,
 class OnlineHardener:
     """One online hardening run (see the module docstring); built and run by :func:`guard.harden`."""
 
-    def __init__(self, net: nn.Module, n: int, head: str, train: Split | HardenStream, held: Split | HardenStream,
-                 config: Any, *, augment: Callable | None, checkpoint_dir: str | Path | None, progress: bool,
-                 on_epoch_end: Callable[[int, int, nn.Module], None] | None, frozen: list[nn.Module],
-                 checkpoint_every: int = 0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        n: int,
+        head: str,
+        train: Split | HardenStream,
+        held: Split | HardenStream,
+        config: Any,
+        *,
+        augment: Callable | None,
+        checkpoint_dir: str | Path | None,
+        progress: bool,
+        on_epoch_end: Callable[[int, int, nn.Module], None] | None,
+        frozen: list[nn.Module],
+        checkpoint_every: int = 0,
+    ) -> None:
         self.net, self.n, self.head, self.train, self.held, self.cfg = net, n, head, train, held, config
-        self.augment, self.checkpoint_dir, self.on_epoch_end, self.frozen = augment, checkpoint_dir, on_epoch_end, frozen
+        self.augment, self.checkpoint_dir, self.on_epoch_end, self.frozen = (
+            augment,
+            checkpoint_dir,
+            on_epoch_end,
+            frozen,
+        )
         self.checkpoint_every = int(checkpoint_every)
         self.device = model_device(net)
         self.rank, self.size = world()
         self.show = progress and self.rank == 0
         stream = isinstance(train, HardenStream)
-        self.fingerprint = {**config.to_dict(), "num_classes": n, "head": head, "n_train": len(train),
-                            "model_digest": digest(net.state_dict().values()),
-                            "data_digest": train.digest if stream else digest([train.x, train.y])}
+        self.fingerprint = {
+            **config.to_dict(),
+            "num_classes": n,
+            "head": head,
+            "n_train": len(train),
+            "model_digest": digest(net.state_dict().values()),
+            "data_digest": train.digest if stream else digest([train.x, train.y]),
+        }
         if stream and not train.map_style:
             self.fingerprint["data_order"] = "the DataLoader's own"
         params = [p for p in net.parameters() if p.requires_grad]
@@ -99,8 +130,15 @@ class OnlineHardener:
         self.local_bs = max(1, config.batch_size // self.size)
         self.per_epoch = math.ceil(len(train) / self.size / self.local_bs)
         self.eps = float(config.eps)
-        self.meta: dict[str, Any] = {"epoch": 0, "batch": 0, "loss_sum": 0.0, "seen": 0, "history": [], "baseline": {},
-                                     "train_seconds": 0.0}
+        self.meta: dict[str, Any] = {
+            "epoch": 0,
+            "batch": 0,
+            "loss_sum": 0.0,
+            "seen": 0,
+            "history": [],
+            "baseline": {},
+            "train_seconds": 0.0,
+        }
 
     # ---------------------------------------------------------------- checkpoints
     def _load(self) -> None:
@@ -113,23 +151,33 @@ class OnlineHardener:
         now = {k: v for k, v in self.fingerprint.items() if k != "epochs"}
         if old != now:
             diff = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
-            raise CheckpointMismatch(f"cannot resume from {str(self.checkpoint_dir)!r}: the run's settings differ in {diff} "
-                                     f"(checkpoint {[old.get(k) for k in diff]}, now {[now.get(k) for k in diff]}).")
+            raise CheckpointMismatch(
+                f"cannot resume from {str(self.checkpoint_dir)!r}: the run's settings differ in {diff} "
+                f"(checkpoint {[old.get(k) for k in diff]}, now {[now.get(k) for k in diff]})."
+            )
         if meta["config"].get("epochs") != self.cfg.epochs:
-            raise CheckpointMismatch(f"cannot resume from {str(self.checkpoint_dir)!r} with epochs={self.cfg.epochs}: it "
-                                     f"was written for epochs={meta['config'].get('epochs')}, and the cosine learning rate "
-                                     "depends on the total.")
+            raise CheckpointMismatch(
+                f"cannot resume from {str(self.checkpoint_dir)!r} with epochs={self.cfg.epochs}: it "
+                f"was written for epochs={meta['config'].get('epochs')}, and the cosine learning rate "
+                "depends on the total."
+            )
         self.net.load_state_dict(model_state)
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
         self.meta = {k: meta[k] for k in self.meta}
-        log.info("harden: resumed at epoch %d batch %d from %s", self.meta["epoch"], self.meta["batch"], self.checkpoint_dir)
+        log.info(
+            "harden: resumed at epoch %d batch %d from %s", self.meta["epoch"], self.meta["batch"], self.checkpoint_dir
+        )
 
     def _checkpoint(self) -> None:
         if self.checkpoint_dir is None or self.rank != 0:
             return
-        save_checkpoint(self.checkpoint_dir, self.net, self.opt,
-                        {"config": self.fingerprint, "rng": {"scheme": "seed per (seed, epoch, batch)"}, **self.meta})
+        save_checkpoint(
+            self.checkpoint_dir,
+            self.net,
+            self.opt,
+            {"config": self.fingerprint, "rng": {"scheme": "seed per (seed, epoch, batch)"}, **self.meta},
+        )
 
     # ---------------------------------------------------------------- data
     def _batches(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -137,12 +185,13 @@ class OnlineHardener:
         if isinstance(self.train, Split):
             order = epoch_order(len(self.train), seed, self.rank, self.size)
             for j, i in enumerate(range(0, order.numel(), self.local_bs)):
-                idx = order[i:i + self.local_bs]
+                idx = order[i : i + self.local_bs]
                 yield j, self.train.x[idx], self.train.y[idx]
             return
         empty = torch.empty((0, *self.train.image_shape))
-        for j, (_, xb, yb, _) in enumerate(self.train.epoch_batches(empty, self.n, 0.0, torch.Generator(), seed, self.rank,
-                                                                     self.size, self.local_bs)):
+        for j, (_, xb, yb, _) in enumerate(
+            self.train.epoch_batches(empty, self.n, 0.0, torch.Generator(), seed, self.rank, self.size, self.local_bs)
+        ):
             yield j, xb, yb
 
     def _eps(self, epoch: int, j: int) -> float:
@@ -189,12 +238,19 @@ class OnlineHardener:
         if not m["baseline"]:
             m["baseline"] = {"epoch": 0, **self._measure()}
         model = ddp_wrap(self.net, self.size, self.device)
-        for epoch in tqdm(range(self.cfg.epochs), desc=f"harden ({self.cfg.method})", unit="epoch", disable=not self.show):
+        for epoch in tqdm(
+            range(self.cfg.epochs), desc=f"harden ({self.cfg.method})", unit="epoch", disable=not self.show
+        ):
             if epoch < m["epoch"]:
                 continue
             self._epoch(model, epoch)
-            entry = {"epoch": epoch + 1, "train_loss": m["loss_sum"] / max(1, m["seen"]),
-                     "lr_end": self._lr(epoch + 1, 0), **self._measure(), "train_seconds": round(m["train_seconds"], 3)}
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": m["loss_sum"] / max(1, m["seen"]),
+                "lr_end": self._lr(epoch + 1, 0),
+                **self._measure(),
+                "train_seconds": round(m["train_seconds"], 3),
+            }
             m["history"].append(entry)
             m.update(epoch=epoch + 1, batch=0, loss_sum=0.0, seen=0)
             log.info("harden: epoch %d %s", epoch + 1, entry)
@@ -208,8 +264,14 @@ class OnlineHardener:
     def _epoch(self, model: nn.Module, epoch: int) -> None:
         m, cfg = self.meta, self.cfg
         t0, since = time.perf_counter(), 0
-        bar = tqdm(total=self.per_epoch, desc=f"epoch {epoch + 1}", unit="batch", disable=not self.show, leave=False,
-                   initial=m["batch"])
+        bar = tqdm(
+            total=self.per_epoch,
+            desc=f"epoch {epoch + 1}",
+            unit="batch",
+            disable=not self.show,
+            leave=False,
+            initial=m["batch"],
+        )
         for j, xb, yb in self._batches(epoch):
             if j < m["batch"]:
                 continue
@@ -219,17 +281,29 @@ class OnlineHardener:
             xb, yb = xb.to(self.device), yb.to(self.device)
             self.net.eval()  # the attack sees the model as it serves (BatchNorm running statistics)
             eps = self._eps(epoch, j)
-            step = cfg.step_size * eps / self.eps if cfg.step_size is not None else default_step_size(
-                cfg.method, eps, cfg.attack_steps)
-            x_adv = attack_batch(self.net, xb, yb, method=cfg.method, eps=eps, steps=cfg.attack_steps, step_size=step,
-                                 n=self.n, gen=gen)
+            step = (
+                cfg.step_size * eps / self.eps
+                if cfg.step_size is not None
+                else default_step_size(cfg.method, eps, cfg.attack_steps)
+            )
+            x_adv = attack_batch(
+                self.net, xb, yb, method=cfg.method, eps=eps, steps=cfg.attack_steps, step_size=step, n=self.n, gen=gen
+            )
             train_mode(model, self.frozen)
             for group in self.opt.param_groups:
                 group["lr"] = self._lr(epoch, j)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed(cfg.seed, epoch, j, 7) + self.rank)  # dropout
-                loss = method_loss(model, xb, yb, x_adv, method=cfg.method, n=self.n, beta=cfg.trades_beta,
-                                   reject_weight=cfg.reject_weight)
+                loss = method_loss(
+                    model,
+                    xb,
+                    yb,
+                    x_adv,
+                    method=cfg.method,
+                    n=self.n,
+                    beta=cfg.trades_beta,
+                    reject_weight=cfg.reject_weight,
+                )
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -244,4 +318,3 @@ class OnlineHardener:
                 self._checkpoint()
         bar.close()
         m["train_seconds"] += time.perf_counter() - t0
-

@@ -56,7 +56,9 @@ def default_step_size(method: str, eps: float, steps: int) -> float:
     return 1.25 * eps if method == "fgsm_rs" else 2.5 * eps / max(1, steps)
 
 
-def _objective(method: str, logits: torch.Tensor, y: torch.Tensor, n: int, p_clean: torch.Tensor | None) -> torch.Tensor:
+def _objective(
+    method: str, logits: torch.Tensor, y: torch.Tensor, n: int, p_clean: torch.Tensor | None
+) -> torch.Tensor:
     """What the attack of ``method`` maximises (summed over the batch)."""
     if method == "trades":
         return F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
@@ -65,8 +67,18 @@ def _objective(method: str, logits: torch.Tensor, y: torch.Tensor, n: int, p_cle
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def attack_batch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str, eps: float, steps: int,
-                 step_size: float, n: int, gen: torch.Generator) -> torch.Tensor:
+def attack_batch(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    method: str,
+    eps: float,
+    steps: int,
+    step_size: float,
+    n: int,
+    gen: torch.Generator,
+) -> torch.Tensor:
     """The adversarial images ``method`` trains on: in the L-inf ball of radius ``eps`` around ``x`` and in [0, 1].
 
     ``net`` is used as it is (the caller sets eval mode); no parameter gradient is kept.
@@ -91,13 +103,22 @@ def attack_batch(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: st
     return x_adv
 
 
-def method_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, method: str, n: int,
-                beta: float, reject_weight: float) -> torch.Tensor:
+def method_loss(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_adv: torch.Tensor,
+    *,
+    method: str,
+    n: int,
+    beta: float,
+    reject_weight: float,
+) -> torch.Tensor:
     """The loss a step of ``method`` minimises (mean over the batch), through ``model`` in train mode."""
     if method in ("pgd", "fgsm_rs"):
         return F.cross_entropy(model(x_adv), y)
     both = model(torch.cat([x, x_adv]))  # one pass: BatchNorm sees clean and adversarial images together
-    clean, adv = both[: len(x)], both[len(x):]
+    clean, adv = both[: len(x)], both[len(x) :]
     ce = F.cross_entropy(clean, y)
     if method == "trades":
         kl = F.kl_div(F.log_softmax(adv, dim=1), F.softmax(clean, dim=1), reduction="batchmean")

@@ -15,11 +15,9 @@ import os
 import torch
 from torch import nn
 
-from guard.core.features import get_layer
-
-from guard.core.models import eval_mode, inference_batch
-from guard.core.features import find_head
+from guard.core.features import find_head, get_layer
 from guard.core.integrity import load_sealed, resolve_key, save_sealed
+from guard.core.models import eval_mode, inference_batch
 from guard.core.validation import call_model, check_images, check_int
 
 __all__ = ["REJECT", "grow_head", "set_submodule", "RejectClassifier", "FORMAT"]
@@ -41,7 +39,9 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
         setattr(parent, leaf, module)
 
 
-def grow_head(model: nn.Module, *, num_classes: int | None = None, head: str | None = None, seed: int = 0) -> tuple[nn.Module, str]:
+def grow_head(
+    model: nn.Module, *, num_classes: int | None = None, head: str | None = None, seed: int = 0
+) -> tuple[nn.Module, str]:
     """A deep copy of ``model`` whose classifier head has one more output (the reject class).
 
     Args:
@@ -64,8 +64,10 @@ def grow_head(model: nn.Module, *, num_classes: int | None = None, head: str | N
     if num_classes is not None:
         num_classes = check_int(num_classes, "num_classes", "harden", low=2)
         if num_classes != n:
-            raise ValueError(f"num_classes={num_classes} does not match the head {name!r}, which has {n} outputs "
-                             "(pass head='module.path' if this is not the classifier head).")
+            raise ValueError(
+                f"num_classes={num_classes} does not match the head {name!r}, which has {n} outputs "
+                "(pass head='module.path' if this is not the classifier head)."
+            )
     new_model = copy.deepcopy(model)
     _, old_copy = find_head(new_model, name)
     p = old_copy.weight
@@ -100,7 +102,9 @@ class RejectClassifier(nn.Module):
         self.head = head
         out = find_head(model, head)[1].out_features
         if out != self.num_classes + 1:
-            raise ValueError(f"the head {head!r} must have num_classes + 1 = {self.num_classes + 1} outputs; got {out}.")
+            raise ValueError(
+                f"the head {head!r} must have num_classes + 1 = {self.num_classes + 1} outputs; got {out}."
+            )
 
     @property
     def reject_index(self) -> int:
@@ -118,7 +122,7 @@ class RejectClassifier(nn.Module):
         outs = []
         with eval_mode(self):
             for i in range(0, x.shape[0], batch_size):
-                outs.append(call_model(self, x[i:i + batch_size].to(device)).softmax(1))
+                outs.append(call_model(self, x[i : i + batch_size].to(device)).softmax(1))
         return torch.cat(outs)
 
     def reject_probability(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,12 +144,20 @@ class RejectClassifier(nn.Module):
         ``PATH.sha256``) for ``load(..., expected_sha256=...)``.
         """
         meta = {"format": FORMAT, "num_classes": self.num_classes, "head": self.head}
-        return save_sealed(path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, meta,
-                           key=resolve_key(key, key_env))
+        return save_sealed(
+            path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, meta, key=resolve_key(key, key_env)
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], model: nn.Module, *, key: bytes | None = None, key_env: str | None = None,
-             expected_sha256: str | None = None) -> "RejectClassifier":
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        key: bytes | None = None,
+        key_env: str | None = None,
+        expected_sha256: str | None = None,
+    ) -> RejectClassifier:
         """Load what :meth:`save` wrote, around ``model`` (the classifier before hardening, n outputs).
 
         ``model`` is not modified: a copy grows the head and takes the saved weights.
@@ -153,13 +165,23 @@ class RejectClassifier(nn.Module):
         :meth:`save` returned. Raises ValueError for a file that is not a saved
         RejectClassifier, was altered, or does not fit ``model``.
         """
-        tensors, meta = load_sealed(path, key=resolve_key(key, key_env), expected_sha256=expected_sha256,
-                                    what="RejectClassifier file", legacy_formats=LEGACY_FORMATS, formats=(FORMAT,))
+        tensors, meta = load_sealed(
+            path,
+            key=resolve_key(key, key_env),
+            expected_sha256=expected_sha256,
+            what="RejectClassifier file",
+            legacy_formats=LEGACY_FORMATS,
+            formats=(FORMAT,),
+        )
         if meta.get("format") != FORMAT and meta.get("format") not in LEGACY_FORMATS:
-            raise ValueError(f"{os.fspath(path)!r} is not a saved RejectClassifier (format {meta.get('format')!r}; expected {FORMAT!r}).")
+            raise ValueError(
+                f"{os.fspath(path)!r} is not a saved RejectClassifier (format {meta.get('format')!r}; expected {FORMAT!r})."
+            )
         net, head = grow_head(model, num_classes=int(meta["num_classes"]), head=meta["head"])
         try:
             net.load_state_dict(tensors)
         except RuntimeError as err:
-            raise ValueError(f"{os.fspath(path)!r} does not fit the model given ({type(model).__name__}): {err}") from err
+            raise ValueError(
+                f"{os.fspath(path)!r} does not fit the model given ({type(model).__name__}): {err}"
+            ) from err
         return cls(net, int(meta["num_classes"]), head).eval()

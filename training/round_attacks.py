@@ -21,8 +21,9 @@ fooling generators only get cells for the real classes, and the input attacks ta
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,8 +33,18 @@ from guard.core.budget import data_defaults
 from guard.core.models import eval_mode, inference_batch, model_device
 from guard.core.validation import check_int
 
-__all__ = ["ROUND_ATTACKS", "DEFAULT_ATTACKS", "FOOLING_ATTACKS", "PATCH_ATTACKS", "AttackBudget", "RoundAttackSet",
-           "check_attacks", "round_attack_table", "generate_round_attacks", "score_attack_set"]
+__all__ = [
+    "ROUND_ATTACKS",
+    "DEFAULT_ATTACKS",
+    "FOOLING_ATTACKS",
+    "PATCH_ATTACKS",
+    "AttackBudget",
+    "RoundAttackSet",
+    "check_attacks",
+    "round_attack_table",
+    "generate_round_attacks",
+    "score_attack_set",
+]
 
 FOOLING_ATTACKS = ("fooling_gradient", "fooling_direct", "fooling_cppn")
 PATCH_ATTACKS = ("universal_patch", "random_patch")
@@ -75,12 +86,16 @@ class AttackBudget:
     population: int | None = None
 
     @classmethod
-    def quick(cls) -> "AttackBudget":
+    def quick(cls) -> AttackBudget:
         return cls(per_class=1, gradient_steps=10, generations=10, patch_images=32, patch_steps=8, evolved_extra=10)
 
-    def scaled(self, factor: float) -> "AttackBudget":
-        return replace(self, gradient_steps=max(1, int(self.gradient_steps * factor)),
-                       generations=max(1, int(self.generations * factor)), patch_steps=max(1, int(self.patch_steps * factor)))
+    def scaled(self, factor: float) -> AttackBudget:
+        return replace(
+            self,
+            gradient_steps=max(1, int(self.gradient_steps * factor)),
+            generations=max(1, int(self.generations * factor)),
+            patch_steps=max(1, int(self.patch_steps * factor)),
+        )
 
 
 @dataclass
@@ -115,7 +130,9 @@ class RoundAttackSet:
         return {"x": self.x, "kind": self.kind, "target": self.target, "source": self.source}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], names: list[str], seconds: dict[str, float] | None = None) -> "RoundAttackSet":
+    def from_tensors(
+        cls, t: dict[str, torch.Tensor], names: list[str], seconds: dict[str, float] | None = None
+    ) -> RoundAttackSet:
         return cls(t["x"], t["kind"].long(), t["target"].long(), t["source"].long(), list(names), dict(seconds or {}))
 
 
@@ -128,7 +145,9 @@ def check_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
     except TypeError as err:
         raise TypeError(f"attacks must be a sequence of attack names; got {type(attacks).__name__}.") from err
     if not names:
-        raise ValueError(f"attacks must name at least one round attack; got an empty list. Choose from {', '.join(ROUND_ATTACKS)}.")
+        raise ValueError(
+            f"attacks must name at least one round attack; got an empty list. Choose from {', '.join(ROUND_ATTACKS)}."
+        )
     unknown = [a for a in names if a not in ROUND_ATTACKS]
     if unknown:
         raise ValueError(f"unknown round attack(s) {unknown}; expected names from {', '.join(ROUND_ATTACKS)}.")
@@ -137,7 +156,9 @@ def check_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
     return names
 
 
-def round_attack_table(budget: AttackBudget, *, num_classes: int, seed: int, eps: float | None = None) -> dict[str, Any]:
+def round_attack_table(
+    budget: AttackBudget, *, num_classes: int, seed: int, eps: float | None = None
+) -> dict[str, Any]:
     """The round schedule: attack name -> a configured instance of a ``guard.attacks`` class.
 
     The fooling generators are called ``attack(model, shape=..., classes=range(n))``; the input
@@ -148,17 +169,34 @@ def round_attack_table(budget: AttackBudget, *, num_classes: int, seed: int, eps
     pgd_eps = budget.pgd_eps if budget.pgd_eps is not None else (eps if eps is not None else 0.3)
     if budget.population is not None:
         check_int(budget.population, "population", "AttackBudget", low=1)
-    evolution = dict(population=budget.population or budget.per_class * n, generations=budget.generations, threshold=0.99, stop_when_done=False,
-                     extra_samples=budget.evolved_extra, extra_threshold=budget.extra_threshold)
+    evolution = dict(
+        population=budget.population or budget.per_class * n,
+        generations=budget.generations,
+        threshold=0.99,
+        stop_when_done=False,
+        extra_samples=budget.evolved_extra,
+        extra_threshold=budget.extra_threshold,
+    )
     return {
-        "fooling_gradient": FoolingGradient(steps=budget.gradient_steps, lr=0.1, threshold=0.99,
-                                            samples_per_class=budget.per_class, seed=seed),
+        "fooling_gradient": FoolingGradient(
+            steps=budget.gradient_steps, lr=0.1, threshold=0.99, samples_per_class=budget.per_class, seed=seed
+        ),
         "fooling_direct": FoolingEvolution(encoding="direct", seed=seed + 1, **evolution),
         "fooling_cppn": FoolingEvolution(encoding="cppn", seed=seed + 2, **evolution),
-        "universal_patch": UniversalPatch(size=budget.patch_area, loss="paper", lr=0.1, steps=budget.patch_steps,
-                                          val_fraction=0.0, eval_every=max(1, budget.patch_steps), real_classes=n, seed=seed + 3),
+        "universal_patch": UniversalPatch(
+            size=budget.patch_area,
+            loss="paper",
+            lr=0.1,
+            steps=budget.patch_steps,
+            val_fraction=0.0,
+            eval_every=max(1, budget.patch_steps),
+            real_classes=n,
+            seed=seed + 3,
+        ),
         "random_patch": RandomPatch(size=budget.patch_area, real_classes=n, seed=seed + 4),
-        "pgd": LinfPGD(eps=pgd_eps, steps=max(1, budget.patch_steps // 4), early_stop=False, real_classes=n, seed=seed + 5),
+        "pgd": LinfPGD(
+            eps=pgd_eps, steps=max(1, budget.patch_steps // 4), early_stop=False, real_classes=n, seed=seed + 5
+        ),
     }
 
 
@@ -197,7 +235,9 @@ def generate_round_attacks(
             attack = table[name]
             t0 = time.perf_counter()
             if attack.needs_images:
-                idx = torch.randperm(px.shape[0], generator=torch.Generator().manual_seed(seed + 17 * i))[:budget.patch_images]
+                idx = torch.randperm(px.shape[0], generator=torch.Generator().manual_seed(seed + 17 * i))[
+                    : budget.patch_images
+                ]
                 xb, yb = px[idx].to(device), py[idx].to(device)
                 res = attack.fit(model, xb)(model, xb, yb)
                 x, source = res.x_adv, yb.cpu()
@@ -218,10 +258,12 @@ def _class_probs(model: nn.Module, x: torch.Tensor, batch: int = 500) -> torch.T
     device = model_device(model)
     batch = inference_batch(x, batch)
     with torch.no_grad(), eval_mode(model):
-        return torch.cat([model(x[i:i + batch].to(device)).softmax(1).cpu() for i in range(0, x.shape[0], batch)])
+        return torch.cat([model(x[i : i + batch].to(device)).softmax(1).cpu() for i in range(0, x.shape[0], batch)])
 
 
-def score_attack_set(model: nn.Module, s: RoundAttackSet, num_classes: int, *, threshold: float = 0.99) -> dict[str, float | int | None]:
+def score_attack_set(
+    model: nn.Module, s: RoundAttackSet, num_classes: int, *, threshold: float = 0.99
+) -> dict[str, float | int | None]:
     """How well ``s`` fools ``model`` (n or n+1 outputs; index n = reject when present).
 
     Returns ``fooling_classes_ge99`` (share of the n classes for which some fooling image in

@@ -10,6 +10,7 @@ falls from 88% to 10%).
 
     python -m guard audit --model benchmarks.imagenet.efficientnet:build --data DIR --out OUT
 """
+
 from __future__ import annotations
 
 import torch

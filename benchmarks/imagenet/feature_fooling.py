@@ -35,6 +35,7 @@ Run (one thread each)::
         --mid-pairs 100 --side-pairs 100 --mid-side-pairs 100 --side-iter 40 --variant-pairs 20 --max-iter 40 --more-iter 100 --batch 5
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.imagenet.feature_fooling --step art
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,9 @@ import json
 import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +94,9 @@ def features() -> dict[str, torch.Tensor]:
     return out
 
 
-def pairs(n: int, seed: int, candidates: torch.Tensor, pred: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pairs(
+    n: int, seed: int, candidates: torch.Tensor, pred: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` (source, guide) index pairs among ``candidates``: guides correctly classified, all distinct."""
     gen = torch.Generator().manual_seed(seed)
     c = candidates[torch.randperm(candidates.numel(), generator=gen)]
@@ -122,9 +126,15 @@ def _merge_into_results(path: Path, step: str, t0: float, c0: float, extra: dict
         data.pop(key, None)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} " + provenance()["command"]
-    data.setdefault("steps", {})[step] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
-                                          "peak_rss_mib": round(rss), "threads": torch.get_num_threads(), "command": cmd,
-                                          "commit": git_commit()}
+    data.setdefault("steps", {})[step] = {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(time.process_time() - c0, 1),
+        "peak_rss_mib": round(rss),
+        "threads": torch.get_num_threads(),
+        "command": cmd,
+        "commit": git_commit(),
+    }
+
     def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
         for key, val in new.items():
             if isinstance(val, dict) and isinstance(into.get(key), dict):
@@ -136,11 +146,21 @@ def _merge_into_results(path: Path, step: str, t0: float, c0: float, extra: dict
     write_results(path, dict(sorted(data.items())), command="; ".join(s["command"] for s in data["steps"].values()))
 
 
-def analyse(fa: torch.Tensor, fs: torch.Tensor, fg: torch.Tensor, ref: torch.Tensor, pred_a: torch.Tensor, pred_s: torch.Tensor,
-            pred_g: torch.Tensor, seed: int) -> dict[str, Any]:
+def analyse(
+    fa: torch.Tensor,
+    fs: torch.Tensor,
+    fg: torch.Tensor,
+    ref: torch.Tensor,
+    pred_a: torch.Tensor,
+    pred_s: torch.Tensor,
+    pred_g: torch.Tensor,
+    seed: int,
+) -> dict[str, Any]:
     """Sabour's measures for one (layer, delta, variant) batch, JSON-ready."""
     lp = local_ppca(fa, fg, ref, seed=seed)
-    knn = knn_rank_analysis(fa, fg, torch.zeros(fa.shape[0], dtype=torch.long), ref, torch.zeros(ref.shape[0], dtype=torch.long), k=3)
+    knn = knn_rank_analysis(
+        fa, fg, torch.zeros(fa.shape[0], dtype=torch.long), ref, torch.zeros(ref.shape[0], dtype=torch.long), k=3
+    )
     g_nearest = (fa - fg).norm(dim=1) < torch.cdist(fa, ref).min(1).values
     au_s, au_g = active_units(fa, fs), active_units(fa, fg)
     return {
@@ -157,14 +177,25 @@ def analyse(fa: torch.Tensor, fs: torch.Tensor, fg: torch.Tensor, ref: torch.Ten
         "nn3_intersection_mean": float(knn["nn_intersection"].float().mean()),
         "knn_rank_difference": summarize(knn["rank_difference"]),
         "guide_is_nearest_share": float(g_nearest.float().mean()),
-        "sparsity_adv": summarize(au_s["sparsity_a"]), "sparsity_source": summarize(au_s["sparsity_b"]),
+        "sparsity_adv": summarize(au_s["sparsity_a"]),
+        "sparsity_source": summarize(au_s["sparsity_b"]),
         "sparsity_guide": summarize(au_g["sparsity_b"]),
-        "iou_adv_source": summarize(au_s["iou"]), "iou_adv_guide": summarize(au_g["iou"]),
+        "iou_adv_source": summarize(au_s["iou"]),
+        "iou_adv_guide": summarize(au_g["iou"]),
     }
 
 
-def run_attack(model: torch.nn.Module, layer: str, delta: int, variant: str, xs: torch.Tensor, xg: torch.Tensor, args: argparse.Namespace,
-               max_iter: int | None = None, keys: list[str] | None = None) -> tuple[torch.Tensor, float]:
+def run_attack(
+    model: torch.nn.Module,
+    layer: str,
+    delta: int,
+    variant: str,
+    xs: torch.Tensor,
+    xg: torch.Tensor,
+    args: argparse.Namespace,
+    max_iter: int | None = None,
+    keys: list[str] | None = None,
+) -> tuple[torch.Tensor, float]:
     """The adversaries of ``xs`` toward ``xg`` and the attack's seconds.
 
     With ``keys`` (one id per pair), every chunk of ``--batch`` pairs (one L-BFGS-B problem) is
@@ -173,8 +204,14 @@ def run_attack(model: torch.nn.Module, layer: str, delta: int, variant: str, xs:
     """
     from guard.core.cache import load_tensors, save_tensors
 
-    attack = FeatureAdversary(layer=layer, delta=delta / 255, variant=variant, max_iter=max_iter or args.max_iter, batch_size=args.batch,
-                              label_c=0.0)
+    attack = FeatureAdversary(
+        layer=layer,
+        delta=delta / 255,
+        variant=variant,
+        max_iter=max_iter or args.max_iter,
+        batch_size=args.batch,
+        label_c=0.0,
+    )
     advs, secs = [], 0.0
     for lo in range(0, xs.shape[0], args.batch):
         hi = min(lo + args.batch, xs.shape[0])
@@ -218,19 +255,38 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
         keys = [f"{int(a)}-{int(b)}" for a, b in zip(si[:n], gi[:n])]
         adv, secs = run_attack(model, layer, delta, variant, xs[:n], xg[:n], args, max_iter, keys)
         logits_a, fa = extract_features(model, adv, [layer], batch_size=32)
-        r = analyse(fa[layer], feats[layer][si[:n]], feats[layer][gi[:n]], feats[layer][ref_idx], logits_a.argmax(1), pred[si[:n]],
-                    pred[gi[:n]], args.seed)
-        r.update({"seconds": round(secs, 1), "seconds_per_pair": round(secs / n, 2), "max_iter": max_iter or args.max_iter,
-                  "linf_max": float((adv - xs[:n]).abs().max()) * 255})
-        print(f"{layer} delta {delta} {variant} n={n}: guide {r['guide_agreement']:.2f} source {r['source_agreement']:.2f} ratio "
-              f"{r['distance_ratio_median']:.3f} inlier {r['local_ppca_inlier_share']:.2f} ({secs:.0f} s)", flush=True)
+        r = analyse(
+            fa[layer],
+            feats[layer][si[:n]],
+            feats[layer][gi[:n]],
+            feats[layer][ref_idx],
+            logits_a.argmax(1),
+            pred[si[:n]],
+            pred[gi[:n]],
+            args.seed,
+        )
+        r.update(
+            {
+                "seconds": round(secs, 1),
+                "seconds_per_pair": round(secs / n, 2),
+                "max_iter": max_iter or args.max_iter,
+                "linf_max": float((adv - xs[:n]).abs().max()) * 255,
+            }
+        )
+        print(
+            f"{layer} delta {delta} {variant} n={n}: guide {r['guide_agreement']:.2f} source {r['source_agreement']:.2f} ratio "
+            f"{r['distance_ratio_median']:.3f} inlier {r['local_ppca_inlier_share']:.2f} ({secs:.0f} s)",
+            flush=True,
+        )
         return r
 
     # the goal's configuration first; every configuration is recorded as soon as it is done
     plan = [(PENULT, 10, args.pairs, args.max_iter), (MID, 10, args.mid_pairs, args.max_iter)]
     if not args.tuning:
         mid_side = args.side_pairs // 2 if args.mid_side_pairs is None else args.mid_side_pairs
-        plan += [(PENULT, d, args.side_pairs, args.side_iter) for d in (5, 15)] + [(MID, d, mid_side, args.side_iter) for d in (5, 15)]
+        plan += [(PENULT, d, args.side_pairs, args.side_iter) for d in (5, 15)] + [
+            (MID, d, mid_side, args.side_iter) for d in (5, 15)
+        ]
     key = "feature_adversary_tuning" if args.tuning else "feature_adversary"
     out = Path(args.out)
     previous = json.loads(out.read_text()) if args.resume and out.is_file() else {}
@@ -249,20 +305,37 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
         record("feature_adversary_partial", t_start, c_start, {key + "_iterations": iters_out})
     variants.update(previous.get(key + "_variants", {}))
     if not args.tuning and args.variant_pairs and not variants:
-        for variant, iters in (("feature-fgrad", 1), ("label-opt", args.max_iter), ("feature-linear", args.linear_iter)):
+        for variant, iters in (
+            ("feature-fgrad", 1),
+            ("label-opt", args.max_iter),
+            ("feature-linear", args.linear_iter),
+        ):
             variants[variant] = one(PENULT, 10, variant, args.variant_pairs, iters)
             record("feature_adversary_partial", t_start, c_start, {key + "_variants": variants})
-    meta = {"pairs": args.pairs, "mid_pairs": args.mid_pairs, "side_pairs": args.side_pairs, "side_iter": args.side_iter,
-            "note": "delta 10: --pairs (penultimate) / --mid-pairs; deltas 5, 15: the first --side-pairs (penultimate) and half as many (mid)",
-            "pair_seed": args.seed, "max_iter": args.max_iter, "batch": args.batch,
-            "pairs_from": "reference images (tuning)" if args.tuning else "pool images",
-            "reference": "800 sample images (one per class), not the pool", "variant_pairs": args.variant_pairs,
-            "variants_at": {"layer": PENULT, "delta": 10}}
+    meta = {
+        "pairs": args.pairs,
+        "mid_pairs": args.mid_pairs,
+        "side_pairs": args.side_pairs,
+        "side_iter": args.side_iter,
+        "note": "delta 10: --pairs (penultimate) / --mid-pairs; deltas 5, 15: the first --side-pairs (penultimate) and half as many (mid)",
+        "pair_seed": args.seed,
+        "max_iter": args.max_iter,
+        "batch": args.batch,
+        "pairs_from": "reference images (tuning)" if args.tuning else "pool images",
+        "reference": "800 sample images (one per class), not the pool",
+        "variant_pairs": args.variant_pairs,
+        "variants_at": {"layer": PENULT, "delta": 10},
+    }
     meta["mid_side_pairs"] = mid_side if not args.tuning else 0
     meta["more_iter"] = sorted(int(k) for k in iters_out)
     if variants:
         meta["variant_pairs"] = previous.get(key + "_meta", {}).get("variant_pairs", args.variant_pairs)
-    return {key: out, key + "_variants": variants, key + "_meta": meta, **({key + "_iterations": iters_out} if iters_out else {})}
+    return {
+        key: out,
+        key + "_variants": variants,
+        key + "_meta": meta,
+        **({key + "_iterations": iters_out} if iters_out else {}),
+    }
 
 
 class _Trunk(torch.nn.Module):
@@ -314,35 +387,72 @@ def step_art(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         if not torch.allclose(art_model(xs[:1]), model(xs[:1]), atol=1e-4):
             raise RuntimeError("the (trunk, head) split does not reproduce the model")
-    clf = PyTorchClassifier(model=art_model, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 224, 224), nb_classes=1000,
-                            clip_values=(0.0, 1.0))
+    clf = PyTorchClassifier(
+        model=art_model,
+        loss=torch.nn.CrossEntropyLoss(),
+        input_shape=(3, 224, 224),
+        nb_classes=1000,
+        clip_values=(0.0, 1.0),
+    )
     art_layer = 0
     tries = []
     for iters in args.art_iters:
         t0 = time.perf_counter()
-        a = FeatureAdversariesPyTorch(clf, delta=delta, layer=art_layer, max_iter=iters, step_size=delta / 10, batch_size=len(si),
-                                      verbose=False).generate(xs.numpy(), xg.numpy())
+        a = FeatureAdversariesPyTorch(
+            clf, delta=delta, layer=art_layer, max_iter=iters, step_size=delta / 10, batch_size=len(si), verbose=False
+        ).generate(xs.numpy(), xg.numpy())
         t = time.perf_counter() - t0
-        tries.append({"pgd_iterations": iters, "seconds_per_pair": round(t / len(si), 2), "ratio_median": ratio(torch.from_numpy(a).float())})
+        tries.append(
+            {
+                "pgd_iterations": iters,
+                "seconds_per_pair": round(t / len(si), 2),
+                "ratio_median": ratio(torch.from_numpy(a).float()),
+            }
+        )
         print(f"ART PGD {iters}: {tries[-1]}", flush=True)
         if tries[-1]["ratio_median"] <= r_ours:
             break
-    return {"art_comparison": {"pairs": len(si), "pair_seed": args.seed + 1, "layer": PENULT, "delta": 10,
-                               "guard": {"lbfgs_iterations": args.max_iter, "seconds_per_pair": round(t_ours / len(si), 2), "ratio_median": r_ours},
-                               "art_feature_adversaries_pytorch": tries,
-                               "art_reached_guard_ratio": bool(tries and tries[-1]["ratio_median"] <= r_ours)}}
+    return {
+        "art_comparison": {
+            "pairs": len(si),
+            "pair_seed": args.seed + 1,
+            "layer": PENULT,
+            "delta": 10,
+            "guard": {
+                "lbfgs_iterations": args.max_iter,
+                "seconds_per_pair": round(t_ours / len(si), 2),
+                "ratio_median": r_ours,
+            },
+            "art_feature_adversaries_pytorch": tries,
+            "art_reached_guard_ratio": bool(tries and tries[-1]["ratio_median"] <= r_ours),
+        }
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--step", required=True, choices=["features", "feature_adversary", "art"])
     ap.add_argument("--pairs", type=int, default=20)
-    ap.add_argument("--mid-pairs", type=int, default=10, help="pairs at the mid layer, delta 10 (the first of the --pairs)")
-    ap.add_argument("--side-pairs", type=int, default=10, help="pairs at deltas 5 and 15 (penultimate; half at the mid layer)")
+    ap.add_argument(
+        "--mid-pairs", type=int, default=10, help="pairs at the mid layer, delta 10 (the first of the --pairs)"
+    )
+    ap.add_argument(
+        "--side-pairs", type=int, default=10, help="pairs at deltas 5 and 15 (penultimate; half at the mid layer)"
+    )
     ap.add_argument("--side-iter", type=int, default=30)
-    ap.add_argument("--mid-side-pairs", type=int, default=None, help="pairs at the mid layer, deltas 5 and 15 (default: half of --side-pairs)")
-    ap.add_argument("--more-iter", type=int, nargs="*", default=[],
-                    help="also run the penultimate, delta-10 configuration on all --pairs with these L-BFGS-B iteration counts")
+    ap.add_argument(
+        "--mid-side-pairs",
+        type=int,
+        default=None,
+        help="pairs at the mid layer, deltas 5 and 15 (default: half of --side-pairs)",
+    )
+    ap.add_argument(
+        "--more-iter",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also run the penultimate, delta-10 configuration on all --pairs with these L-BFGS-B iteration counts",
+    )
     ap.add_argument("--variant-pairs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-iter", type=int, default=40)
@@ -357,12 +467,18 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t0, c0 = time.perf_counter(), time.process_time()
     steps: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-        "features": lambda a: {"split": {"pool": N_POOL, "reference": 1000 - N_POOL, "seed": 0},
-                               "clean_top1_sample": float((features()["logits"].argmax(1) == features()["y"]).float().mean())},
-        "feature_adversary": step_feature_adversary, "art": step_art}
+        "features": lambda a: {
+            "split": {"pool": N_POOL, "reference": 1000 - N_POOL, "seed": 0},
+            "clean_top1_sample": float((features()["logits"].argmax(1) == features()["y"]).float().mean()),
+        },
+        "feature_adversary": step_feature_adversary,
+        "art": step_art,
+    }
     extra = steps[args.step](args)
     # a resumed run is timed under its own name: the first run's wall time stays in the JSON
-    record(args.step + ("_tuning" if args.tuning else "") + ("_resumed" if args.resume else ""), t0, c0, extra, args.out)
+    record(
+        args.step + ("_tuning" if args.tuning else "") + ("_resumed" if args.resume else ""), t0, c0, extra, args.out
+    )
 
 
 if __name__ == "__main__":

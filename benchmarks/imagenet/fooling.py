@@ -39,6 +39,7 @@ Writes benchmarks/results/imagenet_feature_fooling.json (``--out``; merged, thro
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.imagenet.fooling --step evolve --encoding cppn --population 50 --generations 30
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,10 @@ def _load(name: str) -> dict[str, torch.Tensor]:
 
 
 def _shares(conf: torch.Tensor) -> dict[str, float]:
-    return {"median_conf": float(conf.median()), **{k: float((conf >= t).float().mean()) for k, t in THRESHOLDS.items()}}
+    return {
+        "median_conf": float(conf.median()),
+        **{k: float((conf >= t).float().mean()) for k, t in THRESHOLDS.items()},
+    }
 
 
 def grid(images: torch.Tensor, name: str, nrow: int = 8) -> str:
@@ -91,40 +95,68 @@ def step_gradient(args: argparse.Namespace) -> dict[str, Any]:
     from guard.core.cache import load_tensors, save_tensors
 
     model = imagenet_efficientnet.build()
-    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:args.grad_classes]
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[: args.grad_classes]
     parts: list[dict[str, torch.Tensor]] = []
     t0, c0 = time.perf_counter(), time.process_time()
     out: dict[str, Any] = {}
     for i, lo in enumerate(range(0, order.numel(), args.grad_chunk)):
-        cls = order[lo:lo + args.grad_chunk].sort().values
+        cls = order[lo : lo + args.grad_chunk].sort().values
         path = CACHE / "gradient" / f"chunk-{lo}-{cls.numel()}-steps{args.grad_steps}.safetensors"
         if path.is_file():
             parts.append(load_tensors(path)[0])
         else:
-            res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=i)(model, shape=(3, 224, 224), classes=cls)
-            part = {"x": res.x_adv.detach().cpu(), "label": res.extras["label"].cpu(), "confidence": res.extras["confidence"].cpu(),
-                    "steps": res.extras["steps"].cpu(), "seconds": torch.tensor(res.extras["seconds"], dtype=torch.float64)}
+            res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=i)(
+                model, shape=(3, 224, 224), classes=cls
+            )
+            part = {
+                "x": res.x_adv.detach().cpu(),
+                "label": res.extras["label"].cpu(),
+                "confidence": res.extras["confidence"].cpu(),
+                "steps": res.extras["steps"].cpu(),
+                "seconds": torch.tensor(res.extras["seconds"], dtype=torch.float64),
+            }
             path.parent.mkdir(parents=True, exist_ok=True)
             save_tensors(path, part)
             parts.append(part)
         conf = torch.cat([p["confidence"] for p in parts])
         steps = torch.cat([p["steps"] for p in parts])
-        out = {"fooling": {"gradient": {
-            **_shares(conf), "classes": int(conf.numel()), "class_seed": 0, "max_steps": args.grad_steps, "chunk": args.grad_chunk,
-            "min_conf": float(conf.min()),
-            "steps_to_9999_median": float(steps[steps >= 0].float().median()) if bool((steps >= 0).any()) else None,
-            "steps_to_9999_max": int(steps.max()), "never_reached": int((steps < 0).sum()),
-            "seconds": round(sum(float(p["seconds"]) for p in parts), 1)}}}
+        out = {
+            "fooling": {
+                "gradient": {
+                    **_shares(conf),
+                    "classes": int(conf.numel()),
+                    "class_seed": 0,
+                    "max_steps": args.grad_steps,
+                    "chunk": args.grad_chunk,
+                    "min_conf": float(conf.min()),
+                    "steps_to_9999_median": float(steps[steps >= 0].float().median())
+                    if bool((steps >= 0).any())
+                    else None,
+                    "steps_to_9999_max": int(steps.max()),
+                    "never_reached": int((steps < 0).sum()),
+                    "seconds": round(sum(float(p["seconds"]) for p in parts), 1),
+                }
+            }
+        }
         print(f"gradient {conf.numel()} classes: {_shares(conf)} min {float(conf.min()):.6f}", flush=True)
         record("gradient_partial", t0, c0, out, args.out)
-    _save("fooling_gradient", {"x": torch.cat([p["x"] for p in parts]), "label": torch.cat([p["label"] for p in parts])})
+    _save(
+        "fooling_gradient", {"x": torch.cat([p["x"] for p in parts]), "label": torch.cat([p["label"] for p in parts])}
+    )
     return out
 
 
 def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
     model = imagenet_efficientnet.build()
-    evo = FoolingEvolution(encoding=args.encoding, population=args.population, generations=args.generations, threshold=0.9999,
-                           stop_when_done=False, extra_samples=0, seed=args.seed)
+    evo = FoolingEvolution(
+        encoding=args.encoding,
+        population=args.population,
+        generations=args.generations,
+        threshold=0.9999,
+        stop_when_done=False,
+        extra_samples=0,
+        seed=args.seed,
+    )
     last = [time.perf_counter()]
 
     def progress(g: int, fooled: int) -> None:
@@ -134,17 +166,36 @@ def step_evolve(args: argparse.Namespace) -> dict[str, Any]:
     cls, key = _evolve_classes(args)
     # checkpointed: a stopped run resumes, and a finished one continues with a larger --generations
     sub = f"-c{args.classes}" if args.classes < 1000 else ""
-    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else CACHE / f"evolve-{args.encoding}-p{args.population}-s{args.seed}{sub}"
-    res = evo(model, shape=(3, 224, 224), classes=cls.tolist(), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
+    ckpt = (
+        Path(args.checkpoint_dir)
+        if args.checkpoint_dir
+        else CACHE / f"evolve-{args.encoding}-p{args.population}-s{args.seed}{sub}"
+    )
+    res = evo(
+        model,
+        shape=(3, 224, 224),
+        classes=cls.tolist(),
+        progress=progress,
+        checkpoint_dir=ckpt,
+        checkpoint_every=args.checkpoint_every,
+    )
     conf = res.extras["elite_confidence"]
     labels = res.extras["elite_label"]
     _save(f"fooling_{key}", {"x": res.x_adv.cpu(), "label": labels.cpu(), "confidence": conf.cpu()})
     top = conf.argsort(descending=True)[:16]
-    out = {**_shares(conf), "classes": int(labels.numel()), "generations": int(res.extras["generations"]),
-           "population": args.population, "evaluations": int(res.extras["evaluations"]), "seed": args.seed,
-           "seconds": round(res.extras["seconds"], 1), "history": res.extras["history"],
-           "grid": grid(res.x_adv[top].cpu(), f"imagenet_fooling_{key}.png"),
-           "grid_classes": labels[top].tolist(), "grid_confidence": [round(float(c), 4) for c in conf[top]]}
+    out = {
+        **_shares(conf),
+        "classes": int(labels.numel()),
+        "generations": int(res.extras["generations"]),
+        "population": args.population,
+        "evaluations": int(res.extras["evaluations"]),
+        "seed": args.seed,
+        "seconds": round(res.extras["seconds"], 1),
+        "history": res.extras["history"],
+        "grid": grid(res.x_adv[top].cpu(), f"imagenet_fooling_{key}.png"),
+        "grid_classes": labels[top].tolist(),
+        "grid_confidence": [round(float(c), 4) for c in conf[top]],
+    }
     if args.classes < 1000:
         out.update(_full_run_reference(args, cls, out["generations"]))
     print(f"{key}: {_shares(conf)}", flush=True)
@@ -158,7 +209,7 @@ def _evolve_classes(args: argparse.Namespace) -> tuple[torch.Tensor, str]:
     over 1,000 cells each class's elite breeds 1/50 of the children it would over 20."""
     if args.classes >= 1000:
         return torch.arange(1000), args.encoding
-    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(3))[:args.classes].sort().values
+    cls = torch.randperm(1000, generator=torch.Generator().manual_seed(3))[: args.classes].sort().values
     return cls, f"{args.encoding}_subset{args.classes}"
 
 
@@ -175,8 +226,11 @@ def _full_run_reference(args: argparse.Namespace, cls: torch.Tensor, generations
     if Path(args.out).is_file():
         full = json.loads(Path(args.out).read_text()).get("fooling", {}).get(args.encoding, {})
         if full:
-            ref["full_run_same_classes"] = {**ref.get("full_run_same_classes", {}), "generations": full.get("generations"),
-                                            "children_per_cell": full.get("generations", 0) * full.get("population", 0) / 1000}
+            ref["full_run_same_classes"] = {
+                **ref.get("full_run_same_classes", {}),
+                "generations": full.get("generations"),
+                "children_per_cell": full.get("generations", 0) * full.get("population", 0) / 1000,
+            }
     return ref
 
 
@@ -194,7 +248,6 @@ def subset_model(classes: torch.Tensor) -> torch.nn.Module:
 
 def step_harden(args: argparse.Namespace) -> dict[str, Any]:
     import guard
-
     from guard.training.harden import harden
     from guard.training.round_attacks import AttackBudget
 
@@ -209,25 +262,65 @@ def step_harden(args: argparse.Namespace) -> dict[str, Any]:
     budget = AttackBudget(per_class=1, generations=args.harden_generations, population=args.population, evolved_extra=0)
     tag = _harden_tag(args)
     given, given_info = _reject_images(args, cls)
-    res = harden(subset_model(cls), train, test=test, rounds=1, epochs_per_round=args.epochs, attacks=("fooling_cppn",),
-                 budget=budget, trainable=(), head="1._fc", batch_size=32, lr=args.lr, seed=0, progress=False,
-                 freeze_known_classes=args.freeze_known_classes, checkpoint_dir=CACHE / f"harden-{tag}", reject_images=given)
+    res = harden(
+        subset_model(cls),
+        train,
+        test=test,
+        rounds=1,
+        epochs_per_round=args.epochs,
+        attacks=("fooling_cppn",),
+        budget=budget,
+        trainable=(),
+        head="1._fc",
+        batch_size=32,
+        lr=args.lr,
+        seed=0,
+        progress=False,
+        freeze_known_classes=args.freeze_known_classes,
+        checkpoint_dir=CACHE / f"harden-{tag}",
+        reject_images=given,
+    )
     h = res.history[-1]
     print(json.dumps(h, default=str)[:2000], flush=True)
     fresh_b, fresh_a = res.baseline.get("fresh", {}), h.get("fresh", {})
-    return {"fooling": {"after_harden" + _with(args): {"reject_images": given_info, "harden_flags": tag,
-        "median_conf": fresh_a.get("fooling_median_confidence"), "median_conf_before": fresh_b.get("fooling_median_confidence"),
-        "share_99": fresh_a.get("fooling_classes_ge99"), "share_99_before": fresh_b.get("fooling_classes_ge99"),
-        "share_9999": None, "classes": int(cls.numel()), "class_seed": 1, "generations": args.harden_generations,
-        "population": args.population, "encoding": "cppn", "freeze_known_classes": args.freeze_known_classes,
-        "epochs": args.epochs, "lr": args.lr,
-        "clean_top1_before": res.baseline["clean_accuracy"], "clean_top1_after": h["clean_accuracy"],
-        "clean_rejected_after": h["clean_rejected_share"], "n_train": len(train), "n_held_out": len(test),
-        "fresh_rejected_share_after": fresh_a.get("rejected_share")}},
-        "harden" + _with(args): {"config": res.config.to_dict() if res.config else None, "archive_size": res.archive_size, "timings": res.timings,
-                   "round": {k: v for k, v in h.items() if k != "fresh"}, "fresh_after": fresh_a, "baseline_fresh": fresh_b,
-                   "model": f"EfficientNet-Lite0 restricted to {cls.numel()} seeded classes (head rows), head-only fine-tuning",
-                   "train": "the reference images of those classes", "held_out": "the pool images of those classes"}}
+    return {
+        "fooling": {
+            "after_harden" + _with(args): {
+                "reject_images": given_info,
+                "harden_flags": tag,
+                "median_conf": fresh_a.get("fooling_median_confidence"),
+                "median_conf_before": fresh_b.get("fooling_median_confidence"),
+                "share_99": fresh_a.get("fooling_classes_ge99"),
+                "share_99_before": fresh_b.get("fooling_classes_ge99"),
+                "share_9999": None,
+                "classes": int(cls.numel()),
+                "class_seed": 1,
+                "generations": args.harden_generations,
+                "population": args.population,
+                "encoding": "cppn",
+                "freeze_known_classes": args.freeze_known_classes,
+                "epochs": args.epochs,
+                "lr": args.lr,
+                "clean_top1_before": res.baseline["clean_accuracy"],
+                "clean_top1_after": h["clean_accuracy"],
+                "clean_rejected_after": h["clean_rejected_share"],
+                "n_train": len(train),
+                "n_held_out": len(test),
+                "fresh_rejected_share_after": fresh_a.get("rejected_share"),
+            }
+        },
+        "harden" + _with(args): {
+            "config": res.config.to_dict() if res.config else None,
+            "archive_size": res.archive_size,
+            "timings": res.timings,
+            "round": {k: v for k, v in h.items() if k != "fresh"},
+            "fresh_after": fresh_a,
+            "baseline_fresh": fresh_b,
+            "model": f"EfficientNet-Lite0 restricted to {cls.numel()} seeded classes (head rows), head-only fine-tuning",
+            "train": "the reference images of those classes",
+            "held_out": "the pool images of those classes",
+        },
+    }
 
 
 def _harden_tag(args: argparse.Namespace) -> str:
@@ -237,7 +330,7 @@ def _harden_tag(args: argparse.Namespace) -> str:
 
 def _harden_classes(args: argparse.Namespace) -> torch.Tensor:
     """The ``--harden-classes`` seeded classes (seed 1, not the split's seed 0), sorted."""
-    return torch.randperm(1000, generator=torch.Generator().manual_seed(1))[:args.harden_classes].sort().values
+    return torch.randperm(1000, generator=torch.Generator().manual_seed(1))[: args.harden_classes].sort().values
 
 
 def _with(args: argparse.Namespace) -> str:
@@ -254,12 +347,18 @@ def _reject_images(args: argparse.Namespace, cls: torch.Tensor) -> tuple[torch.T
         return None, None
     path = CACHE / f"fooling_{args.reject_from}.safetensors"
     if not path.is_file():
-        raise SystemExit(f"{path} is missing: run --step evolve --encoding {args.reject_from} first (it resumes from its checkpoint)")
+        raise SystemExit(
+            f"{path} is missing: run --step evolve --encoding {args.reject_from} first (it resumes from its checkpoint)"
+        )
     d = _load(f"fooling_{args.reject_from}")
     keep = torch.isin(d["label"], cls)
     meta = json.loads(Path(args.out).read_text())["fooling"][args.reject_from] if Path(args.out).is_file() else {}
-    info = {"from": args.reject_from, "n": int(keep.sum()), "generations": meta.get("generations"),
-            "median_conf": float(d["confidence"][keep].median())}
+    info = {
+        "from": args.reject_from,
+        "n": int(keep.sum()),
+        "generations": meta.get("generations"),
+        "median_conf": float(d["confidence"][keep].median()),
+    }
     return d["x"][keep].contiguous(), info
 
 
@@ -270,10 +369,14 @@ def _hardened(args: argparse.Namespace, cls: torch.Tensor) -> torch.nn.Module:
 
     found = load_checkpoint(CACHE / f"harden-{_harden_tag(args)}")
     if found is None:
-        raise SystemExit(f"no harden checkpoint for these flags ({_harden_tag(args)}): run --step harden with them first")
+        raise SystemExit(
+            f"no harden checkpoint for these flags ({_harden_tag(args)}): run --step harden with them first"
+        )
     model_state, _, _, meta = found
     if int(meta.get("round_done", 0)) < 1:
-        raise SystemExit(f"the harden checkpoint {_harden_tag(args)} is unfinished: run --step harden with these flags again")
+        raise SystemExit(
+            f"the harden checkpoint {_harden_tag(args)} is unfinished: run --step harden with these flags again"
+        )
     net, head = grow_head(subset_model(cls), num_classes=int(cls.numel()), head="1._fc")
     net.load_state_dict(model_state)
     return RejectClassifier(net, int(cls.numel()), head).eval()
@@ -290,15 +393,29 @@ def step_reevolve(args: argparse.Namespace) -> dict[str, Any]:
     cls = _harden_classes(args)
     model = _hardened(args, cls)
     n = int(cls.numel())
-    evo = FoolingEvolution(encoding="cppn", population=args.population, generations=args.generations, threshold=0.9999,
-                           stop_when_done=False, extra_samples=0, seed=args.seed)
+    evo = FoolingEvolution(
+        encoding="cppn",
+        population=args.population,
+        generations=args.generations,
+        threshold=0.9999,
+        stop_when_done=False,
+        extra_samples=0,
+        seed=args.seed,
+    )
 
     def progress(g: int, fooled: int) -> None:
         if g % 10 == 0:
             print(f"reevolve gen {g}: {fooled} classes >= 99.99%", flush=True)
 
     ckpt = CACHE / f"reevolve-{_harden_tag(args)}-s{args.seed}"  # the tag holds the population
-    res = evo(model, shape=(3, 224, 224), classes=range(n), progress=progress, checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every)
+    res = evo(
+        model,
+        shape=(3, 224, 224),
+        classes=range(n),
+        progress=progress,
+        checkpoint_dir=ckpt,
+        checkpoint_every=args.checkpoint_every,
+    )
     conf = res.extras["elite_confidence"]
     rejected = float((predict_labels(model, res.x_adv) == n).float().mean())
     before = None
@@ -307,9 +424,18 @@ def step_reevolve(args: argparse.Namespace) -> dict[str, Any]:
         at = [h for h in hist if h["generation"] <= args.generations]
         if at:
             before = {"generation": at[-1]["generation"], "median_conf": at[-1]["median_confidence"]}
-    out = {**_shares(conf), "classes": n, "generations": int(res.extras["generations"]), "population": args.population,
-           "seed": args.seed, "elites_rejected_share": rejected, "seconds": round(res.extras["seconds"], 1),
-           "original_model_same_run": before, "harden_flags": _harden_tag(args), "history": res.extras["history"]}
+    out = {
+        **_shares(conf),
+        "classes": n,
+        "generations": int(res.extras["generations"]),
+        "population": args.population,
+        "seed": args.seed,
+        "elites_rejected_share": rejected,
+        "seconds": round(res.extras["seconds"], 1),
+        "original_model_same_run": before,
+        "harden_flags": _harden_tag(args),
+        "history": res.extras["history"],
+    }
     print("reevolve", {k: v for k, v in out.items() if k != "history"}, flush=True)
     return {"fooling": {"reevolve_after_harden": out}}
 
@@ -324,14 +450,26 @@ def step_harden_gradient(args: argparse.Namespace) -> dict[str, Any]:
     cls = _harden_classes(args)
     base = subset_model(cls)
     hardened = _hardened(args, cls)
-    targets = torch.randperm(int(cls.numel()), generator=torch.Generator().manual_seed(2))[:args.grad_classes].sort().values
-    out: dict[str, Any] = {"classes": int(targets.numel()), "class_seed": 2, "max_steps": args.grad_steps, "harden_flags": _harden_tag(args)}
+    targets = (
+        torch.randperm(int(cls.numel()), generator=torch.Generator().manual_seed(2))[: args.grad_classes].sort().values
+    )
+    out: dict[str, Any] = {
+        "classes": int(targets.numel()),
+        "class_seed": 2,
+        "max_steps": args.grad_steps,
+        "harden_flags": _harden_tag(args),
+    }
     for name, model in (("before", base), ("after", hardened)):
-        res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=0)(model, shape=(3, 224, 224), classes=targets)
+        res = FoolingGradient(steps=args.grad_steps, threshold=0.9999, seed=0)(
+            model, shape=(3, 224, 224), classes=targets
+        )
         conf = res.extras["confidence"]
         top = predict_labels(model, res.x_adv)
-        out[name] = {**_shares(conf), "rejected_share": float((top == int(cls.numel())).float().mean()) if name == "after" else 0.0,
-                     "seconds": round(res.extras["seconds"], 1)}
+        out[name] = {
+            **_shares(conf),
+            "rejected_share": float((top == int(cls.numel())).float().mean()) if name == "after" else 0.0,
+            "seconds": round(res.extras["seconds"], 1),
+        }
         print(name, out[name], flush=True)
     return {"harden_gradient" + _with(args): out}
 
@@ -351,11 +489,18 @@ def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
         path = CACHE / f"fooling_{name}.safetensors"
         if path.is_file():
             d = _load(f"fooling_{name}")
-            pick = torch.randperm(d["x"].shape[0], generator=torch.Generator().manual_seed(0))[:args.det_n]
+            pick = torch.randperm(d["x"].shape[0], generator=torch.Generator().manual_seed(0))[: args.det_n]
             logits, f = extract_features(model, d["x"][pick], [PENULT], batch_size=32)
             sets[name] = (f[PENULT], logits)
-    out: dict[str, Any] = {"fit": 600, "calibrate": 200, "fpr": 0.01, "layer": PENULT, "fooling_images_per_set": args.det_n,
-                           "sets": {k: int(v[0].shape[0]) for k, v in sets.items()}}
+    out: dict[str, Any] = {
+        "fit": 600,
+        "calibrate": 200,
+        "fpr": 0.01,
+        "layer": PENULT,
+        "fooling_images_per_set": args.det_n,
+        "sets": {k: int(v[0].shape[0]) for k, v in sets.items()},
+    }
+
     # One image per class leaves no within-class covariance, so Mahalanobis is fitted as one
     # Gaussian over all clean features (every label 0, scored under class 0); PPCA falls back to
     # its pooled PPCA for classes below min_class_size (all of them here); LID is class-agnostic.
@@ -369,7 +514,10 @@ def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
         try:
             det.fit_features({PENULT: feats[PENULT][fit_i]}, torch.zeros_like(fit_i) if pooled else feats["y"][fit_i])
             det.calibrate(det.score_features({PENULT: feats[PENULT][cal_i]}, lab(feats["logits"][cal_i])), 0.01)
-            out[name] = {k: float(det.predict_scores(det.score_features({PENULT: f}, lab(lg))).float().mean()) for k, (f, lg) in sets.items()}
+            out[name] = {
+                k: float(det.predict_scores(det.score_features({PENULT: f}, lab(lg))).float().mean())
+                for k, (f, lg) in sets.items()
+            }
         except (ValueError, RuntimeError) as err:  # reported, not hidden: e.g. one image per class
             out[name] = {"error": str(err)[:300]}
         print(name, out[name], flush=True)
@@ -378,12 +526,16 @@ def step_detectors(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--step", required=True, choices=["gradient", "evolve", "harden", "harden_gradient", "reevolve", "detectors"])
+    ap.add_argument(
+        "--step", required=True, choices=["gradient", "evolve", "harden", "harden_gradient", "reevolve", "detectors"]
+    )
     ap.add_argument("--encoding", default="cppn", choices=["cppn", "direct"])
     ap.add_argument("--population", type=int, default=50)
     ap.add_argument("--generations", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--classes", type=int, default=1000, help="evolve: a seeded subset of K classes as the cells (seed 3)")
+    ap.add_argument(
+        "--classes", type=int, default=1000, help="evolve: a seeded subset of K classes as the cells (seed 3)"
+    )
     ap.add_argument("--grad-classes", type=int, default=10)
     ap.add_argument("--grad-steps", type=int, default=60)
     ap.add_argument("--checkpoint-every", type=int, default=20, help="evolve: generations between checkpoints")
@@ -393,22 +545,41 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--harden-classes", type=int, default=100)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--freeze-known-classes", action="store_true",
-                    help="harden trains the reject row only (HardenConfig.freeze_known_classes): the training images "
-                         "cover 79 of the classes, one image each, and the held-out images are of the other 21")
-    ap.add_argument("--reject-from", default="none", choices=["none", "cppn", "direct"],
-                    help="harden / harden_gradient / reevolve: also train the reject class on the elites of that evolve run")
-    ap.add_argument("--det-n", type=int, default=200, help="fooling images per set scored by the detectors (seeded subset)")
+    ap.add_argument(
+        "--freeze-known-classes",
+        action="store_true",
+        help="harden trains the reject row only (HardenConfig.freeze_known_classes): the training images "
+        "cover 79 of the classes, one image each, and the held-out images are of the other 21",
+    )
+    ap.add_argument(
+        "--reject-from",
+        default="none",
+        choices=["none", "cppn", "direct"],
+        help="harden / harden_gradient / reevolve: also train the reject class on the elites of that evolve run",
+    )
+    ap.add_argument(
+        "--det-n", type=int, default=200, help="fooling images per set scored by the detectors (seeded subset)"
+    )
     ap.add_argument("--out", default=str(RESULTS), help="the results JSON the step merges into (default: %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     np.random.seed(0)
     t0, c0 = time.perf_counter(), time.process_time()
-    fn = {"gradient": step_gradient, "evolve": step_evolve, "harden": step_harden, "harden_gradient": step_harden_gradient,
-          "reevolve": step_reevolve, "detectors": step_detectors}[args.step]
+    fn = {
+        "gradient": step_gradient,
+        "evolve": step_evolve,
+        "harden": step_harden,
+        "harden_gradient": step_harden_gradient,
+        "reevolve": step_reevolve,
+        "detectors": step_detectors,
+    }[args.step]
     extra = fn(args)
     name = args.step + (f"_{_evolve_classes(args)[1]}" if args.step == "evolve" else "")
-    name += f"_reject_{args.reject_from}" if args.step in ("harden", "harden_gradient", "reevolve") and args.reject_from != "none" else ""
+    name += (
+        f"_reject_{args.reject_from}"
+        if args.step in ("harden", "harden_gradient", "reevolve") and args.reject_from != "none"
+        else ""
+    )
     record(name, t0, c0, extra, args.out)
 
 

@@ -42,9 +42,10 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,7 @@ class Stages:
     done: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path) -> "Stages":
+    def open(cls, path: Path) -> Stages:
         return cls(path, json.loads(path.read_text()) if path.is_file() else {})
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -111,8 +112,12 @@ class Stages:
             return self.done[name]["result"]
         t0, c0 = time.perf_counter(), time.process_time()
         result = fn()
-        self.done[name] = {"result": result, "wall_s": round(time.perf_counter() - t0, 2),
-                           "cpu_s": round(time.process_time() - c0, 2), "peak_rss_mb": peak_rss_mb()}
+        self.done[name] = {
+            "result": result,
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "cpu_s": round(time.process_time() - c0, 2),
+            "peak_rss_mb": peak_rss_mb(),
+        }
         atomic_write_text(self.path, json.dumps(self.done, indent=1))
         return result
 
@@ -141,7 +146,9 @@ def make_attack(name: str, area: float, cfg: Config) -> Any:
     raise ValueError(f"name must be one of {NAMES}; got {name!r}.")
 
 
-def fitted_attack(name: str, area: float, cfg: Config, model: nn.Module, x_train: torch.Tensor, work: Path) -> tuple[Any, dict]:
+def fitted_attack(
+    name: str, area: float, cfg: Config, model: nn.Module, x_train: torch.Tensor, work: Path
+) -> tuple[Any, dict]:
     """The attack fitted on ``x_train``, loaded from ``work`` when an earlier run saved it."""
     from guard.attacks import PatchGAN, UniversalPatch
 
@@ -151,12 +158,19 @@ def fitted_attack(name: str, area: float, cfg: Config, model: nn.Module, x_train
     path = work / f"{name}_{area}.safetensors"
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
-        return (PatchGAN if name.startswith("patch_gan") else UniversalPatch).load(path), json.loads(info_path.read_text())
+        return (PatchGAN if name.startswith("patch_gan") else UniversalPatch).load(path), json.loads(
+            info_path.read_text()
+        )
     t0, c0 = time.perf_counter(), time.process_time()
     atk.fit(model, x_train)
-    info = {"side": atk.side_, "steps": atk.steps_, "val_fooling_rate": atk.val_fooling_rate_,
-            "fit_wall_s": round(time.perf_counter() - t0, 2), "fit_cpu_s": round(time.process_time() - c0, 2),
-            "history": [{k: round(v, 4) for k, v in h.items()} for h in atk.history_]}
+    info = {
+        "side": atk.side_,
+        "steps": atk.steps_,
+        "val_fooling_rate": atk.val_fooling_rate_,
+        "fit_wall_s": round(time.perf_counter() - t0, 2),
+        "fit_cpu_s": round(time.process_time() - c0, 2),
+        "history": [{k: round(v, 4) for k, v in h.items()} for h in atk.history_],
+    }
     atk.save(path)
     info_path.write_text(json.dumps(info))
     return atk, info
@@ -166,7 +180,7 @@ def input_gradients(model: nn.Module, x: torch.Tensor, batch: int) -> tuple[torc
     """(d logit_pred / dx, pred) for every image: one backward pass, shared by both attribution maps."""
     grads, preds = [], []
     for i in range(0, x.shape[0], batch):
-        xb = x[i:i + batch].detach().clone().requires_grad_(True)
+        xb = x[i : i + batch].detach().clone().requires_grad_(True)
         logits = model(xb)
         pred = logits.argmax(1)
         (g,) = torch.autograd.grad(logits.gather(1, pred[:, None]).sum(), xb)
@@ -186,8 +200,10 @@ def check_maps_match_captum(model: nn.Module, x: torch.Tensor) -> float:
 
     g, pred = input_gradients(model, x, int(x.shape[0]))
     ours = attribution_maps(x, g)
-    ref = {"saliency": Saliency(model).attribute(x.clone().requires_grad_(True), target=pred, abs=True).sum(1),
-           "input_x_gradient": InputXGradient(model).attribute(x.clone().requires_grad_(True), target=pred).abs().sum(1)}
+    ref = {
+        "saliency": Saliency(model).attribute(x.clone().requires_grad_(True), target=pred, abs=True).sum(1),
+        "input_x_gradient": InputXGradient(model).attribute(x.clone().requires_grad_(True), target=pred).abs().sum(1),
+    }
     return max(float((ours[k] - ref[k].detach()).abs().max()) for k in ours)
 
 
@@ -235,7 +251,7 @@ def scores_of(model: nn.Module, x: torch.Tensor, cfg: Config) -> tuple[dict[str,
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
+    return torch.cat([model(x[i : i + batch]).argmax(1) for i in range(0, x.shape[0], batch)])
 
 
 def patched(atk: Any, x: torch.Tensor, seed: int) -> torch.Tensor:
@@ -249,7 +265,9 @@ def patched(atk: Any, x: torch.Tensor, seed: int) -> torch.Tensor:
     return apply_patches(x, p, pos)
 
 
-def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: Path, *, log: Callable[[str], None] = print) -> dict:
+def run(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: Path, *, log: Callable[[str], None] = print
+) -> dict:
     """Every stage on ``model`` with images ``x`` (N, 3, H, W) in [0, 1] and labels ``y``; returns the results."""
     from guard.attacks.patch_analysis import class_comparison, fooling_rate_repeated, pairwise_diversity, patch_sampler
     from guard.detectors.base import quantile_threshold
@@ -262,11 +280,13 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: P
         p.requires_grad_(False)
     tr, ev = split(int(x.shape[0]), cfg.n_train, cfg.seed)
     if cfg.n_eval is not None:
-        ev = ev[:cfg.n_eval]
+        ev = ev[: cfg.n_eval]
     x_tr, x_ev, y_ev = x[tr], x[ev], y[ev]
     hw = tuple(x.shape[-2:])
     res: dict[str, Any] = {"fooling": {}, "fooling_detail": {}, "fit": {}}
-    res["clean_accuracy_eval"] = st.run("clean", lambda: float((predict(model, x_ev, cfg.batch) == y_ev).float().mean()))
+    res["clean_accuracy_eval"] = st.run(
+        "clean", lambda: float((predict(model, x_ev, cfg.batch) == y_ev).float().mean())
+    )
     attacks: dict[tuple[str, float], Any] = {}
     mid = 0.02 if 0.02 in cfg.areas else cfg.areas[len(cfg.areas) // 2]
 
@@ -276,26 +296,42 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: P
         for name in NAMES:
             if name == "patch_gan_paper" and area not in cfg.paper_areas:
                 continue
+
             def fit_and_eval(name: str = name, area: float = area) -> dict:
                 atk, info = fitted_attack(name, area, cfg, model, x_tr, work)
-                stats = fooling_rate_repeated(model, x_ev, patch_sampler(atk, int(x.shape[1]), hw), repetitions=cfg.reps,
-                                              seed=cfg.seed + 100, y=y_ev, batch_size=cfg.batch)
+                stats = fooling_rate_repeated(
+                    model,
+                    x_ev,
+                    patch_sampler(atk, int(x.shape[1]), hw),
+                    repetitions=cfg.reps,
+                    seed=cfg.seed + 100,
+                    y=y_ev,
+                    batch_size=cfg.batch,
+                )
                 return {"fit": info, "fooling": stats}
+
             out = st.run(f"fooling/{name}/{area:g}", fit_and_eval)
             attacks[(name, area)] = fitted_attack(name, area, cfg, model, x_tr, work)[0]
             res["fooling"][key][name] = out["fooling"]["mean"]
-            res["fooling_detail"][key][name] = {k: out["fooling"][k] for k in ("mean", "std", "rates", "mean_correct", "n", "n_correct")
-                                               if k in out["fooling"]}
+            res["fooling_detail"][key][name] = {
+                k: out["fooling"][k]
+                for k in ("mean", "std", "rates", "mean_correct", "n", "n_correct")
+                if k in out["fooling"]
+            }
             res["fit"][f"{name}/{key}"] = {k: v for k, v in out["fit"].items() if k != "history"}
-            log(f"area {key} {name:<16} fooling {out['fooling']['mean']:.3f} (fit {out['fit'].get('fit_wall_s', 0)} s, "
-                f"val {out['fit'].get('val_fooling_rate', float('nan'))})")
+            log(
+                f"area {key} {name:<16} fooling {out['fooling']['mean']:.3f} (fit {out['fit'].get('fit_wall_s', 0)} s, "
+                f"val {out['fit'].get('val_fooling_rate', float('nan'))})"
+            )
 
     # The middle area first, then its analyses, detection and the export; the other areas last.
     fool(mid)
     gen_div = torch.Generator().manual_seed(cfg.seed + 7)
     gans = [n for n in ("patch_gan", "patch_gan_paper") if (n, mid) in attacks]
-    res["diversity"] = st.run("diversity", lambda: {n: pairwise_diversity(attacks[(n, mid)].sample(cfg.div_n, generator=gen_div))
-                                                      for n in gans})
+    res["diversity"] = st.run(
+        "diversity",
+        lambda: {n: pairwise_diversity(attacks[(n, mid)].sample(cfg.div_n, generator=gen_div)) for n in gans},
+    )
     res["ssim_median"] = res["diversity"]["patch_gan"]["ssim_median"]
     if "patch_gan_paper" in res["diversity"]:
         res["ssim_median_paper_settings"] = res["diversity"]["patch_gan_paper"]["ssim_median"]
@@ -304,13 +340,23 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: P
         out = {}
         for n in gans:
             atk = attacks[(n, mid)]
-            xs = x_ev[:cfg.cc_n]
+            xs = x_ev[: cfg.cc_n]
             patches = atk.sample(int(xs.shape[0]), generator=torch.Generator().manual_seed(cfg.seed + 8))
             stride = max(1, (hw[0] - atk.side_) // max(cfg.cc_grid - 1, 1))
             r = class_comparison(model, xs, patches, stride=stride, batch_size=cfg.batch)
-            out[n] = {k: r[k] for k in ("positions", "stride", "pairs", "patched_takes_canvas_class", "fooled_takes_canvas_class",
-                                        "fooling_rate")}
+            out[n] = {
+                k: r[k]
+                for k in (
+                    "positions",
+                    "stride",
+                    "pairs",
+                    "patched_takes_canvas_class",
+                    "fooled_takes_canvas_class",
+                    "fooling_rate",
+                )
+            }
         return out
+
     res["class_comparison"] = st.run("class_comparison", cc)
     res["class_comparison_area"] = mid
 
@@ -318,7 +364,7 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: P
     tune_gan = attacks[("patch_gan", mid)]
 
     def tune() -> dict:
-        xt = x_tr[:cfg.det_tune]
+        xt = x_tr[: cfg.det_tune]
         s_clean, _ = scores_of(model, xt, cfg)
         clean_pred = predict(model, xt, cfg.batch)
         pos: dict[str, list[torch.Tensor]] = {k: [] for k in s_clean}
@@ -329,64 +375,104 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, work: P
         fooled = torch.cat(pos[next(iter(pos))])
         table = {k: detection_metrics(torch.cat(pos[k]), s_clean[k]) for k in s_clean}
         best = max(table, key=lambda k: (table[k]["tpr_at_1fpr"] or 0.0, table[k]["auroc"] or 0.0))
-        return {"n_clean": int(xt.shape[0]), "n_fooled": int(fooled.numel()), "best": best,
-                "table": {k: {m: v[m] for m in ("auroc", "tpr_at_1fpr", "tpr_at_5fpr")} for k, v in table.items()}}
+        return {
+            "n_clean": int(xt.shape[0]),
+            "n_fooled": int(fooled.numel()),
+            "best": best,
+            "table": {k: {m: v[m] for m in ("auroc", "tpr_at_1fpr", "tpr_at_5fpr")} for k, v in table.items()},
+        }
+
     tuned = st.run("detector_tuning", tune)
     best = tuned["best"]
     keys = sorted({best, *reference_keys(hw)})
     n_cal = cfg.det_eval
-    x_cal, x_test = x_ev[n_cal:2 * n_cal], x_ev[:n_cal]
+    x_cal, x_test = x_ev[n_cal : 2 * n_cal], x_ev[:n_cal]
 
     def clean_scores() -> dict:
         s_cal, _ = scores_of(model, x_cal, cfg)
         s_test, _ = scores_of(model, x_test, cfg)
         return {"cal": {k: s_cal[k].tolist() for k in keys}, "test": {k: s_test[k].tolist() for k in keys}}
+
     clean = st.run("detection_clean", clean_scores)
-    res["detection"], res["detection_detail"] = {}, {"chosen_on_train": best, "tuning": tuned, "n_calibration": len(clean["cal"][best])}
+    res["detection"], res["detection_detail"] = (
+        {},
+        {"chosen_on_train": best, "tuning": tuned, "n_calibration": len(clean["cal"][best])},
+    )
 
     def detect(area: float) -> None:
         for name in ("patch_gan", "patch_gan_paper", "universal_patch"):
             if (area != mid and (name != "patch_gan" or area not in cfg.det_areas)) or (name, area) not in attacks:
                 continue  # the other attacks at the middle area only (time)
+
             def adv_scores(name: str = name, area: float = area) -> dict:
                 xa = patched(attacks[(name, area)], x_test, cfg.seed + 12)
                 s, pred = scores_of(model, xa, cfg)
                 fooled = pred != predict(model, x_test, cfg.batch)
                 return {"fooled": fooled.tolist(), "scores": {k: s[k].tolist() for k in keys}}
+
             adv = st.run(f"detection_adv/{name}/{area:g}", adv_scores)
             fooled = torch.tensor(adv["fooled"])
             for k in keys:
                 thr = quantile_threshold(torch.tensor(clean["cal"][k]), 0.01)
-                m = detection_metrics(torch.tensor(adv["scores"][k])[fooled], torch.tensor(clean["test"][k]), threshold=thr)
+                m = detection_metrics(
+                    torch.tensor(adv["scores"][k])[fooled], torch.tensor(clean["test"][k]), threshold=thr
+                )
                 label = k.replace("|", "_")
-                entry = {"tpr_at_1fpr": m["tpr_at_threshold"], "fpr_at_threshold": m["fpr_at_threshold"], "auroc": m["auroc"],
-                         "roc_tpr_at_1fpr": m["tpr_at_1fpr"], "n_pos": m["n_pos"], "n_neg": m["n_neg"], "chosen_on_train": k == best}
+                entry = {
+                    "tpr_at_1fpr": m["tpr_at_threshold"],
+                    "fpr_at_threshold": m["fpr_at_threshold"],
+                    "auroc": m["auroc"],
+                    "roc_tpr_at_1fpr": m["tpr_at_1fpr"],
+                    "n_pos": m["n_pos"],
+                    "n_neg": m["n_neg"],
+                    "chosen_on_train": k == best,
+                }
                 res["detection_detail"].setdefault(f"{name}/{area:g}", {})[label] = entry
                 if name == "patch_gan" and area == mid:
                     res["detection"][label] = {"tpr_at_1fpr": entry["tpr_at_1fpr"], "auroc": entry["auroc"]}
 
     detect(mid)
     if cfg.export:
-        res["export"] = st.run("export", lambda: export_guarded(model, x_tr, x_cal, x_test, detector_from_key(best),
-                                                                 patched(tune_gan, x_test[:32], cfg.seed + 13), cfg))
+        res["export"] = st.run(
+            "export",
+            lambda: export_guarded(
+                model, x_tr, x_cal, x_test, detector_from_key(best), patched(tune_gan, x_test[:32], cfg.seed + 13), cfg
+            ),
+        )
     for area in cfg.areas:
         if area != mid:
             fool(area)
             detect(area)
     res["stages"] = {k: {m: v[m] for m in ("wall_s", "cpu_s", "peak_rss_mb")} for k, v in st.done.items()}
     res["config"] = asdict(cfg)
-    res["split"] = {"train": int(tr.numel()), "eval": int(ev.numel()), "seed": cfg.seed, "calibration": n_cal, "detection_test": n_cal}
+    res["split"] = {
+        "train": int(tr.numel()),
+        "eval": int(ev.numel()),
+        "seed": cfg.seed,
+        "calibration": n_cal,
+        "detection_test": n_cal,
+    }
     return res
 
 
-def export_guarded(model: nn.Module, x_tr: torch.Tensor, x_cal: torch.Tensor, x_test: torch.Tensor, sal: Any, x_adv: torch.Tensor,
-                   cfg: Config) -> dict:
+def export_guarded(
+    model: nn.Module,
+    x_tr: torch.Tensor,
+    x_cal: torch.Tensor,
+    x_test: torch.Tensor,
+    sal: Any,
+    x_adv: torch.Tensor,
+    cfg: Config,
+) -> dict:
     """guard.wrap(model, [saliency, kNN]) -> fit, calibrate (1% FPR) -> to_onnx with parity -> latency."""
     import guard
-    from guard.export import compare_with_guarded, load_session, to_onnx
     from benchmarks.fixtures.timing import paired_median_ms
+    from guard.export import compare_with_guarded, load_session, to_onnx
 
-    out: dict[str, Any] = {"detectors": ["saliency", "knn"], "saliency": sal.get_params() if hasattr(sal, "get_params") else repr(sal)}
+    out: dict[str, Any] = {
+        "detectors": ["saliency", "knn"],
+        "saliency": sal.get_params() if hasattr(sal, "get_params") else repr(sal),
+    }
     t = time.perf_counter()
     g = guard.wrap(model, [sal, "knn"], batch_size=cfg.batch).fit(x_tr)
     out["fit_s"] = round(time.perf_counter() - t, 2)
@@ -397,15 +483,21 @@ def export_guarded(model: nn.Module, x_tr: torch.Tensor, x_cal: torch.Tensor, x_
     t = time.perf_counter()
     rep = to_onnx(g, path, x_test[:2], parity_inputs=x_test[:8])
     out["export_s"] = round(time.perf_counter() - t, 2)
-    out.update(opset=rep.opset, outputs=rep.output_names, heads=rep.heads, onnx_mb=round(path.stat().st_size / 2**20, 1))
-    out["parity_vs_exporthead"] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
-                                   for k, v in rep.parity["outputs"].items()}
+    out.update(
+        opset=rep.opset, outputs=rep.output_names, heads=rep.heads, onnx_mb=round(path.stat().st_size / 2**20, 1)
+    )
+    out["parity_vs_exporthead"] = {
+        k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
+        for k, v in rep.parity["outputs"].items()
+    }
     sess = load_session(path, "cpu", threads=1)
     out["parity_vs_guarded"] = {}
     for name, xs in (("clean_32", x_test[:32]), ("patched_32", x_adv)):
         figs = compare_with_guarded(g, sess, xs)
-        out["parity_vs_guarded"][name] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "n_out_of_tol") if m in v}
-                                          for k, v in figs.items()}
+        out["parity_vs_guarded"][name] = {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "n_out_of_tol") if m in v}
+            for k, v in figs.items()
+        }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -413,7 +505,11 @@ def export_guarded(model: nn.Module, x_tr: torch.Tensor, x_cal: torch.Tensor, x_
         for b in (1, 32):
             xb = x_test[:b].contiguous()
             eager, ort = paired_median_ms(lambda: g(xb), lambda: sess.run(xb), cfg.latency_reps)
-            out["latency_ms"][str(b)] = {"eager": round(eager, 1), "onnxruntime": round(ort, 1), "ratio": round(ort / eager, 3)}
+            out["latency_ms"][str(b)] = {
+                "eager": round(eager, 1),
+                "onnxruntime": round(ort, 1),
+                "ratio": round(ort / eager, 3),
+            }
     finally:
         torch.set_num_threads(threads)
     return out
@@ -434,20 +530,31 @@ def tables(res: dict) -> str:
     """The BENCHMARKS.md tables (markdown) from a results JSON."""
     f = res["fooling"]
     areas = sorted(f, key=float)
-    lines = ["| patch area | side px | PatchGAN (audit setting) | PatchGAN (paper setting) | UniversalPatch | random noise |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| patch area | side px | PatchGAN (audit setting) | PatchGAN (paper setting) | UniversalPatch | random noise |",
+        "|---|---|---|---|---|---|",
+    ]
     for a in areas:
         side = res["fit"].get(f"patch_gan/{a}", {}).get("side", "")
-        cell = [f"{f[a][n]:.3f}" if n in f[a] else "—" for n in ("patch_gan", "patch_gan_paper", "universal_patch", "random_patch")]
+        cell = [
+            f"{f[a][n]:.3f}" if n in f[a] else "—"
+            for n in ("patch_gan", "patch_gan_paper", "universal_patch", "random_patch")
+        ]
         lines.append(f"| {float(a):.0%} | {side} | " + " | ".join(cell) + " |")
-    lines += ["", "| attack (area) | detector | TPR at the 1%-FPR threshold | FPR there | AUROC | fooled images |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| attack (area) | detector | TPR at the 1%-FPR threshold | FPR there | AUROC | fooled images |",
+        "|---|---|---|---|---|---|",
+    ]
     for att, row in res.get("detection_detail", {}).items():
         if "/" not in att:
             continue
         for det, d in row.items():
             mark = " (chosen on train)" if d.get("chosen_on_train") else ""
             fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-            lines.append(f"| {att} | {det}{mark} | {fmt(d['tpr_at_1fpr'])} | {fmt(d['fpr_at_threshold'])} | {fmt(d['auroc'])} | {d['n_pos']} |")
+            lines.append(
+                f"| {att} | {det}{mark} | {fmt(d['tpr_at_1fpr'])} | {fmt(d['fpr_at_threshold'])} | {fmt(d['auroc'])} | {d['n_pos']} |"
+            )
     lines += ["", "| stage | wall s | CPU s | peak RSS MB |", "|---|---|---|---|"]
     for k, v in res.get("stages", {}).items():
         lines.append(f"| {k} | {v['wall_s']} | {v['cpu_s']} | {v['peak_rss_mb']} |")
@@ -459,8 +566,22 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="folder for fitted attacks and finished stages (default: the cache)")
     ap.add_argument("--out", default=str(RESULTS))
-    for f in ("seed", "n_train", "gan_steps", "gan_batch", "paper_steps", "up_steps", "up_batch", "eval_every", "reps", "n_eval",
-              "det_tune", "det_eval", "cc_n", "latency_reps"):
+    for f in (
+        "seed",
+        "n_train",
+        "gan_steps",
+        "gan_batch",
+        "paper_steps",
+        "up_steps",
+        "up_batch",
+        "eval_every",
+        "reps",
+        "n_eval",
+        "det_tune",
+        "det_eval",
+        "cc_n",
+        "latency_reps",
+    ):
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=getattr(Config, f))
     ap.add_argument("--areas", type=float, nargs="+", default=list(AREAS))
     ap.add_argument("--paper-areas", type=float, nargs="+", default=list(Config.paper_areas))
@@ -476,19 +597,49 @@ def main() -> int:
     from guard.core.cache import cache_dir
     from guard.core.provenance import write_results
 
-    cfg = Config(**{f: getattr(args, f) for f in ("seed", "n_train", "gan_steps", "gan_batch", "paper_steps", "up_steps", "up_batch",
-                                                   "eval_every", "reps", "n_eval", "det_tune", "det_eval", "cc_n", "latency_reps")},
-                 areas=tuple(args.areas), det_areas=tuple(args.areas), paper_areas=tuple(args.paper_areas), export=not args.no_export)
+    cfg = Config(
+        **{
+            f: getattr(args, f)
+            for f in (
+                "seed",
+                "n_train",
+                "gan_steps",
+                "gan_batch",
+                "paper_steps",
+                "up_steps",
+                "up_batch",
+                "eval_every",
+                "reps",
+                "n_eval",
+                "det_tune",
+                "det_eval",
+                "cc_n",
+                "latency_reps",
+            )
+        },
+        areas=tuple(args.areas),
+        det_areas=tuple(args.areas),
+        paper_areas=tuple(args.paper_areas),
+        export=not args.no_export,
+    )
     work = Path(args.work) if args.work else cache_dir() / "imagenet_patch" / cfg.key()
     print(f"work folder {work}; torch threads {torch.get_num_threads()}")
     t0, c0 = time.perf_counter(), time.process_time()
     model = build()
     x, y = imagenet_sample.load()
-    load_s = {"wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2), "peak_rss_mb": peak_rss_mb()}
+    load_s = {
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "cpu_s": round(time.process_time() - c0, 2),
+        "peak_rss_mb": peak_rss_mb(),
+    }
     res = run(model, x, y, cfg, work)
     res["stages"] = {"load": load_s, **res["stages"]}
     res["threads"] = args.threads
-    res["total"] = {"wall_s": round(time.perf_counter() - t0, 1), "cpu_s": round(time.process_time() - c0, 1), "peak_rss_mb": peak_rss_mb()}
+    res["total"] = {
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "cpu_s": round(time.process_time() - c0, 1),
+        "peak_rss_mb": peak_rss_mb(),
+    }
     write_results(args.out, json_safe(res))  # adds command, commit and machine
     print(json.dumps({k: res[k] for k in ("fooling", "ssim_median", "detection")}, indent=1))
     return 0

@@ -6,6 +6,7 @@ name = class index). :func:`image_folder` unpacks it once into the ImageFolder l
 are the model's) under ``$GUARD_CACHE_DIR`` or ``~/.cache/guard``, checking the README's MD5.
 ImageNet's terms: benchmarks and tests in this repository only; never shipped in the package.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,16 @@ import torch
 
 __all__ = ["ARCHIVE", "MD5", "image_folder", "load", "available"]
 
-ARCHIVE = Path(os.environ.get("GUARD_IMAGENET_SAMPLE", Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
-                              / "imagenet-sample" / "imagenet-sample-224.tar.gz"))
+ARCHIVE = Path(
+    os.environ.get(
+        "GUARD_IMAGENET_SAMPLE",
+        Path(__file__).resolve().parents[2].parent
+        / "shared"
+        / "datasets"
+        / "imagenet-sample"
+        / "imagenet-sample-224.tar.gz",
+    )
+)
 MD5 = "696802215c56dfeae3d8157de4ec41a9"
 
 

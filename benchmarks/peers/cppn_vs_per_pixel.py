@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import guard
-from guard.attacks.cppn import NUM_INPUTS, Genome, MutationRates, mutate, random_genome, render
 from benchmarks.fixtures.timing import out_option, pin_threads
+from guard.attacks.cppn import NUM_INPUTS, Genome, MutationRates, mutate, random_genome, render
 from guard.attacks.fooling_evolution import FoolingEvolution
 from guard.core.provenance import write_results
 
@@ -74,7 +74,9 @@ def main() -> None:
     for _ in range(20):  # grow them a little, as after some generations
         pop = [mutate(g, rng, MutationRates(add_node=0.3, add_connection=0.3)) for g in pop]
     hidden = float(np.mean([g.num_hidden for g in pop]))
-    print(f"population {len(pop)}, mean hidden nodes {hidden:.1f}, mean connections {np.mean([len(g.connections) for g in pop]):.1f}")
+    print(
+        f"population {len(pop)}, mean hidden nodes {hidden:.1f}, mean connections {np.mean([len(g.connections) for g in pop]):.1f}"
+    )
 
     reps = args.reps
     t0 = time.perf_counter()
@@ -93,41 +95,63 @@ def main() -> None:
     err = float(np.abs(ref - x[:k].numpy()).max())
     print(f"guard render 28x28:            {len(pop) / t_r:9.0f} img/s")
     print(f"guard render + demo-model score: {len(pop) / t_rs:7.0f} img/s")
-    print(f"per-pixel Python (NEAT-style):   {len(pop) / t_py:7.1f} img/s  -> render speed-up {t_py / t_r:.0f}x (max abs diff {err:.2e})")
+    print(
+        f"per-pixel Python (NEAT-style):   {len(pop) / t_py:7.1f} img/s  -> render speed-up {t_py / t_r:.0f}x (max abs diff {err:.2e})"
+    )
     t0 = time.perf_counter()
     big = render(pop[:10], 256)
     big_rate = len(big) / (time.perf_counter() - t0)
     print(f"guard render 256x256: {big_rate:.0f} img/s, shape {tuple(big.shape)}")
     figures: dict[str, object] = {
-        "model": "guard.demo_model('mnist') (DemoNet)", "threads": 1, "population": len(pop), "render_reps": reps,
-        "per_pixel_genomes": k, "mean_hidden_nodes": round(hidden, 2),
+        "model": "guard.demo_model('mnist') (DemoNet)",
+        "threads": 1,
+        "population": len(pop),
+        "render_reps": reps,
+        "per_pixel_genomes": k,
+        "mean_hidden_nodes": round(hidden, 2),
         "mean_connections": round(float(np.mean([len(g.connections) for g in pop])), 2),
         "guard_render_28px_images_per_second": round(len(pop) / t_r, 1),
         "guard_render_and_score_28px_images_per_second": round(len(pop) / t_rs, 1),
         "per_pixel_python_28px_images_per_second": round(len(pop) / t_py, 2),
         "ratio_guard_render_over_per_pixel": round(t_py / t_r, 1),
         "ratio_note": "images/s of guard's vectorised render over the per-pixel Python evaluation's (NEAT-style)",
-        "max_abs_difference_vs_per_pixel": err, "guard_render_256px_images_per_second": round(big_rate, 1),
-        "evolution": None}
+        "max_abs_difference_vs_per_pixel": err,
+        "guard_render_256px_images_per_second": round(big_rate, 1),
+        "evolution": None,
+    }
     if args.generations <= 0:
         write_results(args.out, figures)
         print(f"wrote {args.out} (no evolution: --generations {args.generations})")
         return
 
     t0 = time.perf_counter()
-    res = FoolingEvolution(encoding="cppn", population=args.population, generations=args.generations,
-                           parent_selection=args.selection, seed=args.seed)(model)
+    res = FoolingEvolution(
+        encoding="cppn",
+        population=args.population,
+        generations=args.generations,
+        parent_selection=args.selection,
+        seed=args.seed,
+    )(model)
     sec = time.perf_counter() - t0
     ex = res.extras
     conf = ex["elite_confidence"]
-    print(f"CPPN MAP-Elites ({args.selection} parents, pop {args.population}): all 10 classes >= 99.99% at generation "
-          f"{ex['generation_all_fooled']} (-1: not within {args.generations}); {ex['generations']} generations, {sec:.1f} s; "
-          f"classes fooled {int((conf >= 0.9999).sum())}/10; elite confidence min {float(conf.min()):.6f} median {float(conf.double().median()):.6f}")
-    figures["evolution"] = {"selection": args.selection, "population": args.population, "max_generations": args.generations,
-                            "seed": args.seed, "generation_all_fooled": int(ex["generation_all_fooled"]),
-                            "generations": int(ex["generations"]), "seconds": round(sec, 1),
-                            "classes_at_9999": int((conf >= 0.9999).sum()), "min_confidence": float(conf.min()),
-                            "median_confidence": float(conf.double().median())}
+    print(
+        f"CPPN MAP-Elites ({args.selection} parents, pop {args.population}): all 10 classes >= 99.99% at generation "
+        f"{ex['generation_all_fooled']} (-1: not within {args.generations}); {ex['generations']} generations, {sec:.1f} s; "
+        f"classes fooled {int((conf >= 0.9999).sum())}/10; elite confidence min {float(conf.min()):.6f} median {float(conf.double().median()):.6f}"
+    )
+    figures["evolution"] = {
+        "selection": args.selection,
+        "population": args.population,
+        "max_generations": args.generations,
+        "seed": args.seed,
+        "generation_all_fooled": int(ex["generation_all_fooled"]),
+        "generations": int(ex["generations"]),
+        "seconds": round(sec, 1),
+        "classes_at_9999": int((conf >= 0.9999).sum()),
+        "min_confidence": float(conf.min()),
+        "median_confidence": float(conf.double().median()),
+    }
     write_results(args.out, figures)
     print(f"wrote {args.out}")
 

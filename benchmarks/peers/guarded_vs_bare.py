@@ -42,7 +42,7 @@ def main() -> None:
     pin_threads(1)
     model = guard.demo_model(progress=False).eval()
     train, test = guard.demo_data()
-    x = test.x[1000:1000 + args.batch]
+    x = test.x[1000 : 1000 + args.batch]
 
     def bare() -> None:
         with torch.no_grad():
@@ -56,12 +56,27 @@ def main() -> None:
         g.calibrate(test.x[:1000], fpr=0.05)
         bare_ms, ms = paired_median_ms(bare, lambda: g(x), args.reps)
         print(f"{name:<40} {bare_ms:>8.2f} {ms:>9.2f} {ms / bare_ms:>8.1f}")
-        rows[name] = {"detectors": sorted(g.detectors), "bare_ms": round(bare_ms, 3), "guarded_ms": round(ms, 3),
-                      "ratio_guarded_over_bare": round(ms / bare_ms, 3)}
-    write_results(args.out, {"model": "guard.demo_model('mnist') (DemoNet)", "batch": len(x), "fit_images": len(train),
-                             "calibration_images": 1000, "fpr": 0.05, "threads": 1, "reps": args.reps,
-                             "timing": "median ms over interleaved calls of bare and guarded (one warm-up of each)",
-                             "ratio_note": "guarded ms over bare ms", "configurations": rows})
+        rows[name] = {
+            "detectors": sorted(g.detectors),
+            "bare_ms": round(bare_ms, 3),
+            "guarded_ms": round(ms, 3),
+            "ratio_guarded_over_bare": round(ms / bare_ms, 3),
+        }
+    write_results(
+        args.out,
+        {
+            "model": "guard.demo_model('mnist') (DemoNet)",
+            "batch": len(x),
+            "fit_images": len(train),
+            "calibration_images": 1000,
+            "fpr": 0.05,
+            "threads": 1,
+            "reps": args.reps,
+            "timing": "median ms over interleaved calls of bare and guarded (one warm-up of each)",
+            "ratio_note": "guarded ms over bare ms",
+            "configurations": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

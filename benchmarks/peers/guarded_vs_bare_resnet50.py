@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -78,15 +77,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--onnx", default=None, help="export the guarded model into this folder and time onnxruntime")
-    ap.add_argument("--only-onnx", action="store_true", help="time only onnxruntime against the bare model (with --onnx)")
+    ap.add_argument(
+        "--only-onnx", action="store_true", help="time only onnxruntime against the bare model (with --onnx)"
+    )
     out_option(ap, "guarded_vs_bare_resnet50")
     args = ap.parse_args()
     from torchvision.models import resnet50
 
     import guard
     from guard.core.features import default_feature_layers, extract_features
-    from guard.detectors import KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration
-    from guard.detectors import bank_index
+    from guard.detectors import KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration, bank_index
     from guard.detectors.bank_index import shared_index
 
     pin_threads(1)
@@ -106,18 +106,30 @@ def main() -> None:
         same = next((bank[o] for o, g in feats.items() if o in bank and torch.equal(g, f)), None)
         bank[layer] = same if same is not None else mixtures(f, n, seed=0)
     labels = torch.randint(0, 1000, (n,), generator=g)
-    print(f"ResNet-50 (random weights), batch {args.batch} x 3 x 224 x 224, 1 thread; layers {layers}; "
-          f"bank {n:,} rows of widths {[f.shape[1] for f in bank.values()]} (made in {time.perf_counter() - t0:.0f} s); "
-          f"the two kNN layers' pooled features equal: {equal}; RSS {rss_mb():.0f} MB", flush=True)
+    print(
+        f"ResNet-50 (random weights), batch {args.batch} x 3 x 224 x 224, 1 thread; layers {layers}; "
+        f"bank {n:,} rows of widths {[f.shape[1] for f in bank.values()]} (made in {time.perf_counter() - t0:.0f} s); "
+        f"the two kNN layers' pooled features equal: {equal}; RSS {rss_mb():.0f} MB",
+        flush=True,
+    )
     t0 = time.perf_counter()
-    dets = {"knn": KNNRank(layers[-2:], index="ivf_flat"), "knn_consistency": KNNConsistency(layers[-2:], index="ivf_flat"),
-            "ppca": PPCAManifold(layers[-1])}
+    dets = {
+        "knn": KNNRank(layers[-2:], index="ivf_flat"),
+        "knn_consistency": KNNConsistency(layers[-2:], index="ivf_flat"),
+        "ppca": PPCAManifold(layers[-1]),
+    }
     for det in dets.values():
         det.fit_features(bank, labels)
     del bank
-    held = {id(t): t.numel() * 4 for t in [p.bank_ for p in dets["knn"].parts] + list(dets["knn_consistency"].banks_.values())}
-    print(f"detectors fitted in {time.perf_counter() - t0:.0f} s; {len(held)} distinct bank tensor(s) held by the two kNN "
-          f"detectors ({sum(held.values()) / 2**20:.0f} MB); RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB", flush=True)
+    held = {
+        id(t): t.numel() * 4
+        for t in [p.bank_ for p in dets["knn"].parts] + list(dets["knn_consistency"].banks_.values())
+    }
+    print(
+        f"detectors fitted in {time.perf_counter() - t0:.0f} s; {len(held)} distinct bank tensor(s) held by the two kNN "
+        f"detectors ({sum(held.values()) / 2**20:.0f} MB); RSS {rss_mb():.0f} MB, peak {peak_rss_mb():.0f} MB",
+        flush=True,
+    )
     feat = guard.GuardedModel(model, dets, layers=layers)
     sal = guard.GuardedModel(model, {**dets, "saliency": SaliencyConcentration().fit(model, x[:2])}, layers=layers)
     for gm in (feat, sal):  # serving needs a calibrated flag: calibrate on the batch's own scores (timing only)
@@ -128,11 +140,21 @@ def main() -> None:
         with torch.no_grad():
             model(xb)
 
-    params = {"model": "torchvision resnet50 (random weights, 1,000 classes)", "batch": args.batch, "image_px": 224,
-              "bank_rows": n, "base_images": args.base, "reps": args.reps, "threads": 1, "layers": layers,
-              "knn_layers_equal": equal, "onnx": bool(args.onnx), "only_onnx": args.only_onnx,
-              "timing": "medians over interleaved pairs (bare, guarded), each pair on a new batch",
-              "ratio_note": "guarded seconds over bare seconds (the median of the per-pair ratios)"}
+    params = {
+        "model": "torchvision resnet50 (random weights, 1,000 classes)",
+        "batch": args.batch,
+        "image_px": 224,
+        "bank_rows": n,
+        "base_images": args.base,
+        "reps": args.reps,
+        "threads": 1,
+        "layers": layers,
+        "knn_layers_equal": equal,
+        "onnx": bool(args.onnx),
+        "only_onnx": args.only_onnx,
+        "timing": "medians over interleaved pairs (bare, guarded), each pair on a new batch",
+        "ratio_note": "guarded seconds over bare seconds (the median of the per-pair ratios)",
+    }
     if args.only_onnx:
         rows = onnx_rows(feat, bare, batches, Path(args.onnx), args.reps)
         report(rows, params, args.out)
@@ -171,9 +193,22 @@ def report(rows: list, params: dict, out: str) -> None:
     for name, (b, w, ratio) in rows:
         print(f"{name:<58} {b:>8.2f} {w:>8.2f} {ratio:>7.2f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
-    write_results(out, {**params, "peak_rss_mb": peak_rss_mb(),
-                        "rows": [{"configuration": name.strip(), "bare_seconds": round(b, 4), "guarded_seconds": round(w, 4),
-                                  "ratio_guarded_over_bare": round(ratio, 3)} for name, (b, w, ratio) in rows]})
+    write_results(
+        out,
+        {
+            **params,
+            "peak_rss_mb": peak_rss_mb(),
+            "rows": [
+                {
+                    "configuration": name.strip(),
+                    "bare_seconds": round(b, 4),
+                    "guarded_seconds": round(w, 4),
+                    "ratio_guarded_over_bare": round(ratio, 3),
+                }
+                for name, (b, w, ratio) in rows
+            ],
+        },
+    )
     print(f"wrote {out}")
 
 
@@ -186,10 +221,13 @@ def onnx_rows(guarded, bare, batches: list[torch.Tensor], folder: Path, reps: in
     par = torch.rand(*batches[0].shape, generator=torch.Generator().manual_seed(1))
     rep = to_onnx(guarded, folder / "guarded_resnet50.onnx", batches[0][:2], parity_inputs=par)
     size = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
-    print(f"exported in {time.perf_counter() - t0:.0f} s: {size:.2f} GiB, external data {rep.external_data} "
-          f"{rep.external_files}, heads {rep.heads.get('exported')}; parity passed {rep.parity['passed']}: "
-          + "; ".join(f"{k} {v}" for k, v in rep.parity["outputs"].items() if k in ("logits", "pred", "flags")),
-          f"; peak RSS {peak_rss_mb():.0f} MB", flush=True)
+    print(
+        f"exported in {time.perf_counter() - t0:.0f} s: {size:.2f} GiB, external data {rep.external_data} "
+        f"{rep.external_files}, heads {rep.heads.get('exported')}; parity passed {rep.parity['passed']}: "
+        + "; ".join(f"{k} {v}" for k, v in rep.parity["outputs"].items() if k in ("logits", "pred", "flags")),
+        f"; peak RSS {peak_rss_mb():.0f} MB",
+        flush=True,
+    )
     sess = load_session(folder / "guarded_resnet50.onnx", "cpu", threads=1)
     sess.run(batches[0][:2])
     return [("onnxruntime CPU: the guarded graph (exact search in the graph)", paired(bare, sess.run, batches, reps))]

@@ -31,7 +31,7 @@ def _plain_epoch(net, x, y, method: str, eps: float, steps: int, bs: int, lr: fl
     perm = torch.randperm(len(x))
     alpha = 1.25 * eps if method == "fgsm_rs" else 2.5 * eps / steps
     for i in range(0, len(x), bs):
-        xb, yb = x[perm[i:i + bs]], y[perm[i:i + bs]]
+        xb, yb = x[perm[i : i + bs]], y[perm[i : i + bs]]
         net.eval()
         if method == "trades":
             with torch.no_grad():
@@ -51,16 +51,18 @@ def _plain_epoch(net, x, y, method: str, eps: float, steps: int, bs: int, lr: fl
                 obj = (torch.logsumexp(z.masked_fill(m, -1e9), 1) - torch.logsumexp(z.masked_fill(~m, -1e9), 1)).sum()
             else:
                 obj = F.cross_entropy(z, yb)
-            g, = torch.autograd.grad(obj, xa)
+            (g,) = torch.autograd.grad(obj, xa)
             xa = torch.min(torch.max(xa.detach() + alpha * g.sign(), xb - eps), xb + eps).clamp(0, 1)
         net.train()
         if method in ("pgd", "fgsm_rs"):
             loss = F.cross_entropy(net(xa), yb)
         else:
             both = net(torch.cat([xb, xa]))
-            c, a = both[:len(xb)], both[len(xb):]
+            c, a = both[: len(xb)], both[len(xb) :]
             if method == "trades":
-                loss = F.cross_entropy(c, yb) + 6.0 * F.kl_div(F.log_softmax(a, 1), F.softmax(c, 1), reduction="batchmean")
+                loss = F.cross_entropy(c, yb) + 6.0 * F.kl_div(
+                    F.log_softmax(a, 1), F.softmax(c, 1), reduction="batchmean"
+                )
             else:
                 lp = F.log_softmax(a, 1)
                 loss = F.cross_entropy(c, yb) - torch.logaddexp(lp.gather(1, yb[:, None])[:, 0], lp[:, n]).mean()
@@ -81,18 +83,29 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     train, _ = guard.demo_data()
-    x, y = train.x[:args.images], train.y[:args.images]
+    x, y = train.x[: args.images], train.y[: args.images]
     model = guard.demo_model(progress=False)
     # warm-up (first-call costs: allocator, kernels, imports) outside the timings
-    harden(model, (x[:128], y[:128]), config=HardenConfig.online("pgd", eps=args.eps, epochs=1, attack_steps=1,
-                                                                    monitor_images=0), progress=False)
+    harden(
+        model,
+        (x[:128], y[:128]),
+        config=HardenConfig.online("pgd", eps=args.eps, epochs=1, attack_steps=1, monitor_images=0),
+        progress=False,
+    )
     _plain_epoch(grow_head(copy.deepcopy(model))[0], x[:128], y[:128], "pgd", args.eps, 1, args.batch_size, 0.05, 10)
     rows = {}
     for method in ("pgd", "fgsm_rs", "trades", "reject"):
         t_guard, t_plain = [], []
         for r in range(args.repeats):
-            cfg = HardenConfig.online(method, eps=args.eps, epochs=1, attack_steps=args.steps, batch_size=args.batch_size,
-                                      monitor_images=0, seed=r)
+            cfg = HardenConfig.online(
+                method,
+                eps=args.eps,
+                epochs=1,
+                attack_steps=args.steps,
+                batch_size=args.batch_size,
+                monitor_images=0,
+                seed=r,
+            )
             t0 = time.perf_counter()
             harden(model, (x, y), test=(x[:64], y[:64]), config=cfg, progress=False)
             t_guard.append(time.perf_counter() - t0)
@@ -102,13 +115,27 @@ def main() -> int:
             _plain_epoch(net, x, y, method, args.eps, args.steps, args.batch_size, 0.05, 10)
             t_plain.append(time.perf_counter() - t0)
         g, pl = statistics.median(t_guard), statistics.median(t_plain)
-        rows[method] = {"guard_seconds": round(g, 3), "plain_seconds": round(pl, 3), "ratio": round(g / pl, 3),
-                        "guard_all": [round(t, 3) for t in t_guard], "plain_all": [round(t, 3) for t in t_plain]}
+        rows[method] = {
+            "guard_seconds": round(g, 3),
+            "plain_seconds": round(pl, 3),
+            "ratio": round(g / pl, 3),
+            "guard_all": [round(t, 3) for t in t_guard],
+            "plain_all": [round(t, 3) for t in t_plain],
+        }
         print(f"{method:8s} guard {g:7.2f} s  plain loop {pl:7.2f} s  ratio {g / pl:.3f}", flush=True)
-    write_results(args.out, {"model": "guard.demo_model('mnist') (DemoNet)", "images": args.images, "eps": args.eps,
-                             "attack_steps": args.steps, "batch_size": args.batch_size, "repeats": args.repeats,
-                             "note": "guard's time includes its per-epoch clean-accuracy pass on 64 held-out images",
-                             "methods": rows})
+    write_results(
+        args.out,
+        {
+            "model": "guard.demo_model('mnist') (DemoNet)",
+            "images": args.images,
+            "eps": args.eps,
+            "attack_steps": args.steps,
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "note": "guard's time includes its per-epoch clean-accuracy pass on 64 held-out images",
+            "methods": rows,
+        },
+    )
     return 0
 
 

@@ -56,13 +56,27 @@ def main() -> int:
             eager_b, ort_b = paired_median_ms(lambda: model(xb), lambda: s_bare.run(xb), reps)
         print(f"{'bare':<10} {b:>5} {eager_b:>10.2f} {ort_b:>10.2f} {ort_b / eager_b:>7.3f}")
         for what, e, o in (("guarded", eager, ort), ("bare", eager_b, ort_b)):
-            rows[what][str(b)] = {"eager_ms": round(e, 3), "onnxruntime_ms": round(o, 3), "ratio_onnxruntime_over_eager": round(o / e, 3),
-                                  "reps": reps}
-    write_results(args.out, {
-        "model": "guard.wrap(guard.demo_model('mnist')) with its default detectors; 'bare': the demo model alone",
-        "fit_images": len(train), "calibration_images": 1000, "fpr": 0.05, "threads": 1, "onnxruntime_intra_op_threads": 1,
-        "batches": args.batches, "timing": "median ms over interleaved calls (one warm-up of each)",
-        "ratio_note": "onnxruntime ms over eager ms (< 1: onnxruntime is faster)", "by_batch": rows})
+            rows[what][str(b)] = {
+                "eager_ms": round(e, 3),
+                "onnxruntime_ms": round(o, 3),
+                "ratio_onnxruntime_over_eager": round(o / e, 3),
+                "reps": reps,
+            }
+    write_results(
+        args.out,
+        {
+            "model": "guard.wrap(guard.demo_model('mnist')) with its default detectors; 'bare': the demo model alone",
+            "fit_images": len(train),
+            "calibration_images": 1000,
+            "fpr": 0.05,
+            "threads": 1,
+            "onnxruntime_intra_op_threads": 1,
+            "batches": args.batches,
+            "timing": "median ms over interleaved calls (one warm-up of each)",
+            "ratio_note": "onnxruntime ms over eager ms (< 1: onnxruntime is faster)",
+            "by_batch": rows,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -38,9 +38,9 @@ def main() -> None:
 
     model = guard.demo_model(progress=False).eval()
     _, test = guard.demo_data()
-    x, y = test.x[:args.n], test.y[:args.n]
+    x, y = test.x[: args.n], test.y[: args.n]
     with torch.no_grad():
-        y_model = torch.cat([model(x[i:i + 1000]).argmax(1) for i in range(0, args.n, 1000)])
+        y_model = torch.cat([model(x[i : i + 1000]).argmax(1) for i in range(0, args.n, 1000)])
     alpha = 2.5 * args.eps / args.steps
 
     def run_ta() -> tuple[float, float]:
@@ -48,9 +48,9 @@ def main() -> None:
         t0 = time.perf_counter()
         succ = []
         for i in range(0, args.n, args.batch):
-            xa = atk(x[i:i + args.batch], y_model[i:i + args.batch])
+            xa = atk(x[i : i + args.batch], y_model[i : i + args.batch])
             with torch.no_grad():
-                succ.append(model(xa).argmax(1) != y_model[i:i + args.batch])
+                succ.append(model(xa).argmax(1) != y_model[i : i + args.batch])
         return time.perf_counter() - t0, float(torch.cat(succ).float().mean())
 
     def run_guard(early: bool) -> tuple[float, float]:
@@ -58,12 +58,15 @@ def main() -> None:
         t0 = time.perf_counter()
         succ = []
         for i in range(0, args.n, args.batch):
-            succ.append(atk(model, x[i:i + args.batch], y_model[i:i + args.batch]).success)
+            succ.append(atk(model, x[i : i + args.batch], y_model[i : i + args.batch]).success)
         return time.perf_counter() - t0, float(torch.cat(succ).float().mean())
 
     results: dict[str, tuple[float, float]] = {}
-    runs = [("torchattacks.PGD", run_ta), ("guard LinfPGD early_stop=False", lambda: run_guard(False)),
-            ("guard LinfPGD early_stop=True", lambda: run_guard(True))]
+    runs = [
+        ("torchattacks.PGD", run_ta),
+        ("guard LinfPGD early_stop=False", lambda: run_guard(False)),
+        ("guard LinfPGD early_stop=True", lambda: run_guard(True)),
+    ]
     for _ in range(args.repeats):  # interleaved rounds, best time of each: fairer on a shared machine
         for name, fn in runs:
             t, s = fn()
@@ -74,21 +77,42 @@ def main() -> None:
     ta = results["torchattacks.PGD"][0]
     for name in list(results)[1:]:
         print(f"ratio {name} / torchattacks: {ta / results[name][0]:.2f}x")
-    print(f"settings: n={args.n} batch={args.batch} eps={args.eps} steps={args.steps} step_size={alpha:.5f} threads={args.threads}")
-    keys = {"torchattacks.PGD": "torchattacks", "guard LinfPGD early_stop=False": "guard_full_steps",
-            "guard LinfPGD early_stop=True": "guard_early_stop"}
-    rows = {keys[name]: {"seconds": round(t, 3), "images_per_second": round(args.n / t, 1), "success_rate": round(s, 4)}
-            for name, (t, s) in results.items()}
-    write_results(args.out, {
-        "model": "guard.demo_model('mnist') (DemoNet)", "images": args.n, "batch": args.batch, "eps": args.eps,
-        "steps": args.steps, "step_size": alpha, "random_start": True, "threads": args.threads, "repeats": args.repeats,
-        "timing": "best of --repeats interleaved rounds", "labels": "the model's own predictions",
-        "runs": rows,
-        "ratio_guard_full_steps_over_torchattacks": round(rows["guard_full_steps"]["images_per_second"]
-                                                          / rows["torchattacks"]["images_per_second"], 3),
-        "ratio_guard_early_stop_over_torchattacks": round(rows["guard_early_stop"]["images_per_second"]
-                                                          / rows["torchattacks"]["images_per_second"], 3),
-        "ratio_note": "images/s of guard over images/s of torchattacks.PGD (> 1: guard is faster)"})
+    print(
+        f"settings: n={args.n} batch={args.batch} eps={args.eps} steps={args.steps} step_size={alpha:.5f} threads={args.threads}"
+    )
+    keys = {
+        "torchattacks.PGD": "torchattacks",
+        "guard LinfPGD early_stop=False": "guard_full_steps",
+        "guard LinfPGD early_stop=True": "guard_early_stop",
+    }
+    rows = {
+        keys[name]: {"seconds": round(t, 3), "images_per_second": round(args.n / t, 1), "success_rate": round(s, 4)}
+        for name, (t, s) in results.items()
+    }
+    write_results(
+        args.out,
+        {
+            "model": "guard.demo_model('mnist') (DemoNet)",
+            "images": args.n,
+            "batch": args.batch,
+            "eps": args.eps,
+            "steps": args.steps,
+            "step_size": alpha,
+            "random_start": True,
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "timing": "best of --repeats interleaved rounds",
+            "labels": "the model's own predictions",
+            "runs": rows,
+            "ratio_guard_full_steps_over_torchattacks": round(
+                rows["guard_full_steps"]["images_per_second"] / rows["torchattacks"]["images_per_second"], 3
+            ),
+            "ratio_guard_early_stop_over_torchattacks": round(
+                rows["guard_early_stop"]["images_per_second"] / rows["torchattacks"]["images_per_second"], 3
+            ),
+            "ratio_note": "images/s of guard over images/s of torchattacks.PGD (> 1: guard is faster)",
+        },
+    )
     print(f"wrote {args.out}")
 
 

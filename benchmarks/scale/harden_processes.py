@@ -39,9 +39,29 @@ def build():
 def run(n: int, args: argparse.Namespace, tmp: Path, tiny: bool) -> tuple[dict, float]:
     out = tmp / f"n{n}"
     src = ["--model", "tiny_module:build", "--data", "mnist"] if tiny else ["--demo"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={n}",
-           "-m", "guard", "harden", *src, "--rounds", str(args.rounds), "--epochs-per-round", str(args.epochs),
-           "--budget", args.budget, "--train-size", str(args.train), "--out", str(out), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc_per_node={n}",
+        "-m",
+        "guard",
+        "harden",
+        *src,
+        "--rounds",
+        str(args.rounds),
+        "--epochs-per-round",
+        str(args.epochs),
+        "--budget",
+        args.budget,
+        "--train-size",
+        str(args.train),
+        "--out",
+        str(out),
+        "-q",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, cwd=tmp)
@@ -76,27 +96,54 @@ def main() -> int:
             save_tensors(tmp / "tiny.safetensors", m.state_dict())
             (tmp / "tiny_module.py").write_text(TINY_MODULE)
         results = {n: run(n, args, tmp, args.tiny) for n in (1, 2)}
-    print(f"guard.harden, {'tiny DemoNet' if args.tiny else 'demo model'}, {args.rounds} rounds x {args.epochs} epochs, "
-          f"budget {args.budget}, {args.train} clean training images; 1 thread per process")
-    print(f"{'round':>5} | {'attack 1p':>9} {'attack 2p':>9} {'ratio':>6} | {'train 1p':>9} {'train 2p':>9} {'ratio':>6} | {'acc 1p':>7} {'acc 2p':>7}")
+    print(
+        f"guard.harden, {'tiny DemoNet' if args.tiny else 'demo model'}, {args.rounds} rounds x {args.epochs} epochs, "
+        f"budget {args.budget}, {args.train} clean training images; 1 thread per process"
+    )
+    print(
+        f"{'round':>5} | {'attack 1p':>9} {'attack 2p':>9} {'ratio':>6} | {'train 1p':>9} {'train 2p':>9} {'ratio':>6} | {'acc 1p':>7} {'acc 2p':>7}"
+    )
     h1, h2 = results[1][0]["history"], results[2][0]["history"]
     for a, b in zip(h1, h2):
-        print(f"{a['round']:>5} | {a['seconds_attack']:9.2f} {b['seconds_attack']:9.2f} {b['seconds_attack'] / a['seconds_attack']:6.2f} | "
-              f"{a['seconds_train']:9.2f} {b['seconds_train']:9.2f} {b['seconds_train'] / a['seconds_train']:6.2f} | "
-              f"{a['clean_accuracy']:7.4f} {b['clean_accuracy']:7.4f}")
+        print(
+            f"{a['round']:>5} | {a['seconds_attack']:9.2f} {b['seconds_attack']:9.2f} {b['seconds_attack'] / a['seconds_attack']:6.2f} | "
+            f"{a['seconds_train']:9.2f} {b['seconds_train']:9.2f} {b['seconds_train'] / a['seconds_train']:6.2f} | "
+            f"{a['clean_accuracy']:7.4f} {b['clean_accuracy']:7.4f}"
+        )
     t1, t2 = results[1][0]["timings"], results[2][0]["timings"]
-    print(f"total attack s: 1p {t1['attack_seconds']:.1f}  2p {t2['attack_seconds']:.1f}; total train s: 1p {t1['train_seconds']:.1f}  "
-          f"2p {t2['train_seconds']:.1f} (ratio {t2['train_seconds'] / t1['train_seconds']:.2f}); wall incl. start-up: "
-          f"1p {results[1][1]:.1f} s, 2p {results[2][1]:.1f} s")
-    print("final fresh-attack classes fooled >= 99%:", h1[-1].get("fooling_classes_ge99_count"), "(1p)",
-          h2[-1].get("fooling_classes_ge99_count"), "(2p)")
-    write_results(args.out, {
-        "model": "tiny DemoNet (width 8, hidden 32)" if args.tiny else "guard.demo_model('mnist')", "rounds": args.rounds,
-        "epochs_per_round": args.epochs, "train_images": args.train, "budget": args.budget, "threads_per_process": 1,
-        "processes": {str(n): {"wall_seconds_with_start_up": round(wall, 1), "timings": res["timings"], "rounds": res["history"]}
-                      for n, (res, wall) in results.items()},
-        "ratio_train_seconds_2p_over_1p": t2["train_seconds"] / t1["train_seconds"],
-        "ratio_attack_seconds_2p_over_1p": t2["attack_seconds"] / t1["attack_seconds"]})
+    print(
+        f"total attack s: 1p {t1['attack_seconds']:.1f}  2p {t2['attack_seconds']:.1f}; total train s: 1p {t1['train_seconds']:.1f}  "
+        f"2p {t2['train_seconds']:.1f} (ratio {t2['train_seconds'] / t1['train_seconds']:.2f}); wall incl. start-up: "
+        f"1p {results[1][1]:.1f} s, 2p {results[2][1]:.1f} s"
+    )
+    print(
+        "final fresh-attack classes fooled >= 99%:",
+        h1[-1].get("fooling_classes_ge99_count"),
+        "(1p)",
+        h2[-1].get("fooling_classes_ge99_count"),
+        "(2p)",
+    )
+    write_results(
+        args.out,
+        {
+            "model": "tiny DemoNet (width 8, hidden 32)" if args.tiny else "guard.demo_model('mnist')",
+            "rounds": args.rounds,
+            "epochs_per_round": args.epochs,
+            "train_images": args.train,
+            "budget": args.budget,
+            "threads_per_process": 1,
+            "processes": {
+                str(n): {
+                    "wall_seconds_with_start_up": round(wall, 1),
+                    "timings": res["timings"],
+                    "rounds": res["history"],
+                }
+                for n, (res, wall) in results.items()
+            },
+            "ratio_train_seconds_2p_over_1p": t2["train_seconds"] / t1["train_seconds"],
+            "ratio_attack_seconds_2p_over_1p": t2["attack_seconds"] / t1["attack_seconds"],
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

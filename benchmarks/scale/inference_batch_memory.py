@@ -9,6 +9,7 @@ processes and writes their figures and the ratio uncapped / capped peak RSS. Eff
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.inference_batch_memory [--n 1000]
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.inference_batch_memory capped    # one mode, printed only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def measure(mode: str, n: int) -> dict:
     """One mode in this process: the batch used, peak RSS before and after ``predict_labels``, seconds."""
     pin_threads(1)
     if mode == "uncapped":
-        gm.MAX_BATCH_ELEMENTS = 10 ** 12  # the helpers' default batch of 1,000, as before the cap
+        gm.MAX_BATCH_ELEMENTS = 10**12  # the helpers' default batch of 1,000, as before the cap
     model = imagenet_efficientnet.build()
     x = torch.rand(n, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -41,8 +42,13 @@ def measure(mode: str, n: int) -> dict:
     gm.predict_labels(model, x)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # the images one forward pass takes: the helpers' batch (1,000, or the cap) or all n when fewer
-    return {"mode": mode, "batch": min(gm.inference_batch(x, 1000), n), "peak_rss_mib": round(peak, 1),
-            "peak_rss_before_call_mib": round(before, 1), "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "mode": mode,
+        "batch": min(gm.inference_batch(x, 1000), n),
+        "peak_rss_mib": round(peak, 1),
+        "peak_rss_before_call_mib": round(before, 1),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def main() -> None:
@@ -53,8 +59,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode:
         r = measure(args.mode, args.n)
-        print(f"{r['mode']}: batch {r['batch']}, peak RSS {r['peak_rss_mib']:.0f} MiB (before the call "
-              f"{r['peak_rss_before_call_mib']:.0f} MiB: model + images), {r['seconds']:.1f} s", file=sys.stderr)
+        print(
+            f"{r['mode']}: batch {r['batch']}, peak RSS {r['peak_rss_mib']:.0f} MiB (before the call "
+            f"{r['peak_rss_before_call_mib']:.0f} MiB: model + images), {r['seconds']:.1f} s",
+            file=sys.stderr,
+        )
         print(json.dumps(r))
         return
     rows = {}
@@ -63,14 +72,26 @@ def main() -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
         rows[mode] = json.loads(done.stdout.strip().splitlines()[-1])
         r = rows[mode]
-        print(f"{mode}: batch {r['batch']}, peak RSS {r['peak_rss_mib']:.0f} MiB (before the call "
-              f"{r['peak_rss_before_call_mib']:.0f} MiB: model + images), {r['seconds']:.1f} s", flush=True)
+        print(
+            f"{mode}: batch {r['batch']}, peak RSS {r['peak_rss_mib']:.0f} MiB (before the call "
+            f"{r['peak_rss_before_call_mib']:.0f} MiB: model + images), {r['seconds']:.1f} s",
+            flush=True,
+        )
     ratio = rows["uncapped"]["peak_rss_mib"] / rows["capped"]["peak_rss_mib"]
     print(f"peak RSS uncapped / capped: {ratio:.2f}")
-    write_results(args.out, {"model": "EfficientNet-Lite0 (benchmarks.imagenet.efficientnet)", "images": args.n, "px": 224,
-                             "threads": 1, "max_batch_elements": gm.MAX_BATCH_ELEMENTS,
-                             "runs": "each mode in its own process (peak RSS is that run's alone)", "modes": rows,
-                             "ratio_peak_rss_uncapped_over_capped": round(ratio, 3)})
+    write_results(
+        args.out,
+        {
+            "model": "EfficientNet-Lite0 (benchmarks.imagenet.efficientnet)",
+            "images": args.n,
+            "px": 224,
+            "threads": 1,
+            "max_batch_elements": gm.MAX_BATCH_ELEMENTS,
+            "runs": "each mode in its own process (peak RSS is that run's alone)",
+            "modes": rows,
+            "ratio_peak_rss_uncapped_over_capped": round(ratio, 3),
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from guard.detectors.knn import BankIndex, ivf_nlist  # noqa: E402
 from benchmarks.fixtures.proc_memory import peak_rss_mb, rss_mb  # noqa: E402
 from benchmarks.fixtures.timing import out_option, pin_threads  # noqa: E402
 from guard.core.provenance import write_results  # noqa: E402
+from guard.detectors.knn import BankIndex, ivf_nlist  # noqa: E402
 
 
 def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
@@ -45,9 +45,9 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
 
 def real_features() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{name: (bank rows, query rows)} of real CIFAR-10 images (train 8,000 / test 2,000 of the embedded split)."""
-    import guard
     from torchvision.models import resnet18
 
+    import guard
     from guard.core.features import default_feature_layers, extract_features
 
     train, test = guard.demo_data("cifar10")
@@ -76,11 +76,19 @@ def part1(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], k: int) -> list[d
         for kind in ("ivf_flat", "ivf_pq"):
             idx = BankIndex(b, "cosine", kind=kind, ivf_min_bank=0)
             for nprobe in (4, 8, 16, 32):
-                for rerank in ((1, 4, 10) if kind == "ivf_pq" else (1,)):
+                for rerank in (1, 4, 10) if kind == "ivf_pq" else (1,):
                     idx.index.nprobe, idx.rerank = nprobe, rerank
                     label = kind if kind == "ivf_flat" else f"ivf_pq rr{rerank}"
                     rec = recall(idx.search(q, k)[1], truth)
-                    rows.append({"features": name, "index": label, "nlist": ivf_nlist(b.shape[0]), "nprobe": nprobe, "recall": rec})
+                    rows.append(
+                        {
+                            "features": name,
+                            "index": label,
+                            "nlist": ivf_nlist(b.shape[0]),
+                            "nprobe": nprobe,
+                            "recall": rec,
+                        }
+                    )
                     print(f"{name:<44} {label:<12} {ivf_nlist(b.shape[0]):>6} {nprobe:>6} {rec:>7.3f}", flush=True)
     return rows
 
@@ -93,26 +101,37 @@ def mixtures(f: torch.Tensor, n: int, std: torch.Tensor, seed: int) -> torch.Ten
     """
     g = torch.Generator().manual_seed(seed)
     fn = F.normalize(f, dim=1)
-    nn10 = torch.cat([torch.topk(fn[i:i + 1000] @ fn.t(), 11, dim=1).indices[:, 1:] for i in range(0, f.shape[0], 1000)])
+    nn10 = torch.cat(
+        [torch.topk(fn[i : i + 1000] @ fn.t(), 11, dim=1).indices[:, 1:] for i in range(0, f.shape[0], 1000)]
+    )
     out = torch.empty(n, f.shape[1])
     for i in range(0, n, 100_000):
         m = min(100_000, n - i)
         a = torch.rand(m, 1, generator=g)
         ii = torch.randint(0, f.shape[0], (m,), generator=g)
         jj = nn10[ii, torch.randint(0, 10, (m,), generator=g)]
-        out[i:i + m] = a * f[ii] + (1 - a) * f[jj] + 0.05 * std * torch.randn(m, f.shape[1], generator=g)
+        out[i : i + m] = a * f[ii] + (1 - a) * f[jj] + 0.05 * std * torch.randn(m, f.shape[1], generator=g)
     return F.normalize(out, dim=1)
 
 
-def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, k: int, nlists: list[int | None],
-          nprobes: list[int], pq: bool) -> list[dict]:
+def part2(
+    feats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    n: int,
+    nq: int,
+    k: int,
+    nlists: list[int | None],
+    nprobes: list[int],
+    pq: bool,
+) -> list[dict]:
     bank_f, query_f = feats["resnet18-random fc:input (512-d)"]
     std = bank_f.std(0)
     base = rss_mb()
     bank = mixtures(bank_f, n, std, seed=1).contiguous()
     queries = mixtures(query_f, nq, std, seed=2).contiguous()
-    print(f"\nPart 2: bank {n:,} x {bank.shape[1]} (mixtures of real-image ResNet-18 features + noise; {bank.numel() * 4 / 2**20:,.0f} MB), "
-          f"{nq} queries, k={k}, 1 thread; RSS after making it {rss_mb() - base:,.0f} MB over the start")
+    print(
+        f"\nPart 2: bank {n:,} x {bank.shape[1]} (mixtures of real-image ResNet-18 features + noise; {bank.numel() * 4 / 2**20:,.0f} MB), "
+        f"{nq} queries, k={k}, 1 thread; RSS after making it {rss_mb() - base:,.0f} MB over the start"
+    )
     print(f"{'method':<40} {'build s':>8} {'query s':>8} {'q/s':>9} {'recall':>7} {'RSS+ MB':>8} {'x sklearn':>9}")
     rows = []
 
@@ -143,10 +162,14 @@ def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, 
     from sklearn.neighbors import NearestNeighbors
 
     bank_np = bank.numpy()
-    run("sklearn NearestNeighbors brute cosine", lambda: NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine", n_jobs=1).fit(bank_np),
-        lambda nn: torch.from_numpy(nn.kneighbors(queries.numpy(), return_distance=False)))
-    runs = ([("ivf_pq", None, [(p, r) for p in (16, 32, 64) for r in (4, 10)])] if pq else []) + \
-        [("ivf_flat", nl, [(p, 1) for p in nprobes]) for nl in nlists]
+    run(
+        "sklearn NearestNeighbors brute cosine",
+        lambda: NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine", n_jobs=1).fit(bank_np),
+        lambda nn: torch.from_numpy(nn.kneighbors(queries.numpy(), return_distance=False)),
+    )
+    runs = ([("ivf_pq", None, [(p, r) for p in (16, 32, 64) for r in (4, 10)])] if pq else []) + [
+        ("ivf_flat", nl, [(p, 1) for p in nprobes]) for nl in nlists
+    ]
     for kind, nlist, settings in runs:
         r0 = rss_mb()  # built once, searched at several nprobe / re-rank factors
         t = time.perf_counter()
@@ -158,8 +181,15 @@ def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, 
             t = time.perf_counter()
             _, idx = ivf.search(queries, k)
             tq = time.perf_counter() - t
-            rows.append((f"FAISS IVF{ivf.index.nlist}-{what} np{nprobe}" + (f" rr{rerank}" if kind == "ivf_pq" else ""), tb, tq,
-                         recall(idx, truth), rb))
+            rows.append(
+                (
+                    f"FAISS IVF{ivf.index.nlist}-{what} np{nprobe}" + (f" rr{rerank}" if kind == "ivf_pq" else ""),
+                    tb,
+                    tq,
+                    recall(idx, truth),
+                    rb,
+                )
+            )
             print(f"{rows[-1][0]:<40} {tb:>8.1f} {tq:>8.2f} {nq / tq:>9.0f} {rows[-1][3]:>7.3f} {rb:>8.0f}", flush=True)
         del ivf
     sk = next(r for r in rows if r[0].startswith("sklearn"))
@@ -167,8 +197,18 @@ def part2(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], n: int, nq: int, 
     for r in rows:
         print(f"{r[0]:<40} {nq / r[2]:>9.0f} {r[3]:>7.3f} {sk[2] / r[2]:>16.1f}")
     print(f"peak RSS of the process: {peak_rss_mb():,.0f} MB")
-    return [{"method": r[0], "build_seconds": round(r[1], 3), "query_seconds": round(r[2], 4), "queries_per_second": round(nq / r[2], 1),
-             "recall": r[3], "rss_growth_mb": round(r[4], 1), "ratio_over_sklearn_brute": round(sk[2] / r[2], 3)} for r in rows]
+    return [
+        {
+            "method": r[0],
+            "build_seconds": round(r[1], 3),
+            "query_seconds": round(r[2], 4),
+            "queries_per_second": round(nq / r[2], 1),
+            "recall": r[3],
+            "rss_growth_mb": round(r[4], 1),
+            "ratio_over_sklearn_brute": round(sk[2] / r[2], 3),
+        }
+        for r in rows
+    ]
 
 
 def main() -> None:
@@ -177,10 +217,14 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--skip-part1", action="store_true")
-    ap.add_argument("--nlists", default="default", help="IVF-Flat list counts to build, comma-separated ('default': ivf_nlist(n))")
+    ap.add_argument(
+        "--nlists", default="default", help="IVF-Flat list counts to build, comma-separated ('default': ivf_nlist(n))"
+    )
     ap.add_argument("--nprobes", default="16,32,64", help="IVF-Flat nprobe values to search with, comma-separated")
     ap.add_argument("--no-pq", action="store_true", help="leave IVF-PQ out")
-    ap.add_argument("--features-cache", default="", help="a .safetensors file to keep part 1's features in between runs")
+    ap.add_argument(
+        "--features-cache", default="", help="a .safetensors file to keep part 1's features in between runs"
+    )
     out_option(ap, "knn_bank")
     args = ap.parse_args()
     pin_threads(1)
@@ -195,22 +239,47 @@ def main() -> None:
         if args.features_cache:
             from safetensors.torch import save_file
 
-            save_file({f"{k}|{part}": v.contiguous() for k, (b, q) in feats.items() for part, v in (("bank", b), ("query", q))},
-                      args.features_cache)
-    print(f"features ready after {time.perf_counter() - t0:.0f} s: {[(k, tuple(v[0].shape)) for k, v in feats.items()]}", flush=True)
+            save_file(
+                {
+                    f"{k}|{part}": v.contiguous()
+                    for k, (b, q) in feats.items()
+                    for part, v in (("bank", b), ("query", q))
+                },
+                args.features_cache,
+            )
+    print(
+        f"features ready after {time.perf_counter() - t0:.0f} s: {[(k, tuple(v[0].shape)) for k, v in feats.items()]}",
+        flush=True,
+    )
     recall_rows = None if args.skip_part1 else part1(feats, args.k)
     nlists = [None if v == "default" else int(v) for v in args.nlists.split(",")]
     rows = part2(feats, args.n, args.queries, args.k, nlists, [int(v) for v in args.nprobes.split(",")], not args.no_pq)
     print(f"total wall {time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s")
-    write_results(args.out, {
-        "bank_rows": args.n, "queries": args.queries, "k": args.k, "threads": 1, "metric": "cosine",
-        "nlists": args.nlists, "nprobes": args.nprobes, "pq": not args.no_pq,
-        "part1_real_features": {"bank": "CIFAR-10 embedded train 8,000", "queries": "embedded test 2,000", "rows": recall_rows},
-        "part2_bank": "synthetic: mixtures of a random-weight ResNet-18's features of real CIFAR-10 images and a near neighbour, "
-                      "plus 0.05 x std Gaussian noise (not real features)",
-        "part2": rows, "ratio_note": "queries/s over scikit-learn brute force's (> 1: faster)",
-        "peak_rss_mb": peak_rss_mb(), "wall_seconds": round(time.perf_counter() - t0, 1),
-        "cpu_seconds": round(time.process_time() - c0, 1)})
+    write_results(
+        args.out,
+        {
+            "bank_rows": args.n,
+            "queries": args.queries,
+            "k": args.k,
+            "threads": 1,
+            "metric": "cosine",
+            "nlists": args.nlists,
+            "nprobes": args.nprobes,
+            "pq": not args.no_pq,
+            "part1_real_features": {
+                "bank": "CIFAR-10 embedded train 8,000",
+                "queries": "embedded test 2,000",
+                "rows": recall_rows,
+            },
+            "part2_bank": "synthetic: mixtures of a random-weight ResNet-18's features of real CIFAR-10 images and a near neighbour, "
+            "plus 0.05 x std Gaussian noise (not real features)",
+            "part2": rows,
+            "ratio_note": "queries/s over scikit-learn brute force's (> 1: faster)",
+            "peak_rss_mb": peak_rss_mb(),
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1),
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -46,8 +46,9 @@ class NoiseImages(Dataset):
 
 
 def one(n: int, px: int, batch: int, tensor: bool, max_per_class: int = 0) -> dict:
-    import guard
     from torchvision.models import resnet18
+
+    import guard
 
     torch.set_num_threads(1)
     import faiss
@@ -72,40 +73,78 @@ def one(n: int, px: int, batch: int, tensor: bool, max_per_class: int = 0) -> di
         # the streaming fit, its two phases timed: the pass over the data, then each detector's finish_fit
         timings = {"finish": 0.0}
         for det in gm.detectors.values():
+
             def fin(f=det.finish_fit):
                 t = time.perf_counter()
                 out = f()
                 timings["finish"] += time.perf_counter() - t
                 return out
+
             det.finish_fit = fin  # an instance attribute: GuardedModel calls it as it would the method
         gm.fit(ds)
         t_finish = timings["finish"]
         t_pass = time.perf_counter() - t0 - t_finish
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     # bytes of distinct storage: the pooled bank of two detectors (or of two equal layers) counts once
-    state = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for det in gm.detectors.values()
-                 for v in det.state_tensors().values()}.values())
-    return {"n": n, "px": px, "path": "tensor" if tensor else "stream", "wall_s": wall, "cpu_s": cpu, "pass_s": t_pass, "finish_s": t_finish,
-            "state_mb": state / 2**20, "start_rss_mb": start_rss, "peak_rss_mb": peak_rss_mb(),
-            "layers": gm.layers, "widths": gm.feature_widths_, "max_per_class": max_per_class}
+    state = sum(
+        {
+            v.untyped_storage().data_ptr(): v.untyped_storage().nbytes()
+            for det in gm.detectors.values()
+            for v in det.state_tensors().values()
+        }.values()
+    )
+    return {
+        "n": n,
+        "px": px,
+        "path": "tensor" if tensor else "stream",
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "pass_s": t_pass,
+        "finish_s": t_finish,
+        "state_mb": state / 2**20,
+        "start_rss_mb": start_rss,
+        "peak_rss_mb": peak_rss_mb(),
+        "layers": gm.layers,
+        "widths": gm.feature_widths_,
+        "max_per_class": max_per_class,
+    }
 
 
 def main() -> None:
-    args, results = size_runs(__file__, one, sizes="1000,4000,16000", tensor=0, options={"max_per_class": 0},
-                              out="stream_fit_memory")
+    args, results = size_runs(
+        __file__, one, sizes="1000,4000,16000", tensor=0, options={"max_per_class": 0}, out="stream_fit_memory"
+    )
     cap = f", bank cap {args.max_per_class:,} rows per class" if args.max_per_class else ""
-    print(f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread{cap}")
-    print(f"{'N':>7} {'path':<7} {'wall s':>8} {'CPU s':>8} {'pass s':>8} {'finish s':>9} {'ms/img':>7} {'state MB':>9} {'peak RSS MB':>12} {'RSS-state':>10}")
+    print(
+        f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread{cap}"
+    )
+    print(
+        f"{'N':>7} {'path':<7} {'wall s':>8} {'CPU s':>8} {'pass s':>8} {'finish s':>9} {'ms/img':>7} {'state MB':>9} {'peak RSS MB':>12} {'RSS-state':>10}"
+    )
     rows = []
     for r in results:
         rows.append(r)
-        print(f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['pass_s']:>8.1f} {r['finish_s']:>9.1f} "
-              f"{1000 * r['pass_s'] / r['n']:>7.1f} {r['state_mb']:>9.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['state_mb']:>10.0f}", flush=True)
+        print(
+            f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['pass_s']:>8.1f} {r['finish_s']:>9.1f} "
+            f"{1000 * r['pass_s'] / r['n']:>7.1f} {r['state_mb']:>9.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['state_mb']:>10.0f}",
+            flush=True,
+        )
     print(f"layers {r['layers']}, widths {r['widths']}")
-    write_results(args.out, {"model": "torchvision resnet18 (random weights, 10 classes)", "detectors": ["knn", "knn_consistency", "ppca"],
-                             "px": args.px, "batch": args.batch, "sizes": args.sizes, "tensor": args.tensor,
-                             "max_per_class": args.max_per_class, "threads": 1,
-                             "runs": "each size in its own process (peak RSS is that run's alone)", "rows": rows})
+    write_results(
+        args.out,
+        {
+            "model": "torchvision resnet18 (random weights, 10 classes)",
+            "detectors": ["knn", "knn_consistency", "ppca"],
+            "px": args.px,
+            "batch": args.batch,
+            "sizes": args.sizes,
+            "tensor": args.tensor,
+            "max_per_class": args.max_per_class,
+            "threads": 1,
+            "runs": "each size in its own process (peak RSS is that run's alone)",
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

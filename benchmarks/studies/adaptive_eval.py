@@ -34,8 +34,9 @@ from guard.guarded import DEFAULT_DETECTORS, proxy_inputs
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-def guarded_as_the_audit_builds_it(model: torch.nn.Module, train: Split, test: Split, seed: int,
-                                   quick: bool = False) -> tuple[guard.GuardedModel, torch.Tensor]:
+def guarded_as_the_audit_builds_it(
+    model: torch.nn.Module, train: Split, test: Split, seed: int, quick: bool = False
+) -> tuple[guard.GuardedModel, torch.Tensor]:
     """(the calibrated GuardedModel, the evaluation-half indices of ``test``); ``quick`` as
     ``guard audit --quick``: 1,000 training images, halves of at most 256."""
     if quick and len(train) > 1000:
@@ -58,10 +59,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--restarts", type=int, default=2)
     ap.add_argument("--weights", type=float, nargs="+", default=[0.1, 1.0, 10.0])
-    ap.add_argument("--eps", type=float, nargs="+", default=None, help="default: 0.1 0.2 0.3 (MNIST), 2 4 8 / 255 (CIFAR-10)")
+    ap.add_argument(
+        "--eps", type=float, nargs="+", default=None, help="default: 0.1 0.2 0.3 (MNIST), 2 4 8 / 255 (CIFAR-10)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="the guarded model of guard audit --quick (1,000 training images)")
+    ap.add_argument(
+        "--quick", action="store_true", help="the guarded model of guard audit --quick (1,000 training images)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -77,23 +82,46 @@ def main() -> None:
     per_eps: list[dict] = []
     # budgets from the largest down, the results file rewritten after each: a run cut short keeps what it finished
     for e in sorted(budgets, reverse=True):
-        rep = evaluate_adaptive(guarded, data, eps=[e], steps=args.steps, n=args.n, seed=args.seed, weights=args.weights,
-                                restarts=args.restarts)
+        rep = evaluate_adaptive(
+            guarded,
+            data,
+            eps=[e],
+            steps=args.steps,
+            n=args.n,
+            seed=args.seed,
+            weights=args.weights,
+            restarts=args.restarts,
+        )
         per_eps = sorted(per_eps + rep["per_eps"], key=lambda p: p["eps"])
         rep = {**rep, "eps": max(budgets), "per_eps": per_eps, "budgets_planned": sorted(budgets)}
         head = next((p for p in per_eps if p["eps"] == max(budgets)), None)
         rep["evasion"], rep["misclassified"] = (head["evasion"], head["misclassified"]) if head else (None, None)
-        figures = {"demo": args.demo, "detectors": list(guarded.detectors), "flag_with": list(guarded.combined.names_),
-                   "combine": guarded.combine, "calibration_fpr": FPR, "quick": args.quick, "threads": args.threads,
-                   "fit_seconds": round(t_fit, 1), "total_seconds": round(time.perf_counter() - t0, 1),
-                   "complete": len(per_eps) == len(budgets), "adaptive": rep}
+        figures = {
+            "demo": args.demo,
+            "detectors": list(guarded.detectors),
+            "flag_with": list(guarded.combined.names_),
+            "combine": guarded.combine,
+            "calibration_fpr": FPR,
+            "quick": args.quick,
+            "threads": args.threads,
+            "fit_seconds": round(t_fit, 1),
+            "total_seconds": round(time.perf_counter() - t0, 1),
+            "complete": len(per_eps) == len(budgets),
+            "adaptive": rep,
+        }
         write_results(out, figures)
         x = per_eps[[p["eps"] for p in per_eps].index(e)]
-        print(f"{args.demo}: n={rep['n']} (correct clean {rep['n_correct']}), steps {rep['steps']}, restarts {rep['restarts']}, "
-              f"weights {rep['weights']}, eot {rep['eot']}", flush=True)
-        print(f"  eps {x['eps']:.4f}: misclassified {x['misclassified']:.3f} {x['misclassified_ci95']}, evasion {x['evasion']:.3f} "
-              f"{x['evasion_ci95']} (correct-clean {x['evasion_correct']}), plain PGD evasion {x['oblivious_evasion']:.3f} "
-              f"(full-step {x['oblivious_full_evasion']:.3f}), {x['seconds']} s", flush=True)
+        print(
+            f"{args.demo}: n={rep['n']} (correct clean {rep['n_correct']}), steps {rep['steps']}, restarts {rep['restarts']}, "
+            f"weights {rep['weights']}, eot {rep['eot']}",
+            flush=True,
+        )
+        print(
+            f"  eps {x['eps']:.4f}: misclassified {x['misclassified']:.3f} {x['misclassified_ci95']}, evasion {x['evasion']:.3f} "
+            f"{x['evasion_ci95']} (correct-clean {x['evasion_correct']}), plain PGD evasion {x['oblivious_evasion']:.3f} "
+            f"(full-step {x['oblivious_full_evasion']:.3f}), {x['seconds']} s",
+            flush=True,
+        )
         for name, fig in x["per_member"].items():
             print(f"      {name:18s} misclassified {fig['misclassified']:.3f} evasion {fig['evasion']:.3f}", flush=True)
     print("wrote", out)

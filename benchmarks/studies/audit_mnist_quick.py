@@ -36,9 +36,12 @@ from guard.training.classifier import train_classifier
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "audit-mnist-quick.json"
 #: what tests/test_report.py's quick_audit fixture runs (the test checks the committed copy)
-CONFIG = {"model": "DemoNet(width=8, hidden=32), 2 epochs on embedded MNIST train[:2000], lr 3e-3, seed 0",
-          "train": "embedded MNIST train[:512]", "test": "embedded MNIST test[:256]",
-          "options": "AuditOptions(quick=True, progress=False, export=False)"}
+CONFIG = {
+    "model": "DemoNet(width=8, hidden=32), 2 epochs on embedded MNIST train[:2000], lr 3e-3, seed 0",
+    "train": "embedded MNIST train[:512]",
+    "test": "embedded MNIST test[:256]",
+    "options": "AuditOptions(quick=True, progress=False, export=False)",
+}
 FIGURES = ("auroc", "tpr_at_5fpr", "tpr_at_1fpr", "tpr_at_threshold", "fpr_at_threshold", "n_pos", "n_neg")
 
 
@@ -53,29 +56,48 @@ def tiny_model(train: guard.Split) -> DemoNet:
 def figures_of(report: dict[str, Any]) -> dict[str, Any]:
     """The detection figures of a report.json (and what they rest on)."""
     det = {d: {a: {k: e.get(k) for k in FIGURES} for a, e in per.items()} for d, per in report["detectors"].items()}
-    attacks = {a: {"success_rate": e.get("success_rate"), "n": e.get("n")} for a, e in report.get("attacks", {}).items()}
+    attacks = {
+        a: {"success_rate": e.get("success_rate"), "n": e.get("n")} for a, e in report.get("attacks", {}).items()
+    }
     info = report["detectors_info"]
-    return {"detectors": det, "attacks": attacks, "clean_flag_rate": info["clean_flag_rate"],
-            "clean_accuracy_bare": info["clean_accuracy_bare"], "flag_detectors": info["combined"]["detectors"],
-            "calibration": info["calibration"]}
+    return {
+        "detectors": det,
+        "attacks": attacks,
+        "clean_flag_rate": info["clean_flag_rate"],
+        "clean_accuracy_bare": info["clean_accuracy_bare"],
+        "flag_detectors": info["combined"]["detectors"],
+        "calibration": info["calibration"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--out", default=str(RESULTS), help="results JSON (default benchmarks/results/audit-mnist-quick.json)")
+    ap.add_argument(
+        "--out", default=str(RESULTS), help="results JSON (default benchmarks/results/audit-mnist-quick.json)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     train, test = guard.demo_data()
     model = tiny_model(train)
     with tempfile.TemporaryDirectory(prefix="audit-mnist-quick-") as out:
-        report = run_audit(model, guard.Split(train.x[:512], train.y[:512]), guard.Split(test.x[:256], test.y[:256]), out,
-                           model_name="tiny DemoNet", data_source="embedded MNIST test split (test)",
-                           options=AuditOptions(quick=True, progress=False, export=False))
+        report = run_audit(
+            model,
+            guard.Split(train.x[:512], train.y[:512]),
+            guard.Split(test.x[:256], test.y[:256]),
+            out,
+            model_name="tiny DemoNet",
+            data_source="embedded MNIST test split (test)",
+            options=AuditOptions(quick=True, progress=False, export=False),
+        )
     if report.get("errors"):
         raise SystemExit(f"the audit reported errors: {report['errors']}")
-    figures = {"what": "the quick MNIST audit of tests/test_report.py's quick_audit fixture: detection figures",
-               "config": CONFIG, "threads": args.threads, **figures_of(report)}
+    figures = {
+        "what": "the quick MNIST audit of tests/test_report.py's quick_audit fixture: detection figures",
+        "config": CONFIG,
+        "threads": args.threads,
+        **figures_of(report),
+    }
     write_results(args.out, figures)
     comb = figures["detectors"]["combined"]
     for a, e in comb.items():

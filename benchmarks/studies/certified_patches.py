@@ -37,7 +37,7 @@ from guard.detectors.masking import certify, mask_set
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "certified_patches.json"
 NOT_MEASURED = {
     "imagenet": "not run: the 1,000-image EfficientNet-Lite0 sample at 1% and 2% area needs ~36x its forward passes "
-                "(one-mask) plus the two-mask round, more CPU time than this run had",
+    "(one-mask) plus the two-mask round, more CPU time than this run had",
     "flag_at_threshold": "not run: the combined flag with the masking detector in, on PatchGAN / universal patches",
     "gan_best_of_k": "not run",
 }
@@ -64,16 +64,28 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor, patch: int, k: int, masked_
     cert = certify(model, x, y, masks=masks)
     seconds = time.perf_counter() - t0
     out = cert.summary()
-    out.update({"model": name, "model_sha256": model.guard_meta.get("sha256"), "seconds": round(seconds, 1),
-                "images_per_second": round(x.shape[0] / seconds, 2), "threads": torch.get_num_threads(),
-                "commit": git_commit(), "command": shlex.join([Path(sys.executable).name, *sys.argv])})
+    out.update(
+        {
+            "model": name,
+            "model_sha256": model.guard_meta.get("sha256"),
+            "seconds": round(seconds, 1),
+            "images_per_second": round(x.shape[0] / seconds, 2),
+            "threads": torch.get_num_threads(),
+            "commit": git_commit(),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        }
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["demo"], choices=["demo", "masked"])
-    p.add_argument("--masked-folder", default=None, help="folder with resnet20_masked.safetensors/.json (default: the shipped variant)")
+    p.add_argument(
+        "--masked-folder",
+        default=None,
+        help="folder with resnet20_masked.safetensors/.json (default: the shipped variant)",
+    )
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--patch", type=int, default=5)
     p.add_argument("--k", type=int, default=6)
@@ -85,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     archive = Path(str(resources.files("guard") / "_data" / "cifar10" / "cifar10-test.tar.gz"))
     x, y, _ = read_image_archive(archive)
     # the archive is in class order (its first 1,000 images are airplanes): a seeded sample over all classes
-    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[:args.n]
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.n]
     x, y = x[pick].float() / 255, y[pick]
     old = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     per_model = dict(old.get("cifar10_models", {}))
@@ -93,11 +105,22 @@ def main(argv: list[str] | None = None) -> int:
         per_model[name] = run(name, x, y, args.patch, args.k, args.masked_folder)
         print(name, json.dumps(per_model[name]), flush=True)
     last = per_model[args.models[-1]]
-    keys = ("patch_area", "patch_side", "n", "clean_accuracy", "certified_recovery", "certified_detection", "clean_flagged")
-    figures = {"cifar10": {**{k: last[k] for k in keys}, "model": last["model"]}, "cifar10_models": per_model,
-               "data": f"a seeded sample (seed {args.seed}) of n of the 10,000 CIFAR-10 JPEG test images shipped in "
-                       "guard/_data/cifar10 (all classes; the archive itself is in class order)",
-               "not_measured": NOT_MEASURED}
+    keys = (
+        "patch_area",
+        "patch_side",
+        "n",
+        "clean_accuracy",
+        "certified_recovery",
+        "certified_detection",
+        "clean_flagged",
+    )
+    figures = {
+        "cifar10": {**{k: last[k] for k in keys}, "model": last["model"]},
+        "cifar10_models": per_model,
+        "data": f"a seeded sample (seed {args.seed}) of n of the 10,000 CIFAR-10 JPEG test images shipped in "
+        "guard/_data/cifar10 (all classes; the archive itself is in class order)",
+        "not_measured": NOT_MEASURED,
+    }
     write_results(args.out, figures)
     return 0
 

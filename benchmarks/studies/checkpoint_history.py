@@ -25,8 +25,17 @@ def main() -> int:
     if found is None:
         raise SystemExit(f"no checkpoint in {args.checkpoint_dir!r}")
     meta = found[3]
-    write_results(args.out, {"settings": meta["config"], "epochs_done": meta["epoch"], "batches_into_next_epoch": meta["batch"],
-                             "baseline": meta["baseline"], "history": meta["history"], "note": args.note})
+    write_results(
+        args.out,
+        {
+            "settings": meta["config"],
+            "epochs_done": meta["epoch"],
+            "batches_into_next_epoch": meta["batch"],
+            "baseline": meta["baseline"],
+            "history": meta["history"],
+            "note": args.note,
+        },
+    )
     return 0
 
 

@@ -25,29 +25,36 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks import FGSM, LinfPGD
 from guard.core.features import pool_features
-from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.core.provenance import write_results
 from guard.detectors import MahalanobisDetector
 
 LAYERS = ["bn1", "layer1.0", "layer1", "layer2.0", "layer2", "layer3", "layer3.2.bn2"]
 
 
-POOLS = {"mean": lambda t: pool_features(t, "avg"), "std": lambda t: t.std((2, 3)), "grid": lambda t: pool_features(t, "auto")}
+POOLS = {
+    "mean": lambda t: pool_features(t, "avg"),
+    "std": lambda t: t.std((2, 3)),
+    "grid": lambda t: pool_features(t, "auto"),
+}
 KEYS = [f"{n}|{kind}" for n in LAYERS for kind in POOLS]
 
 
 def pooled(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every layer's map under every pooling, keyed ``layer|pool``, from one forward pass per batch."""
     grab: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: grab.__setitem__(n, o.detach())) for n in LAYERS]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: grab.__setitem__(n, o.detach()))
+        for n in LAYERS
+    ]
     res: dict[str, list[torch.Tensor]] = {}
     try:
         with torch.no_grad():
             for i in range(0, len(x), 250):
                 grab.clear()
-                model(x[i:i + 250])
+                model(x[i : i + 250])
                 for n in LAYERS:
                     for kind, pool in POOLS.items():
                         res.setdefault(f"{n}|{kind}", []).append(pool(grab[n]))
@@ -70,7 +77,7 @@ def main() -> None:
     model = guard.demo_model("cifar10").eval()
     train, test = guard.demo_data("cifar10")
     cal_x, ev_x, ev_y = test.x[:1000], test.x[1000:], test.y[1000:]
-    fit_x, fit_y = (train.x[:args.fit], train.y[:args.fit]) if args.fit else (train.x, train.y)
+    fit_x, fit_y = (train.x[: args.fit], train.y[: args.fit]) if args.fit else (train.x, train.y)
     maha = MahalanobisDetector(layers=KEYS).fit_features(pooled(model, fit_x), fit_y)
 
     def score(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -78,14 +85,19 @@ def main() -> None:
 
     s_cal, s_neg = score(cal_x), score(ev_x)
     with torch.no_grad():
-        ok = torch.cat([model(ev_x[i:i + 250]).argmax(1) for i in range(0, len(ev_x), 250)]) == ev_y
-    x0, y0 = ev_x[ok][:args.eval], ev_y[ok][:args.eval]
+        ok = torch.cat([model(ev_x[i : i + 250]).argmax(1) for i in range(0, len(ev_x), 250)]) == ev_y
+    x0, y0 = ev_x[ok][: args.eval], ev_y[ok][: args.eval]
     g = torch.Generator().manual_seed(1)
-    sets = {"sign noise 8/255": (x0 + (torch.randint(0, 2, x0.shape, generator=g) * 2 - 1) * 8 / 255).clamp(0, 1),
-            "gaussian noise 8/255": (x0 + torch.randn(x0.shape, generator=g) * 8 / 255).clamp(0, 1)}
+    sets = {
+        "sign noise 8/255": (x0 + (torch.randint(0, 2, x0.shape, generator=g) * 2 - 1) * 8 / 255).clamp(0, 1),
+        "gaussian noise 8/255": (x0 + torch.randn(x0.shape, generator=g) * 8 / 255).clamp(0, 1),
+    }
     success = {}
-    for name, attack in (("FGSM 8/255", FGSM(eps=8 / 255)), ("PGD 4/255", LinfPGD(eps=4 / 255, steps=20)),
-                         ("PGD 8/255", LinfPGD(eps=8 / 255, steps=20))):
+    for name, attack in (
+        ("FGSM 8/255", FGSM(eps=8 / 255)),
+        ("PGD 4/255", LinfPGD(eps=4 / 255, steps=20)),
+        ("PGD 8/255", LinfPGD(eps=8 / 255, steps=20)),
+    ):
         r = attack(model, x0, y0)
         sets[name], success[name] = r.x_adv[r.success], float(r.success.float().mean())
     rows = []
@@ -94,11 +106,30 @@ def main() -> None:
         for key in KEYS:
             thr = torch.quantile(s_cal[key], 0.99)
             auc = roc_auc_score([0] * len(s_neg[key]) + [1] * len(sp[key]), torch.cat([s_neg[key], sp[key]]).numpy())
-            rows.append({"input": name, "layer": key.split("|")[0], "pool": key.split("|")[1], "n": len(xs), "tpr_at_1pct_fpr": round(float((sp[key] > thr).double().mean()), 3),
-                         "fpr": round(float((s_neg[key] > thr).double().mean()), 3), "auroc": round(float(auc), 3)})
-    write_results(args.out, {"rows": rows, "attack_success": success, "seconds": round(time.perf_counter() - t0, 1),
-                             "fit_images": len(fit_x), "calibration_images": len(cal_x), "negative_images": len(ev_x),
-                             "attacked_images": len(x0), "threads": args.threads})
+            rows.append(
+                {
+                    "input": name,
+                    "layer": key.split("|")[0],
+                    "pool": key.split("|")[1],
+                    "n": len(xs),
+                    "tpr_at_1pct_fpr": round(float((sp[key] > thr).double().mean()), 3),
+                    "fpr": round(float((s_neg[key] > thr).double().mean()), 3),
+                    "auroc": round(float(auc), 3),
+                }
+            )
+    write_results(
+        args.out,
+        {
+            "rows": rows,
+            "attack_success": success,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "fit_images": len(fit_x),
+            "calibration_images": len(cal_x),
+            "negative_images": len(ev_x),
+            "attacked_images": len(x0),
+            "threads": args.threads,
+        },
+    )
     best = {}
     for r in rows:
         if r["auroc"] > best.get(r["input"], {"auroc": -1})["auroc"]:

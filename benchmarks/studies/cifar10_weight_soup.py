@@ -15,7 +15,6 @@ import argparse
 import importlib
 from pathlib import Path
 
-import torch
 from torch.optim.swa_utils import update_bn
 
 from benchmarks.fixtures.timing import out_option, pin_threads
@@ -24,9 +23,12 @@ from guard.core.provenance import write_results
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FILES = ["guard/_data/cifar10/resnet20.safetensors", "benchmarks/results/cifar10-resnet20-cosine10/resnet20.safetensors",
-         "benchmarks/results/cifar10-resnet20-cosine30/resnet20.safetensors",
-         "benchmarks/results/cifar10-resnet20-distilled12/resnet20.safetensors"]
+FILES = [
+    "guard/_data/cifar10/resnet20.safetensors",
+    "benchmarks/results/cifar10-resnet20-cosine10/resnet20.safetensors",
+    "benchmarks/results/cifar10-resnet20-cosine30/resnet20.safetensors",
+    "benchmarks/results/cifar10-resnet20-distilled12/resnet20.safetensors",
+]
 
 
 def main() -> int:
@@ -34,7 +36,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     p.add_argument("--n-test", type=int, default=0, help="test images scored (0: all 10,000)")
-    p.add_argument("--n-bn", type=int, default=0, help="training images the BatchNorm statistics are recomputed on (0: all)")
+    p.add_argument(
+        "--n-bn", type=int, default=0, help="training images the BatchNorm statistics are recomputed on (0: all)"
+    )
     out_option(p, "cifar10_weight_soup")
     args = p.parse_args()
     pin_threads(args.threads)
@@ -43,9 +47,9 @@ def main() -> int:
     x_train, _, _ = tool.read_image_archive(data / "cifar10-train.tar.gz")
     x_test, y_test, _ = tool.read_image_archive(data / "cifar10-test.tar.gz")
     if args.n_test:
-        x_test, y_test = x_test[:args.n_test], y_test[:args.n_test]
+        x_test, y_test = x_test[: args.n_test], y_test[: args.n_test]
     if args.n_bn:
-        x_train = x_train[:args.n_bn]
+        x_train = x_train[: args.n_bn]
     states, members = [], []
     for f in FILES:
         net = CifarResNet(20)
@@ -56,15 +60,28 @@ def main() -> int:
         members.append({"file": f, "sha256": sha, "test_accuracy": acc})
         states.append(net.state_dict())
     soup = CifarResNet(20)
-    soup.load_state_dict({k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
-                          for k, v in states[0].items()})
+    soup.load_state_dict(
+        {
+            k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()
+        }
+    )
     averaged = tool.accuracy(soup, x_test, y_test)
     print(f"soup, BatchNorm statistics averaged: {averaged:.4f}", flush=True)
-    update_bn([x_train[i:i + 500].float() / 255 for i in range(0, len(x_train), 500)], soup)
+    update_bn([x_train[i : i + 500].float() / 255 for i in range(0, len(x_train), 500)], soup)
     recomputed = tool.accuracy(soup, x_test, y_test)
     print(f"soup, BatchNorm statistics recomputed (the result): {recomputed:.4f}", flush=True)
-    write_results(args.out, {"test_images": len(y_test), "bn_images": len(x_train), "threads": args.threads, "members": members,
-                             "soup_bn_averaged_test_accuracy": averaged, "soup_bn_recomputed_test_accuracy": recomputed})
+    write_results(
+        args.out,
+        {
+            "test_images": len(y_test),
+            "bn_images": len(x_train),
+            "threads": args.threads,
+            "members": members,
+            "soup_bn_averaged_test_accuracy": averaged,
+            "soup_bn_recomputed_test_accuracy": recomputed,
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import Genome, MutationRates, render
 from guard.attacks.cppn_refine import polish_genomes
-from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.fooling_evolution import FoolingEvolution
 from guard.core.provenance import write_results
 
@@ -42,12 +42,26 @@ def evolve(model: torch.nn.Module, seed: int, population: int = 30, generations:
     if path.is_file():
         return json.loads(path.read_text())
     t = time.perf_counter()
-    res = FoolingEvolution(encoding="cppn", population=population, generations=generations, threshold=0.9999, extra_samples=0,
-                           parent_selection="unfooled", init_hidden=8, rates=MutationRates(add_node=0.3), seed=seed,
-                           refine_every=100, refine_steps=100)(model, shape=(3, 32, 32))
+    res = FoolingEvolution(
+        encoding="cppn",
+        population=population,
+        generations=generations,
+        threshold=0.9999,
+        extra_samples=0,
+        parent_selection="unfooled",
+        init_hidden=8,
+        rates=MutationRates(add_node=0.3),
+        seed=seed,
+        refine_every=100,
+        refine_steps=100,
+    )(model, shape=(3, 32, 32))
     ex = res.extras
-    d = {"genomes": ex["genomes"], "labels": ex["elite_label"].tolist(), "conf": ex["elite_confidence"].tolist(),
-         "seconds": time.perf_counter() - t}
+    d = {
+        "genomes": ex["genomes"],
+        "labels": ex["elite_label"].tolist(),
+        "conf": ex["elite_confidence"].tolist(),
+        "seconds": time.perf_counter() - t,
+    }
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(d))
     return d
@@ -75,19 +89,35 @@ def main() -> int:
     best: dict[int, float] = {}
     short = labels[conf < 0.9999].tolist()  # the elites are one per class, in class order: cell = class
     if short:
-        new, targets = polish_genomes(gs, probs, short, model, labels, 32, 32, starts=a.starts, steps=a.steps, lr=a.lr,
-                                      grow=not a.no_grow)
+        new, targets = polish_genomes(
+            gs, probs, short, model, labels, 32, 32, starts=a.starts, steps=a.steps, lr=a.lr, grow=not a.no_grow
+        )
         with torch.no_grad():
             q = F.softmax(model(render(new, 32, 32)), 1)
         for j, c in enumerate(targets):
             best[c] = max(best.get(c, 0.0), float(q[j, c]))
     after = [max(float(v), best.get(int(c), 0.0)) for c, v in zip(labels, conf)]
-    figures = {"seed": a.seed, "starts": a.starts, "grow": not a.no_grow, "steps": a.steps, "lr": a.lr, "threads": a.threads,
-               "evolution": {"population": a.population, "generations": a.generations, "init_hidden": 8, "add_node": 0.3,
-                             "refine_every": 100, "refine_steps": 100},
-               "evolution_seconds": round(d["seconds"], 1),
-               "before": int((conf >= 0.9999).sum()), "after": int(sum(v >= 0.9999 for v in after)),
-               "short_after": {str(c): round(v, 6) for c, v in best.items()}, "polish_seconds": round(time.perf_counter() - t, 1)}
+    figures = {
+        "seed": a.seed,
+        "starts": a.starts,
+        "grow": not a.no_grow,
+        "steps": a.steps,
+        "lr": a.lr,
+        "threads": a.threads,
+        "evolution": {
+            "population": a.population,
+            "generations": a.generations,
+            "init_hidden": 8,
+            "add_node": 0.3,
+            "refine_every": 100,
+            "refine_steps": 100,
+        },
+        "evolution_seconds": round(d["seconds"], 1),
+        "before": int((conf >= 0.9999).sum()),
+        "after": int(sum(v >= 0.9999 for v in after)),
+        "short_after": {str(c): round(v, 6) for c, v in best.items()},
+        "polish_seconds": round(time.perf_counter() - t, 1),
+    }
     print(json.dumps(figures))
     write_results(a.out, figures)
     return 0

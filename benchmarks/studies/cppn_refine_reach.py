@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 import guard
-from guard.attacks.cppn import ACTIVATIONS, NUM_INPUTS, Genome, random_genome
 from benchmarks.fixtures.timing import out_option, pin_threads
+from guard.attacks.cppn import ACTIVATIONS, NUM_INPUTS, Genome, random_genome
 from guard.attacks.cppn_refine import refine_weights
 from guard.core.provenance import write_results
 
@@ -70,19 +70,39 @@ def main() -> int:
         q.requires_grad_(False)
     c, h, w = guard.demo_data(args.demo)[1].x.shape[1:]
     rng = np.random.default_rng(0)
-    gs = [dense_genome(c, args.dense, rng) if args.dense else random_genome(c, rng=rng, hidden=args.hidden, connections=args.connections)
-          for _ in range(args.genomes)]
+    gs = [
+        dense_genome(c, args.dense, rng)
+        if args.dense
+        else random_genome(c, rng=rng, hidden=args.hidden, connections=args.connections)
+        for _ in range(args.genomes)
+    ]
     t0 = time.perf_counter()
-    out, obj = refine_weights(gs, model, torch.full((len(gs),), args.target), h, w, steps=args.steps, lr=args.lr,
-                              objective=args.objective, grow=args.grow)
+    out, obj = refine_weights(
+        gs,
+        model,
+        torch.full((len(gs),), args.target),
+        h,
+        w,
+        steps=args.steps,
+        lr=args.lr,
+        objective=args.objective,
+        grow=args.grow,
+    )
     prob = torch.sigmoid(obj) if args.objective == "log_odds" else obj.exp()
     best = prob.sort(descending=True).values[:4].tolist()
     seconds = time.perf_counter() - t0
     print(f"connections {len(out[0].connections)}: best confidences {[round(v, 6) for v in best]} ({seconds:.0f} s)")
     setting = {k: v for k, v in vars(args).items() if k != "out"}
-    write_results(args.out, {"setting": setting, "connections": len(out[0].connections),
-                             "confidence": [round(float(v), 6) for v in prob.tolist()],
-                             "best_confidences": [round(v, 6) for v in best], "seconds": round(seconds, 1)})
+    write_results(
+        args.out,
+        {
+            "setting": setting,
+            "connections": len(out[0].connections),
+            "confidence": [round(float(v), 6) for v in prob.tolist()],
+            "best_confidences": [round(v, 6) for v in best],
+            "seconds": round(seconds, 1),
+        },
+    )
     return 0
 
 

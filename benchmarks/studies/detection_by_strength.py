@@ -22,18 +22,33 @@ def table(report: dict) -> dict:
     attacks = report.get("attacks", {})
     dets = report.get("detectors", {})
     info = report.get("detectors_info", {})
-    out = {"clean_fpr": (info.get("operating_point") or {}).get("clean_fpr"), "target_fpr": (info.get("calibration") or {}).get("target_fpr"),
-           "n_calibration": (info.get("calibration") or {}).get("n_calibration"), "rows": []}
+    out = {
+        "clean_fpr": (info.get("operating_point") or {}).get("clean_fpr"),
+        "target_fpr": (info.get("calibration") or {}).get("target_fpr"),
+        "n_calibration": (info.get("calibration") or {}).get("n_calibration"),
+        "rows": [],
+    }
     for name, e in attacks.items():
         if not isinstance(e, dict) or "strength" not in e:
             continue
-        row = {"attack": name, "strength": e["strength"], "held_out": bool(e.get("held_out")), "success_rate": e.get("success_rate"),
-               "n": e.get("n"), "wrong_confidence_median": e.get("wrong_confidence_median"), "detectors": {}}
+        row = {
+            "attack": name,
+            "strength": e["strength"],
+            "held_out": bool(e.get("held_out")),
+            "success_rate": e.get("success_rate"),
+            "n": e.get("n"),
+            "wrong_confidence_median": e.get("wrong_confidence_median"),
+            "detectors": {},
+        }
         for d in DETECTORS:
             m = (dets.get(d) or {}).get(name)
             if isinstance(m, dict):
                 op = m.get("operating_point") or {}
-                row["detectors"][d] = {"tpr": op.get("tpr"), "auroc": m.get("auroc"), "tpr_at_1fpr": m.get("tpr_at_1fpr")}
+                row["detectors"][d] = {
+                    "tpr": op.get("tpr"),
+                    "auroc": m.get("auroc"),
+                    "tpr_at_1fpr": m.get("tpr_at_1fpr"),
+                }
         out["rows"].append(row)
     return out
 
@@ -49,7 +64,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("audit")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--audit-command", default=None, help="the guard audit command that wrote AUDIT_OUT (recorded in the JSON)")
+    ap.add_argument(
+        "--audit-command", default=None, help="the guard audit command that wrote AUDIT_OUT (recorded in the JSON)"
+    )
     args = ap.parse_args()
     report = json.loads((Path(args.audit) / "report.json").read_text())
     t = table(report)
@@ -57,16 +74,26 @@ def main() -> None:
     for d, r in (t["clean_fpr"] or {}).items():
         print(f"  clean FPR {d:16s} {_fmt(r)}")
     for row in t["rows"]:
-        print(f"{row['attack']} ({row['strength']}{', held out' if row['held_out'] else ''}): success {row['success_rate']:.3f} of {row['n']}, "
-              f"median wrong-class confidence {row['wrong_confidence_median']}")
+        print(
+            f"{row['attack']} ({row['strength']}{', held out' if row['held_out'] else ''}): success {row['success_rate']:.3f} of {row['n']}, "
+            f"median wrong-class confidence {row['wrong_confidence_median']}"
+        )
         for d, m in row["detectors"].items():
             print(f"  {d:16s} TPR {_fmt(m['tpr'])}  AUROC {m['auroc'] if m['auroc'] is None else round(m['auroc'], 3)}")
     if args.json:
         from guard.core.provenance import write_results
 
         opts = report.get("options", {})
-        write_results(args.json, {"audit_command": args.audit_command, "audit_options": opts, "audit_timings": report.get("timings"),
-                                  "audit_errors": report.get("errors"), **t})
+        write_results(
+            args.json,
+            {
+                "audit_command": args.audit_command,
+                "audit_options": opts,
+                "audit_timings": report.get("timings"),
+                "audit_errors": report.get("errors"),
+                **t,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,17 @@ from __future__ import annotations
 import json
 import sys
 
-ATTACKS = ["patch_gan", "universal_patch", "random_patch", "fgsm", "pgd", "feature_adversary",
-           "fooling_gradient", "fooling_direct", "fooling_cppn"]
+ATTACKS = [
+    "patch_gan",
+    "universal_patch",
+    "random_patch",
+    "fgsm",
+    "pgd",
+    "feature_adversary",
+    "fooling_gradient",
+    "fooling_direct",
+    "fooling_cppn",
+]
 
 
 def _cell(e: dict | None) -> str:
@@ -45,10 +54,14 @@ def main(path: str) -> None:
         print("\n| detector | clean flag rate (eval half) | halves swapped | mean |")
         print("|---|---|---|---|")
         for k in dets:
-            print(f"| {k} | {info['clean_flag_rate'][k]:.3f} | {info['clean_flag_rate_swapped_halves'][k]:.3f} | "
-                  f"{info['clean_flag_rate_mean_of_both'][k]:.4f} |")
-        print(f"\nclean accuracy: bare {info['clean_accuracy_bare']:.4f}, wrapped {info['clean_accuracy_wrapped']:.4f}, "
-              f"identical predictions: {info['predictions_identical']}; seconds: {info['seconds']}")
+            print(
+                f"| {k} | {info['clean_flag_rate'][k]:.3f} | {info['clean_flag_rate_swapped_halves'][k]:.3f} | "
+                f"{info['clean_flag_rate_mean_of_both'][k]:.4f} |"
+            )
+        print(
+            f"\nclean accuracy: bare {info['clean_accuracy_bare']:.4f}, wrapped {info['clean_accuracy_wrapped']:.4f}, "
+            f"identical predictions: {info['predictions_identical']}; seconds: {info['seconds']}"
+        )
 
 
 if __name__ == "__main__":

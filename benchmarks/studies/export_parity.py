@@ -36,8 +36,9 @@ def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split) -> g
     return g
 
 
-def check(name: str, g: guard.GuardedModel, test: guard.Split, attack_model: torch.nn.Module, n_pgd: int,
-          n_clean: int = 2000) -> dict:
+def check(
+    name: str, g: guard.GuardedModel, test: guard.Split, attack_model: torch.nn.Module, n_pgd: int, n_clean: int = 2000
+) -> dict:
     out = Path(tempfile.mkdtemp()) / f"{name}.onnx"
     t0 = time.perf_counter()
     rep = to_onnx(g, out, test.x[:8], parity_inputs=test.x[1000:1064])
@@ -48,38 +49,69 @@ def check(name: str, g: guard.GuardedModel, test: guard.Split, attack_model: tor
     sets = {f"clean_{len(xc)}": xc}
     sets["fgsm_eps0.3"] = FGSM(eps=0.3)(attack_model, xc, yc).x_adv
     sets["pgd_eps0.3"] = LinfPGD(eps=0.3, steps=20, seed=0)(attack_model, test.x[:n_pgd], test.y[:n_pgd]).x_adv
-    res = {"export_seconds": round(t_export, 2), "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
-           "parity_vs_exporthead_batches_1_7_64": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
-                                                   for k, v in rep.parity["outputs"].items()}, "sets": {}}
+    res = {
+        "export_seconds": round(t_export, 2),
+        "opset": rep.opset,
+        "outputs": rep.output_names,
+        "heads": rep.heads,
+        "parity_vs_exporthead_batches_1_7_64": {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff") if m in v}
+            for k, v in rep.parity["outputs"].items()
+        },
+        "sets": {},
+    }
     for sname, xs in sets.items():
         figs = compare_with_guarded(g, sess, xs, head=head)
-        res["sets"][sname] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "n_out_of_tol") if m in v}
-                              for k, v in figs.items()}
+        res["sets"][sname] = {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "n_out_of_tol") if m in v}
+            for k, v in figs.items()
+        }
     return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it")
+    ap.add_argument(
+        "--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it"
+    )
     ap.add_argument("--n-pgd", type=int, default=500)
     ap.add_argument("--n-clean", type=int, default=2000, help="held-out images compared (and attacked by FGSM)")
     out_option(ap, "export_parity")
-    ap.add_argument("--audit-step", action="store_true", help="also time the audit's export step (full mode) on the guarded demo")
+    ap.add_argument(
+        "--audit-step", action="store_true", help="also time the audit's export step (full mode) on the guarded demo"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     pin_threads(1)
     model = guard.demo_model(progress=False)
     train, test = guard.demo_data()
     g = _guarded(model, train, test)
-    results = {"n_pgd": args.n_pgd, "n_clean": args.n_clean, "threads": 1, "fit_images": len(train), "calibration_images": 1000,
-               "guarded": check("guarded", g, test, model, args.n_pgd, args.n_clean)}
+    results = {
+        "n_pgd": args.n_pgd,
+        "n_clean": args.n_clean,
+        "threads": 1,
+        "fit_images": len(train),
+        "calibration_images": 1000,
+        "guarded": check("guarded", g, test, model, args.n_pgd, args.n_clean),
+    }
     if args.audit_step:
         from guard.audit import AttackSet, AuditContext, AuditOptions, step
 
-        ctx = AuditContext(model=model, model_name="demo", train=train, test=test, data_source="demo",
-                           out=Path(tempfile.mkdtemp()), options=AuditOptions(progress=False))
-        attacks = AttackSet({"fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
-                             "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500])})
+        ctx = AuditContext(
+            model=model,
+            model_name="demo",
+            train=train,
+            test=test,
+            data_source="demo",
+            out=Path(tempfile.mkdtemp()),
+            options=AuditOptions(progress=False),
+        )
+        attacks = AttackSet(
+            {
+                "fgsm": FGSM(eps=0.3)(model, test.x[:500], test.y[:500]),
+                "pgd": LinfPGD(eps=0.3, steps=20, seed=0)(model, test.x[:500], test.y[:500]),
+            }
+        )
         t0 = time.perf_counter()
         step("export").run(ctx, guarded=g, attacks=attacks)
         results["audit_step"] = {"seconds": round(time.perf_counter() - t0, 1), "report": ctx.report["export"]}
@@ -88,10 +120,14 @@ def main() -> int:
         from guard.training.round_attacks import AttackBudget
 
         t0 = time.perf_counter()
-        res = harden(model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0)
+        res = harden(
+            model, train, test=test, rounds=1, epochs_per_round=1, budget=AttackBudget.quick(), progress=False, seed=0
+        )
         hardened = res.model
         results["harden_seconds"] = round(time.perf_counter() - t0, 1)
-        results["hardened"] = check("hardened", _guarded(hardened, train, test), test, hardened, args.n_pgd, args.n_clean)
+        results["hardened"] = check(
+            "hardened", _guarded(hardened, train, test), test, hardened, args.n_pgd, args.n_clean
+        )
     results = json.loads(json.dumps(results, default=str))  # report entries that are not JSON types as their str
     print(json.dumps(results, indent=1))
     write_results(args.out, results)

@@ -51,23 +51,65 @@ def main() -> int:
     rows: dict[str, list[dict]] = {m: [] for m in METHODS}
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as out:
-            rep = run_audit(model, train, test, out, steps=[FoolingStep()], fail_fast=True,
-                            options=AuditOptions(seed=seed, progress=False, extra=dict(options)))
+            rep = run_audit(
+                model,
+                train,
+                test,
+                out,
+                steps=[FoolingStep()],
+                fail_fast=True,
+                options=AuditOptions(seed=seed, progress=False, extra=dict(options)),
+            )
         for m in METHODS:
             e = rep["attacks"][m]
-            rows[m].append({"seed": seed, "classes": len(e["classes_fooled"]), "median_confidence": e["median_confidence"],
-                            "all_at": e.get("generation_all_fooled", e.get("steps")), "seconds": e["seconds"]})
+            rows[m].append(
+                {
+                    "seed": seed,
+                    "classes": len(e["classes_fooled"]),
+                    "median_confidence": e["median_confidence"],
+                    "all_at": e.get("generation_all_fooled", e.get("steps")),
+                    "seconds": e["seconds"],
+                }
+            )
             if "classes_fooled_before_polish" in e:  # the CPPN search's last polish (fooling_polish_steps=0: none)
                 rows[m][-1]["classes_before_polish"] = len(e["classes_fooled_before_polish"])
-        print(f"seed {seed}: " + ", ".join(f"{m} {rows[m][-1]['classes']}/10" + (f" ({rows[m][-1]['classes_before_polish']}/10 before the polish)"
-                                                 if "classes_before_polish" in rows[m][-1] else "") for m in METHODS), flush=True)
+        print(
+            f"seed {seed}: "
+            + ", ".join(
+                f"{m} {rows[m][-1]['classes']}/10"
+                + (
+                    f" ({rows[m][-1]['classes_before_polish']}/10 before the polish)"
+                    if "classes_before_polish" in rows[m][-1]
+                    else ""
+                )
+                for m in METHODS
+            ),
+            flush=True,
+        )
     for m in METHODS:
         c = [r["classes"] for r in rows[m]]
-        print(f"{m:<18} classes reached: {c}  min {min(c)} median {statistics.median(c)} max {max(c)}; "
-              f"seconds median {statistics.median(r['seconds'] for r in rows[m]):.1f}")
-    write_results(args.out, {"demo": args.demo, "seeds": args.seeds, "threads": args.threads, "options": options, "rows": rows,
-                             "spread": {m: {"min": min(r["classes"] for r in rows[m]), "max": max(r["classes"] for r in rows[m]),
-                                            "median": statistics.median(r["classes"] for r in rows[m])} for m in METHODS}})
+        print(
+            f"{m:<18} classes reached: {c}  min {min(c)} median {statistics.median(c)} max {max(c)}; "
+            f"seconds median {statistics.median(r['seconds'] for r in rows[m]):.1f}"
+        )
+    write_results(
+        args.out,
+        {
+            "demo": args.demo,
+            "seeds": args.seeds,
+            "threads": args.threads,
+            "options": options,
+            "rows": rows,
+            "spread": {
+                m: {
+                    "min": min(r["classes"] for r in rows[m]),
+                    "max": max(r["classes"] for r in rows[m]),
+                    "median": statistics.median(r["classes"] for r in rows[m]),
+                }
+                for m in METHODS
+            },
+        },
+    )
     print(f"wrote {args.out}")
     return 0
 

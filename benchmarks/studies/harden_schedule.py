@@ -37,11 +37,27 @@ from guard.training.round_attacks import FOOLING_ATTACKS, ROUND_ATTACKS, generat
 def strong_fooling(model: torch.nn.Module, n: int) -> dict:
     """Classes with a >= 99% fooling image from the audit-strength attacks, per kind."""
     out = {}
-    attacks = {"fooling_gradient": FoolingGradient(steps=300, lr=0.1, threshold=0.99, samples_per_class=4, seed=777),
-               "fooling_direct": FoolingEvolution(encoding="direct", population=100, generations=400, threshold=0.99,
-                                                  stop_when_done=False, extra_samples=0, seed=778),
-               "fooling_cppn": FoolingEvolution(encoding="cppn", population=100, generations=100, threshold=0.99,
-                                                stop_when_done=False, extra_samples=0, seed=779)}
+    attacks = {
+        "fooling_gradient": FoolingGradient(steps=300, lr=0.1, threshold=0.99, samples_per_class=4, seed=777),
+        "fooling_direct": FoolingEvolution(
+            encoding="direct",
+            population=100,
+            generations=400,
+            threshold=0.99,
+            stop_when_done=False,
+            extra_samples=0,
+            seed=778,
+        ),
+        "fooling_cppn": FoolingEvolution(
+            encoding="cppn",
+            population=100,
+            generations=100,
+            threshold=0.99,
+            stop_when_done=False,
+            extra_samples=0,
+            seed=779,
+        ),
+    }
     for name, atk in attacks.items():
         res = atk(model, shape=(1, 28, 28), classes=range(n))
         with torch.no_grad():
@@ -52,14 +68,25 @@ def strong_fooling(model: torch.nn.Module, n: int) -> dict:
 
 
 def measure(model: RejectClassifier, test: guard.Split, train: guard.Split, n: int) -> dict:
-    s = generate_round_attacks(model, ROUND_ATTACKS, num_classes=n, image_shape=(1, 28, 28), pool=(train.x, train.y),
-                               budget=AttackBudget(), seed=12345)
+    s = generate_round_attacks(
+        model,
+        ROUND_ATTACKS,
+        num_classes=n,
+        image_shape=(1, 28, 28),
+        pool=(train.x, train.y),
+        budget=AttackBudget(),
+        seed=12345,
+    )
     sc = score_attack_set(model, s, n)
     acc = float((model.predict(test.x) == test.y).float().mean())
-    return {"clean_accuracy": acc, "schedule_classes_ge99": sc["fooling_classes_ge99_count"],
-            "schedule_median_conf": sc["fooling_median_confidence"], "patch_fooling_rate": sc["patch_fooling_rate"],
-            **{f"schedule_{k}": sc.get(f"fooling_classes_ge99_count_{k}") for k in FOOLING_ATTACKS},
-            "strong": strong_fooling(model, n)}
+    return {
+        "clean_accuracy": acc,
+        "schedule_classes_ge99": sc["fooling_classes_ge99_count"],
+        "schedule_median_conf": sc["fooling_median_confidence"],
+        "patch_fooling_rate": sc["patch_fooling_rate"],
+        **{f"schedule_{k}": sc.get(f"fooling_classes_ge99_count_{k}") for k in FOOLING_ATTACKS},
+        "strong": strong_fooling(model, n),
+    }
 
 
 def main() -> int:
@@ -74,14 +101,23 @@ def main() -> int:
     model = guard.demo_model(progress=False)
     train, test = guard.demo_data()
     t0 = time.perf_counter()
-    res = harden(model, train, test=test, config=HardenConfig(rounds=args.rounds), augment=shift_augment, progress=False)
+    res = harden(
+        model, train, test=test, config=HardenConfig(rounds=args.rounds), augment=shift_augment, progress=False
+    )
     wall = time.perf_counter() - t0
-    rounds = [{"round": h["round"], "attack_s": h["seconds_attack"], "train_s": h["seconds_train"]} for h in res.history]
+    rounds = [
+        {"round": h["round"], "attack_s": h["seconds_attack"], "train_s": h["seconds_train"]} for h in res.history
+    ]
     net, head = grow_head(model)
     net.load_state_dict(load_tensors(args.baseline)[0])
     old = RejectClassifier(net, 10, head).eval()
-    out = {"rounds": args.rounds, "baseline": args.baseline, "threads": args.threads, "current": {"wall_seconds": round(wall, 1), "rounds": rounds, **measure(res.model, test, train, 10)},
-           "baseline_e39b47e": measure(old, test, train, 10)}
+    out = {
+        "rounds": args.rounds,
+        "baseline": args.baseline,
+        "threads": args.threads,
+        "current": {"wall_seconds": round(wall, 1), "rounds": rounds, **measure(res.model, test, train, 10)},
+        "baseline_e39b47e": measure(old, test, train, 10),
+    }
     print(json.dumps(out, indent=2))
     write_results(args.out, out)
     return 0

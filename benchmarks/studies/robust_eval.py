@@ -55,14 +55,20 @@ def load(spec: str, data: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     else:
         model = guard.load_model(spec)
     meta = getattr(model, "guard_meta", {}) or {}
-    info = {"spec": spec, "class": type(model).__name__, "sha256": meta.get("sha256"),
-            "test_accuracy_recorded": meta.get("test_accuracy")}
+    info = {
+        "spec": spec,
+        "class": type(model).__name__,
+        "sha256": meta.get("sha256"),
+        "test_accuracy_recorded": meta.get("test_accuracy"),
+    }
     return model.eval(), info
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="demo", help="demo | demo-robust | PATH (RejectClassifier .safetensors or a load_model spec)")
+    p.add_argument(
+        "--model", default="demo", help="demo | demo-robust | PATH (RejectClassifier .safetensors or a load_model spec)"
+    )
     p.add_argument("--data", default="cifar10", choices=["cifar10", "mnist"])
     p.add_argument("--eps", type=parse_eps, default=None, help="L-inf budget (default 8/255 on cifar10, 0.3 on mnist)")
     p.add_argument("--n", type=int, default=500, help="held-out images evaluated (the first n)")
@@ -71,13 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attacks", default=None, help="comma-separated names (default: every one that applies)")
     p.add_argument("--sweep", default=None, help="comma-separated budgets for robust_sweep, e.g. 0,2/255,8/255,0.5")
     p.add_argument("--sweep-budget", default="quick", choices=["standard", "quick"])
-    p.add_argument("--sweep-attacks", default="guard-apgd-ce,apgd-ce,guard-apgd-reject",
-                   help="the sweep's attacks (default the white-box APGDs; guard-apgd-reject only on a reject model)")
+    p.add_argument(
+        "--sweep-attacks",
+        default="guard-apgd-ce,apgd-ce,guard-apgd-reject",
+        help="the sweep's attacks (default the white-box APGDs; guard-apgd-reject only on a reject model)",
+    )
     p.add_argument("--sweep-n", type=int, default=None, help="images in the sweep (default --n)")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/robust_eval_<data>_<model>.json)")
+    p.add_argument(
+        "--out", default=None, help="results JSON (default benchmarks/results/robust_eval_<data>_<model>.json)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -89,18 +100,49 @@ def main(argv: list[str] | None = None) -> int:
     _, test = guard.demo_data(args.data)
     attacks = args.attacks.split(",") if args.attacks else None
     t0 = time.perf_counter()
-    result = guard.evaluate_robust(model, test, eps=eps, n=args.n, attacks=attacks, seed=args.seed, restarts=args.restarts,
-                                   batch_size=args.batch_size, budget=args.budget)
-    figures: dict[str, Any] = {"data": args.data, "data_source": guard.demo.demo_source(args.data), "model": info,
-                               "threads": args.threads, **{k: result[k] for k in ("eps", "n", "clean_accuracy", "clean_rejected",
-                                                                                   "robust_accuracy", "robust_accuracy_with_rejection",
-                                                                                   "attacks")},
-                               "result": result}
+    result = guard.evaluate_robust(
+        model,
+        test,
+        eps=eps,
+        n=args.n,
+        attacks=attacks,
+        seed=args.seed,
+        restarts=args.restarts,
+        batch_size=args.batch_size,
+        budget=args.budget,
+    )
+    figures: dict[str, Any] = {
+        "data": args.data,
+        "data_source": guard.demo.demo_source(args.data),
+        "model": info,
+        "threads": args.threads,
+        **{
+            k: result[k]
+            for k in (
+                "eps",
+                "n",
+                "clean_accuracy",
+                "clean_rejected",
+                "robust_accuracy",
+                "robust_accuracy_with_rejection",
+                "attacks",
+            )
+        },
+        "result": result,
+    }
     if args.sweep:
         budgets = [parse_eps(t) for t in args.sweep.split(",")]
         sweep_attacks = [a for a in args.sweep_attacks.split(",") if a != "guard-apgd-reject" or result["reject_model"]]
-        sweep = guard.robust_sweep(model, test, budgets, n=args.sweep_n or args.n, attacks=sweep_attacks, seed=args.seed,
-                                   batch_size=args.batch_size, budget=args.sweep_budget)
+        sweep = guard.robust_sweep(
+            model,
+            test,
+            budgets,
+            n=args.sweep_n or args.n,
+            attacks=sweep_attacks,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            budget=args.sweep_budget,
+        )
         figures["sweep"] = {k: v for k, v in sweep.items() if k != "results"}
         figures["sweep"]["per_attack"] = [r["per_attack"] for r in sweep["results"]]
         figures["sweep"]["budget"] = sweep["results"][0]["budget"]
@@ -108,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     name = args.model if args.model in ("demo", "demo-robust") else Path(args.model).stem
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"robust_eval_{args.data}_{name}.json"
     write_results(out, figures)
-    print(f"{args.data} {args.model} eps={eps:.4g} n={result['n']}: clean {result['clean_accuracy']:.3f}, "
-          f"rejected {result['clean_rejected']:.3f}, robust {result['robust_accuracy']:.3f}, "
-          f"robust with rejection {result['robust_accuracy_with_rejection']:.3f} "
-          f"(95% CI {result['intervals']['robust_accuracy_with_rejection']}); {figures['seconds']} s -> {out}")
+    print(
+        f"{args.data} {args.model} eps={eps:.4g} n={result['n']}: clean {result['clean_accuracy']:.3f}, "
+        f"rejected {result['clean_rejected']:.3f}, robust {result['robust_accuracy']:.3f}, "
+        f"robust with rejection {result['robust_accuracy_with_rejection']:.3f} "
+        f"(95% CI {result['intervals']['robust_accuracy_with_rejection']}); {figures['seconds']} s -> {out}"
+    )
     for w in result["warnings"] + figures.get("sweep", {}).get("warnings", []):
         print("warning:", w, file=sys.stderr)
     return 0

@@ -41,18 +41,37 @@ RESULTS = Path("benchmarks/results")
 KEYS = ("eps", "n", "clean_accuracy", "clean_rejected", "robust_accuracy", "robust_accuracy_with_rejection", "attacks")
 
 
-def _figures(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, budget: RobustBudget,
-             method: str, training: dict[str, Any]) -> dict[str, Any]:
+def _figures(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    budget: RobustBudget,
+    method: str,
+    training: dict[str, Any],
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     r = evaluate_robust(model, (x, y), eps=eps, budget=budget, seed=0)
-    out = {"method": method, **{k: r[k] for k in KEYS}, "intervals": r["intervals"], "counts": r["counts"],
-           "per_attack": {k: {kk: v.get(kk) for kk in ("attacked", "broken", "rejected", "seconds")}
-                          for k, v in r["per_attack"].items()},
-           "checks": r["checks"], "warnings": r["warnings"], "budget": r["budget"], "training": training,
-           "eval_seconds": round(time.perf_counter() - t0, 1)}
-    print(f"{method}: clean {out['clean_accuracy']:.4f} (rejected {out['clean_rejected']:.4f}) robust "
-          f"{out['robust_accuracy']:.4f} robust with rejection {out['robust_accuracy_with_rejection']:.4f} (n={out['n']})",
-          flush=True)
+    out = {
+        "method": method,
+        **{k: r[k] for k in KEYS},
+        "intervals": r["intervals"],
+        "counts": r["counts"],
+        "per_attack": {
+            k: {kk: v.get(kk) for kk in ("attacked", "broken", "rejected", "seconds")}
+            for k, v in r["per_attack"].items()
+        },
+        "checks": r["checks"],
+        "warnings": r["warnings"],
+        "budget": r["budget"],
+        "training": training,
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
+    print(
+        f"{method}: clean {out['clean_accuracy']:.4f} (rejected {out['clean_rejected']:.4f}) robust "
+        f"{out['robust_accuracy']:.4f} robust with rejection {out['robust_accuracy_with_rejection']:.4f} (n={out['n']})",
+        flush=True,
+    )
     return out
 
 
@@ -61,28 +80,50 @@ def _mnist(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
     model = guard.demo_model(progress=False)
     parts = {}
     for method in ("reject", args.plain_mnist):
-        cfg = HardenConfig.online(method, eps=0.3, epochs=args.mnist_epochs, attack_steps=10, lr=0.02, batch_size=64,
-                                  eps_warmup_epochs=args.mnist_epochs / 3, monitor_images=200, seed=0)
+        cfg = HardenConfig.online(
+            method,
+            eps=0.3,
+            epochs=args.mnist_epochs,
+            attack_steps=10,
+            lr=0.02,
+            batch_size=64,
+            eps_warmup_epochs=args.mnist_epochs / 3,
+            monitor_images=200,
+            seed=0,
+        )
         t0 = time.perf_counter()
-        res = harden(model, train, test=test, config=cfg, augment=shift_augment,
-                     checkpoint_dir=RESULTS / f"mnist-robust-{method}" / "checkpoints", resume=True, checkpoint_every=50,
-                     progress=not args.quiet)
-        training = {"config": cfg.to_dict(), "history": res.history, "seconds_this_run": round(time.perf_counter() - t0, 1)}
-        parts[method] = _figures(res.model, test.x[:args.n], test.y[:args.n], 0.3, budget, method, training)
+        res = harden(
+            model,
+            train,
+            test=test,
+            config=cfg,
+            augment=shift_augment,
+            checkpoint_dir=RESULTS / f"mnist-robust-{method}" / "checkpoints",
+            resume=True,
+            checkpoint_every=50,
+            progress=not args.quiet,
+        )
+        training = {
+            "config": cfg.to_dict(),
+            "history": res.history,
+            "seconds_this_run": round(time.perf_counter() - t0, 1),
+        }
+        parts[method] = _figures(res.model, test.x[: args.n], test.y[: args.n], 0.3, budget, method, training)
     return {**parts["reject"], "plain_at": parts[args.plain_mnist]}
 
 
 def _load(folder: Path, method: str) -> tuple[RejectClassifier, dict[str, Any]]:
     record = json.loads((folder / f"resnet20-{method}.json").read_text())
-    model = RejectClassifier.load(folder / f"resnet20-{method}.safetensors", guard.demo_model("cifar10"),
-                                  expected_sha256=record["sha256"])
+    model = RejectClassifier.load(
+        folder / f"resnet20-{method}.safetensors", guard.demo_model("cifar10"), expected_sha256=record["sha256"]
+    )
     keep = ("sha256", "command", "config", "history", "test_accuracy", "test_rejected", "timings")
     return model, {k: record.get(k) for k in keep}
 
 
 def _cifar10(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
     _, test = guard.demo_data("cifar10")
-    x, y = test.x[:args.n], test.y[:args.n]
+    x, y = test.x[: args.n], test.y[: args.n]
     reject, rec = _load(Path(args.reject_dir), "reject")
     out = _figures(reject, x, y, 8 / 255, budget, "reject", rec)
     plain_dir = Path(args.plain_dir)
@@ -91,7 +132,9 @@ def _cifar10(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
         out["plain_at"] = _figures(plain, x, y, 8 / 255, budget, args.plain_cifar, prec)
     else:
         out["plain_at"] = None
-        out["plain_at_missing"] = f"no {plain_dir}/resnet20-{args.plain_cifar}.json: that model's training has not finished"
+        out["plain_at_missing"] = (
+            f"no {plain_dir}/resnet20-{args.plain_cifar}.json: that model's training has not finished"
+        )
     return out
 
 
@@ -99,9 +142,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=["mnist", "cifar10"], required=True)
     p.add_argument("--n", type=int, default=500)
-    p.add_argument("--budget", choices=["standard", "cpu", "quick"], default="standard",
-                   help="standard: AutoAttack's (100 steps, 9 targets, 5,000 Square queries); cpu: 50 steps, 2 restarts of "
-                   "guard's APGD, 3 targets, 30 FAB steps, 1,000 queries (what two CPU cores finish in a session); quick: tests")
+    p.add_argument(
+        "--budget",
+        choices=["standard", "cpu", "quick"],
+        default="standard",
+        help="standard: AutoAttack's (100 steps, 9 targets, 5,000 Square queries); cpu: 50 steps, 2 restarts of "
+        "guard's APGD, 3 targets, 30 FAB steps, 1,000 queries (what two CPU cores finish in a session); quick: tests",
+    )
     p.add_argument("--mnist-epochs", type=int, default=6)
     p.add_argument("--plain-mnist", default="pgd")
     p.add_argument("--plain-cifar", default="pgd")
@@ -112,8 +159,11 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "robust_hardening.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    budget = (RobustBudget(steps=50, restarts=2, n_target_classes=3, fab_steps=30, n_queries=1000, curves=4)
-              if args.budget == "cpu" else RobustBudget.resolve(args.budget))
+    budget = (
+        RobustBudget(steps=50, restarts=2, n_target_classes=3, fab_steps=30, n_queries=1000, curves=4)
+        if args.budget == "cpu"
+        else RobustBudget.resolve(args.budget)
+    )
     figures = _mnist(args, budget) if args.part == "mnist" else _cifar10(args, budget)
     figures["provenance"] = provenance()
     path = Path(args.out)

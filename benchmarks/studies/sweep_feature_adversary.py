@@ -16,8 +16,6 @@ import argparse
 import json
 import time
 
-import torch
-
 import guard
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.representation import representation_report
@@ -38,36 +36,65 @@ def main() -> None:
     model = guard.demo_model(progress=False)
     train, test = guard.demo_data()
     t0 = time.perf_counter()
-    curves = feature_curves(model, test, layers=args.layers, deltas=args.deltas, n=args.n, max_iter=args.max_iter, seed=args.seed)
-    print(f"n={curves['n']} sources, max_iter={args.max_iter}, guides: {curves['guides']}; {time.perf_counter() - t0:.0f} s\n")
+    curves = feature_curves(
+        model, test, layers=args.layers, deltas=args.deltas, n=args.n, max_iter=args.max_iter, seed=args.seed
+    )
+    print(
+        f"n={curves['n']} sources, max_iter={args.max_iter}, guides: {curves['guides']}; {time.perf_counter() - t0:.0f} s\n"
+    )
     print("| layer | variant | delta | guide-label agreement | distance ratio median | p10 | p90 | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for layer, by_var in curves["by_layer"].items():
         for variant, by_delta in by_var.items():
             for delta, r in by_delta.items():
                 d = r["distance_ratio"]
-                print(f"| {layer} | {variant} | {delta} | {r['guide_label_agreement']:.2f} | {d['median']:.3f} | {d['p10']:.3f} | {d['p90']:.3f} | {r['seconds']:.1f} |")
+                print(
+                    f"| {layer} | {variant} | {delta} | {r['guide_label_agreement']:.2f} | {d['median']:.3f} | {d['p10']:.3f} | {d['p90']:.3f} | {r['seconds']:.1f} |"
+                )
     from guard.attacks.feature_adversary import FeatureAdversary
 
     src, gid = _pick(test, args.n, args.seed)
     knn_rows = []
-    print("\n| layer | delta | 3-NN intersection mean | rank diff median (p10, p90) | rank adv median | rank guide median | IoU(adv, guide) | IoU(adv, source) | IoU(source, guide)* |")
+    print(
+        "\n| layer | delta | 3-NN intersection mean | rank diff median (p10, p90) | rank adv median | rank guide median | IoU(adv, guide) | IoU(adv, source) | IoU(source, guide)* |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for layer in args.layers:
         for delta in args.deltas:
-            res = FeatureAdversary(layer=layer, delta=delta, max_iter=args.max_iter).generate(model, test.x[src], test.x[gid])
-            s = representation_report(model, layer, test.x[src], res.x_adv, test.x[gid], train_x=train.x, train_y=train.y)["summary"]
+            res = FeatureAdversary(layer=layer, delta=delta, max_iter=args.max_iter).generate(
+                model, test.x[src], test.x[gid]
+            )
+            s = representation_report(
+                model, layer, test.x[src], res.x_adv, test.x[gid], train_x=train.x, train_y=train.y
+            )["summary"]
             base = representation_report(model, layer, test.x[src], test.x[src], test.x[gid])["summary"]
             rd = s["rank_difference"]
             knn_rows.append({"layer": layer, "delta": delta, "summary": s, "baseline_source_as_adversary": base})
-            print(f"| {layer} | {delta} | {s['nn_intersection']['mean']:.2f} | {rd['median']:.1f} ({rd['p10']:.1f}, {rd['p90']:.1f}) | "
-                  f"{s['rank_adv']['median']:.1f} | {s['rank_guide']['median']:.1f} | {s['iou_adv_guide']['median']:.2f} | "
-                  f"{s['iou_adv_source']['median']:.2f} | {base['iou_adv_guide']['median']:.2f} |")
+            print(
+                f"| {layer} | {delta} | {s['nn_intersection']['mean']:.2f} | {rd['median']:.1f} ({rd['p10']:.1f}, {rd['p90']:.1f}) | "
+                f"{s['rank_adv']['median']:.1f} | {s['rank_guide']['median']:.1f} | {s['iou_adv_guide']['median']:.2f} | "
+                f"{s['iou_adv_source']['median']:.2f} | {base['iou_adv_guide']['median']:.2f} |"
+            )
     print("\n*IoU(source, guide): the same measure with the unperturbed source in place of the adversary (baseline).")
-    write_results(args.out, json.loads(json.dumps({
-        "model": "guard.demo_model('mnist') (DemoNet)", "n": args.n, "max_iter": args.max_iter, "layers": args.layers,
-        "deltas": args.deltas, "seed": args.seed, "threads": 1, "curves": curves, "representation": knn_rows},
-        default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))))
+    write_results(
+        args.out,
+        json.loads(
+            json.dumps(
+                {
+                    "model": "guard.demo_model('mnist') (DemoNet)",
+                    "n": args.n,
+                    "max_iter": args.max_iter,
+                    "layers": args.layers,
+                    "deltas": args.deltas,
+                    "seed": args.seed,
+                    "threads": 1,
+                    "curves": curves,
+                    "representation": knn_rows,
+                },
+                default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v),
+            )
+        ),
+    )
     print(f"wrote {args.out}")
 
 

@@ -39,7 +39,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--runs", nargs="+", default=["gradient", "cppn:uniform", "cppn:unfooled", "direct:unfooled"])
     ap.add_argument("--demo", default="mnist")
-    ap.add_argument("--transfer-weights", default=None, help="CIFAR-10: a ResNet-56 state dict (akamaster) as the second model")
+    ap.add_argument(
+        "--transfer-weights", default=None, help="CIFAR-10: a ResNet-56 state dict (akamaster) as the second model"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gradient-steps", type=int, default=1000)
     out_option(ap, "sweep_fooling")
@@ -63,35 +65,71 @@ def main() -> None:
         other = None
     if other is not None:
         other.eval()
-    print("| method | classes >= 99.99% | all passed at | wall s | CPU s | median conf (archive) | min conf | transfer: same label / >= 99.99% / median conf |")
+    print(
+        "| method | classes >= 99.99% | all passed at | wall s | CPU s | median conf (archive) | min conf | transfer: same label / >= 99.99% / median conf |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     rows = []
     for run in args.runs:
         w0, c0 = time.perf_counter(), time.process_time()
         if run == "gradient":
-            res = FoolingGradient(steps=args.gradient_steps, lr=0.1, samples_per_class=args.samples, seed=0)(model, shape=shape)
+            res = FoolingGradient(steps=args.gradient_steps, lr=0.1, samples_per_class=args.samples, seed=0)(
+                model, shape=shape
+            )
             conf = res.extras["confidence"].view(10, args.samples).max(1).values
             steps = res.extras["steps"]
-            at = f"step {int(steps.view(10, -1).clamp_min(0).max()) + 1}" if bool((steps.view(10, -1).max(1).values >= 0).all()) else "never"
+            at = (
+                f"step {int(steps.view(10, -1).clamp_min(0).max()) + 1}"
+                if bool((steps.view(10, -1).max(1).values >= 0).all())
+                else "never"
+            )
         else:
             enc, sel = run.split(":")
-            res = FoolingEvolution(encoding=enc, population=args.population, generations=args.generations,
-                                   parent_selection=sel, seed=0)(model, shape=shape)
+            res = FoolingEvolution(
+                encoding=enc, population=args.population, generations=args.generations, parent_selection=sel, seed=0
+            )(model, shape=shape)
             conf = res.extras["elite_confidence"]
             g = res.extras["generation_all_fooled"]
             at = f"generation {g}" if g > 0 else f"not in {args.generations}"
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-        tr = transfer_check(other, res.x_adv, res.extras["label"]) if other is not None else \
-            {"same_label": float("nan"), "at_threshold": float("nan"), "median_confidence": float("nan")}
-        print(f"| {run} | {int((conf >= 0.9999).sum())}/10 | {at} | {wall:.1f} | {cpu:.1f} | {float(conf.double().median()):.7f} | "
-              f"{float(conf.min()):.6f} | {tr['same_label']:.2f} / {tr['at_threshold']:.2f} / {tr['median_confidence']:.3f} |", flush=True)
+        tr = (
+            transfer_check(other, res.x_adv, res.extras["label"])
+            if other is not None
+            else {"same_label": float("nan"), "at_threshold": float("nan"), "median_confidence": float("nan")}
+        )
+        print(
+            f"| {run} | {int((conf >= 0.9999).sum())}/10 | {at} | {wall:.1f} | {cpu:.1f} | {float(conf.double().median()):.7f} | "
+            f"{float(conf.min()):.6f} | {tr['same_label']:.2f} / {tr['at_threshold']:.2f} / {tr['median_confidence']:.3f} |",
+            flush=True,
+        )
         nan_none = lambda v: None if v != v else float(v)  # noqa: E731  (strict JSON has no NaN)
-        rows.append({"run": run, "classes_at_9999": int((conf >= 0.9999).sum()), "all_passed_at": at, "wall_seconds": round(wall, 1),
-                     "cpu_seconds": round(cpu, 1), "median_confidence": float(conf.double().median()), "min_confidence": float(conf.min()),
-                     "transfer": None if other is None else {k: nan_none(tr[k]) for k in ("same_label", "at_threshold", "median_confidence")}})
-    write_results(args.out, {"demo": args.demo, "generations": args.generations, "population": args.population,
-                             "samples": args.samples, "gradient_steps": args.gradient_steps, "threads": args.threads,
-                             "transfer_model": None if other is None else type(other).__name__, "rows": rows})
+        rows.append(
+            {
+                "run": run,
+                "classes_at_9999": int((conf >= 0.9999).sum()),
+                "all_passed_at": at,
+                "wall_seconds": round(wall, 1),
+                "cpu_seconds": round(cpu, 1),
+                "median_confidence": float(conf.double().median()),
+                "min_confidence": float(conf.min()),
+                "transfer": None
+                if other is None
+                else {k: nan_none(tr[k]) for k in ("same_label", "at_threshold", "median_confidence")},
+            }
+        )
+    write_results(
+        args.out,
+        {
+            "demo": args.demo,
+            "generations": args.generations,
+            "population": args.population,
+            "samples": args.samples,
+            "gradient_steps": args.gradient_steps,
+            "threads": args.threads,
+            "transfer_model": None if other is None else type(other).__name__,
+            "rows": rows,
+        },
+    )
     print(f"wrote {args.out}")
 
 

@@ -37,14 +37,23 @@ from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks import FGSM, LinfPGD
 from guard.core.features import default_feature_layers
 from guard.core.provenance import write_results
-from guard.detectors import BitDepthSqueeze, KNNConsistency, KNNRank, LIDDetector, MahalanobisDetector, SaliencyConcentration
+from guard.detectors import (
+    BitDepthSqueeze,
+    KNNConsistency,
+    KNNRank,
+    LIDDetector,
+    MahalanobisDetector,
+    SaliencyConcentration,
+)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--module", required=True, help="a .py file with build() -> the user's model")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval", type=int, default=1000, help="held-out images evaluated (after the 1,000 calibration images)")
+    p.add_argument(
+        "--eval", type=int, default=1000, help="held-out images evaluated (after the 1,000 calibration images)"
+    )
     p.add_argument("--fit", type=int, default=0, help="training images the detectors are fitted on (0: all 8,000)")
     out_option(p, "user_layers")
     args = p.parse_args()
@@ -55,29 +64,63 @@ def main() -> int:
     model = mod.build().eval()
     train, test = guard.demo_data("cifar10")
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(5))
-    cal, ev = test.x[perm[:1000]], guard.Split(test.x[perm[1000:1000 + args.eval]], test.y[perm[1000:1000 + args.eval]])
+    cal, ev = (
+        test.x[perm[:1000]],
+        guard.Split(test.x[perm[1000 : 1000 + args.eval]], test.y[perm[1000 : 1000 + args.eval]]),
+    )
     if args.fit:
-        train = guard.Split(train.x[:args.fit], train.y[:args.fit])
-    attacks = {"fgsm": FGSM(eps=8 / 255)(model, ev.x, ev.y), "pgd": LinfPGD(eps=8 / 255, steps=40, seed=0)(model, ev.x, ev.y)}
+        train = guard.Split(train.x[: args.fit], train.y[: args.fit])
+    attacks = {
+        "fgsm": FGSM(eps=8 / 255)(model, ev.x, ev.y),
+        "pgd": LinfPGD(eps=8 / 255, steps=40, seed=0)(model, ev.x, ev.y),
+    }
     prefix = "1." if isinstance(model, torch.nn.Sequential) else ""
-    before = {"knn": KNNRank([prefix + "layer2", prefix + "layer3"]), "knn_consistency": KNNConsistency([prefix + "layer2", prefix + "layer3"]),
-              "saliency": SaliencyConcentration(window=6), "squeeze": BitDepthSqueeze(bits=1)}
+    before = {
+        "knn": KNNRank([prefix + "layer2", prefix + "layer3"]),
+        "knn_consistency": KNNConsistency([prefix + "layer2", prefix + "layer3"]),
+        "saliency": SaliencyConcentration(window=6),
+        "squeeze": BitDepthSqueeze(bits=1),
+    }
     out = {}
     head = default_feature_layers(model, test.x[:2])
-    anchors = {"mahalanobis_head": MahalanobisDetector([head[-1]]), "mahalanobis": MahalanobisDetector(head),
-               "lid": LIDDetector(head)}
-    for name, g in (("before", guard.wrap(model, before, pool="flatten")), ("after", guard.wrap(model)),
-                    ("anchors", guard.wrap(model, anchors))):
+    anchors = {
+        "mahalanobis_head": MahalanobisDetector([head[-1]]),
+        "mahalanobis": MahalanobisDetector(head),
+        "lid": LIDDetector(head),
+    }
+    for name, g in (
+        ("before", guard.wrap(model, before, pool="flatten")),
+        ("after", guard.wrap(model)),
+        ("anchors", guard.wrap(model, anchors)),
+    ):
         t0 = time.perf_counter()
         g.fit(train).calibrate(cal, fpr=0.05)
         rep = guard.evaluate(g, ev.x, attacks)
-        out[name] = {"layers": g.describe(), "left_out": g.left_out_, "seconds": round(time.perf_counter() - t0, 1),
-                     "tpr_at_5fpr": {d: {a: rep[d][a]["tpr_at_5fpr"] for a in attacks} for d in rep},
-                     "flagged_at_calibrated_5fpr": {d: {a: rep[d][a].get("tpr_at_threshold") for a in attacks} for d in rep}}
-        print(f"{name}: " + "  ".join(f"{d}: FGSM {v['fgsm']:.3f} PGD {v['pgd']:.3f}" for d, v in out[name]["tpr_at_5fpr"].items()))
+        out[name] = {
+            "layers": g.describe(),
+            "left_out": g.left_out_,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "tpr_at_5fpr": {d: {a: rep[d][a]["tpr_at_5fpr"] for a in attacks} for d in rep},
+            "flagged_at_calibrated_5fpr": {d: {a: rep[d][a].get("tpr_at_threshold") for a in attacks} for d in rep},
+        }
+        print(
+            f"{name}: "
+            + "  ".join(f"{d}: FGSM {v['fgsm']:.3f} PGD {v['pgd']:.3f}" for d, v in out[name]["tpr_at_5fpr"].items())
+        )
     out["attack_success"] = {a: r.success_rate for a, r in attacks.items()}
-    out = json.loads(json.dumps({"module": args.module, "threads": args.threads, "fit_images": len(train), "calibration_images": len(cal),
-                                 "eval_images": len(ev.x), **out}, default=str))  # non-JSON params as str
+    out = json.loads(
+        json.dumps(
+            {
+                "module": args.module,
+                "threads": args.threads,
+                "fit_images": len(train),
+                "calibration_images": len(cal),
+                "eval_images": len(ev.x),
+                **out,
+            },
+            default=str,
+        )
+    )  # non-JSON params as str
     print(json.dumps(out, indent=1))
     write_results(args.out, out)
     return 0

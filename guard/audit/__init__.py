@@ -6,7 +6,7 @@ fills one section of the report (keys documented in the README, "report.json"). 
 """
 
 from guard.audit.runner import run_audit
-from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
+from guard.audit.step import REPORT_VERSION, AttackSet, AuditContext, AuditOptions, Step
 from guard.audit.steps import STEPS, step
 
 __all__ = ["AttackSet", "AuditContext", "AuditOptions", "REPORT_VERSION", "STEPS", "Step", "run_audit", "step"]

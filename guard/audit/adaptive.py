@@ -21,10 +21,10 @@ only (8/255 or 0.3), ``adaptive_members`` (a list of
 
 from __future__ import annotations
 
+from guard.adaptive_eval import default_budgets, evaluate_adaptive
 from guard.audit.detectors import split_heldout
 from guard.audit.step import AuditContext, Step
 from guard.core.data import Split
-from guard.adaptive_eval import default_budgets, evaluate_adaptive
 from guard.guarded import GuardedModel
 
 __all__ = ["AdaptiveStep"]
@@ -55,4 +55,6 @@ class AdaptiveStep(Step):
         if quick:  # a smoke run: the headline budget only, one detector weight (the full audit sweeps)
             eps = eps if eps is not None else [default_budgets(data.x)[1]]
             kw.setdefault("weights", [1.0])
-        ctx.report["adaptive"] = evaluate_adaptive(guarded, data, eps=eps, steps=steps, n=n, seed=ctx.options.seed, **kw)
+        ctx.report["adaptive"] = evaluate_adaptive(
+            guarded, data, eps=eps, steps=steps, n=n, seed=ctx.options.seed, **kw
+        )

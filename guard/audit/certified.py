@@ -43,6 +43,23 @@ class CertifiedStep(Step):
         t0 = time.perf_counter()
         cert = certify(ctx.model, ctx.test.x[idx].to(ctx.options.device), ctx.test.y[idx], area, k=k)
         summary = cert.summary()
-        ctx.report["certified"] = {"patch_area_requested": area, **{key: summary[key] for key in (
-            "patch_area", "n", "clean_accuracy", "certified_recovery", "certified_detection", "clean_flagged", "patch_side", "masks",
-            "mask_size", "model_accuracy")}, "k": k, "seconds": round(time.perf_counter() - t0, 2)}
+        ctx.report["certified"] = {
+            "patch_area_requested": area,
+            **{
+                key: summary[key]
+                for key in (
+                    "patch_area",
+                    "n",
+                    "clean_accuracy",
+                    "certified_recovery",
+                    "certified_detection",
+                    "clean_flagged",
+                    "patch_side",
+                    "masks",
+                    "mask_size",
+                    "model_accuracy",
+                )
+            },
+            "k": k,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }

@@ -41,8 +41,8 @@ import torch
 
 from guard.audit.step import AttackSet, AuditContext, Step
 from guard.core.data import Split
-from guard.evaluation import all_scores, clopper_pearson, detection_metrics, evaluate
 from guard.core.features import extract_features
+from guard.evaluation import all_scores, clopper_pearson, detection_metrics, evaluate
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, proxy_inputs, wrap
 
 __all__ = ["DetectorStep", "ATTACK_NAMES", "FPR", "MAX_SAVED_SCORES", "split_heldout", "score_tensors"]
@@ -55,8 +55,24 @@ ANCHORS = ("mahalanobis", "lid")
 #: sign noise), never on an attack that is reported. Chosen over "max" and "fisher" on those
 #: proxies (``benchmarks/studies/combiner_study.py``), with the anchors in the flag.
 COMBINE = "weighted"
-ATTACK_NAMES = ("patch_gan", "universal_patch", "random_patch", "fgsm", "pgd_minimal", "pgd", "pgd_confident", "apgd_ce", "apgd_t",
-                "square", "cw", "deepfool", "feature_adversary", "fooling_gradient", "fooling_direct", "fooling_cppn")
+ATTACK_NAMES = (
+    "patch_gan",
+    "universal_patch",
+    "random_patch",
+    "fgsm",
+    "pgd_minimal",
+    "pgd",
+    "pgd_confident",
+    "apgd_ce",
+    "apgd_t",
+    "square",
+    "cw",
+    "deepfool",
+    "feature_adversary",
+    "fooling_gradient",
+    "fooling_direct",
+    "fooling_cppn",
+)
 FPR = 0.05
 MAX_SAVED_SCORES = 4096
 
@@ -96,7 +112,9 @@ def _capped(v: torch.Tensor) -> torch.Tensor:
     return v[torch.linspace(0, v.numel() - 1, MAX_SAVED_SCORES).round().long()]
 
 
-def score_tensors(clean: dict[str, torch.Tensor], attacks: dict[str, Any], scores: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def score_tensors(
+    clean: dict[str, torch.Tensor], attacks: dict[str, Any], scores: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """The ``detector_scores`` artifact: ``clean/DET`` and ``ATTACK/DET`` (successful adversarials only), capped."""
     out = {f"clean/{det}": _capped(v) for det, v in clean.items()}
     for name, per_det in scores.items():
@@ -106,7 +124,9 @@ def score_tensors(clean: dict[str, torch.Tensor], attacks: dict[str, Any], score
     return out
 
 
-def _swapped_flag_rate(guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]) -> dict[str, float]:
+def _swapped_flag_rate(
+    guarded: GuardedModel, cal: dict[str, torch.Tensor], ev: dict[str, torch.Tensor]
+) -> dict[str, float]:
     import copy
 
     from guard.detectors import Combined
@@ -133,9 +153,14 @@ class DetectorStep(Step):
 
     def restore(self, ctx: AuditContext) -> GuardedModel | None:
         folder = ctx.out / "guarded"
-        pinned = ctx.report.get("detectors_info", {}).get("sha256")  # what this audit wrote: a swapped folder is refused
-        return GuardedModel.load(folder, ctx.model, key_env=ctx.options.key_env, expected_sha256=pinned) \
-            if (folder / "guarded.json").is_file() else None
+        pinned = ctx.report.get("detectors_info", {}).get(
+            "sha256"
+        )  # what this audit wrote: a swapped folder is refused
+        return (
+            GuardedModel.load(folder, ctx.model, key_env=ctx.options.key_env, expected_sha256=pinned)
+            if (folder / "guarded.json").is_file()
+            else None
+        )
 
     def run(self, ctx: AuditContext, attacks: AttackSet | None = None) -> GuardedModel:
         return _run(ctx, dict(attacks.results) if attacks is not None else {})
@@ -161,7 +186,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         cal_idx, ev_idx = cal_idx[:256], ev_idx[:256]
     shared = set(cal_idx.tolist()) & set(ev_idx.tolist())
     if shared:
-        raise ValueError(f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices.")
+        raise ValueError(
+            f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices."
+        )
     x_all = ctx.test.x
     logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
     ncal = cal_idx.numel()
@@ -169,7 +196,9 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     if guarded.combine == "weighted":  # the weights are learned on proxies of the calibration half, never on attacks
         _, proxy, perr = guarded.score(proxy_inputs(x_all[cal_idx], seed=opts.seed), progress=opts.progress)
         errors = {**errors, **perr}
-    guarded.calibrate_scores({k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx])
+    guarded.calibrate_scores(
+        {k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx]
+    )
     ev_scores = {k: v[ncal:] for k, v in scores.items()}
     ev_scores["combined"] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
@@ -188,15 +217,30 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         from guard.core.models import eval_mode
 
         with eval_mode(ctx.model):
-            pred_bare = torch.cat([ctx.model(x_ev[i:i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)])
-    flags = {n: guarded.combined.predict_scores(s) if n == "combined" else guarded.detectors[n].predict_scores(s) for n, s in ev_scores.items()}
+            pred_bare = torch.cat(
+                [ctx.model(x_ev[i : i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)]
+            )
+    flags = {
+        n: guarded.combined.predict_scores(s) if n == "combined" else guarded.detectors[n].predict_scores(s)
+        for n, s in ev_scores.items()
+    }
     flag_rate = {n: float(f.float().mean()) for n, f in flags.items()}
-    clean_fpr = {n: {"rate": flag_rate[n], "k": int(f.sum()), "n": int(f.numel()), "ci95": list(clopper_pearson(int(f.sum()), int(f.numel())))}
-                 for n, f in flags.items() if f.numel()}
+    clean_fpr = {
+        n: {
+            "rate": flag_rate[n],
+            "k": int(f.sum()),
+            "n": int(f.numel()),
+            "ci95": list(clopper_pearson(int(f.sum()), int(f.numel()))),
+        }
+        for n, f in flags.items()
+        if f.numel()
+    }
     per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks and not opts.quick else {}
     # the same with the halves swapped (calibrate on the evaluation half, flag the calibration
     # half): one split's flag rate moves by about +-1.5 points on 1,000 images by chance alone
-    swapped = _swapped_flag_rate(guarded, {k: v[:ncal] for k, v in scores.items()}, {k: v[ncal:] for k, v in scores.items()})
+    swapped = _swapped_flag_rate(
+        guarded, {k: v[:ncal] for k, v in scores.items()}, {k: v[ncal:] for k, v in scores.items()}
+    )
 
     ctx.report["detectors"] = report
     ctx.report["detectors_info"] = {
@@ -204,16 +248,29 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "feature_layers": guarded.layers,
         "pool": guarded.pool,
         "left_out": guarded.left_out_,
-        "combined": {"rule": guarded.combined.rule, "detectors": guarded.combined.names_,
-                     "weights": guarded.combined.weights_.tolist(), "threshold": guarded.combined.threshold_,
-                     "anchors_not_in_the_flag": [n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_]},
+        "combined": {
+            "rule": guarded.combined.rule,
+            "detectors": guarded.combined.names_,
+            "weights": guarded.combined.weights_.tolist(),
+            "threshold": guarded.combined.threshold_,
+            "anchors_not_in_the_flag": [
+                n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_
+            ],
+        },
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
-        "calibration": {"target_fpr": FPR, "n_calibration": int(ncal), "n_evaluation": int(ev_idx.numel()),
-                        "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates"},
+        "calibration": {
+            "target_fpr": FPR,
+            "n_calibration": int(ncal),
+            "n_evaluation": int(ev_idx.numel()),
+            "split": f"ctx.test permuted with seed {opts.seed} + 5: first half calibrates, second half evaluates",
+        },
         "clean_flag_rate": flag_rate,
-        "operating_point": {"target_fpr": FPR, "clean_fpr": clean_fpr,
-                            "rule": "flagged = score > the threshold set on the calibration half; realised on the evaluation half "
-                                    "(disjoint, checked by index and by image content); 95% Clopper-Pearson intervals"},
+        "operating_point": {
+            "target_fpr": FPR,
+            "clean_fpr": clean_fpr,
+            "rule": "flagged = score > the threshold set on the calibration half; realised on the evaluation half "
+            "(disjoint, checked by index and by image content); 95% Clopper-Pearson intervals",
+        },
         "clean_flag_rate_swapped_halves": swapped,
         "clean_flag_rate_mean_of_both": {n: (flag_rate[n] + swapped[n]) / 2 for n in swapped},
         "clean_accuracy_bare": float((pred_bare == y_ev).float().mean()),
@@ -221,12 +278,22 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         "predictions_identical": bool((pred_bare == pred_wrapped).all()),
         "knn_per_layer": per_layer,
         "attacks_evaluated": sorted(attacks),
-        "seconds": {"fit": round(t_fit, 3), "calibrate": round(t_cal, 3), "evaluate": round(t_eval, 3),
-                    "total": round(time.perf_counter() - t0, 3)},
+        "seconds": {
+            "fit": round(t_fit, 3),
+            "calibrate": round(t_cal, 3),
+            "evaluate": round(t_eval, 3),
+            "total": round(time.perf_counter() - t0, 3),
+        },
     }
-    ctx.save_artifact("detector_scores", score_tensors(ev_scores, attacks, adv_scores),
-                      {"clean": "the evaluation half of the held-out images", "attacks": "successful adversarial images only",
-                       "max_values": MAX_SAVED_SCORES})
+    ctx.save_artifact(
+        "detector_scores",
+        score_tensors(ev_scores, attacks, adv_scores),
+        {
+            "clean": "the evaluation half of the held-out images",
+            "attacks": "successful adversarial images only",
+            "max_values": MAX_SAVED_SCORES,
+        },
+    )
     ctx.report["detectors_info"]["sha256"] = guarded.save(ctx.out / "guarded", key_env=ctx.options.key_env)
     ctx.report["detectors_info"]["signed"] = ctx.options.key_env is not None
     return guarded

@@ -49,7 +49,10 @@ def _harden_guarded(ctx: AuditContext, hardened: torch.nn.Module, guarded: Any) 
         dets[name] = type(det)(**params)
     g = guard.wrap(hardened, dets, pool=guarded.pool)
     n = 1000 if not ctx.options.quick else 256
-    g.fit(ctx.train.x[: (len(ctx.train) if not ctx.options.quick else 1000)], ctx.train.y[: (len(ctx.train) if not ctx.options.quick else 1000)])
+    g.fit(
+        ctx.train.x[: (len(ctx.train) if not ctx.options.quick else 1000)],
+        ctx.train.y[: (len(ctx.train) if not ctx.options.quick else 1000)],
+    )
     perm = torch.randperm(len(ctx.test), generator=torch.Generator().manual_seed(ctx.options.seed + 5))
     g.calibrate(ctx.test.x[perm[:n]], fpr=0.05)
     return g
@@ -64,12 +67,19 @@ class ExportStep(Step):
     def skip_reason(self, ctx: AuditContext) -> str | None:
         return None if ctx.options.export else "export turned off (--no-export)"
 
-    def run(self, ctx: AuditContext, guarded: GuardedModel | None = None, hardened: RejectClassifier | None = None,
-            attacks: AttackSet | None = None) -> None:
+    def run(
+        self,
+        ctx: AuditContext,
+        guarded: GuardedModel | None = None,
+        hardened: RejectClassifier | None = None,
+        attacks: AttackSet | None = None,
+    ) -> None:
         _run(ctx, guarded, hardened, attacks.results if attacks is not None else {})
 
 
-def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None, attack_results: dict[str, Any]) -> None:
+def _run(
+    ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None, attack_results: dict[str, Any]
+) -> None:
     from guard.export import build_export_head, compare_with_guarded, load_session, to_onnx
     from guard.export.parity import compare_outputs, run_reference, run_session, serving_batch
 
@@ -86,17 +96,31 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
     path = ctx.out / "model.onnx"
     x_test = ctx.test.x
     rep = to_onnx(obj, path, x_test[:8], strict=False, parity_inputs=x_test[:64], key_env=ctx.options.key_env)
-    sess = load_session(path, device="cpu", strict=True, threads=1, key_env=ctx.options.key_env, expected_sha256=rep.sha256)
+    sess = load_session(
+        path, device="cpu", strict=True, threads=1, key_env=ctx.options.key_env, expected_sha256=rep.sha256
+    )
     section: dict[str, Any] = {
-        "path": str(path), "source": source, "opset": rep.opset, "outputs": rep.output_names, "heads": rep.heads,
-        "file_bytes": rep.file_bytes, "external_data": rep.external_data, "sha256": rep.sha256, "signed": rep.signed,
-        "parity": {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "identical", "passed") if m in v}
-                   for k, v in rep.parity["outputs"].items()},  # type: ignore[index]
+        "path": str(path),
+        "source": source,
+        "opset": rep.opset,
+        "outputs": rep.output_names,
+        "heads": rep.heads,
+        "file_bytes": rep.file_bytes,
+        "external_data": rep.external_data,
+        "sha256": rep.sha256,
+        "signed": rep.signed,
+        "parity": {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "identical", "passed") if m in v}
+            for k, v in rep.parity["outputs"].items()
+        },  # type: ignore[index]
         "parity_batch_sizes": [int(b) for b in rep.parity["by_batch"]],  # type: ignore[index]
-        "providers": sess.report.providers, "session": sess.report.to_dict(),
+        "providers": sess.report.providers,
+        "session": sess.report.to_dict(),
         "cuda": "no CUDAExecutionProvider in this onnxruntime build; GPU parity/latency not measured"
-        if "CUDAExecutionProvider" not in sess.report.available else "available",
-        "export_seconds": rep.seconds, "versions": rep.versions,
+        if "CUDAExecutionProvider" not in sess.report.available
+        else "available",
+        "export_seconds": rep.seconds,
+        "versions": rep.versions,
     }
     # full-set checks: the held-out images and every attack set
     n_eval = 256 if quick else len(ctx.test)
@@ -114,8 +138,10 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
             figs = compare_with_guarded(obj, sess, xs, head=head)
         else:
             figs = compare_outputs(run_reference(head, xs), run_session(sess, xs))
-        full[name] = {k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "passed") if m in v}
-                      for k, v in figs.items()}
+        full[name] = {
+            k: {m: v[m] for m in ("max_abs", "max_rel", "agreement", "n_diff", "borderline", "passed") if m in v}
+            for k, v in figs.items()
+        }
         for k, v in figs.items():
             if k.startswith("flag") and not v.get("identical", True):
                 flags_identical = False
@@ -140,8 +166,11 @@ def _run(ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassi
             else:
                 with torch.no_grad():
                     eager_ms = _median_ms(lambda: obj(xb), reps)
-            lat[f"batch_{b}"] = {"onnxruntime_cpu_ms": round(ort_ms, 3), "pytorch_eager_ms": round(eager_ms, 3),
-                                 "ratio": round(ort_ms / eager_ms, 4) if eager_ms > 0 else None}
+            lat[f"batch_{b}"] = {
+                "onnxruntime_cpu_ms": round(ort_ms, 3),
+                "pytorch_eager_ms": round(eager_ms, 3),
+                "ratio": round(ort_ms / eager_ms, 4) if eager_ms > 0 else None,
+            }
         lat["threads"] = 1
     finally:
         torch.set_num_threads(torch_threads)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -78,15 +79,24 @@ def feature_curves(
         for variant in variants:
             for delta in deltas:
                 t0 = time.perf_counter()
-                res = FeatureAdversary(layer=layer, delta=float(delta), variant=variant, max_iter=max_iter).generate(model, x, g, y=test.y[src])
+                res = FeatureAdversary(layer=layer, delta=float(delta), variant=variant, max_iter=max_iter).generate(
+                    model, x, g, y=test.y[src]
+                )
                 curves.setdefault(layer, {}).setdefault(variant, {})[str(delta)] = {
                     "guide_label_agreement": res.success_rate,
                     "distance_ratio": summarize(res.extras["distance_ratio"]),
-                    "objective_decrease": summarize(1 - res.extras["objective_end"] / res.extras["objective_start"].clamp_min(1e-12)),
+                    "objective_decrease": summarize(
+                        1 - res.extras["objective_end"] / res.extras["objective_start"].clamp_min(1e-12)
+                    ),
                     "iterations": res.extras["iterations"],
                     "seconds": round(time.perf_counter() - t0, 3),
                 }
-    return {"n": int(src.numel()), "max_iter": max_iter, "guides": "test split, another true class, seeded", "by_layer": curves}
+    return {
+        "n": int(src.numel()),
+        "max_iter": max_iter,
+        "guides": "test split, another true class, seeded",
+        "by_layer": curves,
+    }
 
 
 class FeatureAdversaryStep(AttackStep):
@@ -123,13 +133,26 @@ def _run(ctx: AuditContext) -> AttackSet:
     ctx.save_attack(NAME, res, {"layer": layer, "delta": delta})
     t1 = time.perf_counter()
     if quick:
-        curves = feature_curves(ctx.model, ctx.test, layers=[layer], deltas=(delta,), variants=("lbfgs", "feature-fgrad"),
-                                n=8, max_iter=5, seed=opts.seed)
+        curves = feature_curves(
+            ctx.model,
+            ctx.test,
+            layers=[layer],
+            deltas=(delta,),
+            variants=("lbfgs", "feature-fgrad"),
+            n=8,
+            max_iter=5,
+            seed=opts.seed,
+        )
     else:
-        curves = feature_curves(ctx.model, ctx.test, layers=layers,
-                                deltas=tuple(extra.get("feature_curve_deltas", ctx.defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3)))),
-                                n=n if full else int(extra.get("feature_curve_n", ctx.scaled(24, 16))),
-                                max_iter=max_iter if full else int(extra.get("feature_curve_max_iter", 25)), seed=opts.seed)
+        curves = feature_curves(
+            ctx.model,
+            ctx.test,
+            layers=layers,
+            deltas=tuple(extra.get("feature_curve_deltas", ctx.defaults.get("feature_deltas", (0.05, 0.1, 0.2, 0.3)))),
+            n=n if full else int(extra.get("feature_curve_n", ctx.scaled(24, 16))),
+            max_iter=max_iter if full else int(extra.get("feature_curve_max_iter", 25)),
+            seed=opts.seed,
+        )
     ctx.report.setdefault("attacks", {})[NAME] = {
         "success_rate": res.success_rate,
         "n": len(res),
@@ -145,7 +168,9 @@ def _run(ctx: AuditContext) -> AttackSet:
         "curves": curves,
         "curves_seconds": round(time.perf_counter() - t1, 3),
     }
-    log.info("feature adversary: agreement %.3f, median distance ratio %.3f", res.success_rate,
-             float(res.extras["distance_ratio"].median()))
+    log.info(
+        "feature adversary: agreement %.3f, median distance ratio %.3f",
+        res.success_rate,
+        float(res.extras["distance_ratio"].median()),
+    )
     return AttackSet({NAME: res})
-

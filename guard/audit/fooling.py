@@ -94,8 +94,15 @@ def target_classes(num_classes: int, cap: int, seed: int) -> torch.Tensor:
     return torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))[:cap].sort().values
 
 
-def _entry(res: AttackResult, cls: torch.Tensor, threshold: float, params: dict[str, Any], seconds: float,
-           elite_conf: torch.Tensor, elite_label: torch.Tensor) -> dict[str, Any]:
+def _entry(
+    res: AttackResult,
+    cls: torch.Tensor,
+    threshold: float,
+    params: dict[str, Any],
+    seconds: float,
+    elite_conf: torch.Tensor,
+    elite_label: torch.Tensor,
+) -> dict[str, Any]:
     fooled = {int(c) for c, v in zip(elite_label.tolist(), elite_conf.tolist()) if v >= threshold}
     return {
         "success_rate": len(fooled) / int(cls.numel()),
@@ -133,9 +140,14 @@ def _run(ctx: AuditContext) -> AttackSet:
     cls = target_classes(num_classes, int(extra.get("fooling_classes", 10 if quick else 100)), opts.seed)
 
     # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
-    grad = FoolingGradient(steps=int(extra.get("fooling_grad_steps", 20 if quick else 300)), lr=0.1, threshold=threshold,
-                           samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else ctx.scaled(10, 2))), seed=opts.seed,
-                           batch_size=32 if ctx.defaults.get("work_scale", 1.0) < 0.5 else None)  # big models: bounded memory
+    grad = FoolingGradient(
+        steps=int(extra.get("fooling_grad_steps", 20 if quick else 300)),
+        lr=0.1,
+        threshold=threshold,
+        samples_per_class=int(extra.get("fooling_grad_samples", 2 if quick else ctx.scaled(10, 2))),
+        seed=opts.seed,
+        batch_size=32 if ctx.defaults.get("work_scale", 1.0) < 0.5 else None,
+    )  # big models: bounded memory
     t0 = time.perf_counter()
     res = grad(ctx.model, shape=shape, classes=cls)
     sec = time.perf_counter() - t0
@@ -156,34 +168,65 @@ def _run(ctx: AuditContext) -> AttackSet:
     selection = str(extra.get("fooling_selection", "unfooled"))
     refine_every = int(extra.get("fooling_refine_every", REFINE_EVERY))
     refine_steps = int(extra.get("fooling_refine_steps", REFINE_STEPS))
-    polish_steps = int(extra.get("fooling_polish_steps", 20 if quick else min(POLISH_MAX, ctx.scaled(POLISH_REFERENCE, 20))))
-    cppn_kw = {"polish_steps": polish_steps, "polish_starts": int(extra.get("fooling_polish_starts", POLISH_STARTS)),
-               "init_hidden": int(extra.get("fooling_cppn_hidden", CPPN_HIDDEN)),
-               "rates": MutationRates(add_node=float(extra.get("fooling_cppn_add_node", CPPN_ADD_NODE)))}
+    polish_steps = int(
+        extra.get("fooling_polish_steps", 20 if quick else min(POLISH_MAX, ctx.scaled(POLISH_REFERENCE, 20)))
+    )
+    cppn_kw = {
+        "polish_steps": polish_steps,
+        "polish_starts": int(extra.get("fooling_polish_starts", POLISH_STARTS)),
+        "init_hidden": int(extra.get("fooling_cppn_hidden", CPPN_HIDDEN)),
+        "rates": MutationRates(add_node=float(extra.get("fooling_cppn_add_node", CPPN_ADD_NODE))),
+    }
     # Both encodings run until every class has an image at the threshold (then 100 generations
     # more for the extra positives), at most 1,500 generations: a fixed 100 CPPN generations left
     # classes unfilled on some seeds (MNIST) and on natural images (2 of 10 on CIFAR-10 with 30 parents).
-    for name, encoding, default_gens, stop in (("fooling_direct", "direct", 1500, True), ("fooling_cppn", "cppn", 1500, True)):
+    for name, encoding, default_gens, stop in (
+        ("fooling_direct", "direct", 1500, True),
+        ("fooling_cppn", "cppn", 1500, True),
+    ):
         gens = int(extra.get("fooling_generations", 5 if quick else default_gens))
-        refine = {"refine_every": refine_every, "refine_steps": refine_steps} if encoding == "cppn" and refine_every else {}
+        refine = (
+            {"refine_every": refine_every, "refine_steps": refine_steps} if encoding == "cppn" and refine_every else {}
+        )
         if encoding == "cppn":
             refine.update(cppn_kw)
-        evo = FoolingEvolution(encoding=encoding, population=pop, generations=gens, threshold=threshold, stop_when_done=stop,
-                               extra_generations=0 if quick else 100, parent_selection=selection,
-                               extra_samples=20 if quick else 100, seed=opts.seed, **refine)
+        evo = FoolingEvolution(
+            encoding=encoding,
+            population=pop,
+            generations=gens,
+            threshold=threshold,
+            stop_when_done=stop,
+            extra_generations=0 if quick else 100,
+            parent_selection=selection,
+            extra_samples=20 if quick else 100,
+            seed=opts.seed,
+            **refine,
+        )
         t0 = time.perf_counter()
         res = evo(ctx.model, shape=shape, classes=cls)
         sec = time.perf_counter() - t0
         ex = res.extras
         e = _entry(res, cls, threshold, evo.params(), sec, ex["elite_confidence"], ex["elite_label"])
-        e.update({"generations": ex["generations"], "generation_all_fooled": ex["generation_all_fooled"],
-                  "evaluations": ex["evaluations"], "refine_evaluations": ex["refine_evaluations"], "history": ex["history"][-20:]})
+        e.update(
+            {
+                "generations": ex["generations"],
+                "generation_all_fooled": ex["generation_all_fooled"],
+                "evaluations": ex["evaluations"],
+                "refine_evaluations": ex["refine_evaluations"],
+                "history": ex["history"][-20:],
+            }
+        )
         if "elite_confidence_before_polish" in ex:
             before = ex["elite_confidence_before_polish"]
-            e.update({"classes_fooled_before_polish": sorted(int(c) for c, v in zip(ex["elite_label"].tolist(), before.tolist())
-                                                              if v >= threshold),
-                      "min_confidence_before_polish": float(before.double().min()) if before.numel() else 0.0,
-                      "polish_evaluations": ex["polish_evaluations"]})
+            e.update(
+                {
+                    "classes_fooled_before_polish": sorted(
+                        int(c) for c, v in zip(ex["elite_label"].tolist(), before.tolist()) if v >= threshold
+                    ),
+                    "min_confidence_before_polish": float(before.double().min()) if before.numel() else 0.0,
+                    "polish_evaluations": ex["polish_evaluations"],
+                }
+            )
         attacks[name] = e
         results[name] = res
         ctx.save_attack(name, res)

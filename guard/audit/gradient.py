@@ -62,14 +62,16 @@ def attack_entry(result: AttackResult, y_true: torch.Tensor, seconds: float, par
 
 
 @torch.no_grad()
-def model_outputs(model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+def model_outputs(
+    model: torch.nn.Module, x_adv: torch.Tensor, y: torch.Tensor, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the model's label on each image, its largest probability of a class other than ``y``), batch by batch."""
     preds, conf = [], []
     with eval_mode(model):
         for lo in range(0, x_adv.shape[0], 500):
-            logits = model(x_adv[lo:lo + 500].to(device)).float()
+            logits = model(x_adv[lo : lo + 500].to(device)).float()
             preds.append(logits.argmax(1).cpu())
-            conf.append(wrong_confidence(logits, y[lo:lo + 500].to(logits.device)).cpu())
+            conf.append(wrong_confidence(logits, y[lo : lo + 500].to(logits.device)).cpu())
     return torch.cat(preds), torch.cat(conf)
 
 
@@ -80,13 +82,26 @@ def strength_figures(result: AttackResult, x: torch.Tensor, wrong_conf: torch.Te
     linf, l2 = d.abs().amax(1), d.norm(dim=1)
     out = {"linf_max": float(linf.max()) if linf.numel() else None}
     if ok.any():
-        out.update({"wrong_confidence_median": float(wrong_conf[ok].median()), "wrong_confidence_mean": float(wrong_conf[ok].mean()),
-                    "linf_median": float(linf[ok].median()), "l2_median": float(l2[ok].median())})
+        out.update(
+            {
+                "wrong_confidence_median": float(wrong_conf[ok].median()),
+                "wrong_confidence_mean": float(wrong_conf[ok].mean()),
+                "linf_median": float(linf[ok].median()),
+                "l2_median": float(l2[ok].median()),
+            }
+        )
     return out
 
 
-def run_rows(ctx: AuditContext, attacks: dict[str, Attack], x: torch.Tensor, y_true: torch.Tensor, idx: torch.Tensor,
-             info: dict[str, dict], batch: int = 500) -> AttackSet:
+def run_rows(
+    ctx: AuditContext,
+    attacks: dict[str, Attack],
+    x: torch.Tensor,
+    y_true: torch.Tensor,
+    idx: torch.Tensor,
+    info: dict[str, dict],
+    batch: int = 500,
+) -> AttackSet:
     """Run each attack on ``x`` batch by batch, write ``report["attacks"][NAME]`` (with ``info[NAME]``) and save it."""
     section = ctx.report.setdefault("attacks", {})
     out = AttackSet()
@@ -94,7 +109,7 @@ def run_rows(ctx: AuditContext, attacks: dict[str, Attack], x: torch.Tensor, y_t
         t0 = time.perf_counter()
         xs, succ, ys, steps = [], [], [], []
         for lo in range(0, x.shape[0], batch):
-            r = attack(ctx.model, x[lo:lo + batch])
+            r = attack(ctx.model, x[lo : lo + batch])
             xs.append(r.x_adv.cpu())
             succ.append(r.success.cpu())
             ys.append(r.y.cpu())

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,10 +57,22 @@ def settings(quick: bool) -> dict[str, Any]:
     """The budget of each attack: images (``n``; DeepFool, which torchattacks runs one image at a
     time with one backward pass per class, gets fewer) and steps / queries."""
     if quick:
-        return {"n": 64, "apgd_ce": {"steps": 10}, "apgd_t": {"steps": 10}, "square": {"n_queries": 300},
-                "cw": {"steps": 50, "c": 1.0, "kappa": 0.0, "lr": 0.1}, "deepfool": {"steps": 50, "overshoot": 0.02, "n": 32}}
-    return {"n": 500, "apgd_ce": {"steps": 100}, "apgd_t": {"steps": 100}, "square": {"n_queries": 5000},
-            "cw": {"steps": 100, "c": 1.0, "kappa": 0.0, "lr": 0.1}, "deepfool": {"steps": 50, "overshoot": 0.02, "n": 200}}
+        return {
+            "n": 64,
+            "apgd_ce": {"steps": 10},
+            "apgd_t": {"steps": 10},
+            "square": {"n_queries": 300},
+            "cw": {"steps": 50, "c": 1.0, "kappa": 0.0, "lr": 0.1},
+            "deepfool": {"steps": 50, "overshoot": 0.02, "n": 32},
+        }
+    return {
+        "n": 500,
+        "apgd_ce": {"steps": 100},
+        "apgd_t": {"steps": 100},
+        "square": {"n_queries": 5000},
+        "cw": {"steps": 100, "c": 1.0, "kappa": 0.0, "lr": 0.1},
+        "deepfool": {"steps": 50, "overshoot": 0.02, "n": 200},
+    }
 
 
 @contextlib.contextmanager
@@ -97,14 +110,19 @@ class TorchAttack(Attack):
         return AttackResult(x_adv, self.is_success(model, x_adv, y, target))
 
     def params(self) -> dict[str, Any]:
-        return {"torchattacks": self.name, **{k: v for k, v in self.kwargs.items() if isinstance(v, (int, float, str, bool))}}
+        return {
+            "torchattacks": self.name,
+            **{k: v for k, v in self.kwargs.items() if isinstance(v, (int, float, str, bool))},
+        }
 
 
 def make_attacks(eps: float, num_classes: int, quick: bool, seed: int) -> dict[str, Attack]:
     s = settings(quick)
     return {
         "apgd_ce": TorchAttack(name="APGD", norm="Linf", eps=eps, loss="ce", n_restarts=1, seed=seed, **s["apgd_ce"]),
-        "apgd_t": TorchAttack(name="APGDT", norm="Linf", eps=eps, n_restarts=1, seed=seed, n_classes=num_classes, **s["apgd_t"]),
+        "apgd_t": TorchAttack(
+            name="APGDT", norm="Linf", eps=eps, n_restarts=1, seed=seed, n_classes=num_classes, **s["apgd_t"]
+        ),
         "square": TorchAttack(name="Square", norm="Linf", eps=eps, n_restarts=1, seed=seed, **s["square"]),
         "cw": TorchAttack(name="CW", **s["cw"]),
         "deepfool": TorchAttack(name="DeepFool", steps=s["deepfool"]["steps"], overshoot=s["deepfool"]["overshoot"]),
@@ -135,8 +153,15 @@ class HeldOutStep(AttackStep):
         out = AttackSet()
         for name, attack in make_attacks(eps, num_classes, quick, ctx.options.seed).items():
             m = min(n, int(s[name].get("n", n)))
-            info = {name: {"strength": STRENGTHS[name], "held_out": True,
-                           "budget": f"{'quick' if quick else 'full'} mode: {m} images, " +
-                                     ", ".join(f"{k} {v}" for k, v in s[name].items() if k != "n")}}
-            out = out.merged(run_rows(ctx, {name: attack}, x[:m], y_true[:m], torch.arange(m), info, batch=64 if quick else 100))
+            info = {
+                name: {
+                    "strength": STRENGTHS[name],
+                    "held_out": True,
+                    "budget": f"{'quick' if quick else 'full'} mode: {m} images, "
+                    + ", ".join(f"{k} {v}" for k, v in s[name].items() if k != "n"),
+                }
+            }
+            out = out.merged(
+                run_rows(ctx, {name: attack}, x[:m], y_true[:m], torch.arange(m), info, batch=64 if quick else 100)
+            )
         return out

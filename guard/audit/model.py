@@ -38,5 +38,8 @@ class ModelStep(Step):
             "cache": {k: meta[k] for k in ("cache_path", "cache_hit", "key") if k in meta},
         }
         x, y = ctx.test.x[:N_EXAMPLES], ctx.test.y[:N_EXAMPLES]
-        ctx.save_artifact("examples", {"x": x.float(), "y": y.long(), "pred": predict_labels(ctx.model, x.to(ctx.options.device)).cpu()},
-                          {"what": f"the first {int(x.shape[0])} held-out images, their labels and the model's labels"})
+        ctx.save_artifact(
+            "examples",
+            {"x": x.float(), "y": y.long(), "pred": predict_labels(ctx.model, x.to(ctx.options.device)).cpu()},
+            {"what": f"the first {int(x.shape[0])} held-out images, their labels and the model's labels"},
+        )

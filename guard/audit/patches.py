@@ -27,8 +27,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guard.attacks.patch_analysis import (class_comparison, fooling_rate_repeated, latent_interpolation, pairwise_diversity,
-                                    patch_sampler)
+from guard.attacks.patch_analysis import (
+    class_comparison,
+    fooling_rate_repeated,
+    latent_interpolation,
+    pairwise_diversity,
+    patch_sampler,
+)
 from guard.attacks.patch_gan import PatchGAN, last_conv_layer
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
@@ -85,15 +90,39 @@ def _settings(ctx: AuditContext) -> dict[str, Any]:
     ex = ctx.options.extra
     big = ctx.defaults.get("work_scale", 1.0) < 0.5
     if ctx.options.quick:
-        s = {"areas": [0.05, 0.2], "train": 256, "test": 256, "reps": 2, "gan_steps": 8, "gan_seconds": 1.5,
-             "up_steps": 8, "up_seconds": 1.0, "eval_every": 4, "div_n": 32, "cc_n": 64, "interp_points": 3, "batch_size": 32 if big else 64}
+        s = {
+            "areas": [0.05, 0.2],
+            "train": 256,
+            "test": 256,
+            "reps": 2,
+            "gan_steps": 8,
+            "gan_seconds": 1.5,
+            "up_steps": 8,
+            "up_seconds": 1.0,
+            "eval_every": 4,
+            "div_n": 32,
+            "cc_n": 64,
+            "interp_points": 3,
+            "batch_size": 32 if big else 64,
+        }
     else:
         # Step counts, no wall-clock caps: the results do not depend on how busy the machine is.
         # They were set on the demo LeNet and shrink with the model's cost per image (ctx.scaled).
-        s = {"areas": list(DEFAULT_AREAS), "train": 2000, "test": min(len(ctx.test), ctx.scaled(len(ctx.test), 1000)),
-             "reps": ctx.scaled(ctx.options.repetitions, 2), "gan_steps": ctx.scaled(200, 40), "gan_seconds": None,
-             "up_steps": ctx.scaled(200, 40), "up_seconds": None, "eval_every": ctx.scaled(25, 10), "div_n": 100,
-             "cc_n": ctx.scaled(500, 200), "interp_points": 9, "batch_size": 32 if big else 64}
+        s = {
+            "areas": list(DEFAULT_AREAS),
+            "train": 2000,
+            "test": min(len(ctx.test), ctx.scaled(len(ctx.test), 1000)),
+            "reps": ctx.scaled(ctx.options.repetitions, 2),
+            "gan_steps": ctx.scaled(200, 40),
+            "gan_seconds": None,
+            "up_steps": ctx.scaled(200, 40),
+            "up_seconds": None,
+            "eval_every": ctx.scaled(25, 10),
+            "div_n": 100,
+            "cc_n": ctx.scaled(500, 200),
+            "interp_points": 9,
+            "batch_size": 32 if big else 64,
+        }
     s["areas"] = [float(a) for a in ex.get("patch_areas", s["areas"])]
     s["train"] = int(ex.get("patch_train_images", s["train"]))
     s["gan_seconds"] = ex.get("patch_gan_seconds", s["gan_seconds"])
@@ -125,7 +154,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     n_test = min(s["test"], len(ctx.test))
     x_test, y_test = ctx.test.x[:n_test], ctx.test.y[:n_test]
     idx = torch.arange(n_test)
-    x_train = ctx.train.x[:s["train"]]
+    x_train = ctx.train.x[: s["train"]]
     shape = (int(x_test.shape[1]), tuple(x_test.shape[-2:]))
     curves: dict[str, list[dict[str, Any]]] = {"patch_gan": [], "universal_patch": [], "random_patch": []}
     fitted: dict[str, dict[float, Any]] = {k: {} for k in curves}
@@ -139,10 +168,26 @@ def _run(ctx: AuditContext) -> AttackSet:
     bar = tqdm(total=len(s["areas"]) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
     for area in s["areas"]:
         makers = {
-            "patch_gan": lambda: PatchGAN(size=area, loss=s["loss"], steps=s["gan_steps"], lr=s["gan_lr"], max_seconds=s["gan_seconds"],
-                                          eval_every=s["eval_every"], batch_size=s["batch_size"], seed=seed, **gan_kwargs),
-            "universal_patch": lambda: UniversalPatch(size=area, loss=s["loss"], steps=s["up_steps"], max_seconds=s["up_seconds"],
-                                                      eval_every=s["eval_every"], batch_size=s["batch_size"], seed=seed),
+            "patch_gan": lambda: PatchGAN(
+                size=area,
+                loss=s["loss"],
+                steps=s["gan_steps"],
+                lr=s["gan_lr"],
+                max_seconds=s["gan_seconds"],
+                eval_every=s["eval_every"],
+                batch_size=s["batch_size"],
+                seed=seed,
+                **gan_kwargs,
+            ),
+            "universal_patch": lambda: UniversalPatch(
+                size=area,
+                loss=s["loss"],
+                steps=s["up_steps"],
+                max_seconds=s["up_seconds"],
+                eval_every=s["eval_every"],
+                batch_size=s["batch_size"],
+                seed=seed,
+            ),
             "random_patch": lambda: RandomPatch(size=area, seed=seed),
         }
         for name, make in makers.items():
@@ -150,7 +195,9 @@ def _run(ctx: AuditContext) -> AttackSet:
             attack = make().fit(model, x_train)
             fit_s = time.perf_counter() - t0
             fit_seconds[name] += fit_s
-            stats = fooling_rate_repeated(model, x_test, patch_sampler(attack, *shape), repetitions=s["reps"], seed=seed, y=y_test)
+            stats = fooling_rate_repeated(
+                model, x_test, patch_sampler(attack, *shape), repetitions=s["reps"], seed=seed, y=y_test
+            )
             point = {"area": area, "side": _side(attack, x_test), **stats, "fit_seconds": round(fit_s, 3)}
             if hasattr(attack, "steps_"):
                 point.update(fit_steps=attack.steps_, val_fooling_rate=attack.val_fooling_rate_)
@@ -171,7 +218,9 @@ def _run(ctx: AuditContext) -> AttackSet:
         entry: dict[str, Any] = {
             "success_rate": result.success_rate,
             "n": len(result),
-            "success_rate_on_correct": float(result.success.cpu()[correct].float().mean()) if correct.any() else float("nan"),
+            "success_rate_on_correct": float(result.success.cpu()[correct].float().mean())
+            if correct.any()
+            else float("nan"),
             "n_correct": int(correct.sum()),
             "success_definition": "model's label on the patched image != its label on the clean image",
             "area": head_area,
@@ -189,23 +238,29 @@ def _run(ctx: AuditContext) -> AttackSet:
         ctx.save_attack(name, result, {"params": attack.params()})
 
     gan = fitted["patch_gan"][head_area]
-    x_cc = x_test[:s["cc_n"]]
+    x_cc = x_test[: s["cc_n"]]
     gen = torch.Generator().manual_seed(seed + 11)
     g_patches = gan.sample(int(x_cc.shape[0]), generator=gen)
     cc = class_comparison(model, x_cc, g_patches)
     cc.pop("grid", None)
     section["patch_gan"]["class_comparison"] = cc
     section["patch_gan"]["diversity"] = pairwise_diversity(gan.sample(s["div_n"], generator=gen))
-    section["patch_gan"]["latent_interpolation"] = latent_interpolation(model, gan, x_cc, points=s["interp_points"], seed=seed)
+    section["patch_gan"]["latent_interpolation"] = latent_interpolation(
+        model, gan, x_cc, points=s["interp_points"], seed=seed
+    )
     up = fitted["universal_patch"][head_area]
     cc_up = class_comparison(model, x_cc, up.patch_)
     cc_up.pop("grid", None)
     section["universal_patch"]["class_comparison"] = cc_up
     rp = fitted["random_patch"][head_area]
-    section["random_patch"]["diversity"] = pairwise_diversity(rp.sample(s["div_n"], channels=shape[0], image_size=shape[1], generator=gen))
+    section["random_patch"]["diversity"] = pairwise_diversity(
+        rp.sample(s["div_n"], channels=shape[0], image_size=shape[1], generator=gen)
+    )
     # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
     section["patch_gan"]["summary"] = _summary(curves)
-    ctx.save_artifact("patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area})
+    ctx.save_artifact(
+        "patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area}
+    )
     return out
 
 
@@ -218,8 +273,12 @@ def _side(attack: Any, x: torch.Tensor) -> int:
 def _summary(curves: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Whether PatchGAN beats both baselines at every area, and its best area <= 10%."""
     gan = {p["area"]: p["mean"] for p in curves["patch_gan"]}
-    above = {str(a): bool(gan[a] > max(p["mean"] for c in ("universal_patch", "random_patch") for p in curves[c] if p["area"] == a))
-             for a in gan}
+    above = {
+        str(a): bool(
+            gan[a] > max(p["mean"] for c in ("universal_patch", "random_patch") for p in curves[c] if p["area"] == a)
+        )
+        for a in gan
+    }
     small = [p for p in curves["patch_gan"] if p["area"] <= 0.1 + 1e-9]
     return {
         "patch_gan_above_both_baselines": above,

@@ -57,12 +57,20 @@ class RobustStep(Step):
         n = min(len(data), int(extra.get("robust_n", 16 if quick else ctx.scaled(200, 32))))
         budget = _budget(extra.get("robust_budget", "quick" if quick else "audit"))
         restarts = extra.get("robust_restarts")
-        section: dict[str, Any] = evaluate_robust(ctx.model, data, eps=eps, n=n, seed=ctx.options.seed, budget=budget,
-                                                  restarts=None if restarts is None else int(restarts))
+        section: dict[str, Any] = evaluate_robust(
+            ctx.model,
+            data,
+            eps=eps,
+            n=n,
+            seed=ctx.options.seed,
+            budget=budget,
+            restarts=None if restarts is None else int(restarts),
+        )
         if extra.get("robust_sweep", True):
             attacks = [a for a in SWEEP_ATTACKS if a != "guard-apgd-reject" or section["reject_model"]]
             budgets = sorted({eps / 4, eps / 2, eps, max(0.5, eps)})
-            sweep = robust_sweep(ctx.model, data, budgets, n=min(n, 32), attacks=attacks, seed=ctx.options.seed,
-                                 budget="quick")
+            sweep = robust_sweep(
+                ctx.model, data, budgets, n=min(n, 32), attacks=attacks, seed=ctx.options.seed, budget="quick"
+            )
             section["sweep"] = {k: v for k, v in sweep.items() if k != "results"}
         ctx.report["robust"] = section

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-from torch import nn
+from typing import Any
 
 import torch
+from torch import nn
 
-from guard.audit.step import AttackSet, AuditContext, AuditOptions, REPORT_VERSION, Step
+from guard.audit.step import REPORT_VERSION, AttackSet, AuditContext, AuditOptions, Step
 from guard.core.budget import data_defaults, macs_per_image, work_scale
 from guard.core.cache import remove_stale_temps
 from guard.core.data import Split
@@ -106,8 +106,15 @@ def run_audit(
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_path)  # what a killed run was writing; the audit owns its output folder
-    ctx = AuditContext(model=model.to(opts.device), model_name=model_name, train=train, test=test,
-                       data_source=data_source, out=out_path, options=opts)
+    ctx = AuditContext(
+        model=model.to(opts.device),
+        model_name=model_name,
+        train=train,
+        test=test,
+        data_source=data_source,
+        out=out_path,
+        options=opts,
+    )
     if resume and ctx.report_path.is_file():
         try:
             ctx.report = json.loads(ctx.report_path.read_text())
@@ -116,8 +123,14 @@ def run_audit(
         if not isinstance(ctx.report, dict) or ctx.report.get("version", REPORT_VERSION) != REPORT_VERSION:
             raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not a version-{REPORT_VERSION} guard report.")
     ctx.report.setdefault("version", REPORT_VERSION)
-    ctx.report["options"] = {"seed": opts.seed, "quick": opts.quick, "harden": opts.harden, "export": opts.export,
-                             "repetitions": opts.repetitions, "device": opts.device}
+    ctx.report["options"] = {
+        "seed": opts.seed,
+        "quick": opts.quick,
+        "harden": opts.harden,
+        "export": opts.export,
+        "repetitions": opts.repetitions,
+        "device": opts.device,
+    }
     macs = macs_per_image(ctx.model, test.x[:1]) if not isinstance(ctx.model, torch.jit.ScriptModule) else 0.0
     ctx.defaults = {**data_defaults(train.x), "macs_per_image": macs, "work_scale": work_scale(macs)}
     ctx.report["defaults"] = dict(ctx.defaults)
@@ -143,14 +156,22 @@ def run_audit(
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # one capability failing must not lose the others' results
-            log.error("audit: step %s failed: %s: %s", step.name, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error(
+                "audit: step %s failed: %s: %s",
+                step.name,
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             ctx.report.setdefault("errors", {})[step.name] = f"{type(err).__name__}: {err}"
             ctx.save_report()
             if fail_fast:
                 raise
             continue
         if step.gives is not None and value is not None and not isinstance(value, step.gives):
-            raise TypeError(f"audit step {step.name!r} must give a {step.gives.__name__}; it gave a {type(value).__name__}.")
+            raise TypeError(
+                f"audit step {step.name!r} must give a {step.gives.__name__}; it gave a {type(value).__name__}."
+            )
         _keep(results, value)
         ctx.report.get("errors", {}).pop(step.name, None)
         ctx.report.setdefault("timings", {})[step.name] = round(time.perf_counter() - t0, 3)
@@ -174,7 +195,9 @@ def _write_page(ctx: AuditContext, fail_fast: bool) -> None:
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as err:  # the page is a view of the results: it must not cost them
-        log.error("audit: report.html not written: %s: %s", type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.error(
+            "audit: report.html not written: %s: %s", type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG)
+        )
         ctx.report.setdefault("errors", {})["report"] = f"{type(err).__name__}: {err}"
         ctx.save_report()
         if fail_fast:

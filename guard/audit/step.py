@@ -36,8 +36,20 @@ __all__ = ["AttackSet", "AttackStep", "AuditContext", "AuditOptions", "Step", "R
 #: confidences (fooling images), the model's label on ``x_adv`` (``pred``, ``adv_label``), the
 #: distance ratio, and the patches (``patches``: one per image; ``patch``: one universal patch).
 #: report.html draws its examples from them (:mod:`guard.report`).
-SAVED_EXTRAS = ("test_index", "guide_index", "label", "confidence", "guide", "source", "pred", "guide_label",
-                "adv_label", "distance_ratio", "patches", "patch")
+SAVED_EXTRAS = (
+    "test_index",
+    "guide_index",
+    "label",
+    "confidence",
+    "guide",
+    "source",
+    "pred",
+    "guide_label",
+    "adv_label",
+    "distance_ratio",
+    "patches",
+    "patch",
+)
 
 
 @dataclass
@@ -67,7 +79,7 @@ class AttackSet:
 
     results: dict[str, AttackResult] = field(default_factory=dict)
 
-    def merged(self, other: "AttackSet") -> "AttackSet":
+    def merged(self, other: AttackSet) -> AttackSet:
         return AttackSet({**self.results, **other.results})
 
 

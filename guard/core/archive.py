@@ -35,8 +35,13 @@ def file_md5(path: str | os.PathLike[str]) -> str:
     return file_digest(path, "md5")
 
 
-def read_image_archive(path: str | os.PathLike[str], *, expect_md5: str | None = None, grayscale: bool = False,
-                       image_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def read_image_archive(
+    path: str | os.PathLike[str],
+    *,
+    expect_md5: str | None = None,
+    grayscale: bool = False,
+    image_size: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images (N, C, H, W) uint8, labels (N,) int64 and the sorted class names of an archive.
 
     Args:
@@ -59,14 +64,18 @@ def read_image_archive(path: str | os.PathLike[str], *, expect_md5: str | None =
     classes: list[str] = []
     try:
         with tarfile.open(name, "r:*") as tf:
-            members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.lower().endswith(_IMAGE_SUFFIXES)),
-                             key=lambda m: m.name)
+            members = sorted(
+                (m for m in tf.getmembers() if m.isfile() and m.name.lower().endswith(_IMAGE_SUFFIXES)),
+                key=lambda m: m.name,
+            )
             if not members:
                 raise ValueError(f"image archive {name!r} holds no image files ({', '.join(_IMAGE_SUFFIXES)}).")
             for m in members:
                 parts = m.name.strip("/").split("/")
                 if len(parts) < 2:
-                    raise ValueError(f"image archive {name!r}: {m.name!r} is not inside a class folder (expected [SPLIT/]CLASS/FILE).")
+                    raise ValueError(
+                        f"image archive {name!r}: {m.name!r} is not inside a class folder (expected [SPLIT/]CLASS/FILE)."
+                    )
                 fh = tf.extractfile(m)
                 if fh is None:
                     raise ValueError(f"image archive {name!r}: member {m.name!r} cannot be read.")
@@ -84,8 +93,10 @@ def read_image_archive(path: str | os.PathLike[str], *, expect_md5: str | None =
         raise ValueError(f"image archive {name!r} is corrupt or truncated: {err}") from err
     shapes = {a.shape for a in images}
     if len(shapes) != 1:
-        raise ValueError(f"image archive {name!r} holds images of {len(shapes)} different sizes ({sorted(shapes)[:3]}...); "
-                         "pass image_size=(H, W).")
+        raise ValueError(
+            f"image archive {name!r} holds images of {len(shapes)} different sizes ({sorted(shapes)[:3]}...); "
+            "pass image_size=(H, W)."
+        )
     names = sorted(set(classes))
     index = {c: i for i, c in enumerate(names)}
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()

@@ -37,10 +37,20 @@ def data_defaults(x: torch.Tensor) -> dict[str, Any]:
     xs = x[:2000].detach().float()
     share = float(((xs <= 0.05) | (xs >= 0.95)).float().mean())
     if share >= _SATURATED_SHARE:
-        return {"kind": "near-binary", "saturated_share": round(share, 4), "eps": 0.3, "feature_delta": 0.3,
-                "feature_deltas": [0.05, 0.1, 0.2, 0.3]}
-    return {"kind": "natural", "saturated_share": round(share, 4), "eps": 8 / 255, "feature_delta": 8 / 255,
-            "feature_deltas": [4 / 255, 8 / 255, 16 / 255]}
+        return {
+            "kind": "near-binary",
+            "saturated_share": round(share, 4),
+            "eps": 0.3,
+            "feature_delta": 0.3,
+            "feature_deltas": [0.05, 0.1, 0.2, 0.3],
+        }
+    return {
+        "kind": "natural",
+        "saturated_share": round(share, 4),
+        "eps": 8 / 255,
+        "feature_delta": 8 / 255,
+        "feature_deltas": [4 / 255, 8 / 255, 16 / 255],
+    }
 
 
 @torch.no_grad()

@@ -23,8 +23,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 
-__all__ = ["cache_dir", "save_tensors", "load_tensors", "read_tensors", "atomic_write_text", "atomic_write_bytes",
-           "fsync_path", "remove_stale_temps", "TMP_SUFFIX"]
+__all__ = [
+    "cache_dir",
+    "save_tensors",
+    "load_tensors",
+    "read_tensors",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "fsync_path",
+    "remove_stale_temps",
+    "TMP_SUFFIX",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +92,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+) -> None:
     """Save tensors (made contiguous, moved to CPU) and JSON metadata atomically."""
     target = Path(path)
     fd, tmp = _atomic_target(target)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"guard": json.dumps(meta or {})})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            tmp,
+            metadata={"guard": json.dumps(meta or {})},
+        )
         _replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,7 +123,7 @@ def read_tensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[
         (n,) = struct.unpack("<Q", data[:8])
         if n > len(data) - 8:
             raise SafetensorError(f"header length {n} exceeds the file ({len(data)} bytes)")
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         if not isinstance(header, dict):
             raise SafetensorError("the header is not a JSON object")
         raw = (header.get("__metadata__") or {}).get("guard", "{}")
@@ -116,7 +131,15 @@ def read_tensors(data: bytes, name: str) -> tuple[dict[str, torch.Tensor], dict[
         if not isinstance(meta, dict):
             raise SafetensorError(f"the guard metadata is a {type(meta).__name__}, not a JSON object")
         tensors = load_bytes(data)
-    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, RuntimeError, struct.error, AttributeError) as err:
+    except (
+        SafetensorError,
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        OSError,
+        RuntimeError,
+        struct.error,
+        AttributeError,
+    ) as err:
         raise ValueError(f"state file {name!r} is corrupt or not a guard safetensors file: {err}") from err
     return tensors, meta
 

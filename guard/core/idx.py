@@ -29,7 +29,9 @@ def _read_bytes(path: str | os.PathLike[str]) -> bytes:
         try:
             return gzip.decompress(raw)
         except (OSError, EOFError, zlib.error) as err:
-            raise ValueError(f"IDX file {os.fspath(path)!r} is not a valid gzip stream (corrupt or truncated): {err}.") from err
+            raise ValueError(
+                f"IDX file {os.fspath(path)!r} is not a valid gzip stream (corrupt or truncated): {err}."
+            ) from err
     return raw
 
 
@@ -52,7 +54,9 @@ def read_idx(path: str | os.PathLike[str], *, expect_dims: int | None = None) ->
         raise ValueError(f"IDX file {name!r} is too short for a header: {len(data)} byte(s).")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code not in _DTYPES or ndim == 0:
-        raise ValueError(f"IDX file {name!r} has a bad magic number 0x{data[:4].hex()} (expected 0x0000 + type code + ndim, e.g. 0x00000803).")
+        raise ValueError(
+            f"IDX file {name!r} has a bad magic number 0x{data[:4].hex()} (expected 0x0000 + type code + ndim, e.g. 0x00000803)."
+        )
     if expect_dims is not None and ndim != expect_dims:
         raise ValueError(f"IDX file {name!r} declares {ndim} dimension(s); expected {expect_dims}.")
     header = 4 + 4 * ndim
@@ -63,6 +67,8 @@ def read_idx(path: str | os.PathLike[str], *, expect_dims: int | None = None) ->
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     body = len(data) - header
     if body != expected:
-        raise ValueError(f"IDX file {name!r} is corrupt or truncated: header declares shape {shape} ({expected} bytes) but the body holds {body} bytes.")
+        raise ValueError(
+            f"IDX file {name!r} is corrupt or truncated: header declares shape {shape} ({expected} bytes) but the body holds {body} bytes."
+        )
     arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
     return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("=")).copy())

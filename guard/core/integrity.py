@@ -25,14 +25,29 @@ import hmac
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
-__all__ = ["IntegrityError", "resolve_key", "canonical_json", "content_seal", "check_seal", "file_sha256", "pinned_sha256",
-           "check_expected_sha256", "write_digest_file", "read_digest_file", "tensors_digest", "save_sealed", "load_sealed",
-           "SCHEMES", "MIN_KEY_BYTES"]
+__all__ = [
+    "IntegrityError",
+    "resolve_key",
+    "canonical_json",
+    "content_seal",
+    "check_seal",
+    "file_sha256",
+    "pinned_sha256",
+    "check_expected_sha256",
+    "write_digest_file",
+    "read_digest_file",
+    "tensors_digest",
+    "save_sealed",
+    "load_sealed",
+    "SCHEMES",
+    "MIN_KEY_BYTES",
+]
 
 DOMAIN = b"guard.integrity/1"
 SCHEMES = ("sha256", "hmac-sha256")
@@ -51,25 +66,33 @@ def resolve_key(key: Any = None, key_env: Any = None) -> bytes | None:
     secret (or the other way round). None of both: no key (unkeyed mode).
     """
     if key is not None and key_env is not None:
-        raise ValueError("pass either key (the secret, bytes) or key_env (the name of an environment variable holding it), not both.")
+        raise ValueError(
+            "pass either key (the secret, bytes) or key_env (the name of an environment variable holding it), not both."
+        )
     if key_env is not None:
         if not isinstance(key_env, str) or not key_env:
             raise TypeError(f"key_env must be the name of an environment variable (a non-empty str); got {key_env!r}.")
         value = os.environ.get(key_env)
         if not value:
-            raise ValueError(f"key_env={key_env!r}: the environment variable {key_env} is not set or empty; "
-                             "export it with the signing key first.")
+            raise ValueError(
+                f"key_env={key_env!r}: the environment variable {key_env} is not set or empty; "
+                "export it with the signing key first."
+            )
         key = value.encode("utf-8")
     if key is None:
         return None
     if isinstance(key, str):
-        raise TypeError("key must be bytes (the secret itself, e.g. key=b'...' or key=secret.encode()); got a str. "
-                        "To read the key from an environment variable, pass key_env='NAME'.")
+        raise TypeError(
+            "key must be bytes (the secret itself, e.g. key=b'...' or key=secret.encode()); got a str. "
+            "To read the key from an environment variable, pass key_env='NAME'."
+        )
     if not isinstance(key, (bytes, bytearray, memoryview)):
         raise TypeError(f"key must be bytes; got {type(key).__name__}.")
     key = bytes(key)
     if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"key must be at least {MIN_KEY_BYTES} bytes long (use e.g. secrets.token_hex(32)); got {len(key)} byte(s).")
+        raise ValueError(
+            f"key must be at least {MIN_KEY_BYTES} bytes long (use e.g. secrets.token_hex(32)); got {len(key)} byte(s)."
+        )
     return key
 
 
@@ -110,31 +133,43 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     return _content_digest({}, tensors, None)
 
 
-def content_seal(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None, key: bytes | None = None) -> dict[str, str]:
+def content_seal(
+    meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None, key: bytes | None = None
+) -> dict[str, str]:
     """The seal of ``meta`` (JSON-able) and ``tensors``: ``{"scheme", "digest"}``, keyed when ``key`` is given."""
     return {"scheme": SCHEMES[key is not None], "digest": _content_digest(meta, tensors or {}, key)}
 
 
-def check_seal(seal: Any, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None, key: bytes | None, what: str) -> None:
+def check_seal(
+    seal: Any, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None, key: bytes | None, what: str
+) -> None:
     """Raise :class:`IntegrityError` unless ``seal`` matches ``meta`` + ``tensors`` under ``key``.
 
     ``what`` names the artefact in the message (``"detector file '/x/knn.safetensors'"``).
     """
     if not isinstance(seal, Mapping) or seal.get("scheme") not in SCHEMES or not isinstance(seal.get("digest"), str):
-        raise IntegrityError(f"{what} carries no integrity seal (expected {{'scheme': one of {SCHEMES}, 'digest': hex}}; got "
-                             f"{seal!r:.80}); it was not written by this version of guard or was altered.")
+        raise IntegrityError(
+            f"{what} carries no integrity seal (expected {{'scheme': one of {SCHEMES}, 'digest': hex}}; got "
+            f"{seal!r:.80}); it was not written by this version of guard or was altered."
+        )
     signed = seal["scheme"] == "hmac-sha256"
     if signed and key is None:
         raise IntegrityError(f"{what} is signed (HMAC-SHA256); pass key=... or key_env=... to load it.")
     if not signed and key is not None:
-        raise IntegrityError(f"{what} is not signed, but a key was given: refusing an unsigned file (it may have been "
-                             "rewritten by someone without the key); save it again with the key.")
+        raise IntegrityError(
+            f"{what} is not signed, but a key was given: refusing an unsigned file (it may have been "
+            "rewritten by someone without the key); save it again with the key."
+        )
     want = _content_digest(meta, tensors or {}, key)
     if not hmac.compare_digest(want, seal["digest"]):
         if signed:
-            raise IntegrityError(f"{what} was altered or signed with another key: its HMAC-SHA256 does not match its content.")
-        raise IntegrityError(f"{what} was altered: the SHA-256 of its content (metadata and tensors) does not match the one "
-                             "recorded when it was saved.")
+            raise IntegrityError(
+                f"{what} was altered or signed with another key: its HMAC-SHA256 does not match its content."
+            )
+        raise IntegrityError(
+            f"{what} was altered: the SHA-256 of its content (metadata and tensors) does not match the one "
+            "recorded when it was saved."
+        )
 
 
 def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
@@ -194,8 +229,15 @@ def read_digest_file(path: str | os.PathLike[str]) -> str | None:
 
 # ---------------------------------------------------------------- sealed safetensors files
 
-def save_sealed(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *,
-                key: bytes | None = None, digest_file: bool = True) -> str:
+
+def save_sealed(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    *,
+    key: bytes | None = None,
+    digest_file: bool = True,
+) -> str:
     """Save tensors + metadata with a seal over both (``meta["integrity"]``), atomically.
 
     Returns the SHA-256 of the written file (also written to ``PATH.sha256`` when
@@ -213,9 +255,15 @@ def save_sealed(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor
     return digest
 
 
-def load_sealed(path: str | os.PathLike[str], *, key: bytes | None = None, expected_sha256: str | None = None,
-                what: str = "file", legacy_formats: tuple[str, ...] = (),
-                formats: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_sealed(
+    path: str | os.PathLike[str],
+    *,
+    key: bytes | None = None,
+    expected_sha256: str | None = None,
+    what: str = "file",
+    legacy_formats: tuple[str, ...] = (),
+    formats: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load what :func:`save_sealed` wrote, checking (in order) the pinned digest and the seal.
 
     The bytes are read once: what is hashed is what is parsed. ``legacy_formats``: formats of
@@ -235,14 +283,18 @@ def load_sealed(path: str | os.PathLike[str], *, key: bytes | None = None, expec
     check_expected_sha256(expected_sha256, hashlib.sha256(data).hexdigest(), where)
     tensors, meta = read_tensors(data, str(p))
     if formats and meta.get("format") not in (*formats, *legacy_formats):
-        raise ValueError(f"{where} is not a saved {what.removesuffix(' file')} (format {meta.get('format')!r}; "
-                         f"expected {formats[0]!r}).")
+        raise ValueError(
+            f"{where} is not a saved {what.removesuffix(' file')} (format {meta.get('format')!r}; "
+            f"expected {formats[0]!r})."
+        )
     seal = meta.pop("integrity", None)
     if seal is None and meta.get("format") in legacy_formats:
         if expected_sha256 is None or key is not None:
-            raise IntegrityError(f"{where} was written by an older guard (format {meta.get('format')!r}) without a seal over its "
-                                 "metadata; it loads only with expected_sha256= (the SHA-256 of the file you trust, e.g. from "
-                                 "sha256sum) and no key. Save it again to seal it.")
+            raise IntegrityError(
+                f"{where} was written by an older guard (format {meta.get('format')!r}) without a seal over its "
+                "metadata; it loads only with expected_sha256= (the SHA-256 of the file you trust, e.g. from "
+                "sha256sum) and no key. Save it again to seal it."
+            )
         return tensors, meta
     check_seal(seal, meta, tensors, key, where)
     return tensors, meta

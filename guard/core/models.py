@@ -6,15 +6,25 @@ import importlib
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DemoNet", "CifarResNet", "Normalize", "Normalized", "load_model", "eval_mode", "model_device", "predict_labels",
-           "inference_batch", "accuracy"]
+__all__ = [
+    "DemoNet",
+    "CifarResNet",
+    "Normalize",
+    "Normalized",
+    "load_model",
+    "eval_mode",
+    "model_device",
+    "predict_labels",
+    "inference_batch",
+    "accuracy",
+]
 
 
 _MODE_LOCK = threading.Lock()
@@ -57,7 +67,7 @@ def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch
     return torch.device(default)
 
 
-MAX_BATCH_ELEMENTS = 2 ** 23  # input values per inference batch: 8.4M = 55 images at 3x224x224, 2,730 at 3x32x32
+MAX_BATCH_ELEMENTS = 2**23  # input values per inference batch: 8.4M = 55 images at 3x224x224, 2,730 at 3x32x32
 
 
 def inference_batch(x: torch.Tensor, batch_size: int) -> int:
@@ -85,7 +95,7 @@ def predict_labels(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000)
     device = model_device(model, x.device)
     b = inference_batch(x, batch_size)
     with eval_mode(model):
-        return torch.cat([model(x[i:i + b].to(device)).argmax(1).to(x.device) for i in range(0, x.shape[0], b)])
+        return torch.cat([model(x[i : i + b].to(device)).argmax(1).to(x.device) for i in range(0, x.shape[0], b)])
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000) -> float:
@@ -239,7 +249,9 @@ def load_model(spec: str | os.PathLike[str]) -> nn.Module:
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as err:
-            raise ValueError(f"model file {text!r} is not a TorchScript archive (torch.jit.save); plain state_dicts need 'module:callable': {err}") from err
+            raise ValueError(
+                f"model file {text!r} is not a TorchScript archive (torch.jit.save); plain state_dicts need 'module:callable': {err}"
+            ) from err
     if ":" not in text:
         raise ValueError(f"model must be a TorchScript/.pt2 file or 'module:callable'; got {text!r}.")
     mod_name, _, attr = text.partition(":")

@@ -30,10 +30,17 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
     """The checked-out commit (with ``+dirty`` when tracked files differ from it), or ``"unknown"``."""
     where = str(cwd) if cwd is not None else str(Path(__file__).resolve().parents[2])
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where, capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("+dirty" if dirty else "")
@@ -41,10 +48,16 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str:
 
 def _machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"cores": os.cpu_count(), "load_1min_at_end": round(load[0], 2), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "cores": os.cpu_count(),
+        "load_1min_at_end": round(load[0], 2),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def _argv_command() -> str:
@@ -60,11 +73,17 @@ def _argv_command() -> str:
 def provenance(command: str | None = None) -> dict[str, Any]:
     """The run record: ``{"commit", "command", "machine", "finished"}``; ``command`` defaults to this process's argv."""
     cmd = command if command is not None else _argv_command()
-    return {"commit": git_commit(), "command": cmd, "machine": _machine(),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "commit": git_commit(),
+        "command": cmd,
+        "machine": _machine(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
-def write_results(path: str | os.PathLike[str], figures: dict[str, Any], *, command: str | None = None) -> dict[str, Any]:
+def write_results(
+    path: str | os.PathLike[str], figures: dict[str, Any], *, command: str | None = None
+) -> dict[str, Any]:
     """Write ``figures`` plus their provenance to ``path`` (JSON, atomic); returns what was written."""
     if not isinstance(figures, dict):
         raise TypeError(f"figures must be a dict; got {type(figures).__name__}.")
@@ -83,6 +102,8 @@ def read_results(path: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"results file {str(p)!r} could not be read as JSON: {e}") from e
     if not isinstance(data, dict) or "provenance" not in data:
-        raise ValueError(f"results file {str(p)!r} has no 'provenance' record (commit, machine, command); "
-                         "write it with guard.core.provenance.write_results.")
+        raise ValueError(
+            f"results file {str(p)!r} has no 'provenance' record (commit, machine, command); "
+            "write it with guard.core.provenance.write_results."
+        )
     return data

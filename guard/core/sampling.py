@@ -12,7 +12,7 @@ order of calls.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 def row_keys(start: int, n: int, seed: int = 0) -> np.ndarray:
     """SplitMix64 keys (uint64, shape (n,)) of stream rows ``start .. start + n - 1`` under ``seed``."""
     with np.errstate(over="ignore"):
-        z = (np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)) & _M64
+        z = (
+            np.arange(start, start + n, dtype=np.uint64) + np.uint64(seed % 2**64) * np.uint64(0x9E3779B97F4A7C15)
+        ) & _M64
         z = z + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -53,7 +55,9 @@ class BottomK:
     def add(self, tensors: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
         n = int(labels.shape[0])
         keys = row_keys(self.seen, n, self.seed)
-        self._parts.append((keys, torch.arange(self.seen, self.seen + n), labels.long().cpu(), {k: v for k, v in tensors.items()}))
+        self._parts.append(
+            (keys, torch.arange(self.seen, self.seen + n), labels.long().cpu(), {k: v for k, v in tensors.items()})
+        )
         self.seen += n
         self._pending += n
         if self._pending > max(self._kept, self.pending_rows):

@@ -70,7 +70,9 @@ def check_images(
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} must hold at least one image; got an empty batch of shape {tuple(x.shape)}.")
     if min(x.shape[1:]) == 0:
-        raise ValueError(f"{name} must have at least one channel, row and column (N, C, H, W); got shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"{name} must have at least one channel, row and column (N, C, H, W); got shape {tuple(x.shape)}."
+        )
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channel(s); got {x.shape[1]} (shape {tuple(x.shape)}).")
     if x.is_meta:
@@ -84,12 +86,15 @@ def check_images(
     if check_range:
         lo, hi = float(xd.min()), float(xd.max())
         if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"{name} must lie in [0, 1] (pixel space; normalise inside the model); got values in [{lo:.4g}, {hi:.4g}].")
+            raise ValueError(
+                f"{name} must lie in [0, 1] (pixel space; normalise inside the model); got values in [{lo:.4g}, {hi:.4g}]."
+            )
     return x
 
 
-def check_labels(y: Any, name: str = "y", *, n: int | None = None, num_classes: int | None = None,
-                 allow_negative: bool = False) -> torch.Tensor:
+def check_labels(
+    y: Any, name: str = "y", *, n: int | None = None, num_classes: int | None = None, allow_negative: bool = False
+) -> torch.Tensor:
     """Validate integer class labels of shape (N,): non-negative (unless ``allow_negative``), below ``num_classes``."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 labels; got {_describe(y)}.")
@@ -104,8 +109,10 @@ def check_labels(y: Any, name: str = "y", *, n: int | None = None, num_classes: 
     if y.numel() and not allow_negative and int(y.min()) < 0:
         raise ValueError(f"{name} must hold class indices >= 0; got a minimum of {int(y.min())}.")
     if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs); got values in "
-                         f"[{int(y.min())}, {int(y.max())}].")
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes - 1}] (the model has {num_classes} outputs); got values in "
+            f"[{int(y.min())}, {int(y.max())}]."
+        )
     return y.long()
 
 
@@ -117,7 +124,9 @@ def check_logits(logits: Any, name: str = "the model's output", *, n: int | None
         want = f"({n}, C)" if n is not None else "(N, C)"
         raise ValueError(f"{name} must be logits of shape {want}; got shape {tuple(logits.shape)}.")
     if not bool(torch.isfinite(logits.detach()).all()):
-        raise ValueError(f"{name} holds NaN/inf logits; the model cannot be attacked or scored meaningfully on these inputs.")
+        raise ValueError(
+            f"{name} holds NaN/inf logits; the model cannot be attacked or scored meaningfully on these inputs."
+        )
     return logits
 
 
@@ -149,8 +158,12 @@ def check_int(value: Any, name: str, owner: str, *, low: int | None = None, high
     if ok and high is not None and value > high:
         ok = False
     if not ok:
-        bound = " and ".join(b for b in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if b)
-        raise ValueError(f"The '{name}' parameter of {owner} must be an int{(' ' + bound) if bound else ''}. Got {value!r}.")
+        bound = " and ".join(
+            b for b in (f">= {low}" if low is not None else "", f"<= {high}" if high is not None else "") if b
+        )
+        raise ValueError(
+            f"The '{name}' parameter of {owner} must be an int{(' ' + bound) if bound else ''}. Got {value!r}."
+        )
     return int(value)
 
 
@@ -165,7 +178,12 @@ def check_float(
     high_open: bool = False,
 ) -> float:
     """Check a finite real parameter within bounds ("(" / ")" for open ends)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value and abs(float(value)) != float("inf")
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and value == value
+        and abs(float(value)) != float("inf")
+    )
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -194,7 +212,9 @@ def call_model(model: Any, x: torch.Tensor, name: str = "x") -> torch.Tensor:
     except RuntimeError as err:
         text = str(err)
         if any(k in text for k in ("shape", "size", "channels", "dimension", "mat1", "expected input")):
-            raise ValueError(f"the model cannot take {name} of shape {tuple(x.shape)} (check channels and image size): {text.splitlines()[0]}") from err
+            raise ValueError(
+                f"the model cannot take {name} of shape {tuple(x.shape)} (check channels and image size): {text.splitlines()[0]}"
+            ) from err
         raise
 
 
@@ -204,6 +224,10 @@ def check_model_and_shape(model: Any, shape: Any) -> tuple[int, int, int]:
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if not isinstance(shape, (tuple, list)) or len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+    if (
+        not isinstance(shape, (tuple, list))
+        or len(shape) != 3
+        or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
+    ):
         raise ValueError(f"shape must be (C, H, W) of positive ints; got {shape!r}.")
     return (int(shape[0]), int(shape[1]), int(shape[2]))

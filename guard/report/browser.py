@@ -25,9 +25,20 @@ __all__ = ["BROWSERS", "find_browser", "dump_dom", "screenshot", "probe", "Probe
 #: executables tried in order (after $GUARD_CHROMIUM): Debian's chromium and its usual other names
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-default-apps", "--disable-extensions", "--hide-scrollbars",
-         "--mute-audio")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--hide-scrollbars",
+    "--mute-audio",
+)
 
 _PROBE = """<script>
 window.addEventListener('load', function () {
@@ -67,28 +78,54 @@ def _run(browser: str, args: list[str], timeout: float) -> subprocess.CompletedP
     return proc
 
 
-def dump_dom(page: str | Path, *, browser: str | None = None, width: int = 1200, height: int = 2000, budget_ms: int = 5000,
-             timeout: float = 120) -> str:
+def dump_dom(
+    page: str | Path,
+    *,
+    browser: str | None = None,
+    width: int = 1200,
+    height: int = 2000,
+    budget_ms: int = 5000,
+    timeout: float = 120,
+) -> str:
     """The DOM of ``page`` after loading it in a ``width`` x ``height`` window (``--virtual-time-budget``:
     scripts and image decoding run)."""
     exe = browser or find_browser()
     if exe is None:
         raise RuntimeError(f"no Chromium found (set GUARD_CHROMIUM or install one of {', '.join(BROWSERS)}).")
     url = Path(page).resolve().as_uri()
-    return _run(exe, [f"--window-size={int(width)},{int(height)}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
-                timeout).stdout
+    return _run(
+        exe,
+        [f"--window-size={int(width)},{int(height)}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+        timeout,
+    ).stdout
 
 
-def screenshot(page: str | Path, png: str | Path, *, width: int = 1200, height: int = 2000, browser: str | None = None,
-               budget_ms: int = 5000, timeout: float = 180) -> Path:
+def screenshot(
+    page: str | Path,
+    png: str | Path,
+    *,
+    width: int = 1200,
+    height: int = 2000,
+    browser: str | None = None,
+    budget_ms: int = 5000,
+    timeout: float = 180,
+) -> Path:
     """A ``width`` x ``height`` screenshot of ``page`` (the top of it when it is taller)."""
     exe = browser or find_browser()
     if exe is None:
         raise RuntimeError(f"no Chromium found (set GUARD_CHROMIUM or install one of {', '.join(BROWSERS)}).")
     out = Path(png).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    _run(exe, [f"--window-size={int(width)},{int(height)}", f"--virtual-time-budget={budget_ms}", f"--screenshot={out}",
-               Path(page).resolve().as_uri()], timeout)
+    _run(
+        exe,
+        [
+            f"--window-size={int(width)},{int(height)}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--screenshot={out}",
+            Path(page).resolve().as_uri(),
+        ],
+        timeout,
+    )
     if not out.is_file():
         raise RuntimeError(f"{exe} wrote no screenshot to {str(out)!r}.")
     return out
@@ -105,7 +142,9 @@ class Probe:
     section_tops: dict[str, int]
 
 
-def probe(page: str | Path, *, browser: str | None = None, width: int = 1200, budget_ms: int = 5000, timeout: float = 120) -> Probe:
+def probe(
+    page: str | Path, *, browser: str | None = None, width: int = 1200, budget_ms: int = 5000, timeout: float = 120
+) -> Probe:
     """Load a copy of ``page`` with the probe script (in a window ``width`` CSS pixels wide) and read
     the image widths and the page height."""
     html = Path(page).read_text(encoding="utf-8")
@@ -119,5 +158,7 @@ def probe(page: str | Path, *, browser: str | None = None, width: int = 1200, bu
         raise RuntimeError("the probe script did not run (no load event within the virtual time budget).")
     widths = [int(m) for m in re.findall(r'<img\b[^>]*\bdata-natural-width="(\d+)"', dom)]
     height = re.search(r'data-scroll-height="(\d+)"', dom)
-    tops = {m.group(1): int(m.group(2)) for m in re.finditer(r'<section\b[^>]*\bid="([^"]+)"[^>]*\bdata-top="(\d+)"', dom)}
+    tops = {
+        m.group(1): int(m.group(2)) for m in re.finditer(r'<section\b[^>]*\bid="([^"]+)"[^>]*\bdata-top="(\d+)"', dom)
+    }
     return Probe(dom, widths, int(height.group(1)) if height else 0, tops)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +39,9 @@ def to_uri(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def grid(n: int, *, cols: int = 3, panel: tuple[float, float] = (3.4, 2.6), top: float = 0.35,
-         bottom: float = 0.5) -> tuple[Any, list[Any]]:
+def grid(
+    n: int, *, cols: int = 3, panel: tuple[float, float] = (3.4, 2.6), top: float = 0.35, bottom: float = 0.5
+) -> tuple[Any, list[Any]]:
     """A figure with ``n`` panels in rows of ``cols`` (empty trailing panels hidden).
 
     Margins are fixed in inches (``top``: room above the first row for titles or a legend), so
@@ -51,14 +53,28 @@ def grid(n: int, *, cols: int = 3, panel: tuple[float, float] = (3.4, 2.6), top:
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.subplots_adjust(left=0.55 / width, right=1 - 0.15 / width, bottom=bottom / height, top=1 - top / height,
-                        wspace=0.35, hspace=0.6 * 2.6 / panel[1])
+    fig.subplots_adjust(
+        left=0.55 / width,
+        right=1 - 0.15 / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=0.35,
+        hspace=0.6 * 2.6 / panel[1],
+    )
     return fig, axes[:n]
 
 
-def line_plot(series: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float] | None]], *, xlabel: str,
-              ylabel: str, title: str = "", size: tuple[float, float] = (6.4, 3.6), ylim: tuple[float, float] | None = (0.0, 1.0),
-              xpercent: bool = False, ypercent: bool = True) -> str:
+def line_plot(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float], Sequence[float] | None]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    size: tuple[float, float] = (6.4, 3.6),
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+    xpercent: bool = False,
+    ypercent: bool = True,
+) -> str:
     """Lines (name, x, y, std or None) with a shaded +-std band, markers at the points."""
     from matplotlib.ticker import PercentFormatter
 
@@ -91,7 +107,9 @@ def heatmap(ax: Any, values: np.ndarray, title: str, *, vmax: float = 1.0) -> No
     """A grid of shares in [0, vmax] with each value written in its cell."""
     im = ax.imshow(values, cmap="Reds", vmin=0.0, vmax=vmax)
     for (r, c), v in np.ndenumerate(values):
-        ax.text(c, r, f"{100 * v:.0f}%", ha="center", va="center", fontsize=9, color="white" if v > 0.6 * vmax else "black")
+        ax.text(
+            c, r, f"{100 * v:.0f}%", ha="center", va="center", fontsize=9, color="white" if v > 0.6 * vmax else "black"
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)

@@ -9,10 +9,23 @@ text arguments are escaped here, arguments of type :class:`Raw` are inserted as 
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
-__all__ = ["Raw", "StripRow", "esc", "table", "figure", "img", "strip_table", "tile", "tile_rows", "note", "command", "STYLE"]
+__all__ = [
+    "Raw",
+    "StripRow",
+    "esc",
+    "table",
+    "figure",
+    "img",
+    "strip_table",
+    "tile",
+    "tile_rows",
+    "note",
+    "command",
+    "STYLE",
+]
 
 
 class Raw(str):
@@ -23,7 +36,13 @@ def esc(value: object) -> str:
     return value if isinstance(value, Raw) else html.escape(str(value), quote=True)
 
 
-def table(header: Sequence[object] | None, rows: Iterable[Sequence[object]], *, cls: str = "data", first_is_header: bool = True) -> Raw:
+def table(
+    header: Sequence[object] | None,
+    rows: Iterable[Sequence[object]],
+    *,
+    cls: str = "data",
+    first_is_header: bool = True,
+) -> Raw:
     """A table; cells are escaped unless :class:`Raw` (a cell may be ``(content, style)``).
 
     ``header=None``: a key-value table (no header row, values left-aligned)."""
@@ -89,8 +108,12 @@ def strip_table(rows: Sequence[StripRow]) -> Raw:
 
 def tile_rows(rows: Sequence[StripRow]) -> Raw:
     """Rows of tiles that wrap onto further lines (for many small images, e.g. patches)."""
-    return Raw("".join(f'<div class="tilerow"><div class="rowhead">{esc(r.heading)}</div><div class="tiles">{"".join(r.tiles)}</div></div>'
-                       for r in rows))
+    return Raw(
+        "".join(
+            f'<div class="tilerow"><div class="rowhead">{esc(r.heading)}</div><div class="tiles">{"".join(r.tiles)}</div></div>'
+            for r in rows
+        )
+    )
 
 
 def note(text: str, kind: str = "missing") -> Raw:

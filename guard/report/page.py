@@ -44,7 +44,13 @@ def _sections(src: AuditFolder) -> tuple[list[Section], dict[str, str]]:
         try:
             s = build(src)
         except Exception as err:  # one broken section must not cost the page
-            log.error("report: section %s failed: %s: %s", sid, type(err).__name__, err, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.error(
+                "report: section %s failed: %s: %s",
+                sid,
+                type(err).__name__,
+                err,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
             failed[sid] = f"{type(err).__name__}: {err}"
             s = Section(sid, title, note(f"This section could not be drawn: {type(err).__name__}: {err}", "error"))
         if s is not None:
@@ -59,21 +65,29 @@ def render(src: AuditFolder) -> tuple[str, list[Section], dict[str, str]]:
     model = (r.get("model") or {}).get("name", "a model") if isinstance(r.get("model"), dict) else "a model"
     toc = "".join(f'<li><a href="#{esc(s.id)}">{esc(s.title)}</a></li>' for s in sections)
     missing = "".join(
-        f"<li><code>artifacts/{esc(n)}.safetensors</code> ({esc('missing' if why == 'missing' else why)})</li>" for n, why in src.missing.items())
-    head = (f'<header><h1>guard audit: {esc(model)}</h1>'
-            f'<p class="lead">Written from <code>report.json</code> and <code>artifacts/</code> in this folder (OUT). '
-            f'The audit: <code>{esc(audit_command(r))}</code>; this page again: <code>guard report OUT</code>.</p></header>')
+        f"<li><code>artifacts/{esc(n)}.safetensors</code> ({esc('missing' if why == 'missing' else why)})</li>"
+        for n, why in src.missing.items()
+    )
+    head = (
+        f"<header><h1>guard audit: {esc(model)}</h1>"
+        f'<p class="lead">Written from <code>report.json</code> and <code>artifacts/</code> in this folder (OUT). '
+        f"The audit: <code>{esc(audit_command(r))}</code>; this page again: <code>guard report OUT</code>.</p></header>"
+    )
     if missing:
-        head += f'<p class="note">Some artifacts could not be read, so parts of the page are missing:</p><ul>{missing}</ul>'
+        head += (
+            f'<p class="note">Some artifacts could not be read, so parts of the page are missing:</p><ul>{missing}</ul>'
+        )
     body = "".join(f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
     if not sections:
         body = note("report.json has no section this page can draw yet (no audit step has finished).", "info")
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>guard audit: {esc(model)}</title><style>{STYLE}</style></head><body><main>{head}"
-            f'<nav class="toc" aria-label="Contents"><strong>Contents</strong><ol>{toc}</ol></nav>{body}'
-            f"<footer>guard report, report.json version {esc(r.get('version'))}. Self-contained: every image is inline; no "
-            "scripts, no network.</footer></main></body></html>\n")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>guard audit: {esc(model)}</title><style>{STYLE}</style></head><body><main>{head}"
+        f'<nav class="toc" aria-label="Contents"><strong>Contents</strong><ol>{toc}</ol></nav>{body}'
+        f"<footer>guard report, report.json version {esc(r.get('version'))}. Self-contained: every image is inline; no "
+        "scripts, no network.</footer></main></body></html>\n"
+    )
     return page, sections, failed
 
 

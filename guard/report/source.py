@@ -35,11 +35,14 @@ def check_report(report: Any, where: str) -> dict[str, Any]:
         raise ReportInputError(f"{where} must hold a JSON object (a guard report); got a {type(report).__name__}.")
     version = report.get("version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise ReportInputError(f"{where} must have an integer 'version' (a guard report, version <= {REPORT_VERSION}); "
-                               f"got {version!r}.")
+        raise ReportInputError(
+            f"{where} must have an integer 'version' (a guard report, version <= {REPORT_VERSION}); got {version!r}."
+        )
     if version > REPORT_VERSION:
-        raise ReportInputError(f"{where} is report version {version}, newer than this guard reads (version <= {REPORT_VERSION}); "
-                               "upgrade guard to build its page.")
+        raise ReportInputError(
+            f"{where} is report version {version}, newer than this guard reads (version <= {REPORT_VERSION}); "
+            "upgrade guard to build its page."
+        )
     return report
 
 
@@ -54,24 +57,30 @@ class AuditFolder:
     _cache: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, out: str | Path) -> "AuditFolder":
+    def open(cls, out: str | Path) -> AuditFolder:
         """Read ``out/report.json``; ReportInputError when there is none or it cannot be used."""
         folder = Path(out)
         path = folder / "report.json"
         if not folder.is_dir():
-            raise ReportInputError(f"the audit folder must be a directory holding report.json; got {str(folder)!r}, which "
-                                   f"{'is not a directory' if folder.exists() else 'does not exist'}.")
+            raise ReportInputError(
+                f"the audit folder must be a directory holding report.json; got {str(folder)!r}, which "
+                f"{'is not a directory' if folder.exists() else 'does not exist'}."
+            )
         if not path.is_file():
-            raise ReportInputError(f"the audit folder {str(folder)!r} must hold report.json (written by guard audit --out DIR); "
-                                   "it has none.")
+            raise ReportInputError(
+                f"the audit folder {str(folder)!r} must hold report.json (written by guard audit --out DIR); "
+                "it has none."
+            )
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ReportInputError(f"{str(path)!r} must be a readable JSON guard report; reading it failed: {err}") from err
+            raise ReportInputError(
+                f"{str(path)!r} must be a readable JSON guard report; reading it failed: {err}"
+            ) from err
         return cls(folder, check_report(report, repr(str(path))))
 
     @classmethod
-    def from_report(cls, out: str | Path, report: dict[str, Any]) -> "AuditFolder":
+    def from_report(cls, out: str | Path, report: dict[str, Any]) -> AuditFolder:
         """The folder with a report already in memory (what run_audit has just written)."""
         return cls(Path(out), check_report(report, "report"))
 
@@ -108,4 +117,3 @@ class AuditFolder:
         """``report["attacks"][name]`` when it is a dict."""
         entry = self.section("attacks", name)
         return entry if isinstance(entry, dict) else None
-

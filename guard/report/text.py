@@ -13,27 +13,62 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CIFAR10_CLASSES", "finite", "pct", "num", "seconds", "confidence", "class_names", "label", "audit_command", "attack_title",
-           "attack_short", "method_title", "rate_ci"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "finite",
+    "pct",
+    "num",
+    "seconds",
+    "confidence",
+    "class_names",
+    "label",
+    "audit_command",
+    "attack_title",
+    "attack_short",
+    "method_title",
+    "rate_ci",
+]
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 #: how the page names each attack of report["attacks"]
 ATTACK_TITLES = {
-    "fgsm": "FGSM", "pgd": "PGD-40", "pgd_minimal": "PGD early-stopped",
-    "pgd_confident": "PGD-40 confidence-maximising", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T", "square": "Square",
-    "cw": "CW-L2", "deepfool": "DeepFool", "patch_gan": "PatchGAN patches", "universal_patch": "universal patch",
-    "random_patch": "random noise patch", "feature_adversary": "feature adversaries", "fooling_gradient": "fooling images (gradient ascent)",
-    "fooling_direct": "fooling images (direct encoding)", "fooling_cppn": "fooling images (CPPN encoding)",
+    "fgsm": "FGSM",
+    "pgd": "PGD-40",
+    "pgd_minimal": "PGD early-stopped",
+    "pgd_confident": "PGD-40 confidence-maximising",
+    "apgd_ce": "APGD-CE",
+    "apgd_t": "APGD-T",
+    "square": "Square",
+    "cw": "CW-L2",
+    "deepfool": "DeepFool",
+    "patch_gan": "PatchGAN patches",
+    "universal_patch": "universal patch",
+    "random_patch": "random noise patch",
+    "feature_adversary": "feature adversaries",
+    "fooling_gradient": "fooling images (gradient ascent)",
+    "fooling_direct": "fooling images (direct encoding)",
+    "fooling_cppn": "fooling images (CPPN encoding)",
 }
 
 
 #: shorter names for plot titles and table columns
 ATTACK_SHORT = {
-    "fgsm": "FGSM", "pgd": "PGD", "pgd_minimal": "PGD min.", "pgd_confident": "PGD conf.", "apgd_ce": "APGD-CE", "apgd_t": "APGD-T",
-    "square": "Square", "cw": "CW-L2", "deepfool": "DeepFool",
-    "patch_gan": "PatchGAN", "universal_patch": "universal patch", "random_patch": "random patch",
-    "feature_adversary": "feature adv.", "fooling_gradient": "fooling (gradient)", "fooling_direct": "fooling (direct)",
+    "fgsm": "FGSM",
+    "pgd": "PGD",
+    "pgd_minimal": "PGD min.",
+    "pgd_confident": "PGD conf.",
+    "apgd_ce": "APGD-CE",
+    "apgd_t": "APGD-T",
+    "square": "Square",
+    "cw": "CW-L2",
+    "deepfool": "DeepFool",
+    "patch_gan": "PatchGAN",
+    "universal_patch": "universal patch",
+    "random_patch": "random patch",
+    "feature_adversary": "feature adv.",
+    "fooling_gradient": "fooling (gradient)",
+    "fooling_direct": "fooling (direct)",
     "fooling_cppn": "fooling (CPPN)",
 }
 
@@ -49,7 +84,7 @@ def attack_short(name: str) -> str:
 def method_title(name: str) -> str:
     """A fooling method without the words 'fooling images': 'gradient ascent', 'CPPN encoding'."""
     t = attack_title(name)
-    return t[len("fooling images ("):-1] if t.startswith("fooling images (") and t.endswith(")") else t
+    return t[len("fooling images (") : -1] if t.startswith("fooling images (") and t.endswith(")") else t
 
 
 def rate_ci(r: Any, digits: int = 1) -> str:
@@ -131,7 +166,7 @@ def audit_command(report: dict[str, Any]) -> str:
     opts = report.get("options") or {}
     parts = ["guard", "audit"]
     if name.startswith("guard.demo_model("):
-        demo = name[len("guard.demo_model("):].rstrip(")").strip("'\"") or "mnist"
+        demo = name[len("guard.demo_model(") :].rstrip(")").strip("'\"") or "mnist"
         parts += ["--demo", demo]
     else:
         parts += ["--model", name or "SPEC", "--data", "DATA"]

@@ -19,9 +19,21 @@ export         guard.report.sections.export           export
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
-from guard.report.sections import adaptive, detectors, export, features, fooling, gradient, harden, model, patches, robust, summary
+from guard.report.sections import (
+    adaptive,
+    detectors,
+    export,
+    features,
+    fooling,
+    gradient,
+    harden,
+    model,
+    patches,
+    robust,
+    summary,
+)
 from guard.report.sections.common import Section
 from guard.report.source import AuditFolder
 

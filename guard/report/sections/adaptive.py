@@ -41,8 +41,14 @@ def flatten(node: Any, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def _is_detector_table(node: Any) -> bool:
-    return isinstance(node, dict) and bool(node) and all(
-        isinstance(per, dict) and per and all(isinstance(m, dict) and "auroc" in m for m in per.values()) for per in node.values())
+    return (
+        isinstance(node, dict)
+        and bool(node)
+        and all(
+            isinstance(per, dict) and per and all(isinstance(m, dict) and "auroc" in m for m in per.values())
+            for per in node.values()
+        )
+    )
 
 
 def _with_ci(e: dict[str, Any], key: str) -> str:
@@ -56,25 +62,61 @@ def _evasion_section(w: SectionWriter, node: dict[str, Any]) -> Section:
     fpr, n, steps = node.get("fpr"), node.get("n"), node.get("steps")
     sweep = ""
     if node.get("weights") is not None:
-        sweep = (f" The attacker keeps, per image, the best of plain PGD, the margin plus weighted detector stand-ins (weights "
-                 f"{esc(', '.join(num(v) for v in node.get('weights') or []))}), orthogonal and selective PGD (misclassify first, "
-                 f"then lower the detectors) and logit matching, {esc(num(node.get('restarts')))} restart(s) each.")
-    w.add(f"<p>An attacker who knows the guarded model ({esc(num(steps))} steps per run) attacks {esc(num(n))} held-out images "
-          f"that the detectors were not calibrated on. It evades when the image ends misclassified <em>and</em> not flagged by the "
-          f"combined detector at its calibrated threshold ({esc(pct(fpr, 0))} false positives).{sweep}</p>")
+        sweep = (
+            f" The attacker keeps, per image, the best of plain PGD, the margin plus weighted detector stand-ins (weights "
+            f"{esc(', '.join(num(v) for v in node.get('weights') or []))}), orthogonal and selective PGD (misclassify first, "
+            f"then lower the detectors) and logit matching, {esc(num(node.get('restarts')))} restart(s) each."
+        )
+    w.add(
+        f"<p>An attacker who knows the guarded model ({esc(num(steps))} steps per run) attacks {esc(num(n))} held-out images "
+        f"that the detectors were not calibrated on. It evades when the image ends misclassified <em>and</em> not flagged by the "
+        f"combined detector at its calibrated threshold ({esc(pct(fpr, 0))} false positives).{sweep}</p>"
+    )
     if node.get("evasion") is None:
-        w.add(f'<p class="note info">No evasion rate: {esc(node.get("note", "nothing was attacked"))}.</p>', w.cmd(["adaptive"]))
+        w.add(
+            f'<p class="note info">No evasion rate: {esc(node.get("note", "nothing was attacked"))}.</p>',
+            w.cmd(["adaptive"]),
+        )
         return w.done()
-    rows = [[num(e.get("eps")), _with_ci(e, "misclassified"), _with_ci(e, "evasion"), pct(e.get("evasion_correct")),
-             pct(e.get("oblivious_evasion")), pct(e.get("flagged")), num(e.get("n")), seconds(e.get("seconds"))]
-            for e in node.get("per_eps") or []]
-    w.add(figure(str(table(["L-inf budget", "misclassified (95% CI)", "evasion (adaptive, 95% CI)", "evasion, correct clean",
-                            "evasion (plain PGD)", "flagged", "images", "time"], rows)),
-                 "Read misclassification beside evasion: an attacker that stops misclassifying evades nothing. Read the evasion "
-                 "columns side by side: a defence that holds only against plain PGD (which does not know the detectors) shows a low "
-                 "plain-PGD figure and a high adaptive one. Flagged and misclassified are the adaptive attack's shares.",
-                 w.cmd(["adaptive.per_eps"])))
-    w.add(f"<p>Headline (budget {esc(num(node.get('eps')))}): {esc(pct(node.get('evasion')))} of attacked images evade.</p>")
+    rows = [
+        [
+            num(e.get("eps")),
+            _with_ci(e, "misclassified"),
+            _with_ci(e, "evasion"),
+            pct(e.get("evasion_correct")),
+            pct(e.get("oblivious_evasion")),
+            pct(e.get("flagged")),
+            num(e.get("n")),
+            seconds(e.get("seconds")),
+        ]
+        for e in node.get("per_eps") or []
+    ]
+    w.add(
+        figure(
+            str(
+                table(
+                    [
+                        "L-inf budget",
+                        "misclassified (95% CI)",
+                        "evasion (adaptive, 95% CI)",
+                        "evasion, correct clean",
+                        "evasion (plain PGD)",
+                        "flagged",
+                        "images",
+                        "time",
+                    ],
+                    rows,
+                )
+            ),
+            "Read misclassification beside evasion: an attacker that stops misclassifying evades nothing. Read the evasion "
+            "columns side by side: a defence that holds only against plain PGD (which does not know the detectors) shows a low "
+            "plain-PGD figure and a high adaptive one. Flagged and misclassified are the adaptive attack's shares.",
+            w.cmd(["adaptive.per_eps"]),
+        )
+    )
+    w.add(
+        f"<p>Headline (budget {esc(num(node.get('eps')))}): {esc(pct(node.get('evasion')))} of attacked images evade.</p>"
+    )
     return w.done()
 
 
@@ -87,8 +129,14 @@ def build(src: AuditFolder) -> Section | None:
         return _evasion_section(w, node)
     w.add("<p>Attacks that know the detectors and try to evade them as well as fool the model.</p>")
     if _is_detector_table(node):
-        w.add(figure(auroc_table(node) or "", "AUROC of each detector (rows) against each adaptive attack (columns), with the true "
-                     "positive rate at 1% / 5% false positives under it.", w.cmd(["adaptive"])))
+        w.add(
+            figure(
+                auroc_table(node) or "",
+                "AUROC of each detector (rows) against each adaptive attack (columns), with the true "
+                "positive rate at 1% / 5% false positives under it.",
+                w.cmd(["adaptive"]),
+            )
+        )
         return w.done()
     parts = node.items() if isinstance(node, dict) else [("adaptive", node)]
     for key, value in parts:

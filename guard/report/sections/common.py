@@ -8,8 +8,9 @@ section saying what cannot be shown and why; the page lists those notes again at
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,24 +62,37 @@ class SectionWriter:
         if name not in self.missing:
             self.missing.append(name)
         why = "is missing" if reason in (None, "missing") else f"cannot be used: {reason}"
-        self.add(note(f"artifacts/{name}.safetensors {why}, so {what} cannot be shown here. "
-                      f"Re-running the audit step that writes it (or the whole audit) brings it back; then run guard report OUT."))
+        self.add(
+            note(
+                f"artifacts/{name}.safetensors {why}, so {what} cannot be shown here. "
+                f"Re-running the audit step that writes it (or the whole audit) brings it back; then run guard report OUT."
+            )
+        )
         return None
 
     def done(self) -> Section:
         return Section(self.id, self.title, "".join(self.parts), self.missing)
 
 
-def image_row(heading: str, images: np.ndarray, captions: Sequence[str] = (), bad: Sequence[bool] = (), *,
-              alt: str = "") -> StripRow:
+def image_row(
+    heading: str, images: np.ndarray, captions: Sequence[str] = (), bad: Sequence[bool] = (), *, alt: str = ""
+) -> StripRow:
     """A :class:`StripRow` of (N, C, H, W) images with their captions."""
     tiles = []
     for i in range(int(images.shape[0])):
         h, w = images.shape[-2:]
         dw, dh = display_size(int(h), int(w))
         cap = captions[i] if i < len(captions) else ""
-        tiles.append(tile(png_uri(images[i]), f"{alt or heading} {i + 1}", cap, width=dw, height=dh,
-                          bad=bool(bad[i]) if i < len(bad) else False))
+        tiles.append(
+            tile(
+                png_uri(images[i]),
+                f"{alt or heading} {i + 1}",
+                cap,
+                width=dw,
+                height=dh,
+                bad=bool(bad[i]) if i < len(bad) else False,
+            )
+        )
     return StripRow(heading, tiles)
 
 

@@ -53,7 +53,9 @@ def auroc_table(dets: dict[str, Any]) -> Raw | None:
                 row.append("-")
                 continue
             au = finite(m.get("auroc"))
-            cell = Raw(f"{esc(num(au))}<small>{esc(pct(m.get('tpr_at_1fpr'), 0))} / {esc(pct(m.get('tpr_at_5fpr'), 0))}</small>")
+            cell = Raw(
+                f"{esc(num(au))}<small>{esc(pct(m.get('tpr_at_1fpr'), 0))} / {esc(pct(m.get('tpr_at_5fpr'), 0))}</small>"
+            )
             row.append((cell, _shade(au)))
         rows.append(row)
     return table(["detector"] + [attack_short(a) for a in attacks], rows)
@@ -91,6 +93,7 @@ def operating_table(dets: dict[str, Any], attacks: dict[str, Any]) -> Raw | None
 
 def _roc_figure(scores: dict[str, np.ndarray], dets: list[str], attacks: list[str]) -> tuple[str | None, list[str]]:
     """One ROC panel per attack with successful images (and the attacks left out: none succeeded)."""
+
     def n_pos(a: str) -> int:
         return max((scores[f"{a}/{d}"].size for d in dets if f"{a}/{d}" in scores), default=0)
 
@@ -105,7 +108,11 @@ def _roc_figure(scores: dict[str, np.ndarray], dets: list[str], attacks: list[st
             if f"{a}/{d}" not in scores or f"clean/{d}" not in scores:
                 continue
             fpr, tpr, auc = roc_curve(scores[f"{a}/{d}"], scores[f"clean/{d}"])
-            style = dict(color="black", linewidth=2.2) if d == "combined" else dict(color=figures.COLORS[k % len(figures.COLORS)], linewidth=1.6)
+            style = (
+                dict(color="black", linewidth=2.2)
+                if d == "combined"
+                else dict(color=figures.COLORS[k % len(figures.COLORS)], linewidth=1.6)
+            )
             (line,) = ax.plot(fpr, tpr, **style)
             handles.setdefault(d, line)
         ax.plot([0, 1], [0, 1], color="#999", linewidth=0.8, linestyle=":")
@@ -117,8 +124,15 @@ def _roc_figure(scores: dict[str, np.ndarray], dets: list[str], attacks: list[st
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.01)
         ax.tick_params(labelsize=8)
-    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(6, len(handles)), frameon=False, fontsize=9,
-               bbox_to_anchor=(0.5, 1.0))
+    fig.legend(
+        list(handles.values()),
+        list(handles),
+        loc="upper center",
+        ncol=min(6, len(handles)),
+        frameon=False,
+        fontsize=9,
+        bbox_to_anchor=(0.5, 1.0),
+    )
     return figures.to_uri(fig), empty
 
 
@@ -136,6 +150,7 @@ def _hist(ax: Any, clean: np.ndarray, adv: np.ndarray, threshold: float | None, 
     scale = max(spread, abs(threshold) if threshold is not None and np.isfinite(threshold) else 0.0, 1e-12)
     log_axis = (hi - lo) > 50 * scale
     if log_axis:
+
         def fwd(v: np.ndarray) -> np.ndarray:
             return np.sign(v) * np.log10(1 + np.abs(v) / scale)
 
@@ -146,11 +161,25 @@ def _hist(ax: Any, clean: np.ndarray, adv: np.ndarray, threshold: float | None, 
         ax.set_xscale("symlog", linthresh=scale)
     else:
         bins = np.linspace(lo, hi, 41)
-    ax.hist(c, bins=bins, alpha=0.55, color=figures.COLORS[0], label=f"clean ({c.size})", histtype="stepfilled",
-            weights=np.full(c.size, 1.0 / max(1, c.size)))
+    ax.hist(
+        c,
+        bins=bins,
+        alpha=0.55,
+        color=figures.COLORS[0],
+        label=f"clean ({c.size})",
+        histtype="stepfilled",
+        weights=np.full(c.size, 1.0 / max(1, c.size)),
+    )
     if a.size:
-        ax.hist(a, bins=bins, alpha=0.55, color=figures.COLORS[1], label=f"attacked ({a.size})", histtype="stepfilled",
-                weights=np.full(a.size, 1.0 / a.size))
+        ax.hist(
+            a,
+            bins=bins,
+            alpha=0.55,
+            color=figures.COLORS[1],
+            label=f"attacked ({a.size})",
+            histtype="stepfilled",
+            weights=np.full(a.size, 1.0 / a.size),
+        )
     if threshold is not None and np.isfinite(threshold):
         ax.axvline(threshold, color="black", linewidth=1.2, linestyle="--", label="threshold")
     ax.set_title(title + (" (log axis)" if log_axis else ""), fontsize=10)
@@ -174,15 +203,25 @@ def _calibration(w: SectionWriter, info: dict[str, Any]) -> None:
     for d, v in list((info.get("detectors") or {}).items()) + [("combined", info.get("combined") or {})]:
         v = v if isinstance(v, dict) else {}
         layers = v.get("layers") if isinstance(v.get("layers"), dict) else {}
-        rows.append([d, v.get("class", "max of -log10 p-values" if d == "combined" else "n/a"),
-                     ", ".join(f"{k} ({n})" for k, n in layers.items()) or "-", num(thr.get(d), 4), pct(flag.get(d)), pct(swapped.get(d))])
-    w.add("<h3>Calibrated thresholds</h3>",
-          f"<p>Each detector is fitted on clean training images and its threshold set for {esc(pct(cal.get('target_fpr'), 0))} false "
-          f"positives on {esc(num(cal.get('n_calibration')))} clean held-out images; the flag rate is then measured on "
-          f"{esc(num(cal.get('n_evaluation')))} other clean held-out images (and with the two halves swapped, to show the chance "
-          "variation). A score above the threshold is flagged.</p>",
-          table(["detector", "class", "layers (width)", "threshold", "clean flag rate", "halves swapped"], rows),
-          w.cmd(["detectors_info.detectors", "detectors_info.combined", "detectors_info.clean_flag_rate"]))
+        rows.append(
+            [
+                d,
+                v.get("class", "max of -log10 p-values" if d == "combined" else "n/a"),
+                ", ".join(f"{k} ({n})" for k, n in layers.items()) or "-",
+                num(thr.get(d), 4),
+                pct(flag.get(d)),
+                pct(swapped.get(d)),
+            ]
+        )
+    w.add(
+        "<h3>Calibrated thresholds</h3>",
+        f"<p>Each detector is fitted on clean training images and its threshold set for {esc(pct(cal.get('target_fpr'), 0))} false "
+        f"positives on {esc(num(cal.get('n_calibration')))} clean held-out images; the flag rate is then measured on "
+        f"{esc(num(cal.get('n_evaluation')))} other clean held-out images (and with the two halves swapped, to show the chance "
+        "variation). A score above the threshold is flagged.</p>",
+        table(["detector", "class", "layers (width)", "threshold", "clean flag rate", "halves swapped"], rows),
+        w.cmd(["detectors_info.detectors", "detectors_info.combined", "detectors_info.clean_flag_rate"]),
+    )
 
 
 def build(src: AuditFolder) -> Section | None:
@@ -191,28 +230,40 @@ def build(src: AuditFolder) -> Section | None:
         return None
     info = src.section("detectors_info") if isinstance(src.section("detectors_info"), dict) else {}
     w = SectionWriter(src, "detectors", "Detectors")
-    w.add("<p>Each detector gives every input a score (higher = more suspicious). Positives: the attack's successful adversarial "
-          "images; negatives: clean held-out images never used for fitting or calibration. \"combined\" is what "
-          "<code>guard.wrap</code> flags with.</p>")
+    w.add(
+        "<p>Each detector gives every input a score (higher = more suspicious). Positives: the attack's successful adversarial "
+        'images; negatives: clean held-out images never used for fitting or calibration. "combined" is what '
+        "<code>guard.wrap</code> flags with.</p>"
+    )
     attacks_sec = src.section("attacks") if isinstance(src.section("attacks"), dict) else {}
     op_tab = operating_table(dets, attacks_sec)
     if op_tab is not None:
         target = finite(((info.get("calibration") or {}) if info else {}).get("target_fpr"))
-        w.add(figure(op_tab, "The operating point guard runs at: each detector's threshold is set for "
-                             f"{pct(target, 0) if target is not None else 'the target'} false positives on clean calibration images; "
-                             "the first row is the share of other clean held-out images it then flags (the realised false-positive rate), "
-                             "each further row the share of an attack's successful adversarial images it flags (the realised true-positive "
-                             "rate); each as a percentage with its exact 95% Clopper–Pearson interval and the number of images. "
-                             "The strength in brackets says how far the attack went past the decision boundary: minimal examples are "
-                             "the hardest to detect.",
-                     w.cmd(["detectors.DETECTOR.ATTACK.operating_point"])))
+        w.add(
+            figure(
+                op_tab,
+                "The operating point guard runs at: each detector's threshold is set for "
+                f"{pct(target, 0) if target is not None else 'the target'} false positives on clean calibration images; "
+                "the first row is the share of other clean held-out images it then flags (the realised false-positive rate), "
+                "each further row the share of an attack's successful adversarial images it flags (the realised true-positive "
+                "rate); each as a percentage with its exact 95% Clopper–Pearson interval and the number of images. "
+                "The strength in brackets says how far the attack went past the decision boundary: minimal examples are "
+                "the hardest to detect.",
+                w.cmd(["detectors.DETECTOR.ATTACK.operating_point"]),
+            )
+        )
     tab = auroc_table(dets)
     if tab is not None:
-        w.add(figure(tab, "Threshold-free figures, read off the evaluation images' own ROC curve (no deployed flag has that threshold): "
-                          "AUROC per detector (rows) and attack (columns), with the true positive rate at 1% / 5% false positives "
-                          "under it. Green: the detector separates that attack from clean images; white: chance. Read a column to "
-                          "find which detector catches an attack, a row to see what a detector misses.",
-                     w.cmd(["detectors.DETECTOR.ATTACK.auroc", "tpr_at_1fpr", "tpr_at_5fpr"])))
+        w.add(
+            figure(
+                tab,
+                "Threshold-free figures, read off the evaluation images' own ROC curve (no deployed flag has that threshold): "
+                "AUROC per detector (rows) and attack (columns), with the true positive rate at 1% / 5% false positives "
+                "under it. Green: the detector separates that attack from clean images; white: chance. Read a column to "
+                "find which detector catches an attack, a row to see what a detector misses.",
+                w.cmd(["detectors.DETECTOR.ATTACK.auroc", "tpr_at_1fpr", "tpr_at_5fpr"]),
+            )
+        )
     names = [d for d in dets if isinstance(dets[d], dict)]
     attacks = list(dict.fromkeys(a for d in names for a in dets[d]))
     scores = w.artifact("detector_scores", "the ROC curves and score histograms")
@@ -220,22 +271,31 @@ def build(src: AuditFolder) -> Section | None:
         uri, empty = _roc_figure(scores, names, attacks)
         none = f" No panel for {', '.join(attack_title(a) for a in empty)}: no successful images." if empty else ""
         if uri:
-            w.add(figure(img(uri, "ROC curves per attack"),
-                         "ROC curves, one panel per attack (with its number of successful adversarial images), one line per detector "
-                         "(thick black: combined; the AUROCs are in the table above). Curves hugging the top-left corner separate "
-                         "the attack well; the dotted diagonal is chance; the dashed verticals mark 1% and 5% false positives." + none,
-                         w.cmd(["detectors"], ["detector_scores"])))
+            w.add(
+                figure(
+                    img(uri, "ROC curves per attack"),
+                    "ROC curves, one panel per attack (with its number of successful adversarial images), one line per detector "
+                    "(thick black: combined; the AUROCs are in the table above). Curves hugging the top-left corner separate "
+                    "the attack well; the dotted diagonal is chance; the dashed verticals mark 1% and 5% false positives."
+                    + none,
+                    w.cmd(["detectors"], ["detector_scores"]),
+                )
+            )
         thr = _thresholds(info)
         panels = [a for a in attacks if a not in empty and f"{a}/combined" in scores and "clean/combined" in scores]
         if panels:
             fig, axes = figures.grid(len(panels), cols=3, panel=(3.3, 2.4))
             for ax, a in zip(axes, panels):
                 _hist(ax, scores["clean/combined"], scores[f"{a}/combined"], thr.get("combined"), attack_short(a))
-            w.add(figure(img(figures.to_uri(fig), "combined score histograms"),
-                         "The combined score of clean held-out images (blue) and of each attack's successful adversarial images (red), "
-                         "with the calibrated threshold (dashed): everything right of it is flagged. Little overlap = easy to catch. "
-                         "Each histogram sums to 1; a log axis is used when the attacked scores reach far beyond the clean ones.",
-                         w.cmd(["detectors_info.combined.threshold"], ["detector_scores"])))
+            w.add(
+                figure(
+                    img(figures.to_uri(fig), "combined score histograms"),
+                    "The combined score of clean held-out images (blue) and of each attack's successful adversarial images (red), "
+                    "with the calibrated threshold (dashed): everything right of it is flagged. Little overlap = easy to catch. "
+                    "Each histogram sums to 1; a log axis is used when the attacked scores reach far beyond the clean ones.",
+                    w.cmd(["detectors_info.combined.threshold"], ["detector_scores"]),
+                )
+            )
         singles = [d for d in names if d != "combined" and f"clean/{d}" in scores]
         if singles:
             fig, axes = figures.grid(len(singles), cols=3, panel=(3.3, 2.4))
@@ -243,9 +303,14 @@ def build(src: AuditFolder) -> Section | None:
                 pooled = [scores[f"{a}/{d}"] for a in attacks if f"{a}/{d}" in scores]
                 adv = np.concatenate(pooled) if pooled else np.zeros(0)
                 _hist(ax, scores[f"clean/{d}"], adv, thr.get(d), d)
-            w.add(figure(img(figures.to_uri(fig), "per-detector score histograms"),
-                         "Each detector's own score, clean (blue) against all attacks' successful images pooled (red), with its "
-                         "threshold (dashed).", w.cmd(["detectors_info.detectors.DETECTOR.threshold"], ["detector_scores"])))
+            w.add(
+                figure(
+                    img(figures.to_uri(fig), "per-detector score histograms"),
+                    "Each detector's own score, clean (blue) against all attacks' successful images pooled (red), with its "
+                    "threshold (dashed).",
+                    w.cmd(["detectors_info.detectors.DETECTOR.threshold"], ["detector_scores"]),
+                )
+            )
     if info:
         _calibration(w, info)
     return w.done()

@@ -18,7 +18,10 @@ MAX_CLASSES = 20
 def best_per_class(labels: np.ndarray, conf: np.ndarray, classes: int) -> list[int | None]:
     """For each class < ``classes``: the index of its most confident image (None: no image aims at it)."""
     out: list[int | None] = []
-    labels, conf = np.asarray(labels).reshape(-1), np.nan_to_num(np.asarray(conf, dtype=np.float64).reshape(-1), nan=-1.0)
+    labels, conf = (
+        np.asarray(labels).reshape(-1),
+        np.nan_to_num(np.asarray(conf, dtype=np.float64).reshape(-1), nan=-1.0),
+    )
     for c in range(classes):
         idx = np.nonzero(labels == c)[0]
         out.append(int(idx[np.argmax(conf[idx])]) if idx.size else None)
@@ -30,8 +33,10 @@ def build(src: AuditFolder) -> Section | None:
     if not entries:
         return None
     w = SectionWriter(src, "fooling", "Fooling images")
-    w.add("<p>Nguyen et al. (2015): images made from nothing, by gradient ascent or by evolution (direct pixel encoding, CPPN "
-          "pattern encoding), that the model labels as a class with near-certain confidence.</p>")
+    w.add(
+        "<p>Nguyen et al. (2015): images made from nothing, by gradient ascent or by evolution (direct pixel encoding, CPPN "
+        "pattern encoding), that the model labels as a class with near-certain confidence.</p>"
+    )
     k = int(finite(src.section("model", "num_classes")) or 0)
     rows = []
     for n, e in entries.items():
@@ -39,14 +44,35 @@ def build(src: AuditFolder) -> Section | None:
         count = len(got) if isinstance(got, list) else None
         tr = e.get("transfer") if isinstance(e.get("transfer"), dict) else {}
         of = finite(e.get("classes_attacked")) or k  # a model with many classes is attacked on a sample of them
-        rows.append([method_title(n), f"{num(count) if count is not None else pct(e.get('success_rate'))}/{int(of) if of else '?'}",
-                     confidence(e.get("median_confidence")), confidence(e.get("min_confidence")),
-                     num(e.get("generations", e.get("steps"))), num(e.get("n")), seconds(e.get("seconds")),
-                     pct(tr.get("same_label")) if tr else "-"])
+        rows.append(
+            [
+                method_title(n),
+                f"{num(count) if count is not None else pct(e.get('success_rate'))}/{int(of) if of else '?'}",
+                confidence(e.get("median_confidence")),
+                confidence(e.get("min_confidence")),
+                num(e.get("generations", e.get("steps"))),
+                num(e.get("n")),
+                seconds(e.get("seconds")),
+                pct(tr.get("same_label")) if tr else "-",
+            ]
+        )
     thr = next((finite(e.get("threshold")) for e in entries.values() if finite(e.get("threshold"))), None)
-    w.add(table(["method", f"classes at >= {pct(thr, 2)}", "median confidence", "lowest confidence", "generations / steps",
-                 "images", "time", "second model agrees"], rows),
-          w.cmd([f"attacks.{n}" for n in entries]))
+    w.add(
+        table(
+            [
+                "method",
+                f"classes at >= {pct(thr, 2)}",
+                "median confidence",
+                "lowest confidence",
+                "generations / steps",
+                "images",
+                "time",
+                "second model agrees",
+            ],
+            rows,
+        ),
+        w.cmd([f"attacks.{n}" for n in entries]),
+    )
     strips = []
     for n in entries:
         art = w.artifact(f"attack_{n}", f"the {attack_title(n)}", needs=("x_adv", "label", "confidence"))
@@ -63,9 +89,13 @@ def build(src: AuditFolder) -> Section | None:
         strips.append(image_row(method_title(n), art["x_adv"][[j for _, j in picks]], caps, hit))
     if strips:
         more = f" (the first {MAX_CLASSES} of {k} classes)" if k > MAX_CLASSES else ""
-        w.add(figure(strip_table(strips),
-                     f"One image per class{more} and method: the most confident image the model labels as that class, captioned "
-                     "with the class and the model's confidence (red: at or above the threshold). None of them looks like its class "
-                     "to a person; a model that trusts its confidence here can be fed anything.",
-                     w.cmd([f"attacks.{n}" for n in entries], [f"attack_{n}" for n in entries])))
+        w.add(
+            figure(
+                strip_table(strips),
+                f"One image per class{more} and method: the most confident image the model labels as that class, captioned "
+                "with the class and the model's confidence (red: at or above the threshold). None of them looks like its class "
+                "to a person; a model that trusts its confidence here can be fed anything.",
+                w.cmd([f"attacks.{n}" for n in entries], [f"attack_{n}" for n in entries]),
+            )
+        )
     return w.done()

@@ -20,12 +20,24 @@ __all__ = ["build", "attack_examples"]
 NAMES = ("fgsm", "pgd_minimal", "pgd", "pgd_confident")
 HELD_OUT = ("apgd_ce", "apgd_t", "square", "cw", "deepfool")
 SHOWN = 8
-STRENGTH_WORDS = {"minimal": "minimal: stops at the first misclassified step", "full": "full: no early stop",
-                  "confident": "confident: maximises the wrong class's probability", "minimal-norm": "minimal-norm: smallest change"}
+STRENGTH_WORDS = {
+    "minimal": "minimal: stops at the first misclassified step",
+    "full": "full: no early stop",
+    "confident": "confident: maximises the wrong class's probability",
+    "minimal-norm": "minimal-norm: smallest change",
+}
 
 
-def attack_examples(w: SectionWriter, name: str, clean: dict | None, *, shown: int = SHOWN, perturb: bool = True,
-                    what: str = "adversarial", successes_first: bool = True) -> list:
+def attack_examples(
+    w: SectionWriter,
+    name: str,
+    clean: dict | None,
+    *,
+    shown: int = SHOWN,
+    perturb: bool = True,
+    what: str = "adversarial",
+    successes_first: bool = True,
+) -> list:
     """Strip rows for attack ``name``: (clean,) adversarial (, perturbation) of the first held-out images.
 
     With ``successes_first`` the images where the attack succeeded come first (else the first
@@ -67,8 +79,14 @@ def attack_examples(w: SectionWriter, name: str, clean: dict | None, *, shown: i
             pert.append(p)
             scales.append(s)
         linf = [float(np.abs(x_adv[j] - clean["x"][k]).max()) for k, j in zip(keys, js)]
-        rows.append(image_row("change, magnified", np.stack(pert), [f"x{s:.1f}, max {m:.2f}" for s, m in zip(scales, linf)],
-                              alt=f"{attack_title(name)} perturbation"))
+        rows.append(
+            image_row(
+                "change, magnified",
+                np.stack(pert),
+                [f"x{s:.1f}, max {m:.2f}" for s, m in zip(scales, linf)],
+                alt=f"{attack_title(name)} perturbation",
+            )
+        )
     return rows
 
 
@@ -77,24 +95,54 @@ def build(src: AuditFolder) -> Section | None:
     if not entries:
         return None
     w = SectionWriter(src, "gradient", "Gradient attacks (FGSM, PGD)")
-    w.add("<p>Small changes to every pixel, found by following the model's gradient: FGSM takes one step, PGD many "
-          "(L-inf: no pixel moves by more than eps). How hard an example is to detect depends on how far past the decision "
-          "boundary it goes, so PGD runs at three strengths: early-stopped (minimal: each image stops at its first "
-          "misclassified step), full (40 steps, as torchattacks and the detection papers run it) and confidence-maximising "
-          "(CCAT's protocol). Held-out rows are peer attacks from torchattacks that guard was never tuned on; CW-L2 and "
-          "DeepFool look for the smallest change (minimal-norm, no eps).</p>")
+    w.add(
+        "<p>Small changes to every pixel, found by following the model's gradient: FGSM takes one step, PGD many "
+        "(L-inf: no pixel moves by more than eps). How hard an example is to detect depends on how far past the decision "
+        "boundary it goes, so PGD runs at three strengths: early-stopped (minimal: each image stops at its first "
+        "misclassified step), full (40 steps, as torchattacks and the detection papers run it) and confidence-maximising "
+        "(CCAT's protocol). Held-out rows are peer attacks from torchattacks that guard was never tuned on; CW-L2 and "
+        "DeepFool look for the smallest change (minimal-norm, no eps).</p>"
+    )
     rows = []
     for n, e in entries.items():
         p = e.get("params") or {}
         steps = e.get("mean_steps_taken")
-        rows.append([attack_title(n), STRENGTH_WORDS.get(e.get("strength"), e.get("strength") or "-"),
-                     "yes" if e.get("held_out") else "no", pct(e.get("success_rate")), pct(e.get("success_rate_on_correct")),
-                     num(e.get("n")), num(p.get("eps")),
-                     num(steps, 3) if steps is not None else num(p.get("steps", p.get("n_queries", 1))),
-                     num(e.get("linf_median")), num(e.get("l2_median")), pct(e.get("wrong_confidence_median")), seconds(e.get("seconds"))])
-    w.add(table(["attack", "strength", "held out", "success (all)", "success (correctly classified)", "images", "eps",
-                 "steps (mean)", "median L-inf", "median L2", "median wrong-class confidence", "time"], rows),
-          w.cmd([f"attacks.{n}" for n in entries]))
+        rows.append(
+            [
+                attack_title(n),
+                STRENGTH_WORDS.get(e.get("strength"), e.get("strength") or "-"),
+                "yes" if e.get("held_out") else "no",
+                pct(e.get("success_rate")),
+                pct(e.get("success_rate_on_correct")),
+                num(e.get("n")),
+                num(p.get("eps")),
+                num(steps, 3) if steps is not None else num(p.get("steps", p.get("n_queries", 1))),
+                num(e.get("linf_median")),
+                num(e.get("l2_median")),
+                pct(e.get("wrong_confidence_median")),
+                seconds(e.get("seconds")),
+            ]
+        )
+    w.add(
+        table(
+            [
+                "attack",
+                "strength",
+                "held out",
+                "success (all)",
+                "success (correctly classified)",
+                "images",
+                "eps",
+                "steps (mean)",
+                "median L-inf",
+                "median L2",
+                "median wrong-class confidence",
+                "time",
+            ],
+            rows,
+        ),
+        w.cmd([f"attacks.{n}" for n in entries]),
+    )
     budgets = [f"{attack_title(n)}: {e['budget']}" for n, e in entries.items() if isinstance(e.get("budget"), str)]
     if budgets:
         w.add("<p>Held-out attack budgets (CPU): " + esc("; ".join(budgets)) + ".</p>")
@@ -105,12 +153,23 @@ def build(src: AuditFolder) -> Section | None:
     for n in entries:
         strips = attack_examples(w, n, ex)
         if len(strips) == 3:
-            w.add(figure(strip_table(strips),
-                         f"{attack_title(n)}: clean held-out images (top; those the attack fooled first), their adversarial versions "
-                         "(middle; a red caption 'a → b' means the model's label changed from a to b) and the change itself (bottom), "
-                         "shown around grey and magnified by the factor in the caption so that it is visible. Look at how small the "
-                         "change is compared with what it does to the label.", w.cmd([f"attacks.{n}"], [f"attack_{n}", "examples"])))
+            w.add(
+                figure(
+                    strip_table(strips),
+                    f"{attack_title(n)}: clean held-out images (top; those the attack fooled first), their adversarial versions "
+                    "(middle; a red caption 'a → b' means the model's label changed from a to b) and the change itself (bottom), "
+                    "shown around grey and magnified by the factor in the caption so that it is visible. Look at how small the "
+                    "change is compared with what it does to the label.",
+                    w.cmd([f"attacks.{n}"], [f"attack_{n}", "examples"]),
+                )
+            )
         elif strips:
-            w.add(figure(strip_table(strips), f"{attack_title(n)}: adversarial images (a red caption 'a → b' means the model's label "
-                         "changed from a to b).", w.cmd([f"attacks.{n}"], [f"attack_{n}"])))
+            w.add(
+                figure(
+                    strip_table(strips),
+                    f"{attack_title(n)}: adversarial images (a red caption 'a → b' means the model's label "
+                    "changed from a to b).",
+                    w.cmd([f"attacks.{n}"], [f"attack_{n}"]),
+                )
+            )
     return w.done()

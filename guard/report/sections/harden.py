@@ -37,8 +37,10 @@ def build(src: AuditFolder) -> Section | None:
     if not isinstance(h, dict):
         return None
     w = SectionWriter(src, "harden", "Hardening")
-    w.add("<p>Nguyen et al. (2015): rounds of fresh attacks whose images are labelled as an extra reject class, then fine-tuning. "
-          "Each round is judged on fooling images evolved against the model after that round.</p>")
+    w.add(
+        "<p>Nguyen et al. (2015): rounds of fresh attacks whose images are labelled as an extra reject class, then fine-tuning. "
+        "Each round is judged on fooling images evolved against the model after that round.</p>"
+    )
     rounds = [x for x in (h.get("rounds") or []) if isinstance(x, dict)]
     base = h.get("baseline") if isinstance(h.get("baseline"), dict) else None
     rows = ([base] if base else []) + rounds
@@ -46,20 +48,51 @@ def build(src: AuditFolder) -> Section | None:
         w.add("<p>The harden section has no rounds.</p>")
         return w.done()
     k = h.get("num_classes", "?")
-    w.add(table(["round", "clean accuracy", "classes fooled at >= 99%", "median fooling confidence", "patch fooling rate",
-                 "round's attacks rejected", "clean images rejected"],
-                [[num(x.get("round")), pct(x.get("clean_accuracy"), 2), f"{num(x.get('fooling_classes_ge99_count'))}/{k}",
-                  confidence(x.get("fooling_median_confidence")), pct(x.get("patch_fooling_rate")),
-                  pct(x.get("rejected_share_of_round_attacks")), pct(x.get("clean_rejected_share"), 2)] for x in rows]),
-          w.cmd(["harden.baseline", "harden.rounds"]))
-    w.add(figure(img(_plot(rows, k), "hardening rounds"),
-                 "Clean accuracy (left) should stay flat while the number of classes that fresh fooling images still reach at 99% "
-                 "confidence (right) falls round by round.", w.cmd(["harden.rounds[].clean_accuracy", "harden.rounds[].fooling_classes_ge99_count"])))
+    w.add(
+        table(
+            [
+                "round",
+                "clean accuracy",
+                "classes fooled at >= 99%",
+                "median fooling confidence",
+                "patch fooling rate",
+                "round's attacks rejected",
+                "clean images rejected",
+            ],
+            [
+                [
+                    num(x.get("round")),
+                    pct(x.get("clean_accuracy"), 2),
+                    f"{num(x.get('fooling_classes_ge99_count'))}/{k}",
+                    confidence(x.get("fooling_median_confidence")),
+                    pct(x.get("patch_fooling_rate")),
+                    pct(x.get("rejected_share_of_round_attacks")),
+                    pct(x.get("clean_rejected_share"), 2),
+                ]
+                for x in rows
+            ],
+        ),
+        w.cmd(["harden.baseline", "harden.rounds"]),
+    )
+    w.add(
+        figure(
+            img(_plot(rows, k), "hardening rounds"),
+            "Clean accuracy (left) should stay flat while the number of classes that fresh fooling images still reach at 99% "
+            "confidence (right) falls round by round.",
+            w.cmd(["harden.rounds[].clean_accuracy", "harden.rounds[].fooling_classes_ge99_count"]),
+        )
+    )
     goals = h.get("goals")
     if isinstance(goals, dict):
+
         def words(g: str) -> str:  # "clean_accuracy_drop_le_0.5_points" -> "clean accuracy drop <= 0.5 points"
             return g.replace("_le_", " <= ").replace("ge99", "at >= 99%").replace("_", " ")
 
-        w.add("<p>Goals: " + ", ".join(f"{words(g)}: {'met' if v else 'not met' if v is not None else 'n/a'}" for g, v in goals.items()) +
-              f" (clean accuracy drop {num(h.get('clean_accuracy_drop_points'), 3)} points).</p>")
+        w.add(
+            "<p>Goals: "
+            + ", ".join(
+                f"{words(g)}: {'met' if v else 'not met' if v is not None else 'n/a'}" for g, v in goals.items()
+            )
+            + f" (clean accuracy drop {num(h.get('clean_accuracy_drop_points'), 3)} points).</p>"
+        )
     return w.done()

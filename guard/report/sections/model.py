@@ -45,8 +45,12 @@ def build(src: AuditFolder) -> Section | None:
             else:
                 caps.append(t)
         shape = "x".join(str(s) for s in x.shape[1:])
-        w.add(figure(tile_rows([image_row("held-out", x, caps, bad)]),
-                     f"The first {x.shape[0]} held-out images ({shape}), captioned true label / the model's label; a red "
-                     "caption is a mistake on the clean image. The attack sections start from these same images.",
-                     w.cmd(["model"], ["examples"])))
+        w.add(
+            figure(
+                tile_rows([image_row("held-out", x, caps, bad)]),
+                f"The first {x.shape[0]} held-out images ({shape}), captioned true label / the model's label; a red "
+                "caption is a mistake on the clean image. The attack sections start from these same images.",
+                w.cmd(["model"], ["examples"]),
+            )
+        )
     return w.done()

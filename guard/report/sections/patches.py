@@ -25,17 +25,33 @@ def _curve(w: SectionWriter, entries: dict[str, dict[str, Any]]) -> None:
     for n, e in entries.items():
         pts = [p for p in (e.get("curve") or []) if isinstance(p, dict) and finite(p.get("area")) is not None]
         if pts:
-            series.append((attack_title(n), [p["area"] for p in pts], [finite(p.get("mean")) or 0.0 for p in pts],
-                           [finite(p.get("std")) or 0.0 for p in pts]))
+            series.append(
+                (
+                    attack_title(n),
+                    [p["area"] for p in pts],
+                    [finite(p.get("mean")) or 0.0 for p in pts],
+                    [finite(p.get("std")) or 0.0 for p in pts],
+                )
+            )
     if not series:
         return
     reps = next((e.get("curve_repetitions") for e in entries.values() if e.get("curve_repetitions")), None)
-    uri = figures.line_plot(series, xlabel="patch area (share of the image)", ylabel="fooling rate", xpercent=True,
-                            ylim=(0.0, max(0.05, min(1.0, 1.1 * max(max(s[2]) + max(s[3]) for s in series)))))
-    w.add(figure(img(uri, "fooling rate against patch area"),
-                 f"Fooling rate against patch area: one attack trained per area, evaluated at random positions on the held-out "
-                 f"images (mean and band of +-1 std over {reps or 'several'} draws). A learned patch is worth something where its "
-                 "line is above the random noise patch's.", w.cmd([f"attacks.{n}.curve" for n in entries])))
+    uri = figures.line_plot(
+        series,
+        xlabel="patch area (share of the image)",
+        ylabel="fooling rate",
+        xpercent=True,
+        ylim=(0.0, max(0.05, min(1.0, 1.1 * max(max(s[2]) + max(s[3]) for s in series)))),
+    )
+    w.add(
+        figure(
+            img(uri, "fooling rate against patch area"),
+            f"Fooling rate against patch area: one attack trained per area, evaluated at random positions on the held-out "
+            f"images (mean and band of +-1 std over {reps or 'several'} draws). A learned patch is worth something where its "
+            "line is above the random noise patch's.",
+            w.cmd([f"attacks.{n}.curve" for n in entries]),
+        )
+    )
 
 
 def _patch_tiles(w: SectionWriter, entries: dict[str, dict[str, Any]]) -> None:
@@ -48,29 +64,60 @@ def _patch_tiles(w: SectionWriter, entries: dict[str, dict[str, Any]]) -> None:
         if patches is None and "patch" in art:
             patches = art["patch"]
         if patches is None:
-            w.artifact(f"attack_{n}", f"the {attack_title(n)} patches", needs=("patches" if n != "universal_patch" else "patch",))
+            w.artifact(
+                f"attack_{n}",
+                f"the {attack_title(n)} patches",
+                needs=("patches" if n != "universal_patch" else "patch",),
+            )
             continue
         patches = np.asarray(patches)
         if patches.ndim == 3:
             patches = patches[None]
-        rows.append(image_row(attack_title(n), patches[:N_PATCHES if n == "patch_gan" else 8]))
+        rows.append(image_row(attack_title(n), patches[: N_PATCHES if n == "patch_gan" else 8]))
     if rows:
-        w.add(figure(tile_rows(rows), "The patches themselves, enlarged: PatchGAN draws a new patch for every image (the first "
-                     f"{N_PATCHES} shown; similar patches mean low diversity), the universal patch is one patch for all images, the "
-                     "random patches are uniform noise.", w.cmd([], [f"attack_{n}" for n in entries])))
+        w.add(
+            figure(
+                tile_rows(rows),
+                "The patches themselves, enlarged: PatchGAN draws a new patch for every image (the first "
+                f"{N_PATCHES} shown; similar patches mean low diversity), the universal patch is one patch for all images, the "
+                "random patches are uniform noise.",
+                w.cmd([], [f"attack_{n}" for n in entries]),
+            )
+        )
 
 
 def _class_comparison(w: SectionWriter, entries: dict[str, dict[str, Any]], image_hw: tuple[int, int] | None) -> None:
     ccs = {n: e["class_comparison"] for n, e in entries.items() if isinstance(e.get("class_comparison"), dict)}
     if not ccs:
         return
-    rows = [[attack_title(n), num(c.get("positions")), num(c.get("pairs")), pct(c.get("fooling_rate")),
-             pct(c.get("patched_takes_canvas_class")), pct(c.get("fooled_takes_canvas_class"))] for n, c in ccs.items()]
-    w.add("<h3>Class comparison</h3><p>Each patch is put alone on a black canvas and on every image, on a grid of positions: does "
-          "the patched image take the class the model gives the patch alone? A high share among the fooled pairs means the "
-          "patch works by looking like its own class, not by confusing the model.</p>",
-          table(["patch", "positions", "(image, position) pairs", "fooling rate", "patched image takes the patch's class",
-                 "... among the fooled pairs"], rows), w.cmd([f"attacks.{n}.class_comparison" for n in ccs]))
+    rows = [
+        [
+            attack_title(n),
+            num(c.get("positions")),
+            num(c.get("pairs")),
+            pct(c.get("fooling_rate")),
+            pct(c.get("patched_takes_canvas_class")),
+            pct(c.get("fooled_takes_canvas_class")),
+        ]
+        for n, c in ccs.items()
+    ]
+    w.add(
+        "<h3>Class comparison</h3><p>Each patch is put alone on a black canvas and on every image, on a grid of positions: does "
+        "the patched image take the class the model gives the patch alone? A high share among the fooled pairs means the "
+        "patch works by looking like its own class, not by confusing the model.</p>",
+        table(
+            [
+                "patch",
+                "positions",
+                "(image, position) pairs",
+                "fooling rate",
+                "patched image takes the patch's class",
+                "... among the fooled pairs",
+            ],
+            rows,
+        ),
+        w.cmd([f"attacks.{n}.class_comparison" for n in ccs]),
+    )
     maps = []
     for n, c in ccs.items():
         per = [finite(v) or 0.0 for v in (c.get("fooling_rate_per_position") or [])]
@@ -88,9 +135,14 @@ def _class_comparison(w: SectionWriter, entries: dict[str, dict[str, Any]], imag
         fig, axes = figures.grid(len(maps), cols=len(maps), panel=(2.6, 2.5), top=0.3, bottom=0.1)
         for ax, (n, m) in zip(axes, maps):
             figures.heatmap(ax, m, attack_title(n), vmax=max(0.05, float(m.max())))
-        w.add(figure(img(figures.to_uri(fig), "fooling rate per patch position"),
-                     "Fooling rate per patch position (the image's grid of positions, top left = top left of the image): where on "
-                     "the image a patch does its damage.", w.cmd([f"attacks.{n}.class_comparison.fooling_rate_per_position" for n, _ in maps])))
+        w.add(
+            figure(
+                img(figures.to_uri(fig), "fooling rate per patch position"),
+                "Fooling rate per patch position (the image's grid of positions, top left = top left of the image): where on "
+                "the image a patch does its damage.",
+                w.cmd([f"attacks.{n}.class_comparison.fooling_rate_per_position" for n, _ in maps]),
+            )
+        )
 
 
 def build(src: AuditFolder) -> Section | None:
@@ -98,19 +150,45 @@ def build(src: AuditFolder) -> Section | None:
     if not entries:
         return None
     w = SectionWriter(src, "patches", "Patches")
-    w.add("<p>A small visible square pasted onto the image at a random place: PatchGAN (G2LVAP) generates one per image, the "
-          "universal patch is one learned square, the random noise patch is the baseline.</p>")
+    w.add(
+        "<p>A small visible square pasted onto the image at a random place: PatchGAN (G2LVAP) generates one per image, the "
+        "universal patch is one learned square, the random noise patch is the baseline.</p>"
+    )
     rows = []
     for n, e in entries.items():
-        rows.append([attack_title(n), pct(e.get("area"), 0), f"{num(e.get('side'))} px", pct(e.get("success_rate")),
-                     pct(e.get("success_rate_on_correct")), num(e.get("n")), seconds(e.get("seconds"))])
-    w.add(table(["patch", "area", "side", "success (all)", "success (correctly classified)", "images", "time (fit + apply)"], rows),
-          w.cmd([f"attacks.{n}" for n in entries]))
+        rows.append(
+            [
+                attack_title(n),
+                pct(e.get("area"), 0),
+                f"{num(e.get('side'))} px",
+                pct(e.get("success_rate")),
+                pct(e.get("success_rate_on_correct")),
+                num(e.get("n")),
+                seconds(e.get("seconds")),
+            ]
+        )
+    w.add(
+        table(
+            [
+                "patch",
+                "area",
+                "side",
+                "success (all)",
+                "success (correctly classified)",
+                "images",
+                "time (fit + apply)",
+            ],
+            rows,
+        ),
+        w.cmd([f"attacks.{n}" for n in entries]),
+    )
     summary = (entries.get("patch_gan") or {}).get("summary")
     if isinstance(summary, dict) and "patch_gan_above_both_at_every_area" in summary:
         beats = summary["patch_gan_above_both_at_every_area"]
-        w.add(f"<p>PatchGAN {'beats' if beats else 'does not beat'} both baselines at every area; its best fooling rate at an area of "
-              f"at most 10% is {pct(summary.get('patch_gan_best_fooling_at_area_le_10pct'))}.</p>")
+        w.add(
+            f"<p>PatchGAN {'beats' if beats else 'does not beat'} both baselines at every area; its best fooling rate at an area of "
+            f"at most 10% is {pct(summary.get('patch_gan_best_fooling_at_area_le_10pct'))}.</p>"
+        )
     _curve(w, entries)
     _patch_tiles(w, entries)
     ex = w.src.artifact("examples")
@@ -121,16 +199,34 @@ def build(src: AuditFolder) -> Section | None:
             got = got[1:]  # one clean row on top
         strips.extend(got)
     if strips:
-        w.add(figure(strip_table(strips), "The first held-out images with each patch at the largest area, at a random position; "
-                     "a red caption 'a → b' means the patch changed the model's label from a to b.",
-                     w.cmd([f"attacks.{n}" for n in entries], [f"attack_{n}" for n in entries] + ["examples"])))
+        w.add(
+            figure(
+                strip_table(strips),
+                "The first held-out images with each patch at the largest area, at a random position; "
+                "a red caption 'a → b' means the patch changed the model's label from a to b.",
+                w.cmd([f"attacks.{n}" for n in entries], [f"attack_{n}" for n in entries] + ["examples"]),
+            )
+        )
     hw = tuple(int(s) for s in ex["x"].shape[-2:]) if ex is not None and "x" in ex else None
     _class_comparison(w, entries, hw)  # type: ignore[arg-type]
     div = {n: e["diversity"] for n, e in entries.items() if isinstance(e.get("diversity"), dict)}
     if div:
-        w.add("<h3>Diversity</h3>", table(["patches", "pairs", "median SSIM", "median PSNR (dB)", "identical pairs"],
-                                           [[attack_title(n), num(d.get("n_pairs")), num(d.get("ssim_median")), num(d.get("psnr_median")),
-                                             num(d.get("identical_pairs"))] for n, d in div.items()]),
-              "<p>Pairwise similarity of the generated patches: SSIM near 1 means the generator draws the same patch every time.</p>",
-              w.cmd([f"attacks.{n}.diversity" for n in div]))
+        w.add(
+            "<h3>Diversity</h3>",
+            table(
+                ["patches", "pairs", "median SSIM", "median PSNR (dB)", "identical pairs"],
+                [
+                    [
+                        attack_title(n),
+                        num(d.get("n_pairs")),
+                        num(d.get("ssim_median")),
+                        num(d.get("psnr_median")),
+                        num(d.get("identical_pairs")),
+                    ]
+                    for n, d in div.items()
+                ],
+            ),
+            "<p>Pairwise similarity of the generated patches: SSIM near 1 means the generator draws the same patch every time.</p>",
+            w.cmd([f"attacks.{n}.diversity" for n in div]),
+        )
     return w.done()
