@@ -20,7 +20,10 @@ Steps, each its own process so that its time and peak RSS are its own (``--step`
 
 Tuning (iterations, batch) was done on pairs drawn with ``--seed 100`` from the reference
 images, which are never reported. Results merge into
-``benchmarks/results/imagenet_feature_fooling.json``.
+``benchmarks/results/imagenet_feature_fooling.json`` (``--out``), written by
+:func:`guard.core.provenance.write_results`: each step's entry under ``steps`` keeps its own
+command and commit, the top-level ``command`` joins them, and ``provenance`` is the last step's.
+Writes benchmarks/results/imagenet_feature_fooling.json.
 
 Every chunk of ``--batch`` pairs is checkpointed under the cache when done, keyed by its pairs and
 settings, so an interrupted run resumes where it stopped.
@@ -40,7 +43,6 @@ import hashlib
 import json
 import os
 import resource
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +56,7 @@ from benchmarks.imagenet import sample as imagenet_sample
 from guard.attacks.feature_adversary import FeatureAdversary
 from guard.attacks.representation import active_units, distance_ratio, knn_rank_analysis, summarize
 from guard.core.features import extract_features
+from guard.core.provenance import git_commit, provenance, write_results
 from guard.detectors.local_ppca import local_ppca
 
 PENULT, MID = "1._fc:input", "1._blocks.10"
@@ -105,29 +108,31 @@ def pairs(
     return rest[:n], guides
 
 
-def record(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
-    """Merge a step's results, wall/CPU seconds and peak RSS into the JSON (under a lock: steps
-    run side by side, and each reads, merges and rewrites the one file)."""
+def record(step: str, t0: float, c0: float, extra: dict[str, Any], path: str | os.PathLike[str] = RESULTS) -> None:
+    """Merge a step's results, wall/CPU seconds and peak RSS into the JSON at ``path`` (under a lock:
+    steps run side by side, and each reads, merges and rewrites the one file)."""
     import fcntl
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS.with_suffix(".lock"), "w") as lock:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _merge_into_results(step, t0, c0, extra)
+        _merge_into_results(path, step, t0, c0, extra)
 
 
-def _merge_into_results(step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+def _merge_into_results(path: Path, step: str, t0: float, c0: float, extra: dict[str, Any]) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    for key in ("command", "commit", "provenance"):  # write_results writes them again, for the file as it now is
+        data.pop(key, None)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} .venv/bin/python " + " ".join(
-        ["benchmarks/" + Path(sys.argv[0]).name, *sys.argv[1:]]
-    )
+    cmd = f"OMP_NUM_THREADS={torch.get_num_threads()} " + provenance()["command"]
     data.setdefault("steps", {})[step] = {
         "wall_s": round(time.perf_counter() - t0, 1),
         "cpu_s": round(time.process_time() - c0, 1),
         "peak_rss_mib": round(rss),
         "threads": torch.get_num_threads(),
         "command": cmd,
+        "commit": git_commit(),
     }
 
     def merge(into: dict[str, Any], new: dict[str, Any]) -> None:
@@ -138,9 +143,7 @@ def _merge_into_results(step: str, t0: float, c0: float, extra: dict[str, Any]) 
                 into[key] = val
 
     merge(data, extra)
-    data["command"] = "; ".join(s["command"] for s in data["steps"].values())
-    RESULTS.with_suffix(".tmp").write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(RESULTS.with_suffix(".tmp"), RESULTS)
+    write_results(path, dict(sorted(data.items())), command="; ".join(s["command"] for s in data["steps"].values()))
 
 
 def analyse(
@@ -285,7 +288,8 @@ def step_feature_adversary(args: argparse.Namespace) -> dict[str, Any]:
             (MID, d, mid_side, args.side_iter) for d in (5, 15)
         ]
     key = "feature_adversary_tuning" if args.tuning else "feature_adversary"
-    previous = json.loads(RESULTS.read_text()) if args.resume and RESULTS.is_file() else {}
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.resume and out.is_file() else {}
     done = previous.get(key, {})
     for layer, delta, n, iters in plan:
         if str(delta) in done.get(layer, {}):  # --resume: a configuration an interrupted run recorded
@@ -458,6 +462,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the configurations already in the JSON")
     ap.add_argument("--art-pairs", type=int, default=3)
     ap.add_argument("--art-iters", type=int, nargs="+", default=[40, 120])
+    ap.add_argument("--out", default=str(RESULTS), help="the results JSON the step merges into (default: %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -471,7 +476,9 @@ def main() -> None:
     }
     extra = steps[args.step](args)
     # a resumed run is timed under its own name: the first run's wall time stays in the JSON
-    record(args.step + ("_tuning" if args.tuning else "") + ("_resumed" if args.resume else ""), t0, c0, extra)
+    record(
+        args.step + ("_tuning" if args.tuning else "") + ("_resumed" if args.resume else ""), t0, c0, extra, args.out
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 Run: ``.venv/bin/python -m benchmarks.imagenet.feature_fooling_tables``. The papers' figures are
 the ones the issue quotes (Sabour et al. 2016, CaffeNet FC7, delta 10/255, 100 pairs; Nguyen et
 al. 2015, ImageNet AlexNet); a dash where this file does not transcribe one.
+
+Not a benchmark: it measures nothing and only renders that results file (which carries its own
+provenance) as markdown, so it prints and writes no results file.
 """
 
 from __future__ import annotations

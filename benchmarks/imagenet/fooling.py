@@ -33,6 +33,11 @@ Steps (``--step``), each its own process (time and peak RSS per step), results m
   images of each step above.
 
 Nothing here was tuned: every setting is a library default or was sized to the clock.
+
+Writes benchmarks/results/imagenet_feature_fooling.json (``--out``; merged, through
+:func:`guard.core.provenance.write_results`), e.g.::
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.imagenet.fooling --step evolve --encoding cppn --population 50 --generations 30
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def step_gradient(args: argparse.Namespace) -> dict[str, Any]:
             }
         }
         print(f"gradient {conf.numel()} classes: {_shares(conf)} min {float(conf.min()):.6f}", flush=True)
-        record("gradient_partial", t0, c0, out)
+        record("gradient_partial", t0, c0, out, args.out)
     _save(
         "fooling_gradient", {"x": torch.cat([p["x"] for p in parts]), "label": torch.cat([p["label"] for p in parts])}
     )
@@ -218,8 +223,8 @@ def _full_run_reference(args: argparse.Namespace, cls: torch.Tensor, generations
         d = _load(f"fooling_{args.encoding}")
         keep = torch.isin(d["label"], cls)
         ref["full_run_same_classes"] = {"median_conf": float(d["confidence"][keep].median()), "n": int(keep.sum())}
-    if RESULTS.is_file():
-        full = json.loads(RESULTS.read_text()).get("fooling", {}).get(args.encoding, {})
+    if Path(args.out).is_file():
+        full = json.loads(Path(args.out).read_text()).get("fooling", {}).get(args.encoding, {})
         if full:
             ref["full_run_same_classes"] = {
                 **ref.get("full_run_same_classes", {}),
@@ -347,7 +352,7 @@ def _reject_images(args: argparse.Namespace, cls: torch.Tensor) -> tuple[torch.T
         )
     d = _load(f"fooling_{args.reject_from}")
     keep = torch.isin(d["label"], cls)
-    meta = json.loads(RESULTS.read_text())["fooling"][args.reject_from] if RESULTS.is_file() else {}
+    meta = json.loads(Path(args.out).read_text())["fooling"][args.reject_from] if Path(args.out).is_file() else {}
     info = {
         "from": args.reject_from,
         "n": int(keep.sum()),
@@ -414,8 +419,8 @@ def step_reevolve(args: argparse.Namespace) -> dict[str, Any]:
     conf = res.extras["elite_confidence"]
     rejected = float((predict_labels(model, res.x_adv) == n).float().mean())
     before = None
-    if RESULTS.is_file() and n == 1000:
-        hist = json.loads(RESULTS.read_text()).get("fooling", {}).get("cppn", {}).get("history", [])
+    if Path(args.out).is_file() and n == 1000:
+        hist = json.loads(Path(args.out).read_text()).get("fooling", {}).get("cppn", {}).get("history", [])
         at = [h for h in hist if h["generation"] <= args.generations]
         if at:
             before = {"generation": at[-1]["generation"], "median_conf": at[-1]["median_confidence"]}
@@ -555,6 +560,7 @@ def main() -> None:
     ap.add_argument(
         "--det-n", type=int, default=200, help="fooling images per set scored by the detectors (seeded subset)"
     )
+    ap.add_argument("--out", default=str(RESULTS), help="the results JSON the step merges into (default: %(default)s)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     np.random.seed(0)
@@ -574,7 +580,7 @@ def main() -> None:
         if args.step in ("harden", "harden_gradient", "reevolve") and args.reject_from != "none"
         else ""
     )
-    record(name, t0, c0, extra)
+    record(name, t0, c0, extra, args.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ Every fitted attack and every finished stage is kept under ``--work`` (safetenso
 an interrupted run resumes where it stopped. Time (wall and CPU) and peak RSS after each stage go
 into the JSON. Threads: ``torch.set_num_threads(--threads)``.
 
+Writes benchmarks/results/imagenet_patch.json (``--out``):
+
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.imagenet.patch [--threads 1]
 """
 
@@ -464,7 +466,7 @@ def export_guarded(
 ) -> dict:
     """guard.wrap(model, [saliency, kNN]) -> fit, calibrate (1% FPR) -> to_onnx with parity -> latency."""
     import guard
-    from benchmarks.peers.onnxruntime_vs_eager import paired_median_ms
+    from benchmarks.fixtures.timing import paired_median_ms
     from guard.export import compare_with_guarded, load_session, to_onnx
 
     out: dict[str, Any] = {
@@ -592,7 +594,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from benchmarks.imagenet import sample as imagenet_sample
     from benchmarks.imagenet.efficientnet import build
-    from guard.core.cache import atomic_write_text, cache_dir
+    from guard.core.cache import cache_dir
+    from guard.core.provenance import write_results
 
     cfg = Config(
         **{
@@ -632,16 +635,12 @@ def main() -> int:
     res = run(model, x, y, cfg, work)
     res["stages"] = {"load": load_s, **res["stages"]}
     res["threads"] = args.threads
-    res["command"] = "OMP_NUM_THREADS=1 .venv/bin/python " + " ".join(
-        ["-m", "benchmarks.imagenet.patch", *sys.argv[1:]]
-    )
     res["total"] = {
         "wall_s": round(time.perf_counter() - t0, 1),
         "cpu_s": round(time.process_time() - c0, 1),
         "peak_rss_mb": peak_rss_mb(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(json_safe(res), indent=1, allow_nan=False) + "\n")
+    write_results(args.out, json_safe(res))  # adds command, commit and machine
     print(json.dumps({k: res[k] for k in ("fooling", "ssim_median", "detection")}, indent=1))
     return 0
 

@@ -8,9 +8,11 @@ Side by side in one process:
   here because neat-python is not installed; its output is checked equal to ours.
 
 Then the MAP-Elites CPPN evolution on the demo model until all 10 classes reach 99.99%
-(``--generations`` at most; ``--selection`` uniform as in the paper, or unfooled).
+(``--generations`` at most, 0 to leave the evolution out; ``--selection`` uniform as in the paper,
+or unfooled). The ratio is guard's images/s over the per-pixel evaluation's. Writes
+benchmarks/results/cppn_vs_per_pixel.json:
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.cppn_vs_per_pixel [--population 100] [--generations 1500]``.
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.cppn_vs_per_pixel [--population 100] [--generations 1500]
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import NUM_INPUTS, Genome, MutationRates, mutate, random_genome, render
 from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.core.provenance import write_results
 
 _ACT = {
     "sine": math.sin,
@@ -59,8 +63,11 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=1500)
     ap.add_argument("--selection", default="uniform", choices=["uniform", "unfooled"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, default=5, help="renders of the population timed (the mean counts)")
+    ap.add_argument("--per-pixel", type=int, default=10, help="genomes rendered by the per-pixel evaluation")
+    out_option(ap, "cppn_vs_per_pixel")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    pin_threads(1)
     model = guard.demo_model(progress=False)
     rng = np.random.default_rng(0)
     pop = [random_genome(1, rng=rng, hidden=2) for _ in range(args.population)]
@@ -71,7 +78,7 @@ def main() -> None:
         f"population {len(pop)}, mean hidden nodes {hidden:.1f}, mean connections {np.mean([len(g.connections) for g in pop]):.1f}"
     )
 
-    reps = 5
+    reps = args.reps
     t0 = time.perf_counter()
     for _ in range(reps):
         x = render(pop, 28)
@@ -81,7 +88,7 @@ def main() -> None:
         for _ in range(reps):
             F.softmax(model(render(pop, 28)), 1)
     t_rs = (time.perf_counter() - t0) / reps
-    k = 10
+    k = min(args.per_pixel, len(pop))
     t0 = time.perf_counter()
     ref = np.stack([render_per_pixel(g, 28, 28) for g in pop[:k]])
     t_py = (time.perf_counter() - t0) / k * len(pop)
@@ -93,7 +100,29 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     big = render(pop[:10], 256)
-    print(f"guard render 256x256: {10 / (time.perf_counter() - t0):.0f} img/s, shape {tuple(big.shape)}")
+    big_rate = len(big) / (time.perf_counter() - t0)
+    print(f"guard render 256x256: {big_rate:.0f} img/s, shape {tuple(big.shape)}")
+    figures: dict[str, object] = {
+        "model": "guard.demo_model('mnist') (DemoNet)",
+        "threads": 1,
+        "population": len(pop),
+        "render_reps": reps,
+        "per_pixel_genomes": k,
+        "mean_hidden_nodes": round(hidden, 2),
+        "mean_connections": round(float(np.mean([len(g.connections) for g in pop])), 2),
+        "guard_render_28px_images_per_second": round(len(pop) / t_r, 1),
+        "guard_render_and_score_28px_images_per_second": round(len(pop) / t_rs, 1),
+        "per_pixel_python_28px_images_per_second": round(len(pop) / t_py, 2),
+        "ratio_guard_render_over_per_pixel": round(t_py / t_r, 1),
+        "ratio_note": "images/s of guard's vectorised render over the per-pixel Python evaluation's (NEAT-style)",
+        "max_abs_difference_vs_per_pixel": err,
+        "guard_render_256px_images_per_second": round(big_rate, 1),
+        "evolution": None,
+    }
+    if args.generations <= 0:
+        write_results(args.out, figures)
+        print(f"wrote {args.out} (no evolution: --generations {args.generations})")
+        return
 
     t0 = time.perf_counter()
     res = FoolingEvolution(
@@ -111,6 +140,20 @@ def main() -> None:
         f"{ex['generation_all_fooled']} (-1: not within {args.generations}); {ex['generations']} generations, {sec:.1f} s; "
         f"classes fooled {int((conf >= 0.9999).sum())}/10; elite confidence min {float(conf.min()):.6f} median {float(conf.double().median()):.6f}"
     )
+    figures["evolution"] = {
+        "selection": args.selection,
+        "population": args.population,
+        "max_generations": args.generations,
+        "seed": args.seed,
+        "generation_all_fooled": int(ex["generation_all_fooled"]),
+        "generations": int(ex["generations"]),
+        "seconds": round(sec, 1),
+        "classes_at_9999": int((conf >= 0.9999).sum()),
+        "min_confidence": float(conf.min()),
+        "median_confidence": float(conf.double().median()),
+    }
+    write_results(args.out, figures)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ seeded). Prints seconds and the median distance ratio d(a, g) / d(s, g) for each
 * ART PyTorch: signed-gradient PGD on the same objective (``step_size``), iterations chosen
   so that its time matches ours ("at equal time").
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.feature_adversary_vs_art [--n 100] [--n-numpy 2]``.
+The ratios are guard's seconds over ART's (below 1: guard is faster) on the same images.
+Writes benchmarks/results/feature_adversary_vs_art.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.feature_adversary_vs_art [--n 100] [--n-numpy 2]
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 from torch import nn
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.feature_adversary import FeatureAdversary, sample_guides
 from guard.attacks.representation import distance_ratio
 from guard.core.features import extract_features
+from guard.core.provenance import write_results
 
 
 def dr(model: nn.Module, layer: str, adv: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -42,8 +47,9 @@ def main() -> None:
     ap.add_argument("--delta", type=float, default=0.3)
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--numpy-maxiter", type=int, default=5)
+    out_option(ap, "feature_adversary_vs_art")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    pin_threads(1)
     logging.getLogger("art").setLevel(logging.WARNING)
     from art.attacks.evasion import FeatureAdversariesNumpy, FeatureAdversariesPyTorch
     from art.estimators.classification import PyTorchClassifier
@@ -89,6 +95,31 @@ def main() -> None:
         f"guard same n={k} max_iter={args.numpy_maxiter}:          {t_ours_k:8.2f} s  median ratio "
         f"{float(ours_k.extras['distance_ratio'].median()):.3f}  -> speed-up {t_np / t_ours_k:.0f}x"
     )
+    figures: dict[str, object] = {
+        "model": "guard.demo_model('mnist') (DemoNet)",
+        "layer": args.layer,
+        "delta": args.delta,
+        "threads": 1,
+        "guard": {
+            "images": args.n,
+            "max_iter": args.max_iter,
+            "seconds": round(t_ours, 3),
+            "median_distance_ratio": float(d_ours.median()),
+            "guide_label_agreement": float(ours.success_rate),
+        },
+        "art_numpy": {
+            "images": k,
+            "maxiter": args.numpy_maxiter,
+            "seconds": round(t_np, 3),
+            "median_distance_ratio": float(d_np.median()),
+            "linf": float((a_np - x[:k]).abs().max()),
+            "guard_same_images_seconds": round(t_ours_k, 3),
+            "guard_same_images_median_distance_ratio": float(ours_k.extras["distance_ratio"].median()),
+            "ratio_guard_seconds_over_art": round(t_ours_k / t_np, 4),
+        },
+        "art_pytorch": [],
+        "ratio_note": "guard seconds over ART seconds on the same images (< 1: guard is faster)",
+    }
 
     # ART PyTorch (PGD), N images, at about our time
     step = args.delta / 10
@@ -111,6 +142,20 @@ def main() -> None:
             f"ART FeatureAdversariesPyTorch n={args.n} PGD iters={it} step={step:.3f}: {t_pt:8.2f} s  median ratio {float(d_pt.median()):.3f}  "
             f"agreement {agree:.3f}  (time ratio ART/guard {t_pt / t_ours:.2f})"
         )
+        figures["art_pytorch"].append(
+            {
+                "images": args.n,
+                "pgd_iterations": it,
+                "step_size": step,  # type: ignore[attr-defined]
+                "equal_time": it == iters,
+                "seconds": round(t_pt, 3),
+                "median_distance_ratio": float(d_pt.median()),
+                "guide_label_agreement": agree,
+                "ratio_guard_seconds_over_art": round(t_ours / t_pt, 3),
+            }
+        )
+    write_results(args.out, figures)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ and with saliency added (the gradient from the guarded model's own forward pass,
 comparison, from Captum's Saliency with its own forward pass); with
 ``--onnx DIR``, the same guarded model exported by ``guard.to_onnx`` (parity checked) and
 served by onnxruntime on the CPU, one thread, next to eager. Peak RSS is printed after each part.
+The ratio is guarded s / bare s (the median of the per-pair ratios). Writes
+benchmarks/results/guarded_vs_bare_resnet50.json:
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.guarded_vs_bare_resnet50 [--bank 100000] [--reps 3] [--onnx DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.guarded_vs_bare_resnet50 [--bank 100000] [--reps 3] [--onnx DIR]
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 from benchmarks.fixtures.proc_memory import peak_rss_mb, rss_mb  # noqa: E402
+from benchmarks.fixtures.timing import out_option, pin_threads  # noqa: E402
+from guard.core.provenance import write_results  # noqa: E402
 
 
 def mixtures(f: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -76,8 +80,8 @@ def main() -> None:
     ap.add_argument(
         "--only-onnx", action="store_true", help="time only onnxruntime against the bare model (with --onnx)"
     )
+    out_option(ap, "guarded_vs_bare_resnet50")
     args = ap.parse_args()
-    import faiss
     from torchvision.models import resnet50
 
     import guard
@@ -85,8 +89,7 @@ def main() -> None:
     from guard.detectors import KNNConsistency, KNNRank, PPCAManifold, SaliencyConcentration, bank_index
     from guard.detectors.bank_index import shared_index
 
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    pin_threads(1)
     torch.manual_seed(0)
     model = resnet50().eval()
     g = torch.Generator().manual_seed(0)
@@ -137,12 +140,24 @@ def main() -> None:
         with torch.no_grad():
             model(xb)
 
+    params = {
+        "model": "torchvision resnet50 (random weights, 1,000 classes)",
+        "batch": args.batch,
+        "image_px": 224,
+        "bank_rows": n,
+        "base_images": args.base,
+        "reps": args.reps,
+        "threads": 1,
+        "layers": layers,
+        "knn_layers_equal": equal,
+        "onnx": bool(args.onnx),
+        "only_onnx": args.only_onnx,
+        "timing": "medians over interleaved pairs (bare, guarded), each pair on a new batch",
+        "ratio_note": "guarded seconds over bare seconds (the median of the per-pair ratios)",
+    }
     if args.only_onnx:
         rows = onnx_rows(feat, bare, batches, Path(args.onnx), args.reps)
-        print(f"{'(medians over interleaved pairs)':<58} {'bare s':>8} {'this s':>8} {'x bare':>7}")
-        for name, (b, w, ratio) in rows:
-            print(f"{name:<58} {b:>8.2f} {w:>8.2f} {ratio:>7.2f}")
-        print(f"peak RSS {peak_rss_mb():.0f} MB")
+        report(rows, params, args.out)
         return
     rows = [("guarded: knn + knn_consistency + ppca (IVF-Flat)", paired(bare, feat, batches, args.reps))]
     exact = {}
@@ -169,10 +184,32 @@ def main() -> None:
     print(f"serving timed; peak RSS {peak_rss_mb():.0f} MB", flush=True)
     if args.onnx:
         rows += onnx_rows(feat, bare, batches, Path(args.onnx), args.reps)
+    report(rows, params, args.out)
+
+
+def report(rows: list, params: dict, out: str) -> None:
+    """Print the table and write it with the run's parameters to ``out``."""
     print(f"{'(medians over interleaved pairs)':<58} {'bare s':>8} {'this s':>8} {'x bare':>7}")
     for name, (b, w, ratio) in rows:
         print(f"{name:<58} {b:>8.2f} {w:>8.2f} {ratio:>7.2f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
+    write_results(
+        out,
+        {
+            **params,
+            "peak_rss_mb": peak_rss_mb(),
+            "rows": [
+                {
+                    "configuration": name.strip(),
+                    "bare_seconds": round(b, 4),
+                    "guarded_seconds": round(w, 4),
+                    "ratio_guarded_over_bare": round(ratio, 3),
+                }
+                for name, (b, w, ratio) in rows
+            ],
+        },
+    )
+    print(f"wrote {out}")
 
 
 def onnx_rows(guarded, bare, batches: list[torch.Tensor], folder: Path, reps: int) -> list:

@@ -2,10 +2,11 @@
 
 Banks of 10k and 100k random 256-d rows (L2-normalised, as KNNRank's cosine default), 1k
 queries, k = 10; one thread for everyone (OMP_NUM_THREADS=1, faiss.omp_set_num_threads(1),
-n_jobs=1). Prints queries per second and the ratio FAISS / scikit-learn, and checks that the
-mean kNN distances agree.
+n_jobs=1). Prints queries per second and the ratio FAISS / scikit-learn (queries/s over queries/s
+of scikit-learn's brute force and of each tree), and checks that the mean kNN distances agree.
+Writes benchmarks/results/knn_faiss_vs_sklearn.json:
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.knn_faiss_vs_sklearn [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.knn_faiss_vs_sklearn [--quick] [--banks 10000,100000]
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
+from benchmarks.fixtures.timing import out_option, pin_threads  # noqa: E402
+from guard.core.provenance import write_results  # noqa: E402
 from guard.detectors.knn import build_index, knn_search  # noqa: E402
 
 
@@ -37,14 +39,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="10k bank only, no tree on 100k")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument(
+        "--banks",
+        default="10000,100000",
+        help="bank sizes, comma-separated (--quick: the first only, no trees above 10k)",
+    )
+    ap.add_argument("--queries", type=int, default=1000)
+    out_option(ap, "knn_faiss_vs_sklearn")
     args = ap.parse_args()
-    faiss.omp_set_num_threads(1)
-    torch.set_num_threads(1)
+    pin_threads(1)
     rng = np.random.default_rng(0)
-    d, nq, k = 256, 1000, args.k
+    d, nq, k = 256, args.queries, args.k
+    banks = [int(b) for b in args.banks.split(",")]
+    figures: dict[str, object] = {
+        "dim": d,
+        "queries": nq,
+        "k": k,
+        "threads": 1,
+        "metric": "cosine (unit rows)",
+        "bank_rows": "standard normal, L2-normalised; queries: bank rows + 0.05 noise",
+        "quick": args.quick,
+        "banks": {},
+    }
     print(f"kNN score, d={d}, {nq} queries, k={k}, 1 thread; q/s (higher is better)")
     print(f"{'bank':>7} {'method':<30} {'build s':>8} {'query s':>8} {'q/s':>10} {'FAISS x':>8}")
-    for m in [10_000] if args.quick else [10_000, 100_000]:
+    for m in banks[:1] if args.quick else banks:
         bank = rng.standard_normal((m, d)).astype(np.float32)
         bank /= np.linalg.norm(bank, axis=1, keepdims=True)
         # queries near bank points (realistic: clean inputs close to the training manifold)
@@ -78,6 +97,24 @@ def main() -> None:
         for name, tb, tq in rows:
             print(f"{m:>7} {name:<30} {tb:>8.3f} {tq:>8.3f} {nq / tq:>10.0f} {faiss_q / (nq / tq):>8.2f}")
         print(f"        (IVF: max |mean-distance error| vs exact = {ivf_err:.2e})")
+        methods = {
+            name: {
+                "build_seconds": round(tb, 4),
+                "query_seconds": round(tq, 4),
+                "queries_per_second": round(nq / tq, 1),
+                "ratio_faiss_exact_over_this": round(faiss_q / (nq / tq), 3),
+            }
+            for name, tb, tq in rows
+        }
+        brute = methods["sklearn brute"]["queries_per_second"]
+        figures["banks"][str(m)] = {  # type: ignore[index]
+            "methods": methods,
+            "ivf_max_mean_distance_error": ivf_err,
+            "ratio_faiss_exact_over_sklearn_brute": round(faiss_q / brute, 3),
+            "ratio_note": "queries/s of FAISS exact over queries/s of scikit-learn brute force (> 1: FAISS faster)",
+        }
+    write_results(args.out, figures)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

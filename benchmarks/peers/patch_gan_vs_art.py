@@ -1,13 +1,14 @@
 """PatchGAN vs IBM ART's AdversarialPatchPyTorch: same model, same patch area, same wall-clock budget.
 
-Usage: OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.peers.patch_gan_vs_art [--demo cifar10] [--area 0.1] [--art-iters 5] [--train 1000] [--threads 2]
-
 ART is run first (untargeted, square patch, no rotation, fixed scale = side / image side so it
 covers the same area, random placement, Adam); its training time T becomes the wall-clock
 budget of guard's PatchGAN (paper loss and margin loss) and UniversalPatch. Every patch is
 then evaluated on the 2,000 held-out images with ``--reps`` draws of random positions
 (ART's patch through ART's own ``apply_patch``). Prints the fooling rates (the model's label
-on the patched image differs from its clean label) and the ratio PatchGAN / ART.
+on the patched image differs from its clean label) and the ratio guard's / ART's fooling rate.
+Writes benchmarks/results/patch_gan_vs_art.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.peers.patch_gan_vs_art --threads 1 [--demo cifar10] [--area 0.1] [--art-iters 5] [--train 1000]
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import time
 
 import numpy as np
 import torch
+
+from benchmarks.fixtures.timing import out_option, pin_threads
+from guard.core.provenance import write_results
 
 
 def main() -> None:
@@ -28,11 +32,13 @@ def main() -> None:
     ap.add_argument("--art-lr", type=float, default=0.1)
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--demo", default="mnist", help="embedded default: mnist or cifar10 (its demo model)")
+    ap.add_argument("--eval", type=int, default=0, help="held-out images the patches are scored on (0: all)")
+    out_option(ap, "patch_gan_vs_art")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
 
     from art.attacks.evasion import AdversarialPatchPyTorch
     from art.estimators.classification import PyTorchClassifier
@@ -46,6 +52,8 @@ def main() -> None:
 
     model = guard.demo_model(args.demo, progress=False).eval()
     train, test = guard.demo_data(args.demo)
+    if args.eval:
+        test = guard.Split(test.x[: args.eval], test.y[: args.eval])
     c, h, _ = (int(v) for v in test.x.shape[1:])
     x_tr = train.x[: args.train]
     side = patch_side(args.area, (h, h))
@@ -100,17 +108,48 @@ def main() -> None:
         atk.fit(model, x_tr)
         fit_s = time.perf_counter() - t0
         st = fooling_rate_repeated(model, test.x, patch_sampler(atk), repetitions=args.reps, seed=args.seed)
-        rows[name] = st["mean"]
+        rows[name] = {
+            "fooling_rate": st["mean"],
+            "std": st["std"],
+            "fit_seconds": round(fit_s, 2),
+            "steps": int(atk.steps_),
+        }
         div = (
             pairwise_diversity(atk.sample(100, generator=torch.Generator().manual_seed(0)))["ssim_median"]
             if isinstance(atk, PatchGAN)
             else 1.0
         )
+        rows[name]["ssim_median"] = div
+        rows[name]["ratio_over_art"] = rows[name]["fooling_rate"] / art_mean if art_mean > 0 else None
         print(
             f"{name:<32} fit {fit_s:5.1f} s ({atk.steps_} steps) -> fooling {st['mean']:.4f} +- {st['std']:.4f}  median SSIM {div:.3f}"
         )
     for name, v in rows.items():
-        print(f"ratio {name:<32} / ART: {v / art_mean if art_mean > 0 else float('inf'):.2f}x")
+        print(f"ratio {name:<32} / ART: {v['fooling_rate'] / art_mean if art_mean > 0 else float('inf'):.2f}x")
+    write_results(
+        args.out,
+        {
+            "demo": args.demo,
+            "area": args.area,
+            "side_px": side,
+            "train_images": args.train,
+            "eval_images": len(test),
+            "reps": args.reps,
+            "threads": args.threads,
+            "seed": args.seed,
+            "art": {
+                "iterations": args.art_iters,
+                "lr": args.art_lr,
+                "seconds": round(budget, 2),
+                "fooling_rate": art_mean,
+                "std": float(np.std(art_rates)),
+            },
+            "wall_clock_budget_seconds": round(budget, 2),
+            "guard": rows,
+            "ratio_note": "each guard attack's fooling rate over ART's, at ART's training time as guard's budget",
+        },
+    )
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Runs ``torchrun --standalone --nproc_per_node=N -m guard harden`` for N = 1 and 2 on
 the demo model (or, with ``--tiny``, a narrow DemoNet trained here) and prints, per round,
 the attack-generation and training seconds and the ratios 2-process / 1-process. Every
-process uses one thread (``OMP_NUM_THREADS=1``), so 2 processes use 2 cores.
+process uses one thread (``OMP_NUM_THREADS=1``), so 2 processes use 2 cores. Writes
+benchmarks/results/harden_processes.json:
 
     .venv/bin/python -m benchmarks.scale.harden_processes                 # demo model, 3 rounds
     .venv/bin/python -m benchmarks.scale.harden_processes --tiny --rounds 2 --budget quick
@@ -19,6 +20,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.fixtures.timing import out_option
+from guard.core.provenance import write_results
 
 TINY_MODULE = """
 from guard.core.cache import load_tensors
@@ -72,6 +76,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train", type=int, default=8000)
     p.add_argument("--budget", choices=["quick", "default"], default="default")
+    out_option(p, "harden_processes")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -118,6 +123,28 @@ def main() -> int:
         h2[-1].get("fooling_classes_ge99_count"),
         "(2p)",
     )
+    write_results(
+        args.out,
+        {
+            "model": "tiny DemoNet (width 8, hidden 32)" if args.tiny else "guard.demo_model('mnist')",
+            "rounds": args.rounds,
+            "epochs_per_round": args.epochs,
+            "train_images": args.train,
+            "budget": args.budget,
+            "threads_per_process": 1,
+            "processes": {
+                str(n): {
+                    "wall_seconds_with_start_up": round(wall, 1),
+                    "timings": res["timings"],
+                    "rounds": res["history"],
+                }
+                for n, (res, wall) in results.items()
+            },
+            "ratio_train_seconds_2p_over_1p": t2["train_seconds"] / t1["train_seconds"],
+            "ratio_attack_seconds_2p_over_1p": t2["attack_seconds"] / t1["attack_seconds"],
+        },
+    )
+    print(f"wrote {args.out}")
     return 0
 
 

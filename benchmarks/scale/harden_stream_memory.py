@@ -7,7 +7,9 @@ fooling-gradient and universal-patch attacks (quick budget), a checkpoint (so th
 also computes the data digest), 500 held-out images. Each run is its own process (``--one``), so
 each peak RSS is that run's alone; ``images MB`` is what the training images take as float32.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.harden_stream_memory [--sizes 2000,8000] [--px 64] [--tensor 8000]
+Writes benchmarks/results/harden_stream_memory.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.harden_stream_memory [--sizes 2000,8000] [--px 64] [--tensor 8000]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn  # noqa: E402
 
 from benchmarks.fixtures.proc_memory import peak_rss_mb, rss_mb, size_runs  # noqa: E402
 from benchmarks.scale.stream_fit_memory import NoiseImages  # noqa: E402
+from guard.core.provenance import write_results  # noqa: E402
 
 
 def one(n: int, px: int, batch: int, tensor: bool) -> dict:
@@ -72,14 +75,35 @@ def one(n: int, px: int, batch: int, tensor: bool) -> dict:
 
 
 def main() -> None:
-    args, results = size_runs(__file__, one, sizes="2000,8000", tensor=8000)
+    args, results = size_runs(__file__, one, sizes="2000,8000", tensor=8000, out="harden_stream_memory")
     print(f"small CNN, {args.px} px RGB, batch {args.batch}, 1 round x 1 epoch, 1 thread")
     print(f"{'N':>7} {'path':<7} {'wall s':>8} {'images MB':>10} {'start RSS MB':>13} {'peak RSS MB':>12}")
+    rows = []
     for r in results:
+        rows.append(r)
         print(
             f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['images_mb']:>10.0f} {r['start_rss_mb']:>13.0f} {r['peak_rss_mb']:>12.0f}",
             flush=True,
         )
+    write_results(
+        args.out,
+        {
+            "model": "a small random CNN (2 conv + linear)",
+            "px": args.px,
+            "batch": args.batch,
+            "sizes": args.sizes,
+            "tensor": args.tensor,
+            "rounds": 1,
+            "epochs_per_round": 1,
+            "attacks": ["fooling_gradient", "universal_patch"],
+            "budget": "quick",
+            "test_images": 500,
+            "threads": 1,
+            "runs": "each size in its own process (peak RSS is that run's alone)",
+            "rows": rows,
+        },
+    )
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

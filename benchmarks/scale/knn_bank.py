@@ -14,7 +14,9 @@ per-unit std; queries are made the same way from the 2,000 held-out images' feat
 FAISS exact, FAISS IVF-PQ (BankIndex, several nprobe), FAISS IVF-Flat, scikit-learn
 ``NearestNeighbors(algorithm="brute", metric="cosine")``. One thread for everyone.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.knn_bank [--n 1000000] [--queries 500] [--nlists default,4000] [--nprobes 8,16,32] [--no-pq]
+The ratio is each method's queries/s over scikit-learn brute force's. Writes benchmarks/results/knn_bank.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.knn_bank [--n 1000000] [--queries 500] [--nlists default,4000] [--nprobes 8,16,32] [--no-pq]
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.fixtures.proc_memory import peak_rss_mb, rss_mb  # noqa: E402
+from benchmarks.fixtures.timing import out_option, pin_threads  # noqa: E402
+from guard.core.provenance import write_results  # noqa: E402
 from guard.detectors.knn import BankIndex, ivf_nlist  # noqa: E402
 
 
@@ -63,7 +66,8 @@ def real_features() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return {k: (v["bank"], v["query"]) for k, v in out.items()}
 
 
-def part1(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], k: int) -> None:
+def part1(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], k: int) -> list[dict]:
+    rows = []
     print(f"\nPart 1: recall@{k} vs exact on real features (bank 8,000, 2,000 queries), cosine")
     print(f"{'features':<44} {'index':<12} {'nlist':>6} {'nprobe':>6} {'recall':>7}")
     for name, (bank, query) in feats.items():
@@ -75,10 +79,18 @@ def part1(feats: dict[str, tuple[torch.Tensor, torch.Tensor]], k: int) -> None:
                 for rerank in (1, 4, 10) if kind == "ivf_pq" else (1,):
                     idx.index.nprobe, idx.rerank = nprobe, rerank
                     label = kind if kind == "ivf_flat" else f"ivf_pq rr{rerank}"
-                    print(
-                        f"{name:<44} {label:<12} {ivf_nlist(b.shape[0]):>6} {nprobe:>6} {recall(idx.search(q, k)[1], truth):>7.3f}",
-                        flush=True,
+                    rec = recall(idx.search(q, k)[1], truth)
+                    rows.append(
+                        {
+                            "features": name,
+                            "index": label,
+                            "nlist": ivf_nlist(b.shape[0]),
+                            "nprobe": nprobe,
+                            "recall": rec,
+                        }
                     )
+                    print(f"{name:<44} {label:<12} {ivf_nlist(b.shape[0]):>6} {nprobe:>6} {rec:>7.3f}", flush=True)
+    return rows
 
 
 def mixtures(f: torch.Tensor, n: int, std: torch.Tensor, seed: int) -> torch.Tensor:
@@ -110,7 +122,7 @@ def part2(
     nlists: list[int | None],
     nprobes: list[int],
     pq: bool,
-) -> None:
+) -> list[dict]:
     bank_f, query_f = feats["resnet18-random fc:input (512-d)"]
     std = bank_f.std(0)
     base = rss_mb()
@@ -185,6 +197,18 @@ def part2(
     for r in rows:
         print(f"{r[0]:<40} {nq / r[2]:>9.0f} {r[3]:>7.3f} {sk[2] / r[2]:>16.1f}")
     print(f"peak RSS of the process: {peak_rss_mb():,.0f} MB")
+    return [
+        {
+            "method": r[0],
+            "build_seconds": round(r[1], 3),
+            "query_seconds": round(r[2], 4),
+            "queries_per_second": round(nq / r[2], 1),
+            "recall": r[3],
+            "rss_growth_mb": round(r[4], 1),
+            "ratio_over_sklearn_brute": round(sk[2] / r[2], 3),
+        }
+        for r in rows
+    ]
 
 
 def main() -> None:
@@ -201,9 +225,9 @@ def main() -> None:
     ap.add_argument(
         "--features-cache", default="", help="a .safetensors file to keep part 1's features in between runs"
     )
+    out_option(ap, "knn_bank")
     args = ap.parse_args()
-    faiss.omp_set_num_threads(1)
-    torch.set_num_threads(1)
+    pin_threads(1)
     t0, c0 = time.perf_counter(), time.process_time()
     if args.features_cache and os.path.exists(args.features_cache):
         from safetensors.torch import load_file
@@ -227,11 +251,36 @@ def main() -> None:
         f"features ready after {time.perf_counter() - t0:.0f} s: {[(k, tuple(v[0].shape)) for k, v in feats.items()]}",
         flush=True,
     )
-    if not args.skip_part1:
-        part1(feats, args.k)
+    recall_rows = None if args.skip_part1 else part1(feats, args.k)
     nlists = [None if v == "default" else int(v) for v in args.nlists.split(",")]
-    part2(feats, args.n, args.queries, args.k, nlists, [int(v) for v in args.nprobes.split(",")], not args.no_pq)
+    rows = part2(feats, args.n, args.queries, args.k, nlists, [int(v) for v in args.nprobes.split(",")], not args.no_pq)
     print(f"total wall {time.perf_counter() - t0:.0f} s, CPU {time.process_time() - c0:.0f} s")
+    write_results(
+        args.out,
+        {
+            "bank_rows": args.n,
+            "queries": args.queries,
+            "k": args.k,
+            "threads": 1,
+            "metric": "cosine",
+            "nlists": args.nlists,
+            "nprobes": args.nprobes,
+            "pq": not args.no_pq,
+            "part1_real_features": {
+                "bank": "CIFAR-10 embedded train 8,000",
+                "queries": "embedded test 2,000",
+                "rows": recall_rows,
+            },
+            "part2_bank": "synthetic: mixtures of a random-weight ResNet-18's features of real CIFAR-10 images and a near neighbour, "
+            "plus 0.05 x std Gaussian noise (not real features)",
+            "part2": rows,
+            "ratio_note": "queries/s over scikit-learn brute force's (> 1: faster)",
+            "peak_rss_mb": peak_rss_mb(),
+            "wall_seconds": round(time.perf_counter() - t0, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1),
+        },
+    )
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ peak RSS; with ``--tensor`` also the tensor path (the images materialised first)
 ``--max-per-class C`` caps each kNN bank at C rows per class (a seeded per-class sample of the
 stream: ``KNNRank(max_per_class=C)``), so that the state, too, stops growing with N.
 
-Run: OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.stream_fit_memory [--sizes 1000,4000,16000] [--px 64] [--tensor 4000] [--max-per-class 10000]
+Writes benchmarks/results/stream_fit_memory.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.scale.stream_fit_memory [--sizes 1000,4000,16000] [--px 64] [--tensor 4000] [--max-per-class 10000]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from benchmarks.fixtures.proc_memory import peak_rss_mb, rss_mb, size_runs  # noqa: E402
+from guard.core.provenance import write_results  # noqa: E402
 
 
 class NoiseImages(Dataset):
@@ -108,7 +111,9 @@ def one(n: int, px: int, batch: int, tensor: bool, max_per_class: int = 0) -> di
 
 
 def main() -> None:
-    args, results = size_runs(__file__, one, sizes="1000,4000,16000", tensor=0, options={"max_per_class": 0})
+    args, results = size_runs(
+        __file__, one, sizes="1000,4000,16000", tensor=0, options={"max_per_class": 0}, out="stream_fit_memory"
+    )
     cap = f", bank cap {args.max_per_class:,} rows per class" if args.max_per_class else ""
     print(
         f"ResNet-18 (random weights), {args.px} px, batch {args.batch}, detectors knn + knn_consistency + ppca, 1 thread{cap}"
@@ -116,13 +121,31 @@ def main() -> None:
     print(
         f"{'N':>7} {'path':<7} {'wall s':>8} {'CPU s':>8} {'pass s':>8} {'finish s':>9} {'ms/img':>7} {'state MB':>9} {'peak RSS MB':>12} {'RSS-state':>10}"
     )
+    rows = []
     for r in results:
+        rows.append(r)
         print(
             f"{r['n']:>7} {r['path']:<7} {r['wall_s']:>8.1f} {r['cpu_s']:>8.1f} {r['pass_s']:>8.1f} {r['finish_s']:>9.1f} "
             f"{1000 * r['pass_s'] / r['n']:>7.1f} {r['state_mb']:>9.0f} {r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] - r['state_mb']:>10.0f}",
             flush=True,
         )
     print(f"layers {r['layers']}, widths {r['widths']}")
+    write_results(
+        args.out,
+        {
+            "model": "torchvision resnet18 (random weights, 10 classes)",
+            "detectors": ["knn", "knn_consistency", "ppca"],
+            "px": args.px,
+            "batch": args.batch,
+            "sizes": args.sizes,
+            "tensor": args.tensor,
+            "max_per_class": args.max_per_class,
+            "threads": 1,
+            "runs": "each size in its own process (peak RSS is that run's alone)",
+            "rows": rows,
+        },
+    )
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

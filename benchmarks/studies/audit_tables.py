@@ -5,6 +5,9 @@ random) with its spread over placements, diversity (SSIM) and the class comparis
 adversaries per layer, variant and delta; fooling images; the adaptive evaluation; the export's
 parity and latency. The detection table is ``benchmarks/studies/detection_table.py``'s.
 
+Not a benchmark: it measures nothing and only renders a report.json (which carries its own
+provenance) as markdown, so it prints and writes no results file.
+
     .venv/bin/python -m benchmarks.studies.audit_tables OUT/report.json
 """
 

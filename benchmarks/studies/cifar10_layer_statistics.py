@@ -10,27 +10,28 @@ the false-positive rate on 1,000 other clean images and the AUROC (scikit-learn)
 
 The scores are :meth:`guard.detectors.MahalanobisDetector.layer_distances`, one column per
 layer and pooling (the detector's own score would average them); the mean and grid poolings are
-:func:`guard.core.features.pool_features` ``"avg"`` and ``"auto"``.
+:func:`guard.core.features.pool_features` ``"avg"`` and ``"auto"``. Writes
+benchmarks/results/cifar10_layer_statistics.json:
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cifar10_layer_statistics
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cifar10_layer_statistics [--eval 500]
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import time
-from pathlib import Path
 
 import torch
 from sklearn.metrics import roc_auc_score
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks import FGSM, LinfPGD
 from guard.core.features import pool_features
+from guard.core.provenance import write_results
 from guard.detectors import MahalanobisDetector
 
 LAYERS = ["bn1", "layer1.0", "layer1", "layer2.0", "layer2", "layer3", "layer3.2.bn2"]
-OUT = Path(__file__).resolve().parents[1] / "results" / "cifar10_layer_statistics.json"
 
 
 POOLS = {
@@ -64,12 +65,20 @@ def pooled(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", type=int, default=500, help="correctly classified evaluation images attacked")
+    ap.add_argument("--fit", type=int, default=0, help="training images the detector is fitted on (0: all 8,000)")
+    ap.add_argument("--threads", type=int, default=1)
+    out_option(ap, "cifar10_layer_statistics")
+    args = ap.parse_args()
+    pin_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = guard.demo_model("cifar10").eval()
     train, test = guard.demo_data("cifar10")
     cal_x, ev_x, ev_y = test.x[:1000], test.x[1000:], test.y[1000:]
-    maha = MahalanobisDetector(layers=KEYS).fit_features(pooled(model, train.x), train.y)
+    fit_x, fit_y = (train.x[: args.fit], train.y[: args.fit]) if args.fit else (train.x, train.y)
+    maha = MahalanobisDetector(layers=KEYS).fit_features(pooled(model, fit_x), fit_y)
 
     def score(x: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(KEYS, maha.layer_distances(pooled(model, x)).double().unbind(1)))
@@ -77,7 +86,7 @@ def main() -> None:
     s_cal, s_neg = score(cal_x), score(ev_x)
     with torch.no_grad():
         ok = torch.cat([model(ev_x[i : i + 250]).argmax(1) for i in range(0, len(ev_x), 250)]) == ev_y
-    x0, y0 = ev_x[ok][:500], ev_y[ok][:500]
+    x0, y0 = ev_x[ok][: args.eval], ev_y[ok][: args.eval]
     g = torch.Generator().manual_seed(1)
     sets = {
         "sign noise 8/255": (x0 + (torch.randint(0, 2, x0.shape, generator=g) * 2 - 1) * 8 / 255).clamp(0, 1),
@@ -108,16 +117,18 @@ def main() -> None:
                     "auroc": round(float(auc), 3),
                 }
             )
-    OUT.write_text(
-        json.dumps(
-            {
-                "rows": rows,
-                "attack_success": success,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "command": "OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cifar10_layer_statistics",
-            },
-            indent=1,
-        )
+    write_results(
+        args.out,
+        {
+            "rows": rows,
+            "attack_success": success,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "fit_images": len(fit_x),
+            "calibration_images": len(cal_x),
+            "negative_images": len(ev_x),
+            "attacked_images": len(x0),
+            "threads": args.threads,
+        },
     )
     best = {}
     for r in rows:
@@ -130,5 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     main()

@@ -13,7 +13,9 @@ by logistic regression on clean scores vs the successful attacks of every *other
 (gradient: FGSM, PGD, DeepFool, CW; patches; feature adversaries; fooling images), reported on the
 left-out family only — what a combiner trained on known attacks does on an unseen kind.
 
-    .venv/bin/python -m benchmarks.studies.combiner_study --demo mnist --audit OUT --json combiner_mnist.json
+Writes benchmarks/results/combiner_study.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.combiner_study --demo mnist --audit OUT [--out benchmarks/results/combiner_study.json]
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from pathlib import Path
 import torch
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.audit.detectors import split_heldout
 from guard.core.cache import load_tensors
+from guard.core.provenance import write_results
 from guard.detectors import Combined
 from guard.evaluation import detection_metrics
 from guard.guarded import DEFAULT_DETECTORS, proxy_inputs
@@ -80,7 +84,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--demo", default="mnist")
     p.add_argument("--audit", required=True, help="an audit's output folder (its attack artifacts are reused)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    out_option(p, "combiner_study")
     p.add_argument(
         "--torchattacks",
         default="deepfool,cw",
@@ -88,6 +93,7 @@ def main() -> int:
     )
     p.add_argument("--n-extra", type=int, default=200, help="images attacked for each torchattacks row")
     args = p.parse_args()
+    pin_threads(args.threads)
     model = guard.demo_model(args.demo, progress=False)
     train, test = guard.demo_data(args.demo)
     g = guard.wrap(model, [*DEFAULT_DETECTORS, *ANCHORS]).fit(train)
@@ -161,13 +167,17 @@ def main() -> int:
     print(f"{'clean flag rate':<20}" + "".join(f"{flag_rate.get(c, float('nan')):>19.3f}" for c in cols[: len(combos)]))
     out = {
         "demo": args.demo,
+        "audit": args.audit,
+        "torchattacks_rows": extra,
+        "n_extra": args.n_extra,
+        "threads": args.threads,
         "chosen_on_proxies": chosen,
         "tpr_at_1fpr": rows,
         "clean_flag_rate_at_1fpr": flag_rate,
         "detectors": g.describe(),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    write_results(args.out, json.loads(json.dumps(out, default=str)))  # parameters that are not JSON types as their str
+    print(f"wrote {args.out}")
     return 0
 
 

@@ -11,7 +11,8 @@ probability: 300 Adam steps at lr 0.05 on the log-odds, connections completed fi
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 1 --no-grow
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 4
 
-Prints one JSON line: classes at >= 99.99% before and after, each short class's best confidence after.
+Prints one JSON line: classes at >= 99.99% before and after, each short class's best confidence
+after. Writes benchmarks/results/cppn_polish.json (``--out``).
 """
 
 from __future__ import annotations
@@ -25,22 +26,26 @@ import torch
 import torch.nn.functional as F
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import Genome, MutationRates, render
 from guard.attacks.cppn_refine import polish_genomes
 from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.core.provenance import write_results
 
 CACHE = Path.home() / ".cache" / "guard" / "cppn_polish"
 
 
-def evolve(model: torch.nn.Module, seed: int) -> dict:
-    path = CACHE / f"evo{seed}.json"
+def evolve(model: torch.nn.Module, seed: int, population: int = 30, generations: int = 1500) -> dict:
+    """The evolved elites, cached per seed (and per population and generations where they are not the audit's)."""
+    tag = "" if (population, generations) == (30, 1500) else f"-p{population}-g{generations}"
+    path = CACHE / f"evo{seed}{tag}.json"
     if path.is_file():
         return json.loads(path.read_text())
     t = time.perf_counter()
     res = FoolingEvolution(
         encoding="cppn",
-        population=30,
-        generations=1500,
+        population=population,
+        generations=generations,
         threshold=0.9999,
         extra_samples=0,
         parent_selection="unfooled",
@@ -70,10 +75,13 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--no-grow", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--population", type=int, default=30, help="the evolution's (the audit's: 30)")
+    p.add_argument("--generations", type=int, default=1500, help="the evolution's (the audit's: 1,500)")
+    out_option(p, "cppn_polish")
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
+    pin_threads(a.threads)
     model = guard.demo_model("cifar10", progress=False).eval()
-    d = evolve(model, a.seed)
+    d = evolve(model, a.seed, a.population, a.generations)
     gs, labels, conf = [Genome.from_dict(g) for g in d["genomes"]], torch.tensor(d["labels"]), torch.tensor(d["conf"])
     with torch.no_grad():
         probs = F.softmax(model(render(gs, 32, 32)), 1)
@@ -89,21 +97,29 @@ def main() -> int:
         for j, c in enumerate(targets):
             best[c] = max(best.get(c, 0.0), float(q[j, c]))
     after = [max(float(v), best.get(int(c), 0.0)) for c, v in zip(labels, conf)]
-    print(
-        json.dumps(
-            {
-                "seed": a.seed,
-                "starts": a.starts,
-                "grow": not a.no_grow,
-                "steps": a.steps,
-                "lr": a.lr,
-                "before": int((conf >= 0.9999).sum()),
-                "after": sum(v >= 0.9999 for v in after),
-                "short_after": {c: round(v, 6) for c, v in best.items()},
-                "polish_seconds": round(time.perf_counter() - t, 1),
-            }
-        )
-    )
+    figures = {
+        "seed": a.seed,
+        "starts": a.starts,
+        "grow": not a.no_grow,
+        "steps": a.steps,
+        "lr": a.lr,
+        "threads": a.threads,
+        "evolution": {
+            "population": a.population,
+            "generations": a.generations,
+            "init_hidden": 8,
+            "add_node": 0.3,
+            "refine_every": 100,
+            "refine_steps": 100,
+        },
+        "evolution_seconds": round(d["seconds"], 1),
+        "before": int((conf >= 0.9999).sum()),
+        "after": int(sum(v >= 0.9999 for v in after)),
+        "short_after": {str(c): round(v, 6) for c, v in best.items()},
+        "polish_seconds": round(time.perf_counter() - t, 1),
+    }
+    print(json.dumps(figures))
+    write_results(a.out, figures)
     return 0
 
 

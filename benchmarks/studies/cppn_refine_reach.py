@@ -9,6 +9,8 @@ CIFAR-10") comes from these runs:
     .venv/bin/python -m benchmarks.studies.cppn_refine_reach --target 5 --hidden 8 --connections 40 --steps 400 --lr 0.05
     .venv/bin/python -m benchmarks.studies.cppn_refine_reach --target 5 --dense 16 16 --steps 400 --lr 0.05
     .venv/bin/python -m benchmarks.studies.cppn_refine_reach --target 7 --hidden 8 --grow --steps 100 --objective log_prob
+
+Writes benchmarks/results/cppn_refine_reach.json (``--out``: one file per setting).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import numpy as np
 import torch
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import ACTIVATIONS, NUM_INPUTS, Genome, random_genome
 from guard.attacks.cppn_refine import refine_weights
+from guard.core.provenance import write_results
 
 
 def dense_genome(channels: int, layers: list[int], rng: np.random.Generator) -> Genome:
@@ -58,8 +62,9 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--objective", default="log_odds", choices=["log_odds", "log_prob"])
     p.add_argument("--threads", type=int, default=1)
+    out_option(p, "cppn_refine_reach")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     model = guard.demo_model(args.demo, progress=False).eval()
     for q in model.parameters():
         q.requires_grad_(False)
@@ -85,9 +90,18 @@ def main() -> int:
     )
     prob = torch.sigmoid(obj) if args.objective == "log_odds" else obj.exp()
     best = prob.sort(descending=True).values[:4].tolist()
-    print(
-        f"connections {len(out[0].connections)}: best confidences {[round(v, 6) for v in best]} "
-        f"({time.perf_counter() - t0:.0f} s)"
+    seconds = time.perf_counter() - t0
+    print(f"connections {len(out[0].connections)}: best confidences {[round(v, 6) for v in best]} ({seconds:.0f} s)")
+    setting = {k: v for k, v in vars(args).items() if k != "out"}
+    write_results(
+        args.out,
+        {
+            "setting": setting,
+            "connections": len(out[0].connections),
+            "confidence": [round(float(v), 6) for v in prob.tolist()],
+            "best_confidences": [round(v, 6) for v in best],
+            "seconds": round(seconds, 1),
+        },
     )
     return 0
 

@@ -10,7 +10,8 @@ refinement (:mod:`attacks.cppn_refine`) can be compared seed by seed:
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_settings --demo cifar10 --seed 1 \\
         --hidden 2 --add-node 0.15 --refine-every 0                       # the library's defaults
 
-Prints the classes at >= 99.99%, every elite's confidence and the seconds.
+Prints the classes at >= 99.99%, every elite's confidence and the seconds. Writes
+benchmarks/results/cppn_settings.json (``--out``: one file per setting).
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import json
 import time
 
 import numpy as np
-import torch
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import MutationRates
 from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.core.provenance import write_results
 
 
 def main() -> int:
@@ -44,8 +46,9 @@ def main() -> int:
     p.add_argument("--polish-steps", type=int, default=0, help="last refinement of the short classes (0: none)")
     p.add_argument("--polish-starts", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
+    out_option(p, "cppn_settings")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    pin_threads(args.threads)
     model = guard.demo_model(args.demo, progress=False)
     shape = tuple(guard.demo_data(args.demo)[1].x.shape[1:])
     t = time.perf_counter()
@@ -72,7 +75,7 @@ def main() -> int:
     ex = res.extras
     conf = ex["elite_confidence"].numpy()
     out = {
-        "setting": vars(args),
+        "setting": {k: v for k, v in vars(args).items() if k != "out"},
         "classes_at_9999": int((conf >= 0.9999).sum()),
         "min_confidence": float(conf.min()),
         "confidence": [round(float(c), 6) for c in conf],
@@ -86,6 +89,7 @@ def main() -> int:
         "seconds": round(time.perf_counter() - t, 1),
     }
     print(json.dumps(out))
+    write_results(args.out, out)
     print(
         f"{out['classes_at_9999']}/{conf.size} classes at >= 99.99%; min confidence {conf.min():.6f}; "
         f"{out['seconds']} s; elites {np.round(conf, 6).tolist()}"

@@ -2,6 +2,9 @@
 
 Run: ``guard audit --demo --no-export --out OUT`` then
 ``.venv/bin/python -m benchmarks.studies.detection_table OUT/report.json``.
+
+Not a benchmark: it measures nothing and only renders a report.json (which carries its own
+provenance) as markdown, so it prints and writes no results file.
 """
 
 from __future__ import annotations

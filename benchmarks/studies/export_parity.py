@@ -5,7 +5,9 @@ it on 1,000 held-out images (FPR 0.05, the audit's split), exports it, and compa
 2,000 held-out images and on FGSM / PGD (eps 0.3) adversarial sets; with ``--hardened`` the
 same for a model hardened by ``guard.harden`` (quick budget), detectors refitted on it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.export_parity [--hardened] [--json OUT.json]
+Writes benchmarks/results/export_parity.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.export_parity [--hardened] [--n-pgd 500] [--n-clean 2000]
 """
 
 from __future__ import annotations
@@ -20,14 +22,11 @@ from pathlib import Path
 
 import torch
 
-import guard  # noqa: E402
-from guard.attacks.gradient import FGSM, LinfPGD  # noqa: E402
-from guard.export import (  # noqa: E402
-    build_export_head,  # noqa: E402
-    compare_with_guarded,
-    load_session,
-    to_onnx,
-)
+import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
+from guard.attacks.gradient import FGSM, LinfPGD
+from guard.core.provenance import write_results
+from guard.export import build_export_head, compare_with_guarded, load_session, to_onnx
 
 
 def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split) -> guard.GuardedModel:
@@ -37,15 +36,18 @@ def _guarded(model: torch.nn.Module, train: guard.Split, test: guard.Split) -> g
     return g
 
 
-def check(name: str, g: guard.GuardedModel, test: guard.Split, attack_model: torch.nn.Module, n_pgd: int) -> dict:
+def check(
+    name: str, g: guard.GuardedModel, test: guard.Split, attack_model: torch.nn.Module, n_pgd: int, n_clean: int = 2000
+) -> dict:
     out = Path(tempfile.mkdtemp()) / f"{name}.onnx"
     t0 = time.perf_counter()
     rep = to_onnx(g, out, test.x[:8], parity_inputs=test.x[1000:1064])
     t_export = time.perf_counter() - t0
     sess = load_session(out, device="cpu", threads=1)
     head, _ = build_export_head(g, test.x[:8])
-    sets = {"clean_2000": test.x}
-    sets["fgsm_eps0.3"] = FGSM(eps=0.3)(attack_model, test.x, test.y).x_adv
+    xc, yc = test.x[:n_clean], test.y[:n_clean]
+    sets = {f"clean_{len(xc)}": xc}
+    sets["fgsm_eps0.3"] = FGSM(eps=0.3)(attack_model, xc, yc).x_adv
     sets["pgd_eps0.3"] = LinfPGD(eps=0.3, steps=20, seed=0)(attack_model, test.x[:n_pgd], test.y[:n_pgd]).x_adv
     res = {
         "export_seconds": round(t_export, 2),
@@ -73,17 +75,25 @@ def main() -> int:
         "--hardened", action="store_true", help="also harden the demo model (quick budget, 1 round) and check it"
     )
     ap.add_argument("--n-pgd", type=int, default=500)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--n-clean", type=int, default=2000, help="held-out images compared (and attacked by FGSM)")
+    out_option(ap, "export_parity")
     ap.add_argument(
         "--audit-step", action="store_true", help="also time the audit's export step (full mode) on the guarded demo"
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)
+    pin_threads(1)
     model = guard.demo_model(progress=False)
     train, test = guard.demo_data()
     g = _guarded(model, train, test)
-    results = {"guarded": check("guarded", g, test, model, args.n_pgd)}
+    results = {
+        "n_pgd": args.n_pgd,
+        "n_clean": args.n_clean,
+        "threads": 1,
+        "fit_images": len(train),
+        "calibration_images": 1000,
+        "guarded": check("guarded", g, test, model, args.n_pgd, args.n_clean),
+    }
     if args.audit_step:
         from guard.audit import AttackSet, AuditContext, AuditOptions, step
 
@@ -115,11 +125,12 @@ def main() -> int:
         )
         hardened = res.model
         results["harden_seconds"] = round(time.perf_counter() - t0, 1)
-        results["hardened"] = check("hardened", _guarded(hardened, train, test), test, hardened, args.n_pgd)
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+        results["hardened"] = check(
+            "hardened", _guarded(hardened, train, test), test, hardened, args.n_pgd, args.n_clean
+        )
+    results = json.loads(json.dumps(results, default=str))  # report entries that are not JSON types as their str
+    print(json.dumps(results, indent=1))
+    write_results(args.out, results)
     return 0
 
 

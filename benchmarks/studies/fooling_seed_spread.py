@@ -7,7 +7,9 @@ fixed seed gives the same result on one machine; across machines, float reductio
 last bits and an evolutionary search that is near its threshold can end one class apart, so the
 figure to quote is the spread over seeds.
 
-    .venv/bin/python -m benchmarks.studies.fooling_seed_spread --demo mnist --seeds 0 1 2 3 4 --json fooling_seeds.json
+Writes benchmarks/results/fooling_seed_spread.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.fooling_seed_spread --demo mnist --seeds 0 1 2 3 4
 
 ``--set KEY=VALUE`` passes an option of the step (``AuditOptions.extra``), e.g. ``fooling_refine_every=0``
 for pure CPPN evolution (no Lamarckian refinement).
@@ -16,15 +18,15 @@ for pure CPPN evolution (no Lamarckian refinement).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
-from pathlib import Path
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.audit.fooling import FoolingStep
 from guard.audit.runner import run_audit
 from guard.audit.step import AuditOptions
+from guard.core.provenance import write_results
 
 METHODS = ("fooling_gradient", "fooling_direct", "fooling_cppn")
 
@@ -33,9 +35,11 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--demo", default="mnist")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    out_option(p, "fooling_seed_spread")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an option of the step (a number)")
     args = p.parse_args()
+    pin_threads(args.threads)
     options = {"fooling_transfer": False}
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -88,10 +92,25 @@ def main() -> int:
             f"{m:<18} classes reached: {c}  min {min(c)} median {statistics.median(c)} max {max(c)}; "
             f"seconds median {statistics.median(r['seconds'] for r in rows[m]):.1f}"
         )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"demo": args.demo, "seeds": args.seeds, "options": options, "rows": rows}, indent=1)
-        )
+    write_results(
+        args.out,
+        {
+            "demo": args.demo,
+            "seeds": args.seeds,
+            "threads": args.threads,
+            "options": options,
+            "rows": rows,
+            "spread": {
+                m: {
+                    "min": min(r["classes"] for r in rows[m]),
+                    "max": max(r["classes"] for r in rows[m]),
+                    "median": statistics.median(r["classes"] for r in rows[m]),
+                }
+                for m in METHODS
+            },
+        },
+    )
+    print(f"wrote {args.out}")
     return 0
 
 

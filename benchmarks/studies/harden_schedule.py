@@ -11,7 +11,9 @@ the *same* fresh attacks, so that neither implementation is judged by its own at
 * the audit's stronger fooling attacks (FoolingGradient 300 steps, MAP-Elites direct 400 and
   CPPN 100 generations, threshold 0.99).
 
-    .venv/bin/python -m benchmarks.studies.harden_schedule --baseline OLD/hardened_model.safetensors
+Writes benchmarks/results/harden_schedule.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.harden_schedule --baseline OLD/hardened_model.safetensors
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ import time
 import torch
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks import FoolingEvolution, FoolingGradient
 from guard.core.cache import load_tensors
+from guard.core.provenance import write_results
 from guard.demo import shift_augment
 from guard.training import AttackBudget, HardenConfig, RejectClassifier, grow_head, harden
 from guard.training.round_attacks import FOOLING_ATTACKS, ROUND_ATTACKS, generate_round_attacks, score_attack_set
@@ -89,8 +93,10 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--baseline", required=True, help="hardened_model.safetensors from guard harden at e39b47e")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    out_option(p, "harden_schedule")
     args = p.parse_args()
+    pin_threads(args.threads)
     torch.manual_seed(0)
     model = guard.demo_model(progress=False)
     train, test = guard.demo_data()
@@ -106,13 +112,14 @@ def main() -> int:
     net.load_state_dict(load_tensors(args.baseline)[0])
     old = RejectClassifier(net, 10, head).eval()
     out = {
+        "rounds": args.rounds,
+        "baseline": args.baseline,
+        "threads": args.threads,
         "current": {"wall_seconds": round(wall, 1), "rounds": rounds, **measure(res.model, test, train, 10)},
         "baseline_e39b47e": measure(old, test, train, 10),
     }
     print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+    write_results(args.out, out)
     return 0
 
 

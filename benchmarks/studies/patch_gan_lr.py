@@ -17,6 +17,9 @@ A user's own model (a CIFAR ResNet-20 in the user's module, akamaster's weights 
 
     GUARD_USER_WEIGHTS=../shared/models/cifar10-resnet-akamaster/resnet20.safetensors \
         OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.patch_gan_lr --model benchmarks.fixtures.user_cifar_resnet20:build --lr 1e-3 5e-3
+
+Writes ``{"args", "rows"}`` to benchmarks/results/patch_gan_lr_run.json (``--out``; the committed
+benchmarks/results/patch_gan_lr.json gathers four earlier runs of this shape under ``runs``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import time
 import torch
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
 from guard.audit.patches import DEFAULT_AREAS, GAN_AUDIT_KWARGS
 from guard.core.models import load_model
+from guard.core.provenance import write_results
 
 
 def main() -> None:
@@ -52,12 +57,15 @@ def main() -> None:
     )
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--score", type=int, default=1000, help="training images 4,000 on that the patches are scored on")
+    out_option(ap, "patch_gan_lr_run")
     args = ap.parse_args()
+    pin_threads(args.threads)
     train, _ = guard.demo_data(args.demo)
     model = (load_model(args.model) if args.model else guard.demo_model(args.demo)).eval()
     x_fit = train.x[:2000]
-    x_score, y_score = train.x[4000:5000], train.y[4000:5000]
+    x_score, y_score = train.x[4000 : 4000 + args.score], train.y[4000 : 4000 + args.score]
     shape = (int(x_fit.shape[1]), tuple(x_fit.shape[-2:]))
     rows = []
     for area in args.areas:
@@ -104,9 +112,16 @@ def main() -> None:
                 row["ssim_median"] = round(pairwise_diversity(attack.sample(100, generator=gen))["ssim_median"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows}, fh, indent=1)
+    write_results(
+        args.out,
+        {
+            "args": {k: v for k, v in vars(args).items() if k != "out"},
+            "rows": rows,
+            "fit_images": "training split 0-1999",
+            "scored_images": f"training split 4000-{4000 + len(x_score) - 1}",
+        },
+    )
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

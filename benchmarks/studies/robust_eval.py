@@ -3,7 +3,8 @@
 :func:`guard.evaluate_robust` on the first ``--n`` held-out images of the embedded data (the
 demo split's test part: images the demo models were not trained on), at ``--eps``; with
 ``--sweep`` also :func:`guard.robust_sweep` over the budgets given (its monotonicity and
-reach-zero checks). Writes the figures through ``guard.core.provenance.write_results``.
+reach-zero checks). Writes the figures through ``guard.core.provenance.write_results`` to
+benchmarks/results/robust_eval_<data>_<model>.json (``--out``).
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.robust_eval --model demo --data cifar10 --eps 8/255 --n 200 \
         --sweep 0,1/255,2/255,4/255,8/255,0.5 --sweep-n 100

@@ -18,7 +18,9 @@ Normalize layer in front, ``nn.AdaptiveAvgPool2d`` + ``nn.Flatten`` + ``linear``
 Printed: each detector's TPR at 5% FPR (ROC) and share flagged at its threshold calibrated to 5%
 FPR, on the successful FGSM and PGD examples at 8/255.
 
-    .venv/bin/python -m benchmarks.studies.user_layers --module benchmarks/fixtures/user_cifar_resnet20.py
+Writes benchmarks/results/user_layers.json:
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.user_layers --module benchmarks/fixtures/user_cifar_resnet20.py
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import time
 import torch
 
 import guard
+from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks import FGSM, LinfPGD
 from guard.core.features import default_feature_layers
+from guard.core.provenance import write_results
 from guard.detectors import (
     BitDepthSqueeze,
     KNNConsistency,
@@ -46,15 +50,26 @@ from guard.detectors import (
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--module", required=True, help="a .py file with build() -> the user's model")
-    p.add_argument("--json", default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--eval", type=int, default=1000, help="held-out images evaluated (after the 1,000 calibration images)"
+    )
+    p.add_argument("--fit", type=int, default=0, help="training images the detectors are fitted on (0: all 8,000)")
+    out_option(p, "user_layers")
     args = p.parse_args()
+    pin_threads(args.threads)
     spec = importlib.util.spec_from_file_location("user_model", args.module)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     model = mod.build().eval()
     train, test = guard.demo_data("cifar10")
     perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(5))
-    cal, ev = test.x[perm[:1000]], guard.Split(test.x[perm[1000:]], test.y[perm[1000:]])
+    cal, ev = (
+        test.x[perm[:1000]],
+        guard.Split(test.x[perm[1000 : 1000 + args.eval]], test.y[perm[1000 : 1000 + args.eval]]),
+    )
+    if args.fit:
+        train = guard.Split(train.x[: args.fit], train.y[: args.fit])
     attacks = {
         "fgsm": FGSM(eps=8 / 255)(model, ev.x, ev.y),
         "pgd": LinfPGD(eps=8 / 255, steps=40, seed=0)(model, ev.x, ev.y),
@@ -93,10 +108,21 @@ def main() -> int:
             + "  ".join(f"{d}: FGSM {v['fgsm']:.3f} PGD {v['pgd']:.3f}" for d, v in out[name]["tpr_at_5fpr"].items())
         )
     out["attack_success"] = {a: r.success_rate for a, r in attacks.items()}
-    print(json.dumps(out, indent=1, default=str))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=str)
+    out = json.loads(
+        json.dumps(
+            {
+                "module": args.module,
+                "threads": args.threads,
+                "fit_images": len(train),
+                "calibration_images": len(cal),
+                "eval_images": len(ev.x),
+                **out,
+            },
+            default=str,
+        )
+    )  # non-JSON params as str
+    print(json.dumps(out, indent=1))
+    write_results(args.out, out)
     return 0
 
 
