@@ -404,6 +404,81 @@ def stage_costs(r: dict[str, Any]) -> str:
 
 
 #: table name -> (results file, renderer)
+def peer_pgd(r: dict[str, Any]) -> str:
+    """guard's LinfPGD against torchattacks.PGD, same model, eps, steps and images, one process."""
+    runs = r["runs"]
+    rows = ["| attack | images/s | success |", "|---|---|---|"]
+    for name, label in (
+        ("torchattacks", "torchattacks.PGD"),
+        ("guard_full_steps", "guard LinfPGD, all steps"),
+        ("guard_early_stop", "guard LinfPGD, early stop"),
+    ):
+        v = runs[name]
+        rows.append(f"| {label} | {v['images_per_second']} | {_pct(v['success_rate'])} |")
+    return (
+        "\n".join(rows)
+        + f"\n\nguard / torchattacks (images/s): all steps {r['ratio_guard_full_steps_over_torchattacks']}, "
+        f"early stop {r['ratio_guard_early_stop_over_torchattacks']}; {r['images']} images, {r['steps']} steps, eps {r['eps']}, "
+        f"{r['threads']} thread(s).\n" + _source(r)
+    )
+
+
+def peer_knn(r: dict[str, Any]) -> str:
+    """FAISS (as the kNN detectors use it) against scikit-learn's NearestNeighbors: queries per second."""
+    rows = ["| bank rows | method | build s | queries/s |", "|---|---|---|---|"]
+    for bank, b in r["banks"].items():
+        for method, v in b["methods"].items():
+            rows.append(f"| {int(bank):,} | {method} | {v['build_seconds']:.2f} | {v['queries_per_second']} |")
+    ratios = ", ".join(f"{int(k):,} rows: {v['ratio_faiss_exact_over_sklearn_brute']}" for k, v in r["banks"].items())
+    return (
+        "\n".join(rows)
+        + f"\n\nFAISS exact / scikit-learn brute force (queries/s): {ratios}; {r['dim']}-d, {r['queries']} queries, "
+        f"k={r['k']}, {r['threads']} thread(s).\n" + _source(r)
+    )
+
+
+def peer_onnx(r: dict[str, Any]) -> str:
+    """onnxruntime against PyTorch eager, the guarded demo model and the bare one."""
+    rows = ["| model | batch | eager ms | onnxruntime ms | onnxruntime / eager |", "|---|---|---|---|---|"]
+    for model, per in r["by_batch"].items():
+        for b, v in per.items():
+            rows.append(
+                f"| {model} | {b} | {v['eager_ms']} | {v['onnxruntime_ms']} | {v['ratio_onnxruntime_over_eager']} |"
+            )
+    return "\n".join(rows) + f"\n\n{r['threads']} thread(s); {r['timing']}.\n" + _source(r)
+
+
+def peer_guarded(r: dict[str, Any]) -> str:
+    """What the detectors cost at serving time: the guarded demo model against the bare one."""
+    rows = ["| detectors | bare ms | guarded ms | guarded / bare |", "|---|---|---|---|"]
+    for name, v in r["configurations"].items():
+        rows.append(f"| {name} | {v['bare_ms']} | {v['guarded_ms']} | {v['ratio_guarded_over_bare']} |")
+    return "\n".join(rows) + f"\n\nBatch {r['batch']}, {r['threads']} thread(s); {r['timing']}.\n" + _source(r)
+
+
+def peer_cppn(r: dict[str, Any]) -> str:
+    """CPPN rendering: guard's vectorised pass against a per-pixel Python evaluation (as NEAT libraries run it)."""
+    return (
+        "| renderer | 28-px images/s |\n|---|---|\n"
+        f"| guard (vectorised torch) | {r['guard_render_28px_images_per_second']} |\n"
+        f"| per-pixel Python (NEAT-style) | {r['per_pixel_python_28px_images_per_second']} |\n"
+        f"\nguard / per-pixel: {r['ratio_guard_render_over_per_pixel']}; largest pixel difference "
+        f"{r['max_abs_difference_vs_per_pixel']:.1e}.\n" + _source(r)
+    )
+
+
+def scale_inference_memory(r: dict[str, Any]) -> str:
+    """Peak memory of predicting 224-px images with and without guard's batch cap."""
+    rows = ["| mode | batch | peak RSS MiB | seconds |", "|---|---|---|---|"]
+    for name, v in r["modes"].items():
+        rows.append(f"| {name} | {v['batch']} | {v['peak_rss_mib']:.0f} | {v['seconds']:.1f} |")
+    return (
+        "\n".join(rows)
+        + f"\n\nUncapped / capped peak RSS: {r['ratio_peak_rss_uncapped_over_capped']}; {r['images']} images at "
+        f"{r['px']} px, {r['threads']} thread(s).\n" + _source(r)
+    )
+
+
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_hardening": ("robust_hardening.json", robust_hardening),
     "online_cost": ("bench_online_harden.json", online_cost),
@@ -421,6 +496,12 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_sweep_cifar10": ("robust_eval_cifar10_demo.json", robust_sweep),
     "imagenet_export": ("imagenet_patch.json", imagenet_export),
     "imagenet_patch_stages": ("imagenet_patch.json", stage_costs),
+    "peer_pgd": ("pgd_vs_torchattacks.json", peer_pgd),
+    "peer_knn": ("knn_faiss_vs_sklearn.json", peer_knn),
+    "peer_onnx": ("onnxruntime_vs_eager.json", peer_onnx),
+    "peer_guarded": ("guarded_vs_bare.json", peer_guarded),
+    "peer_cppn": ("cppn_vs_per_pixel.json", peer_cppn),
+    "scale_inference_memory": ("inference_batch_memory.json", scale_inference_memory),
 }
 
 
