@@ -374,6 +374,27 @@ def robust_sweep(r: dict[str, Any]) -> str:
     )
 
 
+def robust_variant(r: dict[str, Any]) -> str:
+    """The shipped robust demo variant: robust accuracy with its interval, what broke it, the sanity checks, the sweep."""
+    res = r["result"]
+    iv = res["intervals"]
+    rows = ["| attack (in order, each on what the ones before left) | attacked | broken |", "|---|---|---|"]
+    for name, v in res["per_attack"].items():
+        rows.append(f"| {name} | {v['attacked']} | {v['broken']} |")
+    sw = r["sweep"]
+    sweep = ", ".join(f"{e:.4g}: {_pct(a)}" for e, a in zip(sw["eps"], sw["robust_accuracy"]))
+    return (
+        f"Clean accuracy {_pct(res['clean_accuracy'])}{_ci(iv['clean_accuracy'])}, robust accuracy at eps "
+        f"{res['eps']:.4g} {_pct(res['robust_accuracy'])}{_ci(iv['robust_accuracy'])} on n = {res['n']} held-out images "
+        f"(budget: {res['budget']['steps']} APGD steps, {res['budget']['restarts']} restarts, "
+        f"{res['budget']['n_target_classes']} targets, {res['budget']['n_queries']} Square queries).\n\n"
+        + "\n".join(rows)
+        + f"\n\nSanity checks: {res['checks']}; the sweep (quick budget, on the command's --sweep-n images) by eps: {sweep} "
+        f"(monotone: {sw['checks']['monotone']}, zero at the largest: {sw['checks']['zero_at_largest']}).\n"
+        + _source(r)
+    )
+
+
 def imagenet_export(r: dict[str, Any]) -> str:
     """The guarded EfficientNet-Lite0 as one ONNX graph: parity and latency against PyTorch eager."""
     e = r["export"]
@@ -494,6 +515,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "cifar10_layer_statistics": ("cifar10_layer_statistics.json", layer_statistics),
     "robust_sweep_mnist": ("robust_eval_mnist_demo.json", robust_sweep),
     "robust_sweep_cifar10": ("robust_eval_cifar10_demo.json", robust_sweep),
+    "robust_variant_cifar10": ("robust_eval_cifar10_pgd3ep.json", robust_variant),
     "imagenet_export": ("imagenet_patch.json", imagenet_export),
     "imagenet_patch_stages": ("imagenet_patch.json", stage_costs),
     "peer_pgd": ("pgd_vs_torchattacks.json", peer_pgd),
