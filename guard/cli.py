@@ -97,7 +97,7 @@ def _check_key_env(args: argparse.Namespace) -> None:
         from guard.core.validation import check_device
 
         check_device(args.device, "--device")
-    if (getattr(args, "repetitions", 1) or 1) < 1:
+    if getattr(args, "repetitions", None) is not None and args.repetitions < 1:  # before any work (0 is not "unset")
         raise ValueError(f"--repetitions must be >= 1; got {args.repetitions}.")
 
 

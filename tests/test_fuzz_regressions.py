@@ -161,10 +161,13 @@ def test_session_refuses_images_outside_the_contract(knn_graph) -> None:
         guard.load_session(rep.path, "cpu", strict="yes")
 
 
-def test_cli_refuses_a_device_that_is_not_there(capsys) -> None:
-    assert main(["audit", "--device", "nope", "--out", "unused"]) == 2  # was RuntimeError out of main
+def test_cli_refuses_a_device_that_is_not_there(capsys, tmp_path) -> None:
+    out = tmp_path / "unused"
+    assert main(["audit", "--device", "nope", "--out", str(out)]) == 2  # was RuntimeError out of main
     assert "--device must be a device name" in capsys.readouterr().err
-    assert main(["audit", "--repetitions", "0", "--out", "unused"]) == 2
+    assert main(["audit", "--repetitions", "0", "--out", str(out)]) == 2
+    assert "--repetitions must be >= 1" in capsys.readouterr().err
+    assert not out.exists()  # refused before any work (0 once slipped through and ran the model step)
     with pytest.raises(ValueError, match="meta device"):
         check_device("meta")
 
