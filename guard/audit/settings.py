@@ -5,7 +5,7 @@
 :func:`guard.audit.run_audit`: each step's defaults come from its ``quick()`` (``--quick``) or
 ``full()`` (every scaling by the model's cost, :class:`~guard.audit.settings_base.Cost`, is in
 these ``full()`` methods), then the caller's keys replace fields, then fields that derive from
-others are filled (:meth:`finalized`). An unknown key raises ValueError naming the valid keys
+others are filled (:meth:`~guard.audit.settings_base.StepSettings.finalized`). An unknown key raises ValueError naming the valid keys
 and the closest one; a value of the wrong type raises TypeError naming the key, what was
 expected and what came. The resolved settings go to ``report["settings"]``;
 ``AuditOptions(settings=AuditSettings.from_dict(...))`` (``guard audit --settings report.json``)
