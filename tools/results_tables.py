@@ -185,7 +185,18 @@ def detection_by_strength(r: dict[str, Any]) -> str:
     c = r["clean_fpr"].get("combined")
     return (
         "\n".join(rows) + f"\n\nRealised clean flag rate of the combined flag (target {_pct(r['target_fpr'], 0)}, "
-        f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _source(r)
+        f"calibrated on {r['n_calibration']} other clean images): {_rate(c)}.\n" + _adaptive_line(r) + _source(r)
+    )
+
+
+def _adaptive_line(r: dict[str, Any]) -> str:
+    """The same audit's adaptive attacker (it knows the detectors), where the results file records it."""
+    a = r.get("adaptive")
+    if not a or a.get("evasion") is None:
+        return ""
+    return (
+        f"\nThe same audit's adaptive attacker (knows the detectors; eps {a['eps']:.4g}, n = {a['n']} held-out "
+        f"images): misclassified and not flagged {_pct(a['evasion'])} (misclassified {_pct(a['misclassified'])}).\n"
     )
 
 

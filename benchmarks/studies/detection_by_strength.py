@@ -50,6 +50,9 @@ def table(report: dict) -> dict:
                     "tpr_at_1fpr": m.get("tpr_at_1fpr"),
                 }
         out["rows"].append(row)
+    adaptive = report.get("adaptive") or {}
+    if adaptive.get("n") is not None:  # the attacker who knows the detectors, beside the table
+        out["adaptive"] = {k: adaptive.get(k) for k in ("n", "eps", "evasion", "misclassified")}
     return out
 
 
