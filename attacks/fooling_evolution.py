@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,60 @@ class ClassArchive:
         return out
 
 
+@dataclass
+class _EvolutionRun:
+    """The state of one :class:`FoolingEvolution` call: what a checkpoint saves and a resumed run restores.
+
+    ``genomes`` maps a CPPN genome's id to the genome (pruned to the ids the archive still holds);
+    ``pool_*`` is the reservoir of extra samples (images, labels, confidences) of which ``seen``
+    were offered; ``g_done`` counts the generations run, ``all_fooled_at`` the first at which every
+    class reached the threshold (-1: not yet).
+    """
+
+    shape: tuple[int, int, int]
+    cls: torch.Tensor
+    device: torch.device
+    cppn: bool
+    archive: ClassArchive
+    gen: torch.Generator
+    rng: np.random.Generator
+    t0: float
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    genomes: dict[int, Genome] = field(default_factory=dict)
+    next_id: int = 0
+    pool_x: list[torch.Tensor] = field(default_factory=list)
+    pool_l: list[int] = field(default_factory=list)
+    pool_c: list[float] = field(default_factory=list)
+    seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    all_fooled_at: int = -1
+    g_done: int = 0
+    refine_evals: int = 0
+    polish_evals: int = 0
+    before_polish: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.cells = int(self.cls.numel())
+        self.cls_dev = self.cls.to(self.device)
+
+    def adopt(self, kids: list[Genome]) -> np.ndarray:
+        """Give new genomes the next ids and keep them; returns the ids."""
+        ids = np.arange(self.next_id, self.next_id + len(kids))
+        self.next_id += len(kids)
+        for i, k in zip(ids, kids):
+            self.genomes[int(i)] = k
+        return ids
+
+    def prune_genomes(self) -> None:
+        """Drop the genomes no archive cell holds any more."""
+        keep = {int(i) for i in self.archive.genome_ids()}
+        self.genomes = {i: self.genomes[i] for i in keep}
+
+    def probs(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The softmax over every output (a reject class too), one column per archive cell's class."""
+        return F.softmax(model(x).float(), 1)[:, self.cls_dev]
+
+
 class FoolingEvolution(Fooler):
     """Evolve fooling images with MAP-Elites (one elite per class).
 
@@ -363,226 +418,243 @@ class FoolingEvolution(Fooler):
         shape, cls = self.targets(model, shape, classes, num_classes, distinct=True)
         checkpoint_every = check_int(checkpoint_every, "checkpoint_every", type(self).__name__, low=1)
         device = model_device(model)
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
-        cppn = self.encoding == "cppn"
         with eval_mode(model), torch.no_grad():
-            cells = int(cls.numel())
-            cls_dev = cls.to(device)
-            archive = ClassArchive(cells, shape, seed=self.seed, with_ids=cppn)
-            genomes: dict[int, Genome] = {}
-            next_id = 0
-            pool_x: list[torch.Tensor] = []
-            pool_l: list[int] = []
-            pool_c: list[float] = []
-            seen = 0
-            history: list[dict[str, float]] = []
-            all_fooled_at = -1
-            g_done = 0
-            refine_evals = 0
-            polish_evals, before_polish = 0, None
-            fingerprint: dict[str, Any] = {}
-            if checkpoint_dir is not None:
-                fingerprint = {
-                    "params": {k: v for k, v in self.params().items() if k != "generations"},
-                    "shape": list(shape),
-                    "classes": cls.tolist(),
-                    "model": tensors_digest(model.state_dict()),
-                }
-                st = load_evolution_state(checkpoint_dir, fingerprint)
-                if st is not None:
-                    genomes, gen, rng, history = st["genomes"], st["gen"], st["rng"], st["history"]
-                    # a CPPN's image is a pure function of its genome (rendered one by one), so it is not saved
-                    ims = _render_ids(genomes, st["archive"]["genome_id"], shape, device) if cppn else None
-                    archive.restore(st["archive"], st["archive_rng"], ims)
-                    pool_x, pool_l, pool_c = st["pool"]
-                    c = st["counters"]
-                    next_id, seen, all_fooled_at, g_done, refine_evals = (
-                        c["next_id"],
-                        c["seen"],
-                        c["all_fooled_at"],
-                        c["generations"],
-                        c["refine_evaluations"],
-                    )
-                    t0 -= c["seconds"]
-                    log.info("FoolingEvolution: resumed from %s at generation %d", checkpoint_dir, g_done)
-
-            def save() -> None:
-                a_tensors, a_rng = archive.state(images=not cppn)
-                save_evolution_state(
-                    checkpoint_dir,
-                    fingerprint=fingerprint,
-                    archive=a_tensors,
-                    archive_rng=a_rng,
-                    rng=rng,
-                    gen=gen,
-                    genomes=genomes,
-                    pool=(pool_x, pool_l, pool_c),
-                    history=history,
-                    shape=shape,
-                    counters={
-                        "next_id": next_id,
-                        "seen": seen,
-                        "all_fooled_at": all_fooled_at,
-                        "generations": g_done,
-                        "refine_evaluations": refine_evals,
-                        "seconds": time.perf_counter() - t0,
-                    },
-                )
-
-            done_before = self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations
-            for g_idx in range(g_done, 0 if done_before else self.generations):
-                g_done = g_idx + 1
-                ids = None
-                parents = self._parents(archive, rng) if len(archive) else None
-                if cppn:
-                    if parents is None:
-                        kids = [
-                            random_genome(shape[0], rng=rng, hidden=self.init_hidden, connections=self.init_connections)
-                            for _ in range(self.population)
-                        ]
-                    else:
-                        kids = [mutate(genomes[int(i)], rng, self.rates) for i in parents["genome_id"]]
-                    ids = np.arange(next_id, next_id + len(kids))
-                    next_id += len(kids)
-                    for i, k in zip(ids, kids):
-                        genomes[int(i)] = k
-                    x = render(kids, shape[1], shape[2], device=device)
-                else:
-                    if parents is None:
-                        x = torch.rand(self.population, *shape, generator=gen)
-                    else:
-                        rate = self.mutation_rate * 0.5 ** (g_idx // self.rate_halving)
-                        x = polynomial_mutation(parents["images"], rate, self.eta, gen)
-                    x = x.to(device)
-                # softmax over every output (a reject class too), one archive cell per wanted class
-                probs = F.softmax(model(x).float(), 1)[:, cls_dev]
-                archive.add(x, probs, ids)
-                children = [(x, probs)]
-                if cppn and self.refine_every and g_done % self.refine_every == 0:
-                    conf = archive.confidences()
-                    left = np.flatnonzero(np.isfinite(conf) & (conf < self.threshold))
-                    if left.size:
-                        el = archive.retrieve(left)
-                        kids, _ = refine_weights(
-                            [genomes[int(i)] for i in el["genome_id"]],
-                            model,
-                            cls_dev[torch.from_numpy(left).to(device)],
-                            shape[1],
-                            shape[2],
-                            steps=self.refine_steps,
-                            lr=self.refine_lr,
-                            max_weight=self.rates.max_weight,
-                            grow=self.refine_grow,
-                        )
-                        rids = np.arange(next_id, next_id + len(kids))
-                        next_id += len(kids)
-                        for i, k in zip(rids, kids):
-                            genomes[int(i)] = k
-                        xr = render(kids, shape[1], shape[2], device=device)
-                        pr = F.softmax(model(xr).float(), 1)[:, cls_dev]
-                        archive.add(xr, pr, rids)
-                        children.append((xr, pr))
-                        refine_evals += len(kids) * (self.refine_steps + 2)
-                if cppn:
-                    keep = {int(i) for i in archive.genome_ids()}
-                    genomes = {i: genomes[i] for i in keep}
-                # Reservoir sample (seeded) of children at the threshold for their top class.
-                for xc, pc in children:
-                    top_c, top_l = pc.max(1)
-                    for j in (top_c >= self.extra_threshold).nonzero().flatten().tolist():
-                        seen += 1
-                        if len(pool_x) < self.extra_samples:
-                            pool_x.append(xc[j].cpu())
-                            pool_l.append(int(cls[top_l[j]]))
-                            pool_c.append(float(top_c[j]))
-                        elif self.extra_samples:
-                            r = int(rng.integers(seen))
-                            if r < self.extra_samples:
-                                pool_x[r], pool_l[r], pool_c[r] = xc[j].cpu(), int(cls[top_l[j]]), float(top_c[j])
-                conf_now = archive.confidences()
-                filled = conf_now[np.isfinite(conf_now)]
-                n_fooled = int((conf_now >= self.threshold).sum())
-                if g_idx % 10 == 0 or n_fooled == cells or g_done == self.generations:
-                    history.append(
-                        {
-                            "generation": g_done,
-                            "classes_fooled": n_fooled,
-                            "classes_filled": int(filled.size),
-                            "median_confidence": float(torch.from_numpy(filled).median()),
-                            "seconds": time.perf_counter() - t0,
-                        }
-                    )
+            run = self._start(model, shape, cls, device, checkpoint_dir)
+            for g_idx in range(run.g_done, 0 if self._finished(run) else self.generations):
+                run.g_done = g_idx + 1
+                children = [self._generation(run, model, g_idx)]
+                if run.cppn and self.refine_every and run.g_done % self.refine_every == 0:
+                    children += self._refine(run, model)
+                if run.cppn:
+                    run.prune_genomes()
+                self._sample_extras(run, children)
+                n_fooled = self._record(run, g_idx)
                 if progress is not None:
-                    progress(g_done, n_fooled)
-                if n_fooled == cells and all_fooled_at < 0:
-                    all_fooled_at = g_done
-                stop = self.stop_when_done and all_fooled_at > 0 and g_done >= all_fooled_at + self.extra_generations
+                    progress(run.g_done, n_fooled)
+                if n_fooled == run.cells and run.all_fooled_at < 0:
+                    run.all_fooled_at = run.g_done
+                stop = self._finished(run)
                 if checkpoint_dir is not None and (
-                    stop or g_done % checkpoint_every == 0 or g_done == self.generations
+                    stop or run.g_done % checkpoint_every == 0 or run.g_done == self.generations
                 ):
-                    save()
+                    self._save(run, checkpoint_dir)
                 if stop:
                     break
             # The polish is never checkpointed: the saved state is evolution's, so a run resumed or
             # continued to more generations evolves from the same archive as an uninterrupted one, and
             # polishes (deterministically) at its own end.
-            if cppn and self.polish_steps:
-                conf_now = archive.confidences()
-                before_polish = torch.from_numpy(conf_now.copy()).float()
-                short = np.flatnonzero(np.isfinite(conf_now) & (conf_now < self.threshold))
-                if short.size:
-                    el = archive.elites()
-                    ims = el["images"].to(device)
-                    probs = torch.cat(
-                        [
-                            F.softmax(model(ims[i : i + self.population]).float(), 1)[:, cls_dev]
-                            for i in range(0, ims.shape[0], self.population)
-                        ]
-                    )
-                    # elites() is sorted by cell; polish_genomes wants one row per genome, one column per cell
-                    kids, _ = polish_genomes(
-                        [genomes[int(i)] for i in el["genome_id"]],
-                        probs,
-                        short.tolist(),
-                        model,
-                        cls_dev,
-                        shape[1],
-                        shape[2],
-                        starts=self.polish_starts,
-                        steps=self.polish_steps,
-                        lr=self.polish_lr,
-                        max_weight=self.rates.max_weight,
-                        chunk=self.population,
-                    )
-                    rids = np.arange(next_id, next_id + len(kids))
-                    next_id += len(kids)
-                    for i, k in zip(rids, kids):
-                        genomes[int(i)] = k
-                    for i in range(0, len(kids), self.population):
-                        xr = render(kids[i : i + self.population], shape[1], shape[2], device=device)
-                        archive.add(xr, F.softmax(model(xr).float(), 1)[:, cls_dev], rids[i : i + self.population])
-                    keep = {int(i) for i in archive.genome_ids()}
-                    genomes = {i: genomes[i] for i in keep}
-                    polish_evals += ims.shape[0] + len(kids) * (self.polish_steps + 2)
-            el = archive.elites()
-            xs = [el["images"]] + ([torch.stack(pool_x)] if pool_x else [])
-            x_all = torch.cat(xs).to(device)
-            labels = torch.cat([cls[el["labels"]], torch.tensor(pool_l, dtype=torch.long)]).to(device)
-            # An elite's confidence is its archive objective, the softmax of the forward pass that
-            # admitted it (re-scoring 1,000 elites at 224 px would cost as much as 20 generations of
-            # 50); only the reservoir samples are re-scored, in chunks.
-            pool_t = torch.stack(pool_x).to(device) if pool_x else x_all[:0]
-            pool_lab = labels[el["labels"].numel() :]
-            pool_conf = [
-                F.softmax(model(pool_t[i : i + self.population]).float(), 1)
-                .gather(1, pool_lab[i : i + self.population, None])
-                .squeeze(1)
-                for i in range(0, pool_t.shape[0], self.population)
-            ]
-            conf = torch.cat([el["confidence"].float().to(device), *pool_conf])
-        seconds = time.perf_counter() - t0
+            if run.cppn and self.polish_steps:
+                self._polish(run, model)
+            return self._result(run, model)
+
+    def _finished(self, run: _EvolutionRun) -> bool:
+        """Every class fooled, and the extra generations after that spent (with ``stop_when_done``)."""
+        return (
+            self.stop_when_done and run.all_fooled_at > 0 and run.g_done >= run.all_fooled_at + self.extra_generations
+        )
+
+    def _start(
+        self,
+        model: nn.Module,
+        shape: tuple[int, int, int],
+        cls: torch.Tensor,
+        device: torch.device,
+        checkpoint_dir: str | Path | None,
+    ) -> _EvolutionRun:
+        """A fresh run's state, or the one saved in ``checkpoint_dir`` (refused if its settings differ)."""
+        cppn = self.encoding == "cppn"
+        run = _EvolutionRun(
+            shape=shape,
+            cls=cls,
+            device=device,
+            cppn=cppn,
+            archive=ClassArchive(int(cls.numel()), shape, seed=self.seed, with_ids=cppn),
+            gen=torch.Generator().manual_seed(self.seed),
+            rng=np.random.default_rng(self.seed),
+            t0=time.perf_counter(),
+        )
+        if checkpoint_dir is None:
+            return run
+        run.fingerprint = {
+            "params": {k: v for k, v in self.params().items() if k != "generations"},
+            "shape": list(shape),
+            "classes": cls.tolist(),
+            "model": tensors_digest(model.state_dict()),
+        }
+        st = load_evolution_state(checkpoint_dir, run.fingerprint)
+        if st is None:
+            return run
+        run.genomes, run.gen, run.rng, run.history = st["genomes"], st["gen"], st["rng"], st["history"]
+        # a CPPN's image is a pure function of its genome (rendered one by one), so it is not saved
+        ims = _render_ids(run.genomes, st["archive"]["genome_id"], shape, device) if cppn else None
+        run.archive.restore(st["archive"], st["archive_rng"], ims)
+        run.pool_x, run.pool_l, run.pool_c = st["pool"]
+        c = st["counters"]
+        run.next_id, run.seen, run.all_fooled_at = c["next_id"], c["seen"], c["all_fooled_at"]
+        run.g_done, run.refine_evals = c["generations"], c["refine_evaluations"]
+        run.t0 -= c["seconds"]
+        log.info("FoolingEvolution: resumed from %s at generation %d", checkpoint_dir, run.g_done)
+        return run
+
+    def _save(self, run: _EvolutionRun, checkpoint_dir: str | Path) -> None:
+        a_tensors, a_rng = run.archive.state(images=not run.cppn)
+        save_evolution_state(
+            checkpoint_dir,
+            fingerprint=run.fingerprint,
+            archive=a_tensors,
+            archive_rng=a_rng,
+            rng=run.rng,
+            gen=run.gen,
+            genomes=run.genomes,
+            pool=(run.pool_x, run.pool_l, run.pool_c),
+            history=run.history,
+            shape=run.shape,
+            counters={
+                "next_id": run.next_id,
+                "seen": run.seen,
+                "all_fooled_at": run.all_fooled_at,
+                "generations": run.g_done,
+                "refine_evaluations": run.refine_evals,
+                "seconds": time.perf_counter() - run.t0,
+            },
+        )
+
+    def _generation(self, run: _EvolutionRun, model: nn.Module, g_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One generation: children (random at first, then mutated elites) scored and offered to the archive."""
+        shape, ids = run.shape, None
+        parents = self._parents(run.archive, run.rng) if len(run.archive) else None
+        if run.cppn:
+            if parents is None:
+                kids = [
+                    random_genome(shape[0], rng=run.rng, hidden=self.init_hidden, connections=self.init_connections)
+                    for _ in range(self.population)
+                ]
+            else:
+                kids = [mutate(run.genomes[int(i)], run.rng, self.rates) for i in parents["genome_id"]]
+            ids = run.adopt(kids)
+            x = render(kids, shape[1], shape[2], device=run.device)
+        else:
+            if parents is None:
+                x = torch.rand(self.population, *shape, generator=run.gen)
+            else:
+                rate = self.mutation_rate * 0.5 ** (g_idx // self.rate_halving)
+                x = polynomial_mutation(parents["images"], rate, self.eta, run.gen)
+            x = x.to(run.device)
+        probs = run.probs(model, x)
+        run.archive.add(x, probs, ids)
+        return x, probs
+
+    def _refine(self, run: _EvolutionRun, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Lamarckian step (``refine_every``): Adam on the weights of the elites still below the threshold."""
+        conf = run.archive.confidences()
+        left = np.flatnonzero(np.isfinite(conf) & (conf < self.threshold))
+        if not left.size:
+            return []
+        el = run.archive.retrieve(left)
+        kids, _ = refine_weights(
+            [run.genomes[int(i)] for i in el["genome_id"]],
+            model,
+            run.cls_dev[torch.from_numpy(left).to(run.device)],
+            run.shape[1],
+            run.shape[2],
+            steps=self.refine_steps,
+            lr=self.refine_lr,
+            max_weight=self.rates.max_weight,
+            grow=self.refine_grow,
+        )
+        rids = run.adopt(kids)
+        xr = render(kids, run.shape[1], run.shape[2], device=run.device)
+        pr = run.probs(model, xr)
+        run.archive.add(xr, pr, rids)
+        run.refine_evals += len(kids) * (self.refine_steps + 2)
+        return [(xr, pr)]
+
+    def _sample_extras(self, run: _EvolutionRun, children: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Reservoir sample (seeded) of the children at ``extra_threshold`` for their top class."""
+        for xc, pc in children:
+            top_c, top_l = pc.max(1)
+            for j in (top_c >= self.extra_threshold).nonzero().flatten().tolist():
+                run.seen += 1
+                item = (xc[j].cpu(), int(run.cls[top_l[j]]), float(top_c[j]))
+                if len(run.pool_x) < self.extra_samples:
+                    run.pool_x.append(item[0])
+                    run.pool_l.append(item[1])
+                    run.pool_c.append(item[2])
+                elif self.extra_samples:
+                    r = int(run.rng.integers(run.seen))
+                    if r < self.extra_samples:
+                        run.pool_x[r], run.pool_l[r], run.pool_c[r] = item
+
+    def _record(self, run: _EvolutionRun, g_idx: int) -> int:
+        """The number of classes fooled now; a history entry every 10 generations and at the end."""
+        conf_now = run.archive.confidences()
+        filled = conf_now[np.isfinite(conf_now)]
+        n_fooled = int((conf_now >= self.threshold).sum())
+        if g_idx % 10 == 0 or n_fooled == run.cells or run.g_done == self.generations:
+            run.history.append(
+                {
+                    "generation": run.g_done,
+                    "classes_fooled": n_fooled,
+                    "classes_filled": int(filled.size),
+                    "median_confidence": float(torch.from_numpy(filled).median()),
+                    "seconds": time.perf_counter() - run.t0,
+                }
+            )
+        return n_fooled
+
+    def _polish(self, run: _EvolutionRun, model: nn.Module) -> None:
+        """``polish_steps``: a last refinement of the classes still below the threshold."""
+        conf_now = run.archive.confidences()
+        run.before_polish = torch.from_numpy(conf_now.copy()).float()
+        short = np.flatnonzero(np.isfinite(conf_now) & (conf_now < self.threshold))
+        if not short.size:
+            return
+        el = run.archive.elites()
+        ims = el["images"].to(run.device)
+        probs = torch.cat(
+            [run.probs(model, ims[i : i + self.population]) for i in range(0, ims.shape[0], self.population)]
+        )
+        # elites() is sorted by cell; polish_genomes wants one row per genome, one column per cell
+        kids, _ = polish_genomes(
+            [run.genomes[int(i)] for i in el["genome_id"]],
+            probs,
+            short.tolist(),
+            model,
+            run.cls_dev,
+            run.shape[1],
+            run.shape[2],
+            starts=self.polish_starts,
+            steps=self.polish_steps,
+            lr=self.polish_lr,
+            max_weight=self.rates.max_weight,
+            chunk=self.population,
+        )
+        rids = run.adopt(kids)
+        for i in range(0, len(kids), self.population):
+            xr = render(kids[i : i + self.population], run.shape[1], run.shape[2], device=run.device)
+            run.archive.add(xr, run.probs(model, xr), rids[i : i + self.population])
+        run.prune_genomes()
+        run.polish_evals += ims.shape[0] + len(kids) * (self.polish_steps + 2)
+
+    def _result(self, run: _EvolutionRun, model: nn.Module) -> AttackResult:
+        """The elites (sorted by class) then the extra samples, with their labels and confidences."""
+        device, cls = run.device, run.cls
+        el = run.archive.elites()
+        xs = [el["images"]] + ([torch.stack(run.pool_x)] if run.pool_x else [])
+        x_all = torch.cat(xs).to(device)
+        labels = torch.cat([cls[el["labels"]], torch.tensor(run.pool_l, dtype=torch.long)]).to(device)
+        # An elite's confidence is its archive objective, the softmax of the forward pass that
+        # admitted it (re-scoring 1,000 elites at 224 px would cost as much as 20 generations of
+        # 50); only the reservoir samples are re-scored, in chunks.
+        pool_t = torch.stack(run.pool_x).to(device) if run.pool_x else x_all[:0]
+        pool_lab = labels[el["labels"].numel() :]
+        pool_conf = [
+            F.softmax(model(pool_t[i : i + self.population]).float(), 1)
+            .gather(1, pool_lab[i : i + self.population, None])
+            .squeeze(1)
+            for i in range(0, pool_t.shape[0], self.population)
+        ]
+        conf = torch.cat([el["confidence"].float().to(device), *pool_conf])
         n_el = int(el["labels"].numel())
         extras: dict[str, Any] = {
             "label": labels,
@@ -590,20 +662,20 @@ class FoolingEvolution(Fooler):
             "is_elite": torch.arange(labels.numel(), device=device) < n_el,
             "elite_confidence": el["confidence"].float(),
             "elite_label": cls[el["labels"]],
-            "generations": g_done,
-            "generation_all_fooled": all_fooled_at,
-            "evaluations": g_done * self.population,
-            "refine_evaluations": refine_evals,
-            "polish_evaluations": polish_evals,
-            "seconds": seconds,
-            "history": history,
+            "generations": run.g_done,
+            "generation_all_fooled": run.all_fooled_at,
+            "evaluations": run.g_done * self.population,
+            "refine_evaluations": run.refine_evals,
+            "polish_evaluations": run.polish_evals,
+            "seconds": time.perf_counter() - run.t0,
+            "history": run.history,
             "threshold": self.threshold,
             "encoding": self.encoding,
         }
-        if before_polish is not None:
-            extras["elite_confidence_before_polish"] = before_polish[el["labels"]]
-        if cppn:
-            extras["genomes"] = [genomes[int(i)].to_dict() for i in el["genome_id"]]
+        if run.before_polish is not None:
+            extras["elite_confidence_before_polish"] = run.before_polish[el["labels"]]
+        if run.cppn:
+            extras["genomes"] = [run.genomes[int(i)].to_dict() for i in el["genome_id"]]
         return AttackResult(x_adv=x_all, success=conf >= self.threshold, target=labels, extras=extras)
 
     def _parents(self, archive: ClassArchive, rng: np.random.Generator) -> dict[str, Any]:
