@@ -719,22 +719,16 @@ class _Hardener:
             if e <= st.epoch_done:
                 continue
             t0 = time.perf_counter()
-            loss = _train_epoch(
-                ddp,
-                self.opt,
-                self.train,
-                st.archive_x,
+            plan = _EpochPlan(
                 self.n,
                 cfg.reject_share,
                 cfg.batch_size,
-                self.augment,
                 _seed(cfg.seed, r, e, 2),
                 self.rank,
                 self.size,
-                self.device,
                 cfg.online_fooling_steps,
-                self.frozen,
             )
+            loss = _train_epoch(ddp, self.opt, self.train, st.archive_x, plan, self.augment, self.device, self.frozen)
             st.timings["train_seconds"] += time.perf_counter() - t0
             st.round_secs["train"] += time.perf_counter() - t0
             st.epoch_done = e
@@ -846,38 +840,50 @@ def _split_batches(
         yield i, x[idx], y[idx], is_clean[idx]
 
 
+@dataclass(frozen=True)
+class _EpochPlan:
+    """What one epoch of reject-class training draws: ``n`` known classes (label ``n`` = reject),
+    ``reject_share`` of the batches from the archive, ``batch_size`` over all processes, the epoch's
+    ``seed``, this process's shard (``rank`` of ``size``) and ``online_steps`` of fresh fooling
+    images per batch (0: none)."""
+
+    n: int
+    reject_share: float
+    batch_size: int
+    seed: int
+    rank: int = 0
+    size: int = 1
+    online_steps: int = 0
+
+
 def _train_epoch(
     model: nn.Module,
     opt: torch.optim.Optimizer,
     train: _Data,
     archive_x: torch.Tensor,
-    n: int,
-    reject_share: float,
-    batch_size: int,
+    plan: _EpochPlan,
     augment,
-    epoch_seed: int,
-    rank: int,
-    size: int,
     device,
-    online_steps: int = 0,
     frozen: list[nn.Module] | None = None,
 ) -> float:
-    """One epoch over the clean data plus ``reject_share`` reject images drawn from the archive
-    (and, with ``online_steps``, fresh gradient-ascent fooling images against the current model).
+    """One epoch over the clean data plus ``plan.reject_share`` reject images drawn from the archive
+    (and, with ``plan.online_steps``, fresh gradient-ascent fooling images against the current model).
     A stream is read batch by batch (:meth:`HardenStream.epoch_batches`)."""
     from guard.attacks import FoolingGradient
 
+    n, epoch_seed, online_steps = plan.n, plan.seed, plan.online_steps
     gen = torch.Generator().manual_seed(epoch_seed)
-    local_bs = max(1, batch_size // size)
+    local_bs = max(1, plan.batch_size // plan.size)
+    shard = (plan.n, plan.reject_share, gen, epoch_seed, plan.rank, plan.size, local_bs)
     if isinstance(train, Split):
-        batches = _split_batches(train, archive_x, n, reject_share, gen, epoch_seed, rank, size, local_bs)
+        batches = _split_batches(train, archive_x, *shard)
     else:
-        batches = train.epoch_batches(archive_x, n, reject_share, gen, epoch_seed, rank, size, local_bs)
+        batches = train.epoch_batches(archive_x, *shard)
     total, count = 0.0, 0
     frozen = frozen or []
     _train_mode(model, frozen)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(epoch_seed + rank)  # dropout
+        torch.manual_seed(epoch_seed + plan.rank)  # dropout
         for i, xb, yb, c in batches:
             if augment is not None and bool(c.any()):
                 xb = xb.clone()
