@@ -213,6 +213,49 @@ def test_double_masking_and_certify_match_the_full_two_mask_map(tiny_model, smal
     assert torch.equal(c.recovered, rec)
 
 
+class ViewNet(nn.Module):
+    """A conv net that flattens with ``.view``, which raises on channels-last activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 12 * 12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(h.view(h.shape[0], -1))
+
+
+def test_masked_labels_are_the_default_layouts_and_a_view_model_still_runs(tiny_model, small_split):
+    from guard.detectors.masking import _NO_CHANNELS_LAST
+
+    _, test = small_split
+    x = test.x[:6]
+    m = mask_set(28, 4, 3)
+    masked = apply_masks(x, m.keep(), 0.5)
+    with torch.no_grad():
+        expected = tiny_model(masked.contiguous()).argmax(1).view(6, len(m))
+    assert torch.equal(one_mask_predictions(tiny_model, x, m, batch_size=11), expected)
+    assert tiny_model not in _NO_CHANNELS_LAST
+    net = ViewNet().eval()
+    colour = torch.rand(5, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    m3 = mask_set(12, 3, 2)
+    masked3 = apply_masks(colour, m3.keep(), 0.5)
+    with pytest.raises(RuntimeError):
+        net(masked3[:2].contiguous(memory_format=torch.channels_last))  # the layout this model refuses
+    with torch.no_grad():
+        want = net(masked3).argmax(1).view(5, len(m3))
+    assert torch.equal(one_mask_predictions(net, colour, m3, batch_size=16), want)
+    assert net in _NO_CHANNELS_LAST
+    torch.manual_seed(1)
+    flat = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 12 * 12, 3)).eval()
+    with torch.no_grad():
+        want = flat(masked3).argmax(1).view(5, len(m3))
+    assert torch.equal(one_mask_predictions(flat, colour, m3, batch_size=16), want)
+    assert flat not in _NO_CHANNELS_LAST  # this one ran channels-last
+
+
 def test_apply_masks_fills_only_inside_the_mask():
     m = mask_set(6, 2, 2)
     x = torch.rand(3, 2, 6, 6)
