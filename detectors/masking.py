@@ -229,7 +229,7 @@ def _labels(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
     The images go in as channels-last (NHWC) tensors: a convolution on the CPU then runs without
     reordering its input, about 1.2x the throughput of the default layout on the demo ResNet-20
-    (benchmarks/results/certify_speed.json). The model is left as it is; one that cannot take that
+    (benchmarks/results/certify_vs_patchcleanser.json). The model is left as it is; one that cannot take that
     layout (a ``.view`` of a conv output raises) is remembered and gets the default layout. The
     values are the same, so the labels are those of the default layout up to float rounding.
     """
