@@ -20,21 +20,10 @@ from typing import Any
 import torch
 
 from guard.core.data import Split
+from guard.core.intervals import rate_interval as clopper_pearson  # the name this module has always exported
 from guard.core.validation import check_images, check_int
 
 __all__ = ["evaluate_adaptive", "clopper_pearson", "default_budgets"]
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
-    """The exact (Clopper-Pearson 1934) two-sided interval [lo, hi] of a rate k / n; None when n = 0."""
-    from scipy.stats import beta
-
-    if n <= 0:
-        return None
-    a = (1.0 - level) / 2.0
-    lo = 0.0 if k <= 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k >= n else float(beta.ppf(1.0 - a, k + 1, n - k))
-    return [lo, hi]
 
 
 def _rate(mask: torch.Tensor) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 
 from guard.adaptive_eval import evaluate_adaptive
 from guard.core.data import Split
+from guard.core.intervals import clopper_pearson
 from guard.core.validation import check_images
 
 __all__ = [
@@ -40,9 +41,6 @@ __all__ = [
     "check_disjoint",
 ]
 
-#: confidence level of every interval reported
-CONFIDENCE = 0.95
-
 
 def _finite(a: np.ndarray, fill_hi: float) -> np.ndarray:
     a = np.where(np.isnan(a), np.inf, a)
@@ -53,32 +51,6 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
     """The largest TPR on the ROC curve whose FPR does not exceed ``target``."""
     ok = fpr <= target + 1e-12
     return float(tpr[ok].max()) if ok.any() else 0.0
-
-
-def clopper_pearson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """The exact (Clopper & Pearson 1934) two-sided interval of a binomial proportion k / n.
-
-    The bounds are Beta quantiles: ``Beta(a/2; k, n-k+1)`` and ``Beta(1-a/2; k+1, n-k)`` with
-    a = 1 - confidence, and 0 / 1 at k = 0 / k = n (``scipy.stats.beta``; the same interval as
-    ``scipy.stats.binomtest(k, n).proportion_ci(method="exact")``).
-    """
-    from scipy.stats import beta
-
-    if (
-        isinstance(k, bool)
-        or isinstance(n, bool)
-        or not isinstance(k, (int, np.integer))
-        or not isinstance(n, (int, np.integer))
-    ):
-        raise TypeError(f"k and n must be ints; got {type(k).__name__} and {type(n).__name__}.")
-    if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"clopper_pearson needs 0 <= k <= n and n >= 1; got k={k}, n={n}.")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie in (0, 1); got {confidence!r}.")
-    a = 1.0 - confidence
-    lo = 0.0 if k == 0 else float(beta.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
 
 
 def _rate(flags: np.ndarray) -> dict[str, Any] | None:

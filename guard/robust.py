@@ -43,6 +43,7 @@ from torch import nn
 
 from guard.attacks.apgd import APGD
 from guard.core.data import Split, load_data
+from guard.core.intervals import rate_interval as clopper_pearson  # the name this module has always exported
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import check_float, check_int
 from guard.training.reject import RejectClassifier
@@ -131,16 +132,6 @@ class RealClassView(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)[:, : self.real_classes]
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
-    """The exact (Clopper-Pearson) binomial interval of k successes in n (scipy's ``binomtest``); None when n = 0."""
-    if n == 0:
-        return None
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
-    return [float(ci.low), float(ci.high)]
 
 
 def _has_torchattacks() -> bool:

@@ -65,7 +65,7 @@ MUTANTS = {
         ["tests/test_wrap.py::test_each_detector_scores_planted_outliers_higher"],
     ),
     "clopper_pearson_wrong_shape": (
-        "guard/evaluation.py",
+        "guard/core/intervals.py",
         "float(beta.ppf(a / 2, k, n - k + 1))",
         "float(beta.ppf(a / 2, k, n - k))",
         ["tests/test_wrap.py::test_clopper_pearson_matches_scipy_binomtest"],
