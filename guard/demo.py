@@ -120,16 +120,15 @@ def demo_model(
 
     Args:
         name: the embedded default (:data:`DEMOS`).
-        variant: ``"standard"``, or for ``"cifar10"`` ``"robust"``: the ResNet-20 adversarially
-            fine-tuned with a reject class (``guard.harden(method="reject")``, L-inf 8/255; a
-            :class:`~guard.training.RejectClassifier` with 11 outputs, index 10 = reject), its file
-            checked against its recorded SHA-256 (:data:`DEMO_VARIANTS`).
+        variant: ``"standard"``; for ``"cifar10"`` also ``"robust"`` (the ResNet-20 adversarially
+            fine-tuned, a :class:`~guard.training.RejectClassifier` with 11 outputs, index 10 =
+            reject) or ``"masked"`` (the ResNet-20 fine-tuned with PatchCleanser's masks,
+            :data:`CIFAR10_MASKED`), each file checked against its recorded SHA-256
+            (:data:`DEMO_VARIANTS`).
         seed: training seed (part of the cache key).
         cache: read and write ``cache_dir()/demo/demonet-<key>.safetensors``.
         train_if_missing: train when not cached; otherwise raise ValueError.
         progress: show a progress bar while training.
-        variant: ``"cifar10"`` only: ``"masked"`` gives the ResNet-20 fine-tuned with
-            PatchCleanser's masks (:data:`CIFAR10_MASKED`).
 
     Returns:
         A DemoNet in eval mode; ``model.guard_meta`` holds the cache path and whether it was
@@ -221,7 +220,7 @@ def cifar10_model(folder: str | Path | None = None, *, variant: str | None = "st
     if not record_path.is_file() or not path.is_file():
         raise ValueError(
             f"the CIFAR-10 demo weights are missing from {str(folder)!r} ({stem}.safetensors and {stem}.json); "
-            f"reinstall guard or train them with tools/{'train_cifar10_masked' if variant else 'train_cifar10_resnet20'}.py."
+            f"reinstall guard or train them with tools/{'train_cifar10_masked' if variant == 'masked' else 'train_cifar10_resnet20'}.py."
         )
     record = json.loads(record_path.read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()

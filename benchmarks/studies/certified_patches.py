@@ -6,7 +6,7 @@ For each model named, :func:`guard.detectors.masking.certify` runs on a seeded s
 mask set. Per model: the bare model's accuracy, the defended (double-masking) accuracy
 ``clean_accuracy``, ``certified_recovery`` (every two-mask label right), ``certified_detection``
 (every one-mask label right) and ``clean_flagged`` (clean images the certified detector flags),
-and the seconds it took. Models: ``demo`` (``guard.demo_model("cifar10")``) and ``masked``
+each with its 95% Clopper-Pearson interval (``ci95``), and the seconds it took. Models: ``demo`` (``guard.demo_model("cifar10")``) and ``masked``
 (``guard.demo_model("cifar10", variant="masked")``, or ``--masked-folder``).
 
 Writes benchmarks/results/certified_patches.json through :func:`guard.core.provenance.write_results`;
@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from guard.core.archive import read_image_archive
+from guard.core.intervals import rate_interval
 from guard.core.provenance import git_commit, write_results
 from guard.detectors.masking import certify, mask_set
 
@@ -64,6 +65,14 @@ def run(name: str, x: torch.Tensor, y: torch.Tensor, patch: int, k: int, masked_
     cert = certify(model, x, y, masks=masks)
     seconds = time.perf_counter() - t0
     out = cert.summary()
+    n = int(cert.y.numel())
+    rates = {
+        "clean_accuracy": cert.recovered == cert.y,
+        "certified_recovery": cert.recovery_certified,
+        "certified_detection": cert.detection_certified,
+        "clean_flagged": cert.flagged,
+    }
+    out["ci95"] = {k: rate_interval(int(v.sum()), n) for k, v in rates.items()}
     out.update(
         {
             "model": name,
