@@ -29,6 +29,7 @@ from guard.core.data import Split
 from guard.core.registry import check_report_names
 from guard.core.validation import check_device
 from guard.report import write_page
+from guard.report.schema import Report
 
 __all__ = ["run_audit"]
 
@@ -99,7 +100,7 @@ def run_audit(
     resume: bool = False,
     steps: Sequence[Step] | None = None,
     fail_fast: bool = False,
-) -> dict[str, Any]:
+) -> Report:
     """Run the audit steps and return the report (also written to ``out/report.json``).
 
     Args:

@@ -28,7 +28,7 @@ from guard.attacks.base import AttackResult
 from guard.audit.settings import AuditSettings, Cost, resolve_settings
 from guard.core.cache import atomic_write_text, load_tensors, save_tensors
 from guard.core.data import Split
-from guard.report.schema import REPORT_VERSION
+from guard.report.schema import REPORT_VERSION, Report
 
 __all__ = ["AttackSet", "AttackStep", "AuditContext", "AuditOptions", "Step", "REPORT_VERSION", "SAVED_EXTRAS"]
 
@@ -101,7 +101,8 @@ class AuditContext:
     data_source: str
     out: Path
     options: AuditOptions
-    report: dict[str, Any] = field(default_factory=dict)
+    #: report.json as the steps fill it (its keys: :class:`guard.report.schema.Report`)
+    report: Report = field(default_factory=Report)
     #: what the steps' defaults are derived from (:mod:`guard.core.budget`): eps / delta from
     #: the data, ``work_scale`` from the model's cost per image; also ``report["defaults"]``
     defaults: dict[str, Any] = field(default_factory=dict)

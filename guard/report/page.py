@@ -11,10 +11,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from guard.core.cache import atomic_write_text
 from guard.report.html import STYLE, esc, note
+from guard.report.schema import Report
 from guard.report.sections import SECTIONS, Section
 from guard.report.source import AuditFolder
 from guard.report.text import audit_command
@@ -91,13 +91,13 @@ def render(src: AuditFolder) -> tuple[str, list[Section], dict[str, str]]:
     return page, sections, failed
 
 
-def build_page(out: str | Path, report: dict[str, Any] | None = None) -> str:
+def build_page(out: str | Path, report: Report | None = None) -> str:
     """The HTML of ``out``'s page (``report``: the report in memory, else ``out/report.json``)."""
     src = AuditFolder.from_report(out, report) if report is not None else AuditFolder.open(out)
     return render(src)[0]
 
 
-def write_page(out: str | Path, report: dict[str, Any] | None = None, path: str | Path | None = None) -> PageResult:
+def write_page(out: str | Path, report: Report | None = None, path: str | Path | None = None) -> PageResult:
     """Build ``out``'s page and write it to ``path`` (default ``out/report.html``).
 
     Raises :class:`guard.report.ReportInputError` when ``out/report.json`` is missing, unreadable

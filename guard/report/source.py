@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from guard.core.cache import load_tensors
-from guard.report.schema import REPORT_VERSION
+from guard.report.schema import REPORT_VERSION, Report
 
 __all__ = ["AuditFolder", "ReportInputError"]
 
@@ -29,7 +29,7 @@ class ReportInputError(ValueError):
     """OUT/report.json is missing, unreadable, not a guard report, or newer than this guard reads."""
 
 
-def check_report(report: Any, where: str) -> dict[str, Any]:
+def check_report(report: Any, where: str) -> Report:
     """``report`` if it is a guard report of a version this guard reads, else ReportInputError."""
     if not isinstance(report, dict):
         raise ReportInputError(f"{where} must hold a JSON object (a guard report); got a {type(report).__name__}.")
@@ -51,7 +51,8 @@ class AuditFolder:
     """The report and, on demand, the artifacts of one audit output folder."""
 
     out: Path
-    report: dict[str, Any]
+    #: report.json (its keys: :class:`guard.report.schema.Report`)
+    report: Report
     #: artifact name -> why it could not be read ("missing" or the loader's message)
     missing: dict[str, str] = field(default_factory=dict)
     _cache: dict[str, dict[str, np.ndarray] | None] = field(default_factory=dict, repr=False)
@@ -80,7 +81,7 @@ class AuditFolder:
         return cls(folder, check_report(report, repr(str(path))))
 
     @classmethod
-    def from_report(cls, out: str | Path, report: dict[str, Any]) -> AuditFolder:
+    def from_report(cls, out: str | Path, report: Report) -> AuditFolder:
         """The folder with a report already in memory (what run_audit has just written)."""
         return cls(Path(out), check_report(report, "report"))
 
