@@ -20,6 +20,7 @@ from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 from guard.attacks.gradient import FGSM, L2PGD, PGD, LinfPGD
 from guard.attacks.logit_matching import LogitMatching
+from guard.attacks.masking_patch import MaskingPatch
 from guard.attacks.orthogonal_pgd import OrthogonalPGD
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
@@ -45,6 +46,7 @@ __all__ = [
     "AdaptivePGD",
     "APGD",
     "LogitMatching",
+    "MaskingPatch",
     "OrthogonalPGD",
     "Attack",
     "AttackResult",

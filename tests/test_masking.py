@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import guard
+from guard.attacks import MaskingPatch
 from guard.core.validation import NotFittedError
 from guard.detectors import DETECTORS, Detector
 from guard.detectors.masking import (
@@ -358,6 +359,17 @@ def test_no_patch_breaks_a_certificate(mask_trained, demo_split):
         if j in rec_idx:
             rec = double_masking(model, xp, m)
             assert bool((rec == y[j]).all()), f"image {j}: a patch changed the certified recovered label"
+    # the attacker who knows the masks (placed where they are weakest, trained through them)
+    cert = rec_idx + det_idx
+    adaptive = MaskingPatch(keep=m.keep(), size=side, positions=3, steps=15, restarts=2, seed=0)(
+        model, x[cert], y[cert]
+    )
+    assert not bool(adaptive.extras["evades_flag"].any()), "the adaptive patch escaped a certified flag"
+    rec = double_masking(model, adaptive.x_adv, m)
+    assert torch.equal(rec, adaptive.extras["recovered"])
+    for i, j in enumerate(cert):
+        if j in rec_idx:
+            assert int(rec[i]) == int(y[j]), f"image {j}: the adaptive patch changed the certified recovered label"
 
 
 def _adversarial(model: nn.Module, x: torch.Tensor, y: torch.Tensor, side: int) -> torch.Tensor:
