@@ -373,6 +373,9 @@ def test_audit_step_quick(tmp_path, tiny_model, small_split):
     assert (tmp_path / "a" / "artifacts" / "hardened_model.safetensors").is_file()
     on_disk = json.loads((tmp_path / "a" / "report.json").read_text())
     assert on_disk["harden"]["rounds"][0]["clean_accuracy"] == row["clean_accuracy"]
+    from guard.report.schema import unknown_keys
+
+    assert unknown_keys(on_disk) == []  # the harden section is in report.json's schema
 
     skipped = run_audit(
         tiny_model, train, test, tmp_path / "b", options=AuditOptions(quick=True, progress=False), steps=steps
