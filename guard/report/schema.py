@@ -454,8 +454,6 @@ class Adaptive(TypedDict, total=False):
 
     eps: float
     evasion: float | None
-    #: why ``evasion`` is None (read by the page)
-    note: str
     misclassified: float | None
     n: int
     n_correct: int
