@@ -37,7 +37,7 @@ def test_site_builds_strict_with_guides_and_api(tmp_path):
         return f.read_text()
 
     assert "defends PyTorch image classifiers" in page("")
-    for guide in ("wrap-your-model", "read-report", "harden", "deploy-onnx", "limits"):
+    for guide in ("wrap-your-model", "read-report", "harden", "deploy-onnx", "limits", "patches"):
         page(f"guides/{guide}")
     assert "Tramèr" in page("guides/limits")
     assert '"detectors_info"' in page("reference/report-json")
@@ -53,6 +53,10 @@ def test_site_builds_strict_with_guides_and_api(tmp_path):
         ("api/audit-report", "guard.report.write_page"),
     ):
         assert f'id="{anchor}"' in page(rel), f"{anchor} is not documented on {rel}"
+    # the docstrings' Sphinx roles are links to the objects' entries, never left as role markup
+    api = page("api/guard")
+    assert ":class:`" not in api and ":func:`" not in api and "<autoref" not in api
+    assert api.count("autorefs-internal") >= 20, "the roles in the facade's docstrings did not become links"
     # BENCHMARKS.md is on the site as it is, and the history beside it
     assert "benchmarks/results/" in page("reference/benchmarks")
     assert page("history/benchmarks-history")

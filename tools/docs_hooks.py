@@ -10,9 +10,10 @@ griffe resolves a linked ``__init__.py`` back to ``guard/`` and then lists that 
 Static analysis, not import: building the site runs none of guard's code (``guard/__main__.py``
 would start the CLI) and needs neither torch nor a GPU.
 
-In that copy the docstrings' Sphinx roles (``:func:`~guard.wrap```) become inline code (`` `wrap` ``),
-so the pages do not show the role markup; ``tests/test_docstring_refs.py`` checks that each of
-them names a real object.
+In that copy the docstrings' Sphinx roles (``:func:`~guard.wrap```) become mkdocs-autorefs
+cross-references around inline code (`` `wrap` `` linked to ``guard.wrap``'s entry in the API
+pages), optional so that a target no page renders stays plain code; ``tests/test_docstring_refs.py``
+checks that each of them names a real object.
 """
 
 from __future__ import annotations
@@ -29,15 +30,25 @@ TREE = ROOT / "build" / "docs-src"
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|data|attr|exc|obj|const):`(?P<body>[^`]+)`")
 
 
-def _as_code(m: re.Match[str]) -> str:
-    """``:func:`~a.b``` -> ```b```, ``:class:`text <a.b>``` -> ```text```, ``:mod:`a.b``` -> ```a.b```."""
+def _as_code(m: re.Match[str], module: str = "") -> str:
+    """A Sphinx role as an optional cross-reference of mkdocs-autorefs around inline code.
+
+    ``:func:`~a.b``` -> ``b`` linked to ``a.b``, ``:class:`text <a.b>``` -> ``text`` linked to
+    ``a.b``, ``:mod:`a.b``` -> ``a.b`` linked to itself. ``optional``: a target the API pages do not
+    render (a private helper, an object of another library) stays plain code instead of failing the
+    strict build. A name without its package is looked up in ``module``, the docstring's own.
+    """
     body = m["body"].strip()
-    label = re.match(r"(.*?)\s*<[^<>]+>$", body)
-    if label:
-        return f"`{label.group(1)}`"
-    if body.startswith("~"):
-        body = body[1:].split(".")[-1]
-    return f"`{body.lstrip('.!')}`"
+    labelled = re.match(r"(.*?)\s*<([^<>]+)>$", body)
+    if labelled:
+        label, target = labelled.group(1), labelled.group(2).strip()
+    else:
+        target = body.lstrip("~").lstrip(".!")
+        label = target.split(".")[-1] if body.startswith("~") else target
+    target = target.lstrip("~").lstrip(".!").removesuffix("()")
+    if module and not target.startswith(("guard.", "torch", "numpy", "np.", "scipy", "sklearn", "faiss", "onnx")):
+        target = f"{module}.{target}"  # a name given relative to the docstring's module
+    return f"<autoref identifier={target} optional><code>{label}</code></autoref>"
 
 
 def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
@@ -51,7 +62,8 @@ def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
         shutil.copytree(root / folder, pkg / name, ignore=only_py)
     for py in pkg.rglob("*.py"):
         text = py.read_text()
-        new = ROLE.sub(_as_code, text)
+        module = ".".join(py.relative_to(tree).with_suffix("").parts).removesuffix(".__init__")
+        new = ROLE.sub(lambda m, module=module: _as_code(m, module), text)
         if new != text:
             py.write_text(new)
     return tree
