@@ -197,8 +197,8 @@ def cifar10_model(folder: str | Path | None = None, *, variant: str | None = "st
     Args:
         folder: where ``resnet20.safetensors`` and ``resnet20.json`` are (default: the package's data).
         variant: ``"standard"`` (a :class:`CifarResNet`), ``"masked"`` (``resnet20_masked.*``, fine-tuned
-            with PatchCleanser masks, a :class:`CifarResNet`; not shipped yet: the first fine-tune measured
-            worse, see benchmarks/results/cifar10-resnet20-masked-1epoch-15k) or ``"robust"`` (a
+            with PatchCleanser's masks for certified patch defence, a :class:`CifarResNet`; its record:
+            benchmarks/results/cifar10-resnet20-masked-3ep) or ``"robust"`` (a
             :class:`~guard.training.RejectClassifier` around the standard one, ``resnet20-robust.*``).
 
     Raises:

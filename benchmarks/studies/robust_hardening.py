@@ -79,7 +79,8 @@ def _mnist(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
     train, test = guard.demo_data()
     model = guard.demo_model(progress=False)
     parts = {}
-    for method in ("reject", args.plain_mnist):
+    methods = ("reject",) if args.plain_mnist == "none" else ("reject", args.plain_mnist)
+    for method in methods:
         cfg = HardenConfig.online(
             method,
             eps=0.3,
@@ -109,6 +110,8 @@ def _mnist(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
             "seconds_this_run": round(time.perf_counter() - t0, 1),
         }
         parts[method] = _figures(res.model, test.x[: args.n], test.y[: args.n], 0.3, budget, method, training)
+    if args.plain_mnist == "none":
+        return {**parts["reject"], "plain_at": None, "plain_at_missing": "not run (--plain-mnist none)"}
     return {**parts["reject"], "plain_at": parts[args.plain_mnist]}
 
 
@@ -150,7 +153,9 @@ def main() -> int:
         "guard's APGD, 3 targets, 30 FAB steps, 1,000 queries (what two CPU cores finish in a session); quick: tests",
     )
     p.add_argument("--mnist-epochs", type=int, default=6)
-    p.add_argument("--plain-mnist", default="pgd")
+    p.add_argument(
+        "--plain-mnist", default="pgd", help="the plain adversarial training beside the reject method ('none': skip it)"
+    )
     p.add_argument("--plain-cifar", default="pgd")
     p.add_argument("--reject-dir", default="benchmarks/results/cifar10-robust-reject")
     p.add_argument("--plain-dir", default="benchmarks/results/cifar10-robust-pgd")
