@@ -496,3 +496,21 @@ def test_demo_variant_arguments(tmp_path):
         guard.demo_model("mnist", variant="masked")
     with pytest.raises(ValueError, match="resnet20_masked.safetensors"):
         cifar10_model(tmp_path, variant="masked")
+
+
+@pytest.mark.slow
+def test_shipped_masked_variant_keeps_masked_labels_better_than_the_standard_model():
+    from guard.training.mask_training import masked_accuracy
+
+    model = guard.demo_model("cifar10", variant="masked")
+    assert (
+        model.guard_meta["sha256"]
+        == __import__("json").loads(
+            (__import__("pathlib").Path(model.guard_meta["cache_path"]).with_suffix(".json")).read_text()
+        )["sha256"]
+    )
+    _, test = guard.demo_data("cifar10")
+    x, y = test.x[:100], test.y[:100]
+    m = mask_set(32, 5, 6)
+    masked, standard = masked_accuracy(model, x, y, m), masked_accuracy(guard.demo_model("cifar10"), x, y, m)
+    assert masked > standard + 0.02, (masked, standard)
