@@ -5,6 +5,8 @@ detector in guard.wrap, and certificates that no patch breaks."""
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -503,12 +505,8 @@ def test_shipped_masked_variant_keeps_masked_labels_better_than_the_standard_mod
     from guard.training.mask_training import masked_accuracy
 
     model = guard.demo_model("cifar10", variant="masked")
-    assert (
-        model.guard_meta["sha256"]
-        == __import__("json").loads(
-            (__import__("pathlib").Path(model.guard_meta["cache_path"]).with_suffix(".json")).read_text()
-        )["sha256"]
-    )
+    record = json.loads(Path(model.guard_meta["cache_path"]).with_suffix(".json").read_text())
+    assert model.guard_meta["sha256"] == record["sha256"]
     _, test = guard.demo_data("cifar10")
     x, y = test.x[:100], test.y[:100]
     m = mask_set(32, 5, 6)
