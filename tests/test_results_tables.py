@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DOCS = ("README.md", "BENCHMARKS.md", "docs/guides/limits.md", "docs/reference/test-quality.md")  # as tools/results_tables.py
+DOCS = ("README.md", "BENCHMARKS.md", "docs/guides/limits.md", "docs/reference/test-quality.md", "docs/reference/cost.md")  # as tools/results_tables.py
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "results_tables.py"
 

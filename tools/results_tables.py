@@ -31,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 #: the documents whose tables are generated (the limits guide holds the robust variant's detection table)
-DOCS = ("README.md", "BENCHMARKS.md", "docs/guides/limits.md", "docs/reference/test-quality.md")
+DOCS = ("README.md", "BENCHMARKS.md", "docs/guides/limits.md", "docs/reference/test-quality.md", "docs/reference/cost.md")
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 
@@ -163,11 +163,54 @@ def certified_patches(r: dict[str, Any]) -> str:
         rows.append(row(f"CIFAR-10 `{name}`, {f['patch_side']}x{f['patch_side']} ({_pct(f['patch_area'])})", f))
     for area, f in (r.get("imagenet") or {}).items():
         rows.append(row(f"ImageNet sample, {area} area", f))
+    adaptive = {name: f["adaptive"] for name, f in (r.get("cifar10_models") or {}).items() if f.get("adaptive")}
+    if adaptive:
+        rows += [
+            "",
+            "The attacker who knows the masks (`guard.attacks.MaskingPatch`) on the first images of the same sample:",
+            "",
+            "| model | n | bare model fooled | escapes the flag: certified images | others | changes the recovered label: "
+            "certified images | others |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, a in adaptive.items():
+            rows.append(
+                f"| `{name}` | {a['n']} | {_rate(a['bare_fooled'])} | {_rate(a['evades_flag_on_detection_certified'])} | "
+                f"{_rate(a['evades_flag_on_not_detection_certified'])} | "
+                f"{_rate(a['recovery_changed_on_recovery_certified'])} | "
+                f"{_rate(a['recovery_changed_on_not_recovery_certified'])} |"
+            )
     return "\n".join(rows) + "\n" + _source(r)
 
 
+def patch_flag(r: dict[str, Any]) -> str:
+    """The combined flag with the masking detector in, on successful patches (CIFAR-10)."""
+    c = r["clean"]
+    rows = [
+        "| images | n | combined flag (calibrated) | masking alone, certified threshold | masking alone, calibrated |",
+        "|---|---|---|---|---|",
+        f"| clean (false positives) | {c['n']} | {_rate(c['combined_flagged'])} | "
+        f"{_rate(c['masking_flagged_certified'])} | {_rate(c['masking_flagged_calibrated'])} |",
+    ]
+    for name, a in r["attacks"].items():
+        rows.append(
+            f"| successful `{name}` ({_rate(a['success_rate'])} of the images) | {a['combined_flagged_on_success']['n']} | "
+            f"{_rate(a['combined_flagged_on_success'])} | {_rate(a['masking_flagged_certified_on_success'])} | "
+            f"{_rate(a['masking_flagged_calibrated_on_success'])} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nModel `{r['model']}`, one {r['patch_side']}x{r['patch_side']} patch; detectors "
+        f"{', '.join(r['detectors'])} combined by `{r['combine']}`, calibrated at {_pct(r['fpr_target'], 0)} on "
+        f"held-out images; {r['data']}.\n" + _source(r)
+    )
+
+
 def _rate(v: dict[str, Any] | None) -> str:
-    return "n/a" if not v else f"{100 * v['rate']:.1f}% ({v['k']}/{v['n']}){_ci(v.get('ci95'))}"
+    if not v:
+        return "n/a"
+    if v.get("rate") is None:
+        return "n/a (0 images)"
+    return f"{100 * v['rate']:.1f}% ({v['k']}/{v['n']}){_ci(v.get('ci95'))}"
 
 
 def detection_by_strength(r: dict[str, Any]) -> str:
@@ -599,6 +642,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "online_cost": ("bench_online_harden.json", online_cost),
     "mutants": ("mutants.json", mutants),
     "certified_patches": ("certified_patches.json", certified_patches),
+    "patch_flag_cifar10": ("patch_flag_cifar10.json", patch_flag),
     "detection_mnist_quick": ("detection_by_strength_mnist_quick.json", detection_by_strength),
     "adaptive_mnist": ("adaptive_mnist_n32.json", adaptive),
     "attacks_mnist_quick": ("audit-mnist-quick.json", attacks_quick),
