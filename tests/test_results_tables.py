@@ -3,14 +3,18 @@ and every table the tool knows is in one of them."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-DOCS = ("README.md", "BENCHMARKS.md", "docs/guides/limits.md", "docs/reference/test-quality.md", "docs/reference/cost.md")  # as tools/results_tables.py
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "results_tables.py"
+_spec = importlib.util.spec_from_file_location("results_tables", TOOL)
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+DOCS = _tool.DOCS  # the documents the tool renders into, read from the tool itself
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -31,7 +31,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 #: the documents whose tables are generated (the limits guide holds the robust variant's detection table)
-DOCS = ("README.md", "BENCHMARKS.md", "docs/guides/limits.md", "docs/reference/test-quality.md", "docs/reference/cost.md")
+DOCS = (
+    "README.md",
+    "BENCHMARKS.md",
+    "docs/guides/limits.md",
+    "docs/reference/test-quality.md",
+    "docs/reference/cost.md",
+)
 BLOCK = re.compile(r"(<!-- results:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
 
 

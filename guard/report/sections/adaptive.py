@@ -74,7 +74,7 @@ def _evasion_section(w: SectionWriter, node: dict[str, Any]) -> Section:
     )
     if node.get("evasion") is None:
         w.add(
-            f'<p class="note info">No evasion rate: nothing was attacked.</p>',
+            '<p class="note info">No evasion rate: nothing was attacked.</p>',
             w.cmd(["adaptive"]),
         )
         return w.done()
