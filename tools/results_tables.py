@@ -660,6 +660,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_sweep_mnist": ("robust_eval_mnist_demo.json", robust_sweep),
     "robust_sweep_cifar10": ("robust_eval_cifar10_demo.json", robust_sweep),
     "robust_variant_cifar10": ("robust_eval_cifar10_pgd3ep.json", robust_variant),
+    "detection_cifar10_quick": ("detection_by_strength_cifar10_quick.json", detection_by_strength),
     "detection_cifar10_robust_quick": ("detection_by_strength_cifar10_robust_quick.json", detection_by_strength),
     "imagenet_export": ("imagenet_patch.json", imagenet_export),
     "imagenet_patch_stages": ("imagenet_patch.json", stage_costs),
