@@ -454,6 +454,9 @@ class Adaptive(TypedDict, total=False):
 
     eps: float
     evasion: float | None
+    #: why ``evasion`` is None, in reports of earlier guard versions (the page still shows it; the
+    #: current audit attacks every held-out image and does not write it)
+    note: str
     misclassified: float | None
     n: int
     n_correct: int

@@ -74,7 +74,7 @@ def _evasion_section(w: SectionWriter, node: dict[str, Any]) -> Section:
     )
     if node.get("evasion") is None:
         w.add(
-            '<p class="note info">No evasion rate: nothing was attacked.</p>',
+            f'<p class="note info">No evasion rate: {esc(node.get("note", "nothing was attacked"))}.</p>',
             w.cmd(["adaptive"]),
         )
         return w.done()
