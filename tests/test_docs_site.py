@@ -6,6 +6,7 @@ object mkdocstrings cannot collect (a renamed class the API reference still name
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,8 @@ def test_site_builds_strict_with_guides_and_api(tmp_path):
     for mod in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         pytest.importorskip(mod, reason=f"{mod} is not installed (pip install -e '.[docs]')")
     site = tmp_path / "site"
+    # as on a fresh clone: the hook must lay out build/docs-src before mkdocstrings resolves its paths
+    shutil.rmtree(ROOT / "build" / "docs-src", ignore_errors=True)
     r = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
         capture_output=True,

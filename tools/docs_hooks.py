@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mkdocs.plugins import event_priority
+
 ROOT = Path(__file__).resolve().parents[1]
 #: installed subpackage name -> folder in the repository (as pyproject.toml's package-dir)
 PACKAGE_DIRS = {"attacks": "attacks", "detectors": "detectors", "training": "training", "export": "export"}
@@ -69,6 +71,7 @@ def build_tree(root: Path = ROOT, tree: Path = TREE) -> Path:
     return tree
 
 
+@event_priority(100)  # before mkdocstrings' own on_config, which resolves `paths` (a missing folder is dropped)
 def on_config(config: Any, **kwargs: Any) -> Any:
     build_tree()
     return config
