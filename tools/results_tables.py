@@ -649,7 +649,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "mutants": ("mutants.json", mutants),
     "certified_patches": ("certified_patches.json", certified_patches),
     "patch_flag_cifar10": ("patch_flag_cifar10.json", patch_flag),
-    "detection_mnist_quick": ("detection_by_strength_mnist_quick.json", detection_by_strength),
+    "detection_mnist_full": ("detection_by_strength_mnist_full.json", detection_by_strength),
     "adaptive_mnist": ("adaptive_mnist_n32.json", adaptive),
     "attacks_mnist_quick": ("audit-mnist-quick.json", attacks_quick),
     "imagenet_patch_fooling": ("imagenet_patch.json", imagenet_patch_fooling),
