@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reject-weight", type=float, default=1.0)
     p.add_argument("--eps-warmup-epochs", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--start",
+        default="standard",
+        choices=["standard", "robust"],
+        help="the demo variant to start from: 'robust' continues the shipped PGD-trained RejectClassifier",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint-every", type=int, default=40, help="batches between checkpoints inside an epoch")
     p.add_argument(
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         eps_warmup_epochs=args.eps_warmup_epochs,
         monitor_images=200,
     )
-    model = guard.demo_model("cifar10")
+    model = guard.demo_model("cifar10", variant=args.start)
+    start_sha256 = model.guard_meta["sha256"]
 
     def stop(_round: int, epoch: int, _net: torch.nn.Module) -> None:
         if args.stop_after_epoch is not None and epoch + 1 >= args.stop_after_epoch and epoch + 1 < args.epochs:
@@ -126,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         "format": "guard.RejectClassifier (RejectClassifier.load(path, guard.demo_model('cifar10')))",
         "architecture": "guard.core.models.CifarResNet(depth=20) with an 11-output head (index 10 = reject)",
         "classes": names,
-        "start": "guard.demo_model('cifar10') (guard/_data/cifar10/resnet20.safetensors)",
-        "start_sha256": guard.demo_model("cifar10").guard_meta["sha256"],
+        "start": f"guard.demo_model('cifar10', variant={args.start!r})",
+        "start_sha256": start_sha256,
         "command": "python tools/train_cifar10_robust.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "config": config.to_dict(),
         "seed": args.seed,
