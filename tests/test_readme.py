@@ -20,7 +20,7 @@ README = ROOT / "README.md"
 COMMANDS = (
     "# guard\n\n```bash\n"
     "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu]' && .venv/bin/guard audit --demo --out out\n"
-    "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu,test,imagenet,docs]' && .venv/bin/pip install --no-deps torchattacks==3.5.1 && .venv/bin/pytest\n```\n"
+    "python3 -m venv .venv && .venv/bin/pip install -e '.[cpu,test,imagenet,docs]' && .venv/bin/pip install --no-deps torchattacks==3.5.1 && .venv/bin/pytest -n auto\n```\n"
 )
 DOCS = [README, *sorted((ROOT / "docs" / "guides").glob("*.md")), ROOT / "docs" / "index.md"]
 
