@@ -456,17 +456,37 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_harden(args: argparse.Namespace) -> int:
-    import time
-
-    from guard.audit.harden import harden_section
-    from guard.core.cache import atomic_write_text
+    from guard.audit.harden import run_harden_job, summary_lines
     from guard.demo import demo_augment
-    from guard.training import AttackBudget, HardenConfig, harden
-    from guard.training.distributed import init_from_env, world
 
     _check_key_env(args)
     s = _setup(args, progress=not args.quiet, stream=True)  # an image folder is streamed, never loaded whole
-    online = dict(
+    section = run_harden_job(
+        s.model,
+        s.train,
+        s.test,
+        _harden_config(args),
+        args.out,
+        augment=demo_augment(s.demo),
+        resume=args.resume,
+        progress=not args.quiet,
+        reject_images=_reject_images(args.reject_images),
+        reject_images_path=args.reject_images,
+        checkpoint_every=args.checkpoint_every,
+        key_env=args.key_env,
+        device=args.device,
+    )
+    if section is not None:  # rank 0 (or no torchrun)
+        print("\n".join(summary_lines(section)))
+    return 0
+
+
+def _harden_config(args: argparse.Namespace) -> Any:
+    """The :class:`~guard.training.HardenConfig` that ``guard harden``'s flags describe."""
+    from guard.training import AttackBudget, HardenConfig
+
+    lr = args.lr if args.lr is not None else (HardenConfig().lr if args.method == "rounds" else 0.05)
+    return HardenConfig(
         method=args.method,
         eps=args.eps,
         epochs=args.epochs,
@@ -475,10 +495,6 @@ def _cmd_harden(args: argparse.Namespace) -> int:
         trades_beta=args.trades_beta,
         reject_weight=args.reject_weight,
         eps_warmup_epochs=args.eps_warmup_epochs,
-    )
-    lr = args.lr if args.lr is not None else (HardenConfig().lr if args.method == "rounds" else 0.05)
-    config = HardenConfig(
-        **online,
         rounds=args.rounds,
         epochs_per_round=args.epochs_per_round,
         reject_share=args.reject_share,
@@ -492,62 +508,6 @@ def _cmd_harden(args: argparse.Namespace) -> int:
         freeze_known_classes=args.freeze_known_classes,
         trainable=None if args.trainable is None else tuple(t.strip() for t in args.trainable.split(",") if t.strip()),
     )
-    reject = _reject_images(args.reject_images)
-    out = Path(args.out)
-    created = init_from_env(args.device)  # under torchrun: every rank runs harden, rank 0 writes
-    rank, size = world()
-    t0 = time.perf_counter()
-    try:
-        res = harden(
-            s.model.to(args.device),
-            s.train,
-            test=s.test,
-            config=config,
-            augment=demo_augment(s.demo),
-            checkpoint_dir=out / "checkpoints",
-            resume=args.resume,
-            progress=not args.quiet and rank == 0,
-            reject_images=reject,
-            checkpoint_every=args.checkpoint_every,
-        )
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-    if rank != 0:
-        return 0
-    given = None if reject is None else {"path": args.reject_images, "n": int(reject.shape[0])}
-    section = harden_section(
-        res,
-        seconds=time.perf_counter() - t0,
-        settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size, "reject_images": given},
-    )
-    path = out / "hardened_model.safetensors"
-    section["model_sha256"] = res.model.save(path, key_env=args.key_env)
-    section["model_path"] = str(path)
-    atomic_write_text(out / "harden.json", json.dumps({"harden": section, "world_size": size}, indent=2) + "\n")
-
-    def f(v: Any, spec: str) -> str:
-        return "n/a" if v is None else format(v, spec)
-
-    if config.method != "rounds":
-        for r in [section["baseline"], *section["rounds"]]:
-            print(
-                f"epoch {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  clean rejected {f(r.get('clean_rejected_share'), '.4f')}"
-                f"  monitor (10-step PGD, robust with rejection) {f(r.get('monitor', {}).get('robust_with_rejection'), '.4f')}"
-            )
-        print(f"wrote {out}/harden.json and {path}")
-        return 0
-    for r in [section["baseline"], *section["rounds"]]:
-        print(
-            f"round {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  classes fooled >=99% "
-            f"{f(r['fooling_classes_ge99_count'], 'd')}/{section['num_classes']}  median fooling conf "
-            f"{f(r['fooling_median_confidence'], '.4f')}  patch fooling {f(r['patch_fooling_rate'], '.3f')}  "
-            f"rejects {f(r.get('rejected_share_of_round_attacks'), '.3f')} of its round's attacks"
-        )
-    print(f"clean accuracy drop {section['clean_accuracy_drop_points']:.2f} points; wrote {out}/harden.json and {path}")
-    return 0
 
 
 def _reject_images(path: str | None) -> Any:

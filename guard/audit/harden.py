@@ -17,16 +17,21 @@ held-out images (``harden_train_images``, ``harden_test_images``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from guard.audit.step import AuditContext, Step
 from guard.core.data import Split
 from guard.training.harden import CheckpointMismatch, HardenConfig, HardenResult, harden
 from guard.training.reject import RejectClassifier
 
-__all__ = ["HardenStep", "harden_section", "audit_config"]
+__all__ = ["HardenStep", "harden_section", "audit_config", "run_harden_job", "summary_lines"]
 
 log = logging.getLogger(__name__)
 _ROUND_KEYS = (
@@ -176,3 +181,95 @@ def _run(ctx: AuditContext) -> RejectClassifier:
     ctx.report["harden"]["model_sha256"] = res.model.save(path, key_env=ctx.options.key_env)
     ctx.report["harden"]["model_path"] = str(path)
     return res.model
+
+
+def run_harden_job(
+    model: torch.nn.Module,
+    train: Any,
+    test: Any,
+    config: HardenConfig,
+    out: str | Path,
+    *,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    reject_images: torch.Tensor | None = None,
+    reject_images_path: str | None = None,
+    checkpoint_every: int = 0,
+    key_env: str | None = None,
+    device: str = "cpu",
+) -> dict[str, Any] | None:
+    """``guard harden``'s job: :func:`~guard.training.harden` into ``out``, alone or under torchrun.
+
+    Checkpoints go to ``out/checkpoints`` (``resume`` continues from them). Under torchrun (WORLD_SIZE > 1)
+    the process group is set up here and torn down after, every rank trains, and rank 0 alone writes
+    ``out/hardened_model.safetensors`` (sealed; an HMAC with ``key_env``) and ``out/harden.json``
+    (``{"harden": section, "world_size": n}``, the section as :func:`harden_section` builds it).
+
+    Returns:
+        the ``harden`` section on rank 0 (with ``model_sha256`` and ``model_path``); None on the other ranks.
+    """
+    from guard.core.cache import atomic_write_text
+    from guard.training.distributed import init_from_env, world
+
+    out = Path(out)
+    created = init_from_env(device)  # under torchrun: every rank runs harden, rank 0 writes
+    rank, size = world()
+    t0 = time.perf_counter()
+    try:
+        res = harden(
+            model.to(device),
+            train,
+            test=test,
+            config=config,
+            augment=augment,
+            checkpoint_dir=out / "checkpoints",
+            resume=resume,
+            progress=progress and rank == 0,
+            reject_images=reject_images,
+            checkpoint_every=checkpoint_every,
+        )
+    finally:
+        if created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank != 0:
+        return None
+    given = None if reject_images is None else {"path": reject_images_path, "n": int(reject_images.shape[0])}
+    section = harden_section(
+        res,
+        seconds=time.perf_counter() - t0,
+        settings={"checkpoint_dir": str(out / "checkpoints"), "world_size": size, "reject_images": given},
+    )
+    path = out / "hardened_model.safetensors"
+    section["model_sha256"] = res.model.save(path, key_env=key_env)
+    section["model_path"] = str(path)
+    atomic_write_text(out / "harden.json", json.dumps({"harden": section, "world_size": size}, indent=2) + "\n")
+    return section
+
+
+def summary_lines(section: dict[str, Any]) -> list[str]:
+    """One line per epoch (online methods) or round (``rounds``) of a ``harden`` section, then where it was written."""
+
+    def f(v: Any, spec: str) -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    rows = [section["baseline"], *section["rounds"]]
+    wrote = f"wrote {Path(section['model_path']).parent}/harden.json and {section['model_path']}"
+    if section.get("method", "rounds") != "rounds":
+        lines = [
+            f"epoch {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  clean rejected "
+            f"{f(r.get('clean_rejected_share'), '.4f')}  monitor (10-step PGD, robust with rejection) "
+            f"{f((r.get('monitor') or {}).get('robust_with_rejection'), '.4f')}"
+            for r in rows
+        ]
+        return [*lines, wrote]
+    lines = [
+        f"round {r['round']}: clean {f(r['clean_accuracy'], '.4f')}  classes fooled >=99% "
+        f"{f(r['fooling_classes_ge99_count'], 'd')}/{section['num_classes']}  median fooling conf "
+        f"{f(r['fooling_median_confidence'], '.4f')}  patch fooling {f(r['patch_fooling_rate'], '.3f')}  "
+        f"rejects {f(r.get('rejected_share_of_round_attacks'), '.3f')} of its round's attacks"
+        for r in rows
+    ]
+    return [*lines, f"clean accuracy drop {section['clean_accuracy_drop_points']:.2f} points; {wrote}"]
