@@ -14,9 +14,9 @@ from guard.attacks.adaptive import AdaptivePGD
 from guard.attacks.adaptive_ensemble import AdaptiveEnsemble
 from guard.attacks.apgd import APGD
 from guard.attacks.base import Attack, AttackResult, Fooler
-from guard.attacks.cppn import Genome
+from guard.attacks.cppn import Genome, MutationRates
 from guard.attacks.feature_adversary import FeatureAdversary
-from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
+from guard.attacks.fooling_evolution import CPPNOptions, DirectOptions, FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 from guard.attacks.gradient import FGSM, L2PGD, PGD, LinfPGD
 from guard.attacks.logit_matching import LogitMatching
@@ -61,6 +61,9 @@ __all__ = [
     "FeatureAdversary",
     "FoolingGradient",
     "FoolingEvolution",
+    "CPPNOptions",
+    "DirectOptions",
     "Genome",
+    "MutationRates",
     "transfer_check",
 ]

@@ -7,9 +7,10 @@ and a child replaces the elite of *every* class where its softmax confidence is 
 
 * ``encoding="direct"``: the genome is the image. Initial pixels are uniform noise; each pixel
   mutates with probability ``mutation_rate`` (halved every ``rate_halving`` generations) by
-  the polynomial mutation operator of strength ``eta`` (15 in the paper).
+  the polynomial mutation operator of strength ``eta`` (15 in the paper): :class:`DirectOptions`.
 * ``encoding="cppn"``: the genome is a :class:`guard.attacks.cppn.Genome`, rendered at the model's
-  resolution; mutations add nodes and connections, perturb weights, change activations.
+  resolution; mutations add nodes and connections, perturb weights, change activations. Its
+  settings (initial CPPNs, mutation rates, gradient refinement) are a :class:`CPPNOptions`.
 
 The archive is pyribs' :class:`ribs.archives.GridArchive` with one measure, the class index,
 and ``dims=[num_classes]``, so each cell is one class. The paper's rule, "a child replaces the
@@ -47,7 +48,15 @@ from guard.core.integrity import tensors_digest
 from guard.core.models import eval_mode
 from guard.core.validation import check_float, check_images, check_int, check_labels
 
-__all__ = ["FoolingEvolution", "ClassArchive", "polynomial_mutation", "transfer_check", "ENCODINGS"]
+__all__ = [
+    "FoolingEvolution",
+    "CPPNOptions",
+    "DirectOptions",
+    "ClassArchive",
+    "polynomial_mutation",
+    "transfer_check",
+    "ENCODINGS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +272,99 @@ class _EvolutionRun:
         return F.softmax(model(x).float(), 1)[:, self.cls_dev]
 
 
+@dataclass(frozen=True)
+class DirectOptions:
+    """The direct encoding's mutation (``FoolingEvolution(direct=...)``; the CPPN encoding ignores it).
+
+    Args:
+        mutation_rate: probability that a pixel mutates, in (0, 1].
+        eta: strength of the polynomial mutation (15 in the paper), >= 0.
+        rate_halving: generations between halvings of ``mutation_rate`` (>= 1).
+    """
+
+    mutation_rate: float = 0.1
+    eta: float = 15.0
+    rate_halving: int = 1000
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _settle(
+            self,
+            "mutation_rate",
+            check_float(self.mutation_rate, "mutation_rate", owner, low=0.0, high=1.0, low_open=True),
+        )
+        _settle(self, "eta", check_float(self.eta, "eta", owner, low=0.0))
+        _settle(self, "rate_halving", check_int(self.rate_halving, "rate_halving", owner, low=1))
+
+
+@dataclass(frozen=True)
+class CPPNOptions:
+    """The CPPN encoding's settings (``FoolingEvolution(cppn=...)``; the direct encoding ignores
+    the defaults, and refuses ``init_connections``, ``refine_every`` or ``polish_steps`` above 0).
+
+    Args:
+        init_hidden: add-node mutations applied to each initial CPPN (>= 0).
+        init_connections: add-connection mutations applied to each initial CPPN after those
+            (0, the default, as in the paper; denser CPPNs are what gradient refinement needs).
+        rates: CPPN mutation probabilities.
+        refine_every: 0 (the default, the paper) is pure evolution. With N > 0, every N
+            generations the elites of the classes still below the threshold get
+            ``refine_steps`` Adam steps (lr ``refine_lr``) on their connection weights
+            (:func:`guard.attacks.cppn_refine.refine_weights`), and the refined genomes enter the
+            archive as children by the same rule (they replace an elite only where they beat
+            it): Lamarckian evolution. Their model calls are counted in ``refine_evaluations``.
+        refine_steps, refine_lr: Adam steps (>= 1) and learning rate (> 0) of each refinement.
+        refine_grow: ``True`` completes each refined genome's connections first (zero weights,
+            the same image; ``refine_weights(grow=True)``); needs ``refine_every`` > 0.
+        polish_steps: 0 (the default) ends with the archive evolution left. With N > 0, once the
+            generations are spent, the classes still below the threshold get a last refinement:
+            the ``polish_starts`` elites that give each such class the highest probability,
+            connections completed, N Adam steps at ``polish_lr`` on the log-odds
+            (:func:`guard.attacks.cppn_refine.polish_genomes`); the results enter the archive by
+            the same rule. ``extras["elite_confidence_before_polish"]`` keeps what evolution (with
+            any periodic refinement) reached, and ``polish_evaluations`` counts the model calls.
+        polish_starts, polish_lr: elites polished per short class (>= 1) and the learning rate (> 0).
+    """
+
+    init_hidden: int = 2
+    init_connections: int = 0
+    rates: MutationRates = field(default_factory=MutationRates)
+    refine_every: int = 0
+    refine_steps: int = 25
+    refine_lr: float = 0.1
+    refine_grow: bool = False
+    polish_steps: int = 0
+    polish_starts: int = 4
+    polish_lr: float = 0.05
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name, low in (("init_hidden", 0), ("init_connections", 0), ("refine_every", 0), ("refine_steps", 1)):
+            _settle(self, name, check_int(getattr(self, name), name, owner, low=low))
+        if not isinstance(self.rates, MutationRates):
+            raise TypeError(
+                f"The 'rates' parameter of {owner} must be a MutationRates. Got {type(self.rates).__name__}."
+            )
+        _settle(self, "refine_lr", check_float(self.refine_lr, "refine_lr", owner, low=0.0, low_open=True))
+        if not isinstance(self.refine_grow, bool):
+            raise TypeError(
+                f"The 'refine_grow' parameter of {owner} must be a bool. Got {type(self.refine_grow).__name__}."
+            )
+        if self.refine_grow and not self.refine_every:
+            raise ValueError(
+                f"The 'refine_grow' parameter of {owner} changes refinement; "
+                f"it needs refine_every > 0, got {self.refine_every}."
+            )
+        for name, low in (("polish_steps", 0), ("polish_starts", 1)):
+            _settle(self, name, check_int(getattr(self, name), name, owner, low=low))
+        _settle(self, "polish_lr", check_float(self.polish_lr, "polish_lr", owner, low=0.0, low_open=True))
+
+
+def _settle(options: Any, name: str, value: Any) -> None:
+    """Store a checked (normalised: a NumPy int becomes an int) value on a frozen options object."""
+    object.__setattr__(options, name, value)
+
+
 class FoolingEvolution(Fooler):
     """Evolve fooling images with MAP-Elites (one elite per class).
 
@@ -273,12 +375,8 @@ class FoolingEvolution(Fooler):
         threshold: confidence that counts as fooled (0.9999 in the paper).
         stop_when_done: stop once every class's elite reaches the threshold (after
             ``extra_generations`` more, which fill the reservoir of extra samples).
-        mutation_rate, eta, rate_halving: direct-encoding mutation (per-pixel probability,
-            polynomial-mutation strength, generations between halvings of the rate).
-        rates: CPPN mutation probabilities.
-        init_hidden: add-node mutations applied to each initial CPPN.
-        init_connections: add-connection mutations applied to each initial CPPN after those
-            (0, the default, as in the paper; denser CPPNs are what gradient refinement needs).
+        direct: the direct encoding's mutation, a :class:`DirectOptions` (per-pixel probability,
+            polynomial-mutation strength, generations between halvings of the rate); None: its defaults.
         parent_selection: ``"uniform"`` (the paper: parents drawn uniformly from all elites) or
             ``"unfooled"`` (uniformly from the elites still below the threshold, all elites once
             every class is fooled; not in the paper: it spends the children on the classes
@@ -287,22 +385,14 @@ class FoolingEvolution(Fooler):
             children that reached ``extra_threshold`` for their top class (positives for
             detectors, reject examples for hardening).
         extra_threshold: the confidence those children need (default: ``threshold``).
-        refine_every: CPPN only; 0 (the default, the paper) is pure evolution. With N > 0, every
-            N generations the elites of the classes still below the threshold get
-            ``refine_steps`` Adam steps (lr ``refine_lr``) on their connection weights
-            (:func:`guard.attacks.cppn_refine.refine_weights`), and the refined genomes enter the
-            archive as children by the same rule (they replace an elite only where they beat
-            it): Lamarckian evolution. Their model calls are counted in ``refine_evaluations``.
-            ``refine_grow=True`` completes each refined genome's connections first (zero
-            weights, the same image; ``refine_weights(grow=True)``).
-        polish_steps: CPPN only; 0 (the default) ends with the archive evolution left. With
-            N > 0, once the generations are spent, the classes still below the threshold get a
-            last refinement: the ``polish_starts`` elites that give each such class the highest
-            probability, connections completed, N Adam steps at ``polish_lr`` on the log-odds
-            (:func:`guard.attacks.cppn_refine.polish_genomes`); the results enter the archive by the
-            same rule. ``extras["elite_confidence_before_polish"]`` keeps what evolution (with any
-            periodic refinement) reached, and ``polish_evaluations`` counts the model calls.
+        cppn: the CPPN encoding's settings, a :class:`CPPNOptions` (initial CPPNs, mutation
+            rates, periodic Lamarckian refinement, the last polish); None: its defaults. With
+            ``encoding="direct"``, its ``init_connections``, ``refine_every`` and ``polish_steps``
+            must stay 0.
         seed: seed of every random choice (torch, NumPy and the archive).
+
+    :meth:`params` lists both option groups' fields flat, beside the other parameters (their
+    names in report.json and in the fingerprint a checkpoint is resumed against).
 
     Call ``evolver(model, shape=(1, 28, 28), classes=None)`` -> :class:`AttackResult` (``classes``:
     the classes that get an archive cell, default all; confidences are always the softmax over
@@ -322,22 +412,11 @@ class FoolingEvolution(Fooler):
         threshold: float = 0.9999,
         stop_when_done: bool = True,
         extra_generations: int = 0,
-        mutation_rate: float = 0.1,
-        eta: float = 15.0,
-        rate_halving: int = 1000,
-        rates: MutationRates = MutationRates(),
-        init_hidden: int = 2,
-        init_connections: int = 0,
+        direct: DirectOptions | None = None,
         parent_selection: str = "uniform",
         extra_samples: int = 100,
         extra_threshold: float | None = None,
-        refine_every: int = 0,
-        refine_steps: int = 25,
-        refine_lr: float = 0.1,
-        refine_grow: bool = False,
-        polish_steps: int = 0,
-        polish_starts: int = 4,
-        polish_lr: float = 0.05,
+        cppn: CPPNOptions | None = None,
         seed: int = 0,
     ) -> None:
         owner = type(self).__name__
@@ -349,21 +428,28 @@ class FoolingEvolution(Fooler):
         self.threshold = check_float(threshold, "threshold", owner, low=0.0, high=1.0, low_open=True)
         self.stop_when_done = bool(stop_when_done)
         self.extra_generations = check_int(extra_generations, "extra_generations", owner, low=0)
-        self.mutation_rate = check_float(mutation_rate, "mutation_rate", owner, low=0.0, high=1.0, low_open=True)
-        self.eta = check_float(eta, "eta", owner, low=0.0)
-        self.rate_halving = check_int(rate_halving, "rate_halving", owner, low=1)
-        if not isinstance(rates, MutationRates):
-            raise TypeError(f"The 'rates' parameter of {owner} must be a MutationRates. Got {type(rates).__name__}.")
-        self.rates = rates
-        self.init_hidden = check_int(init_hidden, "init_hidden", owner, low=0)
-        self.init_connections = check_int(init_connections, "init_connections", owner, low=0)
-        if self.init_connections and encoding != "cppn":
-            raise ValueError(
-                f"The 'init_connections' parameter of {owner} shapes initial CPPNs; it needs encoding='cppn', got {encoding!r}."
-            )
+        for name, value, kind in (("direct", direct, DirectOptions), ("cppn", cppn, CPPNOptions)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(
+                    f"The '{name}' parameter of {owner} must be a {kind.__name__} or None. Got {type(value).__name__}."
+                )
+        self.direct = DirectOptions() if direct is None else direct
+        self.cppn = CPPNOptions() if cppn is None else cppn
+        if encoding != "cppn":
+            for name, what in (
+                ("init_connections", "shapes initial CPPNs"),
+                ("refine_every", "refines CPPN weights"),
+                ("polish_steps", "refines CPPN weights"),
+            ):
+                if getattr(self.cppn, name):
+                    raise ValueError(
+                        f"The 'cppn' parameter of {owner} sets {name}={getattr(self.cppn, name)}, which {what}; "
+                        f"it needs encoding='cppn', got {encoding!r}."
+                    )
         if parent_selection not in ("uniform", "unfooled"):
             raise ValueError(
-                f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. Got {parent_selection!r}."
+                f"The 'parent_selection' parameter of {owner} must be 'uniform' or 'unfooled'. "
+                f"Got {parent_selection!r}."
             )
         self.parent_selection = parent_selection
         self.extra_samples = check_int(extra_samples, "extra_samples", owner, low=0)
@@ -372,33 +458,37 @@ class FoolingEvolution(Fooler):
             if extra_threshold is None
             else check_float(extra_threshold, "extra_threshold", owner, low=0.0, high=1.0, low_open=True)
         )
-        self.refine_every = check_int(refine_every, "refine_every", owner, low=0)
-        if self.refine_every and encoding != "cppn":
-            raise ValueError(
-                f"The 'refine_every' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}."
-            )
-        self.refine_steps = check_int(refine_steps, "refine_steps", owner, low=1)
-        self.refine_lr = check_float(refine_lr, "refine_lr", owner, low=0.0, low_open=True)
-        if not isinstance(refine_grow, bool):
-            raise TypeError(f"The 'refine_grow' parameter of {owner} must be a bool. Got {type(refine_grow).__name__}.")
-        if refine_grow and not self.refine_every:
-            raise ValueError(
-                f"The 'refine_grow' parameter of {owner} changes refinement; it needs refine_every > 0, got {self.refine_every}."
-            )
-        self.refine_grow = refine_grow
-        self.polish_steps = check_int(polish_steps, "polish_steps", owner, low=0)
-        if self.polish_steps and encoding != "cppn":
-            raise ValueError(
-                f"The 'polish_steps' parameter of {owner} refines CPPN weights; it needs encoding='cppn', got {encoding!r}."
-            )
-        self.polish_starts = check_int(polish_starts, "polish_starts", owner, low=1)
-        self.polish_lr = check_float(polish_lr, "polish_lr", owner, low=0.0, low_open=True)
         self.seed = check_int(seed, "seed", owner)
 
     def params(self) -> dict[str, Any]:
-        p = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "rates"}
-        p["rates"] = vars(self.rates) if self.encoding == "cppn" else None
-        return p
+        """The configuration with both option groups flat (report.json's keys, and the settings a
+        checkpoint is resumed against): ``rates`` is the CPPN mutation rates' dict, None for ``"direct"``."""
+        d, c = self.direct, self.cppn
+        return {
+            "encoding": self.encoding,
+            "population": self.population,
+            "generations": self.generations,
+            "threshold": self.threshold,
+            "stop_when_done": self.stop_when_done,
+            "extra_generations": self.extra_generations,
+            "mutation_rate": d.mutation_rate,
+            "eta": d.eta,
+            "rate_halving": d.rate_halving,
+            "init_hidden": c.init_hidden,
+            "init_connections": c.init_connections,
+            "parent_selection": self.parent_selection,
+            "extra_samples": self.extra_samples,
+            "extra_threshold": self.extra_threshold,
+            "refine_every": c.refine_every,
+            "refine_steps": c.refine_steps,
+            "refine_lr": c.refine_lr,
+            "refine_grow": c.refine_grow,
+            "polish_steps": c.polish_steps,
+            "polish_starts": c.polish_starts,
+            "polish_lr": c.polish_lr,
+            "seed": self.seed,
+            "rates": dict(vars(c.rates)) if self.encoding == "cppn" else None,
+        }
 
     def __call__(
         self,
@@ -423,7 +513,7 @@ class FoolingEvolution(Fooler):
             for g_idx in range(run.g_done, 0 if self._finished(run) else self.generations):
                 run.g_done = g_idx + 1
                 children = [self._generation(run, model, g_idx)]
-                if run.cppn and self.refine_every and run.g_done % self.refine_every == 0:
+                if run.cppn and self.cppn.refine_every and run.g_done % self.cppn.refine_every == 0:
                     children += self._refine(run, model)
                 if run.cppn:
                     run.prune_genomes()
@@ -443,7 +533,7 @@ class FoolingEvolution(Fooler):
             # The polish is never checkpointed: the saved state is evolution's, so a run resumed or
             # continued to more generations evolves from the same archive as an uninterrupted one, and
             # polishes (deterministically) at its own end.
-            if run.cppn and self.polish_steps:
+            if run.cppn and self.cppn.polish_steps:
                 self._polish(run, model)
             return self._result(run, model)
 
@@ -526,26 +616,28 @@ class FoolingEvolution(Fooler):
         if run.cppn:
             if parents is None:
                 kids = [
-                    random_genome(shape[0], rng=run.rng, hidden=self.init_hidden, connections=self.init_connections)
+                    random_genome(
+                        shape[0], rng=run.rng, hidden=self.cppn.init_hidden, connections=self.cppn.init_connections
+                    )
                     for _ in range(self.population)
                 ]
             else:
-                kids = [mutate(run.genomes[int(i)], run.rng, self.rates) for i in parents["genome_id"]]
+                kids = [mutate(run.genomes[int(i)], run.rng, self.cppn.rates) for i in parents["genome_id"]]
             ids = run.adopt(kids)
             x = render(kids, shape[1], shape[2], device=run.device)
         else:
             if parents is None:
                 x = torch.rand(self.population, *shape, generator=run.gen)
             else:
-                rate = self.mutation_rate * 0.5 ** (g_idx // self.rate_halving)
-                x = polynomial_mutation(parents["images"], rate, self.eta, run.gen)
+                rate = self.direct.mutation_rate * 0.5 ** (g_idx // self.direct.rate_halving)
+                x = polynomial_mutation(parents["images"], rate, self.direct.eta, run.gen)
             x = x.to(run.device)
         probs = run.probs(model, x)
         run.archive.add(x, probs, ids)
         return x, probs
 
     def _refine(self, run: _EvolutionRun, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Lamarckian step (``refine_every``): Adam on the weights of the elites still below the threshold."""
+        """Lamarckian step (``cppn.refine_every``): Adam on the weights of the elites still below the threshold."""
         conf = run.archive.confidences()
         left = np.flatnonzero(np.isfinite(conf) & (conf < self.threshold))
         if not left.size:
@@ -557,16 +649,16 @@ class FoolingEvolution(Fooler):
             run.cls_dev[torch.from_numpy(left).to(run.device)],
             run.shape[1],
             run.shape[2],
-            steps=self.refine_steps,
-            lr=self.refine_lr,
-            max_weight=self.rates.max_weight,
-            grow=self.refine_grow,
+            steps=self.cppn.refine_steps,
+            lr=self.cppn.refine_lr,
+            max_weight=self.cppn.rates.max_weight,
+            grow=self.cppn.refine_grow,
         )
         rids = run.adopt(kids)
         xr = render(kids, run.shape[1], run.shape[2], device=run.device)
         pr = run.probs(model, xr)
         run.archive.add(xr, pr, rids)
-        run.refine_evals += len(kids) * (self.refine_steps + 2)
+        run.refine_evals += len(kids) * (self.cppn.refine_steps + 2)
         return [(xr, pr)]
 
     def _sample_extras(self, run: _EvolutionRun, children: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -603,7 +695,7 @@ class FoolingEvolution(Fooler):
         return n_fooled
 
     def _polish(self, run: _EvolutionRun, model: nn.Module) -> None:
-        """``polish_steps``: a last refinement of the classes still below the threshold."""
+        """``cppn.polish_steps``: a last refinement of the classes still below the threshold."""
         conf_now = run.archive.confidences()
         run.before_polish = torch.from_numpy(conf_now.copy()).float()
         short = np.flatnonzero(np.isfinite(conf_now) & (conf_now < self.threshold))
@@ -623,10 +715,10 @@ class FoolingEvolution(Fooler):
             run.cls_dev,
             run.shape[1],
             run.shape[2],
-            starts=self.polish_starts,
-            steps=self.polish_steps,
-            lr=self.polish_lr,
-            max_weight=self.rates.max_weight,
+            starts=self.cppn.polish_starts,
+            steps=self.cppn.polish_steps,
+            lr=self.cppn.polish_lr,
+            max_weight=self.cppn.rates.max_weight,
             chunk=self.population,
         )
         rids = run.adopt(kids)
@@ -634,7 +726,7 @@ class FoolingEvolution(Fooler):
             xr = render(kids[i : i + self.population], run.shape[1], run.shape[2], device=run.device)
             run.archive.add(xr, run.probs(model, xr), rids[i : i + self.population])
         run.prune_genomes()
-        run.polish_evals += ims.shape[0] + len(kids) * (self.polish_steps + 2)
+        run.polish_evals += ims.shape[0] + len(kids) * (self.cppn.polish_steps + 2)
 
     def _result(self, run: _EvolutionRun, model: nn.Module) -> AttackResult:
         """The elites (sorted by class) then the extra samples, with their labels and confidences."""

@@ -18,7 +18,14 @@ from guard.attacks.cppn import (
     random_genome,
     render,
 )
-from guard.attacks.fooling_evolution import ClassArchive, FoolingEvolution, polynomial_mutation, transfer_check
+from guard.attacks.fooling_evolution import (
+    ClassArchive,
+    CPPNOptions,
+    DirectOptions,
+    FoolingEvolution,
+    polynomial_mutation,
+    transfer_check,
+)
 from guard.attacks.fooling_gradient import FoolingGradient
 
 
@@ -145,7 +152,12 @@ def test_polynomial_mutation_range_and_rate():
 def test_evolution_fools_closed_form_model(encoding):
     model = Brightness()
     evo = FoolingEvolution(
-        encoding=encoding, population=30, generations=300, mutation_rate=0.5, eta=2.0, extra_samples=10, seed=0
+        encoding=encoding,
+        population=30,
+        generations=300,
+        direct=DirectOptions(mutation_rate=0.5, eta=2.0),
+        extra_samples=10,
+        seed=0,
     )
     res = evo(model, shape=(1, 6, 6))
     ex = res.extras
@@ -168,7 +180,12 @@ def test_evolution_fools_closed_form_model(encoding):
 def test_evolution_extra_generations_fill_reservoir():
     model = Brightness()
     res = FoolingEvolution(
-        population=20, generations=400, mutation_rate=0.5, eta=2.0, extra_generations=5, extra_samples=40, seed=0
+        population=20,
+        generations=400,
+        direct=DirectOptions(mutation_rate=0.5, eta=2.0),
+        extra_generations=5,
+        extra_samples=40,
+        seed=0,
     )(model, shape=(1, 4, 4))
     ex = res.extras
     assert ex["generations"] == ex["generation_all_fooled"] + 5
@@ -198,6 +215,24 @@ def test_evolution_errors():
         FoolingEvolution()(Brightness(), shape=(28, 28))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="model"):
         FoolingEvolution()("model")  # type: ignore[arg-type]
+
+
+def test_option_groups_check_their_fields_and_the_encoding():
+    with pytest.raises(ValueError, match=r"'refine_steps' parameter of CPPNOptions must be an int >= 1\. Got 0"):
+        CPPNOptions(refine_steps=0)
+    with pytest.raises(TypeError, match="'rates' parameter of CPPNOptions must be a MutationRates. Got dict"):
+        CPPNOptions(rates={"add_node": 0.3})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"'mutation_rate' parameter of DirectOptions .* Got 0\.0"):
+        DirectOptions(mutation_rate=0.0)
+    with pytest.raises(ValueError, match="refine_every=2.*encoding='cppn', got 'direct'"):
+        FoolingEvolution(encoding="direct", cppn=CPPNOptions(refine_every=2))
+    with pytest.raises(TypeError, match="'cppn' parameter of FoolingEvolution must be a CPPNOptions or None. Got dict"):
+        FoolingEvolution(encoding="cppn", cppn={"refine_every": 2})  # type: ignore[arg-type]
+    # checked values are normalised (a NumPy int is stored as an int), so params() stays JSON-friendly
+    p = FoolingEvolution(encoding="cppn", cppn=CPPNOptions(init_hidden=np.int64(3))).params()
+    assert type(p["init_hidden"]) is int and p["rates"] == vars(MutationRates())
+    # the CPPN settings' defaults are accepted (and ignored) with the direct encoding, as the flat keywords were
+    assert FoolingEvolution(encoding="direct", cppn=CPPNOptions(init_hidden=5)).params()["rates"] is None
 
 
 # -- gradient ascent --------------------------------------------------------------------------------
@@ -439,16 +474,14 @@ def test_complete_connections_keeps_the_image_and_grown_refinement_uses_the_new_
         population=2,
         generations=5,
         extra_samples=0,
-        refine_every=5,
-        refine_steps=3,
-        refine_grow=True,
+        cppn=CPPNOptions(refine_every=5, refine_steps=3, refine_grow=True),
         seed=0,
     )
     assert evo.params()["refine_grow"] is True
     with pytest.raises(TypeError, match="refine_grow"):
-        FoolingEvolution(encoding="cppn", refine_grow="yes")  # type: ignore[arg-type]
+        CPPNOptions(refine_grow="yes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="refine_every > 0"):
-        FoolingEvolution(encoding="cppn", refine_grow=True)  # would be silently ignored
+        CPPNOptions(refine_grow=True)  # would be silently ignored
 
 
 def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
@@ -456,15 +489,18 @@ def test_lamarckian_evolution_reaches_the_threshold_sooner_and_is_recorded():
     for seed in (0, 1, 2):
         kw = dict(encoding="cppn", population=2, generations=300, extra_samples=0, seed=seed)
         pure = FoolingEvolution(**kw)(model, shape=(1, 6, 6)).extras
-        lam = FoolingEvolution(**kw, refine_every=5, refine_steps=20, refine_lr=0.3)(model, shape=(1, 6, 6)).extras
+        lamarck = CPPNOptions(refine_every=5, refine_steps=20, refine_lr=0.3)
+        lam = FoolingEvolution(**kw, cppn=lamarck)(model, shape=(1, 6, 6)).extras
         assert pure["refine_evaluations"] == 0 and lam["refine_evaluations"] > 0
         assert 0 < lam["generation_all_fooled"] <= 5 < pure["generation_all_fooled"]  # the first refinement does it
         assert bool((lam["elite_confidence"] >= 0.9999).all())
     with pytest.raises(ValueError, match="encoding='cppn'"):
-        FoolingEvolution(encoding="direct", refine_every=5)
+        FoolingEvolution(encoding="direct", cppn=CPPNOptions(refine_every=5))
     with pytest.raises(ValueError, match="init_connections"):
-        FoolingEvolution(encoding="direct", init_connections=5)
-    dense = FoolingEvolution(encoding="cppn", population=3, generations=1, extra_samples=0, init_connections=12, seed=0)
+        FoolingEvolution(encoding="direct", cppn=CPPNOptions(init_connections=5))
+    dense = FoolingEvolution(
+        encoding="cppn", population=3, generations=1, extra_samples=0, cppn=CPPNOptions(init_connections=12), seed=0
+    )
     genomes = dense(model, shape=(1, 6, 6)).extras["genomes"]
     assert dense.params()["init_connections"] == 12
     # 2 hidden nodes leave 15 forward pairs (4 inputs x 3 later nodes, hidden->hidden, 2 hidden->output);
@@ -478,7 +514,8 @@ def test_the_last_polish_lifts_the_short_classes_and_keeps_what_evolution_reache
     pure = FoolingEvolution(**kw)(model, shape=(1, 6, 6)).extras
     short = int((pure["elite_confidence"] < 0.9999).sum())
     assert short > 0 and "elite_confidence_before_polish" not in pure and pure["polish_evaluations"] == 0
-    pol = FoolingEvolution(**kw, polish_steps=30, polish_starts=2, polish_lr=0.3)(model, shape=(1, 6, 6)).extras
+    polish = CPPNOptions(polish_steps=30, polish_starts=2, polish_lr=0.3)
+    pol = FoolingEvolution(**kw, cppn=polish)(model, shape=(1, 6, 6)).extras
     # the same evolution (the polish comes after it), then every class over the threshold
     assert torch.equal(pol["elite_confidence_before_polish"], pure["elite_confidence"].float())
     assert bool((pol["elite_confidence"] >= 0.9999).all())
@@ -488,9 +525,9 @@ def test_the_last_polish_lifts_the_short_classes_and_keeps_what_evolution_reache
     # 2 elites scored for every cell, then 2 starts per short class, 30 steps (+2 scorings) each
     assert pol["polish_evaluations"] == 2 + short * 2 * 32
     with pytest.raises(ValueError, match="polish_steps.*encoding='cppn'"):
-        FoolingEvolution(encoding="direct", polish_steps=10)
+        FoolingEvolution(encoding="direct", cppn=CPPNOptions(polish_steps=10))
     with pytest.raises(ValueError, match="polish_starts"):
-        FoolingEvolution(encoding="cppn", polish_starts=0)
+        CPPNOptions(polish_starts=0)
 
 
 def test_polish_genomes_starts_from_the_elites_best_for_each_class_in_any_chunking():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from guard.attacks.evolution_checkpoint import STATE_NAME, EvolutionCheckpointMismatch
-from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.attacks.fooling_evolution import CPPNOptions, FoolingEvolution
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +24,9 @@ SETTINGS = {
     "cppn": dict(
         encoding="cppn",
         population=8,
-        init_hidden=2,
         extra_samples=5,
         extra_threshold=0.2,
-        refine_every=4,
-        refine_steps=2,
-        polish_steps=3,
+        cppn=CPPNOptions(init_hidden=2, refine_every=4, refine_steps=2, polish_steps=3),
     ),
     "direct": dict(encoding="direct", population=8, extra_samples=5, extra_threshold=0.2),
 }

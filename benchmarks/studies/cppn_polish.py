@@ -6,7 +6,7 @@ and no polish, caches the elites' genomes (``~/.cache/guard/cppn_polish/evoSEED.
 refines, for each class still below 99.99%, the ``--starts`` elites that give it the highest
 probability: 300 Adam steps at lr 0.05 on the log-odds, connections completed first unless
 ``--no-grow`` (:func:`attacks.cppn_refine.polish_genomes`; ``--starts 4`` with completion is what
-``FoolingEvolution(polish_steps=300)`` and the audit do). Chosen on seed 1; seeds 0, 2-4 not tuned on:
+``FoolingEvolution(cppn=CPPNOptions(polish_steps=300))`` and the audit do). Chosen on seed 1; seeds 0, 2-4 not tuned on:
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 1 --no-grow
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.cppn_polish --seed 1 --starts 4
@@ -29,7 +29,7 @@ import guard
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import Genome, MutationRates, render
 from guard.attacks.cppn_refine import polish_genomes
-from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.attacks.fooling_evolution import CPPNOptions, FoolingEvolution
 from guard.core.provenance import write_results
 
 CACHE = Path.home() / ".cache" / "guard" / "cppn_polish"
@@ -49,11 +49,8 @@ def evolve(model: torch.nn.Module, seed: int, population: int = 30, generations:
         threshold=0.9999,
         extra_samples=0,
         parent_selection="unfooled",
-        init_hidden=8,
-        rates=MutationRates(add_node=0.3),
+        cppn=CPPNOptions(init_hidden=8, rates=MutationRates(add_node=0.3), refine_every=100, refine_steps=100),
         seed=seed,
-        refine_every=100,
-        refine_steps=100,
     )(model, shape=(3, 32, 32))
     ex = res.extras
     d = {

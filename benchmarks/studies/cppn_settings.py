@@ -25,7 +25,7 @@ import numpy as np
 import guard
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import MutationRates
-from guard.attacks.fooling_evolution import FoolingEvolution
+from guard.attacks.fooling_evolution import CPPNOptions, FoolingEvolution
 from guard.core.provenance import write_results
 
 
@@ -65,12 +65,14 @@ def main() -> int:
         threshold=0.9999,
         extra_samples=0,
         parent_selection="unfooled",
-        init_hidden=args.hidden,
-        init_connections=args.connections,
-        rates=MutationRates(add_node=args.add_node),
+        cppn=CPPNOptions(
+            init_hidden=args.hidden,
+            init_connections=args.connections,
+            rates=MutationRates(add_node=args.add_node),
+            **refine,
+            **polish,
+        ),
         seed=args.seed,
-        **refine,
-        **polish,
     )(model, shape=shape)
     ex = res.extras
     conf = ex["elite_confidence"].numpy()

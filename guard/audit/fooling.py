@@ -39,7 +39,7 @@ from torch import nn
 
 from guard.attacks.base import AttackResult
 from guard.attacks.cppn import MutationRates
-from guard.attacks.fooling_evolution import FoolingEvolution, transfer_check
+from guard.attacks.fooling_evolution import CPPNOptions, FoolingEvolution, transfer_check
 from guard.attacks.fooling_gradient import FoolingGradient
 from guard.audit.step import AttackSet, AttackStep, AuditContext
 from guard.core.models import DemoNet
@@ -148,23 +148,20 @@ def _run(ctx: AuditContext) -> AttackSet:
     results[GRADIENT] = res
     ctx.save_attack(GRADIENT, res)
 
-    cppn_kw = {
-        "polish_steps": s.polish_steps,
-        "polish_starts": s.polish_starts,
-        "init_hidden": s.cppn_hidden,
-        "rates": MutationRates(add_node=s.cppn_add_node),
-    }
+    # the CPPN encoding's settings (the direct encoding runs with its defaults); refine_steps only
+    # with refinement on, so that report.json keeps the default there when refine_every is 0
+    refine = {"refine_every": s.refine_every, "refine_steps": s.refine_steps} if s.refine_every else {}
+    cppn_options = CPPNOptions(
+        init_hidden=s.cppn_hidden,
+        rates=MutationRates(add_node=s.cppn_add_node),
+        polish_steps=s.polish_steps,
+        polish_starts=s.polish_starts,
+        **refine,
+    )
     # Both encodings run until every class has an image at the threshold (then 100 generations
     # more for the extra positives), at most 1,500 generations: a fixed 100 CPPN generations left
     # classes unfilled on some seeds (MNIST) and on natural images (2 of 10 on CIFAR-10 with 30 parents).
     for name, encoding in ((DIRECT, "direct"), (CPPN, "cppn")):
-        refine = (
-            {"refine_every": s.refine_every, "refine_steps": s.refine_steps}
-            if encoding == "cppn" and s.refine_every
-            else {}
-        )
-        if encoding == "cppn":
-            refine.update(cppn_kw)
         evo = FoolingEvolution(
             encoding=encoding,
             population=s.population,
@@ -174,8 +171,8 @@ def _run(ctx: AuditContext) -> AttackSet:
             extra_generations=s.extra_generations,
             parent_selection=s.selection,
             extra_samples=s.extra_samples,
+            cppn=cppn_options if encoding == "cppn" else None,
             seed=opts.seed,
-            **refine,
         )
         t0 = time.perf_counter()
         res = evo(ctx.model, shape=shape, classes=cls)
