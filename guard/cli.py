@@ -470,8 +470,7 @@ def _cmd_harden(args: argparse.Namespace) -> int:
         augment=demo_augment(s.demo),
         resume=args.resume,
         progress=not args.quiet,
-        reject_images=_reject_images(args.reject_images),
-        reject_images_path=args.reject_images,
+        reject_images=args.reject_images,
         checkpoint_every=args.checkpoint_every,
         key_env=args.key_env,
         device=args.device,
@@ -507,22 +506,6 @@ def _harden_config(args: argparse.Namespace) -> Any:
         online_fooling_steps=args.online_fooling_steps,
         freeze_known_classes=args.freeze_known_classes,
         trainable=None if args.trainable is None else tuple(t.strip() for t in args.trainable.split(",") if t.strip()),
-    )
-
-
-def _reject_images(path: str | None) -> Any:
-    """``--reject-images FILE``: its tensor ``x`` (or its only tensor); a clear error otherwise."""
-    if path is None:
-        return None
-    from guard.core.cache import load_tensors
-
-    tensors, _ = load_tensors(path)
-    if "x" in tensors:
-        return tensors["x"]
-    if len(tensors) == 1:
-        return next(iter(tensors.values()))
-    raise ValueError(
-        f"--reject-images {path!r} must hold a tensor named 'x' (or exactly one tensor); got {sorted(tensors)}."
     )
 
 

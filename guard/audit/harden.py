@@ -31,7 +31,7 @@ from guard.core.data import Split
 from guard.training.harden import CheckpointMismatch, HardenConfig, HardenResult, harden
 from guard.training.reject import RejectClassifier
 
-__all__ = ["HardenStep", "harden_section", "audit_config", "run_harden_job", "summary_lines"]
+__all__ = ["HardenStep", "harden_section", "audit_config", "run_harden_job", "load_reject_images", "summary_lines"]
 
 log = logging.getLogger(__name__)
 _ROUND_KEYS = (
@@ -193,16 +193,17 @@ def run_harden_job(
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     resume: bool = False,
     progress: bool = True,
-    reject_images: torch.Tensor | None = None,
-    reject_images_path: str | None = None,
+    reject_images: str | Path | None = None,
     checkpoint_every: int = 0,
     key_env: str | None = None,
     device: str = "cpu",
 ) -> dict[str, Any] | None:
     """``guard harden``'s job: :func:`~guard.training.harden` into ``out``, alone or under torchrun.
 
-    Checkpoints go to ``out/checkpoints`` (``resume`` continues from them). Under torchrun (WORLD_SIZE > 1)
-    the process group is set up here and torn down after, every rank trains, and rank 0 alone writes
+    ``reject_images``: a safetensors file of known-bad images (:func:`load_reject_images`),
+    labelled reject from round 1 on. Checkpoints go to ``out/checkpoints`` (``resume`` continues
+    from them). Under torchrun (WORLD_SIZE > 1) the process group is set up here and torn down
+    after, every rank trains, and rank 0 alone writes
     ``out/hardened_model.safetensors`` (sealed; an HMAC with ``key_env``) and ``out/harden.json``
     (``{"harden": section, "world_size": n}``, the section as :func:`harden_section` builds it).
 
@@ -213,6 +214,7 @@ def run_harden_job(
     from guard.training.distributed import init_from_env, world
 
     out = Path(out)
+    known_bad = None if reject_images is None else load_reject_images(reject_images)
     created = init_from_env(device)  # under torchrun: every rank runs harden, rank 0 writes
     rank, size = world()
     t0 = time.perf_counter()
@@ -226,7 +228,7 @@ def run_harden_job(
             checkpoint_dir=out / "checkpoints",
             resume=resume,
             progress=progress and rank == 0,
-            reject_images=reject_images,
+            reject_images=known_bad,
             checkpoint_every=checkpoint_every,
         )
     finally:
@@ -236,7 +238,7 @@ def run_harden_job(
             dist.destroy_process_group()
     if rank != 0:
         return None
-    given = None if reject_images is None else {"path": reject_images_path, "n": int(reject_images.shape[0])}
+    given = None if known_bad is None else {"path": str(reject_images), "n": int(known_bad.shape[0])}
     section = harden_section(
         res,
         seconds=time.perf_counter() - t0,
@@ -247,6 +249,20 @@ def run_harden_job(
     section["model_path"] = str(path)
     atomic_write_text(out / "harden.json", json.dumps({"harden": section, "world_size": size}, indent=2) + "\n")
     return section
+
+
+def load_reject_images(path: str | Path) -> torch.Tensor:
+    """``guard harden --reject-images FILE``: its tensor ``x`` (or its only tensor); a clear error otherwise."""
+    from guard.core.cache import load_tensors
+
+    tensors, _ = load_tensors(path)
+    if "x" in tensors:
+        return tensors["x"]
+    if len(tensors) == 1:
+        return next(iter(tensors.values()))
+    raise ValueError(
+        f"--reject-images {str(path)!r} must hold a tensor named 'x' (or exactly one tensor); got {sorted(tensors)}."
+    )
 
 
 def summary_lines(section: dict[str, Any]) -> list[str]:
