@@ -163,16 +163,18 @@ def test_plain_model_opset_and_hardened_reject_output(tiny_model, small_split, t
 
     _, test = small_split
     net, head_name = grow_head(tiny_model)
-    hardened = RejectClassifier(net, 10, head_name)
+    # a calibrated reject offset is part of forward, so of the graph (here it rejects half the images)
+    hardened = RejectClassifier(net, 10, head_name).calibrate_rejection(test.x[:64], rate=0.5)
     rep = to_onnx(hardened, tmp_path / "h.onnx", test.x[:1], opset=18, parity_inputs=test.x[:64])
     assert rep.opset == 18
     assert rep.parity["passed"]
     assert "reject_prob" in rep.output_names and rep.output_names[-2:] == ["flags", "flag"]
-    out = load_session(tmp_path / "h.onnx", "cpu").run(test.x[:5])
+    out = load_session(tmp_path / "h.onnx", "cpu").run(test.x[:64])
     with torch.no_grad():
-        p = hardened(test.x[:5]).softmax(1)
+        p = hardened(test.x[:64]).softmax(1)
     np.testing.assert_allclose(out["reject_prob"], p[:, 10].numpy(), atol=1e-6)
     np.testing.assert_array_equal(out["flag"], p.argmax(1).numpy() == 10)
+    assert int(out["flag"].sum()) == 32
 
 
 def test_cli_export_reports_a_missing_directory(tmp_path, capsys):

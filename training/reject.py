@@ -18,7 +18,7 @@ from torch import nn
 from guard.core.features import find_head, get_layer
 from guard.core.integrity import load_sealed, resolve_key, save_sealed
 from guard.core.models import eval_mode, inference_batch
-from guard.core.validation import call_model, check_images, check_int
+from guard.core.validation import call_model, check_float, check_images, check_int
 
 __all__ = ["REJECT", "grow_head", "set_submodule", "RejectClassifier", "FORMAT"]
 
@@ -88,14 +88,19 @@ def grow_head(
 class RejectClassifier(nn.Module):
     """A classifier with an extra reject class: ``forward`` gives n+1 logits, ``predict`` -1 for reject.
 
+    The reject logit can be shifted by a calibrated ``reject_offset`` (:meth:`calibrate_rejection`:
+    at most a chosen share of clean images rejected), part of ``forward`` and so of everything that
+    reads it: attacks, the robust evaluation, the ONNX export, :meth:`save`.
+
     Attributes:
         model: the widened network (its layer names are the original model's under ``model.``).
         num_classes: n, the number of real classes.
         reject_index: n, the index of the reject logit.
         head: the dotted name of the head inside ``model``.
+        reject_offset: added to the reject logit in ``forward`` (0 unless calibrated).
     """
 
-    def __init__(self, model: nn.Module, num_classes: int, head: str) -> None:
+    def __init__(self, model: nn.Module, num_classes: int, head: str, *, reject_offset: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.num_classes = check_int(num_classes, "num_classes", "RejectClassifier", low=1)
@@ -105,13 +110,62 @@ class RejectClassifier(nn.Module):
             raise ValueError(
                 f"the head {head!r} must have num_classes + 1 = {self.num_classes + 1} outputs; got {out}."
             )
+        # not in state_dict (the weights file holds the network's weights only; the offset is metadata)
+        self.register_buffer("_shift", torch.zeros(self.num_classes + 1), persistent=False)
+        self.reject_offset = reject_offset
 
     @property
     def reject_index(self) -> int:
         return self.num_classes
 
+    @property
+    def reject_offset(self) -> float:
+        return self._offset
+
+    @reject_offset.setter
+    def reject_offset(self, value: float) -> None:
+        # a Python float for the branch in forward (a tracer cannot branch on a buffer's value), the
+        # buffer for the addition (it follows the model's device)
+        self._offset = check_float(value, "reject_offset", "RejectClassifier")
+        self._shift[self.num_classes] = self._offset
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        out = self.model(x)
+        # no-op (bit for bit) without an offset: hardening and uncalibrated models are unchanged
+        return out + self._shift.to(out.dtype) if self._offset != 0.0 else out
+
+    @torch.no_grad()
+    def calibrate_rejection(self, x: torch.Tensor, *, rate: float = 0.05, batch_size: int = 1000) -> RejectClassifier:
+        """Shift the reject logit so that a share ``rate`` of the clean images ``x`` is rejected (in place).
+
+        The operating point of the reject class, set as guard's detectors set theirs: on clean
+        held-out images that neither trained the model nor will be reported. The margin
+        ``z_reject - max_k z_k`` (k real) of every image of ``x`` is computed without an offset; the
+        offset becomes minus a cut halfway between the ``floor(rate * N)``-th and the next largest
+        margin, so that exactly that many images are rejected (fewer where margins tie). It lowers the reject logit when the
+        model rejects more than ``rate`` and raises it when it rejects less. An attacker sees the
+        shifted model (it is in ``forward``). Returns ``self``.
+
+        Raises:
+            ValueError: ``rate`` outside [0, 1); ``x`` empty, not images in [0, 1], or NaN.
+        """
+        rate = check_float(rate, "rate", "RejectClassifier.calibrate_rejection", low=0.0, high=1.0, high_open=True)
+        check_images(x, "x")  # also refuses an empty batch
+        self.reject_offset = 0.0
+        device = next((p.device for p in self.parameters()), x.device)
+        batch_size = inference_batch(x, batch_size)
+        margins = []
+        with eval_mode(self):
+            for i in range(0, x.shape[0], batch_size):
+                z = call_model(self, x[i : i + batch_size].to(device)).float()
+                margins.append((z[:, self.num_classes] - z[:, : self.num_classes].max(1).values).cpu())
+        m = torch.cat(margins).double().sort(descending=True).values
+        k = int(rate * m.numel())  # images allowed above the threshold
+        # halfway between the k-th and the (k+1)-th largest margin, so that a last-bit difference
+        # (float32 sums, onnxruntime) does not move an image across it; above the largest for k = 0
+        cut = (m[k - 1] + m[k]) / 2 if k > 0 else m[0] + 1e-3 * (1.0 + m[0].abs())
+        self.reject_offset = -float(cut)
+        return self
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor, *, batch_size: int = 1000) -> torch.Tensor:
@@ -144,6 +198,8 @@ class RejectClassifier(nn.Module):
         ``PATH.sha256``) for ``load(..., expected_sha256=...)``.
         """
         meta = {"format": FORMAT, "num_classes": self.num_classes, "head": self.head}
+        if self.reject_offset != 0.0:
+            meta["reject_offset"] = self.reject_offset
         return save_sealed(
             path, {k: v.detach().cpu() for k, v in self.model.state_dict().items()}, meta, key=resolve_key(key, key_env)
         )
@@ -184,4 +240,5 @@ class RejectClassifier(nn.Module):
             raise ValueError(
                 f"{os.fspath(path)!r} does not fit the model given ({type(model).__name__}): {err}"
             ) from err
-        return cls(net, int(meta["num_classes"]), head).eval()
+        # a sealed file's metadata is checked like an argument (a finite float)
+        return cls(net, int(meta["num_classes"]), head, reject_offset=meta.get("reject_offset", 0.0)).eval()
