@@ -87,10 +87,22 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def _training(f: dict[str, Any]) -> str:
+    """A model's training budget, from its record: epochs and method, and the start when it was not the plain demo model."""
+    t = f.get("training") or {}
+    c = t.get("config") or {}
+    text = f"{c.get('epochs', '?')} epochs {c.get('method', f['method'])}"
+    start = t.get("start") or ""
+    if "variant='robust'" in start:
+        text += ", started from the shipped robust variant"
+    return text
+
+
 def _robust_row(label: str, f: dict[str, Any]) -> str:
     iv = f.get("intervals", {})
     return (
-        f"| {label} | {f['method']} | {f['n']} | {_pct(f['clean_accuracy'])}{_ci(iv.get('clean_accuracy'))} | "
+        f"| {label} | {f['method']} | {_training(f)} | {f['n']} | "
+        f"{_pct(f['clean_accuracy'])}{_ci(iv.get('clean_accuracy'))} | "
         f"{_pct(f['clean_rejected'])} | {_pct(f['robust_accuracy'])}{_ci(iv.get('robust_accuracy'))} | "
         f"{_pct(f['robust_accuracy_with_rejection'])}{_ci(iv.get('robust_accuracy_with_rejection'))} |"
     )
@@ -98,9 +110,9 @@ def _robust_row(label: str, f: dict[str, Any]) -> str:
 
 def robust_hardening(r: dict[str, Any]) -> str:
     rows = [
-        "| data, eps | method | n | clean accuracy [95% CI] | clean rejected | robust accuracy [95% CI] | "
+        "| data, eps | method | training | n | clean accuracy [95% CI] | clean rejected | robust accuracy [95% CI] | "
         "robust accuracy with rejection [95% CI] |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for part, eps in (("mnist", "0.3"), ("cifar10", "8/255")):
         f = r.get(part)
