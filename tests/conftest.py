@@ -25,8 +25,9 @@ else:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``pytest -n``, the slow end-to-end tests first (a stable sort, the same on every worker).
 
-    They take minutes each; started first, the workers share them out and the short tests fill in
-    behind, instead of one slow test starting last on a worker while the other stands idle.
+    They take minutes each; handed out first, one at a time (``--dist load --maxschedchunk 1`` in
+    pyproject.toml), they spread over the workers and the short tests fill in behind, instead of
+    a slow test starting last on a worker while the other stands idle.
     """
     if os.environ.get("PYTEST_XDIST_WORKER"):
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)
