@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from benchmarks.fixtures.patch_attacks import learnt_patches
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.core.intervals import rate_interval
 from guard.core.provenance import write_results
@@ -84,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(args.threads)
 
     import guard
-    from guard.attacks import PatchGAN, UniversalPatch
-    from guard.audit.settings import GAN_AUDIT_KWARGS, gan_diversity_weight, gan_learning_rate
     from guard.detectors import MaskingDetector
 
     t0 = time.perf_counter()
@@ -106,18 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def flagged(sc: dict[str, torch.Tensor], s: str) -> torch.Tensor:
         return sc[s] > thresholds[s]
 
-    lr = gan_learning_rate(args.steps)
-    attacks = {
-        "universal_patch": UniversalPatch(size=args.patch, loss="margin", steps=args.steps, batch_size=32, seed=0),
-        "patch_gan": PatchGAN(
-            size=args.patch,
-            loss="margin",
-            steps=args.steps,
-            batch_size=32,
-            seed=0,
-            **{**GAN_AUDIT_KWARGS, "lr": lr, "beta": gan_diversity_weight(lr)},
-        ),
-    }
+    attacks = learnt_patches(args.patch, args.steps)
     per_attack: dict[str, dict] = {}
     choice_hits = {s: 0 for s in SCORES}
     for name, attack in attacks.items():

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from benchmarks.fixtures.patch_attacks import learnt_patches
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.core.intervals import rate_interval
 from guard.core.provenance import write_results
@@ -46,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(args.threads)
 
     import guard
-    from guard.attacks import PatchGAN, UniversalPatch
-    from guard.audit.settings import GAN_AUDIT_KWARGS, gan_diversity_weight, gan_learning_rate
     from guard.guarded import DEFAULT_DETECTORS
 
     model = guard.demo_model("cifar10", variant=args.model)
@@ -79,18 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "attacks": {},
     }
-    lr = gan_learning_rate(args.steps)
-    attacks = {
-        "universal_patch": UniversalPatch(size=args.patch, loss="margin", steps=args.steps, batch_size=32, seed=0),
-        "patch_gan": PatchGAN(
-            size=args.patch,
-            loss="margin",
-            steps=args.steps,
-            batch_size=32,
-            seed=0,
-            **{**GAN_AUDIT_KWARGS, "lr": lr, "beta": gan_diversity_weight(lr)},
-        ),
-    }
+    attacks = learnt_patches(args.patch, args.steps)
     for name, attack in attacks.items():
         a0 = time.perf_counter()
         attack.fit(model, patch_x)
