@@ -110,9 +110,7 @@ class RejectClassifier(nn.Module):
             raise ValueError(
                 f"the head {head!r} must have num_classes + 1 = {self.num_classes + 1} outputs; got {out}."
             )
-        # not in state_dict (the weights file holds the network's weights only; the offset is metadata)
-        self.register_buffer("_shift", torch.zeros(self.num_classes + 1), persistent=False)
-        self.reject_offset = reject_offset
+        self.reject_offset = reject_offset  # metadata of the saved file, not a weight
 
     @property
     def reject_index(self) -> int:
@@ -124,15 +122,16 @@ class RejectClassifier(nn.Module):
 
     @reject_offset.setter
     def reject_offset(self, value: float) -> None:
-        # a Python float for the branch in forward (a tracer cannot branch on a buffer's value), the
-        # buffer for the addition (it follows the model's device)
+        # a Python float: forward branches on it (a tracer could not branch on a tensor's value) and
+        # adds it as a constant, on whatever device and dtype the logits have
         self._offset = check_float(value, "reject_offset", "RejectClassifier")
-        self._shift[self.num_classes] = self._offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
-        # no-op (bit for bit) without an offset: hardening and uncalibrated models are unchanged
-        return out + self._shift.to(out.dtype) if self._offset != 0.0 else out
+        if self._offset == 0.0:  # bit for bit the network's logits: hardening and uncalibrated models
+            return out
+        n = self.num_classes
+        return torch.cat([out[:, :n], out[:, n:] + self._offset], dim=1)
 
     @torch.no_grad()
     def calibrate_rejection(self, x: torch.Tensor, *, rate: float = 0.05, batch_size: int = 1000) -> RejectClassifier:
@@ -142,22 +141,21 @@ class RejectClassifier(nn.Module):
         held-out images that neither trained the model nor will be reported. The margin
         ``z_reject - max_k z_k`` (k real) of every image of ``x`` is computed without an offset; the
         offset becomes minus a cut halfway between the ``floor(rate * N)``-th and the next largest
-        margin, so that exactly that many images are rejected (fewer where margins tie). It lowers the reject logit when the
-        model rejects more than ``rate`` and raises it when it rejects less. An attacker sees the
-        shifted model (it is in ``forward``). Returns ``self``.
+        margin, so that exactly that many images are rejected (fewer where margins tie). It lowers
+        the reject logit when the model rejects more than ``rate`` and raises it when it rejects
+        less. An attacker sees the shifted model (it is in ``forward``). Returns ``self``.
 
         Raises:
             ValueError: ``rate`` outside [0, 1); ``x`` empty, not images in [0, 1], or NaN.
         """
         rate = check_float(rate, "rate", "RejectClassifier.calibrate_rejection", low=0.0, high=1.0, high_open=True)
         check_images(x, "x")  # also refuses an empty batch
-        self.reject_offset = 0.0
         device = next((p.device for p in self.parameters()), x.device)
         batch_size = inference_batch(x, batch_size)
         margins = []
         with eval_mode(self):
-            for i in range(0, x.shape[0], batch_size):
-                z = call_model(self, x[i : i + batch_size].to(device)).float()
+            for i in range(0, x.shape[0], batch_size):  # the network's logits: no offset, old or new
+                z = call_model(self.model, x[i : i + batch_size].to(device)).float()
                 margins.append((z[:, self.num_classes] - z[:, : self.num_classes].max(1).values).cpu())
         m = torch.cat(margins).double().sort(descending=True).values
         k = int(rate * m.numel())  # images allowed above the threshold
