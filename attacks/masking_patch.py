@@ -9,15 +9,19 @@ defended output, not only the bare model, must make the model give one wrong lab
 * under every mask that does *not* contain the patch (the one-mask round agrees on ``t``),
 
 while the masks that contain the patch show the clean image under that mask, which the attacker
-cannot change. The attack therefore places the patch where the masks are weakest: where every
-covering mask already gives a wrong label (a winnable position; ``t`` is that label), else where
-the fewest masks cover the patch and their clean labels are the least sure of the truth (there
-the flag is certain to fire, and the attack still tries the recovered label). At each chosen
+cannot change. The attack therefore places the patch where the masks are weakest: where the
+covering views already keep the detector's score against some wrong label ``t`` within its
+threshold (a winnable position: at the certified threshold 0, every covering mask already gives
+``t``; at a calibrated threshold, their margins for another class over ``t`` stay under it), else
+where that floor is lowest, the fewest masks cover the patch and their clean labels are the least
+sure of the truth (there the flag is certain to fire, and the attack still tries the recovered
+label). At each chosen
 position it runs signed-gradient steps on the patch's pixels (from random starts) on the summed
 cross-entropy towards ``t`` of the patched image and of a random subset of the non-covering
 masked images per step (all of them in the final check: Expectation over Transformation,
 Athalye et al. 2018), and keeps, per image, the patch that does best against the *defence*:
-evading the certified flag first, then changing the recovered label, then fooling the bare model.
+evading the flag first, then changing the recovered label, then fooling the bare model, then
+the lowest score.
 
 On an image whose certificate holds, no patch can succeed against it (that is the proof); the
 tests run this attack on certified images to try to break the certificates. Written by hand: no
@@ -64,15 +68,18 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, fill: float) -> torch.Tensor:
 @torch.no_grad()
 def defended_outcome(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, fill: float) -> dict[str, torch.Tensor]:
     """What the masking defence makes of each image of ``x``: the bare label, the one-mask labels,
-    the certified flag (a one-mask label differs from the bare one) and the double-masking label.
+    the certified flag (a one-mask label differs from the bare one), the detector's two scores
+    against the bare label (``other_margin``, ``disagreement``) and the double-masking label.
 
-    A transcription of PatchCleanser's Algorithm 1 kept inside the attack package (the attack must
-    judge its iterates by the real defence without importing ``guard.detectors``); the tests check
-    it against :func:`guard.detectors.masking.double_masking`.
+    A transcription of PatchCleanser's Algorithm 1 and of the detector's scores kept inside the
+    attack package (the attack must judge its iterates by the real defence without importing
+    ``guard.detectors``); the tests check it against :func:`guard.detectors.masking.double_masking`
+    and :class:`guard.detectors.MaskingDetector`.
     """
     bare = model(x).argmax(1)
     n_mask = keep.shape[0]
-    one = torch.stack([model(_masked(x[i : i + 1], keep, fill)).argmax(1) for i in range(x.shape[0])])
+    z = torch.stack([model(_masked(x[i : i + 1], keep, fill)) for i in range(x.shape[0])])  # (N, K, classes)
+    one = z.argmax(2)
     recovered = one[:, 0].clone()
     for j in range(x.shape[0]):
         labels = one[j]
@@ -85,7 +92,20 @@ def defended_outcome(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, fill
             if bool((model(_masked(x[j : j + 1], pair, fill)).argmax(1) == labels[i]).all()):
                 recovered[j] = labels[i]
                 break
-    return {"bare": bare, "one_mask": one, "flagged": (one != bare[:, None]).any(1), "recovered": recovered}
+    return {
+        "bare": bare,
+        "one_mask": one,
+        "flagged": (one != bare[:, None]).any(1),
+        "other_margin": _against(z, bare).amax(1),
+        "disagreement": (one != bare[:, None]).float().mean(1),
+        "recovered": recovered,
+    }
+
+
+def _against(z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Per masked view, the margin of the best other class over ``label``: (N, K) from logits (N, K, classes)."""
+    idx = label[:, None, None].expand(-1, z.shape[1], 1)
+    return z.scatter(2, idx, float("-inf")).amax(2) - z.gather(2, idx)[..., 0]
 
 
 class MaskingPatch(Attack):
@@ -101,11 +121,16 @@ class MaskingPatch(Attack):
         step_size: the step on the patch's pixels (images in [0, 1]).
         restarts: random starts per position.
         mask_samples: non-covering masks in each step's loss (all of them: 0).
+        statistic: the masking detector's score to evade (``MaskingDetector.statistic_``).
+        threshold: the detector's threshold (``threshold_``): 0, the default, is the certified
+            operating point (any one-mask label that differs is flagged); pass a calibrated
+            detector's threshold to attack it at its operating point.
         seed: seeds the starts and the mask samples.
 
     ``success`` is the bare model's (the :class:`Attack` contract: a label other than ``y``, or
     ``target``); against the defence, ``extras`` holds per image ``evades_flag`` (the bare label is
-    wrong and every one-mask label equals it), ``recovered`` (the double-masking label),
+    wrong and the detector's score, ``score``, is within ``threshold``: at 0, every one-mask label
+    equals the bare one), ``recovered`` (the double-masking label),
     ``recovery_changed`` (it is not ``y``), ``position`` and ``patch``.
     """
 
@@ -120,6 +145,8 @@ class MaskingPatch(Attack):
         step_size: float = 0.1,
         restarts: int = 1,
         mask_samples: int = 8,
+        statistic: str = "other_margin",
+        threshold: float = 0.0,
         seed: int = 0,
     ) -> None:
         owner = type(self).__name__
@@ -136,6 +163,13 @@ class MaskingPatch(Attack):
         self.step_size = check_float(step_size, "step_size", owner, low=0.0, low_open=True)
         self.restarts = check_int(restarts, "restarts", owner, low=1)
         self.mask_samples = check_int(mask_samples, "mask_samples", owner, low=0)
+        if statistic not in ("other_margin", "disagreement"):
+            raise ValueError(
+                f"The 'statistic' parameter of {owner} must be 'other_margin' or 'disagreement' (the masking "
+                f"detector's score); got {statistic!r}."
+            )
+        self.statistic = statistic
+        self.threshold = check_float(threshold, "threshold", owner)
         self.seed = check_int(seed, "seed", owner)
 
     def params(self) -> dict[str, Any]:
@@ -146,31 +180,43 @@ class MaskingPatch(Attack):
     def _plan(
         self, model: nn.Module, x: torch.Tensor, y: int, target: int | None, covers: torch.Tensor
     ) -> list[tuple[int, int]]:
-        """(position index, target label) of the ``positions`` weakest positions of one image."""
+        """(position index, target label) of the ``positions`` weakest positions of one image.
+
+        The covering masks hide the patch, so what they show is the clean image, which the
+        attacker cannot change: their part of the detector's score against a label ``t`` is a
+        floor under any patch at that position (``other_margin``: the largest margin another class
+        has over ``t`` among them; ``disagreement``: their share of all masks whose label is not
+        ``t``). Untargeted, ``t`` is the label with the lowest floor; a position is *winnable*
+        when that floor is within ``threshold``. Weakest first: winnable, then the lowest floor,
+        then fewer covering masks, then the covering views least sure of the truth.
+        """
         keep = self.keep.to(x.device)
         with torch.no_grad():
-            logits = model(_masked(x, keep, self.fill))  # (K, classes): the clean image under each mask
-        labels = logits.argmax(1)
+            logits = model(_masked(x, keep, self.fill)).float()  # (K, classes): the clean image under each mask
+        n_mask, n_cls = logits.shape
+        classes = torch.arange(n_cls, device=logits.device)
         sure = logits.log_softmax(1)[:, y]  # how sure each mask's view is of the truth
+        if self.statistic == "other_margin":  # per mask and label t: the best other class's margin over t
+            top = logits.topk(min(2, n_cls), dim=1)
+            runner = top.values[:, -1:] if n_cls > 1 else torch.full_like(top.values, float("-inf"))
+            best_other = torch.where(classes[None] == top.indices[:, :1], runner, top.values[:, :1])
+            term = best_other - logits  # (K, classes)
+        else:  # per mask and label t: its share of the score when its label is not t
+            term = (logits.argmax(1)[:, None] != classes[None]).float() / n_mask
         plans = []
         for p in range(covers.shape[0]):
-            cov = torch.nonzero(covers[p]).flatten()
-            lab = labels[cov]
+            cov = covers[p].to(logits.device)
+            floor = term[cov].amax(0) if self.statistic == "other_margin" else term[cov].sum(0)  # (classes,)
             if target is not None:
-                t, winnable = target, bool((lab == target).all())
+                t = target
             else:
-                wrong = lab[lab != y]
-                if wrong.numel():
-                    t = int(torch.bincount(wrong).argmax())
-                else:  # every covering view is right: aim at the label they rank next
-                    mean = logits[cov].mean(0).clone()
-                    mean[y] = -float("inf")
-                    t = int(mean.argmax())
-                winnable = bool((lab == t).all()) and t != y
-            # weakest first: winnable, then fewer covering masks, then the covering views least sure of y
-            plans.append((not winnable, int(cov.numel()), float(sure[cov].max()), p, t))
+                others = floor.clone()
+                others[y] = float("inf")
+                t = int(others.argmin())
+            winnable = float(floor[t]) <= self.threshold and t != y
+            plans.append((not winnable, float(floor[t]), int(cov.sum()), float(sure[cov].max()), p, t))
         plans.sort()
-        return [(p, t) for _, _, _, p, t in plans[: self.positions]]
+        return [(p, t) for *_, p, t in plans[: self.positions]]
 
     def _train(
         self,
@@ -211,6 +257,7 @@ class MaskingPatch(Attack):
         out_x, out_pos, out_patch = x.clone(), torch.zeros(x.shape[0], 2, dtype=torch.long), []
         evades = torch.zeros(x.shape[0], dtype=torch.bool)
         recovered = y.detach().cpu().clone()
+        scores = torch.zeros(x.shape[0])
         for j in range(x.shape[0]):
             xj, yj = x[j : j + 1], int(y[j])
             best, best_key = None, None
@@ -221,17 +268,20 @@ class MaskingPatch(Attack):
                     xp = apply_patches(xj, patch, pos)
                     o = defended_outcome(model, xp, keep, self.fill)
                     bare_hit = int(o["bare"][0]) == t if target is not None else int(o["bare"][0]) != yj
-                    evade = bare_hit and not bool(o["flagged"][0])
+                    score = float(o[self.statistic][0])
+                    evade = bare_hit and score <= self.threshold
                     changed = int(o["recovered"][0]) != yj
-                    key = (evade, changed, bare_hit)
+                    key = (evade, changed, bare_hit, -score)
                     if best_key is None or key > best_key:
                         best, best_key = (xp, pos, patch, int(o["recovered"][0])), key
             xp, pos, patch, rec = best
             out_x[j], out_pos[j], evades[j], recovered[j] = xp[0], pos[0].cpu(), best_key[0], rec
+            scores[j] = -best_key[3]
             out_patch.append(patch[0].cpu())
         success = self.is_success(model, out_x, y, target)
         extras = {
             "evades_flag": evades,
+            "score": scores,
             "recovered": recovered,
             "recovery_changed": recovered != y.cpu(),
             "position": out_pos,

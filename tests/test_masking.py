@@ -21,8 +21,11 @@ from guard.detectors.masking import (
     apply_masks,
     certify,
     double_masking,
+    mask_score,
     mask_set,
+    one_mask_logits,
     one_mask_predictions,
+    other_margin,
     two_mask_predictions,
 )
 
@@ -132,8 +135,11 @@ def test_one_pixel_model_flags_exactly_the_masks_over_its_pixel():
         over = torch.tensor([r <= row < r + mh and c <= col < c + mw for r, c, mh, mw in boxes])
         one = one_mask_predictions(model, x, m)[0]
         assert torch.equal(one, (~over).long())
-        det = MaskingDetector(3, k=3).fit(model, x)
+        det = MaskingDetector(3, k=3, statistic="disagreement").fit(model, x)
         assert float(det.score(model, x)) == pytest.approx(float(over.float().mean()))
+        # other_margin: logits (-0.25, 0.25) unmasked, (0.25, -0.25) with the pixel masked to 0.5
+        det = MaskingDetector(3, k=3).fit(model, x)
+        assert float(det.score(model, x)) == pytest.approx(0.5 if over.any() else -0.5)
         # recovery: with fewer masks over the pixel than not, the first such mask's pairs all say 0
         # (every pair contains the pixel): Case II gives 0, the masked label, never the majority 1
         want = 0 if over.any() else 1
@@ -171,6 +177,48 @@ def test_constant_model_is_certified_everywhere_and_flags_nothing():
     )
     det = MaskingDetector(4, k=3).fit(Constant(), x)
     assert not bool(det.predict(Constant(), x).any())
+
+
+def test_other_margin_is_the_largest_margin_of_another_class_over_the_label():
+    z = torch.tensor(
+        [
+            [[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]],  # label 0: mask 0 gives 1 - 2 = -1, mask 1 gives 3 - 0 = 3
+            [[5.0, 1.0, 4.0], [6.0, 0.0, 2.0]],  # label 0: 4 - 5 = -1 and 2 - 6 = -4
+        ]
+    )
+    label = torch.tensor([0, 0])
+    assert other_margin(z, label).tolist() == [3.0, -1.0]
+    # the label's column against the others: label 1 gives max(2 - 1, 1 - 3); label 2 gives max(5 - 4, 6 - 2)
+    assert other_margin(z, torch.tensor([1, 2])).tolist() == [1.0, 4.0]
+    assert mask_score(z, label, "disagreement").tolist() == [0.5, 0.0]
+    # > 0 exactly where a one-mask label differs (the certified flag), for both statistics
+    for stat in ("other_margin", "disagreement"):
+        assert (mask_score(z, label, stat) > 0).tolist() == (z.argmax(2) != label[:, None]).any(1).tolist()
+
+
+def test_masking_scores_rise_with_the_patch_and_match_the_one_mask_labels(tiny_model, small_split):
+    _, test = small_split
+    x = test.x[:24]
+    masks = mask_set(28, 4, 3)
+    z = one_mask_logits(tiny_model, x, masks)
+    assert z.shape == (24, len(masks), 10) and torch.equal(z.argmax(2), one_mask_predictions(tiny_model, x, masks))
+    det = MaskingDetector(4, k=3).fit(tiny_model, x)
+    with torch.no_grad():
+        label = tiny_model(x).argmax(1)
+    score = det.score(tiny_model, x)
+    assert torch.equal(score > 0, (z.argmax(2) != label[:, None]).any(1))  # the certified flag
+    assert torch.allclose(score, other_margin(z, label))
+
+
+def test_masking_statistic_is_checked_and_old_files_read_as_disagreement(tiny_model, small_split):
+    _, test = small_split
+    with pytest.raises(ValueError, match="'statistic' parameter of MaskingDetector"):
+        MaskingDetector(4, statistic="margin").fit(tiny_model, test.x[:4])
+    old = MaskingDetector(4, k=3)
+    old.load_state({}, {"image_size_": [28, 28], "patch_pixels_": [4, 4], "threshold_": 0.2})  # no statistic_
+    assert old.statistic == old.statistic_ == "disagreement"
+    want = MaskingDetector(4, k=3, statistic="disagreement").fit(tiny_model, test.x[:8]).score(tiny_model, test.x[:8])
+    torch.testing.assert_close(old.score(tiny_model, test.x[:8]), want)
 
 
 def test_recovery_is_the_clean_label_when_one_mask_predictions_agree(tiny_model, small_split):
@@ -279,11 +327,12 @@ def test_masking_detector_in_guard_wrap(tiny_model, small_split, tmp_path):
     g = guard.wrap(tiny_model, ["masking"]).fit(train.x[:64], train.y[:64])
     det = g.detectors["masking"]
     assert det.threshold_ == 0.0 and det.patch_pixels_ == [6, 6]  # guard's patch attacks' default: 5% of 28x28
+    assert det.statistic_ == "other_margin"
     g.calibrate(test.x[:128], fpr=0.1)
     out = g(test.x[128:160])
-    assert out.scores["masking"].shape == (32,) and bool(
-        ((out.scores["masking"] >= 0) & (out.scores["masking"] <= 1)).all()
-    )
+    assert out.scores["masking"].shape == (32,)
+    one = one_mask_predictions(tiny_model, test.x[128:160], det.masks_)
+    assert torch.equal(out.scores["masking"] > 0, (one != out.logits.argmax(1)[:, None]).any(1))
     digest = g.save(tmp_path / "g")
     back = guard.GuardedModel.load(tmp_path / "g", tiny_model, expected_sha256=digest)
     torch.testing.assert_close(back(test.x[128:160]).scores["masking"], out.scores["masking"])
@@ -294,10 +343,11 @@ def test_masking_detector_in_guard_wrap(tiny_model, small_split, tmp_path):
     assert isinstance(Detector.load(tmp_path / "g" / "masking.safetensors"), MaskingDetector)
 
 
-def test_masking_head_matches_the_eager_score_and_serves_the_majority(tiny_model, small_split):
+@pytest.mark.parametrize("statistic", ["other_margin", "disagreement"])
+def test_masking_head_matches_the_eager_score_and_serves_the_majority(tiny_model, small_split, statistic):
     _, test = small_split
     x = test.x[:16]
-    det = MaskingDetector(4, k=3).fit(tiny_model, x)
+    det = MaskingDetector(4, k=3, statistic=statistic).fit(tiny_model, x)
     with torch.no_grad():
         logits = tiny_model(x)
     out = det.export_head()(guard.detectors.Batch(x, logits, {}, tiny_model))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from guard.attacks import MaskingPatch
 from guard.attacks.masking_patch import _masked, covering_masks, defended_outcome
 from guard.attacks.patching import apply_patches
+from guard.detectors import MaskingDetector
 from guard.detectors.masking import double_masking, mask_set, one_mask_predictions
 
 
@@ -37,6 +38,35 @@ def test_defended_outcome_is_the_defence(tiny_model, small_split):
     with torch.no_grad():
         bare = tiny_model(x).argmax(1)
     assert torch.equal(o["flagged"], (one != bare[:, None]).any(1))
+
+
+@pytest.mark.parametrize("statistic", ["other_margin", "disagreement"])
+def test_defended_outcome_scores_are_the_detectors(tiny_model, small_split, statistic):
+    _, test = small_split
+    x = test.x[:10].clone()
+    x[:, :, 10:16, 10:16] = 1.0
+    det = MaskingDetector(3, k=4, statistic=statistic).fit(tiny_model, x)
+    o = defended_outcome(tiny_model, x, det.masks_.keep(), 0.5)
+    torch.testing.assert_close(o[statistic], det.score(tiny_model, x))
+
+
+def test_the_attack_aims_at_a_calibrated_detector_and_reports_what_it_sees(tiny_model, small_split):
+    """At a calibrated threshold the attack's own verdict is the detector's: an image it says evades
+    is fooled and not flagged, one it says is caught is flagged or not fooled."""
+    train, test = small_split
+    det = MaskingDetector(8, k=3).fit(tiny_model, train.x[:8])
+    det.calibrate(test.x[:128], fpr=0.2, model=tiny_model)
+    assert det.threshold_ > 0
+    x, y = test.x[128:140], test.y[128:140]
+    kwargs = dict(keep=det.masks_.keep(), size=8, steps=20, positions=2, seed=0)
+    at = MaskingPatch(**kwargs, threshold=det.threshold_)(tiny_model, x, y)
+    torch.testing.assert_close(at.extras["score"], det.score(tiny_model, at.x_adv))
+    flagged = det.predict(tiny_model, at.x_adv)
+    assert torch.equal(at.extras["evades_flag"], at.success & ~flagged)
+    certified = MaskingPatch(**kwargs)(tiny_model, x, y)  # threshold 0: the certified flag
+    assert torch.equal(certified.extras["evades_flag"], certified.success & (certified.extras["score"] <= 0))
+    # the calibrated threshold (above 0) is easier to evade than the certified one: 9 of 12 against 1 of 12
+    assert int(at.extras["evades_flag"].sum()) > int(certified.extras["evades_flag"].sum())
 
 
 def _loss(model, x, patch, pos, keep, t):
@@ -83,5 +113,9 @@ def test_bad_arguments_are_refused():
         MaskingPatch(keep=keep, size=0)
     with pytest.raises(ValueError, match="positions"):
         MaskingPatch(keep=keep, size=3, positions=0)
+    with pytest.raises(ValueError, match="'statistic' parameter"):
+        MaskingPatch(keep=keep, size=3, statistic="margin")
+    with pytest.raises(ValueError, match="'threshold' parameter"):
+        MaskingPatch(keep=keep, size=3, threshold=float("nan"))
     with pytest.raises(ValueError, match="masks' size"):
         MaskingPatch(keep=keep, size=3)(torch.nn.Flatten(), torch.rand(2, 1, 20, 20), torch.tensor([0, 1]))
