@@ -223,10 +223,24 @@ def patch_flag(r: dict[str, Any]) -> str:
             f"{_rate(a['combined_flagged_on_success'])} | {_rate(a['masking_flagged_certified_on_success'])} | "
             f"{_rate(a['masking_flagged_calibrated_on_success'])} |"
         )
+    ad = r.get("adaptive")
+    if ad:
+        rows.append(
+            f"| `MaskingPatch` aimed at the calibrated masking detector (images the model gets right) | {ad['n']} | "
+            f"evades: {_rate(ad['evades_combined_flag'])} | | evades: {_rate(ad['evades_masking_flag'])} |"
+        )
     return (
         "\n".join(rows) + f"\n\nModel `{r['model']}`, one {r['patch_side']}x{r['patch_side']} patch; detectors "
         f"{', '.join(r['detectors'])} combined by `{r['combine']}`, calibrated at {_pct(r['fpr_target'], 0)} on "
-        f"held-out images; {r['data']}.\n" + _source(r)
+        f"held-out images; {r['data']}."
+        + (
+            f" The adaptive attacker fools the bare model on {_rate(ad['bare_fooled'])} of its images and models "
+            "only the masking detector, not the others in the combined flag."
+            if ad
+            else ""
+        )
+        + "\n"
+        + _source(r)
     )
 
 
