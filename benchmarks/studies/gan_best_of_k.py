@@ -29,14 +29,9 @@ import time
 import torch
 
 from benchmarks.fixtures.patch_attacks import learnt_patches
+from benchmarks.fixtures.rates import rate_entry as _rate
 from benchmarks.fixtures.timing import out_option, pin_threads
-from guard.core.intervals import rate_interval
 from guard.core.provenance import write_results
-
-
-def _rate(hit: torch.Tensor) -> dict:
-    k, n = int(hit.sum()), int(hit.numel())
-    return {"rate": round(k / n, 4) if n else None, "k": k, "n": n, "ci95": rate_interval(k, n)}
 
 
 @torch.no_grad()
