@@ -268,6 +268,18 @@ def gan_best_of_k(r: dict[str, Any]) -> str:
     )
 
 
+def masking_serving_cost(r: dict[str, Any]) -> str:
+    """The one-mask round's serving cost: guarded against bare, eager and onnxruntime."""
+    rows = ["| runtime | bare (ms) | guarded (ms) | guarded / bare |", "|---|---|---|---|"]
+    for runtime, v in r["by_runtime"].items():
+        rows.append(f"| {runtime} | {v['bare_ms']:.1f} | {v['guarded_ms']:.1f} | {v['ratio_guarded_over_bare']:.1f} |")
+    return (
+        "\n".join(rows) + f"\n\n{r['model']}, `{r['detector']}` ({r['masks']} masks), a batch of {r['batch']}, "
+        f"{r['threads']} thread, median of {r['reps']} interleaved calls; ONNX parity passed: "
+        f"{r['onnx_parity_passed']}.\n" + _source(r)
+    )
+
+
 def _rate(v: dict[str, Any] | None) -> str:
     if not v:
         return "n/a"
@@ -730,6 +742,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "certified_patches": ("certified_patches.json", certified_patches),
     "patch_flag_cifar10": ("patch_flag_cifar10.json", patch_flag),
     "gan_best_of_k_cifar10": ("gan_best_of_k_cifar10.json", gan_best_of_k),
+    "masking_serving_cost": ("masking_serving_cost.json", masking_serving_cost),
     "masking_scores_cifar10": ("masking_scores_cifar10.json", masking_scores),
     "detection_mnist_full": ("detection_by_strength_mnist_full.json", detection_by_strength),
     "adaptive_mnist": ("adaptive_mnist_n32.json", adaptive),
