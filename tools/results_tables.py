@@ -518,16 +518,21 @@ def robust_variant(r: dict[str, Any]) -> str:
     rows = ["| attack (in order, each on what the ones before left) | attacked | broken |", "|---|---|---|"]
     for name, v in res["per_attack"].items():
         rows.append(f"| {name} | {v['attacked']} | {v['broken']} |")
-    sw = r["sweep"]
-    sweep = ", ".join(f"{e:.4g}: {_pct(a)}" for e, a in zip(sw["eps"], sw["robust_accuracy"]))
+    sw = r.get("sweep")
+    sweep = (
+        "; the sweep (quick budget, on the command's --sweep-n images) by eps: "
+        + ", ".join(f"{e:.4g}: {_pct(a)}" for e, a in zip(sw["eps"], sw["robust_accuracy"]))
+        + f" (monotone: {sw['checks']['monotone']}, zero at the largest: {sw['checks']['zero_at_largest']})"
+        if sw
+        else f"; {r['seconds']:.0f} s"
+    )
     return (
         f"Clean accuracy {_pct(res['clean_accuracy'])}{_ci(iv['clean_accuracy'])}, robust accuracy at eps "
         f"{res['eps']:.4g} {_pct(res['robust_accuracy'])}{_ci(iv['robust_accuracy'])} on n = {res['n']} held-out images "
         f"(budget: {res['budget']['steps']} APGD steps, {res['budget']['restarts']} restarts, "
         f"{res['budget']['n_target_classes']} targets, {res['budget']['n_queries']} Square queries).\n\n"
         + "\n".join(rows)
-        + f"\n\nSanity checks: {res['checks']}; the sweep (quick budget, on the command's --sweep-n images) by eps: {sweep} "
-        f"(monotone: {sw['checks']['monotone']}, zero at the largest: {sw['checks']['zero_at_largest']}).\n"
+        + f"\n\nSanity checks: {res['checks']}{sweep}.\n"
         + _source(r)
     )
 
@@ -755,6 +760,8 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_sweep_mnist": ("robust_eval_mnist_demo.json", robust_sweep),
     "robust_sweep_cifar10": ("robust_eval_cifar10_demo.json", robust_sweep),
     "robust_variant_cifar10": ("robust_eval_cifar10_pgd3ep.json", robust_variant),
+    "robust_budget_standard_cifar10": ("robust_eval_cifar10_robust_standard_n100.json", robust_variant),
+    "robust_budget_cpu_cifar10": ("robust_eval_cifar10_robust_cpu_n100.json", robust_variant),
     "detection_cifar10_quick": ("detection_by_strength_cifar10_quick.json", detection_by_strength),
     "detection_cifar10_robust_quick": ("detection_by_strength_cifar10_robust_quick.json", detection_by_strength),
     "imagenet_export": ("imagenet_patch.json", imagenet_export),
