@@ -207,6 +207,17 @@ def certified_patches(r: dict[str, Any]) -> str:
                 f"{_rate(a['recovery_changed_on_recovery_certified'])} | "
                 f"{_rate(a['recovery_changed_on_not_recovery_certified'])} |"
             )
+    earlier: dict[str, list[str]] = {}
+    for name, f in (r.get("cifar10_models") or {}).items():
+        if f.get("commit") and f["commit"] != r.get("commit"):
+            earlier.setdefault(str(f["commit"])[:12], []).append(f"`{name}`")
+    if earlier:
+        rows += [
+            "",
+            "Rows from earlier runs of the study, kept in the file with their own commands: "
+            + "; ".join(f"{', '.join(names)} at `{c}`" for c, names in earlier.items())
+            + ".",
+        ]
     return "\n".join(rows) + "\n" + _source(r)
 
 
