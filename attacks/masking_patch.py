@@ -40,6 +40,7 @@ from torch import nn
 
 from guard.attacks.base import Attack, AttackResult
 from guard.attacks.patching import apply_patches
+from guard.core.mask_scores import MASK_SCORES, mask_score
 from guard.core.validation import check_float, check_int
 
 __all__ = ["MaskingPatch", "covering_masks", "defended_outcome"]
@@ -71,10 +72,10 @@ def defended_outcome(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, fill
     the certified flag (a one-mask label differs from the bare one), the detector's two scores
     against the bare label (``other_margin``, ``disagreement``) and the double-masking label.
 
-    A transcription of PatchCleanser's Algorithm 1 and of the detector's scores kept inside the
-    attack package (the attack must judge its iterates by the real defence without importing
-    ``guard.detectors``); the tests check it against :func:`guard.detectors.masking.double_masking`
-    and :class:`guard.detectors.MaskingDetector`.
+    A transcription of PatchCleanser's Algorithm 1 kept inside the attack package (the attack must
+    judge its iterates by the real defence without importing ``guard.detectors``); the scores are
+    the detector's own (:mod:`guard.core.mask_scores`). The tests check it against
+    :func:`guard.detectors.masking.double_masking` and :class:`guard.detectors.MaskingDetector`.
     """
     bare = model(x).argmax(1)
     n_mask = keep.shape[0]
@@ -96,16 +97,10 @@ def defended_outcome(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, fill
         "bare": bare,
         "one_mask": one,
         "flagged": (one != bare[:, None]).any(1),
-        "other_margin": _against(z, bare).amax(1),
-        "disagreement": (one != bare[:, None]).float().mean(1),
+        "other_margin": mask_score(z, bare, "other_margin"),
+        "disagreement": mask_score(z, bare, "disagreement"),
         "recovered": recovered,
     }
-
-
-def _against(z: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Per masked view, the margin of the best other class over ``label``: (N, K) from logits (N, K, classes)."""
-    idx = label[:, None, None].expand(-1, z.shape[1], 1)
-    return z.scatter(2, idx, float("-inf")).amax(2) - z.gather(2, idx)[..., 0]
 
 
 class MaskingPatch(Attack):
@@ -163,10 +158,10 @@ class MaskingPatch(Attack):
         self.step_size = check_float(step_size, "step_size", owner, low=0.0, low_open=True)
         self.restarts = check_int(restarts, "restarts", owner, low=1)
         self.mask_samples = check_int(mask_samples, "mask_samples", owner, low=0)
-        if statistic not in ("other_margin", "disagreement"):
+        if statistic not in MASK_SCORES:
             raise ValueError(
-                f"The 'statistic' parameter of {owner} must be 'other_margin' or 'disagreement' (the masking "
-                f"detector's score); got {statistic!r}."
+                f"The 'statistic' parameter of {owner} must be one of {MASK_SCORES} (the masking detector's score); "
+                f"got {statistic!r}."
             )
         self.statistic = statistic
         self.threshold = check_float(threshold, "threshold", owner)

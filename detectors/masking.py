@@ -42,6 +42,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from guard.core.mask_scores import MASK_SCORES, mask_score, other_margin
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import call_model, check_float, check_images, check_int, check_labels
 from guard.detectors.base import Batch, Detector
@@ -298,23 +299,6 @@ def one_mask_logits(
     return torch.cat(out).float().cpu()
 
 
-def other_margin(masked_logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """How far any one mask pushes another class past ``label``: (N,) from logits (N, K, classes).
-
-    ``max_m [max_{c != label} z_mc - z_m,label]``, the largest log-probability margin of another
-    class over the label among the one-mask outputs (a logit difference is a log-softmax
-    difference). It is positive exactly when some one-mask label differs from ``label`` (exact
-    ties aside), so ``score > 0`` is the certified flag; below that it keeps how *sure* each mask
-    is, which the share of disagreeing masks throws away. Plain torch ops (traced into the ONNX
-    graph as they are). Chosen over the share, the drop of the label's probability and the most
-    confident other label on a split of its own (benchmarks/results/masking_scores_cifar10.json).
-    """
-    idx = label.to(masked_logits.device)[:, None, None].expand(-1, masked_logits.shape[1], 1)
-    own = masked_logits.gather(2, idx)[..., 0]  # (N, K)
-    others = masked_logits.scatter(2, idx, float("-inf")).amax(2)
-    return (others - own).amax(1)
-
-
 def _pair_labels(
     model: nn.Module,
     img: torch.Tensor,
@@ -529,19 +513,6 @@ def certify(
     return Certificate(
         patch, masks, y, clean_pred, one, recovered, recovery, detection, (one != clean_pred[:, None]).any(1)
     )
-
-
-#: the one-mask scores :class:`MaskingDetector` offers (see :func:`mask_score`)
-MASK_SCORES = ("other_margin", "disagreement")
-
-
-def mask_score(masked_logits: torch.Tensor, label: torch.Tensor, statistic: str) -> torch.Tensor:
-    """A one-mask score (N,) from the one-mask logits (N, K, classes) and the whole input's label:
-    ``"other_margin"`` (:func:`other_margin`) or ``"disagreement"`` (the share of masks whose
-    label is not ``label``). Both are > 0 exactly when some one-mask label differs."""
-    if statistic == "other_margin":
-        return other_margin(masked_logits, label)
-    return (masked_logits.argmax(2) != label.to(masked_logits.device)[:, None]).float().mean(1)
 
 
 class MaskingDetector(Detector):

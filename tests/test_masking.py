@@ -191,6 +191,8 @@ def test_other_margin_is_the_largest_margin_of_another_class_over_the_label():
     # the label's column against the others: label 1 gives max(2 - 1, 1 - 3); label 2 gives max(5 - 4, 6 - 2)
     assert other_margin(z, torch.tensor([1, 2])).tolist() == [1.0, 4.0]
     assert mask_score(z, label, "disagreement").tolist() == [0.5, 0.0]
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        mask_score(z, label, "margin")
     # > 0 exactly where a one-mask label differs (the certified flag), for both statistics
     for stat in ("other_margin", "disagreement"):
         assert (mask_score(z, label, stat) > 0).tolist() == (z.argmax(2) != label[:, None]).any(1).tolist()

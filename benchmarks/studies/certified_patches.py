@@ -91,7 +91,14 @@ def adaptive(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, masks, pa
 
 
 def run(
-    name: str, x: torch.Tensor, y: torch.Tensor, patch: int, k: int, masked_folder: str | None, n_adaptive: int = 0
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    patch: int,
+    k: int,
+    masked_folder: str | None,
+    n_adaptive: int = 0,
+    label: str | None = None,
 ) -> dict:
     model = load_model(name, masked_folder)
     masks = mask_set(tuple(x.shape[-2:]), patch, k)
@@ -111,7 +118,7 @@ def run(
         out["adaptive"] = adaptive(model, x, y, masks, patch, cert, n_adaptive)
     out.update(
         {
-            "model": name,
+            "model": label or name,
             "model_sha256": model.guard_meta.get("sha256"),
             "seconds": round(seconds, 1),
             "images_per_second": round(x.shape[0] / seconds, 2),
@@ -154,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     per_model = dict(old.get("cifar10_models", {}))
     labels = [args.masked_label if name == "masked" else name for name in args.models]
     for name, label in zip(args.models, labels, strict=True):
-        per_model[label] = run(name, x, y, args.patch, args.k, args.masked_folder, args.adaptive)
-        per_model[label]["model"] = label
+        per_model[label] = run(name, x, y, args.patch, args.k, args.masked_folder, args.adaptive, label)
         print(label, json.dumps(per_model[label]), flush=True)
     last = per_model[labels[-1]]
     keys = (
