@@ -1,6 +1,7 @@
 """Fine-tune the shipped CIFAR-10 ResNet-20 with PatchCleanser's masks: the ``variant="masked"`` demo weights.
 
-Starts from ``guard.demo_model("cifar10")`` (its SHA-256 is checked on load and recorded) and
+Starts from ``guard.demo_model("cifar10")``, or with ``--start-folder`` from masked weights trained
+before (a warm restart; its SHA-256 is checked on load and recorded either way), and
 fine-tunes on the 50,000 JPEG training images (never the test images, which only measure the
 result) with :func:`guard.training.mask_training.mask_train`: each image is cropped and flipped
 (:func:`guard.demo.crop_flip_augment`) and then covered by two masks drawn from the mask set of a
@@ -55,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fine-tune on a seeded random subset of this many training images (default: all 50,000)",
     )
+    p.add_argument(
+        "--start-folder",
+        default=None,
+        help="go on from the masked weights in this folder (resnet20_masked.safetensors/.json, hash checked) "
+        "instead of the standard demo model: a warm restart with a new cosine schedule",
+    )
     p.add_argument("--eval-images", type=int, default=1000, help="test images for the one-mask accuracy in the record")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -69,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_images is not None and args.train_images < len(x_train):
         keep = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed))[: args.train_images]
         x_train, y_train = x_train[keep], y_train[keep]
-    model = guard.demo_model("cifar10")
+    if args.start_folder is None:
+        model = guard.demo_model("cifar10")
+        start = "guard.demo_model('cifar10') (guard/_data/cifar10/resnet20.safetensors)"
+    else:
+        from guard.demo import cifar10_model
+
+        model = cifar10_model(args.start_folder, variant="masked")
+        start = f"{args.start_folder}/resnet20_masked.safetensors"
     start_sha = model.guard_meta["sha256"]
     config = MaskTrainConfig(
         patch_size=args.patch,
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "sha256": digest,
         "architecture": architecture,
         "classes": names,
-        "start": "guard.demo_model('cifar10') (guard/_data/cifar10/resnet20.safetensors)",
+        "start": start,
         "start_sha256": start_sha,
         "method": "PatchCleanser-style mask training (Xiang et al. 2022): two random masks of the mask set per image",
         "mask_set": {
