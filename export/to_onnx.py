@@ -168,9 +168,41 @@ def to_onnx(
             opset is not the one asked for.
         ExportError: (a ValueError) the model cannot be exported; names the failing op.
     """
-    import onnx
+    import onnx  # noqa: F401  (first, so a missing onnx fails before any work)
 
     t0 = time.perf_counter()
+    out, secret, opset = _check_arguments(guarded_or_hardened, path, example_input, opset, parity_inputs, key, key_env)
+    example = example_input.detach().float().cpu()
+    if example.shape[0] < 2:  # a batch of 1 would let torch.export specialise the batch dimension to 1
+        example = example.expand(2, *example.shape[1:]).contiguous()
+
+    head, notes = build_export_head(
+        guarded_or_hardened, example, leave_out=leave_out, strict=strict, fp16_backbone=fp16_backbone
+    )
+    names = list(head.output_names)
+    prog = _export_program(guarded_or_hardened, head, example, names, opset)
+    external, data_files, proto, written = _write_checked(prog, head, out, opset, names)
+    report = _sealed_report(out, secret, proto, written, notes, fp16_backbone, external, data_files)
+    if parity_inputs is not None:
+        from guard.export.parity import check_parity
+        from guard.export.session import load_session
+
+        session = load_session(out, "cpu", key=secret, expected_sha256=report.sha256)
+        report.parity = check_parity(head, session, parity_inputs).to_dict()
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _check_arguments(
+    guarded_or_hardened: Any,
+    path: Any,
+    example_input: Any,
+    opset: int | None,
+    parity_inputs: torch.Tensor | None,
+    key: bytes | None,
+    key_env: str | None,
+) -> tuple[Path, bytes | None, int | None]:
+    """``to_onnx``'s arguments checked, in order: the target path, the secret and the checked opset."""
     if not isinstance(guarded_or_hardened, nn.Module):
         raise TypeError(
             f"guarded_or_hardened must be an nn.Module (a model or a GuardedModel); got {type(guarded_or_hardened).__name__}."
@@ -198,14 +230,13 @@ def to_onnx(
             )
     if opset is not None:
         opset = check_int(opset, "opset", "to_onnx", low=7)
-    example = example_input.detach().float().cpu()
-    if example.shape[0] < 2:  # a batch of 1 would let torch.export specialise the batch dimension to 1
-        example = example.expand(2, *example.shape[1:]).contiguous()
+    return out, secret, opset
 
-    head, notes = build_export_head(
-        guarded_or_hardened, example, leave_out=leave_out, strict=strict, fp16_backbone=fp16_backbone
-    )
-    names = list(head.output_names)
+
+def _export_program(
+    guarded_or_hardened: nn.Module, head: nn.Module, example: torch.Tensor, names: list[str], opset: int | None
+) -> Any:
+    """The head traced and exported by ``torch.onnx.export(dynamo=True)``; any failure is an ExportError."""
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink), warnings.catch_warnings():  # the exporter prints progress lines
@@ -227,6 +258,19 @@ def to_onnx(
             f"{type(guarded_or_hardened).__name__} cannot be exported to ONNX: {_failing_op(err)}."
         ) from err
     log.debug("exporter output: %s", sink.getvalue())
+    return prog
+
+
+def _write_checked(
+    prog: Any, head: nn.Module, out: Path, opset: int | None, names: list[str]
+) -> tuple[bool, list[str], Any, tuple[int, list[Any], list[str]]]:
+    """Save, check and commit the graph atomically.
+
+    Returns whether weights went to external data, the external data files, the loaded proto
+    (without its data) and :func:`_check_written`'s (opset, input dims, output names).
+    """
+    import onnx
+
     size = sum(int(t.numel()) * t.element_size() for t in {id(t): t for t in head.state_dict().values()}.values())
     external = size > _TWO_GB - 64 * 1024**2
     staged_dir = staging_dir(out)
@@ -236,14 +280,31 @@ def to_onnx(
         data_files = bind_external_data(staged)
         onnx.checker.check_model(str(staged), full_check=True)
         proto = onnx.load(str(staged), load_external_data=False)
-        got_opset, dims, got_names = _check_written(proto, out, opset, names)
+        written = _check_written(proto, out, opset, names)
         commit(staged, out, data_files)
     finally:
         shutil.rmtree(staged_dir, ignore_errors=True)
+    return external, data_files, proto, written
+
+
+def _sealed_report(
+    out: Path,
+    secret: bytes | None,
+    proto: Any,
+    written: tuple[int, list[Any], list[str]],
+    notes: dict[str, Any],
+    fp16_backbone: bool,
+    external: bool,
+    data_files: list[str],
+) -> ExportReport:
+    """Seal the committed graph (digest, optional signature) and describe it in an ExportReport."""
+    import onnx
+
+    got_opset, dims, got_names = written
     digest, digest_path, sig_path = seal_graph(out, secret)
     import onnxruntime
 
-    report = ExportReport(
+    return ExportReport(
         path=str(out),
         opset=int(got_opset),
         input_name=proto.graph.input[0].name,
@@ -261,11 +322,3 @@ def to_onnx(
         signature_path=None if sig_path is None else str(sig_path),
         external_files=data_files,
     )
-    if parity_inputs is not None:
-        from guard.export.parity import check_parity
-        from guard.export.session import load_session
-
-        session = load_session(out, "cpu", key=secret, expected_sha256=digest)
-        report.parity = check_parity(head, session, parity_inputs).to_dict()
-    report.seconds = round(time.perf_counter() - t0, 3)
-    return report
