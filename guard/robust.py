@@ -464,14 +464,7 @@ def evaluate_robust(
         ``checks`` and ``warnings`` (AutoAttack's flags), ``loss_curves`` (guard's APGD, a few
         images), ``budget``, ``unavailable`` (attacks skipped because torchattacks is missing).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    eps = check_float(eps, "eps", "evaluate_robust", low=0.0, high=1.0)
-    seed = check_int(seed, "seed", "evaluate_robust", low=0)
-    batch_size = check_int(batch_size, "batch_size", "evaluate_robust", low=1)
-    budget = RobustBudget.resolve(budget)
-    if restarts is not None:
-        budget = replace(budget, restarts=check_int(restarts, "restarts", "evaluate_robust", low=1))
+    eps, seed, batch_size, budget = _check_arguments(model, eps, seed, batch_size, budget, restarts)
     device = model_device(model)
     t0 = time.perf_counter()
     with eval_mode(model):
@@ -491,40 +484,18 @@ def evaluate_robust(
         curves = (
             _loss_curves(model, split, state.correct, eps, real, reject, budget, seed, device) if budget.curves else {}
         )
-    if unavailable:
-        warnings.warn(
-            f"torchattacks is not installed (pip install 'guard[bench]'): {unavailable} did not run, so the "
-            "evaluation is weaker than AutoAttack's.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    white = [a for a in per_attack if a in _WHITE_BOX]
-    checks["square_beat_white_box"] = (per_attack["square"]["broken"] > 0) if "square" in per_attack and white else None
-    flags = _flags(checks, per_attack)
-    for msg in flags:
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    flags = _warn(unavailable, checks, per_attack)
     count = len(split)
-    k_clean, k_rej = int(state.correct.sum()), int((pred >= real).sum())
-    k_rob, k_robr = int(state.robust.sum()), int(state.robust_with_rejection.sum())
+    rates, counts, intervals = _figures(state, pred, real, count)
     return {
         "eps": eps,
         "n": count,
-        "clean_accuracy": k_clean / count,
-        "clean_rejected": k_rej / count,
-        "robust_accuracy": k_rob / count,
-        "robust_accuracy_with_rejection": k_robr / count,
+        **rates,
         "attacks": list(per_attack),
         "reject_model": reject,
         "real_classes": real,
-        "counts": {"clean_correct": k_clean, "clean_rejected": k_rej, "robust": k_rob, "robust_with_rejection": k_robr},
-        "intervals": {
-            "level": 0.95,
-            "method": "clopper-pearson",
-            "clean_accuracy": clopper_pearson(k_clean, count),
-            "clean_rejected": clopper_pearson(k_rej, count),
-            "robust_accuracy": clopper_pearson(k_rob, count),
-            "robust_accuracy_with_rejection": clopper_pearson(k_robr, count),
-        },
+        "counts": counts,
+        "intervals": intervals,
         "per_attack": per_attack,
         "checks": checks,
         "warnings": flags,
@@ -533,11 +504,73 @@ def evaluate_robust(
         "seed": seed,
         "unavailable": unavailable,
         "seconds": round(time.perf_counter() - t0, 3),
-        "rule": (
-            "robust with rejection: clean prediction correct and no attack makes the model output a wrong real "
-            "class (a rejected attacked image is safe); robust: the same and no attacked image is rejected"
-        ),
+        "rule": _RULE,
     }
+
+
+_RULE = (
+    "robust with rejection: clean prediction correct and no attack makes the model output a wrong real "
+    "class (a rejected attacked image is safe); robust: the same and no attacked image is rejected"
+)
+
+
+def _check_arguments(
+    model: Any, eps: Any, seed: Any, batch_size: Any, budget: RobustBudget | str, restarts: int | None
+) -> tuple[float, int, int, RobustBudget]:
+    """``evaluate_robust``'s arguments checked, in order: (eps, seed, batch_size, the budget with its restarts)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    eps = check_float(eps, "eps", "evaluate_robust", low=0.0, high=1.0)
+    seed = check_int(seed, "seed", "evaluate_robust", low=0)
+    batch_size = check_int(batch_size, "batch_size", "evaluate_robust", low=1)
+    budget = RobustBudget.resolve(budget)
+    if restarts is not None:
+        budget = replace(budget, restarts=check_int(restarts, "restarts", "evaluate_robust", low=1))
+    return eps, seed, batch_size, budget
+
+
+def _warn(unavailable: list[str], checks: dict[str, Any], per_attack: dict[str, dict[str, Any]]) -> list[str]:
+    """Warn (RuntimeWarning, at ``evaluate_robust``'s caller) of missing attacks and of AutoAttack's flags; the flags.
+
+    Also sets ``checks["square_beat_white_box"]``.
+    """
+    if unavailable:
+        warnings.warn(
+            f"torchattacks is not installed (pip install 'guard[bench]'): {unavailable} did not run, so the "
+            "evaluation is weaker than AutoAttack's.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    white = [a for a in per_attack if a in _WHITE_BOX]
+    checks["square_beat_white_box"] = (per_attack["square"]["broken"] > 0) if "square" in per_attack and white else None
+    flags = _flags(checks, per_attack)
+    for msg in flags:
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return flags
+
+
+def _figures(
+    state: _State, pred: torch.Tensor, real: int, count: int
+) -> tuple[dict[str, float], dict[str, int], dict[str, Any]]:
+    """(the four rates, their counts, their 95% Clopper-Pearson intervals) over ``count`` images."""
+    k_clean, k_rej = int(state.correct.sum()), int((pred >= real).sum())
+    k_rob, k_robr = int(state.robust.sum()), int(state.robust_with_rejection.sum())
+    rates = {
+        "clean_accuracy": k_clean / count,
+        "clean_rejected": k_rej / count,
+        "robust_accuracy": k_rob / count,
+        "robust_accuracy_with_rejection": k_robr / count,
+    }
+    counts = {"clean_correct": k_clean, "clean_rejected": k_rej, "robust": k_rob, "robust_with_rejection": k_robr}
+    intervals = {
+        "level": 0.95,
+        "method": "clopper-pearson",
+        "clean_accuracy": clopper_pearson(k_clean, count),
+        "clean_rejected": clopper_pearson(k_rej, count),
+        "robust_accuracy": clopper_pearson(k_rob, count),
+        "robust_accuracy_with_rejection": clopper_pearson(k_robr, count),
+    }
+    return rates, counts, intervals
 
 
 def robust_sweep(model: nn.Module, data: Any, eps: Sequence[float], **kwargs: Any) -> dict[str, Any]:

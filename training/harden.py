@@ -335,6 +335,27 @@ def harden(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    config = _resolved_config(config, overrides)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoint).")
+    train, held = _split_data(data, test, config.batch_size)
+    check_shardable(train, "data", max(world()[1], int(os.environ.get("WORLD_SIZE", "1"))))
+    net, n, head_name = _network(model, num_classes, config)
+    if isinstance(train, HardenStream):  # its one pass, once the model is known to be usable
+        train.scan(with_digest=checkpoint_dir is not None)
+    _check_labels(train, held, n, head_name)
+    reject_images = _checked_reject_images(reject_images, train, config.method)
+    held = held if held is not None else train
+    run_kw = {"augment": augment, "checkpoint_dir": checkpoint_dir, "progress": progress, "on_epoch_end": on_epoch_end}
+    if config.method != "rounds":
+        return _harden_online(
+            net, n, head_name, train, held, config, checkpoint_every=checkpoint_every, resume=resume, **run_kw
+        )
+    return _harden_rounds(net, n, head_name, train, held, config, reject_images=reject_images, resume=resume, **run_kw)
+
+
+def _resolved_config(config: HardenConfig | None, overrides: dict[str, Any]) -> HardenConfig:
+    """``config`` (default ``HardenConfig()``) with ``overrides`` applied, validated; unknown fields raise."""
     config = config if config is not None else HardenConfig()
     if not isinstance(config, HardenConfig):
         raise TypeError(f"config must be a HardenConfig; got {type(config).__name__}.")
@@ -342,22 +363,22 @@ def harden(
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise TypeError(f"harden() got unknown keyword argument(s) {unknown}; HardenConfig fields are {sorted(known)}.")
-    config = dataclasses.replace(config, **overrides).validated()
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir (where the interrupted run wrote its checkpoint).")
-    train, held = _split_data(data, test, config.batch_size)
-    check_shardable(train, "data", max(world()[1], int(os.environ.get("WORLD_SIZE", "1"))))
+    return dataclasses.replace(config, **overrides).validated()
 
+
+def _network(model: nn.Module, num_classes: int | None, config: HardenConfig) -> tuple[nn.Module, int, str]:
+    """(network with an n+1-output head, n, the head's name): a copy of ``model``, never ``model`` itself."""
     if isinstance(model, RejectClassifier):
         n = model.num_classes
         if num_classes is not None and num_classes != n:
             raise ValueError(f"num_classes={num_classes} does not match the RejectClassifier's {n} classes.")
-        net, head_name = copy.deepcopy(model.model), model.head
-    else:
-        net, head_name = grow_head(model, num_classes=num_classes, head=config.head, seed=config.seed)
-        n = int(net.state_dict()[head_name + ".weight"].shape[0]) - 1
-    if isinstance(train, HardenStream):  # its one pass, once the model is known to be usable
-        train.scan(with_digest=checkpoint_dir is not None)
+        return copy.deepcopy(model.model), n, model.head
+    net, head_name = grow_head(model, num_classes=num_classes, head=config.head, seed=config.seed)
+    return net, int(net.state_dict()[head_name + ".weight"].shape[0]) - 1, head_name
+
+
+def _check_labels(train: _Data, held: _Data | None, n: int, head_name: str) -> None:
+    """The labels of the training data (and of held-out tensors) must fit the head's n classes."""
     ymax = train.ymax if isinstance(train, HardenStream) else int(train.y.max())
     if ymax >= n:
         raise ValueError(
@@ -367,6 +388,10 @@ def harden(
         raise ValueError(
             f"num_classes mismatch: the labels of test go up to {int(held.y.max())} but the head {head_name!r} has {n} outputs."
         )
+
+
+def _checked_reject_images(reject_images: torch.Tensor | None, train: _Data, method: str) -> torch.Tensor | None:
+    """``reject_images`` checked against the data's image shape, as float32 on the CPU; offline rounds only."""
     if reject_images is not None:
         check_images(reject_images, "reject_images")
         shape = train.image_shape if isinstance(train, HardenStream) else tuple(train.x.shape[1:])
@@ -376,39 +401,28 @@ def harden(
                 f"{tuple(reject_images.shape[1:])}."
             )
         reject_images = reject_images.detach().to("cpu", torch.float32).contiguous()
-    if config.method != "rounds":
-        if reject_images is not None:
-            raise ValueError(
-                f"reject_images apply to the offline rounds (method='rounds'); method={config.method!r} "
-                "attacks every batch itself. Got reject_images with the online method."
-            )
-        return _harden_online(
-            net,
-            n,
-            head_name,
-            train,
-            held if held is not None else train,
-            config,
-            augment=augment,
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            progress=progress,
-            on_epoch_end=on_epoch_end,
-            checkpoint_every=checkpoint_every,
+    if method != "rounds" and reject_images is not None:
+        raise ValueError(
+            f"reject_images apply to the offline rounds (method='rounds'); method={method!r} "
+            "attacks every batch itself. Got reject_images with the online method."
         )
-    hardener = _Hardener(
-        net,
-        n,
-        head_name,
-        train,
-        held if held is not None else train,
-        config,
-        augment=augment,
-        checkpoint_dir=checkpoint_dir,
-        progress=progress,
-        on_epoch_end=on_epoch_end,
-        reject_images=reject_images,
-    )
+    return reject_images
+
+
+def _harden_rounds(
+    net: nn.Module,
+    n: int,
+    head: str,
+    train: _Data,
+    held: _Data,
+    config: HardenConfig,
+    *,
+    reject_images: torch.Tensor | None,
+    resume: bool,
+    **kw: Any,
+) -> HardenResult:
+    """The offline rounds (:class:`_Hardener`), in a process group when torchrun started this process."""
+    hardener = _Hardener(net, n, head, train, held, config, reject_images=reject_images, **kw)
     created = init_from_env(hardener.device)
     try:
         return hardener.run(resume=resume)
