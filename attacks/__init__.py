@@ -22,6 +22,7 @@ from guard.attacks.gradient import FGSM, L2PGD, PGD, LinfPGD
 from guard.attacks.logit_matching import LogitMatching
 from guard.attacks.masking_patch import MaskingPatch
 from guard.attacks.orthogonal_pgd import OrthogonalPGD
+from guard.attacks.patch_fit import PatchTraining
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
@@ -56,6 +57,7 @@ __all__ = [
     "LinfPGD",
     "L2PGD",
     "PatchGAN",
+    "PatchTraining",
     "UniversalPatch",
     "RandomPatch",
     "FeatureAdversary",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import nn
 from guard.attacks.cppn import Genome, _render_one, complete_connections, coordinate_grid
 from guard.core.validation import check_float, check_int
 
-__all__ = ["render_with_weights", "refine_weights", "polish_genomes"]
+__all__ = ["render_with_weights", "refine_weights", "PolishOptions", "polish_genomes"]
 
 
 def render_with_weights(g: Genome, grid: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -128,6 +129,38 @@ def refine_weights(
     return out, best_lp
 
 
+@dataclass(frozen=True)
+class PolishOptions:
+    """How :func:`polish_genomes` refines (checked when built: a wrong value raises with its name).
+
+    Args:
+        starts: elites refined per cell (>= 1): the ones giving the cell's class the highest
+            probability.
+        steps: Adam steps on the log-odds (>= 1).
+        lr: Adam learning rate (> 0).
+        max_weight: connection weights stay within ``[-max_weight, max_weight]`` (> 0).
+        chunk: genomes refined per batch (>= 1; bounds memory at 224 px).
+        grow: complete each genome's connections first (zero weights, the same image); False
+            only to measure what completion adds.
+    """
+
+    starts: int = 4
+    steps: int = 300
+    lr: float = 0.05
+    max_weight: float = 8.0
+    chunk: int = 32
+    grow: bool = True
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for name in ("starts", "steps", "chunk"):
+            object.__setattr__(self, name, check_int(getattr(self, name), name, owner, low=1))
+        for name in ("lr", "max_weight"):
+            object.__setattr__(self, name, check_float(getattr(self, name), name, owner, low=0.0, low_open=True))
+        if not isinstance(self.grow, bool):
+            raise TypeError(f"The 'grow' parameter of {owner} must be a bool. Got {type(self.grow).__name__}.")
+
+
 def polish_genomes(
     genomes: Sequence[Genome],
     probs: torch.Tensor,
@@ -137,20 +170,16 @@ def polish_genomes(
     height: int,
     width: int,
     *,
-    starts: int = 4,
-    steps: int = 300,
-    lr: float = 0.05,
-    max_weight: float = 8.0,
-    chunk: int = 32,
-    grow: bool = True,
+    options: PolishOptions | None = None,
 ) -> tuple[list[Genome], list[int]]:
     """A last, longer refinement of a finished MAP-Elites archive toward the cells still short.
 
-    For each cell in ``cells`` the ``starts`` genomes of ``genomes`` (the archive's elites, one
-    per cell, ``probs`` their (E, cells) softmax for every cell's class ``classes[cell]``) that
-    give that class the highest probability are refined toward it, their connections completed
-    first (``grow=True``, the default; False only to measure what completion adds), ``steps`` Adam steps at ``lr`` on the log-odds objective, ``chunk``
-    genomes per batch (bounded memory at 224 px). Starting from other cells' elites as well as
+    For each cell in ``cells`` the ``options.starts`` genomes of ``genomes`` (the archive's
+    elites, one per cell, ``probs`` their (E, cells) softmax for every cell's class
+    ``classes[cell]``) that give that class the highest probability are refined toward it, their
+    connections completed first (``options.grow``), ``options.steps`` Adam steps at ``options.lr``
+    on the log-odds objective, ``options.chunk`` genomes per batch (:class:`PolishOptions`; None:
+    its defaults). Starting from other cells' elites as well as
     the cell's own is MAP-Elites' goal switching (one class's elite as another's stepping stone) applied to the
     gradient: a cell's own elite, refined again, is deterministic and gives the same answer.
 
@@ -163,8 +192,13 @@ def polish_genomes(
     """
     genomes = list(genomes)
     cells = [int(c) for c in cells]
-    starts = check_int(starts, "starts", "polish_genomes", low=1)
-    chunk = check_int(chunk, "chunk", "polish_genomes", low=1)
+    if options is None:
+        options = PolishOptions()
+    if not isinstance(options, PolishOptions):
+        raise TypeError(
+            f"The 'options' parameter of polish_genomes must be a PolishOptions or None. Got {type(options).__name__}."
+        )
+    starts, chunk = options.starts, options.chunk
     if probs.shape != (len(genomes), classes.numel()):
         raise ValueError(
             f"probs must have shape ({len(genomes)}, {classes.numel()}), one row per genome and one column per cell; "
@@ -180,11 +214,11 @@ def polish_genomes(
             classes[[c for _, c in part]],
             height,
             width,
-            steps=steps,
-            lr=lr,
-            max_weight=max_weight,
+            steps=options.steps,
+            lr=options.lr,
+            max_weight=options.max_weight,
             objective="log_odds",
-            grow=grow,
+            grow=options.grow,
         )
         out.extend(new)
     return out, [c for _, c in picks]

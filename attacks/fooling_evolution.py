@@ -42,7 +42,7 @@ from torch import nn
 
 from guard.attacks.base import AttackResult, Fooler, model_device
 from guard.attacks.cppn import Genome, MutationRates, mutate, random_genome, render
-from guard.attacks.cppn_refine import polish_genomes, refine_weights
+from guard.attacks.cppn_refine import PolishOptions, polish_genomes, refine_weights
 from guard.attacks.evolution_checkpoint import load_evolution_state, save_evolution_state
 from guard.core.integrity import tensors_digest
 from guard.core.models import eval_mode
@@ -715,11 +715,13 @@ class FoolingEvolution(Fooler):
             run.cls_dev,
             run.shape[1],
             run.shape[2],
-            starts=self.cppn.polish_starts,
-            steps=self.cppn.polish_steps,
-            lr=self.cppn.polish_lr,
-            max_weight=self.cppn.rates.max_weight,
-            chunk=self.population,
+            options=PolishOptions(
+                starts=self.cppn.polish_starts,
+                steps=self.cppn.polish_steps,
+                lr=self.cppn.polish_lr,
+                max_weight=self.cppn.rates.max_weight,
+                chunk=self.population,
+            ),
         )
         rids = run.adopt(kids)
         for i in range(0, len(kids), self.population):

@@ -5,13 +5,16 @@ against a frozen classifier, with a random position per image per step, and stop
 fooling rate of a held-out slice of the *fit* data. What differs is only how a batch's loss is
 computed and what gets optimised, so each attack hands this loop a :class:`PatchSource`; the
 split, the optimiser steps, the validation checks, early stopping, the wall-clock budget, the
-best-so-far snapshot and the progress bar live here once.
+best-so-far snapshot and the progress bar live here once. How long and how a source trains (the
+Adam rate, steps, batches, early stopping, time budget, seed, progress bar) is one
+:class:`PatchTraining`, the same type for both attacks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,8 +24,88 @@ from tqdm.auto import tqdm
 
 from guard.attacks.patching import apply_patches
 from guard.core.models import eval_mode, predict_labels
+from guard.core.validation import check_float, check_int
 
-__all__ = ["PatchSource", "PatchFit", "fit_patch_source"]
+__all__ = ["PatchTraining", "PatchSource", "PatchFit", "fit_patch_source", "split_training"]
+
+
+@dataclass(frozen=True)
+class PatchTraining:
+    """How a learned patch attack trains (``PatchGAN(training=...)``, ``UniversalPatch(training=...)``).
+
+    Checked when built: a wrong type or a value out of range raises with the field's name.
+
+    Args:
+        lr: Adam learning rate, > 0; None (the default) takes the attack's own default
+            (:class:`guard.attacks.patch_gan.PatchGAN`: 1e-3, the paper's;
+            :class:`guard.attacks.universal_patch.UniversalPatch`: 0.05).
+        steps: maximum training steps (>= 1).
+        batch_size: images per step (>= 1; PatchGAN needs >= 2 for its BatchNorm).
+        val_fraction: share of the fit data held out for the validation fooling rate, in [0, 1).
+        eval_every: steps between validation checks (>= 1).
+        patience: stop after this many checks without improvement (>= 1; the best state is kept).
+        max_seconds: optional wall-clock budget of ``fit`` (> 0), None for none.
+        seed: seeds the initial state, batches, latents and positions (>= 0).
+        progress: show a tqdm bar during ``fit``.
+    """
+
+    lr: float | None = None
+    steps: int = 1000
+    batch_size: int = 64
+    val_fraction: float = 0.2
+    eval_every: int = 50
+    patience: int = 4
+    max_seconds: float | None = None
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        if self.lr is not None:
+            _settle(self, "lr", check_float(self.lr, "lr", owner, low=0.0, low_open=True))
+        for name, low in (("steps", 1), ("batch_size", 1), ("eval_every", 1), ("patience", 1), ("seed", 0)):
+            _settle(self, name, check_int(getattr(self, name), name, owner, low=low))
+        _settle(
+            self,
+            "val_fraction",
+            check_float(self.val_fraction, "val_fraction", owner, low=0.0, high=1.0, high_open=True),
+        )
+        if self.max_seconds is not None:
+            _settle(self, "max_seconds", check_float(self.max_seconds, "max_seconds", owner, low=0.0, low_open=True))
+        if not isinstance(self.progress, bool):
+            raise TypeError(f"The 'progress' parameter of {owner} must be a bool. Got {type(self.progress).__name__}.")
+
+    def with_lr(self, lr: float) -> PatchTraining:
+        """These settings with ``lr`` filled in where it is None (the attack's default rate)."""
+        return self if self.lr is not None else dataclasses.replace(self, lr=lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields, flat and JSON-friendly (they go into the attacks' ``params()``)."""
+        return dataclasses.asdict(self)
+
+
+def _settle(options: Any, name: str, value: Any) -> None:
+    """Store a checked (normalised: a NumPy int becomes an int) value on a frozen options object."""
+    object.__setattr__(options, name, value)
+
+
+def check_training(training: Any, owner: str, lr: float) -> PatchTraining:
+    """``training`` (None: the defaults) checked to be a :class:`PatchTraining`, its lr defaulted to ``lr``."""
+    if training is None:
+        training = PatchTraining()
+    if not isinstance(training, PatchTraining):
+        raise TypeError(
+            f"The 'training' parameter of {owner} must be a PatchTraining or None. Got {type(training).__name__}."
+        )
+    return training.with_lr(lr)
+
+
+def split_training(params: Mapping[str, Any]) -> tuple[dict[str, Any], PatchTraining]:
+    """Flat settings (an attack's ``params()``, a saved file's) split into the attack's own keyword
+    arguments and the :class:`PatchTraining` built from the training keys among them."""
+    names = {f.name for f in dataclasses.fields(PatchTraining)}
+    own = {k: v for k, v in params.items() if k not in names}
+    return own, PatchTraining(**{k: v for k, v in params.items() if k in names})
 
 
 class PatchSource(Protocol):
@@ -73,14 +156,7 @@ def fit_patch_source(
     make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
     *,
     goal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    steps: int,
-    batch_size: int,
-    val_fraction: float,
-    eval_every: int,
-    patience: int,
-    max_seconds: float | None,
-    seed: int,
-    progress: bool,
+    training: PatchTraining,
     desc: str,
     val_batch: int = 500,
 ) -> PatchFit:
@@ -90,19 +166,23 @@ def fit_patch_source(
         make_optimizer: builds the optimiser over ``source.parameters()`` (after ``source.init``).
         goal: ``goal(pred, y) -> bool[N]``: the attack's success (untargeted: a label other
             than the clean one; targeted: the target).
-        val_fraction: share of ``x`` held out for the validation checks (at least one image
-            stays for training).
-        eval_every / patience: a check every ``eval_every`` steps; stop after ``patience``
-            checks without improvement, or at a validation rate of 1. The best state is kept.
-        max_seconds: optional wall-clock budget.
+        training: steps, batch size, seed, progress bar and early stopping. ``val_fraction`` of
+            ``x`` is held out for the validation checks (at least one image stays for
+            training); a check every ``eval_every`` steps; stop after ``patience`` checks
+            without improvement, at a validation rate of 1 or past ``max_seconds``. The best
+            state is kept. ``training.lr`` is ``make_optimizer``'s to use.
+        desc: the progress bar's label.
+        val_batch: validation images per forward pass.
 
     Returns:
         :class:`PatchFit`; ``source`` is left in its best state.
     """
+    t = training
+    steps, batch_size, eval_every, max_seconds, seed = t.steps, t.batch_size, t.eval_every, t.max_seconds, t.seed
     gen = torch.Generator().manual_seed(seed)
     n_all = int(x.shape[0])
     perm = torch.randperm(n_all, generator=gen)
-    n_val = min(int(round(val_fraction * n_all)), n_all - 1) if n_all > 1 else 0
+    n_val = min(int(round(t.val_fraction * n_all)), n_all - 1) if n_all > 1 else 0
     x_val, x_tr = x[perm[:n_val]], x[perm[n_val:]]
     source.init(gen)
     params = source.parameters()
@@ -114,7 +194,7 @@ def fit_patch_source(
         y_val = predict_labels(model, x_val) if n_val else None
         draw, positions = source.validation_draw(max(n_val, 1), torch.Generator().manual_seed(seed + 1))
         best, bad, step = source.snapshot(), 0, 0
-        bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+        bar = tqdm(total=steps, desc=desc, disable=not t.progress, leave=False)
         for step in range(1, steps + 1):
             b = min(batch_size, int(x_tr.shape[0]))
             idx = torch.randint(0, x_tr.shape[0], (b,), generator=gen).to(x.device)
@@ -147,7 +227,7 @@ def fit_patch_source(
                     fit.best_rate, best, bad = rate, source.snapshot(), 0
                 else:
                     bad += 1
-                if bad >= patience or rate >= 1.0:
+                if bad >= t.patience or rate >= 1.0:
                     break
             if out_of_time:
                 break

@@ -46,7 +46,7 @@ from torch import nn
 
 from guard.attacks.base import Attack, AttackResult, model_device
 from guard.attacks.patch_analysis import ssim
-from guard.attacks.patch_fit import fit_patch_source
+from guard.attacks.patch_fit import PatchTraining, check_training, fit_patch_source, split_training
 from guard.attacks.patching import apply_patches, check_patch_size, patch_side, random_positions
 from guard.core.cache import load_tensors, save_tensors
 from guard.core.data import Split
@@ -179,26 +179,24 @@ class PatchGAN(Attack):
         size: patch side in pixels (int) or fraction of the image area (float in (0, 1)).
         alpha: weight of the feature-diversity loss L_d (paper: 20).
         beta: weight of the patch-distance loss L_p (paper: 0.1).
-        lr: Adam learning rate (paper: 1e-3).
         loss: ``"paper"`` (-log(1 - p_y)) or ``"margin"`` (CW margin, see module docstring).
         kappa: margin of the margin loss.
-        steps: maximum training steps.
-        batch_size: images per step (each carries two patches: z and z').
         latent_dim: size of z (paper: 100).
         width: generator width (channels of the last transposed convolution times 2).
         feature_layer: layer for L_d; default the model's last ``nn.Conv2d``.
-        val_fraction: fraction of the fit data held out to measure the validation fooling rate.
-        eval_every: steps between validation checks.
-        patience: stop after this many checks without improvement (the best generator is kept).
-        max_seconds: optional wall-clock budget for ``fit``.
         cap_d: optional cap on each image's feature distance in L_d (None: the paper's
             uncapped form). Capped, the diversity terms stop pulling once two patches differ
             enough, so they no longer trade fooling for ever more diversity.
         cap_p: optional cap on each pair's patch distance in L_p (None: uncapped).
         patch_distance: L_p's distance: ``"l2"`` (the paper's 2-norm, divided by sqrt(d)) or
             ``"ssim"`` (1 - SSIM, structural, the measure the diversity figure reports).
-        seed: seeds the generator's initialisation, batches, latents and positions.
-        progress: show a tqdm bar during fit.
+        training: Adam rate (default the paper's 1e-3), steps, batch size (each image carries
+            two patches: z and z'; >= 2), early stopping on the validation fooling rate, time
+            budget, seed (the generator's initialisation, batches, latents and positions) and
+            progress bar: :class:`guard.attacks.patch_fit.PatchTraining`, None for its defaults.
+
+    :meth:`params` reports every setting flat, ``training``'s fields included, and
+    :meth:`from_params` builds the attack back from them.
 
     Fitted attributes: ``generator_`` (eval mode), ``side_``, ``history_`` (validation fooling
     rate per check), ``val_fooling_rate_``, ``steps_``, ``fit_seconds_``.
@@ -212,44 +210,27 @@ class PatchGAN(Attack):
         size: int | float = 0.05,
         alpha: float = 20.0,
         beta: float = 0.1,
-        lr: float = 1e-3,
         loss: str = "paper",
         kappa: float = 5.0,
-        steps: int = 1000,
-        batch_size: int = 64,
         latent_dim: int = 100,
         width: int = 32,
         feature_layer: str | None = None,
-        val_fraction: float = 0.2,
-        eval_every: int = 50,
-        patience: int = 4,
-        max_seconds: float | None = None,
         cap_d: float | None = None,
         cap_p: float | None = None,
         patch_distance: str = "l2",
-        seed: int = 0,
-        progress: bool = False,
+        training: PatchTraining | None = None,
     ) -> None:
         owner = "PatchGAN"
         self.size = check_patch_size(size, owner)
         self.alpha = check_float(alpha, "alpha", owner, low=0.0)
         self.beta = check_float(beta, "beta", owner, low=0.0)
-        self.lr = check_float(lr, "lr", owner, low=0.0, low_open=True)
         if loss not in LOSSES:
             raise ValueError(f"The 'loss' parameter of {owner} must be one of {LOSSES}. Got {loss!r}.")
         self.loss = loss
         self.kappa = check_float(kappa, "kappa", owner, low=0.0)
-        self.steps = check_int(steps, "steps", owner, low=1)
-        self.batch_size = check_int(batch_size, "batch_size", owner, low=2)
         self.latent_dim = check_int(latent_dim, "latent_dim", owner, low=1)
         self.width = check_int(width, "width", owner, low=8)
         self.feature_layer = feature_layer
-        self.val_fraction = check_float(val_fraction, "val_fraction", owner, low=0.0, high=1.0, high_open=True)
-        self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
-        self.patience = check_int(patience, "patience", owner, low=1)
-        self.max_seconds = (
-            None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
-        )
         self.cap_d = None if cap_d is None else check_float(cap_d, "cap_d", owner, low=0.0, low_open=True)
         self.cap_p = None if cap_p is None else check_float(cap_p, "cap_p", owner, low=0.0, low_open=True)
         if patch_distance not in ("l2", "ssim"):
@@ -257,8 +238,15 @@ class PatchGAN(Attack):
                 f"The 'patch_distance' parameter of {owner} must be 'l2' or 'ssim'. Got {patch_distance!r}."
             )
         self.patch_distance = patch_distance
-        self.seed = check_int(seed, "seed", owner, low=0)
-        self.progress = bool(progress)
+        self.training = check_training(training, owner, lr=1e-3)
+        check_int(self.training.batch_size, "batch_size", owner, low=2)  # BatchNorm needs two samples
+
+    @classmethod
+    def from_params(cls, **params: Any) -> PatchGAN:
+        """A PatchGAN from the flat settings :meth:`params` reports (report.json's, a saved file's):
+        the :class:`guard.attacks.patch_fit.PatchTraining` keys build ``training``; an unknown key raises TypeError."""
+        own, training = split_training(params)
+        return cls(**own, training=training)
 
     # ------------------------------------------------------------------ fit
     def fit(self, model: nn.Module, data: Any) -> PatchGAN:
@@ -268,12 +256,13 @@ class PatchGAN(Attack):
             model: the classifier (takes [0, 1] NCHW images); not modified.
             data: training images (a Split, an (x, y) pair or a tensor); labels are ignored
                 (the model's own predictions are used). A ``val_fraction`` slice of it is held
-                out for early stopping; never pass the evaluation images here.
+                out for early stopping (``training.val_fraction``); never pass the evaluation images here.
         """
         x, side, device = patch_fit_inputs(model, data, self.size)
         _, c, h, w = x.shape
         torch_state = torch.random.get_rng_state()
-        torch.manual_seed(self.seed)  # generator initialisation
+        t = self.training
+        torch.manual_seed(t.seed)  # generator initialisation
         G = PatchGenerator(side, c, self.latent_dim, self.width).to(device)
         torch.random.set_rng_state(torch_state)
         layer = (
@@ -286,16 +275,9 @@ class PatchGAN(Attack):
             model,
             x.to(device),
             source,
-            lambda ps: torch.optim.Adam(ps, lr=self.lr, betas=(0.5, 0.999)),
+            lambda ps: torch.optim.Adam(ps, lr=t.lr, betas=(0.5, 0.999)),
             goal=lambda pred, y: pred != y,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            val_fraction=self.val_fraction,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            max_seconds=self.max_seconds,
-            seed=self.seed,
-            progress=self.progress,
+            training=t,
             desc=f"PatchGAN {side}x{side}",
         )
         G.eval()
@@ -348,7 +330,7 @@ class PatchGAN(Attack):
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
         self._check_fitted()
-        gen = torch.Generator().manual_seed(self.seed + 2)
+        gen = torch.Generator().manual_seed(self.training.seed + 2)
         patches = self.sample(int(x.shape[0]), generator=gen).to(x.device)
         positions = random_positions(int(x.shape[0]), self.side_, x.shape[-2:], generator=gen, device=x.device)
         x_adv = apply_patches(x, patches, positions)
@@ -357,7 +339,10 @@ class PatchGAN(Attack):
         return AttackResult(x_adv, success, extras={"patches": patches, "positions": positions, "side": self.side_})
 
     def params(self) -> dict[str, Any]:
-        p = {k: v for k, v in super().params().items() if not k.endswith("_")}
+        """Every setting, flat (``training``'s fields among them, in the order of the keyword
+        arguments before they were grouped), and ``side`` once fitted."""
+        flat = {**super().params(), **self.training.to_dict()}
+        p = {k: flat[k] for k in _INIT_KEYS}
         if hasattr(self, "side_"):
             p["side"] = self.side_
         return p
@@ -384,8 +369,7 @@ class PatchGAN(Attack):
         if meta.get("format") != "guard.PatchGAN":
             raise ValueError(f"{str(path)!r} is not a saved PatchGAN (format {meta.get('format')!r}).")
         cfg = meta["generator"]
-        kwargs = {k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS}
-        self = cls(**kwargs)
+        self = cls.from_params(**{k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS})
         G = PatchGenerator(int(cfg["side"]), int(cfg["channels"]), int(cfg["latent_dim"]), int(cfg["width"]))
         G.load_state_dict(tensors)
         self.generator_ = G.to(device).eval()
@@ -396,7 +380,8 @@ class PatchGAN(Attack):
         return self
 
 
-_INIT_KEYS = {
+#: The flat settings :meth:`PatchGAN.params` reports, in its order (a saved file's ``params``).
+_INIT_KEYS = (
     "size",
     "alpha",
     "beta",
@@ -417,7 +402,7 @@ _INIT_KEYS = {
     "patch_distance",
     "seed",
     "progress",
-}
+)
 
 
 class _GeneratorSource:

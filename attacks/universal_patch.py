@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from guard.attacks.base import Attack, AttackResult
-from guard.attacks.patch_fit import fit_patch_source
+from guard.attacks.patch_fit import PatchTraining, check_training, fit_patch_source, split_training
 from guard.attacks.patch_gan import LOSSES, fooling_loss, patch_fit_inputs
 from guard.attacks.patching import apply_patches, check_patch_size, random_positions
 from guard.core.cache import load_tensors, save_tensors
@@ -35,15 +35,16 @@ class UniversalPatch(Attack):
         target: None for untargeted, or a class index for a targeted patch.
         loss: ``"paper"`` (-log(1 - p_y); targeted: cross-entropy to the target) or ``"margin"``.
         kappa: margin of the margin loss.
-        lr: Adam learning rate on the patch pixels.
-        steps: maximum steps.
-        batch_size: images per step.
-        val_fraction, eval_every, patience, max_seconds: early stopping as in PatchGAN.
         real_classes: for a model with extra outputs after its real classes (the reject class of
             a hardened model): success means another *real* class, and the loss counts the
             extra outputs as not fooled.
-        seed: seeds the initial patch, batches and positions.
-        progress: show a tqdm bar.
+        training: Adam rate on the patch pixels (default 0.05), steps, batch size, early
+            stopping as in PatchGAN, time budget, seed (the initial patch, batches and
+            positions) and progress bar: :class:`guard.attacks.patch_fit.PatchTraining`, None
+            for its defaults.
+
+    :meth:`params` reports every setting flat, ``training``'s fields included, and
+    :meth:`from_params` builds the attack back from them.
 
     Fitted attributes: ``patch_`` (1, C, s, s), ``side_``, ``history_``, ``val_fooling_rate_``.
     """
@@ -57,16 +58,8 @@ class UniversalPatch(Attack):
         target: int | None = None,
         loss: str = "paper",
         kappa: float = 5.0,
-        lr: float = 0.05,
-        steps: int = 1000,
-        batch_size: int = 64,
-        val_fraction: float = 0.2,
-        eval_every: int = 50,
-        patience: int = 4,
-        max_seconds: float | None = None,
         real_classes: int | None = None,
-        seed: int = 0,
-        progress: bool = False,
+        training: PatchTraining | None = None,
     ) -> None:
         owner = "UniversalPatch"
         self.size = check_patch_size(size, owner)
@@ -75,18 +68,15 @@ class UniversalPatch(Attack):
             raise ValueError(f"The 'loss' parameter of {owner} must be one of {LOSSES}. Got {loss!r}.")
         self.loss = loss
         self.kappa = check_float(kappa, "kappa", owner, low=0.0)
-        self.lr = check_float(lr, "lr", owner, low=0.0, low_open=True)
-        self.steps = check_int(steps, "steps", owner, low=1)
-        self.batch_size = check_int(batch_size, "batch_size", owner, low=1)
-        self.val_fraction = check_float(val_fraction, "val_fraction", owner, low=0.0, high=1.0, high_open=True)
-        self.eval_every = check_int(eval_every, "eval_every", owner, low=1)
-        self.patience = check_int(patience, "patience", owner, low=1)
-        self.max_seconds = (
-            None if max_seconds is None else check_float(max_seconds, "max_seconds", owner, low=0.0, low_open=True)
-        )
         self.real_classes = None if real_classes is None else check_int(real_classes, "real_classes", owner, low=2)
-        self.seed = check_int(seed, "seed", owner, low=0)
-        self.progress = bool(progress)
+        self.training = check_training(training, owner, lr=0.05)
+
+    @classmethod
+    def from_params(cls, **params: Any) -> UniversalPatch:
+        """A UniversalPatch from the flat settings :meth:`params` reports (report.json's, a saved file's):
+        the :class:`guard.attacks.patch_fit.PatchTraining` keys build ``training``; an unknown key raises TypeError."""
+        own, training = split_training(params)
+        return cls(**own, training=training)
 
     def _goal(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.target is not None:
@@ -107,16 +97,9 @@ class UniversalPatch(Attack):
             model,
             x.to(device),
             source,
-            lambda ps: torch.optim.Adam(ps, lr=self.lr),
+            lambda ps: torch.optim.Adam(ps, lr=self.training.lr),
             goal=self._goal,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            val_fraction=self.val_fraction,
-            eval_every=self.eval_every,
-            patience=self.patience,
-            max_seconds=self.max_seconds,
-            seed=self.seed,
-            progress=self.progress,
+            training=self.training,
             desc=f"UniversalPatch {side}x{side}",
         )
         self.patch_ = source.patch.detach().clone()
@@ -137,7 +120,7 @@ class UniversalPatch(Attack):
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> AttackResult:
         if not hasattr(self, "patch_"):
             raise NotFittedError("This UniversalPatch is not fitted yet; call fit(model, data) first.")
-        gen = torch.Generator().manual_seed(self.seed + 2)
+        gen = torch.Generator().manual_seed(self.training.seed + 2)
         positions = random_positions(int(x.shape[0]), self.side_, x.shape[-2:], generator=gen, device=x.device)
         x_adv = apply_patches(x, self.patch_.to(x.device), positions)
         with torch.no_grad():
@@ -147,7 +130,10 @@ class UniversalPatch(Attack):
         )
 
     def params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().params().items() if not k.endswith("_")}
+        """Every setting, flat (``training``'s fields among them, in the order of the keyword
+        arguments before they were grouped)."""
+        flat = {**super().params(), **self.training.to_dict()}
+        return {k: flat[k] for k in _INIT_KEYS}
 
     def save(self, path: str | Path) -> Path:
         """Save the patch (safetensors) with the parameters and fit figures as JSON metadata (no pickle)."""
@@ -171,7 +157,7 @@ class UniversalPatch(Attack):
         tensors, meta = load_tensors(path)
         if meta.get("format") != "guard.UniversalPatch" or "patch" not in tensors:
             raise ValueError(f"{str(path)!r} is not a saved UniversalPatch (format {meta.get('format')!r}).")
-        self = cls(**{k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS})
+        self = cls.from_params(**{k: v for k, v in meta.get("params", {}).items() if k in _INIT_KEYS})
         patch = tensors["patch"]
         if (
             patch.dim() != 4
@@ -191,7 +177,8 @@ class UniversalPatch(Attack):
         return self
 
 
-_INIT_KEYS = {
+#: The flat settings :meth:`UniversalPatch.params` reports, in its order (a saved file's ``params``).
+_INIT_KEYS = (
     "size",
     "target",
     "loss",
@@ -206,7 +193,7 @@ _INIT_KEYS = {
     "real_classes",
     "seed",
     "progress",
-}
+)
 
 
 class _PixelSource:

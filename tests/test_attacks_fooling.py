@@ -531,7 +531,7 @@ def test_the_last_polish_lifts_the_short_classes_and_keeps_what_evolution_reache
 
 
 def test_polish_genomes_starts_from_the_elites_best_for_each_class_in_any_chunking():
-    from guard.attacks.cppn_refine import polish_genomes
+    from guard.attacks.cppn_refine import PolishOptions, polish_genomes
 
     model = Brightness(w=9.5)
     rng = np.random.default_rng(1)
@@ -539,8 +539,12 @@ def test_polish_genomes_starts_from_the_elites_best_for_each_class_in_any_chunki
     with torch.no_grad():
         probs = F.softmax(model(render(genomes, 6)), 1)
     classes = torch.tensor([0, 1])
-    a, cells_a = polish_genomes(genomes, probs, [1, 0], model, classes, 6, 6, starts=2, steps=5, lr=0.3, chunk=1)
-    b, cells_b = polish_genomes(genomes, probs, [1, 0], model, classes, 6, 6, starts=2, steps=5, lr=0.3, chunk=16)
+    a, cells_a = polish_genomes(
+        genomes, probs, [1, 0], model, classes, 6, 6, options=PolishOptions(starts=2, steps=5, lr=0.3, chunk=1)
+    )
+    b, cells_b = polish_genomes(
+        genomes, probs, [1, 0], model, classes, 6, 6, options=PolishOptions(starts=2, steps=5, lr=0.3, chunk=16)
+    )
     assert cells_a == cells_b == [1, 1, 0, 0]
     assert [g.to_dict() for g in a] == [g.to_dict() for g in b]  # chunks bound memory only
     # the starts for class 1 are the two brightest genomes; their topologies come back, completed
@@ -552,3 +556,31 @@ def test_polish_genomes_starts_from_the_elites_best_for_each_class_in_any_chunki
     assert bool((after[[0, 1], 1] >= probs[brightest, 1]).all()) and bool((after[[2, 3], 0] > 0.5).all())
     with pytest.raises(ValueError, match="probs must have shape"):
         polish_genomes(genomes, probs[:, :1], [0], model, classes, 6, 6)
+    with pytest.raises(
+        TypeError, match=r"The 'options' parameter of polish_genomes must be a PolishOptions or None\. Got dict\."
+    ):
+        polish_genomes(genomes, probs, [0], model, classes, 6, 6, options={"starts": 2})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"starts": 0}, ValueError, "The 'starts' parameter of PolishOptions must be an int >= 1. Got 0."),
+        ({"steps": 1.5}, ValueError, "The 'steps' parameter of PolishOptions must be an int >= 1. Got 1.5."),
+        ({"chunk": 0}, ValueError, "The 'chunk' parameter of PolishOptions must be an int >= 1. Got 0."),
+        ({"lr": 0.0}, ValueError, "The 'lr' parameter of PolishOptions must be a finite float in (0.0, inf]. Got 0.0."),
+        (
+            {"max_weight": float("inf")},
+            ValueError,
+            "The 'max_weight' parameter of PolishOptions must be a finite float in (0.0, inf]. Got inf.",
+        ),
+        ({"grow": 1}, TypeError, "The 'grow' parameter of PolishOptions must be a bool. Got int."),
+    ],
+)
+def test_polish_options_refuse_a_wrong_value(kwargs, error, message):
+    from guard.attacks.cppn_refine import PolishOptions
+
+    with pytest.raises(error) as err:
+        PolishOptions(**kwargs)
+    assert str(err.value) == message
+    assert type(PolishOptions(starts=np.int64(3)).starts) is int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from guard.attacks.patch_analysis import (
     psnr,
     ssim,
 )
+from guard.attacks.patch_fit import PatchTraining
 from guard.attacks.patch_gan import PatchGAN, PatchGenerator, fooling_loss
 from guard.attacks.patching import apply_patches, grid_positions, patch_mask, patch_side, random_positions
 from guard.attacks.random_patch import RandomPatch
@@ -120,16 +122,12 @@ def fitted_gan(tiny_model, small_split):
     train, _ = small_split
     return PatchGAN(
         size=0.1,
-        steps=40,
-        eval_every=10,
-        batch_size=32,
-        seed=0,
         loss="margin",
         alpha=1.0,
         beta=3.0,
         patch_distance="ssim",
         cap_p=0.8,
-        lr=1e-2,
+        training=PatchTraining(lr=1e-2, steps=40, eval_every=10, batch_size=32, seed=0),
     ).fit(tiny_model, train.x[:256])
 
 
@@ -159,8 +157,9 @@ def test_gan_leaves_model_untouched(tiny_model, small_split):
     tiny_model.train()
     snap = ModelSnapshot(tiny_model)
     try:
-        PatchGAN(size=4, steps=3, eval_every=2, batch_size=8).fit(tiny_model, train.x[:64])
-        UniversalPatch(size=4, steps=3, eval_every=2, batch_size=8).fit(tiny_model, train.x[:64])
+        short = PatchTraining(steps=3, eval_every=2, batch_size=8)
+        PatchGAN(size=4, training=short).fit(tiny_model, train.x[:64])
+        UniversalPatch(size=4, training=short).fit(tiny_model, train.x[:64])
         snap.assert_unchanged(tiny_model)
     finally:
         tiny_model.eval()
@@ -168,8 +167,9 @@ def test_gan_leaves_model_untouched(tiny_model, small_split):
 
 def test_gan_deterministic(tiny_model, small_split):
     train, _ = small_split
-    a = PatchGAN(size=4, steps=4, eval_every=2, batch_size=8, seed=3).fit(tiny_model, train.x[:64])
-    b = PatchGAN(size=4, steps=4, eval_every=2, batch_size=8, seed=3).fit(tiny_model, train.x[:64])
+    short = PatchTraining(steps=4, eval_every=2, batch_size=8, seed=3)
+    a = PatchGAN(size=4, training=short).fit(tiny_model, train.x[:64])
+    b = PatchGAN(size=4, training=short).fit(tiny_model, train.x[:64])
     z = torch.Generator().manual_seed(0)
     pa = a.sample(5, generator=z)
     pb = b.sample(5, generator=torch.Generator().manual_seed(0))
@@ -189,6 +189,7 @@ def test_gan_save_load_roundtrip(fitted_gan, tmp_path):
     z = torch.rand(4, 100)
     assert torch.equal(loaded.sample(4, z=z), fitted_gan.sample(4, z=z))
     assert loaded.side_ == fitted_gan.side_ and loaded.size == fitted_gan.size
+    assert loaded.training == fitted_gan.training and loaded.params() == fitted_gan.params()
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="corrupt"):
         PatchGAN.load(tmp_path / "bad.safetensors")
@@ -196,7 +197,8 @@ def test_gan_save_load_roundtrip(fitted_gan, tmp_path):
 
 def test_universal_patch_save_load_roundtrip(tiny_model, small_split, tmp_path):
     train, test = small_split
-    up = UniversalPatch(size=0.05, steps=3, eval_every=1, batch_size=8, seed=1).fit(tiny_model, train.x[:32])
+    short = PatchTraining(steps=3, eval_every=1, batch_size=8, seed=1)
+    up = UniversalPatch(size=0.05, training=short).fit(tiny_model, train.x[:32])
     path = up.save(tmp_path / "u.safetensors")
     loaded = UniversalPatch.load(path)
     assert torch.equal(loaded.patch_, up.patch_) and loaded.side_ == up.side_ and loaded.params() == up.params()
@@ -231,53 +233,123 @@ def test_bad_size(cls, size):
 def test_patch_larger_than_image(tiny_model, small_split):
     train, _ = small_split
     with pytest.raises(ValueError, match="larger than the image"):
-        PatchGAN(size=40, steps=1).fit(tiny_model, train.x[:16])
+        PatchGAN(size=40, training=PatchTraining(steps=1)).fit(tiny_model, train.x[:16])
     with pytest.raises(ValueError, match="larger than the image"):
         RandomPatch(size=29)(tiny_model, train.x[:2])
 
 
 @pytest.mark.parametrize(
-    "kwargs",
+    "kwargs, message",
     [
-        {"alpha": -1.0},
-        {"beta": -0.1},
-        {"lr": 0.0},
-        {"loss": "l2"},
-        {"steps": 0},
-        {"seed": -2},
-        {"val_fraction": 1.0},
-        {"patch_distance": "l1"},
-        {"cap_p": 0.0},
-        {"cap_d": -1.0},
+        ({"alpha": -1.0}, "The 'alpha' parameter of PatchGAN must be a finite float in [0.0, inf]. Got -1.0."),
+        ({"beta": -0.1}, "The 'beta' parameter of PatchGAN must be a finite float in [0.0, inf]. Got -0.1."),
+        ({"loss": "l2"}, "The 'loss' parameter of PatchGAN must be one of ('paper', 'margin'). Got 'l2'."),
+        ({"patch_distance": "l1"}, "The 'patch_distance' parameter of PatchGAN must be 'l2' or 'ssim'. Got 'l1'."),
+        ({"cap_p": 0.0}, "The 'cap_p' parameter of PatchGAN must be a finite float in (0.0, inf]. Got 0.0."),
+        ({"cap_d": -1.0}, "The 'cap_d' parameter of PatchGAN must be a finite float in (0.0, inf]. Got -1.0."),
     ],
 )
-def test_gan_bad_params(kwargs):
-    with pytest.raises(ValueError):
+def test_gan_bad_params(kwargs, message):
+    with pytest.raises(ValueError) as err:
         PatchGAN(**kwargs)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"lr": 0.0}, ValueError, "The 'lr' parameter of PatchTraining must be a finite float in (0.0, inf]. Got 0.0."),
+        ({"lr": "fast"}, ValueError, "The 'lr' parameter of PatchTraining must be a finite float in (0.0, inf]."),
+        ({"steps": 0}, ValueError, "The 'steps' parameter of PatchTraining must be an int >= 1. Got 0."),
+        ({"steps": 2.5}, ValueError, "The 'steps' parameter of PatchTraining must be an int >= 1. Got 2.5."),
+        ({"batch_size": 0}, ValueError, "The 'batch_size' parameter of PatchTraining must be an int >= 1. Got 0."),
+        ({"seed": -2}, ValueError, "The 'seed' parameter of PatchTraining must be an int >= 0. Got -2."),
+        ({"eval_every": 0}, ValueError, "The 'eval_every' parameter of PatchTraining must be an int >= 1. Got 0."),
+        ({"patience": True}, ValueError, "The 'patience' parameter of PatchTraining must be an int >= 1. Got True."),
+        (
+            {"val_fraction": 1.0},
+            ValueError,
+            "The 'val_fraction' parameter of PatchTraining must be a finite float in [0.0, 1.0). Got 1.0.",
+        ),
+        (
+            {"max_seconds": 0},
+            ValueError,
+            "The 'max_seconds' parameter of PatchTraining must be a finite float in (0.0, inf]. Got 0.",
+        ),
+        ({"progress": "yes"}, TypeError, "The 'progress' parameter of PatchTraining must be a bool. Got str."),
+    ],
+)
+def test_patch_training_bad_options(kwargs, error, message):
+    with pytest.raises(error) as err:
+        PatchTraining(**kwargs)
+    assert str(err.value).startswith(message)
+
+
+def test_patch_training_checked_and_defaulted_per_attack():
+    # lr=None takes each attack's own default; the rest of the settings are shared as given
+    short = PatchTraining(steps=7, batch_size=16, seed=2)
+    gan, up = PatchGAN(training=short), UniversalPatch(training=short)
+    assert gan.training.lr == 1e-3 and up.training.lr == 0.05
+    assert gan.training.steps == up.training.steps == 7 and short.lr is None
+    assert PatchGAN(training=PatchTraining(lr=0.01)).training.lr == 0.01
+    assert PatchGAN().training == PatchTraining(lr=1e-3) and UniversalPatch().training == PatchTraining(lr=0.05)
+    # normalised when checked: a NumPy int is stored as an int (params() stays JSON-friendly)
+    assert type(PatchTraining(steps=np.int64(5)).steps) is int
+    with pytest.raises(
+        TypeError, match=r"The 'training' parameter of PatchGAN must be a PatchTraining or None\. Got dict\."
+    ):
+        PatchGAN(training={"steps": 3})
+    with pytest.raises(TypeError, match=r"The 'training' parameter of UniversalPatch must be a PatchTraining"):
+        UniversalPatch(training=5)
+    with pytest.raises(ValueError, match=r"The 'batch_size' parameter of PatchGAN must be an int >= 2\. Got 1\."):
+        PatchGAN(training=PatchTraining(batch_size=1))  # BatchNorm needs two samples
+    assert UniversalPatch(training=PatchTraining(batch_size=1)).training.batch_size == 1
+    with pytest.raises(TypeError, match="steps"):
+        PatchGAN(steps=3)  # the training settings are no longer keyword arguments of the attack
+
+
+@pytest.mark.parametrize("cls", [PatchGAN, UniversalPatch])
+def test_params_flat_and_round_trip(cls):
+    training = PatchTraining(lr=0.02, steps=9, batch_size=4, val_fraction=0.0, max_seconds=3.0, seed=5)
+    attack = cls(size=3, loss="margin", training=training)
+    p = attack.params()
+    assert {k: p[k] for k in ("lr", "steps", "batch_size", "val_fraction", "max_seconds", "seed", "progress")} == {
+        "lr": 0.02,
+        "steps": 9,
+        "batch_size": 4,
+        "val_fraction": 0.0,
+        "max_seconds": 3.0,
+        "seed": 5,
+        "progress": False,
+    }
+    assert "training" not in p and all(isinstance(v, (int, float, str, bool, type(None))) for v in p.values())
+    back = cls.from_params(**p)
+    assert back.params() == p and back.training == attack.training
+    with pytest.raises(TypeError, match="bogus"):
+        cls.from_params(**p, bogus=1)
 
 
 def test_gan_bad_data(tiny_model):
     with pytest.raises(TypeError, match="data"):
-        PatchGAN(steps=1).fit(tiny_model, [1, 2, 3])
+        PatchGAN(training=PatchTraining(steps=1)).fit(tiny_model, [1, 2, 3])
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        PatchGAN(steps=1).fit(tiny_model, torch.full((4, 1, 28, 28), 3.0))
+        PatchGAN(training=PatchTraining(steps=1)).fit(tiny_model, torch.full((4, 1, 28, 28), 3.0))
 
 
 # ---------------------------------------------------------------- baselines
 def test_universal_patch_untargeted_and_targeted(tiny_model, small_split):
     train, test = small_split
-    up = UniversalPatch(size=0.1, steps=20, eval_every=10, batch_size=32, lr=0.1).fit(tiny_model, train.x[:256])
+    training = PatchTraining(lr=0.1, steps=20, eval_every=10, batch_size=32)
+    up = UniversalPatch(size=0.1, training=training).fit(tiny_model, train.x[:256])
     assert up.patch_.shape == (1, 1, 9, 9) and float(up.patch_.min()) >= 0 and float(up.patch_.max()) <= 1
     r = up(tiny_model, test.x[:128])
     assert r.success_rate > RandomPatch(size=0.1)(tiny_model, test.x[:128]).success_rate
-    tp = UniversalPatch(size=0.1, target=3, steps=20, eval_every=10, batch_size=32, lr=0.1).fit(
-        tiny_model, train.x[:256]
-    )
+    tp = UniversalPatch(size=0.1, target=3, training=training).fit(tiny_model, train.x[:256])
     rt = tp(tiny_model, test.x[:128])
     with torch.no_grad():
         assert torch.equal(rt.success, tiny_model(rt.x_adv).argmax(1) == 3)
     with pytest.raises(ValueError, match="target"):
-        UniversalPatch(target=10, steps=1).fit(tiny_model, train.x[:16])
+        UniversalPatch(target=10, training=PatchTraining(steps=1)).fit(tiny_model, train.x[:16])
 
 
 def test_random_patch_seeded_and_local(tiny_model, small_split):

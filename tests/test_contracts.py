@@ -12,7 +12,7 @@ import torch
 from conftest import ModelSnapshot
 from integrity_tools import KEY, rewrite_meta
 
-from guard.attacks import ATTACKS, Attack, AttackResult, Fooler
+from guard.attacks import ATTACKS, Attack, AttackResult, Fooler, PatchTraining
 from guard.attacks.patching import patch_side
 from guard.core.integrity import IntegrityError
 from guard.core.validation import NotFittedError
@@ -24,8 +24,8 @@ FAST_ATTACKS: dict[str, dict] = {
     "pgd": {"eps": 0.1, "steps": 5},
     "pgd_l2": {"eps": 1.0, "steps": 5},
     "apgd": {"eps": 0.1, "steps": 5},
-    "patch_gan": {"size": 0.05, "steps": 4, "eval_every": 2, "batch_size": 8},
-    "universal_patch": {"size": 0.05, "steps": 4, "eval_every": 2, "batch_size": 8},
+    "patch_gan": {"size": 0.05, "training": PatchTraining(steps=4, eval_every=2, batch_size=8)},
+    "universal_patch": {"size": 0.05, "training": PatchTraining(steps=4, eval_every=2, batch_size=8)},
     "random_patch": {"size": 0.05},
     "feature_adversary": {"layer": "fc1", "delta": 0.1, "max_iter": 3},
     "fooling_gradient": {"steps": 5, "samples_per_class": 1},

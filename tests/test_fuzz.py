@@ -42,6 +42,7 @@ from guard.attacks import (
     FoolingGradient,
     LinfPGD,
     PatchGAN,
+    PatchTraining,
     RandomPatch,
     UniversalPatch,
 )
@@ -107,7 +108,7 @@ BUDGETS = {"fgsm": ("linf", 0.1), "pgd": ("linf", 0.1), "pgd_l2": ("l2", 1.0), "
 def patch_attacks(net) -> dict:
     """The two learned patches, fitted once on noise (a few steps: what is fuzzed is the call)."""
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    cfg = {"size": 0.05, "steps": 2, "eval_every": 1, "batch_size": 8}
+    cfg = {"size": 0.05, "training": PatchTraining(steps=2, eval_every=1, batch_size=8)}
     return {
         "universal_patch": UniversalPatch(**cfg).fit(net, x),
         "patch_gan": PatchGAN(width=8, latent_dim=8, **cfg).fit(net, x),

@@ -187,7 +187,7 @@ def round_attack_table(
         ),
         "fooling_direct": FoolingEvolution(encoding="direct", seed=seed + 1, **evolution),
         "fooling_cppn": FoolingEvolution(encoding="cppn", seed=seed + 2, **evolution),
-        "universal_patch": UniversalPatch(
+        "universal_patch": UniversalPatch.from_params(
             size=budget.patch_area,
             loss="paper",
             lr=0.1,

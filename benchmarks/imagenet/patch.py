@@ -131,16 +131,19 @@ def split(n: int, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def make_attack(name: str, area: float, cfg: Config) -> Any:
-    from guard.attacks import PatchGAN, RandomPatch, UniversalPatch
+    from guard.attacks import PatchGAN, PatchTraining, RandomPatch, UniversalPatch
     from guard.audit.patches import GAN_AUDIT_KWARGS
 
-    common = dict(size=area, val_fraction=cfg.val_fraction, eval_every=cfg.eval_every, patience=10_000, seed=cfg.seed)
+    common = dict(val_fraction=cfg.val_fraction, eval_every=cfg.eval_every, patience=10_000, seed=cfg.seed)
     if name == "patch_gan_paper":  # the paper's loss and defaults (alpha=20, beta=0.1, 2-norm L_p, lr 1e-3)
-        return PatchGAN(loss="paper", steps=cfg.paper_steps, batch_size=cfg.gan_batch, **common)
+        training = PatchTraining(steps=cfg.paper_steps, batch_size=cfg.gan_batch, **common)
+        return PatchGAN(size=area, loss="paper", training=training)
     if name == "patch_gan":
-        return PatchGAN(loss="margin", steps=cfg.gan_steps, batch_size=cfg.gan_batch, **GAN_AUDIT_KWARGS, **common)
+        training = PatchTraining(steps=cfg.gan_steps, batch_size=cfg.gan_batch, **common)
+        return PatchGAN(size=area, loss="margin", training=training, **GAN_AUDIT_KWARGS)
     if name == "universal_patch":
-        return UniversalPatch(loss="margin", steps=cfg.up_steps, batch_size=cfg.up_batch, **common)
+        training = PatchTraining(steps=cfg.up_steps, batch_size=cfg.up_batch, **common)
+        return UniversalPatch(size=area, loss="margin", training=training)
     if name == "random_patch":
         return RandomPatch(size=area, seed=cfg.seed)
     raise ValueError(f"name must be one of {NAMES}; got {name!r}.")

@@ -45,6 +45,7 @@ def main() -> None:
 
     import guard
     from guard.attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
+    from guard.attacks.patch_fit import PatchTraining
     from guard.attacks.patch_gan import PatchGAN
     from guard.attacks.patching import patch_side
     from guard.attacks.universal_patch import UniversalPatch
@@ -96,7 +97,8 @@ def main() -> None:
     )
 
     rows = {}
-    common = dict(size=args.area, steps=100000, max_seconds=budget, eval_every=25, patience=100, seed=args.seed)
+    training = PatchTraining(steps=100000, max_seconds=budget, eval_every=25, patience=100, seed=args.seed)
+    common = dict(size=args.area, training=training)
     candidates = [
         ("PatchGAN paper loss+alpha,beta", PatchGAN(loss="paper", **common)),  # alpha=20, beta=0.1, 2-norm L_p
         ("PatchGAN paper loss, audit div.", PatchGAN(loss="paper", **GAN_AUDIT_KWARGS, **common)),

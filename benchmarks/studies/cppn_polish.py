@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import guard
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.cppn import Genome, MutationRates, render
-from guard.attacks.cppn_refine import polish_genomes
+from guard.attacks.cppn_refine import PolishOptions, polish_genomes
 from guard.attacks.fooling_evolution import CPPNOptions, FoolingEvolution
 from guard.core.provenance import write_results
 
@@ -86,9 +86,8 @@ def main() -> int:
     best: dict[int, float] = {}
     short = labels[conf < 0.9999].tolist()  # the elites are one per class, in class order: cell = class
     if short:
-        new, targets = polish_genomes(
-            gs, probs, short, model, labels, 32, 32, starts=a.starts, steps=a.steps, lr=a.lr, grow=not a.no_grow
-        )
+        options = PolishOptions(starts=a.starts, steps=a.steps, lr=a.lr, grow=not a.no_grow)
+        new, targets = polish_genomes(gs, probs, short, model, labels, 32, 32, options=options)
         with torch.no_grad():
             q = F.softmax(model(render(new, 32, 32)), 1)
         for j, c in enumerate(targets):

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     universal = [attacks["universal_patch"]]
     params = attacks["universal_patch"].params()
     for s in range(1, args.k):
-        universal.append(UniversalPatch(**{k: v for k, v in params.items() if k != "seed"}, seed=s))
+        universal.append(UniversalPatch.from_params(**{**params, "seed": s}))
     t1 = time.perf_counter()
     for u in universal:
         u.fit(model, patch_x)

@@ -33,6 +33,7 @@ import torch
 import guard
 from benchmarks.fixtures.timing import out_option, pin_threads
 from guard.attacks.patch_analysis import fooling_rate_repeated, pairwise_diversity, patch_sampler
+from guard.attacks.patch_fit import PatchTraining
 from guard.attacks.patch_gan import PatchGAN
 from guard.attacks.random_patch import RandomPatch
 from guard.attacks.universal_patch import UniversalPatch
@@ -68,31 +69,21 @@ def main() -> None:
     x_score, y_score = train.x[4000 : 4000 + args.score], train.y[4000 : 4000 + args.score]
     shape = (int(x_fit.shape[1]), tuple(x_fit.shape[-2:]))
     rows = []
+    schedule = dict(steps=args.steps, eval_every=args.eval_every, batch_size=args.batch_size, seed=args.seed)
     for area in args.areas:
         makers = {
             f"patch_gan lr={lr:g}" + (f" beta={beta:g}" if beta is not None else ""): (
                 lambda lr=lr, beta=beta: PatchGAN(
                     size=area,
                     loss="margin",
-                    steps=args.steps,
-                    lr=lr,
-                    eval_every=args.eval_every,
-                    batch_size=args.batch_size,
-                    seed=args.seed,
+                    training=PatchTraining(lr=lr, **schedule),
                     **{**GAN_AUDIT_KWARGS, **({"beta": beta} if beta is not None else {})},
                 )
             )
             for lr in args.lr
             for beta in args.beta
         }
-        makers["universal_patch"] = lambda: UniversalPatch(
-            size=area,
-            loss="margin",
-            steps=args.steps,
-            eval_every=args.eval_every,
-            batch_size=args.batch_size,
-            seed=args.seed,
-        )
+        makers["universal_patch"] = lambda: UniversalPatch(size=area, loss="margin", training=PatchTraining(**schedule))
         makers["random_patch"] = lambda: RandomPatch(size=area, seed=args.seed)
         for name, make in makers.items():
             t0 = time.perf_counter()

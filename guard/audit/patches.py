@@ -103,7 +103,7 @@ def _run(ctx: AuditContext) -> AttackSet:
     bar = tqdm(total=len(s.areas) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
     for area in s.areas:
         makers = {
-            GAN: lambda: PatchGAN(
+            GAN: lambda: PatchGAN.from_params(
                 size=area,
                 loss=s.loss,
                 steps=s.gan_steps,
@@ -114,7 +114,7 @@ def _run(ctx: AuditContext) -> AttackSet:
                 seed=seed,
                 **gan_kwargs,
             ),
-            UNIVERSAL: lambda: UniversalPatch(
+            UNIVERSAL: lambda: UniversalPatch.from_params(
                 size=area,
                 loss=s.loss,
                 steps=s.universal_steps,
