@@ -25,6 +25,12 @@ from guard.core.validation import check_images, check_int
 
 __all__ = ["evaluate_adaptive", "clopper_pearson", "default_budgets"]
 
+_RULE = (
+    "attacked: the first n held-out images; evasion: misclassified and not flagged by the calibrated combined flag; "
+    "adaptive: per image the best of plain PGD, margin + weight * detector surrogates (weights swept, restarts), orthogonal "
+    "and selective PGD (Bryniarski et al. 2022) and logit matching (Sabour et al. 2016), judged by the real guarded model"
+)
+
 
 def _rate(mask: torch.Tensor) -> dict[str, Any]:
     k, n = int(mask.sum()), int(mask.numel())
@@ -105,87 +111,27 @@ def evaluate_adaptive(
         without early stop), each beside its ``*_ci95`` Clopper-Pearson interval, the counts,
         ``per_member`` (each attack alone) and ``seconds``.
     """
-    from guard.attacks import AdaptiveEnsemble, LinfPGD
-    from guard.attacks.adaptive_ensemble import MEMBERS
-
-    if not (hasattr(guarded, "detectors") and hasattr(guarded, "combined")):
-        raise TypeError(
-            f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}."
-        )
-    if guarded.combined is None:
-        raise ValueError("evaluate_adaptive needs a calibrated GuardedModel (call calibrate first).")
-    if not isinstance(data, (Split, torch.Tensor)):
-        raise TypeError(f"data must be a Split or a Tensor of images (N, C, H, W); got {type(data).__name__}.")
-    x = check_images(data.x if isinstance(data, Split) else data, "data")
+    x = _check_inputs(guarded, data)
     n = check_int(n, "n", "evaluate_adaptive", low=1)
     steps = check_int(steps, "steps", "evaluate_adaptive", low=1)
     budgets, headline = _budgets(eps, x)
-    model = guarded.model
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = next((p.device for p in guarded.model.parameters()), torch.device("cpu"))
     xs = x[:n]
-    with torch.no_grad():
-        pred = torch.cat([model(xs[i : i + 500].to(device)).argmax(1).cpu() for i in range(0, xs.shape[0], 500)])
-    ys = data.y[:n].cpu().long() if isinstance(data, Split) else pred
-    correct = pred == ys
-    if guides is None:
-        gx, gy = (
-            (x[n : n + 1000], data.y[n : n + 1000] if isinstance(data, Split) else None)
-            if x.shape[0] > n
-            else (x, data.y if isinstance(data, Split) else None)
-        )
-    else:
-        gx, gy = (guides.x, guides.y) if isinstance(guides, Split) else (check_images(guides, "guides"), None)
-    members = list(MEMBERS if members is None else members)
-    rule = (
-        "attacked: the first n held-out images; evasion: misclassified and not flagged by the calibrated combined flag; "
-        "adaptive: per image the best of plain PGD, margin + weight * detector surrogates (weights swept, restarts), orthogonal "
-        "and selective PGD (Bryniarski et al. 2022) and logit matching (Sabour et al. 2016), judged by the real guarded model"
+    ys, correct = _clean_labels(guarded.model, data, xs, device)
+    attack_kw = _ensemble_settings(
+        guarded,
+        data,
+        x,
+        n,
+        steps=steps,
+        weights=weights,
+        restarts=restarts,
+        members=members,
+        guides=guides,
+        eot=eot,
+        seed=seed,
     )
-    fpr = float(getattr(guarded.combined, "calibration_fpr_", float("nan")))
-    per_eps, eot_used, random_parts = [], None, []
-    for e in budgets:
-        t0 = time.perf_counter()
-        attack = AdaptiveEnsemble(
-            guarded=guarded,
-            eps=e,
-            steps=steps,
-            weights=weights,
-            restarts=restarts,
-            members=members,
-            guides=gx,
-            guide_labels=gy,
-            eot=eot,
-            seed=seed,
-        )
-        res = attack(model, xs.to(device), ys.to(device))
-        eot_used, random_parts = res.extras["eot"], res.extras["random_parts"]
-        mis, flagged = _judged(guarded, res.x_adv, ys)
-        evaded = mis & ~flagged
-        obl = {}
-        for key, early in (("oblivious", True), ("oblivious_full", False)):
-            o_mis, o_flag = _judged(
-                guarded,
-                LinfPGD(eps=e, steps=steps, early_stop=early, seed=seed)(model, xs.to(device), ys.to(device)).x_adv,
-                ys,
-            )
-            obl[key] = (o_mis, o_mis & ~o_flag)
-        entry: dict[str, Any] = {"eps": e, "n": int(xs.shape[0]), "n_correct": int(correct.sum())}
-        for key, mask in (
-            ("evasion", evaded),
-            ("evasion_correct", evaded[correct]),
-            ("misclassified", mis),
-            ("flagged", flagged),
-            ("oblivious_evasion", obl["oblivious"][1]),
-            ("oblivious_evasion_correct", obl["oblivious"][1][correct]),
-            ("oblivious_misclassified", obl["oblivious"][0]),
-            ("oblivious_full_evasion", obl["oblivious_full"][1]),
-            ("oblivious_full_misclassified", obl["oblivious_full"][0]),
-        ):
-            r = _rate(mask)
-            entry[key], entry[f"{key}_ci95"], entry[f"{key}_k"] = r["rate"], r["ci95"], r["k"]
-        entry["per_member"] = res.extras["per_member"]
-        entry["seconds"] = round(time.perf_counter() - t0, 2)
-        per_eps.append(entry)
+    per_eps, eot_used, random_parts = _per_budget(guarded, budgets, xs.to(device), ys, correct, attack_kw)
     head = next(p for p in per_eps if p["eps"] == headline)
     return {
         "eps": headline,
@@ -196,10 +142,142 @@ def evaluate_adaptive(
         "steps": steps,
         "restarts": restarts,
         "weights": [float(w) for w in weights],
-        "members": members,
+        "members": attack_kw["members"],
         "eot": eot_used,
         "random_parts": random_parts,
-        "fpr": fpr,
+        "fpr": float(getattr(guarded.combined, "calibration_fpr_", float("nan"))),
         "per_eps": per_eps,
-        "rule": rule,
+        "rule": _RULE,
     }
+
+
+def _clean_labels(model: Any, data: Any, xs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labels attacked (the data's, else the model's) and which images the model gets right clean."""
+    with torch.no_grad():
+        pred = torch.cat([model(xs[i : i + 500].to(device)).argmax(1).cpu() for i in range(0, xs.shape[0], 500)])
+    ys = data.y[: xs.shape[0]].cpu().long() if isinstance(data, Split) else pred
+    return ys, pred == ys
+
+
+def _check_inputs(guarded: Any, data: Any) -> torch.Tensor:
+    """The images of ``data``, after checking that ``guarded`` is a calibrated GuardedModel."""
+    if not (hasattr(guarded, "detectors") and hasattr(guarded, "combined")):
+        raise TypeError(
+            f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}."
+        )
+    if guarded.combined is None:
+        raise ValueError("evaluate_adaptive needs a calibrated GuardedModel (call calibrate first).")
+    if not isinstance(data, (Split, torch.Tensor)):
+        raise TypeError(f"data must be a Split or a Tensor of images (N, C, H, W); got {type(data).__name__}.")
+    return check_images(data.x if isinstance(data, Split) else data, "data")
+
+
+def _per_budget(
+    guarded: Any,
+    budgets: list[float],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    correct: torch.Tensor,
+    attack_kw: dict[str, Any],
+) -> tuple[list[dict[str, Any]], Any, Any]:
+    """Attack ``xs`` at every budget: (per-budget entries, the EOT samples used, the random parts found)."""
+    from guard.attacks import AdaptiveEnsemble
+
+    model, steps, seed = guarded.model, attack_kw["steps"], attack_kw["seed"]
+    per_eps, eot_used, random_parts = [], None, []
+    for e in budgets:
+        t0 = time.perf_counter()
+        res = AdaptiveEnsemble(eps=e, **attack_kw)(model, xs, ys.to(xs.device))
+        eot_used, random_parts = res.extras["eot"], res.extras["random_parts"]
+        mis, flagged = _judged(guarded, res.x_adv, ys)
+        obl = _oblivious(guarded, model, xs, ys, e, steps, seed)
+        entry = _budget_entry(e, correct, mis, flagged, obl)
+        entry["per_member"] = res.extras["per_member"]
+        entry["seconds"] = round(time.perf_counter() - t0, 2)
+        per_eps.append(entry)
+    return per_eps, eot_used, random_parts
+
+
+def _ensemble_settings(
+    guarded: Any,
+    data: Any,
+    x: torch.Tensor,
+    n: int,
+    *,
+    steps: int,
+    weights: Sequence[float],
+    restarts: int,
+    members: Sequence[str] | None,
+    guides: Any,
+    eot: int | str,
+    seed: int,
+) -> dict[str, Any]:
+    """The AdaptiveEnsemble keyword arguments every budget shares (all but ``eps``)."""
+    from guard.attacks.adaptive_ensemble import MEMBERS
+
+    gx, gy = _guide_images(data, x, n, guides)
+    return {
+        "guarded": guarded,
+        "steps": steps,
+        "weights": weights,
+        "restarts": restarts,
+        "members": list(MEMBERS if members is None else members),
+        "guides": gx,
+        "guide_labels": gy,
+        "eot": eot,
+        "seed": seed,
+    }
+
+
+def _guide_images(data: Any, x: torch.Tensor, n: int, guides: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images (and labels, where known) logit matching takes its guides from."""
+    if guides is None:
+        return (
+            (x[n : n + 1000], data.y[n : n + 1000] if isinstance(data, Split) else None)
+            if x.shape[0] > n
+            else (x, data.y if isinstance(data, Split) else None)
+        )
+    return (guides.x, guides.y) if isinstance(guides, Split) else (check_images(guides, "guides"), None)
+
+
+def _oblivious(
+    guarded: Any, model: Any, xs: torch.Tensor, ys: torch.Tensor, e: float, steps: int, seed: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"oblivious": early-stopped PGD, "oblivious_full": PGD without early stop}: (misclassified, evaded)."""
+    from guard.attacks import LinfPGD
+
+    obl = {}
+    for key, early in (("oblivious", True), ("oblivious_full", False)):
+        o_mis, o_flag = _judged(
+            guarded,
+            LinfPGD(eps=e, steps=steps, early_stop=early, seed=seed)(model, xs, ys.to(xs.device)).x_adv,
+            ys,
+        )
+        obl[key] = (o_mis, o_mis & ~o_flag)
+    return obl
+
+
+def _budget_entry(
+    e: float,
+    correct: torch.Tensor,
+    mis: torch.Tensor,
+    flagged: torch.Tensor,
+    obl: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, Any]:
+    """One budget's rates, each with its 95% interval and count."""
+    evaded = mis & ~flagged
+    entry: dict[str, Any] = {"eps": e, "n": int(mis.shape[0]), "n_correct": int(correct.sum())}
+    for key, mask in (
+        ("evasion", evaded),
+        ("evasion_correct", evaded[correct]),
+        ("misclassified", mis),
+        ("flagged", flagged),
+        ("oblivious_evasion", obl["oblivious"][1]),
+        ("oblivious_evasion_correct", obl["oblivious"][1][correct]),
+        ("oblivious_misclassified", obl["oblivious"][0]),
+        ("oblivious_full_evasion", obl["oblivious_full"][1]),
+        ("oblivious_full_misclassified", obl["oblivious_full"][0]),
+    ):
+        r = _rate(mask)
+        entry[key], entry[f"{key}_ci95"], entry[f"{key}_k"] = r["rate"], r["ci95"], r["k"]
+    return entry
