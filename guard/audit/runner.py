@@ -149,33 +149,24 @@ def run_audit(
         options=opts,
     )
     if resume and ctx.report_path.is_file():
-        try:
-            ctx.report = json.loads(ctx.report_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not valid JSON: {err}") from err
-        if not isinstance(ctx.report, dict) or ctx.report.get("version", REPORT_VERSION) != REPORT_VERSION:
-            raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not a version-{REPORT_VERSION} guard report.")
-    ctx.report.setdefault("version", REPORT_VERSION)
-    ctx.report["options"] = {
-        "seed": opts.seed,
-        "quick": opts.quick,
-        "harden": opts.harden,
-        "export": opts.export,
-        "repetitions": opts.repetitions,
-        "device": opts.device,
-    }
-    macs = macs_per_image(ctx.model, test.x[:1]) if not isinstance(ctx.model, torch.jit.ScriptModule) else 0.0
-    ctx.defaults = {**data_defaults(train.x), "macs_per_image": macs, "work_scale": work_scale(macs)}
-    ctx.report["defaults"] = dict(ctx.defaults)
-    ctx.resolved = (
-        opts.settings
-        if opts.settings is not None
-        else resolve_settings(opts.extra, quick=opts.quick, seed=opts.seed, cost=ctx.cost)
-    )
-    settings = {**ctx.report["options"], "threads": torch.get_num_threads(), "steps": ctx.resolved.to_dict()}
-    if resume and ctx.report.get("settings", settings) != settings:
-        log.warning("audit: resuming with other settings than the report's; the steps already done keep theirs")
-    ctx.report["settings"] = settings
+        _load_report(ctx)
+    _record_settings(ctx, resume)
+    _run_steps(ctx, steps, fail_fast)
+    ctx.report.get("errors", {}).pop("report", None)  # an earlier run's page error; the page is built again below
+    if not ctx.report.get("errors"):
+        ctx.report.pop("errors", None)
+    if not ctx.report.get("skipped"):
+        ctx.report.pop("skipped", None)
+    ctx.save_report()
+    _write_page(ctx, fail_fast)
+    return ctx.report
+
+
+def _run_steps(ctx: AuditContext, steps: list[Step], fail_fast: bool) -> None:
+    """Run the steps in order, each on the results of those before it; the report is saved after each.
+
+    Steps in ``report["_completed_steps"]`` are not run again: their results are restored.
+    """
     done = set(ctx.report.setdefault("_completed_steps", []))
     results: dict[type, Any] = {}
     for step in steps:
@@ -190,46 +181,83 @@ def run_audit(
             ctx.save_report()
             continue
         ctx.report.get("skipped", {}).pop(step.name, None)
-        inputs = {key: _lookup(results, typ) for key, typ in step.needs.items()}
-        t0 = time.perf_counter()
-        log.info("audit: %s", step.name)
-        try:
-            known = _names(ctx.report)
-            value = step.run(ctx, **inputs)
-            check_report_names(_new_names(ctx.report, known))  # every name this step wrote is one of the registry's
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except Exception as err:  # one capability failing must not lose the others' results
-            log.error(
-                "audit: step %s failed: %s: %s",
-                step.name,
-                type(err).__name__,
-                err,
-                exc_info=log.isEnabledFor(logging.DEBUG),
-            )
-            ctx.report.setdefault("errors", {})[step.name] = f"{type(err).__name__}: {err}"
+        if _run_step(ctx, step, results, fail_fast):
+            done.add(step.name)
+            ctx.report["_completed_steps"] = [s.name for s in steps if s.name in done]
             ctx.save_report()
-            if fail_fast:
-                raise
-            continue
-        if step.gives is not None and value is not None and not isinstance(value, step.gives):
-            raise TypeError(
-                f"audit step {step.name!r} must give a {step.gives.__name__}; it gave a {type(value).__name__}."
-            )
-        _keep(results, value)
-        ctx.report.get("errors", {}).pop(step.name, None)
-        ctx.report.setdefault("timings", {})[step.name] = round(time.perf_counter() - t0, 3)
-        done.add(step.name)
-        ctx.report["_completed_steps"] = [s.name for s in steps if s.name in done]
+
+
+def _load_report(ctx: AuditContext) -> None:
+    """Read the report an earlier run wrote into ``ctx.report``; it must be a guard report of this version."""
+    try:
+        ctx.report = json.loads(ctx.report_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not valid JSON: {err}") from err
+    if not isinstance(ctx.report, dict) or ctx.report.get("version", REPORT_VERSION) != REPORT_VERSION:
+        raise ValueError(f"cannot resume: {str(ctx.report_path)!r} is not a version-{REPORT_VERSION} guard report.")
+
+
+def _record_settings(ctx: AuditContext, resume: bool) -> None:
+    """Resolve the step settings into ``ctx`` and write the options, data defaults and settings to the report."""
+    opts = ctx.options
+    ctx.report.setdefault("version", REPORT_VERSION)
+    ctx.report["options"] = {
+        "seed": opts.seed,
+        "quick": opts.quick,
+        "harden": opts.harden,
+        "export": opts.export,
+        "repetitions": opts.repetitions,
+        "device": opts.device,
+    }
+    macs = macs_per_image(ctx.model, ctx.test.x[:1]) if not isinstance(ctx.model, torch.jit.ScriptModule) else 0.0
+    ctx.defaults = {**data_defaults(ctx.train.x), "macs_per_image": macs, "work_scale": work_scale(macs)}
+    ctx.report["defaults"] = dict(ctx.defaults)
+    ctx.resolved = (
+        opts.settings
+        if opts.settings is not None
+        else resolve_settings(opts.extra, quick=opts.quick, seed=opts.seed, cost=ctx.cost)
+    )
+    settings = {**ctx.report["options"], "threads": torch.get_num_threads(), "steps": ctx.resolved.to_dict()}
+    if resume and ctx.report.get("settings", settings) != settings:
+        log.warning("audit: resuming with other settings than the report's; the steps already done keep theirs")
+    ctx.report["settings"] = settings
+
+
+def _run_step(ctx: AuditContext, step: Step, results: dict[type, Any], fail_fast: bool) -> bool:
+    """Run one step on the results it needs; True when it completed (its result kept, its timing recorded).
+
+    A step that raises is logged and recorded under ``report["errors"]`` (re-raised with ``fail_fast``).
+    """
+    inputs = {key: _lookup(results, typ) for key, typ in step.needs.items()}
+    t0 = time.perf_counter()
+    log.info("audit: %s", step.name)
+    try:
+        known = _names(ctx.report)
+        value = step.run(ctx, **inputs)
+        check_report_names(_new_names(ctx.report, known))  # every name this step wrote is one of the registry's
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as err:  # one capability failing must not lose the others' results
+        log.error(
+            "audit: step %s failed: %s: %s",
+            step.name,
+            type(err).__name__,
+            err,
+            exc_info=log.isEnabledFor(logging.DEBUG),
+        )
+        ctx.report.setdefault("errors", {})[step.name] = f"{type(err).__name__}: {err}"
         ctx.save_report()
-    ctx.report.get("errors", {}).pop("report", None)  # an earlier run's page error; the page is built again below
-    if not ctx.report.get("errors"):
-        ctx.report.pop("errors", None)
-    if not ctx.report.get("skipped"):
-        ctx.report.pop("skipped", None)
-    ctx.save_report()
-    _write_page(ctx, fail_fast)
-    return ctx.report
+        if fail_fast:
+            raise
+        return False
+    if step.gives is not None and value is not None and not isinstance(value, step.gives):
+        raise TypeError(
+            f"audit step {step.name!r} must give a {step.gives.__name__}; it gave a {type(value).__name__}."
+        )
+    _keep(results, value)
+    ctx.report.get("errors", {}).pop(step.name, None)
+    ctx.report.setdefault("timings", {})[step.name] = round(time.perf_counter() - t0, 3)
+    return True
 
 
 def _write_page(ctx: AuditContext, fail_fast: bool) -> None:
