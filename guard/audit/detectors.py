@@ -151,35 +151,13 @@ class DetectorStep(Step):
 def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     t0 = time.perf_counter()
     opts, s = ctx.options, ctx.settings.detectors
-    train = ctx.train
-    if s.train_images is not None and len(train) > s.train_images:
-        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(opts.seed))[: s.train_images]
-        train = Split(train.x[idx], train.y[idx])
-    # Every detector, the published anchors included, feeds the combined flag; each is also
-    # reported alone. The setting flag_with="own" keeps the anchors out of the flag.
-    flag_with = DEFAULT_DETECTORS if s.flag_with == "own" else None
-    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=s.combine, flag_with=flag_with)
-    guarded.fit(train)
+    guarded, train = _fit(ctx, s)
     t_fit = time.perf_counter() - t0
 
-    cal_idx, ev_idx = split_heldout(len(ctx.test), opts.seed)
-    if s.calibration_images is not None:
-        cal_idx, ev_idx = cal_idx[: s.calibration_images], ev_idx[: s.calibration_images]
-    shared = set(cal_idx.tolist()) & set(ev_idx.tolist())
-    if shared:
-        raise ValueError(
-            f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices."
-        )
+    cal_idx, ev_idx = _heldout_halves(len(ctx.test), opts.seed, s.calibration_images)
     x_all = ctx.test.x
-    logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
+    logits, scores = _calibrate(guarded, x_all, cal_idx, ev_idx, opts)
     ncal = cal_idx.numel()
-    proxy = None
-    if guarded.combine == "weighted":  # the weights are learned on proxies of the calibration half, never on attacks
-        _, proxy, perr = guarded.score(proxy_inputs(x_all[cal_idx], seed=opts.seed), progress=opts.progress)
-        errors = {**errors, **perr}
-    guarded.calibrate_scores(
-        {k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx]
-    )
     ev_scores = {k: v[ncal:] for k, v in scores.items()}
     ev_scores[COMBINED] = guarded.combined.combine(ev_scores)
     t_cal = time.perf_counter() - t0 - t_fit
@@ -191,31 +169,8 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     report = evaluate(guarded, x_ev, attacks, progress=opts.progress, clean_scores=ev_scores, attack_scores=adv_scores)
     t_eval = time.perf_counter() - t0 - t_fit - t_cal
 
-    # clean behaviour of the wrapped model on the evaluation half
-    y_ev = ctx.test.y[ev_idx]
-    pred_wrapped = logits[ncal:].argmax(1).cpu()
-    with torch.no_grad():
-        from guard.core.models import eval_mode
-
-        with eval_mode(ctx.model):
-            pred_bare = torch.cat(
-                [ctx.model(x_ev[i : i + 512].to(opts.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)]
-            )
-    flags = {
-        n: guarded.combined.predict_scores(v) if n == COMBINED else guarded.detectors[n].predict_scores(v)
-        for n, v in ev_scores.items()
-    }
-    flag_rate = {n: float(f.float().mean()) for n, f in flags.items()}
-    clean_fpr = {
-        n: {
-            "rate": flag_rate[n],
-            "k": int(f.sum()),
-            "n": int(f.numel()),
-            "ci95": list(clopper_pearson(int(f.sum()), int(f.numel()))),
-        }
-        for n, f in flags.items()
-        if f.numel()
-    }
+    accuracy = _clean_accuracy(ctx, x_ev, ctx.test.y[ev_idx], logits[ncal:].argmax(1).cpu())
+    flag_rate, clean_fpr = _clean_flags(guarded, ev_scores)
     per_layer = _per_layer_knn(guarded, x_ev, attacks) if attacks and s.per_layer_knn else {}
     # the same with the halves swapped (calibrate on the evaluation half, flag the calibration
     # half): one split's flag rate moves by about +-1.5 points on 1,000 images by chance alone
@@ -225,19 +180,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
 
     ctx.report["detectors"] = report
     ctx.report["detectors_info"] = {
-        "detectors": guarded.describe(),
-        "feature_layers": guarded.layers,
-        "pool": guarded.pool,
-        "left_out": guarded.left_out_,
-        "combined": {
-            "rule": guarded.combined.rule,
-            "detectors": guarded.combined.names_,
-            "weights": guarded.combined.weights_.tolist(),
-            "threshold": guarded.combined.threshold_,
-            "anchors_not_in_the_flag": [
-                n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_
-            ],
-        },
+        **_describe(guarded),
         "fit": {"n_train": len(train), "labels": "true labels of the clean training split"},
         "calibration": {
             "target_fpr": FPR,
@@ -254,9 +197,7 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
         },
         "clean_flag_rate_swapped_halves": swapped,
         "clean_flag_rate_mean_of_both": {n: (flag_rate[n] + swapped[n]) / 2 for n in swapped},
-        "clean_accuracy_bare": float((pred_bare == y_ev).float().mean()),
-        "clean_accuracy_wrapped": float((pred_wrapped == y_ev).float().mean()),
-        "predictions_identical": bool((pred_bare == pred_wrapped).all()),
+        **accuracy,
         "knn_per_layer": per_layer,
         "attacks_evaluated": sorted(attacks),
         "seconds": {
@@ -266,6 +207,120 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
             "total": round(time.perf_counter() - t0, 3),
         },
     }
+    _save(ctx, guarded, ev_scores, attacks, adv_scores)
+    return guarded
+
+
+def _fit(ctx: AuditContext, s: DetectorSettings) -> tuple[GuardedModel, Split]:
+    """Every detector fitted on the clean training images (a seeded subset when ``s.train_images`` caps them)."""
+    train = ctx.train
+    if s.train_images is not None and len(train) > s.train_images:
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.options.seed))[: s.train_images]
+        train = Split(train.x[idx], train.y[idx])
+    # Every detector, the published anchors included, feeds the combined flag; each is also
+    # reported alone. The setting flag_with="own" keeps the anchors out of the flag.
+    flag_with = DEFAULT_DETECTORS if s.flag_with == "own" else None
+    guarded = wrap(ctx.model, [*DEFAULT_DETECTORS, *ANCHORS], combine=s.combine, flag_with=flag_with)
+    guarded.fit(train)
+    return guarded, train
+
+
+def _heldout_halves(n: int, seed: int, calibration_images: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_heldout`'s halves, each cut to ``calibration_images``; checked disjoint."""
+    cal_idx, ev_idx = split_heldout(n, seed)
+    if calibration_images is not None:
+        cal_idx, ev_idx = cal_idx[:calibration_images], ev_idx[:calibration_images]
+    shared = set(cal_idx.tolist()) & set(ev_idx.tolist())
+    if shared:
+        raise ValueError(
+            f"the calibration and evaluation halves of the held-out images must be disjoint; got {len(shared)} shared indices."
+        )
+    return cal_idx, ev_idx
+
+
+def _calibrate(
+    guarded: GuardedModel, x_all: torch.Tensor, cal_idx: torch.Tensor, ev_idx: torch.Tensor, opts: Any
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Score both halves and calibrate the thresholds on the first: (logits, scores) of both halves, calibration first."""
+    logits, scores, errors = guarded.score(x_all[torch.cat([cal_idx, ev_idx])], progress=opts.progress)
+    ncal = cal_idx.numel()
+    proxy = None
+    if guarded.combine == "weighted":  # the weights are learned on proxies of the calibration half, never on attacks
+        _, proxy, perr = guarded.score(proxy_inputs(x_all[cal_idx], seed=opts.seed), progress=opts.progress)
+        errors = {**errors, **perr}
+    guarded.calibrate_scores(
+        {k: v[:ncal] for k, v in scores.items()}, FPR, errors=errors, proxy_scores=proxy, images=x_all[cal_idx]
+    )
+    return logits, scores
+
+
+def _clean_accuracy(
+    ctx: AuditContext, x_ev: torch.Tensor, y_ev: torch.Tensor, pred_wrapped: torch.Tensor
+) -> dict[str, Any]:
+    """Clean accuracy of the bare and the wrapped model on the evaluation half, and whether they predict alike."""
+    with torch.no_grad():
+        from guard.core.models import eval_mode
+
+        with eval_mode(ctx.model):
+            pred_bare = torch.cat(
+                [ctx.model(x_ev[i : i + 512].to(ctx.options.device)).argmax(1).cpu() for i in range(0, len(x_ev), 512)]
+            )
+    return {
+        "clean_accuracy_bare": float((pred_bare == y_ev).float().mean()),
+        "clean_accuracy_wrapped": float((pred_wrapped == y_ev).float().mean()),
+        "predictions_identical": bool((pred_bare == pred_wrapped).all()),
+    }
+
+
+def _clean_flags(
+    guarded: GuardedModel, ev_scores: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Per detector (and combined): the flag rate on the evaluation half, and the same as k / n with its 95% interval."""
+    flags = {
+        n: guarded.combined.predict_scores(v) if n == COMBINED else guarded.detectors[n].predict_scores(v)
+        for n, v in ev_scores.items()
+    }
+    flag_rate = {n: float(f.float().mean()) for n, f in flags.items()}
+    clean_fpr = {
+        n: {
+            "rate": flag_rate[n],
+            "k": int(f.sum()),
+            "n": int(f.numel()),
+            "ci95": list(clopper_pearson(int(f.sum()), int(f.numel()))),
+        }
+        for n, f in flags.items()
+        if f.numel()
+    }
+    return flag_rate, clean_fpr
+
+
+def _describe(guarded: GuardedModel) -> dict[str, Any]:
+    """The detectors, their features and the combined flag's rule, weights and threshold."""
+    return {
+        "detectors": guarded.describe(),
+        "feature_layers": guarded.layers,
+        "pool": guarded.pool,
+        "left_out": guarded.left_out_,
+        "combined": {
+            "rule": guarded.combined.rule,
+            "detectors": guarded.combined.names_,
+            "weights": guarded.combined.weights_.tolist(),
+            "threshold": guarded.combined.threshold_,
+            "anchors_not_in_the_flag": [
+                n for n in ANCHORS if n in guarded.detectors and n not in guarded.combined.names_
+            ],
+        },
+    }
+
+
+def _save(
+    ctx: AuditContext,
+    guarded: GuardedModel,
+    ev_scores: dict[str, torch.Tensor],
+    attacks: dict[str, Any],
+    adv_scores: dict[str, dict[str, torch.Tensor]],
+) -> None:
+    """The ``detector_scores`` artifact and the fitted GuardedModel (OUT/guarded, its digest in the report)."""
     ctx.save_artifact(
         "detector_scores",
         score_tensors(ev_scores, attacks, adv_scores),
@@ -277,4 +332,3 @@ def _run(ctx: AuditContext, attacks: dict[str, Any]) -> GuardedModel:
     )
     ctx.report["detectors_info"]["sha256"] = guarded.save(ctx.out / "guarded", key_env=ctx.options.key_env)
     ctx.report["detectors_info"]["signed"] = ctx.options.key_env is not None
-    return guarded
