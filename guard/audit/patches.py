@@ -84,62 +84,11 @@ class PatchStep(AttackStep):
 
 def _run(ctx: AuditContext) -> AttackSet:
     s = _settings(ctx)
-    seed = ctx.options.seed
     model = ctx.model
     n_test = len(ctx.test) if s.test_images is None else min(s.test_images, len(ctx.test))
     x_test, y_test = ctx.test.x[:n_test], ctx.test.y[:n_test]
     idx = torch.arange(n_test)
-    x_train = ctx.train.x[: s.train_images]
-    shape = (int(x_test.shape[1]), tuple(x_test.shape[-2:]))
-    curves: dict[str, list[dict[str, Any]]] = {name: [] for name in NAMES}
-    fitted: dict[str, dict[float, Any]] = {k: {} for k in curves}
-    fit_seconds: dict[str, float] = {k: 0.0 for k in curves}
-    gan_kwargs = dict(s.gan_kwargs or {})
-    try:
-        last_conv_layer(model)
-    except ValueError:  # e.g. TorchScript models expose no nn.Conv2d: no feature-diversity term
-        log.warning("patch_gan: %s exposes no nn.Conv2d, training without L_d (alpha=0)", type(model).__name__)
-        gan_kwargs["alpha"] = 0.0
-    bar = tqdm(total=len(s.areas) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
-    for area in s.areas:
-        makers = {
-            GAN: lambda: PatchGAN.from_params(
-                size=area,
-                loss=s.loss,
-                steps=s.gan_steps,
-                lr=s.gan_lr,
-                max_seconds=s.gan_seconds,
-                eval_every=s.eval_every,
-                batch_size=s.batch_size,
-                seed=seed,
-                **gan_kwargs,
-            ),
-            UNIVERSAL: lambda: UniversalPatch.from_params(
-                size=area,
-                loss=s.loss,
-                steps=s.universal_steps,
-                max_seconds=s.universal_seconds,
-                eval_every=s.eval_every,
-                batch_size=s.batch_size,
-                seed=seed,
-            ),
-            RANDOM: lambda: RandomPatch(size=area, seed=seed),
-        }
-        for name, make in makers.items():
-            t0 = time.perf_counter()
-            attack = make().fit(model, x_train)
-            fit_s = time.perf_counter() - t0
-            fit_seconds[name] += fit_s
-            stats = fooling_rate_repeated(
-                model, x_test, patch_sampler(attack, *shape), repetitions=s.repetitions, seed=seed, y=y_test
-            )
-            point = {"area": area, "side": _side(attack, x_test), **stats, "fit_seconds": round(fit_s, 3)}
-            if hasattr(attack, "steps_"):
-                point.update(fit_steps=attack.steps_, val_fooling_rate=attack.val_fooling_rate_)
-            curves[name].append(point)
-            fitted[name][area] = attack
-            bar.update(1)
-    bar.close()
+    curves, fitted, fit_seconds = _fit_curves(ctx, s, x_test, y_test)
 
     section = ctx.report.setdefault("attacks", {})
     out = AttackSet()
@@ -172,7 +121,96 @@ def _run(ctx: AuditContext) -> AttackSet:
         out.results[name] = result
         ctx.save_attack(name, result, {"params": attack.params()})
 
+    _analyses(ctx, s, {name: per[head_area] for name, per in fitted.items()}, x_test, section)
+    # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
+    section[GAN]["summary"] = _summary(curves)
     gan = fitted[GAN][head_area]
+    ctx.save_artifact(
+        "patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area}
+    )
+    return out
+
+
+def _gan_kwargs(s: PatchSettings, model: Any) -> dict[str, Any]:
+    """PatchGAN's extra keyword arguments; without an nn.Conv2d in the model, no feature-diversity term."""
+    gan_kwargs = dict(s.gan_kwargs or {})
+    try:
+        last_conv_layer(model)
+    except ValueError:  # e.g. TorchScript models expose no nn.Conv2d: no feature-diversity term
+        log.warning("patch_gan: %s exposes no nn.Conv2d, training without L_d (alpha=0)", type(model).__name__)
+        gan_kwargs["alpha"] = 0.0
+    return gan_kwargs
+
+
+def _makers(s: PatchSettings, area: float, seed: int, gan_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """{attack name: a function that builds that attack, unfitted, for ``area``}."""
+    return {
+        GAN: lambda: PatchGAN.from_params(
+            size=area,
+            loss=s.loss,
+            steps=s.gan_steps,
+            lr=s.gan_lr,
+            max_seconds=s.gan_seconds,
+            eval_every=s.eval_every,
+            batch_size=s.batch_size,
+            seed=seed,
+            **gan_kwargs,
+        ),
+        UNIVERSAL: lambda: UniversalPatch.from_params(
+            size=area,
+            loss=s.loss,
+            steps=s.universal_steps,
+            max_seconds=s.universal_seconds,
+            eval_every=s.eval_every,
+            batch_size=s.batch_size,
+            seed=seed,
+        ),
+        RANDOM: lambda: RandomPatch(size=area, seed=seed),
+    }
+
+
+def _fit_curves(
+    ctx: AuditContext, s: PatchSettings, x_test: torch.Tensor, y_test: torch.Tensor
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[float, Any]], dict[str, float]]:
+    """Fit every attack at every area on the training slice and measure its fooling rate on the held-out images.
+
+    Returns (curves: per attack one point per area, fitted: per attack the attack of each area,
+    fit_seconds: per attack the training time over all areas).
+    """
+    seed, model = ctx.options.seed, ctx.model
+    x_train = ctx.train.x[: s.train_images]
+    shape = (int(x_test.shape[1]), tuple(x_test.shape[-2:]))
+    curves: dict[str, list[dict[str, Any]]] = {name: [] for name in NAMES}
+    fitted: dict[str, dict[float, Any]] = {k: {} for k in curves}
+    fit_seconds: dict[str, float] = {k: 0.0 for k in curves}
+    gan_kwargs = _gan_kwargs(s, model)
+    bar = tqdm(total=len(s.areas) * 3, desc="patch attacks", disable=not ctx.options.progress, leave=False)
+    for area in s.areas:
+        for name, make in _makers(s, area, seed, gan_kwargs).items():
+            t0 = time.perf_counter()
+            attack = make().fit(model, x_train)
+            fit_s = time.perf_counter() - t0
+            fit_seconds[name] += fit_s
+            stats = fooling_rate_repeated(
+                model, x_test, patch_sampler(attack, *shape), repetitions=s.repetitions, seed=seed, y=y_test
+            )
+            point = {"area": area, "side": _side(attack, x_test), **stats, "fit_seconds": round(fit_s, 3)}
+            if hasattr(attack, "steps_"):
+                point.update(fit_steps=attack.steps_, val_fooling_rate=attack.val_fooling_rate_)
+            curves[name].append(point)
+            fitted[name][area] = attack
+            bar.update(1)
+    bar.close()
+    return curves, fitted, fit_seconds
+
+
+def _analyses(
+    ctx: AuditContext, s: PatchSettings, head: dict[str, Any], x_test: torch.Tensor, section: dict[str, Any]
+) -> None:
+    """Class comparison, diversity and latent interpolation of the largest-area attacks (``head``), into ``section``."""
+    model, seed = ctx.model, ctx.options.seed
+    shape = (int(x_test.shape[1]), tuple(x_test.shape[-2:]))
+    gan = head[GAN]
     x_cc = x_test[: s.comparison_n]
     gen = torch.Generator().manual_seed(seed + 11)
     g_patches = gan.sample(int(x_cc.shape[0]), generator=gen)
@@ -181,20 +219,14 @@ def _run(ctx: AuditContext) -> AttackSet:
     section[GAN]["class_comparison"] = cc
     section[GAN]["diversity"] = pairwise_diversity(gan.sample(s.diversity_n, generator=gen))
     section[GAN]["latent_interpolation"] = latent_interpolation(model, gan, x_cc, points=s.interp_points, seed=seed)
-    up = fitted[UNIVERSAL][head_area]
+    up = head[UNIVERSAL]
     cc_up = class_comparison(model, x_cc, up.patch_)
     cc_up.pop("grid", None)
     section[UNIVERSAL]["class_comparison"] = cc_up
-    rp = fitted[RANDOM][head_area]
+    rp = head[RANDOM]
     section[RANDOM]["diversity"] = pairwise_diversity(
         rp.sample(s.diversity_n, channels=shape[0], image_size=shape[1], generator=gen)
     )
-    # Under patch_gan (not a top-level key) so that every entry of report["attacks"] stays an attack.
-    section[GAN]["summary"] = _summary(curves)
-    ctx.save_artifact(
-        "patch_gan_generator", dict(gan.generator_.state_dict()), {"config": gan.generator_.config(), "area": head_area}
-    )
-    return out
 
 
 def _side(attack: Any, x: torch.Tensor) -> int:
