@@ -147,15 +147,7 @@ def mask_train(
             interruption); a later call with the same ``checkpoint_dir`` goes on.
         on_epoch_end: called with each epoch's history entry.
     """
-    config.check()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
-        raise TypeError(
-            f"x must be images (N, C, H, W), uint8 or float; got {type(x).__name__} "
-            f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}."
-        )
-    y = check_labels(y, "y", n=int(x.shape[0]))
+    y = _checked_inputs(model, x, y, config)
     masks = mask_set(tuple(x.shape[-2:]), config.patch_size, config.k)
     device = model_device(model)
     opt = torch.optim.SGD(
@@ -165,20 +157,7 @@ def mask_train(
     per_epoch = math.ceil(x.shape[0] / config.batch_size)
     steps = config.epochs * per_epoch
     settings = {**asdict(config), "n": int(x.shape[0]), "augment": getattr(augment, "__name__", None)}
-    history: list[dict] = []
-    done = 0
-    if checkpoint_dir is not None and (ck := load_checkpoint(checkpoint_dir)) is not None:
-        model_state, opt_state, extra, meta = ck
-        if meta.get("settings") != settings:
-            raise ValueError(
-                f"the checkpoint in {str(checkpoint_dir)!r} is from a run with other settings ({meta.get('settings')}); "
-                f"this run has {settings}: use another checkpoint_dir or delete it."
-            )
-        model.load_state_dict(model_state)
-        opt.load_state_dict(opt_state)
-        gen.set_state(extra["gen_state"])
-        done, history = int(meta["epochs_done"]), list(meta["history"])
-        log.info("mask_train: resumed after epoch %d", done)
+    done, history = _resume(checkpoint_dir, settings, model, opt, gen)
     last = (
         config.epochs
         if stop_after is None
@@ -213,6 +192,46 @@ def mask_train(
     finally:
         model.eval()
     return history
+
+
+def _checked_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: MaskTrainConfig) -> torch.Tensor:
+    """Check the settings, the model and the images; the checked labels."""
+    config.check()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not (x.dtype == torch.uint8 or x.is_floating_point()):
+        raise TypeError(
+            f"x must be images (N, C, H, W), uint8 or float; got {type(x).__name__} "
+            f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', '')}."
+        )
+    return check_labels(y, "y", n=int(x.shape[0]))
+
+
+def _resume(
+    checkpoint_dir: str | Path | None,
+    settings: dict,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[int, list[dict]]:
+    """(epochs done, history) of the checkpoint in ``checkpoint_dir``, whose states are loaded; (0, []) without one.
+
+    A checkpoint of other settings raises ValueError.
+    """
+    if checkpoint_dir is None or (ck := load_checkpoint(checkpoint_dir)) is None:
+        return 0, []
+    model_state, opt_state, extra, meta = ck
+    if meta.get("settings") != settings:
+        raise ValueError(
+            f"the checkpoint in {str(checkpoint_dir)!r} is from a run with other settings ({meta.get('settings')}); "
+            f"this run has {settings}: use another checkpoint_dir or delete it."
+        )
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    gen.set_state(extra["gen_state"])
+    done, history = int(meta["epochs_done"]), list(meta["history"])
+    log.info("mask_train: resumed after epoch %d", done)
+    return done, history
 
 
 def masked_accuracy(
