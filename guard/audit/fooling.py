@@ -115,7 +115,6 @@ class FoolingStep(AttackStep):
 
 def _run(ctx: AuditContext) -> AttackSet:
     opts, s = ctx.options, ctx.settings.fooling
-    threshold = s.threshold
     shape = tuple(int(d) for d in ctx.test.x.shape[1:])
     with torch.no_grad():
         num_classes = int(ctx.model(ctx.test.x[:1].to(opts.device)).shape[1])
@@ -123,7 +122,27 @@ def _run(ctx: AuditContext) -> AttackSet:
     results: dict[str, AttackResult] = {}
     cls = target_classes(num_classes, s.classes, opts.seed)
 
-    # Gradient ascent: best image per class is the "archive"; all samples go to the detectors.
+    attacks[GRADIENT], results[GRADIENT] = _gradient_ascent(ctx, shape, cls)
+    ctx.save_attack(GRADIENT, results[GRADIENT])
+    cppn_options = _cppn_options(s)
+    # Both encodings run until every class has an image at the threshold (then 100 generations
+    # more for the extra positives), at most 1,500 generations: a fixed 100 CPPN generations left
+    # classes unfilled on some seeds (MNIST) and on natural images (2 of 10 on CIFAR-10 with 30 parents).
+    for name, encoding in ((DIRECT, "direct"), (CPPN, "cppn")):
+        attacks[name], results[name] = _evolution(ctx, encoding, shape, cls, cppn_options)
+        ctx.save_attack(name, results[name])
+
+    if s.transfer:
+        _transfer(ctx, results, attacks)
+    return AttackSet(results)
+
+
+def _gradient_ascent(
+    ctx: AuditContext, shape: tuple[int, ...], cls: torch.Tensor
+) -> tuple[dict[str, Any], AttackResult]:
+    """Gradient ascent: the best image per class is the "archive"; all samples go to the detectors."""
+    opts, s = ctx.options, ctx.settings.fooling
+    threshold = s.threshold
     grad = FoolingGradient(
         steps=s.grad_steps,
         lr=s.grad_lr,
@@ -144,72 +163,76 @@ def _run(ctx: AuditContext) -> AttackSet:
     e["steps"] = int(first.max()) + 1 if bool((first < grad.steps).all()) else grad.steps
     e["generations"] = e["steps"]
     e["images_at_threshold"] = int(res.success.sum())
-    attacks[GRADIENT] = e
-    results[GRADIENT] = res
-    ctx.save_attack(GRADIENT, res)
+    return e, res
 
-    # the CPPN encoding's settings (the direct encoding runs with its defaults); refine_steps only
-    # with refinement on, so that report.json keeps the default there when refine_every is 0
+
+def _cppn_options(s: Any) -> CPPNOptions:
+    """The CPPN encoding's settings (the direct encoding runs with its defaults)."""
+    # refine_steps only with refinement on, so that report.json keeps the default there when refine_every is 0
     refine = {"refine_every": s.refine_every, "refine_steps": s.refine_steps} if s.refine_every else {}
-    cppn_options = CPPNOptions(
+    return CPPNOptions(
         init_hidden=s.cppn_hidden,
         rates=MutationRates(add_node=s.cppn_add_node),
         polish_steps=s.polish_steps,
         polish_starts=s.polish_starts,
         **refine,
     )
-    # Both encodings run until every class has an image at the threshold (then 100 generations
-    # more for the extra positives), at most 1,500 generations: a fixed 100 CPPN generations left
-    # classes unfilled on some seeds (MNIST) and on natural images (2 of 10 on CIFAR-10 with 30 parents).
-    for name, encoding in ((DIRECT, "direct"), (CPPN, "cppn")):
-        evo = FoolingEvolution(
-            encoding=encoding,
-            population=s.population,
-            generations=s.generations,
-            threshold=threshold,
-            stop_when_done=True,
-            extra_generations=s.extra_generations,
-            parent_selection=s.selection,
-            extra_samples=s.extra_samples,
-            cppn=cppn_options if encoding == "cppn" else None,
-            seed=opts.seed,
-        )
-        t0 = time.perf_counter()
-        res = evo(ctx.model, shape=shape, classes=cls)
-        sec = time.perf_counter() - t0
-        ex = res.extras
-        e = _entry(res, cls, threshold, evo.params(), sec, ex["elite_confidence"], ex["elite_label"])
+
+
+def _evolution(
+    ctx: AuditContext, encoding: str, shape: tuple[int, ...], cls: torch.Tensor, cppn_options: CPPNOptions
+) -> tuple[dict[str, Any], AttackResult]:
+    """MAP-Elites with one encoding ("direct" or "cppn"): the report entry and the result."""
+    opts, s = ctx.options, ctx.settings.fooling
+    threshold = s.threshold
+    evo = FoolingEvolution(
+        encoding=encoding,
+        population=s.population,
+        generations=s.generations,
+        threshold=threshold,
+        stop_when_done=True,
+        extra_generations=s.extra_generations,
+        parent_selection=s.selection,
+        extra_samples=s.extra_samples,
+        cppn=cppn_options if encoding == "cppn" else None,
+        seed=opts.seed,
+    )
+    t0 = time.perf_counter()
+    res = evo(ctx.model, shape=shape, classes=cls)
+    sec = time.perf_counter() - t0
+    ex = res.extras
+    e = _entry(res, cls, threshold, evo.params(), sec, ex["elite_confidence"], ex["elite_label"])
+    e.update(
+        {
+            "generations": ex["generations"],
+            "generation_all_fooled": ex["generation_all_fooled"],
+            "evaluations": ex["evaluations"],
+            "refine_evaluations": ex["refine_evaluations"],
+            "history": ex["history"][-20:],
+        }
+    )
+    if "elite_confidence_before_polish" in ex:
+        before = ex["elite_confidence_before_polish"]
         e.update(
             {
-                "generations": ex["generations"],
-                "generation_all_fooled": ex["generation_all_fooled"],
-                "evaluations": ex["evaluations"],
-                "refine_evaluations": ex["refine_evaluations"],
-                "history": ex["history"][-20:],
+                "classes_fooled_before_polish": sorted(
+                    int(c) for c, v in zip(ex["elite_label"].tolist(), before.tolist()) if v >= threshold
+                ),
+                "min_confidence_before_polish": float(before.double().min()) if before.numel() else 0.0,
+                "polish_evaluations": ex["polish_evaluations"],
             }
         )
-        if "elite_confidence_before_polish" in ex:
-            before = ex["elite_confidence_before_polish"]
-            e.update(
-                {
-                    "classes_fooled_before_polish": sorted(
-                        int(c) for c, v in zip(ex["elite_label"].tolist(), before.tolist()) if v >= threshold
-                    ),
-                    "min_confidence_before_polish": float(before.double().min()) if before.numel() else 0.0,
-                    "polish_evaluations": ex["polish_evaluations"],
-                }
-            )
-        attacks[name] = e
-        results[name] = res
-        ctx.save_attack(name, res)
+    return e, res
 
-    if s.transfer:
-        t0 = time.perf_counter()
-        other = second_model(ctx, s.transfer_epochs)
-        if other is not None:
-            for name, res in results.items():
-                tr = transfer_check(other, res.x_adv, res.extras["label"], threshold=threshold)
-                tr["second_model"] = "DemoNet(width=8, hidden=32), seed+1"
-                attacks[name]["transfer"] = tr
-        log.info("fooling transfer check: %.1f s", time.perf_counter() - t0)
-    return AttackSet(results)
+
+def _transfer(ctx: AuditContext, results: dict[str, AttackResult], attacks: dict[str, Any]) -> None:
+    """Do the fooling images fool a second model? Into each attack's ``transfer`` entry."""
+    s = ctx.settings.fooling
+    t0 = time.perf_counter()
+    other = second_model(ctx, s.transfer_epochs)
+    if other is not None:
+        for name, res in results.items():
+            tr = transfer_check(other, res.x_adv, res.extras["label"], threshold=s.threshold)
+            tr["second_model"] = "DemoNet(width=8, hidden=32), seed+1"
+            attacks[name]["transfer"] = tr
+    log.info("fooling transfer check: %.1f s", time.perf_counter() - t0)
