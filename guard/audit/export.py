@@ -79,11 +79,27 @@ class ExportStep(Step):
 def _run(
     ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None, attack_results: dict[str, Any]
 ) -> None:
-    from guard.export import build_export_head, compare_with_guarded, load_session, to_onnx
-    from guard.export.parity import compare_outputs, run_reference, run_session, serving_batch
+    from guard.export import load_session, to_onnx
 
     t0 = time.perf_counter()
-    s = ctx.settings.export
+    obj, source = _export_source(ctx, guarded, hardened)
+    path = ctx.out / "model.onnx"
+    x_test = ctx.test.x
+    rep = to_onnx(obj, path, x_test[:8], strict=False, parity_inputs=x_test[:64], key_env=ctx.options.key_env)
+    sess = load_session(
+        path, device="cpu", strict=True, threads=1, key_env=ctx.options.key_env, expected_sha256=rep.sha256
+    )
+    section = _export_section(path, source, rep, sess)
+    _full_parity(ctx, obj, sess, attack_results, section)
+    section["latency_ms"] = _latency(ctx, obj, sess)
+    section["seconds"] = round(time.perf_counter() - t0, 3)
+    ctx.report["export"] = section
+
+
+def _export_source(
+    ctx: AuditContext, guarded: GuardedModel | None, hardened: RejectClassifier | None
+) -> tuple[Any, str]:
+    """What to export, and its name: the hardened model (with the detectors refitted on it), the guarded model or the model."""
     source = "model"
     if hardened is not None:
         obj = _harden_guarded(ctx, hardened, guarded) if guarded is not None else hardened
@@ -92,13 +108,12 @@ def _run(
         obj, source = guarded, "guarded"
     else:
         obj = ctx.model
-    path = ctx.out / "model.onnx"
-    x_test = ctx.test.x
-    rep = to_onnx(obj, path, x_test[:8], strict=False, parity_inputs=x_test[:64], key_env=ctx.options.key_env)
-    sess = load_session(
-        path, device="cpu", strict=True, threads=1, key_env=ctx.options.key_env, expected_sha256=rep.sha256
-    )
-    section: dict[str, Any] = {
+    return obj, source
+
+
+def _export_section(path: Any, source: str, rep: Any, sess: Any) -> dict[str, Any]:
+    """The export report's first entries: the graph, its parity on 64 images and the session."""
+    return {
         "path": str(path),
         "source": source,
         "opset": rep.opset,
@@ -121,7 +136,17 @@ def _run(
         "export_seconds": rep.seconds,
         "versions": rep.versions,
     }
-    # full-set checks: the held-out images and every attack set
+
+
+def _full_parity(
+    ctx: AuditContext, obj: Any, sess: Any, attack_results: dict[str, Any], section: dict[str, Any]
+) -> None:
+    """Full-set checks: PyTorch vs the graph on the held-out images and every attack set, into ``section``."""
+    from guard.export import build_export_head, compare_with_guarded
+    from guard.export.parity import compare_outputs, run_reference, run_session
+
+    s = ctx.settings.export
+    x_test = ctx.test.x
     n_eval = len(ctx.test) if s.eval_images is None else s.eval_images
     sets: dict[str, torch.Tensor] = {"clean": x_test[:n_eval]}
     for name, res in attack_results.items():
@@ -149,7 +174,14 @@ def _run(
     section["flags_identical"] = flags_identical
     # a calibration image whose score *is* the threshold may flip on a last-bit difference
     section["flags_identical_except_borderline"] = unexplained == 0
-    # latency: onnxruntime CPU (1 thread) vs PyTorch eager (the guarded model as served)
+
+
+def _latency(ctx: AuditContext, obj: Any, sess: Any) -> dict[str, Any]:
+    """Latency: onnxruntime CPU (1 thread) vs PyTorch eager (the guarded model as served), at batch 1 and batch_B."""
+    from guard.export.parity import serving_batch
+
+    s = ctx.settings.export
+    x_test = ctx.test.x
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -173,6 +205,4 @@ def _run(
         lat["threads"] = 1
     finally:
         torch.set_num_threads(torch_threads)
-    section["latency_ms"] = lat
-    section["seconds"] = round(time.perf_counter() - t0, 3)
-    ctx.report["export"] = section
+    return lat
