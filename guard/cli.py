@@ -349,8 +349,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_harden(sub: argparse._SubParsersAction) -> None:
-    from guard.training import ROUND_ATTACKS, HardenConfig
-    from guard.training.online_losses import ONLINE_METHODS
+    from guard.training import HardenConfig
 
     d = HardenConfig()
     p = sub.add_parser(
@@ -363,6 +362,23 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         "guard.training.HardenConfig's.",
     )
     _add_model_and_data(p, "'module:callable' giving an nn.Module (its last nn.Linear, or --head, grows)")
+    _add_harden_rounds(p, d)
+    _add_harden_online(p, d)
+    _add_harden_training(p, d)
+    p.add_argument("--out", default="out-harden", metavar="DIR")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+    p.add_argument("--device", default="cpu")
+    _add_threads(p)
+    _add_key_env(p, "OUT/hardened_model.safetensors")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_harden)
+
+
+def _add_harden_rounds(p: argparse.ArgumentParser, d: Any) -> None:
+    """``guard harden``'s options of the offline rounds (``d``: the default HardenConfig)."""
+    from guard.training import ROUND_ATTACKS
+
     p.add_argument("--head", default=d.head, help="dotted name of the classifier's final nn.Linear")
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--epochs-per-round", type=int, default=d.epochs_per_round)
@@ -378,6 +394,12 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         help=f"comma-separated round attacks (default {','.join(d.attacks)}; choose from {','.join(ROUND_ATTACKS)})",
     )
     p.add_argument("--budget", choices=["quick", "default"], default="default", help="attack sizes per round")
+
+
+def _add_harden_online(p: argparse.ArgumentParser, d: Any) -> None:
+    """``guard harden``'s options of the online methods (``d``: the default HardenConfig)."""
+    from guard.training.online_losses import ONLINE_METHODS
+
     p.add_argument(
         "--method",
         default="rounds",
@@ -412,6 +434,10 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         metavar="BATCHES",
         help="online methods: also checkpoint every this many batches inside an epoch",
     )
+
+
+def _add_harden_training(p: argparse.ArgumentParser, d: Any) -> None:
+    """``guard harden``'s fine-tuning options shared by every method (``d``: the default HardenConfig)."""
     p.add_argument(
         "--lr",
         type=float,
@@ -445,14 +471,6 @@ def _add_harden(sub: argparse._SubParsersAction) -> None:
         help="a safetensors file of known-bad images (tensor 'x', N x C x H x W floats in [0, 1]), labelled reject "
         "from round 1 on beside each round's attacks (e.g. fooling images of a longer evolution run)",
     )
-    p.add_argument("--out", default="out-harden", metavar="DIR")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
-    p.add_argument("--device", default="cpu")
-    _add_threads(p)
-    _add_key_env(p, "OUT/hardened_model.safetensors")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_harden)
 
 
 def _cmd_harden(args: argparse.Namespace) -> int:
