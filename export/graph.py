@@ -202,16 +202,7 @@ def build_export_head(
         ValueError: a GuardedModel that is not calibrated, or (strict) a detector that has no head.
     """
     guarded = hasattr(obj, "detectors") and hasattr(obj, "model")
-    if isinstance(leave_out, str):  # one name, not its letters ("knn" in "knn_consistency" would match)
-        leave_out = [leave_out]
-    if not isinstance(leave_out, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in leave_out):
-        raise TypeError(f"leave_out must be a list of detector names; got {leave_out!r:.80}.")
-    unknown = sorted(set(leave_out) - set(obj.detectors)) if guarded else []
-    if unknown:
-        raise ValueError(
-            f"leave_out names {unknown}, which are not detectors of this GuardedModel ({sorted(obj.detectors)})."
-        )
-    leave_out = set(leave_out)
+    leave_out = _checked_leave_out(obj, leave_out, guarded)
     model = exportable_normalize(obj.model if guarded else obj)
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
         model = copy.deepcopy(model).cpu()
@@ -223,44 +214,8 @@ def build_export_head(
     if guarded:
         if getattr(obj, "combined", None) is None:
             raise ValueError("the GuardedModel is not calibrated: call calibrate() before exporting it.")
-        for name, det in obj.detectors.items():
-            if name in leave_out:
-                notes["left_out"][name] = "left out by the caller"
-                continue
-            try:
-                heads[name] = det.export_head()
-            except (NotImplementedError, ValueError) as err:
-                if strict:
-                    raise ValueError(
-                        f"detector {name!r} cannot be exported: {err} (pass leave_out=[{name!r}] or strict=False)"
-                    ) from err
-                notes["left_out"][name] = str(err)
-                continue
-            if hasattr(det, "threshold_"):
-                thresholds[name] = float(det.threshold_)
-            notes["exported"].append(name)
-        missing = [n for n in obj.combined.names_ if n not in heads]
-        if missing:
-            # the combined flag needs every member; a partial max can flag less than GuardedModel
-            notes["combined"] = (
-                f"the combined score uses {missing}, which are not in the graph; the exported combined score "
-                f"is the max over the others only and can differ from GuardedModel's"
-            )
-            notes["combined_partial"] = True
-            from guard.detectors import Combined
-
-            part = Combined([n for n in obj.combined.names_ if n in heads], rule=obj.combined.rule)
-            idx = torch.tensor([obj.combined.names_.index(n) for n in part.names], dtype=torch.long)
-            for a in ("ref_", "counts_", "top_", "loc_", "scale_", "weights_"):
-                setattr(part, a, getattr(obj.combined, a)[idx])
-            part.names_, part.fitted_ = list(part.names), True
-            comb_src = part
-        else:
-            comb_src = obj.combined
-        if comb_src.names_:
-            combined = comb_src.export_head()
-            thresholds["combined"] = float(obj.combined.threshold_)
-            notes["exported"].append("combined")
+        heads, thresholds = _detector_heads(obj, leave_out, strict, notes)
+        combined = _combined_head(obj, heads, thresholds, notes)
     if reject is not None:
         notes["exported"].append("reject")
     layers = list(
@@ -288,6 +243,75 @@ def build_export_head(
     with eval_mode(head.float_model), eval_mode(head.backbone):
         head(example.float())
     return head, notes
+
+
+def _checked_leave_out(obj: nn.Module, leave_out: Sequence[str], guarded: bool) -> set[str]:
+    """``leave_out`` as a set of names, each one a detector of ``obj``."""
+    if isinstance(leave_out, str):  # one name, not its letters ("knn" in "knn_consistency" would match)
+        leave_out = [leave_out]
+    if not isinstance(leave_out, (list, tuple, set, frozenset)) or not all(isinstance(n, str) for n in leave_out):
+        raise TypeError(f"leave_out must be a list of detector names; got {leave_out!r:.80}.")
+    unknown = sorted(set(leave_out) - set(obj.detectors)) if guarded else []
+    if unknown:
+        raise ValueError(
+            f"leave_out names {unknown}, which are not detectors of this GuardedModel ({sorted(obj.detectors)})."
+        )
+    return set(leave_out)
+
+
+def _detector_heads(
+    obj: Any, leave_out: set[str], strict: bool, notes: dict[str, Any]
+) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """(export head, threshold) of every detector not left out; each one left out gets its reason in ``notes``."""
+    heads: dict[str, nn.Module] = {}
+    thresholds: dict[str, float] = {}
+    for name, det in obj.detectors.items():
+        if name in leave_out:
+            notes["left_out"][name] = "left out by the caller"
+            continue
+        try:
+            heads[name] = det.export_head()
+        except (NotImplementedError, ValueError) as err:
+            if strict:
+                raise ValueError(
+                    f"detector {name!r} cannot be exported: {err} (pass leave_out=[{name!r}] or strict=False)"
+                ) from err
+            notes["left_out"][name] = str(err)
+            continue
+        if hasattr(det, "threshold_"):
+            thresholds[name] = float(det.threshold_)
+        notes["exported"].append(name)
+    return heads, thresholds
+
+
+def _combined_head(
+    obj: Any, heads: dict[str, nn.Module], thresholds: dict[str, float], notes: dict[str, Any]
+) -> nn.Module | None:
+    """The combined score's head over the detectors in the graph (None when none is); its threshold into ``thresholds``."""
+    missing = [n for n in obj.combined.names_ if n not in heads]
+    if missing:
+        # the combined flag needs every member; a partial max can flag less than GuardedModel
+        notes["combined"] = (
+            f"the combined score uses {missing}, which are not in the graph; the exported combined score "
+            f"is the max over the others only and can differ from GuardedModel's"
+        )
+        notes["combined_partial"] = True
+        from guard.detectors import Combined
+
+        part = Combined([n for n in obj.combined.names_ if n in heads], rule=obj.combined.rule)
+        idx = torch.tensor([obj.combined.names_.index(n) for n in part.names], dtype=torch.long)
+        for a in ("ref_", "counts_", "top_", "loc_", "scale_", "weights_"):
+            setattr(part, a, getattr(obj.combined, a)[idx])
+        part.names_, part.fitted_ = list(part.names), True
+        comb_src = part
+    else:
+        comb_src = obj.combined
+    if not comb_src.names_:
+        return None
+    combined = comb_src.export_head()
+    thresholds["combined"] = float(obj.combined.threshold_)
+    notes["exported"].append("combined")
+    return combined
 
 
 def _conv_backward(
