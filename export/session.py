@@ -189,46 +189,14 @@ def load_session(
     """
     import onnxruntime as ort
 
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be True or False; got {type(strict).__name__} {strict!r}.")
-    if not isinstance(device, str) or device.lower() not in _PROVIDERS:
-        raise ValueError(f"device must be 'cuda' or 'cpu'; got {device!r}.")
-    device = device.lower()
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
-    p = Path(os.fspath(path))
-    if not p.is_file():
-        raise ValueError(f"path {str(p)!r} is not a file; export one with export.to_onnx first.")
-    if threads is not None:
-        threads = check_int(threads, "threads", "load_session", low=1)
-    secret = resolve_key(key, key_env)
-    expected_sha256 = pinned_sha256(expected_sha256)
-    levels = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }
-    if optimization not in levels:
-        raise ValueError(f"optimization must be one of {sorted(levels)}; got {optimization!r}.")
+    p, device, threads, secret, expected_sha256, level = _checked_arguments(
+        path, device, strict, threads, optimization, key, key_env, expected_sha256
+    )
     available = list(ort.get_available_providers())
     report = SessionReport(requested=device, available=available, providers=[])
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            msg = (
-                f"device='cuda' was requested but this onnxruntime build has no CUDAExecutionProvider (available: "
-                f"{available}); install onnxruntime-gpu (the 'gpu' extra) on a machine with an NVIDIA GPU, or pass device='cpu'"
-            )
-            if strict:
-                raise ProviderError(msg + ", or strict=False to record the fallback and run on the CPU.")
-            report.fell_back = True
-            report.notes.append(msg + "; running on CPUExecutionProvider (strict=False).")
-            log.warning("%s; running on the CPU (strict=False)", msg)
-        else:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = _providers(device, available, strict, report)
     opts = ort.SessionOptions()
-    opts.graph_optimization_level = levels[optimization]
+    opts.graph_optimization_level = level
     if threads is not None:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
@@ -257,6 +225,69 @@ def load_session(
     gs = GuardSession(sess, report)
     dummy = np.zeros([1 if d is None else d for d in gs.input_shape], dtype=np.float32)
     sess.run(None, {gs.input_name: dummy})
+    _check_placement(sess, device, strict, report)
+    return gs
+
+
+def _checked_arguments(
+    path: Any,
+    device: Any,
+    strict: Any,
+    threads: int | None,
+    optimization: str,
+    key: bytes | None,
+    key_env: str | None,
+    expected_sha256: str | None,
+) -> tuple[Path, str, int | None, bytes | None, str | None, Any]:
+    """``load_session``'s arguments checked, in order: (path, device, threads, secret, pinned digest, optimisation level)."""
+    import onnxruntime as ort
+
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False; got {type(strict).__name__} {strict!r}.")
+    if not isinstance(device, str) or device.lower() not in _PROVIDERS:
+        raise ValueError(f"device must be 'cuda' or 'cpu'; got {device!r}.")
+    device = device.lower()
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {type(path).__name__}.")
+    p = Path(os.fspath(path))
+    if not p.is_file():
+        raise ValueError(f"path {str(p)!r} is not a file; export one with export.to_onnx first.")
+    if threads is not None:
+        threads = check_int(threads, "threads", "load_session", low=1)
+    secret = resolve_key(key, key_env)
+    expected_sha256 = pinned_sha256(expected_sha256)
+    levels = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {sorted(levels)}; got {optimization!r}.")
+    return p, device, threads, secret, expected_sha256, levels[optimization]
+
+
+def _providers(device: str, available: list[str], strict: bool, report: SessionReport) -> list[str]:
+    """The execution providers to ask for; a CUDA request without CUDA raises (strict) or is recorded as a fallback."""
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            msg = (
+                f"device='cuda' was requested but this onnxruntime build has no CUDAExecutionProvider (available: "
+                f"{available}); install onnxruntime-gpu (the 'gpu' extra) on a machine with an NVIDIA GPU, or pass device='cpu'"
+            )
+            if strict:
+                raise ProviderError(msg + ", or strict=False to record the fallback and run on the CPU.")
+            report.fell_back = True
+            report.notes.append(msg + "; running on CPUExecutionProvider (strict=False).")
+            log.warning("%s; running on the CPU (strict=False)", msg)
+        else:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return providers
+
+
+def _check_placement(sess: Any, device: str, strict: bool, report: SessionReport) -> None:
+    """Record where the nodes of the first run went; on CUDA, compute nodes on the CPU raise (strict) or are recorded."""
     nodes = _node_placement(sess)
     report.node_providers = dict(Counter(n["provider"] for n in nodes))
     if device == "cuda" and "CUDAExecutionProvider" in report.providers:
@@ -271,4 +302,3 @@ def load_session(
             report.fell_back = True
             report.notes.append(msg)
             log.warning("%s", msg)
-    return gs
