@@ -115,9 +115,7 @@ def evaluate_adaptive(
     n = check_int(n, "n", "evaluate_adaptive", low=1)
     steps = check_int(steps, "steps", "evaluate_adaptive", low=1)
     budgets, headline = _budgets(eps, x)
-    device = next((p.device for p in guarded.model.parameters()), torch.device("cpu"))
-    xs = x[:n]
-    ys, correct = _clean_labels(guarded.model, data, xs, device)
+    xs, ys, correct, device = _attacked_images(guarded.model, data, x, n)
     attack_kw = _ensemble_settings(
         guarded,
         data,
@@ -151,12 +149,17 @@ def evaluate_adaptive(
     }
 
 
-def _clean_labels(model: Any, data: Any, xs: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The labels attacked (the data's, else the model's) and which images the model gets right clean."""
+def _attacked_images(
+    model: Any, data: Any, x: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.device]:
+    """The first ``n`` images, their labels (the data's, else the model's), which of them the model
+    classifies correctly clean, and the model's device."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    xs = x[:n]
     with torch.no_grad():
         pred = torch.cat([model(xs[i : i + 500].to(device)).argmax(1).cpu() for i in range(0, xs.shape[0], 500)])
-    ys = data.y[: xs.shape[0]].cpu().long() if isinstance(data, Split) else pred
-    return ys, pred == ys
+    ys = data.y[:n].cpu().long() if isinstance(data, Split) else pred
+    return xs, ys, pred == ys, device
 
 
 def _check_inputs(guarded: Any, data: Any) -> torch.Tensor:

@@ -485,11 +485,10 @@ def evaluate_robust(
             _loss_curves(model, split, state.correct, eps, real, reject, budget, seed, device) if budget.curves else {}
         )
     flags = _warn(unavailable, checks, per_attack)
-    count = len(split)
-    rates, counts, intervals = _figures(state, pred, real, count)
+    rates, counts, intervals = _figures(state, pred, real, len(split))
     return {
         "eps": eps,
-        "n": count,
+        "n": len(split),
         **rates,
         "attacks": list(per_attack),
         "reject_model": reject,
