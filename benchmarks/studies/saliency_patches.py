@@ -11,8 +11,9 @@ score ranks patched images above clean ones, 0.5 = chance):
 - the concentration family, varied along the axes the issue names: the map (``saliency`` |grad|,
   ``input_x_gradient`` |x * grad|), the window (the patch side 5, the default 7, 9) or the top-k
   share (2.5%, 5%), of the predicted class;
-- the mass itself (the map's total, not its share): is a patched image's gradient larger
-  everywhere rather than more concentrated?
+- the mass itself (the map's total, not its share), both ways (``_mass``: larger flags;
+  ``_low_mass``: smaller flags): is a patched image's gradient larger or smaller everywhere,
+  rather than more concentrated?
 - ``occlusion_W``: SentiNet's test (Chou et al. 2020) on the map: find the window of side W with
   the most saliency mass, cover it with grey (0.5) and score the best other class's logit minus the
   whole image's label's (> 0: covering the most salient square changes the label);
@@ -91,6 +92,7 @@ def scores(model: torch.nn.Module, x: torch.Tensor, masking) -> dict[str, torch.
             for k in (0.025, 0.05):
                 add(f"{m}_top{k:g}", topk_share(a, k))
             add(f"{m}_mass", a.flatten(1).sum(1))
+            add(f"{m}_low_mass", -a.flatten(1).sum(1))  # the direction flipped: a smaller gradient flags
         for w in WINDOWS:
             add(f"occlusion_{w}", _occlusion_score(model, xb, maps["saliency"], pred, w))
         add("masking", masking.score(model, xb))
