@@ -1,6 +1,7 @@
 """Detectors: saliency concentration (Captum), kNN rank (FAISS), PPCA in-manifold likelihood,
 kNN label consistency, feature squeezing, PatchCleanser's masking (Xiang et al. 2022; certified
-against one patch, not a default: it costs one forward pass per mask), and the published anchors
+against one patch, not a default: it costs one forward pass per mask), SentiNet's occlusion of the
+most salient square (Chou et al. 2020; uncertified, not a default), and the published anchors
 Mahalanobis (Lee et al. 2018) and LID (Ma et al. 2018); ``Combined`` turns their scores into one flag.
 
 All follow scikit-learn conventions (see :mod:`guard.detectors.base`): fit on clean data,
@@ -18,6 +19,7 @@ from guard.detectors.knn import KNNConsistency, KNNRank
 from guard.detectors.lid import LIDDetector
 from guard.detectors.mahalanobis import MahalanobisDetector
 from guard.detectors.masking import MaskingDetector
+from guard.detectors.occlusion import SalientOcclusion
 from guard.detectors.ppca import PPCAManifold
 from guard.detectors.saliency import SaliencyConcentration
 from guard.detectors.squeeze import BitDepthSqueeze
@@ -30,6 +32,8 @@ DETECTORS: dict[str, type[Detector]] = {
     "knn_consistency": KNNConsistency,
     "squeeze": BitDepthSqueeze,
     "masking": MaskingDetector,
+    # SentiNet's occlusion of the most salient square (uncertified; not a default either)
+    "occlusion": SalientOcclusion,
     # the published anchors guard is measured against (Lee et al. 2018; Ma et al. 2018)
     "mahalanobis": MahalanobisDetector,
     "lid": LIDDetector,
@@ -49,4 +53,5 @@ __all__ = [
     "MaskingDetector",
     "PPCAManifold",
     "SaliencyConcentration",
+    "SalientOcclusion",
 ]

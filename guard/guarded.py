@@ -592,7 +592,8 @@ def wrap(
         detectors: names from :data:`guard.detectors.DETECTORS` ("saliency", "knn", "ppca",
             "knn_consistency", "squeeze", the anchors "mahalanobis" and "lid", and "masking":
             PatchCleanser's one-mask round, certified against one patch, K forward passes per
-            image), Detector instances (e.g. ``MaskingDetector(patch_size=5)``), or a dict
+            image; "occlusion": SentiNet's test on the saliency map, uncertified, one extra
+            forward pass), Detector instances (e.g. ``MaskingDetector(patch_size=5)``), or a dict
             name -> Detector. Default: the first five. Named detectors get their default configuration on the feature
             layers (``DETECTORS[name].default(layers)``: kNN rank and consistency on the last
             two, PPCA on the last); a default detector that cannot run on the model is left

@@ -19,7 +19,7 @@ HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 @pytest.fixture(scope="module")
 def guarded(tiny_model, small_split):
     train, test = small_split
-    g = guard.wrap(tiny_model).fit(train)
+    g = guard.wrap(tiny_model, [*guard.DEFAULT_DETECTORS, "occlusion"]).fit(train)  # occlusion: not a default
     g.calibrate(test.x[:128], fpr=0.05)
     return g
 
@@ -42,6 +42,7 @@ def test_guarded_graph_matches_pytorch_at_batch_1_odd_64(exported):
         "knn_score",
         "ppca_loglik",
         "saliency_score",
+        "occlusion_score",
         "squeeze_score",
         "knn_consistency_score",
         "combined_score",
@@ -68,7 +69,14 @@ def test_graph_matches_the_guarded_models_own_scores(guarded, exported, small_sp
     figs = compare_with_guarded(guarded, sess, test.x, head=head)
     assert figs["logits"]["max_abs"] <= 1e-4
     assert figs["pred"]["agreement"] == 1.0
-    for name in ("knn_score", "ppca_score", "saliency_score", "squeeze_score", "knn_consistency_score"):
+    for name in (
+        "knn_score",
+        "ppca_score",
+        "saliency_score",
+        "occlusion_score",
+        "squeeze_score",
+        "knn_consistency_score",
+    ):
         assert figs[name]["passed"], (name, figs[name])
     for name, v in figs.items():
         if name.startswith("flag_"):
@@ -110,14 +118,16 @@ def test_skip_connection_and_batchnorm_export_with_saliency(tmp_path):
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)
     x = torch.rand(160, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    g = guard.wrap(model, ["saliency", "knn", "ppca"]).fit(x[:64])
+    g = guard.wrap(model, ["saliency", "occlusion", "knn", "ppca"]).fit(x[:64])
     g.calibrate(x[64:96])
     x = x[96:]  # neither fitted nor calibrated on
     rep = to_onnx(g, tmp_path / "r.onnx", x[:4], parity_inputs=x)
     assert rep.parity["passed"], rep.parity["outputs"]
-    assert "saliency_score" in rep.output_names and rep.parity["outputs"]["saliency_score"]["max_abs"] < 1e-5
+    for name in ("saliency_score", "occlusion_score"):
+        assert name in rep.output_names and rep.parity["outputs"][name]["max_abs"] < 1e-5, rep.parity["outputs"][name]
     figs = compare_with_guarded(g, load_session(tmp_path / "r.onnx", "cpu"), x, head=build_export_head(g, x[:4])[0])
     assert figs["saliency_score"]["passed"], figs["saliency_score"]  # against Captum itself
+    assert figs["occlusion_score"]["passed"], figs["occlusion_score"]  # against the eager detector
 
 
 def test_strict_cuda_on_a_cpu_only_machine(exported):

@@ -91,7 +91,7 @@ class _Negated(torch.nn.Module):
         return -(out["score"] if isinstance(out, dict) else out)
 
 
-@pytest.mark.parametrize("name", ["knn", "ppca", "saliency", "masking"])
+@pytest.mark.parametrize("name", ["knn", "ppca", "saliency", "masking", "occlusion"])
 def test_a_surrogate_pointing_the_wrong_way_raises_the_real_score(guarded_all, pgd_batch, name):
     """The check above is not vacuous: the negated stand-in fails it (the real score rises)."""
     head = _Negated(guarded_all.detectors[name].export_head().eval())

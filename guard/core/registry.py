@@ -205,6 +205,7 @@ DETECTOR_INFO: tuple[DetectorInfo, ...] = (
     DetectorInfo("mahalanobis", "Mahalanobis (Lee et al. 2018)", "anchor", True),
     DetectorInfo("lid", "LID (Ma et al. 2018)", "anchor", True),
     DetectorInfo("masking", "PatchCleanser masking", "optional", False),
+    DetectorInfo("occlusion", "salient-window occlusion (SentiNet)", "optional", False),
     DetectorInfo(COMBINED, "combined flag", "combined", True),
 )
 
