@@ -17,6 +17,8 @@ score ranks patched images above clean ones, 0.5 = chance):
 - ``occlusion_W``: SentiNet's test (Chou et al. 2020) on the map: find the window of side W with
   the most saliency mass, cover it with grey (0.5) and score the best other class's logit minus the
   whole image's label's (> 0: covering the most salient square changes the label);
+- ``occlusion_detector``: the same test as guard ships it, :class:`guard.detectors.SalientOcclusion`
+  with the patch side as its window (it should equal ``occlusion_5``);
 - ``masking``: the :class:`MaskingDetector`'s one-mask score (36 masks) for reference.
 
 Every score is computed on two disjoint sets of ``test``: ``test[800:1100]`` (the choice split:
@@ -73,7 +75,7 @@ def _occlusion_score(model: torch.nn.Module, x: torch.Tensor, attr: torch.Tensor
     return other - own
 
 
-def scores(model: torch.nn.Module, x: torch.Tensor, masking) -> dict[str, torch.Tensor]:
+def scores(model: torch.nn.Module, x: torch.Tensor, masking, occlusion) -> dict[str, torch.Tensor]:
     """Every variant's score per image (higher = more suspicious)."""
     from guard.detectors.saliency import topk_share, window_share
 
@@ -96,6 +98,7 @@ def scores(model: torch.nn.Module, x: torch.Tensor, masking) -> dict[str, torch.
         for w in WINDOWS:
             add(f"occlusion_{w}", _occlusion_score(model, xb, maps["saliency"], pred, w))
         add("masking", masking.score(model, xb))
+        add("occlusion_detector", occlusion.score(model, xb))
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -150,16 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(args.threads)
 
     import guard
-    from guard.detectors import MaskingDetector
+    from guard.detectors import MaskingDetector, SalientOcclusion
 
     t0 = time.perf_counter()
     model = guard.demo_model("cifar10", variant=args.model).eval()
     train, test = guard.demo_data("cifar10")
     masking = MaskingDetector(args.patch).fit(model, train.x[:64])
+    occlusion = SalientOcclusion(window=args.patch).fit(model, train.x[:64])
     attacks = {name: a.fit(model, train.x[2000:2500]) for name, a in learnt_patches(args.patch, args.steps).items()}
 
     def score_fn(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return scores(model, x, masking)
+        return scores(model, x, masking, occlusion)
 
     calib = score_fn(test.x[:500])
     thresholds = {v: float(torch.quantile(s.double(), 1 - args.fpr)) for v, s in calib.items()}
