@@ -17,6 +17,7 @@ Then the attacker who knows the masking detector (:class:`MaskingPatch` given it
 calibrated threshold; per image, placed where the masks are weakest) runs on the first
 ``--adaptive-n`` reported images the bare model gets right: how often it escapes the masking flag
 and the combined one (it does not model the other detectors).
+With ``--occlusion`` :class:`SalientOcclusion` (its window the patch side) joins the combined flag.
 Rates carry their 95% Clopper-Pearson interval. Writes benchmarks/results/patch_flag_cifar10.json:
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.patch_flag --model masked --n 300 --threads 1
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fpr", type=float, default=0.05)
     p.add_argument("--steps", type=int, default=200, help="training steps of each patch attack")
     p.add_argument("--adaptive-n", type=int, default=100, help="report images the masking-aware attacker runs on")
+    p.add_argument(
+        "--occlusion",
+        action="store_true",
+        help="also put SalientOcclusion(window=--patch) into the combined flag (write to another --out)",
+    )
     p.add_argument("--threads", type=int, default=1)
     out_option(p, "patch_flag_cifar10")
     args = p.parse_args(argv)
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_threads(args.threads)
 
     import guard
-    from guard.detectors import MaskingDetector
+    from guard.detectors import MaskingDetector, SalientOcclusion
     from guard.guarded import DEFAULT_DETECTORS
 
     model = guard.demo_model("cifar10", variant=args.model)
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     detectors = [*DEFAULT_DETECTORS, MaskingDetector(args.patch)]  # masks for the patch side measured
+    if args.occlusion:
+        detectors.append(SalientOcclusion(window=args.patch))
     guarded = guard.wrap(model, detectors).fit(fit_x, fit_y).calibrate(calib, fpr=args.fpr)
     clean = guarded(x)
     masking = guarded.detectors["masking"]
