@@ -214,6 +214,28 @@ def evaluate(
         figures are ``None`` when no adversarial succeeded. With
         ``adaptive=True``, plus ``"adaptive"``: the section :func:`evaluate_adaptive` returns.
     """
+    x_clean, disjoint = _checked_clean(guarded, clean, calibration)
+    if not isinstance(attacks, Mapping):
+        raise TypeError(f"attacks must be a dict name -> AttackResult; got {type(attacks).__name__}.")
+    neg = dict(clean_scores) if clean_scores is not None else all_scores(guarded, x_clean, progress)
+    if "combined" not in neg and guarded.combined is not None:
+        neg["combined"] = guarded.combined.combine(neg)
+    names = [n for n in list(guarded.detectors) + ["combined"] if n in neg]
+    thresholds, flaggers = _flag_settings(guarded)
+    report: dict[str, Any] = {n: {} for n in names}
+    for attack, item in attacks.items():
+        pos, ok = _attack_scores(guarded, attack, item, names, attack_scores, progress)
+        for n in names:
+            report[n][attack] = _entry(pos[n], ok, neg[n], thresholds.get(n), flaggers.get(n), disjoint)
+    if adaptive:
+        report["adaptive"] = evaluate_adaptive(guarded, clean, **adaptive_kw)
+    return report
+
+
+def _checked_clean(guarded: Any, clean: Any, calibration: Any) -> tuple[Any, bool | None]:
+    """(the clean images, a Split's ``x``; whether they are checked disjoint from calibration) after
+    checking that ``guarded`` is a GuardedModel and that the images are valid and none a calibration
+    image (a stream is scored batch by batch and not checked: None)."""
     if not (hasattr(guarded, "detectors") and hasattr(guarded, "score") and hasattr(guarded, "combined")):
         raise TypeError(
             f"guarded must be a GuardedModel (guard.wrap(model).fit(...).calibrate(...)); got {type(guarded).__name__}."
@@ -225,43 +247,57 @@ def evaluate(
     if not is_stream(x_clean):  # a Dataset / DataLoader / folder is scored batch by batch
         check_images(x_clean, "clean")
         disjoint = check_disjoint(x_clean, guarded, calibration)
-    if not isinstance(attacks, Mapping):
-        raise TypeError(f"attacks must be a dict name -> AttackResult; got {type(attacks).__name__}.")
-    neg = dict(clean_scores) if clean_scores is not None else all_scores(guarded, x_clean, progress)
-    if "combined" not in neg and guarded.combined is not None:
-        neg["combined"] = guarded.combined.combine(neg)
-    names = [n for n in list(guarded.detectors) + ["combined"] if n in neg]
+    return x_clean, disjoint
+
+
+def _flag_settings(guarded: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(name -> calibrated threshold, name -> what flags: the detector or the combiner), "combined" included when there is one."""
     thresholds = {n: getattr(guarded.detectors[n], "threshold_", None) for n in guarded.detectors}
     flaggers = dict(guarded.detectors)
     if guarded.combined is not None:
         thresholds["combined"] = getattr(guarded.combined, "threshold_", None)
         flaggers["combined"] = guarded.combined
-    report: dict[str, Any] = {n: {} for n in names}
-    for attack, item in attacks.items():
-        x_adv, ok = _adv(item, attack)
-        pos = (
-            attack_scores[attack]
-            if attack_scores is not None and attack in attack_scores
-            else all_scores(guarded, x_adv, progress)
+    return thresholds, flaggers
+
+
+def _attack_scores(
+    guarded: Any,
+    attack: str,
+    item: Any,
+    names: list[str],
+    attack_scores: Mapping[str, Mapping[str, torch.Tensor]] | None,
+    progress: bool,
+) -> tuple[Mapping[str, torch.Tensor], torch.Tensor]:
+    """(every score of one attack's images: given in ``attack_scores`` or computed; which succeeded),
+    checked to hold one score per image for each of ``names``."""
+    x_adv, ok = _adv(item, attack)
+    pos = (
+        attack_scores[attack]
+        if attack_scores is not None and attack in attack_scores
+        else all_scores(guarded, x_adv, progress)
+    )
+    if any(n not in pos or pos[n].shape[0] != ok.shape[0] for n in names):
+        raise ValueError(
+            f"attack_scores[{attack!r}] must hold one score per image ({ok.shape[0]}) for each of {names}; "
+            f"got { ({n: int(v.shape[0]) for n, v in pos.items()}) }."
         )
-        if any(n not in pos or pos[n].shape[0] != ok.shape[0] for n in names):
-            raise ValueError(
-                f"attack_scores[{attack!r}] must hold one score per image ({ok.shape[0]}) for each of {names}; "
-                f"got { ({n: int(v.shape[0]) for n, v in pos.items()}) }."
+    return pos, ok
+
+
+def _entry(
+    pos: torch.Tensor, ok: torch.Tensor, neg: torch.Tensor, threshold: float | None, flagger: Any, disjoint: bool | None
+) -> dict[str, Any]:
+    """One detector's figures for one attack: on the successful images, and on every image under "all";
+    each operating point says what it was calibrated for and whether the negatives are disjoint from that."""
+    entry = detection_metrics(pos[ok], neg, threshold)
+    entry["all"] = detection_metrics(pos, neg, threshold)
+    for e in (entry, entry["all"]):
+        if "operating_point" in e:
+            e["operating_point"].update(
+                {
+                    "target_fpr": getattr(flagger, "calibration_fpr_", None),
+                    "n_calibration": getattr(flagger, "calibration_n_", None),
+                    "clean_disjoint_from_calibration": disjoint,
+                }
             )
-        for n in names:
-            entry = detection_metrics(pos[n][ok], neg[n], thresholds.get(n))
-            entry["all"] = detection_metrics(pos[n], neg[n], thresholds.get(n))
-            for e in (entry, entry["all"]):
-                if "operating_point" in e:
-                    e["operating_point"].update(
-                        {
-                            "target_fpr": getattr(flaggers.get(n), "calibration_fpr_", None),
-                            "n_calibration": getattr(flaggers.get(n), "calibration_n_", None),
-                            "clean_disjoint_from_calibration": disjoint,
-                        }
-                    )
-            report[n][attack] = entry
-    if adaptive:
-        report["adaptive"] = evaluate_adaptive(guarded, clean, **adaptive_kw)
-    return report
+    return entry
