@@ -224,6 +224,118 @@ def _calibration(w: SectionWriter, info: dict[str, Any]) -> None:
     )
 
 
+def _operating_figure(w: SectionWriter, dets: dict[str, Any], info: dict[str, Any], attacks: dict[str, Any]) -> None:
+    """The operating-point table, with the target false-positive rate in its caption."""
+    op_tab = operating_table(dets, attacks)
+    if op_tab is None:
+        return
+    target = finite(((info.get("calibration") or {}) if info else {}).get("target_fpr"))
+    w.add(
+        figure(
+            op_tab,
+            "The operating point guard runs at: each detector's threshold is set for "
+            f"{pct(target, 0) if target is not None else 'the target'} false positives on clean calibration images; "
+            "the first row is the share of other clean held-out images it then flags (the realised false-positive rate), "
+            "each further row the share of an attack's successful adversarial images it flags (the realised true-positive "
+            "rate); each as a percentage with its exact 95% Clopper–Pearson interval and the number of images. "
+            "The strength in brackets says how far the attack went past the decision boundary: minimal examples are "
+            "the hardest to detect.",
+            w.cmd(["detectors.DETECTOR.ATTACK.operating_point"]),
+        )
+    )
+
+
+def _auroc_figure(w: SectionWriter, dets: dict[str, Any]) -> None:
+    """The threshold-free AUROC table."""
+    tab = auroc_table(dets)
+    if tab is None:
+        return
+    w.add(
+        figure(
+            tab,
+            "Threshold-free figures, read off the evaluation images' own ROC curve (no deployed flag has that threshold): "
+            "AUROC per detector (rows) and attack (columns), with the true positive rate at 1% / 5% false positives "
+            "under it. Green: the detector separates that attack from clean images; white: chance. Read a column to "
+            "find which detector catches an attack, a row to see what a detector misses.",
+            w.cmd(["detectors.DETECTOR.ATTACK.auroc", "tpr_at_1fpr", "tpr_at_5fpr"]),
+        )
+    )
+
+
+def _roc_panels(w: SectionWriter, scores: dict[str, np.ndarray], names: list[str], attacks: list[str]) -> list[str]:
+    """The ROC figure; returns the attacks left out of it (no successful images)."""
+    uri, empty = _roc_figure(scores, names, attacks)
+    none = f" No panel for {', '.join(attack_title(a) for a in empty)}: no successful images." if empty else ""
+    if uri:
+        w.add(
+            figure(
+                img(uri, "ROC curves per attack"),
+                "ROC curves, one panel per attack (with its number of successful adversarial images), one line per detector "
+                "(thick black: combined; the AUROCs are in the table above). Curves hugging the top-left corner separate "
+                "the attack well; the dotted diagonal is chance; the dashed verticals mark 1% and 5% false positives."
+                + none,
+                w.cmd(["detectors"], ["detector_scores"]),
+            )
+        )
+    return empty
+
+
+def _combined_histograms(
+    w: SectionWriter, scores: dict[str, np.ndarray], panels: list[str], threshold: float | None
+) -> None:
+    """The combined score of clean images against each attack's (one panel per attack in ``panels``)."""
+    if not panels:
+        return
+    fig, axes = figures.grid(len(panels), cols=3, panel=(3.3, 2.4))
+    for ax, a in zip(axes, panels):
+        _hist(ax, scores["clean/combined"], scores[f"{a}/combined"], threshold, attack_short(a))
+    w.add(
+        figure(
+            img(figures.to_uri(fig), "combined score histograms"),
+            "The combined score of clean held-out images (blue) and of each attack's successful adversarial images (red), "
+            "with the calibrated threshold (dashed): everything right of it is flagged. Little overlap = easy to catch. "
+            "Each histogram sums to 1; a log axis is used when the attacked scores reach far beyond the clean ones.",
+            w.cmd(["detectors_info.combined.threshold"], ["detector_scores"]),
+        )
+    )
+
+
+def _detector_histograms(
+    w: SectionWriter, scores: dict[str, np.ndarray], names: list[str], attacks: list[str], thr: dict[str, float | None]
+) -> None:
+    """Each single detector's score, clean against all attacks pooled."""
+    singles = [d for d in names if d != "combined" and f"clean/{d}" in scores]
+    if not singles:
+        return
+    fig, axes = figures.grid(len(singles), cols=3, panel=(3.3, 2.4))
+    for ax, d in zip(axes, singles):
+        pooled = [scores[f"{a}/{d}"] for a in attacks if f"{a}/{d}" in scores]
+        adv = np.concatenate(pooled) if pooled else np.zeros(0)
+        _hist(ax, scores[f"clean/{d}"], adv, thr.get(d), d)
+    w.add(
+        figure(
+            img(figures.to_uri(fig), "per-detector score histograms"),
+            "Each detector's own score, clean (blue) against all attacks' successful images pooled (red), with its "
+            "threshold (dashed).",
+            w.cmd(["detectors_info.detectors.DETECTOR.threshold"], ["detector_scores"]),
+        )
+    )
+
+
+def _score_figures(w: SectionWriter, dets: dict[str, Any], info: dict[str, Any]) -> None:
+    """The figures drawn from the detector_scores artifact: ROC curves, then score histograms."""
+    names = [d for d in dets if isinstance(dets[d], dict)]
+    attacks = list(dict.fromkeys(a for d in names for a in dets[d]))
+    scores = w.artifact("detector_scores", "the ROC curves and score histograms")
+    if scores is None:
+        return
+    empty = _roc_panels(w, scores, names, attacks)
+    thr = _thresholds(info)
+    panels = [a for a in attacks if a not in empty and f"{a}/combined" in scores and "clean/combined" in scores]
+    _combined_histograms(w, scores, panels, thr.get("combined"))
+    _detector_histograms(w, scores, names, attacks, thr)
+
+
 def build(src: AuditFolder) -> Section | None:
     dets = src.section("detectors")
     if not isinstance(dets, dict) or not dets:
@@ -236,81 +348,9 @@ def build(src: AuditFolder) -> Section | None:
         "<code>guard.wrap</code> flags with.</p>"
     )
     attacks_sec = src.section("attacks") if isinstance(src.section("attacks"), dict) else {}
-    op_tab = operating_table(dets, attacks_sec)
-    if op_tab is not None:
-        target = finite(((info.get("calibration") or {}) if info else {}).get("target_fpr"))
-        w.add(
-            figure(
-                op_tab,
-                "The operating point guard runs at: each detector's threshold is set for "
-                f"{pct(target, 0) if target is not None else 'the target'} false positives on clean calibration images; "
-                "the first row is the share of other clean held-out images it then flags (the realised false-positive rate), "
-                "each further row the share of an attack's successful adversarial images it flags (the realised true-positive "
-                "rate); each as a percentage with its exact 95% Clopper–Pearson interval and the number of images. "
-                "The strength in brackets says how far the attack went past the decision boundary: minimal examples are "
-                "the hardest to detect.",
-                w.cmd(["detectors.DETECTOR.ATTACK.operating_point"]),
-            )
-        )
-    tab = auroc_table(dets)
-    if tab is not None:
-        w.add(
-            figure(
-                tab,
-                "Threshold-free figures, read off the evaluation images' own ROC curve (no deployed flag has that threshold): "
-                "AUROC per detector (rows) and attack (columns), with the true positive rate at 1% / 5% false positives "
-                "under it. Green: the detector separates that attack from clean images; white: chance. Read a column to "
-                "find which detector catches an attack, a row to see what a detector misses.",
-                w.cmd(["detectors.DETECTOR.ATTACK.auroc", "tpr_at_1fpr", "tpr_at_5fpr"]),
-            )
-        )
-    names = [d for d in dets if isinstance(dets[d], dict)]
-    attacks = list(dict.fromkeys(a for d in names for a in dets[d]))
-    scores = w.artifact("detector_scores", "the ROC curves and score histograms")
-    if scores is not None:
-        uri, empty = _roc_figure(scores, names, attacks)
-        none = f" No panel for {', '.join(attack_title(a) for a in empty)}: no successful images." if empty else ""
-        if uri:
-            w.add(
-                figure(
-                    img(uri, "ROC curves per attack"),
-                    "ROC curves, one panel per attack (with its number of successful adversarial images), one line per detector "
-                    "(thick black: combined; the AUROCs are in the table above). Curves hugging the top-left corner separate "
-                    "the attack well; the dotted diagonal is chance; the dashed verticals mark 1% and 5% false positives."
-                    + none,
-                    w.cmd(["detectors"], ["detector_scores"]),
-                )
-            )
-        thr = _thresholds(info)
-        panels = [a for a in attacks if a not in empty and f"{a}/combined" in scores and "clean/combined" in scores]
-        if panels:
-            fig, axes = figures.grid(len(panels), cols=3, panel=(3.3, 2.4))
-            for ax, a in zip(axes, panels):
-                _hist(ax, scores["clean/combined"], scores[f"{a}/combined"], thr.get("combined"), attack_short(a))
-            w.add(
-                figure(
-                    img(figures.to_uri(fig), "combined score histograms"),
-                    "The combined score of clean held-out images (blue) and of each attack's successful adversarial images (red), "
-                    "with the calibrated threshold (dashed): everything right of it is flagged. Little overlap = easy to catch. "
-                    "Each histogram sums to 1; a log axis is used when the attacked scores reach far beyond the clean ones.",
-                    w.cmd(["detectors_info.combined.threshold"], ["detector_scores"]),
-                )
-            )
-        singles = [d for d in names if d != "combined" and f"clean/{d}" in scores]
-        if singles:
-            fig, axes = figures.grid(len(singles), cols=3, panel=(3.3, 2.4))
-            for ax, d in zip(axes, singles):
-                pooled = [scores[f"{a}/{d}"] for a in attacks if f"{a}/{d}" in scores]
-                adv = np.concatenate(pooled) if pooled else np.zeros(0)
-                _hist(ax, scores[f"clean/{d}"], adv, thr.get(d), d)
-            w.add(
-                figure(
-                    img(figures.to_uri(fig), "per-detector score histograms"),
-                    "Each detector's own score, clean (blue) against all attacks' successful images pooled (red), with its "
-                    "threshold (dashed).",
-                    w.cmd(["detectors_info.detectors.DETECTOR.threshold"], ["detector_scores"]),
-                )
-            )
+    _operating_figure(w, dets, info, attacks_sec)
+    _auroc_figure(w, dets)
+    _score_figures(w, dets, info)
     if info:
         _calibration(w, info)
     return w.done()
