@@ -146,15 +146,8 @@ def _class_comparison(w: SectionWriter, entries: dict[str, dict[str, Any]], imag
         )
 
 
-def build(src: AuditFolder) -> Section | None:
-    entries = {n: src.attack(n) for n in NAMES if src.attack(n)}
-    if not entries:
-        return None
-    w = SectionWriter(src, "patches", "Patches")
-    w.add(
-        "<p>A small visible square pasted onto the image at a random place: PatchGAN (G2LVAP) generates one per image, the "
-        "universal patch is one learned square, the random noise patch is the baseline.</p>"
-    )
+def _overview(w: SectionWriter, entries: dict[str, dict[str, Any]]) -> None:
+    """One table row per patch attack: area, side, success, images, time."""
     rows = []
     for n, e in entries.items():
         rows.append(
@@ -183,6 +176,10 @@ def build(src: AuditFolder) -> Section | None:
         ),
         w.cmd([f"attacks.{n}" for n in entries]),
     )
+
+
+def _gan_summary(w: SectionWriter, entries: dict[str, dict[str, Any]]) -> None:
+    """One sentence: does PatchGAN beat both baselines at every area, and its best rate at <= 10% area."""
     summary = (entries.get("patch_gan") or {}).get("summary")
     if isinstance(summary, dict) and "patch_gan_above_both_at_every_area" in summary:
         beats = summary["patch_gan_above_both_at_every_area"]
@@ -190,9 +187,10 @@ def build(src: AuditFolder) -> Section | None:
             f"<p>PatchGAN {'beats' if beats else 'does not beat'} both baselines at every area; its best fooling rate at an area of "
             f"at most 10% is {pct(summary.get('patch_gan_best_fooling_at_area_le_10pct'))}.</p>"
         )
-    _curve(w, entries)
-    _patch_tiles(w, entries)
-    ex = w.src.artifact("examples")
+
+
+def _patched_examples(w: SectionWriter, entries: dict[str, dict[str, Any]], ex: dict | None) -> None:
+    """The first held-out images with each patch, under one clean row."""
     strips = []
     for n in entries:
         got = attack_examples(w, n, ex, perturb=False, what=attack_title(n), successes_first=False)
@@ -208,26 +206,49 @@ def build(src: AuditFolder) -> Section | None:
                 w.cmd([f"attacks.{n}" for n in entries], [f"attack_{n}" for n in entries] + ["examples"]),
             )
         )
+
+
+def _diversity(w: SectionWriter, entries: dict[str, dict[str, Any]]) -> None:
+    """Pairwise similarity of each attack's generated patches."""
+    div = {n: e["diversity"] for n, e in entries.items() if isinstance(e.get("diversity"), dict)}
+    if not div:
+        return
+    w.add(
+        "<h3>Diversity</h3>",
+        table(
+            ["patches", "pairs", "median SSIM", "median PSNR (dB)", "identical pairs"],
+            [
+                [
+                    attack_title(n),
+                    num(d.get("n_pairs")),
+                    num(d.get("ssim_median")),
+                    num(d.get("psnr_median")),
+                    num(d.get("identical_pairs")),
+                ]
+                for n, d in div.items()
+            ],
+        ),
+        "<p>Pairwise similarity of the generated patches: SSIM near 1 means the generator draws the same patch every time.</p>",
+        w.cmd([f"attacks.{n}.diversity" for n in div]),
+    )
+
+
+def build(src: AuditFolder) -> Section | None:
+    entries = {n: src.attack(n) for n in NAMES if src.attack(n)}
+    if not entries:
+        return None
+    w = SectionWriter(src, "patches", "Patches")
+    w.add(
+        "<p>A small visible square pasted onto the image at a random place: PatchGAN (G2LVAP) generates one per image, the "
+        "universal patch is one learned square, the random noise patch is the baseline.</p>"
+    )
+    _overview(w, entries)
+    _gan_summary(w, entries)
+    _curve(w, entries)
+    _patch_tiles(w, entries)
+    ex = w.src.artifact("examples")
+    _patched_examples(w, entries, ex)
     hw = tuple(int(s) for s in ex["x"].shape[-2:]) if ex is not None and "x" in ex else None
     _class_comparison(w, entries, hw)  # type: ignore[arg-type]
-    div = {n: e["diversity"] for n, e in entries.items() if isinstance(e.get("diversity"), dict)}
-    if div:
-        w.add(
-            "<h3>Diversity</h3>",
-            table(
-                ["patches", "pairs", "median SSIM", "median PSNR (dB)", "identical pairs"],
-                [
-                    [
-                        attack_title(n),
-                        num(d.get("n_pairs")),
-                        num(d.get("ssim_median")),
-                        num(d.get("psnr_median")),
-                        num(d.get("identical_pairs")),
-                    ]
-                    for n, d in div.items()
-                ],
-            ),
-            "<p>Pairwise similarity of the generated patches: SSIM near 1 means the generator draws the same patch every time.</p>",
-            w.cmd([f"attacks.{n}.diversity" for n in div]),
-        )
+    _diversity(w, entries)
     return w.done()
