@@ -91,19 +91,8 @@ def attack_examples(
     return rows
 
 
-def build(src: AuditFolder) -> Section | None:
-    entries = {n: src.attack(n) for n in NAMES + HELD_OUT if src.attack(n)}
-    if not entries:
-        return None
-    w = SectionWriter(src, "gradient", "Gradient attacks (FGSM, PGD)")
-    w.add(
-        "<p>Small changes to every pixel, found by following the model's gradient: FGSM takes one step, PGD many "
-        "(L-inf: no pixel moves by more than eps). How hard an example is to detect depends on how far past the decision "
-        "boundary it goes, so PGD runs at three strengths: early-stopped (minimal: each image stops at its first "
-        "misclassified step), full (40 steps, as torchattacks and the detection papers run it) and confidence-maximising "
-        "(CCAT's protocol). Held-out rows are peer attacks from torchattacks that guard was never tuned on; CW-L2 and "
-        "DeepFool look for the smallest change (minimal-norm, no eps).</p>"
-    )
+def _overview(w: SectionWriter, entries: dict[str, dict]) -> None:
+    """One table row per attack: strength, held out, success, eps, steps, distances, time."""
     rows = []
     for n, e in entries.items():
         p = e.get("params") or {}
@@ -144,10 +133,10 @@ def build(src: AuditFolder) -> Section | None:
         ),
         w.cmd([f"attacks.{n}" for n in entries]),
     )
-    budgets = [f"{attack_title(n)}: {e['budget']}" for n, e in entries.items() if isinstance(e.get("budget"), str)]
-    if budgets:
-        w.add("<p>Held-out attack budgets (CPU): " + esc("; ".join(budgets)) + ".</p>")
-    entries = {n: e for n, e in entries.items() if n in NAMES}
+
+
+def _examples(w: SectionWriter, entries: dict[str, dict]) -> None:
+    """Per (not held-out) attack: clean images, their adversarial versions and the change magnified."""
     ex = w.src.artifact("examples")
     if ex is None:
         w.artifact("examples", "the clean images next to the adversarial ones")
@@ -173,4 +162,24 @@ def build(src: AuditFolder) -> Section | None:
                     w.cmd([f"attacks.{n}"], [f"attack_{n}"]),
                 )
             )
+
+
+def build(src: AuditFolder) -> Section | None:
+    entries = {n: src.attack(n) for n in NAMES + HELD_OUT if src.attack(n)}
+    if not entries:
+        return None
+    w = SectionWriter(src, "gradient", "Gradient attacks (FGSM, PGD)")
+    w.add(
+        "<p>Small changes to every pixel, found by following the model's gradient: FGSM takes one step, PGD many "
+        "(L-inf: no pixel moves by more than eps). How hard an example is to detect depends on how far past the decision "
+        "boundary it goes, so PGD runs at three strengths: early-stopped (minimal: each image stops at its first "
+        "misclassified step), full (40 steps, as torchattacks and the detection papers run it) and confidence-maximising "
+        "(CCAT's protocol). Held-out rows are peer attacks from torchattacks that guard was never tuned on; CW-L2 and "
+        "DeepFool look for the smallest change (minimal-norm, no eps).</p>"
+    )
+    _overview(w, entries)
+    budgets = [f"{attack_title(n)}: {e['budget']}" for n, e in entries.items() if isinstance(e.get("budget"), str)]
+    if budgets:
+        w.add("<p>Held-out attack budgets (CPU): " + esc("; ".join(budgets)) + ".</p>")
+    _examples(w, {n: e for n, e in entries.items() if n in NAMES})
     return w.done()
