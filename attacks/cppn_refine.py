@@ -69,18 +69,7 @@ def refine_weights(
     count, so a genome never gets worse by this model's softmax), and that best objective.
     ``model`` must already be in eval mode.
     """
-    genomes = list(genomes)
-    if not genomes:
-        raise ValueError("genomes must hold at least one Genome; got an empty sequence.")
-    steps = check_int(steps, "steps", "refine_weights", low=1)
-    lr = check_float(lr, "lr", "refine_weights", low=0.0, low_open=True)
-    max_weight = check_float(max_weight, "max_weight", "refine_weights", low=0.0, low_open=True)
-    if objective not in ("log_odds", "log_prob"):
-        raise ValueError(f"objective must be 'log_odds' or 'log_prob'; got {objective!r}.")
-    if targets.shape != (len(genomes),):
-        raise ValueError(
-            f"targets must have shape ({len(genomes)},), one class per genome; got {tuple(targets.shape)}."
-        )
+    genomes, steps, lr, max_weight = _checked_refine_args(genomes, targets, steps, lr, max_weight, objective)
     if grow:
         genomes = [complete_connections(g) for g in genomes]
     device = targets.device
@@ -100,12 +89,7 @@ def refine_weights(
         for step in range(steps + 1):
             x = torch.stack([render_with_weights(g, grid, w) for g, w in zip(genomes, ws)])
             x = x.view(len(genomes), channels, height, width).clamp(0.0, 1.0)
-            z = model(x).float()
-            if objective == "log_prob":
-                lp = F.log_softmax(z, 1).gather(1, targets[:, None]).squeeze(1)
-            else:
-                others = z.masked_fill(F.one_hot(targets, z.shape[1]).bool(), float("-inf"))
-                lp = z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(others, 1)
+            lp = _objective(model(x).float(), targets, objective)
             better = lp.detach() > best_lp
             for i in better.nonzero().flatten().tolist():
                 best_w[i] = ws[i].detach().clone()
@@ -120,13 +104,42 @@ def refine_weights(
             with torch.no_grad():
                 for w in live:
                     w.clamp_(-max_weight, max_weight)
-    out = []
-    for g, w in zip(genomes, best_w):
-        new = copy.deepcopy(g)
-        for c, v in zip(new.connections, w.tolist()):
-            c[2] = float(v)
-        out.append(new)
-    return out, best_lp
+    return [_with_weights(g, w) for g, w in zip(genomes, best_w)], best_lp
+
+
+def _checked_refine_args(
+    genomes: Sequence[Genome], targets: torch.Tensor, steps: int, lr: float, max_weight: float, objective: str
+) -> tuple[list[Genome], int, float, float]:
+    """:func:`refine_weights`'s arguments checked: (the genomes as a list, steps, lr, max_weight)."""
+    genomes = list(genomes)
+    if not genomes:
+        raise ValueError("genomes must hold at least one Genome; got an empty sequence.")
+    steps = check_int(steps, "steps", "refine_weights", low=1)
+    lr = check_float(lr, "lr", "refine_weights", low=0.0, low_open=True)
+    max_weight = check_float(max_weight, "max_weight", "refine_weights", low=0.0, low_open=True)
+    if objective not in ("log_odds", "log_prob"):
+        raise ValueError(f"objective must be 'log_odds' or 'log_prob'; got {objective!r}.")
+    if targets.shape != (len(genomes),):
+        raise ValueError(
+            f"targets must have shape ({len(genomes)},), one class per genome; got {tuple(targets.shape)}."
+        )
+    return genomes, steps, lr, max_weight
+
+
+def _objective(z: torch.Tensor, targets: torch.Tensor, objective: str) -> torch.Tensor:
+    """Per row of logits ``z``: ``log p_t`` ("log_prob") or ``z_t - logsumexp_{j != t} z_j`` ("log_odds")."""
+    if objective == "log_prob":
+        return F.log_softmax(z, 1).gather(1, targets[:, None]).squeeze(1)
+    others = z.masked_fill(F.one_hot(targets, z.shape[1]).bool(), float("-inf"))
+    return z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(others, 1)
+
+
+def _with_weights(g: Genome, weights: torch.Tensor) -> Genome:
+    """A copy of ``g`` whose connection weights are ``weights`` (Python floats)."""
+    new = copy.deepcopy(g)
+    for c, v in zip(new.connections, weights.tolist()):
+        c[2] = float(v)
+    return new
 
 
 @dataclass(frozen=True)
