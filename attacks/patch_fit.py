@@ -178,12 +178,10 @@ def fit_patch_source(
         :class:`PatchFit`; ``source`` is left in its best state.
     """
     t = training
-    steps, batch_size, eval_every, max_seconds, seed = t.steps, t.batch_size, t.eval_every, t.max_seconds, t.seed
+    steps, eval_every, max_seconds, seed = t.steps, t.eval_every, t.max_seconds, t.seed
     gen = torch.Generator().manual_seed(seed)
-    n_all = int(x.shape[0])
-    perm = torch.randperm(n_all, generator=gen)
-    n_val = min(int(round(t.val_fraction * n_all)), n_all - 1) if n_all > 1 else 0
-    x_val, x_tr = x[perm[:n_val]], x[perm[n_val:]]
+    x_val, x_tr = _split(x, t.val_fraction, gen)
+    n_val = int(x_val.shape[0])
     source.init(gen)
     params = source.parameters()
     optimizer = make_optimizer(params)
@@ -196,29 +194,14 @@ def fit_patch_source(
         best, bad, step = source.snapshot(), 0, 0
         bar = tqdm(total=steps, desc=desc, disable=not t.progress, leave=False)
         for step in range(1, steps + 1):
-            b = min(batch_size, int(x_tr.shape[0]))
-            idx = torch.randint(0, x_tr.shape[0], (b,), generator=gen).to(x.device)
-            loss, logits, labels, logs = source.batch_loss(model, x_tr[idx], y_tr[idx], gen)
-            grads = torch.autograd.grad(loss, params)
-            for p, g in zip(params, grads):
-                p.grad = g
-            optimizer.step()
-            source.after_step()
+            loss, logits, labels, logs = _train_step(model, source, optimizer, params, x_tr, y_tr, t.batch_size, gen)
             bar.update(1)
             out_of_time = max_seconds is not None and time.perf_counter() - t0 > max_seconds
             if step % eval_every == 0 or step == steps or out_of_time:
                 with torch.no_grad():
                     if n_val:
                         patches = source.current_patches(draw)
-                        hits = 0
-                        for i in range(0, n_val, val_batch):
-                            xa = apply_patches(
-                                x_val[i : i + val_batch],
-                                patches[i : i + val_batch] if patches.shape[0] > 1 else patches,
-                                positions[i : i + val_batch],
-                            )
-                            hits += int(goal(model(xa).argmax(1), y_val[i : i + val_batch]).sum())
-                        rate = hits / n_val
+                        rate = _validation_rate(model, patches, positions, x_val, y_val, goal, val_batch)
                     else:  # no validation slice: the training batch's rate
                         rate = float(goal(logits.detach().argmax(1), labels).float().mean())
                 fit.history.append({"step": step, "val_fooling_rate": rate, "loss": float(loss.detach()), **logs})
@@ -236,3 +219,57 @@ def fit_patch_source(
     fit.steps = step
     fit.seconds = time.perf_counter() - t0
     return fit
+
+
+def _split(x: torch.Tensor, val_fraction: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation images, training images): a random ``val_fraction`` of ``x`` held out, at least
+    one image left to train on."""
+    n_all = int(x.shape[0])
+    perm = torch.randperm(n_all, generator=gen)
+    n_val = min(int(round(val_fraction * n_all)), n_all - 1) if n_all > 1 else 0
+    return x[perm[:n_val]], x[perm[n_val:]]
+
+
+def _train_step(
+    model: nn.Module,
+    source: PatchSource,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.Tensor],
+    x_tr: torch.Tensor,
+    y_tr: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+    """One optimiser step on a random batch of the training images; returns what ``source.batch_loss`` gave."""
+    b = min(batch_size, int(x_tr.shape[0]))
+    idx = torch.randint(0, x_tr.shape[0], (b,), generator=gen).to(x_tr.device)
+    loss, logits, labels, logs = source.batch_loss(model, x_tr[idx], y_tr[idx], gen)
+    grads = torch.autograd.grad(loss, params)
+    for p, g in zip(params, grads):
+        p.grad = g
+    optimizer.step()
+    source.after_step()
+    return loss, logits, labels, logs
+
+
+def _validation_rate(
+    model: nn.Module,
+    patches: torch.Tensor,
+    positions: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    goal: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    val_batch: int,
+) -> float:
+    """The share of validation images on which ``patches`` (one per image, or one for all) at
+    ``positions`` reach the goal."""
+    n_val = int(x_val.shape[0])
+    hits = 0
+    for i in range(0, n_val, val_batch):
+        xa = apply_patches(
+            x_val[i : i + val_batch],
+            patches[i : i + val_batch] if patches.shape[0] > 1 else patches,
+            positions[i : i + val_batch],
+        )
+        hits += int(goal(model(xa).argmax(1), y_val[i : i + val_batch]).sum())
+    return hits / n_val
