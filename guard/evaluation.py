@@ -251,7 +251,8 @@ def _checked_clean(guarded: Any, clean: Any, calibration: Any) -> tuple[Any, boo
 
 
 def _flag_settings(guarded: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(name -> calibrated threshold, name -> what flags: the detector or the combiner), "combined" included when there is one."""
+    """(name -> calibrated threshold, name -> what flags: the detector or the combiner), "combined"
+    included when there is one."""
     thresholds = {n: getattr(guarded.detectors[n], "threshold_", None) for n in guarded.detectors}
     flaggers = dict(guarded.detectors)
     if guarded.combined is not None:
