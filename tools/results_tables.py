@@ -279,6 +279,60 @@ def gan_best_of_k(r: dict[str, Any]) -> str:
     )
 
 
+def patch_escape(r: dict[str, Any]) -> str:
+    """A defence fitted on one universal patch against that patch, other universal patches and the patch GAN."""
+    labels = {
+        "universal_seen": "the `UniversalPatch` it was fitted on (seed 0), new positions",
+        "universal_unseen": f"{r['k']} other `UniversalPatch`es (seeds 1-{r['k']})",
+        "patch_gan": f"`PatchGAN`: {r['k']} sampled patches",
+    }
+    rows = [
+        f"| attacker ({r['k']} tries per image) | fools, one try | caught among its successes | "
+        f"fools and escapes, best of {r['k']} |",
+        "|---|---|---|---|",
+    ]
+    for key, label in labels.items():
+        f = r[key]
+        rows.append(
+            f"| {label} | {_rate(f['fooled_one_try'])} | {_rate(f['caught_on_success_all_tries'])} | "
+            f"{_rate(f['fools_and_escapes_best_of_k'])} |"
+        )
+    return (
+        "\n".join(rows) + f"\n\nModel `{r['model']}`, one {r['patch_side']}x{r['patch_side']} patch, on the {r['n']} "
+        f"images it gets right. The defence: {r['defence']}; threshold at {_pct(r['fpr_target'], 0)} false positives "
+        f"on held-out clean images (on the reported clean images: {_rate(r['clean_flagged_on_reported'])}). "
+        f"{r['data']}.\n" + _source(r)
+    )
+
+
+def saliency_patches(r: dict[str, Any]) -> str:
+    """The saliency detector's variants and the occlusion test on CIFAR-10 patches: AUROC and the share caught."""
+    rep, choice = r["report_split"], r["choice_split"]
+    names = [k.removesuffix("_successes") for k in rep if k.endswith("_successes")]
+    rows = [
+        "| score | AUROC, choice split | "
+        + " | ".join(f"AUROC `{n}`" for n in names)
+        + " | clean flagged | "
+        + " | ".join(f"`{n}` caught" for n in names)
+        + " |",
+        "|---|---|" + "---|" * (2 * len(names) + 1),
+    ]
+    for v, e in rep["variants"].items():
+        label = f"`{v}`" + (" (default)" if v == r["default_variant"] else "")
+        label += " (chosen)" if v == r["chosen_on_choice_split"] else ""
+        aurocs = " | ".join("n/a" if e[f"auroc_{n}"] is None else f"{e[f'auroc_{n}']:.3f}" for n in names)
+        caught = " | ".join(_rate(e[f"caught_{n}"]) for n in names)
+        rows.append(
+            f"| {label} | {choice['variants'][v]['auroc_both']:.3f} | {aurocs} | {_rate(e['clean_flagged'])} | {caught} |"
+        )
+    succ = ", ".join(f"`{n}` {_rate(rep[f'{n}_successes'])}" for n in names)
+    return (
+        "\n".join(rows) + f"\n\nModel `{r['model']}`, one {r['patch_side']}x{r['patch_side']} patch; successful "
+        f"patches on the report split: {succ}. Thresholds at {_pct(r['fpr_target'], 0)} of clean images; "
+        f"{r['data']}. AUROC below 0.5: the score ranks patched images *below* clean ones.\n" + _source(r)
+    )
+
+
 def masking_serving_cost(r: dict[str, Any]) -> str:
     """The one-mask round's serving cost: guarded against bare, eager and onnxruntime."""
     rows = ["| runtime | bare (ms) | guarded (ms) | guarded / bare |", "|---|---|---|---|"]
@@ -758,6 +812,8 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "certified_patches": ("certified_patches.json", certified_patches),
     "patch_flag_cifar10": ("patch_flag_cifar10.json", patch_flag),
     "gan_best_of_k_cifar10": ("gan_best_of_k_cifar10.json", gan_best_of_k),
+    "patch_escape_cifar10": ("patch_escape_cifar10.json", patch_escape),
+    "saliency_patches_cifar10": ("saliency_patches_cifar10.json", saliency_patches),
     "masking_serving_cost": ("masking_serving_cost.json", masking_serving_cost),
     "masking_scores_cifar10": ("masking_scores_cifar10.json", masking_scores),
     "detection_mnist_full": ("detection_by_strength_mnist_full.json", detection_by_strength),
