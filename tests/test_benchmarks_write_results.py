@@ -34,6 +34,7 @@ NOT_BENCHMARKS = {
     "benchmarks.imagenet.feature_fooling_tables": "renders imagenet_feature_fooling.json",
     "benchmarks.imagenet.efficientnet": "builds the model",
     "benchmarks.imagenet.sample": "loads the data",
+    "benchmarks.imagenet.certified": "computes the ImageNet rows that benchmarks.studies.certified_patches writes",
 }
 
 
