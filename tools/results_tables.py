@@ -811,6 +811,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "mutants": ("mutants.json", mutants),
     "certified_patches": ("certified_patches.json", certified_patches),
     "patch_flag_cifar10": ("patch_flag_cifar10.json", patch_flag),
+    "patch_flag_cifar10_occlusion": ("patch_flag_cifar10_occlusion.json", patch_flag),
     "gan_best_of_k_cifar10": ("gan_best_of_k_cifar10.json", gan_best_of_k),
     "patch_escape_cifar10": ("patch_escape_cifar10.json", patch_escape),
     "saliency_patches_cifar10": ("saliency_patches_cifar10.json", saliency_patches),
