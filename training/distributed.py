@@ -15,13 +15,14 @@ DataLoader cannot be sharded and is refused (ValueError naming ``data``). On GPU
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["world", "init_from_env", "broadcast_tensors", "barrier"]
+__all__ = ["world", "init_from_env", "process_group", "broadcast_tensors", "barrier"]
 
 
 def world() -> tuple[int, int]:
@@ -45,6 +46,17 @@ def init_from_env(device: torch.device | str = "cpu") -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
     return True
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device | str = "cpu") -> Iterator[bool]:
+    """:func:`init_from_env` on entry; on exit, the group is destroyed if this call created it."""
+    created = init_from_env(device)
+    try:
+        yield created
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -50,7 +50,7 @@ from guard.core.data import Split, is_stream, load_data
 from guard.core.models import model_device, predict_labels
 from guard.core.validation import check_float, check_images, check_int
 from guard.training.checkpoint import CheckpointMismatch, load_checkpoint, save_checkpoint
-from guard.training.distributed import barrier, broadcast_tensors, init_from_env, world
+from guard.training.distributed import barrier, broadcast_tensors, process_group, world
 from guard.training.harden_data import HardenStream, check_shardable, digest, epoch_order, reject_picks, stream_accuracy
 from guard.training.loop import ddp_wrap as _wrap
 from guard.training.loop import mix_seed as _seed
@@ -423,14 +423,8 @@ def _harden_rounds(
 ) -> HardenResult:
     """The offline rounds (:class:`_Hardener`), in a process group when torchrun started this process."""
     hardener = _Hardener(net, n, head, train, held, config, reject_images=reject_images, **kw)
-    created = init_from_env(hardener.device)
-    try:
+    with process_group(hardener.device):
         return hardener.run(resume=resume)
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 def _harden_online(
@@ -452,14 +446,8 @@ def _harden_online(
     frozen = _freeze(net, head, config.trainable)
     hooks = _freeze_known_rows(net, head, n) if config.freeze_known_classes else []
     hardener = OnlineHardener(net, n, head, train, held, config, frozen=frozen, checkpoint_every=checkpoint_every, **kw)
-    created = init_from_env(hardener.device)
-    try:
+    with process_group(hardener.device):
         history, baseline, timings = hardener.run(resume=resume)
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     net.eval()
     net.requires_grad_(True)
     for hook in hooks:
