@@ -189,7 +189,9 @@ def certified_patches(r: dict[str, Any]) -> str:
     for name, f in (r.get("cifar10_models") or {}).items():
         rows.append(row(f"CIFAR-10 `{name}`, {f['patch_side']}x{f['patch_side']} ({_pct(f['patch_area'])})", f))
     for area, f in (r.get("imagenet") or {}).items():
-        rows.append(row(f"ImageNet sample, {area} area", f))
+        rows.append(
+            row(f"ImageNet `EfficientNet-Lite0`, {f['patch_side']}x{f['patch_side']} ({_pct(f['patch_area'])})", f)
+        )
     adaptive = {name: f["adaptive"] for name, f in (r.get("cifar10_models") or {}).items() if f.get("adaptive")}
     if adaptive:
         rows += [
