@@ -36,7 +36,6 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from benchmarks.fixtures.patch_attacks import learnt_patches
 from benchmarks.fixtures.rates import rate_entry
@@ -55,24 +54,12 @@ def _gradient(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     return grad.detach(), logits.detach(), pred
 
 
-def _salient_window(attr: torch.Tensor, w: int) -> torch.Tensor:
-    """(N, 2) top-left corner of the ``w`` x ``w`` window holding the most of each map's mass."""
-    pooled = F.avg_pool2d(attr.unsqueeze(1), w, stride=1).flatten(1)
-    idx = pooled.argmax(1)
-    width = attr.shape[-1] - w + 1
-    return torch.stack([idx // width, idx % width], 1)
-
-
 @torch.no_grad()
 def _occlusion_score(model: torch.nn.Module, x: torch.Tensor, attr: torch.Tensor, pred: torch.Tensor, w: int):
-    corner = _salient_window(attr, w)
-    xo = x.clone()
-    for i, (r, c) in enumerate(corner.tolist()):
-        xo[i, :, r : r + w, c : c + w] = 0.5
-    z = model(xo)
-    own = z.gather(1, pred[:, None]).squeeze(1)
-    other = z.scatter(1, pred[:, None], float("-inf")).max(1).values
-    return other - own
+    """SentiNet's test with a ``w`` square, through guard's own helpers (:mod:`guard.detectors.occlusion`)."""
+    from guard.detectors.occlusion import cover_window, occlusion_margin, salient_window
+
+    return occlusion_margin(model(cover_window(x, salient_window(attr, w), w, 0.5)), pred)
 
 
 def scores(model: torch.nn.Module, x: torch.Tensor, masking, occlusion) -> dict[str, torch.Tensor]:
