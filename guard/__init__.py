@@ -25,7 +25,7 @@ from guard.evaluation import evaluate
 from guard.export import load_session, to_onnx
 from guard.guarded import DEFAULT_DETECTORS, GuardedModel, GuardedOutput, wrap
 from guard.robust import RobustBudget, evaluate_robust, robust_sweep
-from guard.training import HardenResult, RejectClassifier, harden
+from guard.training import ConsistentRejection, HardenResult, RejectClassifier, harden
 
 __all__ = [
     "__version__",
@@ -39,6 +39,7 @@ __all__ = [
     "Normalize",
     "Normalized",
     "RejectClassifier",
+    "ConsistentRejection",
     "Split",
     "check_images",
     "demo_data",

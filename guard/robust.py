@@ -46,6 +46,7 @@ from guard.core.data import Split, load_data
 from guard.core.intervals import rate_interval as clopper_pearson  # the name this module has always exported
 from guard.core.models import eval_mode, model_device
 from guard.core.validation import check_float, check_int
+from guard.training.consistent import ConsistentRejection, InnerPointView
 from guard.training.reject import RejectClassifier
 
 __all__ = [
@@ -63,8 +64,16 @@ __all__ = [
 #: instead of AutoAttack's 100 for every one (the final figures do not depend on the order: an image
 #: is robust only if every attack fails on it). Square goes last, as in AutoAttack, so that it only
 #: sees what the white-box attacks left (its flag).
-ROBUST_ATTACKS: tuple[str, ...] = ("guard-apgd-ce", "apgd-ce", "apgd-t", "fab-t", "guard-apgd-reject", "square")
-_WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t", "guard-apgd-ce", "guard-apgd-reject")
+ROBUST_ATTACKS: tuple[str, ...] = (
+    "guard-apgd-ce",
+    "apgd-ce",
+    "apgd-t",
+    "fab-t",
+    "guard-apgd-reject",
+    "guard-apgd-consistent",
+    "square",
+)
+_WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t", "guard-apgd-ce", "guard-apgd-reject", "guard-apgd-consistent")
 
 
 @dataclass(frozen=True)
@@ -142,17 +151,24 @@ def _has_torchattacks() -> bool:
     return True
 
 
-def default_attacks(reject: bool, real_classes: int = 10) -> tuple[str, ...]:
-    """AutoAttack's four, guard's APGD-CE with restarts, and the reject-aware APGD for a reject model
-    (APGD-T's targeted DLR loss needs at least 4 classes: left out below that)."""
+def default_attacks(reject: bool, real_classes: int = 10, *, consistent: bool = False) -> tuple[str, ...]:
+    """AutoAttack's four, guard's APGD-CE with restarts, and the attack that knows the rejection: the
+    reject-aware APGD for a reject class, the inner-point APGD-T for a :class:`ConsistentRejection`
+    (``consistent``). The targeted DLR loss needs at least 4 classes: APGD-T is left out below that."""
+    knowing = "guard-apgd-consistent" if consistent else ("guard-apgd-reject" if reject else None)
     return tuple(
-        a for a in ROBUST_ATTACKS if (reject or a != "guard-apgd-reject") and (real_classes >= 4 or a != "apgd-t")
+        a
+        for a in ROBUST_ATTACKS
+        if (a not in ("guard-apgd-reject", "guard-apgd-consistent") or a == knowing)
+        and (real_classes >= 4 or a not in ("apgd-t", "guard-apgd-consistent"))
     )
 
 
-def _check_attacks(attacks: Sequence[str] | None, reject: bool, real_classes: int) -> tuple[str, ...]:
+def _check_attacks(
+    attacks: Sequence[str] | None, reject: bool, real_classes: int, consistent: bool = False
+) -> tuple[str, ...]:
     if attacks is None:
-        return default_attacks(reject, real_classes)
+        return default_attacks(reject, real_classes, consistent=consistent)
     if isinstance(attacks, str) or not isinstance(attacks, Sequence) or not attacks:
         raise ValueError(f"attacks must be a non-empty list of names from {list(ROBUST_ATTACKS)}; got {attacks!r}.")
     unknown = [a for a in attacks if a not in ROBUST_ATTACKS]
@@ -163,8 +179,16 @@ def _check_attacks(attacks: Sequence[str] | None, reject: bool, real_classes: in
             "attack 'guard-apgd-reject' needs a model with a reject output (a RejectClassifier, or "
             "real_classes below the model's outputs); this model has none."
         )
-    if "apgd-t" in attacks and real_classes < 4:
-        raise ValueError(f"attack 'apgd-t' (targeted DLR loss) needs at least 4 classes; the model has {real_classes}.")
+    if "guard-apgd-consistent" in attacks and not consistent:
+        raise ValueError(
+            "attack 'guard-apgd-consistent' needs a guard.training.ConsistentRejection (it attacks the "
+            "defence's consistency check); this model is not one."
+        )
+    for name in ("apgd-t", "guard-apgd-consistent"):
+        if name in attacks and real_classes < 4:
+            raise ValueError(
+                f"attack {name!r} (targeted DLR loss) needs at least 4 classes; the model has {real_classes}."
+            )
     return tuple(a for a in ROBUST_ATTACKS if a in attacks)  # the evaluation's order, each once
 
 
@@ -205,6 +229,11 @@ class _Runner:
     def __init__(
         self, name: str, model: nn.Module, real: int, reject: bool, eps: float, budget: RobustBudget, seed: int
     ) -> None:
+        if isinstance(model, ConsistentRejection):
+            # the attacker who knows the consistency check runs APGD-T at the check's worst point;
+            # the others attack the classifier's own logits, as CPR's authors run AutoAttack (their
+            # results are judged on the whole defence all the same)
+            model = InnerPointView(model) if name == "guard-apgd-consistent" else model.model
         self.name, self.model = name, model
         fallback = name in ("apgd-ce", "apgd-t") and not _has_torchattacks()
         self.impl = "guard" if name.startswith("guard-") or fallback else "torchattacks"
@@ -219,9 +248,13 @@ class _Runner:
                 }
             )
         else:
-            loss = {"apgd-ce": "ce", "apgd-t": "dlr-targeted", "guard-apgd-ce": "ce", "guard-apgd-reject": "reject"}[
-                name
-            ]
+            loss = {
+                "apgd-ce": "ce",
+                "apgd-t": "dlr-targeted",
+                "guard-apgd-ce": "ce",
+                "guard-apgd-reject": "reject",
+                "guard-apgd-consistent": "dlr-targeted",
+            }[name]
             restarts = 1 if name in ("apgd-ce", "apgd-t") else budget.restarts
             # guard's APGD-CE on a reject model: CE over every output, and reaching the reject class
             # counts as success (it serves the figure that counts rejections as errors); the
@@ -233,7 +266,7 @@ class _Runner:
                 loss=loss,
                 seed=seed,
                 n_target_classes=budget.n_target_classes,
-                real_classes=real if loss == "reject" else None,
+                real_classes=real if loss == "reject" or name == "guard-apgd-consistent" else None,
             )
             self.params.update(self.attack.params())
 
@@ -296,7 +329,7 @@ def _prepare(
     with torch.no_grad():
         outputs = int(model(split.x[:1].to(device)).shape[1])
     if real_classes is None:
-        real_classes = model.num_classes if isinstance(model, RejectClassifier) else outputs
+        real_classes = model.num_classes if isinstance(model, (RejectClassifier, ConsistentRejection)) else outputs
     real_classes = check_int(real_classes, "real_classes", "evaluate_robust", low=2, high=outputs)
     if int(split.y.max()) >= real_classes:
         raise ValueError(
@@ -385,9 +418,11 @@ def _loss_curves(
         return {}
     xb, yb = split.x[idx].to(device), split.y[idx].to(device)
     out = {}
-    for name, loss in (("guard-apgd-ce", "ce"), ("guard-apgd-reject", "reject")):
-        if loss == "reject" and not reject:
-            continue
+    if isinstance(model, ConsistentRejection):
+        runs = [("guard-apgd-ce", "ce", model.model), ("guard-apgd-consistent", "dlr-targeted", InnerPointView(model))]
+    else:
+        runs = [("guard-apgd-ce", "ce", model)] + ([("guard-apgd-reject", "reject", model)] if reject else [])
+    for name, loss, target_model in runs:
         res = APGD(
             eps=eps,
             steps=budget.steps,
@@ -395,8 +430,9 @@ def _loss_curves(
             early_stop=False,
             curves=int(idx.numel()),
             seed=seed,
-            real_classes=real if loss == "reject" else None,
-        )(model, xb, yb)
+            n_target_classes=1,
+            real_classes=real if loss == "reject" or name == "guard-apgd-consistent" else None,
+        )(target_model, xb, yb)
         out[name] = {"images": idx.tolist(), "loss": _as_list(res.extras["loss_curves"]), "loss_name": loss}
     return out
 
@@ -470,7 +506,7 @@ def evaluate_robust(
     with eval_mode(model):
         split, outputs, real = _prepare(model, data, n, real_classes, device)
         reject = real < outputs
-        names = _check_attacks(attacks, reject, real)
+        names = _check_attacks(attacks, reject, real, consistent=isinstance(model, ConsistentRejection))
         pred = _predict(model, split.x, batch_size, device)
         state = _State(pred == split.y)
         checks = _model_checks(model, split.x, split.y, device)

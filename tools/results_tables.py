@@ -92,6 +92,13 @@ def _f(v: Any, fmt: str = ".3f") -> str:
 def _training(f: dict[str, Any]) -> str:
     """A model's training budget, from its record: epochs and method, and the start when it was not the plain demo model."""
     t = f.get("training") or {}
+    if "cpr" in t:  # consistent-prediction rejection on the plain model: no training of its own
+        ch = t["radius_choice"]
+        return (
+            f"none: CPR on the pgd model above, radius {ch['radius'] * 255:.2g}/255 ({t['cpr']['steps']} PGD steps), "
+            f"the largest of {len(ch['rejected'])} rejecting at most {_pct(ch['rate'], 0)} of {ch['n']:,} other "
+            "held-out images"
+        )
     c = t.get("config") or {}
     text = f"{c.get('epochs', '?')} epochs {c.get('method', f['method'])}"
     start = t.get("start") or ""
@@ -131,7 +138,17 @@ def robust_hardening(r: dict[str, Any]) -> str:
         rows.append(_robust_row(f"{name}, {eps}", f))
         if f.get("plain_at"):
             rows.append(_robust_row(f"{name}, {eps}", f["plain_at"]))
-    attacks = sorted({a for part in ("mnist", "cifar10") if r.get(part) for a in r[part]["attacks"]})
+        for alt in (f.get("alternatives") or {}).values():
+            rows.append(_robust_row(f"{name}, {eps}", alt))
+    attacks = sorted(
+        {
+            a
+            for part in ("mnist", "cifar10")
+            if r.get(part)
+            for f in [r[part], *(r[part].get("alternatives") or {}).values()]
+            for a in f["attacks"]
+        }
+    )
     lines = "\n".join(rows) + f"\n\nAttacks (worst case per image): {', '.join(attacks)}.\n"
     for part in ("mnist", "cifar10"):
         if r.get(part):

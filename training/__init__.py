@@ -6,6 +6,7 @@ the same defaults.
 """
 
 from guard.training.classifier import accuracy, train_classifier
+from guard.training.consistent import ConsistentRejection, choose_radius
 from guard.training.harden import CheckpointMismatch, HardenConfig, HardenResult, harden
 from guard.training.reject import REJECT, RejectClassifier, grow_head
 from guard.training.round_attacks import DEFAULT_ATTACKS, ROUND_ATTACKS, AttackBudget, round_attack_table
@@ -18,6 +19,8 @@ __all__ = [
     "HardenResult",
     "CheckpointMismatch",
     "RejectClassifier",
+    "ConsistentRejection",
+    "choose_radius",
     "grow_head",
     "REJECT",
     "AttackBudget",

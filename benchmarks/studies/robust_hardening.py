@@ -17,6 +17,12 @@ training never saw and nothing was tuned on.
   (:meth:`guard.training.RejectClassifier.calibrate_rejection`: a share R of clean images rejected)
   on 1,000 other held-out images, the demo's training split, which are never reported.
 
+``--cpr`` adds consistent-prediction rejection (:class:`guard.training.ConsistentRejection`; Chen et al.,
+ICML 2023) on top of the plain model: its radius is the largest of ``CPR_RADII`` that rejects at most
+``--cpr-rate`` of 1,000 clean held-out images (MNIST: the demo's test images 1,000-1,999; CIFAR-10:
+the reject model's calibration images), never the reported ones; ``--method`` says which reject-option
+method the results lead with (the other is kept under ``alternatives``).
+
 Writes ``benchmarks/results/robust_hardening.json`` (the issue's schema; each part keeps its own
 provenance record, and a part not run this time keeps its earlier figures and record):
 
@@ -37,10 +43,12 @@ import torch
 import guard
 from guard.core.provenance import provenance, write_results
 from guard.demo import shift_augment
-from guard.robust import RobustBudget, evaluate_robust
-from guard.training import HardenConfig, RejectClassifier, harden
+from guard.robust import RealClassView, RobustBudget, evaluate_robust
+from guard.training import ConsistentRejection, HardenConfig, RejectClassifier, choose_radius, harden
 
 RESULTS = Path("benchmarks/results")
+#: The consistency radii tried (CPR's defaults, 0.0055 = 1.4/255 on CIFAR-10 and 0.1 on MNIST, among them)
+CPR_RADII = {"cifar10": (0.25 / 255, 0.35 / 255, 0.5 / 255, 1 / 255, 1.4 / 255), "mnist": (0.02, 0.05, 0.1, 0.15, 0.2)}
 KEYS = ("eps", "n", "clean_accuracy", "clean_rejected", "robust_accuracy", "robust_accuracy_with_rejection", "attacks")
 
 
@@ -81,7 +89,7 @@ def _figures(
 def _mnist(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
     train, test = guard.demo_data()
     model = guard.demo_model(progress=False)
-    parts = {}
+    parts, models = {}, {}
     methods = ("reject",) if args.plain_mnist == "none" else ("reject", args.plain_mnist)
     for method in methods:
         cfg = HardenConfig.online(
@@ -112,10 +120,48 @@ def _mnist(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
             "history": res.history,
             "seconds_this_run": round(time.perf_counter() - t0, 1),
         }
+        models[method] = res.model
         parts[method] = _figures(res.model, test.x[: args.n], test.y[: args.n], 0.3, budget, method, training)
     if args.plain_mnist == "none":
         return {**parts["reject"], "plain_at": None, "plain_at_missing": "not run (--plain-mnist none)"}
-    return {**parts["reject"], "plain_at": parts[args.plain_mnist]}
+    plain = parts[args.plain_mnist]
+    if args.cpr:
+        # CPR's radius on 1,000 test images the training never saw and the figures never report
+        base = RealClassView(models[args.plain_mnist], models[args.plain_mnist].num_classes)
+        val = test.x[1000:2000]
+        val_name = "guard.demo_data()[1].x[1000:2000] (held out from training and from the reported images)"
+        parts["cpr"] = _cpr(base, val, val_name, test.x[: args.n], test.y[: args.n], 0.3, budget, args, plain)
+    return _arrange(parts, plain, args)
+
+
+def _cpr(
+    base: torch.nn.Module,
+    val: torch.Tensor,
+    val_name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    budget: RobustBudget,
+    args: argparse.Namespace,
+    plain: dict[str, Any],
+) -> dict[str, Any]:
+    """CPR on the plain adversarially trained model: radius chosen on ``val``, then the full evaluation."""
+    radii = CPR_RADII[args.part] if args.cpr_radii is None else tuple(args.cpr_radii)
+    chosen = choose_radius(base, val, rate=args.cpr_rate, radii=radii, steps=args.cpr_steps)
+    chosen["images"] = val_name
+    if chosen["radius"] is None:
+        raise SystemExit(f"CPR: every radius of {radii} rejects more than {args.cpr_rate:.0%} of {val_name}")
+    defence = ConsistentRejection(base, radius=chosen["radius"], steps=args.cpr_steps)
+    training = {"base": f"the plain_at model ({plain['method']})", "cpr": defence.params(), "radius_choice": chosen}
+    return _figures(defence, x, y, eps, budget, "cpr", training)
+
+
+def _arrange(parts: dict[str, dict[str, Any]], plain: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The issue's schema: the reject-option method ``--method`` at the top, ``plain_at`` beside it, the other
+    reject-option method under ``alternatives``."""
+    top = args.method if args.method in parts else "reject"
+    others = {k: v for k, v in parts.items() if k not in (top, plain["method"])}
+    return {**parts[top], "plain_at": plain, "alternatives": others}
 
 
 def _load(folder: Path, method: str) -> tuple[RejectClassifier, dict[str, Any]]:
@@ -167,17 +213,19 @@ def _cifar10(args: argparse.Namespace, budget: RobustBudget) -> dict[str, Any]:
     reject, rec = _load(Path(args.reject_dir), "reject")
     if args.reject_rate is not None:
         rec["reject_calibration"] = _calibrate(reject, x, y, args.reject_rate)
-    out = _figures(reject, x, y, 8 / 255, budget, "reject", rec)
+    parts = {"reject": _figures(reject, x, y, 8 / 255, budget, "reject", rec)}
     plain_dir = Path(args.plain_dir)
-    if (plain_dir / f"resnet20-{args.plain_cifar}.json").is_file():
-        plain, prec = _load(plain_dir, args.plain_cifar)
-        out["plain_at"] = _figures(plain, x, y, 8 / 255, budget, args.plain_cifar, prec)
-    else:
-        out["plain_at"] = None
-        out["plain_at_missing"] = (
-            f"no {plain_dir}/resnet20-{args.plain_cifar}.json: that model's training has not finished"
-        )
-    return out
+    if not (plain_dir / f"resnet20-{args.plain_cifar}.json").is_file():
+        missing = f"no {plain_dir}/resnet20-{args.plain_cifar}.json: that model's training has not finished"
+        return {**parts["reject"], "plain_at": None, "plain_at_missing": missing}
+    plain_model, prec = _load(plain_dir, args.plain_cifar)
+    plain = _figures(plain_model, x, y, 8 / 255, budget, args.plain_cifar, prec)
+    if args.cpr:
+        train, _ = guard.demo_data("cifar10")
+        val_name = "guard.demo_data('cifar10')[0].x[:1000] (held out from training and from the reported images)"
+        base = RealClassView(plain_model, plain_model.num_classes)
+        parts["cpr"] = _cpr(base, train.x[:1000], val_name, x, y, 8 / 255, budget, args, plain)
+    return _arrange(parts, plain, args)
 
 
 def main() -> int:
@@ -205,6 +253,20 @@ def main() -> int:
     )
     p.add_argument("--reject-dir", default="benchmarks/results/cifar10-robust-reject")
     p.add_argument("--plain-dir", default="benchmarks/results/cifar10-robust-pgd")
+    p.add_argument(
+        "--cpr",
+        action="store_true",
+        help="also evaluate consistent-prediction rejection (CPR, Chen et al. ICML 2023) on the plain model",
+    )
+    p.add_argument("--cpr-rate", type=float, default=0.05, help="CPR: the share of clean held-out images it may reject")
+    p.add_argument("--cpr-radii", type=float, nargs="+", default=None, help="CPR: the radii tried (default CPR_RADII)")
+    p.add_argument("--cpr-steps", type=int, default=10, help="CPR: PGD steps of the consistency check")
+    p.add_argument(
+        "--method",
+        choices=["reject", "cpr"],
+        default="reject",
+        help="the reject-option method at the top of the results (the other goes under 'alternatives')",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default=str(RESULTS / "robust_hardening.json"))
