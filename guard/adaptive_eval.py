@@ -13,13 +13,17 @@ images at each budget and reports, per budget, each rate with its 95% Clopper-Pe
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from guard.core.cache import atomic_write_text
 from guard.core.data import Split
+from guard.core.integrity import tensors_digest
 from guard.core.intervals import rate_interval as clopper_pearson  # the name this module has always exported
 from guard.core.validation import check_images, check_int
 
@@ -81,6 +85,7 @@ def evaluate_adaptive(
     eot: int | str = "auto",
     guides: Any = None,
     progress: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Misclassification and evasion of the adaptive attacker (:class:`guard.attacks.AdaptiveEnsemble`), per budget.
 
@@ -100,6 +105,11 @@ def evaluate_adaptive(
         guides: clean images (a Split or Tensor) logit matching takes accepted guides from;
             default the images of ``data`` after the first ``n`` (at most 1,000), else ``data``.
         progress: print nothing; kept for the common signature.
+        checkpoint: a JSON file each finished budget's entry is written to (atomically). A later
+            call with the same settings, images and guarded model reads it back and attacks only
+            the budgets not in it; a budget is the unit, so an interrupted run loses at most the
+            budget it was in, and its figures equal an uninterrupted run's (every budget's attacks
+            are seeded alone). A file written with other settings raises ``ValueError``.
 
     Returns:
         ``{"eps", "evasion", "misclassified", "n", "n_correct", "steps", "restarts", "weights",
@@ -129,7 +139,8 @@ def evaluate_adaptive(
         eot=eot,
         seed=seed,
     )
-    per_eps, eot_used, random_parts = _per_budget(guarded, budgets, xs.to(device), ys, correct, attack_kw)
+    store = _BudgetStore(checkpoint, guarded, xs, ys, attack_kw, eps=budgets)
+    per_eps, eot_used, random_parts = _per_budget(guarded, budgets, xs.to(device), ys, correct, attack_kw, store)
     head = next(p for p in per_eps if p["eps"] == headline)
     return {
         "eps": headline,
@@ -182,13 +193,19 @@ def _per_budget(
     ys: torch.Tensor,
     correct: torch.Tensor,
     attack_kw: dict[str, Any],
+    store: _BudgetStore,
 ) -> tuple[list[dict[str, Any]], Any, Any]:
-    """Attack ``xs`` at every budget: (per-budget entries, the EOT samples used, the random parts found)."""
+    """Attack ``xs`` at every budget not in ``store``: (per-budget entries, the EOT samples used, the random parts found)."""
     from guard.attacks import AdaptiveEnsemble
 
     model, steps, seed = guarded.model, attack_kw["steps"], attack_kw["seed"]
     per_eps, eot_used, random_parts = [], None, []
     for e in budgets:
+        done = store.get(e)
+        if done is not None:
+            per_eps.append(done["entry"])
+            eot_used, random_parts = done["eot"], done["random_parts"]
+            continue
         t0 = time.perf_counter()
         res = AdaptiveEnsemble(eps=e, **attack_kw)(model, xs, ys.to(xs.device))
         eot_used, random_parts = res.extras["eot"], res.extras["random_parts"]
@@ -198,7 +215,57 @@ def _per_budget(
         entry["per_member"] = res.extras["per_member"]
         entry["seconds"] = round(time.perf_counter() - t0, 2)
         per_eps.append(entry)
+        store.put(e, {"entry": entry, "eot": eot_used, "random_parts": random_parts})
     return per_eps, eot_used, random_parts
+
+
+class _BudgetStore:
+    """The finished budgets of one evaluation, in a JSON file keyed by what the figures depend on (or nowhere)."""
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        guarded: Any,
+        xs: torch.Tensor,
+        ys: torch.Tensor,
+        attack_kw: dict[str, Any],
+        eps: list[float],
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        self.done: dict[str, Any] = {}
+        if self.path is None:
+            return
+        state = {f"model.{k}": v for k, v in guarded.model.state_dict().items()}
+        self.key = {
+            "images": tensors_digest({"x": xs.cpu(), "y": ys.cpu()}),
+            "model": tensors_digest(state),
+            "threshold": float(getattr(guarded.combined, "threshold_", float("nan"))),
+            "detectors": sorted(guarded.detectors),
+            **{k: attack_kw[k] for k in ("steps", "restarts", "members", "eot", "seed")},
+            "weights": [float(w) for w in attack_kw["weights"]],
+            "guides": tensors_digest({"x": attack_kw["guides"].cpu()}),
+        }
+        if self.path.is_file():
+            try:
+                old = json.loads(self.path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"checkpoint {str(self.path)!r} is not valid JSON: {err}") from err
+            if old.get("key") != json.loads(json.dumps(self.key)):
+                raise ValueError(
+                    f"checkpoint {str(self.path)!r} was written for other settings, images or model; "
+                    "remove it or pass another path."
+                )
+            self.done = old.get("budgets", {})
+
+    def get(self, e: float) -> dict[str, Any] | None:
+        return self.done.get(repr(float(e)))
+
+    def put(self, e: float, value: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.done[repr(float(e))] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "budgets": self.done}, indent=1))
 
 
 def _ensemble_settings(

@@ -6,12 +6,15 @@ AdaptiveEnsemble and guard.adaptive_eval.evaluate_adaptive on tiny models with f
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import ModelSnapshot
 from planted_detectors import TotalVariation
 
 import guard
+import guard.adaptive_eval as ae
 from guard.adaptive_eval import clopper_pearson, evaluate_adaptive
 from guard.attacks import AdaptiveEnsemble, AdaptivePGD, LinfPGD, LogitMatching, OrthogonalPGD
 from guard.attacks.adaptive import BestIterate, resolve_eot, stochastic_parts
@@ -251,3 +254,41 @@ def test_bad_input_is_refused_with_its_name(guarded_tv, tiny_model, small_split)
         evaluate_adaptive(tiny_model, test)
     with pytest.raises(ValueError, match="n"):
         evaluate_adaptive(guarded_tv, test, n=0)
+
+
+def test_evaluate_adaptive_checkpoint_resumes_budget_by_budget(guarded_tv, small_split, tmp_path, monkeypatch):
+    _, test = small_split
+    data = guard.Split(test.x[128:200], test.y[128:200])
+    kw = {"eps": [0.05, 0.1], "steps": 3, "n": 12, "weights": [1.0], "restarts": 1, "members": ["pgd", "orthogonal"]}
+    whole = evaluate_adaptive(guarded_tv, data, **kw)
+    path = tmp_path / "budgets.json"
+    # the first budget finishes, then the run is killed in the second
+    real_put, calls = ae._BudgetStore.put, []
+
+    def put_then_die(self, e, value):
+        real_put(self, e, value)
+        calls.append(e)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ae._BudgetStore, "put", put_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_adaptive(guarded_tv, data, checkpoint=path, **kw)
+    monkeypatch.setattr(ae._BudgetStore, "put", real_put)
+    attacked = []
+    real_run = AdaptiveEnsemble.run
+    monkeypatch.setattr(AdaptiveEnsemble, "run", lambda self, *a: attacked.append(self.eps) or real_run(self, *a))
+    resumed = evaluate_adaptive(guarded_tv, data, checkpoint=path, **kw)
+    assert attacked == [0.1]  # the finished budget was read back, not attacked again
+
+    def same(entry):  # JSON's view (tuples become lists), without the wall-clock time
+        return {k: v for k, v in json.loads(json.dumps(entry)).items() if k != "seconds"}
+
+    assert [same(e) for e in whole["per_eps"]] == [same(e) for e in resumed["per_eps"]]
+    assert whole["evasion"] == resumed["evasion"] and whole["misclassified"] == resumed["misclassified"]
+    # another setting may not read this file
+    with pytest.raises(ValueError, match="written for other settings"):
+        evaluate_adaptive(guarded_tv, data, checkpoint=path, **{**kw, "steps": 4})
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        evaluate_adaptive(guarded_tv, data, checkpoint=path, **kw)

@@ -52,6 +52,9 @@ class AdaptiveStep(Step):
         eps = list(s.eps) if isinstance(s.eps, tuple) else s.eps
         if eps is None and s.headline_only:  # a smoke run: the headline budget only
             eps = [default_budgets(data.x)[1]]
+        # each finished budget is kept in the output folder, so that a resumed audit (--resume)
+        # interrupted in this step (an hour and more on a full run) redoes only the budget it was in
+        checkpoint = ctx.out / "artifacts" / "adaptive_budgets.json"
         ctx.report["adaptive"] = evaluate_adaptive(
-            guarded, data, eps=eps, steps=s.steps, n=s.n, seed=ctx.options.seed, **kw
+            guarded, data, eps=eps, steps=s.steps, n=s.n, seed=ctx.options.seed, checkpoint=checkpoint, **kw
         )
