@@ -37,6 +37,7 @@ DOCS = (
     "BENCHMARKS.md",
     "docs/guides/limits.md",
     "docs/guides/patches.md",
+    "docs/guides/harden.md",
     "docs/reference/test-quality.md",
     "docs/reference/cost.md",
 )
@@ -193,7 +194,7 @@ def robust_cpr(r: dict[str, Any]) -> str:
         pa = r["cpr"]["per_attack"].get("guard-apgd-consistent", {})
         text += (
             f"The attack that knows the check (`guard-apgd-consistent`) attacked {pa.get('attacked', 0)} images "
-            f"and broke {pa.get('broken', 0)} in {pa.get('seconds', 0):,.0f} s. "
+            f"and broke {pa.get('broken', 0)} in {pa.get('seconds', 0):,.0f} s."
         )
     return "\n".join(rows) + text + "\n" + _source(r)
 
