@@ -96,7 +96,8 @@ def _training(f: dict[str, Any]) -> str:
     if "cpr" in t:  # consistent-prediction rejection on the plain model: no training of its own
         ch = t["radius_choice"]
         return (
-            f"none: CPR on the pgd model above, radius {ch['radius'] * 255:.2g}/255 ({t['cpr']['steps']} PGD steps), "
+            f"none: CPR on the pgd model (next row), radius {ch['radius']:.3g} = {ch['radius'] * 255:.2g}/255 "
+            f"({t['cpr']['steps']} PGD steps), "
             f"the largest of {len(ch['rejected'])} rejecting at most {_pct(ch['rate'], 0)} of {ch['n']:,} other "
             "held-out images"
         )
@@ -862,6 +863,7 @@ def masking_scores(r: dict[str, Any]) -> str:
 TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_hardening": ("robust_hardening.json", robust_hardening),
     "robust_cpr_cifar10": ("robust_cpr_cifar10.json", robust_cpr),
+    "robust_cpr_cifar10_r1": ("robust_cpr_cifar10_r1.json", robust_cpr),
     "online_cost": ("bench_online_harden.json", online_cost),
     "mutants": ("mutants.json", mutants),
     "certified_patches": ("certified_patches.json", certified_patches),
