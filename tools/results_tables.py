@@ -200,6 +200,24 @@ def robust_cpr(r: dict[str, Any]) -> str:
     return "\n".join(rows) + text + "\n" + _source(r)
 
 
+def robust_cpr_sweep(r: dict[str, Any]) -> str:
+    """Robust accuracy with rejection by eps: CPR under the knowing attack and an oblivious one, the plain model."""
+    eps = r["plain"]["eps"]
+    rows = ["| model, attack | " + " | ".join(f"eps {e:g}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
+    labels = {
+        "cpr_knowing_attack": "CPR, the knowing attack (`guard-apgd-consistent`)",
+        "cpr_oblivious_apgd_ce": "CPR, guard's APGD-CE alone (knows nothing of the check)",
+        "plain": "the plain PGD model (APGD-CE, APGD-T)",
+    }
+    for key, label in labels.items():
+        rows.append(f"| {label} | " + " | ".join(_pct(v) for v in r[key]["robust_accuracy_with_rejection"]) + " |")
+    return (
+        "\n".join(rows)
+        + f"\n\nRobust accuracy with rejection on the first {r['n']} held-out MNIST images, CPR radius {r['radius']:g}, "
+        f"budget `{r['budget']}`.\n" + _source(r)
+    )
+
+
 def online_cost(r: dict[str, Any]) -> str:
     rows = ["| method | guard.harden (s) | plain PyTorch loop (s) | ratio |", "|---|---|---|---|"]
     for m, v in r["methods"].items():
@@ -864,6 +882,7 @@ TABLES: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "robust_hardening": ("robust_hardening.json", robust_hardening),
     "robust_cpr_cifar10": ("robust_cpr_cifar10.json", robust_cpr),
     "robust_cpr_cifar10_r1": ("robust_cpr_cifar10_r1.json", robust_cpr),
+    "robust_cpr_sweep_mnist": ("robust_cpr_sweep_mnist.json", robust_cpr_sweep),
     "online_cost": ("bench_online_harden.json", online_cost),
     "mutants": ("mutants.json", mutants),
     "certified_patches": ("certified_patches.json", certified_patches),
