@@ -5,6 +5,7 @@ AutoAttack's and Carlini et al.'s check (:func:`guard.robust_sweep`), run on
 ``benchmarks.studies.robust_hardening --part mnist`` (its checkpoint, resumed), at the radius that
 run chose (0.15): ``guard-apgd-consistent`` alone, and guard's APGD-CE alone (which knows nothing
 of the check) beside it, on the first ``--n`` held-out images, and the plain model's own sweep.
+Writes ``benchmarks/results/robust_cpr_sweep_mnist.json``:
 
     OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.studies.robust_cpr_sweep --n 40
 """
