@@ -92,54 +92,55 @@ class ConsistentRejection(nn.Module):
     def params(self) -> dict[str, Any]:
         return {"method": "cpr", "radius": self.radius, "steps": self.steps, "step_size": self.step_size}
 
-    def neighbour(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(label ``c`` of each image, the point of its ``radius``-ball where the margin of ``c`` was lowest).
+    def neighbour(
+        self, x: torch.Tensor, c: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(label ``c`` of each image, the point of its ``radius``-ball where the margin of ``c`` was lowest, that margin).
 
         The check: PGD from ``x`` (zero start) that raises the cross-entropy of ``c``, keeping, per
         image, the iterate whose margin ``z_c - max_{j != c} z_j`` is lowest. The label changed
-        somewhere on the path exactly when that margin is negative.
+        somewhere on the path exactly when that margin is negative. ``c`` defaults to the model's
+        label of ``x``, read off the first step's forward pass (no pass of its own).
         """
         x = x.detach()
-        with torch.no_grad():
-            c = self.model(x).argmax(1)
         lo, hi = (x - self.radius).clamp(0.0, 1.0), (x + self.radius).clamp(0.0, 1.0)
         best = x.clone()
         best_margin = torch.full((x.shape[0],), float("inf"), device=x.device)
         cur = x.clone()
-
-        def keep_lowest(point: torch.Tensor, z: torch.Tensor) -> None:
-            m = _margin(z, c)
-            lower = m < best_margin
-            best[lower], best_margin[lower] = point[lower], m[lower]
-
         with torch.enable_grad():
             for _ in range(self.steps):
                 cur.requires_grad_(True)
                 z = self.model(cur)
-                keep_lowest(cur.detach(), z.detach())  # the margin where the gradient is taken: no extra pass
+                if c is None:  # the first step is at x itself
+                    c = z.detach().argmax(1)
+                _keep_lowest(best, best_margin, cur.detach(), _margin(z.detach(), c))
                 (g,) = torch.autograd.grad(F.cross_entropy(z, c, reduction="sum"), cur)
                 cur = torch.minimum(torch.maximum(cur.detach() + self.step_size * g.sign(), lo), hi)
-        keep_lowest(cur, self._logits(cur))
-        return c, best
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.model(x)
+            _keep_lowest(best, best_margin, cur, _margin(self.model(cur), c))
+        return c, best, best_margin
 
     def consistent(self, x: torch.Tensor) -> torch.Tensor:
         """Per image, True when no point the check reached changes the label (the image is accepted)."""
         check_images(x, "x")
         with eval_mode(self.model):
-            c, nb = self.neighbour(x)
-            return self._logits(nb).argmax(1) == c
+            return self.neighbour(x)[2] >= 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        training = self.model.training
         z = self.model(x)
         self._classes = int(z.shape[1])
         with eval_mode(self.model):
-            c, nb = self.neighbour(x)
-            changed = self._logits(nb).argmax(1) != c
+            # the label is the eval-mode one: reused from z unless z came from train mode
+            c = None if training else z.detach().argmax(1)
+            changed = self.neighbour(x, c)[2] < 0
         return _with_reject(z, changed)
+
+
+def _keep_lowest(best: torch.Tensor, best_margin: torch.Tensor, point: torch.Tensor, margin: torch.Tensor) -> None:
+    """Where ``margin`` is below ``best_margin``, take ``point`` and its margin (in place)."""
+    lower = margin < best_margin
+    best[lower], best_margin[lower] = point[lower], margin[lower]
 
 
 def _margin(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -176,9 +177,9 @@ class InnerPointView(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.defence
         with eval_mode(d.model):
-            c, nb = d.neighbour(x)
+            c, nb, _ = d.neighbour(x)
             z = d.model(x + (nb - x).detach())
-        changed = z.detach().argmax(1) != c
+        changed = _margin(z.detach(), c) < 0  # the defence's own rule, at the same point
         return _with_reject(z, changed)
 
 
